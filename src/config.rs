@@ -1,0 +1,2 @@
+//! Server configuration: defaults < file < `TOKEN_BROKER_*` environment.
+//! TODO(api helper).

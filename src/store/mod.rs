@@ -1,0 +1,272 @@
+//! Persistence: the [`Store`] trait and its two implementations,
+//! PostgreSQL (production) and SQLite (embedded default). Both pass one
+//! conformance suite (tests/store.rs).
+//!
+//! Rules: runtime `sqlx::query` only (no compile-time macros); `now` is
+//! always bound from the application, never the database's clock; a call
+//! either writes everything it names or nothing.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::audit::AuditEvent;
+use crate::crypto::Sealed;
+use crate::domain::{AuthorizationId, Identity, LeaseId, LeaseState, Organization, ScopeSet};
+use crate::error::{ErrorCode, ServiceError};
+
+pub mod postgres;
+pub mod sqlite;
+
+/// One lease row (DESIGN.md section 8).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LeaseRecord {
+    /// Primary key.
+    pub id: LeaseId,
+    /// Who holds it.
+    pub holder: Identity,
+    /// Azure DevOps organization.
+    pub organization: Organization,
+    /// Scopes the PAT carries.
+    pub scopes: ScopeSet,
+    /// Upstream `displayName`: `<prefix>:<deployment id>:<lease id>`.
+    pub display_name: String,
+    /// Upstream `authorizationId`, once minted.
+    pub authorization_id: Option<AuthorizationId>,
+    /// The PAT, sealed with the lease id as associated data.
+    pub sealed_token: Option<Sealed>,
+    /// Lifecycle state.
+    pub state: LeaseState,
+    /// When created (UTC).
+    pub create_time: DateTime<Utc>,
+    /// Last write (UTC).
+    pub update_time: DateTime<Utc>,
+    /// When the lease ends unless renewed (UTC).
+    pub expire_time: DateTime<Utc>,
+    /// Latest reachable `expire_time` (UTC).
+    pub max_expire_time: DateTime<Utc>,
+    /// When revoked or expired (UTC).
+    pub revoke_time: Option<DateTime<Utc>>,
+    /// Upstream's `validTo` as read back (UTC).
+    pub upstream_valid_to: Option<DateTime<Utc>>,
+    /// Upstream attempts made for the current step (revocation retries).
+    pub attempts: i32,
+    /// Earliest time background work may retry (UTC).
+    pub next_attempt_time: Option<DateTime<Utc>>,
+    /// Last upstream error, free text without secrets.
+    pub last_error: Option<String>,
+    /// Replica that holds the claim on background work, if any.
+    pub claimed_by: Option<String>,
+    /// When that claim lapses (UTC).
+    pub claimed_until: Option<DateTime<Utc>>,
+}
+
+/// An idempotency key: (holder, request_id) -> lease, with a fingerprint
+/// of the request's parameters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IdempotencyRecord {
+    /// The caller that chose the key.
+    pub holder: Identity,
+    /// The client-chosen key.
+    pub request_id: Uuid,
+    /// Hex SHA-256 over the normalized request parameters.
+    pub fingerprint: String,
+    /// The lease the key points at.
+    pub lease_id: LeaseId,
+    /// When first recorded (UTC).
+    pub create_time: DateTime<Utc>,
+}
+
+/// What [`Store::create_lease`] did.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CreateOutcome {
+    /// The lease (and key, if any) were inserted.
+    Created,
+    /// The key existed; nothing was written. Carries the existing record.
+    Existing(IdempotencyRecord),
+}
+
+/// Which leases [`Store::list_leases`] returns. Empty fields match all.
+#[derive(Clone, Debug, Default)]
+pub struct LeaseFilter {
+    /// Only this holder's.
+    pub holder: Option<Identity>,
+    /// Only these states.
+    pub states: Vec<LeaseState>,
+    /// Only this organization.
+    pub organization: Option<Organization>,
+}
+
+/// Keyset position for listing newest first: the last row of a page.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageCursor {
+    /// `create_time` of the last row returned.
+    pub create_time: DateTime<Utc>,
+    /// `id` of the last row returned.
+    pub id: LeaseId,
+}
+
+/// Background work a replica can claim.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Work {
+    /// ACTIVE leases whose `expire_time` <= now: the reaper's.
+    Expiry,
+    /// REVOKING or REVOKE_FAILED leases whose `next_attempt_time` <= now
+    /// (or unset): the revocation queue's.
+    Revocation,
+    /// PENDING leases created before now - `older_than`: the reconciler's.
+    Reconcile {
+        /// How old a PENDING lease must be.
+        older_than: Duration,
+    },
+}
+
+/// The sealed upstream refresh token and its optimistic-lock version.
+#[derive(Clone, Debug)]
+pub struct UpstreamCredential {
+    /// Increments on every save.
+    pub version: i64,
+    /// Sealed with associated data [`UpstreamCredential::AAD`].
+    pub sealed: Sealed,
+    /// Last save (UTC).
+    pub update_time: DateTime<Utc>,
+}
+
+impl UpstreamCredential {
+    /// Associated data used to seal the upstream refresh token.
+    pub const AAD: &'static [u8] = b"upstream_credentials/refresh_token";
+}
+
+/// A store failure. Never carries secrets.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or refused the connection.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// A stored row does not parse (corrupt or written by a newer version).
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    /// Anything else the database said.
+    #[error("database error: {0}")]
+    Database(String),
+    /// Migrations failed.
+    #[error("migration failed: {0}")]
+    Migration(String),
+}
+
+impl ServiceError for StoreError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            StoreError::Unavailable(_) => ErrorCode::Unavailable,
+            _ => ErrorCode::Internal,
+        }
+    }
+    fn reason(&self) -> &'static str {
+        match self {
+            StoreError::Unavailable(_) => "STORE_UNAVAILABLE",
+            _ => "INTERNAL",
+        }
+    }
+}
+
+/// Everything the broker persists. Implemented by [`postgres::PostgresStore`]
+/// and [`sqlite::SqliteStore`].
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Applies pending migrations (PostgreSQL: under an advisory lock, so
+    /// concurrent replicas run them once).
+    async fn migrate(&self) -> Result<(), StoreError>;
+
+    /// Checks the database answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Inserts `lease` and, if given, its idempotency key, atomically. If the
+    /// key (holder, request_id) exists, writes nothing and returns it.
+    async fn create_lease(
+        &self,
+        lease: &LeaseRecord,
+        key: Option<&IdempotencyRecord>,
+    ) -> Result<CreateOutcome, StoreError>;
+
+    /// Atomically inserts `lease` and repoints `key` at it, only if the key
+    /// still points at `failed`. Returns false (nothing written) otherwise.
+    async fn replace_failed_lease(
+        &self,
+        lease: &LeaseRecord,
+        key: &IdempotencyRecord,
+        failed: LeaseId,
+    ) -> Result<bool, StoreError>;
+
+    /// One lease by id.
+    async fn get_lease(&self, id: LeaseId) -> Result<Option<LeaseRecord>, StoreError>;
+
+    /// Leases matching `filter`, newest first (`create_time` DESC, `id`
+    /// DESC), strictly after `after`, at most `limit`.
+    async fn list_leases(
+        &self,
+        filter: &LeaseFilter,
+        after: Option<&PageCursor>,
+        limit: u32,
+    ) -> Result<Vec<LeaseRecord>, StoreError>;
+
+    /// Writes every mutable field of `lease` if its stored state is still
+    /// `expected` (compare-and-set). Returns false if the state had moved.
+    async fn update_lease(
+        &self,
+        lease: &LeaseRecord,
+        expected: LeaseState,
+    ) -> Result<bool, StoreError>;
+
+    /// The idempotency record for (holder, request_id).
+    async fn get_idempotency(
+        &self,
+        holder: &Identity,
+        request_id: Uuid,
+    ) -> Result<Option<IdempotencyRecord>, StoreError>;
+
+    /// Claims up to `limit` leases due for `work`, not claimed by anyone
+    /// else (or whose claim lapsed), setting `claimed_by = claimer` and
+    /// `claimed_until = now + claim_for` in a committed transaction.
+    /// PostgreSQL selects with `FOR UPDATE SKIP LOCKED`.
+    async fn claim_due(
+        &self,
+        work: Work,
+        now: DateTime<Utc>,
+        claimer: &str,
+        claim_for: Duration,
+        limit: u32,
+    ) -> Result<Vec<LeaseRecord>, StoreError>;
+
+    /// Clears the claim on `id` if `claimer` holds it.
+    async fn release_claim(&self, id: LeaseId, claimer: &str) -> Result<(), StoreError>;
+
+    /// ACTIVE, PENDING and REVOKING leases held by `holder` (for quotas).
+    async fn count_live_leases(&self, holder: &Identity) -> Result<u64, StoreError>;
+
+    /// Appends an audit event; returns its assigned id.
+    async fn append_audit(&self, event: &AuditEvent) -> Result<i64, StoreError>;
+
+    /// Audit events with id > `after_id`, oldest first, at most `limit`.
+    async fn list_audit(&self, after_id: i64, limit: u32) -> Result<Vec<AuditEvent>, StoreError>;
+
+    /// A small setting kept in the database (e.g. the deployment id).
+    async fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError>;
+
+    /// Stores `value` under `key` unless a value is there; returns the
+    /// stored value either way (race-safe across replicas).
+    async fn put_meta_if_absent(&self, key: &str, value: &str) -> Result<String, StoreError>;
+
+    /// The sealed upstream refresh token, if one was saved.
+    async fn load_upstream_credential(&self) -> Result<Option<UpstreamCredential>, StoreError>;
+
+    /// Saves a new sealed refresh token if the stored version is still
+    /// `expected_version` (None: none stored yet). Returns false otherwise.
+    async fn save_upstream_credential(
+        &self,
+        expected_version: Option<i64>,
+        sealed: &Sealed,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
+}

@@ -1,0 +1,4 @@
+//! PostgreSQL store. TODO(store helper).
+
+/// PostgreSQL-backed [`super::Store`].
+pub struct PostgresStore;

@@ -1,0 +1,4 @@
+//! SQLite store (embedded default; single replica). TODO(store helper).
+
+/// SQLite-backed [`super::Store`].
+pub struct SqliteStore;

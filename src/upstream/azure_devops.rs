@@ -1,0 +1,1 @@
+//! reqwest client for the PAT Lifecycle API. TODO(upstream helper).

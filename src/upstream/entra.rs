@@ -1,0 +1,1 @@
+//! Entra (Azure AD) bearer token sources. TODO(upstream helper).

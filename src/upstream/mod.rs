@@ -1,0 +1,186 @@
+//! The upstream Azure DevOps PAT Lifecycle Management API
+//! (ado-pat-api.md section 1), behind the [`PatClient`] trait.
+//!
+//! The real implementation is [`azure_devops::AzureDevOpsClient`] (reqwest);
+//! its bearer token comes from an [`entra`] token source. Tests and `dev`
+//! point it at the emulator over HTTP.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use secrecy::SecretString;
+use uuid::Uuid;
+
+use crate::domain::{AuthorizationId, Organization};
+use crate::error::{ErrorCode, ServiceError};
+
+pub mod azure_devops;
+pub mod entra;
+
+/// A PAT as upstream describes it (`PatToken`).
+#[derive(Clone, Debug)]
+pub struct PatToken {
+    /// `authorizationId`.
+    pub authorization_id: AuthorizationId,
+    /// `displayName`.
+    pub display_name: String,
+    /// `scope`: space-separated scopes, as upstream returned it.
+    pub scope: String,
+    /// `targetAccounts`: organization GUIDs; None for a global PAT.
+    pub target_accounts: Option<Vec<Uuid>>,
+    /// `token`: the secret, present only in a create response.
+    pub token: Option<SecretString>,
+    /// `validFrom` (UTC).
+    pub valid_from: DateTime<Utc>,
+    /// `validTo` (UTC), as upstream stored it (rounded, maybe clamped).
+    pub valid_to: DateTime<Utc>,
+}
+
+/// `PatTokenCreateRequest`. `allOrgs` is always sent as false.
+#[derive(Clone, Debug)]
+pub struct CreatePat {
+    /// `displayName`.
+    pub display_name: String,
+    /// `scope`: space-separated.
+    pub scope: String,
+    /// `validTo` (UTC).
+    pub valid_to: DateTime<Utc>,
+}
+
+/// `PatTokenUpdateRequest`; None fields are omitted (upstream keeps them).
+#[derive(Clone, Debug)]
+pub struct UpdatePat {
+    /// `authorizationId`, sent in the body.
+    pub authorization_id: AuthorizationId,
+    /// `displayName`.
+    pub display_name: Option<String>,
+    /// `scope`.
+    pub scope: Option<String>,
+    /// `validTo` (UTC).
+    pub valid_to: Option<DateTime<Utc>>,
+}
+
+/// `displayFilterOption` of the list operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DisplayFilter {
+    /// Not revoked and not expired.
+    Active,
+    /// Revoked.
+    Revoked,
+    /// Expired.
+    Expired,
+    /// Everything.
+    All,
+}
+
+/// Query of the list operation; None fields are not sent.
+#[derive(Clone, Debug, Default)]
+pub struct ListPats {
+    /// `displayFilterOption`.
+    pub display_filter: Option<DisplayFilter>,
+    /// `$top`, at most 100.
+    pub top: Option<u32>,
+}
+
+/// `patTokenError` (`SessionTokenError`), every value of SPEC-7.2 at HEAD,
+/// with a fallback for values added later.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PatTokenError {
+    /// A known value, in the spec's camelCase spelling.
+    Known(&'static str),
+    /// A value this build does not know.
+    Unknown(String),
+}
+
+/// Why an upstream call failed. Never carries a token or bearer.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// HTTP 200 with `patToken: null` and `patTokenError` != none.
+    #[error("upstream refused the request: {error:?}{}", message.as_deref().map(|m| format!(": {m}")).unwrap_or_default())]
+    Refused {
+        /// The `patTokenError` value.
+        error: PatTokenError,
+        /// `patTokenErrorMessage`, if sent.
+        message: Option<String>,
+    },
+    /// 203/302/HTML sign-in page, 401, or the token endpoint refusing.
+    #[error("upstream authentication failed: {0}")]
+    Authentication(String),
+    /// 429 (after the client's own waiting), with the advised wait.
+    #[error("upstream is throttling requests")]
+    RateLimited {
+        /// `Retry-After`, if sent.
+        retry_after: Option<Duration>,
+    },
+    /// 5xx, timeouts, connection failures (after retries, where allowed).
+    #[error("upstream unavailable: {0}")]
+    Unavailable(String),
+    /// 400: upstream could not read the request (a client bug).
+    #[error("upstream rejected the request as malformed: {0}")]
+    BadRequest(String),
+    /// An answer that does not fit the documented API.
+    #[error("unexpected upstream answer: {0}")]
+    Protocol(String),
+}
+
+impl UpstreamError {
+    /// True when upstream says the PAT does not exist (`authorizationNotFound`
+    /// or `tokenNotFound`): for revoke, the PAT is gone, which is the goal.
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Refused { error: PatTokenError::Known(e), .. }
+                if *e == "authorizationNotFound" || *e == "tokenNotFound"
+        )
+    }
+}
+
+impl ServiceError for UpstreamError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            UpstreamError::Refused { .. } => ErrorCode::FailedPrecondition,
+            UpstreamError::RateLimited { .. } | UpstreamError::Unavailable(_) => {
+                ErrorCode::Unavailable
+            }
+            UpstreamError::Authentication(_)
+            | UpstreamError::BadRequest(_)
+            | UpstreamError::Protocol(_) => ErrorCode::Internal,
+        }
+    }
+    fn reason(&self) -> &'static str {
+        match self {
+            UpstreamError::Refused { .. } => "UPSTREAM_POLICY_VIOLATION",
+            UpstreamError::RateLimited { .. } | UpstreamError::Unavailable(_) => {
+                "UPSTREAM_UNAVAILABLE"
+            }
+            UpstreamError::Authentication(_) => "UPSTREAM_AUTHENTICATION_FAILED",
+            UpstreamError::BadRequest(_) | UpstreamError::Protocol(_) => "UPSTREAM_PROTOCOL_ERROR",
+        }
+    }
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            UpstreamError::RateLimited { retry_after } => *retry_after,
+            UpstreamError::Unavailable(_) => Some(Duration::from_secs(1)),
+            _ => None,
+        }
+    }
+}
+
+/// The five PAT Lifecycle operations, each against one organization.
+#[async_trait]
+pub trait PatClient: Send + Sync + 'static {
+    /// `POST /{org}/_apis/tokens/pats`. Never retried blindly after a
+    /// timeout or 5xx: the caller looks for the display name first.
+    async fn create(&self, org: &Organization, req: &CreatePat) -> Result<PatToken, UpstreamError>;
+    /// `GET /{org}/_apis/tokens/pats?authorizationId=`.
+    async fn get(&self, org: &Organization, id: AuthorizationId) -> Result<PatToken, UpstreamError>;
+    /// `GET /{org}/_apis/tokens/pats` following every page; deduplicated by
+    /// authorizationId; stops on an empty, repeated or fruitless token.
+    async fn list(&self, org: &Organization, query: &ListPats) -> Result<Vec<PatToken>, UpstreamError>;
+    /// `PUT /{org}/_apis/tokens/pats`.
+    async fn update(&self, org: &Organization, req: &UpdatePat) -> Result<PatToken, UpstreamError>;
+    /// `DELETE /{org}/_apis/tokens/pats?authorizationId=`.
+    async fn revoke(&self, org: &Organization, id: AuthorizationId) -> Result<(), UpstreamError>;
+}

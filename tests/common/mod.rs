@@ -1,0 +1,3 @@
+//! Shared test set-up: databases, the emulator, the broker. Each area owns
+//! one file here.
+#![allow(dead_code)]
