@@ -52,7 +52,11 @@ pub mod proto {
                     .field("authorization_id", &self.authorization_id)
                     .field(
                         "token",
-                        &if self.token.is_empty() { "" } else { "[REDACTED]" },
+                        &if self.token.is_empty() {
+                            ""
+                        } else {
+                            "[REDACTED]"
+                        },
                     )
                     .finish()
             }

@@ -87,7 +87,9 @@ impl FromStr for Identity {
                 Err(bad("expected x509:DNS-NAME"))
             };
         }
-        Err(bad("unknown kind; expected apikey:, k8s:, spiffe:// or x509:"))
+        Err(bad(
+            "unknown kind; expected apikey:, k8s:, spiffe:// or x509:",
+        ))
     }
 }
 

@@ -146,7 +146,11 @@ impl ScopeSet {
 
     /// Upstream's form: sorted names joined by one space.
     pub fn to_upstream(&self) -> String {
-        self.0.iter().map(Scope::as_str).collect::<Vec<_>>().join(" ")
+        self.0
+            .iter()
+            .map(Scope::as_str)
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     /// The names, sorted.

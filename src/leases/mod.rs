@@ -55,3 +55,181 @@ pub struct LeasePage {
     /// Empty on the last page.
     pub next_page_token: String,
 }
+
+use std::sync::Arc;
+
+use crate::auth::Caller;
+use crate::crypto::{CryptoError, Keyring};
+use crate::domain::LeaseId;
+use crate::error::{ErrorCode, ServiceError};
+use crate::policy::{Denial, Policy};
+use crate::store::{Store, StoreError};
+use crate::upstream::{PatClient, UpstreamError};
+
+/// Why a lease operation failed. `reason()` values are stable API.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    /// Policy refused the request.
+    #[error("denied by policy: {}", denial.reason())]
+    Denied {
+        /// Which check failed.
+        denial: Denial,
+        /// The closest rule, if any matched the identity.
+        rule: Option<String>,
+    },
+    /// No such lease, or it is not the caller's (indistinguishable on purpose).
+    #[error("lease not found")]
+    NotFound,
+    /// The request_id was used before with other parameters.
+    #[error("request_id was already used with other parameters")]
+    RequestIdReused,
+    /// The lease is not ACTIVE, or already at max_expire_time.
+    #[error("lease cannot be renewed in state {0}")]
+    NotRenewable(LeaseState),
+    /// The page token is not one this service issued for this query.
+    #[error("invalid page_token")]
+    InvalidPageToken,
+    /// An earlier attempt with the same request_id is still in flight.
+    #[error("an earlier request with this request_id is still in progress")]
+    InProgress,
+    /// The caller holds as many live leases as policy allows.
+    #[error("active lease quota exceeded")]
+    QuotaExceeded,
+    /// Upstream failed.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A sealed token could not be opened.
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+}
+
+impl ServiceError for LeaseError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            LeaseError::Denied { .. } => ErrorCode::PermissionDenied,
+            LeaseError::NotFound => ErrorCode::NotFound,
+            LeaseError::RequestIdReused => ErrorCode::AlreadyExists,
+            LeaseError::NotRenewable(_) => ErrorCode::FailedPrecondition,
+            LeaseError::InvalidPageToken => ErrorCode::InvalidArgument,
+            LeaseError::InProgress => ErrorCode::Unavailable,
+            LeaseError::QuotaExceeded => ErrorCode::ResourceExhausted,
+            LeaseError::Upstream(e) => e.code(),
+            LeaseError::Store(e) => e.code(),
+            LeaseError::Crypto(_) => ErrorCode::Internal,
+        }
+    }
+    fn reason(&self) -> &'static str {
+        match self {
+            LeaseError::Denied { denial, .. } => denial.reason(),
+            LeaseError::NotFound => "LEASE_NOT_FOUND",
+            LeaseError::RequestIdReused => "REQUEST_ID_REUSED",
+            LeaseError::NotRenewable(_) => "LEASE_NOT_RENEWABLE",
+            LeaseError::InvalidPageToken => "INVALID_PAGE_TOKEN",
+            LeaseError::InProgress => "REQUEST_IN_PROGRESS",
+            LeaseError::QuotaExceeded => "ACTIVE_LEASE_QUOTA_EXCEEDED",
+            LeaseError::Upstream(e) => e.reason(),
+            LeaseError::Store(e) => e.reason(),
+            LeaseError::Crypto(_) => "INTERNAL",
+        }
+    }
+    fn field(&self) -> Option<&str> {
+        match self {
+            LeaseError::InvalidPageToken => Some("page_token"),
+            _ => None,
+        }
+    }
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            LeaseError::InProgress => Some(Duration::from_secs(1)),
+            LeaseError::Upstream(e) => e.retry_after(),
+            LeaseError::Store(e) => e.retry_after(),
+            _ => None,
+        }
+    }
+}
+
+/// Tunables of the lease rules, from configuration.
+#[derive(Clone, Debug)]
+pub struct LeaseSettings {
+    /// First part of every upstream display name, e.g. `token-broker`.
+    pub display_name_prefix: String,
+    /// This deployment's id (stable across restarts on one store); the
+    /// second part of every display name.
+    pub deployment_id: String,
+    /// Added to expire_time when setting the PAT's validTo upstream.
+    pub valid_to_skew: Duration,
+    /// How often the reaper looks for expired leases.
+    pub reaper_interval: Duration,
+    /// This replica's name in `claimed_by`.
+    pub replica_id: String,
+}
+
+/// What the lease service is built from.
+pub struct LeaseDeps {
+    /// Persistence.
+    pub store: Arc<dyn Store>,
+    /// Upstream PAT API.
+    pub upstream: Arc<dyn PatClient>,
+    /// Seals tokens at rest.
+    pub keyring: Arc<Keyring>,
+    /// Who may have what.
+    pub policy: Arc<Policy>,
+    /// Tunables.
+    pub settings: LeaseSettings,
+}
+
+/// The lease service: every business rule about leases.
+pub struct Leases {
+    #[allow(dead_code)]
+    deps: LeaseDeps,
+}
+
+impl Leases {
+    /// Builds the service.
+    pub fn new(deps: LeaseDeps) -> Self {
+        Leases { deps }
+    }
+
+    /// Issues a lease (or replays one for a repeated request_id).
+    pub async fn create(
+        &self,
+        _caller: &Caller,
+        _req: CreateLease,
+    ) -> Result<IssuedLease, LeaseError> {
+        todo!("leases helper")
+    }
+
+    /// One of the caller's leases, without its token.
+    pub async fn get(&self, _caller: &Caller, _id: LeaseId) -> Result<LeaseRecord, LeaseError> {
+        todo!("leases helper")
+    }
+
+    /// A page of the caller's leases, newest first.
+    pub async fn list(&self, _caller: &Caller, _query: ListQuery) -> Result<LeasePage, LeaseError> {
+        todo!("leases helper")
+    }
+
+    /// Extends a lease by `increment` (None: policy default TTL), capped at
+    /// max_expire_time, moving the PAT's validTo upstream.
+    pub async fn renew(
+        &self,
+        _caller: &Caller,
+        _id: LeaseId,
+        _increment: Option<Duration>,
+    ) -> Result<LeaseRecord, LeaseError> {
+        todo!("leases helper")
+    }
+
+    /// Revokes a lease; idempotent. Answers REVOKING if upstream failed.
+    pub async fn revoke(&self, _caller: &Caller, _id: LeaseId) -> Result<LeaseRecord, LeaseError> {
+        todo!("leases helper")
+    }
+
+    /// Runs background work (the reaper) until `shutdown` resolves.
+    pub async fn run_background(&self, _shutdown: impl std::future::Future<Output = ()> + Send) {
+        todo!("leases helper")
+    }
+}

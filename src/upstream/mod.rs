@@ -175,10 +175,15 @@ pub trait PatClient: Send + Sync + 'static {
     /// timeout or 5xx: the caller looks for the display name first.
     async fn create(&self, org: &Organization, req: &CreatePat) -> Result<PatToken, UpstreamError>;
     /// `GET /{org}/_apis/tokens/pats?authorizationId=`.
-    async fn get(&self, org: &Organization, id: AuthorizationId) -> Result<PatToken, UpstreamError>;
+    async fn get(&self, org: &Organization, id: AuthorizationId)
+        -> Result<PatToken, UpstreamError>;
     /// `GET /{org}/_apis/tokens/pats` following every page; deduplicated by
     /// authorizationId; stops on an empty, repeated or fruitless token.
-    async fn list(&self, org: &Organization, query: &ListPats) -> Result<Vec<PatToken>, UpstreamError>;
+    async fn list(
+        &self,
+        org: &Organization,
+        query: &ListPats,
+    ) -> Result<Vec<PatToken>, UpstreamError>;
     /// `PUT /{org}/_apis/tokens/pats`.
     async fn update(&self, org: &Organization, req: &UpdatePat) -> Result<PatToken, UpstreamError>;
     /// `DELETE /{org}/_apis/tokens/pats?authorizationId=`.
