@@ -572,14 +572,3 @@ mod tests {
         ));
     }
 }
-
-/// Placeholder so the lease rules compile until the crypto helper's
-/// `TokenFingerprinter` lands (branch `domain`); replaced on merge.
-pub struct TokenFingerprinter;
-
-impl TokenFingerprinter {
-    /// Hex HMAC-SHA256 of `token` under the fingerprint key.
-    pub fn fingerprint(&self, _token: &SecretString) -> String {
-        todo!()
-    }
-}
