@@ -93,3 +93,69 @@ pub(super) fn decode(
     let id: LeaseId = id.parse().map_err(|_| LeaseError::InvalidPageToken)?;
     Ok(PageCursor { create_time, id })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::Keyring;
+    use crate::domain::{Identity, LeaseState, Organization};
+
+    fn fingerprinter() -> TokenFingerprinter {
+        TokenFingerprinter::new(Keyring::generate_key()).unwrap()
+    }
+
+    fn filter(holder: &str) -> LeaseFilter {
+        LeaseFilter {
+            holder: Some(holder.parse::<Identity>().unwrap()),
+            states: vec![LeaseState::Active],
+            organization: Some(Organization::parse("fabrikam").unwrap()),
+        }
+    }
+
+    fn cursor() -> PageCursor {
+        PageCursor {
+            create_time: DateTime::from_timestamp_micros(1_764_400_000_123_456).unwrap(),
+            id: LeaseId::new(),
+        }
+    }
+
+    #[test]
+    fn a_page_token_leads_back_to_its_cursor() {
+        let f = fingerprinter();
+        let c = cursor();
+        let token = encode(&f, &filter("apikey:ci"), &c);
+        assert_eq!(decode(&f, &filter("apikey:ci"), &token).unwrap(), c);
+    }
+
+    #[test]
+    fn a_page_token_is_refused_for_another_filter_or_holder() {
+        let f = fingerprinter();
+        let token = encode(&f, &filter("apikey:ci"), &cursor());
+        let mut other_state = filter("apikey:ci");
+        other_state.states = vec![LeaseState::Revoked];
+        for other in [filter("apikey:other"), other_state] {
+            assert!(matches!(
+                decode(&f, &other, &token),
+                Err(LeaseError::InvalidPageToken)
+            ));
+        }
+    }
+
+    #[test]
+    fn an_altered_or_foreign_page_token_is_refused() {
+        let f = fingerprinter();
+        let c = cursor();
+        let token = encode(&f, &filter("apikey:ci"), &c);
+        let text = String::from_utf8(URL_SAFE_NO_PAD.decode(&token).unwrap()).unwrap();
+        let moved = text.replacen(&c.create_time.timestamp_micros().to_string(), "1", 1);
+        let forged = URL_SAFE_NO_PAD.encode(moved);
+        for bad in [forged.as_str(), "garbage!", "", "djF8MXwy"] {
+            assert!(matches!(
+                decode(&f, &filter("apikey:ci"), bad),
+                Err(LeaseError::InvalidPageToken)
+            ));
+        }
+        // Another deployment's key does not accept it either.
+        assert!(decode(&fingerprinter(), &filter("apikey:ci"), &token).is_err());
+    }
+}
