@@ -2,8 +2,10 @@
 //! Knows no SQL and no HTTP: it speaks to [`crate::store::Store`] and
 //! [`crate::upstream::PatClient`].
 //!
-//! TODO(leases helper): implement [`Leases`]. The api layer has already
-//! validated input into domain types and authenticated the caller.
+//! The api layer has already validated input into domain types and
+//! authenticated the caller. Submodules: `issue` (create and request_id
+//! replay), `lifecycle` (get, list, renew, revoke), `background` (the reaper
+//! and revocation retries), `page_token` (opaque list cursors).
 
 use std::time::Duration;
 
@@ -59,12 +61,18 @@ pub struct LeasePage {
 use std::sync::Arc;
 
 use crate::auth::Caller;
-use crate::crypto::{CryptoError, Keyring};
+use crate::crypto::{CryptoError, Keyring, TokenFingerprinter};
 use crate::domain::LeaseId;
 use crate::error::{ErrorCode, ServiceError};
 use crate::policy::{Denial, Policy};
 use crate::store::{Store, StoreError};
 use crate::upstream::{PatClient, UpstreamError};
+
+mod background;
+mod issue;
+mod lifecycle;
+mod page_token;
+mod support;
 
 /// Why a lease operation failed. `reason()` values are stable API.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +112,10 @@ pub enum LeaseError {
     /// A sealed token could not be opened.
     #[error(transparent)]
     Crypto(#[from] CryptoError),
+    /// A state the rules do not expect (a bug or a concurrent actor); the
+    /// text is for logs and carries no secret.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl ServiceError for LeaseError {
@@ -118,7 +130,7 @@ impl ServiceError for LeaseError {
             LeaseError::QuotaExceeded => ErrorCode::ResourceExhausted,
             LeaseError::Upstream(e) => e.code(),
             LeaseError::Store(e) => e.code(),
-            LeaseError::Crypto(_) => ErrorCode::Internal,
+            LeaseError::Crypto(_) | LeaseError::Internal(_) => ErrorCode::Internal,
         }
     }
     fn reason(&self) -> &'static str {
@@ -132,7 +144,7 @@ impl ServiceError for LeaseError {
             LeaseError::QuotaExceeded => "ACTIVE_LEASE_QUOTA_EXCEEDED",
             LeaseError::Upstream(e) => e.reason(),
             LeaseError::Store(e) => e.reason(),
-            LeaseError::Crypto(_) => "INTERNAL",
+            LeaseError::Crypto(_) | LeaseError::Internal(_) => "INTERNAL",
         }
     }
     fn field(&self) -> Option<&str> {
@@ -177,13 +189,14 @@ pub struct LeaseDeps {
     pub keyring: Arc<Keyring>,
     /// Who may have what.
     pub policy: Arc<Policy>,
+    /// Keyed HMAC of tokens for the audit trail (and the MAC of page tokens).
+    pub fingerprinter: Arc<TokenFingerprinter>,
     /// Tunables.
     pub settings: LeaseSettings,
 }
 
 /// The lease service: every business rule about leases.
 pub struct Leases {
-    #[allow(dead_code)]
     deps: LeaseDeps,
 }
 
@@ -194,42 +207,63 @@ impl Leases {
     }
 
     /// Issues a lease (or replays one for a repeated request_id).
+    ///
+    /// Errors: `Denied` (policy; audited, nothing written, no upstream
+    /// call), `RequestIdReused` (same key, other parameters), `InProgress`
+    /// (an earlier attempt with the key is still PENDING after 30 s),
+    /// `Upstream` (the lease is FAILED and the key may be retried).
     pub async fn create(
         &self,
-        _caller: &Caller,
-        _req: CreateLease,
+        caller: &Caller,
+        req: CreateLease,
     ) -> Result<IssuedLease, LeaseError> {
-        todo!("leases helper")
+        issue::create(&self.deps, caller, req).await
     }
 
-    /// One of the caller's leases, without its token.
-    pub async fn get(&self, _caller: &Caller, _id: LeaseId) -> Result<LeaseRecord, LeaseError> {
-        todo!("leases helper")
+    /// One of the caller's leases, without its token. Another holder's
+    /// lease is `NotFound`.
+    pub async fn get(&self, caller: &Caller, id: LeaseId) -> Result<LeaseRecord, LeaseError> {
+        lifecycle::get_owned(&self.deps, caller, id).await
     }
 
-    /// A page of the caller's leases, newest first.
-    pub async fn list(&self, _caller: &Caller, _query: ListQuery) -> Result<LeasePage, LeaseError> {
-        todo!("leases helper")
+    /// A page of the caller's leases, newest first. Errors:
+    /// `InvalidPageToken` for a token not issued for this caller and filter.
+    pub async fn list(&self, caller: &Caller, query: ListQuery) -> Result<LeasePage, LeaseError> {
+        lifecycle::list(&self.deps, caller, query).await
     }
 
     /// Extends a lease by `increment` (None: policy default TTL), capped at
     /// max_expire_time, moving the PAT's validTo upstream.
+    ///
+    /// Errors: `NotFound`, `NotRenewable` (not ACTIVE, already at
+    /// max_expire_time, or past expire_time), `Denied` (policy no longer
+    /// grants it), `Upstream`.
     pub async fn renew(
         &self,
-        _caller: &Caller,
-        _id: LeaseId,
-        _increment: Option<Duration>,
+        caller: &Caller,
+        id: LeaseId,
+        increment: Option<Duration>,
     ) -> Result<LeaseRecord, LeaseError> {
-        todo!("leases helper")
+        lifecycle::renew(&self.deps, caller, id, increment).await
     }
 
-    /// Revokes a lease; idempotent. Answers REVOKING if upstream failed.
-    pub async fn revoke(&self, _caller: &Caller, _id: LeaseId) -> Result<LeaseRecord, LeaseError> {
-        todo!("leases helper")
+    /// Revokes a lease; idempotent. Answers REVOKING if upstream failed
+    /// (the background loop retries it). Errors: `NotFound`, `InProgress`
+    /// (still PENDING).
+    pub async fn revoke(&self, caller: &Caller, id: LeaseId) -> Result<LeaseRecord, LeaseError> {
+        lifecycle::revoke(&self.deps, caller, id).await
     }
 
-    /// Runs background work (the reaper) until `shutdown` resolves.
-    pub async fn run_background(&self, _shutdown: impl std::future::Future<Output = ()> + Send) {
-        todo!("leases helper")
+    /// Runs background work (the reaper and revocation retries) every
+    /// `settings.reaper_interval` until `shutdown` resolves.
+    pub async fn run_background(&self, shutdown: impl std::future::Future<Output = ()> + Send) {
+        background::run(&self.deps, shutdown).await
+    }
+
+    /// One pass of background work (expire due leases, retry due
+    /// revocations); what `run_background` does each tick. Returns how many
+    /// leases it finished (EXPIRED or REVOKED).
+    pub async fn run_background_once(&self) -> Result<usize, LeaseError> {
+        background::run_once(&self.deps).await
     }
 }

@@ -6,6 +6,7 @@
 //! always bound from the application, never the database's clock; a call
 //! either writes everything it names or nothing.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,8 +18,72 @@ use crate::crypto::Sealed;
 use crate::domain::{AuthorizationId, Identity, LeaseId, LeaseState, Organization, ScopeSet};
 use crate::error::{ErrorCode, ServiceError};
 
+mod codec;
 pub mod postgres;
 pub mod sqlite;
+
+pub use postgres::{PostgresOptions, PostgresStore};
+pub use sqlite::SqliteStore;
+
+/// Opens the store named by `url` without migrating it (call
+/// [`Store::migrate`]). `postgres://` or `postgresql://` opens PostgreSQL;
+/// `sqlite:` (e.g. `sqlite://broker.db`, `sqlite::memory:`) or a bare file
+/// path opens SQLite, creating the file if missing.
+///
+/// Errors: [`StoreError::Unavailable`] if the database cannot be reached,
+/// [`StoreError::Database`] for a malformed URL. The URL (which may hold a
+/// password) is never put in an error.
+pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PostgresStore::connect(url).await?))
+    } else {
+        Ok(Arc::new(SqliteStore::open(url).await?))
+    }
+}
+
+/// Maps a sqlx error to a [`StoreError`]: failures to reach the database
+/// (I/O, TLS, pool timeout or closed, PostgreSQL SQLSTATE classes 08 and
+/// 57P, 53300 too many connections, SQLite busy or locked past the busy
+/// timeout) are `Unavailable`, so a retry can help; the rest are
+/// `Database`. Only the database's message is kept: sqlx never puts bound
+/// values in it, so no secret reaches the error.
+pub(crate) fn map_sqlx(err: sqlx::Error) -> StoreError {
+    match &err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => StoreError::Unavailable(err.to_string()),
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default().into_owned();
+            let unavailable = code.starts_with("08")
+                || code.starts_with("57P")
+                || code == "53300"
+                // SQLite primary result codes 5 (BUSY) and 6 (LOCKED), with extended codes.
+                || (db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some()
+                    && code
+                        .parse::<i32>()
+                        .is_ok_and(|c| matches!(c & 0xff, 5 | 6)));
+            let text = format!("{} (code {code})", db.message());
+            if unavailable {
+                StoreError::Unavailable(text)
+            } else {
+                StoreError::Database(text)
+            }
+        }
+        _ => StoreError::Database(err.to_string()),
+    }
+}
+
+fn map_migrate(err: sqlx::migrate::MigrateError) -> StoreError {
+    match err {
+        sqlx::migrate::MigrateError::Execute(e) => match map_sqlx(e) {
+            StoreError::Unavailable(m) => StoreError::Unavailable(m),
+            other => StoreError::Migration(other.to_string()),
+        },
+        other => StoreError::Migration(other.to_string()),
+    }
+}
 
 /// One lease row (DESIGN.md section 8).
 #[derive(Clone, Debug, PartialEq)]

@@ -1,0 +1,141 @@
+//! Background work: the reaper (ACTIVE leases past expire_time → REVOKING →
+//! upstream revoke → EXPIRED) and the revocation queue (REVOKING and
+//! REVOKE_FAILED rows whose next_attempt_time is due). Work is taken by
+//! committed claims (`Store::claim_due`), so several replicas share it
+//! without doing anything twice; no transaction spans an upstream call.
+
+use std::time::Duration;
+
+use super::support::{begin_revocation, finish_revocation, now, BACKGROUND_ACTOR};
+use super::{LeaseDeps, LeaseError};
+use crate::store::{LeaseRecord, Work};
+
+/// Leases taken per claim.
+const BATCH: u32 = 100;
+
+/// Expiry claims per pass (the rest waits for the next tick).
+const MAX_EXPIRY_ROUNDS: usize = 10;
+
+/// How long a claim lasts: long enough for a batch of upstream calls, short
+/// enough that a dead replica's work moves on soon.
+fn claim_for(deps: &LeaseDeps) -> Duration {
+    (deps.settings.reaper_interval * 4).max(Duration::from_secs(60))
+}
+
+/// Runs [`run_once`] every `reaper_interval` until `shutdown` resolves.
+pub(super) async fn run(deps: &LeaseDeps, shutdown: impl std::future::Future<Output = ()> + Send) {
+    let mut tick =
+        tokio::time::interval(deps.settings.reaper_interval.max(Duration::from_millis(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tick.tick() => {
+                // The pass itself also stops at shutdown; unfinished claims lapse.
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    result = run_once(deps) => {
+                        if let Err(e) = result {
+                            tracing::warn!(error = %e, "background pass failed");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    tracing::info!("background work stopped");
+}
+
+/// One pass: expire every due ACTIVE lease, then retry every due
+/// revocation. Returns how many leases reached REVOKED or EXPIRED.
+pub(super) async fn run_once(deps: &LeaseDeps) -> Result<usize, LeaseError> {
+    let mut finished = 0;
+    // Bounded rounds, so rows that keep failing cannot spin a pass forever.
+    for _ in 0..MAX_EXPIRY_ROUNDS {
+        let due = deps
+            .store
+            .claim_due(
+                Work::Expiry,
+                now(),
+                &deps.settings.replica_id,
+                claim_for(deps),
+                BATCH,
+            )
+            .await?;
+        let claimed = due.len();
+        for lease in due {
+            finished += expire(deps, lease).await;
+        }
+        if claimed < BATCH as usize {
+            break;
+        }
+    }
+    // One batch of retries per pass: failures are rescheduled into the
+    // future, so looping here would only hammer a failing upstream.
+    let due = deps
+        .store
+        .claim_due(
+            Work::Revocation,
+            now(),
+            &deps.settings.replica_id,
+            claim_for(deps),
+            BATCH,
+        )
+        .await?;
+    for lease in due {
+        finished += retry_revocation(deps, lease).await;
+    }
+    Ok(finished)
+}
+
+/// Expires one claimed ACTIVE lease; 1 if it reached EXPIRED.
+async fn expire(deps: &LeaseDeps, lease: LeaseRecord) -> usize {
+    let id = lease.id;
+    let result = async {
+        let Some(revoking) = begin_revocation(deps, &lease, now()).await? else {
+            return Ok(None);
+        };
+        finish_revocation(deps, &revoking, BACKGROUND_ACTOR, None, "lease.expire").await
+    }
+    .await;
+    settle(deps, id, result).await
+}
+
+/// Retries one claimed revocation; 1 if it reached REVOKED or EXPIRED.
+async fn retry_revocation(deps: &LeaseDeps, lease: LeaseRecord) -> usize {
+    let id = lease.id;
+    let action = if lease.revoke_time.is_some_and(|t| t >= lease.expire_time) {
+        "lease.expire"
+    } else {
+        "lease.revoke"
+    };
+    let result = finish_revocation(deps, &lease, BACKGROUND_ACTOR, None, action).await;
+    settle(deps, id, result).await
+}
+
+/// Logs the outcome and releases the claim where the lease row was not
+/// rewritten (a rewrite clears it).
+async fn settle(
+    deps: &LeaseDeps,
+    id: crate::domain::LeaseId,
+    result: Result<Option<LeaseRecord>, LeaseError>,
+) -> usize {
+    match result {
+        Ok(Some(lease)) if lease.state.is_terminal() => 1,
+        Ok(Some(_)) => 0,
+        Ok(None) | Err(_) => {
+            if let Err(e) = &result {
+                tracing::warn!(lease_id = %id, error = %e, "background revocation failed");
+            }
+            if let Err(e) = deps
+                .store
+                .release_claim(id, &deps.settings.replica_id)
+                .await
+            {
+                tracing::warn!(lease_id = %id, error = %e, "could not release claim");
+            }
+            0
+        }
+    }
+}

@@ -1,0 +1,463 @@
+//! CreateLease: policy, request_id replay, the PENDING intent row, the
+//! upstream create, and ACTIVE (DESIGN.md section 5 item 1, section 4).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
+
+use super::support::{
+    audit_best_effort, caller_event, chrono_duration, now, open_token, token_aad,
+};
+use super::{CreateLease, IssuedLease, LeaseDeps, LeaseError};
+use crate::audit::{AuditEvent, Outcome};
+use crate::auth::Caller;
+use crate::domain::{LeaseId, LeaseState};
+use crate::policy::Decision;
+use crate::store::{CreateOutcome, IdempotencyRecord, LeaseRecord};
+use crate::upstream::{CreatePat, DisplayFilter, ListPats, UpstreamError};
+
+/// How long a retry waits for an earlier attempt with the same request_id
+/// to leave PENDING before answering `InProgress` (UNAVAILABLE + RetryInfo).
+const PENDING_WAIT: Duration = Duration::from_secs(30);
+
+/// How often that wait looks at the store again.
+const PENDING_POLL: Duration = Duration::from_millis(100);
+
+const ACTION: &str = "lease.create";
+
+/// Hex SHA-256 over the normalized request parameters: organization (lower
+/// case), sorted scopes, and the TTL as asked (`default` when unset, so a
+/// later policy change of the default does not make a retry "different").
+pub(super) fn request_fingerprint(req: &CreateLease) -> String {
+    let ttl = match req.ttl {
+        Some(ttl) => format!("{}.{:09}s", ttl.as_secs(), ttl.subsec_nanos()),
+        None => "default".to_owned(),
+    };
+    let normalized = format!(
+        "v1\norganization={}\nscopes={}\nttl={}",
+        req.organization,
+        req.scopes.to_upstream(),
+        ttl
+    );
+    hex::encode(Sha256::digest(normalized.as_bytes()))
+}
+
+/// See [`super::Leases::create`].
+pub(super) async fn create(
+    deps: &LeaseDeps,
+    caller: &Caller,
+    req: CreateLease,
+) -> Result<IssuedLease, LeaseError> {
+    let now = now();
+    let (rule, ttl, max_ttl) = match deps.policy.decide(
+        &caller.identity,
+        &req.organization,
+        &req.scopes,
+        req.ttl,
+    ) {
+        Decision::Allow { rule, ttl, max_ttl } => (rule, ttl, max_ttl),
+        Decision::Deny { denial, rule } => {
+            let event = AuditEvent {
+                id: 0,
+                time: now,
+                identity: caller.identity.to_string(),
+                peer: caller.peer.clone(),
+                action: ACTION.to_owned(),
+                outcome: Outcome::Denied,
+                reason: Some(denial.reason().to_owned()),
+                policy_rule: rule.clone(),
+                lease_id: None,
+                organization: Some(req.organization.to_string()),
+                scopes: Some(req.scopes.to_upstream()),
+                token_fingerprint: None,
+            };
+            audit_best_effort(deps, event).await;
+            tracing::info!(identity = %caller.identity, reason = denial.reason(), "lease create denied by policy");
+            return Err(LeaseError::Denied { denial, rule });
+        }
+    };
+
+    let fingerprint = request_fingerprint(&req);
+    if let Some(request_id) = req.request_id {
+        if let Some(existing) = deps
+            .store
+            .get_idempotency(&caller.identity, request_id)
+            .await?
+        {
+            return replay(
+                deps,
+                caller,
+                &req,
+                &rule,
+                ttl,
+                max_ttl,
+                existing,
+                &fingerprint,
+            )
+            .await;
+        }
+    }
+
+    let lease = new_pending(deps, caller, &req, ttl, max_ttl, now);
+    let key = req.request_id.map(|request_id| IdempotencyRecord {
+        holder: caller.identity.clone(),
+        request_id,
+        fingerprint: fingerprint.clone(),
+        lease_id: lease.id,
+        create_time: now,
+    });
+    match deps.store.create_lease(&lease, key.as_ref()).await? {
+        CreateOutcome::Created => mint(deps, caller, lease, &rule).await,
+        // A concurrent request with the same key won the insert.
+        CreateOutcome::Existing(existing) => {
+            replay(
+                deps,
+                caller,
+                &req,
+                &rule,
+                ttl,
+                max_ttl,
+                existing,
+                &fingerprint,
+            )
+            .await
+        }
+    }
+}
+
+/// A fresh PENDING lease row (nothing written yet).
+fn new_pending(
+    deps: &LeaseDeps,
+    caller: &Caller,
+    req: &CreateLease,
+    ttl: Duration,
+    max_ttl: Duration,
+    now: DateTime<Utc>,
+) -> LeaseRecord {
+    let id = LeaseId::new();
+    let settings = &deps.settings;
+    LeaseRecord {
+        id,
+        holder: caller.identity.clone(),
+        organization: req.organization.clone(),
+        scopes: req.scopes.clone(),
+        display_name: format!(
+            "{}:{}:{}",
+            settings.display_name_prefix, settings.deployment_id, id
+        ),
+        authorization_id: None,
+        sealed_token: None,
+        state: LeaseState::Pending,
+        create_time: now,
+        update_time: now,
+        expire_time: now + chrono_duration(ttl),
+        max_expire_time: now + chrono_duration(max_ttl.max(ttl)),
+        revoke_time: None,
+        upstream_valid_to: None,
+        attempts: 0,
+        next_attempt_time: None,
+        last_error: None,
+        claimed_by: None,
+        claimed_until: None,
+    }
+}
+
+/// Answers a request whose (holder, request_id) key exists: same
+/// parameters → that lease with its token (waiting while it is PENDING;
+/// minting afresh if it FAILED); other parameters → `RequestIdReused`.
+#[allow(clippy::too_many_arguments)]
+async fn replay(
+    deps: &LeaseDeps,
+    caller: &Caller,
+    req: &CreateLease,
+    rule: &str,
+    ttl: Duration,
+    max_ttl: Duration,
+    mut key: IdempotencyRecord,
+    fingerprint: &str,
+) -> Result<IssuedLease, LeaseError> {
+    if key.fingerprint != fingerprint {
+        let event = AuditEvent {
+            id: 0,
+            time: now(),
+            identity: caller.identity.to_string(),
+            peer: caller.peer.clone(),
+            action: ACTION.to_owned(),
+            outcome: Outcome::Denied,
+            reason: Some("REQUEST_ID_REUSED".to_owned()),
+            policy_rule: Some(rule.to_owned()),
+            lease_id: Some(key.lease_id),
+            organization: Some(req.organization.to_string()),
+            scopes: Some(req.scopes.to_upstream()),
+            token_fingerprint: None,
+        };
+        audit_best_effort(deps, event).await;
+        return Err(LeaseError::RequestIdReused);
+    }
+    let deadline = tokio::time::Instant::now() + PENDING_WAIT;
+    loop {
+        let lease = deps.store.get_lease(key.lease_id).await?.ok_or_else(|| {
+            LeaseError::Internal(format!(
+                "idempotency key points at missing lease {}",
+                key.lease_id
+            ))
+        })?;
+        match lease.state {
+            LeaseState::Pending => {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(LeaseError::InProgress);
+                }
+                tokio::time::sleep(PENDING_POLL).await;
+            }
+            LeaseState::Failed => {
+                // No token was ever handed out for it: mint afresh under the key.
+                let now = now();
+                let fresh = new_pending(deps, caller, req, ttl, max_ttl, now);
+                let new_key = IdempotencyRecord {
+                    lease_id: fresh.id,
+                    ..key.clone()
+                };
+                if deps
+                    .store
+                    .replace_failed_lease(&fresh, &new_key, lease.id)
+                    .await?
+                {
+                    return mint(deps, caller, fresh, rule).await;
+                }
+                // Another retry replaced it first: follow the key again.
+                key = deps
+                    .store
+                    .get_idempotency(&caller.identity, key.request_id)
+                    .await?
+                    .ok_or_else(|| LeaseError::Internal("idempotency key vanished".to_owned()))?;
+            }
+            _ => {
+                let token = open_token(deps, &lease)?;
+                let mut event = caller_event(caller, ACTION, Outcome::Allowed, &lease, now());
+                event.reason = Some("REQUEST_ID_REPLAYED".to_owned());
+                event.policy_rule = Some(rule.to_owned());
+                event.token_fingerprint = Some(deps.fingerprinter.fingerprint(&token));
+                deps.store.append_audit(&event).await?;
+                return Ok(IssuedLease { lease, token });
+            }
+        }
+    }
+}
+
+/// Mints the PAT of a stored PENDING lease and makes it ACTIVE.
+async fn mint(
+    deps: &LeaseDeps,
+    caller: &Caller,
+    mut lease: LeaseRecord,
+    rule: &str,
+) -> Result<IssuedLease, LeaseError> {
+    let skew = chrono_duration(deps.settings.valid_to_skew);
+    let wanted_valid_to = lease.expire_time + skew;
+    let request = CreatePat {
+        display_name: lease.display_name.clone(),
+        scope: lease.scopes.to_upstream(),
+        valid_to: wanted_valid_to,
+    };
+    let pat = match deps.upstream.create(&lease.organization, &request).await {
+        Ok(pat) => pat,
+        Err(e) => return Err(upstream_create_failed(deps, caller, lease, rule, e).await),
+    };
+    let Some(token) = pat.token.clone() else {
+        // Upstream made a PAT but did not hand us its secret: useless.
+        let e = UpstreamError::Protocol("create answer carries no token".to_owned());
+        let _ = deps
+            .upstream
+            .revoke(&lease.organization, pat.authorization_id)
+            .await;
+        return Err(fail(deps, caller, lease, rule, e).await);
+    };
+
+    // Upstream may clamp validTo (max-lifespan policy, ado-pat-api.md 4.1)
+    // and rounds it: the lease must never outlive its PAT.
+    let now = now();
+    if pat.valid_to < lease.expire_time {
+        lease.expire_time = pat.valid_to;
+    }
+    if pat.valid_to + chrono::Duration::seconds(1) < wanted_valid_to {
+        lease.max_expire_time = lease.max_expire_time.min(pat.valid_to);
+        tracing::info!(lease_id = %lease.id, valid_to = %pat.valid_to, "upstream clamped validTo; lease shortened");
+    }
+    lease.max_expire_time = lease.max_expire_time.max(lease.expire_time);
+    lease.authorization_id = Some(pat.authorization_id);
+    lease.sealed_token = Some(deps.keyring.seal(&token, &token_aad(lease.id)));
+    lease.upstream_valid_to = Some(pat.valid_to);
+    lease.state = LeaseState::Active;
+    lease.update_time = now;
+
+    let stored = match deps.store.update_lease(&lease, LeaseState::Pending).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(LeaseError::Internal(format!(
+            "lease {} left PENDING while its PAT was minted",
+            lease.id
+        ))),
+        Err(e) => Err(e.into()),
+    };
+    if let Err(e) = stored {
+        // Never leave a PAT live without an ACTIVE lease row.
+        abandon_minted(deps, &lease).await;
+        return Err(e);
+    }
+
+    let mut event = caller_event(caller, ACTION, Outcome::Allowed, &lease, now);
+    event.policy_rule = Some(rule.to_owned());
+    event.token_fingerprint = Some(deps.fingerprinter.fingerprint(&token));
+    if let Err(e) = deps.store.append_audit(&event).await {
+        // Fail closed: a grant that is not audited does not happen.
+        tracing::error!(lease_id = %lease.id, error = %e, "audit of a grant failed; revoking the lease");
+        if let Ok(Some(revoking)) = super::support::begin_revocation(deps, &lease, now).await {
+            let _ = super::support::finish_revocation(
+                deps,
+                &revoking,
+                &caller.identity.to_string(),
+                caller.peer.as_deref(),
+                "lease.revoke",
+            )
+            .await;
+        }
+        return Err(e.into());
+    }
+    tracing::info!(lease_id = %lease.id, holder = %lease.holder, organization = %lease.organization, "lease issued");
+    Ok(IssuedLease { lease, token })
+}
+
+/// A minted PAT whose lease could not be made ACTIVE: revoke it upstream and
+/// mark the lease FAILED, best effort (issue 6's reconciler covers a crash
+/// here: the row stays PENDING and the display name finds the PAT).
+async fn abandon_minted(deps: &LeaseDeps, lease: &LeaseRecord) {
+    if let Some(id) = lease.authorization_id {
+        if let Err(e) = deps.upstream.revoke(&lease.organization, id).await {
+            if !e.is_not_found() {
+                tracing::error!(lease_id = %lease.id, error = %e, "could not revoke an unrecorded PAT");
+                return;
+            }
+        }
+    }
+    let mut failed = lease.clone();
+    failed.state = LeaseState::Failed;
+    failed.sealed_token = None;
+    failed.update_time = now();
+    failed.last_error = Some("lease could not be recorded as ACTIVE; PAT revoked".to_owned());
+    if let Err(e) = deps.store.update_lease(&failed, LeaseState::Pending).await {
+        tracing::error!(lease_id = %lease.id, error = %e, "could not mark lease FAILED");
+    }
+}
+
+/// The upstream create failed. A definite refusal (policy, auth, 400, 429)
+/// means no PAT exists: FAILED. A timeout, 5xx or unreadable answer may hide
+/// a PAT that was made: the create is never retried blindly (DESIGN.md 5.5);
+/// instead the broker lists upstream for the lease's display name. It cannot
+/// adopt a PAT found that way (the secret is only in the create answer), so
+/// it revokes it and marks the lease FAILED; the caller gets the error
+/// (UNAVAILABLE + RetryInfo for 5xx/timeouts) and may retry with the same
+/// request_id, which mints afresh. If the look-up itself fails the lease
+/// stays PENDING for the reconciler (issue 6).
+async fn upstream_create_failed(
+    deps: &LeaseDeps,
+    caller: &Caller,
+    lease: LeaseRecord,
+    rule: &str,
+    error: UpstreamError,
+) -> LeaseError {
+    let ambiguous = matches!(
+        error,
+        UpstreamError::Unavailable(_) | UpstreamError::Protocol(_)
+    );
+    if !ambiguous {
+        return fail(deps, caller, lease, rule, error).await;
+    }
+    tracing::warn!(lease_id = %lease.id, error = %error, "upstream create failed ambiguously; looking for the PAT");
+    let query = ListPats {
+        display_filter: Some(DisplayFilter::Active),
+        top: Some(100),
+    };
+    let found = match deps.upstream.list(&lease.organization, &query).await {
+        Ok(pats) => pats,
+        Err(e) => {
+            tracing::warn!(lease_id = %lease.id, error = %e, "upstream list failed; lease left PENDING for reconciliation");
+            return error.into();
+        }
+    };
+    for pat in found
+        .iter()
+        .filter(|p| p.display_name == lease.display_name)
+    {
+        if let Err(e) = deps
+            .upstream
+            .revoke(&lease.organization, pat.authorization_id)
+            .await
+        {
+            if !e.is_not_found() {
+                tracing::warn!(lease_id = %lease.id, error = %e, "could not revoke the PAT of a failed create; lease left PENDING");
+                return error.into();
+            }
+        }
+        tracing::info!(lease_id = %lease.id, authorization_id = %pat.authorization_id, "revoked the PAT of an ambiguous create");
+    }
+    fail(deps, caller, lease, rule, error).await
+}
+
+/// Marks a PENDING lease FAILED (no token was handed out), audits the
+/// error, and returns it for the caller.
+async fn fail(
+    deps: &LeaseDeps,
+    caller: &Caller,
+    mut lease: LeaseRecord,
+    rule: &str,
+    error: UpstreamError,
+) -> LeaseError {
+    let now = now();
+    lease.state = LeaseState::Failed;
+    lease.update_time = now;
+    lease.last_error = Some(error.to_string());
+    if let Err(e) = deps.store.update_lease(&lease, LeaseState::Pending).await {
+        tracing::error!(lease_id = %lease.id, error = %e, "could not mark lease FAILED");
+    }
+    let mut event = caller_event(caller, ACTION, Outcome::Error, &lease, now);
+    event.policy_rule = Some(rule.to_owned());
+    event.reason = Some(crate::error::ServiceError::reason(&error).to_owned());
+    audit_best_effort(deps, event).await;
+    tracing::warn!(lease_id = %lease.id, error = %error, "upstream create failed; lease FAILED");
+    error.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Organization, ScopeSet};
+
+    fn req(org: &str, scopes: &[&str], ttl: Option<u64>) -> CreateLease {
+        CreateLease {
+            organization: Organization::parse(org).unwrap(),
+            scopes: ScopeSet::parse(scopes).unwrap(),
+            ttl: ttl.map(Duration::from_secs),
+            request_id: None,
+        }
+    }
+
+    #[test]
+    fn a_retry_with_the_same_parameters_in_another_order_has_the_same_fingerprint() {
+        let a = request_fingerprint(&req("Fabrikam", &["vso.code", "vso.packaging"], Some(60)));
+        let b = request_fingerprint(&req("fabrikam", &["vso.packaging", "vso.code"], Some(60)));
+        assert_eq!(a, b);
+        assert_eq!(a.len(), 64);
+    }
+
+    #[test]
+    fn other_parameters_give_another_fingerprint() {
+        let base = request_fingerprint(&req("fabrikam", &["vso.code"], Some(60)));
+        for other in [
+            req("contoso", &["vso.code"], Some(60)),
+            req("fabrikam", &["vso.code_write"], Some(60)),
+            req("fabrikam", &["vso.code"], Some(61)),
+            req("fabrikam", &["vso.code"], None),
+        ] {
+            assert_ne!(base, request_fingerprint(&other));
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! GetLease, ListLeases, RenewLease, RevokeLease (DESIGN.md section 5
+//! items 2 and 3). Every call sees the caller's own leases only.
+
+use std::time::Duration;
+
+use super::support::{
+    audit_best_effort, begin_revocation, caller_event, chrono_duration, finish_revocation,
+    lease_token_fingerprint, now,
+};
+use super::{page_token, LeaseDeps, LeaseError, LeasePage, ListQuery};
+use crate::audit::Outcome;
+use crate::auth::Caller;
+use crate::domain::{LeaseId, LeaseState};
+use crate::policy::Decision;
+use crate::store::{LeaseFilter, LeaseRecord, PageCursor};
+use crate::upstream::UpdatePat;
+
+/// Page size when the query gives none (the api layer normally does).
+const DEFAULT_PAGE_SIZE: u32 = 50;
+/// Largest page.
+const MAX_PAGE_SIZE: u32 = 1000;
+
+/// The lease if it exists and `caller` holds it; else `NotFound` (another
+/// holder's lease is indistinguishable from a missing one).
+pub(super) async fn get_owned(
+    deps: &LeaseDeps,
+    caller: &Caller,
+    id: LeaseId,
+) -> Result<LeaseRecord, LeaseError> {
+    match deps.store.get_lease(id).await? {
+        Some(lease) if lease.holder == caller.identity => Ok(lease),
+        _ => Err(LeaseError::NotFound),
+    }
+}
+
+/// See [`super::Leases::list`].
+pub(super) async fn list(
+    deps: &LeaseDeps,
+    caller: &Caller,
+    query: ListQuery,
+) -> Result<LeasePage, LeaseError> {
+    let filter = LeaseFilter {
+        holder: Some(caller.identity.clone()),
+        states: query.states,
+        organization: query.organization,
+    };
+    let after = if query.page_token.is_empty() {
+        None
+    } else {
+        Some(page_token::decode(
+            &deps.fingerprinter,
+            &filter,
+            &query.page_token,
+        )?)
+    };
+    let limit = match query.page_size {
+        0 => DEFAULT_PAGE_SIZE,
+        n => n.min(MAX_PAGE_SIZE),
+    };
+    // One extra row tells whether another page exists.
+    let mut leases = deps
+        .store
+        .list_leases(&filter, after.as_ref(), limit + 1)
+        .await?;
+    let next_page_token = if leases.len() > limit as usize {
+        leases.truncate(limit as usize);
+        let last = leases.last().expect("limit is at least 1");
+        page_token::encode(
+            &deps.fingerprinter,
+            &filter,
+            &PageCursor {
+                create_time: last.create_time,
+                id: last.id,
+            },
+        )
+    } else {
+        String::new()
+    };
+    Ok(LeasePage {
+        leases,
+        next_page_token,
+    })
+}
+
+/// See [`super::Leases::renew`].
+pub(super) async fn renew(
+    deps: &LeaseDeps,
+    caller: &Caller,
+    id: LeaseId,
+    increment: Option<Duration>,
+) -> Result<LeaseRecord, LeaseError> {
+    const ACTION: &str = "lease.renew";
+    let lease = get_owned(deps, caller, id).await?;
+    let now = now();
+    if lease.state != LeaseState::Active {
+        return Err(LeaseError::NotRenewable(lease.state));
+    }
+    if lease.expire_time <= now {
+        // Past its end, waiting for the reaper: it is over.
+        return Err(LeaseError::NotRenewable(LeaseState::Expired));
+    }
+    if lease.expire_time >= lease.max_expire_time {
+        return Err(LeaseError::NotRenewable(lease.state));
+    }
+    // Renewal is a decision too: the policy must still grant this lease, and
+    // an explicit increment must be within its max TTL.
+    let increment = match deps.policy.decide(
+        &caller.identity,
+        &lease.organization,
+        &lease.scopes,
+        increment,
+    ) {
+        Decision::Allow { ttl, .. } => ttl,
+        Decision::Deny { denial, rule } => {
+            let mut event = caller_event(caller, ACTION, Outcome::Denied, &lease, now);
+            event.reason = Some(denial.reason().to_owned());
+            event.policy_rule = rule.clone();
+            audit_best_effort(deps, event).await;
+            return Err(LeaseError::Denied { denial, rule });
+        }
+    };
+    let Some(authorization_id) = lease.authorization_id else {
+        return Err(LeaseError::Internal(format!(
+            "ACTIVE lease {id} has no authorizationId"
+        )));
+    };
+
+    let mut next = lease.clone();
+    next.expire_time = (now + chrono_duration(increment)).min(lease.max_expire_time);
+    let skew = chrono_duration(deps.settings.valid_to_skew);
+    let wanted_valid_to = next.expire_time + skew;
+    let update = UpdatePat {
+        authorization_id,
+        display_name: None,
+        scope: None,
+        valid_to: Some(wanted_valid_to),
+    };
+    let pat = match deps.upstream.update(&lease.organization, &update).await {
+        Ok(pat) => pat,
+        Err(e) => {
+            let mut event = caller_event(caller, ACTION, Outcome::Error, &lease, now);
+            event.reason = Some(crate::error::ServiceError::reason(&e).to_owned());
+            audit_best_effort(deps, event).await;
+            tracing::warn!(lease_id = %id, error = %e, "upstream renew failed");
+            return Err(e.into());
+        }
+    };
+    // Upstream clamps an update to creation + max lifespan (ado-pat-api.md
+    // 1.3): the lease must never outlive its PAT.
+    if pat.valid_to < next.expire_time {
+        next.expire_time = pat.valid_to;
+    }
+    if pat.valid_to + chrono::Duration::seconds(1) < wanted_valid_to {
+        next.max_expire_time = next.max_expire_time.min(pat.valid_to);
+    }
+    next.max_expire_time = next.max_expire_time.max(next.expire_time);
+    next.upstream_valid_to = Some(pat.valid_to);
+    next.update_time = super::support::now();
+    if !deps.store.update_lease(&next, LeaseState::Active).await? {
+        // Revoked or expired meanwhile; the revocation removes the PAT.
+        let current = get_owned(deps, caller, id).await?;
+        return Err(LeaseError::NotRenewable(current.state));
+    }
+    let mut event = caller_event(caller, ACTION, Outcome::Allowed, &next, now);
+    event.token_fingerprint = lease_token_fingerprint(deps, &next);
+    deps.store.append_audit(&event).await?;
+    tracing::info!(lease_id = %id, expire_time = %next.expire_time, "lease renewed");
+    Ok(next)
+}
+
+/// See [`super::Leases::revoke`].
+pub(super) async fn revoke(
+    deps: &LeaseDeps,
+    caller: &Caller,
+    id: LeaseId,
+) -> Result<LeaseRecord, LeaseError> {
+    const ACTION: &str = "lease.revoke";
+    let actor = caller.identity.to_string();
+    let peer = caller.peer.as_deref();
+    // A bounded number of rounds: each lost race means another actor moved
+    // the lease forward, so this settles quickly.
+    for _ in 0..5 {
+        let lease = get_owned(deps, caller, id).await?;
+        let revoking = match lease.state {
+            LeaseState::Revoked | LeaseState::Expired | LeaseState::Failed => return Ok(lease),
+            LeaseState::Pending => return Err(LeaseError::InProgress),
+            // Already being revoked: try again now, on the caller's behalf.
+            LeaseState::Revoking | LeaseState::RevokeFailed => lease,
+            LeaseState::Active => match begin_revocation(deps, &lease, now()).await? {
+                Some(revoking) => revoking,
+                None => continue,
+            },
+        };
+        if let Some(done) = finish_revocation(deps, &revoking, &actor, peer, ACTION).await? {
+            return Ok(done);
+        }
+    }
+    // Still racing: answer what is stored.
+    get_owned(deps, caller, id).await
+}

@@ -1,0 +1,240 @@
+//! Helpers shared by the lease rules: time arithmetic, sealing associated
+//! data, audit events, and the upstream revocation step that both an
+//! explicit revoke and the background loop finish with.
+
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use chrono::{DateTime, Utc};
+use secrecy::SecretString;
+
+use super::{LeaseDeps, LeaseError};
+use crate::audit::{AuditEvent, Outcome};
+use crate::auth::Caller;
+use crate::domain::{LeaseId, LeaseState};
+use crate::store::LeaseRecord;
+
+/// The actor recorded in audit events written by background work. Not a
+/// typed identity kind, so no caller can ever pose as it.
+pub(super) const BACKGROUND_ACTOR: &str = "system:token-broker";
+
+/// Revocation retries before a lease becomes REVOKE_FAILED (still retried,
+/// slowly). Issue 6 makes the schedule configurable.
+pub(super) const REVOKE_RETRY_BUDGET: i32 = 10;
+
+/// Delay between retries of a REVOKE_FAILED lease.
+pub(super) const REVOKE_FAILED_RETRY: Duration = Duration::from_secs(3600);
+
+/// How long a caller-driven revocation owns a REVOKING row before the
+/// background loop may take it over (it only does if the caller's task died).
+pub(super) const REVOKE_GRACE: Duration = Duration::from_secs(60);
+
+/// The current time in UTC, truncated to microseconds: what both stores
+/// keep, so a record in memory equals its stored copy.
+pub(super) fn now() -> DateTime<Utc> {
+    use chrono::SubsecRound;
+    Utc::now().trunc_subsecs(6)
+}
+
+/// `Std` duration to chrono, saturating (TTLs are at most a year).
+pub(super) fn chrono_duration(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+/// Associated data binding a sealed token to its lease row: the lease id in
+/// its hyphenated text form (DESIGN.md section 8: "associated data = the
+/// row's id").
+pub(super) fn token_aad(id: LeaseId) -> Vec<u8> {
+    id.to_string().into_bytes()
+}
+
+/// The PAT of `lease`, opened from its sealed copy.
+pub(super) fn open_token(
+    deps: &LeaseDeps,
+    lease: &LeaseRecord,
+) -> Result<SecretString, LeaseError> {
+    let sealed = lease.sealed_token.as_ref().ok_or_else(|| {
+        LeaseError::Internal(format!(
+            "lease {} in state {} holds no token",
+            lease.id, lease.state
+        ))
+    })?;
+    Ok(deps.keyring.open(sealed, &token_aad(lease.id))?)
+}
+
+/// Keyed fingerprint of the lease's token for the audit trail, if it has one
+/// that opens (an unopenable token is logged, never fatal for the audit).
+pub(super) fn lease_token_fingerprint(deps: &LeaseDeps, lease: &LeaseRecord) -> Option<String> {
+    lease.sealed_token.as_ref()?;
+    match open_token(deps, lease) {
+        Ok(token) => Some(deps.fingerprinter.fingerprint(&token)),
+        Err(e) => {
+            tracing::warn!(lease_id = %lease.id, error = %e, "sealed token does not open");
+            None
+        }
+    }
+}
+
+/// Backoff before revocation attempt number `attempts + 1`: jittered
+/// exponential from 5 s up to 10 min (backon's schedule, kept in rows).
+pub(super) fn revocation_backoff(attempts: i32) -> Duration {
+    if attempts >= REVOKE_RETRY_BUDGET {
+        return REVOKE_FAILED_RETRY;
+    }
+    let step = usize::try_from(attempts.max(1) - 1).unwrap_or(0);
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_secs(5))
+        .with_max_delay(Duration::from_secs(600))
+        .with_jitter()
+        .without_max_times()
+        .build()
+        .nth(step)
+        .unwrap_or(Duration::from_secs(600))
+}
+
+/// An audit event about `lease` by `actor` (a typed identity's text or
+/// [`BACKGROUND_ACTOR`]).
+pub(super) fn lease_event(
+    actor: &str,
+    peer: Option<&str>,
+    action: &str,
+    outcome: Outcome,
+    lease: &LeaseRecord,
+    now: DateTime<Utc>,
+) -> AuditEvent {
+    AuditEvent {
+        id: 0,
+        time: now,
+        identity: actor.to_owned(),
+        peer: peer.map(str::to_owned),
+        action: action.to_owned(),
+        outcome,
+        reason: None,
+        policy_rule: None,
+        lease_id: Some(lease.id),
+        organization: Some(lease.organization.to_string()),
+        scopes: Some(lease.scopes.to_upstream()),
+        token_fingerprint: None,
+    }
+}
+
+/// An audit event about `lease` by the caller.
+pub(super) fn caller_event(
+    caller: &Caller,
+    action: &str,
+    outcome: Outcome,
+    lease: &LeaseRecord,
+    now: DateTime<Utc>,
+) -> AuditEvent {
+    lease_event(
+        &caller.identity.to_string(),
+        caller.peer.as_deref(),
+        action,
+        outcome,
+        lease,
+        now,
+    )
+}
+
+/// Appends an audit event, logging (not failing) when the store refuses:
+/// used for denials, errors and revocations, which must proceed anyway.
+/// Grants check the result themselves (they fail closed).
+pub(super) async fn audit_best_effort(deps: &LeaseDeps, event: AuditEvent) {
+    if let Err(e) = deps.store.append_audit(&event).await {
+        tracing::error!(action = %event.action, error = %e, "audit event not written");
+    }
+}
+
+/// The state a finished revocation ends in: EXPIRED when the lease had
+/// reached its expire_time by the time revocation began (`revoke_time`),
+/// REVOKED otherwise.
+fn final_state(lease: &LeaseRecord) -> LeaseState {
+    match lease.revoke_time {
+        Some(t) if t >= lease.expire_time => LeaseState::Expired,
+        _ => LeaseState::Revoked,
+    }
+}
+
+/// Moves an ACTIVE lease to REVOKING (CAS), recording `now` as its
+/// revoke_time and giving the current task `REVOKE_GRACE` before background
+/// work may take it over. Returns None if the state had moved.
+pub(super) async fn begin_revocation(
+    deps: &LeaseDeps,
+    lease: &LeaseRecord,
+    now: DateTime<Utc>,
+) -> Result<Option<LeaseRecord>, LeaseError> {
+    let mut next = lease.clone();
+    next.state = LeaseState::Revoking;
+    next.update_time = now;
+    next.revoke_time = Some(now);
+    next.attempts = 0;
+    next.next_attempt_time = Some(now + chrono_duration(REVOKE_GRACE));
+    next.claimed_by = None;
+    next.claimed_until = None;
+    if deps.store.update_lease(&next, LeaseState::Active).await? {
+        Ok(Some(next))
+    } else {
+        Ok(None)
+    }
+}
+
+/// Revokes the PAT of a REVOKING or REVOKE_FAILED lease upstream and records
+/// the outcome: REVOKED/EXPIRED on success or upstream not-found; else the
+/// same state (REVOKE_FAILED past the budget) with `attempts`, `last_error`
+/// and a backed-off `next_attempt_time`. Returns the lease as stored, or
+/// None if another actor moved it meanwhile. Never holds a transaction
+/// across the upstream call; clears any claim it writes over.
+pub(super) async fn finish_revocation(
+    deps: &LeaseDeps,
+    lease: &LeaseRecord,
+    actor: &str,
+    peer: Option<&str>,
+    action: &str,
+) -> Result<Option<LeaseRecord>, LeaseError> {
+    let expected = lease.state;
+    let result = match lease.authorization_id {
+        Some(authorization_id) => deps
+            .upstream
+            .revoke(&lease.organization, authorization_id)
+            .await
+            .or_else(|e| if e.is_not_found() { Ok(()) } else { Err(e) }),
+        // No PAT was ever recorded: nothing to revoke upstream.
+        None => Ok(()),
+    };
+    let now = now();
+    let mut next = lease.clone();
+    next.update_time = now;
+    next.claimed_by = None;
+    next.claimed_until = None;
+    let outcome = match &result {
+        Ok(()) => {
+            next.state = final_state(lease);
+            next.revoke_time = Some(lease.revoke_time.unwrap_or(now));
+            next.next_attempt_time = None;
+            next.last_error = None;
+            tracing::info!(lease_id = %lease.id, state = %next.state, "lease revoked upstream");
+            Outcome::Allowed
+        }
+        Err(e) => {
+            next.attempts = lease.attempts.saturating_add(1);
+            if next.attempts >= REVOKE_RETRY_BUDGET {
+                next.state = LeaseState::RevokeFailed;
+            }
+            next.next_attempt_time = Some(now + chrono_duration(revocation_backoff(next.attempts)));
+            next.last_error = Some(format!("upstream revoke failed: {e}"));
+            tracing::warn!(lease_id = %lease.id, attempt = next.attempts, error = %e, "upstream revoke failed");
+            Outcome::Error
+        }
+    };
+    if !deps.store.update_lease(&next, expected).await? {
+        return Ok(None);
+    }
+    let mut event = lease_event(actor, peer, action, outcome, &next, now);
+    event.reason = match &result {
+        Ok(()) => None,
+        Err(_) => Some("UPSTREAM_REVOKE_FAILED".to_owned()),
+    };
+    event.token_fingerprint = lease_token_fingerprint(deps, &next);
+    audit_best_effort(deps, event).await;
+    Ok(Some(next))
+}
