@@ -22,6 +22,7 @@ use secrecy::{ExposeSecret as _, SecretString};
 use serde::Deserialize;
 
 use crate::auth::{ApiKeyHash, ApiKeys};
+use crate::crypto::{Keyring, TokenFingerprinter};
 
 /// Built-in defaults: with no file and no environment, `serve` runs on an
 /// embedded SQLite file in the working directory and listens on
@@ -161,8 +162,7 @@ pub struct KeysConfig {
     /// Older ids stay to open what they sealed.
     #[serde(default)]
     pub sealing: BTreeMap<String, SecretString>,
-    /// `keys.fingerprint`: HMAC-SHA256 key (at least 32 bytes, standard
-    /// base64) for token fingerprints in the audit trail.
+    /// `keys.fingerprint`: HMAC-SHA256 key (32 bytes, standard base64) for token fingerprints in the audit trail.
     #[serde(default)]
     pub fingerprint: Option<SecretString>,
 }
@@ -177,20 +177,28 @@ struct KeysFile {
     fingerprint: Option<SecretString>,
 }
 
-/// Keys ready to build a keyring from: validated, decoded.
+/// Keys ready to build a keyring from: validated.
 pub struct ResolvedKeys {
     /// Id of the active sealing key.
     pub active: String,
-    /// Key id -> 32 raw key bytes (secret).
-    pub sealing: BTreeMap<String, SecretBox32>,
-    /// Raw fingerprint key bytes (secret).
-    pub fingerprint: secrecy::SecretBox<Vec<u8>>,
-    /// Where they came from, for the log: `configuration`, a file path.
+    /// Key id -> standard base64 of a 32-byte AES-256-GCM key (secret).
+    pub sealing: BTreeMap<String, SecretString>,
+    /// Standard base64 of the 32-byte fingerprint key (secret).
+    pub fingerprint: SecretString,
+    /// Where they came from, for the log: `configuration` or a file path.
     pub source: String,
 }
 
-/// 32 secret bytes.
-pub type SecretBox32 = secrecy::SecretBox<[u8; 32]>;
+impl ResolvedKeys {
+    /// The sealing keyring and the audit fingerprinter.
+    pub fn build(&self) -> Result<(Keyring, TokenFingerprinter), ConfigError> {
+        let keyring = Keyring::new(self.active.clone(), self.sealing.clone())
+            .map_err(|e| ConfigError::new("keys.sealing", e.to_string()))?;
+        let fingerprinter = TokenFingerprinter::new(self.fingerprint.clone())
+            .map_err(|e| ConfigError::new("keys.fingerprint", e.to_string()))?;
+        Ok((keyring, fingerprinter))
+    }
+}
 
 impl std::fmt::Debug for ResolvedKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -442,23 +450,19 @@ impl AuthConfig {
     }
 }
 
-fn decode_key(
-    setting: &str,
-    value: &SecretString,
-    min_len: usize,
-    exact: bool,
-) -> Result<Vec<u8>, ConfigError> {
+/// Checks a key is standard base64 of exactly 32 bytes (AES-256 and the
+/// HMAC key alike), without ever putting the value in the error.
+fn decode_key(setting: &str, value: &SecretString) -> Result<(), ConfigError> {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(value.expose_secret().trim())
         .map_err(|_| ConfigError::new(setting, "is not standard base64"))?;
-    if (exact && bytes.len() != min_len) || bytes.len() < min_len {
-        let want = if exact { "exactly" } else { "at least" };
+    if bytes.len() != 32 {
         return Err(ConfigError::new(
             setting,
-            format!("must decode to {want} {min_len} bytes, got {}", bytes.len()),
+            format!("must decode to exactly 32 bytes, got {}", bytes.len()),
         ));
     }
-    Ok(bytes)
+    Ok(())
 }
 
 impl KeysConfig {
@@ -593,25 +597,27 @@ fn resolve_inline(
             format!("no key {active:?} in {section}.sealing"),
         ));
     }
-    let mut keys = BTreeMap::new();
     for (id, value) in sealing {
-        if id.is_empty() || id.contains(':') {
+        if id.is_empty()
+            || id.len() > 32
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+        {
             return Err(ConfigError::new(
                 format!("{section}.sealing"),
-                format!("key id {id:?} must be non-empty and contain no ':'"),
+                format!("key id {id:?} must be 1 to 32 letters, digits, '-' or '_'"),
             ));
         }
-        let bytes = decode_key(&format!("{section}.sealing.{id}"), value, 32, true)?;
-        let arr: [u8; 32] = bytes.try_into().expect("length checked");
-        keys.insert(id.clone(), secrecy::SecretBox::new(Box::new(arr)));
+        decode_key(&format!("{section}.sealing.{id}"), value)?;
     }
     let fingerprint = fingerprint
         .ok_or_else(|| ConfigError::new(format!("{section}.fingerprint"), "is required"))?;
-    let fingerprint = decode_key(&format!("{section}.fingerprint"), fingerprint, 32, false)?;
+    decode_key(&format!("{section}.fingerprint"), fingerprint)?;
     Ok(ResolvedKeys {
         active,
-        sealing: keys,
-        fingerprint: secrecy::SecretBox::new(Box::new(fingerprint)),
+        sealing: sealing.clone(),
+        fingerprint: fingerprint.clone(),
         source: source.to_owned(),
     })
 }

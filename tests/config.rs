@@ -222,6 +222,7 @@ fn sqlite_without_keys_generates_a_private_keys_file_and_reuses_it() {
             first.sealing[&first.active].expose_secret(),
             second.sealing[&second.active].expose_secret()
         );
+        first.build().expect("generated keys build a keyring");
         Ok(())
     });
 }
@@ -255,6 +256,8 @@ fn configured_keys_are_used_inline_or_from_a_file() {
         let (k, created) = c.keys.resolve(&Backend::Postgres).unwrap();
         assert_eq!((k.active.as_str(), created), ("k1", None));
         assert!(!format!("{k:?}").contains(KEY_A));
+        let (keyring, _) = k.build().unwrap();
+        assert_eq!(keyring.active_key_id(), "k1");
         Ok(())
     });
 }
