@@ -23,6 +23,8 @@ use serde::Deserialize;
 
 use crate::auth::{ApiKeyHash, ApiKeys};
 use crate::crypto::{Keyring, TokenFingerprinter};
+use crate::upstream::azure_devops::AzureDevOpsConfig;
+use crate::upstream::entra::EntraConfig;
 
 /// Built-in defaults: with no file and no environment, `serve` runs on an
 /// embedded SQLite file in the working directory and listens on
@@ -36,15 +38,10 @@ url = "sqlite:token-broker.db"
 
 [keys]
 
+# upstream.azure_devops and upstream.entra default to the upstream client's
+# own defaults: https://vssps.dev.azure.com, api-version 7.1-preview.1, and
+# https://login.microsoftonline.com/organizations.
 [upstream]
-pat_api_url = "https://vssps.dev.azure.com"
-api_version = "7.1-preview.1"
-timeout = "30s"
-
-[upstream.entra]
-token_url = "https://login.microsoftonline.com/organizations/oauth2/v2.0/token"
-client_id = ""
-scope = "499b84ac-1321-427f-aa17-267ca6975798/.default offline_access"
 
 [policy]
 
@@ -210,43 +207,27 @@ impl std::fmt::Debug for ResolvedKeys {
     }
 }
 
-/// `[upstream]`: where and how the broker mints PATs.
+/// `[upstream]`: where and how the broker mints PATs. The two sub-sections
+/// are the upstream client's own settings, with its defaults (the real
+/// Azure DevOps and Entra endpoints).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
-    /// `upstream.pat_api_url`: base URL of the PAT Lifecycle API, default
-    /// `https://vssps.dev.azure.com` (ado-pat-api.md section 1.1).
-    pub pat_api_url: url::Url,
-    /// `upstream.api_version`: the `api-version` query value, default
-    /// `7.1-preview.1`.
-    pub api_version: String,
-    /// `upstream.timeout`: per-request timeout (humantime, e.g. `30s`).
-    #[serde(with = "humantime_serde")]
-    pub timeout: Duration,
-    /// `upstream.entra`: the Entra token endpoint.
-    pub entra: EntraSettings,
-    /// `upstream.refresh_token`: the initial Entra refresh token of the
-    /// upstream account, used only while the store holds none (rotated
-    /// tokens are sealed into the store). Secret.
+    /// `upstream.azure_devops`: the PAT Lifecycle API client (`base_url`,
+    /// `api_version`, `suppress_fed_auth_redirect`, `request_timeout`,
+    /// `connect_timeout`, `max_retries`, `retry_min_delay`,
+    /// `retry_max_delay`, `max_retry_after`, `page_size`, `max_pages`).
+    #[serde(default)]
+    pub azure_devops: AzureDevOpsConfig,
+    /// `upstream.entra`: the Entra refresh-token grant (`authority`,
+    /// `tenant`, `client_id`, `client_secret`, `scope`, `request_timeout`).
+    #[serde(default)]
+    pub entra: EntraConfig,
+    /// `upstream.refresh_token`: the upstream account's initial Entra
+    /// refresh token, used only while the store holds none (rotated tokens
+    /// are sealed into the store). Secret.
     #[serde(default)]
     pub refresh_token: Option<SecretString>,
-}
-
-/// `[upstream.entra]`: the refresh-token grant (ado-pat-api.md 2.3).
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EntraSettings {
-    /// `upstream.entra.token_url`: the v2.0 token endpoint, default
-    /// `https://login.microsoftonline.com/organizations/oauth2/v2.0/token`.
-    pub token_url: url::Url,
-    /// `upstream.entra.client_id`: the app registration's client id.
-    pub client_id: String,
-    /// `upstream.entra.client_secret`: for confidential clients. Secret.
-    #[serde(default)]
-    pub client_secret: Option<SecretString>,
-    /// `upstream.entra.scope`: requested scopes, default the Azure DevOps
-    /// resource `499b84ac-…/.default offline_access`.
-    pub scope: String,
 }
 
 /// `[policy]`.
@@ -374,19 +355,44 @@ impl Config {
         }
         let mut bad =
             |setting: &str, message: String| errors.push(ConfigError::new(setting, message));
+        let ado = &self.upstream.azure_devops;
         for (setting, url) in [
-            ("upstream.pat_api_url", &self.upstream.pat_api_url),
-            ("upstream.entra.token_url", &self.upstream.entra.token_url),
+            ("upstream.azure_devops.base_url", &ado.base_url),
+            ("upstream.entra.authority", &self.upstream.entra.authority),
         ] {
-            if !matches!(url.scheme(), "http" | "https") {
-                bad(setting, "must be an http:// or https:// URL".into());
+            if url.cannot_be_a_base() || !matches!(url.scheme(), "http" | "https") {
+                bad(setting, "must be an http:// or https:// base URL".into());
             }
         }
-        if self.upstream.api_version.trim().is_empty() {
-            bad("upstream.api_version", "must not be empty".into());
+        if ado.api_version.trim().is_empty() {
+            bad(
+                "upstream.azure_devops.api_version",
+                "must not be empty".into(),
+            );
         }
-        if self.upstream.timeout.is_zero() {
-            bad("upstream.timeout", "must be greater than zero".into());
+        for (setting, d) in [
+            ("upstream.azure_devops.request_timeout", ado.request_timeout),
+            ("upstream.azure_devops.connect_timeout", ado.connect_timeout),
+            (
+                "upstream.entra.request_timeout",
+                self.upstream.entra.request_timeout,
+            ),
+        ] {
+            if d.is_zero() {
+                bad(setting, "must be greater than zero".into());
+            }
+        }
+        if !(1..=crate::upstream::azure_devops::MAX_PAGE_SIZE).contains(&ado.page_size) {
+            bad("upstream.azure_devops.page_size", "must be 1 to 100".into());
+        }
+        if ado.max_pages == 0 {
+            bad(
+                "upstream.azure_devops.max_pages",
+                "must be at least 1".into(),
+            );
+        }
+        if self.upstream.entra.tenant.trim().is_empty() {
+            bad("upstream.entra.tenant", "must not be empty".into());
         }
         if let Some(t) = &self.upstream.refresh_token {
             if t.expose_secret().trim().is_empty() {

@@ -40,9 +40,10 @@ fn with_nothing_configured_the_broker_listens_locally_on_an_embedded_sqlite_file
         assert_eq!(c.leases.valid_to_skew.as_secs(), 300);
         assert_eq!(c.leases.reaper_interval.as_secs(), 15);
         assert_eq!(
-            c.upstream.pat_api_url.as_str(),
+            c.upstream.azure_devops.base_url.as_str(),
             "https://vssps.dev.azure.com/"
         );
+        assert_eq!(c.upstream.entra.tenant, "organizations");
         assert_eq!(c.log.filter, "info");
         assert!(c.policy.file.is_none());
         Ok(())
@@ -59,6 +60,8 @@ fn a_file_overrides_defaults_and_the_environment_overrides_the_file() {
             listen = "0.0.0.0:6000"
             [database]
             url = "postgres://postgres@db.internal/broker"
+            [upstream.azure_devops]
+            base_url = "http://127.0.0.1:8081"
             [leases]
             display_name_prefix = "staging"
             valid_to_skew = "2m"
@@ -68,6 +71,11 @@ fn a_file_overrides_defaults_and_the_environment_overrides_the_file() {
         assert_eq!(c.grpc.listen.to_string(), "0.0.0.0:6000");
         assert_eq!(c.leases.display_name_prefix, "staging");
         assert_eq!(c.leases.valid_to_skew.as_secs(), 120);
+        assert_eq!(
+            c.upstream.azure_devops.base_url.as_str(),
+            "http://127.0.0.1:8081/"
+        );
+        assert_eq!(c.upstream.azure_devops.api_version, "7.1-preview.1");
 
         jail.set_env("TOKEN_BROKER_GRPC__LISTEN", "127.0.0.1:0");
         jail.set_env("TOKEN_BROKER_DATABASE__URL", "sqlite:other.db");
@@ -110,11 +118,28 @@ fn each_bad_setting_fails_naming_it() {
         let cases = [
             ("[grpc]\nlisten = \"nowhere\"", "grpc.listen"),
             ("[database]\nurl = \"mysql://x\"", "database.url"),
-            ("[upstream]\npat_api_url = \"ftp://x\"", "upstream.pat_api_url"),
-            ("[upstream]\npat_api_url = \"not a url\"", "upstream.pat_api_url"),
-            ("[upstream]\ntimeout = \"soon\"", "upstream.timeout"),
-            ("[upstream]\ntimeout = \"0s\"", "upstream.timeout"),
-            ("[upstream.entra]\ntoken_url = \"ftp://x\"", "upstream.entra.token_url"),
+            (
+                "[upstream.azure_devops]\nbase_url = \"ftp://x\"",
+                "upstream.azure_devops.base_url",
+            ),
+            (
+                "[upstream.azure_devops]\nbase_url = \"not a url\"",
+                "upstream.azure_devops.base_url",
+            ),
+            (
+                "[upstream.azure_devops]\nrequest_timeout = \"soon\"",
+                "upstream.azure_devops.request_timeout",
+            ),
+            (
+                "[upstream.azure_devops]\nrequest_timeout = \"0s\"",
+                "upstream.azure_devops.request_timeout",
+            ),
+            (
+                "[upstream.azure_devops]\npage_size = 500",
+                "upstream.azure_devops.page_size",
+            ),
+            ("[upstream.entra]\nauthority = \"ftp://x\"", "upstream.entra.authority"),
+            ("[upstream]\nrefresh_token = \"\"", "upstream.refresh_token"),
             ("[policy]\nfile = \"missing.yaml\"", "policy.file"),
             ("[leases]\ndisplay_name_prefix = \"a:b\"", "leases.display_name_prefix"),
             ("[leases]\nvalid_to_skew = \"2h\"", "leases.valid_to_skew"),
