@@ -96,6 +96,13 @@ impl TestDb {
 #[derive(Default)]
 pub struct KeepRefreshToken(Mutex<Option<SecretString>>);
 
+impl KeepRefreshToken {
+    /// The latest rotated refresh token, if a grant happened.
+    pub fn latest(&self) -> Option<SecretString> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
 #[async_trait]
 impl RefreshTokenSink for KeepRefreshToken {
     async fn save(&self, refresh_token: &SecretString) -> Result<(), UpstreamError> {
@@ -128,6 +135,8 @@ pub struct Broker {
     pub leases: Arc<Leases>,
     /// Its store, for looking at rows.
     pub store: Arc<dyn Store>,
+    /// The latest refresh token the Entra grant rotated to.
+    pub refresh_tokens: Arc<KeepRefreshToken>,
 }
 
 /// Options of [`start_broker`].
@@ -165,10 +174,11 @@ pub async fn start_broker(
         client_id: "token-broker-tests".to_owned(),
         ..EntraConfig::default()
     };
+    let refresh_tokens = Arc::new(KeepRefreshToken::default());
     let tokens = RefreshTokenSource::new(
         entra,
         SecretString::from(emulator::DEFAULT_REFRESH_TOKEN),
-        Arc::new(KeepRefreshToken::default()),
+        refresh_tokens.clone(),
     )
     .expect("token source");
     let upstream = AzureDevOpsClient::new(
@@ -198,6 +208,7 @@ pub async fn start_broker(
     Broker {
         leases: Arc::new(leases),
         store,
+        refresh_tokens,
     }
 }
 
