@@ -47,15 +47,14 @@ impl<'a> MakeWriter<'a> for Captured {
 }
 
 /// Installs the process-wide subscriber at TRACE for every target (also
-/// bridging the `log` crate), through the broker's own telemetry filter.
+/// bridging the `log` crate) through the broker's own telemetry set-up, so
+/// any cap it puts on a leaky target is what is tested.
 fn capture_everything() -> Captured {
+    // RUST_LOG would override the level under test.
+    std::env::remove_var(token_broker::telemetry::RUST_LOG);
     let captured = Captured::default();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("trace"))
-        .with_writer(captured.clone())
-        .with_ansi(false)
-        .try_init()
-        .expect("the only subscriber in this binary");
+    token_broker::telemetry::init_with_writer("trace", false, false, captured.clone())
+        .expect("a valid filter");
     captured
 }
 
