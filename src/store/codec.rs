@@ -100,8 +100,11 @@ pub(crate) fn parse_outcome(s: &str) -> Result<crate::audit::Outcome, StoreError
 }
 
 /// States that count against a holder's quota ([`super::Store::count_live_leases`]).
-pub(crate) const LIVE_STATES: [LeaseState; 3] =
-    [LeaseState::Active, LeaseState::Pending, LeaseState::Revoking];
+pub(crate) const LIVE_STATES: [LeaseState; 3] = [
+    LeaseState::Active,
+    LeaseState::Pending,
+    LeaseState::Revoking,
+];
 
 /// `now - older_than`, saturating at the earliest time.
 pub(crate) fn reconcile_cutoff(now: DateTime<Utc>, older_than: Duration) -> DateTime<Utc> {

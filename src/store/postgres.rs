@@ -59,9 +59,9 @@ impl PostgresStore {
 
     /// [`PostgresStore::connect`] with explicit pool settings.
     pub async fn connect_with(url: &str, options: PostgresOptions) -> Result<Self, StoreError> {
-        let connect: PgConnectOptions = url
-            .parse()
-            .map_err(|e: sqlx::Error| StoreError::Database(format!("invalid PostgreSQL URL: {e}")))?;
+        let connect: PgConnectOptions = url.parse().map_err(|e: sqlx::Error| {
+            StoreError::Database(format!("invalid PostgreSQL URL: {e}"))
+        })?;
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)
@@ -203,13 +203,11 @@ fn due_condition(work: Work, now: DateTime<Utc>) -> (String, &'static str, DateT
             "next_attempt_time",
             now,
         ),
-        Work::Reconcile { older_than } => {
-            (
-                "state = 'PENDING' AND create_time < $1".into(),
-                "create_time",
-                codec::reconcile_cutoff(now, older_than),
-            )
-        }
+        Work::Reconcile { older_than } => (
+            "state = 'PENDING' AND create_time < $1".into(),
+            "create_time",
+            codec::reconcile_cutoff(now, older_than),
+        ),
     }
 }
 
