@@ -1,3 +1,7 @@
 //! Shared test set-up: databases, the emulator, the broker. Each area owns
 //! one file here.
 #![allow(dead_code)]
+
+pub mod db;
+pub mod emulator;
+pub mod leases;

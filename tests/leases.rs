@@ -1,0 +1,635 @@
+//! The lease rules end to end, on PostgreSQL and on SQLite: the lease
+//! service on the real store and the real upstream client, the emulator
+//! over a real socket, the PAT used on the emulator's data plane.
+
+mod common;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use common::leases::*;
+use token_broker::audit::Outcome;
+use token_broker::domain::LeaseState;
+use token_broker::leases::{LeaseError, ListQuery};
+use token_broker::policy::Denial;
+use token_broker::store::LeaseFilter;
+use uuid::Uuid;
+
+/// Runs each scenario once per store backend.
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(Backend::Postgres).await
+                }
+            )*
+        }
+        mod sqlite {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(Backend::Sqlite).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_stores!(
+    leased_token_works_on_azure_devops_only_within_its_scope_and_organization,
+    renewing_a_lease_moves_the_pat_valid_to_upstream,
+    revoked_lease_token_is_refused_by_azure_devops,
+    lease_past_its_expiry_is_revoked_by_the_reaper,
+    repeated_request_id_returns_the_same_lease_and_one_pat,
+    repeated_request_id_returns_the_same_lease_after_a_broker_restart,
+    twenty_concurrent_retries_share_one_lease_and_one_pat,
+    request_id_reused_with_other_parameters_is_refused,
+    request_outside_policy_is_refused_without_a_lease_row_or_upstream_call,
+    another_holders_lease_is_not_found,
+    leases_are_listed_newest_first_in_pages_and_tampered_page_tokens_are_refused,
+    upstream_outage_on_create_fails_the_lease_and_a_retry_mints_afresh,
+    revoke_during_an_upstream_outage_answers_revoking_and_is_finished_later,
+    lease_never_outlives_a_pat_whose_valid_to_upstream_clamped,
+);
+
+fn parse_time(v: &serde_json::Value) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(v.as_str().expect("a time string"))
+        .expect("RFC 3339")
+        .with_timezone(&Utc)
+}
+
+fn within_a_second(a: DateTime<Utc>, b: DateTime<Utc>) -> bool {
+    (a - b).num_milliseconds().abs() <= 1000
+}
+
+async fn leased_token_works_on_azure_devops_only_within_its_scope_and_organization(
+    backend: Backend,
+) {
+    let emulator = start_emulator().await;
+    let url = emulator.url();
+    let db = TestDb::new(backend).await;
+    let broker = start_broker(&db, &url, &TestKeys::new(), BrokerOptions::default()).await;
+
+    let issued = broker
+        .leases
+        .create(&caller("ci"), request(&["vso.code"], None, None))
+        .await
+        .expect("lease created");
+
+    let lease = &issued.lease;
+    assert_eq!(lease.state, LeaseState::Active);
+    assert_eq!(
+        lease.display_name,
+        format!("token-broker:test-deployment:{}", lease.id)
+    );
+    // The policy default TTL (1 h) applies; the PAT outlives it by the skew.
+    assert_eq!(lease.expire_time - lease.create_time, chrono::Duration::hours(1));
+    assert_eq!(lease.max_expire_time - lease.create_time, chrono::Duration::hours(8));
+    let pat = emulator_pat_of(&url, lease).await;
+    assert_eq!(pat["scope"], "vso.code");
+    assert!(within_a_second(
+        parse_time(&pat["validTo"]),
+        lease.expire_time + chrono::Duration::from_std(SKEW).unwrap()
+    ));
+
+    assert_eq!(list_repositories(&url, "fabrikam", &issued.token).await, 200);
+    // vso.code does not cover packaging, and the PAT is bound to fabrikam.
+    assert_ne!(list_feeds(&url, "fabrikam", &issued.token).await, 200);
+    assert_ne!(list_repositories(&url, "contoso", &issued.token).await, 200);
+
+    // Get and list never carry the token; the stored copy is sealed.
+    let got = broker.leases.get(&caller("ci"), lease.id).await.unwrap();
+    assert_eq!(got.id, lease.id);
+    assert!(got.sealed_token.is_some());
+}
+
+async fn renewing_a_lease_moves_the_pat_valid_to_upstream(backend: Backend) {
+    let emulator = start_emulator().await;
+    let url = emulator.url();
+    let db = TestDb::new(backend).await;
+    let broker = start_broker(&db, &url, &TestKeys::new(), BrokerOptions::default()).await;
+    let issued = broker
+        .leases
+        .create(
+            &caller("ci"),
+            request(&["vso.code_write"], Some(Duration::from_secs(600)), None),
+        )
+        .await
+        .unwrap();
+    let before = parse_time(&emulator_pat_of(&url, &issued.lease).await["validTo"]);
+
+    let renewed = broker
+        .leases
+        .renew(&caller("ci"), issued.lease.id, Some(Duration::from_secs(7200)))
+        .await
+        .expect("renewed");
+
+    assert_eq!(renewed.state, LeaseState::Active);
+    assert!(renewed.expire_time > issued.lease.expire_time);
+    let after = parse_time(&emulator_pat_of(&url, &renewed).await["validTo"]);
+    assert!(after > before, "validTo moved upstream");
+    assert!(within_a_second(
+        after,
+        renewed.expire_time + chrono::Duration::from_std(SKEW).unwrap()
+    ));
+    assert_eq!(stored(&broker.store, renewed.id).await.expire_time, renewed.expire_time);
+
+    // Renewal is capped at max_expire_time (create + 8 h).
+    let capped = broker
+        .leases
+        .renew(&caller("ci"), issued.lease.id, Some(Duration::from_secs(8 * 3600)))
+        .await
+        .unwrap();
+    assert_eq!(capped.expire_time, capped.max_expire_time);
+    // And then it cannot go further.
+    assert!(matches!(
+        broker.leases.renew(&caller("ci"), issued.lease.id, None).await,
+        Err(LeaseError::NotRenewable(_))
+    ));
+    assert_eq!(list_repositories(&url, "fabrikam", &issued.token).await, 200);
+}
+
+async fn revoked_lease_token_is_refused_by_azure_devops(backend: Backend) {
+    let emulator = start_emulator().await;
+    let url = emulator.url();
+    let db = TestDb::new(backend).await;
+    let broker = start_broker(&db, &url, &TestKeys::new(), BrokerOptions::default()).await;
+    let issued = broker
+        .leases
+        .create(&caller("ci"), request(&["vso.code"], None, None))
+        .await
+        .unwrap();
+    assert_eq!(list_repositories(&url, "fabrikam", &issued.token).await, 200);
+
+    let revoked = broker
+        .leases
+        .revoke(&caller("ci"), issued.lease.id)
+        .await
+        .expect("revoked");
+
+    assert_eq!(revoked.state, LeaseState::Revoked);
+    assert!(revoked.revoke_time.is_some());
+    assert_ne!(list_repositories(&url, "fabrikam", &issued.token).await, 200);
+    assert_eq!(emulator_pat_of(&url, &revoked).await["state"], "revoked");
+    // Idempotent: revoking again answers the same lease.
+    let again = broker.leases.revoke(&caller("ci"), issued.lease.id).await.unwrap();
+    assert_eq!(again, revoked);
+    // A revoked lease cannot be renewed.
+    assert!(matches!(
+        broker.leases.renew(&caller("ci"), issued.lease.id, None).await,
+        Err(LeaseError::NotRenewable(LeaseState::Revoked))
+    ));
+}
+
+async fn lease_past_its_expiry_is_revoked_by_the_reaper(backend: Backend) {
+    let emulator = start_emulator().await;
+    let url = emulator.url();
+    let db = TestDb::new(backend).await;
+    let broker = start_broker(&db, &url, &TestKeys::new(), BrokerOptions::default()).await;
+    let issued = broker
+        .leases
+        .create(
+            &caller("ci"),
+            request(&["vso.code"], Some(Duration::from_secs(1)), None),
+        )
+        .await
+        .unwrap();
+    // The skew keeps the PAT itself alive past the lease: only the reaper ends it.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let leases = broker.leases.clone();
+    let reaper = tokio::spawn(async move {
+        leases
+            .run_background(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+
+    let store = broker.store.clone();
+    let id = issued.lease.id;
+    eventually("the reaper expires the lease", || {
+        let store = store.clone();
+        async move { stored(&store, id).await.state == LeaseState::Expired }
+    })
+    .await;
+    stop.send(()).unwrap();
+    reaper.await.unwrap();
+
+    let expired = stored(&broker.store, id).await;
+    assert!(expired.revoke_time.unwrap() >= expired.expire_time);
+    assert_ne!(list_repositories(&url, "fabrikam", &issued.token).await, 200);
+    assert_eq!(emulator_pat_of(&url, &expired).await["state"], "revoked");
+    let audit = broker.store.list_audit(0, 100).await.unwrap();
+    assert!(audit
+        .iter()
+        .any(|e| e.action == "lease.expire" && e.lease_id == Some(id) && e.outcome == Outcome::Allowed));
+}
+
+async fn repeated_request_id_returns_the_same_lease_and_one_pat(backend: Backend) {
+    let emulator = start_emulator().await;
+    let url = emulator.url();
+    let db = TestDb::new(backend).await;
+    let broker = start_broker(&db, &url, &TestKeys::new(), BrokerOptions::default()).await;
+    let request_id = Some(Uuid::new_v4());
+
+    let first = broker
+        .leases
+        .create(&caller("ci"), request(&["vso.code"], None, request_id))
+        .await
+        .unwrap();
+    let second = broker
+        .leases
+        .create(&caller("ci"), request(&["vso.code"], None, request_id))
+        .await
+        .unwrap();
+
+    assert_eq!(second.lease.id, first.lease.id);
+    use secrecy::ExposeSecret;
+    assert_eq!(second.token.expose_secret(), first.token.expose_secret());
+    assert_eq!(emulator_pats(&url).await.len(), 1);
+    // The key is the caller's own: another caller's same key is a new lease.
+    let other = broker
+        .leases
+        .create(&caller("other"), request(&["vso.code"], None, request_id))
+        .await
+        .unwrap();
+    assert_ne!(other.lease.id, first.lease.id);
+}
+
+async fn repeated_request_id_returns_the_same_lease_after_a_broker_restart(backend: Backend) {
+    let emulator = start_emulator().await;
+    let url = emulator.url();
+    let db = TestDb::new(backend).await;
+    let keys = TestKeys::new();
+    let request_id = Some(Uuid::new_v4());
+    let first = {
+        let broker = start_broker(&db, &url, &keys, BrokerOptions::default()).await;
+        broker
+            .leases
+            .create(&caller("ci"), request(&["vso.packaging"], None, request_id))
+            .await
+            .unwrap()
+    };
+
+    let restarted = start_broker(&db, &url, &keys, BrokerOptions::default()).await;
+    let again = restarted
+        .leases
+        .create(&caller("ci"), request(&["vso.packaging"], None, request_id))
+        .await
+        .unwrap();
+
+    assert_eq!(again.lease.id, first.lease.id);
+    use secrecy::ExposeSecret;
+    assert_eq!(again.token.expose_secret(), first.token.expose_secret());
+    assert_eq!(emulator_pats(&url).await.len(), 1);
+    assert_eq!(list_feeds(&url, "fabrikam", &again.token).await, 200);
+}
+
+async fn twenty_concurrent_retries_share_one_lease_and_one_pat(backend: Backend) {
+    let emulator = start_emulator().await;
+    let url = emulator.url();
+    let db = TestDb::new(backend).await;
+    let broker = start_broker(&db, &url, &TestKeys::new(), BrokerOptions::default()).await;
+    let request_id = Some(Uuid::new_v4());
+
+    let attempts = (0..20).map(|_| {
+        let leases = broker.leases.clone();
+        tokio::spawn(async move {
+            leases
+                .create(&caller("ci"), request(&["vso.code"], None, request_id))
+                .await
+        })
+    });
+    let answers = futures::future::join_all(attempts).await;
+
+    let mut ids = std::collections::BTreeSet::new();
+    let mut tokens = std::collections::BTreeSet::new();
+    for answer in answers {
+        let issued = answer.unwrap().expect("every retry gets the lease");
+        ids.insert(issued.lease.id);
+        use secrecy::ExposeSecret;
+        tokens.insert(issued.token.expose_secret().to_owned());
+    }
+    assert_eq!(ids.len(), 1);
+    assert_eq!(tokens.len(), 1);
+    assert_eq!(emulator_pats(&url).await.len(), 1);
+    let rows = broker
+        .store
+        .list_leases(&LeaseFilter::default(), None, 100)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+}
+
+async fn request_id_reused_with_other_parameters_is_refused(backend: Backend) {
+    let emulator = start_emulator().await;
+    let url = emulator.url();
+    let db = TestDb::new(backend).await;
+    let broker = start_broker(&db, &url, &TestKeys::new(), BrokerOptions::default()).await;
+    let request_id = Some(Uuid::new_v4());
+    broker
+        .leases
+        .create(&caller("ci"), request(&["vso.code"], None, request_id))
+        .await
+        .unwrap();
+
+    for other in [
+        request(&["vso.code_write"], None, request_id),
+        request(&["vso.code"], Some(Duration::from_secs(600)), request_id),
+    ] {
+        let refused = broker.leases.create(&caller("ci"), other).await;
+        assert!(matches!(refused, Err(LeaseError::RequestIdReused)));
+    }
+    assert_eq!(emulator_pats(&url).await.len(), 1);
+}
+
+async fn request_outside_policy_is_refused_without_a_lease_row_or_upstream_call(
+    backend: Backend,
+) {
+    let emulator = start_emulator().await;
+    let url = emulator.url();
+    let db = TestDb::new(backend).await;
+    let broker = start_broker(&db, &url, &TestKeys::new(), BrokerOptions::default()).await;
+
+    let cases = [
+        (
+            caller("ci"),
+            request_in("contoso", &["vso.code"], None, None),
+            Denial::OrganizationNotAllowed,
+        ),
+        (
+            caller("ci"),
+            request(&["vso.code_manage"], None, None),
+            Denial::ScopeNotAllowed,
+        ),
+        (
+            caller("ci"),
+            request(&["vso.code"], Some(Duration::from_secs(9 * 3600)), None),
+            Denial::TtlExceedsMax,
+        ),
+        (
+            caller("stranger"),
+            request(&["vso.code"], None, None),
+            Denial::NoMatchingRule,
+        ),
+    ];
+    for (who, req, expected) in cases {
+        match broker.leases.create(&who, req).await {
+            Err(LeaseError::Denied { denial, .. }) => assert_eq!(denial, expected),
+            other => panic!("expected {expected:?}, got {:?}", other.map(|i| i.lease)),
+        }
+    }
+
+    let rows = broker
+        .store
+        .list_leases(&LeaseFilter::default(), None, 100)
+        .await
+        .unwrap();
+    assert!(rows.is_empty(), "no lease row for a refused request");
+    assert!(emulator_pats(&url).await.is_empty());
+    let stats = emulator_stats(&url).await;
+    assert!(
+        !stats.to_string().contains("\"create\":1"),
+        "no upstream create: {stats}"
+    );
+    let audit = broker.store.list_audit(0, 100).await.unwrap();
+    let denied: Vec<_> = audit
+        .iter()
+        .filter(|e| e.action == "lease.create" && e.outcome == Outcome::Denied)
+        .collect();
+    assert_eq!(denied.len(), 4, "every refusal is audited");
+    assert!(denied
+        .iter()
+        .any(|e| e.reason.as_deref() == Some("SCOPE_NOT_ALLOWED")));
+}
+
+async fn another_holders_lease_is_not_found(backend: Backend) {
+    let emulator = start_emulator().await;
+    let url = emulator.url();
+    let db = TestDb::new(backend).await;
+    let broker = start_broker(&db, &url, &TestKeys::new(), BrokerOptions::default()).await;
+    let issued = broker
+        .leases
+        .create(&caller("ci"), request(&["vso.code"], None, None))
+        .await
+        .unwrap();
+    let id = issued.lease.id;
+    let intruder = caller("other");
+
+    assert!(matches!(
+        broker.leases.get(&intruder, id).await,
+        Err(LeaseError::NotFound)
+    ));
+    assert!(matches!(
+        broker.leases.renew(&intruder, id, None).await,
+        Err(LeaseError::NotFound)
+    ));
+    assert!(matches!(
+        broker.leases.revoke(&intruder, id).await,
+        Err(LeaseError::NotFound)
+    ));
+    let page = broker
+        .leases
+        .list(&intruder, ListQuery { page_size: 50, ..ListQuery::default() })
+        .await
+        .unwrap();
+    assert!(page.leases.is_empty());
+    // The holder's lease is untouched and still works.
+    assert_eq!(stored(&broker.store, id).await.state, LeaseState::Active);
+    assert_eq!(list_repositories(&url, "fabrikam", &issued.token).await, 200);
+}
+
+async fn leases_are_listed_newest_first_in_pages_and_tampered_page_tokens_are_refused(
+    backend: Backend,
+) {
+    let emulator = start_emulator().await;
+    let url = emulator.url();
+    let db = TestDb::new(backend).await;
+    let broker = start_broker(&db, &url, &TestKeys::new(), BrokerOptions::default()).await;
+    let mut created = Vec::new();
+    for _ in 0..5 {
+        let issued = broker
+            .leases
+            .create(&caller("ci"), request(&["vso.code"], None, None))
+            .await
+            .unwrap();
+        created.push(issued.lease.id);
+    }
+    broker.leases.revoke(&caller("ci"), created[0]).await.unwrap();
+    broker
+        .leases
+        .create(&caller("other"), request(&["vso.code"], None, None))
+        .await
+        .unwrap();
+
+    let mut seen = Vec::new();
+    let mut query = ListQuery {
+        page_size: 2,
+        ..ListQuery::default()
+    };
+    loop {
+        let page = broker.leases.list(&caller("ci"), query.clone()).await.unwrap();
+        assert!(page.leases.len() <= 2);
+        seen.extend(page.leases.iter().map(|l| l.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        query.page_token = page.next_page_token;
+    }
+    created.reverse();
+    assert_eq!(seen, created, "all of the caller's leases, newest first");
+
+    let active_only = ListQuery {
+        page_size: 50,
+        states: vec![LeaseState::Active],
+        ..ListQuery::default()
+    };
+    let page = broker.leases.list(&caller("ci"), active_only.clone()).await.unwrap();
+    assert_eq!(page.leases.len(), 4);
+
+    // A token is bound to its query and cannot be altered.
+    let first = broker
+        .leases
+        .list(&caller("ci"), ListQuery { page_size: 2, ..ListQuery::default() })
+        .await
+        .unwrap();
+    let token = first.next_page_token;
+    let mut tampered = token.clone();
+    tampered.replace_range(2..3, if &token[2..3] == "A" { "B" } else { "A" });
+    for (query, who) in [
+        (ListQuery { page_size: 2, page_token: tampered, ..ListQuery::default() }, "ci"),
+        (ListQuery { page_token: token.clone(), ..active_only }, "ci"),
+        (ListQuery { page_size: 2, page_token: token.clone(), ..ListQuery::default() }, "other"),
+    ] {
+        assert!(matches!(
+            broker.leases.list(&caller(who), query).await,
+            Err(LeaseError::InvalidPageToken)
+        ));
+    }
+}
+
+async fn upstream_outage_on_create_fails_the_lease_and_a_retry_mints_afresh(backend: Backend) {
+    let emulator = start_emulator().await;
+    let url = emulator.url();
+    let db = TestDb::new(backend).await;
+    let broker = start_broker(&db, &url, &TestKeys::new(), BrokerOptions::default()).await;
+    let request_id = Some(Uuid::new_v4());
+    set_faults(
+        &url,
+        serde_json::json!([{ "operation": "create", "status": 503, "times": 1 }]),
+    )
+    .await;
+
+    let refused = broker
+        .leases
+        .create(&caller("ci"), request(&["vso.code"], None, request_id))
+        .await;
+    let Err(LeaseError::Upstream(e)) = refused else {
+        panic!("expected an upstream error");
+    };
+    use token_broker::error::{ErrorCode, ServiceError};
+    assert_eq!(e.code(), ErrorCode::Unavailable);
+    assert!(e.retry_after().is_some());
+    let rows = broker
+        .store
+        .list_leases(&LeaseFilter::default(), None, 100)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].state, LeaseState::Failed);
+    assert!(rows[0].last_error.is_some());
+
+    let retried = broker
+        .leases
+        .create(&caller("ci"), request(&["vso.code"], None, request_id))
+        .await
+        .expect("a retry mints afresh");
+    assert_ne!(retried.lease.id, rows[0].id);
+    assert_eq!(retried.lease.state, LeaseState::Active);
+    assert_eq!(list_repositories(&url, "fabrikam", &retried.token).await, 200);
+    let live: Vec<_> = emulator_pats(&url)
+        .await
+        .into_iter()
+        .filter(|p| p["state"] == "active")
+        .collect();
+    assert_eq!(live.len(), 1, "one live PAT");
+}
+
+async fn revoke_during_an_upstream_outage_answers_revoking_and_is_finished_later(
+    backend: Backend,
+) {
+    let emulator = start_emulator().await;
+    let url = emulator.url();
+    let db = TestDb::new(backend).await;
+    let broker = start_broker(&db, &url, &TestKeys::new(), BrokerOptions::default()).await;
+    let issued = broker
+        .leases
+        .create(&caller("ci"), request(&["vso.code"], None, None))
+        .await
+        .unwrap();
+    set_faults(
+        &url,
+        serde_json::json!([{ "operation": "revoke", "status": 503 }]),
+    )
+    .await;
+
+    let answer = broker
+        .leases
+        .revoke(&caller("ci"), issued.lease.id)
+        .await
+        .expect("answered, not an error");
+    assert_eq!(answer.state, LeaseState::Revoking);
+    assert!(answer.next_attempt_time.is_some());
+    assert!(answer.last_error.is_some());
+
+    clear_faults(&url).await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let leases = broker.leases.clone();
+    let background = tokio::spawn(async move {
+        leases
+            .run_background(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    let store = broker.store.clone();
+    let id = issued.lease.id;
+    eventually("the background loop finishes the revocation", || {
+        let store = store.clone();
+        async move { stored(&store, id).await.state == LeaseState::Revoked }
+    })
+    .await;
+    stop.send(()).unwrap();
+    background.await.unwrap();
+    assert_ne!(list_repositories(&url, "fabrikam", &issued.token).await, 200);
+}
+
+async fn lease_never_outlives_a_pat_whose_valid_to_upstream_clamped(backend: Backend) {
+    let emulator = start_emulator_with(token_broker::emulator::EmulatorConfig {
+        max_lifespan_days: Some(1),
+        ..Default::default()
+    })
+    .await;
+    let url = emulator.url();
+    let db = TestDb::new(backend).await;
+    let broker = start_broker(&db, &url, &TestKeys::new(), BrokerOptions::default()).await;
+
+    let issued = broker
+        .leases
+        .create(
+            &caller("long"),
+            request(&["vso.code"], Some(Duration::from_secs(7 * 24 * 3600)), None),
+        )
+        .await
+        .unwrap();
+
+    let valid_to = parse_time(&emulator_pat_of(&url, &issued.lease).await["validTo"]);
+    assert!(valid_to < issued.lease.create_time + chrono::Duration::days(2));
+    assert!(issued.lease.expire_time <= valid_to);
+    assert!(issued.lease.max_expire_time <= valid_to);
+    assert_eq!(stored(&broker.store, issued.lease.id).await, issued.lease);
+}
