@@ -297,7 +297,8 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(setting: impl Into<String>, message: impl Into<String>) -> Self {
+    /// An error about `setting`.
+    pub fn new(setting: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError {
             setting: setting.into(),
             message: message.into(),
@@ -647,6 +648,16 @@ pub fn generate_keys_file() -> String {
         random_b64(),
         random_b64()
     )
+}
+
+/// Creates a fresh keys file at `path` (mode 0600) unless one exists.
+/// Returns true if it was created now.
+pub fn ensure_keys_file(path: &Path) -> Result<bool, ConfigError> {
+    if path.exists() {
+        return Ok(false);
+    }
+    write_new_keys_file(path)?;
+    Ok(true)
 }
 
 fn write_new_keys_file(path: &Path) -> Result<(), ConfigError> {
