@@ -87,8 +87,14 @@ async fn leased_token_works_on_azure_devops_only_within_its_scope_and_organizati
         format!("token-broker:test-deployment:{}", lease.id)
     );
     // The policy default TTL (1 h) applies; the PAT outlives it by the skew.
-    assert_eq!(lease.expire_time - lease.create_time, chrono::Duration::hours(1));
-    assert_eq!(lease.max_expire_time - lease.create_time, chrono::Duration::hours(8));
+    assert_eq!(
+        lease.expire_time - lease.create_time,
+        chrono::Duration::hours(1)
+    );
+    assert_eq!(
+        lease.max_expire_time - lease.create_time,
+        chrono::Duration::hours(8)
+    );
     let pat = emulator_pat_of(&url, lease).await;
     assert_eq!(pat["scope"], "vso.code");
     assert!(within_a_second(
@@ -96,7 +102,10 @@ async fn leased_token_works_on_azure_devops_only_within_its_scope_and_organizati
         lease.expire_time + chrono::Duration::from_std(SKEW).unwrap()
     ));
 
-    assert_eq!(list_repositories(&url, "fabrikam", &issued.token).await, 200);
+    assert_eq!(
+        list_repositories(&url, "fabrikam", &issued.token).await,
+        200
+    );
     // vso.code does not cover packaging, and the PAT is bound to fabrikam.
     assert_ne!(list_feeds(&url, "fabrikam", &issued.token).await, 200);
     assert_ne!(list_repositories(&url, "contoso", &issued.token).await, 200);
@@ -124,7 +133,11 @@ async fn renewing_a_lease_moves_the_pat_valid_to_upstream(backend: Backend) {
 
     let renewed = broker
         .leases
-        .renew(&caller("ci"), issued.lease.id, Some(Duration::from_secs(7200)))
+        .renew(
+            &caller("ci"),
+            issued.lease.id,
+            Some(Duration::from_secs(7200)),
+        )
         .await
         .expect("renewed");
 
@@ -136,21 +149,34 @@ async fn renewing_a_lease_moves_the_pat_valid_to_upstream(backend: Backend) {
         after,
         renewed.expire_time + chrono::Duration::from_std(SKEW).unwrap()
     ));
-    assert_eq!(stored(&broker.store, renewed.id).await.expire_time, renewed.expire_time);
+    assert_eq!(
+        stored(&broker.store, renewed.id).await.expire_time,
+        renewed.expire_time
+    );
 
     // Renewal is capped at max_expire_time (create + 8 h).
     let capped = broker
         .leases
-        .renew(&caller("ci"), issued.lease.id, Some(Duration::from_secs(8 * 3600)))
+        .renew(
+            &caller("ci"),
+            issued.lease.id,
+            Some(Duration::from_secs(8 * 3600)),
+        )
         .await
         .unwrap();
     assert_eq!(capped.expire_time, capped.max_expire_time);
     // And then it cannot go further.
     assert!(matches!(
-        broker.leases.renew(&caller("ci"), issued.lease.id, None).await,
+        broker
+            .leases
+            .renew(&caller("ci"), issued.lease.id, None)
+            .await,
         Err(LeaseError::NotRenewable(_))
     ));
-    assert_eq!(list_repositories(&url, "fabrikam", &issued.token).await, 200);
+    assert_eq!(
+        list_repositories(&url, "fabrikam", &issued.token).await,
+        200
+    );
 }
 
 async fn revoked_lease_token_is_refused_by_azure_devops(backend: Backend) {
@@ -163,7 +189,10 @@ async fn revoked_lease_token_is_refused_by_azure_devops(backend: Backend) {
         .create(&caller("ci"), request(&["vso.code"], None, None))
         .await
         .unwrap();
-    assert_eq!(list_repositories(&url, "fabrikam", &issued.token).await, 200);
+    assert_eq!(
+        list_repositories(&url, "fabrikam", &issued.token).await,
+        200
+    );
 
     let revoked = broker
         .leases
@@ -173,14 +202,24 @@ async fn revoked_lease_token_is_refused_by_azure_devops(backend: Backend) {
 
     assert_eq!(revoked.state, LeaseState::Revoked);
     assert!(revoked.revoke_time.is_some());
-    assert_ne!(list_repositories(&url, "fabrikam", &issued.token).await, 200);
+    assert_ne!(
+        list_repositories(&url, "fabrikam", &issued.token).await,
+        200
+    );
     assert_eq!(emulator_pat_of(&url, &revoked).await["state"], "revoked");
     // Idempotent: revoking again answers the same lease.
-    let again = broker.leases.revoke(&caller("ci"), issued.lease.id).await.unwrap();
+    let again = broker
+        .leases
+        .revoke(&caller("ci"), issued.lease.id)
+        .await
+        .unwrap();
     assert_eq!(again, revoked);
     // A revoked lease cannot be renewed.
     assert!(matches!(
-        broker.leases.renew(&caller("ci"), issued.lease.id, None).await,
+        broker
+            .leases
+            .renew(&caller("ci"), issued.lease.id, None)
+            .await,
         Err(LeaseError::NotRenewable(LeaseState::Revoked))
     ));
 }
@@ -221,12 +260,15 @@ async fn lease_past_its_expiry_is_revoked_by_the_reaper(backend: Backend) {
 
     let expired = stored(&broker.store, id).await;
     assert!(expired.revoke_time.unwrap() >= expired.expire_time);
-    assert_ne!(list_repositories(&url, "fabrikam", &issued.token).await, 200);
+    assert_ne!(
+        list_repositories(&url, "fabrikam", &issued.token).await,
+        200
+    );
     assert_eq!(emulator_pat_of(&url, &expired).await["state"], "revoked");
     let audit = broker.store.list_audit(0, 100).await.unwrap();
-    assert!(audit
-        .iter()
-        .any(|e| e.action == "lease.expire" && e.lease_id == Some(id) && e.outcome == Outcome::Allowed));
+    assert!(audit.iter().any(|e| e.action == "lease.expire"
+        && e.lease_id == Some(id)
+        && e.outcome == Outcome::Allowed));
 }
 
 async fn repeated_request_id_returns_the_same_lease_and_one_pat(backend: Backend) {
@@ -347,9 +389,7 @@ async fn request_id_reused_with_other_parameters_is_refused(backend: Backend) {
     assert_eq!(emulator_pats(&url).await.len(), 1);
 }
 
-async fn request_outside_policy_is_refused_without_a_lease_row_or_upstream_call(
-    backend: Backend,
-) {
+async fn request_outside_policy_is_refused_without_a_lease_row_or_upstream_call(backend: Backend) {
     let emulator = start_emulator().await;
     let url = emulator.url();
     let db = TestDb::new(backend).await;
@@ -434,13 +474,22 @@ async fn another_holders_lease_is_not_found(backend: Backend) {
     ));
     let page = broker
         .leases
-        .list(&intruder, ListQuery { page_size: 50, ..ListQuery::default() })
+        .list(
+            &intruder,
+            ListQuery {
+                page_size: 50,
+                ..ListQuery::default()
+            },
+        )
         .await
         .unwrap();
     assert!(page.leases.is_empty());
     // The holder's lease is untouched and still works.
     assert_eq!(stored(&broker.store, id).await.state, LeaseState::Active);
-    assert_eq!(list_repositories(&url, "fabrikam", &issued.token).await, 200);
+    assert_eq!(
+        list_repositories(&url, "fabrikam", &issued.token).await,
+        200
+    );
 }
 
 async fn leases_are_listed_newest_first_in_pages_and_tampered_page_tokens_are_refused(
@@ -459,7 +508,11 @@ async fn leases_are_listed_newest_first_in_pages_and_tampered_page_tokens_are_re
             .unwrap();
         created.push(issued.lease.id);
     }
-    broker.leases.revoke(&caller("ci"), created[0]).await.unwrap();
+    broker
+        .leases
+        .revoke(&caller("ci"), created[0])
+        .await
+        .unwrap();
     broker
         .leases
         .create(&caller("other"), request(&["vso.code"], None, None))
@@ -472,7 +525,11 @@ async fn leases_are_listed_newest_first_in_pages_and_tampered_page_tokens_are_re
         ..ListQuery::default()
     };
     loop {
-        let page = broker.leases.list(&caller("ci"), query.clone()).await.unwrap();
+        let page = broker
+            .leases
+            .list(&caller("ci"), query.clone())
+            .await
+            .unwrap();
         assert!(page.leases.len() <= 2);
         seen.extend(page.leases.iter().map(|l| l.id));
         if page.next_page_token.is_empty() {
@@ -488,22 +545,52 @@ async fn leases_are_listed_newest_first_in_pages_and_tampered_page_tokens_are_re
         states: vec![LeaseState::Active],
         ..ListQuery::default()
     };
-    let page = broker.leases.list(&caller("ci"), active_only.clone()).await.unwrap();
+    let page = broker
+        .leases
+        .list(&caller("ci"), active_only.clone())
+        .await
+        .unwrap();
     assert_eq!(page.leases.len(), 4);
 
     // A token is bound to its query and cannot be altered.
     let first = broker
         .leases
-        .list(&caller("ci"), ListQuery { page_size: 2, ..ListQuery::default() })
+        .list(
+            &caller("ci"),
+            ListQuery {
+                page_size: 2,
+                ..ListQuery::default()
+            },
+        )
         .await
         .unwrap();
     let token = first.next_page_token;
     let mut tampered = token.clone();
     tampered.replace_range(2..3, if &token[2..3] == "A" { "B" } else { "A" });
     for (query, who) in [
-        (ListQuery { page_size: 2, page_token: tampered, ..ListQuery::default() }, "ci"),
-        (ListQuery { page_token: token.clone(), ..active_only }, "ci"),
-        (ListQuery { page_size: 2, page_token: token.clone(), ..ListQuery::default() }, "other"),
+        (
+            ListQuery {
+                page_size: 2,
+                page_token: tampered,
+                ..ListQuery::default()
+            },
+            "ci",
+        ),
+        (
+            ListQuery {
+                page_token: token.clone(),
+                ..active_only
+            },
+            "ci",
+        ),
+        (
+            ListQuery {
+                page_size: 2,
+                page_token: token.clone(),
+                ..ListQuery::default()
+            },
+            "other",
+        ),
     ] {
         assert!(matches!(
             broker.leases.list(&caller(who), query).await,
@@ -550,7 +637,10 @@ async fn upstream_outage_on_create_fails_the_lease_and_a_retry_mints_afresh(back
         .expect("a retry mints afresh");
     assert_ne!(retried.lease.id, rows[0].id);
     assert_eq!(retried.lease.state, LeaseState::Active);
-    assert_eq!(list_repositories(&url, "fabrikam", &retried.token).await, 200);
+    assert_eq!(
+        list_repositories(&url, "fabrikam", &retried.token).await,
+        200
+    );
     let live: Vec<_> = emulator_pats(&url)
         .await
         .into_iter()
@@ -559,9 +649,7 @@ async fn upstream_outage_on_create_fails_the_lease_and_a_retry_mints_afresh(back
     assert_eq!(live.len(), 1, "one live PAT");
 }
 
-async fn revoke_during_an_upstream_outage_answers_revoking_and_is_finished_later(
-    backend: Backend,
-) {
+async fn revoke_during_an_upstream_outage_answers_revoking_and_is_finished_later(backend: Backend) {
     let emulator = start_emulator().await;
     let url = emulator.url();
     let db = TestDb::new(backend).await;
@@ -605,7 +693,10 @@ async fn revoke_during_an_upstream_outage_answers_revoking_and_is_finished_later
     .await;
     stop.send(()).unwrap();
     background.await.unwrap();
-    assert_ne!(list_repositories(&url, "fabrikam", &issued.token).await, 200);
+    assert_ne!(
+        list_repositories(&url, "fabrikam", &issued.token).await,
+        200
+    );
 }
 
 async fn lease_never_outlives_a_pat_whose_valid_to_upstream_clamped(backend: Backend) {
@@ -622,7 +713,11 @@ async fn lease_never_outlives_a_pat_whose_valid_to_upstream_clamped(backend: Bac
         .leases
         .create(
             &caller("long"),
-            request(&["vso.code"], Some(Duration::from_secs(7 * 24 * 3600)), None),
+            request(
+                &["vso.code"],
+                Some(Duration::from_secs(7 * 24 * 3600)),
+                None,
+            ),
         )
         .await
         .unwrap();

@@ -77,10 +77,16 @@ async fn a_whole_lease_lifecycle_at_trace_level_logs_no_secret() {
 
     let issued = broker
         .leases
-        .create(&ci, request(&["vso.code"], None, Some(uuid::Uuid::new_v4())))
+        .create(
+            &ci,
+            request(&["vso.code"], None, Some(uuid::Uuid::new_v4())),
+        )
         .await
         .expect("lease created");
-    assert_eq!(list_repositories(&url, "fabrikam", &issued.token).await, 200);
+    assert_eq!(
+        list_repositories(&url, "fabrikam", &issued.token).await,
+        200
+    );
     broker
         .leases
         .renew(&ci, issued.lease.id, Some(Duration::from_secs(7200)))
@@ -89,12 +95,21 @@ async fn a_whole_lease_lifecycle_at_trace_level_logs_no_secret() {
     broker.leases.get(&ci, issued.lease.id).await.unwrap();
     broker
         .leases
-        .list(&ci, ListQuery { page_size: 10, ..ListQuery::default() })
+        .list(
+            &ci,
+            ListQuery {
+                page_size: 10,
+                ..ListQuery::default()
+            },
+        )
         .await
         .unwrap();
     let revoked = broker.leases.revoke(&ci, issued.lease.id).await.unwrap();
     assert_eq!(revoked.state, LeaseState::Revoked);
-    assert_ne!(list_repositories(&url, "fabrikam", &issued.token).await, 200);
+    assert_ne!(
+        list_repositories(&url, "fabrikam", &issued.token).await,
+        200
+    );
 
     let log = captured.text();
     assert!(
@@ -103,7 +118,11 @@ async fn a_whole_lease_lifecycle_at_trace_level_logs_no_secret() {
     );
     let token = issued.token.expose_secret();
     assert_absent(&log, "PAT", token);
-    assert_absent(&log, "PAT in Basic-auth form", &STANDARD.encode(format!(":{token}")));
+    assert_absent(
+        &log,
+        "PAT in Basic-auth form",
+        &STANDARD.encode(format!(":{token}")),
+    );
     assert_absent(
         &log,
         "refresh token",

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 
 use super::support::{
-    audit_best_effort, caller_event, chrono_duration, now, open_token, token_aad,
+    audit_best_effort, caller_event, chrono_duration, now, open_token, token_aad, upstream_time,
 };
 use super::{CreateLease, IssuedLease, LeaseDeps, LeaseError};
 use crate::audit::{AuditEvent, Outcome};
@@ -276,17 +276,18 @@ async fn mint(
     // Upstream may clamp validTo (max-lifespan policy, ado-pat-api.md 4.1)
     // and rounds it: the lease must never outlive its PAT.
     let now = now();
-    if pat.valid_to < lease.expire_time {
-        lease.expire_time = pat.valid_to;
+    let valid_to = upstream_time(pat.valid_to);
+    if valid_to < lease.expire_time {
+        lease.expire_time = valid_to;
     }
-    if pat.valid_to + chrono::Duration::seconds(1) < wanted_valid_to {
-        lease.max_expire_time = lease.max_expire_time.min(pat.valid_to);
-        tracing::info!(lease_id = %lease.id, valid_to = %pat.valid_to, "upstream clamped validTo; lease shortened");
+    if valid_to + chrono::Duration::seconds(1) < wanted_valid_to {
+        lease.max_expire_time = lease.max_expire_time.min(valid_to);
+        tracing::info!(lease_id = %lease.id, valid_to = %valid_to, "upstream clamped validTo; lease shortened");
     }
     lease.max_expire_time = lease.max_expire_time.max(lease.expire_time);
     lease.authorization_id = Some(pat.authorization_id);
     lease.sealed_token = Some(deps.keyring.seal(&token, &token_aad(lease.id)));
-    lease.upstream_valid_to = Some(pat.valid_to);
+    lease.upstream_valid_to = Some(valid_to);
     lease.state = LeaseState::Active;
     lease.update_time = now;
 

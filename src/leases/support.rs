@@ -36,6 +36,14 @@ pub(super) fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
 
+/// An upstream time cut down to microseconds, rounding down: upstream
+/// answers with up to 7 fractional digits (ado-pat-api.md 1.6), the stores
+/// keep 6, and rounding down keeps "the lease never outlives its PAT".
+pub(super) fn upstream_time(t: DateTime<Utc>) -> DateTime<Utc> {
+    use chrono::SubsecRound;
+    t.trunc_subsecs(6)
+}
+
 /// `Std` duration to chrono, saturating (TTLs are at most a year).
 pub(super) fn chrono_duration(d: Duration) -> chrono::Duration {
     chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)

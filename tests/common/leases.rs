@@ -166,8 +166,8 @@ pub async fn start_broker(
 ) -> Broker {
     let store = store::open(&db.url).await.expect("open the store");
     store.migrate().await.expect("migrate the store");
-    let keyring = Keyring::new("k1".to_owned(), [("k1".to_owned(), keys.sealing.clone())])
-        .expect("keyring");
+    let keyring =
+        Keyring::new("k1".to_owned(), [("k1".to_owned(), keys.sealing.clone())]).expect("keyring");
     let fingerprinter = TokenFingerprinter::new(keys.fingerprint.clone()).expect("fingerprinter");
     let entra = EntraConfig {
         authority: url::Url::parse(emulator_url).expect("emulator URL"),
@@ -252,7 +252,12 @@ pub fn request_in(
 
 /// `GET {emulator}/{org}/{path}` with the PAT as Basic auth (empty user
 /// name, ado-pat-api.md 4.4); the HTTP status.
-pub async fn data_plane(emulator_url: &str, organization: &str, path: &str, token: &SecretString) -> u16 {
+pub async fn data_plane(
+    emulator_url: &str,
+    organization: &str,
+    path: &str,
+    token: &SecretString,
+) -> u16 {
     let basic = STANDARD.encode(format!(":{}", token.expose_secret()));
     reqwest::Client::new()
         .get(format!("{emulator_url}/{organization}/{path}"))
@@ -265,7 +270,11 @@ pub async fn data_plane(emulator_url: &str, organization: &str, path: &str, toke
 }
 
 /// Git repositories of `organization` (needs a scope covering `vso.code`).
-pub async fn list_repositories(emulator_url: &str, organization: &str, token: &SecretString) -> u16 {
+pub async fn list_repositories(
+    emulator_url: &str,
+    organization: &str,
+    token: &SecretString,
+) -> u16 {
     data_plane(emulator_url, organization, "_apis/git/repositories", token).await
 }
 
@@ -335,12 +344,19 @@ where
 {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "gave up waiting: {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gave up waiting: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 /// The lease as stored.
 pub async fn stored(store: &Arc<dyn Store>, id: LeaseId) -> LeaseRecord {
-    store.get_lease(id).await.unwrap().expect("lease row exists")
+    store
+        .get_lease(id)
+        .await
+        .unwrap()
+        .expect("lease row exists")
 }
