@@ -52,6 +52,7 @@ on_both_stores!(
     another_holders_lease_is_not_found,
     leases_are_listed_newest_first_in_pages_and_tampered_page_tokens_are_refused,
     upstream_outage_on_create_fails_the_lease_and_a_retry_mints_afresh,
+    create_whose_answer_is_lost_leaves_no_live_pat_and_a_retry_mints_afresh,
     revoke_during_an_upstream_outage_answers_revoking_and_is_finished_later,
     lease_never_outlives_a_pat_whose_valid_to_upstream_clamped,
 );
@@ -432,10 +433,12 @@ async fn request_outside_policy_is_refused_without_a_lease_row_or_upstream_call(
     assert!(rows.is_empty(), "no lease row for a refused request");
     assert!(emulator_pats(&url).await.is_empty());
     let stats = emulator_stats(&url).await;
-    assert!(
-        !stats.to_string().contains("\"create\":1"),
-        "no upstream create: {stats}"
-    );
+    for operation in ["create", "get", "list", "update", "revoke", "token"] {
+        assert!(
+            stats["calls"][operation].as_u64().unwrap_or(0) == 0,
+            "no upstream call ({operation}): {stats}"
+        );
+    }
     let audit = broker.store.list_audit(0, 100).await.unwrap();
     let denied: Vec<_> = audit
         .iter()
@@ -647,6 +650,67 @@ async fn upstream_outage_on_create_fails_the_lease_and_a_retry_mints_afresh(back
         .filter(|p| p["state"] == "active")
         .collect();
     assert_eq!(live.len(), 1, "one live PAT");
+    let stats = emulator_stats(&url).await;
+    assert_eq!(
+        stats["calls"]["create"], 2,
+        "create is never retried blindly"
+    );
+    assert!(
+        stats["calls"]["list"].as_u64().unwrap_or(0) >= 1,
+        "the broker looked for the display name after the 503"
+    );
+}
+
+async fn create_whose_answer_is_lost_leaves_no_live_pat_and_a_retry_mints_afresh(backend: Backend) {
+    let emulator = start_emulator().await;
+    let url = emulator.url();
+    let db = TestDb::new(backend).await;
+    let broker = start_broker(&db, &url, &TestKeys::new(), BrokerOptions::default()).await;
+    let request_id = Some(Uuid::new_v4());
+    // Upstream makes the PAT, then the answer is lost in a 500.
+    set_faults(
+        &url,
+        serde_json::json!([{
+            "operation": "create", "status": 500, "latencyWhen": "after", "times": 1
+        }]),
+    )
+    .await;
+
+    let refused = broker
+        .leases
+        .create(&caller("ci"), request(&["vso.code"], None, request_id))
+        .await;
+
+    assert!(matches!(refused, Err(LeaseError::Upstream(_))));
+    let pats = emulator_pats(&url).await;
+    assert_eq!(pats.len(), 1, "upstream made one PAT");
+    assert_eq!(
+        pats[0]["state"], "revoked",
+        "the broker found and revoked it"
+    );
+    let rows = broker
+        .store
+        .list_leases(&LeaseFilter::default(), None, 100)
+        .await
+        .unwrap();
+    assert_eq!(rows[0].state, LeaseState::Failed);
+
+    let retried = broker
+        .leases
+        .create(&caller("ci"), request(&["vso.code"], None, request_id))
+        .await
+        .expect("a retry mints afresh");
+    assert_eq!(
+        list_repositories(&url, "fabrikam", &retried.token).await,
+        200
+    );
+    let live: Vec<_> = emulator_pats(&url)
+        .await
+        .into_iter()
+        .filter(|p| p["state"] == "active")
+        .collect();
+    assert_eq!(live.len(), 1, "one live PAT, the retry's");
+    assert_eq!(live[0]["displayName"], retried.lease.display_name.as_str());
 }
 
 async fn revoke_during_an_upstream_outage_answers_revoking_and_is_finished_later(backend: Backend) {
