@@ -102,23 +102,23 @@ pub(super) async fn renew(
     if lease.expire_time >= lease.max_expire_time {
         return Err(LeaseError::NotRenewable(lease.state));
     }
-    // Renewal is a decision too: the policy must still grant this lease, and
-    // an explicit increment must be within its max TTL.
-    let increment = match deps.policy.decide(
-        &caller.identity,
-        &lease.organization,
-        &lease.scopes,
-        increment,
-    ) {
-        Decision::Allow { ttl, .. } => ttl,
-        Decision::Deny { denial, rule } => {
-            let mut event = caller_event(caller, ACTION, Outcome::Denied, &lease, now);
-            event.reason = Some(denial.reason().to_owned());
-            event.policy_rule = rule.clone();
-            audit_best_effort(deps, event).await;
-            return Err(LeaseError::Denied { denial, rule });
-        }
-    };
+    // Renewal is a decision too: the policy must still grant this lease
+    // (its default TTL is the increment when none is given). An increment
+    // past the rule's max TTL is not refused: max_expire_time caps it.
+    let increment =
+        match deps
+            .policy
+            .decide(&caller.identity, &lease.organization, &lease.scopes, None)
+        {
+            Decision::Allow { ttl, .. } => increment.unwrap_or(ttl),
+            Decision::Deny { denial, rule } => {
+                let mut event = caller_event(caller, ACTION, Outcome::Denied, &lease, now);
+                event.reason = Some(denial.reason().to_owned());
+                event.policy_rule = rule.clone();
+                audit_best_effort(deps, event).await;
+                return Err(LeaseError::Denied { denial, rule });
+            }
+        };
     let Some(authorization_id) = lease.authorization_id else {
         return Err(LeaseError::Internal(format!(
             "ACTIVE lease {id} has no authorizationId"
