@@ -1,2 +1,783 @@
-//! Server configuration: defaults < file < `TOKEN_BROKER_*` environment.
-//! TODO(api helper).
+//! Server configuration: one [`Config`], layered with figment as
+//! built-in defaults ([`DEFAULTS`], TOML) < a TOML file (`--config FILE` or
+//! `TOKEN_BROKER_CONFIG`) < `TOKEN_BROKER_*` environment variables, nested
+//! with `__` (`TOKEN_BROKER_DATABASE__URL` sets `database.url`). Unknown
+//! settings are refused; [`Config::validate`] then checks values once, with
+//! errors that name the setting (`database.url: ...`).
+//!
+//! Client-side variables (`TOKEN_BROKER_ADDR`, `TOKEN_BROKER_API_KEY`,
+//! `TOKEN_BROKER_DEV_API_KEY`, `TOKEN_BROKER_EMULATOR_*`,
+//! `TOKEN_BROKER_CONFIG`) are not server settings: the loader skips them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine as _;
+use figment::providers::{Env, Format as _, Toml};
+use figment::Figment;
+use rand::RngCore as _;
+use secrecy::{ExposeSecret as _, SecretString};
+use serde::Deserialize;
+
+use crate::auth::{ApiKeyHash, ApiKeys};
+use crate::crypto::{Keyring, TokenFingerprinter};
+use crate::upstream::azure_devops::AzureDevOpsConfig;
+use crate::upstream::entra::EntraConfig;
+
+/// Built-in defaults: with no file and no environment, `serve` runs on an
+/// embedded SQLite file in the working directory and listens on
+/// 127.0.0.1:50051.
+pub const DEFAULTS: &str = r#"
+[grpc]
+listen = "127.0.0.1:50051"
+
+[database]
+url = "sqlite:token-broker.db"
+
+[keys]
+
+# upstream.azure_devops and upstream.entra default to the upstream client's
+# own defaults: https://vssps.dev.azure.com, api-version 7.1-preview.1, and
+# https://login.microsoftonline.com/organizations.
+[upstream]
+
+[policy]
+
+[leases]
+display_name_prefix = "token-broker"
+valid_to_skew = "5m"
+reaper_interval = "15s"
+
+[auth]
+api_keys = []
+
+[log]
+filter = "info"
+json = false
+"#;
+
+/// Prefix of every server environment variable.
+pub const ENV_PREFIX: &str = "TOKEN_BROKER_";
+
+/// Variables under [`ENV_PREFIX`] that belong to the CLI client, `dev` or
+/// the emulator, lower case without the prefix. `emulator_*` is skipped too.
+const CLIENT_VARIABLES: &[&str] = &["addr", "api_key", "dev_api_key", "config"];
+
+/// The whole server configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The gRPC listener.
+    pub grpc: GrpcConfig,
+    /// The store.
+    pub database: DatabaseConfig,
+    /// Sealing keyring and audit fingerprint key.
+    pub keys: KeysConfig,
+    /// The Azure DevOps PAT API and the Entra token endpoint.
+    pub upstream: UpstreamConfig,
+    /// The policy file.
+    pub policy: PolicyConfig,
+    /// Lease tunables.
+    pub leases: LeasesConfig,
+    /// Caller authentication.
+    pub auth: AuthConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[grpc]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcConfig {
+    /// `grpc.listen`: socket address of the gRPC server. Default
+    /// `127.0.0.1:50051`; port 0 picks a free port.
+    pub listen: SocketAddr,
+}
+
+/// `[database]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `database.url`: `postgres://…` / `postgresql://…` (production) or
+    /// `sqlite:PATH` (embedded; default `sqlite:token-broker.db`, in the
+    /// working directory). Secret: it may hold a password.
+    pub url: SecretString,
+}
+
+/// Which backend a `database.url` selects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// PostgreSQL.
+    Postgres,
+    /// SQLite at this file (None: in memory).
+    Sqlite(Option<PathBuf>),
+}
+
+impl DatabaseConfig {
+    /// The backend, or an error message when the scheme is neither.
+    pub fn backend(&self) -> Result<Backend, String> {
+        backend_of(self.url.expose_secret())
+    }
+}
+
+/// The backend a store URL selects.
+pub fn backend_of(url: &str) -> Result<Backend, String> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(Backend::Postgres);
+    }
+    if let Some(rest) = url.strip_prefix("sqlite:") {
+        let rest = rest.strip_prefix("//").unwrap_or(rest);
+        let path = rest.split('?').next().unwrap_or_default();
+        if path.is_empty() {
+            return Err("sqlite: URL has no file path (use sqlite:PATH)".into());
+        }
+        if path == ":memory:" || url.contains("mode=memory") {
+            return Ok(Backend::Sqlite(None));
+        }
+        return Ok(Backend::Sqlite(Some(PathBuf::from(path))));
+    }
+    Err("expected postgres://…, postgresql://… or sqlite:PATH".into())
+}
+
+/// `[keys]`: the sealing keyring and the audit fingerprint key, inline or in
+/// a keys file (same fields, TOML), never both. With neither, `serve` on
+/// SQLite generates a keys file next to the database; on PostgreSQL it
+/// refuses to start.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysConfig {
+    /// `keys.file`: path of a keys file (TOML with `active`, `sealing`,
+    /// `fingerprint`).
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// `keys.active`: id of the sealing key new secrets are sealed with.
+    #[serde(default)]
+    pub active: Option<String>,
+    /// `keys.sealing`: key id -> 32-byte AES-256-GCM key, standard base64.
+    /// Older ids stay to open what they sealed.
+    #[serde(default)]
+    pub sealing: BTreeMap<String, SecretString>,
+    /// `keys.fingerprint`: HMAC-SHA256 key (32 bytes, standard base64) for token fingerprints in the audit trail.
+    #[serde(default)]
+    pub fingerprint: Option<SecretString>,
+}
+
+/// Keys in a keys file: the same fields as `[keys]` without `file`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeysFile {
+    active: Option<String>,
+    #[serde(default)]
+    sealing: BTreeMap<String, SecretString>,
+    fingerprint: Option<SecretString>,
+}
+
+/// Keys ready to build a keyring from: validated.
+pub struct ResolvedKeys {
+    /// Id of the active sealing key.
+    pub active: String,
+    /// Key id -> standard base64 of a 32-byte AES-256-GCM key (secret).
+    pub sealing: BTreeMap<String, SecretString>,
+    /// Standard base64 of the 32-byte fingerprint key (secret).
+    pub fingerprint: SecretString,
+    /// Where they came from, for the log: `configuration` or a file path.
+    pub source: String,
+}
+
+impl ResolvedKeys {
+    /// The sealing keyring and the audit fingerprinter.
+    pub fn build(&self) -> Result<(Keyring, TokenFingerprinter), ConfigError> {
+        let keyring = Keyring::new(self.active.clone(), self.sealing.clone())
+            .map_err(|e| ConfigError::new("keys.sealing", e.to_string()))?;
+        let fingerprinter = TokenFingerprinter::new(self.fingerprint.clone())
+            .map_err(|e| ConfigError::new("keys.fingerprint", e.to_string()))?;
+        Ok((keyring, fingerprinter))
+    }
+}
+
+impl std::fmt::Debug for ResolvedKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResolvedKeys")
+            .field("active", &self.active)
+            .field("ids", &self.sealing.keys().collect::<Vec<_>>())
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `[upstream]`: where and how the broker mints PATs. The two sub-sections
+/// are the upstream client's own settings, with its defaults (the real
+/// Azure DevOps and Entra endpoints).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `upstream.azure_devops`: the PAT Lifecycle API client (`base_url`,
+    /// `api_version`, `suppress_fed_auth_redirect`, `request_timeout`,
+    /// `connect_timeout`, `max_retries`, `retry_min_delay`,
+    /// `retry_max_delay`, `max_retry_after`, `page_size`, `max_pages`).
+    #[serde(default)]
+    pub azure_devops: AzureDevOpsConfig,
+    /// `upstream.entra`: the Entra refresh-token grant (`authority`,
+    /// `tenant`, `client_id`, `client_secret`, `scope`, `request_timeout`).
+    #[serde(default)]
+    pub entra: EntraConfig,
+    /// `upstream.refresh_token`: the upstream account's initial Entra
+    /// refresh token, used only while the store holds none (rotated tokens
+    /// are sealed into the store). Secret.
+    #[serde(default)]
+    pub refresh_token: Option<SecretString>,
+}
+
+/// `[policy]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// `policy.file`: the YAML policy. Unset: deny every request.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+}
+
+/// `[leases]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeasesConfig {
+    /// `leases.display_name_prefix`: first part of every upstream display
+    /// name `<prefix>:<deployment id>:<lease id>`; default `token-broker`.
+    pub display_name_prefix: String,
+    /// `leases.valid_to_skew`: added to expire_time for the PAT's validTo;
+    /// default `5m`, at most `1h`.
+    #[serde(with = "humantime_serde")]
+    pub valid_to_skew: Duration,
+    /// `leases.reaper_interval`: how often expired leases are revoked;
+    /// default `15s`.
+    #[serde(with = "humantime_serde")]
+    pub reaper_interval: Duration,
+}
+
+/// `[auth]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `auth.api_keys`: `[{ name = "ci", sha256 = "<hex>" }, …]`; the
+    /// caller's identity is `apikey:NAME`. Make one with
+    /// `token-broker apikey generate NAME`.
+    pub api_keys: Vec<ApiKeySetting>,
+}
+
+/// One configured API key.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeySetting {
+    /// Name; identity `apikey:NAME`.
+    pub name: String,
+    /// SHA-256 of the key, 64 hex digits.
+    pub sha256: String,
+}
+
+/// `[log]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `log.filter`: a tracing `EnvFilter` directive, default `info`.
+    pub filter: String,
+    /// `log.json`: JSON lines instead of text.
+    pub json: bool,
+}
+
+/// A configuration error that names the setting.
+#[derive(Debug, thiserror::Error)]
+#[error("{setting}: {message}")]
+pub struct ConfigError {
+    /// Dotted setting path, e.g. `database.url`.
+    pub setting: String,
+    /// What is wrong (never the value of a secret).
+    pub message: String,
+}
+
+impl ConfigError {
+    /// An error about `setting`.
+    pub fn new(setting: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            setting: setting.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Several errors, one per line.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl ConfigErrors {
+    /// True if some error names `setting`.
+    pub fn names(&self, setting: &str) -> bool {
+        self.0.iter().any(|e| e.setting == setting)
+    }
+}
+
+impl Config {
+    /// The layered sources: defaults < `file` < environment.
+    pub fn figment(file: Option<&Path>) -> Figment {
+        let mut figment = Figment::from(Toml::string(DEFAULTS));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment.merge(
+            Env::prefixed(ENV_PREFIX)
+                .filter(|key| {
+                    let key = key.as_str().to_ascii_lowercase();
+                    !CLIENT_VARIABLES.contains(&key.as_str()) && !key.starts_with("emulator_")
+                })
+                .split("__"),
+        )
+    }
+
+    /// Loads and validates the configuration.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigErrors> {
+        let config: Config = Self::figment(file).extract().map_err(figment_errors)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value; errors name the setting.
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let mut errors = Vec::new();
+        let mut bad =
+            |setting: &str, message: String| errors.push(ConfigError::new(setting, message));
+
+        if let Err(m) = self.database.backend() {
+            bad("database.url", m);
+        }
+        if let Err(e) = self.keys.validate_shape() {
+            errors.push(e);
+        }
+        let mut bad =
+            |setting: &str, message: String| errors.push(ConfigError::new(setting, message));
+        let ado = &self.upstream.azure_devops;
+        for (setting, url) in [
+            ("upstream.azure_devops.base_url", &ado.base_url),
+            ("upstream.entra.authority", &self.upstream.entra.authority),
+        ] {
+            if url.cannot_be_a_base() || !matches!(url.scheme(), "http" | "https") {
+                bad(setting, "must be an http:// or https:// base URL".into());
+            }
+        }
+        if ado.api_version.trim().is_empty() {
+            bad(
+                "upstream.azure_devops.api_version",
+                "must not be empty".into(),
+            );
+        }
+        for (setting, d) in [
+            ("upstream.azure_devops.request_timeout", ado.request_timeout),
+            ("upstream.azure_devops.connect_timeout", ado.connect_timeout),
+            (
+                "upstream.entra.request_timeout",
+                self.upstream.entra.request_timeout,
+            ),
+        ] {
+            if d.is_zero() {
+                bad(setting, "must be greater than zero".into());
+            }
+        }
+        if !(1..=crate::upstream::azure_devops::MAX_PAGE_SIZE).contains(&ado.page_size) {
+            bad("upstream.azure_devops.page_size", "must be 1 to 100".into());
+        }
+        if ado.max_pages == 0 {
+            bad(
+                "upstream.azure_devops.max_pages",
+                "must be at least 1".into(),
+            );
+        }
+        if self.upstream.entra.tenant.trim().is_empty() {
+            bad("upstream.entra.tenant", "must not be empty".into());
+        }
+        if let Some(t) = &self.upstream.refresh_token {
+            if t.expose_secret().trim().is_empty() {
+                bad(
+                    "upstream.refresh_token",
+                    "must not be empty when set".into(),
+                );
+            }
+        }
+        if let Some(file) = &self.policy.file {
+            if !file.is_file() {
+                bad(
+                    "policy.file",
+                    format!("{} is not a readable file", file.display()),
+                );
+            }
+        }
+        let prefix = &self.leases.display_name_prefix;
+        if prefix.is_empty()
+            || prefix.len() > 40
+            || !prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            bad(
+                "leases.display_name_prefix",
+                "1 to 40 letters, digits, '-', '_' or '.' (':' separates the display name's parts)"
+                    .into(),
+            );
+        }
+        if self.leases.valid_to_skew > Duration::from_secs(3600) {
+            bad("leases.valid_to_skew", "must be at most 1h".into());
+        }
+        if self.leases.reaper_interval.is_zero() {
+            bad("leases.reaper_interval", "must be greater than zero".into());
+        }
+        if let Err((setting, m)) = self.auth.api_keys() {
+            bad(&setting, m);
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
+            bad("log.filter", e.to_string());
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+}
+
+impl AuthConfig {
+    /// The configured keys; on error, the setting at fault and why.
+    pub fn api_keys(&self) -> Result<ApiKeys, (String, String)> {
+        let mut keys = Vec::with_capacity(self.api_keys.len());
+        for (i, k) in self.api_keys.iter().enumerate() {
+            let hash = ApiKeyHash::parse_hex(&k.sha256)
+                .map_err(|m| (format!("auth.api_keys[{i}].sha256"), m.to_owned()))?;
+            keys.push((k.name.clone(), hash));
+        }
+        ApiKeys::new(keys).map_err(|m| ("auth.api_keys".to_owned(), m))
+    }
+}
+
+/// Checks a key is standard base64 of exactly 32 bytes (AES-256 and the
+/// HMAC key alike), without ever putting the value in the error.
+fn decode_key(setting: &str, value: &SecretString) -> Result<(), ConfigError> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(value.expose_secret().trim())
+        .map_err(|_| ConfigError::new(setting, "is not standard base64"))?;
+    if bytes.len() != 32 {
+        return Err(ConfigError::new(
+            setting,
+            format!("must decode to exactly 32 bytes, got {}", bytes.len()),
+        ));
+    }
+    Ok(())
+}
+
+impl KeysConfig {
+    fn is_inline(&self) -> bool {
+        self.active.is_some() || !self.sealing.is_empty() || self.fingerprint.is_some()
+    }
+
+    /// True when no keys are configured at all.
+    pub fn is_unset(&self) -> bool {
+        self.file.is_none() && !self.is_inline()
+    }
+
+    fn validate_shape(&self) -> Result<(), ConfigError> {
+        if self.file.is_some() && self.is_inline() {
+            return Err(ConfigError::new(
+                "keys.file",
+                "set either keys.file or inline keys (keys.active, keys.sealing, keys.fingerprint), not both",
+            ));
+        }
+        if self.is_inline() {
+            resolve_inline(
+                "keys",
+                self.active.as_deref(),
+                &self.sealing,
+                self.fingerprint.as_ref(),
+                "configuration",
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The keys to run with. `backend` decides what happens when none are
+    /// configured: SQLite generates a keys file next to the database (mode
+    /// 0600) on first start and reuses it after; an in-memory SQLite uses
+    /// throwaway keys; PostgreSQL is an error naming `keys`.
+    /// Returns the keys and whether a file was generated now.
+    pub fn resolve(
+        &self,
+        backend: &Backend,
+    ) -> Result<(ResolvedKeys, Option<PathBuf>), ConfigError> {
+        if let Some(file) = &self.file {
+            return Ok((read_keys_file("keys.file", file)?, None));
+        }
+        if self.is_inline() {
+            let keys = resolve_inline(
+                "keys",
+                self.active.as_deref(),
+                &self.sealing,
+                self.fingerprint.as_ref(),
+                "configuration",
+            )?;
+            return Ok((keys, None));
+        }
+        match backend {
+            Backend::Postgres => Err(ConfigError::new(
+                "keys",
+                "no keys configured: PostgreSQL needs keys.file or keys.active + keys.sealing + keys.fingerprint (generated keys would be lost with the pod)",
+            )),
+            Backend::Sqlite(None) => {
+                let text = generate_keys_file();
+                let parsed: KeysFile = toml_parse(&text).expect("generated keys parse");
+                let keys = resolve_inline(
+                    "keys",
+                    parsed.active.as_deref(),
+                    &parsed.sealing,
+                    parsed.fingerprint.as_ref(),
+                    "throwaway (in-memory database)",
+                )?;
+                Ok((keys, None))
+            }
+            Backend::Sqlite(Some(db)) => {
+                let path = generated_keys_path(db);
+                if path.exists() {
+                    return Ok((read_keys_file("keys", &path)?, None));
+                }
+                write_new_keys_file(&path)?;
+                Ok((read_keys_file("keys", &path)?, Some(path)))
+            }
+        }
+    }
+}
+
+/// Where `serve` keeps generated keys for the SQLite file `db`:
+/// `<db>.keys.toml` beside it.
+pub fn generated_keys_path(db: &Path) -> PathBuf {
+    let mut name = db.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".keys.toml");
+    db.with_file_name(name)
+}
+
+fn toml_parse<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
+    Figment::from(Toml::string(text))
+        .extract()
+        .map_err(|e| figment_errors(e).to_string())
+}
+
+fn read_keys_file(setting: &str, path: &Path) -> Result<ResolvedKeys, ConfigError> {
+    let parsed: KeysFile = Figment::from(Toml::file_exact(path))
+        .extract()
+        .map_err(|e| {
+            ConfigError::new(
+                setting,
+                format!(
+                    "cannot read keys file {}: {}",
+                    path.display(),
+                    figment_errors(e)
+                ),
+            )
+        })?;
+    resolve_inline(
+        &format!("{setting} ({})", path.display()),
+        parsed.active.as_deref(),
+        &parsed.sealing,
+        parsed.fingerprint.as_ref(),
+        &path.display().to_string(),
+    )
+}
+
+fn resolve_inline(
+    section: &str,
+    active: Option<&str>,
+    sealing: &BTreeMap<String, SecretString>,
+    fingerprint: Option<&SecretString>,
+    source: &str,
+) -> Result<ResolvedKeys, ConfigError> {
+    let active = active
+        .ok_or_else(|| ConfigError::new(format!("{section}.active"), "is required"))?
+        .to_owned();
+    if !sealing.contains_key(&active) {
+        return Err(ConfigError::new(
+            format!("{section}.active"),
+            format!("no key {active:?} in {section}.sealing"),
+        ));
+    }
+    for (id, value) in sealing {
+        if id.is_empty()
+            || id.len() > 32
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+        {
+            return Err(ConfigError::new(
+                format!("{section}.sealing"),
+                format!("key id {id:?} must be 1 to 32 letters, digits, '-' or '_'"),
+            ));
+        }
+        decode_key(&format!("{section}.sealing.{id}"), value)?;
+    }
+    let fingerprint = fingerprint
+        .ok_or_else(|| ConfigError::new(format!("{section}.fingerprint"), "is required"))?;
+    decode_key(&format!("{section}.fingerprint"), fingerprint)?;
+    Ok(ResolvedKeys {
+        active,
+        sealing: sealing.clone(),
+        fingerprint: fingerprint.clone(),
+        source: source.to_owned(),
+    })
+}
+
+fn random_b64() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// A fresh keys file: one sealing key (id = today's date) and a
+/// fingerprint key, from the OS random source.
+pub fn generate_keys_file() -> String {
+    let id = format!("k{}", chrono::Utc::now().format("%Y%m%d"));
+    format!(
+        "# token-broker keys: generated; keep secret, back up with the database.\n\
+         active = \"{id}\"\n\
+         fingerprint = \"{}\"\n\n\
+         [sealing]\n\
+         {id} = \"{}\"\n",
+        random_b64(),
+        random_b64()
+    )
+}
+
+/// Creates a fresh keys file at `path` (mode 0600) unless one exists.
+/// Returns true if it was created now.
+pub fn ensure_keys_file(path: &Path) -> Result<bool, ConfigError> {
+    if path.exists() {
+        return Ok(false);
+    }
+    write_new_keys_file(path)?;
+    Ok(true)
+}
+
+fn write_new_keys_file(path: &Path) -> Result<(), ConfigError> {
+    use std::io::Write as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path).map_err(|e| {
+        ConfigError::new(
+            "keys",
+            format!("cannot create keys file {}: {e}", path.display()),
+        )
+    })?;
+    file.write_all(generate_keys_file().as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(|e| {
+            ConfigError::new(
+                "keys",
+                format!("cannot write keys file {}: {e}", path.display()),
+            )
+        })
+}
+
+/// Turns figment's errors into ones naming the setting by its dotted path.
+fn figment_errors(err: figment::Error) -> ConfigErrors {
+    ConfigErrors(
+        err.into_iter()
+            .map(|e| {
+                let mut path = e.path.join(".");
+                let message = match &e.kind {
+                    figment::error::Kind::UnknownField(name, _) => {
+                        // figment's path usually ends with the field already.
+                        if e.path.last() != Some(name) {
+                            if !path.is_empty() {
+                                path.push('.');
+                            }
+                            path.push_str(name);
+                        }
+                        "unknown setting".to_owned()
+                    }
+                    kind => kind.to_string(),
+                };
+                let source = e
+                    .metadata
+                    .as_ref()
+                    .map(|m| match &m.source {
+                        Some(figment::Source::File(f)) => format!(" (in {})", f.display()),
+                        _ if m.name.contains("environment") => {
+                            let var = format!(
+                                "{ENV_PREFIX}{}",
+                                path.to_ascii_uppercase().replace('.', "__")
+                            );
+                            format!(" (from environment variable {var})")
+                        }
+                        _ => String::new(),
+                    })
+                    .unwrap_or_default();
+                if path.is_empty() {
+                    path = "config".into();
+                }
+                ConfigError::new(path, format!("{message}{source}"))
+            })
+            .collect(),
+    )
+}
+
+/// Serde adapter for humantime durations (`"5m"`, `"15s"`, `"1h 30m"`).
+mod humantime_serde {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{s:?} is not a duration like \"30s\", \"5m\" or \"1h\": {e}"
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse_and_validate() {
+        let c: Config = Figment::from(Toml::string(DEFAULTS)).extract().unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.grpc.listen.to_string(), "127.0.0.1:50051");
+        assert_eq!(
+            c.database.backend().unwrap(),
+            Backend::Sqlite(Some("token-broker.db".into()))
+        );
+    }
+
+    #[test]
+    fn store_urls_select_a_backend() {
+        assert_eq!(backend_of("postgres://u@h/db").unwrap(), Backend::Postgres);
+        assert_eq!(
+            backend_of("sqlite:///tmp/x.db?mode=rwc").unwrap(),
+            Backend::Sqlite(Some("/tmp/x.db".into()))
+        );
+        assert_eq!(
+            backend_of("sqlite::memory:").unwrap(),
+            Backend::Sqlite(None)
+        );
+        assert!(backend_of("mysql://x").is_err());
+    }
+
+    #[test]
+    fn generated_keys_sit_beside_the_database() {
+        assert_eq!(
+            generated_keys_path(Path::new("/data/token-broker.db")),
+            PathBuf::from("/data/token-broker.db.keys.toml")
+        );
+    }
+}

@@ -1,6 +1,158 @@
-//! The `token-broker` command line. TODO(api helper).
+//! The `token-broker` command line (clap): the server (`serve`, `migrate`),
+//! the local run (`dev`, `emulator`), key generation (`apikey generate`) and
+//! the gRPC client (`lease ...`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use secrecy::ExposeSecret as _;
+
+use crate::auth::GeneratedApiKey;
+use crate::config::Config;
+
+pub mod client;
+pub mod dev;
+pub mod serve;
+
+/// Leases short-lived, least-scope Azure DevOps PATs over gRPC.
+#[derive(Parser, Debug)]
+#[command(name = "token-broker", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the broker (gRPC server, reaper).
+    Serve(ConfigArg),
+    /// Apply database migrations and exit.
+    Migrate(ConfigArg),
+    /// One-command local run: emulator + broker on SQLite, with a dev key.
+    Dev(dev::DevArgs),
+    /// Run the Azure DevOps + Entra emulator alone.
+    Emulator(crate::emulator::EmulatorArgs),
+    /// Manage API keys.
+    #[command(subcommand)]
+    Apikey(ApikeyCommand),
+    /// Lease PATs from a running broker (gRPC client).
+    Lease {
+        #[command(flatten)]
+        client: client::ClientArgs,
+        #[command(subcommand)]
+        command: client::LeaseCommand,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct ConfigArg {
+    /// TOML configuration file (settings: README.md).
+    #[arg(long, env = "TOKEN_BROKER_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum ApikeyCommand {
+    /// Make a new key: prints it once, and the line to configure its hash.
+    Generate {
+        /// Key name; the caller's identity becomes `apikey:NAME`.
+        name: String,
+    },
+}
 
 /// Entry point of the binary.
-pub fn main() -> std::process::ExitCode {
-    std::process::ExitCode::SUCCESS
+pub fn main() -> ExitCode {
+    // reqwest and sqlx use rustls: pin its process-wide crypto provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(arg: &ConfigArg) -> Result<Config, String> {
+    let config = Config::load(arg.config.as_deref()).map_err(|e| e.to_string())?;
+    crate::telemetry::init(&config.log.filter, config.log.json).map_err(|e| e.to_string())?;
+    Ok(config)
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Serve(arg) => {
+            let config = load_config(&arg)?;
+            let policy = serve::load_policy(&config).map_err(|e| e.to_string())?;
+            let listener = serve::bind(&config).await.map_err(|e| e.to_string())?;
+            let broker = serve::Broker::start(&config, policy, listener)
+                .await
+                .map_err(|e| e.to_string())?;
+            broker
+                .run_until(shutdown_signal())
+                .await
+                .map_err(|e| e.to_string())
+        }
+        Command::Migrate(arg) => {
+            let config = load_config(&arg)?;
+            serve::migrate(&config).await.map_err(|e| e.to_string())?;
+            tracing::info!("migrations applied");
+            Ok(())
+        }
+        Command::Dev(args) => dev::run(args).await.map_err(|e| e.to_string()),
+        Command::Emulator(args) => {
+            crate::telemetry::init("info", false).map_err(|e| e.to_string())?;
+            crate::emulator::run(args).await.map_err(|e| e.to_string())
+        }
+        Command::Apikey(ApikeyCommand::Generate { name }) => {
+            let key = GeneratedApiKey::generate(&name)?;
+            println!("{}", key.key.expose_secret());
+            eprintln!(
+                "\nThis key is shown once. Configure its hash (not the key) on the broker:\n\n  \
+                 [auth]\n  api_keys = [{}]\n\nor in the environment:\n\n  \
+                 TOKEN_BROKER_AUTH__API_KEYS='[{}]'\n",
+                key.config_entry(),
+                key.config_entry()
+            );
+            Ok(())
+        }
+        Command::Lease { client, command } => {
+            let out = client::run(&client, command)
+                .await
+                .map_err(|e| e.to_string())?;
+            println!("{out}");
+            Ok(())
+        }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM (what Kubernetes sends before a kill).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
 }

@@ -1,0 +1,428 @@
+//! Proto messages <-> validated domain types. Every check names the proto
+//! field it concerns (AIP-193 `BadRequest.FieldViolation.field`).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret as _, SecretString};
+use uuid::Uuid;
+
+use super::status::InvalidField;
+use crate::domain::{DomainError, LeaseId, LeaseState, Organization, ScopeSet};
+use crate::leases::{CreateLease, ListQuery};
+use crate::proto::v1 as pb;
+use crate::store::LeaseRecord;
+
+/// Upstream's longest PAT lifetime, one year (ado-pat-api.md section 4.1):
+/// the largest `ttl` or `increment` accepted.
+pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+/// `page_size` used when the request leaves it 0 (AIP-158).
+pub const DEFAULT_PAGE_SIZE: u32 = 50;
+/// Larger `page_size` values are coerced to this (AIP-158).
+pub const MAX_PAGE_SIZE: u32 = 1000;
+
+/// Validates a CreateLease request.
+pub fn create_lease(req: pb::CreateLeaseRequest) -> Result<CreateLease, InvalidField> {
+    let organization = organization(&req.organization)?;
+    let scopes = ScopeSet::parse(&req.scopes).map_err(|e| match e {
+        DomainError::NoScopes => {
+            InvalidField::new("scopes", "SCOPES_EMPTY", "at least one scope is required")
+        }
+        other => InvalidField::new("scopes", "SCOPE_UNKNOWN", other.to_string()),
+    })?;
+    let ttl = req.ttl.map(|d| duration("ttl", d)).transpose()?;
+    let request_id = if req.request_id.is_empty() {
+        None
+    } else {
+        Some(Uuid::parse_str(&req.request_id).map_err(|_| {
+            InvalidField::new(
+                "request_id",
+                "REQUEST_ID_INVALID",
+                format!("{:?} is not a UUID", req.request_id),
+            )
+        })?)
+    };
+    Ok(CreateLease {
+        organization,
+        scopes,
+        ttl,
+        request_id,
+    })
+}
+
+/// Validates an organization name (field `organization`).
+pub fn organization(name: &str) -> Result<Organization, InvalidField> {
+    if name.is_empty() {
+        return Err(InvalidField::new(
+            "organization",
+            "ORGANIZATION_INVALID",
+            "is required",
+        ));
+    }
+    Organization::parse(name)
+        .map_err(|e| InvalidField::new("organization", "ORGANIZATION_INVALID", e.to_string()))
+}
+
+/// Validates a resource name `leases/{uuid}` (field `name`).
+pub fn lease_name(name: &str) -> Result<LeaseId, InvalidField> {
+    LeaseId::from_name(name).map_err(|_| {
+        InvalidField::new(
+            "name",
+            "NAME_INVALID",
+            format!("{name:?} is not a lease name; expected leases/{{uuid}}"),
+        )
+    })
+}
+
+/// Converts a `google.protobuf.Duration` that must be > 0 and at most
+/// [`MAX_TTL`] (field `field`).
+pub fn duration(field: &'static str, d: prost_types::Duration) -> Result<Duration, InvalidField> {
+    let bad = |m: &str| InvalidField::new(field, "TTL_OUT_OF_RANGE", m.to_owned());
+    if !(-999_999_999..=999_999_999).contains(&d.nanos)
+        || (d.seconds > 0 && d.nanos < 0)
+        || (d.seconds < 0 && d.nanos > 0)
+    {
+        return Err(bad("is not a valid google.protobuf.Duration"));
+    }
+    if d.seconds < 0 || (d.seconds == 0 && d.nanos <= 0) {
+        return Err(bad("must be greater than zero"));
+    }
+    let out = Duration::new(d.seconds as u64, d.nanos as u32);
+    if out > MAX_TTL {
+        return Err(bad(
+            "must be at most one year (365 days), the upstream PAT limit",
+        ));
+    }
+    Ok(out)
+}
+
+/// Validates a ListLeases request.
+pub fn list_query(req: pb::ListLeasesRequest) -> Result<ListQuery, InvalidField> {
+    let page_size = match req.page_size {
+        n if n < 0 => {
+            return Err(InvalidField::new(
+                "page_size",
+                "PAGE_SIZE_INVALID",
+                "must not be negative",
+            ))
+        }
+        0 => DEFAULT_PAGE_SIZE,
+        n => (n as u32).min(MAX_PAGE_SIZE),
+    };
+    let (states, organization) =
+        parse_filter(&req.filter).map_err(|m| InvalidField::new("filter", "FILTER_INVALID", m))?;
+    Ok(ListQuery {
+        page_size,
+        page_token: req.page_token,
+        states,
+        organization,
+    })
+}
+
+#[derive(Debug, PartialEq)]
+enum Token {
+    Ident(String),
+    Str(String),
+    Eq,
+}
+
+fn lex(filter: &str) -> Result<Vec<Token>, String> {
+    let mut out = Vec::new();
+    let mut chars = filter.chars().peekable();
+    while let Some(&c) = chars.peek() {
+        if c.is_whitespace() {
+            chars.next();
+        } else if c == '=' {
+            chars.next();
+            out.push(Token::Eq);
+        } else if c == '"' || c == '\'' {
+            chars.next();
+            let mut s = String::new();
+            loop {
+                match chars.next() {
+                    Some(q) if q == c => break,
+                    Some('\\') => match chars.next() {
+                        Some(e) => s.push(e),
+                        None => return Err("unterminated string".into()),
+                    },
+                    Some(ch) => s.push(ch),
+                    None => return Err("unterminated string".into()),
+                }
+            }
+            out.push(Token::Str(s));
+        } else if c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.' {
+            let mut s = String::new();
+            while let Some(&ch) = chars.peek() {
+                if ch.is_ascii_alphanumeric() || ch == '_' || ch == '-' || ch == '.' {
+                    s.push(ch);
+                    chars.next();
+                } else {
+                    break;
+                }
+            }
+            out.push(Token::Ident(s));
+        } else {
+            return Err(format!(
+                "unexpected {c:?}; supported: state = STATE, organization = \"NAME\", joined by AND"
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Parses the AIP-160 subset ListLeases supports: comparisons
+/// `state = ACTIVE` and `organization = "fabrikam"` joined by `AND`, each
+/// field at most once. Empty: no filter.
+pub fn parse_filter(filter: &str) -> Result<(Vec<LeaseState>, Option<Organization>), String> {
+    let tokens = lex(filter)?;
+    let mut states = Vec::new();
+    let mut organization = None;
+    let mut it = tokens.into_iter();
+    let mut first = true;
+    loop {
+        let field = match it.next() {
+            None if first => break,
+            None => return Err("expected a comparison after AND".into()),
+            Some(Token::Ident(f)) => f,
+            Some(t) => return Err(format!("expected a field name, found {t:?}")),
+        };
+        first = false;
+        match it.next() {
+            Some(Token::Eq) => {}
+            _ => return Err(format!("expected `=` after {field}")),
+        }
+        let value = match it.next() {
+            Some(Token::Ident(v)) | Some(Token::Str(v)) => v,
+            _ => return Err(format!("expected a value after `{field} =`")),
+        };
+        match field.as_str() {
+            "state" => {
+                if !states.is_empty() {
+                    return Err("state given twice".into());
+                }
+                let state = value
+                    .parse::<LeaseState>()
+                    .map_err(|_| format!("unknown state {value:?}"))?;
+                states.push(state);
+            }
+            "organization" => {
+                if organization.is_some() {
+                    return Err("organization given twice".into());
+                }
+                organization = Some(Organization::parse(&value).map_err(|e| e.to_string())?);
+            }
+            other => {
+                return Err(format!(
+                    "unknown field {other:?}; filterable: state, organization"
+                ))
+            }
+        }
+        match it.next() {
+            None => break,
+            Some(Token::Ident(and)) if and == "AND" => continue,
+            Some(t) => return Err(format!("expected AND, found {t:?}")),
+        }
+    }
+    Ok((states, organization))
+}
+
+fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+/// The proto state of a lease.
+pub fn state(s: LeaseState) -> pb::lease::State {
+    use pb::lease::State;
+    match s {
+        LeaseState::Pending => State::Pending,
+        LeaseState::Active => State::Active,
+        LeaseState::Revoking => State::Revoking,
+        LeaseState::Revoked => State::Revoked,
+        LeaseState::Expired => State::Expired,
+        LeaseState::Failed => State::Failed,
+        LeaseState::RevokeFailed => State::RevokeFailed,
+    }
+}
+
+/// A lease record as the API shows it. `token` is set only for CreateLease.
+pub fn lease(record: &LeaseRecord, token: Option<&SecretString>) -> pb::Lease {
+    pb::Lease {
+        name: record.id.name(),
+        organization: record.organization.to_string(),
+        scopes: record.scopes.to_strings(),
+        holder: record.holder.to_string(),
+        state: state(record.state) as i32,
+        create_time: Some(timestamp(record.create_time)),
+        expire_time: Some(timestamp(record.expire_time)),
+        max_expire_time: Some(timestamp(record.max_expire_time)),
+        revoke_time: record.revoke_time.map(timestamp),
+        renewable: record.state == LeaseState::Active
+            && record.expire_time < record.max_expire_time,
+        display_name: record.display_name.clone(),
+        authorization_id: record
+            .authorization_id
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+        token: token
+            .map(|t| t.expose_secret().to_owned())
+            .unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn create(
+        org: &str,
+        scopes: &[&str],
+        ttl: Option<(i64, i32)>,
+        rid: &str,
+    ) -> pb::CreateLeaseRequest {
+        pb::CreateLeaseRequest {
+            organization: org.into(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            ttl: ttl.map(|(seconds, nanos)| prost_types::Duration { seconds, nanos }),
+            request_id: rid.into(),
+        }
+    }
+
+    fn field_of(r: Result<CreateLease, InvalidField>) -> (&'static str, &'static str) {
+        let e = r.unwrap_err();
+        (e.field, e.reason)
+    }
+
+    #[test]
+    fn a_good_create_request_becomes_domain_types() {
+        let id = Uuid::new_v4();
+        let c = create_lease(create(
+            "Fabrikam",
+            &["vso.code", "vso.code"],
+            Some((900, 0)),
+            &id.to_string(),
+        ))
+        .unwrap();
+        assert_eq!(c.organization.as_str(), "fabrikam");
+        assert_eq!(c.scopes.to_strings(), vec!["vso.code"]);
+        assert_eq!(c.ttl, Some(Duration::from_secs(900)));
+        assert_eq!(c.request_id, Some(id));
+        let c = create_lease(create("fabrikam", &["vso.code"], None, "")).unwrap();
+        assert_eq!((c.ttl, c.request_id), (None, None));
+    }
+
+    #[test]
+    fn bad_create_requests_name_the_field() {
+        let ok = ["vso.code"];
+        assert_eq!(
+            field_of(create_lease(create("", &ok, None, ""))),
+            ("organization", "ORGANIZATION_INVALID")
+        );
+        assert_eq!(
+            field_of(create_lease(create("-bad-", &ok, None, ""))),
+            ("organization", "ORGANIZATION_INVALID")
+        );
+        assert_eq!(
+            field_of(create_lease(create("fabrikam", &[], None, ""))),
+            ("scopes", "SCOPES_EMPTY")
+        );
+        assert_eq!(
+            field_of(create_lease(create("fabrikam", &["vso.nope"], None, ""))),
+            ("scopes", "SCOPE_UNKNOWN")
+        );
+        for ttl in [
+            (0, 0),
+            (-5, 0),
+            (366 * 86400, 0),
+            (1, -1),
+            (0, 2_000_000_000),
+        ] {
+            assert_eq!(
+                field_of(create_lease(create("fabrikam", &ok, Some(ttl), ""))),
+                ("ttl", "TTL_OUT_OF_RANGE"),
+                "{ttl:?}"
+            );
+        }
+        assert_eq!(
+            field_of(create_lease(create("fabrikam", &ok, None, "not-a-uuid"))),
+            ("request_id", "REQUEST_ID_INVALID")
+        );
+    }
+
+    #[test]
+    fn exactly_one_year_is_the_longest_ttl_accepted() {
+        assert!(duration(
+            "ttl",
+            prost_types::Duration {
+                seconds: 365 * 86400,
+                nanos: 0
+            }
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn lease_names_must_be_leases_slash_uuid() {
+        let id = LeaseId::new();
+        assert_eq!(lease_name(&id.name()).unwrap(), id);
+        for bad in ["", "leases/", "leases/123", &id.to_string(), "other/x"] {
+            let e = lease_name(bad).unwrap_err();
+            assert_eq!((e.field, e.reason), ("name", "NAME_INVALID"));
+        }
+    }
+
+    #[test]
+    fn filters_accept_state_and_organization_joined_by_and() {
+        assert_eq!(parse_filter("").unwrap(), (vec![], None));
+        assert_eq!(
+            parse_filter("state = ACTIVE").unwrap(),
+            (vec![LeaseState::Active], None)
+        );
+        let (s, o) = parse_filter(r#"state=REVOKE_FAILED AND organization = "Fabrikam""#).unwrap();
+        assert_eq!(s, vec![LeaseState::RevokeFailed]);
+        assert_eq!(o.unwrap().as_str(), "fabrikam");
+        let (_, o) = parse_filter("organization = contoso").unwrap();
+        assert_eq!(o.unwrap().as_str(), "contoso");
+    }
+
+    #[test]
+    fn unparseable_filters_are_invalid_argument_on_filter() {
+        for bad in [
+            "state",
+            "state =",
+            "state = NOPE",
+            "holder = x",
+            "state = ACTIVE OR state = REVOKED",
+            "state = ACTIVE AND",
+            "state = ACTIVE AND state = EXPIRED",
+            "organization = \"unterminated",
+            "state != ACTIVE",
+            "organization = \"-x-\"",
+        ] {
+            let e = list_query(pb::ListLeasesRequest {
+                filter: bad.into(),
+                ..Default::default()
+            })
+            .unwrap_err();
+            assert_eq!((e.field, e.reason), ("filter", "FILTER_INVALID"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn page_size_defaults_caps_and_refuses_negatives() {
+        let q = |n| {
+            list_query(pb::ListLeasesRequest {
+                page_size: n,
+                ..Default::default()
+            })
+        };
+        assert_eq!(q(0).unwrap().page_size, DEFAULT_PAGE_SIZE);
+        assert_eq!(q(7).unwrap().page_size, 7);
+        assert_eq!(q(5000).unwrap().page_size, MAX_PAGE_SIZE);
+        let e = q(-1).unwrap_err();
+        assert_eq!((e.field, e.reason), ("page_size", "PAGE_SIZE_INVALID"));
+    }
+}

@@ -1,0 +1,208 @@
+//! `token-broker dev`: the one-command local run (issue 4 item 3). Starts
+//! the emulator (unless `--upstream` names one already running), then the
+//! broker wired to it through the Entra refresh-token grant, on an embedded
+//! SQLite file (or `--database-url`), with a sample policy and a dev API
+//! key, and prints how to reach both.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use secrecy::{ExposeSecret as _, SecretString};
+use tokio::net::TcpListener;
+
+use crate::auth::GeneratedApiKey;
+use crate::config::{self, ApiKeySetting, Backend, Config};
+use crate::emulator::{self, EmulatorConfig};
+use crate::policy::Policy;
+
+use super::serve::Broker;
+
+/// SQLite file `dev` uses unless `--database-url` is given; restarting
+/// `dev` in the same directory keeps its leases and deployment id.
+pub const DEV_DATABASE_URL: &str = "sqlite:token-broker-dev.db";
+
+/// Keys file `dev` uses on PostgreSQL (SQLite keeps its own beside the file).
+pub const DEV_KEYS_FILE: &str = "token-broker-dev.keys.toml";
+
+/// The environment variable holding a fixed dev API key (`tbk_…`).
+pub const DEV_API_KEY_VAR: &str = "TOKEN_BROKER_DEV_API_KEY";
+
+/// Name of the dev key; its identity is `apikey:dev`.
+pub const DEV_KEY_NAME: &str = "dev";
+
+/// The sample policy: `apikey:dev` may lease `vso.code_write` and
+/// `vso.packaging` (and what they include) in `fabrikam`, default TTL 1 h,
+/// max 8 h.
+pub const DEV_POLICY: &str = r#"
+rules:
+  - name: dev
+    identities: ["apikey:dev"]
+    organizations: ["fabrikam"]
+    scopes: ["vso.code_write", "vso.packaging"]
+    default_ttl: 1h
+    max_ttl: 8h
+"#;
+
+/// `token-broker dev` options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DevArgs {
+    /// gRPC address of the broker.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Address of the local emulator.
+    #[arg(long, default_value = emulator::DEFAULT_LISTEN)]
+    pub emulator_listen: SocketAddr,
+    /// Store URL, e.g. `postgres://postgres@127.0.0.1:5432/postgres`
+    /// (default: the SQLite file token-broker-dev.db here).
+    #[arg(long, hide_default_value = true)]
+    pub database_url: Option<String>,
+    /// Use the emulator already running at this URL (started with its
+    /// default refresh token) instead of starting one.
+    #[arg(long)]
+    pub upstream: Option<url::Url>,
+}
+
+/// Why `dev` could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    /// Bad flag or environment value.
+    #[error("{0}")]
+    Usage(String),
+    /// The emulator could not listen.
+    #[error("emulator: cannot listen on {addr}: {source}")]
+    Emulator {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The broker failed.
+    #[error(transparent)]
+    Serve(#[from] super::serve::ServeError),
+    /// Configuration.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// The dev API key: `TOKEN_BROKER_DEV_API_KEY` when set, else a fresh one.
+pub fn dev_key() -> Result<GeneratedApiKey, DevError> {
+    match std::env::var(DEV_API_KEY_VAR) {
+        Ok(k) if !k.is_empty() => GeneratedApiKey::from_key(DEV_KEY_NAME, SecretString::from(k))
+            .map_err(|m| DevError::Usage(format!("{DEV_API_KEY_VAR}: {m}"))),
+        _ => GeneratedApiKey::generate(DEV_KEY_NAME).map_err(DevError::Usage),
+    }
+}
+
+/// The broker configuration `dev` runs with: defaults (and any
+/// `TOKEN_BROKER_*` server settings in the environment), then the dev
+/// choices: `listen`, the store, upstream = `upstream_url` through the
+/// Entra refresh-token grant with the emulator's default refresh token,
+/// and the one dev API key.
+pub fn dev_config(
+    args: &DevArgs,
+    upstream_url: &url::Url,
+    key: &GeneratedApiKey,
+) -> Result<Config, DevError> {
+    let mut config = Config::load(None).map_err(|e| DevError::Config(e.to_string()))?;
+    config.grpc.listen = args.listen;
+    config.database.url =
+        SecretString::from(args.database_url.as_deref().unwrap_or(DEV_DATABASE_URL));
+    let backend = config
+        .database
+        .backend()
+        .map_err(|m| DevError::Usage(format!("--database-url: {m}")))?;
+    if backend == Backend::Postgres && config.keys.is_unset() {
+        config::ensure_keys_file(Path::new(DEV_KEYS_FILE))
+            .map_err(|e| DevError::Config(e.to_string()))?;
+        config.keys.file = Some(DEV_KEYS_FILE.into());
+    }
+    config.upstream.azure_devops.base_url = upstream_url.clone();
+    config.upstream.entra.authority = upstream_url.clone();
+    config.upstream.entra.tenant = emulator::DEFAULT_TENANT.to_owned();
+    config.upstream.entra.client_id = "token-broker-dev".to_owned();
+    config.upstream.refresh_token = Some(SecretString::from(emulator::DEFAULT_REFRESH_TOKEN));
+    config.auth.api_keys = vec![ApiKeySetting {
+        name: key.name.clone(),
+        sha256: key.hash.to_hex(),
+    }];
+    config
+        .validate()
+        .map_err(|e| DevError::Config(e.to_string()))?;
+    Ok(config)
+}
+
+/// Runs `dev` until Ctrl-C or SIGTERM.
+pub async fn run(args: DevArgs) -> Result<(), DevError> {
+    let key = dev_key()?;
+    // Local emulator first, so the broker's first token grant finds it.
+    let (upstream_url, emulator) = match &args.upstream {
+        Some(url) => (url.clone(), None),
+        None => {
+            let listener = TcpListener::bind(args.emulator_listen)
+                .await
+                .map_err(|source| DevError::Emulator {
+                    addr: args.emulator_listen,
+                    source,
+                })?;
+            let addr = listener.local_addr().map_err(|source| DevError::Emulator {
+                addr: args.emulator_listen,
+                source,
+            })?;
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(emulator::serve(
+                listener,
+                EmulatorConfig::default(),
+                async {
+                    let _ = stopped.await;
+                },
+            ));
+            let url = url::Url::parse(&format!("http://{addr}")).expect("socket address URL");
+            (url, Some((stop, task)))
+        }
+    };
+    let config = dev_config(&args, &upstream_url, &key)?;
+    crate::telemetry::init(&config.log.filter, config.log.json)
+        .map_err(|e| DevError::Config(e.to_string()))?;
+    let policy = Policy::from_yaml(DEV_POLICY).expect("the built-in dev policy is valid");
+    let listener = super::serve::bind(&config).await?;
+    let broker = Broker::start(&config, policy, listener).await?;
+
+    let addr = format!("http://{}", broker.addr());
+    let emulator_url = upstream_url.as_str().trim_end_matches('/').to_owned();
+    println!(
+        "token-broker dev is running (Ctrl-C to stop)\n\n  \
+         gRPC:      {addr}\n  \
+         emulator:  {emulator_url}{}\n  \
+         database:  {}\n  \
+         API key:   {}  (identity apikey:dev)\n\n\
+         In another shell:\n\n  \
+         export TOKEN_BROKER_ADDR={addr}\n  \
+         export TOKEN_BROKER_API_KEY={}\n  \
+         token-broker lease create --organization fabrikam --scope vso.code --ttl 15m\n",
+        if emulator.is_some() {
+            ""
+        } else {
+            "  (external)"
+        },
+        redact_url(args.database_url.as_deref().unwrap_or(DEV_DATABASE_URL)),
+        key.key.expose_secret(),
+        key.key.expose_secret(),
+    );
+    let result = broker.run_until(super::shutdown_signal()).await;
+    if let Some((stop, task)) = emulator {
+        let _ = stop.send(());
+        let _ = task.await;
+    }
+    result.map_err(DevError::from)
+}
+
+/// The URL without its password, for printing.
+fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("****"));
+            u.to_string()
+        }
+        _ => raw.to_owned(),
+    }
+}

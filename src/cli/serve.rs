@@ -1,0 +1,344 @@
+//! Wiring: builds a running broker from a [`Config`] (store, migrations,
+//! keys, deployment id, upstream client and its refresh token, policy,
+//! leases and their background work, the gRPC server). Used by `serve`,
+//! `dev` and the integration tests, so all three run the same code.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use secrecy::SecretString;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Mutex};
+use tokio::task::JoinHandle;
+
+use crate::api::{self, ApiError};
+use crate::auth::Authenticator;
+use crate::config::{Config, ConfigError};
+use crate::crypto::Keyring;
+use crate::leases::{LeaseDeps, LeaseSettings, Leases};
+use crate::policy::{Policy, PolicyError};
+use crate::store::{self, Store, StoreError, UpstreamCredential};
+use crate::upstream::azure_devops::AzureDevOpsClient;
+use crate::upstream::entra::{RefreshTokenSink, RefreshTokenSource, TokenSource};
+use crate::upstream::UpstreamError;
+
+/// Meta key of the deployment id (second part of every display name).
+pub const DEPLOYMENT_ID_META: &str = "deployment_id";
+
+/// Why the broker could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Bad configuration (names the setting).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The policy file is invalid.
+    #[error("policy.file: {0}")]
+    Policy(#[from] PolicyError),
+    /// The store could not be opened or migrated.
+    #[error("database: {0}")]
+    Store(#[from] StoreError),
+    /// The upstream client could not be built.
+    #[error("upstream: {0}")]
+    Upstream(#[from] UpstreamError),
+    /// The listener could not be bound.
+    #[error("grpc.listen: cannot listen on {addr}: {source}")]
+    Bind {
+        /// The configured address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// A background task panicked.
+    #[error("broker task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Loads the policy named by `policy.file`; without one, a policy with no
+/// rules, which denies every request (deny by default).
+pub fn load_policy(config: &Config) -> Result<Policy, ServeError> {
+    match &config.policy.file {
+        Some(path) => {
+            let policy = Policy::load(path)?;
+            tracing::info!(file = %path.display(), rules = policy.rules().len(), "policy loaded");
+            Ok(policy)
+        }
+        None => {
+            tracing::warn!("no policy.file configured: every lease request will be denied");
+            Ok(Policy::default())
+        }
+    }
+}
+
+/// Binds `grpc.listen`.
+pub async fn bind(config: &Config) -> Result<TcpListener, ServeError> {
+    let addr = config.grpc.listen;
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })
+}
+
+/// A running broker: the gRPC server and the lease background work.
+pub struct Broker {
+    addr: SocketAddr,
+    deployment_id: String,
+    shutdown: watch::Sender<bool>,
+    server: JoinHandle<Result<(), ApiError>>,
+    background: JoinHandle<()>,
+}
+
+impl Broker {
+    /// Opens and migrates the store, resolves keys, builds the upstream
+    /// client and the lease service, and starts serving on `listener` with
+    /// `policy`. Returns once the server accepts calls.
+    pub async fn start(
+        config: &Config,
+        policy: Policy,
+        listener: TcpListener,
+    ) -> Result<Broker, ServeError> {
+        let backend = config
+            .database
+            .backend()
+            .map_err(|m| ConfigError::new("database.url", m))?;
+        let (keys, generated) = config.keys.resolve(&backend)?;
+        if let Some(path) = generated {
+            tracing::warn!(
+                file = %path.display(),
+                "no keys configured: generated a keys file (mode 0600) beside the SQLite database; back it up with the database, without it sealed tokens cannot be opened"
+            );
+        }
+        let (keyring, fingerprinter) = keys.build()?;
+        let keyring = Arc::new(keyring);
+
+        let store = store::open(secrecy::ExposeSecret::expose_secret(&config.database.url)).await?;
+        store.migrate().await?;
+        let deployment_id = store
+            .put_meta_if_absent(
+                DEPLOYMENT_ID_META,
+                &uuid::Uuid::new_v4().simple().to_string(),
+            )
+            .await?;
+
+        let tokens = token_source(config, store.clone(), keyring.clone()).await?;
+        let upstream = AzureDevOpsClient::new(config.upstream.azure_devops.clone(), tokens)?;
+
+        let auth = Authenticator::new(
+            config
+                .auth
+                .api_keys()
+                .map_err(|(setting, m)| ConfigError::new(setting, m))?,
+        );
+        if auth_is_empty(config) {
+            tracing::warn!("no auth.api_keys configured: every LeaseService call will be refused");
+        }
+
+        let leases = Arc::new(Leases::new(LeaseDeps {
+            store: store.clone(),
+            upstream: Arc::new(upstream),
+            keyring,
+            policy: Arc::new(policy),
+            fingerprinter: Arc::new(fingerprinter),
+            settings: LeaseSettings {
+                display_name_prefix: config.leases.display_name_prefix.clone(),
+                deployment_id: deployment_id.clone(),
+                valid_to_skew: config.leases.valid_to_skew,
+                reaper_interval: config.leases.reaper_interval,
+                replica_id: replica_id(),
+            },
+        }));
+
+        let (shutdown, rx) = watch::channel(false);
+        let background = {
+            let leases = leases.clone();
+            let rx = rx.clone();
+            tokio::spawn(async move { leases.run_background(stopped(rx)).await })
+        };
+        let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+            addr: config.grpc.listen,
+            source,
+        })?;
+        let server = tokio::spawn(api::serve(
+            listener,
+            leases,
+            Arc::new(auth),
+            store,
+            stopped(rx),
+        ));
+        tracing::info!(%addr, deployment_id = %deployment_id, "token-broker serving gRPC");
+        Ok(Broker {
+            addr,
+            deployment_id,
+            shutdown,
+            server,
+            background,
+        })
+    }
+
+    /// The address the gRPC server listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// This deployment's id, stable across restarts on one store.
+    pub fn deployment_id(&self) -> &str {
+        &self.deployment_id
+    }
+
+    /// Stops accepting calls, lets in-flight ones finish, stops background
+    /// work, and waits for all of it.
+    pub async fn stop(self) -> Result<(), ServeError> {
+        let _ = self.shutdown.send(true);
+        self.finish().await
+    }
+
+    /// Runs until `signal` resolves (or the server fails), then stops.
+    pub async fn run_until(
+        mut self,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> Result<(), ServeError> {
+        tokio::select! {
+            () = signal => {
+                tracing::info!("shutting down: finishing in-flight calls");
+                self.stop().await
+            }
+            result = &mut self.server => {
+                let _ = self.shutdown.send(true);
+                let _ = self.background.await;
+                result??;
+                Ok(())
+            }
+        }
+    }
+
+    async fn finish(self) -> Result<(), ServeError> {
+        let server = self.server.await;
+        let _ = self.background.await;
+        server??;
+        Ok(())
+    }
+}
+
+fn auth_is_empty(config: &Config) -> bool {
+    config.auth.api_keys.is_empty()
+}
+
+/// Resolves once `rx` turns true (or its sender is gone).
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// `claimed_by` of this process: host name (when known), pid and a random
+/// suffix, so two replicas never share one.
+fn replica_id() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}-{}", std::process::id(), &suffix[..8])
+}
+
+/// The upstream bearer source: the Entra refresh-token grant, starting from
+/// the refresh token sealed in the store (the newest rotation), else the
+/// configured `upstream.refresh_token`. Every rotated token is sealed and
+/// stored. With neither, every upstream call fails with an authentication
+/// error naming the setting (the broker still starts, so health and the
+/// refusal paths work).
+async fn token_source(
+    config: &Config,
+    store: Arc<dyn Store>,
+    keyring: Arc<Keyring>,
+) -> Result<Arc<dyn TokenSource>, ServeError> {
+    let stored = store.load_upstream_credential().await?;
+    let (initial, version) = match &stored {
+        Some(cred) => match keyring.open(&cred.sealed, UpstreamCredential::AAD) {
+            Ok(token) => (Some(token), Some(cred.version)),
+            Err(e) => {
+                tracing::warn!(error = %e, "stored upstream refresh token cannot be opened with the configured keys; falling back to upstream.refresh_token");
+                (None, Some(cred.version))
+            }
+        },
+        None => (None, None),
+    };
+    let initial = initial.or_else(|| config.upstream.refresh_token.clone());
+    let Some(initial) = initial else {
+        tracing::warn!("no upstream refresh token (upstream.refresh_token, or one stored earlier): lease creation will fail until one is configured");
+        return Ok(Arc::new(NoCredential));
+    };
+    let sink = Arc::new(StoreSink {
+        store,
+        keyring,
+        version: Mutex::new(version),
+    });
+    Ok(Arc::new(RefreshTokenSource::new(
+        config.upstream.entra.clone(),
+        initial,
+        sink,
+    )?))
+}
+
+/// Seals every rotated refresh token into the store (optimistic version).
+struct StoreSink {
+    store: Arc<dyn Store>,
+    keyring: Arc<Keyring>,
+    version: Mutex<Option<i64>>,
+}
+
+#[async_trait]
+impl RefreshTokenSink for StoreSink {
+    async fn save(&self, refresh_token: &SecretString) -> Result<(), UpstreamError> {
+        let sealed = self.keyring.seal(refresh_token, UpstreamCredential::AAD);
+        let mut version = self.version.lock().await;
+        let fail = |e: StoreError| {
+            UpstreamError::Unavailable(format!("cannot store the rotated refresh token: {e}"))
+        };
+        for _ in 0..2 {
+            if self
+                .store
+                .save_upstream_credential(*version, &sealed, Utc::now())
+                .await
+                .map_err(fail)?
+            {
+                // Re-read: the store owns the numbering.
+                *version = self
+                    .store
+                    .load_upstream_credential()
+                    .await
+                    .map_err(fail)?
+                    .map(|c| c.version);
+                return Ok(());
+            }
+            // Another replica rotated too; both tokens stay valid (Entra does
+            // not revoke a used refresh token), so the newest write wins.
+            *version = self
+                .store
+                .load_upstream_credential()
+                .await
+                .map_err(fail)?
+                .map(|c| c.version);
+        }
+        tracing::warn!("rotated refresh token not stored: lost two races with other replicas");
+        Ok(())
+    }
+}
+
+/// Used when no upstream refresh token is configured.
+struct NoCredential;
+
+#[async_trait]
+impl TokenSource for NoCredential {
+    async fn bearer(&self) -> Result<SecretString, UpstreamError> {
+        Err(UpstreamError::Authentication(
+            "no upstream refresh token configured (upstream.refresh_token)".into(),
+        ))
+    }
+    async fn invalidate(&self) {}
+}
+
+/// `token-broker migrate`: applies pending migrations and exits.
+pub async fn migrate(config: &Config) -> Result<(), ServeError> {
+    let store = store::open(secrecy::ExposeSecret::expose_secret(&config.database.url)).await?;
+    store.migrate().await?;
+    Ok(())
+}

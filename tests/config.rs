@@ -1,0 +1,288 @@
+//! Configuration: defaults < file < `TOKEN_BROKER_*` environment, validated
+//! with errors that name the setting. Each test runs in a figment `Jail`
+//! (its own working directory and environment variables).
+
+use std::path::Path;
+
+use figment::Jail;
+use secrecy::ExposeSecret as _;
+use token_broker::config::{Backend, Config, ConfigErrors};
+
+const SHA: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+const KEY_A: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+fn load(file: Option<&str>) -> Result<Config, ConfigErrors> {
+    Config::load(file.map(Path::new))
+}
+
+fn fails_naming(jail: &mut Jail, toml: &str, setting: &str) {
+    jail.create_file("bad.toml", toml).unwrap();
+    let err = load(Some("bad.toml")).expect_err(toml);
+    assert!(
+        err.names(setting),
+        "expected an error naming {setting} for {toml:?}, got: {err}"
+    );
+    assert!(err.to_string().contains(setting));
+}
+
+#[test]
+fn with_nothing_configured_the_broker_listens_locally_on_an_embedded_sqlite_file() {
+    Jail::expect_with(|_| {
+        let c = load(None).unwrap();
+        assert_eq!(c.grpc.listen.to_string(), "127.0.0.1:50051");
+        assert_eq!(
+            c.database.backend().unwrap(),
+            Backend::Sqlite(Some("token-broker.db".into()))
+        );
+        assert!(c.keys.is_unset());
+        assert!(c.auth.api_keys.is_empty());
+        assert_eq!(c.leases.display_name_prefix, "token-broker");
+        assert_eq!(c.leases.valid_to_skew.as_secs(), 300);
+        assert_eq!(c.leases.reaper_interval.as_secs(), 15);
+        assert_eq!(
+            c.upstream.azure_devops.base_url.as_str(),
+            "https://vssps.dev.azure.com/"
+        );
+        assert_eq!(c.upstream.entra.tenant, "organizations");
+        assert_eq!(c.log.filter, "info");
+        assert!(c.policy.file.is_none());
+        Ok(())
+    });
+}
+
+#[test]
+fn a_file_overrides_defaults_and_the_environment_overrides_the_file() {
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "broker.toml",
+            r#"
+            [grpc]
+            listen = "0.0.0.0:6000"
+            [database]
+            url = "postgres://postgres@db.internal/broker"
+            [upstream.azure_devops]
+            base_url = "http://127.0.0.1:8081"
+            [leases]
+            display_name_prefix = "staging"
+            valid_to_skew = "2m"
+            "#,
+        )?;
+        let c = load(Some("broker.toml")).unwrap();
+        assert_eq!(c.grpc.listen.to_string(), "0.0.0.0:6000");
+        assert_eq!(c.leases.display_name_prefix, "staging");
+        assert_eq!(c.leases.valid_to_skew.as_secs(), 120);
+        assert_eq!(
+            c.upstream.azure_devops.base_url.as_str(),
+            "http://127.0.0.1:8081/"
+        );
+        assert_eq!(c.upstream.azure_devops.api_version, "7.1-preview.1");
+
+        jail.set_env("TOKEN_BROKER_GRPC__LISTEN", "127.0.0.1:0");
+        jail.set_env("TOKEN_BROKER_DATABASE__URL", "sqlite:other.db");
+        jail.set_env("TOKEN_BROKER_LEASES__REAPER_INTERVAL", "1m");
+        let c = load(Some("broker.toml")).unwrap();
+        assert_eq!(c.grpc.listen.to_string(), "127.0.0.1:0");
+        assert_eq!(c.database.url.expose_secret(), "sqlite:other.db");
+        assert_eq!(
+            c.leases.display_name_prefix, "staging",
+            "file still applies"
+        );
+        assert_eq!(c.leases.reaper_interval.as_secs(), 60);
+        Ok(())
+    });
+}
+
+#[test]
+fn api_keys_and_secrets_can_come_from_the_environment() {
+    Jail::expect_with(|jail| {
+        jail.set_env(
+            "TOKEN_BROKER_AUTH__API_KEYS",
+            format!(r#"[{{name="ci", sha256="{SHA}"}}]"#),
+        );
+        jail.set_env("TOKEN_BROKER_UPSTREAM__REFRESH_TOKEN", "rt-secret-value");
+        let c = load(None).unwrap();
+        assert_eq!(c.auth.api_keys.len(), 1);
+        assert_eq!(c.auth.api_keys().unwrap().len(), 1);
+        assert_eq!(
+            c.upstream.refresh_token.as_ref().unwrap().expose_secret(),
+            "rt-secret-value"
+        );
+        assert!(!format!("{c:?}").contains("rt-secret-value"));
+        Ok(())
+    });
+}
+
+#[test]
+fn each_bad_setting_fails_naming_it() {
+    Jail::expect_with(|jail| {
+        let cases = [
+            ("[grpc]\nlisten = \"nowhere\"", "grpc.listen"),
+            ("[database]\nurl = \"mysql://x\"", "database.url"),
+            (
+                "[upstream.azure_devops]\nbase_url = \"ftp://x\"",
+                "upstream.azure_devops.base_url",
+            ),
+            (
+                "[upstream.azure_devops]\nbase_url = \"not a url\"",
+                "upstream.azure_devops.base_url",
+            ),
+            (
+                "[upstream.azure_devops]\nrequest_timeout = \"soon\"",
+                "upstream.azure_devops.request_timeout",
+            ),
+            (
+                "[upstream.azure_devops]\nrequest_timeout = \"0s\"",
+                "upstream.azure_devops.request_timeout",
+            ),
+            (
+                "[upstream.azure_devops]\npage_size = 500",
+                "upstream.azure_devops.page_size",
+            ),
+            ("[upstream.entra]\nauthority = \"ftp://x\"", "upstream.entra.authority"),
+            ("[upstream]\nrefresh_token = \"\"", "upstream.refresh_token"),
+            ("[policy]\nfile = \"missing.yaml\"", "policy.file"),
+            ("[leases]\ndisplay_name_prefix = \"a:b\"", "leases.display_name_prefix"),
+            ("[leases]\nvalid_to_skew = \"2h\"", "leases.valid_to_skew"),
+            ("[leases]\nreaper_interval = \"0s\"", "leases.reaper_interval"),
+            (
+                "[auth]\napi_keys = [{ name = \"ci\", sha256 = \"abc\" }]",
+                "auth.api_keys[0].sha256",
+            ),
+            (
+                &format!("[auth]\napi_keys = [{{ name = \"bad name\", sha256 = \"{SHA}\" }}]"),
+                "auth.api_keys",
+            ),
+            ("[log]\nfilter = \"[[[\"", "log.filter"),
+            ("[log]\njson = \"yes\"", "log.json"),
+            ("[keys]\nactive = \"k1\"", "keys.active"),
+            (
+                &format!("[keys]\nactive = \"k1\"\nfingerprint = \"{KEY_A}\"\n[keys.sealing]\nk1 = \"short\""),
+                "keys.sealing.k1",
+            ),
+            (
+                &format!("[keys]\nactive = \"k1\"\n[keys.sealing]\nk1 = \"{KEY_A}\""),
+                "keys.fingerprint",
+            ),
+            (
+                &format!("[keys]\nfile = \"k.toml\"\nactive = \"k1\"\nfingerprint = \"{KEY_A}\"\n[keys.sealing]\nk1 = \"{KEY_A}\""),
+                "keys.file",
+            ),
+        ];
+        for (toml, setting) in cases {
+            fails_naming(jail, toml, setting);
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn a_bad_environment_value_fails_naming_the_setting_and_variable() {
+    Jail::expect_with(|jail| {
+        jail.set_env("TOKEN_BROKER_GRPC__LISTEN", "not-an-address");
+        let err = load(None).unwrap_err();
+        assert!(err.names("grpc.listen"), "{err}");
+        assert!(
+            err.to_string().contains("TOKEN_BROKER_GRPC__LISTEN"),
+            "{err}"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn an_unknown_setting_fails_naming_it() {
+    Jail::expect_with(|jail| {
+        fails_naming(
+            jail,
+            "[grpc]\nlisten = \"127.0.0.1:1\"\nlistne = \"x\"",
+            "grpc.listne",
+        );
+        fails_naming(jail, "[metrics]\nport = 9000", "metrics");
+        jail.set_env("TOKEN_BROKER_DATABASE__URLL", "sqlite:x.db");
+        let err = load(None).unwrap_err();
+        assert!(err.names("database.urll"), "{err}");
+        Ok(())
+    });
+}
+
+#[test]
+fn client_variables_are_neither_server_settings_nor_errors() {
+    Jail::expect_with(|jail| {
+        jail.set_env("TOKEN_BROKER_ADDR", "http://127.0.0.1:1");
+        jail.set_env("TOKEN_BROKER_API_KEY", "tbk_client_key_xxxxxxxxxxxxxxxx");
+        jail.set_env(
+            "TOKEN_BROKER_DEV_API_KEY",
+            "tbk_dev_key_xxxxxxxxxxxxxxxxxxx",
+        );
+        jail.set_env("TOKEN_BROKER_CONFIG", "does-not-exist.toml");
+        jail.set_env("TOKEN_BROKER_EMULATOR_LISTEN", "127.0.0.1:1");
+        jail.set_env("TOKEN_BROKER_EMULATOR_REFRESH_TOKEN", "x");
+        let c = load(None).unwrap();
+        assert_eq!(c.grpc.listen.to_string(), "127.0.0.1:50051");
+        Ok(())
+    });
+}
+
+#[test]
+fn sqlite_without_keys_generates_a_private_keys_file_and_reuses_it() {
+    Jail::expect_with(|jail| {
+        let c = load(None).unwrap();
+        let backend = c.database.backend().unwrap();
+        let (first, created) = c.keys.resolve(&backend).unwrap();
+        let path = created.expect("a keys file is generated on first start");
+        assert_eq!(path, Path::new("token-broker.db.keys.toml"));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(jail.directory().join(&path))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let (second, created) = c.keys.resolve(&backend).unwrap();
+        assert!(created.is_none(), "the file is reused");
+        assert_eq!(first.active, second.active);
+        assert_eq!(
+            first.sealing[&first.active].expose_secret(),
+            second.sealing[&second.active].expose_secret()
+        );
+        first.build().expect("generated keys build a keyring");
+        Ok(())
+    });
+}
+
+#[test]
+fn postgres_without_keys_is_a_start_up_error_naming_keys() {
+    Jail::expect_with(|jail| {
+        jail.set_env(
+            "TOKEN_BROKER_DATABASE__URL",
+            "postgres://postgres@127.0.0.1/x",
+        );
+        let c = load(None).unwrap();
+        let err = c.keys.resolve(&c.database.backend().unwrap()).unwrap_err();
+        assert_eq!(err.setting, "keys");
+        Ok(())
+    });
+}
+
+#[test]
+fn configured_keys_are_used_inline_or_from_a_file() {
+    Jail::expect_with(|jail| {
+        let keys =
+            format!("active = \"k1\"\nfingerprint = \"{KEY_A}\"\n[sealing]\nk1 = \"{KEY_A}\"\n");
+        jail.create_file("keys.toml", &keys)?;
+        jail.set_env(
+            "TOKEN_BROKER_DATABASE__URL",
+            "postgres://postgres@127.0.0.1/x",
+        );
+        jail.set_env("TOKEN_BROKER_KEYS__FILE", "keys.toml");
+        let c = load(None).unwrap();
+        let (k, created) = c.keys.resolve(&Backend::Postgres).unwrap();
+        assert_eq!((k.active.as_str(), created), ("k1", None));
+        assert!(!format!("{k:?}").contains(KEY_A));
+        let (keyring, _) = k.build().unwrap();
+        assert_eq!(keyring.active_key_id(), "k1");
+        Ok(())
+    });
+}
