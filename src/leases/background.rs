@@ -4,6 +4,7 @@
 //! committed claims (`Store::claim_due`), so several replicas share it
 //! without doing anything twice; no transaction spans an upstream call.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use super::support::{begin_revocation, finish_revocation, now, BACKGROUND_ACTOR};
@@ -22,37 +23,58 @@ fn claim_for(deps: &LeaseDeps) -> Duration {
     (deps.settings.reaper_interval * 4).max(Duration::from_secs(60))
 }
 
-/// Runs [`run_once`] every `reaper_interval` until `shutdown` resolves.
+/// Runs a pass every `reaper_interval` until `shutdown` resolves. A pass
+/// under way when it does stops taking new leases, releases the claims it
+/// has not started on, and finishes the one in hand (graceful shutdown,
+/// DESIGN.md section 10).
 pub(super) async fn run(deps: &LeaseDeps, shutdown: impl std::future::Future<Output = ()> + Send) {
     let mut tick =
         tokio::time::interval(deps.settings.reaper_interval.max(Duration::from_millis(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let stop = AtomicBool::new(false);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            _ = tick.tick() => {
-                // The pass itself also stops at shutdown; unfinished claims lapse.
-                tokio::select! {
-                    _ = &mut shutdown => break,
-                    result = run_once(deps) => {
-                        if let Err(e) = result {
-                            tracing::warn!(error = %e, "background pass failed");
-                        }
-                    }
-                }
-            }
+            _ = tick.tick() => {}
         }
+        let pass = pass(deps, &stop);
+        tokio::pin!(pass);
+        let result = tokio::select! {
+            result = &mut pass => result,
+            _ = &mut shutdown => {
+                stop.store(true, Ordering::Relaxed);
+                let result = pass.await;
+                report(result);
+                break;
+            }
+        };
+        report(result);
     }
     tracing::info!("background work stopped");
 }
 
-/// One pass: expire every due ACTIVE lease, then retry every due
-/// revocation. Returns how many leases reached REVOKED or EXPIRED.
+fn report(result: Result<usize, LeaseError>) {
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "background pass failed");
+    }
+}
+
+/// One pass to the end (see [`pass`]).
 pub(super) async fn run_once(deps: &LeaseDeps) -> Result<usize, LeaseError> {
+    pass(deps, &AtomicBool::new(false)).await
+}
+
+/// One pass: expire every due ACTIVE lease, then retry every due
+/// revocation; once `stop` is set, claimed leases are released untouched.
+/// Returns how many leases reached REVOKED or EXPIRED.
+async fn pass(deps: &LeaseDeps, stop: &AtomicBool) -> Result<usize, LeaseError> {
     let mut finished = 0;
     // Bounded rounds, so rows that keep failing cannot spin a pass forever.
     for _ in 0..MAX_EXPIRY_ROUNDS {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(finished);
+        }
         let due = deps
             .store
             .claim_due(
@@ -65,11 +87,18 @@ pub(super) async fn run_once(deps: &LeaseDeps) -> Result<usize, LeaseError> {
             .await?;
         let claimed = due.len();
         for lease in due {
-            finished += expire(deps, lease).await;
+            if stop.load(Ordering::Relaxed) {
+                release(deps, lease.id).await;
+            } else {
+                finished += expire(deps, lease).await;
+            }
         }
         if claimed < BATCH as usize {
             break;
         }
+    }
+    if stop.load(Ordering::Relaxed) {
+        return Ok(finished);
     }
     // One batch of retries per pass: failures are rescheduled into the
     // future, so looping here would only hammer a failing upstream.
@@ -84,9 +113,24 @@ pub(super) async fn run_once(deps: &LeaseDeps) -> Result<usize, LeaseError> {
         )
         .await?;
     for lease in due {
-        finished += retry_revocation(deps, lease).await;
+        if stop.load(Ordering::Relaxed) {
+            release(deps, lease.id).await;
+        } else {
+            finished += retry_revocation(deps, lease).await;
+        }
     }
     Ok(finished)
+}
+
+/// Gives a claimed lease back, best effort (an unreleased claim lapses).
+async fn release(deps: &LeaseDeps, id: crate::domain::LeaseId) {
+    if let Err(e) = deps
+        .store
+        .release_claim(id, &deps.settings.replica_id)
+        .await
+    {
+        tracing::warn!(lease_id = %id, error = %e, "could not release claim");
+    }
 }
 
 /// Expires one claimed ACTIVE lease; 1 if it reached EXPIRED.
@@ -128,13 +172,7 @@ async fn settle(
             if let Err(e) = &result {
                 tracing::warn!(lease_id = %id, error = %e, "background revocation failed");
             }
-            if let Err(e) = deps
-                .store
-                .release_claim(id, &deps.settings.replica_id)
-                .await
-            {
-                tracing::warn!(lease_id = %id, error = %e, "could not release claim");
-            }
+            release(deps, id).await;
             0
         }
     }
