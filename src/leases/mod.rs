@@ -28,7 +28,9 @@ pub struct CreateLease {
     pub request_id: Option<Uuid>,
 }
 
-/// A freshly issued (or replayed) lease and its PAT.
+/// A freshly issued (or replayed) lease and its PAT. Debug redacts the
+/// token (`SecretString`).
+#[derive(Debug)]
 pub struct IssuedLease {
     /// The lease.
     pub lease: LeaseRecord,

@@ -1,0 +1,214 @@
+//! The real broker, in-process, on 127.0.0.1:0: the same wiring as
+//! `token-broker serve` (`cli::serve::Broker`), configured from a
+//! [`BrokerSpec`] instead of a file. Clients reach it over a real socket.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use figment::providers::{Format as _, Toml};
+use figment::Figment;
+use secrecy::{ExposeSecret as _, SecretString};
+use tokio::net::TcpListener;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+
+use token_broker::auth::GeneratedApiKey;
+use token_broker::cli::serve::Broker;
+use token_broker::config::{ApiKeySetting, Config, DEFAULTS};
+use token_broker::crypto::Keyring;
+use token_broker::emulator::DEFAULT_REFRESH_TOKEN;
+use token_broker::policy::Policy;
+use token_broker::proto::v1::lease_service_client::LeaseServiceClient;
+
+/// A policy letting `apikey:ci` lease code and packaging scopes in
+/// `fabrikam` (default TTL 1 h, max 8 h).
+pub const CI_POLICY: &str = r#"
+rules:
+  - name: ci
+    identities: ["apikey:ci"]
+    organizations: ["fabrikam"]
+    scopes: ["vso.code_write", "vso.packaging"]
+    default_ttl: 1h
+    max_ttl: 8h
+"#;
+
+/// Everything a test chooses about a broker. Keep the spec to restart a
+/// broker on the same store with the same keys.
+#[derive(Clone)]
+pub struct BrokerSpec {
+    /// `postgres://…` or `sqlite://…`.
+    pub store_url: String,
+    /// Base URL of the emulator (PAT API and Entra endpoint).
+    pub emulator_url: String,
+    /// Policy YAML.
+    pub policy_yaml: String,
+    /// `(name, key)` pairs the broker accepts.
+    pub api_keys: Vec<(String, SecretString)>,
+    /// Sealing key (base64 of 32 bytes).
+    pub sealing_key: SecretString,
+    /// Audit fingerprint key (base64 of 32 bytes).
+    pub fingerprint_key: SecretString,
+    /// The initial upstream refresh token.
+    pub refresh_token: SecretString,
+    /// `leases.reaper_interval`.
+    pub reaper_interval: Duration,
+    /// `leases.valid_to_skew`.
+    pub valid_to_skew: Duration,
+}
+
+impl BrokerSpec {
+    /// A broker on `store_url` against the emulator at `emulator_url`, with
+    /// [`CI_POLICY`], fresh keys, and one API key named `ci` (see
+    /// [`BrokerSpec::key`]).
+    pub fn new(store_url: impl Into<String>, emulator_url: impl Into<String>) -> BrokerSpec {
+        let ci = GeneratedApiKey::generate("ci").expect("key");
+        BrokerSpec {
+            store_url: store_url.into(),
+            emulator_url: emulator_url.into(),
+            policy_yaml: CI_POLICY.to_owned(),
+            api_keys: vec![("ci".into(), ci.key)],
+            sealing_key: Keyring::generate_key(),
+            fingerprint_key: Keyring::generate_key(),
+            refresh_token: SecretString::from(DEFAULT_REFRESH_TOKEN),
+            reaper_interval: Duration::from_secs(15),
+            valid_to_skew: Duration::from_secs(300),
+        }
+    }
+
+    /// Replaces the policy.
+    pub fn with_policy(mut self, yaml: &str) -> BrokerSpec {
+        self.policy_yaml = yaml.to_owned();
+        self
+    }
+
+    /// Adds an API key `name` (a fresh one) and returns the spec.
+    pub fn with_key(mut self, name: &str) -> BrokerSpec {
+        let k = GeneratedApiKey::generate(name).expect("key");
+        self.api_keys.push((name.to_owned(), k.key));
+        self
+    }
+
+    /// The key configured under `name`.
+    pub fn key(&self, name: &str) -> SecretString {
+        self.api_keys
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, k)| k.clone())
+            .unwrap_or_else(|| panic!("no API key named {name}"))
+    }
+
+    /// The server configuration this spec stands for (defaults, then the
+    /// spec; the process environment is not read).
+    pub fn config(&self) -> Config {
+        let mut config: Config = Figment::from(Toml::string(DEFAULTS))
+            .extract()
+            .expect("defaults");
+        config.grpc.listen = "127.0.0.1:0".parse().unwrap();
+        config.database.url = SecretString::from(self.store_url.clone());
+        config.keys.active = Some("test".into());
+        config.keys.sealing = [("test".to_owned(), self.sealing_key.clone())].into();
+        config.keys.fingerprint = Some(self.fingerprint_key.clone());
+        let url = url::Url::parse(&self.emulator_url).expect("emulator URL");
+        config.upstream.azure_devops.base_url = url.clone();
+        config.upstream.entra.authority = url;
+        config.upstream.entra.client_id = "token-broker-tests".into();
+        config.upstream.refresh_token = Some(self.refresh_token.clone());
+        config.leases.reaper_interval = self.reaper_interval;
+        config.leases.valid_to_skew = self.valid_to_skew;
+        config.auth.api_keys = self
+            .api_keys
+            .iter()
+            .map(|(name, key)| {
+                let k = GeneratedApiKey::from_key(name, key.clone()).expect("valid key");
+                ApiKeySetting {
+                    name: name.clone(),
+                    sha256: k.hash.to_hex(),
+                }
+            })
+            .collect();
+        config.validate().expect("test configuration is valid");
+        config
+    }
+}
+
+/// A running in-process broker.
+pub struct TestBroker {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// Its deployment id.
+    pub deployment_id: String,
+    broker: Option<Broker>,
+}
+
+/// Starts the real server on 127.0.0.1:0 as `spec` says.
+pub async fn spawn_broker(spec: &BrokerSpec) -> TestBroker {
+    let config = spec.config();
+    let policy = Policy::from_yaml(&spec.policy_yaml).expect("test policy is valid");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let broker = Broker::start(&config, policy, listener)
+        .await
+        .expect("broker starts");
+    let addr = broker.addr();
+    TestBroker {
+        addr,
+        url: format!("http://{addr}"),
+        deployment_id: broker.deployment_id().to_owned(),
+        broker: Some(broker),
+    }
+}
+
+/// Adds `authorization: Bearer <key>` to every call (or nothing).
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A LeaseService client that authenticates with a fixed key (or none).
+pub type Client = LeaseServiceClient<InterceptedService<Channel, Bearer>>;
+
+impl TestBroker {
+    /// A connected channel.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to the broker")
+    }
+
+    /// A client sending `key` as its bearer credential.
+    pub async fn client(&self, key: &SecretString) -> Client {
+        let value = MetadataValue::try_from(format!("Bearer {}", key.expose_secret())).unwrap();
+        LeaseServiceClient::with_interceptor(self.channel().await, Bearer(Some(value)))
+    }
+
+    /// A client that sends no credential.
+    pub async fn anonymous_client(&self) -> Client {
+        LeaseServiceClient::with_interceptor(self.channel().await, Bearer(None))
+    }
+
+    /// A client sending this exact `authorization` header value.
+    pub async fn client_with_header(&self, header: &str) -> Client {
+        let value = MetadataValue::try_from(header).unwrap();
+        LeaseServiceClient::with_interceptor(self.channel().await, Bearer(Some(value)))
+    }
+
+    /// Stops it gracefully (in-flight calls finish) and waits.
+    pub async fn stop(mut self) {
+        if let Some(b) = self.broker.take() {
+            b.stop().await.expect("broker stops cleanly");
+        }
+    }
+}
