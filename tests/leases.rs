@@ -55,6 +55,7 @@ on_both_stores!(
     create_whose_answer_is_lost_leaves_no_live_pat_and_a_retry_mints_afresh,
     revoke_during_an_upstream_outage_answers_revoking_and_is_finished_later,
     lease_never_outlives_a_pat_whose_valid_to_upstream_clamped,
+    upstream_policy_refusal_fails_the_lease_and_says_why,
 );
 
 fn parse_time(v: &serde_json::Value) -> DateTime<Utc> {
@@ -791,6 +792,56 @@ async fn lease_never_outlives_a_pat_whose_valid_to_upstream_clamped(backend: Bac
     assert!(issued.lease.expire_time <= valid_to);
     assert!(issued.lease.max_expire_time <= valid_to);
     assert_eq!(stored(&broker.store, issued.lease.id).await, issued.lease);
+}
+
+async fn upstream_policy_refusal_fails_the_lease_and_says_why(backend: Backend) {
+    let emulator = start_emulator_with(token_broker::emulator::EmulatorConfig {
+        restrict_full_scope: true,
+        ..Default::default()
+    })
+    .await;
+    let url = emulator.url();
+    let db = TestDb::new(backend).await;
+    let broker = start_broker(&db, &url, &TestKeys::new(), BrokerOptions::default()).await;
+    let request_id = Some(Uuid::new_v4());
+
+    for _attempt in 0..2 {
+        // The key may be retried after a refusal; upstream refuses again.
+        let refused = broker
+            .leases
+            .create(&caller("long"), request(&["app_token"], None, request_id))
+            .await;
+        let Err(LeaseError::Upstream(e)) = refused else {
+            panic!("expected an upstream refusal");
+        };
+        use token_broker::error::{ErrorCode, ServiceError};
+        assert_eq!(e.code(), ErrorCode::FailedPrecondition);
+        assert_eq!(e.reason(), "UPSTREAM_POLICY_VIOLATION");
+    }
+
+    let rows = broker
+        .store
+        .list_leases(&LeaseFilter::default(), None, 100)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2, "one FAILED lease per attempt");
+    for row in &rows {
+        assert_eq!(row.state, LeaseState::Failed);
+        assert!(row.sealed_token.is_none());
+        assert!(row
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("fullScopePatPolicyViolation")));
+    }
+    assert!(emulator_pats(&url).await.is_empty());
+    let audit = broker.store.list_audit(0, 100).await.unwrap();
+    assert_eq!(
+        audit
+            .iter()
+            .filter(|e| e.action == "lease.create" && e.outcome == Outcome::Error)
+            .count(),
+        2
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -39,7 +39,8 @@ pub enum Backend {
 /// The policy of the lease tests: `apikey:ci` and `apikey:other` may lease
 /// `vso.code_write` and `vso.packaging` (and what they include) in
 /// `fabrikam`, default TTL 1 h, max 8 h; `apikey:long` may lease for up to
-/// 30 days (to meet the emulator's max-lifespan clamp).
+/// 30 days (to meet the emulator's max-lifespan clamp), also with full
+/// access (`app_token`, to meet the emulator's full-scope restriction).
 pub const POLICY_YAML: &str = r#"
 rules:
   - name: ci-code
@@ -51,7 +52,7 @@ rules:
   - name: long-lived
     identities: ["apikey:long"]
     organizations: ["fabrikam"]
-    scopes: ["vso.code"]
+    scopes: ["vso.code", "app_token"]
     default_ttl: 1h
     max_ttl: 30d
 "#;
