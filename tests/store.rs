@@ -188,7 +188,7 @@ async fn listing_is_newest_first_and_pages_cover_every_lease_once(store: Arc<dyn
         create(&store, &l).await;
         made.push(l);
     }
-    made.sort_by(|a, b| (b.create_time, b.id).cmp(&(a.create_time, a.id)));
+    made.sort_by_key(|l| std::cmp::Reverse((l.create_time, l.id)));
 
     let mut seen = Vec::new();
     let mut cursor: Option<PageCursor> = None;
@@ -826,8 +826,14 @@ async fn migrating_twice_is_harmless(store: Arc<dyn Store>) {
 async fn postgres_replicas_migrating_one_fresh_database_at_once_all_succeed() {
     let db = common::db::TestDatabase::create().await;
     let mut stores = Vec::new();
-    for _ in 0..4 {
-        stores.push(token_broker::store::open(&db.url).await.unwrap());
+    for i in 0..4 {
+        // Both URL schemes PostgreSQL documents open the PostgreSQL store.
+        let url = if i % 2 == 0 {
+            db.url.clone()
+        } else {
+            db.url.replacen("postgres://", "postgresql://", 1)
+        };
+        stores.push(token_broker::store::open(&url).await.unwrap());
     }
     let migrations = stores.iter().map(|s| {
         let s = s.clone();

@@ -335,3 +335,26 @@ pub trait Store: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError>;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreachable_database_errors_are_unavailable_and_the_rest_database() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        for err in [
+            sqlx::Error::Io(refused),
+            sqlx::Error::PoolTimedOut,
+            sqlx::Error::PoolClosed,
+        ] {
+            let mapped = map_sqlx(err);
+            assert!(matches!(mapped, StoreError::Unavailable(_)), "{mapped:?}");
+            assert_eq!(mapped.code(), ErrorCode::Unavailable);
+            assert_eq!(mapped.reason(), "STORE_UNAVAILABLE");
+        }
+        let mapped = map_sqlx(sqlx::Error::RowNotFound);
+        assert!(matches!(mapped, StoreError::Database(_)), "{mapped:?}");
+        assert_eq!(mapped.code(), ErrorCode::Internal);
+    }
+}

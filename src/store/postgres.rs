@@ -42,9 +42,19 @@ impl Default for PostgresOptions {
 }
 
 /// PostgreSQL-backed [`super::Store`].
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+}
+
+// Written by hand so connection settings (which may hold a password)
+// never reach a log.
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("connections", &self.pool.size())
+            .finish_non_exhaustive()
+    }
 }
 
 impl PostgresStore {
