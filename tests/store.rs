@@ -60,6 +60,7 @@ conformance!(
     released_claim_can_be_taken_again_at_once,
     live_lease_count_ignores_finished_leases_and_other_holders,
     audit_events_list_in_append_order_after_an_id,
+    concurrent_audit_appends_all_land_with_distinct_increasing_ids,
     concurrent_meta_writers_agree_on_the_first_value,
     upstream_credential_saves_only_on_the_expected_version,
     timestamps_round_trip_with_microseconds_in_utc,
@@ -712,6 +713,34 @@ async fn audit_events_list_in_append_order_after_an_id(store: Arc<dyn Store>) {
     assert_eq!(store.list_audit(0, 2).await.unwrap(), appended[..2]);
     assert_eq!(store.list_audit(ids[1], 100).await.unwrap(), appended[2..]);
     assert!(store.list_audit(ids[4], 100).await.unwrap().is_empty());
+}
+
+async fn concurrent_audit_appends_all_land_with_distinct_increasing_ids(store: Arc<dyn Store>) {
+    let appenders = (0..30).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .append_audit(&audit(&format!("lease.create{i}"), Outcome::Allowed))
+                .await
+                .unwrap()
+        })
+    });
+    let mut ids: Vec<i64> = futures::future::join_all(appenders)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    ids.sort();
+    let listed: Vec<i64> = store
+        .list_audit(0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(listed, ids);
+    ids.dedup();
+    assert_eq!(ids.len(), 30);
 }
 
 async fn concurrent_meta_writers_agree_on_the_first_value(store: Arc<dyn Store>) {

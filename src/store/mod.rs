@@ -310,7 +310,9 @@ pub trait Store: Send + Sync + 'static {
     /// ACTIVE, PENDING and REVOKING leases held by `holder` (for quotas).
     async fn count_live_leases(&self, holder: &Identity) -> Result<u64, StoreError>;
 
-    /// Appends an audit event; returns its assigned id.
+    /// Appends an audit event; returns its assigned id. Ids increase in
+    /// commit order (appends are serialized), so paging with
+    /// [`Store::list_audit`] never skips a row.
     async fn append_audit(&self, event: &AuditEvent) -> Result<i64, StoreError>;
 
     /// Audit events with id > `after_id`, oldest first, at most `limit`.
