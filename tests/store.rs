@@ -920,9 +920,16 @@ async fn sqlite_store_creates_its_file_from_a_bare_path_in_wal_mode() {
         .unwrap();
     assert_eq!(fk, 1);
 
-    // The data outlives the process's handle on it.
+    // Times are stored as fixed-form RFC 3339 text, so text order is time order.
     let l = lease("ci", t0());
     store.create_lease(&l, None).await.unwrap();
+    let stored: String = sqlx::query_scalar("SELECT create_time FROM leases")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(stored, "2026-03-01T12:00:00.000000Z");
+
+    // The data outlives the process's handle on it.
     store.close().await;
     let reopened = token_broker::store::open(&format!("sqlite://{}", path.display()))
         .await
