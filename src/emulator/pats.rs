@@ -3,7 +3,7 @@
 //! caller's bearer and the api-version were checked by the dispatcher.
 
 use axum::http::StatusCode;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use chrono::{DateTime, Duration as ChronoDuration, TimeZone, Utc};
@@ -435,18 +435,20 @@ pub(crate) fn list(
     };
     let inner = emu.lock();
     let now = inner.now();
-    let mut rows: Vec<&PatRecord> = inner
+    // Creation order breaks ties (validFrom has 1/300 s precision).
+    let mut rows: Vec<(usize, &PatRecord)> = inner
         .pats
         .iter()
-        .filter(|p| p.organization == org)
-        .filter(|p| match filter {
+        .enumerate()
+        .filter(|(_, p)| p.organization == org)
+        .filter(|(_, p)| match filter {
             Filter::All => true,
             Filter::Active => p.state(now) == PatState::Active,
             Filter::Revoked => p.state(now) == PatState::Revoked,
             Filter::Expired => p.state(now) == PatState::Expired,
         })
         .collect();
-    rows.sort_by(|a, b| {
+    rows.sort_by(|(ai, a), (bi, b)| {
         let primary = match sort {
             SortBy::DisplayName => a
                 .display_name
@@ -460,8 +462,9 @@ pub(crate) fn list(
         } else {
             primary.reverse()
         };
-        primary.then(a.authorization_id.cmp(&b.authorization_id))
+        primary.then(ai.cmp(bi))
     });
+    let rows: Vec<&PatRecord> = rows.into_iter().map(|(_, p)| p).collect();
     let start = match after {
         None => 0,
         // Resume after the last PAT of the previous page; PATs are never
@@ -594,10 +597,8 @@ pub(crate) fn update(emu: &Emulator, org: &str, v: ApiVersion, raw: &[u8]) -> Re
     succeeded(v, json)
 }
 
-/// `DELETE ?authorizationId=` (RevokePat): 204 with `{}` as in the
-/// example (section 1.9 [V]; hyper sends no body with a 204, so the
-/// client sees an empty one). Revoking a revoked or expired PAT succeeds
-/// again ([I]).
+/// `DELETE ?authorizationId=` (RevokePat): 204 as in the example
+/// (section 1.9 [V]). Revoking a revoked or expired PAT succeeds again ([I]).
 pub(crate) fn revoke(emu: &Emulator, org: &str, v: ApiVersion, id: Option<&str>) -> Response {
     let Some(id) = parse_id(id) else {
         return invalid_id(v);
@@ -618,7 +619,16 @@ pub(crate) fn revoke(emu: &Emulator, org: &str, v: ApiVersion, id: Option<&str>)
         return not_found(v);
     }
     tracing::info!(organization = org, authorization_id = %id, "emulator revoked a PAT");
-    wire::json_status(StatusCode::NO_CONTENT, &serde_json::json!({}))
+    // HTTP forbids a body on 204, so `{}` cannot travel; the answer is
+    // empty, which a client reading "204 `{}`" must take as the same thing.
+    (
+        StatusCode::NO_CONTENT,
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/json; charset=utf-8",
+        )],
+    )
+        .into_response()
 }
 
 /// Start of the day global PATs stop working.
