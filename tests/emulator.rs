@@ -1787,3 +1787,62 @@ async fn stats_count_calls_per_operation_and_deletes_per_authorization_id() {
     assert_eq!(stats["calls"]["token"], 1);
     assert_eq!(stats["deletes"][&id], 3);
 }
+
+#[tokio::test]
+async fn a_delayed_but_served_call_carries_retry_after_and_rate_limit_headers() {
+    let emu = Emu::start_default().await;
+    let bearer = emu.user_bearer().await;
+    emu.set_faults(json!([{"operation": "list", "status": 200, "retryAfterSeconds": 2, "latencyMs": 10, "times": 1}])).await;
+    let resp = send(
+        &emu,
+        Method::GET,
+        &pats_target("fabrikam", ""),
+        Some(&bearer),
+        None,
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["retry-after"], "2");
+    assert_eq!(resp.headers()["x-ratelimit-delay"], "0.010");
+    for h in [
+        "x-ratelimit-resource",
+        "x-ratelimit-limit",
+        "x-ratelimit-remaining",
+        "x-ratelimit-reset",
+    ] {
+        assert!(resp.headers().contains_key(h), "{h}");
+    }
+    let (_, page) = json_of(resp).await;
+    assert_eq!(
+        page["continuationToken"], "",
+        "the real answer came through"
+    );
+}
+
+#[tokio::test]
+async fn the_restrict_creation_policy_refuses_all_but_packaging_when_allowed() {
+    let emu = Emu::start(EmulatorConfig {
+        restrict_creation: true,
+        allow_packaging_only: true,
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let bearer = emu.user_bearer().await;
+    let future = (Utc::now() + Duration::days(2)).to_rfc3339();
+    let got = emu
+        .create(
+            &bearer,
+            "fabrikam",
+            json!({"displayName": "code", "scope": "vso.code", "validTo": future}),
+        )
+        .await;
+    assert_eq!(got["patTokenError"], "disablePatCreationPolicyViolation");
+    let got = emu
+        .create(
+            &bearer,
+            "fabrikam",
+            json!({"displayName": "feeds", "scope": "vso.packaging_write", "validTo": future}),
+        )
+        .await;
+    assert_eq!(got["patTokenError"], "none");
+}

@@ -234,6 +234,22 @@ fn check_full_scope(emu: &Emulator, scope: &str) -> Result<(), (&'static str, &'
     Ok(())
 }
 
+/// "Restrict PAT creation" (section 4.2 [V] DOC-POLICIES; the value
+/// `disablePatCreationPolicyViolation` is [I]).
+fn check_creation(emu: &Emulator, scope: &str) -> Result<(), (&'static str, &'static str)> {
+    if !emu.config.restrict_creation {
+        return Ok(());
+    }
+    let packaging_only = scope.split(' ').all(|s| s.starts_with("vso.packaging"));
+    if emu.config.allow_packaging_only && packaging_only {
+        return Ok(());
+    }
+    Err((
+        "disablePatCreationPolicyViolation",
+        "Your organization's policy restricts the creation of personal access tokens.",
+    ))
+}
+
 /// `POST` (CreatePat).
 pub(crate) fn create(emu: &Emulator, org: &str, v: ApiVersion, raw: &[u8]) -> Response {
     let body = match read_body(raw) {
@@ -258,6 +274,9 @@ pub(crate) fn create(emu: &Emulator, org: &str, v: ApiVersion, raw: &[u8]) -> Re
         }
     }
     if let Err((e, m)) = check_full_scope(emu, &scope) {
+        return refused(v, e, m);
+    }
+    if let Err((e, m)) = check_creation(emu, &scope) {
         return refused(v, e, m);
     }
     let mut inner = emu.lock();
@@ -364,13 +383,7 @@ fn parse_enum<T: Copy>(
 /// `GET` without `authorizationId` (ListPats). Defaults when a parameter
 /// is absent are [U] (section 1.2); chosen [I]: active, displayDate
 /// (= creation time), ascending, 100 per page.
-pub(crate) fn list(
-    emu: &Emulator,
-    org: &str,
-    v: ApiVersion,
-    q: &Query,
-    repeat_page: bool,
-) -> Response {
+pub(crate) fn list(emu: &Emulator, org: &str, q: &Query, repeat_page: bool) -> Response {
     let filter = match parse_enum(
         q,
         "displayFilterOption",
@@ -490,7 +503,6 @@ pub(crate) fn list(
         // The last page carries "" (section 1.7 [V]).
         String::new()
     };
-    let _ = v;
     wire::json_ok(&wire::PagedPatTokensJson {
         continuation_token,
         pat_tokens: page,
