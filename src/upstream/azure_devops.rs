@@ -571,6 +571,54 @@ fn classify(
     }
 }
 
+/// What to do after a list page.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    /// Fetch the page behind this continuation token.
+    Page(String),
+    /// The last page (`continuationToken` empty or absent).
+    Done,
+    /// A page that cannot lead anywhere new: stop, keeping what was read.
+    Stop(&'static str),
+}
+
+/// Follows list pages so that no answer can make it loop: it stops on an
+/// empty page, a page without new PATs, or a continuation token seen
+/// before, and keeps each authorizationId once.
+#[derive(Default)]
+struct Pager {
+    pats: Vec<PatToken>,
+    seen_ids: std::collections::HashSet<AuthorizationId>,
+    seen_tokens: std::collections::HashSet<String>,
+}
+
+impl Pager {
+    fn accept(&mut self, page: WirePagedPatTokens) -> Result<Next, UpstreamError> {
+        let on_page = page.pat_tokens.len();
+        let mut new = 0usize;
+        for wire in page.pat_tokens {
+            let pat = convert(Operation::List, wire)?;
+            if self.seen_ids.insert(pat.authorization_id) {
+                self.pats.push(pat);
+                new += 1;
+            }
+        }
+        let Some(next) = page.continuation_token.filter(|t| !t.trim().is_empty()) else {
+            return Ok(Next::Done);
+        };
+        if on_page == 0 {
+            return Ok(Next::Stop("empty page with a continuation token"));
+        }
+        if new == 0 {
+            return Ok(Next::Stop("page held no new PATs"));
+        }
+        if !self.seen_tokens.insert(next.clone()) {
+            return Ok(Next::Stop("continuation token repeated"));
+        }
+        Ok(Next::Page(next))
+    }
+}
+
 fn display_filter(filter: DisplayFilter) -> &'static str {
     match filter {
         DisplayFilter::Active => "active",
@@ -675,9 +723,7 @@ impl PatClient for AzureDevOpsClient {
                 .unwrap_or(self.config.page_size)
                 .clamp(1, MAX_PAGE_SIZE)
                 .to_string();
-            let mut seen_ids = std::collections::HashSet::new();
-            let mut seen_tokens = std::collections::HashSet::new();
-            let mut pats = Vec::new();
+            let mut pager = Pager::default();
             let mut continuation: Option<String> = None;
             for page_number in 1..=self.config.max_pages {
                 // Filter options go on every page (SPEC: "Subsequent calls
@@ -698,36 +744,14 @@ impl PatClient for AzureDevOpsClient {
                 };
                 let answer = self.execute(&call).await?;
                 let page: WirePagedPatTokens = parse_json(Operation::List, &answer)?;
-                let on_page = page.pat_tokens.len();
-                let mut new = 0usize;
-                for wire in page.pat_tokens {
-                    let pat = convert(Operation::List, wire)?;
-                    if seen_ids.insert(pat.authorization_id) {
-                        pats.push(pat);
-                        new += 1;
+                match pager.accept(page)? {
+                    Next::Page(token) => continuation = Some(token),
+                    Next::Done => return Ok(pager.pats),
+                    Next::Stop(why) => {
+                        tracing::warn!(page_number, why, "upstream list stopped early");
+                        return Ok(pager.pats);
                     }
                 }
-                let next = page.continuation_token.filter(|t| !t.trim().is_empty());
-                let Some(next) = next else { return Ok(pats) };
-                if on_page == 0 {
-                    tracing::warn!(
-                        page_number,
-                        "upstream list page was empty yet had a continuation token; stopping"
-                    );
-                    return Ok(pats);
-                }
-                if new == 0 {
-                    tracing::warn!(page_number, "upstream list page held no new PATs; stopping");
-                    return Ok(pats);
-                }
-                if !seen_tokens.insert(next.clone()) {
-                    tracing::warn!(
-                        page_number,
-                        "upstream list repeated a continuation token; stopping"
-                    );
-                    return Ok(pats);
-                }
-                continuation = Some(next);
             }
             Err(UpstreamError::Protocol(format!(
                 "list did not end after {} pages",
@@ -844,6 +868,87 @@ mod tests {
 
     fn client(config: AzureDevOpsConfig) -> AzureDevOpsClient {
         AzureDevOpsClient::new(config, Arc::new(StaticTokenSource::new("t".into()))).unwrap()
+    }
+
+    fn page(token: &str, ids: &[u128]) -> WirePagedPatTokens {
+        WirePagedPatTokens {
+            continuation_token: Some(token.to_owned()),
+            pat_tokens: ids
+                .iter()
+                .map(|id| WirePatToken {
+                    authorization_id: Some(uuid::Uuid::from_u128(*id).to_string()),
+                    valid_from: Some("2026-01-01T00:00:00Z".into()),
+                    valid_to: Some("2026-01-02T00:00:00Z".into()),
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn pages_are_followed_until_the_empty_token() {
+        let mut pager = Pager::default();
+        assert_eq!(
+            pager.accept(page("a", &[1, 2])).unwrap(),
+            Next::Page("a".into())
+        );
+        assert_eq!(
+            pager.accept(page("b", &[3, 4])).unwrap(),
+            Next::Page("b".into())
+        );
+        assert_eq!(pager.accept(page("", &[5])).unwrap(), Next::Done);
+        assert_eq!(pager.pats.len(), 5);
+        let mut pager = Pager::default();
+        let mut last = page("", &[1]);
+        last.continuation_token = None;
+        assert_eq!(pager.accept(last).unwrap(), Next::Done);
+    }
+
+    #[test]
+    fn a_repeated_continuation_token_stops_the_list() {
+        let mut pager = Pager::default();
+        assert_eq!(
+            pager.accept(page("a", &[1, 2])).unwrap(),
+            Next::Page("a".into())
+        );
+        assert!(matches!(
+            pager.accept(page("a", &[3, 4])).unwrap(),
+            Next::Stop(_)
+        ));
+        assert_eq!(pager.pats.len(), 4);
+    }
+
+    #[test]
+    fn a_page_without_new_pats_stops_the_list_and_duplicates_are_dropped() {
+        let mut pager = Pager::default();
+        assert_eq!(
+            pager.accept(page("a", &[1, 2])).unwrap(),
+            Next::Page("a".into())
+        );
+        assert_eq!(
+            pager.accept(page("b", &[2, 3])).unwrap(),
+            Next::Page("b".into())
+        );
+        assert!(matches!(
+            pager.accept(page("c", &[1, 3])).unwrap(),
+            Next::Stop(_)
+        ));
+        let ids: Vec<u128> = pager
+            .pats
+            .iter()
+            .map(|p| p.authorization_id.as_uuid().as_u128())
+            .collect();
+        assert_eq!(ids, [1, 2, 3]);
+    }
+
+    #[test]
+    fn an_empty_page_with_a_token_stops_the_list() {
+        let mut pager = Pager::default();
+        assert!(matches!(
+            pager.accept(page("z", &[])).unwrap(),
+            Next::Stop(_)
+        ));
+        assert!(pager.pats.is_empty());
     }
 
     #[test]
