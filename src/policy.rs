@@ -1,10 +1,36 @@
 //! Which identity may lease which organizations, scopes and TTLs.
-//! TODO(policy helper): YAML rules, deny by default, first matching rule in
-//! file order decides.
+//!
+//! A policy is a YAML file of rules (DESIGN.md section 9):
+//!
+//! ```yaml
+//! rules:
+//!   - name: ci-code                  # required, unique
+//!     identities: ["apikey:ci", "k8s:system:serviceaccount:build:*"]
+//!     organizations: ["fabrikam"]    # exact, case-insensitive
+//!     scopes: ["vso.code_write", "vso.packaging"]   # grants; inclusion applies
+//!     default_ttl: 1h                # humantime
+//!     max_ttl: 8h
+//! ```
+//!
+//! Deny by default. A request is allowed when one rule matches the caller's
+//! typed identity and covers the organization, every scope (with inclusion;
+//! `app_token` only where a rule names it) and the TTL; the first such rule
+//! in file order decides.
 
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::domain::{Identity, Organization, ScopeSet};
+use regex::Regex;
+use serde::Deserialize;
+
+use crate::domain::{DomainError, Identity, Organization, ScopeSet};
+use crate::error::{ErrorCode, ServiceError};
+
+/// Longest TTL a rule may grant: one year (365 days), the upstream limit on
+/// a PAT's lifetime (ado-pat-api.md section 4.1, "not to exceed one year").
+pub const MAX_TTL_LIMIT: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
 /// Why a request was refused. `reason()` values are stable API.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,6 +56,17 @@ impl Denial {
             Denial::TtlExceedsMax => "TTL_EXCEEDS_MAX",
         }
     }
+
+    /// How far a rule got before failing; the denial reported is the most
+    /// specific one among the rules matching the identity.
+    fn specificity(&self) -> u8 {
+        match self {
+            Denial::NoMatchingRule => 0,
+            Denial::OrganizationNotAllowed => 1,
+            Denial::ScopeNotAllowed => 2,
+            Denial::TtlExceedsMax => 3,
+        }
+    }
 }
 
 /// A policy decision.
@@ -53,23 +90,877 @@ pub enum Decision {
     },
 }
 
-/// A parsed, validated policy.
+/// Why a policy file was refused. Messages name the rule (index in file
+/// order, from 0, and name) and the field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The file could not be read.
+    #[error("cannot read policy file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Not YAML of the policy's shape (includes unknown fields); the message
+    /// carries the path (`rules[0]`) and line.
+    #[error("policy is not valid: {0}")]
+    Syntax(#[from] serde_norway::Error),
+    /// A rule's field is invalid.
+    #[error("policy rule rules[{index}] {name:?}: {field}: {message}")]
+    Rule {
+        /// Position in file order, from 0.
+        index: usize,
+        /// The rule's name as written (may be empty).
+        name: String,
+        /// The field, e.g. `max_ttl` or `identities[1]`.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl ServiceError for PolicyError {
+    /// Always internal: policy comes from the operator, not from callers.
+    fn code(&self) -> ErrorCode {
+        ErrorCode::Internal
+    }
+    fn reason(&self) -> &'static str {
+        "POLICY_INVALID"
+    }
+}
+
+/// The file as written; validated into [`Policy`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    rules: Vec<RuleFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleFile {
+    name: String,
+    identities: Vec<String>,
+    organizations: Vec<String>,
+    scopes: Vec<String>,
+    default_ttl: String,
+    max_ttl: String,
+}
+
+/// Text prefixes of the identity kinds, as [`Identity`] prints them.
+const KIND_PREFIXES: [(&str, &str); 4] = [
+    ("apikey:", "apikey"),
+    ("k8s:system:serviceaccount:", "k8s"),
+    ("spiffe://", "spiffe"),
+    ("x509:", "x509"),
+];
+
+/// One entry of a rule's `identities`: an exact identity, or a glob whose
+/// `*` matches any run and `?` any one character except `:` and `/`, so a
+/// glob never crosses into another namespace, path segment or kind. The
+/// kind prefix is always literal: no pattern matches two kinds.
+#[derive(Clone, Debug)]
+enum IdentityPattern {
+    Exact(Identity),
+    Glob {
+        kind: &'static str,
+        text: String,
+        regex: Regex,
+    },
+}
+
+impl IdentityPattern {
+    fn parse(text: &str) -> Result<Self, String> {
+        let Some((prefix, kind)) = KIND_PREFIXES
+            .iter()
+            .find(|(prefix, _)| text.starts_with(prefix))
+        else {
+            return Err(format!(
+                "{text:?} must start with apikey:, k8s:system:serviceaccount:, spiffe:// or x509:"
+            ));
+        };
+        let rest = &text[prefix.len()..];
+        if !rest.contains(['*', '?']) {
+            return text
+                .parse::<Identity>()
+                .map(IdentityPattern::Exact)
+                .map_err(|e| e.to_string());
+        }
+        // A glob has the shape of an identity once its wildcards are filled.
+        let filled = format!("{prefix}{}", rest.replace(['*', '?'], "x"));
+        if let Err(e) = filled.parse::<Identity>() {
+            let why = match &e {
+                DomainError::InvalidIdentity(_, why) => why.to_string(),
+                other => other.to_string(),
+            };
+            return Err(format!(
+                "{text:?} is not a valid pattern: {why} ('*' and '?' do not match ':' or '/')"
+            ));
+        }
+        let mut re = format!("^{}", regex::escape(prefix));
+        for c in rest.chars() {
+            match c {
+                '*' => re.push_str("[^:/]*"),
+                '?' => re.push_str("[^:/]"),
+                c => re.push_str(&regex::escape(c.encode_utf8(&mut [0; 4]))),
+            }
+        }
+        re.push('$');
+        Ok(IdentityPattern::Glob {
+            kind,
+            text: text.to_owned(),
+            regex: Regex::new(&re).map_err(|e| e.to_string())?,
+        })
+    }
+
+    fn matches(&self, identity: &Identity) -> bool {
+        match self {
+            IdentityPattern::Exact(exact) => exact == identity,
+            IdentityPattern::Glob { kind, regex, .. } => {
+                identity.kind() == *kind && regex.is_match(&identity.to_string())
+            }
+        }
+    }
+}
+
+impl fmt::Display for IdentityPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IdentityPattern::Exact(identity) => identity.fmt(f),
+            IdentityPattern::Glob { text, .. } => f.write_str(text),
+        }
+    }
+}
+
+/// One validated rule.
+#[derive(Clone, Debug)]
+pub struct Rule {
+    name: String,
+    identities: Vec<IdentityPattern>,
+    organizations: BTreeSet<Organization>,
+    scopes: ScopeSet,
+    default_ttl: Duration,
+    max_ttl: Duration,
+}
+
+impl Rule {
+    /// The rule's unique name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// TTL granted when a request names none.
+    pub fn default_ttl(&self) -> Duration {
+        self.default_ttl
+    }
+
+    /// Longest TTL granted, and the cap on renewals.
+    pub fn max_ttl(&self) -> Duration {
+        self.max_ttl
+    }
+
+    fn matches_identity(&self, identity: &Identity) -> bool {
+        self.identities.iter().any(|p| p.matches(identity))
+    }
+
+    /// Allows, or says how far the request got.
+    fn check(
+        &self,
+        organization: &Organization,
+        scopes: &ScopeSet,
+        ttl: Option<Duration>,
+    ) -> Result<Duration, Denial> {
+        if !self.organizations.contains(organization) {
+            return Err(Denial::OrganizationNotAllowed);
+        }
+        // ScopeSet::covers grants `app_token` only for `app_token` itself.
+        if !self.scopes.covers(scopes) {
+            return Err(Denial::ScopeNotAllowed);
+        }
+        let ttl = ttl.unwrap_or(self.default_ttl);
+        if ttl > self.max_ttl {
+            return Err(Denial::TtlExceedsMax);
+        }
+        Ok(ttl)
+    }
+
+    fn validate(index: usize, raw: RuleFile) -> Result<Rule, PolicyError> {
+        let fail = |field: &str, message: String| PolicyError::Rule {
+            index,
+            name: raw.name.clone(),
+            field: field.to_owned(),
+            message,
+        };
+        if raw.name.trim().is_empty() {
+            return Err(fail("name", "must not be empty".into()));
+        }
+        if raw.identities.is_empty() {
+            return Err(fail("identities", "must list at least one identity".into()));
+        }
+        let identities = raw
+            .identities
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                IdentityPattern::parse(text).map_err(|m| fail(&format!("identities[{i}]"), m))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if raw.organizations.is_empty() {
+            return Err(fail(
+                "organizations",
+                "must list at least one organization".into(),
+            ));
+        }
+        let organizations = raw
+            .organizations
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                Organization::parse(text)
+                    .map_err(|e| fail(&format!("organizations[{i}]"), e.to_string()))
+            })
+            .collect::<Result<BTreeSet<_>, _>>()?;
+        let scopes = ScopeSet::parse(&raw.scopes).map_err(|e| fail("scopes", e.to_string()))?;
+        let duration = |field: &str, text: &str| {
+            let d = humantime::parse_duration(text)
+                .map_err(|e| fail(field, format!("invalid duration {text:?}: {e}")))?;
+            if d.is_zero() {
+                return Err(fail(field, "must be longer than zero".into()));
+            }
+            Ok(d)
+        };
+        let default_ttl = duration("default_ttl", &raw.default_ttl)?;
+        let max_ttl = duration("max_ttl", &raw.max_ttl)?;
+        if max_ttl > MAX_TTL_LIMIT {
+            return Err(fail(
+                "max_ttl",
+                format!(
+                    "{} is over one year (365d), the upstream PAT lifetime limit",
+                    raw.max_ttl
+                ),
+            ));
+        }
+        if default_ttl > max_ttl {
+            return Err(fail(
+                "default_ttl",
+                format!("{} is longer than max_ttl {}", raw.default_ttl, raw.max_ttl),
+            ));
+        }
+        Ok(Rule {
+            name: raw.name,
+            identities,
+            organizations,
+            scopes,
+            default_ttl,
+            max_ttl,
+        })
+    }
+}
+
+/// A parsed, validated policy. The default policy has no rules and denies
+/// everything.
 #[derive(Clone, Debug, Default)]
-pub struct Policy {}
+pub struct Policy {
+    rules: Vec<Rule>,
+}
 
 impl Policy {
+    /// Parses and validates a policy document.
+    ///
+    /// Errors: [`PolicyError::Syntax`] for bad YAML, a missing or unknown
+    /// field (with its path and line); [`PolicyError::Rule`] for an empty or
+    /// duplicate name, a bad identity pattern, organization or unknown
+    /// scope, a bad or zero duration, `default_ttl` > `max_ttl`, or
+    /// `max_ttl` over one year.
+    pub fn from_yaml(text: &str) -> Result<Policy, PolicyError> {
+        let file: PolicyFile = serde_norway::from_str(text)?;
+        let mut names = BTreeSet::new();
+        let mut rules = Vec::with_capacity(file.rules.len());
+        for (index, raw) in file.rules.into_iter().enumerate() {
+            let rule = Rule::validate(index, raw)?;
+            if !names.insert(rule.name.clone()) {
+                return Err(PolicyError::Rule {
+                    index,
+                    name: rule.name,
+                    field: "name".into(),
+                    message: "another rule has this name".into(),
+                });
+            }
+            rules.push(rule);
+        }
+        Ok(Policy { rules })
+    }
+
+    /// Reads and validates the policy file at `path`.
+    ///
+    /// Errors: [`PolicyError::Read`], then as [`Policy::from_yaml`].
+    pub fn load(path: impl AsRef<Path>) -> Result<Policy, PolicyError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Policy::from_yaml(&text)
+    }
+
+    /// The rules, in file order.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
     /// Decides whether `identity` may lease `scopes` in `organization` for
     /// `ttl` (None: the rule's default).
+    ///
+    /// Allowed by the first rule, in file order, that matches the identity
+    /// and covers the organization, every scope and the TTL. Otherwise
+    /// denied with the most specific failure among the rules matching the
+    /// identity (organization < scope < TTL; the first such rule is named),
+    /// or `NoMatchingRule` when none matches it.
     pub fn decide(
         &self,
-        _identity: &Identity,
-        _organization: &Organization,
-        _scopes: &ScopeSet,
-        _ttl: Option<Duration>,
+        identity: &Identity,
+        organization: &Organization,
+        scopes: &ScopeSet,
+        ttl: Option<Duration>,
     ) -> Decision {
-        Decision::Deny {
-            denial: Denial::NoMatchingRule,
-            rule: None,
+        let mut closest: Option<(Denial, &Rule)> = None;
+        for rule in self.rules.iter().filter(|r| r.matches_identity(identity)) {
+            match rule.check(organization, scopes, ttl) {
+                Ok(ttl) => {
+                    return Decision::Allow {
+                        rule: rule.name.clone(),
+                        ttl,
+                        max_ttl: rule.max_ttl,
+                    }
+                }
+                Err(denial) => {
+                    if closest
+                        .as_ref()
+                        .is_none_or(|(best, _)| denial.specificity() > best.specificity())
+                    {
+                        closest = Some((denial, rule));
+                    }
+                }
+            }
         }
+        match closest {
+            Some((denial, rule)) => Decision::Deny {
+                denial,
+                rule: Some(rule.name.clone()),
+            },
+            None => Decision::Deny {
+                denial: Denial::NoMatchingRule,
+                rule: None,
+            },
+        }
+    }
+
+    /// The TTL a request without one would get (the deciding rule's
+    /// `default_ttl`), or None if such a request is denied. For renewals
+    /// without an increment.
+    pub fn default_ttl_for(
+        &self,
+        identity: &Identity,
+        organization: &Organization,
+        scopes: &ScopeSet,
+    ) -> Option<Duration> {
+        match self.decide(identity, organization, scopes, None) {
+            Decision::Allow { ttl, .. } => Some(ttl),
+            Decision::Deny { .. } => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    const POLICY: &str = r#"
+rules:
+  - name: ci-code
+    identities: ["apikey:ci", "k8s:system:serviceaccount:build:*"]
+    organizations: ["Fabrikam"]
+    scopes: ["vso.code_write", "vso.packaging"]
+    default_ttl: 1h
+    max_ttl: 8h
+  - name: ci-code-long
+    identities: ["apikey:ci"]
+    organizations: ["fabrikam"]
+    scopes: ["vso.code"]
+    default_ttl: 2h
+    max_ttl: 24h
+  - name: ci-other-org
+    identities: ["apikey:ci"]
+    organizations: ["contoso"]
+    scopes: ["vso.work"]
+    default_ttl: 30m
+    max_ttl: 1h
+  - name: admin-full
+    identities: ["apikey:admin"]
+    organizations: ["fabrikam"]
+    scopes: ["app_token"]
+    default_ttl: 15m
+    max_ttl: 1h
+  - name: manage-everything
+    identities: ["apikey:manager"]
+    organizations: ["fabrikam"]
+    scopes: ["vso.code_full", "vso.packaging_manage", "vso.work_full"]
+    default_ttl: 15m
+    max_ttl: 1h
+"#;
+
+    fn policy() -> Policy {
+        Policy::from_yaml(POLICY).unwrap()
+    }
+
+    fn id(s: &str) -> Identity {
+        s.parse().unwrap()
+    }
+
+    fn org(s: &str) -> Organization {
+        Organization::parse(s).unwrap()
+    }
+
+    fn scopes(s: &[&str]) -> ScopeSet {
+        ScopeSet::parse(s).unwrap()
+    }
+
+    fn allow(rule: &str, ttl: Duration, max_ttl: Duration) -> Decision {
+        Decision::Allow {
+            rule: rule.into(),
+            ttl,
+            max_ttl,
+        }
+    }
+
+    fn deny(denial: Denial, rule: Option<&str>) -> Decision {
+        Decision::Deny {
+            denial,
+            rule: rule.map(str::to_owned),
+        }
+    }
+
+    fn rule_error(yaml: &str) -> (usize, String, String) {
+        match Policy::from_yaml(yaml) {
+            Err(PolicyError::Rule {
+                index,
+                field,
+                message,
+                ..
+            }) => (index, field, message),
+            other => panic!("expected a rule error, got {other:?}"),
+        }
+    }
+
+    fn one_rule(fields: &str) -> String {
+        format!("rules:\n  - name: r\n{fields}")
+    }
+
+    const GOOD_FIELDS: [(&str, &str); 5] = [
+        ("identities", "[\"apikey:ci\"]"),
+        ("organizations", "[\"fabrikam\"]"),
+        ("scopes", "[\"vso.code\"]"),
+        ("default_ttl", "1h"),
+        ("max_ttl", "8h"),
+    ];
+
+    /// A one-rule policy with `field` set to `value`.
+    fn with_field(field: &str, value: &str) -> String {
+        let fields: String = GOOD_FIELDS
+            .iter()
+            .map(|(f, v)| format!("    {f}: {}\n", if *f == field { value } else { v }))
+            .collect();
+        one_rule(&fields)
+    }
+
+    #[test]
+    fn a_request_inside_one_rule_is_allowed_and_names_it() {
+        let d = policy().decide(
+            &id("apikey:ci"),
+            &org("fabrikam"),
+            &scopes(&["vso.code_write", "vso.packaging"]),
+            Some(2 * HOUR),
+        );
+        assert_eq!(d, allow("ci-code", 2 * HOUR, 8 * HOUR));
+    }
+
+    #[test]
+    fn without_a_ttl_the_rule_default_applies() {
+        let d = policy().decide(
+            &id("apikey:ci"),
+            &org("fabrikam"),
+            &scopes(&["vso.packaging"]),
+            None,
+        );
+        assert_eq!(d, allow("ci-code", HOUR, 8 * HOUR));
+        assert_eq!(
+            policy().default_ttl_for(&id("apikey:ci"), &org("fabrikam"), &scopes(&["vso.code"])),
+            Some(HOUR)
+        );
+        assert_eq!(
+            policy().default_ttl_for(
+                &id("apikey:nobody"),
+                &org("fabrikam"),
+                &scopes(&["vso.code"])
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn a_grant_of_code_write_allows_code_read_and_what_it_includes() {
+        for wanted in [&["vso.code"][..], &["vso.hooks_write", "vso.profile"]] {
+            let d = policy().decide(&id("apikey:ci"), &org("fabrikam"), &scopes(wanted), None);
+            assert_eq!(d, allow("ci-code", HOUR, 8 * HOUR), "{wanted:?}");
+        }
+    }
+
+    #[test]
+    fn the_first_allowing_rule_in_file_order_decides() {
+        // Both ci-code and ci-code-long allow vso.code for 1h.
+        let d = policy().decide(
+            &id("apikey:ci"),
+            &org("fabrikam"),
+            &scopes(&["vso.code"]),
+            Some(HOUR),
+        );
+        assert_eq!(d, allow("ci-code", HOUR, 8 * HOUR));
+        // Only ci-code-long allows 12h.
+        let d = policy().decide(
+            &id("apikey:ci"),
+            &org("fabrikam"),
+            &scopes(&["vso.code"]),
+            Some(12 * HOUR),
+        );
+        assert_eq!(d, allow("ci-code-long", 12 * HOUR, 24 * HOUR));
+    }
+
+    #[test]
+    fn one_rule_must_cover_the_whole_request() {
+        // vso.code_write is in ci-code, vso.work in ci-other-org: no single
+        // rule grants both for fabrikam.
+        let d = policy().decide(
+            &id("apikey:ci"),
+            &org("fabrikam"),
+            &scopes(&["vso.code_write", "vso.work"]),
+            None,
+        );
+        assert_eq!(d, deny(Denial::ScopeNotAllowed, Some("ci-code")));
+    }
+
+    #[test]
+    fn an_unknown_identity_is_denied_by_default() {
+        let d = policy().decide(
+            &id("apikey:stranger"),
+            &org("fabrikam"),
+            &scopes(&["vso.code"]),
+            None,
+        );
+        assert_eq!(d, deny(Denial::NoMatchingRule, None));
+        let d = Policy::default().decide(
+            &id("apikey:ci"),
+            &org("fabrikam"),
+            &scopes(&["vso.code"]),
+            None,
+        );
+        assert_eq!(d, deny(Denial::NoMatchingRule, None));
+    }
+
+    #[test]
+    fn another_organization_is_denied_naming_the_closest_rule() {
+        let d = policy().decide(
+            &id("k8s:system:serviceaccount:build:restorer"),
+            &org("contoso"),
+            &scopes(&["vso.packaging"]),
+            None,
+        );
+        assert_eq!(d, deny(Denial::OrganizationNotAllowed, Some("ci-code")));
+    }
+
+    #[test]
+    fn a_scope_outside_every_rule_is_denied() {
+        let d = policy().decide(
+            &id("apikey:ci"),
+            &org("fabrikam"),
+            &scopes(&["vso.code_manage"]),
+            None,
+        );
+        assert_eq!(d, deny(Denial::ScopeNotAllowed, Some("ci-code")));
+    }
+
+    #[test]
+    fn a_ttl_over_the_max_is_denied_and_beats_less_specific_failures() {
+        // ci-code fails on TTL (8h max), ci-code-long on scope, ci-other-org
+        // on organization: the TTL failure is the most specific.
+        let d = policy().decide(
+            &id("apikey:ci"),
+            &org("fabrikam"),
+            &scopes(&["vso.code_write"]),
+            Some(9 * HOUR),
+        );
+        assert_eq!(d, deny(Denial::TtlExceedsMax, Some("ci-code")));
+        // Exactly the max is allowed.
+        let d = policy().decide(
+            &id("apikey:ci"),
+            &org("fabrikam"),
+            &scopes(&["vso.code_write"]),
+            Some(8 * HOUR),
+        );
+        assert_eq!(d, allow("ci-code", 8 * HOUR, 8 * HOUR));
+    }
+
+    #[test]
+    fn app_token_is_never_granted_through_inclusion() {
+        let d = policy().decide(
+            &id("apikey:manager"),
+            &org("fabrikam"),
+            &scopes(&["app_token"]),
+            None,
+        );
+        assert_eq!(d, deny(Denial::ScopeNotAllowed, Some("manage-everything")));
+    }
+
+    #[test]
+    fn app_token_is_granted_where_a_rule_names_it_and_covers_every_scope() {
+        for wanted in [
+            &["app_token"][..],
+            &["vso.code_full", "vso.security_manage"],
+        ] {
+            let d = policy().decide(&id("apikey:admin"), &org("fabrikam"), &scopes(wanted), None);
+            assert_eq!(
+                d,
+                allow("admin-full", 15 * 60 * Duration::from_secs(1), HOUR)
+            );
+        }
+    }
+
+    #[test]
+    fn glob_patterns_match_within_their_kind_only() {
+        let p = policy();
+        let ask = |who: &str| p.decide(&id(who), &org("fabrikam"), &scopes(&["vso.code"]), None);
+        assert!(matches!(
+            ask("k8s:system:serviceaccount:build:anything"),
+            Decision::Allow { .. }
+        ));
+        for other in [
+            "k8s:system:serviceaccount:deploy:anything",
+            "apikey:build",
+            "x509:build",
+            "spiffe://build/anything",
+        ] {
+            assert_eq!(ask(other), deny(Denial::NoMatchingRule, None), "{other}");
+        }
+    }
+
+    #[test]
+    fn an_identity_of_another_kind_never_matches() {
+        let p = Policy::from_yaml(
+            r#"
+rules:
+  - name: sa
+    identities: ["k8s:system:serviceaccount:a:b", "x509:*", "spiffe://td/*"]
+    organizations: ["fabrikam"]
+    scopes: ["vso.code"]
+    default_ttl: 1h
+    max_ttl: 1h
+"#,
+        )
+        .unwrap();
+        let ask = |who: &Identity| p.decide(who, &org("fabrikam"), &scopes(&["vso.code"]), None);
+        assert!(matches!(
+            ask(&id("k8s:system:serviceaccount:a:b")),
+            Decision::Allow { .. }
+        ));
+        for other in [
+            Identity::ApiKey("b".into()),
+            Identity::ApiKey("a.b".into()),
+            Identity::ApiKey("system:serviceaccount:a:b".into()),
+            Identity::X509("k8s:system:serviceaccount:a:b".into()),
+            Identity::Spiffe("x509:td".into()),
+        ] {
+            let printed = other.to_string();
+            assert_eq!(
+                ask(&other),
+                deny(Denial::NoMatchingRule, None),
+                "{printed} must not match"
+            );
+        }
+        assert!(matches!(
+            ask(&id("x509:agent.example.org")),
+            Decision::Allow { .. }
+        ));
+        assert!(matches!(
+            ask(&id("spiffe://td/agent")),
+            Decision::Allow { .. }
+        ));
+        assert_eq!(
+            ask(&id("spiffe://td/ns/agent")),
+            deny(Denial::NoMatchingRule, None),
+            "'*' does not cross '/'"
+        );
+    }
+
+    #[test]
+    fn question_mark_matches_one_character() {
+        let p = Policy::from_yaml(&with_field("identities", "[\"apikey:ci-?\"]")).unwrap();
+        let ask = |who: &str| p.decide(&id(who), &org("fabrikam"), &scopes(&["vso.code"]), None);
+        assert!(matches!(ask("apikey:ci-1"), Decision::Allow { .. }));
+        assert_eq!(ask("apikey:ci-12"), deny(Denial::NoMatchingRule, None));
+        assert_eq!(ask("apikey:ci-"), deny(Denial::NoMatchingRule, None));
+    }
+
+    #[test]
+    fn regex_characters_in_patterns_are_literal() {
+        let p = Policy::from_yaml(&with_field("identities", "[\"apikey:ci.*\"]")).unwrap();
+        let ask = |who: &str| p.decide(&id(who), &org("fabrikam"), &scopes(&["vso.code"]), None);
+        assert!(matches!(ask("apikey:ci.prod"), Decision::Allow { .. }));
+        assert_eq!(ask("apikey:ciXprod"), deny(Denial::NoMatchingRule, None));
+    }
+
+    #[test]
+    fn the_sample_from_the_brief_loads_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.yaml");
+        std::fs::write(&path, POLICY).unwrap();
+        let p = Policy::load(&path).unwrap();
+        let names: Vec<_> = p.rules().iter().map(Rule::name).collect();
+        assert_eq!(
+            names,
+            [
+                "ci-code",
+                "ci-code-long",
+                "ci-other-org",
+                "admin-full",
+                "manage-everything"
+            ]
+        );
+        assert_eq!(p.rules()[0].default_ttl(), HOUR);
+        assert_eq!(p.rules()[0].max_ttl(), 8 * HOUR);
+    }
+
+    #[test]
+    fn a_missing_file_is_reported_with_its_path() {
+        let err = Policy::load("/nonexistent/policy.yaml").unwrap_err();
+        assert!(matches!(err, PolicyError::Read { .. }));
+        assert!(
+            err.to_string().contains("/nonexistent/policy.yaml"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_scope_is_refused_naming_rule_and_field() {
+        let (index, field, message) =
+            rule_error(&with_field("scopes", "[\"vso.code\", \"vso.cod_write\"]"));
+        assert_eq!((index, field.as_str()), (0, "scopes"));
+        assert!(message.contains("vso.cod_write"), "{message}");
+    }
+
+    #[test]
+    fn a_bad_duration_is_refused_naming_the_field() {
+        let (_, field, message) = rule_error(&with_field("default_ttl", "soon"));
+        assert_eq!(field, "default_ttl");
+        assert!(message.contains("soon"), "{message}");
+        let (_, field, _) = rule_error(&with_field("max_ttl", "0s"));
+        assert_eq!(field, "max_ttl");
+    }
+
+    #[test]
+    fn a_default_ttl_over_the_max_is_refused() {
+        let (_, field, message) = rule_error(&with_field("default_ttl", "9h"));
+        assert_eq!(field, "default_ttl");
+        assert!(message.contains("max_ttl"), "{message}");
+    }
+
+    #[test]
+    fn a_max_ttl_over_one_year_is_refused() {
+        let (_, field, message) = rule_error(&with_field("max_ttl", "366days"));
+        assert_eq!(field, "max_ttl");
+        assert!(message.contains("one year"), "{message}");
+        assert!(Policy::from_yaml(&with_field("max_ttl", "365days")).is_ok());
+    }
+
+    #[test]
+    fn duplicate_rule_names_are_refused() {
+        let rule = with_field("max_ttl", "8h");
+        let body = rule.strip_prefix("rules:\n").unwrap();
+        let err = Policy::from_yaml(&format!("rules:\n{body}{body}")).unwrap_err();
+        assert!(
+            matches!(&err, PolicyError::Rule { index: 1, field, .. } if field == "name"),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("rules[1]"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_field_is_refused_with_its_place() {
+        let yaml = format!("{}    max_leases: 3\n", with_field("max_ttl", "8h"));
+        let err = Policy::from_yaml(&yaml).unwrap_err();
+        assert!(matches!(err, PolicyError::Syntax(_)), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.contains("max_leases") && text.contains("rules[0]"),
+            "{text}"
+        );
+        let err = Policy::from_yaml("rules: []\nversion: 2\n").unwrap_err();
+        assert!(err.to_string().contains("version"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_field_is_refused_naming_it() {
+        let yaml = "rules:\n  - name: r\n    identities: [\"apikey:ci\"]\n";
+        let text = Policy::from_yaml(yaml).unwrap_err().to_string();
+        assert!(
+            text.contains("organizations") && text.contains("rules[0]"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn bad_identity_patterns_are_refused_naming_the_entry() {
+        for pattern in [
+            "*",
+            "ci",
+            "*:ci",
+            "apikey:",
+            "apikey:a b",
+            "k8s:system:serviceaccount:build",
+            "k8s:system:serviceaccount:*",
+            "k8s:*",
+        ] {
+            let value = format!("[\"apikey:ok\", \"{pattern}\"]");
+            let (_, field, _) = rule_error(&with_field("identities", &value));
+            assert_eq!(field, "identities[1]", "{pattern}");
+        }
+        let (_, field, _) = rule_error(&with_field("identities", "[]"));
+        assert_eq!(field, "identities");
+    }
+
+    #[test]
+    fn bad_organizations_and_names_are_refused() {
+        let (_, field, _) = rule_error(&with_field("organizations", "[\"fabrikam\", \"-x\"]"));
+        assert_eq!(field, "organizations[1]");
+        let (_, field, _) = rule_error(&with_field("organizations", "[]"));
+        assert_eq!(field, "organizations");
+        let (_, field, _) = rule_error(&with_field("scopes", "[]"));
+        assert_eq!(field, "scopes");
+        let yaml = with_field("max_ttl", "8h").replace("name: r", "name: \"  \"");
+        let (_, field, _) = rule_error(&yaml);
+        assert_eq!(field, "name");
+    }
+
+    #[test]
+    fn an_empty_rule_list_denies_everything() {
+        let p = Policy::from_yaml("rules: []\n").unwrap();
+        let d = p.decide(
+            &id("apikey:ci"),
+            &org("fabrikam"),
+            &scopes(&["vso.code"]),
+            None,
+        );
+        assert_eq!(d, deny(Denial::NoMatchingRule, None));
     }
 }

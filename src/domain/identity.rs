@@ -118,3 +118,74 @@ impl From<Identity> for String {
         i.to_string()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_round_trips_through_its_text_form() {
+        for (text, kind) in [
+            ("apikey:ci-runner_1.prod", "apikey"),
+            ("k8s:system:serviceaccount:build:restorer", "k8s"),
+            ("spiffe://example.org/ns/build/sa/restorer", "spiffe"),
+            ("x509:agent-1.build.example.org", "x509"),
+        ] {
+            let id: Identity = text.parse().unwrap();
+            assert_eq!(id.kind(), kind);
+            assert_eq!(id.to_string(), text);
+            let json = serde_json::to_string(&id).unwrap();
+            assert_eq!(serde_json::from_str::<Identity>(&json).unwrap(), id);
+        }
+    }
+
+    #[test]
+    fn a_service_account_parses_into_its_parts() {
+        let id: Identity = "k8s:system:serviceaccount:build:restorer".parse().unwrap();
+        assert_eq!(
+            id,
+            Identity::ServiceAccount {
+                namespace: "build".into(),
+                name: "restorer".into()
+            }
+        );
+    }
+
+    #[test]
+    fn an_api_key_named_like_a_service_account_is_not_one() {
+        let parsed = "apikey:system:serviceaccount:a:b".parse::<Identity>();
+        assert!(
+            !matches!(parsed, Ok(Identity::ServiceAccount { .. })),
+            "{parsed:?}"
+        );
+        assert!(parsed.is_err());
+        let parsed = "x509:k8s:system:serviceaccount:a:b".parse::<Identity>();
+        assert!(parsed.is_err());
+    }
+
+    #[test]
+    fn garbage_is_rejected() {
+        for text in [
+            "",
+            "ci",
+            "apikey:",
+            "apikey:has space",
+            "APIKEY:ci",
+            "k8s:system:serviceaccount:build",
+            "k8s:system:serviceaccount:build:",
+            "k8s:system:serviceaccount:a:b:c",
+            "k8s:build:restorer",
+            "spiffe://",
+            "spiffe://example.org/has space",
+            "x509:",
+            "x509:a/b",
+            "jwt:someone",
+        ] {
+            let err = text.parse::<Identity>().unwrap_err();
+            assert!(
+                matches!(err, DomainError::InvalidIdentity(ref t, _) if t == text),
+                "{text:?}: {err:?}"
+            );
+        }
+    }
+}

@@ -68,3 +68,61 @@ impl From<Organization> for String {
         o.0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_names_are_accepted_and_lower_cased() {
+        assert_eq!(
+            Organization::parse("fabrikam").unwrap().as_str(),
+            "fabrikam"
+        );
+        assert_eq!(
+            Organization::parse("Fabrikam-Fiber-2").unwrap().as_str(),
+            "fabrikam-fiber-2"
+        );
+        assert_eq!(Organization::parse("a").unwrap().as_str(), "a");
+        assert_eq!(
+            Organization::parse("FABRIKAM").unwrap(),
+            Organization::parse("fabrikam").unwrap()
+        );
+    }
+
+    #[test]
+    fn fifty_characters_is_the_limit() {
+        let fifty = "a".repeat(50);
+        assert_eq!(Organization::parse(&fifty).unwrap().as_str(), fifty);
+        let err = Organization::parse(&"a".repeat(51)).unwrap_err();
+        assert!(err.to_string().contains("longer than 50"), "{err}");
+    }
+
+    #[test]
+    fn invalid_names_are_rejected_with_the_reason() {
+        for (name, why) in [
+            ("", "must not be empty"),
+            ("-fabrikam", "start and end"),
+            ("fabrikam-", "start and end"),
+            ("fabri_kam", "only letters"),
+            ("fabri kam", "only letters"),
+            ("fabrikam.com", "only letters"),
+            ("fabrikäm", "only letters"),
+            ("fabrikam/project", "only letters"),
+        ] {
+            let err = Organization::parse(name).unwrap_err();
+            assert!(
+                matches!(err, DomainError::InvalidOrganization(_)),
+                "{name:?}"
+            );
+            assert!(err.to_string().contains(why), "{name:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn serde_validates_and_lower_cases() {
+        let org: Organization = serde_json::from_str("\"Fabrikam\"").unwrap();
+        assert_eq!(org.as_str(), "fabrikam");
+        assert!(serde_json::from_str::<Organization>("\"-x\"").is_err());
+    }
+}

@@ -1,4 +1,6 @@
 //! Shared test set-up: databases, the emulator, the broker. Each area owns
 //! one file here.
 #![allow(dead_code)]
+
+pub mod emulator;
 pub mod upstream;
