@@ -430,7 +430,6 @@ impl AzureDevOpsClient {
             }
         })?;
         let status = response.status();
-        tracing::Span::current().record("status", status.as_u16());
         let headers = response.headers().clone();
         let retry_after = self.note_rate_limit(call.operation, &headers);
         let body = response.bytes().await.map_err(|e| {
@@ -655,7 +654,7 @@ fn json_body<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, UpstreamError> {
 #[async_trait]
 impl PatClient for AzureDevOpsClient {
     async fn create(&self, org: &Organization, req: &CreatePat) -> Result<PatToken, UpstreamError> {
-        let span = tracing::info_span!("upstream", operation = "create", organization = %org, display_name = %req.display_name, authorization_id = field::Empty, status = field::Empty);
+        let span = tracing::info_span!("upstream", operation = "create", organization = %org, display_name = %req.display_name, authorization_id = field::Empty);
         async {
             let body = json_body(&WireCreateRequest {
                 display_name: &req.display_name,
@@ -691,7 +690,7 @@ impl PatClient for AzureDevOpsClient {
         org: &Organization,
         id: AuthorizationId,
     ) -> Result<PatToken, UpstreamError> {
-        let span = tracing::debug_span!("upstream", operation = "get", organization = %org, authorization_id = %id, status = field::Empty);
+        let span = tracing::info_span!("upstream", operation = "get", organization = %org, authorization_id = %id);
         async {
             let id_text = id.to_string();
             let call = Call {
@@ -716,7 +715,7 @@ impl PatClient for AzureDevOpsClient {
         org: &Organization,
         query: &ListPats,
     ) -> Result<Vec<PatToken>, UpstreamError> {
-        let span = tracing::debug_span!("upstream", operation = "list", organization = %org, status = field::Empty);
+        let span = tracing::info_span!("upstream", operation = "list", organization = %org);
         async {
             let top = query
                 .top
@@ -763,7 +762,7 @@ impl PatClient for AzureDevOpsClient {
     }
 
     async fn update(&self, org: &Organization, req: &UpdatePat) -> Result<PatToken, UpstreamError> {
-        let span = tracing::info_span!("upstream", operation = "update", organization = %org, authorization_id = %req.authorization_id, status = field::Empty);
+        let span = tracing::info_span!("upstream", operation = "update", organization = %org, authorization_id = %req.authorization_id);
         async {
             let body = json_body(&WireUpdateRequest {
                 authorization_id: req.authorization_id.as_uuid(),
@@ -791,7 +790,7 @@ impl PatClient for AzureDevOpsClient {
     }
 
     async fn revoke(&self, org: &Organization, id: AuthorizationId) -> Result<(), UpstreamError> {
-        let span = tracing::info_span!("upstream", operation = "revoke", organization = %org, authorization_id = %id, status = field::Empty);
+        let span = tracing::info_span!("upstream", operation = "revoke", organization = %org, authorization_id = %id);
         async {
             let id_text = id.to_string();
             let call = Call {
