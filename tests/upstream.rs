@@ -790,3 +790,98 @@ async fn no_bearer_pat_or_refresh_token_reaches_the_logs_even_at_trace_level() {
         assert!(!logs.contains(&secret), "a secret reached the logs");
     }
 }
+
+// ------------------------------------------------------ documented examples
+
+/// Replays the five example exchanges of upstream-spec/tokens/*/httpExamples
+/// through the client, at the examples' own api-version, and checks that the
+/// answers mean what the examples' answers mean (values differ: ids and
+/// dates are the emulator's own; the 2020 examples' dates are in the past).
+#[tokio::test]
+async fn the_documented_example_exchanges_replayed_through_the_client_mean_the_same() {
+    let upstream = Upstream::start_with(EmulatorConfig {
+        legacy_tokens: true,
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let client = upstream.client_with(AzureDevOpsConfig {
+        api_version: "6.1-preview".into(),
+        ..upstream.client_config()
+    });
+    let fabrikam = org("fabrikam");
+    // The examples send `.319Z` and get `.32Z` back: SQL Server datetime
+    // rounding (ado-pat-api.md section 1.6).
+    let whole_second =
+        |at: DateTime<Utc>| DateTime::<Utc>::from_timestamp(at.timestamp(), 0).unwrap();
+    let sent = whole_second(upstream.now().await + chrono::Duration::days(29))
+        + chrono::Duration::milliseconds(319);
+
+    // CreatePat: {"displayName":"new_token","scope":"app_token","validTo":"…23.319Z","allOrgs":false}
+    let created = client
+        .create(&fabrikam, &request("new_token", "app_token", sent))
+        .await
+        .unwrap();
+    assert_eq!(created.display_name, "new_token");
+    assert_eq!(created.scope, "app_token");
+    assert_eq!(
+        created.valid_to,
+        whole_second(sent) + chrono::Duration::milliseconds(320)
+    );
+    assert_eq!(created.target_accounts.as_ref().map(Vec::len), Some(1));
+    let token = created.token.clone().unwrap();
+    assert_eq!(
+        token.expose_secret().len(),
+        52,
+        "the examples' legacy format"
+    );
+
+    // GetPat: the same PAT, `token: null`.
+    let got = client
+        .get(&fabrikam, created.authorization_id)
+        .await
+        .unwrap();
+    assert_eq!(got.display_name, "new_token");
+    assert_eq!(got.valid_to, created.valid_to);
+    assert_eq!(got.valid_from, created.valid_from);
+    assert_eq!(got.target_accounts, created.target_accounts);
+    assert!(got.token.is_none());
+
+    // ListPats: `continuationToken: ""`, every `token: null`.
+    let listed = client.list(&fabrikam, &ListPats::default()).await.unwrap();
+    assert_eq!(ids(&listed), HashSet::from([created.authorization_id]));
+    assert!(listed[0].token.is_none());
+
+    // UpdatePat: new name, scope and validTo (the client never sends
+    // `allOrgs: true`: global PATs are retired, section 4.2).
+    let updated = client
+        .update(
+            &fabrikam,
+            &UpdatePat {
+                authorization_id: created.authorization_id,
+                display_name: Some("updated_token".into()),
+                scope: Some("vso.analytics".into()),
+                valid_to: Some(sent + chrono::Duration::days(1)),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(updated.display_name, "updated_token");
+    assert_eq!(updated.scope, "vso.analytics");
+    assert_eq!(
+        updated.valid_to,
+        whole_second(sent) + chrono::Duration::days(1) + chrono::Duration::milliseconds(320)
+    );
+    assert_eq!(updated.valid_from, created.valid_from);
+    assert!(updated.token.is_none());
+
+    // RevokePat: 204 `{}`.
+    client
+        .revoke(&fabrikam, created.authorization_id)
+        .await
+        .unwrap();
+    let revoked = client
+        .list(&fabrikam, &filtered(DisplayFilter::Revoked))
+        .await
+        .unwrap();
+    assert_eq!(ids(&revoked), HashSet::from([created.authorization_id]));
+}
