@@ -34,6 +34,7 @@ use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYP
 use reqwest::{Method, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tracing::{field, Instrument};
 use url::Url;
@@ -89,6 +90,9 @@ pub struct AzureDevOpsConfig {
     pub page_size: u32,
     /// Most pages one list follows before giving up; default 1000.
     pub max_pages: u32,
+    /// Most requests in flight to upstream at once, over every caller of
+    /// this client; default 16. Others wait their turn.
+    pub max_concurrent_requests: usize,
 }
 
 impl Default for AzureDevOpsConfig {
@@ -105,6 +109,7 @@ impl Default for AzureDevOpsConfig {
             max_retry_after: Duration::from_secs(30),
             page_size: MAX_PAGE_SIZE,
             max_pages: 1000,
+            max_concurrent_requests: 16,
         }
     }
 }
@@ -206,6 +211,8 @@ pub struct AzureDevOpsClient {
     tokens: Arc<dyn TokenSource>,
     /// No request before this instant: the last `Retry-After` seen.
     throttled_until: SyncMutex<Option<Instant>>,
+    /// Bounds the requests in flight (`max_concurrent_requests`).
+    in_flight: Semaphore,
 }
 
 impl fmt::Debug for AzureDevOpsClient {
@@ -244,6 +251,9 @@ impl AzureDevOpsClient {
         if config.max_pages == 0 {
             return Err(invalid("max_pages must be at least 1".into()));
         }
+        if config.max_concurrent_requests == 0 {
+            return Err(invalid("max_concurrent_requests must be at least 1".into()));
+        }
         if config.request_timeout.is_zero() {
             return Err(invalid("request_timeout must be positive".into()));
         }
@@ -256,6 +266,7 @@ impl AzureDevOpsClient {
             .build()
             .map_err(|e| invalid(format!("cannot build the http client: {e}")))?;
         Ok(AzureDevOpsClient {
+            in_flight: Semaphore::new(config.max_concurrent_requests),
             config,
             http,
             tokens: token_source,
@@ -404,6 +415,7 @@ impl AzureDevOpsClient {
                 ))
             })?;
         authorization.set_sensitive(true);
+        let _permit = self.in_flight.acquire().await.expect("never closed");
         let mut request = self
             .http
             .request(call.method.clone(), call.url.clone())
