@@ -64,6 +64,11 @@ pub struct EmulatorConfig {
     pub restrict_full_scope: bool,
     /// "Restrict global PAT creation": `allOrgs` → `globalPatPolicyViolation`.
     pub restrict_global: bool,
+    /// "Restrict PAT creation" (organization policy; the emulated user is
+    /// not allow-listed): create → `disablePatCreationPolicyViolation`.
+    pub restrict_creation: bool,
+    /// With `restrict_creation`: "Allow creation of PAT with packaging scope only".
+    pub allow_packaging_only: bool,
     /// RN-270 (since 2026-03-15): `allOrgs: true` → `globalPATCreationBlocked`.
     /// Turn off to replay the 2020 examples, which predate it.
     pub block_global_creation: bool,
@@ -83,6 +88,8 @@ impl Default for EmulatorConfig {
             lifespan_mode: LifespanMode::Clamp,
             restrict_full_scope: false,
             restrict_global: false,
+            restrict_creation: false,
+            allow_packaging_only: false,
             block_global_creation: true,
             legacy_tokens: false,
             access_token_lifetime: Duration::from_secs(3599),
@@ -118,6 +125,12 @@ pub struct EmulatorArgs {
     /// Refuse global (`allOrgs`) PATs with globalPatPolicyViolation.
     #[arg(long)]
     pub restrict_global: bool,
+    /// Refuse PAT creation (organization policy "Restrict PAT creation").
+    #[arg(long)]
+    pub restrict_creation: bool,
+    /// With --restrict-creation, still allow packaging-only PATs.
+    #[arg(long, requires = "restrict_creation")]
+    pub allow_packaging_only: bool,
     /// Issue legacy 52-character tokens.
     #[arg(long)]
     pub legacy_tokens: bool,
@@ -131,6 +144,8 @@ impl From<EmulatorArgs> for EmulatorConfig {
             lifespan_mode: a.lifespan_mode,
             restrict_full_scope: a.restrict_full_scope,
             restrict_global: a.restrict_global,
+            restrict_creation: a.restrict_creation,
+            allow_packaging_only: a.allow_packaging_only,
             legacy_tokens: a.legacy_tokens,
             ..EmulatorConfig::default()
         }

@@ -3,7 +3,7 @@
 //! caller's bearer and the api-version were checked by the dispatcher.
 
 use axum::http::StatusCode;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use chrono::{DateTime, Duration as ChronoDuration, TimeZone, Utc};
@@ -234,6 +234,22 @@ fn check_full_scope(emu: &Emulator, scope: &str) -> Result<(), (&'static str, &'
     Ok(())
 }
 
+/// "Restrict PAT creation" (section 4.2 [V] DOC-POLICIES; the value
+/// `disablePatCreationPolicyViolation` is [I]).
+fn check_creation(emu: &Emulator, scope: &str) -> Result<(), (&'static str, &'static str)> {
+    if !emu.config.restrict_creation {
+        return Ok(());
+    }
+    let packaging_only = scope.split(' ').all(|s| s.starts_with("vso.packaging"));
+    if emu.config.allow_packaging_only && packaging_only {
+        return Ok(());
+    }
+    Err((
+        "disablePatCreationPolicyViolation",
+        "Your organization's policy restricts the creation of personal access tokens.",
+    ))
+}
+
 /// `POST` (CreatePat).
 pub(crate) fn create(emu: &Emulator, org: &str, v: ApiVersion, raw: &[u8]) -> Response {
     let body = match read_body(raw) {
@@ -258,6 +274,9 @@ pub(crate) fn create(emu: &Emulator, org: &str, v: ApiVersion, raw: &[u8]) -> Re
         }
     }
     if let Err((e, m)) = check_full_scope(emu, &scope) {
+        return refused(v, e, m);
+    }
+    if let Err((e, m)) = check_creation(emu, &scope) {
         return refused(v, e, m);
     }
     let mut inner = emu.lock();
@@ -364,13 +383,7 @@ fn parse_enum<T: Copy>(
 /// `GET` without `authorizationId` (ListPats). Defaults when a parameter
 /// is absent are [U] (section 1.2); chosen [I]: active, displayDate
 /// (= creation time), ascending, 100 per page.
-pub(crate) fn list(
-    emu: &Emulator,
-    org: &str,
-    v: ApiVersion,
-    q: &Query,
-    repeat_page: bool,
-) -> Response {
+pub(crate) fn list(emu: &Emulator, org: &str, q: &Query, repeat_page: bool) -> Response {
     let filter = match parse_enum(
         q,
         "displayFilterOption",
@@ -435,18 +448,20 @@ pub(crate) fn list(
     };
     let inner = emu.lock();
     let now = inner.now();
-    let mut rows: Vec<&PatRecord> = inner
+    // Creation order breaks ties (validFrom has 1/300 s precision).
+    let mut rows: Vec<(usize, &PatRecord)> = inner
         .pats
         .iter()
-        .filter(|p| p.organization == org)
-        .filter(|p| match filter {
+        .enumerate()
+        .filter(|(_, p)| p.organization == org)
+        .filter(|(_, p)| match filter {
             Filter::All => true,
             Filter::Active => p.state(now) == PatState::Active,
             Filter::Revoked => p.state(now) == PatState::Revoked,
             Filter::Expired => p.state(now) == PatState::Expired,
         })
         .collect();
-    rows.sort_by(|a, b| {
+    rows.sort_by(|(ai, a), (bi, b)| {
         let primary = match sort {
             SortBy::DisplayName => a
                 .display_name
@@ -460,8 +475,9 @@ pub(crate) fn list(
         } else {
             primary.reverse()
         };
-        primary.then(a.authorization_id.cmp(&b.authorization_id))
+        primary.then(ai.cmp(bi))
     });
+    let rows: Vec<&PatRecord> = rows.into_iter().map(|(_, p)| p).collect();
     let start = match after {
         None => 0,
         // Resume after the last PAT of the previous page; PATs are never
@@ -487,7 +503,6 @@ pub(crate) fn list(
         // The last page carries "" (section 1.7 [V]).
         String::new()
     };
-    let _ = v;
     wire::json_ok(&wire::PagedPatTokensJson {
         continuation_token,
         pat_tokens: page,
@@ -594,10 +609,8 @@ pub(crate) fn update(emu: &Emulator, org: &str, v: ApiVersion, raw: &[u8]) -> Re
     succeeded(v, json)
 }
 
-/// `DELETE ?authorizationId=` (RevokePat): 204 with `{}` as in the
-/// example (section 1.9 [V]; hyper sends no body with a 204, so the
-/// client sees an empty one). Revoking a revoked or expired PAT succeeds
-/// again ([I]).
+/// `DELETE ?authorizationId=` (RevokePat): 204 as in the example
+/// (section 1.9 [V]). Revoking a revoked or expired PAT succeeds again ([I]).
 pub(crate) fn revoke(emu: &Emulator, org: &str, v: ApiVersion, id: Option<&str>) -> Response {
     let Some(id) = parse_id(id) else {
         return invalid_id(v);
@@ -618,7 +631,16 @@ pub(crate) fn revoke(emu: &Emulator, org: &str, v: ApiVersion, id: Option<&str>)
         return not_found(v);
     }
     tracing::info!(organization = org, authorization_id = %id, "emulator revoked a PAT");
-    wire::json_status(StatusCode::NO_CONTENT, &serde_json::json!({}))
+    // HTTP forbids a body on 204, so `{}` cannot travel; the answer is
+    // empty, which a client reading "204 `{}`" must take as the same thing.
+    (
+        StatusCode::NO_CONTENT,
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/json; charset=utf-8",
+        )],
+    )
+        .into_response()
 }
 
 /// Start of the day global PATs stop working.
