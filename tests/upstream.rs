@@ -443,6 +443,43 @@ async fn a_429_longer_than_the_cap_is_returned_as_rate_limited_and_holds_later_c
 }
 
 #[tokio::test]
+async fn a_delayed_200_with_retry_after_is_served_and_holds_the_next_call_back() {
+    let upstream = Upstream::start().await;
+    let client = upstream.client();
+    create(&upstream, &client, "tb:x", "vso.code").await;
+    // DOC-RATELIMITS: a delayed request "still returns HTTP 200" with
+    // Retry-After; here longer than the client's cap (30 s).
+    upstream
+        .set_faults(
+            json!([{"operation": "list", "status": 200, "retryAfterSeconds": 120, "times": 1}]),
+        )
+        .await;
+    assert_eq!(
+        client
+            .list(&org("fabrikam"), &active())
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let err = client.list(&org("fabrikam"), &active()).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            UpstreamError::RateLimited {
+                retry_after: Some(_)
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        upstream.calls("list").await,
+        1,
+        "the second call was not sent"
+    );
+}
+
+#[tokio::test]
 async fn server_errors_are_retried_for_get_list_update_and_revoke() {
     let upstream = Upstream::start().await;
     let client = upstream.client();

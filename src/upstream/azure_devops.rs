@@ -852,6 +852,7 @@ mod tests {
     use super::*;
     use crate::upstream::entra::StaticTokenSource;
     use crate::upstream::PatTokenError;
+    use secrecy::ExposeSecret;
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
@@ -960,6 +961,105 @@ mod tests {
             Next::Stop(_)
         ));
         assert!(pager.pats.is_empty());
+    }
+
+    /// The example exchanges of upstream-spec (tests/fixtures), 7.1 and 7.2.
+    macro_rules! example {
+        ($version:literal, $name:literal) => {
+            include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/upstream-spec/tokens/",
+                $version,
+                "/httpExamples/Pats/",
+                $name,
+                ".json"
+            ))
+        };
+    }
+
+    /// The recorded answer of an example: (status, body bytes).
+    fn answer_of(example: &str) -> (u16, Vec<u8>) {
+        let example: serde_json::Value =
+            serde_json::from_slice(strip_bom(example.as_bytes())).unwrap();
+        let (status, answer) = example["responses"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .next()
+            .unwrap();
+        (
+            status.parse().unwrap(),
+            serde_json::to_vec(&answer["body"]).unwrap(),
+        )
+    }
+
+    #[test]
+    fn every_documented_example_answer_is_understood() {
+        for examples in [
+            [
+                example!("7.1", "CreatePat"),
+                example!("7.1", "GetPat"),
+                example!("7.1", "ListPats"),
+                example!("7.1", "UpdatePat"),
+                example!("7.1", "RevokePat"),
+            ],
+            [
+                example!("7.2", "CreatePat"),
+                example!("7.2", "GetPat"),
+                example!("7.2", "ListPats"),
+                example!("7.2", "UpdatePat"),
+                example!("7.2", "RevokePat"),
+            ],
+        ] {
+            let [create, get, list, update, revoke] = examples;
+            let ok = |status: u16| {
+                classify(
+                    StatusCode::from_u16(status).unwrap(),
+                    &headers(&[JSON]),
+                    b"",
+                    None,
+                )
+                .is_ok()
+            };
+
+            let (status, body) = answer_of(create);
+            assert!(ok(status));
+            let created = AzureDevOpsClient::pat_result(Operation::Create, &body).unwrap();
+            assert_eq!(created.token.as_ref().unwrap().expose_secret().len(), 52);
+            assert_eq!(created.scope, "app_token");
+
+            let (status, body) = answer_of(get);
+            assert!(ok(status));
+            let got = AzureDevOpsClient::pat_result(Operation::Get, &body).unwrap();
+            assert!(got.token.is_none());
+
+            let (status, body) = answer_of(list);
+            assert!(ok(status));
+            let page: WirePagedPatTokens = parse_json(Operation::List, &body).unwrap();
+            let mut pager = Pager::default();
+            assert_eq!(pager.accept(page).unwrap(), Next::Done);
+            assert_eq!(pager.pats.len(), 4);
+            assert_eq!(
+                pager
+                    .pats
+                    .iter()
+                    .filter(|p| p.target_accounts.is_none())
+                    .count(),
+                1
+            );
+            assert!(pager.pats.iter().all(|p| p.token.is_none()));
+
+            let (status, body) = answer_of(update);
+            assert!(ok(status));
+            let updated = AzureDevOpsClient::pat_result(Operation::Update, &body).unwrap();
+            assert_eq!(updated.display_name, "updated_token");
+            assert!(updated.target_accounts.is_none());
+
+            let (status, body) = answer_of(revoke);
+            assert_eq!(status, 204);
+            assert!(ok(status));
+            revoke_outcome(&body).unwrap();
+        }
     }
 
     #[test]
