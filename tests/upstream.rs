@@ -652,6 +652,37 @@ async fn a_list_whose_pages_repeat_ends_without_looping_or_duplicates() {
     );
 }
 
+#[tokio::test]
+async fn every_documented_api_version_form_is_accepted_and_a_malformed_one_is_a_bad_request() {
+    let upstream = Upstream::start().await;
+    for version in [
+        "7.1-preview.1",
+        "7.1-preview",
+        "7.2-preview.1",
+        "6.1-preview",
+    ] {
+        let client = upstream.client_with(AzureDevOpsConfig {
+            api_version: version.into(),
+            ..upstream.client_config()
+        });
+        client
+            .list(&org("fabrikam"), &active())
+            .await
+            .unwrap_or_else(|e| panic!("{version}: {e}"));
+    }
+    let client = upstream.client_with(AzureDevOpsConfig {
+        api_version: "4.1.".into(),
+        ..upstream.client_config()
+    });
+    let err = client.list(&org("fabrikam"), &active()).await.unwrap_err();
+    match err {
+        UpstreamError::BadRequest(message) => {
+            assert!(message.contains("Invalid api version"), "{message}")
+        }
+        other => panic!("expected BadRequest, got {other:?}"),
+    }
+}
+
 // ------------------------------------------------------------ credentials
 
 #[tokio::test]
@@ -672,6 +703,26 @@ async fn a_rotated_refresh_token_reaches_the_sink_and_works_on_its_own() {
     let client = AzureDevOpsClient::new(upstream.client_config(), Arc::new(next)).unwrap();
     client.list(&org("fabrikam"), &active()).await.unwrap();
     assert_eq!(sink.saved().len(), 2);
+}
+
+#[tokio::test]
+async fn a_token_endpoint_outage_is_retried_even_for_create_because_nothing_was_sent() {
+    let upstream = Upstream::start().await;
+    let client = upstream.client();
+    upstream
+        .set_faults(json!([{"operation": "token", "status": 503, "times": 1}]))
+        .await;
+    let now = upstream.now().await;
+    let pat = client
+        .create(
+            &org("fabrikam"),
+            &request("tb:after-outage", "vso.code", now + hours(1)),
+        )
+        .await
+        .unwrap();
+    assert!(pat.token.is_some());
+    assert_eq!(upstream.calls("token").await, 2);
+    assert_eq!(upstream.calls("create").await, 1);
 }
 
 #[tokio::test]
@@ -721,8 +772,11 @@ async fn an_app_only_token_is_refused_by_the_pat_api() {
     let client = upstream.client_with_bearer(app.clone());
     let err = client.list(&org("fabrikam"), &active()).await.unwrap_err();
     assert!(matches!(err, UpstreamError::Authentication(_)), "{err:?}");
+    // X-TFS-FedAuthRedirect: Suppress was sent: the refusal was a 401
+    // (retried once with a fresh bearer), not the sign-in page.
+    assert_eq!(upstream.calls("list").await, 2);
 
-    // Without X-TFS-FedAuthRedirect the service answers with its sign-in page.
+    // Without it the service answers with its sign-in page: no retry.
     let client = AzureDevOpsClient::new(
         AzureDevOpsConfig {
             suppress_fed_auth_redirect: false,
@@ -733,6 +787,7 @@ async fn an_app_only_token_is_refused_by_the_pat_api() {
     .unwrap();
     let err = client.list(&org("fabrikam"), &active()).await.unwrap_err();
     assert!(matches!(err, UpstreamError::Authentication(_)), "{err:?}");
+    assert_eq!(upstream.calls("list").await, 3);
 }
 
 #[tokio::test]
