@@ -9,12 +9,12 @@
 //! | answer | result |
 //! |---|---|
 //! | 2xx JSON | success (`patTokenError` != none: [`UpstreamError::Refused`]) |
-//! | 203, 3xx, or an HTML page | [`UpstreamError::Authentication`] (sign-in page, section 2.2) |
-//! | 401 | invalidate the bearer, one retry with a fresh one, then `Authentication` |
+//! | 203, 3xx, or another HTML page | [`UpstreamError::Authentication`] (sign-in page, section 2.2) |
+//! | 401 (any body) | invalidate the bearer, one retry with a fresh one, then `Authentication` |
 //! | 403 | `Authentication` (the credential may not do this) |
 //! | 400 | [`UpstreamError::BadRequest`] (e.g. `JsonReaderException`: a client bug) |
 //! | 429 | wait `Retry-After` (up to `max_retry_after`), else [`UpstreamError::RateLimited`] |
-//! | 5xx, timeout, dropped connection | retried with jittered exponential backoff, except create |
+//! | 5xx (even an HTML gateway page), timeout, dropped connection | retried with jittered exponential backoff, except create |
 //! | anything else | [`UpstreamError::Protocol`] |
 //!
 //! Create is never retried once the request may have reached upstream
@@ -542,6 +542,14 @@ fn classify(
             }
         ))));
     }
+    // A 401 refuses the bearer whatever the body: worth one fresh bearer.
+    if status == StatusCode::UNAUTHORIZED {
+        return Err(Failure::Unauthorized(if is_html(headers) {
+            "an HTML page".to_owned()
+        } else {
+            ErrorEnvelope::from_body(body).summary()
+        }));
+    }
     if status == StatusCode::NON_AUTHORITATIVE_INFORMATION {
         return Err(Failure::Fatal(UpstreamError::Authentication(
             "upstream answered 203 with a sign-in page: the bearer token was not accepted".into(),
@@ -565,9 +573,6 @@ fn classify(
     }
     match status {
         s if s.is_success() => Ok(()),
-        StatusCode::UNAUTHORIZED => Err(Failure::Unauthorized(
-            ErrorEnvelope::from_body(body).summary(),
-        )),
         StatusCode::FORBIDDEN => Err(Failure::Fatal(UpstreamError::Authentication(format!(
             "upstream answered 403: {}",
             ErrorEnvelope::from_body(body).summary()
@@ -1080,7 +1085,6 @@ mod tests {
                     "https://spsprodsin2.vssps.visualstudio.com/_signin?realm=x",
                 )],
             ),
-            (401, vec![HTML]),
         ] {
             match classified(
                 status,
@@ -1093,6 +1097,11 @@ mod tests {
                 other => panic!("{status}: {other:?}"),
             }
         }
+        // A 401 page still earns one fresh bearer.
+        assert!(matches!(
+            classified(401, &[HTML], "<html></html>"),
+            Err(Failure::Unauthorized(_))
+        ));
         // Even a 203 that claims to be JSON.
         assert!(matches!(
             classified(203, &[JSON], "{}"),
