@@ -508,8 +508,12 @@ fn parse_json<T: for<'de> Deserialize<'de>>(
 }
 
 fn convert(operation: Operation, wire: WirePatToken) -> Result<PatToken, UpstreamError> {
-    PatToken::try_from(wire)
-        .map_err(|e| UpstreamError::Protocol(format!("{} answer: {e}", operation.as_str())))
+    PatToken::try_from(wire).map_err(|e| match e {
+        UpstreamError::Protocol(why) => {
+            UpstreamError::Protocol(format!("{} answer: {why}", operation.as_str()))
+        }
+        other => other,
+    })
 }
 
 fn is_html(headers: &HeaderMap) -> bool {
