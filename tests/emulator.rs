@@ -821,6 +821,9 @@ async fn a_malformed_api_version_gets_the_services_error() {
 
 // ------------------------------------------------------ authentication
 
+/// Adds one kind of credential to a request.
+type Authenticate = Box<dyn Fn(reqwest::RequestBuilder) -> reqwest::RequestBuilder>;
+
 #[tokio::test]
 async fn the_pat_api_refuses_app_only_tokens_pats_and_anonymous_callers() {
     let emu = Emu::start_default().await;
@@ -830,10 +833,7 @@ async fn the_pat_api_refuses_app_only_tokens_pats_and_anonymous_callers() {
         .await;
     let app = emu.app_bearer().await;
     let target = pats_target("fabrikam", "");
-    let callers: Vec<(
-        &str,
-        Box<dyn Fn(reqwest::RequestBuilder) -> reqwest::RequestBuilder>,
-    )> = vec![
+    let callers: Vec<(&str, Authenticate)> = vec![
         ("app-only token", Box::new(move |r| r.bearer_auth(&app))),
         (
             "PAT as Basic",

@@ -219,3 +219,51 @@ pub async fn spawn(config: EmulatorConfig) -> std::io::Result<RunningEmulator> {
     });
     Ok(RunningEmulator { addr, _stop: stop })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: EmulatorArgs,
+    }
+
+    #[test]
+    fn emulator_args_default_to_the_documented_values() {
+        let cli = Cli::try_parse_from(["emulator"]).unwrap();
+        assert_eq!(cli.args.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(cli.args.lifespan_mode, LifespanMode::Clamp);
+        let config = EmulatorConfig::from(cli.args);
+        use secrecy::ExposeSecret;
+        assert_eq!(config.refresh_token.expose_secret(), DEFAULT_REFRESH_TOKEN);
+        assert!(config.block_global_creation);
+    }
+
+    #[test]
+    fn emulator_args_take_the_policy_knobs_and_never_print_the_refresh_token() {
+        let cli = Cli::try_parse_from([
+            "emulator",
+            "--listen",
+            "127.0.0.1:9000",
+            "--refresh-token",
+            "seed-value-123",
+            "--max-lifespan-days",
+            "7",
+            "--lifespan-mode",
+            "reject",
+            "--restrict-full-scope",
+            "--restrict-global",
+        ])
+        .unwrap();
+        assert!(!format!("{:?}", cli.args).contains("seed-value-123"));
+        let config = EmulatorConfig::from(cli.args);
+        assert!(!format!("{config:?}").contains("seed-value-123"));
+        assert_eq!(config.max_lifespan_days, Some(7));
+        assert_eq!(config.lifespan_mode, LifespanMode::Reject);
+        assert!(config.restrict_full_scope && config.restrict_global);
+        assert!(Cli::try_parse_from(["emulator", "--allow-packaging-only"]).is_err());
+    }
+}

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::state::{digest, Emulator, Inner, PatRecord, PatState};
-use super::wire::{self, member, ApiVersion, PatTokenJson, PatTokenResultJson, Query};
+use super::wire::{self, member, ApiVersion, BadRequest, PatTokenJson, PatTokenResultJson, Query};
 use super::LifespanMode;
 use crate::domain::Scope;
 
@@ -111,32 +111,32 @@ struct Body {
     all_orgs: Option<bool>,
 }
 
-fn read_body(raw: &[u8]) -> Result<Option<Body>, Response> {
+fn read_body(raw: &[u8]) -> Result<Option<Body>, BadRequest> {
     if raw.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
-    let value: Value = serde_json::from_slice(raw).map_err(|_| wire::json_reader_error())?;
+    let value: Value = serde_json::from_slice(raw).map_err(|_| BadRequest::JsonReader)?;
     if value.is_null() {
         return Ok(None);
     }
     if !value.is_object() {
-        return Err(wire::json_reader_error());
+        return Err(BadRequest::JsonReader);
     }
-    let string = |name: &str| -> Result<Option<String>, Response> {
+    let string = |name: &str| -> Result<Option<String>, BadRequest> {
         match member(&value, name) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(_) => Err(wire::json_reader_error()),
+            Some(_) => Err(BadRequest::JsonReader),
         }
     };
     let valid_to = match string("validTo")? {
         None => None,
-        Some(s) => Some(wire::parse_datetime(&s).ok_or_else(wire::json_reader_error)?),
+        Some(s) => Some(wire::parse_datetime(&s).ok_or(BadRequest::JsonReader)?),
     };
     let all_orgs = match member(&value, "allOrgs") {
         None => None,
         Some(Value::Bool(b)) => Some(*b),
-        Some(_) => return Err(wire::json_reader_error()),
+        Some(_) => return Err(BadRequest::JsonReader),
     };
     Ok(Some(Body {
         authorization_id: member(&value, "authorizationId").cloned(),
@@ -255,7 +255,7 @@ pub(crate) fn create(emu: &Emulator, org: &str, v: ApiVersion, raw: &[u8]) -> Re
     let body = match read_body(raw) {
         Ok(Some(b)) => b,
         Ok(None) => return body_required("patTokenCreateRequest"),
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let display_name = body.display_name.unwrap_or_default();
     if display_name.trim().is_empty() {
@@ -366,17 +366,20 @@ enum SortBy {
 
 fn parse_enum<T: Copy>(
     q: &Query,
-    name: &str,
+    name: &'static str,
     values: &[(&str, T)],
     default: T,
-) -> Result<T, Response> {
+) -> Result<T, BadRequest> {
     match q.get(name) {
         None | Some("") => Ok(default),
         Some(raw) => values
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(raw.trim()))
             .map(|(_, t)| *t)
-            .ok_or_else(|| wire::invalid_argument(name, &format!("'{raw}' is not a valid value"))),
+            .ok_or_else(|| BadRequest::InvalidArgument {
+                name,
+                detail: format!("'{raw}' is not a valid value"),
+            }),
     }
 }
 
@@ -396,7 +399,7 @@ pub(crate) fn list(emu: &Emulator, org: &str, q: &Query, repeat_page: bool) -> R
         Filter::Active,
     ) {
         Ok(f) => f,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let sort = match parse_enum(
         q,
@@ -409,7 +412,7 @@ pub(crate) fn list(emu: &Emulator, org: &str, q: &Query, repeat_page: bool) -> R
         SortBy::DisplayDate,
     ) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let ascending = match q.get("isSortAscending").map(str::trim) {
         None | Some("") => true,
@@ -531,7 +534,7 @@ pub(crate) fn update(emu: &Emulator, org: &str, v: ApiVersion, raw: &[u8]) -> Re
     let body = match read_body(raw) {
         Ok(Some(b)) => b,
         Ok(None) => return body_required("patTokenUpdateRequest"),
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let id = match &body.authorization_id {
         Some(Value::String(s)) => match Uuid::parse_str(s.trim()) {
