@@ -397,6 +397,30 @@ async fn a_400_bad_request_is_reported_as_a_client_bug_and_not_retried() {
 }
 
 #[tokio::test]
+async fn a_valid_to_the_service_cannot_read_is_a_json_reader_exception_reported_as_bad_request() {
+    let upstream = Upstream::start().await;
+    let client = upstream.client();
+    // .NET's DateTime ends at year 9999; chrono writes year 10000 as
+    // "+10000-…", which the service's JSON reader cannot read.
+    let beyond_dotnet = DateTime::<Utc>::from_timestamp(253_402_300_800, 0).unwrap();
+    let err = client
+        .create(
+            &org("fabrikam"),
+            &request("tb:far", "vso.code", beyond_dotnet),
+        )
+        .await
+        .unwrap_err();
+    match err {
+        UpstreamError::BadRequest(message) => {
+            assert!(message.starts_with("JsonReaderException"), "{message}")
+        }
+        other => panic!("expected BadRequest, got {other:?}"),
+    }
+    assert_eq!(upstream.calls("create").await, 1);
+    assert!(upstream.pats().await.is_empty());
+}
+
+#[tokio::test]
 async fn a_429_is_waited_out_for_its_retry_after_then_the_call_succeeds() {
     let upstream = Upstream::start().await;
     let client = upstream.client();
