@@ -1,3 +1,5 @@
 //! Shared test set-up: databases, the emulator, the broker. Each area owns
 //! one file here.
 #![allow(dead_code)]
+
+pub mod db;
