@@ -4,8 +4,10 @@
 //!
 //! Rules: runtime `sqlx::query` only (no compile-time macros); `now` is
 //! always bound from the application, never the database's clock; a call
-//! either writes everything it names or nothing.
+//! either writes everything it names or nothing. Times are kept to the
+//! microsecond (finer parts are truncated on write) and read back in UTC.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,8 +19,72 @@ use crate::crypto::Sealed;
 use crate::domain::{AuthorizationId, Identity, LeaseId, LeaseState, Organization, ScopeSet};
 use crate::error::{ErrorCode, ServiceError};
 
+mod codec;
 pub mod postgres;
 pub mod sqlite;
+
+pub use postgres::{PostgresOptions, PostgresStore};
+pub use sqlite::SqliteStore;
+
+/// Opens the store named by `url` without migrating it (call
+/// [`Store::migrate`]). `postgres://` or `postgresql://` opens PostgreSQL;
+/// `sqlite:` (e.g. `sqlite://broker.db`, `sqlite::memory:`) or a bare file
+/// path opens SQLite, creating the file if missing.
+///
+/// Errors: [`StoreError::Unavailable`] if the database cannot be reached,
+/// [`StoreError::Database`] for a malformed URL. The URL (which may hold a
+/// password) is never put in an error.
+pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PostgresStore::connect(url).await?))
+    } else {
+        Ok(Arc::new(SqliteStore::open(url).await?))
+    }
+}
+
+/// Maps a sqlx error to a [`StoreError`]: failures to reach the database
+/// (I/O, TLS, pool timeout or closed, PostgreSQL SQLSTATE classes 08 and
+/// 57P, 53300 too many connections, SQLite busy or locked past the busy
+/// timeout) are `Unavailable`, so a retry can help; the rest are
+/// `Database`. Only the database's message is kept: sqlx never puts bound
+/// values in it, so no secret reaches the error.
+pub(crate) fn map_sqlx(err: sqlx::Error) -> StoreError {
+    match &err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => StoreError::Unavailable(err.to_string()),
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default().into_owned();
+            let unavailable = code.starts_with("08")
+                || code.starts_with("57P")
+                || code == "53300"
+                // SQLite primary result codes 5 (BUSY) and 6 (LOCKED), with extended codes.
+                || (db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some()
+                    && code
+                        .parse::<i32>()
+                        .is_ok_and(|c| matches!(c & 0xff, 5 | 6)));
+            let text = format!("{} (code {code})", db.message());
+            if unavailable {
+                StoreError::Unavailable(text)
+            } else {
+                StoreError::Database(text)
+            }
+        }
+        _ => StoreError::Database(err.to_string()),
+    }
+}
+
+fn map_migrate(err: sqlx::migrate::MigrateError) -> StoreError {
+    match err {
+        sqlx::migrate::MigrateError::Execute(e) => match map_sqlx(e) {
+            StoreError::Unavailable(m) => StoreError::Unavailable(m),
+            other => StoreError::Migration(other.to_string()),
+        },
+        other => StoreError::Migration(other.to_string()),
+    }
+}
 
 /// One lease row (DESIGN.md section 8).
 #[derive(Clone, Debug, PartialEq)]
@@ -183,7 +249,10 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
 
     /// Inserts `lease` and, if given, its idempotency key, atomically. If the
-    /// key (holder, request_id) exists, writes nothing and returns it.
+    /// key (holder, request_id) exists, writes nothing and returns it; of
+    /// concurrent creators with one key exactly one gets `Created`. A
+    /// duplicate lease id or `display_name` is a `Database` error, and
+    /// nothing is written.
     async fn create_lease(
         &self,
         lease: &LeaseRecord,
@@ -212,7 +281,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<LeaseRecord>, StoreError>;
 
     /// Writes every mutable field of `lease` if its stored state is still
-    /// `expected` (compare-and-set). Returns false if the state had moved.
+    /// `expected` (compare-and-set). Returns false if the state had moved
+    /// (or the lease does not exist). Immutable fields (id, holder,
+    /// organization, scopes, display_name, create_time) are not written.
     async fn update_lease(
         &self,
         lease: &LeaseRecord,
@@ -229,7 +300,9 @@ pub trait Store: Send + Sync + 'static {
     /// Claims up to `limit` leases due for `work`, not claimed by anyone
     /// else (or whose claim lapsed), setting `claimed_by = claimer` and
     /// `claimed_until = now + claim_for` in a committed transaction.
-    /// PostgreSQL selects with `FOR UPDATE SKIP LOCKED`.
+    /// A claim is live while `claimed_until > now`. Returned in the order
+    /// they fell due (then id). PostgreSQL selects with `FOR UPDATE SKIP
+    /// LOCKED`, so concurrent claimers get disjoint sets.
     async fn claim_due(
         &self,
         work: Work,
@@ -245,7 +318,9 @@ pub trait Store: Send + Sync + 'static {
     /// ACTIVE, PENDING and REVOKING leases held by `holder` (for quotas).
     async fn count_live_leases(&self, holder: &Identity) -> Result<u64, StoreError>;
 
-    /// Appends an audit event; returns its assigned id.
+    /// Appends an audit event; returns its assigned id. Ids increase in
+    /// commit order (appends are serialized), so paging with
+    /// [`Store::list_audit`] never skips a row.
     async fn append_audit(&self, event: &AuditEvent) -> Result<i64, StoreError>;
 
     /// Audit events with id > `after_id`, oldest first, at most `limit`.
@@ -269,4 +344,27 @@ pub trait Store: Send + Sync + 'static {
         sealed: &Sealed,
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreachable_database_errors_are_unavailable_and_the_rest_database() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        for err in [
+            sqlx::Error::Io(refused),
+            sqlx::Error::PoolTimedOut,
+            sqlx::Error::PoolClosed,
+        ] {
+            let mapped = map_sqlx(err);
+            assert!(matches!(mapped, StoreError::Unavailable(_)), "{mapped:?}");
+            assert_eq!(mapped.code(), ErrorCode::Unavailable);
+            assert_eq!(mapped.reason(), "STORE_UNAVAILABLE");
+        }
+        let mapped = map_sqlx(sqlx::Error::RowNotFound);
+        assert!(matches!(mapped, StoreError::Database(_)), "{mapped:?}");
+        assert_eq!(mapped.code(), ErrorCode::Internal);
+    }
 }

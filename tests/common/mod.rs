@@ -2,5 +2,6 @@
 //! one file here.
 #![allow(dead_code)]
 
+pub mod db;
 pub mod emulator;
 pub mod upstream;

@@ -1,0 +1,947 @@
+//! The store conformance suite: every test is written once against
+//! `Arc<dyn Store>` and runs on PostgreSQL (`postgres::…`) and SQLite
+//! (`sqlite::…`), each on a fresh database.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use token_broker::audit::{AuditEvent, Outcome};
+use token_broker::crypto::Sealed;
+use token_broker::domain::{
+    AuthorizationId, Identity, LeaseId, LeaseState, Organization, ScopeSet,
+};
+use token_broker::store::{
+    CreateOutcome, IdempotencyRecord, LeaseFilter, LeaseRecord, PageCursor, Store, StoreError, Work,
+};
+use uuid::Uuid;
+
+/// Instantiates each named conformance test for both backends.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let (store, _guard) = crate::common::db::postgres_store().await;
+                    super::$name(store).await;
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let (store, _guard) = crate::common::db::sqlite_store().await;
+                    super::$name(store).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    created_lease_reads_back_field_for_field,
+    unknown_lease_is_none,
+    listing_is_newest_first_and_pages_cover_every_lease_once,
+    listing_filters_by_holder_state_and_organization,
+    update_writes_every_mutable_field_while_state_is_as_expected,
+    update_is_refused_once_the_state_has_moved,
+    create_with_a_known_key_returns_the_existing_record_and_writes_nothing,
+    twenty_concurrent_creators_with_one_key_make_exactly_one_lease,
+    duplicate_display_name_is_refused_and_writes_nothing,
+    failed_lease_is_replaced_only_while_the_key_still_points_at_it,
+    two_concurrent_claimers_split_due_leases_without_overlap,
+    each_kind_of_work_claims_only_its_due_leases,
+    lapsed_claim_can_be_taken_again_but_a_live_one_cannot,
+    released_claim_can_be_taken_again_at_once,
+    live_lease_count_ignores_finished_leases_and_other_holders,
+    audit_events_list_in_append_order_after_an_id,
+    concurrent_audit_appends_all_land_with_distinct_increasing_ids,
+    concurrent_meta_writers_agree_on_the_first_value,
+    upstream_credential_saves_only_on_the_expected_version,
+    timestamps_round_trip_with_microseconds_in_utc,
+    migrating_twice_is_harmless,
+);
+
+// ---- fixtures ----------------------------------------------------------
+
+/// A fixed instant, so tests never depend on the clock.
+fn t0() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap()
+}
+
+fn secs(n: i64) -> chrono::Duration {
+    chrono::Duration::seconds(n)
+}
+
+fn holder(name: &str) -> Identity {
+    format!("apikey:{name}").parse().unwrap()
+}
+
+fn org(name: &str) -> Organization {
+    Organization::parse(name).unwrap()
+}
+
+/// A tiny sealed value: the store never opens it.
+fn sealed(byte: u8) -> Sealed {
+    Sealed {
+        key_id: "k1".into(),
+        nonce: [byte; 12],
+        ciphertext: vec![byte, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16],
+    }
+}
+
+/// An ACTIVE lease for `who` created at `created`, expiring an hour later.
+fn lease(who: &str, created: DateTime<Utc>) -> LeaseRecord {
+    let id = LeaseId::new();
+    LeaseRecord {
+        id,
+        holder: holder(who),
+        organization: org("contoso"),
+        scopes: ScopeSet::parse(["vso.code", "vso.packaging"]).unwrap(),
+        display_name: format!("tb:test:{id}"),
+        authorization_id: Some(AuthorizationId::from_uuid(Uuid::new_v4())),
+        sealed_token: Some(sealed(1)),
+        state: LeaseState::Active,
+        create_time: created,
+        update_time: created,
+        expire_time: created + secs(3600),
+        max_expire_time: created + secs(4 * 3600),
+        revoke_time: None,
+        upstream_valid_to: Some(created + secs(3600)),
+        attempts: 0,
+        next_attempt_time: None,
+        last_error: None,
+        claimed_by: None,
+        claimed_until: None,
+    }
+}
+
+fn pending(who: &str, created: DateTime<Utc>) -> LeaseRecord {
+    LeaseRecord {
+        state: LeaseState::Pending,
+        authorization_id: None,
+        sealed_token: None,
+        upstream_valid_to: None,
+        ..lease(who, created)
+    }
+}
+
+fn key_for(lease: &LeaseRecord, request_id: Uuid) -> IdempotencyRecord {
+    IdempotencyRecord {
+        holder: lease.holder.clone(),
+        request_id,
+        fingerprint: "ab".repeat(32),
+        lease_id: lease.id,
+        create_time: lease.create_time,
+    }
+}
+
+async fn create(store: &Arc<dyn Store>, lease: &LeaseRecord) {
+    assert_eq!(
+        store.create_lease(lease, None).await.unwrap(),
+        CreateOutcome::Created
+    );
+}
+
+async fn all_leases(store: &Arc<dyn Store>) -> Vec<LeaseRecord> {
+    store
+        .list_leases(&LeaseFilter::default(), None, 10_000)
+        .await
+        .unwrap()
+}
+
+fn ids(leases: &[LeaseRecord]) -> Vec<LeaseId> {
+    leases.iter().map(|l| l.id).collect()
+}
+
+// ---- leases -------------------------------------------------------------
+
+async fn created_lease_reads_back_field_for_field(store: Arc<dyn Store>) {
+    let mut full = lease("ci", t0());
+    full.revoke_time = Some(t0() + secs(5));
+    full.attempts = 3;
+    full.next_attempt_time = Some(t0() + secs(7));
+    full.last_error = Some("upstream said 503".into());
+    full.claimed_by = Some("replica-a".into());
+    full.claimed_until = Some(t0() + secs(60));
+    create(&store, &full).await;
+    assert_eq!(store.get_lease(full.id).await.unwrap(), Some(full));
+
+    let bare = pending("ci", t0());
+    create(&store, &bare).await;
+    assert_eq!(store.get_lease(bare.id).await.unwrap(), Some(bare));
+}
+
+async fn unknown_lease_is_none(store: Arc<dyn Store>) {
+    assert_eq!(store.get_lease(LeaseId::new()).await.unwrap(), None);
+}
+
+async fn listing_is_newest_first_and_pages_cover_every_lease_once(store: Arc<dyn Store>) {
+    // 25 leases; pairs share a create_time so the id breaks ties.
+    let mut made = Vec::new();
+    for i in 0..25 {
+        let l = lease("ci", t0() + secs(i / 2));
+        create(&store, &l).await;
+        made.push(l);
+    }
+    made.sort_by_key(|l| std::cmp::Reverse((l.create_time, l.id)));
+
+    let mut seen = Vec::new();
+    let mut cursor: Option<PageCursor> = None;
+    loop {
+        let page = store
+            .list_leases(&LeaseFilter::default(), cursor.as_ref(), 7)
+            .await
+            .unwrap();
+        assert!(page.len() <= 7);
+        let Some(last) = page.last() else { break };
+        cursor = Some(PageCursor {
+            create_time: last.create_time,
+            id: last.id,
+        });
+        seen.extend(page);
+    }
+    assert_eq!(ids(&seen), ids(&made));
+}
+
+async fn listing_filters_by_holder_state_and_organization(store: Arc<dyn Store>) {
+    let mine_active = lease("alice", t0());
+    let mine_pending = pending("alice", t0() + secs(1));
+    let mine_other_org = LeaseRecord {
+        organization: org("fabrikam"),
+        ..lease("alice", t0() + secs(2))
+    };
+    let theirs = lease("bob", t0() + secs(3));
+    for l in [&mine_active, &mine_pending, &mine_other_org, &theirs] {
+        create(&store, l).await;
+    }
+
+    let by_holder = LeaseFilter {
+        holder: Some(holder("alice")),
+        ..Default::default()
+    };
+    assert_eq!(
+        ids(&store.list_leases(&by_holder, None, 100).await.unwrap()),
+        vec![mine_other_org.id, mine_pending.id, mine_active.id]
+    );
+
+    let active_contoso = LeaseFilter {
+        holder: Some(holder("alice")),
+        states: vec![LeaseState::Active],
+        organization: Some(org("contoso")),
+    };
+    assert_eq!(
+        ids(&store.list_leases(&active_contoso, None, 100).await.unwrap()),
+        vec![mine_active.id]
+    );
+
+    let two_states = LeaseFilter {
+        states: vec![LeaseState::Pending, LeaseState::Revoked],
+        ..Default::default()
+    };
+    assert_eq!(
+        ids(&store.list_leases(&two_states, None, 100).await.unwrap()),
+        vec![mine_pending.id]
+    );
+}
+
+async fn update_writes_every_mutable_field_while_state_is_as_expected(store: Arc<dyn Store>) {
+    let before = pending("ci", t0());
+    create(&store, &before).await;
+    let after = LeaseRecord {
+        authorization_id: Some(AuthorizationId::from_uuid(Uuid::new_v4())),
+        sealed_token: Some(sealed(9)),
+        state: LeaseState::Revoking,
+        update_time: t0() + secs(10),
+        expire_time: t0() + secs(20),
+        max_expire_time: t0() + secs(30),
+        revoke_time: Some(t0() + secs(40)),
+        upstream_valid_to: Some(t0() + secs(50)),
+        attempts: 2,
+        next_attempt_time: Some(t0() + secs(60)),
+        last_error: Some("timeout".into()),
+        claimed_by: Some("replica-b".into()),
+        claimed_until: Some(t0() + secs(70)),
+        ..before.clone()
+    };
+    assert!(store
+        .update_lease(&after, LeaseState::Pending)
+        .await
+        .unwrap());
+    assert_eq!(store.get_lease(before.id).await.unwrap(), Some(after));
+}
+
+async fn update_is_refused_once_the_state_has_moved(store: Arc<dyn Store>) {
+    let original = lease("ci", t0());
+    create(&store, &original).await;
+    let revoking = LeaseRecord {
+        state: LeaseState::Revoking,
+        update_time: t0() + secs(1),
+        ..original.clone()
+    };
+    assert!(store
+        .update_lease(&revoking, LeaseState::Active)
+        .await
+        .unwrap());
+
+    // A second writer that still believes the lease is ACTIVE loses.
+    let renewed = LeaseRecord {
+        expire_time: t0() + secs(7200),
+        ..original.clone()
+    };
+    assert!(!store
+        .update_lease(&renewed, LeaseState::Active)
+        .await
+        .unwrap());
+    assert_eq!(store.get_lease(original.id).await.unwrap(), Some(revoking));
+}
+
+// ---- idempotency ----------------------------------------------------------
+
+async fn create_with_a_known_key_returns_the_existing_record_and_writes_nothing(
+    store: Arc<dyn Store>,
+) {
+    let request_id = Uuid::new_v4();
+    let first = lease("ci", t0());
+    let first_key = key_for(&first, request_id);
+    assert_eq!(
+        store.create_lease(&first, Some(&first_key)).await.unwrap(),
+        CreateOutcome::Created
+    );
+    assert_eq!(
+        store
+            .get_idempotency(&first.holder, request_id)
+            .await
+            .unwrap(),
+        Some(first_key.clone())
+    );
+
+    let retry = lease("ci", t0() + secs(1));
+    let retry_key = IdempotencyRecord {
+        fingerprint: "cd".repeat(32),
+        ..key_for(&retry, request_id)
+    };
+    assert_eq!(
+        store.create_lease(&retry, Some(&retry_key)).await.unwrap(),
+        CreateOutcome::Existing(first_key.clone())
+    );
+    assert_eq!(store.get_lease(retry.id).await.unwrap(), None);
+    assert_eq!(ids(&all_leases(&store).await), vec![first.id]);
+
+    // The same request id from another holder is another key.
+    let other = lease("bob", t0() + secs(2));
+    assert_eq!(
+        store
+            .create_lease(&other, Some(&key_for(&other, request_id)))
+            .await
+            .unwrap(),
+        CreateOutcome::Created
+    );
+    assert_eq!(
+        store
+            .get_idempotency(&holder("nobody"), request_id)
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+async fn twenty_concurrent_creators_with_one_key_make_exactly_one_lease(store: Arc<dyn Store>) {
+    let request_id = Uuid::new_v4();
+    let creators = (0..20).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let l = lease("ci", t0() + secs(i));
+            let outcome = store
+                .create_lease(&l, Some(&key_for(&l, request_id)))
+                .await
+                .unwrap();
+            (l.id, outcome)
+        })
+    });
+    let results: Vec<_> = futures::future::join_all(creators)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+
+    let winners: Vec<LeaseId> = results
+        .iter()
+        .filter(|(_, o)| *o == CreateOutcome::Created)
+        .map(|(id, _)| *id)
+        .collect();
+    assert_eq!(winners.len(), 1, "exactly one creator wins");
+    for (_, outcome) in &results {
+        if let CreateOutcome::Existing(record) = outcome {
+            assert_eq!(record.lease_id, winners[0]);
+        }
+    }
+    assert_eq!(ids(&all_leases(&store).await), winners);
+}
+
+async fn duplicate_display_name_is_refused_and_writes_nothing(store: Arc<dyn Store>) {
+    let first = lease("ci", t0());
+    create(&store, &first).await;
+    let clash = LeaseRecord {
+        display_name: first.display_name.clone(),
+        ..lease("ci", t0() + secs(1))
+    };
+    let clash_key = key_for(&clash, Uuid::new_v4());
+    let err = store
+        .create_lease(&clash, Some(&clash_key))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Database(_)), "{err:?}");
+    assert_eq!(ids(&all_leases(&store).await), vec![first.id]);
+    assert_eq!(
+        store
+            .get_idempotency(&clash.holder, clash_key.request_id)
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+async fn failed_lease_is_replaced_only_while_the_key_still_points_at_it(store: Arc<dyn Store>) {
+    let request_id = Uuid::new_v4();
+    let failed = LeaseRecord {
+        state: LeaseState::Failed,
+        ..pending("ci", t0())
+    };
+    assert_eq!(
+        store
+            .create_lease(&failed, Some(&key_for(&failed, request_id)))
+            .await
+            .unwrap(),
+        CreateOutcome::Created
+    );
+
+    let retry = pending("ci", t0() + secs(2));
+    assert!(store
+        .replace_failed_lease(&retry, &key_for(&retry, request_id), failed.id)
+        .await
+        .unwrap());
+    let key_now = store
+        .get_idempotency(&retry.holder, request_id)
+        .await
+        .unwrap();
+    assert_eq!(key_now.map(|k| k.lease_id), Some(retry.id));
+    assert_eq!(
+        store.get_lease(retry.id).await.unwrap(),
+        Some(retry.clone())
+    );
+    assert!(
+        store.get_lease(failed.id).await.unwrap().is_some(),
+        "the failed lease is kept"
+    );
+
+    // A second replacer that still thinks the key points at the failed
+    // lease loses, and its lease is not written.
+    let late = pending("ci", t0() + secs(3));
+    assert!(!store
+        .replace_failed_lease(&late, &key_for(&late, request_id), failed.id)
+        .await
+        .unwrap());
+    assert_eq!(store.get_lease(late.id).await.unwrap(), None);
+    let key_now = store
+        .get_idempotency(&retry.holder, request_id)
+        .await
+        .unwrap();
+    assert_eq!(key_now.map(|k| k.lease_id), Some(retry.id));
+}
+
+// ---- claims ----------------------------------------------------------------
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+async fn two_concurrent_claimers_split_due_leases_without_overlap(store: Arc<dyn Store>) {
+    let mut due = HashSet::new();
+    for i in 0..200 {
+        // Created two hours ago, expired an hour ago: due for the reaper.
+        let l = lease("ci", t0() - secs(7200) + chrono::Duration::milliseconds(i));
+        create(&store, &l).await;
+        due.insert(l.id);
+    }
+    let now = t0();
+    let claimer = |name: &'static str| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let batch = store
+                    .claim_due(Work::Expiry, now, name, HOUR, 9)
+                    .await
+                    .unwrap();
+                if batch.is_empty() {
+                    return mine;
+                }
+                for l in &batch {
+                    assert_eq!(l.claimed_by.as_deref(), Some(name));
+                    assert_eq!(l.claimed_until, Some(now + secs(3600)));
+                }
+                mine.extend(ids(&batch));
+            }
+        })
+    };
+    let (a, b) = (claimer("replica-a"), claimer("replica-b"));
+    let (a, b) = (a.await.unwrap(), b.await.unwrap());
+
+    let a_set: HashSet<_> = a.iter().copied().collect();
+    let b_set: HashSet<_> = b.iter().copied().collect();
+    assert_eq!(a_set.len(), a.len(), "no lease handed to one claimer twice");
+    assert_eq!(b_set.len(), b.len(), "no lease handed to one claimer twice");
+    assert!(
+        a_set.is_disjoint(&b_set),
+        "no lease handed to both claimers"
+    );
+    let all: HashSet<_> = a_set.union(&b_set).copied().collect();
+    assert_eq!(all, due, "together they claimed every due lease");
+    // The claims are committed: every row names its claimer.
+    for l in all_leases(&store).await {
+        let expected = if a_set.contains(&l.id) {
+            "replica-a"
+        } else {
+            "replica-b"
+        };
+        assert_eq!(l.claimed_by.as_deref(), Some(expected));
+    }
+}
+
+async fn each_kind_of_work_claims_only_its_due_leases(store: Arc<dyn Store>) {
+    let now = t0();
+    // Expiry: ACTIVE and expire_time <= now.
+    let expired = LeaseRecord {
+        expire_time: now,
+        ..lease("ci", now - secs(3600))
+    };
+    let not_yet = lease("ci", now - secs(60));
+    let revoked_past_expiry = LeaseRecord {
+        state: LeaseState::Revoked,
+        expire_time: now - secs(10),
+        ..lease("ci", now - secs(3600))
+    };
+    // Revocation: REVOKING / REVOKE_FAILED, next attempt unset or due.
+    let revoking_unset = LeaseRecord {
+        state: LeaseState::Revoking,
+        ..lease("ci", now - secs(30))
+    };
+    let revoke_failed_due = LeaseRecord {
+        state: LeaseState::RevokeFailed,
+        next_attempt_time: Some(now - secs(1)),
+        ..lease("ci", now - secs(30))
+    };
+    let revoking_later = LeaseRecord {
+        state: LeaseState::Revoking,
+        next_attempt_time: Some(now + secs(30)),
+        ..lease("ci", now - secs(30))
+    };
+    // Reconcile: PENDING created more than 5 minutes ago.
+    let stale_pending = pending("ci", now - secs(600));
+    let young_pending = pending("ci", now - secs(10));
+    for l in [
+        &expired,
+        &not_yet,
+        &revoked_past_expiry,
+        &revoking_unset,
+        &revoke_failed_due,
+        &revoking_later,
+        &stale_pending,
+        &young_pending,
+    ] {
+        create(&store, l).await;
+    }
+
+    let claim = |work| {
+        let store = store.clone();
+        async move {
+            let mut got = ids(&store.claim_due(work, now, "r", HOUR, 100).await.unwrap());
+            got.sort();
+            got
+        }
+    };
+    let sorted = |mut v: Vec<LeaseId>| {
+        v.sort();
+        v
+    };
+    assert_eq!(claim(Work::Expiry).await, vec![expired.id]);
+    assert_eq!(
+        claim(Work::Revocation).await,
+        sorted(vec![revoking_unset.id, revoke_failed_due.id])
+    );
+    assert_eq!(
+        claim(Work::Reconcile {
+            older_than: Duration::from_secs(300)
+        })
+        .await,
+        vec![stale_pending.id]
+    );
+}
+
+async fn lapsed_claim_can_be_taken_again_but_a_live_one_cannot(store: Arc<dyn Store>) {
+    let l = LeaseRecord {
+        expire_time: t0() - secs(1),
+        ..lease("ci", t0() - secs(3600))
+    };
+    create(&store, &l).await;
+    let minute = Duration::from_secs(60);
+    let first = store
+        .claim_due(Work::Expiry, t0(), "replica-a", minute, 10)
+        .await
+        .unwrap();
+    assert_eq!(ids(&first), vec![l.id]);
+
+    // Within the minute nobody else gets it, not even the same replica.
+    for (who, at) in [
+        ("replica-b", t0() + secs(30)),
+        ("replica-a", t0() + secs(59)),
+    ] {
+        let none = store
+            .claim_due(Work::Expiry, at, who, minute, 10)
+            .await
+            .unwrap();
+        assert!(none.is_empty(), "{who} took a live claim");
+    }
+
+    // Once the claim lapses, another replica takes it over.
+    let later = t0() + secs(60);
+    let second = store
+        .claim_due(Work::Expiry, later, "replica-b", minute, 10)
+        .await
+        .unwrap();
+    assert_eq!(ids(&second), vec![l.id]);
+    assert_eq!(second[0].claimed_by.as_deref(), Some("replica-b"));
+    assert_eq!(second[0].claimed_until, Some(later + secs(60)));
+}
+
+async fn released_claim_can_be_taken_again_at_once(store: Arc<dyn Store>) {
+    let l = LeaseRecord {
+        expire_time: t0() - secs(1),
+        ..lease("ci", t0() - secs(3600))
+    };
+    create(&store, &l).await;
+    store
+        .claim_due(Work::Expiry, t0(), "replica-a", HOUR, 10)
+        .await
+        .unwrap();
+
+    // Only the holder of a claim can release it.
+    store.release_claim(l.id, "replica-b").await.unwrap();
+    let stored = store.get_lease(l.id).await.unwrap().unwrap();
+    assert_eq!(stored.claimed_by.as_deref(), Some("replica-a"));
+
+    store.release_claim(l.id, "replica-a").await.unwrap();
+    let stored = store.get_lease(l.id).await.unwrap().unwrap();
+    assert_eq!((stored.claimed_by, stored.claimed_until), (None, None));
+    let again = store
+        .claim_due(Work::Expiry, t0(), "replica-b", HOUR, 10)
+        .await
+        .unwrap();
+    assert_eq!(ids(&again), vec![l.id]);
+}
+
+// ---- quotas, audit, meta, upstream credential -------------------------------
+
+async fn live_lease_count_ignores_finished_leases_and_other_holders(store: Arc<dyn Store>) {
+    for (i, state) in LeaseState::ALL.into_iter().enumerate() {
+        let l = LeaseRecord {
+            state,
+            ..lease("alice", t0() + secs(i as i64))
+        };
+        create(&store, &l).await;
+    }
+    create(&store, &lease("bob", t0())).await;
+    // PENDING, ACTIVE and REVOKING count; REVOKED, EXPIRED, FAILED and
+    // REVOKE_FAILED do not.
+    assert_eq!(store.count_live_leases(&holder("alice")).await.unwrap(), 3);
+    assert_eq!(store.count_live_leases(&holder("bob")).await.unwrap(), 1);
+    assert_eq!(store.count_live_leases(&holder("carol")).await.unwrap(), 0);
+}
+
+fn audit(action: &str, outcome: Outcome) -> AuditEvent {
+    AuditEvent {
+        id: 0,
+        time: t0(),
+        identity: "apikey:ci".into(),
+        peer: Some("127.0.0.1:4711".into()),
+        action: action.into(),
+        outcome,
+        reason: Some("SCOPE_NOT_ALLOWED".into()),
+        policy_rule: Some("ci-readers".into()),
+        lease_id: Some(LeaseId::new()),
+        organization: Some("contoso".into()),
+        scopes: Some("vso.code".into()),
+        token_fingerprint: Some("0f".repeat(32)),
+    }
+}
+
+async fn audit_events_list_in_append_order_after_an_id(store: Arc<dyn Store>) {
+    let mut appended = Vec::new();
+    for (i, outcome) in [Outcome::Allowed, Outcome::Denied, Outcome::Error]
+        .into_iter()
+        .cycle()
+        .take(5)
+        .enumerate()
+    {
+        let mut event = audit(&format!("lease.step{i}"), outcome);
+        event.time = t0() + secs(i as i64);
+        if i == 4 {
+            // The bare minimum an unauthenticated refusal carries.
+            event = AuditEvent {
+                identity: "-".into(),
+                peer: None,
+                reason: None,
+                policy_rule: None,
+                lease_id: None,
+                organization: None,
+                scopes: None,
+                token_fingerprint: None,
+                ..event
+            };
+        }
+        event.id = store.append_audit(&event).await.unwrap();
+        appended.push(event);
+    }
+    let ids: Vec<i64> = appended.iter().map(|e| e.id).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase: {ids:?}");
+
+    assert_eq!(store.list_audit(0, 100).await.unwrap(), appended);
+    assert_eq!(store.list_audit(0, 2).await.unwrap(), appended[..2]);
+    assert_eq!(store.list_audit(ids[1], 100).await.unwrap(), appended[2..]);
+    assert!(store.list_audit(ids[4], 100).await.unwrap().is_empty());
+}
+
+async fn concurrent_audit_appends_all_land_with_distinct_increasing_ids(store: Arc<dyn Store>) {
+    let appenders = (0..30).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .append_audit(&audit(&format!("lease.create{i}"), Outcome::Allowed))
+                .await
+                .unwrap()
+        })
+    });
+    let mut ids: Vec<i64> = futures::future::join_all(appenders)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    ids.sort();
+    let listed: Vec<i64> = store
+        .list_audit(0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(listed, ids);
+    ids.dedup();
+    assert_eq!(ids.len(), 30);
+}
+
+async fn concurrent_meta_writers_agree_on_the_first_value(store: Arc<dyn Store>) {
+    assert_eq!(store.get_meta("deployment_id").await.unwrap(), None);
+    let writers = (0..10).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .put_meta_if_absent("deployment_id", &format!("d{i}"))
+                .await
+                .unwrap()
+        })
+    });
+    let answers: HashSet<String> = futures::future::join_all(writers)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(answers.len(), 1, "every writer sees one value: {answers:?}");
+    let stored = store.get_meta("deployment_id").await.unwrap();
+    assert_eq!(stored.as_ref(), answers.iter().next());
+    // Later writers never change it.
+    assert_eq!(
+        Some(
+            store
+                .put_meta_if_absent("deployment_id", "other")
+                .await
+                .unwrap()
+        ),
+        stored
+    );
+}
+
+async fn upstream_credential_saves_only_on_the_expected_version(store: Arc<dyn Store>) {
+    assert!(store.load_upstream_credential().await.unwrap().is_none());
+    // Updating a credential that was never saved fails.
+    assert!(!store
+        .save_upstream_credential(Some(1), &sealed(1), t0())
+        .await
+        .unwrap());
+
+    assert!(store
+        .save_upstream_credential(None, &sealed(1), t0())
+        .await
+        .unwrap());
+    let first = store.load_upstream_credential().await.unwrap().unwrap();
+    assert_eq!(
+        (first.version, &first.sealed, first.update_time),
+        (1, &sealed(1), t0())
+    );
+
+    // A second first-save loses: one is there already.
+    assert!(!store
+        .save_upstream_credential(None, &sealed(2), t0())
+        .await
+        .unwrap());
+
+    let later = t0() + secs(10);
+    assert!(store
+        .save_upstream_credential(Some(1), &sealed(3), later)
+        .await
+        .unwrap());
+    // A replica that read version 1 too loses its rotation.
+    assert!(!store
+        .save_upstream_credential(Some(1), &sealed(4), later)
+        .await
+        .unwrap());
+    let second = store.load_upstream_credential().await.unwrap().unwrap();
+    assert_eq!(
+        (second.version, &second.sealed, second.update_time),
+        (2, &sealed(3), later)
+    );
+}
+
+// ---- time and schema ----------------------------------------------------
+
+async fn timestamps_round_trip_with_microseconds_in_utc(store: Arc<dyn Store>) {
+    // Nanoseconds are truncated to the microseconds both databases keep.
+    let precise = Utc.with_ymd_and_hms(2026, 7, 4, 23, 59, 58).unwrap()
+        + chrono::Duration::nanoseconds(123_456_789);
+    let kept = precise - chrono::Duration::nanoseconds(789);
+    let l = LeaseRecord {
+        create_time: precise,
+        update_time: precise,
+        revoke_time: Some(precise),
+        ..lease("ci", precise)
+    };
+    create(&store, &l).await;
+    let read = store.get_lease(l.id).await.unwrap().unwrap();
+    assert_eq!(read.create_time, kept);
+    assert_eq!(read.revoke_time, Some(kept));
+    assert_eq!(read.create_time.timezone(), Utc);
+    assert_eq!(
+        read.create_time.to_rfc3339(),
+        "2026-07-04T23:59:58.123456+00:00"
+    );
+
+    // Sub-second order holds: a microsecond later sorts first in listings.
+    let next = lease("ci", kept + chrono::Duration::microseconds(1));
+    create(&store, &next).await;
+    assert_eq!(ids(&all_leases(&store).await), vec![next.id, l.id]);
+}
+
+async fn migrating_twice_is_harmless(store: Arc<dyn Store>) {
+    store.migrate().await.unwrap();
+    store.ping().await.unwrap();
+}
+
+// ---- backend specifics ----------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_replicas_migrating_one_fresh_database_at_once_all_succeed() {
+    let db = common::db::TestDatabase::create().await;
+    let mut stores = Vec::new();
+    for i in 0..4 {
+        // Both URL schemes PostgreSQL documents open the PostgreSQL store.
+        let url = if i % 2 == 0 {
+            db.url.clone()
+        } else {
+            db.url.replacen("postgres://", "postgresql://", 1)
+        };
+        stores.push(token_broker::store::open(&url).await.unwrap());
+    }
+    let migrations = stores.iter().map(|s| {
+        let s = s.clone();
+        tokio::spawn(async move { s.migrate().await })
+    });
+    for result in futures::future::join_all(migrations).await {
+        result.unwrap().unwrap();
+    }
+    // The schema is there once and usable.
+    let l = lease("ci", t0());
+    create(&stores[0], &l).await;
+    assert!(stores[3].get_lease(l.id).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn unreachable_postgres_is_reported_as_unavailable() {
+    let options = token_broker::store::PostgresOptions {
+        max_connections: 1,
+        acquire_timeout: Duration::from_secs(1),
+    };
+    let err = token_broker::store::PostgresStore::connect_with(
+        "postgres://postgres:not-a-real-password@127.0.0.1:1/postgres",
+        options,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(!err.to_string().contains("not-a-real-password"));
+
+    let err = match token_broker::store::open("postgres://postgres@127.0.0.1:1/postgres").await {
+        Ok(_) => panic!("opened a store on a closed port"),
+        Err(e) => e,
+    };
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn sqlite_store_creates_its_file_from_a_bare_path_in_wal_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nested-ok.db");
+    assert!(!path.exists());
+    let store = token_broker::store::SqliteStore::open(path.to_str().unwrap())
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    assert!(path.exists());
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(mode, "wal");
+    let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(fk, 1);
+
+    // Times are stored as fixed-form RFC 3339 text, so text order is time order.
+    let l = lease("ci", t0());
+    store.create_lease(&l, None).await.unwrap();
+    let stored: String = sqlx::query_scalar("SELECT create_time FROM leases")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(stored, "2026-03-01T12:00:00.000000Z");
+
+    // The data outlives the process's handle on it.
+    store.close().await;
+    let reopened = token_broker::store::open(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    assert_eq!(reopened.get_lease(l.id).await.unwrap(), Some(l));
+}
+
+#[tokio::test]
+async fn in_memory_sqlite_store_works_for_one_process() {
+    let store = token_broker::store::open("sqlite::memory:").await.unwrap();
+    store.migrate().await.unwrap();
+    let l = lease("ci", t0());
+    create(&store, &l).await;
+    assert_eq!(store.get_lease(l.id).await.unwrap(), Some(l));
+}
