@@ -750,6 +750,18 @@ async fn a_token_endpoint_outage_is_retried_even_for_create_because_nothing_was_
 }
 
 #[tokio::test]
+async fn an_access_token_that_expired_upstream_is_replaced_after_one_401() {
+    let upstream = Upstream::start().await;
+    let client = upstream.client();
+    client.list(&org("fabrikam"), &active()).await.unwrap();
+    // Upstream's clock passes the access token's hour; ours has not.
+    upstream.advance_clock(Duration::from_secs(2 * 3600)).await;
+    client.list(&org("fabrikam"), &active()).await.unwrap();
+    assert_eq!(upstream.calls("token").await, 2);
+    assert_eq!(upstream.calls("list").await, 3, "one 401, then success");
+}
+
+#[tokio::test]
 async fn the_access_token_is_cached_and_concurrent_callers_share_one_refresh() {
     let upstream = Upstream::start().await;
     let client = Arc::new(upstream.client());
