@@ -195,13 +195,25 @@ impl TokenErrorResponse {
 
 impl RefreshTokenSource {
     /// Redeems `initial_refresh_token` on first use; every rotated refresh
-    /// token goes to `sink`. Fails only on an unusable authority URL.
+    /// token goes to `sink`. Fails on an unusable authority URL or an empty
+    /// tenant, client_id or scope, naming the setting.
     pub fn new(
         config: EntraConfig,
         initial_refresh_token: SecretString,
         sink: std::sync::Arc<dyn RefreshTokenSink>,
     ) -> Result<Self, UpstreamError> {
         let endpoint = config.token_endpoint()?;
+        for (name, value) in [
+            ("tenant", &config.tenant),
+            ("client_id", &config.client_id),
+            ("scope", &config.scope),
+        ] {
+            if value.trim().is_empty() {
+                return Err(UpstreamError::Protocol(format!(
+                    "invalid entra config: {name} must not be empty"
+                )));
+            }
+        }
         let http = reqwest::Client::builder()
             .timeout(config.request_timeout)
             .redirect(reqwest::redirect::Policy::none())
@@ -369,6 +381,27 @@ mod tests {
             config.token_endpoint().unwrap().as_str(),
             "http://127.0.0.1:8080/contoso.onmicrosoft.com/oauth2/v2.0/token"
         );
+    }
+
+    #[derive(Default)]
+    struct NoSink;
+
+    #[async_trait]
+    impl RefreshTokenSink for NoSink {
+        async fn save(&self, _: &SecretString) -> Result<(), UpstreamError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_config_without_client_id_is_refused_naming_it() {
+        let err = RefreshTokenSource::new(
+            EntraConfig::default(),
+            "rt".into(),
+            std::sync::Arc::new(NoSink),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("client_id"), "{err}");
     }
 
     #[test]
