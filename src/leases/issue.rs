@@ -50,13 +50,11 @@ pub(super) async fn create(
     req: CreateLease,
 ) -> Result<IssuedLease, LeaseError> {
     let now = now();
-    let (rule, ttl, max_ttl) = match deps.policy.decide(
-        &caller.identity,
-        &req.organization,
-        &req.scopes,
-        req.ttl,
-    ) {
-        Decision::Allow { rule, ttl, max_ttl } => (rule, ttl, max_ttl),
+    let grant = match deps
+        .policy
+        .decide(&caller.identity, &req.organization, &req.scopes, req.ttl)
+    {
+        Decision::Allow { rule, ttl, max_ttl } => Grant { rule, ttl, max_ttl },
         Decision::Deny { denial, rule } => {
             let event = AuditEvent {
                 id: 0,
@@ -85,21 +83,11 @@ pub(super) async fn create(
             .get_idempotency(&caller.identity, request_id)
             .await?
         {
-            return replay(
-                deps,
-                caller,
-                &req,
-                &rule,
-                ttl,
-                max_ttl,
-                existing,
-                &fingerprint,
-            )
-            .await;
+            return replay(deps, caller, &req, &grant, existing, &fingerprint).await;
         }
     }
 
-    let lease = new_pending(deps, caller, &req, ttl, max_ttl, now);
+    let lease = new_pending(deps, caller, &req, &grant, now);
     let key = req.request_id.map(|request_id| IdempotencyRecord {
         holder: caller.identity.clone(),
         request_id,
@@ -108,22 +96,22 @@ pub(super) async fn create(
         create_time: now,
     });
     match deps.store.create_lease(&lease, key.as_ref()).await? {
-        CreateOutcome::Created => mint(deps, caller, lease, &rule).await,
+        CreateOutcome::Created => mint(deps, caller, lease, &grant.rule).await,
         // A concurrent request with the same key won the insert.
         CreateOutcome::Existing(existing) => {
-            replay(
-                deps,
-                caller,
-                &req,
-                &rule,
-                ttl,
-                max_ttl,
-                existing,
-                &fingerprint,
-            )
-            .await
+            replay(deps, caller, &req, &grant, existing, &fingerprint).await
         }
     }
+}
+
+/// What policy allowed for a request.
+struct Grant {
+    /// The deciding rule's name.
+    rule: String,
+    /// The lease's TTL (asked for, or the rule's default).
+    ttl: Duration,
+    /// The rule's max TTL: create_time + max_ttl is max_expire_time.
+    max_ttl: Duration,
 }
 
 /// A fresh PENDING lease row (nothing written yet).
@@ -131,8 +119,7 @@ fn new_pending(
     deps: &LeaseDeps,
     caller: &Caller,
     req: &CreateLease,
-    ttl: Duration,
-    max_ttl: Duration,
+    grant: &Grant,
     now: DateTime<Utc>,
 ) -> LeaseRecord {
     let id = LeaseId::new();
@@ -151,8 +138,8 @@ fn new_pending(
         state: LeaseState::Pending,
         create_time: now,
         update_time: now,
-        expire_time: now + chrono_duration(ttl),
-        max_expire_time: now + chrono_duration(max_ttl.max(ttl)),
+        expire_time: now + chrono_duration(grant.ttl),
+        max_expire_time: now + chrono_duration(grant.max_ttl.max(grant.ttl)),
         revoke_time: None,
         upstream_valid_to: None,
         attempts: 0,
@@ -166,14 +153,11 @@ fn new_pending(
 /// Answers a request whose (holder, request_id) key exists: same
 /// parameters → that lease with its token (waiting while it is PENDING;
 /// minting afresh if it FAILED); other parameters → `RequestIdReused`.
-#[allow(clippy::too_many_arguments)]
 async fn replay(
     deps: &LeaseDeps,
     caller: &Caller,
     req: &CreateLease,
-    rule: &str,
-    ttl: Duration,
-    max_ttl: Duration,
+    grant: &Grant,
     mut key: IdempotencyRecord,
     fingerprint: &str,
 ) -> Result<IssuedLease, LeaseError> {
@@ -186,7 +170,7 @@ async fn replay(
             action: ACTION.to_owned(),
             outcome: Outcome::Denied,
             reason: Some("REQUEST_ID_REUSED".to_owned()),
-            policy_rule: Some(rule.to_owned()),
+            policy_rule: Some(grant.rule.clone()),
             lease_id: Some(key.lease_id),
             organization: Some(req.organization.to_string()),
             scopes: Some(req.scopes.to_upstream()),
@@ -213,7 +197,7 @@ async fn replay(
             LeaseState::Failed => {
                 // No token was ever handed out for it: mint afresh under the key.
                 let now = now();
-                let fresh = new_pending(deps, caller, req, ttl, max_ttl, now);
+                let fresh = new_pending(deps, caller, req, grant, now);
                 let new_key = IdempotencyRecord {
                     lease_id: fresh.id,
                     ..key.clone()
@@ -223,7 +207,7 @@ async fn replay(
                     .replace_failed_lease(&fresh, &new_key, lease.id)
                     .await?
                 {
-                    return mint(deps, caller, fresh, rule).await;
+                    return mint(deps, caller, fresh, &grant.rule).await;
                 }
                 // Another retry replaced it first: follow the key again.
                 key = deps
@@ -236,7 +220,7 @@ async fn replay(
                 let token = open_token(deps, &lease)?;
                 let mut event = caller_event(caller, ACTION, Outcome::Allowed, &lease, now());
                 event.reason = Some("REQUEST_ID_REPLAYED".to_owned());
-                event.policy_rule = Some(rule.to_owned());
+                event.policy_rule = Some(grant.rule.clone());
                 event.token_fingerprint = Some(deps.fingerprinter.fingerprint(&token));
                 deps.store.append_audit(&event).await?;
                 return Ok(IssuedLease { lease, token });
