@@ -56,6 +56,7 @@ on_both_stores!(
     revoke_during_an_upstream_outage_answers_revoking_and_is_finished_later,
     lease_never_outlives_a_pat_whose_valid_to_upstream_clamped,
     upstream_policy_refusal_fails_the_lease_and_says_why,
+    pending_lease_left_by_a_crash_is_reconciled_and_a_retry_mints_afresh,
 );
 
 fn parse_time(v: &serde_json::Value) -> DateTime<Utc> {
@@ -842,6 +843,98 @@ async fn upstream_policy_refusal_fails_the_lease_and_says_why(backend: Backend) 
             .count(),
         2
     );
+}
+
+async fn pending_lease_left_by_a_crash_is_reconciled_and_a_retry_mints_afresh(backend: Backend) {
+    let emulator = start_emulator().await;
+    let url = emulator.url();
+    let db = TestDb::new(backend).await;
+    let broker = start_broker(&db, &url, &TestKeys::new(), BrokerOptions::default()).await;
+    let request_id = Uuid::new_v4();
+    let req = request(&["vso.code"], None, Some(request_id));
+
+    // A broker that crashed between the upstream create and its commit
+    // left, three minutes ago, a PENDING row (with its key) and a live PAT.
+    use chrono::SubsecRound;
+    let then = Utc::now().trunc_subsecs(6) - chrono::Duration::minutes(3);
+    let id = token_broker::domain::LeaseId::new();
+    let pending = token_broker::store::LeaseRecord {
+        id,
+        holder: caller("ci").identity,
+        organization: req.organization.clone(),
+        scopes: req.scopes.clone(),
+        display_name: format!("token-broker:test-deployment:{id}"),
+        authorization_id: None,
+        sealed_token: None,
+        state: LeaseState::Pending,
+        create_time: then,
+        update_time: then,
+        expire_time: then + chrono::Duration::hours(1),
+        max_expire_time: then + chrono::Duration::hours(8),
+        revoke_time: None,
+        upstream_valid_to: None,
+        attempts: 0,
+        next_attempt_time: None,
+        last_error: None,
+        claimed_by: None,
+        claimed_until: None,
+    };
+    let key = token_broker::store::IdempotencyRecord {
+        holder: pending.holder.clone(),
+        request_id,
+        fingerprint: req.fingerprint(),
+        lease_id: id,
+        create_time: then,
+    };
+    broker
+        .store
+        .create_lease(&pending, Some(&key))
+        .await
+        .unwrap();
+    let orphan = broker
+        .upstream
+        .create(
+            &pending.organization,
+            &token_broker::upstream::CreatePat {
+                display_name: pending.display_name.clone(),
+                scope: "vso.code".into(),
+                valid_to: Utc::now() + chrono::Duration::hours(1),
+            },
+        )
+        .await
+        .unwrap();
+    let orphan_token = orphan.token.expect("create answers the token");
+    assert_eq!(
+        list_repositories(&url, "fabrikam", &orphan_token).await,
+        200
+    );
+
+    broker.leases.run_background_once().await.unwrap();
+
+    let reconciled = stored(&broker.store, id).await;
+    assert_eq!(reconciled.state, LeaseState::Failed);
+    assert!(reconciled.last_error.is_some());
+    assert_ne!(
+        list_repositories(&url, "fabrikam", &orphan_token).await,
+        200
+    );
+
+    let retried = broker
+        .leases
+        .create(&caller("ci"), req)
+        .await
+        .expect("a retry of the crashed request mints afresh");
+    assert_ne!(retried.lease.id, id);
+    assert_eq!(
+        list_repositories(&url, "fabrikam", &retried.token).await,
+        200
+    );
+    let live: Vec<_> = emulator_pats(&url)
+        .await
+        .into_iter()
+        .filter(|p| p["state"] == "active")
+        .collect();
+    assert_eq!(live.len(), 1, "no PAT left live without a lease");
 }
 
 // ---------------------------------------------------------------------------

@@ -4,10 +4,10 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sha2::{Digest, Sha256};
 
 use super::support::{
-    audit_best_effort, caller_event, chrono_duration, now, open_token, token_aad, upstream_time,
+    audit_best_effort, caller_event, chrono_duration, now, open_token, revoke_by_display_name,
+    token_aad, upstream_time,
 };
 use super::{CreateLease, IssuedLease, LeaseDeps, LeaseError};
 use crate::audit::{AuditEvent, Outcome};
@@ -15,7 +15,7 @@ use crate::auth::Caller;
 use crate::domain::{LeaseId, LeaseState};
 use crate::policy::Decision;
 use crate::store::{CreateOutcome, IdempotencyRecord, LeaseRecord};
-use crate::upstream::{CreatePat, DisplayFilter, ListPats, UpstreamError};
+use crate::upstream::{CreatePat, UpstreamError};
 
 /// How long a retry waits for an earlier attempt with the same request_id
 /// to leave PENDING before answering `InProgress` (UNAVAILABLE + RetryInfo).
@@ -25,23 +25,6 @@ const PENDING_WAIT: Duration = Duration::from_secs(30);
 const PENDING_POLL: Duration = Duration::from_millis(100);
 
 const ACTION: &str = "lease.create";
-
-/// Hex SHA-256 over the normalized request parameters: organization (lower
-/// case), sorted scopes, and the TTL as asked (`default` when unset, so a
-/// later policy change of the default does not make a retry "different").
-pub(super) fn request_fingerprint(req: &CreateLease) -> String {
-    let ttl = match req.ttl {
-        Some(ttl) => format!("{}.{:09}s", ttl.as_secs(), ttl.subsec_nanos()),
-        None => "default".to_owned(),
-    };
-    let normalized = format!(
-        "v1\norganization={}\nscopes={}\nttl={}",
-        req.organization,
-        req.scopes.to_upstream(),
-        ttl
-    );
-    hex::encode(Sha256::digest(normalized.as_bytes()))
-}
 
 /// See [`super::Leases::create`].
 pub(super) async fn create(
@@ -76,7 +59,7 @@ pub(super) async fn create(
         }
     };
 
-    let fingerprint = request_fingerprint(&req);
+    let fingerprint = req.fingerprint();
     if let Some(request_id) = req.request_id {
         if let Some(existing) = deps
             .store
@@ -341,7 +324,7 @@ async fn abandon_minted(deps: &LeaseDeps, lease: &LeaseRecord) {
 /// it revokes it and marks the lease FAILED; the caller gets the error
 /// (UNAVAILABLE + RetryInfo for 5xx/timeouts) and may retry with the same
 /// request_id, which mints afresh. If the look-up itself fails the lease
-/// stays PENDING for the reconciler (issue 6).
+/// stays PENDING for the reconciler (`background`).
 async fn upstream_create_failed(
     deps: &LeaseDeps,
     caller: &Caller,
@@ -357,32 +340,9 @@ async fn upstream_create_failed(
         return fail(deps, caller, lease, rule, error).await;
     }
     tracing::warn!(lease_id = %lease.id, error = %error, "upstream create failed ambiguously; looking for the PAT");
-    let query = ListPats {
-        display_filter: Some(DisplayFilter::Active),
-        top: Some(100),
-    };
-    let found = match deps.upstream.list(&lease.organization, &query).await {
-        Ok(pats) => pats,
-        Err(e) => {
-            tracing::warn!(lease_id = %lease.id, error = %e, "upstream list failed; lease left PENDING for reconciliation");
-            return error.into();
-        }
-    };
-    for pat in found
-        .iter()
-        .filter(|p| p.display_name == lease.display_name)
-    {
-        if let Err(e) = deps
-            .upstream
-            .revoke(&lease.organization, pat.authorization_id)
-            .await
-        {
-            if !e.is_not_found() {
-                tracing::warn!(lease_id = %lease.id, error = %e, "could not revoke the PAT of a failed create; lease left PENDING");
-                return error.into();
-            }
-        }
-        tracing::info!(lease_id = %lease.id, authorization_id = %pat.authorization_id, "revoked the PAT of an ambiguous create");
+    if let Err(e) = revoke_by_display_name(deps, &lease).await {
+        tracing::warn!(lease_id = %lease.id, error = %e, "could not clear upstream after a failed create; lease left PENDING for the reconciler");
+        return error.into();
     }
     fail(deps, caller, lease, rule, error).await
 }
@@ -427,22 +387,22 @@ mod tests {
 
     #[test]
     fn a_retry_with_the_same_parameters_in_another_order_has_the_same_fingerprint() {
-        let a = request_fingerprint(&req("Fabrikam", &["vso.code", "vso.packaging"], Some(60)));
-        let b = request_fingerprint(&req("fabrikam", &["vso.packaging", "vso.code"], Some(60)));
+        let a = req("Fabrikam", &["vso.code", "vso.packaging"], Some(60)).fingerprint();
+        let b = req("fabrikam", &["vso.packaging", "vso.code"], Some(60)).fingerprint();
         assert_eq!(a, b);
         assert_eq!(a.len(), 64);
     }
 
     #[test]
     fn other_parameters_give_another_fingerprint() {
-        let base = request_fingerprint(&req("fabrikam", &["vso.code"], Some(60)));
+        let base = req("fabrikam", &["vso.code"], Some(60)).fingerprint();
         for other in [
             req("contoso", &["vso.code"], Some(60)),
             req("fabrikam", &["vso.code_write"], Some(60)),
             req("fabrikam", &["vso.code"], Some(61)),
             req("fabrikam", &["vso.code"], None),
         ] {
-            assert_ne!(base, request_fingerprint(&other));
+            assert_ne!(base, other.fingerprint());
         }
     }
 }

@@ -49,6 +49,27 @@ pub struct CreateLease {
     pub request_id: Option<Uuid>,
 }
 
+impl CreateLease {
+    /// The request fingerprint kept with its request_id: hex SHA-256 over
+    /// the normalized parameters (lower-case organization, sorted scopes,
+    /// and the TTL as asked, or `default` when unset, so a later change of
+    /// the policy default does not make a retry "different").
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let ttl = match self.ttl {
+            Some(ttl) => format!("{}.{:09}s", ttl.as_secs(), ttl.subsec_nanos()),
+            None => "default".to_owned(),
+        };
+        let normalized = format!(
+            "v1\norganization={}\nscopes={}\nttl={}",
+            self.organization,
+            self.scopes.to_upstream(),
+            ttl
+        );
+        hex::encode(Sha256::digest(normalized.as_bytes()))
+    }
+}
+
 /// A freshly issued (or replayed) lease and its PAT. Debug redacts the
 /// token (`SecretString`).
 #[derive(Debug)]

@@ -246,3 +246,37 @@ pub(super) async fn finish_revocation(
     audit_best_effort(deps, event).await;
     Ok(Some(next))
 }
+
+/// Revokes every live upstream PAT in the lease's organization whose
+/// displayName is the lease's (DESIGN.md 5.4: the display name embeds the
+/// lease id, so only this lease's PATs match). Returns how many it revoked;
+/// an error if the list or a revoke failed (some may be left).
+pub(super) async fn revoke_by_display_name(
+    deps: &LeaseDeps,
+    lease: &LeaseRecord,
+) -> Result<usize, crate::upstream::UpstreamError> {
+    use crate::upstream::{DisplayFilter, ListPats};
+    let query = ListPats {
+        display_filter: Some(DisplayFilter::Active),
+        top: Some(100),
+    };
+    let found = deps.upstream.list(&lease.organization, &query).await?;
+    let mut revoked = 0;
+    for pat in found
+        .iter()
+        .filter(|p| p.display_name == lease.display_name)
+    {
+        match deps
+            .upstream
+            .revoke(&lease.organization, pat.authorization_id)
+            .await
+        {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e),
+        }
+        revoked += 1;
+        tracing::info!(lease_id = %lease.id, authorization_id = %pat.authorization_id, "revoked a PAT no lease holds");
+    }
+    Ok(revoked)
+}

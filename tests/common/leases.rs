@@ -22,7 +22,7 @@ use token_broker::policy::Policy;
 use token_broker::store::{self, LeaseRecord, Store};
 use token_broker::upstream::azure_devops::{AzureDevOpsClient, AzureDevOpsConfig};
 use token_broker::upstream::entra::{EntraConfig, RefreshTokenSink, RefreshTokenSource};
-use token_broker::upstream::UpstreamError;
+use token_broker::upstream::{PatClient, UpstreamError};
 use uuid::Uuid;
 
 use super::db::TestDatabase;
@@ -138,6 +138,9 @@ pub struct Broker {
     pub store: Arc<dyn Store>,
     /// The latest refresh token the Entra grant rotated to.
     pub refresh_tokens: Arc<KeepRefreshToken>,
+    /// The same upstream client the service uses (to act as a crashed
+    /// broker would have).
+    pub upstream: Arc<dyn PatClient>,
 }
 
 /// Options of [`start_broker`].
@@ -192,9 +195,10 @@ pub async fn start_broker(
         Arc::new(tokens),
     )
     .expect("upstream client");
+    let upstream: Arc<dyn PatClient> = Arc::new(upstream);
     let leases = Leases::new(LeaseDeps {
         store: store.clone(),
-        upstream: Arc::new(upstream),
+        upstream: upstream.clone(),
         keyring: Arc::new(keyring),
         policy: Arc::new(Policy::from_yaml(POLICY_YAML).expect("test policy")),
         fingerprinter: Arc::new(fingerprinter),
@@ -210,6 +214,7 @@ pub async fn start_broker(
         leases: Arc::new(leases),
         store,
         refresh_tokens,
+        upstream,
     }
 }
 
