@@ -750,6 +750,25 @@ async fn a_token_endpoint_outage_is_retried_even_for_create_because_nothing_was_
 }
 
 #[tokio::test]
+async fn a_throttled_token_endpoint_is_waited_out_and_create_is_still_sent_once() {
+    let upstream = Upstream::start().await;
+    let client = upstream.client();
+    upstream
+        .set_faults(json!([{"operation": "token", "retryAfterSeconds": 1, "times": 1}]))
+        .await;
+    let now = upstream.now().await;
+    client
+        .create(
+            &org("fabrikam"),
+            &request("tb:after-429", "vso.code", now + hours(1)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(upstream.calls("token").await, 2);
+    assert_eq!(upstream.calls("create").await, 1);
+}
+
+#[tokio::test]
 async fn an_access_token_that_expired_upstream_is_replaced_after_one_401() {
     let upstream = Upstream::start().await;
     let client = upstream.client();
