@@ -362,6 +362,33 @@ async fn a_401_is_retried_once_with_a_fresh_bearer_token() {
 }
 
 #[tokio::test]
+async fn a_burst_of_401s_costs_one_refresh() {
+    let upstream = Upstream::start().await;
+    let client = Arc::new(upstream.client());
+    let pat = create(&upstream, &client, "tb:x", "vso.code").await;
+    // Four calls in flight with the same bearer are all refused.
+    upstream
+        .set_faults(json!([{"operation": "get", "status": 401, "latencyMs": 200, "times": 4}]))
+        .await;
+    let calls: Vec<_> = (0..4)
+        .map(|_| {
+            let client = client.clone();
+            let id = pat.authorization_id;
+            tokio::spawn(async move { client.get(&org("fabrikam"), id).await })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    assert_eq!(upstream.calls("get").await, 8);
+    assert_eq!(
+        upstream.calls("token").await,
+        2,
+        "the first bearer and one fresh one"
+    );
+}
+
+#[tokio::test]
 async fn a_401_with_a_fresh_bearer_too_is_an_authentication_failure() {
     let upstream = Upstream::start().await;
     let client = upstream.client();

@@ -346,8 +346,15 @@ impl AzureDevOpsClient {
                     operation = call.operation.as_str(),
                     "upstream answered 401; retrying once with a fresh bearer token"
                 );
-                self.tokens.invalidate().await;
-                let bearer = self.tokens.bearer().await.map_err(token_failure)?;
+                // Drop the refused bearer unless a concurrent caller has
+                // already replaced it, so a burst of 401s costs one refresh.
+                let current = self.tokens.bearer().await.map_err(token_failure)?;
+                let bearer = if current.expose_secret() == bearer.expose_secret() {
+                    self.tokens.invalidate().await;
+                    self.tokens.bearer().await.map_err(token_failure)?
+                } else {
+                    current
+                };
                 match self.attempt(call, &bearer).await {
                     Err(Failure::Unauthorized(again)) => {
                         Err(Failure::Fatal(UpstreamError::Authentication(format!(
