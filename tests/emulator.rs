@@ -1846,3 +1846,78 @@ async fn the_restrict_creation_policy_refuses_all_but_packaging_when_allowed() {
         .await;
     assert_eq!(got["patTokenError"], "none");
 }
+
+// ------------------------------------------------------------- secrets
+
+/// Collects everything every tracing event writes, at TRACE.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn no_pat_access_token_or_refresh_token_reaches_the_logs_even_at_trace() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    // Other tests of this binary may log into it too: that only adds text.
+    let _ = tracing::subscriber::set_global_default(subscriber);
+
+    let emu = Emu::start_default().await;
+    let first: Value = emu
+        .refresh_grant(DEFAULT_REFRESH_TOKEN)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let bearer = first["access_token"].as_str().unwrap().to_owned();
+    let refresh = first["refresh_token"].as_str().unwrap().to_owned();
+    emu.refresh_grant(&refresh).await;
+    let (id, pat) = emu
+        .create_pat(&bearer, "fabrikam", "secret-check", "vso.code", 1)
+        .await;
+    emu.use_pat("fabrikam", "git/repositories", &pat).await;
+    send(
+        &emu,
+        Method::DELETE,
+        &pats_target("fabrikam", &format!("&authorizationId={id}")),
+        Some(&bearer),
+        None,
+    )
+    .await;
+    emu.use_pat("fabrikam", "git/repositories", &pat).await;
+    emu.http
+        .post(emu.url("/_emulator/refresh-tokens/revoke"))
+        .json(&json!({"refreshToken": refresh}))
+        .send()
+        .await
+        .unwrap();
+    emu.refresh_grant(&refresh).await;
+
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        text.contains("emulator created a PAT"),
+        "the emulator's own events were captured"
+    );
+    for (what, secret) in [
+        ("PAT", pat.clone()),
+        ("Basic value", base64_of(&format!(":{pat}"))),
+        ("access token", bearer),
+        ("refresh token", refresh),
+        ("seed refresh token", DEFAULT_REFRESH_TOKEN.to_owned()),
+    ] {
+        assert!(!text.contains(&secret), "the {what} was logged");
+    }
+}
