@@ -17,6 +17,7 @@ use crate::error::{ErrorCode, ServiceError};
 
 pub mod azure_devops;
 pub mod entra;
+pub mod wire;
 
 /// A PAT as upstream describes it (`PatToken`).
 #[derive(Clone, Debug)]
@@ -94,11 +95,88 @@ pub enum PatTokenError {
     Unknown(String),
 }
 
+/// Every `SessionTokenError` value of SPEC-7.2 at HEAD (commit `8a1dfde`,
+/// ado-pat-api.md section 1.4), in spec order.
+pub const PAT_TOKEN_ERRORS: [&str; 37] = [
+    "none",
+    "displayNameRequired",
+    "invalidDisplayName",
+    "invalidValidTo",
+    "invalidScope",
+    "userIdRequired",
+    "invalidUserId",
+    "invalidUserType",
+    "accessDenied",
+    "failedToIssueAccessToken",
+    "invalidClient",
+    "invalidClientType",
+    "invalidClientId",
+    "invalidTargetAccounts",
+    "hostAuthorizationNotFound",
+    "authorizationNotFound",
+    "failedToUpdateAccessToken",
+    "sourceNotSupported",
+    "invalidSourceIP",
+    "invalidSource",
+    "duplicateHash",
+    "sshPolicyDisabled",
+    "invalidToken",
+    "tokenNotFound",
+    "invalidAuthorizationId",
+    "failedToReadTenantPolicy",
+    "globalPatPolicyViolation",
+    "fullScopePatPolicyViolation",
+    "patLifespanPolicyViolation",
+    "invalidTokenType",
+    "invalidAudience",
+    "invalidSubject",
+    "deploymentHostNotSupported",
+    "disablePatCreationPolicyViolation",
+    "failedToReadOrgPolicy",
+    "globalPATCreationBlocked",
+    "expiredPatCannotBeExtended",
+];
+
+impl PatTokenError {
+    /// Parses a `patTokenError` value. Known values match case-insensitively
+    /// (the service is .NET; `globalPATCreationBlocked` breaks the camelCase
+    /// pattern) and keep the spec's spelling; anything else is `Unknown`.
+    pub fn parse(value: &str) -> Self {
+        PAT_TOKEN_ERRORS
+            .iter()
+            .find(|known| known.eq_ignore_ascii_case(value))
+            .map(|known| PatTokenError::Known(known))
+            .unwrap_or_else(|| PatTokenError::Unknown(value.to_owned()))
+    }
+
+    /// The value as upstream spells it.
+    pub fn as_str(&self) -> &str {
+        match self {
+            PatTokenError::Known(value) => value,
+            PatTokenError::Unknown(value) => value,
+        }
+    }
+
+    /// True for `none`: no error.
+    pub fn is_none(&self) -> bool {
+        matches!(self, PatTokenError::Known("none"))
+    }
+}
+
+impl std::fmt::Display for PatTokenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PatTokenError::Known(value) => f.write_str(value),
+            PatTokenError::Unknown(value) => write!(f, "{value} (unknown value)"),
+        }
+    }
+}
+
 /// Why an upstream call failed. Never carries a token or bearer.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     /// HTTP 200 with `patToken: null` and `patTokenError` != none.
-    #[error("upstream refused the request: {error:?}{}", message.as_deref().map(|m| format!(": {m}")).unwrap_or_default())]
+    #[error("upstream refused the request: {error}{}", message.as_deref().map(|m| format!(": {m}")).unwrap_or_default())]
     Refused {
         /// The `patTokenError` value.
         error: PatTokenError,

@@ -4,3 +4,4 @@
 
 pub mod db;
 pub mod emulator;
+pub mod upstream;
