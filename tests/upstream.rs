@@ -362,6 +362,33 @@ async fn a_401_is_retried_once_with_a_fresh_bearer_token() {
 }
 
 #[tokio::test]
+async fn a_burst_of_401s_costs_one_refresh() {
+    let upstream = Upstream::start().await;
+    let client = Arc::new(upstream.client());
+    let pat = create(&upstream, &client, "tb:x", "vso.code").await;
+    // Four calls in flight with the same bearer are all refused.
+    upstream
+        .set_faults(json!([{"operation": "get", "status": 401, "latencyMs": 200, "times": 4}]))
+        .await;
+    let calls: Vec<_> = (0..4)
+        .map(|_| {
+            let client = client.clone();
+            let id = pat.authorization_id;
+            tokio::spawn(async move { client.get(&org("fabrikam"), id).await })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    assert_eq!(upstream.calls("get").await, 8);
+    assert_eq!(
+        upstream.calls("token").await,
+        2,
+        "the first bearer and one fresh one"
+    );
+}
+
+#[tokio::test]
 async fn a_401_with_a_fresh_bearer_too_is_an_authentication_failure() {
     let upstream = Upstream::start().await;
     let client = upstream.client();
@@ -745,6 +772,25 @@ async fn a_token_endpoint_outage_is_retried_even_for_create_because_nothing_was_
         .await
         .unwrap();
     assert!(pat.token.is_some());
+    assert_eq!(upstream.calls("token").await, 2);
+    assert_eq!(upstream.calls("create").await, 1);
+}
+
+#[tokio::test]
+async fn a_throttled_token_endpoint_is_waited_out_and_create_is_still_sent_once() {
+    let upstream = Upstream::start().await;
+    let client = upstream.client();
+    upstream
+        .set_faults(json!([{"operation": "token", "retryAfterSeconds": 1, "times": 1}]))
+        .await;
+    let now = upstream.now().await;
+    client
+        .create(
+            &org("fabrikam"),
+            &request("tb:after-429", "vso.code", now + hours(1)),
+        )
+        .await
+        .unwrap();
     assert_eq!(upstream.calls("token").await, 2);
     assert_eq!(upstream.calls("create").await, 1);
 }

@@ -346,8 +346,15 @@ impl AzureDevOpsClient {
                     operation = call.operation.as_str(),
                     "upstream answered 401; retrying once with a fresh bearer token"
                 );
-                self.tokens.invalidate().await;
-                let bearer = self.tokens.bearer().await.map_err(token_failure)?;
+                // Drop the refused bearer unless a concurrent caller has
+                // already replaced it, so a burst of 401s costs one refresh.
+                let current = self.tokens.bearer().await.map_err(token_failure)?;
+                let bearer = if current.expose_secret() == bearer.expose_secret() {
+                    self.tokens.invalidate().await;
+                    self.tokens.bearer().await.map_err(token_failure)?
+                } else {
+                    current
+                };
                 match self.attempt(call, &bearer).await {
                     Err(Failure::Unauthorized(again)) => {
                         Err(Failure::Fatal(UpstreamError::Authentication(format!(
@@ -444,19 +451,24 @@ impl AzureDevOpsClient {
         let status = response.status();
         let headers = response.headers().clone();
         let retry_after = self.note_rate_limit(call.operation, &headers);
-        let body = response.bytes().await.map_err(|e| {
-            Failure::Transient(UpstreamError::Unavailable(format!(
+        let body = read_body(response).await.map_err(|e| match e {
+            BodyError::Transport(e) => Failure::Transient(UpstreamError::Unavailable(format!(
                 "upstream {}: {}",
                 call.operation.as_str(),
                 describe_transport_error(&e)
-            )))
+            ))),
+            BodyError::TooLarge => Failure::Fatal(UpstreamError::Protocol(format!(
+                "upstream {} answer is larger than {} bytes",
+                call.operation.as_str(),
+                MAX_BODY_BYTES
+            ))),
         })?;
         tracing::debug!(
             operation = call.operation.as_str(),
             status = status.as_u16(),
             "upstream answered"
         );
-        classify(status, &headers, &body, retry_after).map(|_| body.to_vec())
+        classify(status, &headers, &body, retry_after).map(|_| body)
     }
 
     /// Parses a `PatTokenResult` success body.
@@ -478,15 +490,43 @@ impl AzureDevOpsClient {
     }
 }
 
+/// Largest answer read: a full list page (100 PATs) is about 40 KB.
+const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+enum BodyError {
+    Transport(reqwest::Error),
+    TooLarge,
+}
+
+/// Reads the answer's body, refusing one past [`MAX_BODY_BYTES`].
+async fn read_body(mut response: reqwest::Response) -> Result<Vec<u8>, BodyError> {
+    if response
+        .content_length()
+        .is_some_and(|n| n > MAX_BODY_BYTES as u64)
+    {
+        return Err(BodyError::TooLarge);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(BodyError::Transport)? {
+        if body.len() + chunk.len() > MAX_BODY_BYTES {
+            return Err(BodyError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// Percent-encodes a query value.
 fn encode(value: &str) -> String {
     url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
 }
 
-/// A failure of the token source: unreachable is retried, refused is final.
+/// A failure of the token source: nothing reached upstream yet, so an
+/// unreachable or throttling token endpoint is retried; refused is final.
 fn token_failure(e: UpstreamError) -> Failure {
     match e {
         UpstreamError::Unavailable(_) => Failure::NotSent(e),
+        UpstreamError::RateLimited { retry_after } => Failure::Throttled { retry_after },
         other => Failure::Fatal(other),
     }
 }

@@ -17,14 +17,15 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 use url::Url;
 
-use super::wire::shorten;
+use super::wire::{parse_retry_after, shorten};
 use super::UpstreamError;
 
 /// Where the PAT client gets its `Authorization: Bearer` value.
 #[async_trait]
 pub trait TokenSource: Send + Sync {
     /// A bearer token valid now. Errors are `Authentication` (the credential
-    /// was refused) or `Unavailable` (the token endpoint could not answer).
+    /// was refused), `RateLimited` (the token endpoint throttles) or
+    /// `Unavailable` (it could not answer).
     async fn bearer(&self) -> Result<SecretString, UpstreamError>;
     /// Drops any cached token: upstream answered 401 with it.
     async fn invalidate(&self);
@@ -256,13 +257,21 @@ impl RefreshTokenSource {
                 ))
             })?;
         let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, chrono::Utc::now()));
         let body = response.bytes().await.map_err(|e| {
             UpstreamError::Unavailable(format!(
                 "entra token endpoint: {}",
                 describe_transport_error(&e)
             ))
         })?;
-        if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+        if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            return Err(UpstreamError::RateLimited { retry_after });
+        }
+        if status.is_server_error() {
             return Err(UpstreamError::Unavailable(format!(
                 "entra token endpoint answered {status}"
             )));
