@@ -39,20 +39,7 @@ pub(super) async fn create(
     {
         Decision::Allow { rule, ttl, max_ttl } => Grant { rule, ttl, max_ttl },
         Decision::Deny { denial, rule } => {
-            let event = AuditEvent {
-                id: 0,
-                time: now,
-                identity: caller.identity.to_string(),
-                peer: caller.peer.clone(),
-                action: ACTION.to_owned(),
-                outcome: Outcome::Denied,
-                reason: Some(denial.reason().to_owned()),
-                policy_rule: rule.clone(),
-                lease_id: None,
-                organization: Some(req.organization.to_string()),
-                scopes: Some(req.scopes.to_upstream()),
-                token_fingerprint: None,
-            };
+            let event = denied_event(caller, &req, denial.reason(), rule.clone(), None);
             audit_best_effort(deps, event).await;
             tracing::info!(identity = %caller.identity, reason = denial.reason(), "lease create denied by policy");
             return Err(LeaseError::Denied { denial, rule });
@@ -84,6 +71,30 @@ pub(super) async fn create(
         CreateOutcome::Existing(existing) => {
             replay(deps, caller, &req, &grant, existing, &fingerprint).await
         }
+    }
+}
+
+/// The audit event of a refused CreateLease (no lease was made for it).
+fn denied_event(
+    caller: &Caller,
+    req: &CreateLease,
+    reason: &str,
+    rule: Option<String>,
+    lease_id: Option<LeaseId>,
+) -> AuditEvent {
+    AuditEvent {
+        id: 0,
+        time: now(),
+        identity: caller.identity.to_string(),
+        peer: caller.peer.clone(),
+        action: ACTION.to_owned(),
+        outcome: Outcome::Denied,
+        reason: Some(reason.to_owned()),
+        policy_rule: rule,
+        lease_id,
+        organization: Some(req.organization.to_string()),
+        scopes: Some(req.scopes.to_upstream()),
+        token_fingerprint: None,
     }
 }
 
@@ -145,20 +156,13 @@ async fn replay(
     fingerprint: &str,
 ) -> Result<IssuedLease, LeaseError> {
     if key.fingerprint != fingerprint {
-        let event = AuditEvent {
-            id: 0,
-            time: now(),
-            identity: caller.identity.to_string(),
-            peer: caller.peer.clone(),
-            action: ACTION.to_owned(),
-            outcome: Outcome::Denied,
-            reason: Some("REQUEST_ID_REUSED".to_owned()),
-            policy_rule: Some(grant.rule.clone()),
-            lease_id: Some(key.lease_id),
-            organization: Some(req.organization.to_string()),
-            scopes: Some(req.scopes.to_upstream()),
-            token_fingerprint: None,
-        };
+        let event = denied_event(
+            caller,
+            req,
+            "REQUEST_ID_REUSED",
+            Some(grant.rule.clone()),
+            Some(key.lease_id),
+        );
         audit_best_effort(deps, event).await;
         return Err(LeaseError::RequestIdReused);
     }
