@@ -127,6 +127,11 @@ pub(super) async fn renew(
 
     let mut next = lease.clone();
     next.expire_time = (now + chrono_duration(increment)).min(lease.max_expire_time);
+    // Fail closed: the grant is audited before it takes effect (with the
+    // asked-for expiry; upstream may shorten it), or it does not happen.
+    let mut event = caller_event(caller, ACTION, Outcome::Allowed, &next, now);
+    event.token_fingerprint = lease_token_fingerprint(deps, &next);
+    deps.store.append_audit(&event).await?;
     let skew = chrono_duration(deps.settings.valid_to_skew);
     let wanted_valid_to = next.expire_time + skew;
     let update = UpdatePat {
@@ -162,9 +167,6 @@ pub(super) async fn renew(
         let current = get_owned(deps, caller, id).await?;
         return Err(LeaseError::NotRenewable(current.state));
     }
-    let mut event = caller_event(caller, ACTION, Outcome::Allowed, &next, now);
-    event.token_fingerprint = lease_token_fingerprint(deps, &next);
-    deps.store.append_audit(&event).await?;
     tracing::info!(lease_id = %id, expire_time = %next.expire_time, "lease renewed");
     Ok(next)
 }
