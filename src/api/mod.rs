@@ -80,10 +80,9 @@ pub fn lease_service(
 /// Serves the broker's gRPC API on `listener` until `shutdown` resolves,
 /// then stops accepting and lets in-flight calls finish.
 ///
-/// Health starts NOT_SERVING and turns SERVING (for `""` and
-/// `tokenbroker.v1.LeaseService`) once the store answers a ping; it is
-/// re-checked every 5 s and falls back to NOT_SERVING while the store is
-/// down.
+/// Health (for `""` and `tokenbroker.v1.LeaseService`) is SERVING when the
+/// store answers a ping, checked once before the first call is accepted and
+/// then every 5 s; NOT_SERVING while the store is down.
 pub async fn serve(
     listener: TcpListener,
     leases: Arc<Leases>,
@@ -92,13 +91,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ApiError> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    reporter
-        .set_service_status(LEASE_SERVICE_NAME, ServingStatus::NotServing)
-        .await;
-    let health_task = tokio::spawn(report_health(reporter, store));
+    // First check before accepting calls, so the first probe sees the truth.
+    let first = check_store(store.as_ref()).await;
+    set_health(&reporter, first).await;
+    let health_task = tokio::spawn(report_health(reporter, store, first));
 
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
@@ -120,23 +116,34 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
 }
 
-async fn report_health(reporter: tonic_health::server::HealthReporter, store: Arc<dyn Store>) {
-    let mut last = None;
-    loop {
-        let status = match store.ping().await {
-            Ok(()) => ServingStatus::Serving,
-            Err(e) => {
-                tracing::warn!(error = %e, "store ping failed; health is NOT_SERVING");
-                ServingStatus::NotServing
-            }
-        };
-        if last != Some(status) {
-            reporter.set_service_status("", status).await;
-            reporter
-                .set_service_status(LEASE_SERVICE_NAME, status)
-                .await;
-            last = Some(status);
+async fn check_store(store: &dyn Store) -> ServingStatus {
+    match store.ping().await {
+        Ok(()) => ServingStatus::Serving,
+        Err(e) => {
+            tracing::warn!(error = %e, "store ping failed; health is NOT_SERVING");
+            ServingStatus::NotServing
         }
+    }
+}
+
+async fn set_health(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    reporter
+        .set_service_status(LEASE_SERVICE_NAME, status)
+        .await;
+}
+
+async fn report_health(
+    reporter: tonic_health::server::HealthReporter,
+    store: Arc<dyn Store>,
+    mut last: ServingStatus,
+) {
+    loop {
         tokio::time::sleep(HEALTH_PING_INTERVAL).await;
+        let status = check_store(store.as_ref()).await;
+        if status != last {
+            set_health(&reporter, status).await;
+            last = status;
+        }
     }
 }

@@ -184,7 +184,12 @@ fn request<T>(msg: T, api_key: Option<&SecretString>) -> Result<Request<T>, Clie
 
 /// Runs one `lease` subcommand and returns what to print on stdout.
 pub async fn run(args: &ClientArgs, command: LeaseCommand) -> Result<String, ClientError> {
-    let api_key = args.api_key.clone().map(SecretString::from);
+    // An empty variable means "no key", not an empty credential.
+    let api_key = args
+        .api_key
+        .clone()
+        .filter(|k| !k.is_empty())
+        .map(SecretString::from);
     let key = api_key.as_ref();
     let mut client = connect(&args.addr).await?;
     let lease = match command {
@@ -267,8 +272,12 @@ pub async fn run(args: &ClientArgs, command: LeaseCommand) -> Result<String, Cli
 }
 
 fn rfc3339(t: &prost_types::Timestamp) -> String {
+    rfc3339_as(t, SecondsFormat::AutoSi)
+}
+
+fn rfc3339_as(t: &prost_types::Timestamp, format: SecondsFormat) -> String {
     DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32)
-        .map(|d| d.to_rfc3339_opts(SecondsFormat::AutoSi, true))
+        .map(|d| d.to_rfc3339_opts(format, true))
         .unwrap_or_default()
 }
 
@@ -365,7 +374,10 @@ fn list_text(page: &pb::ListLeasesResponse) -> String {
             l.name,
             state_name(l),
             l.organization,
-            l.expire_time.as_ref().map(rfc3339).unwrap_or_default(),
+            l.expire_time
+                .as_ref()
+                .map(|t| rfc3339_as(t, SecondsFormat::Secs))
+                .unwrap_or_default(),
             l.scopes.join(" ")
         ));
     }

@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
@@ -23,6 +24,10 @@ use crate::store::{self, Store, StoreError, UpstreamCredential};
 use crate::upstream::azure_devops::AzureDevOpsClient;
 use crate::upstream::entra::{RefreshTokenSink, RefreshTokenSource, TokenSource};
 use crate::upstream::UpstreamError;
+
+/// How long a shutdown waits for in-flight calls before cutting them off
+/// (below Kubernetes' default 30 s termination grace period).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// Meta key of the deployment id (second part of every display name).
 pub const DEPLOYMENT_ID_META: &str = "deployment_id";
@@ -214,8 +219,18 @@ impl Broker {
         }
     }
 
-    async fn finish(self) -> Result<(), ServeError> {
-        let server = self.server.await;
+    async fn finish(mut self) -> Result<(), ServeError> {
+        let server = match tokio::time::timeout(SHUTDOWN_GRACE, &mut self.server).await {
+            Ok(joined) => joined,
+            Err(_) => {
+                tracing::warn!(
+                    grace_secs = SHUTDOWN_GRACE.as_secs(),
+                    "in-flight calls did not finish within the grace period; stopping anyway"
+                );
+                self.server.abort();
+                Ok(Ok(()))
+            }
+        };
         let _ = self.background.await;
         server??;
         Ok(())
