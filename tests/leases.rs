@@ -57,6 +57,7 @@ on_both_stores!(
     lease_never_outlives_a_pat_whose_valid_to_upstream_clamped,
     upstream_policy_refusal_fails_the_lease_and_says_why,
     pending_lease_left_by_a_crash_is_reconciled_and_a_retry_mints_afresh,
+    revocation_that_keeps_failing_becomes_revoke_failed_and_still_finishes_later,
 );
 
 fn parse_time(v: &serde_json::Value) -> DateTime<Utc> {
@@ -935,6 +936,78 @@ async fn pending_lease_left_by_a_crash_is_reconciled_and_a_retry_mints_afresh(ba
         .filter(|p| p["state"] == "active")
         .collect();
     assert_eq!(live.len(), 1, "no PAT left live without a lease");
+}
+
+async fn revocation_that_keeps_failing_becomes_revoke_failed_and_still_finishes_later(
+    backend: Backend,
+) {
+    let emulator = start_emulator().await;
+    let url = emulator.url();
+    let db = TestDb::new(backend).await;
+    let broker = start_broker(&db, &url, &TestKeys::new(), BrokerOptions::default()).await;
+    let issued = broker
+        .leases
+        .create(&caller("ci"), request(&["vso.code"], None, None))
+        .await
+        .unwrap();
+    set_faults(
+        &url,
+        serde_json::json!([{ "operation": "revoke", "status": 503 }]),
+    )
+    .await;
+    let revoking = broker
+        .leases
+        .revoke(&caller("ci"), issued.lease.id)
+        .await
+        .unwrap();
+    assert_eq!(revoking.state, LeaseState::Revoking);
+
+    // Nine more failures have happened; the next due retry is the last of
+    // the budget (rather than waiting out the real backoff here).
+    let mut due = stored(&broker.store, revoking.id).await;
+    due.attempts = 9;
+    due.next_attempt_time = Some(Utc::now() - chrono::Duration::seconds(1));
+    assert!(broker
+        .store
+        .update_lease(&due, LeaseState::Revoking)
+        .await
+        .unwrap());
+    broker.leases.run_background_once().await.unwrap();
+
+    let failed = stored(&broker.store, revoking.id).await;
+    assert_eq!(failed.state, LeaseState::RevokeFailed);
+    assert_eq!(failed.attempts, 10);
+    assert!(failed.last_error.is_some());
+    assert!(failed.next_attempt_time.unwrap() > Utc::now() + chrono::Duration::minutes(30));
+    assert_eq!(
+        list_repositories(&url, "fabrikam", &issued.token).await,
+        200
+    );
+
+    // Upstream recovers; the slow retry finishes it (made due here).
+    clear_faults(&url).await;
+    let mut due = failed.clone();
+    due.next_attempt_time = Some(Utc::now() - chrono::Duration::seconds(1));
+    assert!(broker
+        .store
+        .update_lease(&due, LeaseState::RevokeFailed)
+        .await
+        .unwrap());
+    broker.leases.run_background_once().await.unwrap();
+
+    let revoked = stored(&broker.store, revoking.id).await;
+    assert_eq!(revoked.state, LeaseState::Revoked);
+    assert_ne!(
+        list_repositories(&url, "fabrikam", &issued.token).await,
+        200
+    );
+    // Asking again answers the finished lease.
+    let answer = broker
+        .leases
+        .revoke(&caller("ci"), revoked.id)
+        .await
+        .unwrap();
+    assert_eq!(answer.state, LeaseState::Revoked);
 }
 
 // ---------------------------------------------------------------------------
