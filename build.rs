@@ -4,6 +4,8 @@ use prost::Message;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = ["tokenbroker/v1/lease.proto"];
     println!("cargo:rerun-if-changed=proto");
+    // sqlx::migrate! embeds migrations/ but cannot tell cargo to watch it.
+    println!("cargo:rerun-if-changed=migrations");
     let fds = protox::compile(protos, ["proto"])?;
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     // Served by gRPC reflection.

@@ -52,8 +52,12 @@ on_both_stores!(
     another_holders_lease_is_not_found,
     leases_are_listed_newest_first_in_pages_and_tampered_page_tokens_are_refused,
     upstream_outage_on_create_fails_the_lease_and_a_retry_mints_afresh,
+    create_whose_answer_is_lost_leaves_no_live_pat_and_a_retry_mints_afresh,
     revoke_during_an_upstream_outage_answers_revoking_and_is_finished_later,
     lease_never_outlives_a_pat_whose_valid_to_upstream_clamped,
+    upstream_policy_refusal_fails_the_lease_and_says_why,
+    pending_lease_left_by_a_crash_is_reconciled_and_a_retry_mints_afresh,
+    revocation_that_keeps_failing_becomes_revoke_failed_and_still_finishes_later,
 );
 
 fn parse_time(v: &serde_json::Value) -> DateTime<Utc> {
@@ -154,13 +158,13 @@ async fn renewing_a_lease_moves_the_pat_valid_to_upstream(backend: Backend) {
         renewed.expire_time
     );
 
-    // Renewal is capped at max_expire_time (create + 8 h).
+    // Renewal is capped at max_expire_time (create + 8 h), even when asked for more.
     let capped = broker
         .leases
         .renew(
             &caller("ci"),
             issued.lease.id,
-            Some(Duration::from_secs(8 * 3600)),
+            Some(Duration::from_secs(24 * 3600)),
         )
         .await
         .unwrap();
@@ -432,10 +436,12 @@ async fn request_outside_policy_is_refused_without_a_lease_row_or_upstream_call(
     assert!(rows.is_empty(), "no lease row for a refused request");
     assert!(emulator_pats(&url).await.is_empty());
     let stats = emulator_stats(&url).await;
-    assert!(
-        !stats.to_string().contains("\"create\":1"),
-        "no upstream create: {stats}"
-    );
+    for operation in ["create", "get", "list", "update", "revoke", "token"] {
+        assert!(
+            stats["calls"][operation].as_u64().unwrap_or(0) == 0,
+            "no upstream call ({operation}): {stats}"
+        );
+    }
     let audit = broker.store.list_audit(0, 100).await.unwrap();
     let denied: Vec<_> = audit
         .iter()
@@ -647,6 +653,67 @@ async fn upstream_outage_on_create_fails_the_lease_and_a_retry_mints_afresh(back
         .filter(|p| p["state"] == "active")
         .collect();
     assert_eq!(live.len(), 1, "one live PAT");
+    let stats = emulator_stats(&url).await;
+    assert_eq!(
+        stats["calls"]["create"], 2,
+        "create is never retried blindly"
+    );
+    assert!(
+        stats["calls"]["list"].as_u64().unwrap_or(0) >= 1,
+        "the broker looked for the display name after the 503"
+    );
+}
+
+async fn create_whose_answer_is_lost_leaves_no_live_pat_and_a_retry_mints_afresh(backend: Backend) {
+    let emulator = start_emulator().await;
+    let url = emulator.url();
+    let db = TestDb::new(backend).await;
+    let broker = start_broker(&db, &url, &TestKeys::new(), BrokerOptions::default()).await;
+    let request_id = Some(Uuid::new_v4());
+    // Upstream makes the PAT, then the answer is lost in a 500.
+    set_faults(
+        &url,
+        serde_json::json!([{
+            "operation": "create", "status": 500, "latencyWhen": "after", "times": 1
+        }]),
+    )
+    .await;
+
+    let refused = broker
+        .leases
+        .create(&caller("ci"), request(&["vso.code"], None, request_id))
+        .await;
+
+    assert!(matches!(refused, Err(LeaseError::Upstream(_))));
+    let pats = emulator_pats(&url).await;
+    assert_eq!(pats.len(), 1, "upstream made one PAT");
+    assert_eq!(
+        pats[0]["state"], "revoked",
+        "the broker found and revoked it"
+    );
+    let rows = broker
+        .store
+        .list_leases(&LeaseFilter::default(), None, 100)
+        .await
+        .unwrap();
+    assert_eq!(rows[0].state, LeaseState::Failed);
+
+    let retried = broker
+        .leases
+        .create(&caller("ci"), request(&["vso.code"], None, request_id))
+        .await
+        .expect("a retry mints afresh");
+    assert_eq!(
+        list_repositories(&url, "fabrikam", &retried.token).await,
+        200
+    );
+    let live: Vec<_> = emulator_pats(&url)
+        .await
+        .into_iter()
+        .filter(|p| p["state"] == "active")
+        .collect();
+    assert_eq!(live.len(), 1, "one live PAT, the retry's");
+    assert_eq!(live[0]["displayName"], retried.lease.display_name.as_str());
 }
 
 async fn revoke_during_an_upstream_outage_answers_revoking_and_is_finished_later(backend: Backend) {
@@ -727,4 +794,689 @@ async fn lease_never_outlives_a_pat_whose_valid_to_upstream_clamped(backend: Bac
     assert!(issued.lease.expire_time <= valid_to);
     assert!(issued.lease.max_expire_time <= valid_to);
     assert_eq!(stored(&broker.store, issued.lease.id).await, issued.lease);
+}
+
+async fn upstream_policy_refusal_fails_the_lease_and_says_why(backend: Backend) {
+    let emulator = start_emulator_with(token_broker::emulator::EmulatorConfig {
+        restrict_full_scope: true,
+        ..Default::default()
+    })
+    .await;
+    let url = emulator.url();
+    let db = TestDb::new(backend).await;
+    let broker = start_broker(&db, &url, &TestKeys::new(), BrokerOptions::default()).await;
+    let request_id = Some(Uuid::new_v4());
+
+    for _attempt in 0..2 {
+        // The key may be retried after a refusal; upstream refuses again.
+        let refused = broker
+            .leases
+            .create(&caller("long"), request(&["app_token"], None, request_id))
+            .await;
+        let Err(LeaseError::Upstream(e)) = refused else {
+            panic!("expected an upstream refusal");
+        };
+        use token_broker::error::{ErrorCode, ServiceError};
+        assert_eq!(e.code(), ErrorCode::FailedPrecondition);
+        assert_eq!(e.reason(), "UPSTREAM_POLICY_VIOLATION");
+    }
+
+    let rows = broker
+        .store
+        .list_leases(&LeaseFilter::default(), None, 100)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2, "one FAILED lease per attempt");
+    for row in &rows {
+        assert_eq!(row.state, LeaseState::Failed);
+        assert!(row.sealed_token.is_none());
+        assert!(row
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("fullScopePatPolicyViolation")));
+    }
+    assert!(emulator_pats(&url).await.is_empty());
+    let audit = broker.store.list_audit(0, 100).await.unwrap();
+    assert_eq!(
+        audit
+            .iter()
+            .filter(|e| e.action == "lease.create" && e.outcome == Outcome::Error)
+            .count(),
+        2
+    );
+}
+
+async fn pending_lease_left_by_a_crash_is_reconciled_and_a_retry_mints_afresh(backend: Backend) {
+    let emulator = start_emulator().await;
+    let url = emulator.url();
+    let db = TestDb::new(backend).await;
+    let broker = start_broker(&db, &url, &TestKeys::new(), BrokerOptions::default()).await;
+    let request_id = Uuid::new_v4();
+    let req = request(&["vso.code"], None, Some(request_id));
+
+    // A broker that crashed between the upstream create and its commit
+    // left, three minutes ago, a PENDING row (with its key) and a live PAT.
+    use chrono::SubsecRound;
+    let then = Utc::now().trunc_subsecs(6) - chrono::Duration::minutes(3);
+    let id = token_broker::domain::LeaseId::new();
+    let pending = token_broker::store::LeaseRecord {
+        id,
+        holder: caller("ci").identity,
+        organization: req.organization.clone(),
+        scopes: req.scopes.clone(),
+        display_name: format!("token-broker:test-deployment:{id}"),
+        authorization_id: None,
+        sealed_token: None,
+        state: LeaseState::Pending,
+        create_time: then,
+        update_time: then,
+        expire_time: then + chrono::Duration::hours(1),
+        max_expire_time: then + chrono::Duration::hours(8),
+        revoke_time: None,
+        upstream_valid_to: None,
+        attempts: 0,
+        next_attempt_time: None,
+        last_error: None,
+        claimed_by: None,
+        claimed_until: None,
+    };
+    let key = token_broker::store::IdempotencyRecord {
+        holder: pending.holder.clone(),
+        request_id,
+        fingerprint: req.fingerprint(),
+        lease_id: id,
+        create_time: then,
+    };
+    broker
+        .store
+        .create_lease(&pending, Some(&key))
+        .await
+        .unwrap();
+    let orphan = broker
+        .upstream
+        .create(
+            &pending.organization,
+            &token_broker::upstream::CreatePat {
+                display_name: pending.display_name.clone(),
+                scope: "vso.code".into(),
+                valid_to: Utc::now() + chrono::Duration::hours(1),
+            },
+        )
+        .await
+        .unwrap();
+    let orphan_token = orphan.token.expect("create answers the token");
+    assert_eq!(
+        list_repositories(&url, "fabrikam", &orphan_token).await,
+        200
+    );
+
+    broker.leases.run_background_once().await.unwrap();
+
+    let reconciled = stored(&broker.store, id).await;
+    assert_eq!(reconciled.state, LeaseState::Failed);
+    assert!(reconciled.last_error.is_some());
+    assert_ne!(
+        list_repositories(&url, "fabrikam", &orphan_token).await,
+        200
+    );
+
+    let retried = broker
+        .leases
+        .create(&caller("ci"), req)
+        .await
+        .expect("a retry of the crashed request mints afresh");
+    assert_ne!(retried.lease.id, id);
+    assert_eq!(
+        list_repositories(&url, "fabrikam", &retried.token).await,
+        200
+    );
+    let live: Vec<_> = emulator_pats(&url)
+        .await
+        .into_iter()
+        .filter(|p| p["state"] == "active")
+        .collect();
+    assert_eq!(live.len(), 1, "no PAT left live without a lease");
+}
+
+async fn revocation_that_keeps_failing_becomes_revoke_failed_and_still_finishes_later(
+    backend: Backend,
+) {
+    let emulator = start_emulator().await;
+    let url = emulator.url();
+    let db = TestDb::new(backend).await;
+    let broker = start_broker(&db, &url, &TestKeys::new(), BrokerOptions::default()).await;
+    let issued = broker
+        .leases
+        .create(&caller("ci"), request(&["vso.code"], None, None))
+        .await
+        .unwrap();
+    set_faults(
+        &url,
+        serde_json::json!([{ "operation": "revoke", "status": 503 }]),
+    )
+    .await;
+    let revoking = broker
+        .leases
+        .revoke(&caller("ci"), issued.lease.id)
+        .await
+        .unwrap();
+    assert_eq!(revoking.state, LeaseState::Revoking);
+
+    // Nine more failures have happened; the next due retry is the last of
+    // the budget (rather than waiting out the real backoff here).
+    let mut due = stored(&broker.store, revoking.id).await;
+    due.attempts = 9;
+    due.next_attempt_time = Some(Utc::now() - chrono::Duration::seconds(1));
+    assert!(broker
+        .store
+        .update_lease(&due, LeaseState::Revoking)
+        .await
+        .unwrap());
+    broker.leases.run_background_once().await.unwrap();
+
+    let failed = stored(&broker.store, revoking.id).await;
+    assert_eq!(failed.state, LeaseState::RevokeFailed);
+    assert_eq!(failed.attempts, 10);
+    assert!(failed.last_error.is_some());
+    assert!(failed.next_attempt_time.unwrap() > Utc::now() + chrono::Duration::minutes(30));
+    assert_eq!(
+        list_repositories(&url, "fabrikam", &issued.token).await,
+        200
+    );
+
+    // Upstream recovers; the slow retry finishes it (made due here).
+    clear_faults(&url).await;
+    let mut due = failed.clone();
+    due.next_attempt_time = Some(Utc::now() - chrono::Duration::seconds(1));
+    assert!(broker
+        .store
+        .update_lease(&due, LeaseState::RevokeFailed)
+        .await
+        .unwrap());
+    broker.leases.run_background_once().await.unwrap();
+
+    let revoked = stored(&broker.store, revoking.id).await;
+    assert_eq!(revoked.state, LeaseState::Revoked);
+    assert_ne!(
+        list_repositories(&url, "fabrikam", &issued.token).await,
+        200
+    );
+    // Asking again answers the finished lease.
+    let answer = broker
+        .leases
+        .revoke(&caller("ci"), revoked.id)
+        .await
+        .unwrap();
+    assert_eq!(answer.state, LeaseState::Revoked);
+}
+
+// ---------------------------------------------------------------------------
+// Over gRPC: the real server (tests/common/broker.rs), a client with an API
+// key, the emulator and the database, all over real sockets.
+// ---------------------------------------------------------------------------
+
+mod grpc {
+    use super::*;
+    use common::broker::{spawn_broker, BrokerSpec, Client, TestBroker};
+    use prost_types::Duration as ProtoDuration;
+    use secrecy::SecretString;
+    use token_broker::proto::v1::{
+        lease, CreateLeaseRequest, GetLeaseRequest, Lease, ListLeasesRequest, RenewLeaseRequest,
+        RevokeLeaseRequest,
+    };
+    use tonic::Code;
+    use tonic_types::StatusExt;
+
+    macro_rules! on_both_stores_over_grpc {
+        ($($name:ident),* $(,)?) => {
+            mod postgres {
+                use super::*;
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $name() {
+                        super::$name(Backend::Postgres).await
+                    }
+                )*
+            }
+            mod sqlite {
+                use super::*;
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $name() {
+                        super::$name(Backend::Sqlite).await
+                    }
+                )*
+            }
+        };
+    }
+
+    on_both_stores_over_grpc!(
+        a_leased_token_works_until_revoked_and_renewal_moves_its_valid_to,
+        a_lease_past_its_expiry_is_expired_by_the_reaper,
+        a_repeated_request_id_returns_the_same_lease_concurrently_and_after_a_restart,
+        a_request_id_reused_with_other_parameters_is_already_exists,
+        bad_input_is_invalid_argument_naming_the_field,
+        a_request_outside_policy_is_permission_denied_saying_why_and_leaves_no_trace,
+        a_call_without_a_known_api_key_is_unauthenticated,
+        another_callers_lease_is_not_found,
+    );
+
+    struct Setup {
+        emulator: token_broker::emulator::RunningEmulator,
+        url: String,
+        db: TestDb,
+        spec: BrokerSpec,
+        broker: TestBroker,
+    }
+
+    async fn setup(backend: Backend, reaper_interval: Duration) -> Setup {
+        let emulator = start_emulator().await;
+        let url = emulator.url();
+        let db = TestDb::new(backend).await;
+        let mut spec = BrokerSpec::new(db.url.clone(), url.clone())
+            .with_policy(POLICY_YAML)
+            .with_key("other");
+        spec.reaper_interval = reaper_interval;
+        spec.valid_to_skew = SKEW;
+        let broker = spawn_broker(&spec).await;
+        Setup {
+            emulator,
+            url,
+            db,
+            spec,
+            broker,
+        }
+    }
+
+    impl Setup {
+        async fn client(&self, name: &str) -> Client {
+            self.broker.client(&self.spec.key(name)).await
+        }
+    }
+
+    fn create_request(
+        organization: &str,
+        scopes: &[&str],
+        ttl_secs: Option<i64>,
+        request_id: &str,
+    ) -> CreateLeaseRequest {
+        CreateLeaseRequest {
+            organization: organization.to_owned(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            ttl: ttl_secs.map(|seconds| ProtoDuration { seconds, nanos: 0 }),
+            request_id: request_id.to_owned(),
+        }
+    }
+
+    fn token_of(lease: &Lease) -> SecretString {
+        assert!(!lease.token.is_empty(), "CreateLease answers the token");
+        SecretString::from(lease.token.clone())
+    }
+
+    fn time_of(t: &Option<prost_types::Timestamp>) -> DateTime<Utc> {
+        let t = t.as_ref().expect("a timestamp");
+        DateTime::from_timestamp(t.seconds, t.nanos as u32).unwrap()
+    }
+
+    async fn a_leased_token_works_until_revoked_and_renewal_moves_its_valid_to(backend: Backend) {
+        let s = setup(backend, Duration::from_secs(15)).await;
+        let mut ci = s.client("ci").await;
+
+        let lease = ci
+            .create_lease(create_request("fabrikam", &["vso.code"], Some(900), ""))
+            .await
+            .expect("lease created")
+            .into_inner();
+        assert_eq!(lease.state(), lease::State::Active);
+        assert_eq!(lease.holder, "apikey:ci");
+        assert!(lease.name.starts_with("leases/"));
+        let token = token_of(&lease);
+
+        assert_eq!(list_repositories(&s.url, "fabrikam", &token).await, 200);
+        assert_ne!(list_feeds(&s.url, "fabrikam", &token).await, 200);
+        assert_ne!(list_repositories(&s.url, "contoso", &token).await, 200);
+
+        // GetLease and ListLeases never carry the token.
+        let got = ci
+            .get_lease(GetLeaseRequest {
+                name: lease.name.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(got.token.is_empty());
+        let listed = ci
+            .list_leases(ListLeasesRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(listed.leases.len(), 1);
+        assert!(listed.leases.iter().all(|l| l.token.is_empty()));
+
+        let valid_to = |pats: Vec<serde_json::Value>| {
+            parse_time(
+                &pats
+                    .into_iter()
+                    .find(|p| p["displayName"] == lease.display_name.as_str())
+                    .expect("the lease's PAT")["validTo"],
+            )
+        };
+        let before = valid_to(emulator_pats(&s.url).await);
+        let renewed = ci
+            .renew_lease(RenewLeaseRequest {
+                name: lease.name.clone(),
+                increment: Some(ProtoDuration {
+                    seconds: 7200,
+                    nanos: 0,
+                }),
+            })
+            .await
+            .expect("renewed")
+            .into_inner();
+        assert!(renewed.token.is_empty());
+        assert!(time_of(&renewed.expire_time) > time_of(&lease.expire_time));
+        let after = valid_to(emulator_pats(&s.url).await);
+        assert!(after > before, "validTo moved upstream");
+        assert!(within_a_second(
+            after,
+            time_of(&renewed.expire_time) + chrono::Duration::from_std(SKEW).unwrap()
+        ));
+
+        let revoked = ci
+            .revoke_lease(RevokeLeaseRequest {
+                name: lease.name.clone(),
+            })
+            .await
+            .expect("revoked")
+            .into_inner();
+        assert_eq!(revoked.state(), lease::State::Revoked);
+        assert!(revoked.revoke_time.is_some());
+        assert!(revoked.token.is_empty());
+        assert_ne!(list_repositories(&s.url, "fabrikam", &token).await, 200);
+        s.broker.stop().await;
+        drop((s.emulator, s.db));
+    }
+
+    async fn a_lease_past_its_expiry_is_expired_by_the_reaper(backend: Backend) {
+        let s = setup(backend, Duration::from_millis(200)).await;
+        let mut ci = s.client("ci").await;
+        let lease = ci
+            .create_lease(create_request("fabrikam", &["vso.code"], Some(1), ""))
+            .await
+            .unwrap()
+            .into_inner();
+        let token = token_of(&lease);
+
+        let name = lease.name.clone();
+        eventually("the reaper expires the lease", || {
+            let mut ci = ci.clone();
+            let name = name.clone();
+            async move {
+                let got = ci
+                    .get_lease(GetLeaseRequest { name })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                got.state() == lease::State::Expired
+            }
+        })
+        .await;
+        let expired = ci
+            .get_lease(GetLeaseRequest {
+                name: lease.name.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(time_of(&expired.revoke_time) >= time_of(&expired.expire_time));
+        assert_ne!(list_repositories(&s.url, "fabrikam", &token).await, 200);
+        s.broker.stop().await;
+    }
+
+    async fn a_repeated_request_id_returns_the_same_lease_concurrently_and_after_a_restart(
+        backend: Backend,
+    ) {
+        let s = setup(backend, Duration::from_secs(15)).await;
+        let request_id = Uuid::new_v4().to_string();
+        let ci = s.client("ci").await;
+
+        let attempts = (0..20).map(|_| {
+            let mut ci = ci.clone();
+            let req = create_request("fabrikam", &["vso.code"], None, &request_id);
+            tokio::spawn(async move { ci.create_lease(req).await })
+        });
+        let answers = futures::future::join_all(attempts).await;
+        let mut names = std::collections::BTreeSet::new();
+        let mut tokens = std::collections::BTreeSet::new();
+        for answer in answers {
+            let lease = answer
+                .unwrap()
+                .expect("every retry gets the lease")
+                .into_inner();
+            names.insert(lease.name.clone());
+            tokens.insert(lease.token.clone());
+        }
+        assert_eq!(names.len(), 1);
+        assert_eq!(tokens.len(), 1);
+        assert_eq!(emulator_pats(&s.url).await.len(), 1);
+
+        // A restarted broker on the same store answers the same.
+        s.broker.stop().await;
+        let restarted = spawn_broker(&s.spec).await;
+        let mut ci = restarted.client(&s.spec.key("ci")).await;
+        let again = ci
+            .create_lease(create_request("fabrikam", &["vso.code"], None, &request_id))
+            .await
+            .expect("replayed after restart")
+            .into_inner();
+        assert_eq!(Some(&again.name), names.iter().next());
+        assert_eq!(Some(&again.token), tokens.iter().next());
+        assert_eq!(emulator_pats(&s.url).await.len(), 1, "still one PAT");
+        assert_eq!(
+            list_repositories(&s.url, "fabrikam", &token_of(&again)).await,
+            200
+        );
+        restarted.stop().await;
+    }
+
+    async fn a_request_id_reused_with_other_parameters_is_already_exists(backend: Backend) {
+        let s = setup(backend, Duration::from_secs(15)).await;
+        let mut ci = s.client("ci").await;
+        let request_id = Uuid::new_v4().to_string();
+        ci.create_lease(create_request("fabrikam", &["vso.code"], None, &request_id))
+            .await
+            .unwrap();
+
+        let status = ci
+            .create_lease(create_request(
+                "fabrikam",
+                &["vso.packaging"],
+                None,
+                &request_id,
+            ))
+            .await
+            .unwrap_err();
+
+        assert_eq!(status.code(), Code::AlreadyExists);
+        let info = status.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(info.reason, "REQUEST_ID_REUSED");
+        assert_eq!(emulator_pats(&s.url).await.len(), 1);
+        s.broker.stop().await;
+    }
+
+    async fn bad_input_is_invalid_argument_naming_the_field(backend: Backend) {
+        let s = setup(backend, Duration::from_secs(15)).await;
+        let mut ci = s.client("ci").await;
+        let cases = [
+            (
+                create_request("fabrikam", &["vso.nonsense"], None, ""),
+                "scopes",
+            ),
+            (create_request("fabrikam", &[], None, ""), "scopes"),
+            (create_request("", &["vso.code"], None, ""), "organization"),
+            (
+                create_request("fabrikam", &["vso.code"], Some(0), ""),
+                "ttl",
+            ),
+            (
+                create_request("fabrikam", &["vso.code"], Some(-60), ""),
+                "ttl",
+            ),
+            (
+                create_request("fabrikam", &["vso.code"], Some(366 * 24 * 3600), ""),
+                "ttl",
+            ),
+            (
+                create_request("fabrikam", &["vso.code"], None, "not-a-uuid"),
+                "request_id",
+            ),
+        ];
+        for (request, field) in cases {
+            let status = ci.create_lease(request).await.unwrap_err();
+            assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
+            let bad = status
+                .get_details_bad_request()
+                .expect("BadRequest details");
+            assert!(
+                bad.field_violations.iter().any(|v| v.field == field),
+                "names {field}: {:?}",
+                bad.field_violations
+            );
+        }
+        let status = ci
+            .get_lease(GetLeaseRequest {
+                name: "leases/nope".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_no_lease_and_no_upstream_call(&s).await;
+        s.broker.stop().await;
+    }
+
+    async fn a_request_outside_policy_is_permission_denied_saying_why_and_leaves_no_trace(
+        backend: Backend,
+    ) {
+        let s = setup(backend, Duration::from_secs(15)).await;
+        let mut ci = s.client("ci").await;
+        let cases = [
+            (
+                create_request("contoso", &["vso.code"], None, ""),
+                "ORGANIZATION_NOT_ALLOWED",
+            ),
+            (
+                create_request("fabrikam", &["vso.code_manage"], None, ""),
+                "SCOPE_NOT_ALLOWED",
+            ),
+            (
+                create_request("fabrikam", &["app_token"], None, ""),
+                "SCOPE_NOT_ALLOWED",
+            ),
+            (
+                create_request("fabrikam", &["vso.code"], Some(9 * 3600), ""),
+                "TTL_EXCEEDS_MAX",
+            ),
+        ];
+        for (request, reason) in cases {
+            let status = ci.create_lease(request).await.unwrap_err();
+            assert_eq!(
+                status.code(),
+                Code::PermissionDenied,
+                "{reason}: {status:?}"
+            );
+            let info = status.get_details_error_info().expect("ErrorInfo");
+            assert_eq!(info.reason, reason);
+            assert_eq!(info.domain, "tokenbroker");
+        }
+        assert_no_lease_and_no_upstream_call(&s).await;
+        s.broker.stop().await;
+    }
+
+    async fn a_call_without_a_known_api_key_is_unauthenticated(backend: Backend) {
+        let s = setup(backend, Duration::from_secs(15)).await;
+        let unknown =
+            SecretString::from("tbk_0000000000000000000000000000000000000000000".to_owned());
+        for mut client in [
+            s.broker.anonymous_client().await,
+            s.broker.client(&unknown).await,
+            s.broker.client_with_header("Basic Y2k6Y2k=").await,
+        ] {
+            let status = client
+                .create_lease(create_request("fabrikam", &["vso.code"], None, ""))
+                .await
+                .unwrap_err();
+            assert_eq!(status.code(), Code::Unauthenticated);
+            let status = client
+                .list_leases(ListLeasesRequest::default())
+                .await
+                .unwrap_err();
+            assert_eq!(status.code(), Code::Unauthenticated);
+        }
+        assert_no_lease_and_no_upstream_call(&s).await;
+        s.broker.stop().await;
+    }
+
+    async fn another_callers_lease_is_not_found(backend: Backend) {
+        let s = setup(backend, Duration::from_secs(15)).await;
+        let mut ci = s.client("ci").await;
+        let mut other = s.client("other").await;
+        let lease = ci
+            .create_lease(create_request("fabrikam", &["vso.code"], None, ""))
+            .await
+            .unwrap()
+            .into_inner();
+
+        let get = other
+            .get_lease(GetLeaseRequest {
+                name: lease.name.clone(),
+            })
+            .await
+            .unwrap_err();
+        let revoke = other
+            .revoke_lease(RevokeLeaseRequest {
+                name: lease.name.clone(),
+            })
+            .await
+            .unwrap_err();
+        let renew = other
+            .renew_lease(RenewLeaseRequest {
+                name: lease.name.clone(),
+                increment: None,
+            })
+            .await
+            .unwrap_err();
+        for status in [get, revoke, renew] {
+            assert_eq!(status.code(), Code::NotFound);
+        }
+        let listed = other
+            .list_leases(ListLeasesRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(listed.leases.is_empty());
+        assert_eq!(
+            list_repositories(&s.url, "fabrikam", &token_of(&lease)).await,
+            200
+        );
+        s.broker.stop().await;
+    }
+
+    /// No lease row was written and the emulator saw no PAT call.
+    async fn assert_no_lease_and_no_upstream_call(s: &Setup) {
+        let store = token_broker::store::open(&s.db.url).await.unwrap();
+        let rows = store
+            .list_leases(&LeaseFilter::default(), None, 100)
+            .await
+            .unwrap();
+        assert!(rows.is_empty(), "no lease row");
+        let stats = emulator_stats(&s.url).await;
+        for operation in ["create", "get", "list", "update", "revoke"] {
+            assert_eq!(
+                stats["calls"][operation].as_u64().unwrap_or(0),
+                0,
+                "no upstream {operation}: {stats}"
+            );
+        }
+        assert!(emulator_pats(&s.url).await.is_empty());
+    }
 }

@@ -1,7 +1,8 @@
 //! No secret reaches the logs: with a global tracing subscriber at TRACE
-//! for every crate (ours, hyper, h2, reqwest, sqlx, tonic, ...), the whole
-//! lease lifecycle runs and the captured output holds neither the PAT, nor
-//! its Basic-auth form, nor the refresh token.
+//! for every crate (ours, h2, hyper, reqwest, sqlx, tonic, ...), the whole
+//! lease lifecycle runs through the real gRPC server on SQLite and on
+//! PostgreSQL, and the captured output holds neither a PAT, nor its
+//! Basic-auth form, nor an API key, nor a refresh token, nor a key.
 //!
 //! Its own test binary, because the subscriber is process-global.
 
@@ -13,10 +14,15 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
+use common::broker::{spawn_broker, BrokerSpec};
 use common::leases::*;
-use secrecy::ExposeSecret;
-use token_broker::domain::LeaseState;
-use token_broker::leases::ListQuery;
+use secrecy::{ExposeSecret, SecretString};
+use token_broker::crypto::Keyring;
+use token_broker::proto::v1::{
+    lease, CreateLeaseRequest, GetLeaseRequest, ListLeasesRequest, RenewLeaseRequest,
+    RevokeLeaseRequest,
+};
+use token_broker::store::UpstreamCredential;
 use tracing_subscriber::fmt::MakeWriter;
 
 /// Everything the subscriber wrote.
@@ -58,79 +64,142 @@ fn capture_everything() -> Captured {
     captured
 }
 
-fn assert_absent(log: &str, what: &str, secret: &str) {
-    assert!(!secret.is_empty());
-    assert!(
-        !log.contains(secret),
-        "the captured output contains the {what}"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whole_lease_lifecycle_at_trace_level_logs_no_secret() {
     let captured = capture_everything();
-    let emulator = start_emulator().await;
-    let url = emulator.url();
-    let db = TestDb::new(Backend::Sqlite).await;
-    let broker = start_broker(&db, &url, &TestKeys::new(), BrokerOptions::default()).await;
-    let ci = caller("ci");
-
-    let issued = broker
-        .leases
-        .create(
-            &ci,
-            request(&["vso.code"], None, Some(uuid::Uuid::new_v4())),
-        )
-        .await
-        .expect("lease created");
-    assert_eq!(
-        list_repositories(&url, "fabrikam", &issued.token).await,
-        200
-    );
-    broker
-        .leases
-        .renew(&ci, issued.lease.id, Some(Duration::from_secs(7200)))
-        .await
-        .expect("renewed");
-    broker.leases.get(&ci, issued.lease.id).await.unwrap();
-    broker
-        .leases
-        .list(
-            &ci,
-            ListQuery {
-                page_size: 10,
-                ..ListQuery::default()
-            },
-        )
-        .await
-        .unwrap();
-    let revoked = broker.leases.revoke(&ci, issued.lease.id).await.unwrap();
-    assert_eq!(revoked.state, LeaseState::Revoked);
-    assert_ne!(
-        list_repositories(&url, "fabrikam", &issued.token).await,
-        200
-    );
+    let mut secrets = Vec::new();
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        secrets.extend(run_lifecycle_over_grpc(backend).await);
+    }
 
     let log = captured.text();
     assert!(
-        log.contains("lease issued") && log.lines().count() > 50,
-        "the subscriber captured the run at TRACE"
+        log.contains("lease issued") && log.contains("h2") && log.contains("sqlx"),
+        "the subscriber captured our code and our dependencies at TRACE"
     );
-    let token = issued.token.expose_secret();
-    assert_absent(&log, "PAT", token);
-    assert_absent(
-        &log,
-        "PAT in Basic-auth form",
-        &STANDARD.encode(format!(":{token}")),
-    );
-    assert_absent(
-        &log,
-        "refresh token",
-        token_broker::emulator::DEFAULT_REFRESH_TOKEN,
-    );
-    let rotated = broker
-        .refresh_tokens
-        .latest()
-        .expect("the broker redeemed its refresh token");
-    assert_absent(&log, "rotated refresh token", rotated.expose_secret());
+    for (what, secret) in secrets {
+        assert!(!secret.is_empty(), "{what} is known");
+        assert!(
+            !log.contains(&secret),
+            "the captured output contains the {what}"
+        );
+    }
+}
+
+/// Runs create (and its replay), use, renew, get, list, revoke, expiry by
+/// the reaper and a refused call through the real server; returns every
+/// secret that took part, named.
+async fn run_lifecycle_over_grpc(backend: Backend) -> Vec<(&'static str, String)> {
+    let emulator = start_emulator().await;
+    let url = emulator.url();
+    let db = TestDb::new(backend).await;
+    let mut spec = BrokerSpec::new(db.url.clone(), url.clone()).with_policy(POLICY_YAML);
+    spec.reaper_interval = Duration::from_millis(200);
+    let broker = spawn_broker(&spec).await;
+    let api_key = spec.key("ci");
+    let mut ci = broker.client(&api_key).await;
+    let request = |ttl_secs: i64, request_id: &str| CreateLeaseRequest {
+        organization: "fabrikam".into(),
+        scopes: vec!["vso.code".into()],
+        ttl: Some(prost_types::Duration {
+            seconds: ttl_secs,
+            nanos: 0,
+        }),
+        request_id: request_id.into(),
+    };
+
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let lease = ci
+        .create_lease(request(900, &request_id))
+        .await
+        .expect("lease created")
+        .into_inner();
+    ci.create_lease(request(900, &request_id))
+        .await
+        .expect("replayed");
+    let token = SecretString::from(lease.token.clone());
+    assert_eq!(list_repositories(&url, "fabrikam", &token).await, 200);
+    ci.renew_lease(RenewLeaseRequest {
+        name: lease.name.clone(),
+        increment: Some(prost_types::Duration {
+            seconds: 7200,
+            nanos: 0,
+        }),
+    })
+    .await
+    .expect("renewed");
+    ci.get_lease(GetLeaseRequest {
+        name: lease.name.clone(),
+    })
+    .await
+    .unwrap();
+    ci.list_leases(ListLeasesRequest::default()).await.unwrap();
+    let revoked = ci
+        .revoke_lease(RevokeLeaseRequest {
+            name: lease.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(revoked.state(), lease::State::Revoked);
+    assert_ne!(list_repositories(&url, "fabrikam", &token).await, 200);
+
+    // A short lease the reaper expires.
+    let short = ci.create_lease(request(1, "")).await.unwrap().into_inner();
+    let name = short.name.clone();
+    eventually("the reaper expires the short lease", || {
+        let mut ci = ci.clone();
+        let name = name.clone();
+        async move {
+            let got = ci.get_lease(GetLeaseRequest { name }).await.unwrap();
+            got.into_inner().state() == lease::State::Expired
+        }
+    })
+    .await;
+
+    // A caller with a wrong key is refused (and its key is not logged either).
+    let wrong_key = SecretString::from(format!("tbk_{}", uuid::Uuid::new_v4().simple()));
+    let refused = broker
+        .client(&wrong_key)
+        .await
+        .list_leases(ListLeasesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    broker.stop().await;
+
+    // The refresh token the broker rotated to, sealed in its store.
+    let store = token_broker::store::open(&db.url).await.unwrap();
+    let credential = store
+        .load_upstream_credential()
+        .await
+        .unwrap()
+        .expect("the broker saved its rotated refresh token");
+    let keyring = Keyring::new(
+        "test".to_owned(),
+        [("test".to_owned(), spec.sealing_key.clone())],
+    )
+    .unwrap();
+    let rotated = keyring
+        .open(&credential.sealed, UpstreamCredential::AAD)
+        .expect("sealed under the test key");
+
+    let mut secrets = Vec::new();
+    for t in [&lease.token, &short.token] {
+        secrets.push(("PAT", t.clone()));
+        secrets.push(("PAT in Basic-auth form", STANDARD.encode(format!(":{t}"))));
+    }
+    secrets.push(("API key", api_key.expose_secret().to_owned()));
+    secrets.push(("refused API key", wrong_key.expose_secret().to_owned()));
+    secrets.push((
+        "initial refresh token",
+        token_broker::emulator::DEFAULT_REFRESH_TOKEN.to_owned(),
+    ));
+    secrets.push(("rotated refresh token", rotated.expose_secret().to_owned()));
+    secrets.push(("sealing key", spec.sealing_key.expose_secret().to_owned()));
+    secrets.push((
+        "fingerprint key",
+        spec.fingerprint_key.expose_secret().to_owned(),
+    ));
+    secrets
 }

@@ -60,6 +60,7 @@ conformance!(
     released_claim_can_be_taken_again_at_once,
     live_lease_count_ignores_finished_leases_and_other_holders,
     audit_events_list_in_append_order_after_an_id,
+    concurrent_audit_appends_all_land_with_distinct_increasing_ids,
     concurrent_meta_writers_agree_on_the_first_value,
     upstream_credential_saves_only_on_the_expected_version,
     timestamps_round_trip_with_microseconds_in_utc,
@@ -188,7 +189,7 @@ async fn listing_is_newest_first_and_pages_cover_every_lease_once(store: Arc<dyn
         create(&store, &l).await;
         made.push(l);
     }
-    made.sort_by(|a, b| (b.create_time, b.id).cmp(&(a.create_time, a.id)));
+    made.sort_by_key(|l| std::cmp::Reverse((l.create_time, l.id)));
 
     let mut seen = Vec::new();
     let mut cursor: Option<PageCursor> = None;
@@ -714,6 +715,34 @@ async fn audit_events_list_in_append_order_after_an_id(store: Arc<dyn Store>) {
     assert!(store.list_audit(ids[4], 100).await.unwrap().is_empty());
 }
 
+async fn concurrent_audit_appends_all_land_with_distinct_increasing_ids(store: Arc<dyn Store>) {
+    let appenders = (0..30).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .append_audit(&audit(&format!("lease.create{i}"), Outcome::Allowed))
+                .await
+                .unwrap()
+        })
+    });
+    let mut ids: Vec<i64> = futures::future::join_all(appenders)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    ids.sort();
+    let listed: Vec<i64> = store
+        .list_audit(0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(listed, ids);
+    ids.dedup();
+    assert_eq!(ids.len(), 30);
+}
+
 async fn concurrent_meta_writers_agree_on_the_first_value(store: Arc<dyn Store>) {
     assert_eq!(store.get_meta("deployment_id").await.unwrap(), None);
     let writers = (0..10).map(|i| {
@@ -826,8 +855,14 @@ async fn migrating_twice_is_harmless(store: Arc<dyn Store>) {
 async fn postgres_replicas_migrating_one_fresh_database_at_once_all_succeed() {
     let db = common::db::TestDatabase::create().await;
     let mut stores = Vec::new();
-    for _ in 0..4 {
-        stores.push(token_broker::store::open(&db.url).await.unwrap());
+    for i in 0..4 {
+        // Both URL schemes PostgreSQL documents open the PostgreSQL store.
+        let url = if i % 2 == 0 {
+            db.url.clone()
+        } else {
+            db.url.replacen("postgres://", "postgresql://", 1)
+        };
+        stores.push(token_broker::store::open(&url).await.unwrap());
     }
     let migrations = stores.iter().map(|s| {
         let s = s.clone();
@@ -885,9 +920,16 @@ async fn sqlite_store_creates_its_file_from_a_bare_path_in_wal_mode() {
         .unwrap();
     assert_eq!(fk, 1);
 
-    // The data outlives the process's handle on it.
+    // Times are stored as fixed-form RFC 3339 text, so text order is time order.
     let l = lease("ci", t0());
     store.create_lease(&l, None).await.unwrap();
+    let stored: String = sqlx::query_scalar("SELECT create_time FROM leases")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(stored, "2026-03-01T12:00:00.000000Z");
+
+    // The data outlives the process's handle on it.
     store.close().await;
     let reopened = token_broker::store::open(&format!("sqlite://{}", path.display()))
         .await

@@ -52,9 +52,13 @@ pub(crate) fn serve(
     resource: Resource,
     headers: &HeaderMap,
 ) -> Response {
-    let Some(pat) = basic_password(headers) else {
+    if !headers.contains_key(header::AUTHORIZATION) {
         // No credential at all: the sign-in page, or 401 with Suppress (section 2.2 [C]).
         return wire::authentication_refused(headers);
+    }
+    let Some(pat) = basic_password(headers) else {
+        // A credential that is not a readable Basic PAT: 401 (section 4.4 [C]).
+        return wire::unauthorized("");
     };
     let inner = emu.lock();
     let now = inner.now();

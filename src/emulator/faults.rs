@@ -73,7 +73,8 @@ pub struct FaultRule {
     /// Whether the delay (and any fault answer) comes before or after the effect.
     #[serde(default)]
     pub latency_when: LatencyWhen,
-    /// Answer with this HTTP status instead (429 gets TF400733, 5xx an internal error).
+    /// Answer with this HTTP status instead (429 gets TF400733, 5xx an
+    /// internal error); a 2xx lets the real answer through (see `decorate`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
     /// Sends `Retry-After` in seconds; implies status 429 when `status` is absent.
@@ -98,13 +99,22 @@ impl FaultRule {
         self.operation == Operation::Any || self.operation == op
     }
 
-    /// True if the rule replaces the answer (rather than only delaying it
-    /// or repeating a page).
+    /// The status the rule answers with: `status`, or 429 when only
+    /// `retryAfterSeconds` is given.
+    fn effective_status(&self) -> Option<u16> {
+        self.status.or(self.retry_after_seconds.map(|_| 429))
+    }
+
+    /// True if the rule replaces the answer. A 2xx `status` does not: it
+    /// marks a delayed-but-served call, whose real answer gets the
+    /// rate-limit headers (DOC-RATELIMITS: "The response still returns
+    /// HTTP 200", section 4.5 [V]).
     pub fn replaces_answer(&self) -> bool {
-        self.status.is_some()
-            || self.retry_after_seconds.is_some()
-            || self.sign_in_page
+        self.sign_in_page
             || self.drop_connection
+            || self
+                .effective_status()
+                .is_some_and(|s| !(200..300).contains(&s))
     }
 
     /// The delay, if any.
@@ -112,42 +122,57 @@ impl FaultRule {
         self.latency_ms.map(Duration::from_millis)
     }
 
+    /// Adds `Retry-After` and `X-RateLimit-*` (section 4.5 [V]) to an
+    /// answer the rule let through.
+    pub fn decorate(&self, resp: &mut Response) {
+        if self.retry_after_seconds.is_some() {
+            self.rate_limit_headers(resp, false);
+        }
+    }
+
+    fn rate_limit_headers(&self, resp: &mut Response, blocked: bool) {
+        let h = resp.headers_mut();
+        let retry_after = self.retry_after_seconds.unwrap_or(0);
+        h.insert("retry-after", HeaderValue::from(retry_after));
+        h.insert(
+            "x-ratelimit-resource",
+            HeaderValue::from_static("ATCPU/Emulator"),
+        );
+        h.insert("x-ratelimit-limit", HeaderValue::from_static("200"));
+        h.insert("x-ratelimit-remaining", HeaderValue::from_static("0"));
+        let reset = chrono::Utc::now().timestamp() + i64::try_from(retry_after).unwrap_or(0);
+        h.insert("x-ratelimit-reset", HeaderValue::from(reset));
+        // "Except for X-RateLimit-Delay, all these headers are sent before
+        // requests start getting delayed": Delay only on a delayed answer.
+        if !blocked {
+            let delay = format!("{:.3}", self.latency_ms.unwrap_or(0) as f64 / 1000.0);
+            if let Ok(v) = HeaderValue::from_str(&delay) {
+                h.insert("x-ratelimit-delay", v);
+            }
+        }
+    }
+
     /// The answer that replaces the operation's own (None: keep it).
-    /// `None` is also returned for `dropConnection`, which the caller handles.
+    /// For `dropConnection` the caller closes the connection instead.
     pub fn answer(&self) -> Option<Response> {
         if self.sign_in_page {
             return Some(wire::sign_in_page());
         }
-        let status = match (self.status, self.retry_after_seconds) {
-            (Some(s), _) => s,
-            (None, Some(_)) => 429,
-            (None, None) => return None,
-        };
+        let status = self.effective_status()?;
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let mut resp = if status == StatusCode::TOO_MANY_REQUESTS {
+        let resp = if status == StatusCode::TOO_MANY_REQUESTS {
             // DOC-RATELIMITS (section 4.5 [V]): TF400733 and the X-RateLimit-* headers.
             let mut r = wire::envelope(
                 status,
                 "RequestBlockedException",
                 "Microsoft.TeamFoundation.Framework.Server.RequestBlockedException, Microsoft.TeamFoundation.Framework.Server",
-                "TF400733: The request has been canceled: Request was blocked due to exceeding usage of resource 'Emulator' in namespace 'User'.",
+                "TF400733: The request has been canceled: Request was blocked due to exceeding usage of resource 'ATCPU' in namespace 'User'.",
                 3000,
             );
-            let h = r.headers_mut();
-            h.insert(
-                "x-ratelimit-resource",
-                HeaderValue::from_static("Emulator/User"),
-            );
-            h.insert("x-ratelimit-limit", HeaderValue::from_static("200"));
-            h.insert("x-ratelimit-remaining", HeaderValue::from_static("0"));
-            let reset = chrono::Utc::now().timestamp()
-                + i64::try_from(self.retry_after_seconds.unwrap_or(0)).unwrap_or(0);
-            if let Ok(v) = HeaderValue::from_str(&reset.to_string()) {
-                h.insert("x-ratelimit-reset", v);
-            }
+            self.rate_limit_headers(&mut r, true);
             r
         } else if status.is_server_error() {
-            wire::envelope(
+            let mut r = wire::envelope(
                 status,
                 "VssServiceException",
                 "Microsoft.VisualStudio.Services.Common.VssServiceException, Microsoft.VisualStudio.Services.Common",
@@ -156,7 +181,12 @@ impl FaultRule {
                     uuid::Uuid::new_v4()
                 ),
                 3000,
-            )
+            );
+            if let Some(secs) = self.retry_after_seconds {
+                r.headers_mut()
+                    .insert("retry-after", HeaderValue::from(secs));
+            }
+            r
         } else {
             wire::envelope(
                 status,
@@ -166,11 +196,6 @@ impl FaultRule {
                 3000,
             )
         };
-        if let Some(secs) = self.retry_after_seconds {
-            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
-                resp.headers_mut().insert("retry-after", v);
-            }
-        }
         Some(resp)
     }
 }

@@ -64,6 +64,11 @@ pub struct EmulatorConfig {
     pub restrict_full_scope: bool,
     /// "Restrict global PAT creation": `allOrgs` → `globalPatPolicyViolation`.
     pub restrict_global: bool,
+    /// "Restrict PAT creation" (organization policy; the emulated user is
+    /// not allow-listed): create → `disablePatCreationPolicyViolation`.
+    pub restrict_creation: bool,
+    /// With `restrict_creation`: "Allow creation of PAT with packaging scope only".
+    pub allow_packaging_only: bool,
     /// RN-270 (since 2026-03-15): `allOrgs: true` → `globalPATCreationBlocked`.
     /// Turn off to replay the 2020 examples, which predate it.
     pub block_global_creation: bool,
@@ -83,6 +88,8 @@ impl Default for EmulatorConfig {
             lifespan_mode: LifespanMode::Clamp,
             restrict_full_scope: false,
             restrict_global: false,
+            restrict_creation: false,
+            allow_packaging_only: false,
             block_global_creation: true,
             legacy_tokens: false,
             access_token_lifetime: Duration::from_secs(3599),
@@ -118,6 +125,12 @@ pub struct EmulatorArgs {
     /// Refuse global (`allOrgs`) PATs with globalPatPolicyViolation.
     #[arg(long)]
     pub restrict_global: bool,
+    /// Refuse PAT creation (organization policy "Restrict PAT creation").
+    #[arg(long)]
+    pub restrict_creation: bool,
+    /// With --restrict-creation, still allow packaging-only PATs.
+    #[arg(long, requires = "restrict_creation")]
+    pub allow_packaging_only: bool,
     /// Issue legacy 52-character tokens.
     #[arg(long)]
     pub legacy_tokens: bool,
@@ -131,6 +144,8 @@ impl From<EmulatorArgs> for EmulatorConfig {
             lifespan_mode: a.lifespan_mode,
             restrict_full_scope: a.restrict_full_scope,
             restrict_global: a.restrict_global,
+            restrict_creation: a.restrict_creation,
+            allow_packaging_only: a.allow_packaging_only,
             legacy_tokens: a.legacy_tokens,
             ..EmulatorConfig::default()
         }
@@ -203,4 +218,52 @@ pub async fn spawn(config: EmulatorConfig) -> std::io::Result<RunningEmulator> {
         .await;
     });
     Ok(RunningEmulator { addr, _stop: stop })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: EmulatorArgs,
+    }
+
+    #[test]
+    fn emulator_args_default_to_the_documented_values() {
+        let cli = Cli::try_parse_from(["emulator"]).unwrap();
+        assert_eq!(cli.args.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(cli.args.lifespan_mode, LifespanMode::Clamp);
+        let config = EmulatorConfig::from(cli.args);
+        use secrecy::ExposeSecret;
+        assert_eq!(config.refresh_token.expose_secret(), DEFAULT_REFRESH_TOKEN);
+        assert!(config.block_global_creation);
+    }
+
+    #[test]
+    fn emulator_args_take_the_policy_knobs_and_never_print_the_refresh_token() {
+        let cli = Cli::try_parse_from([
+            "emulator",
+            "--listen",
+            "127.0.0.1:9000",
+            "--refresh-token",
+            "seed-value-123",
+            "--max-lifespan-days",
+            "7",
+            "--lifespan-mode",
+            "reject",
+            "--restrict-full-scope",
+            "--restrict-global",
+        ])
+        .unwrap();
+        assert!(!format!("{:?}", cli.args).contains("seed-value-123"));
+        let config = EmulatorConfig::from(cli.args);
+        assert!(!format!("{config:?}").contains("seed-value-123"));
+        assert_eq!(config.max_lifespan_days, Some(7));
+        assert_eq!(config.lifespan_mode, LifespanMode::Reject);
+        assert!(config.restrict_full_scope && config.restrict_global);
+        assert!(Cli::try_parse_from(["emulator", "--allow-packaging-only"]).is_err());
+    }
 }

@@ -3,7 +3,7 @@
 //! caller's bearer and the api-version were checked by the dispatcher.
 
 use axum::http::StatusCode;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use chrono::{DateTime, Duration as ChronoDuration, TimeZone, Utc};
@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::state::{digest, Emulator, Inner, PatRecord, PatState};
-use super::wire::{self, member, ApiVersion, PatTokenJson, PatTokenResultJson, Query};
+use super::wire::{self, member, ApiVersion, BadRequest, PatTokenJson, PatTokenResultJson, Query};
 use super::LifespanMode;
 use crate::domain::Scope;
 
@@ -111,32 +111,32 @@ struct Body {
     all_orgs: Option<bool>,
 }
 
-fn read_body(raw: &[u8]) -> Result<Option<Body>, Response> {
+fn read_body(raw: &[u8]) -> Result<Option<Body>, BadRequest> {
     if raw.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
-    let value: Value = serde_json::from_slice(raw).map_err(|_| wire::json_reader_error())?;
+    let value: Value = serde_json::from_slice(raw).map_err(|_| BadRequest::JsonReader)?;
     if value.is_null() {
         return Ok(None);
     }
     if !value.is_object() {
-        return Err(wire::json_reader_error());
+        return Err(BadRequest::JsonReader);
     }
-    let string = |name: &str| -> Result<Option<String>, Response> {
+    let string = |name: &str| -> Result<Option<String>, BadRequest> {
         match member(&value, name) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(_) => Err(wire::json_reader_error()),
+            Some(_) => Err(BadRequest::JsonReader),
         }
     };
     let valid_to = match string("validTo")? {
         None => None,
-        Some(s) => Some(wire::parse_datetime(&s).ok_or_else(wire::json_reader_error)?),
+        Some(s) => Some(wire::parse_datetime(&s).ok_or(BadRequest::JsonReader)?),
     };
     let all_orgs = match member(&value, "allOrgs") {
         None => None,
         Some(Value::Bool(b)) => Some(*b),
-        Some(_) => return Err(wire::json_reader_error()),
+        Some(_) => return Err(BadRequest::JsonReader),
     };
     Ok(Some(Body {
         authorization_id: member(&value, "authorizationId").cloned(),
@@ -234,12 +234,28 @@ fn check_full_scope(emu: &Emulator, scope: &str) -> Result<(), (&'static str, &'
     Ok(())
 }
 
+/// "Restrict PAT creation" (section 4.2 [V] DOC-POLICIES; the value
+/// `disablePatCreationPolicyViolation` is [I]).
+fn check_creation(emu: &Emulator, scope: &str) -> Result<(), (&'static str, &'static str)> {
+    if !emu.config.restrict_creation {
+        return Ok(());
+    }
+    let packaging_only = scope.split(' ').all(|s| s.starts_with("vso.packaging"));
+    if emu.config.allow_packaging_only && packaging_only {
+        return Ok(());
+    }
+    Err((
+        "disablePatCreationPolicyViolation",
+        "Your organization's policy restricts the creation of personal access tokens.",
+    ))
+}
+
 /// `POST` (CreatePat).
 pub(crate) fn create(emu: &Emulator, org: &str, v: ApiVersion, raw: &[u8]) -> Response {
     let body = match read_body(raw) {
         Ok(Some(b)) => b,
         Ok(None) => return body_required("patTokenCreateRequest"),
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let display_name = body.display_name.unwrap_or_default();
     if display_name.trim().is_empty() {
@@ -258,6 +274,9 @@ pub(crate) fn create(emu: &Emulator, org: &str, v: ApiVersion, raw: &[u8]) -> Re
         }
     }
     if let Err((e, m)) = check_full_scope(emu, &scope) {
+        return refused(v, e, m);
+    }
+    if let Err((e, m)) = check_creation(emu, &scope) {
         return refused(v, e, m);
     }
     let mut inner = emu.lock();
@@ -347,30 +366,27 @@ enum SortBy {
 
 fn parse_enum<T: Copy>(
     q: &Query,
-    name: &str,
+    name: &'static str,
     values: &[(&str, T)],
     default: T,
-) -> Result<T, Response> {
+) -> Result<T, BadRequest> {
     match q.get(name) {
         None | Some("") => Ok(default),
         Some(raw) => values
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(raw.trim()))
             .map(|(_, t)| *t)
-            .ok_or_else(|| wire::invalid_argument(name, &format!("'{raw}' is not a valid value"))),
+            .ok_or_else(|| BadRequest::InvalidArgument {
+                name,
+                detail: format!("'{raw}' is not a valid value"),
+            }),
     }
 }
 
 /// `GET` without `authorizationId` (ListPats). Defaults when a parameter
 /// is absent are [U] (section 1.2); chosen [I]: active, displayDate
 /// (= creation time), ascending, 100 per page.
-pub(crate) fn list(
-    emu: &Emulator,
-    org: &str,
-    v: ApiVersion,
-    q: &Query,
-    repeat_page: bool,
-) -> Response {
+pub(crate) fn list(emu: &Emulator, org: &str, q: &Query, repeat_page: bool) -> Response {
     let filter = match parse_enum(
         q,
         "displayFilterOption",
@@ -383,7 +399,7 @@ pub(crate) fn list(
         Filter::Active,
     ) {
         Ok(f) => f,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let sort = match parse_enum(
         q,
@@ -396,7 +412,7 @@ pub(crate) fn list(
         SortBy::DisplayDate,
     ) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let ascending = match q.get("isSortAscending").map(str::trim) {
         None | Some("") => true,
@@ -435,18 +451,20 @@ pub(crate) fn list(
     };
     let inner = emu.lock();
     let now = inner.now();
-    let mut rows: Vec<&PatRecord> = inner
+    // Creation order breaks ties (validFrom has 1/300 s precision).
+    let mut rows: Vec<(usize, &PatRecord)> = inner
         .pats
         .iter()
-        .filter(|p| p.organization == org)
-        .filter(|p| match filter {
+        .enumerate()
+        .filter(|(_, p)| p.organization == org)
+        .filter(|(_, p)| match filter {
             Filter::All => true,
             Filter::Active => p.state(now) == PatState::Active,
             Filter::Revoked => p.state(now) == PatState::Revoked,
             Filter::Expired => p.state(now) == PatState::Expired,
         })
         .collect();
-    rows.sort_by(|a, b| {
+    rows.sort_by(|(ai, a), (bi, b)| {
         let primary = match sort {
             SortBy::DisplayName => a
                 .display_name
@@ -460,8 +478,9 @@ pub(crate) fn list(
         } else {
             primary.reverse()
         };
-        primary.then(a.authorization_id.cmp(&b.authorization_id))
+        primary.then(ai.cmp(bi))
     });
+    let rows: Vec<&PatRecord> = rows.into_iter().map(|(_, p)| p).collect();
     let start = match after {
         None => 0,
         // Resume after the last PAT of the previous page; PATs are never
@@ -487,7 +506,6 @@ pub(crate) fn list(
         // The last page carries "" (section 1.7 [V]).
         String::new()
     };
-    let _ = v;
     wire::json_ok(&wire::PagedPatTokensJson {
         continuation_token,
         pat_tokens: page,
@@ -516,7 +534,7 @@ pub(crate) fn update(emu: &Emulator, org: &str, v: ApiVersion, raw: &[u8]) -> Re
     let body = match read_body(raw) {
         Ok(Some(b)) => b,
         Ok(None) => return body_required("patTokenUpdateRequest"),
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let id = match &body.authorization_id {
         Some(Value::String(s)) => match Uuid::parse_str(s.trim()) {
@@ -594,10 +612,8 @@ pub(crate) fn update(emu: &Emulator, org: &str, v: ApiVersion, raw: &[u8]) -> Re
     succeeded(v, json)
 }
 
-/// `DELETE ?authorizationId=` (RevokePat): 204 with `{}` as in the
-/// example (section 1.9 [V]; hyper sends no body with a 204, so the
-/// client sees an empty one). Revoking a revoked or expired PAT succeeds
-/// again ([I]).
+/// `DELETE ?authorizationId=` (RevokePat): 204 as in the example
+/// (section 1.9 [V]). Revoking a revoked or expired PAT succeeds again ([I]).
 pub(crate) fn revoke(emu: &Emulator, org: &str, v: ApiVersion, id: Option<&str>) -> Response {
     let Some(id) = parse_id(id) else {
         return invalid_id(v);
@@ -618,7 +634,16 @@ pub(crate) fn revoke(emu: &Emulator, org: &str, v: ApiVersion, id: Option<&str>)
         return not_found(v);
     }
     tracing::info!(organization = org, authorization_id = %id, "emulator revoked a PAT");
-    wire::json_status(StatusCode::NO_CONTENT, &serde_json::json!({}))
+    // HTTP forbids a body on 204, so `{}` cannot travel; the answer is
+    // empty, which a client reading "204 `{}`" must take as the same thing.
+    (
+        StatusCode::NO_CONTENT,
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/json; charset=utf-8",
+        )],
+    )
+        .into_response()
 }
 
 /// Start of the day global PATs stop working.

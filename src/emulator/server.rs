@@ -143,7 +143,7 @@ async fn dispatch(State(emu): State<Emulator>, req: Request) -> Response {
     }
 
     let repeat_page = fault.as_ref().is_some_and(|f| f.repeat_page);
-    let answer = match route {
+    let mut answer = match route {
         Route::Token { tenant } => entra::token(&emu, &tenant, &headers, &body),
         Route::Data { org, resource } => dataplane::serve(&emu, &org, resource, &headers),
         Route::Pats { org } => pat_api(
@@ -168,6 +168,9 @@ async fn dispatch(State(emu): State<Emulator>, req: Request) -> Response {
                 return fault_answer(f, kill).await;
             }
         }
+    }
+    if let Some(f) = &fault {
+        f.decorate(&mut answer);
     }
     answer
 }
@@ -199,7 +202,7 @@ fn pat_api(
     match op {
         Operation::Create => pats::create(emu, org, v, body),
         Operation::Get => pats::get(emu, org, v, query.get("authorizationId").unwrap_or("")),
-        Operation::List => pats::list(emu, org, v, query, repeat_page),
+        Operation::List => pats::list(emu, org, query, repeat_page),
         Operation::Update => pats::update(emu, org, v, body),
         Operation::Revoke => pats::revoke(emu, org, v, query.get("authorizationId")),
         _ => wire::method_not_allowed(),

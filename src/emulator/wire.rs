@@ -146,6 +146,26 @@ pub(crate) fn json_reader_error() -> Response {
     )
 }
 
+/// A request answered with a 400 envelope.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BadRequest {
+    /// The body is not JSON of the expected shape (Newtonsoft's reader).
+    #[error("the request body cannot be read")]
+    JsonReader,
+    /// A query parameter has a value the service does not accept.
+    #[error("parameter {name}: {detail}")]
+    InvalidArgument { name: &'static str, detail: String },
+}
+
+impl IntoResponse for BadRequest {
+    fn into_response(self) -> Response {
+        match self {
+            BadRequest::JsonReader => json_reader_error(),
+            BadRequest::InvalidArgument { name, detail } => invalid_argument(name, &detail),
+        }
+    }
+}
+
 /// 400 for a bad query parameter. The type name is [I]: no public capture.
 pub(crate) fn invalid_argument(name: &str, detail: &str) -> Response {
     envelope(

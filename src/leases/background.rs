@@ -1,13 +1,21 @@
 //! Background work: the reaper (ACTIVE leases past expire_time → REVOKING →
-//! upstream revoke → EXPIRED) and the revocation queue (REVOKING and
-//! REVOKE_FAILED rows whose next_attempt_time is due). Work is taken by
+//! upstream revoke → EXPIRED), the revocation queue (REVOKING and
+//! REVOKE_FAILED rows whose next_attempt_time is due) and a minimal
+//! reconciler (PENDING rows older than [`RECONCILE_AFTER`] → their PAT, if
+//! any, revoked → FAILED; issue 6 adds the orphan sweep). Work is taken by
 //! committed claims (`Store::claim_due`), so several replicas share it
 //! without doing anything twice; no transaction spans an upstream call.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use super::support::{begin_revocation, finish_revocation, now, BACKGROUND_ACTOR};
+use super::support::{
+    audit_best_effort, begin_revocation, finish_revocation, lease_event, now,
+    revoke_by_display_name, BACKGROUND_ACTOR,
+};
 use super::{LeaseDeps, LeaseError};
+use crate::audit::Outcome;
+use crate::domain::LeaseState;
 use crate::store::{LeaseRecord, Work};
 
 /// Leases taken per claim.
@@ -16,43 +24,70 @@ const BATCH: u32 = 100;
 /// Expiry claims per pass (the rest waits for the next tick).
 const MAX_EXPIRY_ROUNDS: usize = 10;
 
+/// How old a PENDING lease must be before the reconciler resolves it: well
+/// past the longest an upstream create can be in flight (the client's
+/// request timeout, 30 s by default, and no retries for create). Issue 6
+/// makes it configurable.
+pub(super) const RECONCILE_AFTER: Duration = Duration::from_secs(120);
+
 /// How long a claim lasts: long enough for a batch of upstream calls, short
 /// enough that a dead replica's work moves on soon.
 fn claim_for(deps: &LeaseDeps) -> Duration {
     (deps.settings.reaper_interval * 4).max(Duration::from_secs(60))
 }
 
-/// Runs [`run_once`] every `reaper_interval` until `shutdown` resolves.
+/// Runs a pass every `reaper_interval` until `shutdown` resolves. A pass
+/// under way when it does stops taking new leases, releases the claims it
+/// has not started on, and finishes the one in hand (graceful shutdown,
+/// DESIGN.md section 10).
 pub(super) async fn run(deps: &LeaseDeps, shutdown: impl std::future::Future<Output = ()> + Send) {
     let mut tick =
         tokio::time::interval(deps.settings.reaper_interval.max(Duration::from_millis(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let stop = AtomicBool::new(false);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            _ = tick.tick() => {
-                // The pass itself also stops at shutdown; unfinished claims lapse.
-                tokio::select! {
-                    _ = &mut shutdown => break,
-                    result = run_once(deps) => {
-                        if let Err(e) = result {
-                            tracing::warn!(error = %e, "background pass failed");
-                        }
-                    }
-                }
-            }
+            _ = tick.tick() => {}
         }
+        let pass = pass(deps, &stop);
+        tokio::pin!(pass);
+        let result = tokio::select! {
+            result = &mut pass => result,
+            _ = &mut shutdown => {
+                stop.store(true, Ordering::Relaxed);
+                let result = pass.await;
+                report(result);
+                break;
+            }
+        };
+        report(result);
     }
     tracing::info!("background work stopped");
 }
 
-/// One pass: expire every due ACTIVE lease, then retry every due
-/// revocation. Returns how many leases reached REVOKED or EXPIRED.
+fn report(result: Result<usize, LeaseError>) {
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "background pass failed");
+    }
+}
+
+/// One pass to the end (see [`pass`]).
 pub(super) async fn run_once(deps: &LeaseDeps) -> Result<usize, LeaseError> {
+    pass(deps, &AtomicBool::new(false)).await
+}
+
+/// One pass: expire every due ACTIVE lease, retry due revocations, then
+/// reconcile stale PENDING leases; once `stop` is set, claimed leases are released untouched.
+/// Returns how many leases reached REVOKED or EXPIRED.
+async fn pass(deps: &LeaseDeps, stop: &AtomicBool) -> Result<usize, LeaseError> {
     let mut finished = 0;
     // Bounded rounds, so rows that keep failing cannot spin a pass forever.
     for _ in 0..MAX_EXPIRY_ROUNDS {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(finished);
+        }
         let due = deps
             .store
             .claim_due(
@@ -65,11 +100,18 @@ pub(super) async fn run_once(deps: &LeaseDeps) -> Result<usize, LeaseError> {
             .await?;
         let claimed = due.len();
         for lease in due {
-            finished += expire(deps, lease).await;
+            if stop.load(Ordering::Relaxed) {
+                release(deps, lease.id).await;
+            } else {
+                finished += expire(deps, lease).await;
+            }
         }
         if claimed < BATCH as usize {
             break;
         }
+    }
+    if stop.load(Ordering::Relaxed) {
+        return Ok(finished);
     }
     // One batch of retries per pass: failures are rescheduled into the
     // future, so looping here would only hammer a failing upstream.
@@ -84,9 +126,93 @@ pub(super) async fn run_once(deps: &LeaseDeps) -> Result<usize, LeaseError> {
         )
         .await?;
     for lease in due {
-        finished += retry_revocation(deps, lease).await;
+        if stop.load(Ordering::Relaxed) {
+            release(deps, lease.id).await;
+        } else {
+            finished += retry_revocation(deps, lease).await;
+        }
+    }
+    if stop.load(Ordering::Relaxed) {
+        return Ok(finished);
+    }
+    let due = deps
+        .store
+        .claim_due(
+            Work::Reconcile {
+                older_than: RECONCILE_AFTER,
+            },
+            now(),
+            &deps.settings.replica_id,
+            claim_for(deps),
+            BATCH,
+        )
+        .await?;
+    for lease in due {
+        if stop.load(Ordering::Relaxed) {
+            release(deps, lease.id).await;
+        } else {
+            reconcile(deps, lease).await;
+        }
     }
     Ok(finished)
+}
+
+/// Resolves one claimed PENDING lease whose create is long over (a crash,
+/// or an ambiguous create whose look-up failed): revokes any PAT carrying
+/// its display name, then marks it FAILED (no token was handed out, so a
+/// retry with its request_id mints afresh). On upstream failure the claim is
+/// released and a later pass tries again.
+async fn reconcile(deps: &LeaseDeps, lease: LeaseRecord) {
+    let revoked = match revoke_by_display_name(deps, &lease).await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(lease_id = %lease.id, error = %e, "reconcile failed; will retry");
+            release(deps, lease.id).await;
+            return;
+        }
+    };
+    let now = now();
+    let mut failed = lease.clone();
+    failed.state = LeaseState::Failed;
+    failed.update_time = now;
+    failed.sealed_token = None;
+    failed.claimed_by = None;
+    failed.claimed_until = None;
+    failed.last_error = Some(format!(
+        "reconciled: left PENDING past {} s; {revoked} upstream PAT(s) revoked",
+        RECONCILE_AFTER.as_secs()
+    ));
+    match deps.store.update_lease(&failed, LeaseState::Pending).await {
+        Ok(true) => {
+            let mut event = lease_event(
+                BACKGROUND_ACTOR,
+                None,
+                "lease.reconcile",
+                Outcome::Allowed,
+                &failed,
+                now,
+            );
+            event.reason = Some("PENDING_RECONCILED".to_owned());
+            audit_best_effort(deps, event).await;
+            tracing::info!(lease_id = %lease.id, revoked, "pending lease reconciled to FAILED");
+        }
+        Ok(false) => release(deps, lease.id).await,
+        Err(e) => {
+            tracing::warn!(lease_id = %lease.id, error = %e, "could not mark reconciled lease FAILED");
+            release(deps, lease.id).await;
+        }
+    }
+}
+
+/// Gives a claimed lease back, best effort (an unreleased claim lapses).
+async fn release(deps: &LeaseDeps, id: crate::domain::LeaseId) {
+    if let Err(e) = deps
+        .store
+        .release_claim(id, &deps.settings.replica_id)
+        .await
+    {
+        tracing::warn!(lease_id = %id, error = %e, "could not release claim");
+    }
 }
 
 /// Expires one claimed ACTIVE lease; 1 if it reached EXPIRED.
@@ -128,13 +254,7 @@ async fn settle(
             if let Err(e) = &result {
                 tracing::warn!(lease_id = %id, error = %e, "background revocation failed");
             }
-            if let Err(e) = deps
-                .store
-                .release_claim(id, &deps.settings.replica_id)
-                .await
-            {
-                tracing::warn!(lease_id = %id, error = %e, "could not release claim");
-            }
+            release(deps, id).await;
             0
         }
     }

@@ -4,10 +4,10 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sha2::{Digest, Sha256};
 
 use super::support::{
-    audit_best_effort, caller_event, chrono_duration, now, open_token, token_aad,
+    audit_best_effort, caller_event, chrono_duration, now, open_token, revoke_by_display_name,
+    token_aad, upstream_time,
 };
 use super::{CreateLease, IssuedLease, LeaseDeps, LeaseError};
 use crate::audit::{AuditEvent, Outcome};
@@ -15,7 +15,7 @@ use crate::auth::Caller;
 use crate::domain::{LeaseId, LeaseState};
 use crate::policy::Decision;
 use crate::store::{CreateOutcome, IdempotencyRecord, LeaseRecord};
-use crate::upstream::{CreatePat, DisplayFilter, ListPats, UpstreamError};
+use crate::upstream::{CreatePat, UpstreamError};
 
 /// How long a retry waits for an earlier attempt with the same request_id
 /// to leave PENDING before answering `InProgress` (UNAVAILABLE + RetryInfo).
@@ -26,23 +26,6 @@ const PENDING_POLL: Duration = Duration::from_millis(100);
 
 const ACTION: &str = "lease.create";
 
-/// Hex SHA-256 over the normalized request parameters: organization (lower
-/// case), sorted scopes, and the TTL as asked (`default` when unset, so a
-/// later policy change of the default does not make a retry "different").
-pub(super) fn request_fingerprint(req: &CreateLease) -> String {
-    let ttl = match req.ttl {
-        Some(ttl) => format!("{}.{:09}s", ttl.as_secs(), ttl.subsec_nanos()),
-        None => "default".to_owned(),
-    };
-    let normalized = format!(
-        "v1\norganization={}\nscopes={}\nttl={}",
-        req.organization,
-        req.scopes.to_upstream(),
-        ttl
-    );
-    hex::encode(Sha256::digest(normalized.as_bytes()))
-}
-
 /// See [`super::Leases::create`].
 pub(super) async fn create(
     deps: &LeaseDeps,
@@ -50,56 +33,31 @@ pub(super) async fn create(
     req: CreateLease,
 ) -> Result<IssuedLease, LeaseError> {
     let now = now();
-    let (rule, ttl, max_ttl) = match deps.policy.decide(
-        &caller.identity,
-        &req.organization,
-        &req.scopes,
-        req.ttl,
-    ) {
-        Decision::Allow { rule, ttl, max_ttl } => (rule, ttl, max_ttl),
+    let grant = match deps
+        .policy
+        .decide(&caller.identity, &req.organization, &req.scopes, req.ttl)
+    {
+        Decision::Allow { rule, ttl, max_ttl } => Grant { rule, ttl, max_ttl },
         Decision::Deny { denial, rule } => {
-            let event = AuditEvent {
-                id: 0,
-                time: now,
-                identity: caller.identity.to_string(),
-                peer: caller.peer.clone(),
-                action: ACTION.to_owned(),
-                outcome: Outcome::Denied,
-                reason: Some(denial.reason().to_owned()),
-                policy_rule: rule.clone(),
-                lease_id: None,
-                organization: Some(req.organization.to_string()),
-                scopes: Some(req.scopes.to_upstream()),
-                token_fingerprint: None,
-            };
+            let event = denied_event(caller, &req, denial.reason(), rule.clone(), None);
             audit_best_effort(deps, event).await;
             tracing::info!(identity = %caller.identity, reason = denial.reason(), "lease create denied by policy");
             return Err(LeaseError::Denied { denial, rule });
         }
     };
 
-    let fingerprint = request_fingerprint(&req);
+    let fingerprint = req.fingerprint();
     if let Some(request_id) = req.request_id {
         if let Some(existing) = deps
             .store
             .get_idempotency(&caller.identity, request_id)
             .await?
         {
-            return replay(
-                deps,
-                caller,
-                &req,
-                &rule,
-                ttl,
-                max_ttl,
-                existing,
-                &fingerprint,
-            )
-            .await;
+            return replay(deps, caller, &req, &grant, existing, &fingerprint).await;
         }
     }
 
-    let lease = new_pending(deps, caller, &req, ttl, max_ttl, now);
+    let lease = new_pending(deps, caller, &req, &grant, now);
     let key = req.request_id.map(|request_id| IdempotencyRecord {
         holder: caller.identity.clone(),
         request_id,
@@ -108,22 +66,46 @@ pub(super) async fn create(
         create_time: now,
     });
     match deps.store.create_lease(&lease, key.as_ref()).await? {
-        CreateOutcome::Created => mint(deps, caller, lease, &rule).await,
+        CreateOutcome::Created => mint(deps, caller, lease, &grant.rule).await,
         // A concurrent request with the same key won the insert.
         CreateOutcome::Existing(existing) => {
-            replay(
-                deps,
-                caller,
-                &req,
-                &rule,
-                ttl,
-                max_ttl,
-                existing,
-                &fingerprint,
-            )
-            .await
+            replay(deps, caller, &req, &grant, existing, &fingerprint).await
         }
     }
+}
+
+/// The audit event of a refused CreateLease (no lease was made for it).
+fn denied_event(
+    caller: &Caller,
+    req: &CreateLease,
+    reason: &str,
+    rule: Option<String>,
+    lease_id: Option<LeaseId>,
+) -> AuditEvent {
+    AuditEvent {
+        id: 0,
+        time: now(),
+        identity: caller.identity.to_string(),
+        peer: caller.peer.clone(),
+        action: ACTION.to_owned(),
+        outcome: Outcome::Denied,
+        reason: Some(reason.to_owned()),
+        policy_rule: rule,
+        lease_id,
+        organization: Some(req.organization.to_string()),
+        scopes: Some(req.scopes.to_upstream()),
+        token_fingerprint: None,
+    }
+}
+
+/// What policy allowed for a request.
+struct Grant {
+    /// The deciding rule's name.
+    rule: String,
+    /// The lease's TTL (asked for, or the rule's default).
+    ttl: Duration,
+    /// The rule's max TTL: create_time + max_ttl is max_expire_time.
+    max_ttl: Duration,
 }
 
 /// A fresh PENDING lease row (nothing written yet).
@@ -131,8 +113,7 @@ fn new_pending(
     deps: &LeaseDeps,
     caller: &Caller,
     req: &CreateLease,
-    ttl: Duration,
-    max_ttl: Duration,
+    grant: &Grant,
     now: DateTime<Utc>,
 ) -> LeaseRecord {
     let id = LeaseId::new();
@@ -151,8 +132,8 @@ fn new_pending(
         state: LeaseState::Pending,
         create_time: now,
         update_time: now,
-        expire_time: now + chrono_duration(ttl),
-        max_expire_time: now + chrono_duration(max_ttl.max(ttl)),
+        expire_time: now + chrono_duration(grant.ttl),
+        max_expire_time: now + chrono_duration(grant.max_ttl.max(grant.ttl)),
         revoke_time: None,
         upstream_valid_to: None,
         attempts: 0,
@@ -166,32 +147,22 @@ fn new_pending(
 /// Answers a request whose (holder, request_id) key exists: same
 /// parameters → that lease with its token (waiting while it is PENDING;
 /// minting afresh if it FAILED); other parameters → `RequestIdReused`.
-#[allow(clippy::too_many_arguments)]
 async fn replay(
     deps: &LeaseDeps,
     caller: &Caller,
     req: &CreateLease,
-    rule: &str,
-    ttl: Duration,
-    max_ttl: Duration,
+    grant: &Grant,
     mut key: IdempotencyRecord,
     fingerprint: &str,
 ) -> Result<IssuedLease, LeaseError> {
     if key.fingerprint != fingerprint {
-        let event = AuditEvent {
-            id: 0,
-            time: now(),
-            identity: caller.identity.to_string(),
-            peer: caller.peer.clone(),
-            action: ACTION.to_owned(),
-            outcome: Outcome::Denied,
-            reason: Some("REQUEST_ID_REUSED".to_owned()),
-            policy_rule: Some(rule.to_owned()),
-            lease_id: Some(key.lease_id),
-            organization: Some(req.organization.to_string()),
-            scopes: Some(req.scopes.to_upstream()),
-            token_fingerprint: None,
-        };
+        let event = denied_event(
+            caller,
+            req,
+            "REQUEST_ID_REUSED",
+            Some(grant.rule.clone()),
+            Some(key.lease_id),
+        );
         audit_best_effort(deps, event).await;
         return Err(LeaseError::RequestIdReused);
     }
@@ -213,7 +184,7 @@ async fn replay(
             LeaseState::Failed => {
                 // No token was ever handed out for it: mint afresh under the key.
                 let now = now();
-                let fresh = new_pending(deps, caller, req, ttl, max_ttl, now);
+                let fresh = new_pending(deps, caller, req, grant, now);
                 let new_key = IdempotencyRecord {
                     lease_id: fresh.id,
                     ..key.clone()
@@ -223,7 +194,7 @@ async fn replay(
                     .replace_failed_lease(&fresh, &new_key, lease.id)
                     .await?
                 {
-                    return mint(deps, caller, fresh, rule).await;
+                    return mint(deps, caller, fresh, &grant.rule).await;
                 }
                 // Another retry replaced it first: follow the key again.
                 key = deps
@@ -236,7 +207,7 @@ async fn replay(
                 let token = open_token(deps, &lease)?;
                 let mut event = caller_event(caller, ACTION, Outcome::Allowed, &lease, now());
                 event.reason = Some("REQUEST_ID_REPLAYED".to_owned());
-                event.policy_rule = Some(rule.to_owned());
+                event.policy_rule = Some(grant.rule.clone());
                 event.token_fingerprint = Some(deps.fingerprinter.fingerprint(&token));
                 deps.store.append_audit(&event).await?;
                 return Ok(IssuedLease { lease, token });
@@ -276,17 +247,18 @@ async fn mint(
     // Upstream may clamp validTo (max-lifespan policy, ado-pat-api.md 4.1)
     // and rounds it: the lease must never outlive its PAT.
     let now = now();
-    if pat.valid_to < lease.expire_time {
-        lease.expire_time = pat.valid_to;
+    let valid_to = upstream_time(pat.valid_to);
+    if valid_to < lease.expire_time {
+        lease.expire_time = valid_to;
     }
-    if pat.valid_to + chrono::Duration::seconds(1) < wanted_valid_to {
-        lease.max_expire_time = lease.max_expire_time.min(pat.valid_to);
-        tracing::info!(lease_id = %lease.id, valid_to = %pat.valid_to, "upstream clamped validTo; lease shortened");
+    if valid_to + chrono::Duration::seconds(1) < wanted_valid_to {
+        lease.max_expire_time = lease.max_expire_time.min(valid_to);
+        tracing::info!(lease_id = %lease.id, valid_to = %valid_to, "upstream clamped validTo; lease shortened");
     }
     lease.max_expire_time = lease.max_expire_time.max(lease.expire_time);
     lease.authorization_id = Some(pat.authorization_id);
     lease.sealed_token = Some(deps.keyring.seal(&token, &token_aad(lease.id)));
-    lease.upstream_valid_to = Some(pat.valid_to);
+    lease.upstream_valid_to = Some(valid_to);
     lease.state = LeaseState::Active;
     lease.update_time = now;
 
@@ -356,7 +328,7 @@ async fn abandon_minted(deps: &LeaseDeps, lease: &LeaseRecord) {
 /// it revokes it and marks the lease FAILED; the caller gets the error
 /// (UNAVAILABLE + RetryInfo for 5xx/timeouts) and may retry with the same
 /// request_id, which mints afresh. If the look-up itself fails the lease
-/// stays PENDING for the reconciler (issue 6).
+/// stays PENDING for the reconciler (`background`).
 async fn upstream_create_failed(
     deps: &LeaseDeps,
     caller: &Caller,
@@ -372,32 +344,9 @@ async fn upstream_create_failed(
         return fail(deps, caller, lease, rule, error).await;
     }
     tracing::warn!(lease_id = %lease.id, error = %error, "upstream create failed ambiguously; looking for the PAT");
-    let query = ListPats {
-        display_filter: Some(DisplayFilter::Active),
-        top: Some(100),
-    };
-    let found = match deps.upstream.list(&lease.organization, &query).await {
-        Ok(pats) => pats,
-        Err(e) => {
-            tracing::warn!(lease_id = %lease.id, error = %e, "upstream list failed; lease left PENDING for reconciliation");
-            return error.into();
-        }
-    };
-    for pat in found
-        .iter()
-        .filter(|p| p.display_name == lease.display_name)
-    {
-        if let Err(e) = deps
-            .upstream
-            .revoke(&lease.organization, pat.authorization_id)
-            .await
-        {
-            if !e.is_not_found() {
-                tracing::warn!(lease_id = %lease.id, error = %e, "could not revoke the PAT of a failed create; lease left PENDING");
-                return error.into();
-            }
-        }
-        tracing::info!(lease_id = %lease.id, authorization_id = %pat.authorization_id, "revoked the PAT of an ambiguous create");
+    if let Err(e) = revoke_by_display_name(deps, &lease).await {
+        tracing::warn!(lease_id = %lease.id, error = %e, "could not clear upstream after a failed create; lease left PENDING for the reconciler");
+        return error.into();
     }
     fail(deps, caller, lease, rule, error).await
 }
@@ -442,22 +391,22 @@ mod tests {
 
     #[test]
     fn a_retry_with_the_same_parameters_in_another_order_has_the_same_fingerprint() {
-        let a = request_fingerprint(&req("Fabrikam", &["vso.code", "vso.packaging"], Some(60)));
-        let b = request_fingerprint(&req("fabrikam", &["vso.packaging", "vso.code"], Some(60)));
+        let a = req("Fabrikam", &["vso.code", "vso.packaging"], Some(60)).fingerprint();
+        let b = req("fabrikam", &["vso.packaging", "vso.code"], Some(60)).fingerprint();
         assert_eq!(a, b);
         assert_eq!(a.len(), 64);
     }
 
     #[test]
     fn other_parameters_give_another_fingerprint() {
-        let base = request_fingerprint(&req("fabrikam", &["vso.code"], Some(60)));
+        let base = req("fabrikam", &["vso.code"], Some(60)).fingerprint();
         for other in [
             req("contoso", &["vso.code"], Some(60)),
             req("fabrikam", &["vso.code_write"], Some(60)),
             req("fabrikam", &["vso.code"], Some(61)),
             req("fabrikam", &["vso.code"], None),
         ] {
-            assert_ne!(base, request_fingerprint(&other));
+            assert_ne!(base, other.fingerprint());
         }
     }
 }

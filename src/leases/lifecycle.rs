@@ -102,23 +102,23 @@ pub(super) async fn renew(
     if lease.expire_time >= lease.max_expire_time {
         return Err(LeaseError::NotRenewable(lease.state));
     }
-    // Renewal is a decision too: the policy must still grant this lease, and
-    // an explicit increment must be within its max TTL.
-    let increment = match deps.policy.decide(
-        &caller.identity,
-        &lease.organization,
-        &lease.scopes,
-        increment,
-    ) {
-        Decision::Allow { ttl, .. } => ttl,
-        Decision::Deny { denial, rule } => {
-            let mut event = caller_event(caller, ACTION, Outcome::Denied, &lease, now);
-            event.reason = Some(denial.reason().to_owned());
-            event.policy_rule = rule.clone();
-            audit_best_effort(deps, event).await;
-            return Err(LeaseError::Denied { denial, rule });
-        }
-    };
+    // Renewal is a decision too: the policy must still grant this lease
+    // (its default TTL is the increment when none is given). An increment
+    // past the rule's max TTL is not refused: max_expire_time caps it.
+    let increment =
+        match deps
+            .policy
+            .decide(&caller.identity, &lease.organization, &lease.scopes, None)
+        {
+            Decision::Allow { ttl, .. } => increment.unwrap_or(ttl),
+            Decision::Deny { denial, rule } => {
+                let mut event = caller_event(caller, ACTION, Outcome::Denied, &lease, now);
+                event.reason = Some(denial.reason().to_owned());
+                event.policy_rule = rule.clone();
+                audit_best_effort(deps, event).await;
+                return Err(LeaseError::Denied { denial, rule });
+            }
+        };
     let Some(authorization_id) = lease.authorization_id else {
         return Err(LeaseError::Internal(format!(
             "ACTIVE lease {id} has no authorizationId"
@@ -127,6 +127,11 @@ pub(super) async fn renew(
 
     let mut next = lease.clone();
     next.expire_time = (now + chrono_duration(increment)).min(lease.max_expire_time);
+    // Fail closed: the grant is audited before it takes effect (with the
+    // asked-for expiry; upstream may shorten it), or it does not happen.
+    let mut event = caller_event(caller, ACTION, Outcome::Allowed, &next, now);
+    event.token_fingerprint = lease_token_fingerprint(deps, &next);
+    deps.store.append_audit(&event).await?;
     let skew = chrono_duration(deps.settings.valid_to_skew);
     let wanted_valid_to = next.expire_time + skew;
     let update = UpdatePat {
@@ -147,23 +152,21 @@ pub(super) async fn renew(
     };
     // Upstream clamps an update to creation + max lifespan (ado-pat-api.md
     // 1.3): the lease must never outlive its PAT.
-    if pat.valid_to < next.expire_time {
-        next.expire_time = pat.valid_to;
+    let valid_to = super::support::upstream_time(pat.valid_to);
+    if valid_to < next.expire_time {
+        next.expire_time = valid_to;
     }
-    if pat.valid_to + chrono::Duration::seconds(1) < wanted_valid_to {
-        next.max_expire_time = next.max_expire_time.min(pat.valid_to);
+    if valid_to + chrono::Duration::seconds(1) < wanted_valid_to {
+        next.max_expire_time = next.max_expire_time.min(valid_to);
     }
     next.max_expire_time = next.max_expire_time.max(next.expire_time);
-    next.upstream_valid_to = Some(pat.valid_to);
+    next.upstream_valid_to = Some(valid_to);
     next.update_time = super::support::now();
     if !deps.store.update_lease(&next, LeaseState::Active).await? {
         // Revoked or expired meanwhile; the revocation removes the PAT.
         let current = get_owned(deps, caller, id).await?;
         return Err(LeaseError::NotRenewable(current.state));
     }
-    let mut event = caller_event(caller, ACTION, Outcome::Allowed, &next, now);
-    event.token_fingerprint = lease_token_fingerprint(deps, &next);
-    deps.store.append_audit(&event).await?;
     tracing::info!(lease_id = %id, expire_time = %next.expire_time, "lease renewed");
     Ok(next)
 }

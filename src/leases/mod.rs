@@ -5,7 +5,28 @@
 //! The api layer has already validated input into domain types and
 //! authenticated the caller. Submodules: `issue` (create and request_id
 //! replay), `lifecycle` (get, list, renew, revoke), `background` (the reaper
-//! and revocation retries), `page_token` (opaque list cursors).
+//! and revocation retries), `page_token` (opaque list cursors), `support`.
+//!
+//! Choices worth knowing:
+//! - A request_id replay waits up to 30 s for a PENDING attempt, then
+//!   answers `InProgress` (UNAVAILABLE + RetryInfo); a FAILED attempt is
+//!   replaced by a fresh lease under the same key.
+//! - After a timeout, 5xx or unreadable answer to the upstream create, the
+//!   broker lists upstream for the lease's display name. A PAT found there
+//!   cannot be adopted (its secret is only in the lost create answer), so it
+//!   is revoked and the lease marked FAILED; the caller's retry mints afresh.
+//!   If that look-up fails the lease stays PENDING for the reconciler.
+//! - Times are kept at microseconds (what both stores hold); upstream's
+//!   `validTo` is rounded down to them, and a clamped `validTo` shortens
+//!   `expire_time` and `max_expire_time`.
+//! - `revoke_time` is set when revocation begins (REVOKING); the final state
+//!   is EXPIRED if that was at or after `expire_time`, else REVOKED.
+//! - A REVOKING row carries `next_attempt_time` 60 s ahead while the caller's
+//!   own attempt runs, so background work only takes it over if that task
+//!   died; failed attempts back off (jittered, 5 s doubling to 10 min) and
+//!   after 10 the lease is REVOKE_FAILED, retried hourly.
+//! - Page tokens carry a keyed MAC (the audit fingerprint key, domain
+//!   separated) over the cursor, the holder and the filter.
 
 use std::time::Duration;
 
@@ -28,7 +49,30 @@ pub struct CreateLease {
     pub request_id: Option<Uuid>,
 }
 
-/// A freshly issued (or replayed) lease and its PAT.
+impl CreateLease {
+    /// The request fingerprint kept with its request_id: hex SHA-256 over
+    /// the normalized parameters (lower-case organization, sorted scopes,
+    /// and the TTL as asked, or `default` when unset, so a later change of
+    /// the policy default does not make a retry "different").
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let ttl = match self.ttl {
+            Some(ttl) => format!("{}.{:09}s", ttl.as_secs(), ttl.subsec_nanos()),
+            None => "default".to_owned(),
+        };
+        let normalized = format!(
+            "v1\norganization={}\nscopes={}\nttl={}",
+            self.organization,
+            self.scopes.to_upstream(),
+            ttl
+        );
+        hex::encode(Sha256::digest(normalized.as_bytes()))
+    }
+}
+
+/// A freshly issued (or replayed) lease and its PAT. Debug redacts the
+/// token (`SecretString`).
+#[derive(Debug)]
 pub struct IssuedLease {
     /// The lease.
     pub lease: LeaseRecord,

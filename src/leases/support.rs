@@ -36,6 +36,14 @@ pub(super) fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
 
+/// An upstream time cut down to microseconds, rounding down: upstream
+/// answers with up to 7 fractional digits (ado-pat-api.md 1.6), the stores
+/// keep 6, and rounding down keeps "the lease never outlives its PAT".
+pub(super) fn upstream_time(t: DateTime<Utc>) -> DateTime<Utc> {
+    use chrono::SubsecRound;
+    t.trunc_subsecs(6)
+}
+
 /// `Std` duration to chrono, saturating (TTLs are at most a year).
 pub(super) fn chrono_duration(d: Duration) -> chrono::Duration {
     chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
@@ -237,4 +245,38 @@ pub(super) async fn finish_revocation(
     event.token_fingerprint = lease_token_fingerprint(deps, &next);
     audit_best_effort(deps, event).await;
     Ok(Some(next))
+}
+
+/// Revokes every live upstream PAT in the lease's organization whose
+/// displayName is the lease's (DESIGN.md 5.4: the display name embeds the
+/// lease id, so only this lease's PATs match). Returns how many it revoked;
+/// an error if the list or a revoke failed (some may be left).
+pub(super) async fn revoke_by_display_name(
+    deps: &LeaseDeps,
+    lease: &LeaseRecord,
+) -> Result<usize, crate::upstream::UpstreamError> {
+    use crate::upstream::{DisplayFilter, ListPats};
+    let query = ListPats {
+        display_filter: Some(DisplayFilter::Active),
+        top: Some(100),
+    };
+    let found = deps.upstream.list(&lease.organization, &query).await?;
+    let mut revoked = 0;
+    for pat in found
+        .iter()
+        .filter(|p| p.display_name == lease.display_name)
+    {
+        match deps
+            .upstream
+            .revoke(&lease.organization, pat.authorization_id)
+            .await
+        {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e),
+        }
+        revoked += 1;
+        tracing::info!(lease_id = %lease.id, authorization_id = %pat.authorization_id, "revoked a PAT no lease holds");
+    }
+    Ok(revoked)
 }

@@ -4,7 +4,8 @@
 //!
 //! Rules: runtime `sqlx::query` only (no compile-time macros); `now` is
 //! always bound from the application, never the database's clock; a call
-//! either writes everything it names or nothing.
+//! either writes everything it names or nothing. Times are kept to the
+//! microsecond (finer parts are truncated on write) and read back in UTC.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -248,7 +249,10 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
 
     /// Inserts `lease` and, if given, its idempotency key, atomically. If the
-    /// key (holder, request_id) exists, writes nothing and returns it.
+    /// key (holder, request_id) exists, writes nothing and returns it; of
+    /// concurrent creators with one key exactly one gets `Created`. A
+    /// duplicate lease id or `display_name` is a `Database` error, and
+    /// nothing is written.
     async fn create_lease(
         &self,
         lease: &LeaseRecord,
@@ -277,7 +281,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<LeaseRecord>, StoreError>;
 
     /// Writes every mutable field of `lease` if its stored state is still
-    /// `expected` (compare-and-set). Returns false if the state had moved.
+    /// `expected` (compare-and-set). Returns false if the state had moved
+    /// (or the lease does not exist). Immutable fields (id, holder,
+    /// organization, scopes, display_name, create_time) are not written.
     async fn update_lease(
         &self,
         lease: &LeaseRecord,
@@ -294,7 +300,9 @@ pub trait Store: Send + Sync + 'static {
     /// Claims up to `limit` leases due for `work`, not claimed by anyone
     /// else (or whose claim lapsed), setting `claimed_by = claimer` and
     /// `claimed_until = now + claim_for` in a committed transaction.
-    /// PostgreSQL selects with `FOR UPDATE SKIP LOCKED`.
+    /// A claim is live while `claimed_until > now`. Returned in the order
+    /// they fell due (then id). PostgreSQL selects with `FOR UPDATE SKIP
+    /// LOCKED`, so concurrent claimers get disjoint sets.
     async fn claim_due(
         &self,
         work: Work,
@@ -310,7 +318,9 @@ pub trait Store: Send + Sync + 'static {
     /// ACTIVE, PENDING and REVOKING leases held by `holder` (for quotas).
     async fn count_live_leases(&self, holder: &Identity) -> Result<u64, StoreError>;
 
-    /// Appends an audit event; returns its assigned id.
+    /// Appends an audit event; returns its assigned id. Ids increase in
+    /// commit order (appends are serialized), so paging with
+    /// [`Store::list_audit`] never skips a row.
     async fn append_audit(&self, event: &AuditEvent) -> Result<i64, StoreError>;
 
     /// Audit events with id > `after_id`, oldest first, at most `limit`.
@@ -334,4 +344,27 @@ pub trait Store: Send + Sync + 'static {
         sealed: &Sealed,
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreachable_database_errors_are_unavailable_and_the_rest_database() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        for err in [
+            sqlx::Error::Io(refused),
+            sqlx::Error::PoolTimedOut,
+            sqlx::Error::PoolClosed,
+        ] {
+            let mapped = map_sqlx(err);
+            assert!(matches!(mapped, StoreError::Unavailable(_)), "{mapped:?}");
+            assert_eq!(mapped.code(), ErrorCode::Unavailable);
+            assert_eq!(mapped.reason(), "STORE_UNAVAILABLE");
+        }
+        let mapped = map_sqlx(sqlx::Error::RowNotFound);
+        assert!(matches!(mapped, StoreError::Database(_)), "{mapped:?}");
+        assert_eq!(mapped.code(), ErrorCode::Internal);
+    }
 }

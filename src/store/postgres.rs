@@ -21,6 +21,9 @@ use crate::domain::{AuthorizationId, Identity, LeaseId, LeaseState};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
+/// Advisory lock key that serializes audit appends (ASCII "tbaudit1").
+const AUDIT_APPEND_LOCK: i64 = 0x7462_6175_6469_7431;
+
 /// Pool settings for [`PostgresStore::connect_with`].
 #[derive(Clone, Debug)]
 pub struct PostgresOptions {
@@ -42,9 +45,19 @@ impl Default for PostgresOptions {
 }
 
 /// PostgreSQL-backed [`super::Store`].
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+}
+
+// Written by hand so connection settings (which may hold a password)
+// never reach a log.
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("connections", &self.pool.size())
+            .finish_non_exhaustive()
+    }
 }
 
 impl PostgresStore {
@@ -461,7 +474,16 @@ impl Store for PostgresStore {
     }
 
     async fn append_audit(&self, event: &AuditEvent) -> Result<i64, StoreError> {
-        sqlx::query_scalar(
+        // Appends are serialized across replicas, so ids are assigned in
+        // commit order and a reader paging with `after_id` never skips a
+        // row that commits late.
+        let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(AUDIT_APPEND_LOCK)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_sqlx)?;
+        let id = sqlx::query_scalar(
             "INSERT INTO audit_events (time, identity, peer, action, outcome, reason, policy_rule, \
              lease_id, organization, scopes, token_fingerprint) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id",
@@ -477,9 +499,11 @@ impl Store for PostgresStore {
         .bind(&event.organization)
         .bind(&event.scopes)
         .bind(&event.token_fingerprint)
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *tx)
         .await
-        .map_err(map_sqlx)
+        .map_err(map_sqlx)?;
+        tx.commit().await.map_err(map_sqlx)?;
+        Ok(id)
     }
 
     async fn list_audit(&self, after_id: i64, limit: u32) -> Result<Vec<AuditEvent>, StoreError> {

@@ -34,9 +34,19 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// SQLite-backed [`super::Store`].
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+}
+
+// Written by hand so connection settings (which may hold a password)
+// never reach a log.
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("connections", &self.pool.size())
+            .finish_non_exhaustive()
+    }
 }
 
 impl SqliteStore {

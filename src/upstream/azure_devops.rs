@@ -9,12 +9,12 @@
 //! | answer | result |
 //! |---|---|
 //! | 2xx JSON | success (`patTokenError` != none: [`UpstreamError::Refused`]) |
-//! | 203, 3xx, or an HTML page | [`UpstreamError::Authentication`] (sign-in page, section 2.2) |
-//! | 401 | invalidate the bearer, one retry with a fresh one, then `Authentication` |
+//! | 203, 3xx, or another HTML page | [`UpstreamError::Authentication`] (sign-in page, section 2.2) |
+//! | 401 (any body) | invalidate the bearer, one retry with a fresh one, then `Authentication` |
 //! | 403 | `Authentication` (the credential may not do this) |
 //! | 400 | [`UpstreamError::BadRequest`] (e.g. `JsonReaderException`: a client bug) |
 //! | 429 | wait `Retry-After` (up to `max_retry_after`), else [`UpstreamError::RateLimited`] |
-//! | 5xx, timeout, dropped connection | retried with jittered exponential backoff, except create |
+//! | 5xx (even an HTML gateway page), timeout, dropped connection | retried with jittered exponential backoff, except create |
 //! | anything else | [`UpstreamError::Protocol`] |
 //!
 //! Create is never retried once the request may have reached upstream
@@ -34,6 +34,7 @@ use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYP
 use reqwest::{Method, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tracing::{field, Instrument};
 use url::Url;
@@ -89,6 +90,9 @@ pub struct AzureDevOpsConfig {
     pub page_size: u32,
     /// Most pages one list follows before giving up; default 1000.
     pub max_pages: u32,
+    /// Most requests in flight to upstream at once, over every caller of
+    /// this client; default 16. Others wait their turn.
+    pub max_concurrent_requests: usize,
 }
 
 impl Default for AzureDevOpsConfig {
@@ -105,6 +109,7 @@ impl Default for AzureDevOpsConfig {
             max_retry_after: Duration::from_secs(30),
             page_size: MAX_PAGE_SIZE,
             max_pages: 1000,
+            max_concurrent_requests: 16,
         }
     }
 }
@@ -206,6 +211,8 @@ pub struct AzureDevOpsClient {
     tokens: Arc<dyn TokenSource>,
     /// No request before this instant: the last `Retry-After` seen.
     throttled_until: SyncMutex<Option<Instant>>,
+    /// Bounds the requests in flight (`max_concurrent_requests`).
+    in_flight: Semaphore,
 }
 
 impl fmt::Debug for AzureDevOpsClient {
@@ -244,6 +251,9 @@ impl AzureDevOpsClient {
         if config.max_pages == 0 {
             return Err(invalid("max_pages must be at least 1".into()));
         }
+        if config.max_concurrent_requests == 0 {
+            return Err(invalid("max_concurrent_requests must be at least 1".into()));
+        }
         if config.request_timeout.is_zero() {
             return Err(invalid("request_timeout must be positive".into()));
         }
@@ -256,6 +266,7 @@ impl AzureDevOpsClient {
             .build()
             .map_err(|e| invalid(format!("cannot build the http client: {e}")))?;
         Ok(AzureDevOpsClient {
+            in_flight: Semaphore::new(config.max_concurrent_requests),
             config,
             http,
             tokens: token_source,
@@ -335,8 +346,15 @@ impl AzureDevOpsClient {
                     operation = call.operation.as_str(),
                     "upstream answered 401; retrying once with a fresh bearer token"
                 );
-                self.tokens.invalidate().await;
-                let bearer = self.tokens.bearer().await.map_err(token_failure)?;
+                // Drop the refused bearer unless a concurrent caller has
+                // already replaced it, so a burst of 401s costs one refresh.
+                let current = self.tokens.bearer().await.map_err(token_failure)?;
+                let bearer = if current.expose_secret() == bearer.expose_secret() {
+                    self.tokens.invalidate().await;
+                    self.tokens.bearer().await.map_err(token_failure)?
+                } else {
+                    current
+                };
                 match self.attempt(call, &bearer).await {
                     Err(Failure::Unauthorized(again)) => {
                         Err(Failure::Fatal(UpstreamError::Authentication(format!(
@@ -404,6 +422,7 @@ impl AzureDevOpsClient {
                 ))
             })?;
         authorization.set_sensitive(true);
+        let _permit = self.in_flight.acquire().await.expect("never closed");
         let mut request = self
             .http
             .request(call.method.clone(), call.url.clone())
@@ -430,22 +449,26 @@ impl AzureDevOpsClient {
             }
         })?;
         let status = response.status();
-        tracing::Span::current().record("status", status.as_u16());
         let headers = response.headers().clone();
         let retry_after = self.note_rate_limit(call.operation, &headers);
-        let body = response.bytes().await.map_err(|e| {
-            Failure::Transient(UpstreamError::Unavailable(format!(
+        let body = read_body(response).await.map_err(|e| match e {
+            BodyError::Transport(e) => Failure::Transient(UpstreamError::Unavailable(format!(
                 "upstream {}: {}",
                 call.operation.as_str(),
                 describe_transport_error(&e)
-            )))
+            ))),
+            BodyError::TooLarge => Failure::Fatal(UpstreamError::Protocol(format!(
+                "upstream {} answer is larger than {} bytes",
+                call.operation.as_str(),
+                MAX_BODY_BYTES
+            ))),
         })?;
         tracing::debug!(
             operation = call.operation.as_str(),
             status = status.as_u16(),
             "upstream answered"
         );
-        classify(status, &headers, &body, retry_after).map(|_| body.to_vec())
+        classify(status, &headers, &body, retry_after).map(|_| body)
     }
 
     /// Parses a `PatTokenResult` success body.
@@ -467,15 +490,43 @@ impl AzureDevOpsClient {
     }
 }
 
+/// Largest answer read: a full list page (100 PATs) is about 40 KB.
+const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+enum BodyError {
+    Transport(reqwest::Error),
+    TooLarge,
+}
+
+/// Reads the answer's body, refusing one past [`MAX_BODY_BYTES`].
+async fn read_body(mut response: reqwest::Response) -> Result<Vec<u8>, BodyError> {
+    if response
+        .content_length()
+        .is_some_and(|n| n > MAX_BODY_BYTES as u64)
+    {
+        return Err(BodyError::TooLarge);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(BodyError::Transport)? {
+        if body.len() + chunk.len() > MAX_BODY_BYTES {
+            return Err(BodyError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// Percent-encodes a query value.
 fn encode(value: &str) -> String {
     url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
 }
 
-/// A failure of the token source: unreachable is retried, refused is final.
+/// A failure of the token source: nothing reached upstream yet, so an
+/// unreachable or throttling token endpoint is retried; refused is final.
 fn token_failure(e: UpstreamError) -> Failure {
     match e {
         UpstreamError::Unavailable(_) => Failure::NotSent(e),
+        UpstreamError::RateLimited { retry_after } => Failure::Throttled { retry_after },
         other => Failure::Fatal(other),
     }
 }
@@ -497,8 +548,12 @@ fn parse_json<T: for<'de> Deserialize<'de>>(
 }
 
 fn convert(operation: Operation, wire: WirePatToken) -> Result<PatToken, UpstreamError> {
-    PatToken::try_from(wire)
-        .map_err(|e| UpstreamError::Protocol(format!("{} answer: {e}", operation.as_str())))
+    PatToken::try_from(wire).map_err(|e| match e {
+        UpstreamError::Protocol(why) => {
+            UpstreamError::Protocol(format!("{} answer: {why}", operation.as_str()))
+        }
+        other => other,
+    })
 }
 
 fn is_html(headers: &HeaderMap) -> bool {
@@ -531,6 +586,14 @@ fn classify(
             }
         ))));
     }
+    // A 401 refuses the bearer whatever the body: worth one fresh bearer.
+    if status == StatusCode::UNAUTHORIZED {
+        return Err(Failure::Unauthorized(if is_html(headers) {
+            "an HTML page".to_owned()
+        } else {
+            ErrorEnvelope::from_body(body).summary()
+        }));
+    }
     if status == StatusCode::NON_AUTHORITATIVE_INFORMATION {
         return Err(Failure::Fatal(UpstreamError::Authentication(
             "upstream answered 203 with a sign-in page: the bearer token was not accepted".into(),
@@ -554,9 +617,6 @@ fn classify(
     }
     match status {
         s if s.is_success() => Ok(()),
-        StatusCode::UNAUTHORIZED => Err(Failure::Unauthorized(
-            ErrorEnvelope::from_body(body).summary(),
-        )),
         StatusCode::FORBIDDEN => Err(Failure::Fatal(UpstreamError::Authentication(format!(
             "upstream answered 403: {}",
             ErrorEnvelope::from_body(body).summary()
@@ -568,6 +628,54 @@ fn classify(
             "upstream answered {other}: {}",
             ErrorEnvelope::from_body(body).summary()
         )))),
+    }
+}
+
+/// What to do after a list page.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    /// Fetch the page behind this continuation token.
+    Page(String),
+    /// The last page (`continuationToken` empty or absent).
+    Done,
+    /// A page that cannot lead anywhere new: stop, keeping what was read.
+    Stop(&'static str),
+}
+
+/// Follows list pages so that no answer can make it loop: it stops on an
+/// empty page, a page without new PATs, or a continuation token seen
+/// before, and keeps each authorizationId once.
+#[derive(Default)]
+struct Pager {
+    pats: Vec<PatToken>,
+    seen_ids: std::collections::HashSet<AuthorizationId>,
+    seen_tokens: std::collections::HashSet<String>,
+}
+
+impl Pager {
+    fn accept(&mut self, page: WirePagedPatTokens) -> Result<Next, UpstreamError> {
+        let on_page = page.pat_tokens.len();
+        let mut new = 0usize;
+        for wire in page.pat_tokens {
+            let pat = convert(Operation::List, wire)?;
+            if self.seen_ids.insert(pat.authorization_id) {
+                self.pats.push(pat);
+                new += 1;
+            }
+        }
+        let Some(next) = page.continuation_token.filter(|t| !t.trim().is_empty()) else {
+            return Ok(Next::Done);
+        };
+        if on_page == 0 {
+            return Ok(Next::Stop("empty page with a continuation token"));
+        }
+        if new == 0 {
+            return Ok(Next::Stop("page held no new PATs"));
+        }
+        if !self.seen_tokens.insert(next.clone()) {
+            return Ok(Next::Stop("continuation token repeated"));
+        }
+        Ok(Next::Page(next))
     }
 }
 
@@ -607,7 +715,7 @@ fn json_body<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, UpstreamError> {
 #[async_trait]
 impl PatClient for AzureDevOpsClient {
     async fn create(&self, org: &Organization, req: &CreatePat) -> Result<PatToken, UpstreamError> {
-        let span = tracing::info_span!("upstream", operation = "create", organization = %org, display_name = %req.display_name, authorization_id = field::Empty, status = field::Empty);
+        let span = tracing::info_span!("upstream", operation = "create", organization = %org, display_name = %req.display_name, authorization_id = field::Empty);
         async {
             let body = json_body(&WireCreateRequest {
                 display_name: &req.display_name,
@@ -643,7 +751,7 @@ impl PatClient for AzureDevOpsClient {
         org: &Organization,
         id: AuthorizationId,
     ) -> Result<PatToken, UpstreamError> {
-        let span = tracing::debug_span!("upstream", operation = "get", organization = %org, authorization_id = %id, status = field::Empty);
+        let span = tracing::info_span!("upstream", operation = "get", organization = %org, authorization_id = %id);
         async {
             let id_text = id.to_string();
             let call = Call {
@@ -668,16 +776,14 @@ impl PatClient for AzureDevOpsClient {
         org: &Organization,
         query: &ListPats,
     ) -> Result<Vec<PatToken>, UpstreamError> {
-        let span = tracing::debug_span!("upstream", operation = "list", organization = %org, status = field::Empty);
+        let span = tracing::info_span!("upstream", operation = "list", organization = %org);
         async {
             let top = query
                 .top
                 .unwrap_or(self.config.page_size)
                 .clamp(1, MAX_PAGE_SIZE)
                 .to_string();
-            let mut seen_ids = std::collections::HashSet::new();
-            let mut seen_tokens = std::collections::HashSet::new();
-            let mut pats = Vec::new();
+            let mut pager = Pager::default();
             let mut continuation: Option<String> = None;
             for page_number in 1..=self.config.max_pages {
                 // Filter options go on every page (SPEC: "Subsequent calls
@@ -698,36 +804,14 @@ impl PatClient for AzureDevOpsClient {
                 };
                 let answer = self.execute(&call).await?;
                 let page: WirePagedPatTokens = parse_json(Operation::List, &answer)?;
-                let on_page = page.pat_tokens.len();
-                let mut new = 0usize;
-                for wire in page.pat_tokens {
-                    let pat = convert(Operation::List, wire)?;
-                    if seen_ids.insert(pat.authorization_id) {
-                        pats.push(pat);
-                        new += 1;
+                match pager.accept(page)? {
+                    Next::Page(token) => continuation = Some(token),
+                    Next::Done => return Ok(pager.pats),
+                    Next::Stop(why) => {
+                        tracing::warn!(page_number, why, "upstream list stopped early");
+                        return Ok(pager.pats);
                     }
                 }
-                let next = page.continuation_token.filter(|t| !t.trim().is_empty());
-                let Some(next) = next else { return Ok(pats) };
-                if on_page == 0 {
-                    tracing::warn!(
-                        page_number,
-                        "upstream list page was empty yet had a continuation token; stopping"
-                    );
-                    return Ok(pats);
-                }
-                if new == 0 {
-                    tracing::warn!(page_number, "upstream list page held no new PATs; stopping");
-                    return Ok(pats);
-                }
-                if !seen_tokens.insert(next.clone()) {
-                    tracing::warn!(
-                        page_number,
-                        "upstream list repeated a continuation token; stopping"
-                    );
-                    return Ok(pats);
-                }
-                continuation = Some(next);
             }
             Err(UpstreamError::Protocol(format!(
                 "list did not end after {} pages",
@@ -739,7 +823,7 @@ impl PatClient for AzureDevOpsClient {
     }
 
     async fn update(&self, org: &Organization, req: &UpdatePat) -> Result<PatToken, UpstreamError> {
-        let span = tracing::info_span!("upstream", operation = "update", organization = %org, authorization_id = %req.authorization_id, status = field::Empty);
+        let span = tracing::info_span!("upstream", operation = "update", organization = %org, authorization_id = %req.authorization_id);
         async {
             let body = json_body(&WireUpdateRequest {
                 authorization_id: req.authorization_id.as_uuid(),
@@ -767,7 +851,7 @@ impl PatClient for AzureDevOpsClient {
     }
 
     async fn revoke(&self, org: &Organization, id: AuthorizationId) -> Result<(), UpstreamError> {
-        let span = tracing::info_span!("upstream", operation = "revoke", organization = %org, authorization_id = %id, status = field::Empty);
+        let span = tracing::info_span!("upstream", operation = "revoke", organization = %org, authorization_id = %id);
         async {
             let id_text = id.to_string();
             let call = Call {
@@ -817,6 +901,7 @@ mod tests {
     use super::*;
     use crate::upstream::entra::StaticTokenSource;
     use crate::upstream::PatTokenError;
+    use secrecy::ExposeSecret;
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
@@ -846,6 +931,186 @@ mod tests {
         AzureDevOpsClient::new(config, Arc::new(StaticTokenSource::new("t".into()))).unwrap()
     }
 
+    fn page(token: &str, ids: &[u128]) -> WirePagedPatTokens {
+        WirePagedPatTokens {
+            continuation_token: Some(token.to_owned()),
+            pat_tokens: ids
+                .iter()
+                .map(|id| WirePatToken {
+                    authorization_id: Some(uuid::Uuid::from_u128(*id).to_string()),
+                    valid_from: Some("2026-01-01T00:00:00Z".into()),
+                    valid_to: Some("2026-01-02T00:00:00Z".into()),
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn pages_are_followed_until_the_empty_token() {
+        let mut pager = Pager::default();
+        assert_eq!(
+            pager.accept(page("a", &[1, 2])).unwrap(),
+            Next::Page("a".into())
+        );
+        assert_eq!(
+            pager.accept(page("b", &[3, 4])).unwrap(),
+            Next::Page("b".into())
+        );
+        assert_eq!(pager.accept(page("", &[5])).unwrap(), Next::Done);
+        assert_eq!(pager.pats.len(), 5);
+        let mut pager = Pager::default();
+        let mut last = page("", &[1]);
+        last.continuation_token = None;
+        assert_eq!(pager.accept(last).unwrap(), Next::Done);
+    }
+
+    #[test]
+    fn a_repeated_continuation_token_stops_the_list() {
+        let mut pager = Pager::default();
+        assert_eq!(
+            pager.accept(page("a", &[1, 2])).unwrap(),
+            Next::Page("a".into())
+        );
+        assert!(matches!(
+            pager.accept(page("a", &[3, 4])).unwrap(),
+            Next::Stop(_)
+        ));
+        assert_eq!(pager.pats.len(), 4);
+    }
+
+    #[test]
+    fn a_page_without_new_pats_stops_the_list_and_duplicates_are_dropped() {
+        let mut pager = Pager::default();
+        assert_eq!(
+            pager.accept(page("a", &[1, 2])).unwrap(),
+            Next::Page("a".into())
+        );
+        assert_eq!(
+            pager.accept(page("b", &[2, 3])).unwrap(),
+            Next::Page("b".into())
+        );
+        assert!(matches!(
+            pager.accept(page("c", &[1, 3])).unwrap(),
+            Next::Stop(_)
+        ));
+        let ids: Vec<u128> = pager
+            .pats
+            .iter()
+            .map(|p| p.authorization_id.as_uuid().as_u128())
+            .collect();
+        assert_eq!(ids, [1, 2, 3]);
+    }
+
+    #[test]
+    fn an_empty_page_with_a_token_stops_the_list() {
+        let mut pager = Pager::default();
+        assert!(matches!(
+            pager.accept(page("z", &[])).unwrap(),
+            Next::Stop(_)
+        ));
+        assert!(pager.pats.is_empty());
+    }
+
+    /// The example exchanges of upstream-spec (tests/fixtures), 7.1 and 7.2.
+    macro_rules! example {
+        ($version:literal, $name:literal) => {
+            include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/upstream-spec/tokens/",
+                $version,
+                "/httpExamples/Pats/",
+                $name,
+                ".json"
+            ))
+        };
+    }
+
+    /// The recorded answer of an example: (status, body bytes).
+    fn answer_of(example: &str) -> (u16, Vec<u8>) {
+        let example: serde_json::Value =
+            serde_json::from_slice(strip_bom(example.as_bytes())).unwrap();
+        let (status, answer) = example["responses"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .next()
+            .unwrap();
+        (
+            status.parse().unwrap(),
+            serde_json::to_vec(&answer["body"]).unwrap(),
+        )
+    }
+
+    #[test]
+    fn every_documented_example_answer_is_understood() {
+        for examples in [
+            [
+                example!("7.1", "CreatePat"),
+                example!("7.1", "GetPat"),
+                example!("7.1", "ListPats"),
+                example!("7.1", "UpdatePat"),
+                example!("7.1", "RevokePat"),
+            ],
+            [
+                example!("7.2", "CreatePat"),
+                example!("7.2", "GetPat"),
+                example!("7.2", "ListPats"),
+                example!("7.2", "UpdatePat"),
+                example!("7.2", "RevokePat"),
+            ],
+        ] {
+            let [create, get, list, update, revoke] = examples;
+            let ok = |status: u16| {
+                classify(
+                    StatusCode::from_u16(status).unwrap(),
+                    &headers(&[JSON]),
+                    b"",
+                    None,
+                )
+                .is_ok()
+            };
+
+            let (status, body) = answer_of(create);
+            assert!(ok(status));
+            let created = AzureDevOpsClient::pat_result(Operation::Create, &body).unwrap();
+            assert_eq!(created.token.as_ref().unwrap().expose_secret().len(), 52);
+            assert_eq!(created.scope, "app_token");
+
+            let (status, body) = answer_of(get);
+            assert!(ok(status));
+            let got = AzureDevOpsClient::pat_result(Operation::Get, &body).unwrap();
+            assert!(got.token.is_none());
+
+            let (status, body) = answer_of(list);
+            assert!(ok(status));
+            let page: WirePagedPatTokens = parse_json(Operation::List, &body).unwrap();
+            let mut pager = Pager::default();
+            assert_eq!(pager.accept(page).unwrap(), Next::Done);
+            assert_eq!(pager.pats.len(), 4);
+            assert_eq!(
+                pager
+                    .pats
+                    .iter()
+                    .filter(|p| p.target_accounts.is_none())
+                    .count(),
+                1
+            );
+            assert!(pager.pats.iter().all(|p| p.token.is_none()));
+
+            let (status, body) = answer_of(update);
+            assert!(ok(status));
+            let updated = AzureDevOpsClient::pat_result(Operation::Update, &body).unwrap();
+            assert_eq!(updated.display_name, "updated_token");
+            assert!(updated.target_accounts.is_none());
+
+            let (status, body) = answer_of(revoke);
+            assert_eq!(status, 204);
+            assert!(ok(status));
+            revoke_outcome(&body).unwrap();
+        }
+    }
+
     #[test]
     fn json_success_is_success() {
         assert!(classified(200, &[JSON], "{}").is_ok());
@@ -864,7 +1129,6 @@ mod tests {
                     "https://spsprodsin2.vssps.visualstudio.com/_signin?realm=x",
                 )],
             ),
-            (401, vec![HTML]),
         ] {
             match classified(
                 status,
@@ -877,6 +1141,11 @@ mod tests {
                 other => panic!("{status}: {other:?}"),
             }
         }
+        // A 401 page still earns one fresh bearer.
+        assert!(matches!(
+            classified(401, &[HTML], "<html></html>"),
+            Err(Failure::Unauthorized(_))
+        ));
         // Even a 203 that claims to be JSON.
         assert!(matches!(
             classified(203, &[JSON], "{}"),

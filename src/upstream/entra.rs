@@ -17,14 +17,15 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 use url::Url;
 
-use super::wire::shorten;
+use super::wire::{parse_retry_after, shorten};
 use super::UpstreamError;
 
 /// Where the PAT client gets its `Authorization: Bearer` value.
 #[async_trait]
 pub trait TokenSource: Send + Sync {
     /// A bearer token valid now. Errors are `Authentication` (the credential
-    /// was refused) or `Unavailable` (the token endpoint could not answer).
+    /// was refused), `RateLimited` (the token endpoint throttles) or
+    /// `Unavailable` (it could not answer).
     async fn bearer(&self) -> Result<SecretString, UpstreamError>;
     /// Drops any cached token: upstream answered 401 with it.
     async fn invalidate(&self);
@@ -195,13 +196,25 @@ impl TokenErrorResponse {
 
 impl RefreshTokenSource {
     /// Redeems `initial_refresh_token` on first use; every rotated refresh
-    /// token goes to `sink`. Fails only on an unusable authority URL.
+    /// token goes to `sink`. Fails on an unusable authority URL or an empty
+    /// tenant, client_id or scope, naming the setting.
     pub fn new(
         config: EntraConfig,
         initial_refresh_token: SecretString,
         sink: std::sync::Arc<dyn RefreshTokenSink>,
     ) -> Result<Self, UpstreamError> {
         let endpoint = config.token_endpoint()?;
+        for (name, value) in [
+            ("tenant", &config.tenant),
+            ("client_id", &config.client_id),
+            ("scope", &config.scope),
+        ] {
+            if value.trim().is_empty() {
+                return Err(UpstreamError::Protocol(format!(
+                    "invalid entra config: {name} must not be empty"
+                )));
+            }
+        }
         let http = reqwest::Client::builder()
             .timeout(config.request_timeout)
             .redirect(reqwest::redirect::Policy::none())
@@ -244,13 +257,21 @@ impl RefreshTokenSource {
                 ))
             })?;
         let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, chrono::Utc::now()));
         let body = response.bytes().await.map_err(|e| {
             UpstreamError::Unavailable(format!(
                 "entra token endpoint: {}",
                 describe_transport_error(&e)
             ))
         })?;
-        if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+        if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            return Err(UpstreamError::RateLimited { retry_after });
+        }
+        if status.is_server_error() {
             return Err(UpstreamError::Unavailable(format!(
                 "entra token endpoint answered {status}"
             )));
@@ -369,6 +390,27 @@ mod tests {
             config.token_endpoint().unwrap().as_str(),
             "http://127.0.0.1:8080/contoso.onmicrosoft.com/oauth2/v2.0/token"
         );
+    }
+
+    #[derive(Default)]
+    struct NoSink;
+
+    #[async_trait]
+    impl RefreshTokenSink for NoSink {
+        async fn save(&self, _: &SecretString) -> Result<(), UpstreamError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_config_without_client_id_is_refused_naming_it() {
+        let err = RefreshTokenSource::new(
+            EntraConfig::default(),
+            "rt".into(),
+            std::sync::Arc::new(NoSink),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("client_id"), "{err}");
     }
 
     #[test]

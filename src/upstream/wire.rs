@@ -13,7 +13,7 @@ use secrecy::SecretString;
 use serde::{Deserialize, Deserializer, Serialize};
 use uuid::Uuid;
 
-use super::{PatToken, PatTokenError};
+use super::{PatToken, PatTokenError, UpstreamError};
 use crate::domain::AuthorizationId;
 
 /// Why a date-time from upstream could not be read.
@@ -83,20 +83,27 @@ pub struct WirePatToken {
 }
 
 impl TryFrom<WirePatToken> for PatToken {
-    type Error = String;
+    type Error = UpstreamError;
 
-    /// Fails with a message naming the field (never the token).
-    fn try_from(wire: WirePatToken) -> Result<Self, String> {
+    /// Fails with [`UpstreamError::Protocol`] naming the missing or
+    /// malformed field (never the token).
+    fn try_from(wire: WirePatToken) -> Result<Self, UpstreamError> {
+        let protocol = UpstreamError::Protocol;
         let authorization_id = wire
             .authorization_id
             .as_deref()
-            .ok_or("patToken.authorizationId is missing")?;
+            .ok_or_else(|| protocol("patToken.authorizationId is missing".into()))?;
         let authorization_id = Uuid::parse_str(authorization_id)
             .map(AuthorizationId::from_uuid)
-            .map_err(|_| format!("patToken.authorizationId is not a UUID: {authorization_id:?}"))?;
+            .map_err(|_| {
+                protocol(format!(
+                    "patToken.authorizationId is not a UUID: {:?}",
+                    shorten(authorization_id, 64)
+                ))
+            })?;
         let time = |name: &str, value: Option<String>| {
-            let value = value.ok_or_else(|| format!("patToken.{name} is missing"))?;
-            parse_timestamp(&value).map_err(|e| format!("patToken.{name}: {e}"))
+            let value = value.ok_or_else(|| protocol(format!("patToken.{name} is missing")))?;
+            parse_timestamp(&value).map_err(|e| protocol(format!("patToken.{name}: {e}")))
         };
         Ok(PatToken {
             authorization_id,
@@ -397,9 +404,11 @@ mod tests {
             valid_to: Some("soon".into()),
             ..Default::default()
         };
-        let err = PatToken::try_from(wire).unwrap_err();
+        let err = PatToken::try_from(wire).unwrap_err().to_string();
         assert!(err.contains("validTo"), "{err}");
-        let err = PatToken::try_from(WirePatToken::default()).unwrap_err();
+        let err = PatToken::try_from(WirePatToken::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("authorizationId"), "{err}");
     }
 

@@ -22,7 +22,7 @@ use token_broker::policy::Policy;
 use token_broker::store::{self, LeaseRecord, Store};
 use token_broker::upstream::azure_devops::{AzureDevOpsClient, AzureDevOpsConfig};
 use token_broker::upstream::entra::{EntraConfig, RefreshTokenSink, RefreshTokenSource};
-use token_broker::upstream::UpstreamError;
+use token_broker::upstream::{PatClient, UpstreamError};
 use uuid::Uuid;
 
 use super::db::TestDatabase;
@@ -39,7 +39,8 @@ pub enum Backend {
 /// The policy of the lease tests: `apikey:ci` and `apikey:other` may lease
 /// `vso.code_write` and `vso.packaging` (and what they include) in
 /// `fabrikam`, default TTL 1 h, max 8 h; `apikey:long` may lease for up to
-/// 30 days (to meet the emulator's max-lifespan clamp).
+/// 30 days (to meet the emulator's max-lifespan clamp), also with full
+/// access (`app_token`, to meet the emulator's full-scope restriction).
 pub const POLICY_YAML: &str = r#"
 rules:
   - name: ci-code
@@ -51,7 +52,7 @@ rules:
   - name: long-lived
     identities: ["apikey:long"]
     organizations: ["fabrikam"]
-    scopes: ["vso.code"]
+    scopes: ["vso.code", "app_token"]
     default_ttl: 1h
     max_ttl: 30d
 "#;
@@ -137,6 +138,9 @@ pub struct Broker {
     pub store: Arc<dyn Store>,
     /// The latest refresh token the Entra grant rotated to.
     pub refresh_tokens: Arc<KeepRefreshToken>,
+    /// The same upstream client the service uses (to act as a crashed
+    /// broker would have).
+    pub upstream: Arc<dyn PatClient>,
 }
 
 /// Options of [`start_broker`].
@@ -191,9 +195,10 @@ pub async fn start_broker(
         Arc::new(tokens),
     )
     .expect("upstream client");
+    let upstream: Arc<dyn PatClient> = Arc::new(upstream);
     let leases = Leases::new(LeaseDeps {
         store: store.clone(),
-        upstream: Arc::new(upstream),
+        upstream: upstream.clone(),
         keyring: Arc::new(keyring),
         policy: Arc::new(Policy::from_yaml(POLICY_YAML).expect("test policy")),
         fingerprinter: Arc::new(fingerprinter),
@@ -209,6 +214,7 @@ pub async fn start_broker(
         leases: Arc::new(leases),
         store,
         refresh_tokens,
+        upstream,
     }
 }
 
