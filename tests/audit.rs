@@ -12,8 +12,8 @@ use chrono::{DateTime, TimeZone, Utc};
 use common::audit::AuditDb;
 use secrecy::SecretString;
 use token_broker::audit::{
-    verify, AppendedEvent, AuditError, AuditEvent, AuditLog, ChainBroken, ChainKey, Defect,
-    Outcome, VerifyError, VerifyReport,
+    parse_expected_head, verify, AppendedEvent, AuditError, AuditEvent, AuditLog, ChainBroken,
+    ChainKey, Defect, Outcome, VerifyError, VerifyReport,
 };
 use token_broker::crypto::Keyring;
 use token_broker::domain::LeaseId;
@@ -150,6 +150,17 @@ async fn an_intact_chain_verifies_up_to_the_head_the_log_reported(db: AuditDb) {
     assert_eq!(report.chained_rows, 7);
     assert_eq!(report.unchained_rows, 0);
     assert_eq!(report.head.as_ref(), appended.last());
+    // The report's line gives the head in the form verify takes back.
+    let shown = report.to_string();
+    assert_eq!(
+        shown,
+        format!(
+            "audit chain intact: 7 chained rows, head 7:{}",
+            appended[6].mac
+        )
+    );
+    let head = parse_expected_head(shown.rsplit(' ').next().unwrap()).unwrap();
+    intact(&db, &chain_key(&key), Some(head)).await;
     // Any head the log reported along the way still checks out.
     intact(&db, &chain_key(&key), head_of(&appended[6])).await;
     intact(&db, &chain_key(&key), head_of(&appended[2])).await;

@@ -147,6 +147,44 @@ pub struct VerifyReport {
     pub head: Option<AppendedEvent>,
 }
 
+impl fmt::Display for VerifyReport {
+    /// One line for `token-broker audit verify`, e.g.
+    /// `audit chain intact: 42 chained rows, head 42:<mac>`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "audit chain intact: {} chained rows", self.chained_rows)?;
+        if self.unchained_rows > 0 {
+            write!(
+                f,
+                ", {} older rows without a MAC (not proved)",
+                self.unchained_rows
+            )?;
+        }
+        match &self.head {
+            Some(head) => write!(f, ", head {}:{}", head.id, head.mac),
+            None => f.write_str(", no head"),
+        }
+    }
+}
+
+/// An expected chain head given as text was not `<audit_id>:<mac>`.
+#[derive(Debug, thiserror::Error)]
+#[error("expected head {0:?} is not <audit_id>:<64 hex characters of mac>")]
+pub struct BadHead(String);
+
+/// Parses an expected chain head written `<audit_id>:<mac>` (as
+/// [`VerifyReport`]'s Display and the `audit chain head` log line's
+/// `audit_id` and `mac` fields give it), for [`verify`]'s `expected_head`.
+/// The MAC is normalized to lower case. Errors: [`BadHead`].
+pub fn parse_expected_head(text: &str) -> Result<(i64, String), BadHead> {
+    let bad = || BadHead(text.to_owned());
+    let (id, mac) = text.trim().split_once(':').ok_or_else(bad)?;
+    let id: i64 = id.parse().map_err(|_| bad())?;
+    if id < 1 || mac.len() != 64 || !mac.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad());
+    }
+    Ok((id, mac.to_ascii_lowercase()))
+}
+
 /// What is wrong at the row [`ChainBroken`] names.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Defect {
@@ -379,6 +417,26 @@ mod tests {
         let mut d = event();
         (d.reason, d.policy_rule) = (None, Some(String::new()));
         assert_ne!(k.mac(None, &c), k.mac(None, &d));
+    }
+
+    #[test]
+    fn an_expected_head_parses_from_id_colon_mac() {
+        let mac = "AB".repeat(32);
+        assert_eq!(
+            parse_expected_head(&format!(" 42:{mac}\n")).unwrap(),
+            (42, "ab".repeat(32))
+        );
+        for bad in [
+            "",
+            "42",
+            "x:ab",
+            "0:ab",
+            &format!("42:{}", "ab".repeat(31)),
+            &format!("-1:{mac}"),
+            &format!("42:{}", "zz".repeat(32)),
+        ] {
+            assert!(parse_expected_head(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -22,7 +22,10 @@ use crate::store::{Store, StoreError};
 
 pub mod chain;
 
-pub use chain::{verify, ChainBroken, ChainKey, Defect, VerifyError, VerifyReport, GENESIS_MAC};
+pub use chain::{
+    parse_expected_head, verify, BadHead, ChainBroken, ChainKey, Defect, VerifyError, VerifyReport,
+    GENESIS_MAC,
+};
 
 /// How a decision came out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
