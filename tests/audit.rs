@@ -50,6 +50,7 @@ both_backends!(
     a_database_writer_without_the_chain_key_cannot_rechain_an_edit,
     a_chain_made_under_one_key_does_not_verify_under_another,
     a_row_written_around_the_audit_log_is_named_by_verify,
+    a_row_forged_after_the_newest_is_named_by_verify,
     rows_from_before_the_chain_are_counted_but_not_proved,
     an_audit_row_that_cannot_be_written_is_an_error_and_leaves_nothing_behind,
     every_append_logs_the_chain_head,
@@ -418,6 +419,34 @@ async fn a_row_written_around_the_audit_log_is_named_by_verify(db: AuditDb) {
         ChainBroken {
             row_id: 3,
             defect: Defect::MacMissing
+        }
+    );
+}
+
+async fn a_row_forged_after_the_newest_is_named_by_verify(db: AuditDb) {
+    let key = new_key();
+    let log = AuditLog::new(db.store.clone(), chain_key(&key));
+    append_n(&log, 5).await;
+    // A copy of row 2, MAC and all, as row 6.
+    let overriding = if db.postgres {
+        "OVERRIDING SYSTEM VALUE"
+    } else {
+        ""
+    };
+    db.exec(&format!(
+        "INSERT INTO audit_events (id, time, identity, peer, action, outcome, reason, \
+         policy_rule, lease_id, organization, scopes, token_fingerprint, mac) {overriding} \
+         SELECT 6, time, identity, peer, action, outcome, reason, policy_rule, lease_id, \
+         organization, scopes, token_fingerprint, mac FROM audit_events WHERE id = 2"
+    ))
+    .await;
+
+    let b = broken(&db, &chain_key(&key), None).await;
+    assert_eq!(
+        b,
+        ChainBroken {
+            row_id: 6,
+            defect: Defect::MacMismatch
         }
     );
 }
