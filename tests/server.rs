@@ -603,3 +603,88 @@ async fn dev_runs_the_quickstart_a_leased_token_works_until_revoked() {
         .unwrap();
     assert!(exit.success(), "dev stops cleanly: {exit:?}");
 }
+
+/// Starts `token-broker dev` with `args` in `dir`; returns it with its
+/// printed gRPC address.
+async fn start_dev(dir: &Path, args: &[&str], key: &str) -> (Running, String) {
+    let mut child = broker_command(dir)
+        .arg("dev")
+        .args(args)
+        .env("TOKEN_BROKER_DEV_API_KEY", key)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start token-broker dev");
+    let stdout = child.stdout.take().unwrap();
+    let running = Running(child);
+    let (found, out) = watch_output(stdout, |line| {
+        line.trim_start()
+            .starts_with("gRPC:")
+            .then(|| line.split_whitespace().nth(1).unwrap().to_owned())
+    });
+    let grpc = found
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("dev did not start:\n{}", out.lock().unwrap()));
+    (running, grpc)
+}
+
+async fn dev_display_name(grpc: &str, key: &str) -> String {
+    let channel = Channel::from_shared(grpc.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = pb::lease_service_client::LeaseServiceClient::new(channel);
+    let mut req = tonic::Request::new(pb::CreateLeaseRequest {
+        organization: "fabrikam".into(),
+        scopes: vec!["vso.packaging".into()],
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    let lease = client.create_lease(req).await.unwrap().into_inner();
+    assert!(!lease.token.is_empty());
+    lease.display_name
+}
+
+#[tokio::test]
+async fn dev_on_postgres_against_an_external_emulator_keeps_its_deployment_id_across_restarts() {
+    let db = TestDatabase::create().await;
+    let emu = emulator::spawn(EmulatorConfig::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key = "tbk_external-emulator-dev-key-0123456789";
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--database-url",
+        db.url.as_str(),
+        "--upstream",
+        &emu.url(),
+    ];
+    let deployment = |display_name: &str| display_name.split(':').nth(1).unwrap().to_owned();
+
+    let (running, grpc) = start_dev(dir.path(), &args, key).await;
+    let first = dev_display_name(&grpc, key).await;
+    assert!(tokio::task::spawn_blocking(move || running.terminate())
+        .await
+        .unwrap()
+        .success());
+    assert!(
+        dir.path().join("token-broker-dev.keys.toml").exists(),
+        "dev keeps its keys beside it on PostgreSQL"
+    );
+
+    let (running, grpc) = start_dev(dir.path(), &args, key).await;
+    let second = dev_display_name(&grpc, key).await;
+    assert_eq!(deployment(&first), deployment(&second));
+    assert_eq!(
+        emu_pats(&emu.url()).await.len(),
+        2,
+        "both PATs on the external emulator"
+    );
+    assert!(tokio::task::spawn_blocking(move || running.terminate())
+        .await
+        .unwrap()
+        .success());
+}
