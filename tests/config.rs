@@ -2,6 +2,9 @@
 //! with errors that name the setting. Each test runs in a figment `Jail`
 //! (its own working directory and environment variables).
 
+// figment's Jail closures return figment::Result; its error is large by design.
+#![allow(clippy::result_large_err)]
+
 use std::path::Path;
 
 use figment::Jail;

@@ -66,15 +66,22 @@ pub fn authenticate(auth: &Authenticator, mut request: Request<()>) -> Result<Re
     }
 }
 
+/// The authentication interceptor in front of `LeaseService`.
+#[derive(Clone)]
+pub struct AuthInterceptor(Arc<Authenticator>);
+
+impl tonic::service::Interceptor for AuthInterceptor {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        authenticate(&self.0, request)
+    }
+}
+
 /// `LeaseService` wrapped in its authentication interceptor.
 pub fn lease_service(
     leases: Arc<Leases>,
     auth: Arc<Authenticator>,
-) -> InterceptedService<
-    LeaseServiceServer<LeaseApi>,
-    impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone,
-> {
-    LeaseServiceServer::with_interceptor(LeaseApi::new(leases), move |req| authenticate(&auth, req))
+) -> InterceptedService<LeaseServiceServer<LeaseApi>, AuthInterceptor> {
+    LeaseServiceServer::with_interceptor(LeaseApi::new(leases), AuthInterceptor(auth))
 }
 
 /// Serves the broker's gRPC API on `listener` until `shutdown` resolves,
