@@ -337,6 +337,14 @@ impl Config {
 
     /// Loads and validates the configuration.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigErrors> {
+        if let Some(file) = file {
+            if let Err(e) = std::fs::metadata(file) {
+                return Err(ConfigErrors(vec![ConfigError::new(
+                    "--config",
+                    format!("cannot read {}: {e}", file.display()),
+                )]));
+            }
+        }
         let config: Config = Self::figment(file).extract().map_err(figment_errors)?;
         config.validate()?;
         Ok(config)
@@ -685,6 +693,17 @@ fn write_new_keys_file(path: &Path) -> Result<(), ConfigError> {
         })
 }
 
+/// Settings whose values are secrets and never appear in an error.
+fn is_secret_setting(path: &str) -> bool {
+    matches!(
+        path,
+        "database.url"
+            | "upstream.refresh_token"
+            | "upstream.entra.client_secret"
+            | "keys.fingerprint"
+    ) || path.starts_with("keys.sealing")
+}
+
 /// Turns figment's errors into ones naming the setting by its dotted path.
 fn figment_errors(err: figment::Error) -> ConfigErrors {
     ConfigErrors(
@@ -702,7 +721,15 @@ fn figment_errors(err: figment::Error) -> ConfigErrors {
                         }
                         "unknown setting".to_owned()
                     }
-                    kind => kind.to_string(),
+                    // Type errors quote the value: never for a secret.
+                    figment::error::Kind::InvalidType(..)
+                    | figment::error::Kind::InvalidValue(..)
+                    | figment::error::Kind::Message(..)
+                        if is_secret_setting(&path) =>
+                    {
+                        "invalid value (not shown: secret setting)".to_owned()
+                    }
+                    kind => kind.to_string().trim().replace('\n', " "),
                 };
                 let source = e
                     .metadata

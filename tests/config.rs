@@ -289,3 +289,27 @@ fn configured_keys_are_used_inline_or_from_a_file() {
         Ok(())
     });
 }
+
+#[test]
+fn a_missing_or_malformed_config_file_is_reported_with_its_path() {
+    Jail::expect_with(|jail| {
+        let err = load(Some("nowhere.toml")).unwrap_err();
+        assert!(err.names("--config"), "{err}");
+        assert!(err.to_string().contains("nowhere.toml"), "{err}");
+        jail.create_file("broken.toml", "[grpc\nlisten = 1")?;
+        let err = load(Some("broken.toml")).unwrap_err();
+        assert!(err.to_string().contains("broken.toml"), "{err}");
+        Ok(())
+    });
+}
+
+#[test]
+fn a_secret_with_the_wrong_type_is_refused_without_echoing_it() {
+    Jail::expect_with(|jail| {
+        jail.set_env("TOKEN_BROKER_UPSTREAM__REFRESH_TOKEN", "987654321");
+        let err = load(None).unwrap_err();
+        assert!(err.names("upstream.refresh_token"), "{err}");
+        assert!(!err.to_string().contains("987654321"), "{err}");
+        Ok(())
+    });
+}
