@@ -280,3 +280,19 @@ pub(super) async fn revoke_by_display_name(
     }
     Ok(revoked)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revocation_retries_back_off_from_seconds_to_minutes_then_hourly() {
+        for attempts in 1..REVOKE_RETRY_BUDGET {
+            let delay = revocation_backoff(attempts);
+            assert!(delay >= Duration::from_secs(5), "{attempts}: {delay:?}");
+            assert!(delay <= Duration::from_secs(1200), "{attempts}: {delay:?}");
+        }
+        assert!(revocation_backoff(8) > revocation_backoff(1));
+        assert_eq!(revocation_backoff(REVOKE_RETRY_BUDGET), REVOKE_FAILED_RETRY);
+    }
+}
