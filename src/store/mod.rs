@@ -205,6 +205,25 @@ impl UpstreamCredential {
     pub const AAD: &'static [u8] = b"upstream_credentials/refresh_token";
 }
 
+/// One audit row as stored, for walking the audit chain
+/// ([`Store::list_audit_chain`]): a row whose fields do not parse is still
+/// returned, with the parse error, so a verifier can name it.
+#[derive(Debug)]
+pub struct StoredAuditRow {
+    /// The row's id.
+    pub id: i64,
+    /// The row's fields, or why they do not parse (`Corrupt`).
+    pub event: Result<AuditEvent, StoreError>,
+    /// The row's chain MAC (hex), `None` for a row written without one.
+    pub mac: Option<String>,
+}
+
+/// Computes a chained audit row's MAC for [`Store::append_audit_chained`]
+/// from the previous row's `mac` (`None` when there is no earlier row or it
+/// has no MAC) and the event exactly as it will be stored (id assigned, time
+/// truncated to the microsecond). See `audit::ChainKey::mac`.
+pub type ChainMacFn<'a> = &'a (dyn Fn(Option<&str>, &AuditEvent) -> String + Send + Sync);
+
 /// A store failure. Never carries secrets.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -321,7 +340,33 @@ pub trait Store: Send + Sync + 'static {
     /// Appends an audit event; returns its assigned id. Ids increase in
     /// commit order (appends are serialized), so paging with
     /// [`Store::list_audit`] never skips a row.
+    ///
+    /// The row carries no chain MAC: once the chain has begun, `audit::verify`
+    /// reports such a row as broken. The broker appends through
+    /// `audit::AuditLog` ([`Store::append_audit_chained`]) instead.
     async fn append_audit(&self, event: &AuditEvent) -> Result<i64, StoreError>;
+
+    /// Appends `event` as the next link of the audit chain and returns its
+    /// id and MAC. Under the same serialization as
+    /// [`Store::append_audit`] (PostgreSQL: a transaction-scoped advisory
+    /// lock; SQLite: one writer transaction), reads the newest row's `mac`,
+    /// calls `mac` with it and the event as stored, and writes the row with
+    /// the result, all in one transaction: nothing is written on error.
+    /// Ids of chained rows are contiguous (PostgreSQL: newest id + 1;
+    /// SQLite: AUTOINCREMENT, which never reuses an id).
+    async fn append_audit_chained(
+        &self,
+        event: &AuditEvent,
+        mac: ChainMacFn<'_>,
+    ) -> Result<(i64, String), StoreError>;
+
+    /// Audit rows with id > `after_id`, oldest first, at most `limit`,
+    /// with their stored MACs; unparsable rows are returned, not skipped.
+    async fn list_audit_chain(
+        &self,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<StoredAuditRow>, StoreError>;
 
     /// Audit events with id > `after_id`, oldest first, at most `limit`.
     async fn list_audit(&self, after_id: i64, limit: u32) -> Result<Vec<AuditEvent>, StoreError>;

@@ -12,8 +12,8 @@ use uuid::Uuid;
 
 use super::codec::{self, micros};
 use super::{
-    map_migrate, map_sqlx, CreateOutcome, IdempotencyRecord, LeaseFilter, LeaseRecord, PageCursor,
-    Store, StoreError, UpstreamCredential, Work,
+    map_migrate, map_sqlx, ChainMacFn, CreateOutcome, IdempotencyRecord, LeaseFilter, LeaseRecord,
+    PageCursor, Store, StoreError, StoredAuditRow, UpstreamCredential, Work,
 };
 use crate::audit::AuditEvent;
 use crate::crypto::Sealed;
@@ -162,6 +162,70 @@ fn audit_from_row(row: &PgRow) -> Result<AuditEvent, StoreError> {
         scopes: row.try_get("scopes").map_err(get_err)?,
         token_fingerprint: row.try_get("token_fingerprint").map_err(get_err)?,
     })
+}
+
+/// Starts an audit append: a transaction holding the advisory lock that
+/// serializes appends across replicas, so ids follow commit order and each
+/// chained row sees the MAC of the row committed just before it.
+async fn begin_audit_append(
+    pool: &PgPool,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
+    let mut tx = pool.begin().await.map_err(map_sqlx)?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(AUDIT_APPEND_LOCK)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_sqlx)?;
+    Ok(tx)
+}
+
+/// The next audit id (newest + 1, so a rolled-back append leaves no gap,
+/// which an identity sequence would) and the newest row's MAC. Call under
+/// the append lock.
+async fn next_audit_link(
+    conn: &mut sqlx::PgConnection,
+) -> Result<(i64, Option<String>), StoreError> {
+    let newest: Option<(i64, Option<String>)> =
+        sqlx::query_as("SELECT id, mac FROM audit_events ORDER BY id DESC LIMIT 1")
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(map_sqlx)?;
+    let (id, mac) = newest.unwrap_or((0, None));
+    let next = id
+        .checked_add(1)
+        .ok_or_else(|| StoreError::Database("audit id space exhausted".into()))?;
+    Ok((next, mac))
+}
+
+async fn insert_audit(
+    conn: &mut sqlx::PgConnection,
+    id: i64,
+    event: &AuditEvent,
+    mac: Option<&str>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO audit_events (id, time, identity, peer, action, outcome, reason, \
+         policy_rule, lease_id, organization, scopes, token_fingerprint, mac) \
+         OVERRIDING SYSTEM VALUE \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+    )
+    .bind(id)
+    .bind(micros(event.time))
+    .bind(&event.identity)
+    .bind(&event.peer)
+    .bind(&event.action)
+    .bind(event.outcome.as_str())
+    .bind(&event.reason)
+    .bind(&event.policy_rule)
+    .bind(event.lease_id.map(|l| l.as_uuid()))
+    .bind(&event.organization)
+    .bind(&event.scopes)
+    .bind(&event.token_fingerprint)
+    .bind(mac)
+    .execute(conn)
+    .await
+    .map_err(map_sqlx)?;
+    Ok(())
 }
 
 const INSERT_LEASE: &str = "INSERT INTO leases (id, holder, organization, scopes, display_name, \
@@ -474,36 +538,52 @@ impl Store for PostgresStore {
     }
 
     async fn append_audit(&self, event: &AuditEvent) -> Result<i64, StoreError> {
-        // Appends are serialized across replicas, so ids are assigned in
-        // commit order and a reader paging with `after_id` never skips a
-        // row that commits late.
-        let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(AUDIT_APPEND_LOCK)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_sqlx)?;
-        let id = sqlx::query_scalar(
-            "INSERT INTO audit_events (time, identity, peer, action, outcome, reason, policy_rule, \
-             lease_id, organization, scopes, token_fingerprint) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id",
-        )
-        .bind(micros(event.time))
-        .bind(&event.identity)
-        .bind(&event.peer)
-        .bind(&event.action)
-        .bind(event.outcome.as_str())
-        .bind(&event.reason)
-        .bind(&event.policy_rule)
-        .bind(event.lease_id.map(|l| l.as_uuid()))
-        .bind(&event.organization)
-        .bind(&event.scopes)
-        .bind(&event.token_fingerprint)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(map_sqlx)?;
+        let mut tx = begin_audit_append(&self.pool).await?;
+        let (id, _) = next_audit_link(&mut tx).await?;
+        insert_audit(&mut tx, id, event, None).await?;
         tx.commit().await.map_err(map_sqlx)?;
         Ok(id)
+    }
+
+    async fn append_audit_chained(
+        &self,
+        event: &AuditEvent,
+        mac: ChainMacFn<'_>,
+    ) -> Result<(i64, String), StoreError> {
+        let mut tx = begin_audit_append(&self.pool).await?;
+        let (id, prev) = next_audit_link(&mut tx).await?;
+        let stored = AuditEvent {
+            id,
+            time: micros(event.time),
+            ..event.clone()
+        };
+        let mac = mac(prev.as_deref(), &stored);
+        insert_audit(&mut tx, id, &stored, Some(&mac)).await?;
+        tx.commit().await.map_err(map_sqlx)?;
+        Ok((id, mac))
+    }
+
+    async fn list_audit_chain(
+        &self,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<StoredAuditRow>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM audit_events WHERE id > $1 ORDER BY id LIMIT $2")
+            .bind(after_id)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        rows.iter()
+            .map(|row| {
+                let get_err = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
+                Ok(StoredAuditRow {
+                    id: row.try_get("id").map_err(get_err)?,
+                    event: audit_from_row(row),
+                    mac: row.try_get("mac").map_err(get_err)?,
+                })
+            })
+            .collect()
     }
 
     async fn list_audit(&self, after_id: i64, limit: u32) -> Result<Vec<AuditEvent>, StoreError> {

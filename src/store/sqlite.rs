@@ -21,8 +21,8 @@ use uuid::Uuid;
 
 use super::codec::{self, opt_time_text, parse_opt_time, parse_time, time_text};
 use super::{
-    map_migrate, map_sqlx, CreateOutcome, IdempotencyRecord, LeaseFilter, LeaseRecord, PageCursor,
-    Store, StoreError, UpstreamCredential, Work,
+    map_migrate, map_sqlx, ChainMacFn, CreateOutcome, IdempotencyRecord, LeaseFilter, LeaseRecord,
+    PageCursor, Store, StoreError, StoredAuditRow, UpstreamCredential, Work,
 };
 use crate::audit::AuditEvent;
 use crate::crypto::Sealed;
@@ -177,6 +177,32 @@ fn audit_from_row(row: &SqliteRow) -> Result<AuditEvent, StoreError> {
         scopes: opt_text("scopes")?,
         token_fingerprint: opt_text("token_fingerprint")?,
     })
+}
+
+/// Inserts `event` without a MAC; returns the AUTOINCREMENT id.
+async fn insert_audit(
+    conn: &mut sqlx::SqliteConnection,
+    event: &AuditEvent,
+) -> Result<i64, StoreError> {
+    sqlx::query_scalar(
+        "INSERT INTO audit_events (time, identity, peer, action, outcome, reason, policy_rule, \
+         lease_id, organization, scopes, token_fingerprint) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+    )
+    .bind(time_text(event.time))
+    .bind(&event.identity)
+    .bind(&event.peer)
+    .bind(&event.action)
+    .bind(event.outcome.as_str())
+    .bind(&event.reason)
+    .bind(&event.policy_rule)
+    .bind(event.lease_id.map(|l| l.to_string()))
+    .bind(&event.organization)
+    .bind(&event.scopes)
+    .bind(&event.token_fingerprint)
+    .fetch_one(conn)
+    .await
+    .map_err(map_sqlx)
 }
 
 const INSERT_LEASE: &str = "INSERT INTO leases (id, holder, organization, scopes, display_name, \
@@ -483,25 +509,62 @@ impl Store for SqliteStore {
     }
 
     async fn append_audit(&self, event: &AuditEvent) -> Result<i64, StoreError> {
-        sqlx::query_scalar(
-            "INSERT INTO audit_events (time, identity, peer, action, outcome, reason, policy_rule, \
-             lease_id, organization, scopes, token_fingerprint) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        insert_audit(&mut *self.pool.acquire().await.map_err(map_sqlx)?, event).await
+    }
+
+    async fn append_audit_chained(
+        &self,
+        event: &AuditEvent,
+        mac: ChainMacFn<'_>,
+    ) -> Result<(i64, String), StoreError> {
+        // The insert comes first so the transaction holds the write lock
+        // before it reads the previous MAC: appends from several
+        // connections (or processes) are serialized by SQLite's one writer.
+        let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
+        let id = insert_audit(&mut tx, event).await?;
+        let prev: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT mac FROM audit_events WHERE id < ? ORDER BY id DESC LIMIT 1",
         )
-        .bind(time_text(event.time))
-        .bind(&event.identity)
-        .bind(&event.peer)
-        .bind(&event.action)
-        .bind(event.outcome.as_str())
-        .bind(&event.reason)
-        .bind(&event.policy_rule)
-        .bind(event.lease_id.map(|l| l.to_string()))
-        .bind(&event.organization)
-        .bind(&event.scopes)
-        .bind(&event.token_fingerprint)
-        .fetch_one(&self.pool)
+        .bind(id)
+        .fetch_optional(&mut *tx)
         .await
-        .map_err(map_sqlx)
+        .map_err(map_sqlx)?;
+        let stored = AuditEvent {
+            id,
+            time: codec::micros(event.time),
+            ..event.clone()
+        };
+        let mac = mac(prev.flatten().as_deref(), &stored);
+        sqlx::query("UPDATE audit_events SET mac = ? WHERE id = ?")
+            .bind(&mac)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_sqlx)?;
+        tx.commit().await.map_err(map_sqlx)?;
+        Ok((id, mac))
+    }
+
+    async fn list_audit_chain(
+        &self,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<StoredAuditRow>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM audit_events WHERE id > ? ORDER BY id LIMIT ?")
+            .bind(after_id)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        rows.iter()
+            .map(|row| {
+                Ok(StoredAuditRow {
+                    id: row.try_get("id").map_err(get_err)?,
+                    event: audit_from_row(row),
+                    mac: row.try_get("mac").map_err(get_err)?,
+                })
+            })
+            .collect()
     }
 
     async fn list_audit(&self, after_id: i64, limit: u32) -> Result<Vec<AuditEvent>, StoreError> {

@@ -2,6 +2,7 @@
 //! one file here.
 #![allow(dead_code)]
 
+pub mod audit;
 pub mod broker;
 pub mod db;
 pub mod emulator;

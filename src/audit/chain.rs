@@ -1,0 +1,452 @@
+//! The audit chain: a keyed MAC per row over the previous row's MAC and
+//! this row's fields, and the verifier that walks it.
+//!
+//! # Canonical encoding (version 1)
+//!
+//! `mac = hex(HMAC-SHA256(chain key, message))` (RFC 2104; 64 lower-case
+//! hex characters), where `message` is the concatenation of:
+//!
+//! 1. the domain tag `token-broker/audit-chain/v1` (raw bytes);
+//! 2. `str(prev)`: the previous row's stored `mac` text, or
+//!    [`GENESIS_MAC`] when there is no earlier row or it has no MAC;
+//! 3. `i64be(id)`;
+//! 4. `i64be(time)`: microseconds since the Unix epoch, UTC (the stored
+//!    precision);
+//! 5. `str(identity)`, `opt(peer)`, `str(action)`, `str(outcome)` (stored
+//!    form: `allowed`, `denied`, `error`), `opt(reason)`,
+//!    `opt(policy_rule)`, `opt(lease_id)` (hyphenated lower-case UUID),
+//!    `opt(organization)`, `opt(scopes)`, `opt(token_fingerprint)`.
+//!
+//! `str(s) = u32be(byte length of s) || UTF-8 bytes of s`;
+//! `opt(None) = 0x00`, `opt(Some(s)) = 0x01 || str(s)`. Every field is
+//! length-prefixed or fixed-width and every absent field is marked, so two
+//! different rows never encode alike. Values are encoded as typed (as
+//! read back), not as the backend's column text: both backends produce the
+//! same MAC for the same row, and a text edit that keeps the value (an
+//! upper-case UUID in SQLite) is not a change of meaning.
+//!
+//! # What verification proves, and its limit
+//!
+//! Chained rows have contiguous ids. An edited field, a deleted or inserted
+//! row, or rows moved to other ids break the chain at the first row
+//! affected. Dropping the newest rows leaves a shorter chain that is still
+//! consistent: only a chain head recorded outside the database (the
+//! `audit chain head` log line, the metric) catches that, so pass it to
+//! [`verify`] as `expected_head`. Rows written before the chain existed
+//! (migration 0002) carry no MAC; they are counted, not proved.
+
+use std::fmt;
+
+use hmac::{Hmac, Mac};
+use secrecy::zeroize::Zeroizing;
+use secrecy::{ExposeSecret, SecretBox, SecretString};
+use sha2::Sha256;
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+
+use super::{AppendedEvent, AuditEvent};
+use crate::crypto::{CryptoError, KEY_LEN};
+use crate::error::{ErrorCode, ServiceError};
+use crate::store::{Store, StoreError};
+
+/// The `prev` value of the first chained row: 64 hex zeros.
+pub const GENESIS_MAC: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Domain separation for the chain MAC (version 1 of the encoding).
+const DOMAIN_TAG: &[u8] = b"token-broker/audit-chain/v1";
+
+/// Rows read per page while verifying.
+const VERIFY_PAGE: u32 = 1000;
+
+/// The audit chain key: 32 bytes, from configuration or a file, never the
+/// database. Debug shows nothing of it.
+pub struct ChainKey {
+    key: SecretBox<[u8; KEY_LEN]>,
+}
+
+impl fmt::Debug for ChainKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChainKey").finish_non_exhaustive()
+    }
+}
+
+impl ChainKey {
+    /// Builds one from standard base64 (RFC 4648 section 4) of 32 bytes,
+    /// surrounding whitespace ignored (as `crypto::Keyring::generate_key`
+    /// makes). Errors: [`CryptoError::BadKey`] naming `audit chain`.
+    pub fn new(key: &SecretString) -> Result<Self, CryptoError> {
+        let bad = || CryptoError::BadKey("audit chain".to_owned());
+        let bytes = Zeroizing::new(
+            BASE64
+                .decode(key.expose_secret().trim_ascii())
+                .map_err(|_| bad())?,
+        );
+        if bytes.len() != KEY_LEN {
+            return Err(bad());
+        }
+        let mut out = SecretBox::new(Box::new([0u8; KEY_LEN]));
+        secrecy::ExposeSecretMut::expose_secret_mut(&mut out).copy_from_slice(&bytes);
+        Ok(ChainKey { key: out })
+    }
+
+    /// The chain MAC of `event` (its `id` and `time` as stored) following a
+    /// row whose MAC is `prev` (`None`: first row, [`GENESIS_MAC`]), in the
+    /// module's canonical encoding. 64 lower-case hex characters.
+    pub fn mac(&self, prev: Option<&str>, event: &AuditEvent) -> String {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.key.expose_secret())
+            .expect("HMAC takes keys of any length");
+        mac.update(&encode(prev.unwrap_or(GENESIS_MAC), event));
+        hex::encode(mac.finalize().into_bytes())
+    }
+}
+
+/// The canonical message for one row (see the module doc).
+fn encode(prev: &str, e: &AuditEvent) -> Vec<u8> {
+    fn str(out: &mut Vec<u8>, s: &str) {
+        let len = u32::try_from(s.len()).expect("audit field under 4 GiB");
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(s.as_bytes());
+    }
+    fn opt(out: &mut Vec<u8>, s: Option<&str>) {
+        match s {
+            None => out.push(0),
+            Some(s) => {
+                out.push(1);
+                str(out, s);
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(DOMAIN_TAG);
+    str(&mut out, prev);
+    out.extend_from_slice(&e.id.to_be_bytes());
+    out.extend_from_slice(&e.time.timestamp_micros().to_be_bytes());
+    str(&mut out, &e.identity);
+    opt(&mut out, e.peer.as_deref());
+    str(&mut out, &e.action);
+    str(&mut out, e.outcome.as_str());
+    opt(&mut out, e.reason.as_deref());
+    opt(&mut out, e.policy_rule.as_deref());
+    opt(&mut out, e.lease_id.map(|l| l.to_string()).as_deref());
+    opt(&mut out, e.organization.as_deref());
+    opt(&mut out, e.scopes.as_deref());
+    opt(&mut out, e.token_fingerprint.as_deref());
+    out
+}
+
+/// What [`verify`] found on an intact chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Chained rows checked.
+    pub chained_rows: u64,
+    /// Rows before the first chained row that carry no MAC (written before
+    /// the chain existed): counted, not proved.
+    pub unchained_rows: u64,
+    /// The newest chained row, if any.
+    pub head: Option<AppendedEvent>,
+}
+
+impl fmt::Display for VerifyReport {
+    /// One line for `token-broker audit verify`, e.g.
+    /// `audit chain intact: 42 chained rows, head 42:<mac>`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "audit chain intact: {} chained rows", self.chained_rows)?;
+        if self.unchained_rows > 0 {
+            write!(
+                f,
+                ", {} older rows without a MAC (not proved)",
+                self.unchained_rows
+            )?;
+        }
+        match &self.head {
+            Some(head) => write!(f, ", head {}:{}", head.id, head.mac),
+            None => f.write_str(", no head"),
+        }
+    }
+}
+
+/// An expected chain head given as text was not `<audit_id>:<mac>`.
+#[derive(Debug, thiserror::Error)]
+#[error("expected head {0:?} is not <audit_id>:<64 hex characters of mac>")]
+pub struct BadHead(String);
+
+/// Parses an expected chain head written `<audit_id>:<mac>` (as
+/// [`VerifyReport`]'s Display and the `audit chain head` log line's
+/// `audit_id` and `mac` fields give it), for [`verify`]'s `expected_head`.
+/// The MAC is normalized to lower case. Errors: [`BadHead`].
+pub fn parse_expected_head(text: &str) -> Result<(i64, String), BadHead> {
+    let bad = || BadHead(text.to_owned());
+    let (id, mac) = text.trim().split_once(':').ok_or_else(bad)?;
+    let id: i64 = id.parse().map_err(|_| bad())?;
+    if id < 1 || mac.len() != 64 || !mac.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad());
+    }
+    Ok((id, mac.to_ascii_lowercase()))
+}
+
+/// What is wrong at the row [`ChainBroken`] names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Defect {
+    /// The stored MAC is not the MAC of this row's fields after the
+    /// previous row: a field of this row was edited, or rows were moved.
+    MacMismatch,
+    /// Ids jump from `after` to this row: the rows between were deleted.
+    RowsMissing {
+        /// The chained row before the gap.
+        after: i64,
+    },
+    /// The row has no MAC though the chain had begun: it was written
+    /// without the chain key (not through `AuditLog`) or its MAC erased.
+    MacMissing,
+    /// The stored fields do not parse; carries the parse error.
+    Unreadable(String),
+    /// The expected head row is gone: the newest rows were dropped.
+    HeadMissing {
+        /// The newest chained row still stored, if any.
+        newest: Option<i64>,
+    },
+    /// The row at the expected head's id carries another MAC.
+    HeadMismatch,
+}
+
+impl fmt::Display for Defect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Defect::MacMismatch => {
+                f.write_str("MAC does not match: a field was edited or rows were moved (reordered)")
+            }
+            Defect::RowsMissing { after } => {
+                write!(f, "rows after id {after} are missing (deleted)")
+            }
+            Defect::MacMissing => {
+                f.write_str("no MAC: written without the chain key, or its MAC was erased")
+            }
+            Defect::Unreadable(why) => write!(f, "fields do not parse ({why})"),
+            Defect::HeadMissing {
+                newest: Some(newest),
+            } => write!(
+                f,
+                "expected chain head is gone, newest row is {newest}: the newest rows were dropped"
+            ),
+            Defect::HeadMissing { newest: None } => f.write_str(
+                "expected chain head is gone and no chained row is left: the rows were dropped",
+            ),
+            Defect::HeadMismatch => f.write_str("MAC differs from the expected chain head"),
+        }
+    }
+}
+
+/// The first broken place in the chain.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("audit chain broken at row {row_id}: {defect}")]
+pub struct ChainBroken {
+    /// The first row found broken (for a dropped head: the expected head's id).
+    pub row_id: i64,
+    /// What is wrong there.
+    pub defect: Defect,
+}
+
+/// Why [`verify`] did not prove the chain.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// The chain is broken at a named row.
+    #[error(transparent)]
+    Broken(#[from] ChainBroken),
+    /// The store could not be read; nothing is proved either way.
+    #[error("cannot read the audit trail: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl ServiceError for VerifyError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            VerifyError::Broken(_) => ErrorCode::Internal,
+            VerifyError::Store(e) => e.code(),
+        }
+    }
+    fn reason(&self) -> &'static str {
+        match self {
+            VerifyError::Broken(_) => "AUDIT_CHAIN_BROKEN",
+            VerifyError::Store(_) => "AUDIT_UNAVAILABLE",
+        }
+    }
+}
+
+/// Walks every audit row in id order and checks each chained row's MAC
+/// under `chain_key` and that chained ids are contiguous. With
+/// `expected_head` (`(audit_id, mac)` from the last `audit chain head` log
+/// line or metric), also checks that row is still there with that MAC, which
+/// catches dropped newest rows; rows appended after it are fine.
+///
+/// Errors: [`VerifyError::Broken`] naming the first broken row and what is
+/// wrong; [`VerifyError::Store`] if the rows cannot be read.
+pub async fn verify(
+    store: &dyn Store,
+    chain_key: &ChainKey,
+    expected_head: Option<(i64, String)>,
+) -> Result<VerifyReport, VerifyError> {
+    let mut report = VerifyReport {
+        chained_rows: 0,
+        unchained_rows: 0,
+        head: None,
+    };
+    let mut head_seen: Option<String> = None;
+    let mut after = 0;
+    loop {
+        let rows = store.list_audit_chain(after, VERIFY_PAGE).await?;
+        let Some(last) = rows.last() else { break };
+        after = last.id;
+        for row in rows {
+            let broken = |defect| ChainBroken {
+                row_id: row.id,
+                defect,
+            };
+            let event = row
+                .event
+                .map_err(|e| broken(Defect::Unreadable(e.to_string())))?;
+            let Some(mac) = row.mac else {
+                if report.head.is_some() {
+                    return Err(broken(Defect::MacMissing).into());
+                }
+                report.unchained_rows += 1;
+                continue;
+            };
+            let prev = report.head.as_ref();
+            if let Some(prev) = prev.filter(|p| Some(row.id) != p.id.checked_add(1)) {
+                return Err(broken(Defect::RowsMissing { after: prev.id }).into());
+            }
+            let expected = chain_key.mac(prev.map(|p| p.mac.as_str()), &event);
+            // Not secret, but compare in constant time anyway: it costs nothing.
+            if !bool::from(subtle::ConstantTimeEq::ct_eq(
+                expected.as_bytes(),
+                mac.as_bytes(),
+            )) {
+                return Err(broken(Defect::MacMismatch).into());
+            }
+            if expected_head.as_ref().is_some_and(|(id, _)| *id == row.id) {
+                head_seen = Some(mac.clone());
+            }
+            report.chained_rows += 1;
+            report.head = Some(AppendedEvent { id: row.id, mac });
+        }
+    }
+    if let Some((id, mac)) = expected_head {
+        let broken = |defect| ChainBroken { row_id: id, defect };
+        match head_seen {
+            Some(seen) if seen.eq_ignore_ascii_case(&mac) => {}
+            Some(_) => return Err(broken(Defect::HeadMismatch).into()),
+            None => {
+                return Err(broken(Defect::HeadMissing {
+                    newest: report.head.as_ref().map(|h| h.id),
+                })
+                .into())
+            }
+        }
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::Outcome;
+    use chrono::TimeZone;
+
+    fn key(byte: u8) -> ChainKey {
+        ChainKey::new(&SecretString::from(BASE64.encode([byte; KEY_LEN]))).unwrap()
+    }
+
+    fn event() -> AuditEvent {
+        AuditEvent {
+            id: 7,
+            time: chrono::Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap(),
+            identity: "apikey:ci".into(),
+            peer: None,
+            action: "lease.create".into(),
+            outcome: Outcome::Allowed,
+            reason: None,
+            policy_rule: None,
+            lease_id: None,
+            organization: Some("contoso".into()),
+            scopes: None,
+            token_fingerprint: None,
+        }
+    }
+
+    #[test]
+    fn the_mac_is_64_hex_and_depends_on_key_prev_and_every_field() {
+        let k = key(1);
+        let base = k.mac(None, &event());
+        assert_eq!(base.len(), 64);
+        assert!(base.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(base, k.mac(Some(GENESIS_MAC), &event()));
+        assert_ne!(base, key(2).mac(None, &event()));
+        assert_ne!(base, k.mac(Some(&base), &event()));
+        let edits: Vec<fn(&mut AuditEvent)> = vec![
+            |e| e.id += 1,
+            |e| e.time += chrono::Duration::microseconds(1),
+            |e| e.identity.push('x'),
+            |e| e.peer = Some(String::new()),
+            |e| e.action.push('x'),
+            |e| e.outcome = Outcome::Denied,
+            |e| e.reason = Some("R".into()),
+            |e| e.policy_rule = Some("r".into()),
+            |e| e.lease_id = Some(crate::domain::LeaseId::new()),
+            |e| e.organization = None,
+            |e| e.scopes = Some("vso.code".into()),
+            |e| e.token_fingerprint = Some("ab".into()),
+        ];
+        for edit in edits {
+            let mut e = event();
+            edit(&mut e);
+            assert_ne!(base, k.mac(None, &e));
+        }
+    }
+
+    #[test]
+    fn moving_bytes_between_adjacent_fields_changes_the_mac() {
+        let k = key(1);
+        let mut a = event();
+        (a.reason, a.policy_rule) = (Some("ab".into()), Some("c".into()));
+        let mut b = event();
+        (b.reason, b.policy_rule) = (Some("a".into()), Some("bc".into()));
+        assert_ne!(k.mac(None, &a), k.mac(None, &b));
+        let mut c = event();
+        (c.reason, c.policy_rule) = (Some(String::new()), None);
+        let mut d = event();
+        (d.reason, d.policy_rule) = (None, Some(String::new()));
+        assert_ne!(k.mac(None, &c), k.mac(None, &d));
+    }
+
+    #[test]
+    fn an_expected_head_parses_from_id_colon_mac() {
+        let mac = "AB".repeat(32);
+        assert_eq!(
+            parse_expected_head(&format!(" 42:{mac}\n")).unwrap(),
+            (42, "ab".repeat(32))
+        );
+        for bad in [
+            "",
+            "42",
+            "x:ab",
+            "0:ab",
+            &format!("42:{}", "ab".repeat(31)),
+            &format!("-1:{mac}"),
+            &format!("42:{}", "zz".repeat(32)),
+        ] {
+            assert!(parse_expected_head(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_bad_chain_key_is_refused_and_debug_shows_nothing() {
+        for bad in ["", "short", &BASE64.encode([1u8; 16])] {
+            assert!(matches!(
+                ChainKey::new(&SecretString::from(bad)),
+                Err(CryptoError::BadKey(ref name)) if name == "audit chain"
+            ));
+        }
+        assert_eq!(format!("{:?}", key(1)), "ChainKey { .. }");
+    }
+}

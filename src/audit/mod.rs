@@ -1,0 +1,180 @@
+//! Audit events: one append-only row per decision. Never holds a token,
+//! only its keyed fingerprint.
+//!
+//! Rows are chained by a keyed MAC ([`chain`]): each row's `mac` covers the
+//! previous row's `mac` and this row's fields as stored, under a key kept
+//! outside the database, so write access to the database alone cannot
+//! forge a consistent chain. [`AuditLog`] appends (and reports the chain
+//! head outside the database); [`verify`] proves the chain intact or names
+//! the first broken row.
+//!
+//! Fail closed: [`AuditLog::append`] returns an error when the row cannot
+//! be written. A caller about to grant something (create, renew) must then
+//! refuse the grant; a revocation goes ahead and retries its audit row.
+
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+
+use crate::domain::LeaseId;
+use crate::error::{ErrorCode, ServiceError};
+use crate::store::{Store, StoreError};
+
+pub mod chain;
+
+pub use chain::{
+    parse_expected_head, verify, BadHead, ChainBroken, ChainKey, Defect, VerifyError, VerifyReport,
+    GENESIS_MAC,
+};
+
+/// How a decision came out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Granted or done.
+    Allowed,
+    /// Refused by authentication or policy.
+    Denied,
+    /// Attempted and failed.
+    Error,
+}
+
+impl Outcome {
+    /// Stored form: `allowed`, `denied`, `error`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Outcome::Allowed => "allowed",
+            Outcome::Denied => "denied",
+            Outcome::Error => "error",
+        }
+    }
+
+    /// Parses the stored form.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "allowed" => Some(Outcome::Allowed),
+            "denied" => Some(Outcome::Denied),
+            "error" => Some(Outcome::Error),
+            _ => None,
+        }
+    }
+}
+
+/// One audit row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AuditEvent {
+    /// Store-assigned, increasing; 0 before it is appended.
+    pub id: i64,
+    /// When it happened (UTC).
+    pub time: DateTime<Utc>,
+    /// The caller's typed identity, or `-` when unauthenticated.
+    pub identity: String,
+    /// The caller's socket address, when known.
+    pub peer: Option<String>,
+    /// What was asked, e.g. `lease.create`, `lease.expire`.
+    pub action: String,
+    /// How it came out.
+    pub outcome: Outcome,
+    /// Stable reason, e.g. `SCOPE_NOT_ALLOWED`.
+    pub reason: Option<String>,
+    /// The policy rule that decided, if any.
+    pub policy_rule: Option<String>,
+    /// The lease concerned, if any.
+    pub lease_id: Option<LeaseId>,
+    /// The organization concerned, if any.
+    pub organization: Option<String>,
+    /// Scopes asked for or held, space separated.
+    pub scopes: Option<String>,
+    /// Keyed HMAC-SHA256 fingerprint of the token, hex; never the token.
+    pub token_fingerprint: Option<String>,
+}
+
+/// Where a row landed in the chain: its id and its MAC (64 lower-case hex
+/// characters; not a secret). Also the shape of the chain head.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppendedEvent {
+    /// The row's id.
+    pub id: i64,
+    /// The row's chain MAC, hex.
+    pub mac: String,
+}
+
+/// An audit row could not be written. The caller fails closed: no grant
+/// without its audit row.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The store refused or could not be reached; nothing was written.
+    #[error("audit event not written: {0}")]
+    NotWritten(#[from] StoreError),
+}
+
+impl ServiceError for AuditError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            AuditError::NotWritten(e) => e.code(),
+        }
+    }
+    fn reason(&self) -> &'static str {
+        "AUDIT_UNAVAILABLE"
+    }
+}
+
+/// Appends audit events to the chain and remembers the newest link this
+/// process wrote. Cheap to share behind an `Arc`; several replicas (one
+/// `AuditLog` each) may append to one PostgreSQL database at once.
+pub struct AuditLog {
+    store: Arc<dyn Store>,
+    key: ChainKey,
+    head: Mutex<Option<AppendedEvent>>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("head", &self.head())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuditLog {
+    /// An audit log over `store`, chaining under `chain_key`.
+    pub fn new(store: Arc<dyn Store>, chain_key: ChainKey) -> Self {
+        AuditLog {
+            store,
+            key: chain_key,
+            head: Mutex::new(None),
+        }
+    }
+
+    /// Appends `event` (its `id` is ignored; its time is kept to the
+    /// microsecond) as the next chain link, then reports the new head
+    /// outside the database: an INFO log line `audit chain head` with
+    /// fields `audit_id` and `mac`, and [`AuditLog::head`].
+    ///
+    /// Errors: [`AuditError::NotWritten`] when the row cannot be written;
+    /// nothing is written then, and the caller must fail closed (see the
+    /// module doc).
+    pub async fn append(&self, event: &AuditEvent) -> Result<AppendedEvent, AuditError> {
+        let key = &self.key;
+        let mac_of = |prev: Option<&str>, stored: &AuditEvent| key.mac(prev, stored);
+        let (id, mac) = self.store.append_audit_chained(event, &mac_of).await?;
+        let appended = AppendedEvent { id, mac };
+        tracing::info!(audit_id = appended.id, mac = %appended.mac, "audit chain head");
+        let mut head = self.head.lock().unwrap_or_else(|p| p.into_inner());
+        if head.as_ref().is_none_or(|h| h.id < appended.id) {
+            *head = Some(appended.clone());
+        }
+        Ok(appended)
+    }
+
+    /// The newest link this process appended (highest id), or `None`
+    /// before its first append. Other replicas' appends are not seen here;
+    /// the newest head across replicas is the one with the highest id.
+    pub fn head(&self) -> Option<AppendedEvent> {
+        self.head.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The store appended to.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+}

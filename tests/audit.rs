@@ -1,0 +1,539 @@
+//! The tamper-evident audit trail: every test runs on PostgreSQL
+//! (`postgres::…`) and SQLite (`sqlite::…`), each on a fresh database, and
+//! tampers with rows through a raw connection of its own, as someone with
+//! write access to the database but without the chain key would.
+
+mod common;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, TimeZone, Utc};
+use common::audit::AuditDb;
+use secrecy::SecretString;
+use token_broker::audit::{
+    parse_expected_head, verify, AppendedEvent, AuditError, AuditEvent, AuditLog, ChainBroken,
+    ChainKey, Defect, Outcome, VerifyError, VerifyReport,
+};
+use token_broker::crypto::Keyring;
+use token_broker::domain::LeaseId;
+
+/// Instantiates each named test for both backends.
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(crate::common::audit::AuditDb::postgres().await).await;
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(crate::common::audit::AuditDb::sqlite().await).await;
+                }
+            )*
+        }
+    };
+}
+
+both_backends!(
+    an_intact_chain_verifies_up_to_the_head_the_log_reported,
+    editing_any_field_of_one_row_makes_verify_name_that_row,
+    deleting_a_middle_row_makes_verify_name_the_gap,
+    swapping_two_rows_makes_verify_name_the_first_of_them,
+    dropping_the_newest_rows_is_caught_only_against_the_expected_head,
+    concurrent_appends_from_several_replicas_still_verify,
+    a_database_writer_without_the_chain_key_cannot_rechain_an_edit,
+    a_chain_made_under_one_key_does_not_verify_under_another,
+    a_row_written_around_the_audit_log_is_named_by_verify,
+    a_row_forged_after_the_newest_is_named_by_verify,
+    rows_from_before_the_chain_are_counted_but_not_proved,
+    an_audit_row_that_cannot_be_written_is_an_error_and_leaves_nothing_behind,
+    every_append_logs_the_chain_head,
+);
+
+// ---- fixtures ----------------------------------------------------------
+
+fn t0() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap()
+}
+
+fn new_key() -> SecretString {
+    Keyring::generate_key()
+}
+
+fn chain_key(key: &SecretString) -> ChainKey {
+    ChainKey::new(key).expect("a generated key is valid")
+}
+
+/// The `i`-th event of a varied trail: grants, refusals and expiries, with
+/// optional fields both set and unset, and sub-microsecond times.
+fn event(i: i64) -> AuditEvent {
+    let granted = i % 3 != 1;
+    AuditEvent {
+        id: 0,
+        time: t0() + chrono::Duration::nanoseconds(i * 1_000_000_123),
+        identity: format!("apikey:svc{}", i % 4),
+        peer: (i % 2 == 0).then(|| format!("10.0.0.{i}:5{i:04}")),
+        action: [
+            "lease.create",
+            "lease.renew",
+            "lease.revoke",
+            "lease.expire",
+        ][(i % 4) as usize]
+            .to_owned(),
+        outcome: if granted {
+            Outcome::Allowed
+        } else {
+            Outcome::Denied
+        },
+        reason: (!granted).then(|| "SCOPE_NOT_ALLOWED".to_owned()),
+        policy_rule: granted.then(|| format!("rule-{i}")),
+        lease_id: granted.then(LeaseId::new),
+        organization: Some("contoso".to_owned()),
+        scopes: Some("vso.code vso.packaging".to_owned()),
+        token_fingerprint: granted.then(|| format!("{i:02x}").repeat(32)),
+    }
+}
+
+/// Appends events 1..=n through `log`; returns what each append reported.
+async fn append_n(log: &AuditLog, n: i64) -> Vec<AppendedEvent> {
+    let mut appended = Vec::new();
+    for i in 1..=n {
+        appended.push(log.append(&event(i)).await.expect("append"));
+    }
+    appended
+}
+
+fn head_of(appended: &AppendedEvent) -> Option<(i64, String)> {
+    Some((appended.id, appended.mac.clone()))
+}
+
+/// The chain break `verify` reports, or a panic naming what it said instead.
+async fn broken(db: &AuditDb, key: &ChainKey, expected_head: Option<(i64, String)>) -> ChainBroken {
+    match verify(db.store.as_ref(), key, expected_head).await {
+        Err(VerifyError::Broken(b)) => b,
+        other => panic!("expected a broken chain, got {other:?}"),
+    }
+}
+
+async fn intact(
+    db: &AuditDb,
+    key: &ChainKey,
+    expected_head: Option<(i64, String)>,
+) -> VerifyReport {
+    verify(db.store.as_ref(), key, expected_head)
+        .await
+        .unwrap_or_else(|e| panic!("expected an intact chain, got {e}"))
+}
+
+// ---- tests -------------------------------------------------------------
+
+async fn an_intact_chain_verifies_up_to_the_head_the_log_reported(db: AuditDb) {
+    let key = new_key();
+    let log = AuditLog::new(db.store.clone(), chain_key(&key));
+    assert_eq!(log.head(), None);
+    let appended = append_n(&log, 7).await;
+
+    let ids: Vec<i64> = appended.iter().map(|a| a.id).collect();
+    assert_eq!(
+        ids,
+        (1..=7).collect::<Vec<_>>(),
+        "chained ids are contiguous"
+    );
+    assert_eq!(log.head().as_ref(), appended.last());
+
+    let report = intact(&db, &chain_key(&key), None).await;
+    assert_eq!(report.chained_rows, 7);
+    assert_eq!(report.unchained_rows, 0);
+    assert_eq!(report.head.as_ref(), appended.last());
+    // The report's line gives the head in the form verify takes back.
+    let shown = report.to_string();
+    assert_eq!(
+        shown,
+        format!(
+            "audit chain intact: 7 chained rows, head 7:{}",
+            appended[6].mac
+        )
+    );
+    let head = parse_expected_head(shown.rsplit(' ').next().unwrap()).unwrap();
+    intact(&db, &chain_key(&key), Some(head)).await;
+    // Any head the log reported along the way still checks out.
+    intact(&db, &chain_key(&key), head_of(&appended[6])).await;
+    intact(&db, &chain_key(&key), head_of(&appended[2])).await;
+    // The stored rows are the events appended (time kept to the microsecond).
+    let rows = db.store.list_audit(0, 100).await.unwrap();
+    assert_eq!(rows[4].identity, event(5).identity);
+    assert_eq!(
+        rows[4].time.timestamp_micros(),
+        event(5).time.timestamp_micros()
+    );
+}
+
+async fn editing_any_field_of_one_row_makes_verify_name_that_row(db: AuditDb) {
+    let key = new_key();
+    let log = AuditLog::new(db.store.clone(), chain_key(&key));
+    append_n(&log, 5).await;
+    db.exec("CREATE TABLE audit_backup AS SELECT * FROM audit_events")
+        .await;
+
+    let row2_mac = db.text(2, "mac").await.unwrap();
+    let time_edit = db.earlier_time().to_owned();
+    // Row 3 is a grant without a peer: set fields are changed or cleared,
+    // unset ones are set.
+    let edits: Vec<(&str, String)> = vec![
+        ("identity", "'apikey:mallory'".into()),
+        ("peer", "'10.6.6.6:443'".into()),
+        ("action", "'lease.renew'".into()),
+        ("outcome", "'denied'".into()),
+        ("reason", "'EDITED'".into()),
+        ("scopes", "NULL".into()),
+        ("policy_rule", "'rule-99'".into()),
+        ("lease_id", "'00000000-0000-4000-8000-000000000001'".into()),
+        ("organization", "'fabrikam'".into()),
+        ("scopes", "'vso.code_full'".into()),
+        ("token_fingerprint", format!("'{}'", "ab".repeat(32))),
+        ("time", time_edit),
+        ("mac", format!("'{row2_mac}'")),
+    ];
+    for (column, value) in edits {
+        db.exec(&format!(
+            "UPDATE audit_events SET {column} = {value} WHERE id = 3"
+        ))
+        .await;
+        let b = broken(&db, &chain_key(&key), None).await;
+        assert_eq!(
+            b,
+            ChainBroken {
+                row_id: 3,
+                defect: Defect::MacMismatch
+            },
+            "after editing {column}"
+        );
+        assert!(b.to_string().contains("row 3"), "{b}");
+
+        db.exec(&format!(
+            "UPDATE audit_events SET {column} = \
+             (SELECT {column} FROM audit_backup WHERE audit_backup.id = 3) WHERE id = 3"
+        ))
+        .await;
+        intact(&db, &chain_key(&key), None).await;
+    }
+}
+
+async fn deleting_a_middle_row_makes_verify_name_the_gap(db: AuditDb) {
+    let key = new_key();
+    let log = AuditLog::new(db.store.clone(), chain_key(&key));
+    let appended = append_n(&log, 5).await;
+    db.exec("DELETE FROM audit_events WHERE id = 3").await;
+
+    let b = broken(&db, &chain_key(&key), head_of(&appended[4])).await;
+    assert_eq!(
+        b,
+        ChainBroken {
+            row_id: 4,
+            defect: Defect::RowsMissing { after: 2 }
+        }
+    );
+    assert_eq!(
+        b.to_string(),
+        "audit chain broken at row 4: rows after id 2 are missing (deleted)"
+    );
+
+    // Closing the gap by renumbering does not help: row 3's MAC is covered
+    // by row 4's.
+    if db.postgres {
+        db.exec("ALTER TABLE audit_events ALTER COLUMN id SET GENERATED BY DEFAULT")
+            .await;
+    }
+    db.exec("UPDATE audit_events SET id = 3 WHERE id = 4").await;
+    let b = broken(&db, &chain_key(&key), None).await;
+    assert_eq!(
+        b,
+        ChainBroken {
+            row_id: 3,
+            defect: Defect::MacMismatch
+        }
+    );
+}
+
+async fn swapping_two_rows_makes_verify_name_the_first_of_them(db: AuditDb) {
+    let key = new_key();
+    let log = AuditLog::new(db.store.clone(), chain_key(&key));
+    append_n(&log, 5).await;
+    db.swap_rows(2, 4).await;
+    assert_eq!(db.text(2, "identity").await.unwrap(), event(4).identity);
+
+    let b = broken(&db, &chain_key(&key), None).await;
+    assert_eq!(
+        b,
+        ChainBroken {
+            row_id: 2,
+            defect: Defect::MacMismatch
+        }
+    );
+}
+
+async fn dropping_the_newest_rows_is_caught_only_against_the_expected_head(db: AuditDb) {
+    let key = new_key();
+    let log = AuditLog::new(db.store.clone(), chain_key(&key));
+    let appended = append_n(&log, 5).await;
+    let reported_head = head_of(log.head().as_ref().unwrap());
+    db.exec("DELETE FROM audit_events WHERE id >= 4").await;
+
+    // The documented limit: what is left is a consistent, shorter chain.
+    let report = intact(&db, &chain_key(&key), None).await;
+    assert_eq!(report.chained_rows, 3);
+    assert_eq!(report.head.as_ref(), Some(&appended[2]));
+
+    // The head reported outside the database catches it.
+    let b = broken(&db, &chain_key(&key), reported_head.clone()).await;
+    assert_eq!(
+        b,
+        ChainBroken {
+            row_id: 5,
+            defect: Defect::HeadMissing { newest: Some(3) }
+        }
+    );
+
+    // New appends after the truncation do not hide it from that head.
+    let log = AuditLog::new(db.store.clone(), chain_key(&key));
+    append_n(&log, 3).await;
+    broken(&db, &chain_key(&key), reported_head).await;
+
+    // Dropping every row is caught the same way.
+    db.exec("DELETE FROM audit_events").await;
+    let b = broken(&db, &chain_key(&key), head_of(&appended[4])).await;
+    assert_eq!(b.defect, Defect::HeadMissing { newest: None });
+}
+
+async fn concurrent_appends_from_several_replicas_still_verify(db: AuditDb) {
+    const REPLICAS: usize = 4;
+    const EACH: i64 = 25;
+    let key = new_key();
+    let mut logs = Vec::new();
+    for _ in 0..REPLICAS {
+        logs.push(Arc::new(AuditLog::new(
+            db.another_store().await,
+            chain_key(&key),
+        )));
+    }
+    let mut tasks = Vec::new();
+    for log in &logs {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move { append_n(&log, EACH).await }));
+    }
+    let mut ids = Vec::new();
+    for task in tasks {
+        ids.extend(task.await.unwrap().into_iter().map(|a| a.id));
+    }
+    ids.sort_unstable();
+    let total = REPLICAS as i64 * EACH;
+    assert_eq!(ids, (1..=total).collect::<Vec<_>>());
+
+    let newest = logs.iter().filter_map(|l| l.head()).max_by_key(|h| h.id);
+    let report = intact(&db, &chain_key(&key), newest.as_ref().and_then(head_of)).await;
+    assert_eq!(report.chained_rows, total as u64);
+    assert_eq!(report.head, newest);
+}
+
+async fn a_database_writer_without_the_chain_key_cannot_rechain_an_edit(db: AuditDb) {
+    let key = new_key();
+    let log = AuditLog::new(db.store.clone(), chain_key(&key));
+    append_n(&log, 5).await;
+
+    // Edit row 3, then recompute the MACs of rows 3..=5 with a given key,
+    // exactly as the broker would, and write them back.
+    async fn rechain(db: &AuditDb, with: &ChainKey) {
+        let rows = db.store.list_audit_chain(0, 100).await.unwrap();
+        let mut prev = rows[1].mac.clone();
+        for row in &rows[2..] {
+            let mut event = row.event.as_ref().unwrap().clone();
+            if row.id == 3 {
+                event.identity = "apikey:mallory".into();
+            }
+            let mac = with.mac(prev.as_deref(), &event);
+            db.exec(&format!(
+                "UPDATE audit_events SET identity = '{}', mac = '{mac}' WHERE id = {}",
+                event.identity, row.id
+            ))
+            .await;
+            prev = Some(mac);
+        }
+    }
+
+    rechain(&db, &chain_key(&new_key())).await;
+    let b = broken(&db, &chain_key(&key), None).await;
+    assert_eq!(
+        b,
+        ChainBroken {
+            row_id: 3,
+            defect: Defect::MacMismatch
+        }
+    );
+
+    // Only the key makes a forged chain consistent: it must stay outside
+    // the database.
+    rechain(&db, &chain_key(&key)).await;
+    intact(&db, &chain_key(&key), None).await;
+}
+
+async fn a_chain_made_under_one_key_does_not_verify_under_another(db: AuditDb) {
+    let (key, other) = (new_key(), new_key());
+    let log = AuditLog::new(db.store.clone(), chain_key(&key));
+    let appended = append_n(&log, 3).await;
+
+    let rows = db.store.list_audit_chain(0, 100).await.unwrap();
+    for (row, appended) in rows.iter().zip(&appended) {
+        assert_eq!(row.mac.as_ref(), Some(&appended.mac));
+        let prev = (row.id > 1).then(|| rows[row.id as usize - 2].mac.clone().unwrap());
+        let event = row.event.as_ref().unwrap();
+        assert_eq!(chain_key(&key).mac(prev.as_deref(), event), appended.mac);
+        assert_ne!(chain_key(&other).mac(prev.as_deref(), event), appended.mac);
+    }
+    let b = broken(&db, &chain_key(&other), None).await;
+    assert_eq!(
+        b,
+        ChainBroken {
+            row_id: 1,
+            defect: Defect::MacMismatch
+        }
+    );
+}
+
+async fn a_row_written_around_the_audit_log_is_named_by_verify(db: AuditDb) {
+    let key = new_key();
+    let log = AuditLog::new(db.store.clone(), chain_key(&key));
+    append_n(&log, 2).await;
+    let id = db.store.append_audit(&event(3)).await.unwrap();
+    assert_eq!(id, 3);
+    log.append(&event(4)).await.unwrap();
+
+    let b = broken(&db, &chain_key(&key), None).await;
+    assert_eq!(
+        b,
+        ChainBroken {
+            row_id: 3,
+            defect: Defect::MacMissing
+        }
+    );
+}
+
+async fn a_row_forged_after_the_newest_is_named_by_verify(db: AuditDb) {
+    let key = new_key();
+    let log = AuditLog::new(db.store.clone(), chain_key(&key));
+    append_n(&log, 5).await;
+    // A copy of row 2, MAC and all, as row 6.
+    let overriding = if db.postgres {
+        "OVERRIDING SYSTEM VALUE"
+    } else {
+        ""
+    };
+    db.exec(&format!(
+        "INSERT INTO audit_events (id, time, identity, peer, action, outcome, reason, \
+         policy_rule, lease_id, organization, scopes, token_fingerprint, mac) {overriding} \
+         SELECT 6, time, identity, peer, action, outcome, reason, policy_rule, lease_id, \
+         organization, scopes, token_fingerprint, mac FROM audit_events WHERE id = 2"
+    ))
+    .await;
+
+    let b = broken(&db, &chain_key(&key), None).await;
+    assert_eq!(
+        b,
+        ChainBroken {
+            row_id: 6,
+            defect: Defect::MacMismatch
+        }
+    );
+}
+
+async fn rows_from_before_the_chain_are_counted_but_not_proved(db: AuditDb) {
+    for i in 1..=2 {
+        db.store.append_audit(&event(i)).await.unwrap();
+    }
+    let key = new_key();
+    let log = AuditLog::new(db.store.clone(), chain_key(&key));
+    let appended = append_n(&log, 3).await;
+    assert_eq!(appended[0].id, 3);
+
+    let report = intact(&db, &chain_key(&key), head_of(&appended[2])).await;
+    assert_eq!(report.unchained_rows, 2);
+    assert_eq!(report.chained_rows, 3);
+
+    // Erasing the MACs of the first chained rows does not turn them into
+    // unproved old rows: the next row's MAC still covers them.
+    db.exec("UPDATE audit_events SET mac = NULL WHERE id <= 4")
+        .await;
+    let b = broken(&db, &chain_key(&key), None).await;
+    assert_eq!(
+        b,
+        ChainBroken {
+            row_id: 5,
+            defect: Defect::MacMismatch
+        }
+    );
+}
+
+async fn an_audit_row_that_cannot_be_written_is_an_error_and_leaves_nothing_behind(db: AuditDb) {
+    let key = new_key();
+    let log = AuditLog::new(db.store.clone(), chain_key(&key));
+    let appended = append_n(&log, 2).await;
+
+    db.refuse_appends(true).await;
+    let err = log.append(&event(3)).await.unwrap_err();
+    assert!(matches!(err, AuditError::NotWritten(_)), "{err:?}");
+    assert_eq!(log.head().as_ref(), appended.last(), "head did not move");
+    assert_eq!(db.store.list_audit(0, 100).await.unwrap().len(), 2);
+
+    db.refuse_appends(false).await;
+    let next = log.append(&event(3)).await.unwrap();
+    assert_eq!(next.id, 3);
+    intact(&db, &chain_key(&key), head_of(&next)).await;
+}
+
+/// Collects log output in memory.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+async fn every_append_logs_the_chain_head(db: AuditDb) {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    // The test body runs on this thread, so the default covers its appends.
+    let _default = tracing::subscriber::set_default(subscriber);
+
+    let log = AuditLog::new(db.store.clone(), chain_key(&new_key()));
+    let appended = append_n(&log, 3).await;
+
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let heads: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("audit chain head"))
+        .collect();
+    assert_eq!(heads.len(), 3, "{text}");
+    for (line, appended) in heads.iter().zip(&appended) {
+        assert!(
+            line.contains(&format!("audit_id={}", appended.id)),
+            "{line}"
+        );
+        assert!(line.contains(&format!("mac={}", appended.mac)), "{line}");
+    }
+}
