@@ -33,7 +33,7 @@ pub struct ClientArgs {
         hide_env_values = true,
         global = true
     )]
-    pub api_key: Option<String>,
+    pub api_key: Option<SecretString>,
     /// Output format: text, or the proto3 JSON mapping.
     #[arg(long, value_enum, default_value_t = Output::Text, global = true)]
     pub output: Output,
@@ -188,8 +188,7 @@ pub async fn run(args: &ClientArgs, command: LeaseCommand) -> Result<String, Cli
     let api_key = args
         .api_key
         .clone()
-        .filter(|k| !k.is_empty())
-        .map(SecretString::from);
+        .filter(|k| !k.expose_secret().is_empty());
     let key = api_key.as_ref();
     let mut client = connect(&args.addr).await?;
     let lease = match command {

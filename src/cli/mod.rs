@@ -156,3 +156,44 @@ pub async fn shutdown_signal() {
         () = term => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn an_api_key_given_on_the_command_line_never_shows_in_debug_output() {
+        let key = "tbk_do-not-print-me-0123456789abcdef";
+        let cli = Cli::try_parse_from([
+            "token-broker",
+            "lease",
+            "--api-key",
+            key,
+            "create",
+            "--org",
+            "fabrikam",
+            "--scope",
+            "vso.code,vso.packaging",
+            "--ttl",
+            "15m",
+        ])
+        .unwrap();
+        assert!(!format!("{cli:?}").contains(key));
+        let Command::Lease {
+            command: client::LeaseCommand::Create { scopes, ttl, .. },
+            ..
+        } = cli.command
+        else {
+            panic!("parsed as another command");
+        };
+        assert_eq!(scopes, vec!["vso.code", "vso.packaging"]);
+        assert_eq!(ttl, Some(std::time::Duration::from_secs(900)));
+    }
+}
