@@ -341,6 +341,13 @@ async fn twenty_concurrent_retries_share_one_lease_and_one_pat(backend: Backend)
     let db = TestDb::new(backend).await;
     let broker = start_broker(&db, &url, &TestKeys::new(), BrokerOptions::default()).await;
     let request_id = Some(Uuid::new_v4());
+    // A slow upstream create, so the retries arrive while the first attempt
+    // is in flight (PENDING) and must wait for it.
+    set_faults(
+        &url,
+        serde_json::json!([{ "operation": "create", "latencyMs": 500 }]),
+    )
+    .await;
 
     let attempts = (0..20).map(|_| {
         let leases = broker.leases.clone();
@@ -363,6 +370,11 @@ async fn twenty_concurrent_retries_share_one_lease_and_one_pat(backend: Backend)
     assert_eq!(ids.len(), 1);
     assert_eq!(tokens.len(), 1);
     assert_eq!(emulator_pats(&url).await.len(), 1);
+    assert_eq!(
+        emulator_stats(&url).await["calls"]["create"],
+        1,
+        "one upstream create"
+    );
     let rows = broker
         .store
         .list_leases(&LeaseFilter::default(), None, 100)

@@ -6,8 +6,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::support::{
-    audit_best_effort, caller_event, chrono_duration, now, open_token, revoke_by_display_name,
-    token_aad, upstream_time,
+    audit_best_effort, audit_grant, caller_event, chrono_duration, now, open_token,
+    revoke_by_display_name, token_aad, upstream_time,
 };
 use super::{CreateLease, IssuedLease, LeaseDeps, LeaseError};
 use crate::audit::{AuditEvent, Outcome};
@@ -209,7 +209,7 @@ async fn replay(
                 event.reason = Some("REQUEST_ID_REPLAYED".to_owned());
                 event.policy_rule = Some(grant.rule.clone());
                 event.token_fingerprint = Some(deps.fingerprinter.fingerprint(&token));
-                deps.store.append_audit(&event).await?;
+                audit_grant(deps, &event).await?;
                 return Ok(IssuedLease { lease, token });
             }
         }
@@ -279,7 +279,7 @@ async fn mint(
     let mut event = caller_event(caller, ACTION, Outcome::Allowed, &lease, now);
     event.policy_rule = Some(rule.to_owned());
     event.token_fingerprint = Some(deps.fingerprinter.fingerprint(&token));
-    if let Err(e) = deps.store.append_audit(&event).await {
+    if let Err(e) = audit_grant(deps, &event).await {
         // Fail closed: a grant that is not audited does not happen.
         tracing::error!(lease_id = %lease.id, error = %e, "audit of a grant failed; revoking the lease");
         if let Ok(Some(revoking)) = super::support::begin_revocation(deps, &lease, now).await {
@@ -292,7 +292,7 @@ async fn mint(
             )
             .await;
         }
-        return Err(e.into());
+        return Err(e);
     }
     tracing::info!(lease_id = %lease.id, holder = %lease.holder, organization = %lease.organization, "lease issued");
     Ok(IssuedLease { lease, token })

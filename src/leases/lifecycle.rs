@@ -131,7 +131,7 @@ pub(super) async fn renew(
     // asked-for expiry; upstream may shorten it), or it does not happen.
     let mut event = caller_event(caller, ACTION, Outcome::Allowed, &next, now);
     event.token_fingerprint = lease_token_fingerprint(deps, &next);
-    deps.store.append_audit(&event).await?;
+    super::support::audit_grant(deps, &event).await?;
     let skew = chrono_duration(deps.settings.valid_to_skew);
     let wanted_valid_to = next.expire_time + skew;
     let update = UpdatePat {

@@ -144,9 +144,17 @@ pub(super) fn caller_event(
     )
 }
 
+/// Appends the audit event of a grant (create, replay, renew). Fails
+/// closed: the caller must not grant when this errs. The one place, with
+/// [`audit_best_effort`], where lease rules write audit rows (issue 5 moves
+/// both to the chained `audit::AuditLog`).
+pub(super) async fn audit_grant(deps: &LeaseDeps, event: &AuditEvent) -> Result<(), LeaseError> {
+    deps.store.append_audit(event).await?;
+    Ok(())
+}
+
 /// Appends an audit event, logging (not failing) when the store refuses:
 /// used for denials, errors and revocations, which must proceed anyway.
-/// Grants check the result themselves (they fail closed).
 pub(super) async fn audit_best_effort(deps: &LeaseDeps, event: AuditEvent) {
     if let Err(e) = deps.store.append_audit(&event).await {
         tracing::error!(action = %event.action, error = %e, "audit event not written");
@@ -279,4 +287,20 @@ pub(super) async fn revoke_by_display_name(
         tracing::info!(lease_id = %lease.id, authorization_id = %pat.authorization_id, "revoked a PAT no lease holds");
     }
     Ok(revoked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revocation_retries_back_off_from_seconds_to_minutes_then_hourly() {
+        for attempts in 1..REVOKE_RETRY_BUDGET {
+            let delay = revocation_backoff(attempts);
+            assert!(delay >= Duration::from_secs(5), "{attempts}: {delay:?}");
+            assert!(delay <= Duration::from_secs(1200), "{attempts}: {delay:?}");
+        }
+        assert!(revocation_backoff(8) > revocation_backoff(1));
+        assert_eq!(revocation_backoff(REVOKE_RETRY_BUDGET), REVOKE_FAILED_RETRY);
+    }
 }
