@@ -95,7 +95,10 @@ where
 {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer);
+        .with_writer(writer)
+        // A failed write (stderr closed) would otherwise be reported with
+        // eprintln!, which panics inside whatever request was logging.
+        .log_internal_errors(false);
     if json {
         Box::new(builder.json().with_current_span(true).finish())
     } else {
