@@ -2,6 +2,9 @@
 //! [`Identity`]. TODO(api helper): API keys (issue 4); Kubernetes and mTLS
 //! come later (issue 5).
 
+mod jwks;
+pub mod kubernetes;
+
 use crate::domain::Identity;
 
 /// An authenticated caller, as the lease rules see it.
