@@ -173,7 +173,7 @@ impl JwksCache {
         match &state.last_error {
             Some(error) => Err(KubernetesAuthError::JwksUnavailable(error.clone())),
             None => Err(KubernetesAuthError::UnknownKey {
-                kid: kid.map(printable),
+                kid: kid.map(|k| printable(k, 64)),
             }),
         }
     }
@@ -217,7 +217,7 @@ impl JwksCache {
         if doc.issuer != issuer {
             return Err(format!(
                 "discovery document at {document} names issuer {:?}, not the configured {issuer:?}",
-                printable(&doc.issuer)
+                printable(&doc.issuer, 200)
             ));
         }
         Url::parse(&doc.jwks_uri)
@@ -276,10 +276,10 @@ pub(crate) async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u
     Ok(body)
 }
 
-/// At most 64 printable ASCII characters of an outside string, for errors.
-pub(crate) fn printable(s: &str) -> String {
+/// At most `max` printable ASCII characters of an outside string, for errors.
+pub(crate) fn printable(s: &str, max: usize) -> String {
     s.chars()
-        .take(64)
+        .take(max)
         .map(|c| {
             if c.is_ascii_graphic() || c == ' ' {
                 c

@@ -488,7 +488,7 @@ impl KubernetesVerifier {
                 .error
                 .as_deref()
                 .filter(|e| !e.is_empty() && !e.contains(jwt))
-                .map(printable)
+                .map(|e| printable(e, 300))
                 .unwrap_or_else(|| "not authenticated".to_owned());
             return Err(KubernetesAuthError::ReviewRefused(why));
         }
@@ -600,7 +600,7 @@ fn read_header(jwt: &str) -> Result<JoseHeader, KubernetesAuthError> {
         "ES256" => Algorithm::ES256,
         other => {
             return Err(KubernetesAuthError::UnsupportedAlgorithm {
-                alg: printable(other),
+                alg: printable(other, 16),
             })
         }
     };

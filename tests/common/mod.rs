@@ -4,4 +4,5 @@
 
 pub mod db;
 pub mod emulator;
+pub mod k8s;
 pub mod upstream;
