@@ -39,6 +39,9 @@ use crate::upstream::azure_devops::de_duration;
 /// Longest token we look at, in bytes. Kubernetes' tokens are about 1 KiB.
 const MAX_TOKEN_BYTES: usize = 16 * 1024;
 
+/// Largest accepted `leeway`: more would keep expired tokens alive.
+const MAX_LEEWAY: Duration = Duration::from_secs(300);
+
 /// `sub` (and TokenReview `user.username`) prefix of a service account.
 const SERVICE_ACCOUNT_PREFIX: &str = "system:serviceaccount:";
 
@@ -68,8 +71,9 @@ pub struct KubernetesAuthConfig {
     /// `["token-broker"]` (the pod's projected volume sets `audience`).
     pub audiences: Vec<String>,
     /// Least time between two JWKS fetches caused by an unknown `kid`;
-    /// default 30 s. A new key is therefore trusted at most this long after
-    /// the previous fetch.
+    /// default 30 s. A key published within this time after the previous
+    /// fetch is trusted only once the window has passed. Zero disables the
+    /// limit (tests).
     #[serde(deserialize_with = "de_duration")]
     pub jwks_refetch_min_interval: Duration,
     /// Cached keys older than this are refetched on next use (and kept if
@@ -77,7 +81,8 @@ pub struct KubernetesAuthConfig {
     /// default 10 min.
     #[serde(deserialize_with = "de_duration")]
     pub jwks_max_age: Duration,
-    /// Clock skew allowed on `exp` and `nbf` (whole seconds); default 30 s.
+    /// Clock skew allowed on `exp` and `nbf` (whole seconds); default 30 s,
+    /// at most 5 min.
     #[serde(deserialize_with = "de_duration")]
     pub leeway: Duration,
     /// Timeout of one discovery, JWKS or TokenReview exchange; default 10 s.
@@ -287,7 +292,7 @@ struct Inner {
 
 enum Mode {
     Jwks {
-        keys: JwksCache,
+        keys: Box<JwksCache>,
         /// Template checks; `algorithms` is set per token.
         validation: Validation,
     },
@@ -328,6 +333,12 @@ impl KubernetesVerifier {
                 "list at least one non-empty audience (default [\"token-broker\"])",
             ));
         }
+        if config.leeway > MAX_LEEWAY {
+            return Err(invalid("leeway", "must be at most 5m"));
+        }
+        if config.http_timeout.is_zero() {
+            return Err(invalid("http_timeout", "must be greater than zero"));
+        }
 
         let mode = match &config.token_review {
             Some(review) => {
@@ -337,10 +348,13 @@ impl KubernetesVerifier {
                         format!("cannot read {}: {e}", review.token_file.display()),
                     )
                 })?;
-                let endpoint = review
-                    .api_server
-                    .join("apis/authentication.k8s.io/v1/tokenreviews")
-                    .map_err(|e| invalid("token_review.api_server", e.to_string()))?;
+                let setting = "token_review.api_server";
+                check_url(&review.api_server, setting)?;
+                let endpoint = Url::parse(&format!(
+                    "{}/apis/authentication.k8s.io/v1/tokenreviews",
+                    review.api_server.as_str().trim_end_matches('/')
+                ))
+                .map_err(|e| invalid(setting, e.to_string()))?;
                 Mode::TokenReview {
                     http: http_client(
                         config.http_timeout,
@@ -363,13 +377,20 @@ impl KubernetesVerifier {
                     }
                 };
                 let source = match &config.jwks_url {
-                    Some(url) => JwksSource::Url(url.clone()),
-                    None => JwksSource::Discovery {
-                        document: discovery_url(&issuer).map_err(|problem| {
+                    Some(url) => {
+                        check_url(url, "jwks_url")?;
+                        JwksSource::Url(url.clone())
+                    }
+                    None => {
+                        let document = discovery_url(&issuer).map_err(|problem| {
                             invalid("issuer", format!("{problem}; or set jwks_url"))
-                        })?,
-                        issuer: issuer.clone(),
-                    },
+                        })?;
+                        check_url(&document, "issuer")?;
+                        JwksSource::Discovery {
+                            document,
+                            issuer: issuer.clone(),
+                        }
+                    }
                 };
                 let mut validation = Validation::new(Algorithm::RS256);
                 validation.set_issuer(&[&issuer]);
@@ -379,7 +400,7 @@ impl KubernetesVerifier {
                 validation.validate_nbf = true;
                 validation.leeway = config.leeway.as_secs();
                 Mode::Jwks {
-                    keys: JwksCache::new(JwksSettings {
+                    keys: Box::new(JwksCache::new(JwksSettings {
                         source,
                         http: http_client(
                             config.http_timeout,
@@ -389,7 +410,7 @@ impl KubernetesVerifier {
                         bearer_token_file: config.jwks_token_file.clone(),
                         min_refetch_interval: config.jwks_refetch_min_interval,
                         max_age: config.jwks_max_age,
-                    }),
+                    })),
                     validation,
                 }
             }
@@ -515,6 +536,21 @@ impl KubernetesVerifier {
     }
 }
 
+/// An http(s) URL without credentials (they would show in errors and logs;
+/// bearer tokens come from token files instead).
+fn check_url(url: &Url, setting: &'static str) -> Result<(), KubernetesConfigError> {
+    if !matches!(url.scheme(), "https" | "http") {
+        return Err(invalid(setting, "must be an http(s) URL"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(invalid(
+            setting,
+            "must not carry credentials; use a token file",
+        ));
+    }
+    Ok(())
+}
+
 fn discovery_url(issuer: &str) -> Result<Url, String> {
     let base = Url::parse(issuer).map_err(|e| format!("{issuer:?} is not a URL ({e})"))?;
     if !matches!(base.scheme(), "https" | "http") {
@@ -578,6 +614,8 @@ fn read_header(jwt: &str) -> Result<JoseHeader, KubernetesAuthError> {
         alg: String,
         #[serde(default)]
         kid: Option<String>,
+        #[serde(default)]
+        crit: Option<serde_json::Value>,
     }
     if jwt.len() > MAX_TOKEN_BYTES {
         return Err(KubernetesAuthError::Malformed("longer than 16 KiB"));
@@ -595,6 +633,12 @@ fn read_header(jwt: &str) -> Result<JoseHeader, KubernetesAuthError> {
         .map_err(|_| KubernetesAuthError::Malformed("header is not base64url"))?;
     let header: Wire = serde_json::from_slice(&header)
         .map_err(|_| KubernetesAuthError::Malformed("header is not a JOSE header"))?;
+    if header.crit.is_some() {
+        // RFC 7515 section 4.1.11: extensions we do not understand.
+        return Err(KubernetesAuthError::Malformed(
+            "header has critical extensions (crit)",
+        ));
+    }
     let alg = match header.alg.as_str() {
         "RS256" => Algorithm::RS256,
         "ES256" => Algorithm::ES256,
@@ -835,6 +879,59 @@ mod tests {
     }
 
     #[test]
+    fn unsafe_settings_are_refused_naming_the_setting() {
+        let base = KubernetesAuthConfig {
+            issuer: Some("https://k8s.example".into()),
+            ..Default::default()
+        };
+        for (config, setting) in [
+            (
+                KubernetesAuthConfig {
+                    leeway: Duration::from_secs(3600),
+                    ..base.clone()
+                },
+                "leeway",
+            ),
+            (
+                KubernetesAuthConfig {
+                    http_timeout: Duration::ZERO,
+                    ..base.clone()
+                },
+                "http_timeout",
+            ),
+            (
+                KubernetesAuthConfig {
+                    jwks_url: Some("https://user:pw@k8s.example/jwks".parse().unwrap()),
+                    ..base.clone()
+                },
+                "jwks_url",
+            ),
+            (
+                KubernetesAuthConfig {
+                    jwks_url: Some("file:///etc/jwks.json".parse().unwrap()),
+                    ..base.clone()
+                },
+                "jwks_url",
+            ),
+            (
+                KubernetesAuthConfig {
+                    ca_file: Some("/nonexistent/ca.crt".into()),
+                    ..base.clone()
+                },
+                "ca_file",
+            ),
+        ] {
+            let err = KubernetesVerifier::new(&config).unwrap_err();
+            assert!(
+                err.to_string()
+                    .starts_with(&format!("auth.kubernetes.{setting}:")),
+                "{err}"
+            );
+            assert!(!err.to_string().contains("pw@"), "{err}");
+        }
+    }
+
+    #[test]
     fn discovery_appends_the_well_known_path_to_the_issuer() {
         assert_eq!(
             discovery_url("https://oidc.example/cluster-1/")
@@ -874,6 +971,8 @@ mod tests {
             let err = read_header(&token(&format!(r#"{{"alg":"{alg}"}}"#))).unwrap_err();
             assert_eq!(err.reason(), "TOKEN_ALGORITHM_UNSUPPORTED", "{alg}");
         }
+        let crit = token(r#"{"alg":"ES256","crit":["b64"],"b64":false}"#);
+        assert_eq!(read_header(&crit).unwrap_err().reason(), "TOKEN_MALFORMED");
         for garbage in ["", "a.b", "a.b.c.d", "!!.e30.c2ln"] {
             assert_eq!(
                 read_header(garbage).unwrap_err().reason(),
