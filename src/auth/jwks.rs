@@ -6,7 +6,7 @@
 //! a burst of forged tokens with random `kid`s costs one request upstream.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -78,7 +78,8 @@ pub(crate) struct JwksSettings {
     pub bearer_token_file: Option<PathBuf>,
     /// Least time between two fetches caused by unknown `kid`s.
     pub min_refetch_interval: Duration,
-    /// Keys older than this are refetched on next use (kept if that fails).
+    /// Keys older than this are refreshed in the background on next use
+    /// (and kept if that fails).
     pub max_age: Duration,
 }
 
@@ -90,6 +91,8 @@ pub(crate) struct JwksCache {
     /// this moved on while it waited for the lock does not fetch again.
     finished_attempts: AtomicU64,
     fetch: tokio::sync::Mutex<FetchState>,
+    /// A background refresh of aged keys is running.
+    refreshing: AtomicBool,
 }
 
 impl JwksCache {
@@ -99,6 +102,7 @@ impl JwksCache {
             current: RwLock::new(None),
             finished_attempts: AtomicU64::new(0),
             fetch: tokio::sync::Mutex::new(FetchState::default()),
+            refreshing: AtomicBool::new(false),
         }
     }
 
@@ -112,50 +116,31 @@ impl JwksCache {
     /// The cached keys a token with this `kid` may be verified with (every
     /// key when it has no `kid`). An unknown `kid` refetches the set unless a
     /// fetch ran within the rate-limit window or finished while this caller
-    /// waited for the running one.
+    /// waited for the running one. Keys older than `max_age` are still used
+    /// while a refresh runs in the background, so no caller waits for it.
     ///
     /// Errors: [`KubernetesAuthError::UnknownKey`] when no key has this `kid`
     /// after all; [`KubernetesAuthError::JwksUnavailable`] when the keys were
     /// never fetched or the latest fetch failed.
     pub async fn keys_for(
-        &self,
+        self: &Arc<Self>,
         kid: Option<&str>,
     ) -> Result<Vec<VerifyingKey>, KubernetesAuthError> {
         let seen_attempts = self.finished_attempts.load(Ordering::Acquire);
         if let Some(set) = self.snapshot() {
-            if set.fetched_at.elapsed() < self.settings.max_age {
-                let found = set.matching(kid);
-                if !found.is_empty() || kid.is_none() {
-                    return Ok(found);
+            let found = set.matching(kid);
+            if !found.is_empty() || kid.is_none() {
+                if set.fetched_at.elapsed() >= self.settings.max_age {
+                    self.refresh_in_background();
                 }
+                return Ok(found);
             }
         }
 
         let mut state = self.fetch.lock().await;
         let fetched_meanwhile = self.finished_attempts.load(Ordering::Acquire) != seen_attempts;
-        let window_open = state
-            .last_attempt
-            .is_none_or(|at| at.elapsed() >= self.settings.min_refetch_interval);
-        if !fetched_meanwhile && window_open {
-            state.last_attempt = Some(Instant::now());
-            match self.fetch_keys(&mut state).await {
-                Ok(keys) => {
-                    let set = Arc::new(KeySet {
-                        keys,
-                        fetched_at: Instant::now(),
-                    });
-                    *self
-                        .current
-                        .write()
-                        .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(set);
-                    state.last_error = None;
-                }
-                Err(error) => {
-                    warn!(%error, "service-account signing keys fetch failed");
-                    state.last_error = Some(error);
-                }
-            }
-            self.finished_attempts.fetch_add(1, Ordering::Release);
+        if !fetched_meanwhile && self.window_open(&state) {
+            self.attempt(&mut state).await;
         }
 
         let Some(set) = self.snapshot() else {
@@ -176,6 +161,56 @@ impl JwksCache {
                 kid: kid.map(|k| printable(k, 64)),
             }),
         }
+    }
+
+    fn window_open(&self, state: &FetchState) -> bool {
+        state
+            .last_attempt
+            .is_none_or(|at| at.elapsed() >= self.settings.min_refetch_interval)
+    }
+
+    /// Starts one background refresh of aged keys, unless one is running,
+    /// a fetch holds the lock, or the rate-limit window is closed.
+    fn refresh_in_background(self: &Arc<Self>) {
+        if self.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            if let Ok(mut state) = this.fetch.try_lock() {
+                let aged = this
+                    .snapshot()
+                    .is_none_or(|set| set.fetched_at.elapsed() >= this.settings.max_age);
+                if aged && this.window_open(&state) {
+                    this.attempt(&mut state).await;
+                }
+            }
+            this.refreshing.store(false, Ordering::Release);
+        });
+    }
+
+    /// One fetch attempt under the lock: installs the keys, or keeps the old
+    /// ones and records why it failed.
+    async fn attempt(&self, state: &mut FetchState) {
+        state.last_attempt = Some(Instant::now());
+        match self.fetch_keys(state).await {
+            Ok(keys) => {
+                let set = Arc::new(KeySet {
+                    keys,
+                    fetched_at: Instant::now(),
+                });
+                *self
+                    .current
+                    .write()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(set);
+                state.last_error = None;
+            }
+            Err(error) => {
+                warn!(%error, "service-account signing keys fetch failed");
+                state.last_error = Some(error);
+            }
+        }
+        self.finished_attempts.fetch_add(1, Ordering::Release);
     }
 
     /// One fetch (with discovery first when needed). Errors are descriptions

@@ -76,9 +76,9 @@ pub struct KubernetesAuthConfig {
     /// limit (tests).
     #[serde(deserialize_with = "de_duration")]
     pub jwks_refetch_min_interval: Duration,
-    /// Cached keys older than this are refetched on next use (and kept if
-    /// that fails), so a key removed from the JWKS stops being trusted;
-    /// default 10 min.
+    /// Cached keys older than this are refreshed in the background on next
+    /// use (and kept if that fails), so a key removed from the JWKS stops
+    /// being trusted; default 10 min.
     #[serde(deserialize_with = "de_duration")]
     pub jwks_max_age: Duration,
     /// Clock skew allowed on `exp` and `nbf` (whole seconds); default 30 s,
@@ -292,7 +292,7 @@ struct Inner {
 
 enum Mode {
     Jwks {
-        keys: Box<JwksCache>,
+        keys: Arc<JwksCache>,
         /// Template checks; `algorithms` is set per token.
         validation: Validation,
     },
@@ -400,7 +400,7 @@ impl KubernetesVerifier {
                 validation.validate_nbf = true;
                 validation.leeway = config.leeway.as_secs();
                 Mode::Jwks {
-                    keys: Box::new(JwksCache::new(JwksSettings {
+                    keys: Arc::new(JwksCache::new(JwksSettings {
                         source,
                         http: http_client(
                             config.http_timeout,
@@ -443,7 +443,7 @@ impl KubernetesVerifier {
         &self,
         jwt: &str,
         header: &JoseHeader,
-        keys: &JwksCache,
+        keys: &Arc<JwksCache>,
         validation: &Validation,
     ) -> Result<ServiceAccountCaller, KubernetesAuthError> {
         let candidates = keys.keys_for(header.kid.as_deref()).await?;
@@ -549,6 +549,18 @@ fn check_url(url: &Url, setting: &'static str) -> Result<(), KubernetesConfigErr
         ));
     }
     Ok(())
+}
+
+/// Whether a bearer credential has the shape of a compact JWS (three
+/// base64url parts, the header a JSON object: `eyJ…`), so the edge can send
+/// it to [`KubernetesVerifier::verify`] rather than to the API keys (`tbk_…`).
+/// Shape only: it proves nothing.
+pub fn looks_like_jwt(credential: &str) -> bool {
+    credential.starts_with("eyJ")
+        && credential.split('.').count() == 3
+        && credential
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 fn discovery_url(issuer: &str) -> Result<Url, String> {
@@ -940,6 +952,21 @@ mod tests {
             "https://oidc.example/cluster-1/.well-known/openid-configuration"
         );
         assert!(discovery_url("kubernetes/serviceaccount").is_err());
+    }
+
+    #[test]
+    fn jwt_shaped_credentials_are_told_from_api_keys() {
+        assert!(looks_like_jwt("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln"));
+        assert!(looks_like_jwt("eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0."));
+        for other in [
+            "tbk_0123456789abcdef",
+            "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0",
+            "eyJ.a.b.c",
+            "eyJ a.b.c",
+            "",
+        ] {
+            assert!(!looks_like_jwt(other), "{other}");
+        }
     }
 
     #[test]
