@@ -836,3 +836,103 @@ async fn token_review_forbidden_to_the_broker_is_unavailable_not_a_bad_token() {
     assert!(err.to_string().contains("403"), "{err}");
     assert_no_token_in(&err, &token);
 }
+
+#[tokio::test]
+async fn token_review_error_text_that_echoes_the_token_is_not_repeated() {
+    let api = FakeApiServer::start("broker-sa-token").await;
+    let (_dir, path) = token_file("broker-sa-token");
+    let verifier = verifier(&review_config(&api, path));
+    let key = SigningKey::rs256("rsa-1");
+    let token = key.sign(&claims(
+        "https://kubernetes.default.svc",
+        "build",
+        "restorer",
+    ));
+    let signature = token.rsplit('.').next().unwrap();
+    api.answer(
+        &token,
+        json!({"authenticated": false, "error": format!("bad signature {signature}")}),
+    );
+
+    let err = assert_refused(
+        verifier.verify(&token).await,
+        "TOKEN_REVIEW_REFUSED",
+        &token,
+    );
+    assert!(err.to_string().contains("not authenticated"), "{err}");
+}
+
+/// Collects everything tracing writes.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn no_service_account_token_reaches_the_logs_even_at_trace_level() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    // JWKS: an accepted token, a forged one, one refused while the JWKS is down.
+    let key = SigningKey::es256("es-1");
+    let issuer = FakeIssuer::start(&[&key]).await;
+    let (_jwks_dir, jwks_token_path) = token_file("jwks-reader-token-0123456789");
+    let jwks = verifier(&KubernetesAuthConfig {
+        jwks_token_file: Some(jwks_token_path),
+        jwks_refetch_min_interval: Duration::ZERO,
+        ..issuer.config()
+    });
+    let accepted = key.sign(&claims(&issuer.issuer(), "build", "restorer"));
+    jwks.verify(&accepted).await.expect("accepted");
+    let forged = SigningKey::es256("forged").sign(&claims(&issuer.issuer(), "build", "x"));
+    jwks.verify(&forged).await.unwrap_err();
+    issuer.set_failing(true);
+    jwks.verify(&forged).await.unwrap_err();
+
+    // TokenReview: accepted and refused.
+    let api = FakeApiServer::start("broker-own-token-0123456789").await;
+    let (_dir, path) = token_file("broker-own-token-0123456789");
+    let review = verifier(&review_config(&api, path));
+    let reviewed = SigningKey::rs256("rsa-1").sign(&claims(
+        "https://kubernetes.default.svc",
+        "build",
+        "restorer",
+    ));
+    api.answer(
+        &reviewed,
+        authenticated_status("build", "restorer", &[AUDIENCE]),
+    );
+    review.verify(&reviewed).await.expect("accepted");
+    review.verify(&forged).await.unwrap_err();
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("service-account signing keys"),
+        "the capture works: {logs}"
+    );
+    for secret in [
+        accepted.as_str(),
+        forged.as_str(),
+        reviewed.as_str(),
+        "jwks-reader-token-0123456789",
+        "broker-own-token-0123456789",
+    ] {
+        for part in secret.split('.').filter(|p| p.len() >= 8) {
+            assert!(!logs.contains(part), "secret part in logs: {part}");
+        }
+    }
+}

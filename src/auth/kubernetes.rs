@@ -449,9 +449,7 @@ impl KubernetesVerifier {
         let candidates = keys.keys_for(header.kid.as_deref()).await?;
         let mut validation = validation.clone();
         validation.algorithms = vec![header.alg];
-        let mut tried_a_key = false;
         for key in candidates.iter().filter(|k| k.alg == header.alg) {
-            tried_a_key = true;
             match jsonwebtoken::decode::<Claims>(jwt, &key.key, &validation) {
                 Ok(data) => return caller_from_claims(data.claims),
                 // Without a `kid`, another key of the set may be the signer.
@@ -459,11 +457,11 @@ impl KubernetesVerifier {
                 Err(e) => return Err(map_jwt_error(e.kind())),
             }
         }
-        if tried_a_key || !candidates.is_empty() {
+        if candidates.is_empty() {
+            Err(KubernetesAuthError::UnknownKey { kid: None })
+        } else {
             // Signed by none of the keys, or `alg` is not the key's algorithm.
             Err(KubernetesAuthError::BadSignature)
-        } else {
-            Err(KubernetesAuthError::UnknownKey { kid: None })
         }
     }
 
@@ -508,7 +506,7 @@ impl KubernetesVerifier {
             let why = status
                 .error
                 .as_deref()
-                .filter(|e| !e.is_empty() && !e.contains(jwt))
+                .filter(|e| !e.is_empty() && !mentions_token(e, jwt))
                 .map(|e| printable(e, 300))
                 .unwrap_or_else(|| "not authenticated".to_owned());
             return Err(KubernetesAuthError::ReviewRefused(why));
@@ -534,6 +532,14 @@ impl KubernetesVerifier {
                 .map(|id| id.strip_prefix("JTI=").map(str::to_owned).unwrap_or(id)),
         })
     }
+}
+
+/// Whether `text` (an outside error message) holds the token or a
+/// recognisable part of it; such text is dropped, never shown.
+fn mentions_token(text: &str, jwt: &str) -> bool {
+    jwt.split('.')
+        .filter(|part| part.len() >= 8)
+        .any(|part| text.contains(part))
 }
 
 /// An http(s) URL without credentials (they would show in errors and logs;
