@@ -936,3 +936,67 @@ async fn no_service_account_token_reaches_the_logs_even_at_trace_level() {
         }
     }
 }
+
+#[tokio::test]
+async fn keys_are_fetched_over_https_from_an_issuer_signed_by_the_configured_ca() {
+    let ca = common::k8s::TestCa::new();
+    let (_dir, ca_file) = ca.ca_file();
+    let key = SigningKey::rs256("rsa-1");
+    let issuer = FakeIssuer::start_https(&[&key], &ca).await;
+    assert!(issuer.issuer().starts_with("https://"));
+    let verifier = verifier(&KubernetesAuthConfig {
+        ca_file: Some(ca_file),
+        ..issuer.config()
+    });
+
+    let token = key.sign(&claims(&issuer.issuer(), "build", "restorer"));
+    let caller = verifier.verify(&token).await.expect("accepted");
+    assert_eq!(caller.identity, restorer());
+}
+
+#[tokio::test]
+async fn an_issuer_whose_certificate_the_configured_ca_did_not_sign_is_not_trusted() {
+    let cluster_ca = common::k8s::TestCa::new();
+    let other_ca = common::k8s::TestCa::new();
+    let (_dir, other_ca_file) = other_ca.ca_file();
+    let key = SigningKey::es256("es-1");
+    let issuer = FakeIssuer::start_https(&[&key], &cluster_ca).await;
+    let token = key.sign(&claims(&issuer.issuer(), "build", "restorer"));
+
+    for ca_file in [Some(other_ca_file), None] {
+        let verifier = verifier(&KubernetesAuthConfig {
+            ca_file,
+            ..issuer.config()
+        });
+        let err = verifier.verify(&token).await.unwrap_err();
+        assert_eq!(err.reason(), "JWKS_UNAVAILABLE", "{err}");
+    }
+    assert_eq!(issuer.discovery_fetches(), 0, "no request got through TLS");
+}
+
+#[tokio::test]
+async fn token_review_reaches_the_api_server_over_https_with_the_cluster_ca() {
+    let ca = common::k8s::TestCa::new();
+    let (_ca_dir, ca_file) = ca.ca_file();
+    let api = FakeApiServer::start_https("broker-sa-token", &ca).await;
+    let (_dir, path) = token_file("broker-sa-token");
+    let mut config = review_config(&api, path);
+    let key = SigningKey::rs256("rsa-1");
+    let token = key.sign(&claims(
+        "https://kubernetes.default.svc",
+        "build",
+        "restorer",
+    ));
+    api.answer(
+        &token,
+        authenticated_status("build", "restorer", &[AUDIENCE]),
+    );
+
+    let without_ca = verifier(&config).verify(&token).await.unwrap_err();
+    assert_eq!(without_ca.reason(), "TOKEN_REVIEW_UNAVAILABLE");
+    assert!(api.requests().is_empty());
+
+    config.token_review.as_mut().unwrap().ca_file = Some(ca_file);
+    let caller = verifier(&config).verify(&token).await.expect("accepted");
+    assert_eq!(caller.identity, restorer());
+}

@@ -174,6 +174,91 @@ async fn serve(router: Router) -> (String, ServerGuard) {
     (url, ServerGuard(task))
 }
 
+/// A test certificate authority, and an HTTPS certificate for 127.0.0.1
+/// signed by it (as a cluster CA signs the API server's).
+pub struct TestCa {
+    ca_pem: String,
+    server: Arc<tokio_rustls::rustls::ServerConfig>,
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+        let ca_key = KeyPair::generate().expect("CA key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).expect("CA certificate");
+        let issuer = Issuer::new(ca_params, ca_key);
+
+        let server_key = KeyPair::generate().expect("server key");
+        let server_cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .expect("server params")
+            .signed_by(&server_key, &issuer)
+            .expect("server certificate");
+
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let server = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![CertificateDer::from(server_cert.der().to_vec())],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der())),
+            )
+            .expect("server TLS config");
+        TestCa {
+            ca_pem: ca_cert.pem(),
+            server: Arc::new(server),
+        }
+    }
+
+    /// The CA certificate, PEM, in a fresh temporary file (a `ca.crt`).
+    pub fn ca_file(&self) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("ca.crt");
+        std::fs::write(&path, &self.ca_pem).expect("write CA file");
+        (dir, path)
+    }
+}
+
+impl Default for TestCa {
+    fn default() -> Self {
+        TestCa::new()
+    }
+}
+
+async fn serve_tls(
+    router: Router,
+    tls: Arc<tokio_rustls::rustls::ServerConfig>,
+) -> (String, ServerGuard) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::service::TowerToHyperService;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0");
+    let url = format!("https://{}", listener.local_addr().expect("local addr"));
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let router = router.clone();
+            tokio::spawn(async move {
+                // A client that refuses our certificate ends here.
+                let Ok(stream) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(router))
+                    .await;
+            });
+        }
+    });
+    (url, ServerGuard(task))
+}
+
 #[derive(Default)]
 struct IssuerState {
     issuer: Mutex<String>,
@@ -196,14 +281,29 @@ pub struct FakeIssuer {
 }
 
 impl FakeIssuer {
-    /// Serves a JWKS holding `keys`.
+    /// Serves a JWKS holding `keys` over plain HTTP.
     pub async fn start(keys: &[&SigningKey]) -> FakeIssuer {
+        FakeIssuer::start_with(keys, None).await
+    }
+
+    /// Serves a JWKS holding `keys` over HTTPS with `ca`'s certificate.
+    pub async fn start_https(keys: &[&SigningKey], ca: &TestCa) -> FakeIssuer {
+        FakeIssuer::start_with(keys, Some(ca.server.clone())).await
+    }
+
+    async fn start_with(
+        keys: &[&SigningKey],
+        tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    ) -> FakeIssuer {
         let state = Arc::new(IssuerState::default());
         let router = Router::new()
             .route("/.well-known/openid-configuration", get(discovery))
             .route("/openid/v1/jwks", get(jwks))
             .with_state(state.clone());
-        let (url, server) = serve(router).await;
+        let (url, server) = match tls {
+            Some(tls) => serve_tls(router, tls).await,
+            None => serve(router).await,
+        };
         *state.issuer.lock().unwrap() = url.clone();
         let issuer = FakeIssuer {
             url,
@@ -351,6 +451,18 @@ pub struct FakeApiServer {
 impl FakeApiServer {
     /// Accepts requests carrying `Bearer {accepted_bearer}`; 401 otherwise.
     pub async fn start(accepted_bearer: &str) -> FakeApiServer {
+        FakeApiServer::start_with(accepted_bearer, None).await
+    }
+
+    /// As [`FakeApiServer::start`], over HTTPS with `ca`'s certificate.
+    pub async fn start_https(accepted_bearer: &str, ca: &TestCa) -> FakeApiServer {
+        FakeApiServer::start_with(accepted_bearer, Some(ca.server.clone())).await
+    }
+
+    async fn start_with(
+        accepted_bearer: &str,
+        tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    ) -> FakeApiServer {
         let state = Arc::new(ApiServerState::default());
         *state.accepted_bearer.lock().unwrap() = accepted_bearer.to_owned();
         let router = Router::new()
@@ -359,7 +471,10 @@ impl FakeApiServer {
                 post(token_review),
             )
             .with_state(state.clone());
-        let (url, server) = serve(router).await;
+        let (url, server) = match tls {
+            Some(tls) => serve_tls(router, tls).await,
+            None => serve(router).await,
+        };
         FakeApiServer {
             url,
             state,
