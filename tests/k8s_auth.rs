@@ -1000,3 +1000,30 @@ async fn token_review_reaches_the_api_server_over_https_with_the_cluster_ca() {
     let caller = verifier(&config).verify(&token).await.expect("accepted");
     assert_eq!(caller.identity, restorer());
 }
+
+#[tokio::test]
+async fn a_call_cancelled_during_the_first_jwks_fetch_does_not_lock_out_the_next_caller() {
+    let key = SigningKey::es256("es-1");
+    let issuer = FakeIssuer::start(&[&key]).await;
+    issuer.set_jwks_delay(Duration::from_secs(3600));
+    let verifier = verifier(&issuer.config());
+    let token = key.sign(&claims(&issuer.issuer(), "build", "restorer"));
+
+    // The first caller gives up (its gRPC deadline passed) while the JWKS
+    // request hangs.
+    let first = tokio::spawn({
+        let (verifier, token) = (verifier.clone(), token.clone());
+        async move { verifier.verify(&token).await }
+    });
+    wait_for_jwks_fetches(&issuer, 1).await;
+    first.abort();
+    let _ = first.await;
+
+    issuer.set_jwks_delay(Duration::ZERO);
+    let caller = verifier
+        .verify(&token)
+        .await
+        .expect("the next caller fetches");
+    assert_eq!(caller.identity, restorer());
+    assert_eq!(issuer.jwks_fetches(), 2);
+}

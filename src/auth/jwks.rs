@@ -190,10 +190,13 @@ impl JwksCache {
     }
 
     /// One fetch attempt under the lock: installs the keys, or keeps the old
-    /// ones and records why it failed.
+    /// ones and records why it failed. State changes only once the fetch has
+    /// ended, so a caller that gives up midway (its call was cancelled)
+    /// leaves the window open for the next one.
     async fn attempt(&self, state: &mut FetchState) {
+        let outcome = self.fetch_keys(state).await;
         state.last_attempt = Some(Instant::now());
-        match self.fetch_keys(state).await {
+        match outcome {
             Ok(keys) => {
                 let set = Arc::new(KeySet {
                     keys,
