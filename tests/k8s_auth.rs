@@ -1027,3 +1027,23 @@ async fn a_call_cancelled_during_the_first_jwks_fetch_does_not_lock_out_the_next
     assert_eq!(caller.identity, restorer());
     assert_eq!(issuer.jwks_fetches(), 2);
 }
+
+#[tokio::test]
+async fn keys_prefetched_at_start_up_serve_the_first_caller() {
+    let key = SigningKey::es256("es-1");
+    let issuer = FakeIssuer::start(&[&key]).await;
+    let broker = verifier(&issuer.config());
+
+    broker.prefetch_keys().await.expect("keys fetched");
+    assert_eq!(issuer.jwks_fetches(), 1);
+    broker
+        .verify(&key.sign(&claims(&issuer.issuer(), "build", "restorer")))
+        .await
+        .expect("accepted");
+    assert_eq!(issuer.jwks_fetches(), 1);
+
+    let down = FakeIssuer::start(&[&key]).await;
+    down.set_failing(true);
+    let err = verifier(&down.config()).prefetch_keys().await.unwrap_err();
+    assert_eq!(err.reason(), "JWKS_UNAVAILABLE");
+}

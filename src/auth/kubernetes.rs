@@ -420,6 +420,18 @@ impl KubernetesVerifier {
         })
     }
 
+    /// Fetches the signing keys now (JWKS mode; nothing to do with
+    /// TokenReview), so the first caller does not wait for them and start-up
+    /// or readiness can report a cluster whose keys cannot be fetched.
+    ///
+    /// Errors: [`KubernetesAuthError::JwksUnavailable`].
+    pub async fn prefetch_keys(&self) -> Result<(), KubernetesAuthError> {
+        match &self.inner.mode {
+            Mode::Jwks { keys, .. } => keys.keys_for(None).await.map(drop),
+            Mode::TokenReview { .. } => Ok(()),
+        }
+    }
+
     /// Verifies `jwt` (the bearer credential, without `Bearer `) and returns
     /// the service account it proves.
     ///
