@@ -5,6 +5,9 @@
 //! [`ApiKeys`]. This module knows no tonic: the `api` layer hands it the
 //! `authorization` header's value.
 
+mod jwks;
+pub mod kubernetes;
+
 use crate::domain::Identity;
 use crate::error::{ErrorCode, ServiceError};
 

@@ -6,5 +6,6 @@ pub mod audit;
 pub mod broker;
 pub mod db;
 pub mod emulator;
+pub mod k8s;
 pub mod leases;
 pub mod upstream;
