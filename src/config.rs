@@ -21,6 +21,7 @@ use rand::RngCore as _;
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::Deserialize;
 
+use crate::audit::ChainKey;
 use crate::auth::{ApiKeyHash, ApiKeys};
 use crate::crypto::{Keyring, TokenFingerprinter};
 use crate::upstream::azure_devops::AzureDevOpsConfig;
@@ -141,15 +142,15 @@ pub fn backend_of(url: &str) -> Result<Backend, String> {
     Err("expected postgres://…, postgresql://… or sqlite:PATH".into())
 }
 
-/// `[keys]`: the sealing keyring and the audit fingerprint key, inline or in
-/// a keys file (same fields, TOML), never both. With neither, `serve` on
+/// `[keys]`: the sealing keyring, the audit fingerprint key and the audit
+/// chain key, inline or in a keys file (same fields, TOML), never both. With neither, `serve` on
 /// SQLite generates a keys file next to the database; on PostgreSQL it
 /// refuses to start.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeysConfig {
     /// `keys.file`: path of a keys file (TOML with `active`, `sealing`,
-    /// `fingerprint`).
+    /// `fingerprint`, `audit_chain`).
     #[serde(default)]
     pub file: Option<PathBuf>,
     /// `keys.active`: id of the sealing key new secrets are sealed with.
@@ -162,6 +163,11 @@ pub struct KeysConfig {
     /// `keys.fingerprint`: HMAC-SHA256 key (32 bytes, standard base64) for token fingerprints in the audit trail.
     #[serde(default)]
     pub fingerprint: Option<SecretString>,
+    /// `keys.audit_chain`: HMAC-SHA256 key (32 bytes, standard base64) that
+    /// chains the audit rows (docs/audit-chain.md). Kept out of the database
+    /// so write access to it alone cannot forge the chain.
+    #[serde(default)]
+    pub audit_chain: Option<SecretString>,
 }
 
 /// Keys in a keys file: the same fields as `[keys]` without `file`.
@@ -172,6 +178,7 @@ struct KeysFile {
     #[serde(default)]
     sealing: BTreeMap<String, SecretString>,
     fingerprint: Option<SecretString>,
+    audit_chain: Option<SecretString>,
 }
 
 /// Keys ready to build a keyring from: validated.
@@ -182,6 +189,8 @@ pub struct ResolvedKeys {
     pub sealing: BTreeMap<String, SecretString>,
     /// Standard base64 of the 32-byte fingerprint key (secret).
     pub fingerprint: SecretString,
+    /// Standard base64 of the 32-byte audit chain key (secret).
+    pub audit_chain: SecretString,
     /// Where they came from, for the log: `configuration` or a file path.
     pub source: String,
 }
@@ -194,6 +203,12 @@ impl ResolvedKeys {
         let fingerprinter = TokenFingerprinter::new(self.fingerprint.clone())
             .map_err(|e| ConfigError::new("keys.fingerprint", e.to_string()))?;
         Ok((keyring, fingerprinter))
+    }
+
+    /// The audit chain key.
+    pub fn chain_key(&self) -> Result<ChainKey, ConfigError> {
+        ChainKey::new(&self.audit_chain)
+            .map_err(|e| ConfigError::new("keys.audit_chain", e.to_string()))
     }
 }
 
@@ -482,7 +497,10 @@ fn decode_key(setting: &str, value: &SecretString) -> Result<(), ConfigError> {
 
 impl KeysConfig {
     fn is_inline(&self) -> bool {
-        self.active.is_some() || !self.sealing.is_empty() || self.fingerprint.is_some()
+        self.active.is_some()
+            || !self.sealing.is_empty()
+            || self.fingerprint.is_some()
+            || self.audit_chain.is_some()
     }
 
     /// True when no keys are configured at all.
@@ -494,7 +512,7 @@ impl KeysConfig {
         if self.file.is_some() && self.is_inline() {
             return Err(ConfigError::new(
                 "keys.file",
-                "set either keys.file or inline keys (keys.active, keys.sealing, keys.fingerprint), not both",
+                "set either keys.file or inline keys (keys.active, keys.sealing, keys.fingerprint, keys.audit_chain), not both",
             ));
         }
         if self.is_inline() {
@@ -503,6 +521,7 @@ impl KeysConfig {
                 self.active.as_deref(),
                 &self.sealing,
                 self.fingerprint.as_ref(),
+                self.audit_chain.as_ref(),
                 "configuration",
             )?;
         }
@@ -527,6 +546,7 @@ impl KeysConfig {
                 self.active.as_deref(),
                 &self.sealing,
                 self.fingerprint.as_ref(),
+                self.audit_chain.as_ref(),
                 "configuration",
             )?;
             return Ok((keys, None));
@@ -534,7 +554,7 @@ impl KeysConfig {
         match backend {
             Backend::Postgres => Err(ConfigError::new(
                 "keys",
-                "no keys configured: PostgreSQL needs keys.file or keys.active + keys.sealing + keys.fingerprint (generated keys would be lost with the pod)",
+                "no keys configured: PostgreSQL needs keys.file or keys.active + keys.sealing + keys.fingerprint + keys.audit_chain (generated keys would be lost with the pod)",
             )),
             Backend::Sqlite(None) => {
                 let text = generate_keys_file();
@@ -544,6 +564,7 @@ impl KeysConfig {
                     parsed.active.as_deref(),
                     &parsed.sealing,
                     parsed.fingerprint.as_ref(),
+                    parsed.audit_chain.as_ref(),
                     "throwaway (in-memory database)",
                 )?;
                 Ok((keys, None))
@@ -551,6 +572,7 @@ impl KeysConfig {
             Backend::Sqlite(Some(db)) => {
                 let path = generated_keys_path(db);
                 if path.exists() {
+                    add_missing_audit_chain_key(&path)?;
                     return Ok((read_keys_file("keys", &path)?, None));
                 }
                 write_new_keys_file(&path)?;
@@ -592,6 +614,7 @@ fn read_keys_file(setting: &str, path: &Path) -> Result<ResolvedKeys, ConfigErro
         parsed.active.as_deref(),
         &parsed.sealing,
         parsed.fingerprint.as_ref(),
+        parsed.audit_chain.as_ref(),
         &path.display().to_string(),
     )
 }
@@ -601,6 +624,7 @@ fn resolve_inline(
     active: Option<&str>,
     sealing: &BTreeMap<String, SecretString>,
     fingerprint: Option<&SecretString>,
+    audit_chain: Option<&SecretString>,
     source: &str,
 ) -> Result<ResolvedKeys, ConfigError> {
     let active = active
@@ -629,10 +653,14 @@ fn resolve_inline(
     let fingerprint = fingerprint
         .ok_or_else(|| ConfigError::new(format!("{section}.fingerprint"), "is required"))?;
     decode_key(&format!("{section}.fingerprint"), fingerprint)?;
+    let audit_chain = audit_chain
+        .ok_or_else(|| ConfigError::new(format!("{section}.audit_chain"), "is required"))?;
+    decode_key(&format!("{section}.audit_chain"), audit_chain)?;
     Ok(ResolvedKeys {
         active,
         sealing: sealing.clone(),
         fingerprint: fingerprint.clone(),
+        audit_chain: audit_chain.clone(),
         source: source.to_owned(),
     })
 }
@@ -643,32 +671,86 @@ fn random_b64() -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-/// A fresh keys file: one sealing key (id = today's date) and a
-/// fingerprint key, from the OS random source.
+/// A fresh keys file: one sealing key (id = today's date), a fingerprint
+/// key and an audit chain key, from the OS random source.
 pub fn generate_keys_file() -> String {
     let id = format!("k{}", chrono::Utc::now().format("%Y%m%d"));
     format!(
         "# token-broker keys: generated; keep secret, back up with the database.\n\
          active = \"{id}\"\n\
-         fingerprint = \"{}\"\n\n\
+         fingerprint = \"{}\"\n\
+         audit_chain = \"{}\"\n\n\
          [sealing]\n\
          {id} = \"{}\"\n",
+        random_b64(),
         random_b64(),
         random_b64()
     )
 }
 
-/// Creates a fresh keys file at `path` (mode 0600) unless one exists.
-/// Returns true if it was created now.
+/// Creates a fresh keys file at `path` (mode 0600) unless one exists; a
+/// generated file from before the audit chain gets its `audit_chain` key
+/// added. Returns true if it was created now.
 pub fn ensure_keys_file(path: &Path) -> Result<bool, ConfigError> {
     if path.exists() {
+        add_missing_audit_chain_key(path)?;
         return Ok(false);
     }
     write_new_keys_file(path)?;
     Ok(true)
 }
 
+/// Adds a fresh `audit_chain` key to a generated keys file written before
+/// the audit chain existed (top-level keys must precede `[sealing]`, so
+/// the line goes first). The file is replaced atomically, mode 0600.
+fn add_missing_audit_chain_key(path: &Path) -> Result<(), ConfigError> {
+    let fail = |e: std::io::Error| {
+        ConfigError::new(
+            "keys",
+            format!(
+                "cannot add audit_chain to keys file {}: {e}",
+                path.display()
+            ),
+        )
+    };
+    let text = std::fs::read_to_string(path).map_err(fail)?;
+    let parsed: KeysFile = match toml_parse(&text) {
+        Ok(parsed) => parsed,
+        // read_keys_file reports what is wrong with it.
+        Err(_) => return Ok(()),
+    };
+    if parsed.audit_chain.is_some() {
+        return Ok(());
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".new");
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    write_private_file(
+        &tmp,
+        &format!(
+            "# audit_chain added by token-broker (audit chain key; keep secret).\n\
+             audit_chain = \"{}\"\n{text}",
+            random_b64()
+        ),
+    )
+    .map_err(fail)?;
+    std::fs::rename(&tmp, path).map_err(fail)?;
+    tracing::warn!(file = %path.display(), "added an audit chain key to the generated keys file");
+    Ok(())
+}
+
 fn write_new_keys_file(path: &Path) -> Result<(), ConfigError> {
+    write_private_file(path, &generate_keys_file()).map_err(|e| {
+        ConfigError::new(
+            "keys",
+            format!("cannot create keys file {}: {e}", path.display()),
+        )
+    })
+}
+
+/// Creates `path` (it must not exist) with mode 0600 and writes `text`.
+fn write_private_file(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write as _;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
@@ -677,20 +759,9 @@ fn write_new_keys_file(path: &Path) -> Result<(), ConfigError> {
         use std::os::unix::fs::OpenOptionsExt as _;
         options.mode(0o600);
     }
-    let mut file = options.open(path).map_err(|e| {
-        ConfigError::new(
-            "keys",
-            format!("cannot create keys file {}: {e}", path.display()),
-        )
-    })?;
-    file.write_all(generate_keys_file().as_bytes())
-        .and_then(|()| file.sync_all())
-        .map_err(|e| {
-            ConfigError::new(
-                "keys",
-                format!("cannot write keys file {}: {e}", path.display()),
-            )
-        })
+    let mut file = options.open(path)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()
 }
 
 /// Settings whose values are secrets and never appear in an error.
@@ -701,6 +772,7 @@ fn is_secret_setting(path: &str) -> bool {
             | "upstream.refresh_token"
             | "upstream.entra.client_secret"
             | "keys.fingerprint"
+            | "keys.audit_chain"
     ) || path.starts_with("keys.sealing")
 }
 

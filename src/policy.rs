@@ -409,6 +409,12 @@ impl Policy {
         &self.rules
     }
 
+    /// TEMPORARY stub until branch `policyv1` lands the real `admins` list:
+    /// nobody is an admin.
+    pub fn is_admin(&self, _: &Identity) -> bool {
+        false
+    }
+
     /// Decides whether `identity` may lease `scopes` in `organization` for
     /// `ttl` (None: the rule's default).
     ///

@@ -273,7 +273,7 @@ fn postgres_without_keys_is_a_start_up_error_naming_keys() {
 fn configured_keys_are_used_inline_or_from_a_file() {
     Jail::expect_with(|jail| {
         let keys =
-            format!("active = \"k1\"\nfingerprint = \"{KEY_A}\"\n[sealing]\nk1 = \"{KEY_A}\"\n");
+            format!("active = \"k1\"\nfingerprint = \"{KEY_A}\"\naudit_chain = \"{KEY_A}\"\n[sealing]\nk1 = \"{KEY_A}\"\n");
         jail.create_file("keys.toml", &keys)?;
         jail.set_env(
             "TOKEN_BROKER_DATABASE__URL",

@@ -15,6 +15,7 @@ use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
 
 use crate::api::{self, ApiError};
+use crate::audit::AuditLog;
 use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError};
 use crate::crypto::Keyring;
@@ -117,6 +118,7 @@ impl Broker {
             );
         }
         let (keyring, fingerprinter) = keys.build()?;
+        let chain_key = keys.chain_key()?;
         let keyring = Arc::new(keyring);
 
         let store = store::open(secrecy::ExposeSecret::expose_secret(&config.database.url)).await?;
@@ -147,6 +149,7 @@ impl Broker {
             keyring,
             policy: Arc::new(policy),
             fingerprinter: Arc::new(fingerprinter),
+            audit: Arc::new(AuditLog::new(store.clone(), chain_key)),
             settings: LeaseSettings {
                 display_name_prefix: config.leases.display_name_prefix.clone(),
                 deployment_id: deployment_id.clone(),

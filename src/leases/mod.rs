@@ -104,6 +104,7 @@ pub struct LeasePage {
 
 use std::sync::Arc;
 
+use crate::audit::{AuditError, AuditLog};
 use crate::auth::Caller;
 use crate::crypto::{CryptoError, Keyring, TokenFingerprinter};
 use crate::domain::LeaseId;
@@ -112,11 +113,14 @@ use crate::policy::{Denial, Policy};
 use crate::store::{Store, StoreError};
 use crate::upstream::{PatClient, UpstreamError};
 
+mod admin;
 mod background;
 mod issue;
 mod lifecycle;
 mod page_token;
 mod support;
+
+pub use admin::{AuditPage, AuditQuery, BulkRevoke, LeaseSelector};
 
 /// Why a lease operation failed. `reason()` values are stable API.
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +157,17 @@ pub enum LeaseError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The audit row of a grant could not be written, so nothing was
+    /// granted (fail closed).
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    /// An AdminService call by an identity the policy does not name as an
+    /// admin.
+    #[error("admin rights required")]
+    AdminRequired,
+    /// A bulk revoke with no selection criterion (never "everything").
+    #[error("at least one of holder, organization, scope or names is required")]
+    EmptySelector,
     /// A sealed token could not be opened.
     #[error(transparent)]
     Crypto(#[from] CryptoError),
@@ -174,6 +189,9 @@ impl ServiceError for LeaseError {
             LeaseError::QuotaExceeded => ErrorCode::ResourceExhausted,
             LeaseError::Upstream(e) => e.code(),
             LeaseError::Store(e) => e.code(),
+            LeaseError::Audit(e) => e.code(),
+            LeaseError::AdminRequired => ErrorCode::PermissionDenied,
+            LeaseError::EmptySelector => ErrorCode::InvalidArgument,
             LeaseError::Crypto(_) | LeaseError::Internal(_) => ErrorCode::Internal,
         }
     }
@@ -188,12 +206,16 @@ impl ServiceError for LeaseError {
             LeaseError::QuotaExceeded => "ACTIVE_LEASE_QUOTA_EXCEEDED",
             LeaseError::Upstream(e) => e.reason(),
             LeaseError::Store(e) => e.reason(),
+            LeaseError::Audit(e) => e.reason(),
+            LeaseError::AdminRequired => "ADMIN_REQUIRED",
+            LeaseError::EmptySelector => "FILTER_EMPTY",
             LeaseError::Crypto(_) | LeaseError::Internal(_) => "INTERNAL",
         }
     }
     fn field(&self) -> Option<&str> {
         match self {
             LeaseError::InvalidPageToken => Some("page_token"),
+            LeaseError::EmptySelector => Some("filter"),
             _ => None,
         }
     }
@@ -202,6 +224,7 @@ impl ServiceError for LeaseError {
             LeaseError::InProgress => Some(Duration::from_secs(1)),
             LeaseError::Upstream(e) => e.retry_after(),
             LeaseError::Store(e) => e.retry_after(),
+            LeaseError::Audit(e) => e.retry_after(),
             _ => None,
         }
     }
@@ -235,6 +258,8 @@ pub struct LeaseDeps {
     pub policy: Arc<Policy>,
     /// Keyed HMAC of tokens for the audit trail (and the MAC of page tokens).
     pub fingerprinter: Arc<TokenFingerprinter>,
+    /// The chained audit trail every audit row is appended to.
+    pub audit: Arc<AuditLog>,
     /// Tunables.
     pub settings: LeaseSettings,
 }
@@ -296,6 +321,40 @@ impl Leases {
     /// (still PENDING).
     pub async fn revoke(&self, caller: &Caller, id: LeaseId) -> Result<LeaseRecord, LeaseError> {
         lifecycle::revoke(&self.deps, caller, id).await
+    }
+
+    /// Revokes, as admin `caller`, every live lease `selector` picks,
+    /// upstream, through the normal revocation path (each lease's own
+    /// `lease.revoke` audit row, then one `admin.revoke_leases` row).
+    ///
+    /// Errors: `AdminRequired` (audited), `EmptySelector`, `Store`.
+    pub async fn admin_revoke(
+        &self,
+        caller: &Caller,
+        selector: LeaseSelector,
+    ) -> Result<BulkRevoke, LeaseError> {
+        admin::revoke_leases(&self.deps, caller, selector).await
+    }
+
+    /// A page of every holder's leases (optionally one holder's), newest
+    /// first, for admin `caller`. Errors: `AdminRequired`, `InvalidPageToken`.
+    pub async fn admin_list(
+        &self,
+        caller: &Caller,
+        holder: Option<crate::domain::Identity>,
+        query: ListQuery,
+    ) -> Result<LeasePage, LeaseError> {
+        admin::list_leases(&self.deps, caller, holder, query).await
+    }
+
+    /// A page of audit events (oldest first) for admin `caller`.
+    /// Errors: `AdminRequired`, `InvalidPageToken`.
+    pub async fn audit_events(
+        &self,
+        caller: &Caller,
+        query: AuditQuery,
+    ) -> Result<AuditPage, LeaseError> {
+        admin::audit_events(&self.deps, caller, query).await
     }
 
     /// Runs background work (the reaper and revocation retries) every

@@ -144,20 +144,53 @@ pub(super) fn caller_event(
     )
 }
 
-/// Appends the audit event of a grant (create, replay, renew). Fails
-/// closed: the caller must not grant when this errs. The one place, with
-/// [`audit_best_effort`], where lease rules write audit rows (issue 5 moves
-/// both to the chained `audit::AuditLog`).
+/// Appends the audit event of a grant (create, replay, renew) to the
+/// chained audit trail. Fails closed: the caller must not grant when this
+/// errs. The one place, with [`audit_best_effort`], where lease rules write
+/// audit rows.
 pub(super) async fn audit_grant(deps: &LeaseDeps, event: &AuditEvent) -> Result<(), LeaseError> {
-    deps.store.append_audit(event).await?;
+    deps.audit.append(event).await?;
     Ok(())
 }
 
-/// Appends an audit event, logging (not failing) when the store refuses:
-/// used for denials, errors and revocations, which must proceed anyway.
+/// How long a background retry of an audit row keeps trying: about an hour
+/// (jittered backoff from 1 s to 1 min, 70 attempts).
+const AUDIT_RETRY_ATTEMPTS: usize = 70;
+
+/// Appends an audit event for something that goes ahead whether or not it
+/// is audited (denials, errors, revocations). When the row cannot be
+/// written now, a background task retries it with backoff (the event keeps
+/// its original time); if it never lands, the whole event (no secrets in
+/// it) is logged at ERROR.
 pub(super) async fn audit_best_effort(deps: &LeaseDeps, event: AuditEvent) {
-    if let Err(e) = deps.store.append_audit(&event).await {
-        tracing::error!(action = %event.action, error = %e, "audit event not written");
+    if let Err(e) = deps.audit.append(&event).await {
+        tracing::error!(action = %event.action, error = %e, "audit event not written; retrying in the background");
+        tokio::spawn(retry_audit(deps.audit.clone(), event));
+    }
+}
+
+async fn retry_audit(audit: std::sync::Arc<crate::audit::AuditLog>, event: AuditEvent) {
+    use backon::Retryable as _;
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_secs(1))
+        .with_max_delay(Duration::from_secs(60))
+        .with_jitter()
+        .with_max_times(AUDIT_RETRY_ATTEMPTS);
+    match (|| audit.append(&event)).retry(backoff).await {
+        Ok(appended) => {
+            tracing::info!(action = %event.action, audit_id = appended.id, "audit event written after retrying")
+        }
+        Err(e) => tracing::error!(
+            error = %e,
+            time = %event.time,
+            identity = %event.identity,
+            action = %event.action,
+            outcome = event.outcome.as_str(),
+            reason = event.reason.as_deref().unwrap_or("-"),
+            lease_id = ?event.lease_id,
+            token_fingerprint = event.token_fingerprint.as_deref().unwrap_or("-"),
+            "audit event lost after retries"
+        ),
     }
 }
 

@@ -51,6 +51,8 @@ pub struct BrokerSpec {
     pub sealing_key: SecretString,
     /// Audit fingerprint key (base64 of 32 bytes).
     pub fingerprint_key: SecretString,
+    /// Audit chain key (base64 of 32 bytes).
+    pub audit_chain_key: SecretString,
     /// The initial upstream refresh token.
     pub refresh_token: SecretString,
     /// `leases.reaper_interval`.
@@ -72,6 +74,7 @@ impl BrokerSpec {
             api_keys: vec![("ci".into(), ci.key)],
             sealing_key: Keyring::generate_key(),
             fingerprint_key: Keyring::generate_key(),
+            audit_chain_key: Keyring::generate_key(),
             refresh_token: SecretString::from(DEFAULT_REFRESH_TOKEN),
             reaper_interval: Duration::from_secs(15),
             valid_to_skew: Duration::from_secs(300),
@@ -111,6 +114,7 @@ impl BrokerSpec {
         config.keys.active = Some("test".into());
         config.keys.sealing = [("test".to_owned(), self.sealing_key.clone())].into();
         config.keys.fingerprint = Some(self.fingerprint_key.clone());
+        config.keys.audit_chain = Some(self.audit_chain_key.clone());
         let url = url::Url::parse(&self.emulator_url).expect("emulator URL");
         config.upstream.azure_devops.base_url = url.clone();
         config.upstream.entra.authority = url;

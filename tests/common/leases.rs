@@ -13,6 +13,7 @@ use base64::Engine;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use tempfile::TempDir;
+use token_broker::audit::{AuditLog, ChainKey};
 use token_broker::auth::Caller;
 use token_broker::crypto::{Keyring, TokenFingerprinter};
 use token_broker::domain::{Identity, LeaseId, Organization, ScopeSet};
@@ -118,6 +119,8 @@ pub struct TestKeys {
     pub sealing: SecretString,
     /// Audit fingerprint key (base64).
     pub fingerprint: SecretString,
+    /// Audit chain key (base64).
+    pub audit_chain: SecretString,
 }
 
 impl TestKeys {
@@ -126,6 +129,7 @@ impl TestKeys {
         TestKeys {
             sealing: Keyring::generate_key(),
             fingerprint: Keyring::generate_key(),
+            audit_chain: Keyring::generate_key(),
         }
     }
 }
@@ -202,6 +206,10 @@ pub async fn start_broker(
         keyring: Arc::new(keyring),
         policy: Arc::new(Policy::from_yaml(POLICY_YAML).expect("test policy")),
         fingerprinter: Arc::new(fingerprinter),
+        audit: Arc::new(AuditLog::new(
+            store.clone(),
+            ChainKey::new(&keys.audit_chain).expect("chain key"),
+        )),
         settings: LeaseSettings {
             display_name_prefix: "token-broker".to_owned(),
             deployment_id: "test-deployment".to_owned(),

@@ -1,0 +1,510 @@
+//! Admin operations (AdminService): bulk revoke for incident response,
+//! listing every holder's leases, and reading the audit trail. Only
+//! identities the policy names as admins may call them; a refusal is
+//! audited.
+//!
+//! Choices worth knowing:
+//! - A bulk revoke needs at least one criterion (holder, organization,
+//!   scope, or lease ids); given several, a lease must match all. Scope
+//!   matches a lease whose scopes grant it (with inclusion; `app_token`
+//!   grants every scope), so "everything that can write code" is one call.
+//! - Matching leases are revoked through the normal path (REVOKING, upstream
+//!   DELETE, REVOKED), up to [`REVOKE_CONCURRENCY`] at once. An upstream
+//!   failure leaves the lease REVOKING for the background retries, counted
+//!   as `revoking`. A PENDING lease (create in flight) cannot be revoked
+//!   yet: it is counted as `pending`, and the caller runs the call again.
+//! - Audit events are listed oldest first (id order, the chain's order);
+//!   filters are applied while scanning, at most [`AUDIT_SCAN_LIMIT`] rows
+//!   per call, so a page may hold fewer events than asked and still carry a
+//!   `next_page_token`.
+
+use std::collections::HashSet;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use futures::stream::{self, StreamExt as _};
+use secrecy::SecretString;
+
+use super::support::{audit_best_effort, begin_revocation, finish_revocation, now};
+use super::{page_token, LeaseDeps, LeaseError, LeasePage, ListQuery};
+use crate::audit::{AuditEvent, Outcome};
+use crate::auth::Caller;
+use crate::domain::{Identity, LeaseId, LeaseState, Organization, Scope};
+use crate::store::{LeaseFilter, LeaseRecord, PageCursor};
+
+/// Upstream revocations a bulk revoke runs at once.
+pub const REVOKE_CONCURRENCY: usize = 8;
+
+/// Audit rows read per store call while scanning.
+const AUDIT_SCAN_BATCH: u32 = 500;
+
+/// Most audit rows one ListAuditEvents call scans.
+pub const AUDIT_SCAN_LIMIT: usize = 20_000;
+
+/// Leases read per store call while selecting.
+const SELECT_BATCH: u32 = 500;
+
+/// States a bulk revoke acts on (or reports as pending).
+const LIVE: [LeaseState; 4] = [
+    LeaseState::Active,
+    LeaseState::Pending,
+    LeaseState::Revoking,
+    LeaseState::RevokeFailed,
+];
+
+/// Which leases a bulk revoke picks. At least one criterion must be set;
+/// a lease must match every one that is.
+#[derive(Clone, Debug, Default)]
+pub struct LeaseSelector {
+    /// Only this holder's.
+    pub holder: Option<Identity>,
+    /// Only leases in this organization.
+    pub organization: Option<Organization>,
+    /// Only leases whose scopes grant this one (with inclusion).
+    pub scope: Option<Scope>,
+    /// Only these leases (empty: no restriction by id).
+    pub leases: Vec<LeaseId>,
+}
+
+impl LeaseSelector {
+    /// True when no criterion is set (refused: never "everything").
+    pub fn is_empty(&self) -> bool {
+        self.holder.is_none()
+            && self.organization.is_none()
+            && self.scope.is_none()
+            && self.leases.is_empty()
+    }
+
+    fn matches(&self, lease: &LeaseRecord) -> bool {
+        self.holder.as_ref().is_none_or(|h| *h == lease.holder)
+            && self
+                .organization
+                .as_ref()
+                .is_none_or(|o| *o == lease.organization)
+            && self
+                .scope
+                .as_ref()
+                .is_none_or(|s| lease.scopes.covers_scope(s))
+    }
+
+    /// One line for the audit row and the log.
+    fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(h) = &self.holder {
+            parts.push(format!("holder={h}"));
+        }
+        if let Some(o) = &self.organization {
+            parts.push(format!("organization={o}"));
+        }
+        if let Some(s) = &self.scope {
+            parts.push(format!("scope={}", s.as_str()));
+        }
+        if !self.leases.is_empty() {
+            parts.push(format!("leases={}", self.leases.len()));
+        }
+        parts.join(" ")
+    }
+}
+
+/// What a bulk revoke did. `matched` = `revoked` + `revoking` + `pending` +
+/// `failed`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BulkRevoke {
+    /// Live leases (ACTIVE, PENDING, REVOKING, REVOKE_FAILED) selected.
+    pub matched: u64,
+    /// Now REVOKED or EXPIRED: their PATs are revoked upstream.
+    pub revoked: u64,
+    /// Upstream revocation failed for now; REVOKING or REVOKE_FAILED, retried
+    /// in the background.
+    pub revoking: u64,
+    /// PENDING (create in flight): not revoked; call again.
+    pub pending: u64,
+    /// The store failed for these; their state is unchanged or unknown.
+    pub failed: u64,
+    /// Ids asked for by name that do not exist.
+    pub not_found: Vec<LeaseId>,
+}
+
+/// A validated ListAuditEvents request. Unset filters match all.
+#[derive(Clone, Debug, Default)]
+pub struct AuditQuery {
+    /// 1..=1000 (the api layer applies the default and the cap).
+    pub page_size: u32,
+    /// Opaque token from a previous page with the same filter; empty first.
+    pub page_token: String,
+    /// Only events at or after this time (UTC).
+    pub start_time: Option<DateTime<Utc>>,
+    /// Only events before this time (UTC).
+    pub end_time: Option<DateTime<Utc>>,
+    /// Only events by this identity, exactly as recorded (e.g.
+    /// `apikey:ci`, or `-` for unauthenticated callers).
+    pub identity: Option<String>,
+    /// Only this action, e.g. `lease.create`.
+    pub action: Option<String>,
+    /// Only events about this lease.
+    pub lease_id: Option<LeaseId>,
+}
+
+impl AuditQuery {
+    fn matches(&self, e: &AuditEvent) -> bool {
+        self.start_time.is_none_or(|t| e.time >= t)
+            && self.end_time.is_none_or(|t| e.time < t)
+            && self.identity.as_ref().is_none_or(|i| *i == e.identity)
+            && self.action.as_ref().is_none_or(|a| *a == e.action)
+            && self.lease_id.is_none_or(|l| e.lease_id == Some(l))
+    }
+
+    /// What a page token is bound to.
+    fn binding(&self) -> String {
+        let t = |t: Option<DateTime<Utc>>| t.map(|t| t.timestamp_micros().to_string());
+        format!(
+            "start={}\nend={}\nidentity={}\naction={}\nlease={}",
+            t(self.start_time).unwrap_or_default(),
+            t(self.end_time).unwrap_or_default(),
+            self.identity.as_deref().unwrap_or_default(),
+            self.action.as_deref().unwrap_or_default(),
+            self.lease_id.map(|l| l.to_string()).unwrap_or_default(),
+        )
+    }
+}
+
+/// One page of audit events.
+#[derive(Clone, Debug)]
+pub struct AuditPage {
+    /// Oldest first.
+    pub events: Vec<AuditEvent>,
+    /// Empty when the scan reached the newest row.
+    pub next_page_token: String,
+}
+
+/// Refuses (and audits) a caller the policy does not name as an admin.
+async fn require_admin(deps: &LeaseDeps, caller: &Caller, action: &str) -> Result<(), LeaseError> {
+    if deps.policy.is_admin(&caller.identity) {
+        return Ok(());
+    }
+    let mut event = admin_event(caller, action, Outcome::Denied);
+    event.reason = Some("ADMIN_REQUIRED".to_owned());
+    audit_best_effort(deps, event).await;
+    tracing::info!(identity = %caller.identity, action, "admin call refused");
+    Err(LeaseError::AdminRequired)
+}
+
+fn admin_event(caller: &Caller, action: &str, outcome: Outcome) -> AuditEvent {
+    AuditEvent {
+        id: 0,
+        time: now(),
+        identity: caller.identity.to_string(),
+        peer: caller.peer.clone(),
+        action: action.to_owned(),
+        outcome,
+        reason: None,
+        policy_rule: None,
+        lease_id: None,
+        organization: None,
+        scopes: None,
+        token_fingerprint: None,
+    }
+}
+
+/// See [`super::Leases::admin_revoke`].
+pub(super) async fn revoke_leases(
+    deps: &LeaseDeps,
+    caller: &Caller,
+    selector: LeaseSelector,
+) -> Result<BulkRevoke, LeaseError> {
+    const ACTION: &str = "admin.revoke_leases";
+    require_admin(deps, caller, ACTION).await?;
+    if selector.is_empty() {
+        return Err(LeaseError::EmptySelector);
+    }
+    let (selected, not_found) = select(deps, &selector).await?;
+    let mut outcome = BulkRevoke {
+        matched: selected.len() as u64,
+        not_found,
+        ..BulkRevoke::default()
+    };
+    let actor = caller.identity.to_string();
+    let peer = caller.peer.as_deref();
+    let mut results = stream::iter(
+        selected
+            .into_iter()
+            .map(|lease| revoke_one(deps, &actor, peer, lease)),
+    )
+    .buffer_unordered(REVOKE_CONCURRENCY);
+    while let Some(state) = results.next().await {
+        match state {
+            Some(s) if s.is_terminal() => outcome.revoked += 1,
+            Some(LeaseState::Pending) => outcome.pending += 1,
+            Some(_) => outcome.revoking += 1,
+            None => outcome.failed += 1,
+        }
+    }
+    drop(results);
+    let mut event = admin_event(caller, ACTION, Outcome::Allowed);
+    event.reason = Some(format!(
+        "{}; matched={} revoked={} revoking={} pending={} failed={}",
+        selector.describe(),
+        outcome.matched,
+        outcome.revoked,
+        outcome.revoking,
+        outcome.pending,
+        outcome.failed
+    ));
+    event.organization = selector.organization.as_ref().map(ToString::to_string);
+    event.scopes = selector.scope.as_ref().map(|s| s.as_str().to_owned());
+    audit_best_effort(deps, event).await;
+    tracing::info!(
+        identity = %caller.identity,
+        selector = %selector.describe(),
+        matched = outcome.matched,
+        revoked = outcome.revoked,
+        revoking = outcome.revoking,
+        pending = outcome.pending,
+        failed = outcome.failed,
+        "bulk revoke done"
+    );
+    Ok(outcome)
+}
+
+/// The live leases `selector` picks, and the named ids that do not exist.
+async fn select(
+    deps: &LeaseDeps,
+    selector: &LeaseSelector,
+) -> Result<(Vec<LeaseRecord>, Vec<LeaseId>), LeaseError> {
+    let mut selected = Vec::new();
+    let mut not_found = Vec::new();
+    if !selector.leases.is_empty() {
+        let mut seen = HashSet::new();
+        for &id in &selector.leases {
+            if !seen.insert(id) {
+                continue;
+            }
+            match deps.store.get_lease(id).await? {
+                Some(lease) if LIVE.contains(&lease.state) && selector.matches(&lease) => {
+                    selected.push(lease)
+                }
+                Some(_) => {}
+                None => not_found.push(id),
+            }
+        }
+        return Ok((selected, not_found));
+    }
+    let filter = LeaseFilter {
+        holder: selector.holder.clone(),
+        states: LIVE.to_vec(),
+        organization: selector.organization.clone(),
+    };
+    let mut after: Option<PageCursor> = None;
+    loop {
+        let page = deps
+            .store
+            .list_leases(&filter, after.as_ref(), SELECT_BATCH)
+            .await?;
+        let full = page.len() == SELECT_BATCH as usize;
+        after = page.last().map(|l| PageCursor {
+            create_time: l.create_time,
+            id: l.id,
+        });
+        selected.extend(page.into_iter().filter(|l| selector.matches(l)));
+        if !full {
+            break;
+        }
+    }
+    Ok((selected, not_found))
+}
+
+/// Revokes one lease through the normal path; its state afterwards (None:
+/// the store failed).
+async fn revoke_one(
+    deps: &LeaseDeps,
+    actor: &str,
+    peer: Option<&str>,
+    mut lease: LeaseRecord,
+) -> Option<LeaseState> {
+    let id = lease.id;
+    // Bounded rounds: each lost race means another actor moved the lease on.
+    for _ in 0..5 {
+        let result = match lease.state {
+            LeaseState::Pending => return Some(LeaseState::Pending),
+            s if s.is_terminal() => return Some(s),
+            LeaseState::Active => match begin_revocation(deps, &lease, now()).await {
+                Ok(Some(revoking)) => {
+                    finish_revocation(deps, &revoking, actor, peer, "lease.revoke").await
+                }
+                Ok(None) => Ok(None),
+                Err(e) => Err(e),
+            },
+            // REVOKING or REVOKE_FAILED: try again now.
+            _ => finish_revocation(deps, &lease, actor, peer, "lease.revoke").await,
+        };
+        match result {
+            Ok(Some(done)) => return Some(done.state),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(lease_id = %id, error = %e, "bulk revoke of a lease failed");
+                return None;
+            }
+        }
+        match deps.store.get_lease(id).await {
+            Ok(Some(current)) => lease = current,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::warn!(lease_id = %id, error = %e, "bulk revoke of a lease failed");
+                return None;
+            }
+        }
+    }
+    Some(lease.state)
+}
+
+/// See [`super::Leases::admin_list`].
+pub(super) async fn list_leases(
+    deps: &LeaseDeps,
+    caller: &Caller,
+    holder: Option<Identity>,
+    query: ListQuery,
+) -> Result<LeasePage, LeaseError> {
+    require_admin(deps, caller, "admin.list_leases").await?;
+    let filter = LeaseFilter {
+        holder,
+        states: query.states,
+        organization: query.organization,
+    };
+    let after = if query.page_token.is_empty() {
+        None
+    } else {
+        Some(page_token::decode(
+            &deps.fingerprinter,
+            &filter,
+            &query.page_token,
+        )?)
+    };
+    let limit = query.page_size.clamp(1, 1000);
+    let mut leases = deps
+        .store
+        .list_leases(&filter, after.as_ref(), limit + 1)
+        .await?;
+    let next_page_token = if leases.len() > limit as usize {
+        leases.truncate(limit as usize);
+        let last = leases.last().expect("limit is at least 1");
+        page_token::encode(
+            &deps.fingerprinter,
+            &filter,
+            &PageCursor {
+                create_time: last.create_time,
+                id: last.id,
+            },
+        )
+    } else {
+        String::new()
+    };
+    Ok(LeasePage {
+        leases,
+        next_page_token,
+    })
+}
+
+/// See [`super::Leases::audit_events`].
+pub(super) async fn audit_events(
+    deps: &LeaseDeps,
+    caller: &Caller,
+    query: AuditQuery,
+) -> Result<AuditPage, LeaseError> {
+    require_admin(deps, caller, "admin.list_audit_events").await?;
+    let limit = query.page_size.clamp(1, 1000) as usize;
+    let mut after = if query.page_token.is_empty() {
+        0
+    } else {
+        decode_audit_token(deps, &query, &query.page_token)?
+    };
+    let mut events = Vec::new();
+    let mut scanned = 0usize;
+    let more = loop {
+        let batch = deps.store.list_audit(after, AUDIT_SCAN_BATCH).await?;
+        let batch_len = batch.len();
+        for event in batch {
+            scanned += 1;
+            after = event.id;
+            if query.matches(&event) {
+                events.push(event);
+                if events.len() == limit {
+                    break;
+                }
+            }
+        }
+        if events.len() == limit || scanned >= AUDIT_SCAN_LIMIT {
+            // Another page exists unless this was the newest row.
+            break !deps.store.list_audit(after, 1).await?.is_empty();
+        }
+        if batch_len < AUDIT_SCAN_BATCH as usize {
+            break false;
+        }
+    };
+    let next_page_token = if more {
+        encode_audit_token(deps, &query, after)
+    } else {
+        String::new()
+    };
+    Ok(AuditPage {
+        events,
+        next_page_token,
+    })
+}
+
+fn audit_token_mac(deps: &LeaseDeps, query: &AuditQuery, payload: &str) -> String {
+    // Domain-separated, like the lease page tokens: never equal to a PAT.
+    let input = SecretString::from(format!(
+        "tokenbroker.audit_page_token.v1\n{}\n{payload}",
+        query.binding()
+    ));
+    let mut mac = deps.fingerprinter.fingerprint(&input);
+    mac.truncate(32);
+    mac
+}
+
+fn encode_audit_token(deps: &LeaseDeps, query: &AuditQuery, after_id: i64) -> String {
+    let payload = format!("a1|{after_id}");
+    let mac = audit_token_mac(deps, query, &payload);
+    URL_SAFE_NO_PAD.encode(format!("{payload}|{mac}"))
+}
+
+fn decode_audit_token(
+    deps: &LeaseDeps,
+    query: &AuditQuery,
+    token: &str,
+) -> Result<i64, LeaseError> {
+    let bad = || LeaseError::InvalidPageToken;
+    let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let (payload, given) = text.rsplit_once('|').ok_or_else(bad)?;
+    let expected = audit_token_mac(deps, query, payload);
+    let same: bool = subtle::ConstantTimeEq::ct_eq(expected.as_bytes(), given.as_bytes()).into();
+    if !same {
+        return Err(bad());
+    }
+    payload
+        .strip_prefix("a1|")
+        .and_then(|id| id.parse::<i64>().ok())
+        .ok_or_else(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_selector_without_criteria_is_empty_and_any_criterion_is_not() {
+        assert!(LeaseSelector::default().is_empty());
+        let by_org = LeaseSelector {
+            organization: Some(Organization::parse("fabrikam").unwrap()),
+            ..Default::default()
+        };
+        assert!(!by_org.is_empty());
+        let by_id = LeaseSelector {
+            leases: vec![LeaseId::new()],
+            ..Default::default()
+        };
+        assert!(!by_id.is_empty());
+    }
+}
