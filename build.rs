@@ -2,7 +2,7 @@
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["tokenbroker/v1/lease.proto"];
+    let protos = ["tokenbroker/v1/lease.proto", "tokenbroker/v1/admin.proto"];
     println!("cargo:rerun-if-changed=proto");
     // sqlx::migrate! embeds migrations/ but cannot tell cargo to watch it.
     println!("cargo:rerun-if-changed=migrations");

@@ -1,5 +1,5 @@
-//! The gRPC edge: `tokenbroker.v1.LeaseService` behind the authentication
-//! interceptor, plus `grpc.health.v1.Health` and server reflection (v1 and
+//! The gRPC edge: `tokenbroker.v1.LeaseService` and
+//! `tokenbroker.v1.AdminService` behind the authentication interceptor, plus `grpc.health.v1.Health` and server reflection (v1 and
 //! v1alpha) served without authentication so stock tools work
 //! (grpcurl, grpc_health_probe, grpcio's v1alpha-only client).
 //!
@@ -18,13 +18,16 @@ use tonic_health::ServingStatus;
 
 use crate::auth::{Authenticator, Caller};
 use crate::leases::Leases;
+use crate::proto::v1::admin_service_server::AdminServiceServer;
 use crate::proto::v1::lease_service_server::LeaseServiceServer;
 use crate::store::Store;
 
+pub mod admin;
 pub mod convert;
 mod service;
 pub mod status;
 
+pub use admin::{AdminApi, ADMIN_SERVICE_NAME};
 pub use service::LeaseApi;
 
 /// Full name of the lease service, as health checks and reflection list it.
@@ -84,6 +87,15 @@ pub fn lease_service(
     LeaseServiceServer::with_interceptor(LeaseApi::new(leases), AuthInterceptor(auth))
 }
 
+/// `AdminService` wrapped in the same authentication interceptor (admin
+/// rights are checked by the lease rules, per call).
+pub fn admin_service(
+    leases: Arc<Leases>,
+    auth: Arc<Authenticator>,
+) -> InterceptedService<AdminServiceServer<AdminApi>, AuthInterceptor> {
+    AdminServiceServer::with_interceptor(AdminApi::new(leases), AuthInterceptor(auth))
+}
+
 /// Serves the broker's gRPC API on `listener` until `shutdown` resolves,
 /// then stops accepting and lets in-flight calls finish.
 ///
@@ -110,6 +122,7 @@ pub async fn serve(
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
+        .add_service(admin_service(leases.clone(), auth.clone()))
         .add_service(lease_service(leases, auth))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
@@ -137,6 +150,9 @@ async fn set_health(reporter: &tonic_health::server::HealthReporter, status: Ser
     reporter.set_service_status("", status).await;
     reporter
         .set_service_status(LEASE_SERVICE_NAME, status)
+        .await;
+    reporter
+        .set_service_status(ADMIN_SERVICE_NAME, status)
         .await;
 }
 

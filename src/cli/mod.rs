@@ -1,6 +1,7 @@
 //! The `token-broker` command line (clap): the server (`serve`, `migrate`),
 //! the local run (`dev`, `emulator`), key generation (`apikey generate`) and
-//! the gRPC client (`lease ...`).
+//! the gRPC clients (`lease ...`, `admin ...`, `audit list`) and the audit
+//! chain check (`audit verify`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,6 +12,8 @@ use secrecy::ExposeSecret as _;
 use crate::auth::GeneratedApiKey;
 use crate::config::Config;
 
+pub mod admin;
+pub mod audit;
 pub mod client;
 pub mod dev;
 pub mod serve;
@@ -43,6 +46,16 @@ enum Command {
         #[command(subcommand)]
         command: client::LeaseCommand,
     },
+    /// Incident response across holders: bulk revoke, list (gRPC client; admin key).
+    Admin {
+        #[command(flatten)]
+        client: client::ClientArgs,
+        #[command(subcommand)]
+        command: admin::AdminCommand,
+    },
+    /// Read the audit trail (gRPC client) or verify its chain (server configuration).
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 #[derive(clap::Args, Debug)]
@@ -127,6 +140,35 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Lease { client, command } => {
             let out = client::run(&client, command)
+                .await
+                .map_err(|e| e.to_string())?;
+            println!("{out}");
+            Ok(())
+        }
+        Command::Admin { client, command } => {
+            let out = admin::run(&client, command)
+                .await
+                .map_err(|e| e.to_string())?;
+            println!("{out}");
+            Ok(())
+        }
+        Command::Audit(audit::AuditCommand::List {
+            client,
+            filter,
+            page_size,
+            page_token,
+        }) => {
+            let out = audit::list(&client, filter, page_size, page_token)
+                .await
+                .map_err(|e| e.to_string())?;
+            println!("{out}");
+            Ok(())
+        }
+        Command::Audit(audit::AuditCommand::Verify(args)) => {
+            let config = load_config(&ConfigArg {
+                config: args.config.clone(),
+            })?;
+            let out = audit::verify(&config, args.expected_head.as_deref())
                 .await
                 .map_err(|e| e.to_string())?;
             println!("{out}");

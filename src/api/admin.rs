@@ -1,0 +1,521 @@
+//! `tokenbroker.v1.AdminService`: validates requests, calls the admin
+//! operations of [`Leases`] (which check admin rights), converts answers.
+//! Authenticated by the same interceptor as `LeaseService`.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use tonic::{Request, Response, Status};
+
+use super::convert::{self, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
+use super::status::{to_status, InvalidField};
+use crate::audit::{AuditEvent, Outcome};
+use crate::auth::{AuthError, Caller};
+use crate::domain::{Identity, LeaseState, Organization, Scope};
+use crate::leases::{AuditQuery, LeaseSelector, Leases, ListQuery};
+use crate::proto::v1 as pb;
+use crate::proto::v1::admin_service_server::AdminService;
+
+/// Full name of the admin service, as reflection lists it.
+pub const ADMIN_SERVICE_NAME: &str = "tokenbroker.v1.AdminService";
+
+/// The tonic implementation of `AdminService`.
+pub struct AdminApi {
+    leases: Arc<Leases>,
+}
+
+impl AdminApi {
+    /// Serves the admin operations of `leases`.
+    pub fn new(leases: Arc<Leases>) -> Self {
+        AdminApi { leases }
+    }
+}
+
+fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
+    // Only reachable without a Caller if the service were mounted without
+    // its interceptor: refuse rather than serve anonymously.
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| to_status(&AuthError::Missing))
+}
+
+#[tonic::async_trait]
+impl AdminService for AdminApi {
+    async fn revoke_leases(
+        &self,
+        request: Request<pb::RevokeLeasesRequest>,
+    ) -> Result<Response<pb::RevokeLeasesResponse>, Status> {
+        let caller = caller(&request)?;
+        let selector = selector(request.into_inner())?;
+        let done = self
+            .leases
+            .admin_revoke(&caller, selector)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::RevokeLeasesResponse {
+            matched_count: done.matched as i64,
+            revoked_count: done.revoked as i64,
+            revoking_count: done.revoking as i64,
+            pending_count: done.pending as i64,
+            failed_count: done.failed as i64,
+            not_found_names: done.not_found.iter().map(|id| id.name()).collect(),
+        }))
+    }
+
+    async fn list_leases(
+        &self,
+        request: Request<pb::AdminListLeasesRequest>,
+    ) -> Result<Response<pb::ListLeasesResponse>, Status> {
+        let caller = caller(&request)?;
+        let (holder, query) = admin_list_query(request.into_inner())?;
+        let page = self
+            .leases
+            .admin_list(&caller, holder, query)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::ListLeasesResponse {
+            leases: page
+                .leases
+                .iter()
+                .map(|l| convert::lease(l, None))
+                .collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    async fn list_audit_events(
+        &self,
+        request: Request<pb::ListAuditEventsRequest>,
+    ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
+        let caller = caller(&request)?;
+        let query = audit_query(request.into_inner())?;
+        let page = self
+            .leases
+            .audit_events(&caller, query)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::ListAuditEventsResponse {
+            audit_events: page.events.iter().map(audit_event).collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+}
+
+/// Validates a RevokeLeases request (an empty one is refused by the lease
+/// rules, after the admin check).
+pub fn selector(req: pb::RevokeLeasesRequest) -> Result<LeaseSelector, InvalidField> {
+    let holder = if req.holder.is_empty() {
+        None
+    } else {
+        Some(identity("holder", &req.holder)?)
+    };
+    let organization = if req.organization.is_empty() {
+        None
+    } else {
+        Some(convert::organization(&req.organization)?)
+    };
+    let scope = if req.scope.is_empty() {
+        None
+    } else {
+        Some(
+            Scope::parse(&req.scope)
+                .map_err(|e| InvalidField::new("scope", "SCOPE_UNKNOWN", e.to_string()))?,
+        )
+    };
+    let leases = req
+        .names
+        .iter()
+        .map(|n| {
+            convert::lease_name(n).map_err(|e| InvalidField::new("names", e.reason, e.message))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(LeaseSelector {
+        holder,
+        organization,
+        scope,
+        leases,
+    })
+}
+
+fn identity(field: &'static str, text: &str) -> Result<Identity, InvalidField> {
+    text.parse::<Identity>()
+        .map_err(|e| InvalidField::new(field, "IDENTITY_INVALID", e.to_string()))
+}
+
+fn page_size(n: i32) -> Result<u32, InvalidField> {
+    match n {
+        n if n < 0 => Err(InvalidField::new(
+            "page_size",
+            "PAGE_SIZE_INVALID",
+            "must not be negative",
+        )),
+        0 => Ok(DEFAULT_PAGE_SIZE),
+        n => Ok((n as u32).min(MAX_PAGE_SIZE)),
+    }
+}
+
+/// Validates an AdminService.ListLeases request: the holder filter and the
+/// lease query.
+pub fn admin_list_query(
+    req: pb::AdminListLeasesRequest,
+) -> Result<(Option<Identity>, ListQuery), InvalidField> {
+    let page_size = page_size(req.page_size)?;
+    let bad = |m: String| InvalidField::new("filter", "FILTER_INVALID", m);
+    let mut holder = None;
+    let mut states: Vec<LeaseState> = Vec::new();
+    let mut organization: Option<Organization> = None;
+    for Comparison { field, op, value } in parse_filter(&req.filter).map_err(bad)? {
+        if op != Op::Eq {
+            return Err(bad(format!("{field} takes only `=`")));
+        }
+        match field.as_str() {
+            "holder" if holder.is_none() => {
+                holder = Some(value.parse::<Identity>().map_err(|e| bad(e.to_string()))?)
+            }
+            "state" if states.is_empty() => states.push(
+                value
+                    .parse::<LeaseState>()
+                    .map_err(|_| bad(format!("unknown state {value:?}")))?,
+            ),
+            "organization" if organization.is_none() => {
+                organization = Some(Organization::parse(&value).map_err(|e| bad(e.to_string()))?)
+            }
+            "holder" | "state" | "organization" => return Err(bad(format!("{field} given twice"))),
+            other => {
+                return Err(bad(format!(
+                    "unknown field {other:?}; filterable: holder, state, organization"
+                )))
+            }
+        }
+    }
+    Ok((
+        holder,
+        ListQuery {
+            page_size,
+            page_token: req.page_token,
+            states,
+            organization,
+        },
+    ))
+}
+
+/// Validates a ListAuditEvents request.
+pub fn audit_query(req: pb::ListAuditEventsRequest) -> Result<AuditQuery, InvalidField> {
+    let mut query = AuditQuery {
+        page_size: page_size(req.page_size)?,
+        page_token: req.page_token,
+        ..AuditQuery::default()
+    };
+    let bad = |m: String| InvalidField::new("filter", "FILTER_INVALID", m);
+    for Comparison { field, op, value } in parse_filter(&req.filter).map_err(bad)? {
+        let slot_taken = |taken: bool| {
+            if taken {
+                Err(bad(format!("{field} {} given twice", op.as_str())))
+            } else {
+                Ok(())
+            }
+        };
+        match (field.as_str(), op) {
+            ("identity", Op::Eq) => {
+                slot_taken(query.identity.is_some())?;
+                query.identity = Some(value);
+            }
+            ("action", Op::Eq) => {
+                slot_taken(query.action.is_some())?;
+                query.action = Some(value);
+            }
+            ("lease", Op::Eq) => {
+                slot_taken(query.lease_id.is_some())?;
+                let name = if value.starts_with("leases/") {
+                    value
+                } else {
+                    format!("leases/{value}")
+                };
+                query.lease_id = Some(
+                    convert::lease_name(&name)
+                        .map_err(|_| bad(format!("{name:?} is not a lease name")))?,
+                );
+            }
+            ("time", Op::Ge) => {
+                slot_taken(query.start_time.is_some())?;
+                query.start_time = Some(rfc3339(&value).map_err(bad)?);
+            }
+            ("time", Op::Lt) => {
+                slot_taken(query.end_time.is_some())?;
+                query.end_time = Some(rfc3339(&value).map_err(bad)?);
+            }
+            ("identity" | "action" | "lease", _) => {
+                return Err(bad(format!("{field} takes only `=`")))
+            }
+            ("time", _) => return Err(bad("time takes `>=` and `<`".to_owned())),
+            (other, _) => {
+                return Err(bad(format!(
+                    "unknown field {other:?}; filterable: identity, action, lease, time"
+                )))
+            }
+        }
+    }
+    Ok(query)
+}
+
+fn rfc3339(value: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(value)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| format!("{value:?} is not an RFC 3339 time: {e}"))
+}
+
+/// A comparison operator of the filter subset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Eq,
+    Ge,
+    Lt,
+}
+
+impl Op {
+    fn as_str(self) -> &'static str {
+        match self {
+            Op::Eq => "=",
+            Op::Ge => ">=",
+            Op::Lt => "<",
+        }
+    }
+}
+
+#[derive(Debug, PartialEq)]
+struct Comparison {
+    field: String,
+    op: Op,
+    value: String,
+}
+
+/// Parses the AIP-160 subset the admin filters use: `field OP value`
+/// comparisons (OP one of `=`, `>=`, `<`; value a bare word or a quoted
+/// string with `\` escapes) joined by `AND`. Empty: no comparisons.
+fn parse_filter(filter: &str) -> Result<Vec<Comparison>, String> {
+    let mut out = Vec::new();
+    let mut chars = filter.chars().peekable();
+    let skip_ws = |chars: &mut std::iter::Peekable<std::str::Chars>| {
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+    };
+    let word = |chars: &mut std::iter::Peekable<std::str::Chars>| {
+        let mut s = String::new();
+        while let Some(&c) = chars.peek() {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':' | '/') {
+                s.push(c);
+                chars.next();
+            } else {
+                break;
+            }
+        }
+        s
+    };
+    loop {
+        skip_ws(&mut chars);
+        if chars.peek().is_none() {
+            if out.is_empty() {
+                return Ok(out);
+            }
+            return Err("expected a comparison after AND".into());
+        }
+        let field = word(&mut chars);
+        if field.is_empty() {
+            return Err(format!(
+                "expected a field name, found {:?}",
+                chars.peek().copied().unwrap_or_default()
+            ));
+        }
+        skip_ws(&mut chars);
+        let op = match (chars.next(), chars.peek()) {
+            (Some('='), _) => Op::Eq,
+            (Some('>'), Some('=')) => {
+                chars.next();
+                Op::Ge
+            }
+            (Some('<'), Some(&c)) if c != '=' => Op::Lt,
+            _ => return Err(format!("expected `=`, `>=` or `<` after {field}")),
+        };
+        skip_ws(&mut chars);
+        let value = match chars.peek() {
+            Some(&q) if q == '"' || q == '\'' => {
+                chars.next();
+                let mut s = String::new();
+                loop {
+                    match chars.next() {
+                        Some(c) if c == q => break,
+                        Some('\\') => match chars.next() {
+                            Some(e) => s.push(e),
+                            None => return Err("unterminated string".into()),
+                        },
+                        Some(c) => s.push(c),
+                        None => return Err("unterminated string".into()),
+                    }
+                }
+                s
+            }
+            _ => {
+                let w = word(&mut chars);
+                if w.is_empty() {
+                    return Err(format!("expected a value after `{field} {}`", op.as_str()));
+                }
+                w
+            }
+        };
+        out.push(Comparison { field, op, value });
+        skip_ws(&mut chars);
+        if chars.peek().is_none() {
+            return Ok(out);
+        }
+        let and = word(&mut chars);
+        if and != "AND" {
+            return Err(format!("expected AND, found {and:?}"));
+        }
+    }
+}
+
+fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+/// An audit row as the API shows it.
+pub fn audit_event(e: &AuditEvent) -> pb::AuditEvent {
+    use pb::audit_event::Outcome as O;
+    pb::AuditEvent {
+        id: e.id,
+        time: Some(timestamp(e.time)),
+        identity: e.identity.clone(),
+        peer: e.peer.clone().unwrap_or_default(),
+        action: e.action.clone(),
+        outcome: match e.outcome {
+            Outcome::Allowed => O::Allowed,
+            Outcome::Denied => O::Denied,
+            Outcome::Error => O::Error,
+        } as i32,
+        reason: e.reason.clone().unwrap_or_default(),
+        policy_rule: e.policy_rule.clone().unwrap_or_default(),
+        lease: e.lease_id.map(|l| l.name()).unwrap_or_default(),
+        organization: e.organization.clone().unwrap_or_default(),
+        scopes: e.scopes.clone().unwrap_or_default(),
+        token_fingerprint: e.token_fingerprint.clone().unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(filter: &str) -> Result<(Option<Identity>, ListQuery), InvalidField> {
+        admin_list_query(pb::AdminListLeasesRequest {
+            filter: filter.into(),
+            ..Default::default()
+        })
+    }
+
+    fn audit(filter: &str) -> Result<AuditQuery, InvalidField> {
+        audit_query(pb::ListAuditEventsRequest {
+            filter: filter.into(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn admin_lease_filters_add_holder_to_state_and_organization() {
+        let (holder, q) =
+            list(r#"holder = "k8s:system:serviceaccount:ci:builder" AND state = ACTIVE"#).unwrap();
+        assert_eq!(
+            holder.unwrap().to_string(),
+            "k8s:system:serviceaccount:ci:builder"
+        );
+        assert_eq!(q.states, vec![LeaseState::Active]);
+        let (holder, q) = list("organization = fabrikam").unwrap();
+        assert!(holder.is_none());
+        assert_eq!(q.organization.unwrap().as_str(), "fabrikam");
+        assert_eq!(q.page_size, DEFAULT_PAGE_SIZE);
+        for bad in [
+            "holder = nobody",
+            "holder = apikey:a AND holder = apikey:b",
+            "scope = vso.code",
+            "state >= ACTIVE",
+            "state = ACTIVE OR state = REVOKED",
+        ] {
+            let e = list(bad).unwrap_err();
+            assert_eq!((e.field, e.reason), ("filter", "FILTER_INVALID"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn audit_filters_take_identity_action_lease_and_a_time_range() {
+        let q = audit(
+            r#"identity = "apikey:ci" AND action = lease.create AND time >= "2026-01-01T00:00:00Z" AND time < "2026-01-02T00:00:00+00:00""#,
+        )
+        .unwrap();
+        assert_eq!(q.identity.as_deref(), Some("apikey:ci"));
+        assert_eq!(q.action.as_deref(), Some("lease.create"));
+        assert_eq!(
+            q.start_time.unwrap().to_rfc3339(),
+            "2026-01-01T00:00:00+00:00"
+        );
+        assert_eq!(
+            q.end_time.unwrap().to_rfc3339(),
+            "2026-01-02T00:00:00+00:00"
+        );
+        let id = crate::domain::LeaseId::new();
+        assert_eq!(audit(&format!("lease = {id}")).unwrap().lease_id, Some(id));
+        assert_eq!(
+            audit(&format!("lease = \"{}\"", id.name()))
+                .unwrap()
+                .lease_id,
+            Some(id)
+        );
+        for bad in [
+            "time = \"2026-01-01T00:00:00Z\"",
+            "time >= yesterday",
+            "identity >= x",
+            "holder = apikey:ci",
+            "action = a AND action = b",
+            "action =",
+        ] {
+            let e = audit(bad).unwrap_err();
+            assert_eq!((e.field, e.reason), ("filter", "FILTER_INVALID"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn bulk_revoke_selectors_name_the_bad_field() {
+        let bad = |req: pb::RevokeLeasesRequest| {
+            let e = selector(req).unwrap_err();
+            (e.field, e.reason)
+        };
+        assert_eq!(
+            bad(pb::RevokeLeasesRequest {
+                holder: "ci".into(),
+                ..Default::default()
+            }),
+            ("holder", "IDENTITY_INVALID")
+        );
+        assert_eq!(
+            bad(pb::RevokeLeasesRequest {
+                scope: "vso.kode".into(),
+                ..Default::default()
+            }),
+            ("scope", "SCOPE_UNKNOWN")
+        );
+        assert_eq!(
+            bad(pb::RevokeLeasesRequest {
+                names: vec!["leases/nope".into()],
+                ..Default::default()
+            }),
+            ("names", "NAME_INVALID")
+        );
+        assert!(selector(pb::RevokeLeasesRequest::default())
+            .unwrap()
+            .is_empty());
+    }
+}
