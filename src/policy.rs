@@ -1,21 +1,29 @@
-//! Which identity may lease which organizations, scopes and TTLs.
+//! Which identity may lease which organizations, scopes and TTLs, how many
+//! leases it may hold at once, and who is an admin.
 //!
-//! A policy is a YAML file of rules (DESIGN.md section 9):
+//! A policy is a YAML file (DESIGN.md section 9), described by the JSON
+//! Schema `policy.schema.json` at the repository root:
 //!
 //! ```yaml
+//! admins: ["apikey:ops"]             # exact identities only, never patterns
 //! rules:
 //!   - name: ci-code                  # required, unique
 //!     identities: ["apikey:ci", "k8s:system:serviceaccount:build:*"]
+//!     identity_regexes: ["^k8s:system:serviceaccount:ci-[a-z0-9-]+:builder$"]
 //!     organizations: ["fabrikam"]    # exact, case-insensitive
 //!     scopes: ["vso.code_write", "vso.packaging"]   # grants; inclusion applies
 //!     default_ttl: 1h                # humantime
 //!     max_ttl: 8h
+//!     max_active_leases: 5           # optional cap per identity
 //! ```
 //!
 //! Deny by default. A request is allowed when one rule matches the caller's
 //! typed identity and covers the organization, every scope (with inclusion;
 //! `app_token` only where a rule names it) and the TTL; the first such rule
-//! in file order decides.
+//! in file order decides, and its `max_active_leases` caps the caller.
+//!
+//! [`PolicyHandle`] holds the policy in force and reloads it on file change
+//! or SIGHUP.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -25,12 +33,20 @@ use std::time::Duration;
 use regex::Regex;
 use serde::Deserialize;
 
-use crate::domain::{DomainError, Identity, Organization, ScopeSet};
+use crate::domain::{DomainError, Identity, Organization, Scope, ScopeSet};
 use crate::error::{ErrorCode, ServiceError};
+
+mod reload;
+
+pub use reload::{PolicyHandle, ReloadOutcome, ReloadTrigger, DEFAULT_POLL_INTERVAL};
 
 /// Longest TTL a rule may grant: one year (365 days), the upstream limit on
 /// a PAT's lifetime (ado-pat-api.md section 4.1, "not to exceed one year").
 pub const MAX_TTL_LIMIT: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+/// The JSON Schema (draft 2020-12) of the policy file, as published in the
+/// repository (`policy.schema.json`).
+pub const SCHEMA: &str = include_str!("../policy.schema.json");
 
 /// Why a request was refused. `reason()` values are stable API.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -90,8 +106,23 @@ pub enum Decision {
     },
 }
 
-/// Why a policy file was refused. Messages name the rule (index in file
-/// order, from 0, and name) and the field at fault.
+/// One thing wrong with a policy document: the path of the bad field, e.g.
+/// `rules[2].scopes[0]`, and what is wrong with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// `admins[1]`, `rules[0].max_ttl`, ... (indices from 0, file order).
+    pub path: String,
+    /// What is wrong, quoting the value (never a secret: policy holds none).
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Why a policy file was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
     /// The file could not be read.
@@ -102,22 +133,34 @@ pub enum PolicyError {
         /// Why.
         source: std::io::Error,
     },
-    /// Not YAML of the policy's shape (includes unknown fields); the message
-    /// carries the path (`rules[0]`) and line.
+    /// Not YAML of the policy's shape (a missing, unknown or mistyped
+    /// field); the message carries the path (`rules[0]`) and line.
     #[error("policy is not valid: {0}")]
     Syntax(#[from] serde_norway::Error),
-    /// A rule's field is invalid.
-    #[error("policy rule rules[{index}] {name:?}: {field}: {message}")]
-    Rule {
-        /// Position in file order, from 0.
-        index: usize,
-        /// The rule's name as written (may be empty).
-        name: String,
-        /// The field, e.g. `max_ttl` or `identities[1]`.
-        field: String,
-        /// What is wrong.
-        message: String,
-    },
+    /// Well-formed, but fields are invalid: every problem found, in file
+    /// order, each with the path of its field.
+    #[error("policy is not valid: {}", list(.0))]
+    Invalid(Vec<Problem>),
+}
+
+fn list(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(Problem::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl PolicyError {
+    /// Each problem as `path: message` lines (one for a read or syntax
+    /// error), for `token-broker policy check`.
+    pub fn problems(&self) -> Vec<String> {
+        match self {
+            PolicyError::Invalid(problems) => problems.iter().map(Problem::to_string).collect(),
+            PolicyError::Syntax(e) => vec![e.to_string()],
+            other => vec![other.to_string()],
+        }
+    }
 }
 
 impl ServiceError for PolicyError {
@@ -134,6 +177,8 @@ impl ServiceError for PolicyError {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PolicyFile {
+    #[serde(default)]
+    admins: Vec<String>,
     rules: Vec<RuleFile>,
 }
 
@@ -141,11 +186,16 @@ struct PolicyFile {
 #[serde(deny_unknown_fields)]
 struct RuleFile {
     name: String,
+    #[serde(default)]
     identities: Vec<String>,
+    #[serde(default)]
+    identity_regexes: Vec<String>,
     organizations: Vec<String>,
     scopes: Vec<String>,
     default_ttl: String,
     max_ttl: String,
+    #[serde(default)]
+    max_active_leases: Option<u32>,
 }
 
 /// Text prefixes of the identity kinds, as [`Identity`] prints them.
@@ -156,30 +206,46 @@ const KIND_PREFIXES: [(&str, &str); 4] = [
     ("x509:", "x509"),
 ];
 
-/// One entry of a rule's `identities`: an exact identity, or a glob whose
-/// `*` matches any run and `?` any one character except `:` and `/`, so a
-/// glob never crosses into another namespace, path segment or kind. The
-/// kind prefix is always literal: no pattern matches two kinds.
+const KIND_LIST: &str = "apikey:, k8s:system:serviceaccount:, spiffe:// or x509:";
+
+/// Largest compiled identity regex (bytes); keeps a typo from costing memory.
+const REGEX_SIZE_LIMIT: usize = 1 << 16;
+
+/// One identity pattern of a rule:
+/// - an exact identity (`identities`);
+/// - a glob (`identities` with `*` or `?`): `*` matches any run and `?` any
+///   one character except `:` and `/`, so a glob never crosses into another
+///   namespace or path segment;
+/// - an anchored regex (`identity_regexes`): `^KIND-PREFIX...$`, Rust
+///   `regex` syntax (linear time), matched against the part after the kind
+///   prefix.
+///
+/// The kind prefix is always literal and compared by kind: no pattern
+/// matches two kinds (an alternation in a regex stays inside its kind).
 #[derive(Clone, Debug)]
 enum IdentityPattern {
     Exact(Identity),
-    Glob {
+    Pattern {
         kind: &'static str,
+        prefix: &'static str,
         text: String,
-        regex: Regex,
+        /// Matches the identity's text after `prefix`.
+        rest: Regex,
     },
 }
 
 impl IdentityPattern {
-    fn parse(text: &str) -> Result<Self, String> {
-        let Some((prefix, kind)) = KIND_PREFIXES
+    fn kind_of(text: &str) -> Result<(&'static str, &'static str), String> {
+        KIND_PREFIXES
             .iter()
             .find(|(prefix, _)| text.starts_with(prefix))
-        else {
-            return Err(format!(
-                "{text:?} must start with apikey:, k8s:system:serviceaccount:, spiffe:// or x509:"
-            ));
-        };
+            .copied()
+            .ok_or_else(|| format!("{text:?} must start with {KIND_LIST}"))
+    }
+
+    /// An entry of `identities`: exact or glob.
+    fn parse(text: &str) -> Result<Self, String> {
+        let (prefix, kind) = Self::kind_of(text)?;
         let rest = &text[prefix.len()..];
         if !rest.contains(['*', '?']) {
             return text
@@ -198,7 +264,7 @@ impl IdentityPattern {
                 "{text:?} is not a valid pattern: {why} ('*' and '?' do not match ':' or '/')"
             ));
         }
-        let mut re = format!("^{}", regex::escape(prefix));
+        let mut re = String::from("^");
         for c in rest.chars() {
             match c {
                 '*' => re.push_str("[^:/]*"),
@@ -207,18 +273,49 @@ impl IdentityPattern {
             }
         }
         re.push('$');
-        Ok(IdentityPattern::Glob {
+        Ok(IdentityPattern::Pattern {
             kind,
+            prefix,
             text: text.to_owned(),
-            regex: Regex::new(&re).map_err(|e| e.to_string())?,
+            rest: Regex::new(&re).map_err(|e| e.to_string())?,
+        })
+    }
+
+    /// An entry of `identity_regexes`: `^` + a literal kind prefix + a
+    /// regex + `$`.
+    fn parse_regex(text: &str) -> Result<Self, String> {
+        let Some(anchored) = text.strip_prefix('^') else {
+            return Err(format!("{text:?} must be anchored: begin with '^'"));
+        };
+        let (prefix, kind) = Self::kind_of(anchored).map_err(|_| {
+            format!("{text:?} must begin with '^' and a literal kind prefix: {KIND_LIST}")
+        })?;
+        let Some(rest) = anchored[prefix.len()..].strip_suffix('$') else {
+            return Err(format!("{text:?} must be anchored: end with '$'"));
+        };
+        let rest = regex::RegexBuilder::new(&format!("^(?:{rest})$"))
+            .size_limit(REGEX_SIZE_LIMIT)
+            .build()
+            .map_err(|e| format!("{text:?} is not a valid regex: {e}"))?;
+        Ok(IdentityPattern::Pattern {
+            kind,
+            prefix,
+            text: text.to_owned(),
+            rest,
         })
     }
 
     fn matches(&self, identity: &Identity) -> bool {
         match self {
             IdentityPattern::Exact(exact) => exact == identity,
-            IdentityPattern::Glob { kind, regex, .. } => {
-                identity.kind() == *kind && regex.is_match(&identity.to_string())
+            IdentityPattern::Pattern {
+                kind, prefix, rest, ..
+            } => {
+                identity.kind() == *kind
+                    && identity
+                        .to_string()
+                        .strip_prefix(prefix)
+                        .is_some_and(|r| rest.is_match(r))
             }
         }
     }
@@ -228,7 +325,7 @@ impl fmt::Display for IdentityPattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             IdentityPattern::Exact(identity) => identity.fmt(f),
-            IdentityPattern::Glob { text, .. } => f.write_str(text),
+            IdentityPattern::Pattern { text, .. } => f.write_str(text),
         }
     }
 }
@@ -242,6 +339,7 @@ pub struct Rule {
     scopes: ScopeSet,
     default_ttl: Duration,
     max_ttl: Duration,
+    max_active_leases: Option<u32>,
 }
 
 impl Rule {
@@ -258,6 +356,12 @@ impl Rule {
     /// Longest TTL granted, and the cap on renewals.
     pub fn max_ttl(&self) -> Duration {
         self.max_ttl
+    }
+
+    /// Most live (PENDING, ACTIVE, REVOKING) leases an identity may hold
+    /// when this rule decides its request; None: no cap.
+    pub fn max_active_leases(&self) -> Option<u32> {
+        self.max_active_leases
     }
 
     fn matches_identity(&self, identity: &Identity) -> bool {
@@ -285,111 +389,163 @@ impl Rule {
         Ok(ttl)
     }
 
-    fn validate(index: usize, raw: RuleFile) -> Result<Rule, PolicyError> {
-        let fail = |field: &str, message: String| PolicyError::Rule {
-            index,
-            name: raw.name.clone(),
-            field: field.to_owned(),
-            message,
+    /// Validates rule `index`, adding every problem found to `problems`.
+    fn validate(index: usize, raw: RuleFile, problems: &mut Vec<Problem>) -> Option<Rule> {
+        let before = problems.len();
+        let mut fail = |field: &str, message: String| {
+            problems.push(Problem {
+                path: format!("rules[{index}].{field}"),
+                message,
+            })
         };
         if raw.name.trim().is_empty() {
-            return Err(fail("name", "must not be empty".into()));
+            fail("name", "must not be empty".into());
         }
-        if raw.identities.is_empty() {
-            return Err(fail("identities", "must list at least one identity".into()));
+        if raw.identities.is_empty() && raw.identity_regexes.is_empty() {
+            fail(
+                "identities",
+                "must list at least one identity (or identity_regexes one regex)".into(),
+            );
         }
-        let identities = raw
-            .identities
-            .iter()
-            .enumerate()
-            .map(|(i, text)| {
-                IdentityPattern::parse(text).map_err(|m| fail(&format!("identities[{i}]"), m))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut identities = Vec::new();
+        for (i, text) in raw.identities.iter().enumerate() {
+            match IdentityPattern::parse(text) {
+                Ok(p) => identities.push(p),
+                Err(m) => fail(&format!("identities[{i}]"), m),
+            }
+        }
+        for (i, text) in raw.identity_regexes.iter().enumerate() {
+            match IdentityPattern::parse_regex(text) {
+                Ok(p) => identities.push(p),
+                Err(m) => fail(&format!("identity_regexes[{i}]"), m),
+            }
+        }
         if raw.organizations.is_empty() {
-            return Err(fail(
+            fail(
                 "organizations",
                 "must list at least one organization".into(),
-            ));
+            );
         }
-        let organizations = raw
-            .organizations
-            .iter()
-            .enumerate()
-            .map(|(i, text)| {
-                Organization::parse(text)
-                    .map_err(|e| fail(&format!("organizations[{i}]"), e.to_string()))
-            })
-            .collect::<Result<BTreeSet<_>, _>>()?;
-        let scopes = ScopeSet::parse(&raw.scopes).map_err(|e| fail("scopes", e.to_string()))?;
-        let duration = |field: &str, text: &str| {
-            let d = humantime::parse_duration(text)
-                .map_err(|e| fail(field, format!("invalid duration {text:?}: {e}")))?;
-            if d.is_zero() {
-                return Err(fail(field, "must be longer than zero".into()));
+        let mut organizations = BTreeSet::new();
+        for (i, text) in raw.organizations.iter().enumerate() {
+            match Organization::parse(text) {
+                Ok(o) => {
+                    organizations.insert(o);
+                }
+                Err(e) => fail(&format!("organizations[{i}]"), e.to_string()),
             }
-            Ok(d)
+        }
+        if raw.scopes.is_empty() {
+            fail("scopes", "must list at least one scope".into());
+        }
+        for (i, text) in raw.scopes.iter().enumerate() {
+            if Scope::parse(text).is_err() {
+                fail(&format!("scopes[{i}]"), format!("unknown scope {text:?}"));
+            }
+        }
+        let mut duration = |field: &str, text: &str| match humantime::parse_duration(text) {
+            Ok(d) if d.is_zero() => {
+                fail(field, "must be longer than zero".into());
+                None
+            }
+            Ok(d) => Some(d),
+            Err(e) => {
+                fail(field, format!("invalid duration {text:?}: {e}"));
+                None
+            }
         };
-        let default_ttl = duration("default_ttl", &raw.default_ttl)?;
-        let max_ttl = duration("max_ttl", &raw.max_ttl)?;
-        if max_ttl > MAX_TTL_LIMIT {
-            return Err(fail(
-                "max_ttl",
-                format!(
-                    "{} is over one year (365d), the upstream PAT lifetime limit",
-                    raw.max_ttl
-                ),
-            ));
+        let default_ttl = duration("default_ttl", &raw.default_ttl);
+        let max_ttl = duration("max_ttl", &raw.max_ttl);
+        if let Some(max) = max_ttl {
+            if max > MAX_TTL_LIMIT {
+                fail(
+                    "max_ttl",
+                    format!(
+                        "{} is over one year (365d), the upstream PAT lifetime limit",
+                        raw.max_ttl
+                    ),
+                );
+            }
         }
-        if default_ttl > max_ttl {
-            return Err(fail(
-                "default_ttl",
-                format!("{} is longer than max_ttl {}", raw.default_ttl, raw.max_ttl),
-            ));
+        if let (Some(default), Some(max)) = (default_ttl, max_ttl) {
+            if default > max {
+                fail(
+                    "default_ttl",
+                    format!("{} is longer than max_ttl {}", raw.default_ttl, raw.max_ttl),
+                );
+            }
         }
-        Ok(Rule {
+        if raw.max_active_leases == Some(0) {
+            fail(
+                "max_active_leases",
+                "must be at least 1 (to grant nothing, remove the rule)".into(),
+            );
+        }
+        if problems.len() > before {
+            return None;
+        }
+        Some(Rule {
             name: raw.name,
             identities,
             organizations,
-            scopes,
-            default_ttl,
-            max_ttl,
+            scopes: ScopeSet::parse(&raw.scopes).ok()?,
+            default_ttl: default_ttl?,
+            max_ttl: max_ttl?,
+            max_active_leases: raw.max_active_leases,
         })
     }
 }
 
-/// A parsed, validated policy. The default policy has no rules and denies
-/// everything.
+/// A parsed, validated policy. The default policy has no rules and no
+/// admins: it denies everything.
 #[derive(Clone, Debug, Default)]
 pub struct Policy {
     rules: Vec<Rule>,
+    admins: BTreeSet<Identity>,
 }
 
 impl Policy {
     /// Parses and validates a policy document.
     ///
-    /// Errors: [`PolicyError::Syntax`] for bad YAML, a missing or unknown
-    /// field (with its path and line); [`PolicyError::Rule`] for an empty or
-    /// duplicate name, a bad identity pattern, organization or unknown
-    /// scope, a bad or zero duration, `default_ttl` > `max_ttl`, or
-    /// `max_ttl` over one year.
+    /// Errors: [`PolicyError::Syntax`] for bad YAML, a missing, unknown or
+    /// mistyped field (with its path and line); [`PolicyError::Invalid`]
+    /// with every problem and its path: an empty or duplicate rule name, a
+    /// bad identity, glob or regex, an admin that is a pattern, a bad
+    /// organization, an unknown scope, a bad or zero duration,
+    /// `default_ttl` > `max_ttl`, `max_ttl` over one year, a zero
+    /// `max_active_leases`.
     pub fn from_yaml(text: &str) -> Result<Policy, PolicyError> {
         let file: PolicyFile = serde_norway::from_str(text)?;
+        let mut problems = Vec::new();
+        let mut admins = BTreeSet::new();
+        for (i, text) in file.admins.iter().enumerate() {
+            match parse_admin(text) {
+                Ok(identity) => {
+                    admins.insert(identity);
+                }
+                Err(message) => problems.push(Problem {
+                    path: format!("admins[{i}]"),
+                    message,
+                }),
+            }
+        }
         let mut names = BTreeSet::new();
         let mut rules = Vec::with_capacity(file.rules.len());
         for (index, raw) in file.rules.into_iter().enumerate() {
-            let rule = Rule::validate(index, raw)?;
-            if !names.insert(rule.name.clone()) {
-                return Err(PolicyError::Rule {
-                    index,
-                    name: rule.name,
-                    field: "name".into(),
-                    message: "another rule has this name".into(),
+            if !raw.name.trim().is_empty() && !names.insert(raw.name.clone()) {
+                problems.push(Problem {
+                    path: format!("rules[{index}].name"),
+                    message: format!("another rule is named {:?}", raw.name),
                 });
             }
-            rules.push(rule);
+            if let Some(rule) = Rule::validate(index, raw, &mut problems) {
+                rules.push(rule);
+            }
         }
-        Ok(Policy { rules })
+        if !problems.is_empty() {
+            return Err(PolicyError::Invalid(problems));
+        }
+        Ok(Policy { rules, admins })
     }
 
     /// Reads and validates the policy file at `path`.
@@ -409,10 +565,15 @@ impl Policy {
         &self.rules
     }
 
-    /// TEMPORARY stub until branch `policyv1` lands the real `admins` list:
-    /// nobody is an admin.
-    pub fn is_admin(&self, _: &Identity) -> bool {
-        false
+    /// The rule named `name`, if any (e.g. the one a [`Decision`] names).
+    pub fn rule(&self, name: &str) -> Option<&Rule> {
+        self.rules.iter().find(|r| r.name == name)
+    }
+
+    /// True if `identity` is listed in `admins` (exactly: admin rights are
+    /// never granted through a pattern), so it may call AdminService.
+    pub fn is_admin(&self, identity: &Identity) -> bool {
+        self.admins.contains(identity)
     }
 
     /// Decides whether `identity` may lease `scopes` in `organization` for
@@ -422,7 +583,9 @@ impl Policy {
     /// and covers the organization, every scope and the TTL. Otherwise
     /// denied with the most specific failure among the rules matching the
     /// identity (organization < scope < TTL; the first such rule is named),
-    /// or `NoMatchingRule` when none matches it.
+    /// or `NoMatchingRule` when none matches it. The active-lease cap of
+    /// the deciding rule ([`Rule::max_active_leases`]) is the lease
+    /// service's to enforce: it needs the store.
     pub fn decide(
         &self,
         identity: &Identity,
@@ -476,6 +639,16 @@ impl Policy {
             Decision::Deny { .. } => None,
         }
     }
+}
+
+/// An entry of `admins`: an exact identity; a glob or regex is refused.
+fn parse_admin(text: &str) -> Result<Identity, String> {
+    if text.starts_with('^') || text.contains(['*', '?']) {
+        return Err(format!(
+            "{text:?} is a pattern; admin rights go to exact identities only"
+        ));
+    }
+    text.parse::<Identity>().map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -549,14 +722,16 @@ rules:
         }
     }
 
+    /// The first problem of an invalid one-rule policy: (rule index,
+    /// field path inside the rule, message).
     fn rule_error(yaml: &str) -> (usize, String, String) {
         match Policy::from_yaml(yaml) {
-            Err(PolicyError::Rule {
-                index,
-                field,
-                message,
-                ..
-            }) => (index, field, message),
+            Err(PolicyError::Invalid(problems)) => {
+                let p = &problems[0];
+                let rest = p.path.strip_prefix("rules[").expect("a rule path");
+                let (index, field) = rest.split_once("].").expect("rules[i].field");
+                (index.parse().unwrap(), field.to_owned(), p.message.clone())
+            }
             other => panic!("expected a rule error, got {other:?}"),
         }
     }
@@ -861,7 +1036,7 @@ rules:
     fn an_unknown_scope_is_refused_naming_rule_and_field() {
         let (index, field, message) =
             rule_error(&with_field("scopes", "[\"vso.code\", \"vso.cod_write\"]"));
-        assert_eq!((index, field.as_str()), (0, "scopes"));
+        assert_eq!((index, field.as_str()), (0, "scopes[1]"));
         assert!(message.contains("vso.cod_write"), "{message}");
     }
 
@@ -894,11 +1069,8 @@ rules:
         let rule = with_field("max_ttl", "8h");
         let body = rule.strip_prefix("rules:\n").unwrap();
         let err = Policy::from_yaml(&format!("rules:\n{body}{body}")).unwrap_err();
-        assert!(
-            matches!(&err, PolicyError::Rule { index: 1, field, .. } if field == "name"),
-            "{err:?}"
-        );
-        assert!(err.to_string().contains("rules[1]"), "{err}");
+        assert_eq!(err.problems().len(), 1, "{err}");
+        assert!(err.to_string().contains("rules[1].name"), "{err}");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError};
 use crate::crypto::Keyring;
 use crate::leases::{LeaseDeps, LeaseSettings, Leases};
-use crate::policy::{Policy, PolicyError};
+use crate::policy::{PolicyError, PolicyHandle, DEFAULT_POLL_INTERVAL};
 use crate::store::{self, Store, StoreError, UpstreamCredential};
 use crate::upstream::azure_devops::AzureDevOpsClient;
 use crate::upstream::entra::{RefreshTokenSink, RefreshTokenSource, TokenSource};
@@ -64,18 +64,19 @@ pub enum ServeError {
     Join(#[from] tokio::task::JoinError),
 }
 
-/// Loads the policy named by `policy.file`; without one, a policy with no
-/// rules, which denies every request (deny by default).
-pub fn load_policy(config: &Config) -> Result<Policy, ServeError> {
+/// Loads the policy named by `policy.file` (the broker then reloads it on
+/// change and on SIGHUP); without one, a policy with no rules, which denies
+/// every request (deny by default).
+pub fn load_policy(config: &Config) -> Result<PolicyHandle, ServeError> {
     match &config.policy.file {
         Some(path) => {
-            let policy = Policy::load(path)?;
-            tracing::info!(file = %path.display(), rules = policy.rules().len(), "policy loaded");
+            let policy = PolicyHandle::from_file(path)?;
+            tracing::info!(file = %path.display(), rules = policy.current().rules().len(), "policy loaded");
             Ok(policy)
         }
         None => {
             tracing::warn!("no policy.file configured: every lease request will be denied");
-            Ok(Policy::default())
+            Ok(PolicyHandle::fixed(Default::default()))
         }
     }
 }
@@ -100,12 +101,14 @@ pub struct Broker {
 impl Broker {
     /// Opens and migrates the store, resolves keys, builds the upstream
     /// client and the lease service, and starts serving on `listener` with
-    /// `policy`. Returns once the server accepts calls.
+    /// `policy` (a file-backed [`PolicyHandle`] is watched and reloaded
+    /// until the broker stops). Returns once the server accepts calls.
     pub async fn start(
         config: &Config,
-        policy: Policy,
+        policy: impl Into<PolicyHandle>,
         listener: TcpListener,
     ) -> Result<Broker, ServeError> {
+        let policy: PolicyHandle = policy.into();
         let backend = config
             .database
             .backend()
@@ -147,7 +150,7 @@ impl Broker {
             store: store.clone(),
             upstream: Arc::new(upstream),
             keyring,
-            policy: Arc::new(policy),
+            policy: policy.clone(),
             fingerprinter: Arc::new(fingerprinter),
             audit: Arc::new(AuditLog::new(store.clone(), chain_key)),
             settings: LeaseSettings {
@@ -160,6 +163,9 @@ impl Broker {
         }));
 
         let (shutdown, rx) = watch::channel(false);
+        // Ends with the broker; its outcomes are logged (and audited by
+        // subscribers of `PolicyHandle::subscribe`).
+        let _ = policy.spawn_watcher(DEFAULT_POLL_INTERVAL, stopped(rx.clone()));
         let background = {
             let leases = leases.clone();
             let rx = rx.clone();

@@ -180,7 +180,7 @@ pub struct AuditPage {
 
 /// Refuses (and audits) a caller the policy does not name as an admin.
 async fn require_admin(deps: &LeaseDeps, caller: &Caller, action: &str) -> Result<(), LeaseError> {
-    if deps.policy.is_admin(&caller.identity) {
+    if deps.policy.current().is_admin(&caller.identity) {
         return Ok(());
     }
     let mut event = admin_event(caller, action, Outcome::Denied);

@@ -13,6 +13,7 @@ use super::{CreateLease, IssuedLease, LeaseDeps, LeaseError};
 use crate::audit::{AuditEvent, Outcome};
 use crate::auth::Caller;
 use crate::domain::{LeaseId, LeaseState};
+use crate::error::ServiceError as _;
 use crate::policy::Decision;
 use crate::store::{CreateOutcome, IdempotencyRecord, LeaseRecord};
 use crate::upstream::{CreatePat, UpstreamError};
@@ -33,11 +34,15 @@ pub(super) async fn create(
     req: CreateLease,
 ) -> Result<IssuedLease, LeaseError> {
     let now = now();
-    let grant = match deps
-        .policy
-        .decide(&caller.identity, &req.organization, &req.scopes, req.ttl)
-    {
-        Decision::Allow { rule, ttl, max_ttl } => Grant { rule, ttl, max_ttl },
+    // One policy for the whole call, even if a reload lands meanwhile.
+    let policy = deps.policy.current();
+    let grant = match policy.decide(&caller.identity, &req.organization, &req.scopes, req.ttl) {
+        Decision::Allow { rule, ttl, max_ttl } => Grant {
+            max_active_leases: policy.rule(&rule).and_then(|r| r.max_active_leases()),
+            rule,
+            ttl,
+            max_ttl,
+        },
         Decision::Deny { denial, rule } => {
             let event = denied_event(caller, &req, denial.reason(), rule.clone(), None);
             audit_best_effort(deps, event).await;
@@ -54,6 +59,23 @@ pub(super) async fn create(
             .await?
         {
             return replay(deps, caller, &req, &grant, existing, &fingerprint).await;
+        }
+    }
+
+    // A replay above is the same lease, so only a new one counts.
+    if let Some(cap) = grant.max_active_leases {
+        let live = deps.store.count_live_leases(&caller.identity).await?;
+        if live >= u64::from(cap) {
+            let event = denied_event(
+                caller,
+                &req,
+                LeaseError::QuotaExceeded.reason(),
+                Some(grant.rule.clone()),
+                None,
+            );
+            audit_best_effort(deps, event).await;
+            tracing::info!(identity = %caller.identity, rule = %grant.rule, live, cap, "lease create refused: active lease quota");
+            return Err(LeaseError::QuotaExceeded);
         }
     }
 
@@ -106,6 +128,8 @@ struct Grant {
     ttl: Duration,
     /// The rule's max TTL: create_time + max_ttl is max_expire_time.
     max_ttl: Duration,
+    /// The rule's cap on the caller's live leases, if any.
+    max_active_leases: Option<u32>,
 }
 
 /// A fresh PENDING lease row (nothing written yet).

@@ -105,20 +105,21 @@ pub(super) async fn renew(
     // Renewal is a decision too: the policy must still grant this lease
     // (its default TTL is the increment when none is given). An increment
     // past the rule's max TTL is not refused: max_expire_time caps it.
-    let increment =
-        match deps
-            .policy
-            .decide(&caller.identity, &lease.organization, &lease.scopes, None)
-        {
-            Decision::Allow { ttl, .. } => increment.unwrap_or(ttl),
-            Decision::Deny { denial, rule } => {
-                let mut event = caller_event(caller, ACTION, Outcome::Denied, &lease, now);
-                event.reason = Some(denial.reason().to_owned());
-                event.policy_rule = rule.clone();
-                audit_best_effort(deps, event).await;
-                return Err(LeaseError::Denied { denial, rule });
-            }
-        };
+    let increment = match deps.policy.current().decide(
+        &caller.identity,
+        &lease.organization,
+        &lease.scopes,
+        None,
+    ) {
+        Decision::Allow { ttl, .. } => increment.unwrap_or(ttl),
+        Decision::Deny { denial, rule } => {
+            let mut event = caller_event(caller, ACTION, Outcome::Denied, &lease, now);
+            event.reason = Some(denial.reason().to_owned());
+            event.policy_rule = rule.clone();
+            audit_best_effort(deps, event).await;
+            return Err(LeaseError::Denied { denial, rule });
+        }
+    };
     let Some(authorization_id) = lease.authorization_id else {
         return Err(LeaseError::Internal(format!(
             "ACTIVE lease {id} has no authorizationId"

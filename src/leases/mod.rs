@@ -109,7 +109,7 @@ use crate::auth::Caller;
 use crate::crypto::{CryptoError, Keyring, TokenFingerprinter};
 use crate::domain::LeaseId;
 use crate::error::{ErrorCode, ServiceError};
-use crate::policy::{Denial, Policy};
+use crate::policy::{Denial, PolicyHandle};
 use crate::store::{Store, StoreError};
 use crate::upstream::{PatClient, UpstreamError};
 
@@ -254,8 +254,9 @@ pub struct LeaseDeps {
     pub upstream: Arc<dyn PatClient>,
     /// Seals tokens at rest.
     pub keyring: Arc<Keyring>,
-    /// Who may have what.
-    pub policy: Arc<Policy>,
+    /// Who may have what: the policy in force (reloaded live); each call
+    /// takes [`PolicyHandle::current`] once and keeps it.
+    pub policy: PolicyHandle,
     /// Keyed HMAC of tokens for the audit trail (and the MAC of page tokens).
     pub fingerprinter: Arc<TokenFingerprinter>,
     /// The chained audit trail every audit row is appended to.
@@ -278,7 +279,9 @@ impl Leases {
     /// Issues a lease (or replays one for a repeated request_id).
     ///
     /// Errors: `Denied` (policy; audited, nothing written, no upstream
-    /// call), `RequestIdReused` (same key, other parameters), `InProgress`
+    /// call), `QuotaExceeded` (the caller already holds the deciding
+    /// rule's `max_active_leases` live leases; audited, nothing written),
+    /// `RequestIdReused` (same key, other parameters), `InProgress`
     /// (an earlier attempt with the key is still PENDING after 30 s),
     /// `Upstream` (the lease is FAILED and the key may be retried).
     pub async fn create(

@@ -204,7 +204,7 @@ pub async fn start_broker(
         store: store.clone(),
         upstream: upstream.clone(),
         keyring: Arc::new(keyring),
-        policy: Arc::new(Policy::from_yaml(POLICY_YAML).expect("test policy")),
+        policy: Policy::from_yaml(POLICY_YAML).expect("test policy").into(),
         fingerprinter: Arc::new(fingerprinter),
         audit: Arc::new(AuditLog::new(
             store.clone(),
