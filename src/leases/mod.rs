@@ -215,7 +215,6 @@ impl ServiceError for LeaseError {
     fn field(&self) -> Option<&str> {
         match self {
             LeaseError::InvalidPageToken => Some("page_token"),
-            LeaseError::EmptySelector => Some("filter"),
             _ => None,
         }
     }

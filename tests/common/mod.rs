@@ -2,6 +2,7 @@
 //! one file here.
 #![allow(dead_code)]
 
+pub mod admin;
 pub mod audit;
 pub mod broker;
 pub mod db;

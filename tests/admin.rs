@@ -1,0 +1,621 @@
+//! AdminService and the chained audit trail, over real sockets: bulk revoke
+//! for incident response (every PAT revoked upstream), admin-only access,
+//! the audit trail as an admin reads it (fingerprints, never tokens), fail
+//! closed grants, retried revocation audits, and `token-broker audit verify`
+//! as an operator runs it.
+
+mod common;
+
+use std::collections::HashSet;
+use std::process::Command;
+
+use secrecy::{ExposeSecret as _, SecretString};
+use sqlx::{Connection as _, PgConnection, SqliteConnection};
+use tonic::Code;
+use tonic_types::StatusExt as _;
+
+use common::admin::{admin_setup, AdminClient, AdminSetup, Store};
+use common::audit::AuditDb;
+use common::broker::{spawn_broker, BrokerSpec, Client};
+use token_broker::audit::{self, ChainKey};
+use token_broker::crypto::TokenFingerprinter;
+use token_broker::proto::v1 as pb;
+
+const BIN: &str = env!("CARGO_BIN_EXE_token-broker");
+
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Store::Postgres).await
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Store::Sqlite).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_stores!(
+    bulk_revoke_of_a_compromised_holder_revokes_every_pat_upstream_and_counts_them,
+    audit_verify_passes_on_a_brokers_database_and_names_a_row_edited_by_sql,
+    a_grant_is_refused_when_its_audit_row_cannot_be_written_and_a_revocation_still_goes_ahead,
+);
+
+async fn create(client: &mut Client, organization: &str, scopes: &[&str]) -> pb::Lease {
+    client
+        .create_lease(pb::CreateLeaseRequest {
+            organization: organization.into(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            ttl: None,
+            request_id: String::new(),
+        })
+        .await
+        .expect("lease created")
+        .into_inner()
+}
+
+fn reason(status: &tonic::Status) -> String {
+    status
+        .get_details_error_info()
+        .map(|i| i.reason)
+        .unwrap_or_default()
+}
+
+/// Display names of the PATs the emulator holds live.
+async fn live_display_names(setup: &AdminSetup) -> HashSet<String> {
+    setup
+        .emulator_pats()
+        .await
+        .iter()
+        .filter(|p| p["state"] == "active")
+        .map(|p| p["displayName"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn all_audit_events(admin: &mut AdminClient, filter: &str) -> Vec<pb::AuditEvent> {
+    let mut events = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = admin
+            .list_audit_events(pb::ListAuditEventsRequest {
+                page_size: 1000,
+                page_token,
+                filter: filter.into(),
+            })
+            .await
+            .expect("admin lists audit events")
+            .into_inner();
+        events.extend(page.audit_events);
+        if page.next_page_token.is_empty() {
+            return events;
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+async fn bulk_revoke_of_a_compromised_holder_revokes_every_pat_upstream_and_counts_them(
+    store: Store,
+) {
+    let setup = admin_setup(store).await;
+    let mut ci = setup.lease_client("ci").await;
+    let mut other = setup.lease_client("other").await;
+    let mut compromised = Vec::new();
+    for _ in 0..25 {
+        compromised.push(create(&mut ci, "fabrikam", &["vso.code_write"]).await);
+    }
+    let bystanders = [
+        create(&mut other, "fabrikam", &["vso.code_write"]).await,
+        create(&mut other, "contoso", &["vso.packaging"]).await,
+    ];
+    let live = live_display_names(&setup).await;
+    assert!(compromised.iter().all(|l| live.contains(&l.display_name)));
+
+    let mut admin = setup.admin_client(Some("ops")).await;
+    let done = admin
+        .revoke_leases(pb::RevokeLeasesRequest {
+            holder: "apikey:ci".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("bulk revoke")
+        .into_inner();
+    assert_eq!(
+        (
+            done.matched_count,
+            done.revoked_count,
+            done.revoking_count,
+            done.pending_count,
+            done.failed_count
+        ),
+        (25, 25, 0, 0, 0)
+    );
+
+    // Upstream holds none of the holder's PATs live; the others' are untouched.
+    let live = live_display_names(&setup).await;
+    for lease in &compromised {
+        assert!(
+            !live.contains(&lease.display_name),
+            "{} still live upstream",
+            lease.name
+        );
+    }
+    for lease in &bystanders {
+        assert!(live.contains(&lease.display_name));
+    }
+
+    // Every one of them is REVOKED, as an admin listing across holders shows.
+    let page = admin
+        .list_leases(pb::AdminListLeasesRequest {
+            page_size: 100,
+            page_token: String::new(),
+            filter: r#"holder = "apikey:ci""#.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.leases.len(), 25);
+    assert!(page
+        .leases
+        .iter()
+        .all(|l| l.state() == pb::lease::State::Revoked && l.token.is_empty()));
+    let everyone = admin
+        .list_leases(pb::AdminListLeasesRequest {
+            page_size: 100,
+            filter: "state = ACTIVE".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let names: HashSet<_> = everyone.leases.iter().map(|l| l.name.clone()).collect();
+    assert_eq!(
+        names,
+        bystanders
+            .iter()
+            .map(|l| l.name.clone())
+            .collect::<HashSet<_>>()
+    );
+
+    // The bulk revoke is audited once, with who asked and the counts; each
+    // lease's revocation is audited as the admin's.
+    let bulk = all_audit_events(&mut admin, "action = admin.revoke_leases").await;
+    assert_eq!(bulk.len(), 1);
+    assert_eq!(bulk[0].identity, "apikey:ops");
+    assert_eq!(bulk[0].outcome(), pb::audit_event::Outcome::Allowed);
+    assert!(
+        bulk[0].reason.contains("holder=apikey:ci") && bulk[0].reason.contains("revoked=25"),
+        "{}",
+        bulk[0].reason
+    );
+    let revokes = all_audit_events(
+        &mut admin,
+        r#"action = lease.revoke AND identity = "apikey:ops""#,
+    )
+    .await;
+    assert_eq!(revokes.len(), 25);
+
+    // A second call finds nothing live left.
+    let again = admin
+        .revoke_leases(pb::RevokeLeasesRequest {
+            holder: "apikey:ci".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((again.matched_count, again.revoked_count), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_revoke_by_organization_scope_or_names_takes_only_matching_leases() {
+    let setup = admin_setup(Store::Sqlite).await;
+    let mut ci = setup.lease_client("ci").await;
+    let mut other = setup.lease_client("other").await;
+    let code_write = create(&mut ci, "fabrikam", &["vso.code_write"]).await;
+    let packaging = create(&mut ci, "fabrikam", &["vso.packaging"]).await;
+    let in_contoso = create(&mut other, "contoso", &["vso.packaging"]).await;
+    let mut admin = setup.admin_client(Some("ops")).await;
+
+    // vso.code_write grants vso.code: a lease that can read code matches.
+    let by_scope = admin
+        .revoke_leases(pb::RevokeLeasesRequest {
+            scope: "vso.code".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((by_scope.matched_count, by_scope.revoked_count), (1, 1));
+    let live = live_display_names(&setup).await;
+    assert!(!live.contains(&code_write.display_name));
+    assert!(live.contains(&packaging.display_name) && live.contains(&in_contoso.display_name));
+
+    let by_org = admin
+        .revoke_leases(pb::RevokeLeasesRequest {
+            organization: "contoso".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((by_org.matched_count, by_org.revoked_count), (1, 1));
+    assert!(!live_display_names(&setup)
+        .await
+        .contains(&in_contoso.display_name));
+
+    let missing = format!("leases/{}", uuid::Uuid::new_v4());
+    let by_name = admin
+        .revoke_leases(pb::RevokeLeasesRequest {
+            names: vec![packaging.name.clone(), missing.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((by_name.matched_count, by_name.revoked_count), (1, 1));
+    assert_eq!(by_name.not_found_names, vec![missing]);
+    assert!(live_display_names(&setup).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_revoke_with_an_empty_filter_is_refused_and_revokes_nothing() {
+    let setup = admin_setup(Store::Sqlite).await;
+    let mut ci = setup.lease_client("ci").await;
+    let lease = create(&mut ci, "fabrikam", &["vso.code_write"]).await;
+    let mut admin = setup.admin_client(Some("ops")).await;
+    let err = admin
+        .revoke_leases(pb::RevokeLeasesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(reason(&err), "FILTER_EMPTY");
+    assert!(err.message().contains("holder"), "{}", err.message());
+    assert!(live_display_names(&setup)
+        .await
+        .contains(&lease.display_name));
+    // Bad values name their field.
+    let err = admin
+        .revoke_leases(pb::RevokeLeasesRequest {
+            scope: "vso.kode".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let field = err
+        .get_details_bad_request()
+        .and_then(|b| b.field_violations.first().map(|v| v.field.clone()));
+    assert_eq!(field.as_deref(), Some("scope"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_admin_calling_admin_service_is_permission_denied_and_audited() {
+    let setup = admin_setup(Store::Sqlite).await;
+    let mut ci = setup.lease_client("ci").await;
+    let lease = create(&mut ci, "fabrikam", &["vso.code_write"]).await;
+
+    let mut not_admin = setup.admin_client(Some("ci")).await;
+    let errors = [
+        not_admin
+            .revoke_leases(pb::RevokeLeasesRequest {
+                holder: "apikey:ci".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+        not_admin
+            .list_leases(pb::AdminListLeasesRequest::default())
+            .await
+            .unwrap_err(),
+        not_admin
+            .list_audit_events(pb::ListAuditEventsRequest::default())
+            .await
+            .unwrap_err(),
+    ];
+    for err in &errors {
+        assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+        assert_eq!(reason(err), "ADMIN_REQUIRED");
+    }
+    assert!(live_display_names(&setup)
+        .await
+        .contains(&lease.display_name));
+
+    let mut anonymous = setup.admin_client(None).await;
+    let err = anonymous
+        .list_audit_events(pb::ListAuditEventsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    let mut admin = setup.admin_client(Some("ops")).await;
+    let refused = all_audit_events(&mut admin, r#"identity = "apikey:ci""#).await;
+    let refused: Vec<_> = refused
+        .iter()
+        .filter(|e| e.action.starts_with("admin."))
+        .collect();
+    assert_eq!(refused.len(), 3);
+    assert!(refused
+        .iter()
+        .all(|e| e.outcome() == pb::audit_event::Outcome::Denied && e.reason == "ADMIN_REQUIRED"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_events_show_allowed_and_denied_decisions_with_the_token_fingerprint_never_the_token()
+{
+    let setup = admin_setup(Store::Postgres).await;
+    let mut ci = setup.lease_client("ci").await;
+    let lease = create(&mut ci, "fabrikam", &["vso.code_write"]).await;
+    let token = lease.token.clone();
+    assert!(!token.is_empty());
+    let refused = ci
+        .create_lease(pb::CreateLeaseRequest {
+            organization: "northwind".into(),
+            scopes: vec!["vso.code".into()],
+            ttl: None,
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    ci.revoke_lease(pb::RevokeLeaseRequest {
+        name: lease.name.clone(),
+    })
+    .await
+    .unwrap();
+
+    let mut admin = setup.admin_client(Some("ops")).await;
+    let events = all_audit_events(&mut admin, r#"identity = "apikey:ci""#).await;
+    let fingerprint = TokenFingerprinter::new(setup.spec.fingerprint_key.clone())
+        .unwrap()
+        .fingerprint(&SecretString::from(token.clone()));
+    let allowed = events
+        .iter()
+        .find(|e| e.action == "lease.create" && e.outcome() == pb::audit_event::Outcome::Allowed)
+        .expect("the grant is audited");
+    assert_eq!(allowed.lease, lease.name);
+    assert_eq!(allowed.token_fingerprint, fingerprint);
+    assert_eq!(allowed.organization, "fabrikam");
+    assert_eq!(allowed.policy_rule, "ci");
+    let denied = events
+        .iter()
+        .find(|e| e.action == "lease.create" && e.outcome() == pb::audit_event::Outcome::Denied)
+        .expect("the refusal is audited");
+    assert_eq!(denied.reason, "ORGANIZATION_NOT_ALLOWED");
+    assert_eq!(denied.organization, "northwind");
+    assert!(events.iter().any(|e| e.action == "lease.revoke"
+        && e.lease == lease.name
+        && e.token_fingerprint == fingerprint));
+    for e in &events {
+        assert!(!format!("{e:?}").contains(&token), "token in {e:?}");
+    }
+
+    // Filters: by lease, by action, by time; paging one at a time walks
+    // the same events, and a tampered page token is refused.
+    let of_lease = all_audit_events(&mut admin, &format!("lease = \"{}\"", lease.name)).await;
+    assert!(of_lease.iter().all(|e| e.lease == lease.name));
+    assert!(of_lease.len() >= 2);
+    let future = all_audit_events(&mut admin, r#"time >= "2999-01-01T00:00:00Z""#).await;
+    assert!(future.is_empty());
+    let mut paged = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = admin
+            .list_audit_events(pb::ListAuditEventsRequest {
+                page_size: 1,
+                page_token,
+                filter: r#"identity = "apikey:ci""#.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        paged.extend(page.audit_events);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(
+        paged.iter().map(|e| e.id).collect::<Vec<_>>(),
+        events.iter().map(|e| e.id).collect::<Vec<_>>()
+    );
+    let first = admin
+        .list_audit_events(pb::ListAuditEventsRequest {
+            page_size: 1,
+            page_token: String::new(),
+            filter: r#"identity = "apikey:ci""#.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let err = admin
+        .list_audit_events(pb::ListAuditEventsRequest {
+            page_size: 1,
+            page_token: first.next_page_token,
+            filter: r#"identity = "apikey:other""#.into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(reason(&err), "INVALID_PAGE_TOKEN");
+}
+
+/// Runs `token-broker audit verify` against the broker's configuration.
+fn audit_verify(
+    setup_dir: &std::path::Path,
+    spec: &BrokerSpec,
+    head: Option<&str>,
+) -> (bool, String, String) {
+    let config = setup_dir.join("verify.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[database]\nurl = \"{}\"\n[keys]\nactive = \"test\"\nfingerprint = \"{}\"\naudit_chain = \"{}\"\n[keys.sealing]\ntest = \"{}\"\n[log]\nfilter = \"warn\"\n",
+            spec.store_url,
+            spec.fingerprint_key.expose_secret(),
+            spec.audit_chain_key.expose_secret(),
+            spec.sealing_key.expose_secret(),
+        ),
+    )
+    .unwrap();
+    let mut command = Command::new(BIN);
+    command.args(["audit", "verify", "--config"]).arg(&config);
+    if let Some(head) = head {
+        command.args(["--expected-head", head]);
+    }
+    for (key, _) in std::env::vars() {
+        if key.starts_with("TOKEN_BROKER_") {
+            command.env_remove(key);
+        }
+    }
+    let out = command.output().expect("run token-broker audit verify");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn raw_sql(url: &str, sql: &str) {
+    if url.starts_with("postgres") {
+        let mut conn = PgConnection::connect(url).await.unwrap();
+        sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
+    } else {
+        let mut conn = SqliteConnection::connect(url).await.unwrap();
+        sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
+    }
+}
+
+async fn audit_verify_passes_on_a_brokers_database_and_names_a_row_edited_by_sql(store: Store) {
+    let setup = admin_setup(store).await;
+    let mut ci = setup.lease_client("ci").await;
+    for _ in 0..3 {
+        let lease = create(&mut ci, "fabrikam", &["vso.code_write"]).await;
+        ci.revoke_lease(pb::RevokeLeaseRequest { name: lease.name })
+            .await
+            .unwrap();
+    }
+    let _ = ci
+        .create_lease(pb::CreateLeaseRequest {
+            organization: "northwind".into(),
+            scopes: vec!["vso.code".into()],
+            ttl: None,
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    let dir = tempfile::tempdir().unwrap();
+
+    let (ok, stdout, stderr) = audit_verify(dir.path(), &setup.spec, None);
+    assert!(
+        ok,
+        "verify failed on an untouched database: {stdout}{stderr}"
+    );
+    assert!(
+        stdout.contains("audit chain intact: 7 chained rows"),
+        "{stdout}"
+    );
+    let head = stdout
+        .trim()
+        .rsplit_once("head ")
+        .map(|(_, h)| h.to_owned())
+        .expect("the report names the head");
+    let (ok, _, _) = audit_verify(dir.path(), &setup.spec, Some(&head));
+    assert!(ok);
+
+    // Someone with write access to the database rewrites who did row 3.
+    raw_sql(
+        setup.store_url(),
+        "UPDATE audit_events SET identity = 'apikey:someone-else' WHERE id = 3",
+    )
+    .await;
+    let (ok, stdout, stderr) = audit_verify(dir.path(), &setup.spec, None);
+    assert!(!ok, "verify passed on an edited row: {stdout}");
+    assert!(
+        stderr.contains("audit chain broken at row 3"),
+        "{stdout}{stderr}"
+    );
+}
+
+async fn a_grant_is_refused_when_its_audit_row_cannot_be_written_and_a_revocation_still_goes_ahead(
+    store: Store,
+) {
+    let db = match store {
+        Store::Postgres => AuditDb::postgres().await,
+        Store::Sqlite => AuditDb::sqlite().await,
+    };
+    let emulator = token_broker::emulator::spawn(Default::default())
+        .await
+        .unwrap();
+    let spec = BrokerSpec::new(db.url.clone(), emulator.url());
+    let broker = spawn_broker(&spec).await;
+    let mut ci = broker.client(&spec.key("ci")).await;
+    let lease = create(&mut ci, "fabrikam", &["vso.code_write"]).await;
+
+    db.refuse_appends(true).await;
+    // No grant without its audit row: the create fails and leaves no live PAT.
+    let err = ci
+        .create_lease(pb::CreateLeaseRequest {
+            organization: "fabrikam".into(),
+            scopes: vec!["vso.packaging".into()],
+            ttl: None,
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_ne!(err.code(), Code::Ok);
+    let pats: Vec<serde_json::Value> = reqwest::get(format!("{}/_emulator/pats", emulator.url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let live: Vec<_> = pats.iter().filter(|p| p["state"] == "active").collect();
+    assert_eq!(
+        live.len(),
+        1,
+        "only the first lease's PAT is live: {pats:?}"
+    );
+    assert_eq!(live[0]["displayName"], lease.display_name.as_str());
+
+    // A revocation goes ahead; its audit row is retried until it lands.
+    let revoked = ci
+        .revoke_lease(pb::RevokeLeaseRequest {
+            name: lease.name.clone(),
+        })
+        .await
+        .expect("revocation does not wait for the audit trail")
+        .into_inner();
+    assert_eq!(revoked.state(), pb::lease::State::Revoked);
+    db.refuse_appends(false).await;
+    let id = token_broker::domain::LeaseId::from_name(&lease.name).unwrap();
+    let mut landed = false;
+    for _ in 0..600 {
+        let events = db.store.list_audit(0, 1000).await.unwrap();
+        if events
+            .iter()
+            .any(|e| e.action == "lease.revoke" && e.lease_id == Some(id))
+        {
+            landed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(landed, "the revocation's audit row never landed");
+
+    // Every row went through the chain.
+    let key = ChainKey::new(&spec.audit_chain_key).unwrap();
+    let report = audit::verify(db.store.as_ref(), &key, None)
+        .await
+        .expect("the chain is intact");
+    assert_eq!(report.unchained_rows, 0);
+    broker.stop().await;
+}
