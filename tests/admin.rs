@@ -619,3 +619,94 @@ async fn a_grant_is_refused_when_its_audit_row_cannot_be_written_and_a_revocatio
     assert_eq!(report.unchained_rows, 0);
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_reloads_are_audited_whether_applied_or_refused() {
+    use token_broker::cli::serve::Broker;
+    use token_broker::policy::{PolicyHandle, ReloadTrigger};
+    use token_broker::proto::v1::admin_service_client::AdminServiceClient;
+
+    let emulator = token_broker::emulator::spawn(Default::default())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = BrokerSpec::new(common::db::sqlite_url(&dir), emulator.url()).with_key("ops");
+    let policy_file = dir.path().join("policy.yaml");
+    std::fs::write(&policy_file, common::admin::ADMIN_POLICY).unwrap();
+    let policy = PolicyHandle::from_file(&policy_file).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let broker = Broker::start(&spec.config(), policy.clone(), listener)
+        .await
+        .unwrap();
+
+    // An edit that grants less is applied; a broken edit is refused.
+    // Edits land atomically (rename), as a ConfigMap update does, so the
+    // file watcher never reads half a file.
+    let edit = |text: String| {
+        let tmp = dir.path().join("policy.yaml.new");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &policy_file).unwrap();
+    };
+    edit(common::admin::ADMIN_POLICY.replace(r#", "contoso""#, ""));
+    assert!(policy
+        .reload(ReloadTrigger::Signal)
+        .await
+        .unwrap()
+        .is_applied());
+    edit(common::admin::ADMIN_POLICY.replace("vso.packaging", "vso.kode"));
+    assert!(!policy
+        .reload(ReloadTrigger::Signal)
+        .await
+        .unwrap()
+        .is_applied());
+
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", broker.addr()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let key = spec.key("ops");
+    let bearer: tonic::metadata::MetadataValue<_> =
+        format!("Bearer {}", key.expose_secret()).parse().unwrap();
+    let mut admin =
+        AdminServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert("authorization", bearer.clone());
+            Ok(req)
+        });
+    // The outcomes are audited by a task of their own (the file watcher may
+    // report the same edits too): wait for an applied and a refused row.
+    let allowed = |e: &pb::AuditEvent| e.outcome() == pb::audit_event::Outcome::Allowed;
+    let mut reloads = Vec::new();
+    for _ in 0..300 {
+        reloads = admin
+            .list_audit_events(pb::ListAuditEventsRequest {
+                filter: "action = policy.reload".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .audit_events;
+        if reloads.iter().any(allowed) && reloads.iter().any(|e| !allowed(e)) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let applied = reloads
+        .iter()
+        .find(|e| allowed(e))
+        .expect("applied reload audited");
+    assert_eq!(applied.identity, "system:token-broker");
+    assert!(applied.reason.contains("sha256="), "{}", applied.reason);
+    let refused = reloads
+        .iter()
+        .find(|e| e.outcome() == pb::audit_event::Outcome::Denied)
+        .expect("refused reload audited");
+    assert!(
+        refused.reason.starts_with("POLICY_INVALID")
+            && refused.reason.contains("rules[0].scopes[1]"),
+        "{}",
+        refused.reason
+    );
+    broker.stop().await.unwrap();
+}

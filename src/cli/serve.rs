@@ -165,6 +165,19 @@ impl Broker {
         let (shutdown, rx) = watch::channel(false);
         // Ends with the broker; its outcomes are logged (and audited by
         // subscribers of `PolicyHandle::subscribe`).
+        {
+            // Every reload attempt becomes a `policy.reload` audit event,
+            // until the broker stops.
+            let leases = leases.clone();
+            let outcomes = policy.subscribe();
+            let stop = stopped(rx.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = leases.audit_policy_reloads(outcomes) => {}
+                    () = stop => {}
+                }
+            });
+        }
         let _ = policy.spawn_watcher(DEFAULT_POLL_INTERVAL, stopped(rx.clone()));
         let background = {
             let leases = leases.clone();

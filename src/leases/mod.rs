@@ -115,12 +115,14 @@ use crate::upstream::{PatClient, UpstreamError};
 
 mod admin;
 mod background;
+mod events;
 mod issue;
 mod lifecycle;
 mod page_token;
 mod support;
 
 pub use admin::{AuditPage, AuditQuery, BulkRevoke, LeaseSelector};
+pub use events::UNAUTHENTICATED_IDENTITY;
 
 /// Why a lease operation failed. `reason()` values are stable API.
 #[derive(Debug, thiserror::Error)]
@@ -357,6 +359,37 @@ impl Leases {
         query: AuditQuery,
     ) -> Result<AuditPage, LeaseError> {
         admin::audit_events(&self.deps, caller, query).await
+    }
+
+    /// Records every policy reload attempt from `outcomes`
+    /// (`PolicyHandle::subscribe`) as a `policy.reload` audit event, until
+    /// the channel closes.
+    pub async fn audit_policy_reloads(
+        &self,
+        outcomes: tokio::sync::broadcast::Receiver<crate::policy::ReloadOutcome>,
+    ) {
+        events::audit_policy_reloads(&self.deps, outcomes).await
+    }
+
+    /// Records a refused authentication as an `auth.authenticate` audit
+    /// event (identity `-`, outcome denied, `reason` a stable reason such as
+    /// `UNAUTHENTICATED` or `TOKEN_EXPIRED`, plus an optional `detail`
+    /// without secrets, e.g. the claimed service account). Never pass the
+    /// credential. Best effort: an unwritten row is retried in the
+    /// background, the refusal stands either way.
+    pub async fn audit_authentication_failure(
+        &self,
+        peer: Option<String>,
+        reason: &str,
+        detail: Option<String>,
+    ) {
+        events::audit_authentication_failure(&self.deps, peer, reason, detail).await
+    }
+
+    /// The newest audit chain link this process appended (export it as a
+    /// metric; docs/audit-chain.md).
+    pub fn audit_chain_head(&self) -> Option<crate::audit::AppendedEvent> {
+        self.deps.audit.head()
     }
 
     /// Runs background work (the reaper and revocation retries) every
