@@ -21,6 +21,8 @@ use rand::RngCore as _;
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::Deserialize;
 
+use crate::auth::kubernetes::{KubernetesAuthConfig, KubernetesConfigError, KubernetesVerifier};
+use crate::auth::tls::TlsConfig;
 use crate::auth::{ApiKeyHash, ApiKeys};
 use crate::crypto::{Keyring, TokenFingerprinter};
 use crate::upstream::azure_devops::AzureDevOpsConfig;
@@ -94,6 +96,11 @@ pub struct GrpcConfig {
     /// `grpc.listen`: socket address of the gRPC server. Default
     /// `127.0.0.1:50051`; port 0 picks a free port.
     pub listen: SocketAddr,
+    /// `grpc.tls`: TLS, and mTLS with `client_ca_file` (`cert_file`,
+    /// `key_file`, `client_ca_file`, `client_auth`). Unset: plaintext
+    /// HTTP/2 (behind a mesh or on localhost).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
 }
 
 /// `[database]`.
@@ -264,6 +271,13 @@ pub struct AuthConfig {
     /// caller's identity is `apikey:NAME`. Make one with
     /// `token-broker apikey generate NAME`.
     pub api_keys: Vec<ApiKeySetting>,
+    /// `auth.kubernetes`: Kubernetes service-account callers (`enabled`,
+    /// `issuer`, `jwks_url`, `audiences`, `jwks_refetch_min_interval`,
+    /// `jwks_max_age`, `leeway`, `http_timeout`, `ca_file`,
+    /// `jwks_token_file`, `token_review.{api_server,ca_file,token_file}`);
+    /// disabled by default. See docs/kubernetes-auth.md.
+    #[serde(default)]
+    pub kubernetes: KubernetesAuthConfig,
 }
 
 /// One configured API key.
@@ -441,6 +455,19 @@ impl Config {
         if let Err((setting, m)) = self.auth.api_keys() {
             bad(&setting, m);
         }
+        if let Err(e) = self.auth.kubernetes_verifier() {
+            errors.push(e);
+        }
+        if let Some(tls) = &self.grpc.tls {
+            if let Err(e) = tls.validate() {
+                errors.push(ConfigError::new(
+                    format!("grpc.tls.{}", e.setting),
+                    e.problem,
+                ));
+            }
+        }
+        let mut bad =
+            |setting: &str, message: String| errors.push(ConfigError::new(setting, message));
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
             bad("log.filter", e.to_string());
         }
@@ -462,6 +489,20 @@ impl AuthConfig {
             keys.push((k.name.clone(), hash));
         }
         ApiKeys::new(keys).map_err(|m| ("auth.api_keys".to_owned(), m))
+    }
+
+    /// The service-account verifier when `auth.kubernetes.enabled` (reads
+    /// its CA files; fetches nothing). Errors name
+    /// `auth.kubernetes.<setting>`.
+    pub fn kubernetes_verifier(&self) -> Result<Option<KubernetesVerifier>, ConfigError> {
+        if !self.kubernetes.enabled {
+            return Ok(None);
+        }
+        KubernetesVerifier::new(&self.kubernetes).map(Some).map_err(
+            |KubernetesConfigError::Invalid { setting, problem }| {
+                ConfigError::new(format!("auth.kubernetes.{setting}"), problem)
+            },
+        )
     }
 }
 

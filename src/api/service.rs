@@ -1,6 +1,6 @@
 //! `tokenbroker.v1.LeaseService`: validates requests, calls [`Leases`],
-//! converts answers. The caller was authenticated by the interceptor in
-//! [`super::authenticate`], which left a [`Caller`] in the request
+//! converts answers. The caller was authenticated by
+//! [`super::Authenticated`], which left a [`Caller`] in the request
 //! extensions.
 
 use std::sync::Arc;
