@@ -15,7 +15,9 @@ use common::db::{sqlite_url, TestDatabase};
 use common::k8s::{claims, now, unsigned_token, FakeIssuer, SigningKey};
 use common::mtls::{dns, uri, ServerTls, TestAuthority};
 use secrecy::ExposeSecret as _;
+use token_broker::audit::{AuditEvent, Outcome};
 use token_broker::auth::tls::ClientAuth;
+use token_broker::cli::serve::AUTHENTICATE_ACTION;
 use token_broker::emulator::{self, EmulatorConfig, RunningEmulator};
 use token_broker::proto::v1 as pb;
 
@@ -215,7 +217,7 @@ async fn a_service_account_without_a_rule_for_the_request_is_denied_by_policy() 
 }
 
 #[tokio::test]
-async fn expired_misaddressed_foreign_unsigned_and_tampered_tokens_are_unauthenticated_with_their_reasons(
+async fn expired_misaddressed_foreign_unsigned_and_tampered_tokens_are_unauthenticated_with_their_reasons_and_audited(
 ) {
     let cluster = cluster().await;
     let w = world(false, |s| s.with_kubernetes(cluster.issuer.config())).await;
@@ -277,7 +279,49 @@ async fn expired_misaddressed_foreign_unsigned_and_tampered_tokens_are_unauthent
         .create_lease(packaging_in("fabrikam"))
         .await
         .expect("valid token");
+
+    // Each refusal is an audit event with its reason, and no token.
+    let refusals = refused_authentications(&w).await;
+    let reasons: Vec<&str> = refusals
+        .iter()
+        .map(|e| e.reason.as_deref().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "TOKEN_EXPIRED",
+            "TOKEN_AUDIENCE_MISMATCH",
+            "TOKEN_ISSUER_MISMATCH",
+            "TOKEN_KEY_UNKNOWN",
+            "TOKEN_ALGORITHM_UNSUPPORTED",
+            "TOKEN_SIGNATURE_INVALID",
+        ]
+    );
+    for event in &refusals {
+        assert_eq!(event.identity, "-");
+        assert_eq!(event.outcome, Outcome::Denied);
+        assert!(event
+            .peer
+            .as_deref()
+            .is_some_and(|p| p.starts_with("127.0.0.1:")));
+        assert_eq!(event.token_fingerprint, None);
+    }
     w.broker.stop().await;
+}
+
+/// The audit events of refused authentications, oldest first, read from
+/// the broker's store.
+async fn refused_authentications(w: &World) -> Vec<AuditEvent> {
+    let store = token_broker::store::open(&w.spec.store_url)
+        .await
+        .expect("open the broker's store");
+    store
+        .list_audit(0, 1000)
+        .await
+        .expect("list audit events")
+        .into_iter()
+        .filter(|e| e.action == AUTHENTICATE_ACTION)
+        .collect()
 }
 
 #[tokio::test]
@@ -318,6 +362,10 @@ async fn a_broker_whose_cluster_keys_are_down_at_start_still_serves_and_recovers
         .await
         .unwrap_err();
     assert_refused(&status, Code::Unavailable, "JWKS_UNAVAILABLE");
+    let refusals = refused_authentications(&w).await;
+    assert_eq!(refusals.len(), 1);
+    assert_eq!(refusals[0].outcome, Outcome::Error);
+    assert_eq!(refusals[0].reason.as_deref(), Some("JWKS_UNAVAILABLE"));
 
     cluster.issuer.set_failing(false);
     bearer_client(&w.broker, &token)

@@ -107,12 +107,43 @@ pub struct Credentials<'a> {
     pub peer: Option<std::net::SocketAddr>,
 }
 
+/// A refused authentication, as the audit trail records it. Holds no
+/// credential.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// Why (its [`ServiceError::reason`] and code say how to record it:
+    /// UNAUTHENTICATED is a denial, UNAVAILABLE an error).
+    pub error: AuthError,
+    /// Remote socket address, when known.
+    pub peer: Option<String>,
+}
+
+/// Where refused authentications go for the audit trail (issue 5: every
+/// authentication failure is audited). Best effort: a refusal is answered
+/// whether or not it could be recorded.
+#[async_trait::async_trait]
+pub trait RefusalAudit: Send + Sync {
+    /// Records `refusal`; logs, never fails.
+    async fn refused(&self, refusal: Refusal);
+}
+
 /// Authenticates callers (see the module doc for which credential decides).
 /// Cheap to share: one per server.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct Authenticator {
     api_keys: ApiKeys,
     kubernetes: Option<KubernetesVerifier>,
+    audit: Option<std::sync::Arc<dyn RefusalAudit>>,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("api_keys", &self.api_keys.len())
+            .field("kubernetes", &self.kubernetes)
+            .field("audited", &self.audit.is_some())
+            .finish()
+    }
 }
 
 impl Authenticator {
@@ -122,7 +153,14 @@ impl Authenticator {
         Authenticator {
             api_keys,
             kubernetes: None,
+            audit: None,
         }
+    }
+
+    /// Reports every refusal to `audit`.
+    pub fn with_refusal_audit(mut self, audit: std::sync::Arc<dyn RefusalAudit>) -> Self {
+        self.audit = Some(audit);
+        self
     }
 
     /// Also accepts Kubernetes service-account tokens, verified by
@@ -149,8 +187,22 @@ impl Authenticator {
     ///
     /// Errors: [`AuthError::Missing`], `Malformed` and `Invalid` (reason
     /// `UNAUTHENTICATED`), a service-account refusal with the verifier's
-    /// reason, or a certificate without a usable identity.
+    /// reason, or a certificate without a usable identity. Each refusal
+    /// is reported to the [`RefusalAudit`], if any, before it is returned.
     pub async fn authenticate(&self, credentials: Credentials<'_>) -> Result<Caller, AuthError> {
+        let result = self.decide(credentials).await;
+        if let (Err(error), Some(audit)) = (&result, &self.audit) {
+            audit
+                .refused(Refusal {
+                    error: error.clone(),
+                    peer: credentials.peer.map(|a| a.to_string()),
+                })
+                .await;
+        }
+        result
+    }
+
+    async fn decide(&self, credentials: Credentials<'_>) -> Result<Caller, AuthError> {
         let peer = credentials.peer.map(|a| a.to_string());
         let Some(header) = credentials.authorization else {
             return match credentials.verified_client_certificate {

@@ -15,9 +15,11 @@ use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
 
 use crate::api::{self, ApiError};
-use crate::auth::Authenticator;
+use crate::audit::{AuditEvent, Outcome};
+use crate::auth::{Authenticator, Refusal, RefusalAudit};
 use crate::config::{Config, ConfigError};
 use crate::crypto::Keyring;
+use crate::error::{ErrorCode, ServiceError as _};
 use crate::leases::{LeaseDeps, LeaseSettings, Leases};
 use crate::policy::{Policy, PolicyError};
 use crate::store::{self, Store, StoreError, UpstreamCredential};
@@ -28,6 +30,9 @@ use crate::upstream::UpstreamError;
 /// How long a shutdown waits for in-flight calls before cutting them off
 /// (below Kubernetes' default 30 s termination grace period).
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// Audit action of a refused authentication.
+pub const AUTHENTICATE_ACTION: &str = "authenticate";
 
 /// Meta key of the deployment id (second part of every display name).
 pub const DEPLOYMENT_ID_META: &str = "deployment_id";
@@ -131,7 +136,9 @@ impl Broker {
         let tokens = token_source(config, store.clone(), keyring.clone()).await?;
         let upstream = AzureDevOpsClient::new(config.upstream.azure_devops.clone(), tokens)?;
 
-        let auth = authenticator(config).await?;
+        let auth = authenticator(config)
+            .await?
+            .with_refusal_audit(Arc::new(StoreRefusalAudit(store.clone())));
         let tls = match &config.grpc.tls {
             Some(tls) => Some(
                 tls.load()
@@ -270,6 +277,38 @@ async fn authenticator(config: &Config) -> Result<Authenticator, ServeError> {
         auth = auth.with_kubernetes(verifier);
     }
     Ok(auth)
+}
+
+/// Records refused authentications as audit events: identity `-`, action
+/// `authenticate`, outcome `denied` (UNAVAILABLE ones: `error`), the
+/// refusal's reason. Best effort, like other denials.
+struct StoreRefusalAudit(Arc<dyn Store>);
+
+#[async_trait]
+impl RefusalAudit for StoreRefusalAudit {
+    async fn refused(&self, refusal: Refusal) {
+        let outcome = match refusal.error.code() {
+            ErrorCode::Unauthenticated => Outcome::Denied,
+            _ => Outcome::Error,
+        };
+        let event = AuditEvent {
+            id: 0,
+            time: Utc::now(),
+            identity: "-".to_owned(),
+            peer: refusal.peer,
+            action: AUTHENTICATE_ACTION.to_owned(),
+            outcome,
+            reason: Some(refusal.error.reason().to_owned()),
+            policy_rule: None,
+            lease_id: None,
+            organization: None,
+            scopes: None,
+            token_fingerprint: None,
+        };
+        if let Err(e) = self.0.append_audit(&event).await {
+            tracing::error!(action = AUTHENTICATE_ACTION, error = %e, "audit event not written");
+        }
+    }
 }
 
 /// `plaintext`, `tls` or `mtls (optional|required)`, for the start-up log.
