@@ -850,6 +850,8 @@ mod tests {
         );
     }
 
+    // figment::Error is large; it is the Jail API.
+    #[allow(clippy::result_large_err)]
     fn load_in_jail(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
         let mut result = None;
         figment::Jail::expect_with(|jail| {

@@ -641,3 +641,120 @@ async fn an_api_key_or_a_certificate_named_like_a_service_account_gets_only_its_
     assert_refused(&status, Code::PermissionDenied, "NO_MATCHING_RULE");
     w.broker.stop().await;
 }
+
+// ---- No secret in the logs ---------------------------------------------------
+
+/// Everything the process-wide subscriber wrote.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Captured {
+        self.clone()
+    }
+}
+
+/// The base64 lines of a PEM block: its secret body.
+fn pem_body(pem: &str) -> Vec<String> {
+    pem.lines()
+        .filter(|l| !l.starts_with("-----") && l.len() >= 16)
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_account_tokens_api_keys_and_tls_keys_never_reach_the_logs_even_at_trace_level() {
+    // Process-wide, through the broker's own telemetry set-up (other tests
+    // of this file then log at TRACE too; none of their secrets are checked).
+    std::env::remove_var(token_broker::telemetry::RUST_LOG);
+    let captured = Captured::default();
+    token_broker::telemetry::init_with_writer("trace", false, false, captured.clone())
+        .expect("a valid filter");
+
+    let pki = pki();
+    let cluster = cluster().await;
+    let tls = ServerTls::new(
+        &pki.server_ca,
+        Some(&pki.clients_ca),
+        Some(ClientAuth::Optional),
+    );
+    let server_key = std::fs::read_to_string(&tls.config.key_file).unwrap();
+    let config = tls.config.clone();
+    let w = world(false, |s| {
+        s.with_tls(config).with_kubernetes(cluster.issuer.config())
+    })
+    .await;
+    let token = cluster.token("build", "restorer");
+    let tampered = format!("{}AAAA", &token[..token.len() - 4]);
+    let api_key = w.spec.key("ci").expose_secret().to_owned();
+    let client = pki.clients_ca.client(vec![uri(SPIFFE_RESTORER)]);
+
+    let by_token = create_over_tls(&w, &pki, None, Some(&format!("Bearer {token}")), "fabrikam")
+        .await
+        .expect("service account");
+    let status = create_over_tls(
+        &w,
+        &pki,
+        None,
+        Some(&format!("Bearer {tampered}")),
+        "fabrikam",
+    )
+    .await
+    .unwrap_err()
+    .expect("reaches the service");
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let by_key = create_over_tls(
+        &w,
+        &pki,
+        None,
+        Some(&format!("Bearer {api_key}")),
+        "fabrikam",
+    )
+    .await
+    .expect("API key");
+    let by_cert = create_over_tls(&w, &pki, Some(&client), None, "fabrikam")
+        .await
+        .expect("client certificate");
+    w.broker.stop().await;
+
+    let log = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
+    assert!(
+        log.contains("caller not authenticated") && log.contains("rustls"),
+        "the subscriber captured our code and the TLS stack at TRACE"
+    );
+    let mut secrets: Vec<(&str, String)> = vec![
+        ("API key", api_key),
+        ("lease token (service account)", by_token.token),
+        ("lease token (API key)", by_key.token),
+        ("lease token (certificate)", by_cert.token),
+    ];
+    for t in [&token, &tampered] {
+        for part in t.split('.').filter(|p| p.len() >= 8) {
+            secrets.push(("service-account token part", part.to_owned()));
+        }
+    }
+    for line in pem_body(&server_key) {
+        secrets.push(("server TLS key", line));
+    }
+    for line in pem_body(&client.key_pem) {
+        secrets.push(("client TLS key", line));
+    }
+    for (what, secret) in secrets {
+        assert!(!secret.is_empty(), "{what} is known");
+        assert!(
+            !log.contains(&secret),
+            "the captured output contains the {what}"
+        );
+    }
+}

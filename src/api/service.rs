@@ -28,7 +28,7 @@ impl LeaseApi {
 
 fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
     // Only reachable without a Caller if the service were mounted without
-    // its interceptor: refuse rather than serve anonymously.
+    // its authentication layer: refuse rather than serve anonymously.
     request
         .extensions()
         .get::<Caller>()
