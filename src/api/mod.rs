@@ -1,7 +1,8 @@
 //! The gRPC edge: `tokenbroker.v1.LeaseService` behind authentication
-//! ([`Authenticated`]), optionally over TLS or mTLS (`grpc.tls`), plus `grpc.health.v1.Health` and server reflection (v1 and
-//! v1alpha) served without authentication so stock tools work
-//! (grpcurl, grpc_health_probe, grpcio's v1alpha-only client).
+//! ([`Authenticated`]), plus `grpc.health.v1.Health` and server reflection
+//! (v1 and v1alpha) served without authentication so stock tools work
+//! (grpcurl, grpc_health_probe, grpcio's v1alpha-only client); all of it
+//! optionally over TLS or mTLS (`grpc.tls`).
 //!
 //! This is the only module that knows tonic; [`status`] is the only place
 //! errors become `tonic::Status`.
@@ -41,6 +42,10 @@ pub use service::LeaseApi;
 
 /// Full name of the lease service, as health checks and reflection list it.
 pub const LEASE_SERVICE_NAME: &str = "tokenbroker.v1.LeaseService";
+
+/// Longest a TLS handshake may take before its connection is dropped, so
+/// idle half-open connections cannot pile up.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often the health reporter pings the store.
 const HEALTH_PING_INTERVAL: Duration = Duration::from_secs(5);
@@ -186,10 +191,12 @@ pub fn lease_service(
 
 /// The transport's TLS settings from checked `grpc.tls` files.
 pub fn server_tls(material: &TlsMaterial) -> ServerTlsConfig {
-    let mut tls = ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(
-        &material.cert_pem,
-        material.key_pem(),
-    ));
+    let mut tls = ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(
+            &material.cert_pem,
+            material.key_pem(),
+        ))
+        .timeout(TLS_HANDSHAKE_TIMEOUT);
     if let Some(ca) = &material.client_ca_pem {
         tls = tls
             .client_ca_root(Certificate::from_pem(ca))
