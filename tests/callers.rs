@@ -12,10 +12,14 @@ use tonic_types::StatusExt as _;
 
 use common::broker::{spawn_broker, BrokerSpec, Client, TestBroker};
 use common::db::{sqlite_url, TestDatabase};
-use common::k8s::{claims, now, unsigned_token, FakeIssuer, SigningKey};
+use common::k8s::{
+    authenticated_status, claims, now, token_file, unsigned_token, FakeApiServer, FakeIssuer,
+    SigningKey,
+};
 use common::mtls::{dns, uri, ServerTls, TestAuthority};
 use secrecy::ExposeSecret as _;
 use token_broker::audit::{AuditEvent, Outcome};
+use token_broker::auth::kubernetes::{KubernetesAuthConfig, TokenReviewConfig};
 use token_broker::auth::tls::ClientAuth;
 use token_broker::cli::serve::AUTHENTICATE_ACTION;
 use token_broker::emulator::{self, EmulatorConfig, RunningEmulator};
@@ -342,7 +346,7 @@ async fn a_service_account_token_is_refused_when_kubernetes_callers_are_not_enab
 async fn a_broker_whose_cluster_keys_are_down_at_start_still_serves_and_recovers() {
     let cluster = cluster().await;
     cluster.issuer.set_failing(true);
-    let config = token_broker::auth::kubernetes::KubernetesAuthConfig {
+    let config = KubernetesAuthConfig {
         jwks_refetch_min_interval: std::time::Duration::ZERO,
         ..cluster.issuer.config()
     };
@@ -373,6 +377,51 @@ async fn a_broker_whose_cluster_keys_are_down_at_start_still_serves_and_recovers
         .create_lease(packaging_in("fabrikam"))
         .await
         .expect("accepted once the keys can be fetched");
+    w.broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_pod_verified_through_token_review_gets_its_lease_and_a_deleted_pods_token_is_refused() {
+    let api = FakeApiServer::start("broker-own-token").await;
+    let (_token_dir, token_path) = token_file("broker-own-token\n");
+    let config = KubernetesAuthConfig {
+        token_review: Some(TokenReviewConfig {
+            api_server: api.url().parse().unwrap(),
+            ca_file: None,
+            token_file: token_path,
+        }),
+        ..Default::default()
+    };
+    let w = world(false, |s| s.with_kubernetes(config)).await;
+    // Opaque to the broker in this mode: the API server decides.
+    let cluster = cluster().await;
+    let live = cluster.token("build", "restorer");
+    api.answer(
+        &live,
+        authenticated_status("build", "restorer", &["token-broker"]),
+    );
+    let lease = bearer_client(&w.broker, &live)
+        .await
+        .create_lease(packaging_in("fabrikam"))
+        .await
+        .expect("the API server vouches for the pod")
+        .into_inner();
+    assert_eq!(lease.holder, RESTORER);
+
+    // The API server knows nothing of this one (its pod was deleted).
+    let deleted = cluster.token("build", "deployer");
+    let status = bearer_client(&w.broker, &deleted)
+        .await
+        .create_lease(packaging_in("contoso"))
+        .await
+        .unwrap_err();
+    assert_refused(&status, Code::Unauthenticated, "TOKEN_REVIEW_REFUSED");
+    assert_no_token_in(&status, &deleted);
+    assert_eq!(
+        api.requests().len(),
+        2,
+        "one review per call, nothing cached"
+    );
     w.broker.stop().await;
 }
 
