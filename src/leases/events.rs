@@ -1,6 +1,7 @@
-//! Audit events for decisions made outside the lease rules: policy reloads
-//! and refused authentication. Appended through the same chained audit
-//! trail, best effort with background retries (neither is a grant).
+//! Audit events for decisions made outside the lease rules: policy
+//! reloads. Appended through the same chained audit trail, best effort
+//! with background retries (not a grant). (Refused authentications are
+//! audited by the authenticator's `RefusalAudit`, wired in `cli::serve`.)
 
 use tokio::sync::broadcast;
 
@@ -8,9 +9,6 @@ use super::support::{audit_best_effort, now, BACKGROUND_ACTOR};
 use super::LeaseDeps;
 use crate::audit::{AuditEvent, Outcome};
 use crate::policy::ReloadOutcome;
-
-/// `identity` of an audit event whose caller was not authenticated.
-pub const UNAUTHENTICATED_IDENTITY: &str = "-";
 
 fn event(identity: &str, peer: Option<String>, action: &str, outcome: Outcome) -> AuditEvent {
     AuditEvent {
@@ -76,26 +74,6 @@ pub(super) async fn audit_policy_reloads(
             Err(broadcast::error::RecvError::Closed) => return,
         }
     }
-}
-
-/// See [`super::Leases::audit_authentication_failure`].
-pub(super) async fn audit_authentication_failure(
-    deps: &LeaseDeps,
-    peer: Option<String>,
-    reason: &str,
-    detail: Option<String>,
-) {
-    let mut e = event(
-        UNAUTHENTICATED_IDENTITY,
-        peer,
-        "auth.authenticate",
-        Outcome::Denied,
-    );
-    e.reason = Some(match detail {
-        Some(d) => format!("{reason}: {d}"),
-        None => reason.to_owned(),
-    });
-    audit_best_effort(deps, e).await;
 }
 
 #[cfg(test)]

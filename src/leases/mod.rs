@@ -122,7 +122,6 @@ mod page_token;
 mod support;
 
 pub use admin::{AuditPage, AuditQuery, BulkRevoke, LeaseSelector};
-pub use events::UNAUTHENTICATED_IDENTITY;
 
 /// Why a lease operation failed. `reason()` values are stable API.
 #[derive(Debug, thiserror::Error)]
@@ -369,21 +368,6 @@ impl Leases {
         outcomes: tokio::sync::broadcast::Receiver<crate::policy::ReloadOutcome>,
     ) {
         events::audit_policy_reloads(&self.deps, outcomes).await
-    }
-
-    /// Records a refused authentication as an `auth.authenticate` audit
-    /// event (identity `-`, outcome denied, `reason` a stable reason such as
-    /// `UNAUTHENTICATED` or `TOKEN_EXPIRED`, plus an optional `detail`
-    /// without secrets, e.g. the claimed service account). Never pass the
-    /// credential. Best effort: an unwritten row is retried in the
-    /// background, the refusal stands either way.
-    pub async fn audit_authentication_failure(
-        &self,
-        peer: Option<String>,
-        reason: &str,
-        detail: Option<String>,
-    ) {
-        events::audit_authentication_failure(&self.deps, peer, reason, detail).await
     }
 
     /// The newest audit chain link this process appended (export it as a

@@ -9,4 +9,5 @@ pub mod db;
 pub mod emulator;
 pub mod k8s;
 pub mod leases;
+pub mod mtls;
 pub mod upstream;
