@@ -36,8 +36,10 @@ use serde::Deserialize;
 use crate::domain::{DomainError, Identity, Organization, Scope, ScopeSet};
 use crate::error::{ErrorCode, ServiceError};
 
+mod check;
 mod reload;
 
+pub use check::check;
 pub use reload::{PolicyHandle, ReloadOutcome, ReloadTrigger, DEFAULT_POLL_INTERVAL};
 
 /// Longest TTL a rule may grant: one year (365 days), the upstream limit on

@@ -1,6 +1,6 @@
 //! The `token-broker` command line (clap): the server (`serve`, `migrate`),
-//! the local run (`dev`, `emulator`), key generation (`apikey generate`) and
-//! the gRPC client (`lease ...`).
+//! the local run (`dev`, `emulator`), key generation (`apikey generate`),
+//! policy files (`policy check`) and the gRPC client (`lease ...`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,6 +13,7 @@ use crate::config::Config;
 
 pub mod client;
 pub mod dev;
+pub mod policy;
 pub mod serve;
 
 /// Leases short-lived, least-scope Azure DevOps PATs over gRPC.
@@ -36,6 +37,9 @@ enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Apikey(ApikeyCommand),
+    /// Check policy files (for CI) and print their schema.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
     /// Lease PATs from a running broker (gRPC client).
     Lease {
         #[command(flatten)]
@@ -125,6 +129,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             );
             Ok(())
         }
+        Command::Policy(command) => policy::run(command),
         Command::Lease { client, command } => {
             let out = client::run(&client, command)
                 .await
