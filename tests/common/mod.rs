@@ -8,4 +8,5 @@ pub mod db;
 pub mod emulator;
 pub mod k8s;
 pub mod leases;
+pub mod policy;
 pub mod upstream;
