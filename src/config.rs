@@ -21,6 +21,8 @@ use rand::RngCore as _;
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::Deserialize;
 
+use crate::auth::kubernetes::{KubernetesAuthConfig, KubernetesConfigError, KubernetesVerifier};
+use crate::auth::tls::TlsConfig;
 use crate::auth::{ApiKeyHash, ApiKeys};
 use crate::crypto::{Keyring, TokenFingerprinter};
 use crate::upstream::azure_devops::AzureDevOpsConfig;
@@ -94,6 +96,11 @@ pub struct GrpcConfig {
     /// `grpc.listen`: socket address of the gRPC server. Default
     /// `127.0.0.1:50051`; port 0 picks a free port.
     pub listen: SocketAddr,
+    /// `grpc.tls`: TLS, and mTLS with `client_ca_file` (`cert_file`,
+    /// `key_file`, `client_ca_file`, `client_auth`). Unset: plaintext
+    /// HTTP/2 (behind a mesh or on localhost).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
 }
 
 /// `[database]`.
@@ -264,6 +271,13 @@ pub struct AuthConfig {
     /// caller's identity is `apikey:NAME`. Make one with
     /// `token-broker apikey generate NAME`.
     pub api_keys: Vec<ApiKeySetting>,
+    /// `auth.kubernetes`: Kubernetes service-account callers (`enabled`,
+    /// `issuer`, `jwks_url`, `audiences`, `jwks_refetch_min_interval`,
+    /// `jwks_max_age`, `leeway`, `http_timeout`, `ca_file`,
+    /// `jwks_token_file`, `token_review.{api_server,ca_file,token_file}`);
+    /// disabled by default. See docs/kubernetes-auth.md.
+    #[serde(default)]
+    pub kubernetes: KubernetesAuthConfig,
 }
 
 /// One configured API key.
@@ -441,6 +455,19 @@ impl Config {
         if let Err((setting, m)) = self.auth.api_keys() {
             bad(&setting, m);
         }
+        if let Err(e) = self.auth.kubernetes_verifier() {
+            errors.push(e);
+        }
+        if let Some(tls) = &self.grpc.tls {
+            if let Err(e) = tls.validate() {
+                errors.push(ConfigError::new(
+                    format!("grpc.tls.{}", e.setting),
+                    e.problem,
+                ));
+            }
+        }
+        let mut bad =
+            |setting: &str, message: String| errors.push(ConfigError::new(setting, message));
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
             bad("log.filter", e.to_string());
         }
@@ -462,6 +489,20 @@ impl AuthConfig {
             keys.push((k.name.clone(), hash));
         }
         ApiKeys::new(keys).map_err(|m| ("auth.api_keys".to_owned(), m))
+    }
+
+    /// The service-account verifier when `auth.kubernetes.enabled` (reads
+    /// its CA files; fetches nothing). Errors name
+    /// `auth.kubernetes.<setting>`.
+    pub fn kubernetes_verifier(&self) -> Result<Option<KubernetesVerifier>, ConfigError> {
+        if !self.kubernetes.enabled {
+            return Ok(None);
+        }
+        KubernetesVerifier::new(&self.kubernetes).map(Some).map_err(
+            |KubernetesConfigError::Invalid { setting, problem }| {
+                ConfigError::new(format!("auth.kubernetes.{setting}"), problem)
+            },
+        )
     }
 }
 
@@ -774,6 +815,7 @@ mod humantime_serde {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::tls::ClientAuth;
 
     #[test]
     fn defaults_parse_and_validate() {
@@ -806,5 +848,161 @@ mod tests {
             generated_keys_path(Path::new("/data/token-broker.db")),
             PathBuf::from("/data/token-broker.db.keys.toml")
         );
+    }
+
+    // figment::Error is large; it is the Jail API.
+    #[allow(clippy::result_large_err)]
+    fn load_in_jail(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
+        let mut result = None;
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("broker.toml", toml)?;
+            for (k, v) in env {
+                jail.set_env(k, v);
+            }
+            result = Some(Config::load(Some(Path::new("broker.toml"))));
+            Ok(())
+        });
+        result.unwrap()
+    }
+
+    /// A self-signed certificate and its key, PEM, for `localhost`.
+    fn cert_and_key() -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn kubernetes_callers_are_off_by_default_and_their_errors_name_the_setting() {
+        let c = load_in_jail("", &[]).unwrap();
+        assert!(!c.auth.kubernetes.enabled);
+        assert!(c.auth.kubernetes_verifier().unwrap().is_none());
+
+        let err = load_in_jail("[auth.kubernetes]\nenabled = true\n", &[]).unwrap_err();
+        assert!(err.names("auth.kubernetes.issuer"), "{err}");
+        let err = load_in_jail(
+            "[auth.kubernetes]\nenabled = true\nissuer = \"https://k8s.example\"\nleeway = \"10m\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.names("auth.kubernetes.leeway"), "{err}");
+        let err = load_in_jail("[auth.kubernetes]\nisuer = \"x\"\n", &[]).unwrap_err();
+        assert!(err.names("auth.kubernetes.isuer"), "{err}");
+    }
+
+    #[test]
+    fn kubernetes_callers_can_be_enabled_from_the_environment() {
+        let c = load_in_jail(
+            "",
+            &[
+                ("TOKEN_BROKER_AUTH__KUBERNETES__ENABLED", "true"),
+                (
+                    "TOKEN_BROKER_AUTH__KUBERNETES__ISSUER",
+                    "https://kubernetes.default.svc.cluster.local",
+                ),
+                (
+                    "TOKEN_BROKER_AUTH__KUBERNETES__AUDIENCES",
+                    "[\"token-broker\", \"broker.example\"]",
+                ),
+                ("TOKEN_BROKER_AUTH__KUBERNETES__LEEWAY", "45s"),
+            ],
+        )
+        .unwrap();
+        assert!(c.auth.kubernetes.enabled);
+        assert_eq!(c.auth.kubernetes.audiences.len(), 2);
+        assert_eq!(c.auth.kubernetes.leeway, Duration::from_secs(45));
+        assert!(c.auth.kubernetes_verifier().unwrap().is_some());
+    }
+
+    #[test]
+    fn tls_files_are_read_and_checked_at_load_naming_the_bad_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = cert_and_key();
+        let (_, other_key) = cert_and_key();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path.display().to_string()
+        };
+        let (cert, key, other_key, garbage) = (
+            write("c.pem", &cert),
+            write("k.pem", &key),
+            write("o.pem", &other_key),
+            write("g.pem", "not PEM at all"),
+        );
+        let tls = |cert: &str, key: &str, extra: &str| {
+            format!("[grpc.tls]\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\n{extra}")
+        };
+
+        let c = load_in_jail(&tls(&cert, &key, ""), &[]).unwrap();
+        let material = c.grpc.tls.as_ref().unwrap().load().unwrap();
+        assert_eq!(material.client_auth, None);
+        assert!(!format!("{material:?}").contains("PRIVATE KEY"));
+
+        let c = load_in_jail(
+            &tls(&cert, &key, &format!("client_ca_file = \"{cert}\"")),
+            &[],
+        )
+        .unwrap();
+        let material = c.grpc.tls.as_ref().unwrap().load().unwrap();
+        assert_eq!(material.client_auth, Some(ClientAuth::Required));
+
+        for (toml, setting) in [
+            (tls("/nonexistent/c.pem", &key, ""), "grpc.tls.cert_file"),
+            (tls(&garbage, &key, ""), "grpc.tls.cert_file"),
+            (tls(&cert, &garbage, ""), "grpc.tls.key_file"),
+            (tls(&cert, &other_key, ""), "grpc.tls.key_file"),
+            (
+                tls(&cert, &key, &format!("client_ca_file = \"{garbage}\"")),
+                "grpc.tls.client_ca_file",
+            ),
+            (
+                tls(&cert, &key, "client_auth = \"optional\""),
+                "grpc.tls.client_auth",
+            ),
+            (
+                tls(&cert, &key, "client_auth = \"sometimes\""),
+                "grpc.tls.client_auth",
+            ),
+        ] {
+            let err = load_in_jail(&toml, &[]).unwrap_err();
+            assert!(err.names(setting), "{setting}: {err}");
+            assert!(!err.to_string().contains("PRIVATE KEY"), "{err}");
+        }
+    }
+
+    #[test]
+    fn tls_can_be_configured_from_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = cert_and_key();
+        let cert_path = dir.path().join("tls.crt");
+        let key_path = dir.path().join("tls.key");
+        std::fs::write(&cert_path, cert).unwrap();
+        std::fs::write(&key_path, key).unwrap();
+        let c = load_in_jail(
+            "",
+            &[
+                (
+                    "TOKEN_BROKER_GRPC__TLS__CERT_FILE",
+                    &cert_path.display().to_string(),
+                ),
+                (
+                    "TOKEN_BROKER_GRPC__TLS__KEY_FILE",
+                    &key_path.display().to_string(),
+                ),
+                (
+                    "TOKEN_BROKER_GRPC__TLS__CLIENT_CA_FILE",
+                    &cert_path.display().to_string(),
+                ),
+                ("TOKEN_BROKER_GRPC__TLS__CLIENT_AUTH", "optional"),
+            ],
+        )
+        .unwrap();
+        let tls = c.grpc.tls.unwrap();
+        assert_eq!(tls.client_auth, Some(ClientAuth::Optional));
+        assert_eq!(tls.key_file, key_path);
     }
 }

@@ -1,22 +1,35 @@
-//! The gRPC edge: `tokenbroker.v1.LeaseService` behind the authentication
-//! interceptor, plus `grpc.health.v1.Health` and server reflection (v1 and
-//! v1alpha) served without authentication so stock tools work
-//! (grpcurl, grpc_health_probe, grpcio's v1alpha-only client).
+//! The gRPC edge: `tokenbroker.v1.LeaseService` behind authentication
+//! ([`Authenticated`]), plus `grpc.health.v1.Health` and server reflection
+//! (v1 and v1alpha) served without authentication so stock tools work
+//! (grpcurl, grpc_health_probe, grpcio's v1alpha-only client); all of it
+//! optionally over TLS or mTLS (`grpc.tls`).
 //!
 //! This is the only module that knows tonic; [`status`] is the only place
 //! errors become `tonic::Status`.
 
+use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
+use rustls::pki_types::CertificateDer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::service::interceptor::InterceptedService;
-use tonic::{Request, Status};
+use tonic::body::Body;
+use tonic::codegen::http;
+use tonic::server::NamedService;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tonic::transport::{Certificate, ServerTlsConfig};
+use tonic::Status;
 use tonic_health::ServingStatus;
+use tower::Service;
 
-use crate::auth::{Authenticator, Caller};
+use crate::auth::tls::{ClientAuth, TlsMaterial};
+use crate::auth::{Authenticator, Caller, Credentials};
+use crate::error::{ErrorCode, ServiceError as _};
 use crate::leases::Leases;
 use crate::proto::v1::lease_service_server::LeaseServiceServer;
 use crate::store::Store;
@@ -29,6 +42,10 @@ pub use service::LeaseApi;
 
 /// Full name of the lease service, as health checks and reflection list it.
 pub const LEASE_SERVICE_NAME: &str = "tokenbroker.v1.LeaseService";
+
+/// Longest a TLS handshake may take before its connection is dropped, so
+/// idle half-open connections cannot pile up.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often the health reporter pings the store.
 const HEALTH_PING_INTERVAL: Duration = Duration::from_secs(5);
@@ -44,48 +61,155 @@ pub enum ApiError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Authenticates a call from its `authorization` metadata and leaves the
-/// [`Caller`] in the request extensions. Refusals carry ErrorInfo reason
-/// `UNAUTHENTICATED` and never echo the credential.
-pub fn authenticate(auth: &Authenticator, mut request: Request<()>) -> Result<Request<()>, Status> {
-    let header = request
-        .metadata()
-        .get("authorization")
-        .map(|v| v.as_bytes());
-    match auth.authenticate(header) {
-        Ok(identity) => {
-            let peer = request.remote_addr().map(|a| a.to_string());
-            request.extensions_mut().insert(Caller { identity, peer });
-            Ok(request)
-        }
-        Err(e) => {
-            let peer = request.remote_addr().map(|a| a.to_string());
-            tracing::info!(reason = %e, peer = peer.as_deref().unwrap_or("-"), "caller not authenticated");
-            Err(status::to_status(&e))
+/// What one call presented, copied out of its request so that the request
+/// itself is not held across the (asynchronous) authentication.
+struct Presented {
+    authorization: Option<http::HeaderValue>,
+    /// The chain rustls verified against the client CA (leaf first).
+    certificates: Option<Arc<Vec<CertificateDer<'static>>>>,
+    peer: Option<SocketAddr>,
+}
+
+impl Presented {
+    fn of<B>(request: &http::Request<B>) -> Presented {
+        let tls = request.extensions().get::<TlsConnectInfo<TcpConnectInfo>>();
+        let peer = tls.and_then(|i| i.get_ref().remote_addr()).or_else(|| {
+            request
+                .extensions()
+                .get::<TcpConnectInfo>()
+                .and_then(TcpConnectInfo::remote_addr)
+        });
+        Presented {
+            authorization: request.headers().get(http::header::AUTHORIZATION).cloned(),
+            // rustls only hands out a chain it verified against the client CA.
+            certificates: tls.and_then(TlsConnectInfo::peer_certs),
+            peer,
         }
     }
 }
 
-/// The authentication interceptor in front of `LeaseService`.
+/// Authenticates one call from its `authorization` header and the client
+/// certificate its TLS connection verified (see [`crate::auth`] for which
+/// decides). Refusals carry the error's stable ErrorInfo reason and never
+/// echo the credential.
+pub async fn authenticate<B>(
+    auth: &Authenticator,
+    request: &http::Request<B>,
+) -> Result<Caller, Status> {
+    authenticate_presented(auth, Presented::of(request)).await
+}
+
+async fn authenticate_presented(
+    auth: &Authenticator,
+    presented: Presented,
+) -> Result<Caller, Status> {
+    let credentials = Credentials {
+        authorization: presented.authorization.as_ref().map(|v| v.as_bytes()),
+        verified_client_certificate: presented
+            .certificates
+            .as_ref()
+            .and_then(|c| c.first())
+            .map(|c| c.as_ref()),
+        peer: presented.peer,
+    };
+    auth.authenticate(credentials).await.map_err(|e| {
+        if e.code() == ErrorCode::Unauthenticated {
+            let peer = presented.peer.map(|a| a.to_string());
+            tracing::info!(
+                reason = e.reason(),
+                error = %e,
+                peer = peer.as_deref().unwrap_or("-"),
+                "caller not authenticated"
+            );
+        }
+        status::to_status(&e)
+    })
+}
+
+/// A gRPC service behind authentication: each call is authenticated
+/// (asynchronously: a service-account token may need its cluster's keys)
+/// before `S` sees it, and `S` finds the [`Caller`] in the request
+/// extensions. A refused call never reaches `S`.
 #[derive(Clone)]
-pub struct AuthInterceptor(Arc<Authenticator>);
+pub struct Authenticated<S> {
+    inner: S,
+    auth: Arc<Authenticator>,
+}
 
-impl tonic::service::Interceptor for AuthInterceptor {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        authenticate(&self.0, request)
+impl<S> Authenticated<S> {
+    /// `inner` behind `auth`.
+    pub fn new(inner: S, auth: Arc<Authenticator>) -> Self {
+        Authenticated { inner, auth }
     }
 }
 
-/// `LeaseService` wrapped in its authentication interceptor.
+impl<S: NamedService> NamedService for Authenticated<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> Service<http::Request<Body>> for Authenticated<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<http::Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+        // The clone that was polled ready serves this call (tower's rule).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let auth = self.auth.clone();
+        let presented = Presented::of(&request);
+        Box::pin(async move {
+            match authenticate_presented(&auth, presented).await {
+                Ok(caller) => {
+                    request.extensions_mut().insert(caller);
+                    inner.call(request).await
+                }
+                Err(status) => Ok(status.into_http()),
+            }
+        })
+    }
+}
+
+/// `LeaseService` behind authentication.
 pub fn lease_service(
     leases: Arc<Leases>,
     auth: Arc<Authenticator>,
-) -> InterceptedService<LeaseServiceServer<LeaseApi>, AuthInterceptor> {
-    LeaseServiceServer::with_interceptor(LeaseApi::new(leases), AuthInterceptor(auth))
+) -> Authenticated<LeaseServiceServer<LeaseApi>> {
+    Authenticated::new(LeaseServiceServer::new(LeaseApi::new(leases)), auth)
+}
+
+/// The transport's TLS settings from checked `grpc.tls` files.
+pub fn server_tls(material: &TlsMaterial) -> ServerTlsConfig {
+    let mut tls = ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(
+            &material.cert_pem,
+            material.key_pem(),
+        ))
+        .timeout(TLS_HANDSHAKE_TIMEOUT);
+    if let Some(ca) = &material.client_ca_pem {
+        tls = tls
+            .client_ca_root(Certificate::from_pem(ca))
+            .client_auth_optional(material.client_auth == Some(ClientAuth::Optional));
+    }
+    tls
 }
 
 /// Serves the broker's gRPC API on `listener` until `shutdown` resolves,
-/// then stops accepting and lets in-flight calls finish.
+/// then stops accepting and lets in-flight calls finish. With `tls`, every
+/// connection is TLS (and client certificates are verified when the
+/// material has a client CA); a failed handshake closes that connection
+/// only.
 ///
 /// Health (for `""` and `tokenbroker.v1.LeaseService`) is SERVING when the
 /// store answers a ping, checked once before the first call is accepted and
@@ -94,6 +218,7 @@ pub async fn serve(
     listener: TcpListener,
     leases: Arc<Leases>,
     auth: Arc<Authenticator>,
+    tls: Option<TlsMaterial>,
     store: Arc<dyn Store>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ApiError> {
@@ -106,7 +231,11 @@ pub async fn serve(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
-    let result = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(material) = &tls {
+        builder = builder.tls_config(server_tls(material))?;
+    }
+    let result = builder
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -1,6 +1,6 @@
 //! `tokenbroker.v1.LeaseService`: validates requests, calls [`Leases`],
-//! converts answers. The caller was authenticated by the interceptor in
-//! [`super::authenticate`], which left a [`Caller`] in the request
+//! converts answers. The caller was authenticated by
+//! [`super::Authenticated`], which left a [`Caller`] in the request
 //! extensions.
 
 use std::sync::Arc;
@@ -28,7 +28,7 @@ impl LeaseApi {
 
 fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
     // Only reachable without a Caller if the service were mounted without
-    // its interceptor: refuse rather than serve anonymously.
+    // its authentication layer: refuse rather than serve anonymously.
     request
         .extensions()
         .get::<Caller>()

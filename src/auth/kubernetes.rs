@@ -170,7 +170,7 @@ fn invalid(setting: &'static str, problem: impl Into<String>) -> KubernetesConfi
 
 /// Why a service-account token was refused. Never carries the token, not
 /// even in part. Each has a stable [`ServiceError::reason`].
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum KubernetesAuthError {
     /// Not a compact JWS, unreadable header or claims, or a required claim
     /// missing (`TOKEN_MALFORMED`).
@@ -268,12 +268,37 @@ pub struct ServiceAccountCaller {
     pub token_id: Option<String>,
 }
 
+/// The claims of a verified service-account token the audit keeps beside
+/// the identity (see [`ServiceAccountCaller`] for where each comes from).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceAccountClaims {
+    /// The service account's uid.
+    pub service_account_uid: Option<String>,
+    /// The pod the token is bound to.
+    pub pod_name: Option<String>,
+    /// The bound pod's uid.
+    pub pod_uid: Option<String>,
+    /// The token's id (`jti`).
+    pub token_id: Option<String>,
+}
+
 impl ServiceAccountCaller {
-    /// The [`Caller`] the lease rules see.
+    /// The [`Caller`] the lease rules see, carrying the pod and uid claims.
     pub fn caller(&self, peer: Option<String>) -> Caller {
         Caller {
             identity: self.identity.clone(),
             peer,
+            service_account: Some(self.claims()),
+        }
+    }
+
+    /// The claims kept for the audit.
+    pub fn claims(&self) -> ServiceAccountClaims {
+        ServiceAccountClaims {
+            service_account_uid: self.service_account_uid.clone(),
+            pod_name: self.pod_name.clone(),
+            pod_uid: self.pod_uid.clone(),
+            token_id: self.token_id.clone(),
         }
     }
 }

@@ -1,12 +1,25 @@
 //! Who is calling: turns request credentials into a typed [`Identity`].
 //!
-//! Today: API keys (issue 4). Kubernetes service-account tokens and mTLS
-//! client certificates come later (issue 5) as further kinds beside
-//! [`ApiKeys`]. This module knows no tonic: the `api` layer hands it the
-//! `authorization` header's value.
+//! One place decides ([`Authenticator::authenticate`]), by credential:
+//! - `authorization: Bearer tbk_…`: an API key (`apikey:NAME`);
+//! - `authorization: Bearer <JWT>`: a Kubernetes service-account token
+//!   (`k8s:system:serviceaccount:NS:NAME`), when `auth.kubernetes.enabled`;
+//! - no `authorization` header and a client certificate the TLS handshake
+//!   verified against `grpc.tls.client_ca_file`: the certificate's SPIFFE ID
+//!   (`spiffe://…`) or DNS name (`x509:…`).
+//!
+//! When a call carries both a bearer and a client certificate, the bearer
+//! decides and the certificate is not consulted: the bearer is chosen per
+//! call by the caller, while a certificate may belong to a proxy or mesh
+//! sidecar shared by many workloads. A refused bearer is never rescued by
+//! the certificate.
+//!
+//! This module knows no tonic: the `api` layer hands it the
+//! `authorization` header's value and the verified certificate.
 
 mod jwks;
 pub mod kubernetes;
+pub mod tls;
 
 use crate::domain::Identity;
 use crate::error::{ErrorCode, ServiceError};
@@ -14,6 +27,8 @@ use crate::error::{ErrorCode, ServiceError};
 mod api_key;
 
 pub use api_key::{ApiKeyHash, ApiKeys, GeneratedApiKey, API_KEY_PREFIX};
+pub use kubernetes::{KubernetesAuthError, KubernetesVerifier, ServiceAccountClaims};
+pub use tls::CertificateIdentityError;
 
 /// An authenticated caller, as the lease rules see it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,63 +37,211 @@ pub struct Caller {
     pub identity: Identity,
     /// Remote socket address, when known, for the audit trail.
     pub peer: Option<String>,
+    /// For a Kubernetes service account: the pod and uid claims of its
+    /// token, for the audit trail. `None` for other kinds.
+    pub service_account: Option<ServiceAccountClaims>,
+}
+
+impl Caller {
+    /// A caller with no service-account claims.
+    pub fn new(identity: Identity, peer: Option<String>) -> Self {
+        Caller {
+            identity,
+            peer,
+            service_account: None,
+        }
+    }
 }
 
 /// Why a caller was not authenticated. Never carries the presented
 /// credential, not even in part.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
-    /// No `authorization` header.
-    #[error("missing credentials: send `authorization: Bearer <api key>`")]
+    /// No `authorization` header and no verified client certificate.
+    #[error("missing credentials: send `authorization: Bearer <API key or service-account token>` or a client certificate")]
     Missing,
     /// The header is not `Bearer <credential>` in printable ASCII.
-    #[error("malformed authorization header: expected `Bearer <api key>`")]
+    #[error("malformed authorization header: expected `Bearer <credential>`")]
     Malformed,
-    /// A well-formed credential that no configured key matches.
+    /// A well-formed credential that no configured key matches, or a
+    /// service-account token while `auth.kubernetes` is disabled.
     #[error("invalid credentials")]
     Invalid,
+    /// A service-account token was refused; the reason is the verifier's
+    /// (`TOKEN_*`, or UNAVAILABLE `JWKS_UNAVAILABLE` /
+    /// `TOKEN_REVIEW_UNAVAILABLE`).
+    #[error(transparent)]
+    ServiceAccount(#[from] KubernetesAuthError),
+    /// A verified client certificate names no usable identity
+    /// (`CERTIFICATE_IDENTITY_INVALID`).
+    #[error(transparent)]
+    Certificate(#[from] CertificateIdentityError),
 }
 
 impl ServiceError for AuthError {
     fn code(&self) -> ErrorCode {
-        ErrorCode::Unauthenticated
+        match self {
+            AuthError::ServiceAccount(e) => e.code(),
+            _ => ErrorCode::Unauthenticated,
+        }
     }
     fn reason(&self) -> &'static str {
-        "UNAUTHENTICATED"
+        match self {
+            AuthError::ServiceAccount(e) => e.reason(),
+            AuthError::Certificate(_) => "CERTIFICATE_IDENTITY_INVALID",
+            AuthError::Missing | AuthError::Malformed | AuthError::Invalid => "UNAUTHENTICATED",
+        }
     }
 }
 
-/// Authenticates callers from the value of their `authorization` header.
-#[derive(Clone, Debug, Default)]
+/// What a call presented, as the transport saw it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Credentials<'a> {
+    /// The `authorization` header's value, `None` when absent.
+    pub authorization: Option<&'a [u8]>,
+    /// DER of the client certificate (leaf) the TLS handshake verified
+    /// against `grpc.tls.client_ca_file`; `None` without one. Never pass an
+    /// unverified certificate here.
+    pub verified_client_certificate: Option<&'a [u8]>,
+    /// Remote socket address, for the audit trail.
+    pub peer: Option<std::net::SocketAddr>,
+}
+
+/// A refused authentication, as the audit trail records it. Holds no
+/// credential.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// Why (its [`ServiceError::reason`] and code say how to record it:
+    /// UNAUTHENTICATED is a denial, UNAVAILABLE an error).
+    pub error: AuthError,
+    /// Remote socket address, when known.
+    pub peer: Option<String>,
+}
+
+/// Where refused authentications go for the audit trail (issue 5: every
+/// authentication failure is audited). Best effort: a refusal is answered
+/// whether or not it could be recorded.
+#[async_trait::async_trait]
+pub trait RefusalAudit: Send + Sync {
+    /// Records `refusal`; logs, never fails.
+    async fn refused(&self, refusal: Refusal);
+}
+
+/// Authenticates callers (see the module doc for which credential decides).
+/// Cheap to share: one per server.
+#[derive(Clone, Default)]
 pub struct Authenticator {
     api_keys: ApiKeys,
+    kubernetes: Option<KubernetesVerifier>,
+    audit: Option<std::sync::Arc<dyn RefusalAudit>>,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("api_keys", &self.api_keys.len())
+            .field("kubernetes", &self.kubernetes)
+            .field("audited", &self.audit.is_some())
+            .finish()
+    }
 }
 
 impl Authenticator {
-    /// An authenticator accepting the given API keys.
+    /// An authenticator accepting the given API keys, and no
+    /// service-account tokens.
     pub fn new(api_keys: ApiKeys) -> Self {
-        Authenticator { api_keys }
+        Authenticator {
+            api_keys,
+            kubernetes: None,
+            audit: None,
+        }
     }
 
-    /// The identity proven by `authorization` (the header's value, `None`
-    /// when absent). Scheme match is case-insensitive (RFC 9110 §11.1).
-    pub fn authenticate(&self, authorization: Option<&[u8]>) -> Result<Identity, AuthError> {
-        let header = authorization.ok_or(AuthError::Missing)?;
-        let header = std::str::from_utf8(header).map_err(|_| AuthError::Malformed)?;
-        let (scheme, credential) = header.split_once(' ').ok_or(AuthError::Malformed)?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return Err(AuthError::Malformed);
-        }
-        let credential = credential.trim();
-        if credential.is_empty() || !credential.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(AuthError::Malformed);
-        }
-        self.api_keys.verify(credential).ok_or(AuthError::Invalid)
+    /// Reports every refusal to `audit`.
+    pub fn with_refusal_audit(mut self, audit: std::sync::Arc<dyn RefusalAudit>) -> Self {
+        self.audit = Some(audit);
+        self
     }
+
+    /// Also accepts Kubernetes service-account tokens, verified by
+    /// `verifier`.
+    pub fn with_kubernetes(mut self, verifier: KubernetesVerifier) -> Self {
+        self.kubernetes = Some(verifier);
+        self
+    }
+
+    /// The service-account verifier, when enabled.
+    pub fn kubernetes(&self) -> Option<&KubernetesVerifier> {
+        self.kubernetes.as_ref()
+    }
+
+    /// True when no credential of any kind can succeed through this
+    /// authenticator's own settings (no API key, no service accounts).
+    /// Client certificates depend on the transport and are not counted.
+    pub fn accepts_no_bearer(&self) -> bool {
+        self.api_keys.is_empty() && self.kubernetes.is_none()
+    }
+
+    /// The caller `credentials` prove. The `authorization` scheme match is
+    /// case-insensitive (RFC 9110 §11.1).
+    ///
+    /// Errors: [`AuthError::Missing`], `Malformed` and `Invalid` (reason
+    /// `UNAUTHENTICATED`), a service-account refusal with the verifier's
+    /// reason, or a certificate without a usable identity. Each refusal
+    /// is reported to the [`RefusalAudit`], if any, before it is returned.
+    pub async fn authenticate(&self, credentials: Credentials<'_>) -> Result<Caller, AuthError> {
+        let result = self.decide(credentials).await;
+        if let (Err(error), Some(audit)) = (&result, &self.audit) {
+            audit
+                .refused(Refusal {
+                    error: error.clone(),
+                    peer: credentials.peer.map(|a| a.to_string()),
+                })
+                .await;
+        }
+        result
+    }
+
+    async fn decide(&self, credentials: Credentials<'_>) -> Result<Caller, AuthError> {
+        let peer = credentials.peer.map(|a| a.to_string());
+        let Some(header) = credentials.authorization else {
+            return match credentials.verified_client_certificate {
+                Some(der) => Ok(Caller::new(tls::certificate_identity(der)?, peer)),
+                None => Err(AuthError::Missing),
+            };
+        };
+        let credential = bearer(header)?;
+        if credential.starts_with(API_KEY_PREFIX) {
+            let identity = self.api_keys.verify(credential).ok_or(AuthError::Invalid)?;
+            return Ok(Caller::new(identity, peer));
+        }
+        if kubernetes::looks_like_jwt(credential) {
+            let verifier = self.kubernetes.as_ref().ok_or(AuthError::Invalid)?;
+            let account = verifier.verify(credential).await?;
+            return Ok(account.caller(peer));
+        }
+        Err(AuthError::Invalid)
+    }
+}
+
+/// The credential of a `Bearer` header, printable ASCII.
+fn bearer(header: &[u8]) -> Result<&str, AuthError> {
+    let header = std::str::from_utf8(header).map_err(|_| AuthError::Malformed)?;
+    let (scheme, credential) = header.split_once(' ').ok_or(AuthError::Malformed)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(AuthError::Malformed);
+    }
+    let credential = credential.trim();
+    if credential.is_empty() || !credential.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(AuthError::Malformed);
+    }
+    Ok(credential)
 }
 
 #[cfg(test)]
 mod tests {
+    use secrecy::ExposeSecret as _;
+
     use super::*;
 
     fn authenticator_with(name: &str) -> (Authenticator, GeneratedApiKey) {
@@ -87,33 +250,51 @@ mod tests {
         (Authenticator::new(keys), key)
     }
 
-    #[test]
-    fn a_configured_key_authenticates_as_its_named_api_key_identity() {
-        let (auth, key) = authenticator_with("ci");
-        let header = format!("Bearer {}", secrecy::ExposeSecret::expose_secret(&key.key));
-        assert_eq!(
-            auth.authenticate(Some(header.as_bytes())),
-            Ok(Identity::ApiKey("ci".into()))
-        );
-        let lower = format!("bearer {}", secrecy::ExposeSecret::expose_secret(&key.key));
-        assert!(auth.authenticate(Some(lower.as_bytes())).is_ok());
+    fn header(h: &str) -> Credentials<'_> {
+        Credentials {
+            authorization: Some(h.as_bytes()),
+            ..Default::default()
+        }
     }
 
-    #[test]
-    fn missing_malformed_and_unknown_credentials_are_refused_without_echoing_them() {
+    fn self_signed(sans: Vec<&str>) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params =
+            rcgen::CertificateParams::new(sans.into_iter().map(str::to_owned).collect::<Vec<_>>())
+                .unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_configured_key_authenticates_as_its_named_api_key_identity() {
+        let (auth, key) = authenticator_with("ci");
+        let h = format!("Bearer {}", key.key.expose_secret());
+        let caller = auth.authenticate(header(&h)).await.unwrap();
+        assert_eq!(caller.identity, Identity::ApiKey("ci".into()));
+        assert_eq!(caller.service_account, None);
+        let lower = format!("bearer {}", key.key.expose_secret());
+        assert!(auth.authenticate(header(&lower)).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn missing_malformed_and_unknown_credentials_are_refused_without_echoing_them() {
         let (auth, _) = authenticator_with("ci");
-        assert_eq!(auth.authenticate(None), Err(AuthError::Missing));
         assert_eq!(
-            auth.authenticate(Some(b"Basic abc")),
+            auth.authenticate(Credentials::default()).await,
+            Err(AuthError::Missing)
+        );
+        assert_eq!(
+            auth.authenticate(header("Basic abc")).await,
             Err(AuthError::Malformed)
         );
         assert_eq!(
-            auth.authenticate(Some(b"Bearer ")),
+            auth.authenticate(header("Bearer ")).await,
             Err(AuthError::Malformed)
         );
         let unknown = "tbk_this-key-was-never-configured";
         let err = auth
-            .authenticate(Some(format!("Bearer {unknown}").as_bytes()))
+            .authenticate(header(&format!("Bearer {unknown}")))
+            .await
             .unwrap_err();
         assert_eq!(err, AuthError::Invalid);
         assert!(!err.to_string().contains(unknown));
@@ -122,12 +303,82 @@ mod tests {
         assert_eq!(err.code(), ErrorCode::Unauthenticated);
     }
 
-    #[test]
-    fn no_configured_keys_refuses_everyone() {
+    #[tokio::test]
+    async fn no_configured_keys_refuses_everyone() {
         let auth = Authenticator::default();
+        assert!(auth.accepts_no_bearer());
         assert_eq!(
-            auth.authenticate(Some(b"Bearer tbk_anything")),
+            auth.authenticate(header("Bearer tbk_anything")).await,
             Err(AuthError::Invalid)
         );
+    }
+
+    #[tokio::test]
+    async fn a_service_account_token_is_invalid_while_kubernetes_auth_is_disabled() {
+        let (auth, _) = authenticator_with("ci");
+        let jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln";
+        assert!(kubernetes::looks_like_jwt(jwt));
+        let err = auth
+            .authenticate(header(&format!("Bearer {jwt}")))
+            .await
+            .unwrap_err();
+        assert_eq!(err, AuthError::Invalid);
+    }
+
+    #[tokio::test]
+    async fn a_verified_certificate_without_a_bearer_authenticates_as_its_dns_name() {
+        let (auth, _) = authenticator_with("ci");
+        let der = self_signed(vec!["agent.example.org"]);
+        let caller = auth
+            .authenticate(Credentials {
+                verified_client_certificate: Some(&der),
+                peer: Some("127.0.0.1:4000".parse().unwrap()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(caller.identity, Identity::X509("agent.example.org".into()));
+        assert_eq!(caller.peer.as_deref(), Some("127.0.0.1:4000"));
+    }
+
+    #[tokio::test]
+    async fn with_both_a_bearer_and_a_certificate_the_bearer_decides() {
+        let (auth, key) = authenticator_with("ci");
+        let der = self_signed(vec!["agent.example.org"]);
+        let h = format!("Bearer {}", key.key.expose_secret());
+        let caller = auth
+            .authenticate(Credentials {
+                authorization: Some(h.as_bytes()),
+                verified_client_certificate: Some(&der),
+                peer: None,
+            })
+            .await
+            .unwrap();
+        assert_eq!(caller.identity, Identity::ApiKey("ci".into()));
+        // A bad bearer is not rescued by the certificate.
+        let err = auth
+            .authenticate(Credentials {
+                authorization: Some(b"Bearer tbk_wrong"),
+                verified_client_certificate: Some(&der),
+                peer: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err, AuthError::Invalid);
+    }
+
+    #[tokio::test]
+    async fn a_certificate_without_a_usable_name_is_refused_with_its_own_reason() {
+        let auth = Authenticator::default();
+        let der = self_signed(vec![]);
+        let err = auth
+            .authenticate(Credentials {
+                verified_client_certificate: Some(&der),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason(), "CERTIFICATE_IDENTITY_INVALID");
+        assert_eq!(err.code(), ErrorCode::Unauthenticated);
     }
 }

@@ -15,9 +15,11 @@ use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
 
 use crate::api::{self, ApiError};
-use crate::auth::Authenticator;
+use crate::audit::{AuditEvent, Outcome};
+use crate::auth::{Authenticator, Refusal, RefusalAudit};
 use crate::config::{Config, ConfigError};
 use crate::crypto::Keyring;
+use crate::error::{ErrorCode, ServiceError as _};
 use crate::leases::{LeaseDeps, LeaseSettings, Leases};
 use crate::policy::{PolicyError, PolicyHandle, DEFAULT_POLL_INTERVAL};
 use crate::store::{self, Store, StoreError, UpstreamCredential};
@@ -28,6 +30,9 @@ use crate::upstream::UpstreamError;
 /// How long a shutdown waits for in-flight calls before cutting them off
 /// (below Kubernetes' default 30 s termination grace period).
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// Audit action of a refused authentication.
+pub const AUTHENTICATE_ACTION: &str = "authenticate";
 
 /// Meta key of the deployment id (second part of every display name).
 pub const DEPLOYMENT_ID_META: &str = "deployment_id";
@@ -134,14 +139,20 @@ impl Broker {
         let tokens = token_source(config, store.clone(), keyring.clone()).await?;
         let upstream = AzureDevOpsClient::new(config.upstream.azure_devops.clone(), tokens)?;
 
-        let auth = Authenticator::new(
-            config
-                .auth
-                .api_keys()
-                .map_err(|(setting, m)| ConfigError::new(setting, m))?,
-        );
-        if auth_is_empty(config) {
-            tracing::warn!("no auth.api_keys configured: every LeaseService call will be refused");
+        let auth = authenticator(config)
+            .await?
+            .with_refusal_audit(Arc::new(StoreRefusalAudit(store.clone())));
+        let tls = match &config.grpc.tls {
+            Some(tls) => Some(
+                tls.load()
+                    .map_err(|e| ConfigError::new(format!("grpc.tls.{}", e.setting), e.problem))?,
+            ),
+            None => None,
+        };
+        if auth.accepts_no_bearer() && tls.as_ref().is_none_or(|t| t.client_ca_pem.is_none()) {
+            tracing::warn!(
+                "no auth.api_keys, auth.kubernetes or grpc.tls.client_ca_file configured: every LeaseService call will be refused"
+            );
         }
 
         let leases = Arc::new(Leases::new(LeaseDeps {
@@ -176,10 +187,16 @@ impl Broker {
             listener,
             leases,
             Arc::new(auth),
+            tls,
             store,
             stopped(rx),
         ));
-        tracing::info!(%addr, deployment_id = %deployment_id, "token-broker serving gRPC");
+        tracing::info!(
+            %addr,
+            deployment_id = %deployment_id,
+            tls = tls_mode(config),
+            "token-broker serving gRPC"
+        );
         Ok(Broker {
             addr,
             deployment_id,
@@ -243,8 +260,74 @@ impl Broker {
     }
 }
 
-fn auth_is_empty(config: &Config) -> bool {
-    config.auth.api_keys.is_empty()
+/// The caller authenticator: API keys, plus service accounts when
+/// `auth.kubernetes.enabled`. Their keys are fetched once now, so the first
+/// caller does not wait; a failure is logged, not fatal (the verifier
+/// fetches again on use).
+async fn authenticator(config: &Config) -> Result<Authenticator, ServeError> {
+    let api_keys = config
+        .auth
+        .api_keys()
+        .map_err(|(setting, m)| ConfigError::new(setting, m))?;
+    let mut auth = Authenticator::new(api_keys);
+    if let Some(verifier) = config.auth.kubernetes_verifier()? {
+        match verifier.prefetch_keys().await {
+            Ok(()) => tracing::info!(
+                "auth.kubernetes: service-account callers accepted; signing keys fetched"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "auth.kubernetes: cannot fetch the cluster's signing keys yet; service-account callers are refused as UNAVAILABLE until they can be fetched"
+            ),
+        }
+        auth = auth.with_kubernetes(verifier);
+    }
+    Ok(auth)
+}
+
+/// Records refused authentications as audit events: identity `-`, action
+/// `authenticate`, outcome `denied` (UNAVAILABLE ones: `error`), the
+/// refusal's reason. Best effort, like other denials.
+struct StoreRefusalAudit(Arc<dyn Store>);
+
+#[async_trait]
+impl RefusalAudit for StoreRefusalAudit {
+    async fn refused(&self, refusal: Refusal) {
+        let outcome = match refusal.error.code() {
+            ErrorCode::Unauthenticated => Outcome::Denied,
+            _ => Outcome::Error,
+        };
+        let event = AuditEvent {
+            id: 0,
+            time: Utc::now(),
+            identity: "-".to_owned(),
+            peer: refusal.peer,
+            action: AUTHENTICATE_ACTION.to_owned(),
+            outcome,
+            reason: Some(refusal.error.reason().to_owned()),
+            policy_rule: None,
+            lease_id: None,
+            organization: None,
+            scopes: None,
+            token_fingerprint: None,
+        };
+        if let Err(e) = self.0.append_audit(&event).await {
+            tracing::error!(action = AUTHENTICATE_ACTION, error = %e, "audit event not written");
+        }
+    }
+}
+
+/// `plaintext`, `tls` or `mtls (optional|required)`, for the start-up log.
+fn tls_mode(config: &Config) -> &'static str {
+    use crate::auth::tls::ClientAuth;
+    match &config.grpc.tls {
+        None => "plaintext",
+        Some(t) if t.client_ca_file.is_none() => "tls",
+        Some(t) if t.client_auth == Some(ClientAuth::Optional) => {
+            "mtls (client certificate optional)"
+        }
+        Some(_) => "mtls (client certificate required)",
+    }
 }
 
 /// Resolves once `rx` turns true (or its sender is gone).

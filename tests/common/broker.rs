@@ -12,9 +12,11 @@ use tokio::net::TcpListener;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use tonic::{Request, Status};
 
+use token_broker::auth::kubernetes::KubernetesAuthConfig;
+use token_broker::auth::tls::TlsConfig;
 use token_broker::auth::GeneratedApiKey;
 use token_broker::cli::serve::Broker;
 use token_broker::config::{ApiKeySetting, Config, DEFAULTS};
@@ -57,6 +59,10 @@ pub struct BrokerSpec {
     pub reaper_interval: Duration,
     /// `leases.valid_to_skew`.
     pub valid_to_skew: Duration,
+    /// `auth.kubernetes` (disabled when `None`).
+    pub kubernetes: Option<KubernetesAuthConfig>,
+    /// `grpc.tls` (plaintext when `None`).
+    pub tls: Option<TlsConfig>,
 }
 
 impl BrokerSpec {
@@ -75,7 +81,25 @@ impl BrokerSpec {
             refresh_token: SecretString::from(DEFAULT_REFRESH_TOKEN),
             reaper_interval: Duration::from_secs(15),
             valid_to_skew: Duration::from_secs(300),
+            kubernetes: None,
+            tls: None,
         }
+    }
+
+    /// Accepts Kubernetes service-account tokens as `config` says
+    /// (`enabled` is forced on).
+    pub fn with_kubernetes(mut self, config: KubernetesAuthConfig) -> BrokerSpec {
+        self.kubernetes = Some(KubernetesAuthConfig {
+            enabled: true,
+            ..config
+        });
+        self
+    }
+
+    /// Serves gRPC over TLS (mTLS when `tls.client_ca_file` is set).
+    pub fn with_tls(mut self, tls: TlsConfig) -> BrokerSpec {
+        self.tls = Some(tls);
+        self
     }
 
     /// Replaces the policy.
@@ -129,6 +153,10 @@ impl BrokerSpec {
                 }
             })
             .collect();
+        if let Some(k8s) = &self.kubernetes {
+            config.auth.kubernetes = k8s.clone();
+        }
+        config.grpc.tls = self.tls.clone();
         config.validate().expect("test configuration is valid");
         config
     }
@@ -138,7 +166,8 @@ impl BrokerSpec {
 pub struct TestBroker {
     /// Where it listens.
     pub addr: SocketAddr,
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT`, or `https://127.0.0.1:PORT` with TLS (the
+    /// server certificate is checked for the name `localhost`).
     pub url: String,
     /// Its deployment id.
     pub deployment_id: String,
@@ -160,9 +189,13 @@ pub async fn spawn_broker_with_policy(spec: &BrokerSpec, policy: PolicyHandle) -
         .await
         .expect("broker starts");
     let addr = broker.addr();
+    let url = match &spec.tls {
+        Some(_) => format!("https://{addr}"),
+        None => format!("http://{addr}"),
+    };
     TestBroker {
         addr,
-        url: format!("http://{addr}"),
+        url,
         deployment_id: broker.deployment_id().to_owned(),
         broker: Some(broker),
     }
@@ -209,6 +242,35 @@ impl TestBroker {
     pub async fn client_with_header(&self, header: &str) -> Client {
         let value = MetadataValue::try_from(header).unwrap();
         LeaseServiceClient::with_interceptor(self.channel().await, Bearer(Some(value)))
+    }
+
+    /// A TLS channel trusting `server_ca_pem`, presenting `identity`
+    /// (certificate and key PEM) when given. Errors are the caller's to
+    /// judge: a refused client certificate may fail here or on the first
+    /// call (TLS 1.3 reports it after the client's handshake ends).
+    pub async fn tls_channel(
+        &self,
+        server_ca_pem: &str,
+        identity: Option<(&str, &str)>,
+    ) -> Result<Channel, tonic::transport::Error> {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(server_ca_pem))
+            .domain_name("localhost");
+        if let Some((cert, key)) = identity {
+            tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+        }
+        Channel::from_shared(self.url.clone())
+            .unwrap()
+            .tls_config(tls)?
+            .connect()
+            .await
+    }
+
+    /// A LeaseService client on `channel` sending `authorization` (the
+    /// whole header value) on every call, or nothing.
+    pub fn client_on(channel: Channel, authorization: Option<&str>) -> Client {
+        let value = authorization.map(|h| MetadataValue::try_from(h).unwrap());
+        LeaseServiceClient::with_interceptor(channel, Bearer(value))
     }
 
     /// Stops it gracefully (in-flight calls finish) and waits.

@@ -233,6 +233,7 @@ pub fn caller(name: &str) -> Caller {
     Caller {
         identity: format!("apikey:{name}").parse::<Identity>().unwrap(),
         peer: Some("127.0.0.1:40000".to_owned()),
+        service_account: None,
     }
 }
 

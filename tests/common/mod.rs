@@ -8,5 +8,6 @@ pub mod db;
 pub mod emulator;
 pub mod k8s;
 pub mod leases;
+pub mod mtls;
 pub mod policy;
 pub mod upstream;
