@@ -357,3 +357,103 @@ async fn an_invalid_policy_edit_leaves_the_old_policy_in_force_and_is_reported()
     assert_eq!(status.code(), Code::PermissionDenied);
     broker.stop().await;
 }
+
+/// A `token-broker serve` child process, killed when dropped, with its
+/// stderr lines readable as they come.
+struct Serve {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    log: String,
+}
+
+impl Serve {
+    fn start(dir: &std::path::Path, policy: &std::path::Path) -> Serve {
+        let mut cmd = Command::new(BIN);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("TOKEN_BROKER_") || k == "RUST_LOG" {
+                cmd.env_remove(k);
+            }
+        }
+        let mut child = cmd
+            .current_dir(dir)
+            .arg("serve")
+            .env("TOKEN_BROKER_GRPC__LISTEN", "127.0.0.1:0")
+            .env("TOKEN_BROKER_POLICY__FILE", policy)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start token-broker serve");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Serve {
+            child,
+            lines,
+            log: String::new(),
+        }
+    }
+
+    /// Waits (within a long bound) for a log line with every one of `parts`.
+    fn wait_for(&mut self, parts: &[&str]) -> String {
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) => {
+                    self.log.push_str(&line);
+                    self.log.push('\n');
+                    if parts.iter().all(|p| line.contains(p)) {
+                        return line;
+                    }
+                }
+                Err(e) => panic!("no log line with {parts:?} ({e}):\n{}", self.log),
+            }
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -{name}");
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn sighup_makes_serve_reread_its_policy_and_an_invalid_file_is_refused_with_a_clear_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = PolicyFile::new(GOOD_POLICY);
+    let mut serve = Serve::start(dir.path(), &file.path);
+    serve.wait_for(&["policy loaded", "rules=1"]);
+    serve.wait_for(&["token-broker serving gRPC"]);
+
+    serve.signal("HUP");
+    serve.wait_for(&["policy reloaded", "trigger=sighup", "rules=1"]);
+
+    file.edit(&GOOD_POLICY.replace("max_ttl: 8h", "max_ttl: 2years"));
+    serve.signal("HUP");
+    let refused = serve.wait_for(&["policy reload refused"]);
+    assert!(refused.contains("rules[0].max_ttl"), "{refused}");
+    assert!(refused.contains("ERROR"), "{refused}");
+
+    serve.signal("TERM");
+    let exit = serve.child.wait().unwrap();
+    assert!(
+        exit.success(),
+        "still running after SIGHUP, then a clean stop: {exit:?}"
+    );
+}

@@ -235,7 +235,8 @@ impl PolicyHandle {
 
     /// Watches the policy file until `shutdown` resolves: reads it every
     /// `every` and reloads when its content changed, and reloads on SIGHUP.
-    /// None (nothing to watch) for a fixed policy.
+    /// None (nothing to watch) for a fixed policy. Must be called inside a
+    /// Tokio runtime.
     pub fn spawn_watcher(
         &self,
         every: Duration,
@@ -243,8 +244,10 @@ impl PolicyHandle {
     ) -> Option<JoinHandle<()>> {
         self.inner.file.as_ref()?;
         let handle = self.clone();
+        // Registered before returning, so a SIGHUP sent once the broker is
+        // up reloads instead of killing the process (the default action).
+        let mut hangup = hangup_signal();
         Some(tokio::spawn(async move {
-            let mut hangup = hangup_signal();
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tokio::pin!(shutdown);
