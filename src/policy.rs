@@ -36,8 +36,10 @@ use serde::Deserialize;
 use crate::domain::{DomainError, Identity, Organization, Scope, ScopeSet};
 use crate::error::{ErrorCode, ServiceError};
 
+mod check;
 mod reload;
 
+pub use check::check;
 pub use reload::{PolicyHandle, ReloadOutcome, ReloadTrigger, DEFAULT_POLL_INTERVAL};
 
 /// Longest TTL a rule may grant: one year (365 days), the upstream limit on
@@ -1140,5 +1142,163 @@ rules:
             None,
         );
         assert_eq!(d, deny(Denial::NoMatchingRule, None));
+    }
+
+    #[test]
+    fn identity_regexes_match_within_their_kind_only() {
+        let p = Policy::from_yaml(
+            r#"
+rules:
+  - name: builders
+    identity_regexes:
+      - "^k8s:system:serviceaccount:ci-.*:builder$"
+      - "^apikey:svc-[0-9]+|x509:evil$"
+    organizations: ["fabrikam"]
+    scopes: ["vso.code"]
+    default_ttl: 1h
+    max_ttl: 1h
+"#,
+        )
+        .unwrap();
+        let ask = |who: &Identity| p.decide(who, &org("fabrikam"), &scopes(&["vso.code"]), None);
+        for yes in [
+            "k8s:system:serviceaccount:ci-web:builder",
+            "k8s:system:serviceaccount:ci-:builder",
+            "apikey:svc-42",
+        ] {
+            assert!(matches!(ask(&id(yes)), Decision::Allow { .. }), "{yes}");
+        }
+        for no in [
+            id("k8s:system:serviceaccount:ci-web:deployer"),
+            id("k8s:system:serviceaccount:prod:builder"),
+            // The alternation stays inside the apikey kind.
+            id("x509:evil"),
+            Identity::ApiKey("k8s:system:serviceaccount:ci-web:builder".into()),
+            Identity::X509("k8s:system:serviceaccount:ci-web:builder".into()),
+            id("apikey:svc-42x"),
+        ] {
+            let printed = format!("{no:?}");
+            assert_eq!(ask(&no), deny(Denial::NoMatchingRule, None), "{printed}");
+        }
+    }
+
+    #[test]
+    fn identity_regexes_must_be_anchored_and_begin_with_a_literal_kind() {
+        for bad in [
+            "k8s:system:serviceaccount:ci-.*:builder$",
+            "^k8s:system:serviceaccount:ci-.*:builder",
+            "^.*:builder$",
+            "^(apikey|x509):ci$",
+            "^k8s:.*$",
+            "^apikey:ci[$",
+        ] {
+            let yaml = with_field("identities", "[\"apikey:ok\"]")
+                + &format!(
+                    "    identity_regexes: [{}]\n",
+                    serde_json::to_string(bad).unwrap()
+                );
+            let (_, field, _) = rule_error(&yaml);
+            assert_eq!(field, "identity_regexes[0]", "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_rule_may_match_by_regex_alone_but_needs_some_identity() {
+        let only_regex =
+            with_field("identities", "[]") + "    identity_regexes: [\"^apikey:ci$\"]\n";
+        let p = Policy::from_yaml(&only_regex).unwrap();
+        assert!(matches!(
+            p.decide(
+                &id("apikey:ci"),
+                &org("fabrikam"),
+                &scopes(&["vso.code"]),
+                None
+            ),
+            Decision::Allow { .. }
+        ));
+        let (_, field, _) = rule_error(&with_field("identities", "[]"));
+        assert_eq!(field, "identities");
+    }
+
+    #[test]
+    fn admins_are_exact_identities_and_nothing_else_is_admin() {
+        let p = Policy::from_yaml(
+            "admins: [\"apikey:ops\", \"k8s:system:serviceaccount:sec:responder\"]\nrules: []\n",
+        )
+        .unwrap();
+        assert!(p.is_admin(&id("apikey:ops")));
+        assert!(p.is_admin(&id("k8s:system:serviceaccount:sec:responder")));
+        for no in [
+            id("apikey:ops2"),
+            id("x509:ops"),
+            Identity::ApiKey("k8s:system:serviceaccount:sec:responder".into()),
+        ] {
+            assert!(!p.is_admin(&no), "{no:?}");
+        }
+        assert!(!Policy::default().is_admin(&id("apikey:ops")));
+    }
+
+    #[test]
+    fn an_admin_pattern_is_a_load_error() {
+        for pattern in [
+            "apikey:ops-*",
+            "k8s:system:serviceaccount:sec:*",
+            "apikey:op?",
+            "^apikey:ops$",
+            "ops",
+        ] {
+            let yaml = format!("admins: [\"apikey:ok\", {pattern:?}]\nrules: []\n");
+            match Policy::from_yaml(&yaml) {
+                Err(PolicyError::Invalid(problems)) => {
+                    assert_eq!(problems.len(), 1, "{pattern}");
+                    assert_eq!(problems[0].path, "admins[1]", "{pattern}");
+                }
+                other => panic!("{pattern}: expected a load error, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn max_active_leases_is_read_and_must_be_positive() {
+        let yaml = with_field("max_ttl", "8h") + "    max_active_leases: 2\n";
+        let p = Policy::from_yaml(&yaml).unwrap();
+        assert_eq!(p.rule("r").unwrap().max_active_leases(), Some(2));
+        assert_eq!(policy().rule("ci-code").unwrap().max_active_leases(), None);
+        let (_, field, _) =
+            rule_error(&(with_field("max_ttl", "8h") + "    max_active_leases: 0\n"));
+        assert_eq!(field, "max_active_leases");
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let yaml = r#"
+admins: ["apikey:*"]
+rules:
+  - name: a
+    identities: ["apikey:ci", "nobody"]
+    organizations: ["fabrikam"]
+    scopes: ["vso.code", "vso.kode"]
+    default_ttl: 1h
+    max_ttl: 2years
+"#;
+        let err = Policy::from_yaml(yaml).unwrap_err();
+        let paths: Vec<_> = match &err {
+            PolicyError::Invalid(problems) => problems.iter().map(|p| p.path.as_str()).collect(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            paths,
+            [
+                "admins[0]",
+                "rules[0].identities[1]",
+                "rules[0].scopes[1]",
+                "rules[0].max_ttl"
+            ]
+        );
+        assert!(
+            err.to_string()
+                .contains(r#"rules[0].scopes[1]: unknown scope "vso.kode""#),
+            "{err}"
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! The `token-broker` command line (clap): the server (`serve`, `migrate`),
-//! the local run (`dev`, `emulator`), key generation (`apikey generate`) and
-//! the gRPC clients (`lease ...`, `admin ...`, `audit list`) and the audit
-//! chain check (`audit verify`).
+//! the local run (`dev`, `emulator`), key generation (`apikey generate`),
+//! policy files (`policy check`), the gRPC clients (`lease ...`,
+//! `admin ...`, `audit list`) and the audit chain check (`audit verify`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,6 +16,7 @@ pub mod admin;
 pub mod audit;
 pub mod client;
 pub mod dev;
+pub mod policy;
 pub mod serve;
 
 /// Leases short-lived, least-scope Azure DevOps PATs over gRPC.
@@ -39,6 +40,9 @@ enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Apikey(ApikeyCommand),
+    /// Check policy files (for CI) and print their schema.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
     /// Lease PATs from a running broker (gRPC client).
     Lease {
         #[command(flatten)]
@@ -138,6 +142,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             );
             Ok(())
         }
+        Command::Policy(command) => policy::run(command),
         Command::Lease { client, command } => {
             let out = client::run(&client, command)
                 .await

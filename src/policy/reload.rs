@@ -235,7 +235,8 @@ impl PolicyHandle {
 
     /// Watches the policy file until `shutdown` resolves: reads it every
     /// `every` and reloads when its content changed, and reloads on SIGHUP.
-    /// None (nothing to watch) for a fixed policy.
+    /// None (nothing to watch) for a fixed policy. Must be called inside a
+    /// Tokio runtime.
     pub fn spawn_watcher(
         &self,
         every: Duration,
@@ -243,8 +244,10 @@ impl PolicyHandle {
     ) -> Option<JoinHandle<()>> {
         self.inner.file.as_ref()?;
         let handle = self.clone();
+        // Registered before returning, so a SIGHUP sent once the broker is
+        // up reloads instead of killing the process (the default action).
+        let mut hangup = hangup_signal();
         Some(tokio::spawn(async move {
-            let mut hangup = hangup_signal();
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tokio::pin!(shutdown);
@@ -295,4 +298,91 @@ async fn recv_hangup(hangup: &mut Hangup) -> Option<()> {
     }
     let _ = hangup;
     std::future::pending().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Identity, Organization, ScopeSet};
+    use crate::policy::Decision;
+
+    fn rule(identity: &str) -> String {
+        format!(
+            "rules:\n  - name: r\n    identities: [\"{identity}\"]\n    organizations: [fabrikam]\n    scopes: [vso.code]\n    default_ttl: 1h\n    max_ttl: 1h\n"
+        )
+    }
+
+    fn allows(policy: &Policy, who: &str) -> bool {
+        matches!(
+            policy.decide(
+                &who.parse::<Identity>().unwrap(),
+                &Organization::parse("fabrikam").unwrap(),
+                &ScopeSet::parse(["vso.code"]).unwrap(),
+                None
+            ),
+            Decision::Allow { .. }
+        )
+    }
+
+    #[tokio::test]
+    async fn an_edited_file_is_put_in_force_and_a_call_keeps_the_policy_it_took() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.yaml");
+        std::fs::write(&path, rule("apikey:a")).unwrap();
+        let handle = PolicyHandle::from_file(&path).unwrap();
+        let mut outcomes = handle.subscribe();
+        let in_flight = handle.current();
+
+        assert_eq!(handle.reload(ReloadTrigger::FileChanged).await, None);
+        std::fs::write(&path, rule("apikey:b")).unwrap();
+        let outcome = handle.reload(ReloadTrigger::FileChanged).await.unwrap();
+        assert!(outcome.is_applied(), "{outcome:?}");
+        assert_eq!(outcomes.recv().await.unwrap(), outcome);
+
+        assert!(allows(&handle.current(), "apikey:b"));
+        assert!(!allows(&handle.current(), "apikey:a"));
+        assert!(
+            allows(&in_flight, "apikey:a"),
+            "the call's policy is unchanged"
+        );
+        // Clones share the policy in force.
+        assert!(allows(&handle.clone().current(), "apikey:b"));
+    }
+
+    #[tokio::test]
+    async fn an_invalid_edit_is_refused_once_and_the_old_policy_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.yaml");
+        std::fs::write(&path, rule("apikey:a")).unwrap();
+        let handle = PolicyHandle::from_file(&path).unwrap();
+
+        std::fs::write(&path, rule("apikey:a").replace("vso.code", "vso.kode")).unwrap();
+        match handle.reload(ReloadTrigger::FileChanged).await.unwrap() {
+            ReloadOutcome::Refused { error, trigger, .. } => {
+                assert_eq!(trigger, ReloadTrigger::FileChanged);
+                assert!(error.contains("rules[0].scopes[0]"), "{error}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert!(allows(&handle.current(), "apikey:a"));
+        // The same bad content is not re-reported by polling; SIGHUP retries.
+        assert_eq!(handle.reload(ReloadTrigger::FileChanged).await, None);
+        let again = handle.reload(ReloadTrigger::Signal).await.unwrap();
+        assert!(!again.is_applied());
+
+        std::fs::remove_file(&path).unwrap();
+        let gone = handle.reload(ReloadTrigger::FileChanged).await.unwrap();
+        assert!(!gone.is_applied(), "{gone:?}");
+        assert!(allows(&handle.current(), "apikey:a"));
+    }
+
+    #[tokio::test]
+    async fn a_fixed_policy_never_reloads() {
+        let handle = PolicyHandle::from(Policy::default());
+        assert_eq!(handle.reload(ReloadTrigger::Signal).await, None);
+        assert!(handle
+            .spawn_watcher(Duration::from_secs(1), async {})
+            .is_none());
+        assert!(handle.file().is_none());
+    }
 }

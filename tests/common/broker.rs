@@ -22,7 +22,7 @@ use token_broker::cli::serve::Broker;
 use token_broker::config::{ApiKeySetting, Config, DEFAULTS};
 use token_broker::crypto::Keyring;
 use token_broker::emulator::DEFAULT_REFRESH_TOKEN;
-use token_broker::policy::Policy;
+use token_broker::policy::{Policy, PolicyHandle};
 use token_broker::proto::v1::lease_service_client::LeaseServiceClient;
 
 /// A policy letting `apikey:ci` lease code and packaging scopes in
@@ -180,8 +180,14 @@ pub struct TestBroker {
 
 /// Starts the real server on 127.0.0.1:0 as `spec` says.
 pub async fn spawn_broker(spec: &BrokerSpec) -> TestBroker {
-    let config = spec.config();
     let policy = Policy::from_yaml(&spec.policy_yaml).expect("test policy is valid");
+    spawn_broker_with_policy(spec, policy.into()).await
+}
+
+/// Starts the real server as `spec` says but with `policy` (e.g. a
+/// file-backed handle that reloads) instead of `spec.policy_yaml`.
+pub async fn spawn_broker_with_policy(spec: &BrokerSpec, policy: PolicyHandle) -> TestBroker {
+    let config = spec.config();
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let broker = Broker::start(&config, policy, listener)
         .await

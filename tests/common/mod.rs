@@ -10,4 +10,5 @@ pub mod emulator;
 pub mod k8s;
 pub mod leases;
 pub mod mtls;
+pub mod policy;
 pub mod upstream;
