@@ -512,6 +512,15 @@ async fn audit_verify_passes_on_a_brokers_database_and_names_a_row_edited_by_sql
         })
         .await
         .unwrap_err();
+    // A refused authentication is chained like every other row.
+    let anonymous = setup
+        .broker
+        .anonymous_client()
+        .await
+        .list_leases(pb::ListLeasesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(anonymous.code(), Code::Unauthenticated);
     let dir = tempfile::tempdir().unwrap();
 
     let (ok, stdout, stderr) = audit_verify(dir.path(), &setup.spec, None);
@@ -520,7 +529,7 @@ async fn audit_verify_passes_on_a_brokers_database_and_names_a_row_edited_by_sql
         "verify failed on an untouched database: {stdout}{stderr}"
     );
     assert!(
-        stdout.contains("audit chain intact: 7 chained rows"),
+        stdout.contains("audit chain intact: 8 chained rows"),
         "{stdout}"
     );
     let head = stdout
