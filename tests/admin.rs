@@ -719,3 +719,89 @@ async fn policy_reloads_are_audited_whether_applied_or_refused() {
     );
     broker.stop().await.unwrap();
 }
+
+/// Runs the real binary with `args`, as an operator would, against the
+/// broker at `addr` with `key`.
+fn cli(addr: &str, key: &SecretString, args: &[&str]) -> (bool, String, String) {
+    let mut command = Command::new(BIN);
+    for (name, _) in std::env::vars() {
+        if name.starts_with("TOKEN_BROKER_") {
+            command.env_remove(name);
+        }
+    }
+    let out = command
+        .args(args)
+        .env("TOKEN_BROKER_ADDR", addr)
+        .env("TOKEN_BROKER_API_KEY", key.expose_secret())
+        .output()
+        .expect("run token-broker");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_cli_revokes_a_holders_leases_and_reads_the_audit_trail() {
+    let setup = admin_setup(Store::Sqlite).await;
+    let mut ci = setup.lease_client("ci").await;
+    for _ in 0..3 {
+        create(&mut ci, "fabrikam", &["vso.code_write"]).await;
+    }
+    let ops = setup.spec.key("ops");
+    let addr = setup.broker.url.clone();
+
+    let (ok, stdout, stderr) = cli(&addr, &ops, &["admin", "revoke"]);
+    assert!(!ok && stderr.contains("--holder"), "{stdout}{stderr}");
+
+    let (ok, stdout, stderr) = cli(
+        &addr,
+        &ops,
+        &[
+            "admin",
+            "revoke",
+            "--holder",
+            "apikey:ci",
+            "--output",
+            "json",
+        ],
+    );
+    assert!(ok, "{stderr}");
+    let counts: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(counts["matchedCount"], "3");
+    assert_eq!(counts["revokedCount"], "3");
+    assert!(live_display_names(&setup).await.is_empty());
+
+    let (ok, stdout, stderr) = cli(
+        &addr,
+        &ops,
+        &[
+            "admin",
+            "list",
+            "--filter",
+            r#"holder = "apikey:ci" AND state = REVOKED"#,
+        ],
+    );
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.lines().filter(|l| l.contains("REVOKED")).count(), 3);
+
+    let (ok, stdout, stderr) = cli(
+        &addr,
+        &ops,
+        &["audit", "list", "--filter", "action = admin.revoke_leases"],
+    );
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("apikey:ops") && stdout.contains("revoked=3"),
+        "{stdout}"
+    );
+
+    // A non-admin key is refused with the reason.
+    let (ok, _, stderr) = cli(&addr, &setup.spec.key("ci"), &["audit", "list"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("PermissionDenied") && stderr.contains("ADMIN_REQUIRED"),
+        "{stderr}"
+    );
+}
