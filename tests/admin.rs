@@ -346,6 +346,11 @@ async fn a_non_admin_calling_admin_service_is_permission_denied_and_audited() {
     assert!(refused
         .iter()
         .all(|e| e.outcome() == pb::audit_event::Outcome::Denied && e.reason == "ADMIN_REQUIRED"));
+    // The admin's own reads are audited too.
+    let reads = all_audit_events(&mut admin, "action = admin.list_audit_events").await;
+    assert!(reads
+        .iter()
+        .any(|e| e.identity == "apikey:ops" && e.outcome() == pb::audit_event::Outcome::Allowed));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,8 @@
 //! Admin operations (AdminService): bulk revoke for incident response,
 //! listing every holder's leases, and reading the audit trail. Only
-//! identities the policy names as admins may call them; a refusal is
-//! audited.
+//! identities the policy names as admins may call them; every call is
+//! audited, allowed or refused (`admin.revoke_leases`, `admin.list_leases`,
+//! `admin.list_audit_events`).
 //!
 //! Choices worth knowing:
 //! - A bulk revoke needs at least one criterion (holder, organization,
@@ -183,6 +184,18 @@ async fn require_admin(deps: &LeaseDeps, caller: &Caller, action: &str) -> Resul
     if deps.policy.current().is_admin(&caller.identity) {
         return Ok(());
     }
+    refuse(deps, caller, action).await
+}
+
+/// Admits an admin's read (audited as allowed), or refuses as
+/// [`require_admin`] does.
+async fn admit_read(deps: &LeaseDeps, caller: &Caller, action: &str) -> Result<(), LeaseError> {
+    require_admin(deps, caller, action).await?;
+    audit_best_effort(deps, admin_event(caller, action, Outcome::Allowed)).await;
+    Ok(())
+}
+
+async fn refuse(deps: &LeaseDeps, caller: &Caller, action: &str) -> Result<(), LeaseError> {
     let mut event = admin_event(caller, action, Outcome::Denied);
     event.reason = Some("ADMIN_REQUIRED".to_owned());
     audit_best_effort(deps, event).await;
@@ -365,7 +378,7 @@ pub(super) async fn list_leases(
     holder: Option<Identity>,
     query: ListQuery,
 ) -> Result<LeasePage, LeaseError> {
-    require_admin(deps, caller, "admin.list_leases").await?;
+    admit_read(deps, caller, "admin.list_leases").await?;
     let filter = LeaseFilter {
         holder,
         states: query.states,
@@ -411,7 +424,7 @@ pub(super) async fn audit_events(
     caller: &Caller,
     query: AuditQuery,
 ) -> Result<AuditPage, LeaseError> {
-    require_admin(deps, caller, "admin.list_audit_events").await?;
+    admit_read(deps, caller, "admin.list_audit_events").await?;
     let limit = query.page_size.clamp(1, 1000) as usize;
     let mut after = if query.page_token.is_empty() {
         0
