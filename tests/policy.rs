@@ -499,3 +499,15 @@ fn sighup_makes_serve_reread_its_policy_and_an_invalid_file_is_refused_with_a_cl
         "still running after SIGHUP, then a clean stop: {exit:?}"
     );
 }
+
+#[test]
+fn the_documented_example_policy_passes_policy_check() {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/policy.md")).unwrap();
+    let start = doc.find("```yaml\n").expect("a yaml example") + "```yaml\n".len();
+    let example = &doc[start..start + doc[start..].find("```").unwrap()];
+    let (code, stdout, stderr) = policy_check(example);
+    assert_eq!((code, stdout.trim()), (0, "OK"), "{stdout}{stderr}");
+    let policy = Policy::from_yaml(example).unwrap();
+    assert!(policy.is_admin(&"apikey:ops".parse().unwrap()));
+}
