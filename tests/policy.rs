@@ -250,6 +250,48 @@ async fn lease_beyond_the_active_lease_quota_is_refused_on_sqlite() {
     quota_is_enforced(sqlite_url(&dir)).await;
 }
 
+async fn concurrent_creates_never_exceed_the_quota(store_url: String) {
+    let emu = Emu::start_default().await;
+    let spec = BrokerSpec::new(store_url, emu.running.url()).with_policy(GOOD_POLICY);
+    let broker = spawn_broker(&spec).await;
+    let ci: Client = broker.client(&spec.key("ci")).await;
+    let calls: Vec<_> = (0..8)
+        .map(|_| {
+            let mut ci = ci.clone();
+            tokio::spawn(async move {
+                ci.create_lease(create_request("fabrikam", &["vso.code"], ""))
+                    .await
+            })
+        })
+        .collect();
+    let mut granted = 0;
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(_) => granted += 1,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert_eq!(reason(&status), "ACTIVE_LEASE_QUOTA_EXCEEDED");
+            }
+        }
+    }
+    assert!(granted <= 2, "{granted} leases granted under a cap of 2");
+    let live_pats = emu.pats().await.len();
+    assert_eq!(live_pats, granted, "a PAT exists only for a granted lease");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_never_exceed_the_quota_on_postgres() {
+    let db = TestDatabase::create().await;
+    concurrent_creates_never_exceed_the_quota(db.url.clone()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_never_exceed_the_quota_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    concurrent_creates_never_exceed_the_quota(sqlite_url(&dir)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_file_edited_to_grant_less_takes_effect_without_restart_and_in_flight_calls_finish(
 ) {
@@ -456,4 +498,16 @@ fn sighup_makes_serve_reread_its_policy_and_an_invalid_file_is_refused_with_a_cl
         exit.success(),
         "still running after SIGHUP, then a clean stop: {exit:?}"
     );
+}
+
+#[test]
+fn the_documented_example_policy_passes_policy_check() {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/policy.md")).unwrap();
+    let start = doc.find("```yaml\n").expect("a yaml example") + "```yaml\n".len();
+    let example = &doc[start..start + doc[start..].find("```").unwrap()];
+    let (code, stdout, stderr) = policy_check(example);
+    assert_eq!((code, stdout.trim()), (0, "OK"), "{stdout}{stderr}");
+    let policy = Policy::from_yaml(example).unwrap();
+    assert!(policy.is_admin(&"apikey:ops".parse().unwrap()));
 }

@@ -63,21 +63,7 @@ pub(super) async fn create(
     }
 
     // A replay above is the same lease, so only a new one counts.
-    if let Some(cap) = grant.max_active_leases {
-        let live = deps.store.count_live_leases(&caller.identity).await?;
-        if live >= u64::from(cap) {
-            let event = denied_event(
-                caller,
-                &req,
-                LeaseError::QuotaExceeded.reason(),
-                Some(grant.rule.clone()),
-                None,
-            );
-            audit_best_effort(deps, event).await;
-            tracing::info!(identity = %caller.identity, rule = %grant.rule, live, cap, "lease create refused: active lease quota");
-            return Err(LeaseError::QuotaExceeded);
-        }
-    }
+    check_quota(deps, caller, &req, &grant, None).await?;
 
     let lease = new_pending(deps, caller, &req, &grant, now);
     let key = req.request_id.map(|request_id| IdempotencyRecord {
@@ -88,12 +74,65 @@ pub(super) async fn create(
         create_time: now,
     });
     match deps.store.create_lease(&lease, key.as_ref()).await? {
-        CreateOutcome::Created => mint(deps, caller, lease, &grant.rule).await,
+        CreateOutcome::Created => {
+            recheck_quota(deps, caller, &req, &grant, &lease).await?;
+            mint(deps, caller, lease, &grant.rule).await
+        }
         // A concurrent request with the same key won the insert.
         CreateOutcome::Existing(existing) => {
             replay(deps, caller, &req, &grant, existing, &fingerprint).await
         }
     }
+}
+
+/// Refuses a new lease (audited, nothing written) when the caller already
+/// holds the deciding rule's `max_active_leases` live leases. `own`: a
+/// PENDING lease of this request already stored, counted among them.
+async fn check_quota(
+    deps: &LeaseDeps,
+    caller: &Caller,
+    req: &CreateLease,
+    grant: &Grant,
+    own: Option<LeaseId>,
+) -> Result<(), LeaseError> {
+    let Some(cap) = grant.max_active_leases else {
+        return Ok(());
+    };
+    let live = deps.store.count_live_leases(&caller.identity).await?;
+    let allowed = u64::from(cap) + u64::from(own.is_some());
+    if live < allowed {
+        return Ok(());
+    }
+    let reason = LeaseError::QuotaExceeded.reason();
+    let event = denied_event(caller, req, reason, Some(grant.rule.clone()), own);
+    audit_best_effort(deps, event).await;
+    tracing::info!(identity = %caller.identity, rule = %grant.rule, live, cap, "lease create refused: active lease quota");
+    Err(LeaseError::QuotaExceeded)
+}
+
+/// Concurrent creates may all pass [`check_quota`] before any is stored;
+/// counting again with this request's PENDING row in keeps the cap exact
+/// (racers past it are refused, and their rows are FAILED before any
+/// upstream call, so no token exists for them).
+async fn recheck_quota(
+    deps: &LeaseDeps,
+    caller: &Caller,
+    req: &CreateLease,
+    grant: &Grant,
+    lease: &LeaseRecord,
+) -> Result<(), LeaseError> {
+    let Err(refused) = check_quota(deps, caller, req, grant, Some(lease.id)).await else {
+        return Ok(());
+    };
+    let mut failed = lease.clone();
+    failed.state = LeaseState::Failed;
+    failed.update_time = now();
+    failed.last_error = Some(refused.to_string());
+    if let Err(e) = deps.store.update_lease(&failed, LeaseState::Pending).await {
+        // Left PENDING without a PAT: the reconciler will mark it FAILED.
+        tracing::error!(lease_id = %lease.id, error = %e, "could not mark lease FAILED");
+    }
+    Err(refused)
 }
 
 /// The audit event of a refused CreateLease (no lease was made for it).
@@ -206,7 +245,9 @@ async fn replay(
                 tokio::time::sleep(PENDING_POLL).await;
             }
             LeaseState::Failed => {
-                // No token was ever handed out for it: mint afresh under the key.
+                // No token was ever handed out for it: mint afresh under the
+                // key, a new lease within the quota.
+                check_quota(deps, caller, req, grant, None).await?;
                 let now = now();
                 let fresh = new_pending(deps, caller, req, grant, now);
                 let new_key = IdempotencyRecord {

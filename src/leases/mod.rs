@@ -280,7 +280,8 @@ impl Leases {
     ///
     /// Errors: `Denied` (policy; audited, nothing written, no upstream
     /// call), `QuotaExceeded` (the caller already holds the deciding
-    /// rule's `max_active_leases` live leases; audited, nothing written),
+    /// rule's `max_active_leases` live leases; audited, no upstream call,
+    /// at most a FAILED row when concurrent creates raced past the cap),
     /// `RequestIdReused` (same key, other parameters), `InProgress`
     /// (an earlier attempt with the key is still PENDING after 30 s),
     /// `Upstream` (the lease is FAILED and the key may be retried).

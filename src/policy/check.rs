@@ -83,8 +83,26 @@ fn describe(e: &ValidationError<'_>) -> String {
         }
         ValidationErrorKind::Enum { .. } => format!("{value} is not an allowed value"),
         ValidationErrorKind::AdditionalProperties { unexpected } => {
-            format!("unknown field {}", unexpected.join(", "))
+            let quoted: Vec<String> = unexpected.iter().map(|f| format!("{f:?}")).collect();
+            format!("unknown field {}", quoted.join(", "))
         }
+        ValidationErrorKind::Pattern { .. } => match list_name(e.instance_path()).as_deref() {
+            Some("admins") => format!(
+                "{value} is not an exact identity; admin rights go to exact identities only"
+            ),
+            Some("identities") => format!(
+                "{value} must be an identity or glob starting with {}",
+                super::KIND_LIST
+            ),
+            Some("identity_regexes") => format!(
+                "{value} must be '^', a literal kind prefix ({}), a regex, '$'",
+                super::KIND_LIST
+            ),
+            Some("organizations") => {
+                format!("{value} is not an organization name (letters, digits and inner hyphens)")
+            }
+            _ => e.to_string(),
+        },
         ValidationErrorKind::AnyOf { .. } => {
             "must list at least one identity in identities or identity_regexes".into()
         }
@@ -93,11 +111,16 @@ fn describe(e: &ValidationError<'_>) -> String {
 }
 
 fn is_scope(location: &Location) -> bool {
+    list_name(location).as_deref() == Some("scopes")
+}
+
+/// `scopes` for `/rules/0/scopes/1`: the list an item belongs to.
+fn list_name(location: &Location) -> Option<String> {
     let segments: Vec<_> = location.segments().collect();
-    matches!(
-        segments.as_slice(),
-        [.., LocationSegment::Property(p), LocationSegment::Index(_)] if p == "scopes"
-    )
+    match segments.as_slice() {
+        [.., LocationSegment::Property(p), LocationSegment::Index(_)] => Some(p.to_string()),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

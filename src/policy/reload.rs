@@ -264,8 +264,13 @@ impl PolicyHandle {
 }
 
 fn parse(bytes: &[u8]) -> Result<Policy, PolicyError> {
-    let text = String::from_utf8_lossy(bytes);
-    Policy::from_yaml(&text)
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        PolicyError::Invalid(vec![super::Problem {
+            path: "(document)".into(),
+            message: format!("not UTF-8: {e}"),
+        }])
+    })?;
+    Policy::from_yaml(text)
 }
 
 #[cfg(unix)]
