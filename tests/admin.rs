@@ -810,3 +810,49 @@ async fn the_admin_cli_revokes_a_holders_leases_and_reads_the_audit_trail() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_revoke_during_an_upstream_outage_counts_leases_still_revoking_and_a_rerun_finishes_them(
+) {
+    let setup = admin_setup(Store::Sqlite).await;
+    let mut ci = setup.lease_client("ci").await;
+    let leases = [
+        create(&mut ci, "fabrikam", &["vso.code_write"]).await,
+        create(&mut ci, "fabrikam", &["vso.packaging"]).await,
+    ];
+    let http = reqwest::Client::new();
+    let faults = format!("{}/_emulator/faults", setup.emulator.url());
+    let resp = http
+        .put(&faults)
+        .json(&serde_json::json!([{ "operation": "revoke", "status": 503 }]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+
+    let mut admin = setup.admin_client(Some("ops")).await;
+    let selector = pb::RevokeLeasesRequest {
+        holder: "apikey:ci".into(),
+        ..Default::default()
+    };
+    let during = admin
+        .revoke_leases(selector.clone())
+        .await
+        .expect("answered with counts, not an error")
+        .into_inner();
+    assert_eq!(
+        (
+            during.matched_count,
+            during.revoked_count,
+            during.revoking_count
+        ),
+        (2, 0, 2)
+    );
+    let live = live_display_names(&setup).await;
+    assert!(leases.iter().all(|l| live.contains(&l.display_name)));
+
+    assert_eq!(http.delete(&faults).send().await.unwrap().status(), 204);
+    let after = admin.revoke_leases(selector).await.unwrap().into_inner();
+    assert_eq!((after.matched_count, after.revoked_count), (2, 2));
+    assert!(live_display_names(&setup).await.is_empty());
+}
