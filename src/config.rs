@@ -915,6 +915,59 @@ mod tests {
     }
 
     #[test]
+    fn inline_keys_without_an_audit_chain_key_are_refused_naming_it() {
+        let key = random_b64();
+        let keys = KeysConfig {
+            active: Some("k1".into()),
+            sealing: [("k1".to_owned(), SecretString::from(key.clone()))].into(),
+            fingerprint: Some(SecretString::from(key.clone())),
+            ..KeysConfig::default()
+        };
+        let err = keys.resolve(&Backend::Postgres).unwrap_err();
+        assert_eq!(err.setting, "keys.audit_chain");
+        let keys = KeysConfig {
+            audit_chain: Some(SecretString::from("c2hvcnQ=")),
+            ..keys
+        };
+        let err = keys.resolve(&Backend::Postgres).unwrap_err();
+        assert_eq!(err.setting, "keys.audit_chain");
+        assert!(!err.message.contains("c2hvcnQ="));
+    }
+
+    #[test]
+    fn a_generated_keys_file_from_before_the_audit_chain_gets_a_chain_key_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("broker.db");
+        let path = generated_keys_path(&db);
+        let key = random_b64();
+        let old = format!(
+            "# generated\nactive = \"k1\"\nfingerprint = \"{key}\"\n\n[sealing]\nk1 = \"{key}\"\n"
+        );
+        std::fs::write(&path, &old).unwrap();
+        let (keys, created) = KeysConfig::default()
+            .resolve(&Backend::Sqlite(Some(db.clone())))
+            .unwrap();
+        assert!(created.is_none());
+        assert_eq!(keys.active, "k1");
+        assert_eq!(keys.fingerprint.expose_secret(), key);
+        keys.chain_key().unwrap();
+        // Stable from then on.
+        let (again, _) = KeysConfig::default()
+            .resolve(&Backend::Sqlite(Some(db)))
+            .unwrap();
+        assert_eq!(
+            again.audit_chain.expose_secret(),
+            keys.audit_chain.expose_secret()
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+
+    #[test]
     fn generated_keys_sit_beside_the_database() {
         assert_eq!(
             generated_keys_path(Path::new("/data/token-broker.db")),
