@@ -12,7 +12,7 @@ use super::status::{to_status, InvalidField};
 use crate::audit::{AuditEvent, Outcome};
 use crate::auth::{AuthError, Caller};
 use crate::domain::{Identity, LeaseState, Organization, Scope};
-use crate::leases::{AuditQuery, LeaseSelector, Leases, ListQuery};
+use crate::leases::{AuditQuery, LeaseError, LeaseSelector, Leases, ListQuery};
 use crate::proto::v1 as pb;
 use crate::proto::v1::admin_service_server::AdminService;
 
@@ -49,10 +49,12 @@ impl AdminService for AdminApi {
     ) -> Result<Response<pb::RevokeLeasesResponse>, Status> {
         let caller = caller(&request)?;
         let selector = selector(request.into_inner())?;
-        let done = self
-            .leases
-            .admin_revoke(&caller, selector)
+        // Incident response finishes even if the caller goes away: the bulk
+        // revoke runs on a task of its own, not in the cancellable call.
+        let leases = self.leases.clone();
+        let done = tokio::spawn(async move { leases.admin_revoke(&caller, selector).await })
             .await
+            .map_err(|e| to_status(&LeaseError::Internal(format!("bulk revoke task: {e}"))))?
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(pb::RevokeLeasesResponse {
             matched_count: done.matched as i64,

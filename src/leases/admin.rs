@@ -253,7 +253,6 @@ pub(super) async fn revoke_leases(
             None => outcome.failed += 1,
         }
     }
-    drop(results);
     let mut event = admin_event(caller, ACTION, Outcome::Allowed);
     event.reason = Some(format!(
         "{}; matched={} revoked={} revoking={} pending={} failed={}",
