@@ -1,0 +1,173 @@
+//! What a new user found when trying to break the broker, each over real
+//! sockets: the in-process broker (`serve`'s wiring) or the real binary,
+//! the emulator on a socket, a SQLite store in a temporary directory.
+
+mod common;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use tonic::{Code, Request};
+use tonic_types::StatusExt as _;
+use uuid::Uuid;
+
+use common::broker::{spawn_broker, BrokerSpec};
+use common::db::sqlite_url;
+use common::emulator::Emu;
+use common::leases::eventually;
+use token_broker::emulator::EmulatorConfig;
+use token_broker::proto::v1 as pb;
+
+/// The lease's PAT as `/_emulator/pats` shows it.
+async fn pat_of(emu: &Emu, authorization_id: &str) -> serde_json::Value {
+    emu.pats()
+        .await
+        .into_iter()
+        .find(|p| p["authorizationId"] == authorization_id)
+        .unwrap_or_else(|| panic!("no PAT {authorization_id} upstream"))
+}
+
+fn time(t: &prost_types::Timestamp) -> DateTime<Utc> {
+    DateTime::from_timestamp(t.seconds, t.nanos as u32).unwrap()
+}
+
+fn parse_time(v: &serde_json::Value) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(v.as_str().expect("a time string"))
+        .expect("RFC 3339")
+        .with_timezone(&Utc)
+}
+
+fn create_request(request_id: &str) -> pb::CreateLeaseRequest {
+    pb::CreateLeaseRequest {
+        organization: "fabrikam".into(),
+        scopes: vec!["vso.code".into()],
+        ttl: Some(prost_types::Duration {
+            seconds: 600,
+            nanos: 0,
+        }),
+        request_id: request_id.into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_whose_client_gave_up_still_finishes_and_its_retry_gets_the_same_lease_and_pat() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emu::start(EmulatorConfig::default()).await;
+    let spec = BrokerSpec::new(sqlite_url(&dir), emu.running.url());
+    let broker = spawn_broker(&spec).await;
+    let mut client = broker.client(&spec.key("ci")).await;
+
+    // Upstream mints the PAT, then takes 3 s to answer; the client waits 1 s.
+    emu.set_faults(json!([{"operation": "create", "latencyMs": 3000,
+        "latencyWhen": "after", "times": 1}]))
+        .await;
+    let request_id = Uuid::new_v4().to_string();
+    let mut first = Request::new(create_request(&request_id));
+    first.set_timeout(Duration::from_secs(1));
+    let err = client.create_lease(first).await.unwrap_err();
+    gave_up(&err);
+
+    // The retry with the same request_id gets the first attempt's lease.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let retry = client
+        .create_lease(create_request(&request_id))
+        .await
+        .expect("the retry is answered")
+        .into_inner();
+    assert_eq!(retry.state(), pb::lease::State::Active);
+    let again = client
+        .create_lease(create_request(&request_id))
+        .await
+        .expect("a second retry is answered")
+        .into_inner();
+    assert_eq!(again.name, retry.name);
+    assert_eq!(again.token, retry.token);
+    assert!(!retry.token.is_empty());
+
+    let pats = emu.pats().await;
+    assert_eq!(pats.len(), 1, "one PAT upstream: {pats:?}");
+    assert_eq!(pats[0]["authorizationId"], retry.authorization_id.as_str());
+    assert_eq!(
+        emu.use_pat("fabrikam", "git/repositories", &retry.token)
+            .await,
+        200
+    );
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renew_whose_client_gave_up_still_records_the_pat_valid_to_it_moved() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emu::start(EmulatorConfig::default()).await;
+    let spec = BrokerSpec::new(sqlite_url(&dir), emu.running.url());
+    let skew = chrono::Duration::from_std(spec.valid_to_skew).unwrap();
+    let broker = spawn_broker(&spec).await;
+    let mut client = broker.client(&spec.key("ci")).await;
+    let lease = client
+        .create_lease(create_request(""))
+        .await
+        .unwrap()
+        .into_inner();
+    let before = time(lease.expire_time.as_ref().unwrap());
+
+    emu.set_faults(json!([{"operation": "update", "latencyMs": 3000,
+        "latencyWhen": "after", "times": 1}]))
+        .await;
+    let mut renew = Request::new(pb::RenewLeaseRequest {
+        name: lease.name.clone(),
+        increment: Some(prost_types::Duration {
+            seconds: 7200,
+            nanos: 0,
+        }),
+    });
+    renew.set_timeout(Duration::from_secs(1));
+    let err = client.renew_lease(renew).await.unwrap_err();
+    gave_up(&err);
+
+    // The PAT's validTo moved upstream; the lease follows it.
+    let get = pb::GetLeaseRequest {
+        name: lease.name.clone(),
+    };
+    let mut c = client.clone();
+    eventually("the renewal is recorded", || {
+        let mut c = c.clone();
+        let get = get.clone();
+        async move {
+            let l = c.get_lease(get).await.unwrap().into_inner();
+            time(l.expire_time.as_ref().unwrap()) > before
+        }
+    })
+    .await;
+    let renewed = c.get_lease(get).await.unwrap().into_inner();
+    let valid_to = parse_time(&pat_of(&emu, &lease.authorization_id).await["validTo"]);
+    let expire = time(renewed.expire_time.as_ref().unwrap());
+    assert!(
+        ((expire + skew) - valid_to).num_milliseconds().abs() <= 1000,
+        "lease expires {expire}, PAT validTo {valid_to}"
+    );
+    assert_eq!(renewed.state(), pb::lease::State::Active);
+    broker.stop().await;
+}
+
+/// The client's own deadline ended the call (tonic reports CANCELLED
+/// "Timeout expired" when it enforces the deadline before the server does).
+fn gave_up(err: &tonic::Status) {
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+}
+
+/// The details of an INVALID_ARGUMENT status: (first violated field, reason).
+fn violation(status: &tonic::Status) -> (String, String) {
+    let field = status
+        .get_details_bad_request()
+        .and_then(|b| b.field_violations.first().map(|v| v.field.clone()))
+        .unwrap_or_default();
+    let reason = status
+        .get_details_error_info()
+        .map(|i| i.reason)
+        .unwrap_or_default();
+    (field, reason)
+}
