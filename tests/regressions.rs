@@ -171,3 +171,79 @@ fn violation(status: &tonic::Status) -> (String, String) {
         .unwrap_or_default();
     (field, reason)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_fields_are_refused_as_invalid_argument_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emu::start(EmulatorConfig::default()).await;
+    let spec = BrokerSpec::new(sqlite_url(&dir), emu.running.url());
+    let broker = spawn_broker(&spec).await;
+    let mut client = broker.client(&spec.key("ci")).await;
+    let huge = "a".repeat(9000);
+
+    let creates = [
+        (
+            pb::CreateLeaseRequest {
+                organization: huge.clone(),
+                ..create_request("")
+            },
+            "organization",
+        ),
+        (
+            pb::CreateLeaseRequest {
+                scopes: vec![huge.clone()],
+                ..create_request("")
+            },
+            "scopes",
+        ),
+        (create_request(&huge), "request_id"),
+    ];
+    for (req, field) in creates {
+        let status = client.create_lease(req).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
+        assert_eq!(violation(&status).0, field);
+        assert!(status.message().len() < 1000, "{field}: message bounded");
+    }
+
+    let name = format!("leases/{huge}");
+    let status = client
+        .get_lease(pb::GetLeaseRequest { name: name.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (status.code(), violation(&status).0.as_str()),
+        (Code::InvalidArgument, "name")
+    );
+    let status = client
+        .renew_lease(pb::RenewLeaseRequest {
+            name: name.clone(),
+            increment: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (status.code(), violation(&status).0.as_str()),
+        (Code::InvalidArgument, "name")
+    );
+    let status = client
+        .revoke_lease(pb::RevokeLeaseRequest { name })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (status.code(), violation(&status).0.as_str()),
+        (Code::InvalidArgument, "name")
+    );
+    let status = client
+        .list_leases(pb::ListLeasesRequest {
+            filter: format!("organization = \"{huge}\""),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (status.code(), violation(&status).0.as_str()),
+        (Code::InvalidArgument, "filter")
+    );
+    assert!(emu.pats().await.is_empty(), "nothing reached upstream");
+    broker.stop().await;
+}

@@ -22,9 +22,42 @@ pub const DEFAULT_PAGE_SIZE: u32 = 50;
 /// Larger `page_size` values are coerced to this (AIP-158).
 pub const MAX_PAGE_SIZE: u32 = 1000;
 
+/// Longest organization name Azure DevOps allows, in characters.
+pub const MAX_ORGANIZATION_CHARS: usize = 50;
+/// Longer than any scope in the catalogue (ado-pat-api.md section 3.2).
+pub const MAX_SCOPE_CHARS: usize = 64;
+/// A `request_id` is a UUID in its canonical hyphenated form (RFC 9562).
+pub const REQUEST_ID_CHARS: usize = 36;
+/// `leases/` plus a hyphenated UUID is 43; anything past 64 is not a name.
+pub const MAX_NAME_CHARS: usize = 64;
+/// Longest ListLeases `filter`, in characters.
+pub const MAX_FILTER_CHARS: usize = 1024;
+
+/// Refuses a value longer than `max` characters before anything parses or
+/// echoes it.
+fn at_most(
+    field: &'static str,
+    reason: &'static str,
+    value: &str,
+    max: usize,
+) -> Result<(), InvalidField> {
+    let len = value.chars().count();
+    if len > max {
+        return Err(InvalidField::new(
+            field,
+            reason,
+            format!("is {len} characters long; at most {max} are allowed"),
+        ));
+    }
+    Ok(())
+}
+
 /// Validates a CreateLease request.
 pub fn create_lease(req: pb::CreateLeaseRequest) -> Result<CreateLease, InvalidField> {
     let organization = organization(&req.organization)?;
+    for scope in &req.scopes {
+        at_most("scopes", "SCOPE_UNKNOWN", scope, MAX_SCOPE_CHARS)?;
+    }
     let scopes = ScopeSet::parse(&req.scopes).map_err(|e| match e {
         DomainError::NoScopes => {
             InvalidField::new("scopes", "SCOPES_EMPTY", "at least one scope is required")
@@ -35,6 +68,16 @@ pub fn create_lease(req: pb::CreateLeaseRequest) -> Result<CreateLease, InvalidF
     let request_id = if req.request_id.is_empty() {
         None
     } else {
+        if req.request_id.chars().count() != REQUEST_ID_CHARS {
+            return Err(InvalidField::new(
+                "request_id",
+                "REQUEST_ID_INVALID",
+                format!(
+                    "must be a {REQUEST_ID_CHARS}-character UUID, got {} characters",
+                    req.request_id.chars().count()
+                ),
+            ));
+        }
         Some(Uuid::parse_str(&req.request_id).map_err(|_| {
             InvalidField::new(
                 "request_id",
@@ -60,12 +103,19 @@ pub fn organization(name: &str) -> Result<Organization, InvalidField> {
             "is required",
         ));
     }
+    at_most(
+        "organization",
+        "ORGANIZATION_INVALID",
+        name,
+        MAX_ORGANIZATION_CHARS,
+    )?;
     Organization::parse(name)
         .map_err(|e| InvalidField::new("organization", "ORGANIZATION_INVALID", e.to_string()))
 }
 
 /// Validates a resource name `leases/{uuid}` (field `name`).
 pub fn lease_name(name: &str) -> Result<LeaseId, InvalidField> {
+    at_most("name", "NAME_INVALID", name, MAX_NAME_CHARS)?;
     LeaseId::from_name(name).map_err(|_| {
         InvalidField::new(
             "name",
@@ -110,6 +160,7 @@ pub fn list_query(req: pb::ListLeasesRequest) -> Result<ListQuery, InvalidField>
         0 => DEFAULT_PAGE_SIZE,
         n => (n as u32).min(MAX_PAGE_SIZE),
     };
+    at_most("filter", "FILTER_INVALID", &req.filter, MAX_FILTER_CHARS)?;
     let (states, organization) =
         parse_filter(&req.filter).map_err(|m| InvalidField::new("filter", "FILTER_INVALID", m))?;
     Ok(ListQuery {

@@ -17,6 +17,22 @@ use crate::error::{ErrorCode, ServiceError};
 /// `google.rpc.ErrorInfo.domain` of every error this service returns.
 pub const ERROR_DOMAIN: &str = "tokenbroker";
 
+/// Longest `BadRequest.FieldViolation.description`, in characters: errors
+/// may echo request values, and gRPC carries both the message and the
+/// details in response headers (grpc-message, grpc-status-details-bin),
+/// which clients cap at a few KiB.
+pub const MAX_DESCRIPTION_CHARS: usize = 200;
+/// Longest status message, in characters (same reason).
+pub const MAX_MESSAGE_CHARS: usize = 400;
+
+/// `text` cut to at most `max` characters, ending in `…` when cut.
+pub fn bounded(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max.saturating_sub(1)) {
+        Some((end, _)) if text.chars().count() > max => format!("{}…", &text[..end]),
+        _ => text.to_owned(),
+    }
+}
+
 /// The gRPC code for an [`ErrorCode`].
 pub fn grpc_code(code: ErrorCode) -> Code {
     match code {
@@ -46,14 +62,14 @@ pub fn to_status<E: ServiceError + ?Sized>(err: &E) -> Status {
             tracing::warn!(reason, error = %err, "dependency unavailable");
             format!("temporarily unavailable ({reason}); retry later")
         }
-        _ => err.to_string(),
+        _ => bounded(&err.to_string(), MAX_MESSAGE_CHARS),
     };
     let mut details = ErrorDetails::new();
     details.set_error_info(reason, ERROR_DOMAIN, HashMap::<String, String>::new());
     if let Some(field) = err.field() {
         details.set_bad_request(vec![FieldViolation {
             field: field.to_owned(),
-            description: message.clone(),
+            description: bounded(&message, MAX_DESCRIPTION_CHARS),
             reason: reason.to_owned(),
             localized_message: None,
         }]);
@@ -264,6 +280,26 @@ mod tests {
             assert_eq!(s.code, Code::Unauthenticated);
             assert_eq!(s.reason, "UNAUTHENTICATED");
         }
+    }
+
+    #[test]
+    fn echoed_values_are_cut_short_so_the_status_fits_in_its_headers() {
+        let huge = "x".repeat(9000);
+        let status = to_status(&InvalidField::new(
+            "request_id",
+            "REQUEST_ID_INVALID",
+            format!("{huge:?} is not a UUID"),
+        ));
+        assert_eq!(status.message().chars().count(), MAX_MESSAGE_CHARS);
+        assert!(status.message().ends_with('…'));
+        let bad = status.get_details_bad_request().unwrap();
+        let description = &bad.field_violations[0].description;
+        assert_eq!(description.chars().count(), MAX_DESCRIPTION_CHARS);
+        assert!(description.starts_with("request_id: "));
+        // Short messages, and multi-byte characters at the cut, are safe.
+        assert_eq!(bounded("short", 200), "short");
+        assert_eq!(bounded("ééé", 2), "é…");
+        assert_eq!(bounded("éé", 2), "éé");
     }
 
     #[test]
