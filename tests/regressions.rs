@@ -247,3 +247,72 @@ async fn huge_fields_are_refused_as_invalid_argument_naming_the_field() {
     assert!(emu.pats().await.is_empty(), "nothing reached upstream");
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sub_second_ttls_and_non_canonical_request_ids_are_refused_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emu::start(EmulatorConfig::default()).await;
+    let spec = BrokerSpec::new(sqlite_url(&dir), emu.running.url());
+    let broker = spawn_broker(&spec).await;
+    let mut client = broker.client(&spec.key("ci")).await;
+    let half_a_second = prost_types::Duration {
+        seconds: 0,
+        nanos: 500_000_000,
+    };
+
+    let status = client
+        .create_lease(pb::CreateLeaseRequest {
+            ttl: Some(half_a_second),
+            ..create_request("")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(violation(&status).0, "ttl");
+    assert!(
+        status.message().contains("ttl: must be at least 1s"),
+        "{}",
+        status.message()
+    );
+
+    let id = Uuid::new_v4();
+    for bad in [
+        id.simple().to_string(),
+        id.braced().to_string(),
+        id.urn().to_string(),
+        Uuid::nil().to_string(),
+    ] {
+        let status = client.create_lease(create_request(&bad)).await.unwrap_err();
+        assert_eq!(
+            (status.code(), violation(&status).0.as_str()),
+            (Code::InvalidArgument, "request_id"),
+            "{bad}"
+        );
+    }
+    // Upper case is the same request id as lower case: one lease.
+    let upper = client
+        .create_lease(create_request(&id.to_string().to_uppercase()))
+        .await
+        .unwrap()
+        .into_inner();
+    let lower = client
+        .create_lease(create_request(&id.to_string()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(upper.name, lower.name);
+
+    let status = client
+        .renew_lease(pb::RenewLeaseRequest {
+            name: lower.name.clone(),
+            increment: Some(half_a_second),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (status.code(), violation(&status).0.as_str()),
+        (Code::InvalidArgument, "increment")
+    );
+    assert!(status.message().contains("increment: must be at least 1s"));
+    broker.stop().await;
+}

@@ -68,23 +68,7 @@ pub fn create_lease(req: pb::CreateLeaseRequest) -> Result<CreateLease, InvalidF
     let request_id = if req.request_id.is_empty() {
         None
     } else {
-        if req.request_id.chars().count() != REQUEST_ID_CHARS {
-            return Err(InvalidField::new(
-                "request_id",
-                "REQUEST_ID_INVALID",
-                format!(
-                    "must be a {REQUEST_ID_CHARS}-character UUID, got {} characters",
-                    req.request_id.chars().count()
-                ),
-            ));
-        }
-        Some(Uuid::parse_str(&req.request_id).map_err(|_| {
-            InvalidField::new(
-                "request_id",
-                "REQUEST_ID_INVALID",
-                format!("{:?} is not a UUID", req.request_id),
-            )
-        })?)
+        Some(request_id(&req.request_id)?)
     };
     Ok(CreateLease {
         organization,
@@ -92,6 +76,28 @@ pub fn create_lease(req: pb::CreateLeaseRequest) -> Result<CreateLease, InvalidF
         ttl,
         request_id,
     })
+}
+
+/// Parses a `request_id`: a UUID in the canonical hyphenated form
+/// `8-4-4-4-12` hex digits (RFC 9562 section 4), any case, answered in
+/// lower case; the nil UUID is refused (it is nobody's unique id).
+pub fn request_id(value: &str) -> Result<Uuid, InvalidField> {
+    let bad = |m: &str| InvalidField::new("request_id", "REQUEST_ID_INVALID", m.to_owned());
+    let canonical = value.len() == REQUEST_ID_CHARS
+        && value.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        });
+    if !canonical {
+        return Err(bad(
+            "must be a UUID in the hyphenated form xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx",
+        ));
+    }
+    let id = Uuid::parse_str(value).map_err(|_| bad("is not a UUID"))?;
+    if id.is_nil() {
+        return Err(bad("must not be the nil UUID"));
+    }
+    Ok(id)
 }
 
 /// Validates an organization name (field `organization`).
@@ -125,7 +131,7 @@ pub fn lease_name(name: &str) -> Result<LeaseId, InvalidField> {
     })
 }
 
-/// Converts a `google.protobuf.Duration` that must be > 0 and at most
+/// Converts a `google.protobuf.Duration` that must be at least 1 s and at most
 /// [`MAX_TTL`] (field `field`).
 pub fn duration(field: &'static str, d: prost_types::Duration) -> Result<Duration, InvalidField> {
     let bad = |m: &str| InvalidField::new(field, "TTL_OUT_OF_RANGE", m.to_owned());
@@ -135,8 +141,9 @@ pub fn duration(field: &'static str, d: prost_types::Duration) -> Result<Duratio
     {
         return Err(bad("is not a valid google.protobuf.Duration"));
     }
-    if d.seconds < 0 || (d.seconds == 0 && d.nanos <= 0) {
-        return Err(bad("must be greater than zero"));
+    if d.seconds < 1 {
+        // Upstream validTo has whole seconds; less than 1 s is no lease.
+        return Err(bad("must be at least 1s"));
     }
     let out = Duration::new(d.seconds as u64, d.nanos as u32);
     if out > MAX_TTL {
@@ -386,6 +393,7 @@ mod tests {
         );
         for ttl in [
             (0, 0),
+            (0, 999_999_999),
             (-5, 0),
             (366 * 86400, 0),
             (1, -1),
@@ -401,6 +409,46 @@ mod tests {
             field_of(create_lease(create("fabrikam", &ok, None, "not-a-uuid"))),
             ("request_id", "REQUEST_ID_INVALID")
         );
+    }
+
+    #[test]
+    fn request_ids_are_hyphenated_uuids_in_any_case_but_never_nil() {
+        let id = Uuid::new_v4();
+        let upper = id.to_string().to_uppercase();
+        let c = create_lease(create("fabrikam", &["vso.code"], None, &upper)).unwrap();
+        assert_eq!(c.request_id, Some(id));
+        let simple = id.simple().to_string();
+        let braced = id.braced().to_string();
+        let urn = id.urn().to_string();
+        let nil = Uuid::nil().to_string();
+        for bad in [simple.as_str(), &braced, &urn, &nil] {
+            assert_eq!(
+                field_of(create_lease(create("fabrikam", &["vso.code"], None, bad))),
+                ("request_id", "REQUEST_ID_INVALID"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_ttl_under_one_second_says_so() {
+        let e = duration(
+            "ttl",
+            prost_types::Duration {
+                seconds: 0,
+                nanos: 500_000_000,
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.to_string(), "ttl: must be at least 1s");
+        assert!(duration(
+            "increment",
+            prost_types::Duration {
+                seconds: 1,
+                nanos: 0
+            }
+        )
+        .is_ok());
     }
 
     #[test]
