@@ -316,3 +316,23 @@ async fn sub_second_ttls_and_non_canonical_request_ids_are_refused_naming_the_fi
     assert!(status.message().contains("increment: must be at least 1s"));
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_upstream_credential_is_unavailable_and_tells_operators_to_re_seed_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emu::start(EmulatorConfig::default()).await;
+    let mut spec = BrokerSpec::new(sqlite_url(&dir), emu.running.url());
+    spec.refresh_token = "a-refresh-token-entra-never-issued".to_owned().into();
+    let broker = spawn_broker(&spec).await;
+    let mut client = broker.client(&spec.key("ci")).await;
+
+    let status = client.create_lease(create_request("")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(
+        status.get_details_error_info().unwrap().reason,
+        "UPSTREAM_AUTHENTICATION_FAILED"
+    );
+    assert!(status.message().contains("re-seed"), "{}", status.message());
+    assert!(!status.message().contains("a-refresh-token"));
+    broker.stop().await;
+}

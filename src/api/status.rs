@@ -33,6 +33,14 @@ pub fn bounded(text: &str, max: usize) -> String {
     }
 }
 
+/// Reason of [`crate::upstream::UpstreamError::Authentication`].
+const UPSTREAM_AUTHENTICATION_FAILED: &str = "UPSTREAM_AUTHENTICATION_FAILED";
+/// What a caller is told when upstream refuses the broker's own credential
+/// (its Entra refresh token): retrying will not help until it is re-seeded.
+pub const UPSTREAM_CREDENTIAL_REFUSED: &str = "upstream refused the broker's credential \
+     (UPSTREAM_AUTHENTICATION_FAILED); an operator must re-seed the broker's upstream \
+     refresh token";
+
 /// The gRPC code for an [`ErrorCode`].
 pub fn grpc_code(code: ErrorCode) -> Code {
     match code {
@@ -57,6 +65,10 @@ pub fn to_status<E: ServiceError + ?Sized>(err: &E) -> Status {
         ErrorCode::Internal => {
             tracing::error!(reason, error = %err, "internal error");
             "internal error".to_owned()
+        }
+        ErrorCode::Unavailable if reason == UPSTREAM_AUTHENTICATION_FAILED => {
+            tracing::error!(reason, error = %err, "upstream refused the broker's credential");
+            UPSTREAM_CREDENTIAL_REFUSED.to_owned()
         }
         ErrorCode::Unavailable => {
             tracing::warn!(reason, error = %err, "dependency unavailable");
@@ -248,9 +260,12 @@ mod tests {
         assert_eq!(s.reason, "UPSTREAM_POLICY_VIOLATION");
 
         let s = seen(UpstreamError::Authentication("AADSTS700082 expired".into()));
-        assert_eq!(s.code, Code::Internal);
+        assert_eq!(s.code, Code::Unavailable);
         assert_eq!(s.reason, "UPSTREAM_AUTHENTICATION_FAILED");
-        assert_eq!(s.message, "internal error");
+        assert_eq!(s.message, UPSTREAM_CREDENTIAL_REFUSED);
+        assert!(s.message.contains("re-seed"), "{}", s.message);
+        assert!(!s.message.contains("AADSTS700082"), "{}", s.message);
+        assert_eq!(s.retry, None);
 
         let s = seen(UpstreamError::Protocol("html".into()));
         assert_eq!(
