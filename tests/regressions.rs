@@ -336,3 +336,33 @@ async fn a_refused_upstream_credential_is_unavailable_and_tells_operators_to_re_
     assert!(!status.message().contains("a-refresh-token"));
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn emulator_stats_list_every_operation_even_before_any_call() {
+    let emu = Emu::start(EmulatorConfig::default()).await;
+    let stats = emu.stats().await;
+    let calls = stats["calls"].as_object().expect("calls is an object");
+    let mut keys: Vec<&str> = calls.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "create",
+            "dataplane",
+            "get",
+            "list",
+            "revoke",
+            "token",
+            "update"
+        ]
+    );
+    assert!(calls.values().all(|n| n == 0), "{stats}");
+    assert_eq!(stats["deletes"], json!({}));
+
+    // A call moves only its own counter.
+    emu.use_pat("fabrikam", "git/repositories", "not-a-pat")
+        .await;
+    let stats = emu.stats().await;
+    assert_eq!(stats["calls"]["dataplane"], 1);
+    assert_eq!(stats["calls"]["create"], 0);
+}

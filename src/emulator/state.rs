@@ -90,12 +90,36 @@ pub(crate) struct RefreshTokenRecord {
 }
 
 /// Counters for `/_emulator/stats`.
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize)]
 pub(crate) struct Stats {
     /// Calls per operation (create, get, list, update, revoke, token, dataplane).
     pub calls: BTreeMap<String, u64>,
     /// DELETE calls per `authorizationId` query value.
     pub deletes: BTreeMap<String, u64>,
+}
+
+impl Default for Stats {
+    /// Every operation's counter present at zero (scripts read
+    /// `calls["create"]` before any create).
+    fn default() -> Self {
+        use super::faults::Operation;
+        let calls = [
+            Operation::Create,
+            Operation::Get,
+            Operation::List,
+            Operation::Update,
+            Operation::Revoke,
+            Operation::Token,
+            Operation::Dataplane,
+        ]
+        .into_iter()
+        .map(|op| (op.as_str().to_owned(), 0))
+        .collect();
+        Stats {
+            calls,
+            deletes: BTreeMap::new(),
+        }
+    }
 }
 
 /// Everything mutable, behind one lock (never held across an await).
