@@ -366,3 +366,45 @@ async fn emulator_stats_list_every_operation_even_before_any_call() {
     assert_eq!(stats["calls"]["dataplane"], 1);
     assert_eq!(stats["calls"]["create"], 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewing_a_lease_already_at_its_max_expire_time_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emu::start(EmulatorConfig::default()).await;
+    let spec = BrokerSpec::new(sqlite_url(&dir), emu.running.url());
+    let broker = spawn_broker(&spec).await;
+    let mut client = broker.client(&spec.key("ci")).await;
+    // The policy's max TTL is 8 h: this lease starts at its max_expire_time.
+    let lease = client
+        .create_lease(pb::CreateLeaseRequest {
+            ttl: Some(prost_types::Duration {
+                seconds: 8 * 3600,
+                nanos: 0,
+            }),
+            ..create_request("")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(lease.expire_time, lease.max_expire_time);
+
+    let status = client
+        .renew_lease(pb::RenewLeaseRequest {
+            name: lease.name.clone(),
+            increment: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(
+        status.get_details_error_info().unwrap().reason,
+        "LEASE_NOT_RENEWABLE"
+    );
+    assert!(
+        status.message().contains("max_expire_time"),
+        "{}",
+        status.message()
+    );
+    assert!(!status.message().contains("state ACTIVE"));
+    broker.stop().await;
+}

@@ -201,6 +201,11 @@ mod tests {
                 "LEASE_NOT_RENEWABLE",
             ),
             (
+                LeaseError::AtMaxExpireTime(chrono::Utc::now()),
+                Code::FailedPrecondition,
+                "LEASE_NOT_RENEWABLE",
+            ),
+            (
                 LeaseError::QuotaExceeded,
                 Code::ResourceExhausted,
                 "ACTIVE_LEASE_QUOTA_EXCEEDED",
