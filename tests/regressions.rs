@@ -408,3 +408,52 @@ async fn renewing_a_lease_already_at_its_max_expire_time_says_so() {
     assert!(!status.message().contains("state ACTIVE"));
     broker.stop().await;
 }
+
+const BIN: &str = env!("CARGO_BIN_EXE_token-broker");
+
+/// The real binary in `dir`, with no `TOKEN_BROKER_*` or `RUST_LOG` from
+/// the test's own environment.
+fn broker_command(dir: &std::path::Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.current_dir(dir);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TOKEN_BROKER_") || k == "RUST_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_takes_an_address_without_a_scheme_as_plain_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emu::start(EmulatorConfig::default()).await;
+    let spec = BrokerSpec::new(sqlite_url(&dir), emu.running.url());
+    let broker = spawn_broker(&spec).await;
+    let key = secrecy::ExposeSecret::expose_secret(&spec.key("ci")).to_owned();
+    let addr = broker.addr.to_string();
+    assert!(!addr.contains("://"));
+
+    let cwd = dir.path().to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        broker_command(&cwd)
+            .args(["lease", "create", "--organization", "fabrikam"])
+            .args(["--scope", "vso.code", "--addr", &addr])
+            .env("TOKEN_BROKER_API_KEY", key)
+            .output()
+            .expect("run token-broker lease create")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    // Text output is aligned `field   value` lines, as `--help` says.
+    let state = stdout
+        .lines()
+        .find(|l| l.starts_with("state "))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert_eq!(state.split_whitespace().nth(1), Some("ACTIVE"));
+    assert_eq!(emu.pats().await.len(), 1);
+    broker.stop().await;
+}
