@@ -457,3 +457,26 @@ async fn the_cli_takes_an_address_without_a_scheme_as_plain_http() {
     assert_eq!(emu.pats().await.len(), 1);
     broker.stop().await;
 }
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sqlite_database_and_its_wal_files_are_readable_by_their_owner_only() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emu::start(EmulatorConfig::default()).await;
+    let spec = BrokerSpec::new(sqlite_url(&dir), emu.running.url());
+    let broker = spawn_broker(&spec).await;
+    let mut client = broker.client(&spec.key("ci")).await;
+    // A lease makes sure the WAL files exist.
+    client.create_lease(create_request("")).await.unwrap();
+
+    for name in ["broker.db", "broker.db-wal", "broker.db-shm"] {
+        let path = dir.path().join(name);
+        let mode = std::fs::metadata(&path)
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{name} has mode {:o}", mode & 0o777);
+    }
+    broker.stop().await;
+}
