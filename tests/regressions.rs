@@ -480,3 +480,225 @@ async fn the_sqlite_database_and_its_wal_files_are_readable_by_their_owner_only(
     }
     broker.stop().await;
 }
+
+/// A `token-broker dev` process; killed if the test ends early.
+struct Dev {
+    child: std::process::Child,
+    grpc: String,
+    emulator: String,
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Dev {
+    /// Starts `dev` in `dir` on free ports with `key`; returns once it
+    /// printed its addresses.
+    async fn start(dir: &std::path::Path, key: &str) -> Dev {
+        use std::io::BufRead as _;
+        let mut child = broker_command(dir)
+            .args(["dev", "--listen", "127.0.0.1:0"])
+            .args(["--emulator-listen", "127.0.0.1:0"])
+            .env("TOKEN_BROKER_DEV_API_KEY", key)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start token-broker dev");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let (mut grpc, mut emulator, mut tx) = (None, None, Some(tx));
+            // Keep draining after the addresses: a closed pipe would fail dev.
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let value = || line.split_whitespace().nth(1).map(str::to_owned);
+                if line.trim_start().starts_with("gRPC:") {
+                    grpc = value();
+                }
+                if line.trim_start().starts_with("emulator:") {
+                    emulator = value();
+                }
+                if line.contains("API key:") {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send((grpc.clone().unwrap(), emulator.clone().unwrap()));
+                    }
+                }
+            }
+        });
+        let (grpc, emulator) = rx.await.expect("dev printed its addresses");
+        Dev {
+            child,
+            grpc,
+            emulator,
+        }
+    }
+
+    async fn client(&self, key: &str) -> common::broker::Client {
+        let channel = tonic::transport::Channel::from_shared(self.grpc.clone())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to dev");
+        common::broker::TestBroker::client_on(channel, Some(&format!("Bearer {key}")))
+    }
+
+    async fn use_token(&self, token: &str) -> u16 {
+        reqwest::Client::new()
+            .get(format!(
+                "{}/fabrikam/_apis/git/repositories?api-version=7.1",
+                self.emulator
+            ))
+            .basic_auth("", Some(token))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    async fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let child = &mut self.child;
+        let exit = tokio::task::block_in_place(|| child.wait()).expect("wait");
+        assert!(exit.success(), "dev stops cleanly: {exit:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_dev_still_owns_the_pats_it_minted_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = "tbk_restart-dev-key-0123456789abcdef";
+
+    let dev = Dev::start(dir.path(), key).await;
+    let old = dev
+        .client(key)
+        .await
+        .create_lease(create_request(""))
+        .await
+        .expect("lease before the restart")
+        .into_inner();
+    assert_eq!(dev.use_token(&old.token).await, 200);
+    dev.stop().await;
+    assert!(dir.path().join("token-broker-dev.emulator.json").exists());
+
+    let dev = Dev::start(dir.path(), key).await;
+    let mut client = dev.client(key).await;
+    // The PAT minted before still works, and so does the broker's rotated
+    // refresh token: a new lease is minted.
+    assert_eq!(dev.use_token(&old.token).await, 200);
+    let new = client
+        .create_lease(create_request(""))
+        .await
+        .expect("lease after the restart")
+        .into_inner();
+    assert_eq!(dev.use_token(&new.token).await, 200);
+
+    // Revoking the old lease revokes its PAT upstream.
+    let revoked = client
+        .revoke_lease(pb::RevokeLeaseRequest {
+            name: old.name.clone(),
+        })
+        .await
+        .expect("revoke the old lease")
+        .into_inner();
+    assert_eq!(revoked.state(), pb::lease::State::Revoked);
+    assert_eq!(dev.use_token(&old.token).await, 401);
+    assert_eq!(dev.use_token(&new.token).await, 200);
+    dev.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emulator_with_a_state_file_remembers_pats_tokens_and_its_clock_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let state_file = dir.path().join("emulator.json");
+    let config = || EmulatorConfig {
+        state_file: Some(state_file.clone()),
+        ..EmulatorConfig::default()
+    };
+
+    let emu = Emu::start(config()).await;
+    let grant: serde_json::Value = emu
+        .refresh_grant(token_broker::emulator::DEFAULT_REFRESH_TOKEN)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let bearer = grant["access_token"].as_str().unwrap().to_owned();
+    let rotated = grant["refresh_token"].as_str().unwrap().to_owned();
+    let (kept_id, kept) = emu
+        .create_pat(&bearer, "fabrikam", "kept", "vso.code", 7)
+        .await;
+    let (_, revoked) = emu
+        .create_pat(&bearer, "fabrikam", "revoked", "vso.code", 7)
+        .await;
+    let revoked_id = emu.pats().await[1]["authorizationId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let resp = emu
+        .http
+        .delete(emu.pats_url(
+            "fabrikam",
+            &format!("authorizationId={revoked_id}&api-version=7.1-preview.1"),
+        ))
+        .bearer_auth(&bearer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    emu.advance_clock(60).await;
+    let pats_before = emu.pats().await;
+    drop(emu);
+
+    // The file holds digests, never a secret.
+    let text = std::fs::read_to_string(&state_file).expect("state file written");
+    for secret in [&kept, &revoked, &bearer, &rotated] {
+        assert!(!text.contains(secret.as_str()));
+    }
+
+    let emu = Emu::start(config()).await;
+    assert_eq!(emu.pats().await, pats_before);
+    assert_eq!(
+        emu.use_pat("fabrikam", "git/repositories", &kept).await,
+        200
+    );
+    assert_eq!(
+        emu.use_pat("fabrikam", "git/repositories", &revoked).await,
+        401
+    );
+    // The access token and the rotated refresh token it issued still work.
+    let listed = emu
+        .http
+        .get(emu.pats_url(
+            "fabrikam",
+            &format!("authorizationId={kept_id}&api-version=7.1-preview.1"),
+        ))
+        .bearer_auth(&bearer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.status(), 200);
+    assert_eq!(emu.refresh_grant(&rotated).await.status(), 200);
+    // And its clock is still 60 s ahead.
+    let clock: serde_json::Value = emu
+        .http
+        .get(emu.url("/_emulator/clock"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ahead = parse_time(&clock["now"]) - Utc::now();
+    assert!(ahead > chrono::Duration::seconds(30), "{ahead}");
+}
