@@ -175,7 +175,7 @@ async fn renewing_a_lease_moves_the_pat_valid_to_upstream(backend: Backend) {
             .leases
             .renew(&caller("ci"), issued.lease.id, None)
             .await,
-        Err(LeaseError::NotRenewable(_))
+        Err(LeaseError::AtMaxExpireTime(_))
     ));
     assert_eq!(
         list_repositories(&url, "fabrikam", &issued.token).await,

@@ -22,9 +22,42 @@ pub const DEFAULT_PAGE_SIZE: u32 = 50;
 /// Larger `page_size` values are coerced to this (AIP-158).
 pub const MAX_PAGE_SIZE: u32 = 1000;
 
+/// Longest organization name Azure DevOps allows, in characters.
+pub const MAX_ORGANIZATION_CHARS: usize = 50;
+/// Longer than any scope in the catalogue (ado-pat-api.md section 3.2).
+pub const MAX_SCOPE_CHARS: usize = 64;
+/// A `request_id` is a UUID in its canonical hyphenated form (RFC 9562).
+pub const REQUEST_ID_CHARS: usize = 36;
+/// `leases/` plus a hyphenated UUID is 43; anything past 64 is not a name.
+pub const MAX_NAME_CHARS: usize = 64;
+/// Longest ListLeases `filter`, in characters.
+pub const MAX_FILTER_CHARS: usize = 1024;
+
+/// Refuses a value longer than `max` characters before anything parses or
+/// echoes it.
+fn at_most(
+    field: &'static str,
+    reason: &'static str,
+    value: &str,
+    max: usize,
+) -> Result<(), InvalidField> {
+    let len = value.chars().count();
+    if len > max {
+        return Err(InvalidField::new(
+            field,
+            reason,
+            format!("is {len} characters long; at most {max} are allowed"),
+        ));
+    }
+    Ok(())
+}
+
 /// Validates a CreateLease request.
 pub fn create_lease(req: pb::CreateLeaseRequest) -> Result<CreateLease, InvalidField> {
     let organization = organization(&req.organization)?;
+    for scope in &req.scopes {
+        at_most("scopes", "SCOPE_UNKNOWN", scope, MAX_SCOPE_CHARS)?;
+    }
     let scopes = ScopeSet::parse(&req.scopes).map_err(|e| match e {
         DomainError::NoScopes => {
             InvalidField::new("scopes", "SCOPES_EMPTY", "at least one scope is required")
@@ -35,13 +68,7 @@ pub fn create_lease(req: pb::CreateLeaseRequest) -> Result<CreateLease, InvalidF
     let request_id = if req.request_id.is_empty() {
         None
     } else {
-        Some(Uuid::parse_str(&req.request_id).map_err(|_| {
-            InvalidField::new(
-                "request_id",
-                "REQUEST_ID_INVALID",
-                format!("{:?} is not a UUID", req.request_id),
-            )
-        })?)
+        Some(request_id(&req.request_id)?)
     };
     Ok(CreateLease {
         organization,
@@ -49,6 +76,28 @@ pub fn create_lease(req: pb::CreateLeaseRequest) -> Result<CreateLease, InvalidF
         ttl,
         request_id,
     })
+}
+
+/// Parses a `request_id`: a UUID in the canonical hyphenated form
+/// `8-4-4-4-12` hex digits (RFC 9562 section 4), any case, answered in
+/// lower case; the nil UUID is refused (it is nobody's unique id).
+pub fn request_id(value: &str) -> Result<Uuid, InvalidField> {
+    let bad = |m: &str| InvalidField::new("request_id", "REQUEST_ID_INVALID", m.to_owned());
+    let canonical = value.len() == REQUEST_ID_CHARS
+        && value.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        });
+    if !canonical {
+        return Err(bad(
+            "must be a UUID in the hyphenated form xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx",
+        ));
+    }
+    let id = Uuid::parse_str(value).map_err(|_| bad("is not a UUID"))?;
+    if id.is_nil() {
+        return Err(bad("must not be the nil UUID"));
+    }
+    Ok(id)
 }
 
 /// Validates an organization name (field `organization`).
@@ -60,12 +109,19 @@ pub fn organization(name: &str) -> Result<Organization, InvalidField> {
             "is required",
         ));
     }
+    at_most(
+        "organization",
+        "ORGANIZATION_INVALID",
+        name,
+        MAX_ORGANIZATION_CHARS,
+    )?;
     Organization::parse(name)
         .map_err(|e| InvalidField::new("organization", "ORGANIZATION_INVALID", e.to_string()))
 }
 
 /// Validates a resource name `leases/{uuid}` (field `name`).
 pub fn lease_name(name: &str) -> Result<LeaseId, InvalidField> {
+    at_most("name", "NAME_INVALID", name, MAX_NAME_CHARS)?;
     LeaseId::from_name(name).map_err(|_| {
         InvalidField::new(
             "name",
@@ -75,7 +131,7 @@ pub fn lease_name(name: &str) -> Result<LeaseId, InvalidField> {
     })
 }
 
-/// Converts a `google.protobuf.Duration` that must be > 0 and at most
+/// Converts a `google.protobuf.Duration` that must be at least 1 s and at most
 /// [`MAX_TTL`] (field `field`).
 pub fn duration(field: &'static str, d: prost_types::Duration) -> Result<Duration, InvalidField> {
     let bad = |m: &str| InvalidField::new(field, "TTL_OUT_OF_RANGE", m.to_owned());
@@ -85,8 +141,9 @@ pub fn duration(field: &'static str, d: prost_types::Duration) -> Result<Duratio
     {
         return Err(bad("is not a valid google.protobuf.Duration"));
     }
-    if d.seconds < 0 || (d.seconds == 0 && d.nanos <= 0) {
-        return Err(bad("must be greater than zero"));
+    if d.seconds < 1 {
+        // Upstream validTo has whole seconds; less than 1 s is no lease.
+        return Err(bad("must be at least 1s"));
     }
     let out = Duration::new(d.seconds as u64, d.nanos as u32);
     if out > MAX_TTL {
@@ -110,6 +167,7 @@ pub fn list_query(req: pb::ListLeasesRequest) -> Result<ListQuery, InvalidField>
         0 => DEFAULT_PAGE_SIZE,
         n => (n as u32).min(MAX_PAGE_SIZE),
     };
+    at_most("filter", "FILTER_INVALID", &req.filter, MAX_FILTER_CHARS)?;
     let (states, organization) =
         parse_filter(&req.filter).map_err(|m| InvalidField::new("filter", "FILTER_INVALID", m))?;
     Ok(ListQuery {
@@ -335,6 +393,7 @@ mod tests {
         );
         for ttl in [
             (0, 0),
+            (0, 999_999_999),
             (-5, 0),
             (366 * 86400, 0),
             (1, -1),
@@ -350,6 +409,46 @@ mod tests {
             field_of(create_lease(create("fabrikam", &ok, None, "not-a-uuid"))),
             ("request_id", "REQUEST_ID_INVALID")
         );
+    }
+
+    #[test]
+    fn request_ids_are_hyphenated_uuids_in_any_case_but_never_nil() {
+        let id = Uuid::new_v4();
+        let upper = id.to_string().to_uppercase();
+        let c = create_lease(create("fabrikam", &["vso.code"], None, &upper)).unwrap();
+        assert_eq!(c.request_id, Some(id));
+        let simple = id.simple().to_string();
+        let braced = id.braced().to_string();
+        let urn = id.urn().to_string();
+        let nil = Uuid::nil().to_string();
+        for bad in [simple.as_str(), &braced, &urn, &nil] {
+            assert_eq!(
+                field_of(create_lease(create("fabrikam", &["vso.code"], None, bad))),
+                ("request_id", "REQUEST_ID_INVALID"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_ttl_under_one_second_says_so() {
+        let e = duration(
+            "ttl",
+            prost_types::Duration {
+                seconds: 0,
+                nanos: 500_000_000,
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.to_string(), "ttl: must be at least 1s");
+        assert!(duration(
+            "increment",
+            prost_types::Duration {
+                seconds: 1,
+                nanos: 0
+            }
+        )
+        .is_ok());
     }
 
     #[test]

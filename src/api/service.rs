@@ -6,11 +6,13 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 use super::convert;
 use super::status::to_status;
 use crate::auth::{AuthError, Caller};
-use crate::leases::Leases;
+use crate::error::{ErrorCode, ServiceError};
+use crate::leases::{LeaseError, Leases};
 use crate::proto::v1 as pb;
 use crate::proto::v1::lease_service_server::LeaseService;
 
@@ -23,6 +25,37 @@ impl LeaseApi {
     /// Serves `leases`.
     pub fn new(leases: Arc<Leases>) -> Self {
         LeaseApi { leases }
+    }
+}
+
+/// A mutating lease operation that ended in a panic (its task failed to
+/// join). The lease it touched is left as the store last recorded it.
+#[derive(Debug, thiserror::Error)]
+#[error("lease operation task failed: {0}")]
+struct TaskFailed(String);
+
+impl ServiceError for TaskFailed {
+    fn code(&self) -> ErrorCode {
+        ErrorCode::Internal
+    }
+    fn reason(&self) -> &'static str {
+        "INTERNAL"
+    }
+}
+
+/// Runs a mutating lease operation (create, renew, revoke) on its own task
+/// and awaits it. tonic drops a handler's future when the client cancels
+/// or its deadline passes; on a task the operation still runs to its
+/// commit, so an upstream PAT is never left between mint and record.
+async fn run_to_completion<T, F>(op: F) -> Result<T, Status>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = Result<T, LeaseError>> + Send + 'static,
+{
+    // The task keeps the request's span, so its logs still name the call.
+    match tokio::spawn(op.in_current_span()).await {
+        Ok(result) => result.map_err(|e| to_status(&e)),
+        Err(join) => Err(to_status(&TaskFailed(join.to_string()))),
     }
 }
 
@@ -44,11 +77,8 @@ impl LeaseService for LeaseApi {
     ) -> Result<Response<pb::Lease>, Status> {
         let caller = caller(&request)?;
         let req = convert::create_lease(request.into_inner())?;
-        let issued = self
-            .leases
-            .create(&caller, req)
-            .await
-            .map_err(|e| to_status(&e))?;
+        let leases = Arc::clone(&self.leases);
+        let issued = run_to_completion(async move { leases.create(&caller, req).await }).await?;
         Ok(Response::new(convert::lease(
             &issued.lease,
             Some(&issued.token),
@@ -101,11 +131,9 @@ impl LeaseService for LeaseApi {
             .increment
             .map(|d| convert::duration("increment", d))
             .transpose()?;
-        let lease = self
-            .leases
-            .renew(&caller, id, increment)
-            .await
-            .map_err(|e| to_status(&e))?;
+        let leases = Arc::clone(&self.leases);
+        let lease =
+            run_to_completion(async move { leases.renew(&caller, id, increment).await }).await?;
         Ok(Response::new(convert::lease(&lease, None)))
     }
 
@@ -115,11 +143,8 @@ impl LeaseService for LeaseApi {
     ) -> Result<Response<pb::Lease>, Status> {
         let caller = caller(&request)?;
         let id = convert::lease_name(&request.get_ref().name)?;
-        let lease = self
-            .leases
-            .revoke(&caller, id)
-            .await
-            .map_err(|e| to_status(&e))?;
+        let leases = Arc::clone(&self.leases);
+        let lease = run_to_completion(async move { leases.revoke(&caller, id).await }).await?;
         Ok(Response::new(convert::lease(&lease, None)))
     }
 }

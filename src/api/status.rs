@@ -17,6 +17,30 @@ use crate::error::{ErrorCode, ServiceError};
 /// `google.rpc.ErrorInfo.domain` of every error this service returns.
 pub const ERROR_DOMAIN: &str = "tokenbroker";
 
+/// Longest `BadRequest.FieldViolation.description`, in characters: errors
+/// may echo request values, and gRPC carries both the message and the
+/// details in response headers (grpc-message, grpc-status-details-bin),
+/// which clients cap at a few KiB.
+pub const MAX_DESCRIPTION_CHARS: usize = 200;
+/// Longest status message, in characters (same reason).
+pub const MAX_MESSAGE_CHARS: usize = 400;
+
+/// `text` cut to at most `max` characters, ending in `…` when cut.
+pub fn bounded(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max.saturating_sub(1)) {
+        Some((end, _)) if text.chars().count() > max => format!("{}…", &text[..end]),
+        _ => text.to_owned(),
+    }
+}
+
+/// Reason of [`crate::upstream::UpstreamError::Authentication`].
+const UPSTREAM_AUTHENTICATION_FAILED: &str = "UPSTREAM_AUTHENTICATION_FAILED";
+/// What a caller is told when upstream refuses the broker's own credential
+/// (its Entra refresh token): retrying will not help until it is re-seeded.
+pub const UPSTREAM_CREDENTIAL_REFUSED: &str = "upstream refused the broker's credential \
+     (UPSTREAM_AUTHENTICATION_FAILED); an operator must re-seed the broker's upstream \
+     refresh token";
+
 /// The gRPC code for an [`ErrorCode`].
 pub fn grpc_code(code: ErrorCode) -> Code {
     match code {
@@ -42,18 +66,22 @@ pub fn to_status<E: ServiceError + ?Sized>(err: &E) -> Status {
             tracing::error!(reason, error = %err, "internal error");
             "internal error".to_owned()
         }
+        ErrorCode::Unavailable if reason == UPSTREAM_AUTHENTICATION_FAILED => {
+            tracing::error!(reason, error = %err, "upstream refused the broker's credential");
+            UPSTREAM_CREDENTIAL_REFUSED.to_owned()
+        }
         ErrorCode::Unavailable => {
             tracing::warn!(reason, error = %err, "dependency unavailable");
             format!("temporarily unavailable ({reason}); retry later")
         }
-        _ => err.to_string(),
+        _ => bounded(&err.to_string(), MAX_MESSAGE_CHARS),
     };
     let mut details = ErrorDetails::new();
     details.set_error_info(reason, ERROR_DOMAIN, HashMap::<String, String>::new());
     if let Some(field) = err.field() {
         details.set_bad_request(vec![FieldViolation {
             field: field.to_owned(),
-            description: message.clone(),
+            description: bounded(&message, MAX_DESCRIPTION_CHARS),
             reason: reason.to_owned(),
             localized_message: None,
         }]);
@@ -173,6 +201,11 @@ mod tests {
                 "LEASE_NOT_RENEWABLE",
             ),
             (
+                LeaseError::AtMaxExpireTime(chrono::Utc::now()),
+                Code::FailedPrecondition,
+                "LEASE_NOT_RENEWABLE",
+            ),
+            (
                 LeaseError::QuotaExceeded,
                 Code::ResourceExhausted,
                 "ACTIVE_LEASE_QUOTA_EXCEEDED",
@@ -232,9 +265,12 @@ mod tests {
         assert_eq!(s.reason, "UPSTREAM_POLICY_VIOLATION");
 
         let s = seen(UpstreamError::Authentication("AADSTS700082 expired".into()));
-        assert_eq!(s.code, Code::Internal);
+        assert_eq!(s.code, Code::Unavailable);
         assert_eq!(s.reason, "UPSTREAM_AUTHENTICATION_FAILED");
-        assert_eq!(s.message, "internal error");
+        assert_eq!(s.message, UPSTREAM_CREDENTIAL_REFUSED);
+        assert!(s.message.contains("re-seed"), "{}", s.message);
+        assert!(!s.message.contains("AADSTS700082"), "{}", s.message);
+        assert_eq!(s.retry, None);
 
         let s = seen(UpstreamError::Protocol("html".into()));
         assert_eq!(
@@ -264,6 +300,26 @@ mod tests {
             assert_eq!(s.code, Code::Unauthenticated);
             assert_eq!(s.reason, "UNAUTHENTICATED");
         }
+    }
+
+    #[test]
+    fn echoed_values_are_cut_short_so_the_status_fits_in_its_headers() {
+        let huge = "x".repeat(9000);
+        let status = to_status(&InvalidField::new(
+            "request_id",
+            "REQUEST_ID_INVALID",
+            format!("{huge:?} is not a UUID"),
+        ));
+        assert_eq!(status.message().chars().count(), MAX_MESSAGE_CHARS);
+        assert!(status.message().ends_with('…'));
+        let bad = status.get_details_bad_request().unwrap();
+        let description = &bad.field_violations[0].description;
+        assert_eq!(description.chars().count(), MAX_DESCRIPTION_CHARS);
+        assert!(description.starts_with("request_id: "));
+        // Short messages, and multi-byte characters at the cut, are safe.
+        assert_eq!(bounded("short", 200), "short");
+        assert_eq!(bounded("ééé", 2), "é…");
+        assert_eq!(bounded("éé", 2), "éé");
     }
 
     #[test]

@@ -18,7 +18,8 @@ use crate::proto::v1::lease_service_client::LeaseServiceClient;
 /// Where the server is and who we are.
 #[derive(Args, Debug, Clone)]
 pub struct ClientArgs {
-    /// gRPC address of the broker.
+    /// gRPC address of the broker: a URL (`http://…`, `https://…`), or
+    /// `HOST:PORT`, taken as `http://HOST:PORT`.
     #[arg(
         long,
         env = "TOKEN_BROKER_ADDR",
@@ -42,7 +43,7 @@ pub struct ClientArgs {
 /// Output format of client commands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Output {
-    /// `field: value` lines.
+    /// One lease as aligned `field   value` lines; `list` as a table.
     Text,
     /// proto3 JSON mapping: lowerCamelCase names, RFC 3339 timestamps,
     /// enum names; default values omitted.
@@ -157,13 +158,23 @@ fn proto_duration(d: Duration) -> prost_types::Duration {
     }
 }
 
-/// A connected client.
+/// `addr` as a URL: `HOST:PORT` without a scheme gets `http://`.
+pub fn endpoint_url(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// A connected client. `addr` as [`endpoint_url`] takes it.
 pub async fn connect(addr: &str) -> Result<LeaseServiceClient<Channel>, ClientError> {
+    let url = endpoint_url(addr);
     let err = |message: String| ClientError::Connect {
-        addr: addr.to_owned(),
+        addr: url.clone(),
         message,
     };
-    let endpoint = Endpoint::from_shared(addr.to_owned())
+    let endpoint = Endpoint::from_shared(url.clone())
         .map_err(|e| err(e.to_string()))?
         .connect_timeout(Duration::from_secs(10));
     let channel = endpoint.connect().await.map_err(|e| err(e.to_string()))?;
@@ -420,6 +431,14 @@ mod tests {
             next_page_token: "abc".into(),
         };
         assert_eq!(list_json(&page)["nextPageToken"], "abc");
+    }
+
+    #[test]
+    fn an_address_without_a_scheme_is_taken_as_plain_http() {
+        assert_eq!(endpoint_url("127.0.0.1:50051"), "http://127.0.0.1:50051");
+        assert_eq!(endpoint_url("localhost:1"), "http://localhost:1");
+        assert_eq!(endpoint_url("https://b:443"), "https://b:443");
+        assert_eq!(endpoint_url("http://b:80"), "http://b:80");
     }
 
     #[test]

@@ -24,6 +24,24 @@ pub const DEV_DATABASE_URL: &str = "sqlite:token-broker-dev.db";
 /// Keys file `dev` uses on PostgreSQL (SQLite keeps its own beside the file).
 pub const DEV_KEYS_FILE: &str = "token-broker-dev.keys.toml";
 
+/// State file of the emulator `dev` embeds, in the working directory.
+pub const DEV_EMULATOR_STATE_FILE: &str = "token-broker-dev.emulator.json";
+
+/// Where `dev`'s embedded emulator keeps its state: beside the SQLite
+/// file when the store is a SQLite file, else in the working directory.
+pub fn dev_emulator_state_file(database_url: Option<&str>) -> std::path::PathBuf {
+    let url = database_url.unwrap_or(DEV_DATABASE_URL);
+    let file = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .map(|rest| rest.split('?').next().unwrap_or(rest))
+        .filter(|p| !p.is_empty() && !p.contains(":memory:"));
+    match file.and_then(|p| Path::new(p).parent()) {
+        Some(dir) => dir.join(DEV_EMULATOR_STATE_FILE),
+        None => DEV_EMULATOR_STATE_FILE.into(),
+    }
+}
+
 /// The environment variable holding a fixed dev API key (`tbk_…`).
 pub const DEV_API_KEY_VAR: &str = "TOKEN_BROKER_DEV_API_KEY";
 
@@ -148,14 +166,19 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
                 addr: args.emulator_listen,
                 source,
             })?;
+            // Beside the dev database, so a restarted dev still owns (and
+            // can revoke) the PATs it minted, and its rotated refresh token
+            // stays valid.
+            let state_file = dev_emulator_state_file(args.database_url.as_deref());
+            let emu = emulator::Emulator::open(EmulatorConfig {
+                state_file: Some(state_file.clone()),
+                ..EmulatorConfig::default()
+            })
+            .map_err(|e| DevError::Config(e.to_string()))?;
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let task = tokio::spawn(emulator::serve(
-                listener,
-                EmulatorConfig::default(),
-                async {
-                    let _ = stopped.await;
-                },
-            ));
+            let task = tokio::spawn(emu.serve(listener, async {
+                let _ = stopped.await;
+            }));
             let url = url::Url::parse(&format!("http://{addr}")).expect("socket address URL");
             (url, Some((stop, task)))
         }
@@ -204,5 +227,28 @@ fn redact_url(raw: &str) -> String {
             u.to_string()
         }
         _ => raw.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dev_emulator_keeps_its_state_beside_the_sqlite_file() {
+        let at = |url| dev_emulator_state_file(url);
+        assert_eq!(at(None), Path::new(DEV_EMULATOR_STATE_FILE));
+        assert_eq!(
+            at(Some("sqlite:///tmp/x/dev.db")),
+            Path::new("/tmp/x").join(DEV_EMULATOR_STATE_FILE)
+        );
+        assert_eq!(
+            at(Some("sqlite://data/dev.db?mode=rwc")),
+            Path::new("data").join(DEV_EMULATOR_STATE_FILE)
+        );
+        assert_eq!(
+            at(Some("postgres://postgres@127.0.0.1/postgres")),
+            Path::new(DEV_EMULATOR_STATE_FILE)
+        );
     }
 }

@@ -78,6 +78,11 @@ pub struct EmulatorConfig {
     pub access_token_lifetime: Duration,
     /// Lifetime of issued refresh tokens (Entra default: 90 days).
     pub refresh_token_lifetime: Duration,
+    /// Where PATs, Entra tokens (as SHA-256 digests) and the clock offset
+    /// are kept across restarts: loaded at start if present, rewritten
+    /// (temporary file + rename) after each call that changes them and at
+    /// shutdown. None: memory only.
+    pub state_file: Option<std::path::PathBuf>,
 }
 
 impl Default for EmulatorConfig {
@@ -94,6 +99,7 @@ impl Default for EmulatorConfig {
             legacy_tokens: false,
             access_token_lifetime: Duration::from_secs(3599),
             refresh_token_lifetime: Duration::from_secs(90 * 24 * 3600),
+            state_file: None,
         }
     }
 }
@@ -134,6 +140,10 @@ pub struct EmulatorArgs {
     /// Issue legacy 52-character tokens.
     #[arg(long)]
     pub legacy_tokens: bool,
+    /// Keep PATs and Entra tokens (as digests) in this JSON file across
+    /// restarts; memory only when absent.
+    #[arg(long, value_name = "PATH")]
+    pub state_file: Option<std::path::PathBuf>,
 }
 
 impl From<EmulatorArgs> for EmulatorConfig {
@@ -147,6 +157,7 @@ impl From<EmulatorArgs> for EmulatorConfig {
             restrict_creation: a.restrict_creation,
             allow_packaging_only: a.allow_packaging_only,
             legacy_tokens: a.legacy_tokens,
+            state_file: a.state_file,
             ..EmulatorConfig::default()
         }
     }
@@ -155,17 +166,48 @@ impl From<EmulatorArgs> for EmulatorConfig {
 /// The emulator as an axum router. Served with plain `axum::serve`, the
 /// `dropConnection` fault aborts the answer's body instead of closing the
 /// connection; [`serve`] closes it properly.
-pub fn router(config: EmulatorConfig) -> axum::Router {
-    server::router(state::Emulator::new(config))
+///
+/// Errors: `config.state_file` exists but cannot be read or parsed.
+pub fn router(config: EmulatorConfig) -> std::io::Result<axum::Router> {
+    Ok(server::router(state::Emulator::open(config)?))
+}
+
+/// An emulator whose state (and state file, if configured) is loaded,
+/// ready to serve. Opening first lets a caller report a bad state file
+/// before it serves anything.
+pub struct Emulator(state::Emulator);
+
+impl Emulator {
+    /// Loads `config.state_file` when set and present.
+    ///
+    /// Errors: the state file cannot be read or parsed.
+    pub fn open(config: EmulatorConfig) -> std::io::Result<Self> {
+        Ok(Emulator(state::Emulator::open(config)?))
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then writes the
+    /// state file one last time.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> std::io::Result<()> {
+        let emu = self.0;
+        let result = server::serve_listener(listener, server::router(emu.clone()), shutdown).await;
+        emu.persist();
+        result
+    }
 }
 
 /// Serves the emulator on `listener` until `shutdown` completes.
+///
+/// Errors: a bad state file (see [`Emulator::open`]), or the listener.
 pub async fn serve(
     listener: TcpListener,
     config: EmulatorConfig,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
-    server::serve_listener(listener, router(config), shutdown).await
+    Emulator::open(config)?.serve(listener, shutdown).await
 }
 
 /// Runs `token-broker emulator` until Ctrl-C, logging its URL.
@@ -240,6 +282,10 @@ mod tests {
         use secrecy::ExposeSecret;
         assert_eq!(config.refresh_token.expose_secret(), DEFAULT_REFRESH_TOKEN);
         assert!(config.block_global_creation);
+        assert_eq!(config.state_file, None);
+        let cli = Cli::try_parse_from(["emulator", "--state-file", "emu.json"]).unwrap();
+        let config = EmulatorConfig::from(cli.args);
+        assert_eq!(config.state_file, Some("emu.json".into()));
     }
 
     #[test]

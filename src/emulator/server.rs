@@ -103,8 +103,13 @@ async fn dispatch(State(emu): State<Emulator>, req: Request) -> Response {
 
     let op = match &route {
         Route::Control { rest } => {
-            return control::serve(&emu, &method, rest, &body)
-                .unwrap_or_else(|| wire::not_found(parts.uri.path()))
+            let answer = control::serve(&emu, &method, rest, &body)
+                .unwrap_or_else(|| wire::not_found(parts.uri.path()));
+            // The clock and refresh-token revocation change kept state.
+            if method != Method::GET {
+                emu.persist();
+            }
+            return answer;
         }
         Route::Token { .. } if method == Method::POST => Operation::Token,
         Route::Token { .. } => return wire::method_not_allowed(),
@@ -158,6 +163,13 @@ async fn dispatch(State(emu): State<Emulator>, req: Request) -> Response {
         ),
         Route::Control { .. } => unreachable!("answered above"),
     };
+    // Kept as soon as the effect happened, before any "after" latency.
+    if matches!(
+        op,
+        Operation::Create | Operation::Update | Operation::Revoke | Operation::Token
+    ) {
+        emu.persist();
+    }
 
     if when == LatencyWhen::After {
         if let Some(f) = &fault {

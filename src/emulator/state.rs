@@ -3,6 +3,7 @@
 //! SHA-256 digests, so nothing here can print one.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
@@ -20,8 +21,27 @@ pub(crate) fn digest(secret: &str) -> SecretDigest {
     Sha256::digest(secret.as_bytes()).into()
 }
 
+/// A digest as lower-case hex in the state file.
+mod hex_digest {
+    use super::SecretDigest;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &SecretDigest, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SecretDigest, D::Error> {
+        let text = String::deserialize(d)?;
+        let bytes = hex::decode(text).map_err(serde::de::Error::custom)?;
+        bytes
+            .try_into()
+            .map_err(|_| serde::de::Error::custom("a SHA-256 digest is 32 bytes"))
+    }
+}
+
 /// One PAT as the service keeps it (section 6 checklist).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub(crate) struct PatRecord {
     /// Lower-case organization the PAT was created in.
     pub organization: String,
@@ -34,6 +54,7 @@ pub(crate) struct PatRecord {
     pub valid_from: DateTime<Utc>,
     pub valid_to: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
+    #[serde(with = "hex_digest")]
     pub token_digest: SecretDigest,
 }
 
@@ -69,7 +90,8 @@ impl PatRecord {
 }
 
 /// Who an Entra access token speaks for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub(crate) enum TokenKind {
     /// User-delegated (refresh-token grant): accepted by the PAT API.
     User,
@@ -77,25 +99,51 @@ pub(crate) enum TokenKind {
     App,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub(crate) struct AccessTokenRecord {
     pub kind: TokenKind,
     pub expires_at: DateTime<Utc>,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub(crate) struct RefreshTokenRecord {
     pub expires_at: DateTime<Utc>,
     pub revoked: bool,
 }
 
 /// Counters for `/_emulator/stats`.
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize)]
 pub(crate) struct Stats {
     /// Calls per operation (create, get, list, update, revoke, token, dataplane).
     pub calls: BTreeMap<String, u64>,
     /// DELETE calls per `authorizationId` query value.
     pub deletes: BTreeMap<String, u64>,
+}
+
+impl Default for Stats {
+    /// Every operation's counter present at zero (scripts read
+    /// `calls["create"]` before any create).
+    fn default() -> Self {
+        use super::faults::Operation;
+        let calls = [
+            Operation::Create,
+            Operation::Get,
+            Operation::List,
+            Operation::Update,
+            Operation::Revoke,
+            Operation::Token,
+            Operation::Dataplane,
+        ]
+        .into_iter()
+        .map(|op| (op.as_str().to_owned(), 0))
+        .collect();
+        Stats {
+            calls,
+            deletes: BTreeMap::new(),
+        }
+    }
 }
 
 /// Everything mutable, behind one lock (never held across an await).
@@ -143,11 +191,93 @@ impl Inner {
     }
 }
 
+/// An Entra token as kept in the state file: its digest and record.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Kept<R> {
+    #[serde(with = "hex_digest")]
+    digest: SecretDigest,
+    #[serde(flatten)]
+    record: R,
+}
+
+/// What the state file holds (`--state-file`): everything a restarted
+/// emulator needs to honour what it issued before. Secrets only as their
+/// SHA-256 digests; fault rules and counters are not kept.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Snapshot {
+    version: u32,
+    /// [`Inner::clock_offset`] in milliseconds.
+    clock_offset_ms: i64,
+    organizations: BTreeMap<String, Uuid>,
+    pats: Vec<PatRecord>,
+    access_tokens: Vec<Kept<AccessTokenRecord>>,
+    refresh_tokens: Vec<Kept<RefreshTokenRecord>>,
+}
+
+const SNAPSHOT_VERSION: u32 = 1;
+
+impl Inner {
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            version: SNAPSHOT_VERSION,
+            clock_offset_ms: self.clock_offset.num_milliseconds(),
+            organizations: self.organizations.clone().into_iter().collect(),
+            pats: self.pats.clone(),
+            access_tokens: self
+                .access_tokens
+                .iter()
+                .map(|(d, r)| Kept {
+                    digest: *d,
+                    record: *r,
+                })
+                .collect(),
+            refresh_tokens: self
+                .refresh_tokens
+                .iter()
+                .map(|(d, r)| Kept {
+                    digest: *d,
+                    record: *r,
+                })
+                .collect(),
+        }
+    }
+
+    fn restore(&mut self, snap: Snapshot) {
+        self.clock_offset = ChronoDuration::milliseconds(snap.clock_offset_ms);
+        self.organizations = snap.organizations.into_iter().collect();
+        self.by_token = snap
+            .pats
+            .iter()
+            .map(|p| (p.token_digest, p.authorization_id))
+            .collect();
+        self.pats = snap.pats;
+        self.access_tokens = snap
+            .access_tokens
+            .into_iter()
+            .map(|k| (k.digest, k.record))
+            .collect();
+        // The seeded refresh token stays accepted beside the kept ones.
+        for k in snap.refresh_tokens {
+            self.refresh_tokens.insert(k.digest, k.record);
+        }
+    }
+}
+
+/// Where the state is written, one writer at a time (so the last rename
+/// always carries the latest state).
+#[derive(Debug)]
+struct StateFile {
+    path: PathBuf,
+    writing: Mutex<()>,
+}
+
 /// The shared emulator: configuration and state.
 #[derive(Clone, Debug)]
 pub(crate) struct Emulator {
     pub config: Arc<EmulatorConfig>,
     inner: Arc<Mutex<Inner>>,
+    state_file: Option<Arc<StateFile>>,
 }
 
 impl Emulator {
@@ -174,6 +304,67 @@ impl Emulator {
                 stats: Stats::default(),
                 clock_offset: ChronoDuration::zero(),
             })),
+            state_file: None,
+        }
+    }
+
+    /// [`Emulator::new`], then the state in `config.state_file` if that
+    /// file exists (a missing file is a first start).
+    ///
+    /// Errors: the file cannot be read or is not a state file this
+    /// version wrote.
+    pub fn open(config: EmulatorConfig) -> std::io::Result<Self> {
+        let path = config.state_file.clone();
+        let mut emu = Emulator::new(config);
+        if let Some(path) = path {
+            match std::fs::read(&path) {
+                Ok(bytes) => {
+                    let snap: Snapshot = serde_json::from_slice(&bytes).map_err(|e| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            format!("emulator state file {}: {e}", path.display()),
+                        )
+                    })?;
+                    if snap.version != SNAPSHOT_VERSION {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            format!(
+                                "emulator state file {}: version {} (expected {SNAPSHOT_VERSION})",
+                                path.display(),
+                                snap.version
+                            ),
+                        ));
+                    }
+                    emu.lock().restore(snap);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(std::io::Error::new(
+                        e.kind(),
+                        format!("emulator state file {}: {e}", path.display()),
+                    ))
+                }
+            }
+            emu.state_file = Some(Arc::new(StateFile {
+                path,
+                writing: Mutex::new(()),
+            }));
+        }
+        Ok(emu)
+    }
+
+    /// Writes the state file, if there is one: to a temporary file beside
+    /// it, then renamed over it, so a crash leaves the old or the new
+    /// state, never half of one. Failures are logged (the emulator keeps
+    /// serving from memory).
+    pub fn persist(&self) {
+        let Some(file) = &self.state_file else {
+            return;
+        };
+        let _one_writer = file.writing.lock().unwrap_or_else(|e| e.into_inner());
+        let snap = self.lock().snapshot();
+        if let Err(e) = write_atomically(&file.path, &snap) {
+            tracing::warn!(path = %file.path.display(), error = %e, "cannot write emulator state file");
         }
     }
 
@@ -182,6 +373,23 @@ impl Emulator {
     pub fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+fn write_atomically(path: &Path, snap: &Snapshot) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let bytes = serde_json::to_vec_pretty(snap)?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut f = options.open(&tmp)?;
+    f.write_all(&bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)
 }
 
 /// std Duration to chrono Duration, saturating.

@@ -100,7 +100,7 @@ pub(super) async fn renew(
         return Err(LeaseError::NotRenewable(LeaseState::Expired));
     }
     if lease.expire_time >= lease.max_expire_time {
-        return Err(LeaseError::NotRenewable(lease.state));
+        return Err(LeaseError::AtMaxExpireTime(lease.max_expire_time));
     }
     // Renewal is a decision too: the policy must still grant this lease
     // (its default TTL is the increment when none is given). An increment

@@ -140,9 +140,16 @@ pub enum LeaseError {
     /// The request_id was used before with other parameters.
     #[error("request_id was already used with other parameters")]
     RequestIdReused,
-    /// The lease is not ACTIVE, or already at max_expire_time.
+    /// The lease is not ACTIVE (or past its expire_time).
     #[error("lease cannot be renewed in state {0}")]
     NotRenewable(LeaseState),
+    /// The lease is ACTIVE but already expires at its max_expire_time (UTC):
+    /// no renewal can move it further.
+    #[error(
+        "lease is already at its max_expire_time ({}) and cannot be renewed further",
+        .0.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    )]
+    AtMaxExpireTime(chrono::DateTime<chrono::Utc>),
     /// The page token is not one this service issued for this query.
     #[error("invalid page_token")]
     InvalidPageToken,
@@ -184,7 +191,9 @@ impl ServiceError for LeaseError {
             LeaseError::Denied { .. } => ErrorCode::PermissionDenied,
             LeaseError::NotFound => ErrorCode::NotFound,
             LeaseError::RequestIdReused => ErrorCode::AlreadyExists,
-            LeaseError::NotRenewable(_) => ErrorCode::FailedPrecondition,
+            LeaseError::NotRenewable(_) | LeaseError::AtMaxExpireTime(_) => {
+                ErrorCode::FailedPrecondition
+            }
             LeaseError::InvalidPageToken => ErrorCode::InvalidArgument,
             LeaseError::InProgress => ErrorCode::Unavailable,
             LeaseError::QuotaExceeded => ErrorCode::ResourceExhausted,
@@ -201,7 +210,7 @@ impl ServiceError for LeaseError {
             LeaseError::Denied { denial, .. } => denial.reason(),
             LeaseError::NotFound => "LEASE_NOT_FOUND",
             LeaseError::RequestIdReused => "REQUEST_ID_REUSED",
-            LeaseError::NotRenewable(_) => "LEASE_NOT_RENEWABLE",
+            LeaseError::NotRenewable(_) | LeaseError::AtMaxExpireTime(_) => "LEASE_NOT_RENEWABLE",
             LeaseError::InvalidPageToken => "INVALID_PAGE_TOKEN",
             LeaseError::InProgress => "REQUEST_IN_PROGRESS",
             LeaseError::QuotaExceeded => "ACTIVE_LEASE_QUOTA_EXCEEDED",
@@ -308,8 +317,8 @@ impl Leases {
     /// Extends a lease by `increment` (None: policy default TTL), capped at
     /// max_expire_time, moving the PAT's validTo upstream.
     ///
-    /// Errors: `NotFound`, `NotRenewable` (not ACTIVE, already at
-    /// max_expire_time, or past expire_time), `Denied` (policy no longer
+    /// Errors: `NotFound`, `NotRenewable` (not ACTIVE, or past
+    /// expire_time), `AtMaxExpireTime`, `Denied` (policy no longer
     /// grants it), `Upstream`.
     pub async fn renew(
         &self,

@@ -49,10 +49,28 @@ impl std::fmt::Debug for SqliteStore {
     }
 }
 
+/// Creates the database file, if missing, readable by its owner only
+/// (0600 on Unix): it holds sealed tokens and the audit trail. SQLite gives
+/// its `-wal` and `-shm` files the main file's permissions.
+fn create_private(path: &std::path::Path) -> Result<(), StoreError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(StoreError::Unavailable(format!(
+            "cannot create SQLite database {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
 impl SqliteStore {
     /// Opens `url_or_path`: a `sqlite:` URL (`sqlite://broker.db`,
     /// `sqlite:///abs/path.db`, `sqlite::memory:`) or a bare file path.
-    /// Creates the file if missing. Does not migrate.
+    /// Creates the file if missing, owner-only (0600). Does not migrate.
     ///
     /// Errors: `Unavailable` if the file cannot be opened or created;
     /// `Database` for a malformed URL.
@@ -68,6 +86,9 @@ impl SqliteStore {
             .create_if_missing(true)
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
+        if !in_memory {
+            create_private(options.get_filename())?;
+        }
         let pool = if in_memory {
             // Each connection would be its own database: keep exactly one, forever.
             SqlitePoolOptions::new()

@@ -219,12 +219,13 @@ impl ServiceError for UpstreamError {
     fn code(&self) -> ErrorCode {
         match self {
             UpstreamError::Refused { .. } => ErrorCode::FailedPrecondition,
-            UpstreamError::RateLimited { .. } | UpstreamError::Unavailable(_) => {
-                ErrorCode::Unavailable
-            }
-            UpstreamError::Authentication(_)
-            | UpstreamError::BadRequest(_)
-            | UpstreamError::Protocol(_) => ErrorCode::Internal,
+            // Authentication: the broker's own upstream credential was
+            // refused; nothing the caller can fix, but an operator can
+            // (re-seed it), so unavailable rather than internal.
+            UpstreamError::RateLimited { .. }
+            | UpstreamError::Unavailable(_)
+            | UpstreamError::Authentication(_) => ErrorCode::Unavailable,
+            UpstreamError::BadRequest(_) | UpstreamError::Protocol(_) => ErrorCode::Internal,
         }
     }
     fn reason(&self) -> &'static str {
