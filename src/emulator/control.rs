@@ -1,4 +1,4 @@
-//! Test-only endpoints under `/_emulator/` (documented in docs/emulator.md).
+//! Test-only endpoints under `/_emulator/` (documented in the README, "The Azure DevOps emulator").
 //! They need no credential and never show a secret.
 
 use axum::http::{Method, StatusCode};

@@ -5,7 +5,7 @@
 //!
 //! Facts come from `ado-pat-api.md`; where the facts are inferred ([I]) or
 //! unknown ([U]) the chosen behaviour carries a comment naming the section.
-//! Test-only endpoints live under `/_emulator/` (see docs/emulator.md). No
+//! Test-only endpoints live under `/_emulator/` (see the README, "The Azure DevOps emulator"). No
 //! token, PAT or refresh token is ever logged: the state keeps only their
 //! SHA-256 digests.
 
