@@ -88,6 +88,21 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Logging.
     pub log: LogConfig,
+    /// The admin HTTP port (`/metrics`, `/healthz`, `/readyz`).
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// `[admin]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `admin.listen`: socket address of the admin HTTP server (`GET
+    /// /metrics` in the Prometheus text format, `/healthz`, `/readyz`).
+    /// Unset (the default): no admin port, so two brokers on one machine
+    /// (and tests) do not fight over a port; a deployment sets it.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
 }
 
 /// `[grpc]`.

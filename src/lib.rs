@@ -17,6 +17,7 @@ pub mod domain;
 pub mod emulator;
 pub mod error;
 pub mod leases;
+pub mod metrics;
 pub mod policy;
 pub mod store;
 pub mod telemetry;

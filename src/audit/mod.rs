@@ -125,7 +125,12 @@ pub struct AuditLog {
     store: Arc<dyn Store>,
     key: ChainKey,
     head: Mutex<Option<AppendedEvent>>,
+    observer: Option<AppendObserver>,
 }
+
+/// Called after every append with the event and where it landed (e.g. to
+/// export the chain head as a metric). Must be quick; it must not block.
+pub type AppendObserver = Box<dyn Fn(&AuditEvent, &AppendedEvent) + Send + Sync>;
 
 impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -142,13 +147,23 @@ impl AuditLog {
             store,
             key: chain_key,
             head: Mutex::new(None),
+            observer: None,
         }
+    }
+
+    /// Also calls `observer` after every successful append (the row is
+    /// written then); appends racing each other may reach it out of id
+    /// order.
+    pub fn with_observer(mut self, observer: AppendObserver) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// Appends `event` (its `id` is ignored; its time is kept to the
     /// microsecond) as the next chain link, then reports the new head
     /// outside the database: an INFO log line `audit chain head` with
-    /// fields `audit_id` and `mac`, and [`AuditLog::head`].
+    /// fields `audit_id` and `mac`, [`AuditLog::head`], and the observer
+    /// (see [`AuditLog::with_observer`]).
     ///
     /// Errors: [`AuditError::NotWritten`] when the row cannot be written;
     /// nothing is written then, and the caller must fail closed (see the
@@ -162,6 +177,10 @@ impl AuditLog {
         let mut head = self.head.lock().unwrap_or_else(|p| p.into_inner());
         if head.as_ref().is_none_or(|h| h.id < appended.id) {
             *head = Some(appended.clone());
+        }
+        drop(head);
+        if let Some(observe) = &self.observer {
+            observe(event, &appended);
         }
         Ok(appended)
     }

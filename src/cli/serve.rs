@@ -21,6 +21,7 @@ use crate::config::{Config, ConfigError};
 use crate::crypto::Keyring;
 use crate::error::{ErrorCode, ServiceError as _};
 use crate::leases::{LeaseDeps, LeaseSettings, Leases};
+use crate::metrics::{self, Metrics};
 use crate::policy::{PolicyError, PolicyHandle, DEFAULT_POLL_INTERVAL};
 use crate::store::{self, Store, StoreError, UpstreamCredential};
 use crate::upstream::azure_devops::AzureDevOpsClient;
@@ -55,6 +56,14 @@ pub enum ServeError {
     /// The listener could not be bound.
     #[error("grpc.listen: cannot listen on {addr}: {source}")]
     Bind {
+        /// The configured address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The admin listener could not be bound.
+    #[error("admin.listen: cannot listen on {addr}: {source}")]
+    AdminBind {
         /// The configured address.
         addr: SocketAddr,
         /// The OS error.
@@ -96,6 +105,7 @@ pub async fn bind(config: &Config) -> Result<TcpListener, ServeError> {
 /// A running broker: the gRPC server and the lease background work.
 pub struct Broker {
     addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     deployment_id: String,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<Result<(), ApiError>>,
@@ -140,8 +150,26 @@ impl Broker {
         let tokens = token_source(config, store.clone(), keyring.clone()).await?;
         let upstream = AzureDevOpsClient::new(config.upstream.azure_devops.clone(), tokens)?;
 
-        // One chained audit trail for every audit row this process writes.
-        let audit = Arc::new(AuditLog::new(store.clone(), chain_key));
+        // One chained audit trail for every audit row this process writes;
+        // every append also moves the exported chain head (and counters).
+        let metrics = Arc::new(Metrics::new());
+        let audit = {
+            let metrics = metrics.clone();
+            Arc::new(
+                AuditLog::new(store.clone(), chain_key).with_observer(Box::new(
+                    move |event, appended| metrics.observe_append(event, appended),
+                )),
+            )
+        };
+        // Bound before anything is served, so a taken port fails the start.
+        let admin_listener = match config.admin.listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServeError::AdminBind { addr, source })?,
+            ),
+            None => None,
+        };
         let auth = authenticator(config)
             .await?
             .with_refusal_audit(Arc::new(ChainedRefusalAudit(audit.clone())));
@@ -200,6 +228,25 @@ impl Broker {
             addr: config.grpc.listen,
             source,
         })?;
+        let admin_addr = match admin_listener {
+            Some(listener) => {
+                let addr = listener
+                    .local_addr()
+                    .map_err(|source| ServeError::AdminBind {
+                        addr: config.admin.listen.unwrap_or(addr),
+                        source,
+                    })?;
+                let store = store.clone();
+                let stop = stopped(rx.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = metrics::serve(listener, metrics, store, stop).await {
+                        tracing::error!(error = %e, "admin HTTP server failed");
+                    }
+                });
+                Some(addr)
+            }
+            None => None,
+        };
         let server = tokio::spawn(api::serve(
             listener,
             leases,
@@ -216,6 +263,7 @@ impl Broker {
         );
         Ok(Broker {
             addr,
+            admin_addr,
             deployment_id,
             shutdown,
             server,
@@ -226,6 +274,12 @@ impl Broker {
     /// The address the gRPC server listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address the admin HTTP server listens on, when `admin.listen`
+    /// is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// This deployment's id, stable across restarts on one store.

@@ -65,6 +65,8 @@ pub struct BrokerSpec {
     pub kubernetes: Option<KubernetesAuthConfig>,
     /// `grpc.tls` (plaintext when `None`).
     pub tls: Option<TlsConfig>,
+    /// Serve the admin HTTP port (`admin.listen`) on 127.0.0.1:0.
+    pub admin_port: bool,
 }
 
 impl BrokerSpec {
@@ -86,6 +88,7 @@ impl BrokerSpec {
             valid_to_skew: Duration::from_secs(300),
             kubernetes: None,
             tls: None,
+            admin_port: false,
         }
     }
 
@@ -102,6 +105,13 @@ impl BrokerSpec {
     /// Serves gRPC over TLS (mTLS when `tls.client_ca_file` is set).
     pub fn with_tls(mut self, tls: TlsConfig) -> BrokerSpec {
         self.tls = Some(tls);
+        self
+    }
+
+    /// Also serves the admin HTTP port (`/metrics`, `/healthz`, `/readyz`)
+    /// on 127.0.0.1:0; see [`TestBroker::admin_url`].
+    pub fn with_admin_port(mut self) -> BrokerSpec {
+        self.admin_port = true;
         self
     }
 
@@ -161,6 +171,9 @@ impl BrokerSpec {
             config.auth.kubernetes = k8s.clone();
         }
         config.grpc.tls = self.tls.clone();
+        if self.admin_port {
+            config.admin.listen = Some("127.0.0.1:0".parse().unwrap());
+        }
         config.validate().expect("test configuration is valid");
         config
     }
@@ -175,6 +188,8 @@ pub struct TestBroker {
     pub url: String,
     /// Its deployment id.
     pub deployment_id: String,
+    /// Where its admin HTTP port listens, with [`BrokerSpec::with_admin_port`].
+    pub admin_addr: Option<SocketAddr>,
     broker: Option<Broker>,
 }
 
@@ -201,6 +216,7 @@ pub async fn spawn_broker_with_policy(spec: &BrokerSpec, policy: PolicyHandle) -
         addr,
         url,
         deployment_id: broker.deployment_id().to_owned(),
+        admin_addr: broker.admin_addr(),
         broker: Some(broker),
     }
 }
@@ -222,6 +238,13 @@ impl Interceptor for Bearer {
 pub type Client = LeaseServiceClient<InterceptedService<Channel, Bearer>>;
 
 impl TestBroker {
+    /// `http://127.0.0.1:PORT{path}` on the admin HTTP port; panics
+    /// without [`BrokerSpec::with_admin_port`].
+    pub fn admin_url(&self, path: &str) -> String {
+        let addr = self.admin_addr.expect("spec.with_admin_port()");
+        format!("http://{addr}{path}")
+    }
+
     /// A connected channel.
     pub async fn channel(&self) -> Channel {
         Channel::from_shared(self.url.clone())

@@ -1,0 +1,266 @@
+//! The admin HTTP port (`admin.listen`): `GET /metrics` (Prometheus text
+//! exposition format 0.0.4), `GET /healthz` (200 while the process runs)
+//! and `GET /readyz` (200 when the store answers a ping, else 503).
+//!
+//! The metrics are fed by the audit trail ([`Metrics::observe_append`] is
+//! the [`AuditLog`](crate::audit::AuditLog) observer), so the chain head is
+//! reported outside the database on every append (issue 5 item 5), and
+//! the counters count audited decisions without touching the lease rules.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus::{Encoder as _, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use tokio::net::TcpListener;
+
+use crate::audit::{AppendedEvent, AuditEvent, Outcome};
+use crate::cli::serve::AUTHENTICATE_ACTION;
+use crate::store::Store;
+
+/// Audit action counted by `token_broker_leases_created_total`.
+const CREATE_ACTION: &str = "lease.create";
+/// Audit action counted by `token_broker_lease_revocations_total`.
+const REVOKE_ACTION: &str = "lease.revoke";
+
+/// The broker's metrics, one registry per broker (two brokers in one
+/// process never mix their numbers).
+pub struct Metrics {
+    registry: Registry,
+    head_id: IntGauge,
+    head_info: IntGaugeVec,
+    /// The head last exported, so its `mac` label can be removed.
+    head: Mutex<Option<AppendedEvent>>,
+    leases_created: IntCounter,
+    revocations: IntCounter,
+    auth_failures: IntCounter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry holding every metric below at zero:
+    /// - `token_broker_audit_chain_head_id` (gauge): id of the newest audit
+    ///   row this process appended; 0 before its first append;
+    /// - `token_broker_audit_chain_head_info{mac="<hex>"} 1`: that row's
+    ///   chain MAC (the one series of the current head);
+    /// - `token_broker_leases_created_total`: `lease.create` audit rows
+    ///   allowed (idempotent replays included);
+    /// - `token_broker_lease_revocations_total`: `lease.revoke` audit rows
+    ///   allowed (by holders and by admins; expiries are not counted);
+    /// - `token_broker_auth_failures_total`: refused authentications
+    ///   (`authenticate` audit rows).
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let head_id = IntGauge::new(
+            "token_broker_audit_chain_head_id",
+            "Id of the newest audit row this process appended (the audit chain head).",
+        )
+        .expect("valid metric");
+        let head_info = IntGaugeVec::new(
+            Opts::new(
+                "token_broker_audit_chain_head_info",
+                "Chain MAC of the audit chain head, as the mac label; pass ID:MAC to `audit verify --expected-head`.",
+            ),
+            &["mac"],
+        )
+        .expect("valid metric");
+        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
+        let leases_created = counter(
+            "token_broker_leases_created_total",
+            "Lease creations granted (lease.create audit rows allowed).",
+        );
+        let revocations = counter(
+            "token_broker_lease_revocations_total",
+            "Leases revoked by their holder or an admin (lease.revoke audit rows allowed).",
+        );
+        let auth_failures = counter(
+            "token_broker_auth_failures_total",
+            "Refused authentications (authenticate audit rows).",
+        );
+        for m in [
+            Box::new(head_id.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(head_info.clone()),
+            Box::new(leases_created.clone()),
+            Box::new(revocations.clone()),
+            Box::new(auth_failures.clone()),
+        ] {
+            registry.register(m).expect("metric names are unique");
+        }
+        Metrics {
+            registry,
+            head_id,
+            head_info,
+            head: Mutex::new(None),
+            leases_created,
+            revocations,
+            auth_failures,
+        }
+    }
+
+    /// Records one audit append: moves the chain head forward (never back:
+    /// racing appends may arrive out of order) and counts the decision.
+    pub fn observe_append(&self, event: &AuditEvent, appended: &AppendedEvent) {
+        {
+            let mut head = self.head.lock().unwrap_or_else(|p| p.into_inner());
+            if head.as_ref().is_none_or(|h| h.id < appended.id) {
+                if let Some(old) = head.take() {
+                    let _ = self.head_info.remove_label_values(&[&old.mac]);
+                }
+                self.head_id.set(appended.id);
+                self.head_info.with_label_values(&[&appended.mac]).set(1);
+                *head = Some(appended.clone());
+            }
+        }
+        match (event.action.as_str(), event.outcome) {
+            (CREATE_ACTION, Outcome::Allowed) => self.leases_created.inc(),
+            (REVOKE_ACTION, Outcome::Allowed) => self.revocations.inc(),
+            (AUTHENTICATE_ACTION, _) => self.auth_failures.inc(),
+            _ => {}
+        }
+    }
+
+    /// Every metric in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding into memory cannot fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+#[derive(Clone)]
+struct AdminState {
+    metrics: Arc<Metrics>,
+    store: Arc<dyn Store>,
+}
+
+/// The admin HTTP routes: `/metrics`, `/healthz`, `/readyz`.
+pub fn router(metrics: Arc<Metrics>, store: Arc<dyn Store>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(AdminState { metrics, store })
+}
+
+async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
+        s.metrics.render(),
+    )
+}
+
+async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
+    match s.store.ping().await {
+        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(e) => {
+            tracing::warn!(error = %e, "readyz: the store does not answer");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: the database does not answer\n".to_owned(),
+            )
+        }
+    }
+}
+
+/// Serves the admin routes on `listener` until `shutdown` resolves.
+/// Errors: the OS error of the accept loop.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    store: Arc<dyn Store>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    tracing::info!(addr = ?addr, "token-broker serving admin HTTP (/metrics, /healthz, /readyz)");
+    axum::serve(listener, router(metrics, store))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+
+    fn event(action: &str, outcome: Outcome) -> AuditEvent {
+        AuditEvent {
+            id: 0,
+            time: Utc::now(),
+            identity: "apikey:ci".into(),
+            peer: None,
+            action: action.into(),
+            outcome,
+            reason: None,
+            policy_rule: None,
+            lease_id: None,
+            organization: None,
+            scopes: None,
+            token_fingerprint: None,
+        }
+    }
+
+    fn head(id: i64, c: char) -> AppendedEvent {
+        AppendedEvent {
+            id,
+            mac: c.to_string().repeat(64),
+        }
+    }
+
+    #[test]
+    fn the_head_metric_follows_the_newest_append_and_keeps_one_mac_series() {
+        let m = Metrics::new();
+        m.observe_append(&event("lease.create", Outcome::Allowed), &head(4, 'a'));
+        m.observe_append(&event("lease.revoke", Outcome::Allowed), &head(6, 'b'));
+        // A racing append that lost arrives late: the head stays at 6.
+        m.observe_append(&event("authenticate", Outcome::Denied), &head(5, 'c'));
+        let text = m.render();
+        assert!(
+            text.contains("token_broker_audit_chain_head_id 6\n"),
+            "{text}"
+        );
+        let mac_b = "b".repeat(64);
+        assert!(
+            text.contains(&format!(
+                "token_broker_audit_chain_head_info{{mac=\"{mac_b}\"}} 1\n"
+            )),
+            "{text}"
+        );
+        assert!(!text.contains(&"a".repeat(64)), "{text}");
+        assert!(
+            text.contains("token_broker_leases_created_total 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("token_broker_lease_revocations_total 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("token_broker_auth_failures_total 1\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn denied_creations_are_not_counted_as_created() {
+        let m = Metrics::new();
+        m.observe_append(&event("lease.create", Outcome::Denied), &head(1, 'a'));
+        assert!(m.render().contains("token_broker_leases_created_total 0\n"));
+    }
+}

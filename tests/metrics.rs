@@ -1,0 +1,138 @@
+//! The admin HTTP port (`admin.listen`) over a real socket: the audit chain
+//! head is reported outside the database as metrics, in a form `audit
+//! verify --expected-head` takes back, and the health endpoints answer.
+
+mod common;
+
+use common::broker::{spawn_broker, BrokerSpec, TestBroker};
+use common::db::{sqlite_url, TestDatabase};
+use token_broker::emulator::{self, EmulatorConfig};
+use token_broker::proto::v1 as pb;
+
+/// `GET url`: status and body.
+async fn get(url: &str) -> (u16, String) {
+    let response = reqwest::get(url).await.expect("admin port answers");
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("body"))
+}
+
+/// The value of the unlabelled sample `name` in Prometheus text.
+fn sample(text: &str, name: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ').map(str::to_owned))
+}
+
+/// The `mac` label of `token_broker_audit_chain_head_info` series whose
+/// value is 1.
+fn head_macs(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("token_broker_audit_chain_head_info{mac=\"")?;
+            let (mac, value) = rest.split_once("\"} ")?;
+            (value == "1").then(|| mac.to_owned())
+        })
+        .collect()
+}
+
+async fn the_metrics_report_the_newest_audit_row_which_audit_verify_accepts(postgres: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = if postgres {
+        Some(TestDatabase::create().await)
+    } else {
+        None
+    };
+    let store_url = match &db {
+        Some(db) => db.url.clone(),
+        None => sqlite_url(&dir),
+    };
+    let emulator = emulator::spawn(EmulatorConfig::default()).await.unwrap();
+    let spec = BrokerSpec::new(store_url.clone(), emulator.url()).with_admin_port();
+    let broker: TestBroker = spawn_broker(&spec).await;
+
+    assert_eq!(get(&broker.admin_url("/healthz")).await.0, 200);
+    assert_eq!(get(&broker.admin_url("/readyz")).await.0, 200);
+    let (status, before) = get(&broker.admin_url("/metrics")).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        sample(&before, "token_broker_audit_chain_head_id").as_deref(),
+        Some("0"),
+        "{before}"
+    );
+    assert!(head_macs(&before).is_empty(), "{before}");
+
+    // A refused caller, then two granted leases: three audit rows.
+    let refused = broker
+        .anonymous_client()
+        .await
+        .create_lease(pb::CreateLeaseRequest::default())
+        .await;
+    assert_eq!(refused.unwrap_err().code(), tonic::Code::Unauthenticated);
+    let mut client = broker.client(&spec.key("ci")).await;
+    for _ in 0..2 {
+        client
+            .create_lease(pb::CreateLeaseRequest {
+                organization: "fabrikam".into(),
+                scopes: vec!["vso.packaging".into()],
+                ..Default::default()
+            })
+            .await
+            .expect("the ci rule grants the lease");
+    }
+
+    let (_, text) = get(&broker.admin_url("/metrics")).await;
+    let store = token_broker::store::open(&store_url).await.unwrap();
+    let newest = store
+        .list_audit_chain(0, 1000)
+        .await
+        .unwrap()
+        .pop()
+        .expect("audit rows were written");
+    let newest_mac = newest.mac.expect("the newest row is chained");
+    assert_eq!(
+        sample(&text, "token_broker_audit_chain_head_id"),
+        Some(newest.id.to_string()),
+        "{text}"
+    );
+    assert_eq!(
+        head_macs(&text),
+        vec![newest_mac.clone()],
+        "one head series, the newest row's MAC: {text}"
+    );
+    assert_eq!(
+        sample(&text, "token_broker_leases_created_total").as_deref(),
+        Some("2")
+    );
+    assert_eq!(
+        sample(&text, "token_broker_auth_failures_total").as_deref(),
+        Some("1")
+    );
+
+    // What the metric shows is what `audit verify --expected-head` takes.
+    let expected = format!("{}:{}", newest.id, newest_mac);
+    let report = token_broker::cli::audit::verify(&spec.config(), Some(&expected))
+        .await
+        .expect("the chain verifies up to the exported head");
+    assert!(report.ends_with(&expected), "{report}");
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn after_lease_creates_the_metrics_show_the_chain_head_that_audit_verify_accepts_on_sqlite() {
+    the_metrics_report_the_newest_audit_row_which_audit_verify_accepts(false).await;
+}
+
+#[tokio::test]
+async fn after_lease_creates_the_metrics_show_the_chain_head_that_audit_verify_accepts_on_postgres()
+{
+    the_metrics_report_the_newest_audit_row_which_audit_verify_accepts(true).await;
+}
+
+#[tokio::test]
+async fn without_admin_listen_no_admin_port_is_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let emulator = emulator::spawn(EmulatorConfig::default()).await.unwrap();
+    let spec = BrokerSpec::new(sqlite_url(&dir), emulator.url());
+    let broker = spawn_broker(&spec).await;
+    assert_eq!(broker.admin_addr, None);
+    broker.stop().await;
+}
