@@ -213,6 +213,7 @@ mod tests {
             organization: None,
             scopes: None,
             token_fingerprint: None,
+            caller_detail: None,
         }
     }
 

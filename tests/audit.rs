@@ -97,6 +97,7 @@ fn event(i: i64) -> AuditEvent {
         organization: Some("contoso".to_owned()),
         scopes: Some("vso.code vso.packaging".to_owned()),
         token_fingerprint: granted.then(|| format!("{i:02x}").repeat(32)),
+        caller_detail: (i % 5 == 0).then(|| format!("pod=web-{i} pod_uid=p{i} sa_uid=s{i}")),
     }
 }
 
@@ -197,6 +198,7 @@ async fn editing_any_field_of_one_row_makes_verify_name_that_row(db: AuditDb) {
         ("organization", "'fabrikam'".into()),
         ("scopes", "'vso.code_full'".into()),
         ("token_fingerprint", format!("'{}'", "ab".repeat(32))),
+        ("caller_detail", "'pod=web-3 sa_uid=forged'".into()),
         ("time", time_edit),
         ("mac", format!("'{row2_mac}'")),
     ];

@@ -188,6 +188,83 @@ async fn a_pod_with_a_valid_service_account_token_gets_the_lease_its_rule_allows
     service_account_lease_is_granted_to_a_valid_projected_token(true).await;
 }
 
+/// Runs `sql` on the broker's database through a connection of its own,
+/// as someone with write access to the database (but not the chain key).
+async fn exec_sql(w: &World, sql: &str) {
+    use sqlx::Connection as _;
+    let url = &w.spec.store_url;
+    if url.starts_with("postgres") {
+        let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+        sqlx::raw_sql(sql).execute(&mut conn).await.expect(sql);
+    } else {
+        let mut conn = sqlx::SqliteConnection::connect(url).await.expect("connect");
+        sqlx::raw_sql(sql).execute(&mut conn).await.expect(sql);
+    }
+}
+
+async fn a_service_account_lease_is_audited_with_its_pod_and_uid_claims(postgres: bool) {
+    let cluster = cluster().await;
+    let w = world(postgres, |s| s.with_kubernetes(cluster.issuer.config())).await;
+    let token = cluster.token("build", "restorer");
+    let mut client = bearer_client(&w.broker, &token).await;
+    let lease = client
+        .create_lease(packaging_in("fabrikam"))
+        .await
+        .expect("granted")
+        .into_inner();
+    client
+        .revoke_lease(pb::RevokeLeaseRequest {
+            name: lease.name.clone(),
+        })
+        .await
+        .expect("revoked");
+
+    // Claims of `common::k8s::claims` for build/restorer.
+    let detail = "pod=restorer-7d9c5b6f4-x2x9q pod_uid=8f1e5b8a-3c2d-4e6f-9a0b-1c2d3e4f5a6b \
+                  sa_uid=b1f3c0a2-77e4-4d51-8e9a-2f6d5c4b3a21 jti=5a3e1c52-8d0e-4c35-a5bb-1d1b6f7c9a10";
+    let store = token_broker::store::open(&w.spec.store_url).await.unwrap();
+    let events = store.list_audit(0, 1000).await.unwrap();
+    let of_caller: Vec<&AuditEvent> = events.iter().filter(|e| e.identity == RESTORER).collect();
+    let actions: Vec<&str> = of_caller.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(actions, ["lease.create", "lease.revoke"], "{events:?}");
+    for e in &of_caller {
+        assert_eq!(e.caller_detail.as_deref(), Some(detail), "{e:?}");
+    }
+    let created = of_caller[0].id;
+
+    // The claims are covered by the chain.
+    let config = w.spec.config();
+    token_broker::cli::audit::verify(&config, None)
+        .await
+        .expect("the chain with caller details verifies");
+    exec_sql(
+        &w,
+        &format!("UPDATE audit_events SET caller_detail = 'pod=innocent' WHERE id = {created}"),
+    )
+    .await;
+    let broken = token_broker::cli::audit::verify(&config, None)
+        .await
+        .expect_err("an edited caller_detail breaks the chain")
+        .to_string();
+    assert!(
+        broken.contains(&format!("audit chain broken at row {created}:")),
+        "{broken}"
+    );
+    w.broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_pods_lease_is_audited_with_its_pod_and_service_account_uids_and_the_chain_covers_them_on_sqlite(
+) {
+    a_service_account_lease_is_audited_with_its_pod_and_uid_claims(false).await;
+}
+
+#[tokio::test]
+async fn a_pods_lease_is_audited_with_its_pod_and_service_account_uids_and_the_chain_covers_them_on_postgres(
+) {
+    a_service_account_lease_is_audited_with_its_pod_and_uid_claims(true).await;
+}
+
 #[tokio::test]
 async fn a_service_account_without_a_rule_for_the_request_is_denied_by_policy() {
     let cluster = cluster().await;

@@ -676,6 +676,7 @@ fn audit(action: &str, outcome: Outcome) -> AuditEvent {
         organization: Some("contoso".into()),
         scopes: Some("vso.code".into()),
         token_fingerprint: Some("0f".repeat(32)),
+        caller_detail: Some("pod=web-1 pod_uid=p1 sa_uid=s1 jti=j1".into()),
     }
 }
 
@@ -700,6 +701,7 @@ async fn audit_events_list_in_append_order_after_an_id(store: Arc<dyn Store>) {
                 organization: None,
                 scopes: None,
                 token_fingerprint: None,
+                caller_detail: None,
                 ..event
             };
         }

@@ -15,7 +15,12 @@
 //! 5. `str(identity)`, `opt(peer)`, `str(action)`, `str(outcome)` (stored
 //!    form: `allowed`, `denied`, `error`), `opt(reason)`,
 //!    `opt(policy_rule)`, `opt(lease_id)` (hyphenated lower-case UUID),
-//!    `opt(organization)`, `opt(scopes)`, `opt(token_fingerprint)`.
+//!    `opt(organization)`, `opt(scopes)`, `opt(token_fingerprint)`;
+//! 6. only when `caller_detail` is present (migration 0003):
+//!    `0x01 || str(caller_detail)`. When it is absent nothing is added, so
+//!    rows without it (every row written before it existed) encode exactly
+//!    as before and old chains keep verifying; the fields before it are
+//!    self-delimiting, so a row with it never encodes like one without.
 //!
 //! `str(s) = u32be(byte length of s) || UTF-8 bytes of s`;
 //! `opt(None) = 0x00`, `opt(Some(s)) = 0x01 || str(s)`. Every field is
@@ -132,6 +137,10 @@ fn encode(prev: &str, e: &AuditEvent) -> Vec<u8> {
     opt(&mut out, e.organization.as_deref());
     opt(&mut out, e.scopes.as_deref());
     opt(&mut out, e.token_fingerprint.as_deref());
+    // Appended only when present: see item 6 of the module doc.
+    if let Some(detail) = &e.caller_detail {
+        opt(&mut out, Some(detail));
+    }
     out
 }
 
@@ -371,6 +380,7 @@ mod tests {
             organization: Some("contoso".into()),
             scopes: None,
             token_fingerprint: None,
+            caller_detail: None,
         }
     }
 
@@ -396,12 +406,29 @@ mod tests {
             |e| e.organization = None,
             |e| e.scopes = Some("vso.code".into()),
             |e| e.token_fingerprint = Some("ab".into()),
+            |e| e.caller_detail = Some(String::new()),
+            |e| e.caller_detail = Some("pod=a".into()),
         ];
         for edit in edits {
             let mut e = event();
             edit(&mut e);
             assert_ne!(base, k.mac(None, &e));
         }
+    }
+
+    #[test]
+    fn a_row_without_caller_detail_keeps_its_version_1_mac_and_one_with_it_is_covered() {
+        // Known answers computed independently from the module doc's encoding.
+        assert_eq!(
+            key(1).mac(None, &event()),
+            "11f98856313fe0678e1617e42c843f7dd73ac65534fd9e9223ba18b8f3e7998e"
+        );
+        let mut e = event();
+        e.caller_detail = Some("pod=web-1 sa_uid=u1".into());
+        assert_eq!(
+            key(1).mac(None, &e),
+            "09a0ced6a0dbaf4285c5f33f0c1e47016e39fdcd87b7f51ad2b68478395602fc"
+        );
     }
 
     #[test]

@@ -86,6 +86,12 @@ pub struct AuditEvent {
     pub scopes: Option<String>,
     /// Keyed HMAC-SHA256 fingerprint of the token, hex; never the token.
     pub token_fingerprint: Option<String>,
+    /// More about the caller than its identity: for a Kubernetes service
+    /// account, its token's claims as `pod=NAME pod_uid=UID sa_uid=UID
+    /// jti=ID` (absent claims left out; see
+    /// [`Caller::audit_detail`](crate::auth::Caller::audit_detail)).
+    /// `None` for other callers and for rows from before migration 0003.
+    pub caller_detail: Option<String>,
 }
 
 /// Where a row landed in the chain: its id and its MAC (64 lower-case hex

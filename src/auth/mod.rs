@@ -51,6 +51,39 @@ impl Caller {
             service_account: None,
         }
     }
+
+    /// The audit row's `caller_detail`: for a service account, its token's
+    /// claims as `pod=NAME pod_uid=UID sa_uid=UID jti=ID` (claims from
+    /// `kubernetes.io.pod.{name,uid}`, `kubernetes.io.serviceaccount.uid`,
+    /// `jti`; absent ones left out; bytes other than ASCII letters, digits
+    /// and `-._:` percent-encoded, so the text always splits back on
+    /// spaces). `None` for other callers or when no claim is present.
+    pub fn audit_detail(&self) -> Option<String> {
+        let claims = self.service_account.as_ref()?;
+        let parts: Vec<String> = [
+            ("pod", &claims.pod_name),
+            ("pod_uid", &claims.pod_uid),
+            ("sa_uid", &claims.service_account_uid),
+            ("jti", &claims.token_id),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| Some(format!("{name}={}", detail_value(value.as_deref()?))))
+        .collect();
+        (!parts.is_empty()).then(|| parts.join(" "))
+    }
+}
+
+/// `value` with every byte outside `[A-Za-z0-9._:-]` as `%XX`.
+fn detail_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Why a caller was not authenticated. Never carries the presented

@@ -382,6 +382,7 @@ impl RefusalAudit for ChainedRefusalAudit {
             organization: None,
             scopes: None,
             token_fingerprint: None,
+            caller_detail: None,
         };
         if let Err(e) = self.0.append(&event).await {
             tracing::error!(action = AUTHENTICATE_ACTION, error = %e, "audit event not written");

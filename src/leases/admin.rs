@@ -217,6 +217,7 @@ fn admin_event(caller: &Caller, action: &str, outcome: Outcome) -> AuditEvent {
         organization: None,
         scopes: None,
         token_fingerprint: None,
+        caller_detail: caller.audit_detail(),
     }
 }
 
@@ -239,10 +240,11 @@ pub(super) async fn revoke_leases(
     };
     let actor = caller.identity.to_string();
     let peer = caller.peer.as_deref();
+    let detail = caller.audit_detail();
     let mut results = stream::iter(
         selected
             .into_iter()
-            .map(|lease| revoke_one(deps, &actor, peer, lease)),
+            .map(|lease| revoke_one(deps, &actor, peer, detail.as_deref(), lease)),
     )
     .buffer_unordered(REVOKE_CONCURRENCY);
     while let Some(state) = results.next().await {
@@ -332,6 +334,7 @@ async fn revoke_one(
     deps: &LeaseDeps,
     actor: &str,
     peer: Option<&str>,
+    detail: Option<&str>,
     mut lease: LeaseRecord,
 ) -> Option<LeaseState> {
     let id = lease.id;
@@ -342,13 +345,13 @@ async fn revoke_one(
             s if s.is_terminal() => return Some(s),
             LeaseState::Active => match begin_revocation(deps, &lease, now()).await {
                 Ok(Some(revoking)) => {
-                    finish_revocation(deps, &revoking, actor, peer, "lease.revoke").await
+                    finish_revocation(deps, &revoking, actor, peer, detail, "lease.revoke").await
                 }
                 Ok(None) => Ok(None),
                 Err(e) => Err(e),
             },
             // REVOKING or REVOKE_FAILED: try again now.
-            _ => finish_revocation(deps, &lease, actor, peer, "lease.revoke").await,
+            _ => finish_revocation(deps, &lease, actor, peer, detail, "lease.revoke").await,
         };
         match result {
             Ok(Some(done)) => return Some(done.state),

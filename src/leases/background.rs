@@ -222,7 +222,15 @@ async fn expire(deps: &LeaseDeps, lease: LeaseRecord) -> usize {
         let Some(revoking) = begin_revocation(deps, &lease, now()).await? else {
             return Ok(None);
         };
-        finish_revocation(deps, &revoking, BACKGROUND_ACTOR, None, "lease.expire").await
+        finish_revocation(
+            deps,
+            &revoking,
+            BACKGROUND_ACTOR,
+            None,
+            None,
+            "lease.expire",
+        )
+        .await
     }
     .await;
     settle(deps, id, result).await
@@ -236,7 +244,7 @@ async fn retry_revocation(deps: &LeaseDeps, lease: LeaseRecord) -> usize {
     } else {
         "lease.revoke"
     };
-    let result = finish_revocation(deps, &lease, BACKGROUND_ACTOR, None, action).await;
+    let result = finish_revocation(deps, &lease, BACKGROUND_ACTOR, None, None, action).await;
     settle(deps, id, result).await
 }
 

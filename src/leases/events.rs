@@ -24,6 +24,7 @@ fn event(identity: &str, peer: Option<String>, action: &str, outcome: Outcome) -
         organization: None,
         scopes: None,
         token_fingerprint: None,
+        caller_detail: None,
     }
 }
 

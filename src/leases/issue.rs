@@ -156,6 +156,7 @@ fn denied_event(
         organization: Some(req.organization.to_string()),
         scopes: Some(req.scopes.to_upstream()),
         token_fingerprint: None,
+        caller_detail: caller.audit_detail(),
     }
 }
 
@@ -353,6 +354,7 @@ async fn mint(
                 &revoking,
                 &caller.identity.to_string(),
                 caller.peer.as_deref(),
+                caller.audit_detail().as_deref(),
                 "lease.revoke",
             )
             .await;

@@ -181,6 +181,7 @@ pub(super) async fn revoke(
     const ACTION: &str = "lease.revoke";
     let actor = caller.identity.to_string();
     let peer = caller.peer.as_deref();
+    let detail = caller.audit_detail();
     // A bounded number of rounds: each lost race means another actor moved
     // the lease forward, so this settles quickly.
     for _ in 0..5 {
@@ -195,7 +196,9 @@ pub(super) async fn revoke(
                 None => continue,
             },
         };
-        if let Some(done) = finish_revocation(deps, &revoking, &actor, peer, ACTION).await? {
+        if let Some(done) =
+            finish_revocation(deps, &revoking, &actor, peer, detail.as_deref(), ACTION).await?
+        {
             return Ok(done);
         }
     }

@@ -123,6 +123,7 @@ pub(super) fn lease_event(
         organization: Some(lease.organization.to_string()),
         scopes: Some(lease.scopes.to_upstream()),
         token_fingerprint: None,
+        caller_detail: None,
     }
 }
 
@@ -134,14 +135,17 @@ pub(super) fn caller_event(
     lease: &LeaseRecord,
     now: DateTime<Utc>,
 ) -> AuditEvent {
-    lease_event(
-        &caller.identity.to_string(),
-        caller.peer.as_deref(),
-        action,
-        outcome,
-        lease,
-        now,
-    )
+    AuditEvent {
+        caller_detail: caller.audit_detail(),
+        ..lease_event(
+            &caller.identity.to_string(),
+            caller.peer.as_deref(),
+            action,
+            outcome,
+            lease,
+            now,
+        )
+    }
 }
 
 /// Appends the audit event of a grant (create, replay, renew) to the
@@ -238,6 +242,7 @@ pub(super) async fn finish_revocation(
     lease: &LeaseRecord,
     actor: &str,
     peer: Option<&str>,
+    caller_detail: Option<&str>,
     action: &str,
 ) -> Result<Option<LeaseRecord>, LeaseError> {
     let expected = lease.state;
@@ -284,6 +289,7 @@ pub(super) async fn finish_revocation(
         Err(_) => Some("UPSTREAM_REVOKE_FAILED".to_owned()),
     };
     event.token_fingerprint = lease_token_fingerprint(deps, &next);
+    event.caller_detail = caller_detail.map(str::to_owned);
     audit_best_effort(deps, event).await;
     Ok(Some(next))
 }

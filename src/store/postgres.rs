@@ -161,6 +161,7 @@ fn audit_from_row(row: &PgRow) -> Result<AuditEvent, StoreError> {
         organization: row.try_get("organization").map_err(get_err)?,
         scopes: row.try_get("scopes").map_err(get_err)?,
         token_fingerprint: row.try_get("token_fingerprint").map_err(get_err)?,
+        caller_detail: row.try_get("caller_detail").map_err(get_err)?,
     })
 }
 
@@ -205,9 +206,9 @@ async fn insert_audit(
 ) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO audit_events (id, time, identity, peer, action, outcome, reason, \
-         policy_rule, lease_id, organization, scopes, token_fingerprint, mac) \
+         policy_rule, lease_id, organization, scopes, token_fingerprint, mac, caller_detail) \
          OVERRIDING SYSTEM VALUE \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
     )
     .bind(id)
     .bind(micros(event.time))
@@ -222,6 +223,7 @@ async fn insert_audit(
     .bind(&event.scopes)
     .bind(&event.token_fingerprint)
     .bind(mac)
+    .bind(&event.caller_detail)
     .execute(conn)
     .await
     .map_err(map_sqlx)?;

@@ -197,6 +197,7 @@ fn audit_from_row(row: &SqliteRow) -> Result<AuditEvent, StoreError> {
         organization: opt_text("organization")?,
         scopes: opt_text("scopes")?,
         token_fingerprint: opt_text("token_fingerprint")?,
+        caller_detail: opt_text("caller_detail")?,
     })
 }
 
@@ -207,8 +208,8 @@ async fn insert_audit(
 ) -> Result<i64, StoreError> {
     sqlx::query_scalar(
         "INSERT INTO audit_events (time, identity, peer, action, outcome, reason, policy_rule, \
-         lease_id, organization, scopes, token_fingerprint) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+         lease_id, organization, scopes, token_fingerprint, caller_detail) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
     )
     .bind(time_text(event.time))
     .bind(&event.identity)
@@ -221,6 +222,7 @@ async fn insert_audit(
     .bind(&event.organization)
     .bind(&event.scopes)
     .bind(&event.token_fingerprint)
+    .bind(&event.caller_detail)
     .fetch_one(conn)
     .await
     .map_err(map_sqlx)
