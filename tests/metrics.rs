@@ -60,7 +60,7 @@ async fn the_metrics_report_the_newest_audit_row_which_audit_verify_accepts(post
     );
     assert!(head_macs(&before).is_empty(), "{before}");
 
-    // A refused caller, then two granted leases: three audit rows.
+    // A refused caller, two granted leases and one revoked: four audit rows.
     let refused = broker
         .anonymous_client()
         .await
@@ -68,8 +68,9 @@ async fn the_metrics_report_the_newest_audit_row_which_audit_verify_accepts(post
         .await;
     assert_eq!(refused.unwrap_err().code(), tonic::Code::Unauthenticated);
     let mut client = broker.client(&spec.key("ci")).await;
+    let mut leases = Vec::new();
     for _ in 0..2 {
-        client
+        let lease = client
             .create_lease(pb::CreateLeaseRequest {
                 organization: "fabrikam".into(),
                 scopes: vec!["vso.packaging".into()],
@@ -77,7 +78,14 @@ async fn the_metrics_report_the_newest_audit_row_which_audit_verify_accepts(post
             })
             .await
             .expect("the ci rule grants the lease");
+        leases.push(lease.into_inner());
     }
+    client
+        .revoke_lease(pb::RevokeLeaseRequest {
+            name: leases[0].name.clone(),
+        })
+        .await
+        .expect("the holder revokes its lease");
 
     let (_, text) = get(&broker.admin_url("/metrics")).await;
     let store = token_broker::store::open(&store_url).await.unwrap();
@@ -101,6 +109,10 @@ async fn the_metrics_report_the_newest_audit_row_which_audit_verify_accepts(post
     assert_eq!(
         sample(&text, "token_broker_leases_created_total").as_deref(),
         Some("2")
+    );
+    assert_eq!(
+        sample(&text, "token_broker_lease_revocations_total").as_deref(),
+        Some("1")
     );
     assert_eq!(
         sample(&text, "token_broker_auth_failures_total").as_deref(),

@@ -406,6 +406,7 @@ pub fn audit_event(e: &AuditEvent) -> pb::AuditEvent {
         organization: e.organization.clone().unwrap_or_default(),
         scopes: e.scopes.clone().unwrap_or_default(),
         token_fingerprint: e.token_fingerprint.clone().unwrap_or_default(),
+        caller_detail: e.caller_detail.clone().unwrap_or_default(),
     }
 }
 

@@ -162,6 +162,7 @@ pub fn event_json(e: &pb::AuditEvent) -> Value {
         ("organization", &e.organization),
         ("scopes", &e.scopes),
         ("tokenFingerprint", &e.token_fingerprint),
+        ("callerDetail", &e.caller_detail),
     ] {
         if !v.is_empty() {
             m.insert(k.into(), json!(v));
@@ -228,8 +229,10 @@ mod tests {
             action: "lease.create".into(),
             outcome: pb::audit_event::Outcome::Denied as i32,
             token_fingerprint: "ab".repeat(32),
+            caller_detail: "pod=web-1 sa_uid=u1".into(),
             ..Default::default()
         });
+        assert_eq!(v["callerDetail"], "pod=web-1 sa_uid=u1");
         assert_eq!(v["id"], "7");
         assert_eq!(v["outcome"], "DENIED");
         assert_eq!(v["tokenFingerprint"], "ab".repeat(32));
