@@ -166,10 +166,22 @@ async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {
     )
 }
 
+/// Longest a readiness ping may take before the broker counts as not
+/// ready (probes time out too; kubelet's default is 1 s).
+const READY_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
-    match s.store.ping().await {
-        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
-        Err(e) => {
+    let ping = tokio::time::timeout(READY_PING_TIMEOUT, s.store.ping()).await;
+    match ping {
+        Ok(Ok(())) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(_) => {
+            tracing::warn!("readyz: the store ping timed out");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: the database does not answer\n".to_owned(),
+            )
+        }
+        Ok(Err(e)) => {
             tracing::warn!(error = %e, "readyz: the store does not answer");
             (
                 StatusCode::SERVICE_UNAVAILABLE,

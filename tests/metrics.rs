@@ -5,7 +5,8 @@
 mod common;
 
 use common::broker::{spawn_broker, BrokerSpec, TestBroker};
-use common::db::{sqlite_url, TestDatabase};
+use common::db::{admin_url, sqlite_url, TestDatabase};
+use sqlx::Connection as _;
 use token_broker::emulator::{self, EmulatorConfig};
 use token_broker::proto::v1 as pb;
 
@@ -137,6 +138,55 @@ async fn after_lease_creates_the_metrics_show_the_chain_head_that_audit_verify_a
 async fn after_lease_creates_the_metrics_show_the_chain_head_that_audit_verify_accepts_on_postgres()
 {
     the_metrics_report_the_newest_audit_row_which_audit_verify_accepts(true).await;
+}
+
+/// Runs `sql` on the PostgreSQL server's admin database.
+async fn admin_sql(sql: &str) {
+    let mut conn = sqlx::PgConnection::connect(&admin_url()).await.unwrap();
+    sqlx::raw_sql(sql).execute(&mut conn).await.expect(sql);
+}
+
+#[tokio::test]
+async fn readyz_is_503_while_the_database_refuses_connections_and_200_once_it_is_back() {
+    let db = TestDatabase::create().await;
+    let name = db.url.rsplit('/').next().unwrap().to_owned();
+    let emulator = emulator::spawn(EmulatorConfig::default()).await.unwrap();
+    let spec = BrokerSpec::new(db.url.clone(), emulator.url()).with_admin_port();
+    let broker = spawn_broker(&spec).await;
+    assert_eq!(get(&broker.admin_url("/readyz")).await.0, 200);
+
+    admin_sql(&format!(
+        r#"ALTER DATABASE "{name}" ALLOW_CONNECTIONS false;
+           SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+            WHERE datname = '{name}' AND pid <> pg_backend_pid();"#
+    ))
+    .await;
+    // Termination is signalled, not awaited: wait until the broker's
+    // sessions are gone, so the next ping must open a new connection.
+    let mut conn = sqlx::PgConnection::connect(&admin_url()).await.unwrap();
+    loop {
+        let left: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = $1")
+                .bind(&name)
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (status, body) = get(&broker.admin_url("/readyz")).await;
+    assert_eq!(status, 503, "{body}");
+    // The process itself is fine: liveness stays green.
+    assert_eq!(get(&broker.admin_url("/healthz")).await.0, 200);
+
+    admin_sql(&format!(
+        r#"ALTER DATABASE "{name}" ALLOW_CONNECTIONS true"#
+    ))
+    .await;
+    assert_eq!(get(&broker.admin_url("/readyz")).await.0, 200);
+    broker.stop().await;
 }
 
 #[tokio::test]

@@ -277,6 +277,29 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn a_service_account_callers_audit_detail_lists_its_claims_and_escapes_odd_bytes() {
+        let mut caller = Caller::new(Identity::ApiKey("ci".into()), None);
+        assert_eq!(caller.audit_detail(), None, "API-key callers have none");
+        caller.service_account = Some(ServiceAccountClaims {
+            service_account_uid: Some("u-1".into()),
+            pod_name: Some("web 1=x%".into()),
+            pod_uid: None,
+            token_id: Some("j.1".into()),
+        });
+        assert_eq!(
+            caller.audit_detail().as_deref(),
+            Some("pod=web%201%3Dx%25 sa_uid=u-1 jti=j.1")
+        );
+        caller.service_account = Some(ServiceAccountClaims {
+            service_account_uid: None,
+            pod_name: None,
+            pod_uid: None,
+            token_id: None,
+        });
+        assert_eq!(caller.audit_detail(), None, "no claim, no detail");
+    }
+
     fn authenticator_with(name: &str) -> (Authenticator, GeneratedApiKey) {
         let key = GeneratedApiKey::generate(name).unwrap();
         let keys = ApiKeys::new(vec![(name.to_owned(), key.hash.clone())]).unwrap();
