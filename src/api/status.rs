@@ -215,6 +215,7 @@ mod tests {
                 Code::Unavailable,
                 "REQUEST_IN_PROGRESS",
             ),
+            (LeaseError::StillPending, Code::Unavailable, "LEASE_PENDING"),
             (
                 LeaseError::Crypto(crate::crypto::CryptoError::Unauthentic),
                 Code::Internal,

@@ -188,7 +188,7 @@ pub(super) async fn revoke(
         let lease = get_owned(deps, caller, id).await?;
         let revoking = match lease.state {
             LeaseState::Revoked | LeaseState::Expired | LeaseState::Failed => return Ok(lease),
-            LeaseState::Pending => return Err(LeaseError::InProgress),
+            LeaseState::Pending => return Err(LeaseError::StillPending),
             // Already being revoked: try again now, on the caller's behalf.
             LeaseState::Revoking | LeaseState::RevokeFailed => lease,
             LeaseState::Active => match begin_revocation(deps, &lease, now()).await? {

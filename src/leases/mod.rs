@@ -156,6 +156,10 @@ pub enum LeaseError {
     /// An earlier attempt with the same request_id is still in flight.
     #[error("an earlier request with this request_id is still in progress")]
     InProgress,
+    /// The lease is still being issued (PENDING); it can be revoked once
+    /// that settles.
+    #[error("lease is still being issued; retry shortly")]
+    StillPending,
     /// The caller holds as many live leases as policy allows.
     #[error("active lease quota exceeded")]
     QuotaExceeded,
@@ -195,7 +199,7 @@ impl ServiceError for LeaseError {
                 ErrorCode::FailedPrecondition
             }
             LeaseError::InvalidPageToken => ErrorCode::InvalidArgument,
-            LeaseError::InProgress => ErrorCode::Unavailable,
+            LeaseError::InProgress | LeaseError::StillPending => ErrorCode::Unavailable,
             LeaseError::QuotaExceeded => ErrorCode::ResourceExhausted,
             LeaseError::Upstream(e) => e.code(),
             LeaseError::Store(e) => e.code(),
@@ -213,6 +217,7 @@ impl ServiceError for LeaseError {
             LeaseError::NotRenewable(_) | LeaseError::AtMaxExpireTime(_) => "LEASE_NOT_RENEWABLE",
             LeaseError::InvalidPageToken => "INVALID_PAGE_TOKEN",
             LeaseError::InProgress => "REQUEST_IN_PROGRESS",
+            LeaseError::StillPending => "LEASE_PENDING",
             LeaseError::QuotaExceeded => "ACTIVE_LEASE_QUOTA_EXCEEDED",
             LeaseError::Upstream(e) => e.reason(),
             LeaseError::Store(e) => e.reason(),
@@ -230,7 +235,7 @@ impl ServiceError for LeaseError {
     }
     fn retry_after(&self) -> Option<Duration> {
         match self {
-            LeaseError::InProgress => Some(Duration::from_secs(1)),
+            LeaseError::InProgress | LeaseError::StillPending => Some(Duration::from_secs(1)),
             LeaseError::Upstream(e) => e.retry_after(),
             LeaseError::Store(e) => e.retry_after(),
             LeaseError::Audit(e) => e.retry_after(),
@@ -330,7 +335,7 @@ impl Leases {
     }
 
     /// Revokes a lease; idempotent. Answers REVOKING if upstream failed
-    /// (the background loop retries it). Errors: `NotFound`, `InProgress`
+    /// (the background loop retries it). Errors: `NotFound`, `StillPending`
     /// (still PENDING).
     pub async fn revoke(&self, caller: &Caller, id: LeaseId) -> Result<LeaseRecord, LeaseError> {
         lifecycle::revoke(&self.deps, caller, id).await
