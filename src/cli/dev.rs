@@ -50,8 +50,10 @@ pub const DEV_KEY_NAME: &str = "dev";
 
 /// The sample policy: `apikey:dev` may lease `vso.code_write` and
 /// `vso.packaging` (and what they include) in `fabrikam`, default TTL 1 h,
-/// max 8 h.
+/// max 8 h; it is also an admin, so `admin` and `audit list` can be tried
+/// locally.
 pub const DEV_POLICY: &str = r#"
+admins: ["apikey:dev"]
 rules:
   - name: dev
     identities: ["apikey:dev"]
