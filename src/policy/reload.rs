@@ -235,19 +235,30 @@ impl PolicyHandle {
 
     /// Watches the policy file until `shutdown` resolves: reads it every
     /// `every` and reloads when its content changed, and reloads on SIGHUP.
-    /// None (nothing to watch) for a fixed policy. Must be called inside a
-    /// Tokio runtime.
+    /// A fixed policy (no file) has nothing to reload, but SIGHUP is still
+    /// taken (and logged), so it never ends the process. Must be called
+    /// inside a Tokio runtime.
     pub fn spawn_watcher(
         &self,
         every: Duration,
         shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> Option<JoinHandle<()>> {
-        self.inner.file.as_ref()?;
+    ) -> JoinHandle<()> {
         let handle = self.clone();
         // Registered before returning, so a SIGHUP sent once the broker is
         // up reloads instead of killing the process (the default action).
         let mut hangup = hangup_signal();
-        Some(tokio::spawn(async move {
+        tokio::spawn(async move {
+            if handle.inner.file.is_none() {
+                tokio::pin!(shutdown);
+                loop {
+                    tokio::select! {
+                        () = &mut shutdown => return,
+                        Some(()) = recv_hangup(&mut hangup) => {
+                            tracing::info!("SIGHUP received; the policy is built in, nothing to reload");
+                        }
+                    }
+                }
+            }
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tokio::pin!(shutdown);
@@ -259,7 +270,7 @@ impl PolicyHandle {
                 };
                 handle.reload(trigger).await;
             }
-        }))
+        })
     }
 }
 
@@ -385,9 +396,27 @@ mod tests {
     async fn a_fixed_policy_never_reloads() {
         let handle = PolicyHandle::from(Policy::default());
         assert_eq!(handle.reload(ReloadTrigger::Signal).await, None);
-        assert!(handle
-            .spawn_watcher(Duration::from_secs(1), async {})
-            .is_none());
         assert!(handle.file().is_none());
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_sighup_does_not_end_a_broker_whose_policy_has_no_file() {
+        let handle = PolicyHandle::from(Policy::default());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let watcher = handle.spawn_watcher(Duration::from_secs(1), async {
+            let _ = stopped.await;
+        });
+        // Without a handler, SIGHUP's default action would end this whole
+        // test process.
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &std::process::id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(handle.reload(ReloadTrigger::Signal).await, None);
+        let _ = stop.send(());
+        watcher.await.expect("the watcher stops on shutdown");
     }
 }
