@@ -627,10 +627,9 @@ async fn a_grant_is_refused_when_its_audit_row_cannot_be_written_and_a_revocatio
 
     // Every row went through the chain.
     let key = ChainKey::new(&spec.audit_chain_key).unwrap();
-    let report = audit::verify(db.store.as_ref(), &key, None)
+    audit::verify(db.store.as_ref(), &key, None)
         .await
-        .expect("the chain is intact");
-    assert_eq!(report.unchained_rows, 0);
+        .expect("the chain is intact: no row lacks its MAC");
     broker.stop().await;
 }
 

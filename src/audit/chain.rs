@@ -37,8 +37,10 @@
 //! affected. Dropping the newest rows leaves a shorter chain that is still
 //! consistent: only a chain head recorded outside the database (the
 //! `audit chain head` log line, the metric) catches that, so pass it to
-//! [`verify`] as `expected_head`. Rows written before the chain existed
-//! (migration 0002) carry no MAC; they are counted, not proved.
+//! [`verify`] as `expected_head`. Every row must carry a MAC: the chain
+//! ships with the first release, so a row without one was written around
+//! the chain key or had its MAC erased (erasing every MAC must not pass as
+//! "old rows"), and it breaks the chain.
 
 use std::fmt;
 
@@ -149,9 +151,6 @@ fn encode(prev: &str, e: &AuditEvent) -> Vec<u8> {
 pub struct VerifyReport {
     /// Chained rows checked.
     pub chained_rows: u64,
-    /// Rows before the first chained row that carry no MAC (written before
-    /// the chain existed): counted, not proved.
-    pub unchained_rows: u64,
     /// The newest chained row, if any.
     pub head: Option<AppendedEvent>,
 }
@@ -161,13 +160,6 @@ impl fmt::Display for VerifyReport {
     /// `audit chain intact: 42 chained rows, head 42:<mac>`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "audit chain intact: {} chained rows", self.chained_rows)?;
-        if self.unchained_rows > 0 {
-            write!(
-                f,
-                ", {} older rows without a MAC (not proved)",
-                self.unchained_rows
-            )?;
-        }
         match &self.head {
             Some(head) => write!(f, ", head {}:{}", head.id, head.mac),
             None => f.write_str(", no head"),
@@ -205,8 +197,8 @@ pub enum Defect {
         /// The chained row before the gap.
         after: i64,
     },
-    /// The row has no MAC though the chain had begun: it was written
-    /// without the chain key (not through `AuditLog`) or its MAC erased.
+    /// The row has no MAC: it was written without the chain key (not
+    /// through `AuditLog`) or its MAC was erased.
     MacMissing,
     /// The stored fields do not parse; carries the parse error.
     Unreadable(String),
@@ -297,7 +289,6 @@ pub async fn verify(
 ) -> Result<VerifyReport, VerifyError> {
     let mut report = VerifyReport {
         chained_rows: 0,
-        unchained_rows: 0,
         head: None,
     };
     let mut head_seen: Option<String> = None;
@@ -315,11 +306,7 @@ pub async fn verify(
                 .event
                 .map_err(|e| broken(Defect::Unreadable(e.to_string())))?;
             let Some(mac) = row.mac else {
-                if report.head.is_some() {
-                    return Err(broken(Defect::MacMissing).into());
-                }
-                report.unchained_rows += 1;
-                continue;
+                return Err(broken(Defect::MacMissing).into());
             };
             let prev = report.head.as_ref();
             if let Some(prev) = prev.filter(|p| Some(row.id) != p.id.checked_add(1)) {
