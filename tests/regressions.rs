@@ -455,6 +455,24 @@ async fn the_cli_takes_an_address_without_a_scheme_as_plain_http() {
         .unwrap_or_else(|| panic!("{stdout}"));
     assert_eq!(state.split_whitespace().nth(1), Some("ACTIVE"));
     assert_eq!(emu.pats().await.len(), 1);
+
+    // The admin commands take the same bare address: this key is no admin,
+    // so reaching the broker shows as ADMIN_REQUIRED, not a transport error.
+    let cwd = dir.path().to_owned();
+    let addr = broker.addr.to_string();
+    let key = secrecy::ExposeSecret::expose_secret(&spec.key("ci")).to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        broker_command(&cwd)
+            .args(["admin", "list", "--addr", &addr])
+            .env("TOKEN_BROKER_API_KEY", key)
+            .output()
+            .expect("run token-broker admin list")
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("ADMIN_REQUIRED"), "stderr:\n{stderr}");
     broker.stop().await;
 }
 

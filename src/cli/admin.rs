@@ -3,13 +3,11 @@
 //! `lease`; the API key must belong to an identity the policy names as an
 //! admin.
 
-use std::time::Duration;
-
 use clap::Subcommand;
 use secrecy::{ExposeSecret as _, SecretString};
 use serde_json::{json, Map, Value};
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::Request;
 
 use super::client::{list_json, ClientArgs, ClientError, Output};
@@ -50,21 +48,7 @@ pub enum AdminCommand {
 
 /// A connected `AdminService` client for `addr`.
 pub async fn connect(addr: &str) -> Result<AdminServiceClient<Channel>, ClientError> {
-    Ok(AdminServiceClient::new(channel(addr).await?))
-}
-
-/// A channel to the broker at `addr`.
-pub async fn channel(addr: &str) -> Result<Channel, ClientError> {
-    let err = |message: String| ClientError::Connect {
-        addr: addr.to_owned(),
-        message,
-    };
-    Endpoint::from_shared(addr.to_owned())
-        .map_err(|e| err(e.to_string()))?
-        .connect_timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .map_err(|e| err(e.to_string()))
+    Ok(AdminServiceClient::new(super::client::channel(addr).await?))
 }
 
 /// `msg` with `authorization: Bearer <key>` when a non-empty key is given.

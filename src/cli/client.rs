@@ -169,16 +169,23 @@ pub fn endpoint_url(addr: &str) -> String {
 
 /// A connected client. `addr` as [`endpoint_url`] takes it.
 pub async fn connect(addr: &str) -> Result<LeaseServiceClient<Channel>, ClientError> {
+    Ok(LeaseServiceClient::new(channel(addr).await?))
+}
+
+/// A channel to the broker at `addr` (as [`endpoint_url`] takes it), shared
+/// by every client command.
+pub async fn channel(addr: &str) -> Result<Channel, ClientError> {
     let url = endpoint_url(addr);
     let err = |message: String| ClientError::Connect {
         addr: url.clone(),
         message,
     };
-    let endpoint = Endpoint::from_shared(url.clone())
+    Endpoint::from_shared(url.clone())
         .map_err(|e| err(e.to_string()))?
-        .connect_timeout(Duration::from_secs(10));
-    let channel = endpoint.connect().await.map_err(|e| err(e.to_string()))?;
-    Ok(LeaseServiceClient::new(channel))
+        .connect_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(|e| err(e.to_string()))
 }
 
 fn request<T>(msg: T, api_key: Option<&SecretString>) -> Result<Request<T>, ClientError> {
