@@ -720,3 +720,36 @@ async fn an_emulator_with_a_state_file_remembers_pats_tokens_and_its_clock_acros
     let ahead = parse_time(&clock["now"]) - Utc::now();
     assert!(ahead > chrono::Duration::seconds(30), "{ahead}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_goes_away_ends_cli_output_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emu::start(EmulatorConfig::default()).await;
+    let spec = BrokerSpec::new(sqlite_url(&dir), emu.running.url());
+    let broker = spawn_broker(&spec).await;
+    let key = secrecy::ExposeSecret::expose_secret(&spec.key("ci")).to_owned();
+    let addr = broker.addr.to_string();
+    let cwd = dir.path().to_owned();
+    // `token-broker lease list | head` where head has already exited: the
+    // pipe's read end is closed before the command writes.
+    let status = tokio::task::spawn_blocking(move || {
+        let mut child = broker_command(&cwd)
+            .args(["lease", "list", "--addr", &addr])
+            .env("TOKEN_BROKER_API_KEY", key)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run token-broker lease list");
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("wait for token-broker");
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(status.0.success(), "stderr:\n{}", status.1);
+    assert!(!status.1.contains("panicked"), "stderr:\n{}", status.1);
+    broker.stop().await;
+}

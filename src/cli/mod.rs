@@ -147,14 +147,14 @@ async fn run(cli: Cli) -> Result<(), String> {
             let out = client::run(&client, command)
                 .await
                 .map_err(|e| e.to_string())?;
-            println!("{out}");
+            print_out(&out);
             Ok(())
         }
         Command::Admin { client, command } => {
             let out = admin::run(&client, command)
                 .await
                 .map_err(|e| e.to_string())?;
-            println!("{out}");
+            print_out(&out);
             Ok(())
         }
         Command::Audit(audit::AuditCommand::List {
@@ -166,7 +166,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             let out = audit::list(&client, filter, page_size, page_token)
                 .await
                 .map_err(|e| e.to_string())?;
-            println!("{out}");
+            print_out(&out);
             Ok(())
         }
         Command::Audit(audit::AuditCommand::Verify(args)) => {
@@ -176,10 +176,19 @@ async fn run(cli: Cli) -> Result<(), String> {
             let out = audit::verify(&config, args.expected_head.as_deref())
                 .await
                 .map_err(|e| e.to_string())?;
-            println!("{out}");
+            print_out(&out);
             Ok(())
         }
     }
+}
+
+/// Prints a command's answer and a newline on stdout. A reader that went
+/// away (`token-broker audit list | head`) ends the output quietly instead
+/// of panicking as `println!` would.
+fn print_out(out: &str) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "{out}").and_then(|()| stdout.flush());
 }
 
 /// Resolves on Ctrl-C or SIGTERM (what Kubernetes sends before a kill).
