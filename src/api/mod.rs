@@ -94,15 +94,7 @@ impl Presented {
 
 /// Authenticates one call from its `authorization` header and the client
 /// certificate its TLS connection verified (see [`crate::auth`] for which
-/// decides). Refusals carry the error's stable ErrorInfo reason and never
-/// echo the credential.
-pub async fn authenticate<B>(
-    auth: &Authenticator,
-    request: &http::Request<B>,
-) -> Result<Caller, Status> {
-    authenticate_presented(auth, Presented::of(request)).await
-}
-
+/// decides). Refusals carry the error's stable reason, never the credential.
 async fn authenticate_presented(
     auth: &Authenticator,
     presented: Presented,

@@ -197,9 +197,4 @@ impl AuditLog {
     pub fn head(&self) -> Option<AppendedEvent> {
         self.head.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
-
-    /// The store appended to.
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
-    }
 }

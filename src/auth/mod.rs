@@ -203,11 +203,6 @@ impl Authenticator {
         self
     }
 
-    /// The service-account verifier, when enabled.
-    pub fn kubernetes(&self) -> Option<&KubernetesVerifier> {
-        self.kubernetes.as_ref()
-    }
-
     /// True when no credential of any kind can succeed through this
     /// authenticator's own settings (no API key, no service accounts).
     /// Client certificates depend on the transport and are not counted.

@@ -301,12 +301,21 @@ async fn mint(
         Err(e) => return Err(upstream_create_failed(deps, caller, lease, rule, e).await),
     };
     let Some(token) = pat.token.clone() else {
-        // Upstream made a PAT but did not hand us its secret: useless.
+        // Upstream made a PAT but did not hand us its secret: useless. Only a
+        // revoked PAT may sit under a FAILED lease; if the revoke fails the
+        // row stays PENDING and the reconciler finds the PAT by its name.
         let e = UpstreamError::Protocol("create answer carries no token".to_owned());
-        let _ = deps
+        lease.authorization_id = Some(pat.authorization_id);
+        if let Err(r) = deps
             .upstream
             .revoke(&lease.organization, pat.authorization_id)
-            .await;
+            .await
+        {
+            if !r.is_not_found() {
+                tracing::error!(lease_id = %lease.id, error = %r, "could not revoke a PAT minted without its token; left PENDING for the reconciler");
+                return Err(e.into());
+            }
+        }
         return Err(fail(deps, caller, lease, rule, e).await);
     };
 
@@ -366,8 +375,8 @@ async fn mint(
 }
 
 /// A minted PAT whose lease could not be made ACTIVE: revoke it upstream and
-/// mark the lease FAILED, best effort (issue 6's reconciler covers a crash
-/// here: the row stays PENDING and the display name finds the PAT).
+/// mark the lease FAILED, best effort (the reconciler in `background` covers
+/// a crash here: the row stays PENDING and the display name finds the PAT).
 async fn abandon_minted(deps: &LeaseDeps, lease: &LeaseRecord) {
     if let Some(id) = lease.authorization_id {
         if let Err(e) = deps.upstream.revoke(&lease.organization, id).await {

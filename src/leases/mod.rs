@@ -385,12 +385,6 @@ impl Leases {
         events::audit_policy_reloads(&self.deps, outcomes).await
     }
 
-    /// The newest audit chain link this process appended (export it as a
-    /// metric; docs/audit-chain.md).
-    pub fn audit_chain_head(&self) -> Option<crate::audit::AppendedEvent> {
-        self.deps.audit.head()
-    }
-
     /// Runs background work (the reaper and revocation retries) every
     /// `settings.reaper_interval` until `shutdown` resolves.
     pub async fn run_background(&self, shutdown: impl std::future::Future<Output = ()> + Send) {
