@@ -149,7 +149,10 @@ fn valid_key_id(id: &str) -> bool {
 
 /// Decodes standard base64 of exactly [`KEY_LEN`] bytes (surrounding ASCII
 /// whitespace, such as a key file's trailing newline, is ignored).
-fn decode_key(id: &str, key: &SecretString) -> Result<SecretBox<[u8; KEY_LEN]>, CryptoError> {
+pub(crate) fn decode_key(
+    id: &str,
+    key: &SecretString,
+) -> Result<SecretBox<[u8; KEY_LEN]>, CryptoError> {
     let bytes = Zeroizing::new(
         BASE64
             .decode(key.expose_secret().trim_ascii())

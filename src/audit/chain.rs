@@ -45,12 +45,8 @@
 use std::fmt;
 
 use hmac::{Hmac, Mac};
-use secrecy::zeroize::Zeroizing;
 use secrecy::{ExposeSecret, SecretBox, SecretString};
 use sha2::Sha256;
-
-use base64::engine::general_purpose::STANDARD as BASE64;
-use base64::Engine as _;
 
 use super::{AppendedEvent, AuditEvent};
 use crate::crypto::{CryptoError, KEY_LEN};
@@ -83,18 +79,9 @@ impl ChainKey {
     /// surrounding whitespace ignored (as `crypto::Keyring::generate_key`
     /// makes). Errors: [`CryptoError::BadKey`] naming `audit chain`.
     pub fn new(key: &SecretString) -> Result<Self, CryptoError> {
-        let bad = || CryptoError::BadKey("audit chain".to_owned());
-        let bytes = Zeroizing::new(
-            BASE64
-                .decode(key.expose_secret().trim_ascii())
-                .map_err(|_| bad())?,
-        );
-        if bytes.len() != KEY_LEN {
-            return Err(bad());
-        }
-        let mut out = SecretBox::new(Box::new([0u8; KEY_LEN]));
-        secrecy::ExposeSecretMut::expose_secret_mut(&mut out).copy_from_slice(&bytes);
-        Ok(ChainKey { key: out })
+        Ok(ChainKey {
+            key: crate::crypto::decode_key("audit chain", key)?,
+        })
     }
 
     /// The chain MAC of `event` (its `id` and `time` as stored) following a
@@ -347,6 +334,8 @@ pub async fn verify(
 mod tests {
     use super::*;
     use crate::audit::Outcome;
+    use base64::engine::general_purpose::STANDARD as BASE64;
+    use base64::Engine as _;
     use chrono::TimeZone;
 
     fn key(byte: u8) -> ChainKey {
