@@ -6,8 +6,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::support::{
-    audit_best_effort, audit_grant, caller_event, chrono_duration, now, open_token,
-    revoke_by_display_name, token_aad, upstream_time,
+    audit_best_effort, audit_grant, caller_event, chrono_duration, fit_to_upstream, now,
+    open_token, revoke_by_display_name, token_aad,
 };
 use super::{CreateLease, IssuedLease, LeaseDeps, LeaseError};
 use crate::audit::{AuditEvent, Outcome};
@@ -322,18 +322,9 @@ async fn mint(
     // Upstream may clamp validTo (max-lifespan policy, ado-pat-api.md 4.1)
     // and rounds it: the lease must never outlive its PAT.
     let now = now();
-    let valid_to = upstream_time(pat.valid_to);
-    if valid_to < lease.expire_time {
-        lease.expire_time = valid_to;
-    }
-    if valid_to + chrono::Duration::seconds(1) < wanted_valid_to {
-        lease.max_expire_time = lease.max_expire_time.min(valid_to);
-        tracing::info!(lease_id = %lease.id, valid_to = %valid_to, "upstream clamped validTo; lease shortened");
-    }
-    lease.max_expire_time = lease.max_expire_time.max(lease.expire_time);
+    fit_to_upstream(&mut lease, pat.valid_to, wanted_valid_to);
     lease.authorization_id = Some(pat.authorization_id);
     lease.sealed_token = Some(deps.keyring.seal(&token, &token_aad(lease.id)));
-    lease.upstream_valid_to = Some(valid_to);
     lease.state = LeaseState::Active;
     lease.update_time = now;
 

@@ -153,15 +153,7 @@ pub(super) async fn renew(
     };
     // Upstream clamps an update to creation + max lifespan (ado-pat-api.md
     // 1.3): the lease must never outlive its PAT.
-    let valid_to = super::support::upstream_time(pat.valid_to);
-    if valid_to < next.expire_time {
-        next.expire_time = valid_to;
-    }
-    if valid_to + chrono::Duration::seconds(1) < wanted_valid_to {
-        next.max_expire_time = next.max_expire_time.min(valid_to);
-    }
-    next.max_expire_time = next.max_expire_time.max(next.expire_time);
-    next.upstream_valid_to = Some(valid_to);
+    super::support::fit_to_upstream(&mut next, pat.valid_to, wanted_valid_to);
     next.update_time = super::support::now();
     if !deps.store.update_lease(&next, LeaseState::Active).await? {
         // Revoked or expired meanwhile; the revocation removes the PAT.

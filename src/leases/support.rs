@@ -44,6 +44,27 @@ pub(super) fn upstream_time(t: DateTime<Utc>) -> DateTime<Utc> {
     t.trunc_subsecs(6)
 }
 
+/// Fits `lease` to the PAT's `validTo` as upstream answered it (it may round
+/// or clamp, ado-pat-api.md 1.3 and 4.1): the lease never outlives its PAT.
+/// `wanted` is the validTo the broker asked for. Returns the stored form.
+pub(super) fn fit_to_upstream(
+    lease: &mut crate::store::LeaseRecord,
+    valid_to: DateTime<Utc>,
+    wanted: DateTime<Utc>,
+) -> DateTime<Utc> {
+    let valid_to = upstream_time(valid_to);
+    if valid_to < lease.expire_time {
+        lease.expire_time = valid_to;
+    }
+    if valid_to + chrono::Duration::seconds(1) < wanted {
+        lease.max_expire_time = lease.max_expire_time.min(valid_to);
+        tracing::info!(lease_id = %lease.id, valid_to = %valid_to, "upstream clamped validTo; lease shortened");
+    }
+    lease.max_expire_time = lease.max_expire_time.max(lease.expire_time);
+    lease.upstream_valid_to = Some(valid_to);
+    valid_to
+}
+
 /// `Std` duration to chrono, saturating (TTLs are at most a year).
 pub(super) fn chrono_duration(d: Duration) -> chrono::Duration {
     chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
