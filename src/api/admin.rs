@@ -1,6 +1,7 @@
 //! `tokenbroker.v1.AdminService`: validates requests, calls the admin
 //! operations of [`Leases`] (which check admin rights), converts answers.
-//! Authenticated by the same interceptor as `LeaseService`.
+//! Authenticated by the same layer as `LeaseService`, and a bulk revoke
+//! runs to completion like LeaseService's mutating calls.
 
 use std::sync::Arc;
 
@@ -8,11 +9,11 @@ use chrono::{DateTime, Utc};
 use tonic::{Request, Response, Status};
 
 use super::convert::{self, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
+use super::service::{caller, run_to_completion};
 use super::status::{to_status, InvalidField};
 use crate::audit::{AuditEvent, Outcome};
-use crate::auth::{AuthError, Caller};
 use crate::domain::{Identity, LeaseState, Organization, Scope};
-use crate::leases::{AuditQuery, LeaseError, LeaseSelector, Leases, ListQuery};
+use crate::leases::{AuditQuery, LeaseSelector, Leases, ListQuery};
 use crate::proto::v1 as pb;
 use crate::proto::v1::admin_service_server::AdminService;
 
@@ -31,16 +32,6 @@ impl AdminApi {
     }
 }
 
-fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
-    // Only reachable without a Caller if the service were mounted without
-    // its interceptor: refuse rather than serve anonymously.
-    request
-        .extensions()
-        .get::<Caller>()
-        .cloned()
-        .ok_or_else(|| to_status(&AuthError::Missing))
-}
-
 #[tonic::async_trait]
 impl AdminService for AdminApi {
     async fn revoke_leases(
@@ -52,10 +43,8 @@ impl AdminService for AdminApi {
         // Incident response finishes even if the caller goes away: the bulk
         // revoke runs on a task of its own, not in the cancellable call.
         let leases = self.leases.clone();
-        let done = tokio::spawn(async move { leases.admin_revoke(&caller, selector).await })
-            .await
-            .map_err(|e| to_status(&LeaseError::Internal(format!("bulk revoke task: {e}"))))?
-            .map_err(|e| to_status(&e))?;
+        let done =
+            run_to_completion(async move { leases.admin_revoke(&caller, selector).await }).await?;
         Ok(Response::new(pb::RevokeLeasesResponse {
             matched_count: done.matched as i64,
             revoked_count: done.revoked as i64,

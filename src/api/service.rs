@@ -47,7 +47,7 @@ impl ServiceError for TaskFailed {
 /// and awaits it. tonic drops a handler's future when the client cancels
 /// or its deadline passes; on a task the operation still runs to its
 /// commit, so an upstream PAT is never left between mint and record.
-async fn run_to_completion<T, F>(op: F) -> Result<T, Status>
+pub(super) async fn run_to_completion<T, F>(op: F) -> Result<T, Status>
 where
     T: Send + 'static,
     F: std::future::Future<Output = Result<T, LeaseError>> + Send + 'static,
@@ -59,7 +59,7 @@ where
     }
 }
 
-fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
+pub(super) fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
     // Only reachable without a Caller if the service were mounted without
     // its authentication layer: refuse rather than serve anonymously.
     request
