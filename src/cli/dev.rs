@@ -75,7 +75,7 @@ pub struct DevArgs {
     /// Store URL, e.g. `postgres://postgres@127.0.0.1:5432/postgres`
     /// (default: the SQLite file token-broker-dev.db here).
     #[arg(long, hide_default_value = true)]
-    pub database_url: Option<String>,
+    pub database_url: Option<SecretString>,
     /// Use the emulator already running at this URL (started with its
     /// default refresh token) instead of starting one.
     #[arg(long)]
@@ -125,8 +125,10 @@ pub fn dev_config(
 ) -> Result<Config, DevError> {
     let mut config = Config::load(None).map_err(|e| DevError::Config(e.to_string()))?;
     config.grpc.listen = args.listen;
-    config.database.url =
-        SecretString::from(args.database_url.as_deref().unwrap_or(DEV_DATABASE_URL));
+    config.database.url = args
+        .database_url
+        .clone()
+        .unwrap_or_else(|| SecretString::from(DEV_DATABASE_URL));
     let backend = config
         .database
         .backend()
@@ -171,7 +173,8 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
             // Beside the dev database, so a restarted dev still owns (and
             // can revoke) the PATs it minted, and its rotated refresh token
             // stays valid.
-            let state_file = dev_emulator_state_file(args.database_url.as_deref());
+            let state_file =
+                dev_emulator_state_file(args.database_url.as_ref().map(|u| u.expose_secret()));
             let emu = emulator::Emulator::open(EmulatorConfig {
                 state_file: Some(state_file.clone()),
                 ..EmulatorConfig::default()
@@ -209,7 +212,11 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
         } else {
             "  (external)"
         },
-        redact_url(args.database_url.as_deref().unwrap_or(DEV_DATABASE_URL)),
+        redact_url(
+            args.database_url
+                .as_ref()
+                .map_or(DEV_DATABASE_URL, |u| u.expose_secret()),
+        ),
         key.key.expose_secret(),
         key.key.expose_secret(),
     );

@@ -225,6 +225,18 @@ mod tests {
     }
 
     #[test]
+    fn a_dev_database_password_never_shows_in_debug_output() {
+        let cli = Cli::try_parse_from([
+            "token-broker",
+            "dev",
+            "--database-url",
+            "postgres://broker:hunter2@db.internal/token_broker",
+        ])
+        .unwrap();
+        assert!(!format!("{cli:?}").contains("hunter2"));
+    }
+
+    #[test]
     fn an_api_key_given_on_the_command_line_never_shows_in_debug_output() {
         let key = "tbk_do-not-print-me-0123456789abcdef";
         let cli = Cli::try_parse_from([
