@@ -18,14 +18,8 @@ use axum::Router;
 use prometheus::{Encoder as _, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 use tokio::net::TcpListener;
 
-use crate::audit::{AppendedEvent, AuditEvent, Outcome};
-use crate::cli::serve::AUTHENTICATE_ACTION;
+use crate::audit::{self, AppendedEvent, AuditEvent, Outcome};
 use crate::store::Store;
-
-/// Audit action counted by `token_broker_leases_created_total`.
-const CREATE_ACTION: &str = "lease.create";
-/// Audit action counted by `token_broker_lease_revocations_total`.
-const REVOKE_ACTION: &str = "lease.revoke";
 
 /// The broker's metrics, one registry per broker (two brokers in one
 /// process never mix their numbers).
@@ -127,9 +121,9 @@ impl Metrics {
             }
         }
         match (event.action.as_str(), event.outcome) {
-            (CREATE_ACTION, Outcome::Allowed) => self.leases_created.inc(),
-            (REVOKE_ACTION, Outcome::Allowed) => self.revocations.inc(),
-            (AUTHENTICATE_ACTION, _) => self.auth_failures.inc(),
+            (audit::LEASE_CREATE, Outcome::Allowed) => self.leases_created.inc(),
+            (audit::LEASE_REVOKE, Outcome::Allowed) => self.revocations.inc(),
+            (audit::AUTHENTICATE, _) => self.auth_failures.inc(),
             _ => {}
         }
     }

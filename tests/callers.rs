@@ -18,10 +18,10 @@ use common::k8s::{
 };
 use common::mtls::{dns, uri, ServerTls, TestAuthority};
 use secrecy::ExposeSecret as _;
+use token_broker::audit::AUTHENTICATE as AUTHENTICATE_ACTION;
 use token_broker::audit::{AuditEvent, Outcome};
 use token_broker::auth::kubernetes::{KubernetesAuthConfig, TokenReviewConfig};
 use token_broker::auth::tls::ClientAuth;
-use token_broker::cli::serve::AUTHENTICATE_ACTION;
 use token_broker::emulator::{self, EmulatorConfig, RunningEmulator};
 use token_broker::proto::v1 as pb;
 

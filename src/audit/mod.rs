@@ -27,6 +27,19 @@ pub use chain::{
     GENESIS_MAC,
 };
 
+/// `action` of an issued (or replayed) lease.
+pub const LEASE_CREATE: &str = "lease.create";
+/// `action` of a renewal.
+pub const LEASE_RENEW: &str = "lease.renew";
+/// `action` of a revocation on request (holder or admin).
+pub const LEASE_REVOKE: &str = "lease.revoke";
+/// `action` of a revocation by the reaper at expiry.
+pub const LEASE_EXPIRE: &str = "lease.expire";
+/// `action` of a stale PENDING lease resolved by the reconciler.
+pub const LEASE_RECONCILE: &str = "lease.reconcile";
+/// `action` of a refused authentication.
+pub const AUTHENTICATE: &str = "authenticate";
+
 /// How a decision came out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {

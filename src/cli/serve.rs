@@ -32,9 +32,6 @@ use crate::upstream::UpstreamError;
 /// (below Kubernetes' default 30 s termination grace period).
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
-/// Audit action of a refused authentication.
-pub const AUTHENTICATE_ACTION: &str = "authenticate";
-
 /// Meta key of the deployment id (second part of every display name).
 pub const DEPLOYMENT_ID_META: &str = "deployment_id";
 
@@ -374,7 +371,7 @@ impl RefusalAudit for ChainedRefusalAudit {
             time: Utc::now(),
             identity: "-".to_owned(),
             peer: refusal.peer,
-            action: AUTHENTICATE_ACTION.to_owned(),
+            action: crate::audit::AUTHENTICATE.to_owned(),
             outcome,
             reason: Some(refusal.error.reason().to_owned()),
             policy_rule: None,
@@ -385,7 +382,7 @@ impl RefusalAudit for ChainedRefusalAudit {
             caller_detail: None,
         };
         if let Err(e) = self.0.append(&event).await {
-            tracing::error!(action = AUTHENTICATE_ACTION, error = %e, "audit event not written");
+            tracing::error!(action = crate::audit::AUTHENTICATE, error = %e, "audit event not written");
         }
     }
 }

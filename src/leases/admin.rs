@@ -345,13 +345,31 @@ async fn revoke_one(
             s if s.is_terminal() => return Some(s),
             LeaseState::Active => match begin_revocation(deps, &lease, now()).await {
                 Ok(Some(revoking)) => {
-                    finish_revocation(deps, &revoking, actor, peer, detail, "lease.revoke").await
+                    finish_revocation(
+                        deps,
+                        &revoking,
+                        actor,
+                        peer,
+                        detail,
+                        crate::audit::LEASE_REVOKE,
+                    )
+                    .await
                 }
                 Ok(None) => Ok(None),
                 Err(e) => Err(e),
             },
             // REVOKING or REVOKE_FAILED: try again now.
-            _ => finish_revocation(deps, &lease, actor, peer, detail, "lease.revoke").await,
+            _ => {
+                finish_revocation(
+                    deps,
+                    &lease,
+                    actor,
+                    peer,
+                    detail,
+                    crate::audit::LEASE_REVOKE,
+                )
+                .await
+            }
         };
         match result {
             Ok(Some(done)) => return Some(done.state),

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use super::support::{
-    audit_best_effort, begin_revocation, finish_revocation, lease_event, now,
+    audit_best_effort, begin_revocation, final_state, finish_revocation, lease_event, now,
     revoke_by_display_name, BACKGROUND_ACTOR,
 };
 use super::{LeaseDeps, LeaseError};
@@ -187,7 +187,7 @@ async fn reconcile(deps: &LeaseDeps, lease: LeaseRecord) {
             let mut event = lease_event(
                 BACKGROUND_ACTOR,
                 None,
-                "lease.reconcile",
+                crate::audit::LEASE_RECONCILE,
                 Outcome::Allowed,
                 &failed,
                 now,
@@ -228,7 +228,7 @@ async fn expire(deps: &LeaseDeps, lease: LeaseRecord) -> usize {
             BACKGROUND_ACTOR,
             None,
             None,
-            "lease.expire",
+            crate::audit::LEASE_EXPIRE,
         )
         .await
     }
@@ -239,10 +239,9 @@ async fn expire(deps: &LeaseDeps, lease: LeaseRecord) -> usize {
 /// Retries one claimed revocation; 1 if it reached REVOKED or EXPIRED.
 async fn retry_revocation(deps: &LeaseDeps, lease: LeaseRecord) -> usize {
     let id = lease.id;
-    let action = if lease.revoke_time.is_some_and(|t| t >= lease.expire_time) {
-        "lease.expire"
-    } else {
-        "lease.revoke"
+    let action = match final_state(&lease) {
+        LeaseState::Expired => crate::audit::LEASE_EXPIRE,
+        _ => crate::audit::LEASE_REVOKE,
     };
     let result = finish_revocation(deps, &lease, BACKGROUND_ACTOR, None, None, action).await;
     settle(deps, id, result).await

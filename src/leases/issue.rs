@@ -25,7 +25,7 @@ const PENDING_WAIT: Duration = Duration::from_secs(30);
 /// How often that wait looks at the store again.
 const PENDING_POLL: Duration = Duration::from_millis(100);
 
-const ACTION: &str = "lease.create";
+const ACTION: &str = crate::audit::LEASE_CREATE;
 
 /// See [`super::Leases::create`].
 pub(super) async fn create(
@@ -355,7 +355,7 @@ async fn mint(
                 &caller.identity.to_string(),
                 caller.peer.as_deref(),
                 caller.audit_detail().as_deref(),
-                "lease.revoke",
+                crate::audit::LEASE_REVOKE,
             )
             .await;
         }

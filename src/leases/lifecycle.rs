@@ -89,7 +89,7 @@ pub(super) async fn renew(
     id: LeaseId,
     increment: Option<Duration>,
 ) -> Result<LeaseRecord, LeaseError> {
-    const ACTION: &str = "lease.renew";
+    const ACTION: &str = crate::audit::LEASE_RENEW;
     let lease = get_owned(deps, caller, id).await?;
     let now = now();
     if lease.state != LeaseState::Active {
@@ -170,7 +170,7 @@ pub(super) async fn revoke(
     caller: &Caller,
     id: LeaseId,
 ) -> Result<LeaseRecord, LeaseError> {
-    const ACTION: &str = "lease.revoke";
+    const ACTION: &str = crate::audit::LEASE_REVOKE;
     let actor = caller.identity.to_string();
     let peer = caller.peer.as_deref();
     let detail = caller.audit_detail();

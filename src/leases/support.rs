@@ -222,7 +222,7 @@ async fn retry_audit(audit: std::sync::Arc<crate::audit::AuditLog>, event: Audit
 /// The state a finished revocation ends in: EXPIRED when the lease had
 /// reached its expire_time by the time revocation began (`revoke_time`),
 /// REVOKED otherwise.
-fn final_state(lease: &LeaseRecord) -> LeaseState {
+pub(super) fn final_state(lease: &LeaseRecord) -> LeaseState {
     match lease.revoke_time {
         Some(t) if t >= lease.expire_time => LeaseState::Expired,
         _ => LeaseState::Revoked,
