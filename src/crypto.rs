@@ -219,11 +219,6 @@ impl Keyring {
         &self.active_key_id
     }
 
-    /// Every key id held, sorted.
-    pub fn key_ids(&self) -> impl Iterator<Item = &str> {
-        self.keys.keys().map(String::as_str)
-    }
-
     /// Seals `plaintext` under the active key with a fresh random nonce,
     /// binding it to `aad` (the owning row's id).
     pub fn seal(&self, plaintext: &SecretString, aad: &[u8]) -> Sealed {

@@ -31,14 +31,12 @@ pub const DEV_EMULATOR_STATE_FILE: &str = "token-broker-dev.emulator.json";
 /// file when the store is a SQLite file, else in the working directory.
 pub fn dev_emulator_state_file(database_url: Option<&str>) -> std::path::PathBuf {
     let url = database_url.unwrap_or(DEV_DATABASE_URL);
-    let file = url
-        .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"))
-        .map(|rest| rest.split('?').next().unwrap_or(rest))
-        .filter(|p| !p.is_empty() && !p.contains(":memory:"));
-    match file.and_then(|p| Path::new(p).parent()) {
-        Some(dir) => dir.join(DEV_EMULATOR_STATE_FILE),
-        None => DEV_EMULATOR_STATE_FILE.into(),
+    match crate::config::backend_of(url) {
+        Ok(crate::config::Backend::Sqlite(Some(file))) => match file.parent() {
+            Some(dir) => dir.join(DEV_EMULATOR_STATE_FILE),
+            None => DEV_EMULATOR_STATE_FILE.into(),
+        },
+        _ => DEV_EMULATOR_STATE_FILE.into(),
     }
 }
 

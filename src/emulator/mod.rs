@@ -25,7 +25,6 @@ mod server;
 mod state;
 mod wire;
 
-pub use entra::AZURE_DEVOPS_RESOURCE;
 pub use faults::{FaultRule, LatencyWhen, Operation};
 
 /// The refresh token the emulator accepts when started without
@@ -161,15 +160,6 @@ impl From<EmulatorArgs> for EmulatorConfig {
             ..EmulatorConfig::default()
         }
     }
-}
-
-/// The emulator as an axum router. Served with plain `axum::serve`, the
-/// `dropConnection` fault aborts the answer's body instead of closing the
-/// connection; [`serve`] closes it properly.
-///
-/// Errors: `config.state_file` exists but cannot be read or parsed.
-pub fn router(config: EmulatorConfig) -> std::io::Result<axum::Router> {
-    Ok(server::router(state::Emulator::open(config)?))
 }
 
 /// An emulator whose state (and state file, if configured) is loaded,

@@ -274,11 +274,6 @@ impl AzureDevOpsClient {
         })
     }
 
-    /// The settings in use.
-    pub fn config(&self) -> &AzureDevOpsConfig {
-        &self.config
-    }
-
     /// `{base_url}/{org}/_apis/tokens/pats?api-version=..&extra..`; `$top`
     /// is written as is, as the service's documents do.
     fn url(&self, org: &Organization, query: &[(&str, &str)]) -> Url {
