@@ -21,14 +21,11 @@
 
 use std::collections::HashSet;
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use futures::stream::{self, StreamExt as _};
-use secrecy::SecretString;
 
 use super::support::{audit_best_effort, begin_revocation, finish_revocation, now};
-use super::{page_token, LeaseDeps, LeaseError, LeasePage, ListQuery};
+use super::{LeaseDeps, LeaseError, LeasePage, ListQuery};
 use crate::audit::{AuditEvent, Outcome};
 use crate::auth::Caller;
 use crate::domain::{Identity, LeaseId, LeaseState, Organization, Scope};
@@ -404,38 +401,7 @@ pub(super) async fn list_leases(
         states: query.states,
         organization: query.organization,
     };
-    let after = if query.page_token.is_empty() {
-        None
-    } else {
-        Some(page_token::decode(
-            &deps.fingerprinter,
-            &filter,
-            &query.page_token,
-        )?)
-    };
-    let limit = query.page_size.clamp(1, 1000);
-    let mut leases = deps
-        .store
-        .list_leases(&filter, after.as_ref(), limit + 1)
-        .await?;
-    let next_page_token = if leases.len() > limit as usize {
-        leases.truncate(limit as usize);
-        let last = leases.last().expect("limit is at least 1");
-        page_token::encode(
-            &deps.fingerprinter,
-            &filter,
-            &PageCursor {
-                create_time: last.create_time,
-                id: last.id,
-            },
-        )
-    } else {
-        String::new()
-    };
-    Ok(LeasePage {
-        leases,
-        next_page_token,
-    })
+    super::lifecycle::page(deps, &filter, &query.page_token, query.page_size).await
 }
 
 /// See [`super::Leases::audit_events`].
@@ -485,21 +451,16 @@ pub(super) async fn audit_events(
     })
 }
 
-fn audit_token_mac(deps: &LeaseDeps, query: &AuditQuery, payload: &str) -> String {
-    // Domain-separated, like the lease page tokens: never equal to a PAT.
-    let input = SecretString::from(format!(
-        "tokenbroker.audit_page_token.v1\n{}\n{payload}",
-        query.binding()
-    ));
-    let mut mac = deps.fingerprinter.fingerprint(&input);
-    mac.truncate(32);
-    mac
-}
+const AUDIT_TOKEN_DOMAIN: &str = "tokenbroker.audit_page_token.v1";
 
 fn encode_audit_token(deps: &LeaseDeps, query: &AuditQuery, after_id: i64) -> String {
     let payload = format!("a1|{after_id}");
-    let mac = audit_token_mac(deps, query, &payload);
-    URL_SAFE_NO_PAD.encode(format!("{payload}|{mac}"))
+    super::page_token::seal(
+        &deps.fingerprinter,
+        AUDIT_TOKEN_DOMAIN,
+        &query.binding(),
+        &payload,
+    )
 }
 
 fn decode_audit_token(
@@ -507,19 +468,16 @@ fn decode_audit_token(
     query: &AuditQuery,
     token: &str,
 ) -> Result<i64, LeaseError> {
-    let bad = || LeaseError::InvalidPageToken;
-    let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
-    let text = String::from_utf8(bytes).map_err(|_| bad())?;
-    let (payload, given) = text.rsplit_once('|').ok_or_else(bad)?;
-    let expected = audit_token_mac(deps, query, payload);
-    let same: bool = subtle::ConstantTimeEq::ct_eq(expected.as_bytes(), given.as_bytes()).into();
-    if !same {
-        return Err(bad());
-    }
+    let payload = super::page_token::open(
+        &deps.fingerprinter,
+        AUDIT_TOKEN_DOMAIN,
+        &query.binding(),
+        token,
+    )?;
     payload
         .strip_prefix("a1|")
         .and_then(|id| id.parse::<i64>().ok())
-        .ok_or_else(bad)
+        .ok_or(LeaseError::InvalidPageToken)
 }
 
 #[cfg(test)]

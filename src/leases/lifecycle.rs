@@ -44,30 +44,39 @@ pub(super) async fn list(
         states: query.states,
         organization: query.organization,
     };
-    let after = if query.page_token.is_empty() {
+    page(deps, &filter, &query.page_token, query.page_size).await
+}
+
+/// One page of the leases matching `filter`, newest first, after the
+/// position `page_token` names (a token bound to this filter; empty: the
+/// first page). `page_size` 0 means [`DEFAULT_PAGE_SIZE`]; it is capped at
+/// [`MAX_PAGE_SIZE`]. Shared by the holder's and the admin's listings.
+pub(super) async fn page(
+    deps: &LeaseDeps,
+    filter: &LeaseFilter,
+    page_token: &str,
+    page_size: u32,
+) -> Result<LeasePage, LeaseError> {
+    let after = if page_token.is_empty() {
         None
     } else {
-        Some(page_token::decode(
-            &deps.fingerprinter,
-            &filter,
-            &query.page_token,
-        )?)
+        Some(page_token::decode(&deps.fingerprinter, filter, page_token)?)
     };
-    let limit = match query.page_size {
+    let limit = match page_size {
         0 => DEFAULT_PAGE_SIZE,
         n => n.min(MAX_PAGE_SIZE),
     };
     // One extra row tells whether another page exists.
     let mut leases = deps
         .store
-        .list_leases(&filter, after.as_ref(), limit + 1)
+        .list_leases(filter, after.as_ref(), limit + 1)
         .await?;
     let next_page_token = if leases.len() > limit as usize {
         leases.truncate(limit as usize);
         let last = leases.last().expect("limit is at least 1");
         page_token::encode(
             &deps.fingerprinter,
-            &filter,
+            filter,
             &PageCursor {
                 create_time: last.create_time,
                 id: last.id,

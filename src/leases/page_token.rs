@@ -1,4 +1,5 @@
-//! Opaque ListLeases page tokens: base64url of the keyset cursor (the last
+//! Opaque page tokens (ListLeases; ListAuditEvents through [`seal`] and
+//! [`open`]). A lease token is base64url of the keyset cursor (the last
 //! row's create_time and id), bound to the caller and filter by a keyed MAC
 //! so a token altered, or replayed with another filter, is refused.
 
@@ -37,18 +38,50 @@ fn binding(filter: &LeaseFilter) -> String {
     )
 }
 
-fn mac(fingerprinter: &TokenFingerprinter, filter: &LeaseFilter, payload: &str) -> String {
+fn mac(fingerprinter: &TokenFingerprinter, domain: &str, binding: &str, payload: &str) -> String {
     // Domain-separated input: never equal to a PAT, so MACs and token
     // fingerprints cannot be confused.
-    let input = SecretString::from(format!(
-        "tokenbroker.page_token.v1\n{}\n{}",
-        binding(filter),
-        payload
-    ));
+    let input = SecretString::from(format!("{domain}\n{binding}\n{payload}"));
     let mut mac = fingerprinter.fingerprint(&input);
     mac.truncate(MAC_HEX_LEN);
     mac
 }
+
+/// `payload` as an opaque token bound by a keyed MAC to `domain` (what kind
+/// of token) and `binding` (the query it pages through).
+pub(super) fn seal(
+    fingerprinter: &TokenFingerprinter,
+    domain: &str,
+    binding: &str,
+    payload: &str,
+) -> String {
+    let mac = mac(fingerprinter, domain, binding, payload);
+    URL_SAFE_NO_PAD.encode(format!("{payload}|{mac}"))
+}
+
+/// The payload of a token [`seal`] made for the same `domain` and
+/// `binding`. Errors: `InvalidPageToken` for anything else.
+pub(super) fn open(
+    fingerprinter: &TokenFingerprinter,
+    domain: &str,
+    binding: &str,
+    token: &str,
+) -> Result<String, LeaseError> {
+    let bytes = URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| LeaseError::InvalidPageToken)?;
+    let text = String::from_utf8(bytes).map_err(|_| LeaseError::InvalidPageToken)?;
+    let (payload, given_mac) = text.rsplit_once('|').ok_or(LeaseError::InvalidPageToken)?;
+    let expected = mac(fingerprinter, domain, binding, payload);
+    let same: bool =
+        subtle::ConstantTimeEq::ct_eq(expected.as_bytes(), given_mac.as_bytes()).into();
+    if !same {
+        return Err(LeaseError::InvalidPageToken);
+    }
+    Ok(payload.to_owned())
+}
+
+const LEASE_DOMAIN: &str = "tokenbroker.page_token.v1";
 
 /// The token for the page after `cursor` under `filter`.
 pub(super) fn encode(
@@ -57,8 +90,7 @@ pub(super) fn encode(
     cursor: &PageCursor,
 ) -> String {
     let payload = format!("v1|{}|{}", cursor.create_time.timestamp_micros(), cursor.id);
-    let mac = mac(fingerprinter, filter, &payload);
-    URL_SAFE_NO_PAD.encode(format!("{payload}|{mac}"))
+    seal(fingerprinter, LEASE_DOMAIN, &binding(filter), &payload)
 }
 
 /// The cursor in `token`, if this service issued it for `filter`.
@@ -68,17 +100,7 @@ pub(super) fn decode(
     filter: &LeaseFilter,
     token: &str,
 ) -> Result<PageCursor, LeaseError> {
-    let bytes = URL_SAFE_NO_PAD
-        .decode(token)
-        .map_err(|_| LeaseError::InvalidPageToken)?;
-    let text = String::from_utf8(bytes).map_err(|_| LeaseError::InvalidPageToken)?;
-    let (payload, given_mac) = text.rsplit_once('|').ok_or(LeaseError::InvalidPageToken)?;
-    let expected = mac(fingerprinter, filter, payload);
-    let same: bool =
-        subtle::ConstantTimeEq::ct_eq(expected.as_bytes(), given_mac.as_bytes()).into();
-    if !same {
-        return Err(LeaseError::InvalidPageToken);
-    }
+    let payload = open(fingerprinter, LEASE_DOMAIN, &binding(filter), token)?;
     let mut parts = payload.split('|');
     let (Some("v1"), Some(micros), Some(id), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
