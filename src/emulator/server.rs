@@ -136,15 +136,8 @@ async fn dispatch(State(emu): State<Emulator>, req: Request) -> Response {
     let fault = emu.take_fault(op);
     let when = fault.as_ref().map(|f| f.latency_when).unwrap_or_default();
 
-    if when == LatencyWhen::Before {
-        if let Some(f) = &fault {
-            if let Some(d) = f.latency() {
-                tokio::time::sleep(d).await;
-            }
-            if f.replaces_answer() {
-                return fault_answer(f, kill).await;
-            }
-        }
+    if let Some(answer) = spend_fault(fault.as_ref(), when, LatencyWhen::Before, &kill).await {
+        return answer;
     }
 
     let repeat_page = fault.as_ref().is_some_and(|f| f.repeat_page);
@@ -168,18 +161,13 @@ async fn dispatch(State(emu): State<Emulator>, req: Request) -> Response {
         op,
         Operation::Create | Operation::Update | Operation::Revoke | Operation::Token
     ) {
-        emu.persist();
+        // File I/O and fsync: off the async workers.
+        let emu = emu.clone();
+        let _ = tokio::task::spawn_blocking(move || emu.persist()).await;
     }
 
-    if when == LatencyWhen::After {
-        if let Some(f) = &fault {
-            if let Some(d) = f.latency() {
-                tokio::time::sleep(d).await;
-            }
-            if f.replaces_answer() {
-                return fault_answer(f, kill).await;
-            }
-        }
+    if let Some(answer) = spend_fault(fault.as_ref(), when, LatencyWhen::After, &kill).await {
+        return answer;
     }
     if let Some(f) = &fault {
         f.decorate(&mut answer);
@@ -222,6 +210,24 @@ fn pat_api(
 }
 
 /// The fault's answer; for `dropConnection`, closes the connection.
+/// At point `at` of a call whose fault acts `when`: waits the fault's
+/// latency, then answers with the fault if it replaces the answer.
+async fn spend_fault(
+    fault: Option<&super::faults::FaultRule>,
+    when: LatencyWhen,
+    at: LatencyWhen,
+    kill: &Option<ConnectionKill>,
+) -> Option<Response> {
+    let f = fault.filter(|_| when == at)?;
+    if let Some(d) = f.latency() {
+        tokio::time::sleep(d).await;
+    }
+    if f.replaces_answer() {
+        return Some(fault_answer(f, kill.clone()).await);
+    }
+    None
+}
+
 async fn fault_answer(f: &super::faults::FaultRule, kill: Option<ConnectionKill>) -> Response {
     if f.drop_connection {
         if let Some(ConnectionKill(notify)) = kill {
