@@ -153,6 +153,12 @@ pub fn admin_list_query(
     req: pb::AdminListLeasesRequest,
 ) -> Result<(Option<Identity>, ListQuery), InvalidField> {
     let page_size = page_size(req.page_size)?;
+    convert::at_most(
+        "filter",
+        "FILTER_INVALID",
+        &req.filter,
+        convert::MAX_FILTER_CHARS,
+    )?;
     let bad = |m: String| InvalidField::new("filter", "FILTER_INVALID", m);
     let mut holder = None;
     let mut states: Vec<LeaseState> = Vec::new();
@@ -199,6 +205,12 @@ pub fn audit_query(req: pb::ListAuditEventsRequest) -> Result<AuditQuery, Invali
         page_token: req.page_token,
         ..AuditQuery::default()
     };
+    convert::at_most(
+        "filter",
+        "FILTER_INVALID",
+        &req.filter,
+        convert::MAX_FILTER_CHARS,
+    )?;
     let bad = |m: String| InvalidField::new("filter", "FILTER_INVALID", m);
     for Comparison { field, op, value } in parse_filter(&req.filter).map_err(bad)? {
         let slot_taken = |taken: bool| {
@@ -440,6 +452,16 @@ mod tests {
             let e = list(bad).unwrap_err();
             assert_eq!((e.field, e.reason), ("filter", "FILTER_INVALID"), "{bad}");
         }
+    }
+
+    #[test]
+    fn an_over_long_admin_filter_is_refused_before_it_is_parsed() {
+        let long = format!("identity = \"apikey:{}\"", "a".repeat(9000));
+        let e = list(&long).unwrap_err();
+        assert_eq!((e.field, e.reason), ("filter", "FILTER_INVALID"));
+        let e = audit(&long).unwrap_err();
+        assert_eq!((e.field, e.reason), ("filter", "FILTER_INVALID"));
+        assert!(e.to_string().len() < 200, "{e}");
     }
 
     #[test]

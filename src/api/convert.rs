@@ -35,7 +35,7 @@ pub const MAX_FILTER_CHARS: usize = 1024;
 
 /// Refuses a value longer than `max` characters before anything parses or
 /// echoes it.
-fn at_most(
+pub(super) fn at_most(
     field: &'static str,
     reason: &'static str,
     value: &str,
