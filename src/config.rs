@@ -52,6 +52,14 @@ url = "sqlite:token-broker.db"
 display_name_prefix = "token-broker"
 valid_to_skew = "5m"
 reaper_interval = "15s"
+reconcile_after = "2m"
+sweep_interval = "10m"
+
+[leases.revocation_retry]
+min_delay = "5s"
+max_delay = "10m"
+max_attempts = 10
+failed_interval = "1h"
 
 [auth]
 api_keys = []
@@ -291,6 +299,43 @@ pub struct LeasesConfig {
     /// default `15s`.
     #[serde(with = "humantime_serde")]
     pub reaper_interval: Duration,
+    /// `leases.reconcile_after`: how old a PENDING lease must be before the
+    /// reconciler resolves it (revokes any PAT with its display name, marks
+    /// it FAILED), and how long the orphan sweep leaves a PENDING lease's
+    /// PAT alone; default `2m`. Must exceed
+    /// `upstream.azure_devops.request_timeout`, so a create still in flight
+    /// is never reconciled.
+    #[serde(with = "humantime_serde")]
+    pub reconcile_after: Duration,
+    /// `leases.sweep_interval`: how often one replica of the deployment
+    /// lists upstream, in every organization it has leased in, for PATs
+    /// with this deployment's display-name prefix that no live lease owns,
+    /// and revokes them; default `10m`.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+    /// `[leases.revocation_retry]`: the schedule of upstream revoke retries.
+    pub revocation_retry: RevocationRetryConfig,
+}
+
+/// `[leases.revocation_retry]`: failed upstream revocations are retried
+/// with jittered exponential backoff from `min_delay` doubling to
+/// `max_delay`; after `max_attempts` failures the lease is REVOKE_FAILED
+/// and retried every `failed_interval` until it succeeds or an operator
+/// forces it (`token-broker admin force-revoke`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationRetryConfig {
+    /// First retry delay; default `5s`.
+    #[serde(with = "humantime_serde")]
+    pub min_delay: Duration,
+    /// Longest retry delay before the budget is spent; default `10m`.
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+    /// Failed attempts before REVOKE_FAILED; default 10, at least 1.
+    pub max_attempts: u32,
+    /// Delay between retries of a REVOKE_FAILED lease; default `1h`.
+    #[serde(with = "humantime_serde")]
+    pub failed_interval: Duration,
 }
 
 /// `[auth]`.
@@ -365,7 +410,17 @@ impl ConfigErrors {
 impl Config {
     /// The layered sources: defaults < `file` < environment.
     pub fn figment(file: Option<&Path>) -> Figment {
+        Self::figment_over(None, file)
+    }
+
+    /// The layered sources with `overlay` (TOML) over the built-in
+    /// defaults: defaults < overlay < `file` < environment. `dev` puts its
+    /// short intervals there, so the environment still wins.
+    pub fn figment_over(overlay: Option<&str>, file: Option<&Path>) -> Figment {
         let mut figment = Figment::from(Toml::string(DEFAULTS));
+        if let Some(overlay) = overlay {
+            figment = figment.merge(Toml::string(overlay));
+        }
         if let Some(file) = file {
             figment = figment.merge(Toml::file_exact(file));
         }
@@ -381,6 +436,12 @@ impl Config {
 
     /// Loads and validates the configuration.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigErrors> {
+        Self::load_over(None, file)
+    }
+
+    /// [`Config::load`] with `overlay` over the defaults (see
+    /// [`Config::figment_over`]).
+    pub fn load_over(overlay: Option<&str>, file: Option<&Path>) -> Result<Config, ConfigErrors> {
         if let Some(file) = file {
             if let Err(e) = std::fs::metadata(file) {
                 return Err(ConfigErrors(vec![ConfigError::new(
@@ -389,7 +450,9 @@ impl Config {
                 )]));
             }
         }
-        let config: Config = Self::figment(file).extract().map_err(figment_errors)?;
+        let config: Config = Self::figment_over(overlay, file)
+            .extract()
+            .map_err(figment_errors)?;
         config.validate()?;
         Ok(config)
     }
@@ -481,6 +544,43 @@ impl Config {
         }
         if self.leases.reaper_interval.is_zero() {
             bad("leases.reaper_interval", "must be greater than zero".into());
+        }
+        if self.leases.reconcile_after <= self.upstream.azure_devops.request_timeout {
+            bad(
+                "leases.reconcile_after",
+                format!(
+                    "must be longer than upstream.azure_devops.request_timeout ({}), so a create still in flight is never reconciled",
+                    humantime::format_duration(self.upstream.azure_devops.request_timeout)
+                ),
+            );
+        }
+        if self.leases.sweep_interval < Duration::from_secs(1) {
+            bad("leases.sweep_interval", "must be at least 1s".into());
+        }
+        let retry = &self.leases.revocation_retry;
+        if retry.min_delay.is_zero() {
+            bad(
+                "leases.revocation_retry.min_delay",
+                "must be greater than zero".into(),
+            );
+        }
+        if retry.max_delay < retry.min_delay {
+            bad(
+                "leases.revocation_retry.max_delay",
+                "must be at least leases.revocation_retry.min_delay".into(),
+            );
+        }
+        if retry.max_attempts == 0 {
+            bad(
+                "leases.revocation_retry.max_attempts",
+                "must be at least 1".into(),
+            );
+        }
+        if retry.failed_interval.is_zero() {
+            bad(
+                "leases.revocation_retry.failed_interval",
+                "must be greater than zero".into(),
+            );
         }
         if let Err((setting, m)) = self.auth.api_keys() {
             bad(&setting, m);

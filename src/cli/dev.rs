@@ -102,6 +102,27 @@ pub enum DevError {
     Config(String),
 }
 
+/// `dev`'s short intervals, over the built-in defaults and under any
+/// `TOKEN_BROKER_*` setting: a PENDING lease is reconciled within 30 s
+/// (20 s old, found by a pass every 5 s), orphans are swept every 60 s, and
+/// failed revocations are retried from 1 s. `reconcile_after` must exceed
+/// the upstream request timeout, so that is 10 s here.
+pub const DEV_DEFAULTS: &str = r#"
+[leases]
+reaper_interval = "5s"
+reconcile_after = "20s"
+sweep_interval = "60s"
+
+[leases.revocation_retry]
+min_delay = "1s"
+max_delay = "30s"
+max_attempts = 10
+failed_interval = "5m"
+
+[upstream.azure_devops]
+request_timeout = "10s"
+"#;
+
 /// The dev API key: `TOKEN_BROKER_DEV_API_KEY` when set, else a fresh one.
 pub fn dev_key() -> Result<GeneratedApiKey, DevError> {
     match std::env::var(DEV_API_KEY_VAR) {
@@ -121,7 +142,8 @@ pub fn dev_config(
     upstream_url: &url::Url,
     key: &GeneratedApiKey,
 ) -> Result<Config, DevError> {
-    let mut config = Config::load(None).map_err(|e| DevError::Config(e.to_string()))?;
+    let mut config =
+        Config::load_over(Some(DEV_DEFAULTS), None).map_err(|e| DevError::Config(e.to_string()))?;
     config.grpc.listen = args.listen;
     config.database.url = args
         .database_url

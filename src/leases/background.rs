@@ -1,7 +1,7 @@
 //! Background work: the reaper (ACTIVE leases past expire_time → REVOKING →
 //! upstream revoke → EXPIRED), the revocation queue (REVOKING and
 //! REVOKE_FAILED rows whose next_attempt_time is due) and a minimal
-//! reconciler (PENDING rows older than [`RECONCILE_AFTER`] → their PAT, if
+//! reconciler (PENDING rows older than `settings.reconcile_after` → their PAT, if
 //! any, revoked → FAILED; issue 6 adds the orphan sweep). Work is taken by
 //! committed claims (`Store::claim_due`), so several replicas share it
 //! without doing anything twice; no transaction spans an upstream call.
@@ -23,12 +23,6 @@ const BATCH: u32 = 100;
 
 /// Expiry claims per pass (the rest waits for the next tick).
 const MAX_EXPIRY_ROUNDS: usize = 10;
-
-/// How old a PENDING lease must be before the reconciler resolves it: well
-/// past the longest an upstream create can be in flight (the client's
-/// request timeout, 30 s by default, and no retries for create). Issue 6
-/// makes it configurable.
-pub(super) const RECONCILE_AFTER: Duration = Duration::from_secs(120);
 
 /// How long a claim lasts: long enough for a batch of upstream calls, short
 /// enough that a dead replica's work moves on soon.
@@ -139,7 +133,7 @@ async fn pass(deps: &LeaseDeps, stop: &AtomicBool) -> Result<usize, LeaseError> 
         .store
         .claim_due(
             Work::Reconcile {
-                older_than: RECONCILE_AFTER,
+                older_than: deps.settings.reconcile_after,
             },
             now(),
             &deps.settings.replica_id,
@@ -180,7 +174,7 @@ async fn reconcile(deps: &LeaseDeps, lease: LeaseRecord) {
     failed.claimed_until = None;
     failed.last_error = Some(format!(
         "reconciled: left PENDING past {} s; {revoked} upstream PAT(s) revoked",
-        RECONCILE_AFTER.as_secs()
+        deps.settings.reconcile_after.as_secs()
     ));
     match deps.store.update_lease(&failed, LeaseState::Pending).await {
         Ok(true) => {

@@ -258,6 +258,41 @@ pub struct LeaseSettings {
     pub reaper_interval: Duration,
     /// This replica's name in `claimed_by`.
     pub replica_id: String,
+    /// How old a PENDING lease must be before the reconciler resolves it;
+    /// the orphan sweep leaves PATs of younger PENDING leases alone.
+    pub reconcile_after: Duration,
+    /// How often the deployment sweeps upstream for orphan PATs (one
+    /// replica per interval).
+    pub sweep_interval: Duration,
+    /// When failed upstream revocations are retried.
+    pub revocation_retry: RetrySchedule,
+}
+
+/// The schedule of upstream revoke retries: jittered exponential backoff
+/// from `min_delay` doubling to `max_delay`; after `max_attempts` failures
+/// the lease is REVOKE_FAILED, retried every `failed_interval`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetrySchedule {
+    /// First delay.
+    pub min_delay: Duration,
+    /// Longest delay within the budget.
+    pub max_delay: Duration,
+    /// Failed attempts before REVOKE_FAILED (at least 1).
+    pub max_attempts: u32,
+    /// Delay between retries of a REVOKE_FAILED lease.
+    pub failed_interval: Duration,
+}
+
+impl Default for RetrySchedule {
+    /// 5 s doubling to 10 min, REVOKE_FAILED after 10 failures, then hourly.
+    fn default() -> Self {
+        RetrySchedule {
+            min_delay: Duration::from_secs(5),
+            max_delay: Duration::from_secs(600),
+            max_attempts: 10,
+            failed_interval: Duration::from_secs(3600),
+        }
+    }
 }
 
 /// What the lease service is built from.

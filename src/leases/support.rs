@@ -8,7 +8,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::{DateTime, Utc};
 use secrecy::SecretString;
 
-use super::{LeaseDeps, LeaseError};
+use super::{LeaseDeps, LeaseError, RetrySchedule};
 use crate::audit::{AuditEvent, Outcome};
 use crate::auth::Caller;
 use crate::domain::{LeaseId, LeaseState};
@@ -17,13 +17,6 @@ use crate::store::LeaseRecord;
 /// The actor recorded in audit events written by background work. Not a
 /// typed identity kind, so no caller can ever pose as it.
 pub(super) const BACKGROUND_ACTOR: &str = "system:token-broker";
-
-/// Revocation retries before a lease becomes REVOKE_FAILED (still retried,
-/// slowly). Issue 6 makes the schedule configurable.
-pub(super) const REVOKE_RETRY_BUDGET: i32 = 10;
-
-/// Delay between retries of a REVOKE_FAILED lease.
-pub(super) const REVOKE_FAILED_RETRY: Duration = Duration::from_secs(3600);
 
 /// How long a caller-driven revocation owns a REVOKING row before the
 /// background loop may take it over (it only does if the caller's task died).
@@ -104,21 +97,27 @@ pub(super) fn lease_token_fingerprint(deps: &LeaseDeps, lease: &LeaseRecord) -> 
     }
 }
 
+/// True once `attempts` failures have spent the schedule's budget.
+pub(super) fn budget_spent(schedule: &RetrySchedule, attempts: i32) -> bool {
+    i64::from(attempts) >= i64::from(schedule.max_attempts)
+}
+
 /// Backoff before revocation attempt number `attempts + 1`: jittered
-/// exponential from 5 s up to 10 min (backon's schedule, kept in rows).
-pub(super) fn revocation_backoff(attempts: i32) -> Duration {
-    if attempts >= REVOKE_RETRY_BUDGET {
-        return REVOKE_FAILED_RETRY;
+/// exponential from `min_delay` up to `max_delay` (backon's schedule, kept
+/// in rows), then `failed_interval` once the budget is spent.
+pub(super) fn revocation_backoff(schedule: &RetrySchedule, attempts: i32) -> Duration {
+    if budget_spent(schedule, attempts) {
+        return schedule.failed_interval;
     }
     let step = usize::try_from(attempts.max(1) - 1).unwrap_or(0);
     ExponentialBuilder::default()
-        .with_min_delay(Duration::from_secs(5))
-        .with_max_delay(Duration::from_secs(600))
+        .with_min_delay(schedule.min_delay)
+        .with_max_delay(schedule.max_delay)
         .with_jitter()
         .without_max_times()
         .build()
         .nth(step)
-        .unwrap_or(Duration::from_secs(600))
+        .unwrap_or(schedule.max_delay)
 }
 
 /// An audit event about `lease` by `actor` (a typed identity's text or
@@ -292,10 +291,12 @@ pub(super) async fn finish_revocation(
         }
         Err(e) => {
             next.attempts = lease.attempts.saturating_add(1);
-            if next.attempts >= REVOKE_RETRY_BUDGET {
+            let schedule = &deps.settings.revocation_retry;
+            if budget_spent(schedule, next.attempts) {
                 next.state = LeaseState::RevokeFailed;
             }
-            next.next_attempt_time = Some(now + chrono_duration(revocation_backoff(next.attempts)));
+            next.next_attempt_time =
+                Some(now + chrono_duration(revocation_backoff(schedule, next.attempts)));
             next.last_error = Some(format!("upstream revoke failed: {e}"));
             tracing::warn!(lease_id = %lease.id, attempt = next.attempts, error = %e, "upstream revoke failed");
             Outcome::Error
@@ -355,12 +356,31 @@ mod tests {
 
     #[test]
     fn revocation_retries_back_off_from_seconds_to_minutes_then_hourly() {
-        for attempts in 1..REVOKE_RETRY_BUDGET {
-            let delay = revocation_backoff(attempts);
+        let schedule = RetrySchedule::default();
+        for attempts in 1..10 {
+            let delay = revocation_backoff(&schedule, attempts);
             assert!(delay >= Duration::from_secs(5), "{attempts}: {delay:?}");
             assert!(delay <= Duration::from_secs(1200), "{attempts}: {delay:?}");
         }
-        assert!(revocation_backoff(8) > revocation_backoff(1));
-        assert_eq!(revocation_backoff(REVOKE_RETRY_BUDGET), REVOKE_FAILED_RETRY);
+        assert!(revocation_backoff(&schedule, 8) > revocation_backoff(&schedule, 1));
+        assert_eq!(revocation_backoff(&schedule, 10), Duration::from_secs(3600));
+        assert!(!budget_spent(&schedule, 9));
+        assert!(budget_spent(&schedule, 10));
+    }
+
+    #[test]
+    fn a_short_schedule_is_followed() {
+        let schedule = RetrySchedule {
+            min_delay: Duration::from_millis(100),
+            max_delay: Duration::from_millis(400),
+            max_attempts: 3,
+            failed_interval: Duration::from_secs(2),
+        };
+        for attempts in 1..3 {
+            let delay = revocation_backoff(&schedule, attempts);
+            assert!(delay >= Duration::from_millis(100), "{attempts}: {delay:?}");
+            assert!(delay <= Duration::from_millis(800), "{attempts}: {delay:?}");
+        }
+        assert_eq!(revocation_backoff(&schedule, 3), Duration::from_secs(2));
     }
 }

@@ -18,7 +18,7 @@ use token_broker::auth::Caller;
 use token_broker::crypto::{Keyring, TokenFingerprinter};
 use token_broker::domain::{Identity, LeaseId, Organization, ScopeSet};
 use token_broker::emulator::{self, EmulatorConfig, RunningEmulator};
-use token_broker::leases::{CreateLease, LeaseDeps, LeaseSettings, Leases};
+use token_broker::leases::{CreateLease, LeaseDeps, LeaseSettings, Leases, RetrySchedule};
 use token_broker::policy::Policy;
 use token_broker::store::{self, LeaseRecord, Store};
 use token_broker::upstream::azure_devops::{AzureDevOpsClient, AzureDevOpsConfig};
@@ -153,6 +153,10 @@ pub struct BrokerOptions {
     pub upstream_max_retries: u32,
     /// How often the reaper runs (when a test runs it).
     pub reaper_interval: Duration,
+    /// How old a PENDING lease must be for the reconciler.
+    pub reconcile_after: Duration,
+    /// The revocation retry schedule.
+    pub revocation_retry: RetrySchedule,
 }
 
 impl Default for BrokerOptions {
@@ -160,6 +164,8 @@ impl Default for BrokerOptions {
         BrokerOptions {
             upstream_max_retries: 0,
             reaper_interval: Duration::from_millis(100),
+            reconcile_after: Duration::from_secs(120),
+            revocation_retry: RetrySchedule::default(),
         }
     }
 }
@@ -216,6 +222,9 @@ pub async fn start_broker(
             valid_to_skew: SKEW,
             reaper_interval: options.reaper_interval,
             replica_id: format!("replica-{}", Uuid::new_v4().simple()),
+            reconcile_after: options.reconcile_after,
+            sweep_interval: Duration::from_secs(600),
+            revocation_retry: options.revocation_retry.clone(),
         },
     });
     Broker {
