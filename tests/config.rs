@@ -313,3 +313,83 @@ fn a_secret_with_the_wrong_type_is_refused_without_echoing_it() {
         Ok(())
     });
 }
+
+#[test]
+fn background_work_schedules_default_sensibly_and_are_settings() {
+    Jail::expect_with(|jail| {
+        let c = load(None).unwrap();
+        assert_eq!(c.leases.reconcile_after.as_secs(), 120);
+        assert_eq!(c.leases.sweep_interval.as_secs(), 600);
+        let retry = &c.leases.revocation_retry;
+        assert_eq!(retry.min_delay.as_secs(), 5);
+        assert_eq!(retry.max_delay.as_secs(), 600);
+        assert_eq!(retry.max_attempts, 10);
+        assert_eq!(retry.failed_interval.as_secs(), 3600);
+
+        jail.create_file(
+            "broker.toml",
+            "[leases]\nreconcile_after = \"45s\"\nsweep_interval = \"2m\"\n\
+             [leases.revocation_retry]\nmin_delay = \"1s\"\n",
+        )?;
+        jail.set_env("TOKEN_BROKER_LEASES__REVOCATION_RETRY__MAX_ATTEMPTS", "3");
+        let c = load(Some("broker.toml")).unwrap();
+        assert_eq!(c.leases.reconcile_after.as_secs(), 45);
+        assert_eq!(c.leases.sweep_interval.as_secs(), 120);
+        assert_eq!(c.leases.revocation_retry.min_delay.as_secs(), 1);
+        assert_eq!(c.leases.revocation_retry.max_attempts, 3);
+        // Unset members of the table keep their defaults.
+        assert_eq!(c.leases.revocation_retry.failed_interval.as_secs(), 3600);
+        Ok(())
+    });
+}
+
+#[test]
+fn a_reconcile_bound_within_the_upstream_request_timeout_is_refused() {
+    Jail::expect_with(|jail| {
+        // A create may still be in flight for request_timeout: reconciling
+        // sooner could mark a lease FAILED while its PAT is being minted.
+        fails_naming(
+            jail,
+            "[leases]\nreconcile_after = \"30s\"\n",
+            "leases.reconcile_after",
+        );
+        jail.create_file(
+            "ok.toml",
+            "[leases]\nreconcile_after = \"20s\"\n[upstream.azure_devops]\nrequest_timeout = \"10s\"\n",
+        )?;
+        assert!(load(Some("ok.toml")).is_ok());
+        fails_naming(
+            jail,
+            "[leases.revocation_retry]\nmax_attempts = 0\n",
+            "leases.revocation_retry.max_attempts",
+        );
+        fails_naming(
+            jail,
+            "[leases.revocation_retry]\nmin_delay = \"10s\"\nmax_delay = \"1s\"\n",
+            "leases.revocation_retry.max_delay",
+        );
+        fails_naming(
+            jail,
+            "[leases]\nsweep_interval = \"0s\"\n",
+            "leases.sweep_interval",
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn dev_uses_short_background_schedules_that_the_environment_still_overrides() {
+    Jail::expect_with(|jail| {
+        let c = Config::load_over(Some(token_broker::cli::dev::DEV_DEFAULTS), None).unwrap();
+        // Issue 6: dev reconciles within 30 s and sweeps every 60 s.
+        assert!(
+            c.leases.reconcile_after + c.leases.reaper_interval
+                <= std::time::Duration::from_secs(30)
+        );
+        assert_eq!(c.leases.sweep_interval.as_secs(), 60);
+        jail.set_env("TOKEN_BROKER_LEASES__SWEEP_INTERVAL", "5m");
+        let c = Config::load_over(Some(token_broker::cli::dev::DEV_DEFAULTS), None).unwrap();
+        assert_eq!(c.leases.sweep_interval.as_secs(), 300);
+        Ok(())
+    });
+}
