@@ -1,8 +1,9 @@
 //! AdminService and the chained audit trail, over real sockets: bulk revoke
 //! for incident response (every PAT revoked upstream), admin-only access,
 //! the audit trail as an admin reads it (fingerprints, never tokens), fail
-//! closed grants, retried revocation audits, and `token-broker audit verify`
-//! as an operator runs it.
+//! closed grants, retried revocation audits, `token-broker audit verify`
+//! as an operator runs it, and revocations that keep failing (REVOKE_FAILED
+//! listed, counted on /metrics, forced closed).
 
 mod common;
 
@@ -967,13 +968,10 @@ async fn a_revocation_that_keeps_failing_is_listed_counted_and_force_closed_leav
         "{}",
         failed.last_error
     );
-    let revoke_time = failed.revoke_time.clone().expect("revoke_time is set");
-    let next = failed
-        .next_attempt_time
-        .clone()
-        .expect("a retry is scheduled");
+    let revoke_time = failed.revoke_time.expect("revoke_time is set");
+    let next = failed.next_attempt_time.expect("a retry is scheduled");
     assert!(next.seconds >= revoke_time.seconds, "{failed:?}");
-    let valid_to = failed.pat_expire_time.clone().expect("the PAT's validTo");
+    let valid_to = failed.pat_expire_time.expect("the PAT's validTo");
     let valid_to_text = chrono::DateTime::from_timestamp(valid_to.seconds, 0)
         .unwrap()
         .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
