@@ -6,6 +6,8 @@
 //! the [`AuditLog`](crate::audit::AuditLog) observer), so the chain head is
 //! reported outside the database on every append (issue 5 item 5), and
 //! the counters count audited decisions without touching the lease rules.
+//! Gauges of stored state (REVOKE_FAILED leases) are read from the store
+//! at scrape time ([`Metrics::refresh_from_store`]).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -19,6 +21,7 @@ use prometheus::{Encoder as _, IntCounter, IntGauge, IntGaugeVec, Opts, Registry
 use tokio::net::TcpListener;
 
 use crate::audit::{self, AppendedEvent, AuditEvent, Outcome};
+use crate::domain::LeaseState;
 use crate::store::Store;
 
 /// The broker's metrics, one registry per broker (two brokers in one
@@ -32,6 +35,7 @@ pub struct Metrics {
     leases_created: IntCounter,
     revocations: IntCounter,
     auth_failures: IntCounter,
+    leases_revoke_failed: IntGauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -57,7 +61,13 @@ impl Metrics {
     /// - `token_broker_lease_revocations_total`: `lease.revoke` audit rows
     ///   allowed (by holders and by admins; expiries are not counted);
     /// - `token_broker_auth_failures_total`: refused authentications
-    ///   (`authenticate` audit rows).
+    ///   (`authenticate` audit rows);
+    /// - `token_broker_leases_revoke_failed` (gauge): leases in the store,
+    ///   of every holder, in state REVOKE_FAILED (their PAT may still be
+    ///   live upstream: `token-broker admin list-failed`). Counted at each
+    ///   scrape, so every replica reports the same deployment-wide number
+    ///   (aggregate with `max`, not `sum`); if the count fails, the last
+    ///   value stays.
     pub fn new() -> Self {
         let registry = Registry::new();
         let head_id = IntGauge::new(
@@ -86,12 +96,18 @@ impl Metrics {
             "token_broker_auth_failures_total",
             "Refused authentications (authenticate audit rows).",
         );
+        let leases_revoke_failed = IntGauge::new(
+            "token_broker_leases_revoke_failed",
+            "Leases in state REVOKE_FAILED: upstream revocation failed past the retry budget; the PAT may be live (token-broker admin list-failed).",
+        )
+        .expect("valid metric");
         for m in [
             Box::new(head_id.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(head_info.clone()),
             Box::new(leases_created.clone()),
             Box::new(revocations.clone()),
             Box::new(auth_failures.clone()),
+            Box::new(leases_revoke_failed.clone()),
         ] {
             registry.register(m).expect("metric names are unique");
         }
@@ -103,6 +119,27 @@ impl Metrics {
             leases_created,
             revocations,
             auth_failures,
+            leases_revoke_failed,
+        }
+    }
+
+    /// Sets the gauges of stored state from `store` (one indexed COUNT),
+    /// within [`STORE_GAUGE_TIMEOUT`]; on failure or timeout the gauges
+    /// keep their last value and a warning is logged.
+    pub async fn refresh_from_store(&self, store: &dyn Store) {
+        let count = tokio::time::timeout(
+            STORE_GAUGE_TIMEOUT,
+            store.count_leases_in_state(LeaseState::RevokeFailed),
+        )
+        .await;
+        match count {
+            Ok(Ok(n)) => self
+                .leases_revoke_failed
+                .set(i64::try_from(n).unwrap_or(i64::MAX)),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "metrics: could not count REVOKE_FAILED leases")
+            }
+            Err(_) => tracing::warn!("metrics: counting REVOKE_FAILED leases timed out"),
         }
     }
 
@@ -153,7 +190,12 @@ pub fn router(metrics: Arc<Metrics>, store: Arc<dyn Store>) -> Router {
         .with_state(AdminState { metrics, store })
 }
 
+/// Longest a scrape waits for the store to count leases (Prometheus'
+/// default scrape timeout is 10 s).
+pub const STORE_GAUGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {
+    s.metrics.refresh_from_store(s.store.as_ref()).await;
     (
         [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
         s.metrics.render(),

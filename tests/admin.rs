@@ -1,8 +1,9 @@
 //! AdminService and the chained audit trail, over real sockets: bulk revoke
 //! for incident response (every PAT revoked upstream), admin-only access,
 //! the audit trail as an admin reads it (fingerprints, never tokens), fail
-//! closed grants, retried revocation audits, and `token-broker audit verify`
-//! as an operator runs it.
+//! closed grants, retried revocation audits, `token-broker audit verify`
+//! as an operator runs it, and revocations that keep failing (REVOKE_FAILED
+//! listed, counted on /metrics, forced closed).
 
 mod common;
 
@@ -14,7 +15,7 @@ use sqlx::{Connection as _, PgConnection, SqliteConnection};
 use tonic::Code;
 use tonic_types::StatusExt as _;
 
-use common::admin::{admin_setup, AdminClient, AdminSetup, Store};
+use common::admin::{admin_setup, admin_setup_with, AdminClient, AdminSetup, Store};
 use common::audit::AuditDb;
 use common::broker::{spawn_broker, BrokerSpec, Client};
 use token_broker::audit::{self, ChainKey};
@@ -48,6 +49,7 @@ on_both_stores!(
     bulk_revoke_of_a_compromised_holder_revokes_every_pat_upstream_and_counts_them,
     audit_verify_passes_on_a_brokers_database_and_names_a_row_edited_by_sql,
     a_grant_is_refused_when_its_audit_row_cannot_be_written_and_a_revocation_still_goes_ahead,
+    a_revocation_that_keeps_failing_is_listed_counted_and_force_closed_leaving_the_pat_to_its_valid_to,
 );
 
 async fn create(client: &mut Client, organization: &str, scopes: &[&str]) -> pb::Lease {
@@ -854,4 +856,344 @@ async fn a_bulk_revoke_during_an_upstream_outage_counts_leases_still_revoking_an
     let after = admin.revoke_leases(selector).await.unwrap().into_inner();
     assert_eq!((after.matched_count, after.revoked_count), (2, 2));
     assert!(live_display_names(&setup).await.is_empty());
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, for up to 60 s.
+async fn poll<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    for _ in 0..600 {
+        if let Some(v) = check().await {
+            return v;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// The value of the unlabelled sample `name` on the broker's /metrics.
+async fn metric(setup: &AdminSetup, name: &str) -> String {
+    let text = reqwest::get(setup.broker.admin_url("/metrics"))
+        .await
+        .expect("the admin port answers")
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ').map(str::to_owned))
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+async fn admin_lease(admin: &mut AdminClient, filter: &str) -> Vec<pb::Lease> {
+    admin
+        .list_leases(pb::AdminListLeasesRequest {
+            page_size: 100,
+            filter: filter.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("admin lists leases")
+        .into_inner()
+        .leases
+}
+
+async fn a_revocation_that_keeps_failing_is_listed_counted_and_force_closed_leaving_the_pat_to_its_valid_to(
+    store: Store,
+) {
+    use std::time::Duration;
+    // Two failed attempts spend the budget; a REVOKE_FAILED lease is then
+    // retried every second (so the force races real background retries).
+    let setup = admin_setup_with(store, |mut spec| {
+        spec.reaper_interval = Duration::from_millis(200);
+        spec.with_admin_port()
+            .with_upstream_max_retries(0)
+            .with_revocation_retry(
+                Duration::from_millis(100),
+                Duration::from_millis(200),
+                2,
+                Duration::from_secs(1),
+            )
+    })
+    .await;
+    let emulator_url = setup.emulator.url();
+    let ops = setup.spec.key("ops");
+    let addr = setup.broker.url.clone();
+    let mut ci = setup.lease_client("ci").await;
+    let mut admin = setup.admin_client(Some("ops")).await;
+    let lease = create(&mut ci, "fabrikam", &["vso.code_write"]).await;
+    let token = SecretString::from(lease.token.clone());
+    assert_eq!(
+        metric(&setup, "token_broker_leases_revoke_failed").await,
+        "0"
+    );
+
+    // Upstream refuses every revoke: the holder's revoke answers REVOKING,
+    // and the background retry gives up.
+    let http = reqwest::Client::new();
+    let faults = format!("{emulator_url}/_emulator/faults");
+    let resp = http
+        .put(&faults)
+        .json(&serde_json::json!([{ "operation": "revoke", "status": 503 }]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let revoking = ci
+        .revoke_lease(pb::RevokeLeaseRequest {
+            name: lease.name.clone(),
+        })
+        .await
+        .expect("answered with the state, not an error")
+        .into_inner();
+    assert_eq!(revoking.state(), pb::lease::State::Revoking);
+
+    // AdminService lists it with what the operator needs.
+    let failed = poll("the lease to become REVOKE_FAILED", || {
+        let mut admin = admin.clone();
+        async move {
+            let mut found = admin_lease(&mut admin, "state = REVOKE_FAILED").await;
+            (!found.is_empty()).then(|| found.remove(0))
+        }
+    })
+    .await;
+    assert_eq!(failed.name, lease.name);
+    assert_eq!(failed.holder, "apikey:ci");
+    assert_eq!(failed.organization, "fabrikam");
+    assert_eq!(failed.authorization_id, lease.authorization_id);
+    assert!(failed.revocation_attempts >= 2, "{failed:?}");
+    assert!(
+        failed.last_error.starts_with("upstream revoke failed"),
+        "{}",
+        failed.last_error
+    );
+    let revoke_time = failed.revoke_time.expect("revoke_time is set");
+    let next = failed.next_attempt_time.expect("a retry is scheduled");
+    assert!(next.seconds >= revoke_time.seconds, "{failed:?}");
+    let valid_to = failed.pat_expire_time.expect("the PAT's validTo");
+    let valid_to_text = chrono::DateTime::from_timestamp(valid_to.seconds, 0)
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    assert!(failed.token.is_empty());
+    // The holder sees the state, not the operator's view.
+    let own = ci
+        .get_lease(pb::GetLeaseRequest {
+            name: lease.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(own.state(), pb::lease::State::RevokeFailed);
+    assert!(own.last_error.is_empty() && own.revocation_attempts == 0);
+
+    // Counted on /metrics.
+    assert_eq!(
+        metric(&setup, "token_broker_leases_revoke_failed").await,
+        "1"
+    );
+
+    // The CLI lists it, as text and as proto3 JSON.
+    let mut outputs = Vec::new();
+    let (ok, stdout, stderr) = cli(&addr, &ops, &["admin", "list-failed"]);
+    assert!(ok, "{stderr}");
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with(&lease.name))
+        .unwrap_or_else(|| panic!("no row for {} in {stdout}", lease.name));
+    assert!(
+        row.contains("apikey:ci")
+            && row.contains(&lease.authorization_id)
+            && row.contains("upstream revoke failed")
+            && row.contains(&valid_to_text),
+        "{row}"
+    );
+    outputs.push(stdout + &stderr);
+    let (ok, stdout, stderr) = cli(&addr, &ops, &["admin", "list-failed", "--output", "json"]);
+    assert!(ok, "{stderr}");
+    let listed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let listed = listed["leases"].as_array().expect("leases");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["name"], lease.name.as_str());
+    assert!(listed[0]["revocationAttempts"].as_i64().unwrap() >= 2);
+    assert!(listed[0]["nextAttemptTime"].is_string());
+    outputs.push(stdout + &stderr);
+
+    // Only an admin may force, only a REVOKE_FAILED lease, only one that
+    // exists.
+    let mut not_admin = setup.admin_client(Some("ci")).await;
+    let err = not_admin
+        .force_revoke_lease(pb::ForceRevokeLeaseRequest {
+            name: lease.name.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert_eq!(reason(&err), "ADMIN_REQUIRED");
+    let active = create(&mut ci, "fabrikam", &["vso.packaging"]).await;
+    let err = admin
+        .force_revoke_lease(pb::ForceRevokeLeaseRequest {
+            name: active.name.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&err), "LEASE_NOT_REVOKE_FAILED");
+    assert!(err.message().contains("ACTIVE"), "{}", err.message());
+    let err = admin
+        .force_revoke_lease(pb::ForceRevokeLeaseRequest {
+            name: format!("leases/{}", uuid::Uuid::new_v4()),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = admin
+        .force_revoke_lease(pb::ForceRevokeLeaseRequest {
+            name: lease.name.clone(),
+            reason: "x".repeat(513),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(reason(&err), "REASON_INVALID");
+    assert_eq!(
+        admin_lease(&mut admin, "state = REVOKE_FAILED").await.len(),
+        1,
+        "refused calls change nothing"
+    );
+
+    // The operator forces it: closed, with a warning that the PAT lives on.
+    let (ok, stdout, stderr) = cli(
+        &addr,
+        &ops,
+        &[
+            "admin",
+            "force-revoke",
+            &lease.name,
+            "--reason",
+            "INC-7: organization deleted upstream",
+        ],
+    );
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("WARNING")
+            && stderr.contains("NOT revoked upstream")
+            && stderr.contains(&lease.authorization_id)
+            && stderr.contains(&valid_to_text),
+        "{stderr}"
+    );
+    let state_line = stdout.lines().find(|l| l.starts_with("state ")).unwrap();
+    assert!(state_line.ends_with("REVOKED"), "{stdout}");
+    outputs.push(stdout + &stderr);
+
+    let closed = admin_lease(&mut admin, "state = REVOKED").await;
+    let closed = closed
+        .iter()
+        .find(|l| l.name == lease.name)
+        .expect("REVOKED");
+    assert!(closed.next_attempt_time.is_none(), "{closed:?}");
+    assert!(
+        closed.last_error.starts_with(&format!(
+            "force-closed by apikey:ops: upstream PAT {} left live until its validTo {valid_to_text}",
+            lease.authorization_id
+        )),
+        "{}",
+        closed.last_error
+    );
+    let (ok, stdout, _) = cli(&addr, &ops, &["admin", "list-failed"]);
+    assert!(ok && stdout.trim() == "no REVOKE_FAILED leases", "{stdout}");
+    assert_eq!(
+        metric(&setup, "token_broker_leases_revoke_failed").await,
+        "0"
+    );
+
+    // Audited as a force-revoke by the admin, with the reason and validTo;
+    // the refusals too.
+    let events = all_audit_events(&mut admin, "action = lease.force_revoke").await;
+    let forced: Vec<_> = events
+        .iter()
+        .filter(|e| e.outcome() == pb::audit_event::Outcome::Allowed)
+        .collect();
+    assert_eq!(forced.len(), 1, "{events:?}");
+    assert_eq!(forced[0].identity, "apikey:ops");
+    assert_eq!(forced[0].lease, lease.name);
+    assert!(
+        forced[0]
+            .reason
+            .contains("INC-7: organization deleted upstream")
+            && forced[0].reason.contains("left live until its validTo")
+            && forced[0].reason.contains(&valid_to_text),
+        "{}",
+        forced[0].reason
+    );
+    assert!(!forced[0].token_fingerprint.is_empty());
+    let denied: Vec<_> = events
+        .iter()
+        .filter(|e| e.outcome() == pb::audit_event::Outcome::Denied)
+        .map(|e| (e.identity.as_str(), e.reason.as_str()))
+        .collect();
+    assert!(
+        denied.contains(&("apikey:ci", "ADMIN_REQUIRED"))
+            && denied.contains(&("apikey:ops", "LEASE_NOT_REVOKE_FAILED: lease is ACTIVE")),
+        "{denied:?}"
+    );
+
+    // Upstream recovers; the broker never retries the forced lease: after a
+    // later lease's expiry (a whole background pass, run more than the
+    // 1 s failed_interval after the force) its PAT is still live, and the
+    // token still works until its validTo.
+    assert_eq!(http.delete(&faults).send().await.unwrap().status(), 204);
+    for _ in 0..2 {
+        let short = ci
+            .create_lease(pb::CreateLeaseRequest {
+                organization: "fabrikam".into(),
+                scopes: vec!["vso.packaging".into()],
+                ttl: Some(prost_types::Duration {
+                    seconds: 1,
+                    nanos: 0,
+                }),
+                request_id: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        poll("a short lease to expire", || {
+            let mut admin = admin.clone();
+            let name = short.name.clone();
+            async move {
+                admin_lease(&mut admin, "state = EXPIRED")
+                    .await
+                    .iter()
+                    .any(|l| l.name == name)
+                    .then_some(())
+            }
+        })
+        .await;
+    }
+    assert!(live_display_names(&setup)
+        .await
+        .contains(&lease.display_name));
+    assert_eq!(
+        common::leases::list_repositories(&emulator_url, "fabrikam", &token).await,
+        200,
+        "the PAT works upstream until its validTo"
+    );
+    let still = admin_lease(&mut admin, "state = REVOKED").await;
+    assert!(still
+        .iter()
+        .any(|l| l.name == lease.name && l.last_error.starts_with("force-closed")));
+
+    // No token in any output: not the PAT, its Basic form, nor the admin key.
+    use base64::Engine as _;
+    let basic =
+        base64::engine::general_purpose::STANDARD.encode(format!(":{}", token.expose_secret()));
+    let audit = format!("{:?}", all_audit_events(&mut admin, "").await);
+    for text in outputs.iter().chain([&audit]) {
+        for secret in [token.expose_secret(), basic.as_str(), ops.expose_secret()] {
+            assert!(!text.contains(secret), "a secret in: {text}");
+        }
+    }
 }

@@ -59,6 +59,7 @@ conformance!(
     lapsed_claim_can_be_taken_again_but_a_live_one_cannot,
     released_claim_can_be_taken_again_at_once,
     live_lease_count_ignores_finished_leases_and_other_holders,
+    leases_in_a_state_are_counted_across_holders,
     audit_events_list_in_append_order_after_an_id,
     concurrent_audit_appends_all_land_with_distinct_increasing_ids,
     concurrent_meta_writers_agree_on_the_first_value,
@@ -660,6 +661,55 @@ async fn live_lease_count_ignores_finished_leases_and_other_holders(store: Arc<d
     assert_eq!(store.count_live_leases(&holder("alice")).await.unwrap(), 3);
     assert_eq!(store.count_live_leases(&holder("bob")).await.unwrap(), 1);
     assert_eq!(store.count_live_leases(&holder("carol")).await.unwrap(), 0);
+}
+
+async fn leases_in_a_state_are_counted_across_holders(store: Arc<dyn Store>) {
+    for state in LeaseState::ALL {
+        assert_eq!(store.count_leases_in_state(state).await.unwrap(), 0);
+    }
+    for (i, who) in ["alice", "bob", "carol"].into_iter().enumerate() {
+        let l = LeaseRecord {
+            state: LeaseState::RevokeFailed,
+            ..lease(who, t0() + secs(i as i64))
+        };
+        create(&store, &l).await;
+    }
+    create(&store, &lease("alice", t0() + secs(10))).await;
+    let moved = LeaseRecord {
+        state: LeaseState::Revoking,
+        ..lease("dave", t0() + secs(11))
+    };
+    create(&store, &moved).await;
+    let count = |state| {
+        let store = store.clone();
+        async move { store.count_leases_in_state(state).await.unwrap() }
+    };
+    assert_eq!(count(LeaseState::RevokeFailed).await, 3);
+    assert_eq!(count(LeaseState::Active).await, 1);
+    assert_eq!(count(LeaseState::Revoking).await, 1);
+    assert_eq!(count(LeaseState::Revoked).await, 0);
+
+    // The count follows the rows: one REVOKING lease gives up, then one
+    // REVOKE_FAILED lease is closed.
+    let failed = LeaseRecord {
+        state: LeaseState::RevokeFailed,
+        ..moved.clone()
+    };
+    assert!(store
+        .update_lease(&failed, LeaseState::Revoking)
+        .await
+        .unwrap());
+    assert_eq!(count(LeaseState::RevokeFailed).await, 4);
+    let closed = LeaseRecord {
+        state: LeaseState::Revoked,
+        ..failed
+    };
+    assert!(store
+        .update_lease(&closed, LeaseState::RevokeFailed)
+        .await
+        .unwrap());
+    assert_eq!(count(LeaseState::RevokeFailed).await, 3);
+    assert_eq!(count(LeaseState::Revoked).await, 1);
 }
 
 fn audit(action: &str, outcome: Outcome) -> AuditEvent {

@@ -12,8 +12,8 @@ use super::convert::{self, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
 use super::service::{caller, run_to_completion};
 use super::status::{to_status, InvalidField};
 use crate::audit::{AuditEvent, Outcome};
-use crate::domain::{Identity, LeaseState, Organization, Scope};
-use crate::leases::{AuditQuery, LeaseSelector, Leases, ListQuery};
+use crate::domain::{Identity, LeaseId, LeaseState, Organization, Scope};
+use crate::leases::{AuditQuery, LeaseSelector, Leases, ListQuery, MAX_FORCE_REASON_CHARS};
 use crate::proto::v1 as pb;
 use crate::proto::v1::admin_service_server::AdminService;
 
@@ -67,13 +67,23 @@ impl AdminService for AdminApi {
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(pb::ListLeasesResponse {
-            leases: page
-                .leases
-                .iter()
-                .map(|l| convert::lease(l, None))
-                .collect(),
+            leases: page.leases.iter().map(convert::admin_lease).collect(),
             next_page_token: page.next_page_token,
         }))
+    }
+
+    async fn force_revoke_lease(
+        &self,
+        request: Request<pb::ForceRevokeLeaseRequest>,
+    ) -> Result<Response<pb::Lease>, Status> {
+        let caller = caller(&request)?;
+        let (id, reason) = force_revoke(request.into_inner())?;
+        let closed = self
+            .leases
+            .admin_force_revoke(&caller, id, reason)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(convert::admin_lease(&closed)))
     }
 
     async fn list_audit_events(
@@ -128,6 +138,31 @@ pub fn selector(req: pb::RevokeLeasesRequest) -> Result<LeaseSelector, InvalidFi
         scope,
         leases,
     })
+}
+
+/// Validates a ForceRevokeLease request: the lease id, and the operator's
+/// reason (None when empty) of at most [`MAX_FORCE_REASON_CHARS`]
+/// characters without control characters (it lands in the audit row, the
+/// lease and the logs' neighbours, one line each).
+pub fn force_revoke(
+    req: pb::ForceRevokeLeaseRequest,
+) -> Result<(LeaseId, Option<String>), InvalidField> {
+    let id = convert::lease_name(&req.name)?;
+    convert::at_most(
+        "reason",
+        "REASON_INVALID",
+        &req.reason,
+        MAX_FORCE_REASON_CHARS,
+    )?;
+    if req.reason.chars().any(char::is_control) {
+        return Err(InvalidField::new(
+            "reason",
+            "REASON_INVALID",
+            "must not contain control characters (newlines, tabs, ...)",
+        ));
+    }
+    let reason = req.reason.trim();
+    Ok((id, (!reason.is_empty()).then(|| reason.to_owned())))
 }
 
 fn identity(field: &'static str, text: &str) -> Result<Identity, InvalidField> {
@@ -499,6 +534,28 @@ mod tests {
             let e = audit(bad).unwrap_err();
             assert_eq!((e.field, e.reason), ("filter", "FILTER_INVALID"), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_force_revoke_names_one_lease_and_a_short_one_line_reason() {
+        let id = LeaseId::new();
+        let req = |name: &str, reason: &str| pb::ForceRevokeLeaseRequest {
+            name: name.into(),
+            reason: reason.into(),
+        };
+        assert_eq!(force_revoke(req(&id.name(), "")).unwrap(), (id, None));
+        assert_eq!(
+            force_revoke(req(&id.name(), "  INC-42: org deleted ")).unwrap(),
+            (id, Some("INC-42: org deleted".to_owned()))
+        );
+        let e = force_revoke(req(&id.to_string(), "")).unwrap_err();
+        assert_eq!((e.field, e.reason), ("name", "NAME_INVALID"));
+        let long = "x".repeat(MAX_FORCE_REASON_CHARS + 1);
+        for bad in [long.as_str(), "two\nlines", "tab\there"] {
+            let e = force_revoke(req(&id.name(), bad)).unwrap_err();
+            assert_eq!((e.field, e.reason), ("reason", "REASON_INVALID"), "{bad}");
+        }
+        assert!(force_revoke(req(&id.name(), &"é".repeat(MAX_FORCE_REASON_CHARS))).is_ok());
     }
 
     #[test]

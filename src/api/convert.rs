@@ -328,6 +328,24 @@ pub fn lease(record: &LeaseRecord, token: Option<&SecretString>) -> pb::Lease {
         token: token
             .map(|t| t.expose_secret().to_owned())
             .unwrap_or_default(),
+        // The operator's view: see `admin_lease`.
+        revocation_attempts: 0,
+        last_error: String::new(),
+        next_attempt_time: None,
+        pat_expire_time: None,
+    }
+}
+
+/// A lease record as AdminService shows it: [`lease`] without a token,
+/// plus the operator's view (revocation attempts, last error, next retry,
+/// the PAT's upstream validTo), which LeaseService leaves empty.
+pub fn admin_lease(record: &LeaseRecord) -> pb::Lease {
+    pb::Lease {
+        revocation_attempts: record.attempts,
+        last_error: record.last_error.clone().unwrap_or_default(),
+        next_attempt_time: record.next_attempt_time.map(timestamp),
+        pat_expire_time: record.upstream_valid_to.map(timestamp),
+        ..lease(record, None)
     }
 }
 

@@ -35,6 +35,10 @@ pub const LEASE_RENEW: &str = "lease.renew";
 pub const LEASE_REVOKE: &str = "lease.revoke";
 /// `action` of a revocation by the reaper at expiry.
 pub const LEASE_EXPIRE: &str = "lease.expire";
+/// `action` of an operator closing a REVOKE_FAILED lease without an
+/// upstream revoke (AdminService.ForceRevokeLease): the PAT stays valid
+/// upstream until its validTo, which the row's reason states.
+pub const LEASE_FORCE_REVOKE: &str = "lease.force_revoke";
 /// `action` of a stale PENDING lease resolved by the reconciler.
 pub const LEASE_RECONCILE: &str = "lease.reconcile";
 /// `action` of a refused authentication.

@@ -1,7 +1,7 @@
 //! `token-broker admin ...`: a gRPC client of `AdminService` (bulk revoke,
-//! leases across holders). Same `--addr`, `--api-key`, `--output` as
-//! `lease`; the API key must belong to an identity the policy names as an
-//! admin.
+//! leases across holders, revocations the broker gave up on and forcing
+//! them closed). Same `--addr`, `--api-key`, `--output` as `lease`; the API
+//! key must belong to an identity the policy names as an admin.
 
 use clap::Subcommand;
 use secrecy::{ExposeSecret as _, SecretString};
@@ -10,7 +10,11 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::Request;
 
-use super::client::{list_json, ClientArgs, ClientError, Output};
+use chrono::SecondsFormat;
+
+use super::client::{
+    lease_json, lease_text, list_json, rfc3339_as, ClientArgs, ClientError, Output,
+};
 use crate::proto::v1 as pb;
 use crate::proto::v1::admin_service_client::AdminServiceClient;
 
@@ -44,7 +48,25 @@ pub enum AdminCommand {
         #[arg(long, default_value = "")]
         page_token: String,
     },
+    /// List every REVOKE_FAILED lease (all pages): revocations the broker
+    /// gave up on after its retry budget, whose PAT may still be live
+    /// upstream; with attempts, last error and next retry.
+    ListFailed,
+    /// Close a REVOKE_FAILED lease WITHOUT revoking its PAT upstream: the
+    /// broker stops retrying and the PAT stays valid until its validTo.
+    /// Audited as `lease.force_revoke`.
+    ForceRevoke {
+        /// `leases/{uuid}` or the bare uuid.
+        name: String,
+        /// Why (ticket, incident); recorded in the audit trail. At most 512
+        /// characters, one line.
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
+
+/// Leases asked for per page by `list-failed`.
+const LIST_FAILED_PAGE_SIZE: i32 = 1000;
 
 /// A connected `AdminService` client for `addr`.
 pub async fn connect(addr: &str) -> Result<AdminServiceClient<Channel>, ClientError> {
@@ -136,7 +158,126 @@ pub async fn run(args: &ClientArgs, command: AdminCommand) -> Result<String, Cli
                 Output::Text => list_text(&page),
             })
         }
+        AdminCommand::ListFailed => {
+            let mut client = connect(&args.addr).await?;
+            let mut leases = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page = client
+                    .list_leases(request(
+                        pb::AdminListLeasesRequest {
+                            page_size: LIST_FAILED_PAGE_SIZE,
+                            page_token,
+                            filter: "state = REVOKE_FAILED".into(),
+                        },
+                        args,
+                    )?)
+                    .await
+                    .map_err(ClientError::Rpc)?
+                    .into_inner();
+                leases.extend(page.leases);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            let all = pb::ListLeasesResponse {
+                leases,
+                next_page_token: String::new(),
+            };
+            Ok(match args.output {
+                Output::Json => format!("{:#}", list_json(&all)),
+                Output::Text => failed_text(&all.leases),
+            })
+        }
+        AdminCommand::ForceRevoke { name, reason } => {
+            let mut client = connect(&args.addr).await?;
+            let lease = client
+                .force_revoke_lease(request(
+                    pb::ForceRevokeLeaseRequest {
+                        name: lease_name(&name),
+                        reason: reason.unwrap_or_default(),
+                    },
+                    args,
+                )?)
+                .await
+                .map_err(ClientError::Rpc)?
+                .into_inner();
+            // On stderr, so `--output json` stays one parseable document.
+            eprintln!("{}", left_live_warning(&lease));
+            Ok(match args.output {
+                Output::Json => format!("{:#}", lease_json(&lease)),
+                Output::Text => lease_text(&lease),
+            })
+        }
     }
+}
+
+/// The warning `force-revoke` prints: the PAT was not revoked upstream and
+/// stays valid until its validTo.
+fn left_live_warning(lease: &pb::Lease) -> String {
+    let until = lease
+        .pat_expire_time
+        .as_ref()
+        .map(|t| rfc3339_as(t, SecondsFormat::Secs))
+        .unwrap_or_else(|| "its validTo (unknown)".into());
+    let pat = if lease.authorization_id.is_empty() {
+        "its PAT".to_owned()
+    } else {
+        format!("its PAT (authorizationId {})", lease.authorization_id)
+    };
+    format!(
+        "WARNING: {} is closed ({}), but {pat} was NOT revoked upstream: \
+         it stays valid in Azure DevOps until {until}. Revoke it there by hand \
+         if it must stop working sooner.",
+        lease.name,
+        lease.state().as_str_name()
+    )
+}
+
+/// `list-failed` as a table, one REVOKE_FAILED lease a row; the last error
+/// (free text) last.
+fn failed_text(leases: &[pb::Lease]) -> String {
+    if leases.is_empty() {
+        return "no REVOKE_FAILED leases".to_owned();
+    }
+    let ts = |t: &Option<prost_types::Timestamp>| {
+        t.as_ref()
+            .map(|t| rfc3339_as(t, SecondsFormat::Secs))
+            .unwrap_or_else(|| "-".into())
+    };
+    let mut out = format!(
+        "{:<44} {:<24} {:<14} {:<36} {:>8} {:<20} {:<20} {:<20} {}",
+        "NAME",
+        "HOLDER",
+        "ORGANIZATION",
+        "AUTHORIZATION_ID",
+        "ATTEMPTS",
+        "NEXT_ATTEMPT_TIME",
+        "REVOKE_TIME",
+        "PAT_EXPIRE_TIME",
+        "LAST_ERROR"
+    );
+    for l in leases {
+        out.push_str(&format!(
+            "\n{:<44} {:<24} {:<14} {:<36} {:>8} {:<20} {:<20} {:<20} {}",
+            l.name,
+            l.holder,
+            l.organization,
+            l.authorization_id,
+            l.revocation_attempts,
+            ts(&l.next_attempt_time),
+            ts(&l.revoke_time),
+            ts(&l.pat_expire_time),
+            l.last_error
+        ));
+    }
+    out.push_str(&format!(
+        "\n{} REVOKE_FAILED lease(s); their PATs may be live upstream. \
+         `token-broker admin force-revoke NAME` closes one and leaves its PAT to its validTo.",
+        leases.len()
+    ));
+    out
 }
 
 /// The proto3 JSON mapping of a `RevokeLeasesResponse` (int64 as strings,
@@ -201,6 +342,51 @@ fn list_text(page: &pb::ListLeasesResponse) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn failed_lease() -> pb::Lease {
+        pb::Lease {
+            name: "leases/0b9c7c1e-4a8e-4b71-9a43-1f0c3c7d9e10".into(),
+            holder: "apikey:ci".into(),
+            organization: "fabrikam".into(),
+            state: pb::lease::State::Revoked as i32,
+            authorization_id: "8d5c2a0e-1f3b-4c6d-9e7f-0a1b2c3d4e5f".into(),
+            revocation_attempts: 10,
+            last_error: "upstream revoke failed: 503".into(),
+            pat_expire_time: Some(prost_types::Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 0,
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_force_revoke_warning_names_the_pat_and_its_valid_to() {
+        let w = left_live_warning(&failed_lease());
+        assert!(w.starts_with("WARNING: leases/0b9c7c1e"), "{w}");
+        assert!(
+            w.contains("8d5c2a0e-1f3b-4c6d-9e7f-0a1b2c3d4e5f")
+                && w.contains("NOT revoked upstream")
+                && w.contains("until 2023-11-14T22:13:20Z"),
+            "{w}"
+        );
+    }
+
+    #[test]
+    fn list_failed_prints_attempts_and_the_last_error_and_json_keeps_them() {
+        let text = failed_text(&[failed_lease()]);
+        let row = text.lines().nth(1).unwrap();
+        assert!(
+            row.contains("apikey:ci") && row.contains(" 10 ") && row.ends_with("failed: 503"),
+            "{row}"
+        );
+        assert_eq!(failed_text(&[]), "no REVOKE_FAILED leases");
+        let v = lease_json(&failed_lease());
+        assert_eq!(v["revocationAttempts"], 10);
+        assert_eq!(v["lastError"], "upstream revoke failed: 503");
+        assert_eq!(v["patExpireTime"], "2023-11-14T22:13:20Z");
+        assert!(v.get("nextAttemptTime").is_none());
+    }
 
     #[test]
     fn revoke_counts_print_as_proto3_json() {

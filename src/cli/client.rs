@@ -292,7 +292,8 @@ fn rfc3339(t: &prost_types::Timestamp) -> String {
     rfc3339_as(t, SecondsFormat::AutoSi)
 }
 
-fn rfc3339_as(t: &prost_types::Timestamp, format: SecondsFormat) -> String {
+/// `t` in RFC 3339 (UTC, `Z`) with `format`'s fractional digits.
+pub(super) fn rfc3339_as(t: &prost_types::Timestamp, format: SecondsFormat) -> String {
     DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32)
         .map(|d| d.to_rfc3339_opts(format, true))
         .unwrap_or_default()
@@ -327,6 +328,8 @@ pub fn lease_json(lease: &pb::Lease) -> Value {
         ("expireTime", &lease.expire_time),
         ("maxExpireTime", &lease.max_expire_time),
         ("revokeTime", &lease.revoke_time),
+        ("nextAttemptTime", &lease.next_attempt_time),
+        ("patExpireTime", &lease.pat_expire_time),
     ] {
         if let Some(t) = t {
             m.insert(k.into(), json!(rfc3339(t)));
@@ -334,6 +337,15 @@ pub fn lease_json(lease: &pb::Lease) -> Value {
     }
     if lease.renewable {
         m.insert("renewable".into(), json!(true));
+    }
+    if lease.revocation_attempts != 0 {
+        m.insert(
+            "revocationAttempts".into(),
+            json!(lease.revocation_attempts),
+        );
+    }
+    if !lease.last_error.is_empty() {
+        m.insert("lastError".into(), json!(lease.last_error));
     }
     Value::Object(m)
 }
@@ -353,7 +365,9 @@ pub fn list_json(page: &pb::ListLeasesResponse) -> Value {
     Value::Object(m)
 }
 
-fn lease_text(lease: &pb::Lease) -> String {
+/// One lease as aligned `field   value` lines (the admin view's fields
+/// when set).
+pub(super) fn lease_text(lease: &pb::Lease) -> String {
     let ts = |t: &Option<prost_types::Timestamp>| t.as_ref().map(rfc3339).unwrap_or_default();
     let mut rows = vec![
         ("name", lease.name.clone()),
@@ -371,11 +385,23 @@ fn lease_text(lease: &pb::Lease) -> String {
     rows.push(("renewable", lease.renewable.to_string()));
     rows.push(("display_name", lease.display_name.clone()));
     rows.push(("authorization_id", lease.authorization_id.clone()));
+    if lease.pat_expire_time.is_some() {
+        rows.push(("pat_expire_time", ts(&lease.pat_expire_time)));
+    }
+    if lease.revocation_attempts != 0 {
+        rows.push(("revocation_attempts", lease.revocation_attempts.to_string()));
+    }
+    if lease.next_attempt_time.is_some() {
+        rows.push(("next_attempt_time", ts(&lease.next_attempt_time)));
+    }
+    if !lease.last_error.is_empty() {
+        rows.push(("last_error", lease.last_error.clone()));
+    }
     if !lease.token.is_empty() {
         rows.push(("token", lease.token.clone()));
     }
     rows.iter()
-        .map(|(k, v)| format!("{k:<17} {v}"))
+        .map(|(k, v)| format!("{k:<19} {v}"))
         .collect::<Vec<_>>()
         .join("\n")
 }

@@ -2,9 +2,14 @@
 //! listing every holder's leases, and reading the audit trail. Only
 //! identities the policy names as admins may call them; every call is
 //! audited, allowed or refused (`admin.revoke_leases`, `admin.list_leases`,
-//! `admin.list_audit_events`).
+//! `admin.list_audit_events`, `lease.force_revoke`).
 //!
 //! Choices worth knowing:
+//! - A force-revoke closes only a REVOKE_FAILED lease: the broker has spent
+//!   its retry budget on it, so forcing is the operator's considered
+//!   exception. A REVOKING lease is still inside that budget, often with an
+//!   upstream call in flight; it is refused (FAILED_PRECONDITION) and
+//!   either succeeds or reaches REVOKE_FAILED on its own.
 //! - A bulk revoke needs at least one criterion (holder, organization,
 //!   scope, or lease ids); given several, a lease must match all. Scope
 //!   matches a lease whose scopes grant it (with inclusion; `app_token`
@@ -24,7 +29,10 @@ use std::collections::HashSet;
 use chrono::{DateTime, Utc};
 use futures::stream::{self, StreamExt as _};
 
-use super::support::{audit_best_effort, begin_revocation, finish_revocation, now};
+use super::support::{
+    audit_best_effort, begin_revocation, final_state, finish_revocation, lease_event,
+    lease_token_fingerprint, now,
+};
 use super::{LeaseDeps, LeaseError, LeasePage, ListQuery};
 use crate::audit::{AuditEvent, Outcome};
 use crate::auth::Caller;
@@ -402,6 +410,117 @@ pub(super) async fn list_leases(
         organization: query.organization,
     };
     super::lifecycle::page(deps, &filter, &query.page_token, query.page_size).await
+}
+
+/// Longest operator reason a force-revoke records, in characters (the api
+/// layer refuses longer ones).
+pub const MAX_FORCE_REASON_CHARS: usize = 512;
+
+/// See [`super::Leases::admin_force_revoke`].
+pub(super) async fn force_revoke(
+    deps: &LeaseDeps,
+    caller: &Caller,
+    id: LeaseId,
+    reason: Option<String>,
+) -> Result<LeaseRecord, LeaseError> {
+    const ACTION: &str = crate::audit::LEASE_FORCE_REVOKE;
+    // Refusals are audited against the lease asked for, so an audit query
+    // by lease shows every attempt to force it.
+    let refuse = |reason: &str| {
+        let mut event = admin_event(caller, ACTION, Outcome::Denied);
+        event.reason = Some(reason.to_owned());
+        event.lease_id = Some(id);
+        audit_best_effort(deps, event)
+    };
+    if !deps.policy.current().is_admin(&caller.identity) {
+        refuse("ADMIN_REQUIRED").await;
+        tracing::info!(identity = %caller.identity, action = ACTION, "admin call refused");
+        return Err(LeaseError::AdminRequired);
+    }
+    let Some(lease) = deps.store.get_lease(id).await? else {
+        refuse("LEASE_NOT_FOUND").await;
+        return Err(LeaseError::NotFound);
+    };
+    if lease.state != LeaseState::RevokeFailed {
+        let err = LeaseError::NotForceable(lease.state);
+        refuse(&format!(
+            "LEASE_NOT_REVOKE_FAILED: lease is {}",
+            lease.state
+        ))
+        .await;
+        return Err(err);
+    }
+    let now = now();
+    let left_live = left_live(&lease);
+    let mut closed = lease.clone();
+    closed.revoke_time = Some(lease.revoke_time.unwrap_or(now));
+    closed.state = final_state(&closed);
+    closed.update_time = now;
+    closed.next_attempt_time = None;
+    closed.claimed_by = None;
+    closed.claimed_until = None;
+    closed.last_error = Some(match &lease.last_error {
+        Some(previous) => format!(
+            "force-closed by {}: {left_live}; last upstream error: {previous}",
+            caller.identity
+        ),
+        None => format!("force-closed by {}: {left_live}", caller.identity),
+    });
+    // CAS on REVOKE_FAILED: a background retry that reached upstream and
+    // recorded REVOKED first wins, and this call then reports that state.
+    if !deps
+        .store
+        .update_lease(&closed, LeaseState::RevokeFailed)
+        .await?
+    {
+        let state = deps
+            .store
+            .get_lease(id)
+            .await?
+            .map(|l| l.state)
+            .ok_or(LeaseError::NotFound)?;
+        refuse(&format!("LEASE_NOT_REVOKE_FAILED: lease is {state}")).await;
+        return Err(LeaseError::NotForceable(state));
+    }
+    let mut event = lease_event(
+        &caller.identity.to_string(),
+        caller.peer.as_deref(),
+        ACTION,
+        Outcome::Allowed,
+        &closed,
+        now,
+    );
+    event.reason = Some(format!(
+        "closed as {} without an upstream revoke; {left_live}; operator reason: {}",
+        closed.state,
+        reason.as_deref().unwrap_or("(none given)")
+    ));
+    event.token_fingerprint = lease_token_fingerprint(deps, &closed);
+    event.caller_detail = caller.audit_detail();
+    audit_best_effort(deps, event).await;
+    tracing::warn!(
+        lease_id = %id,
+        identity = %caller.identity,
+        state = %closed.state,
+        authorization_id = ?lease.authorization_id,
+        valid_to = ?lease.upstream_valid_to,
+        "lease force-revoked: its PAT is left live upstream until its validTo"
+    );
+    Ok(closed)
+}
+
+/// What a force-revoke leaves behind, for the lease's last_error and the
+/// audit row: `upstream PAT <authorizationId> left live until its validTo
+/// <RFC 3339>`.
+fn left_live(lease: &LeaseRecord) -> String {
+    let valid_to = match lease.upstream_valid_to {
+        Some(t) => t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        None => "(unknown)".to_owned(),
+    };
+    match lease.authorization_id {
+        Some(a) => format!("upstream PAT {a} left live until its validTo {valid_to}"),
+        None => "no upstream PAT was recorded".to_owned(),
+    }
 }
 
 /// See [`super::Leases::audit_events`].

@@ -121,7 +121,7 @@ mod lifecycle;
 mod page_token;
 mod support;
 
-pub use admin::{AuditPage, AuditQuery, BulkRevoke, LeaseSelector};
+pub use admin::{AuditPage, AuditQuery, BulkRevoke, LeaseSelector, MAX_FORCE_REASON_CHARS};
 
 /// Why a lease operation failed. `reason()` values are stable API.
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +180,10 @@ pub enum LeaseError {
     /// A bulk revoke with no selection criterion (never "everything").
     #[error("at least one of holder, organization, scope or names is required")]
     EmptySelector,
+    /// A force-revoke of a lease that is not REVOKE_FAILED (the state it
+    /// is in): only a revocation the broker gave up on may be forced.
+    #[error("lease is {0}; only a REVOKE_FAILED lease can be force-revoked")]
+    NotForceable(LeaseState),
     /// A sealed token could not be opened.
     #[error(transparent)]
     Crypto(#[from] CryptoError),
@@ -195,9 +199,9 @@ impl ServiceError for LeaseError {
             LeaseError::Denied { .. } => ErrorCode::PermissionDenied,
             LeaseError::NotFound => ErrorCode::NotFound,
             LeaseError::RequestIdReused => ErrorCode::AlreadyExists,
-            LeaseError::NotRenewable(_) | LeaseError::AtMaxExpireTime(_) => {
-                ErrorCode::FailedPrecondition
-            }
+            LeaseError::NotRenewable(_)
+            | LeaseError::AtMaxExpireTime(_)
+            | LeaseError::NotForceable(_) => ErrorCode::FailedPrecondition,
             LeaseError::InvalidPageToken => ErrorCode::InvalidArgument,
             LeaseError::InProgress | LeaseError::StillPending => ErrorCode::Unavailable,
             LeaseError::QuotaExceeded => ErrorCode::ResourceExhausted,
@@ -224,6 +228,7 @@ impl ServiceError for LeaseError {
             LeaseError::Audit(e) => e.reason(),
             LeaseError::AdminRequired => "ADMIN_REQUIRED",
             LeaseError::EmptySelector => "FILTER_EMPTY",
+            LeaseError::NotForceable(_) => "LEASE_NOT_REVOKE_FAILED",
             LeaseError::Crypto(_) | LeaseError::Internal(_) => "INTERNAL",
         }
     }
@@ -387,6 +392,24 @@ impl Leases {
         selector: LeaseSelector,
     ) -> Result<BulkRevoke, LeaseError> {
         admin::revoke_leases(&self.deps, caller, selector).await
+    }
+
+    /// Closes a REVOKE_FAILED lease as admin `caller` without revoking its
+    /// PAT upstream (the PAT stays valid until its validTo): REVOKED, or
+    /// EXPIRED if it had reached expire_time when revocation began; no more
+    /// retries; audited as `lease.force_revoke` with `reason`. Set by
+    /// compare-and-set on REVOKE_FAILED, so a background revoke that
+    /// succeeds meanwhile is never overwritten.
+    ///
+    /// Errors: `AdminRequired` (audited), `NotFound`, `NotForceable` (any
+    /// other state, including one a concurrent revoke just reached).
+    pub async fn admin_force_revoke(
+        &self,
+        caller: &Caller,
+        id: LeaseId,
+        reason: Option<String>,
+    ) -> Result<LeaseRecord, LeaseError> {
+        admin::force_revoke(&self.deps, caller, id, reason).await
     }
 
     /// A page of every holder's leases (optionally one holder's), newest

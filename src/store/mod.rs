@@ -337,6 +337,11 @@ pub trait Store: Send + Sync + 'static {
     /// ACTIVE, PENDING and REVOKING leases held by `holder` (for quotas).
     async fn count_live_leases(&self, holder: &Identity) -> Result<u64, StoreError>;
 
+    /// How many leases, of every holder, are in `state` now (one COUNT over
+    /// the state index; e.g. REVOKE_FAILED for the
+    /// `token_broker_leases_revoke_failed` gauge).
+    async fn count_leases_in_state(&self, state: LeaseState) -> Result<u64, StoreError>;
+
     /// Appends an audit event; returns its assigned id. Ids increase in
     /// commit order (appends are serialized), so paging with
     /// [`Store::list_audit`] never skips a row.

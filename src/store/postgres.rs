@@ -539,6 +539,15 @@ impl Store for PostgresStore {
         Ok(count as u64)
     }
 
+    async fn count_leases_in_state(&self, state: LeaseState) -> Result<u64, StoreError> {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM leases WHERE state = $1")
+            .bind(state.as_str())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(count as u64)
+    }
+
     async fn append_audit(&self, event: &AuditEvent) -> Result<i64, StoreError> {
         let mut tx = begin_audit_append(&self.pool).await?;
         let (id, _) = next_audit_link(&mut tx).await?;

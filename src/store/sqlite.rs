@@ -531,6 +531,15 @@ impl Store for SqliteStore {
         Ok(count as u64)
     }
 
+    async fn count_leases_in_state(&self, state: LeaseState) -> Result<u64, StoreError> {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM leases WHERE state = ?")
+            .bind(state.as_str())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(count as u64)
+    }
+
     async fn append_audit(&self, event: &AuditEvent) -> Result<i64, StoreError> {
         insert_audit(&mut *self.pool.acquire().await.map_err(map_sqlx)?, event).await
     }

@@ -61,6 +61,15 @@ pub struct AdminSetup {
 /// Starts the emulator and a broker with [`ADMIN_POLICY`] and keys `ci`,
 /// `other` and `ops`.
 pub async fn admin_setup(store: Store) -> AdminSetup {
+    admin_setup_with(store, |spec| spec).await
+}
+
+/// [`admin_setup`] with the broker's spec changed by `customize` (e.g.
+/// a short revocation retry schedule, the admin HTTP port).
+pub async fn admin_setup_with(
+    store: Store,
+    customize: impl FnOnce(BrokerSpec) -> BrokerSpec,
+) -> AdminSetup {
     let emulator = emulator::spawn(EmulatorConfig::default())
         .await
         .expect("start the emulator");
@@ -74,10 +83,12 @@ pub async fn admin_setup(store: Store) -> AdminSetup {
             (sqlite_url(&dir), DbKeep::Sqlite(dir))
         }
     };
-    let spec = BrokerSpec::new(url, emulator.url())
-        .with_policy(ADMIN_POLICY)
-        .with_key("other")
-        .with_key("ops");
+    let spec = customize(
+        BrokerSpec::new(url, emulator.url())
+            .with_policy(ADMIN_POLICY)
+            .with_key("other")
+            .with_key("ops"),
+    );
     let broker = spawn_broker(&spec).await;
     AdminSetup {
         emulator,

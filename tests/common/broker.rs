@@ -19,7 +19,7 @@ use token_broker::auth::kubernetes::KubernetesAuthConfig;
 use token_broker::auth::tls::TlsConfig;
 use token_broker::auth::GeneratedApiKey;
 use token_broker::cli::serve::Broker;
-use token_broker::config::{ApiKeySetting, Config, DEFAULTS};
+use token_broker::config::{ApiKeySetting, Config, RevocationRetryConfig, DEFAULTS};
 use token_broker::crypto::Keyring;
 use token_broker::emulator::DEFAULT_REFRESH_TOKEN;
 use token_broker::policy::{Policy, PolicyHandle};
@@ -67,6 +67,10 @@ pub struct BrokerSpec {
     pub tls: Option<TlsConfig>,
     /// Serve the admin HTTP port (`admin.listen`) on 127.0.0.1:0.
     pub admin_port: bool,
+    /// `[leases.revocation_retry]` (the defaults when `None`).
+    pub revocation_retry: Option<RevocationRetryConfig>,
+    /// `upstream.azure_devops.max_retries` (the default when `None`).
+    pub upstream_max_retries: Option<u32>,
 }
 
 impl BrokerSpec {
@@ -89,7 +93,35 @@ impl BrokerSpec {
             kubernetes: None,
             tls: None,
             admin_port: false,
+            revocation_retry: None,
+            upstream_max_retries: None,
         }
+    }
+
+    /// Retries failed upstream revokes after `min_delay` doubling to
+    /// `max_delay`, gives up (REVOKE_FAILED) after `max_attempts`
+    /// failures, then retries every `failed_interval`.
+    pub fn with_revocation_retry(
+        mut self,
+        min_delay: Duration,
+        max_delay: Duration,
+        max_attempts: u32,
+        failed_interval: Duration,
+    ) -> BrokerSpec {
+        self.revocation_retry = Some(RevocationRetryConfig {
+            min_delay,
+            max_delay,
+            max_attempts,
+            failed_interval,
+        });
+        self
+    }
+
+    /// Makes the upstream client retry a failed call `n` times (0: one
+    /// attempt, so a fault answers at once).
+    pub fn with_upstream_max_retries(mut self, n: u32) -> BrokerSpec {
+        self.upstream_max_retries = Some(n);
+        self
     }
 
     /// Accepts Kubernetes service-account tokens as `config` says
@@ -156,6 +188,12 @@ impl BrokerSpec {
         config.upstream.refresh_token = Some(self.refresh_token.clone());
         config.leases.reaper_interval = self.reaper_interval;
         config.leases.valid_to_skew = self.valid_to_skew;
+        if let Some(retry) = &self.revocation_retry {
+            config.leases.revocation_retry = retry.clone();
+        }
+        if let Some(n) = self.upstream_max_retries {
+            config.upstream.azure_devops.max_retries = n;
+        }
         config.auth.api_keys = self
             .api_keys
             .iter()
