@@ -34,6 +34,7 @@ pub struct Metrics {
     head: Mutex<Option<AppendedEvent>>,
     leases_created: IntCounter,
     revocations: IntCounter,
+    expirations: IntCounter,
     auth_failures: IntCounter,
     leases_revoke_failed: IntGauge,
 }
@@ -60,6 +61,9 @@ impl Metrics {
     ///   allowed (idempotent replays included);
     /// - `token_broker_lease_revocations_total`: `lease.revoke` audit rows
     ///   allowed (by holders and by admins; expiries are not counted);
+    /// - `token_broker_lease_expirations_total`: `lease.expire` audit rows
+    ///   allowed, i.e. leases this process revoked upstream at expiry (with
+    ///   several replicas, each counts its own share of the reaper's work);
     /// - `token_broker_auth_failures_total`: refused authentications
     ///   (`authenticate` audit rows);
     /// - `token_broker_leases_revoke_failed` (gauge): leases in the store,
@@ -92,6 +96,10 @@ impl Metrics {
             "token_broker_lease_revocations_total",
             "Leases revoked by their holder or an admin (lease.revoke audit rows allowed).",
         );
+        let expirations = counter(
+            "token_broker_lease_expirations_total",
+            "Leases this process revoked at expiry (lease.expire audit rows allowed).",
+        );
         let auth_failures = counter(
             "token_broker_auth_failures_total",
             "Refused authentications (authenticate audit rows).",
@@ -106,6 +114,7 @@ impl Metrics {
             Box::new(head_info.clone()),
             Box::new(leases_created.clone()),
             Box::new(revocations.clone()),
+            Box::new(expirations.clone()),
             Box::new(auth_failures.clone()),
             Box::new(leases_revoke_failed.clone()),
         ] {
@@ -118,6 +127,7 @@ impl Metrics {
             head: Mutex::new(None),
             leases_created,
             revocations,
+            expirations,
             auth_failures,
             leases_revoke_failed,
         }
@@ -160,6 +170,7 @@ impl Metrics {
         match (event.action.as_str(), event.outcome) {
             (audit::LEASE_CREATE, Outcome::Allowed) => self.leases_created.inc(),
             (audit::LEASE_REVOKE, Outcome::Allowed) => self.revocations.inc(),
+            (audit::LEASE_EXPIRE, Outcome::Allowed) => self.expirations.inc(),
             (audit::AUTHENTICATE, _) => self.auth_failures.inc(),
             _ => {}
         }
@@ -302,6 +313,22 @@ mod tests {
         );
         assert!(
             text.contains("token_broker_auth_failures_total 1\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn expiries_are_counted_apart_from_revocations() {
+        let m = Metrics::new();
+        m.observe_append(&event("lease.expire", Outcome::Allowed), &head(1, 'a'));
+        m.observe_append(&event("lease.expire", Outcome::Error), &head(2, 'b'));
+        let text = m.render();
+        assert!(
+            text.contains("token_broker_lease_expirations_total 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("token_broker_lease_revocations_total 0\n"),
             "{text}"
         );
     }

@@ -11,4 +11,5 @@ pub mod k8s;
 pub mod leases;
 pub mod mtls;
 pub mod policy;
+pub mod process;
 pub mod upstream;
