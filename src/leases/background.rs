@@ -154,11 +154,18 @@ async fn pass(deps: &LeaseDeps, stop: &AtomicBool) -> Result<usize, LeaseError> 
 /// Resolves one claimed PENDING lease whose create is long over (a crash,
 /// or an ambiguous create whose look-up failed): revokes any PAT carrying
 /// its display name, then marks it FAILED (no token was handed out, so a
-/// retry with its request_id mints afresh). On upstream failure the claim is
-/// released and a later pass tries again.
+/// retry with its request_id mints afresh). On upstream failure, or when
+/// the upstream list was incomplete (a PAT may hide on a page not read),
+/// the lease stays PENDING, the claim is released and a later pass tries
+/// again.
 async fn reconcile(deps: &LeaseDeps, lease: LeaseRecord) {
     let revoked = match revoke_by_display_name(deps, &lease).await {
-        Ok(n) => n,
+        Ok(search) if search.complete => search.revoked,
+        Ok(search) => {
+            tracing::warn!(lease_id = %lease.id, revoked = search.revoked, "upstream list incomplete; lease left PENDING, will retry");
+            release(deps, lease.id).await;
+            return;
+        }
         Err(e) => {
             tracing::warn!(lease_id = %lease.id, error = %e, "reconcile failed; will retry");
             release(deps, lease.id).await;
