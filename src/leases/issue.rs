@@ -187,9 +187,10 @@ fn new_pending(
         holder: caller.identity.clone(),
         organization: req.organization.clone(),
         scopes: req.scopes.clone(),
-        display_name: format!(
-            "{}:{}:{}",
-            settings.display_name_prefix, settings.deployment_id, id
+        display_name: super::sweep::display_name(
+            &settings.display_name_prefix,
+            &settings.deployment_id,
+            id,
         ),
         authorization_id: None,
         sealed_token: None,
