@@ -58,6 +58,10 @@ conformance!(
     each_kind_of_work_claims_only_its_due_leases,
     lapsed_claim_can_be_taken_again_but_a_live_one_cannot,
     released_claim_can_be_taken_again_at_once,
+    one_lease_is_claimed_only_while_unclaimed_and_unchanged,
+    lease_organizations_are_every_organization_leased_in_once,
+    a_job_is_claimed_once_per_interval_and_a_lapsed_claim_is_taken_over,
+    twenty_concurrent_job_claimers_get_exactly_one_claim,
     live_lease_count_ignores_finished_leases_and_other_holders,
     leases_in_a_state_are_counted_across_holders,
     audit_events_list_in_append_order_after_an_id,
@@ -643,6 +647,166 @@ async fn released_claim_can_be_taken_again_at_once(store: Arc<dyn Store>) {
         .await
         .unwrap();
     assert_eq!(ids(&again), vec![l.id]);
+}
+
+async fn one_lease_is_claimed_only_while_unclaimed_and_unchanged(store: Arc<dyn Store>) {
+    let l = LeaseRecord {
+        state: LeaseState::Failed,
+        ..lease("ci", t0() - secs(3600))
+    };
+    create(&store, &l).await;
+    let minute = Duration::from_secs(60);
+
+    // Written at or after the bound: not claimed.
+    assert!(!store
+        .claim_lease(l.id, t0(), "sweeper", minute, l.update_time)
+        .await
+        .unwrap());
+    assert!(store
+        .claim_lease(l.id, t0(), "sweeper", minute, t0())
+        .await
+        .unwrap());
+    let claimed = store.get_lease(l.id).await.unwrap().unwrap();
+    assert_eq!(claimed.claimed_by.as_deref(), Some("sweeper"));
+    assert_eq!(claimed.claimed_until, Some(t0() + secs(60)));
+    assert_eq!(claimed.update_time, l.update_time, "a claim is no write");
+
+    // A live claim keeps everyone else out, until it lapses or is released.
+    assert!(!store
+        .claim_lease(l.id, t0() + secs(59), "other", minute, t0())
+        .await
+        .unwrap());
+    assert!(store
+        .claim_due(
+            Work::Reconcile {
+                older_than: Duration::ZERO
+            },
+            t0(),
+            "other",
+            minute,
+            10
+        )
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store
+        .claim_lease(l.id, t0() + secs(60), "other", minute, t0())
+        .await
+        .unwrap());
+    store.release_claim(l.id, "other").await.unwrap();
+    assert!(store
+        .claim_lease(l.id, t0() + secs(61), "sweeper", minute, t0())
+        .await
+        .unwrap());
+
+    assert!(!store
+        .claim_lease(LeaseId::new(), t0(), "sweeper", minute, t0())
+        .await
+        .unwrap());
+}
+
+async fn lease_organizations_are_every_organization_leased_in_once(store: Arc<dyn Store>) {
+    assert!(store.lease_organizations().await.unwrap().is_empty());
+    for (i, (name, state)) in [
+        ("fabrikam", LeaseState::Active),
+        ("contoso", LeaseState::Failed),
+        ("fabrikam", LeaseState::Revoked),
+        ("adatum", LeaseState::Pending),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        create(
+            &store,
+            &LeaseRecord {
+                organization: org(name),
+                state,
+                ..lease("ci", t0() + secs(i as i64))
+            },
+        )
+        .await;
+    }
+    assert_eq!(
+        store.lease_organizations().await.unwrap(),
+        vec![org("adatum"), org("contoso"), org("fabrikam")]
+    );
+}
+
+async fn a_job_is_claimed_once_per_interval_and_a_lapsed_claim_is_taken_over(
+    store: Arc<dyn Store>,
+) {
+    let minute = Duration::from_secs(60);
+    let interval = Duration::from_secs(600);
+    // Never run: due at once (the row is made on first use).
+    assert!(store
+        .claim_job("sweep", t0(), "replica-a", minute, interval)
+        .await
+        .unwrap());
+    // Claimed: nobody, not even the holder, claims it again.
+    for who in ["replica-a", "replica-b"] {
+        assert!(!store
+            .claim_job("sweep", t0() + secs(30), who, minute, interval)
+            .await
+            .unwrap());
+    }
+    // Other jobs are independent.
+    assert!(store
+        .claim_job("other", t0(), "replica-b", minute, interval)
+        .await
+        .unwrap());
+
+    // Finished at t0: not due again until t0 + interval.
+    store.finish_job("sweep", "replica-b", t0()).await.unwrap();
+    assert!(
+        !store
+            .claim_job("sweep", t0() + secs(59), "replica-b", minute, interval)
+            .await
+            .unwrap(),
+        "a finish by a replica without the claim is ignored: the claim holds"
+    );
+    store.finish_job("sweep", "replica-a", t0()).await.unwrap();
+    assert!(!store
+        .claim_job("sweep", t0() + secs(599), "replica-b", minute, interval)
+        .await
+        .unwrap());
+    assert!(store
+        .claim_job("sweep", t0() + secs(600), "replica-b", minute, interval)
+        .await
+        .unwrap());
+
+    // replica-b dies mid-run: its claim lapses and replica-a takes over.
+    assert!(!store
+        .claim_job("sweep", t0() + secs(659), "replica-a", minute, interval)
+        .await
+        .unwrap());
+    assert!(store
+        .claim_job("sweep", t0() + secs(660), "replica-a", minute, interval)
+        .await
+        .unwrap());
+}
+
+async fn twenty_concurrent_job_claimers_get_exactly_one_claim(store: Arc<dyn Store>) {
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .claim_job(
+                    "sweep",
+                    t0(),
+                    &format!("replica-{i}"),
+                    Duration::from_secs(60),
+                    Duration::from_secs(600),
+                )
+                .await
+                .unwrap()
+        }));
+    }
+    let mut winners = 0;
+    for task in tasks {
+        winners += usize::from(task.await.unwrap());
+    }
+    assert_eq!(winners, 1);
 }
 
 // ---- quotas, audit, meta, upstream credential -------------------------------

@@ -112,7 +112,9 @@ async fn a_pat_goes_through_create_get_list_update_revoke_and_each_step_sees_the
     assert!(got.token.is_none(), "get never returns the secret");
 
     let lists_before = upstream.calls("list").await;
-    let listed = client.list(&fabrikam, &active()).await.unwrap();
+    let listing = client.list(&fabrikam, &active()).await.unwrap();
+    assert!(listing.complete, "every page was read");
+    let listed = listing.pats;
     assert_eq!(ids(&listed), ids(&created));
     assert_eq!(listed.len(), 5);
     assert!(listed.iter().all(|p| p.token.is_none()));
@@ -154,9 +156,10 @@ async fn a_pat_goes_through_create_get_list_update_revoke_and_each_step_sees_the
     let revoked = client
         .list(&fabrikam, &filtered(DisplayFilter::Revoked))
         .await
-        .unwrap();
+        .unwrap()
+        .pats;
     assert_eq!(ids(&revoked), HashSet::from([first.authorization_id]));
-    let still_active = client.list(&fabrikam, &active()).await.unwrap();
+    let still_active = client.list(&fabrikam, &active()).await.unwrap().pats;
     assert_eq!(still_active.len(), 4);
     assert!(!ids(&still_active).contains(&first.authorization_id));
     assert_eq!(
@@ -249,9 +252,15 @@ async fn an_expired_pat_is_refused_by_the_data_plane_listed_as_expired_and_canno
     let expired = client
         .list(&fabrikam, &filtered(DisplayFilter::Expired))
         .await
-        .unwrap();
+        .unwrap()
+        .pats;
     assert_eq!(ids(&expired), HashSet::from([pat.authorization_id]));
-    assert!(client.list(&fabrikam, &active()).await.unwrap().is_empty());
+    assert!(client
+        .list(&fabrikam, &active())
+        .await
+        .unwrap()
+        .pats
+        .is_empty());
     let later = upstream.now().await + hours(1);
     let err = client
         .update(
@@ -455,7 +464,7 @@ async fn a_429_is_waited_out_for_its_retry_after_then_the_call_succeeds() {
     upstream
         .set_faults(json!([{"operation": "list", "retryAfterSeconds": 1, "times": 1}]))
         .await;
-    let listed = client.list(&org("fabrikam"), &active()).await.unwrap();
+    let listed = client.list(&org("fabrikam"), &active()).await.unwrap().pats;
     assert_eq!(listed.len(), 1);
     assert_eq!(upstream.calls("list").await, 2);
 }
@@ -510,6 +519,7 @@ async fn a_delayed_200_with_retry_after_is_served_and_holds_the_next_call_back()
             .list(&org("fabrikam"), &active())
             .await
             .unwrap()
+            .pats
             .len(),
         1
     );
@@ -546,7 +556,10 @@ async fn server_errors_are_retried_for_get_list_update_and_revoke() {
         .await;
     client.get(&fabrikam, pat.authorization_id).await.unwrap();
     assert_eq!(upstream.calls("get").await, 3);
-    assert_eq!(client.list(&fabrikam, &active()).await.unwrap().len(), 1);
+    assert_eq!(
+        client.list(&fabrikam, &active()).await.unwrap().pats.len(),
+        1
+    );
     assert_eq!(upstream.calls("list").await, 2);
     let later = upstream.now().await + hours(2);
     let updated = client
@@ -617,6 +630,7 @@ async fn create_is_not_retried_after_a_server_error_and_the_pat_can_be_found_by_
         .list(&org("fabrikam"), &active())
         .await
         .unwrap()
+        .pats
         .into_iter()
         .filter(|p| p.display_name == "tb:dep:lease-1")
         .collect();
@@ -693,7 +707,12 @@ async fn a_list_whose_pages_repeat_ends_without_looping_or_duplicates() {
     upstream
         .set_faults(json!([{"operation": "list", "repeatPage": true}]))
         .await;
-    let listed = client.list(&org("fabrikam"), &active()).await.unwrap();
+    let listing = client.list(&org("fabrikam"), &active()).await.unwrap();
+    assert!(
+        !listing.complete,
+        "a repeated page ends the list as incomplete"
+    );
+    let listed = listing.pats;
     assert_eq!(listed.len(), 2, "the first page, once");
     assert_eq!(ids(&listed).len(), 2);
     assert_eq!(
@@ -1021,7 +1040,11 @@ async fn the_documented_example_exchanges_replayed_through_the_client_mean_the_s
     assert!(got.token.is_none());
 
     // ListPats: `continuationToken: ""`, every `token: null`.
-    let listed = client.list(&fabrikam, &ListPats::default()).await.unwrap();
+    let listed = client
+        .list(&fabrikam, &ListPats::default())
+        .await
+        .unwrap()
+        .pats;
     assert_eq!(ids(&listed), HashSet::from([created.authorization_id]));
     assert!(listed[0].token.is_none());
 
@@ -1056,6 +1079,7 @@ async fn the_documented_example_exchanges_replayed_through_the_client_mean_the_s
     let revoked = client
         .list(&fabrikam, &filtered(DisplayFilter::Revoked))
         .await
-        .unwrap();
+        .unwrap()
+        .pats;
     assert_eq!(ids(&revoked), HashSet::from([created.authorization_id]));
 }

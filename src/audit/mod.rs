@@ -41,6 +41,9 @@ pub const LEASE_EXPIRE: &str = "lease.expire";
 pub const LEASE_FORCE_REVOKE: &str = "lease.force_revoke";
 /// `action` of a stale PENDING lease resolved by the reconciler.
 pub const LEASE_RECONCILE: &str = "lease.reconcile";
+/// `action` of an upstream PAT revoked by the orphan sweep: it carried this
+/// deployment's display-name prefix and no live lease owned it.
+pub const PAT_REVOKE_ORPHAN: &str = "pat.revoke_orphan";
 /// `action` of a refused authentication.
 pub const AUTHENTICATE: &str = "authenticate";
 

@@ -1,9 +1,10 @@
 //! Background work: the reaper (ACTIVE leases past expire_time → REVOKING →
 //! upstream revoke → EXPIRED), the revocation queue (REVOKING and
-//! REVOKE_FAILED rows whose next_attempt_time is due) and a minimal
-//! reconciler (PENDING rows older than `settings.reconcile_after` → their PAT, if
-//! any, revoked → FAILED; issue 6 adds the orphan sweep). Work is taken by
-//! committed claims (`Store::claim_due`), so several replicas share it
+//! REVOKE_FAILED rows whose next_attempt_time is due), the reconciler
+//! (PENDING rows older than `settings.reconcile_after` → their PAT, if any,
+//! revoked → FAILED) and, as a step of its own, the orphan sweep
+//! ([`super::sweep`]). Work is taken by committed claims
+//! (`Store::claim_due`, `Store::claim_job`), so several replicas share it
 //! without doing anything twice; no transaction spans an upstream call.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,7 +27,7 @@ const MAX_EXPIRY_ROUNDS: usize = 10;
 
 /// How long a claim lasts: long enough for a batch of upstream calls, short
 /// enough that a dead replica's work moves on soon.
-fn claim_for(deps: &LeaseDeps) -> Duration {
+pub(super) fn claim_for(deps: &LeaseDeps) -> Duration {
     (deps.settings.reaper_interval * 4).max(Duration::from_secs(60))
 }
 
@@ -45,29 +46,36 @@ pub(super) async fn run(deps: &LeaseDeps, shutdown: impl std::future::Future<Out
             _ = &mut shutdown => break,
             _ = tick.tick() => {}
         }
-        let pass = pass(deps, &stop);
-        tokio::pin!(pass);
-        let result = tokio::select! {
-            result = &mut pass => result,
+        let step = step(deps, &stop);
+        tokio::pin!(step);
+        tokio::select! {
+            _ = &mut step => {}
             _ = &mut shutdown => {
                 stop.store(true, Ordering::Relaxed);
-                let result = pass.await;
-                report(result);
+                step.await;
                 break;
             }
-        };
-        report(result);
+        }
     }
     tracing::info!("background work stopped");
 }
 
-fn report(result: Result<usize, LeaseError>) {
-    if let Err(e) = result {
+/// One tick of the loop: a [`pass`], then the orphan sweep as its own step
+/// when its deployment-wide claim is due (`sweep::sweep_if_due`). Errors
+/// are logged; the next tick tries again.
+async fn step(deps: &LeaseDeps, stop: &AtomicBool) {
+    if let Err(e) = pass(deps, stop).await {
         tracing::warn!(error = %e, "background pass failed");
+    }
+    if stop.load(Ordering::Relaxed) {
+        return;
+    }
+    if let Err(e) = super::sweep::sweep_if_due(deps, stop).await {
+        tracing::warn!(error = %e, "orphan sweep failed");
     }
 }
 
-/// One pass to the end (see [`pass`]).
+/// One pass to the end (see [`pass`]); the sweep is not part of it.
 pub(super) async fn run_once(deps: &LeaseDeps) -> Result<usize, LeaseError> {
     pass(deps, &AtomicBool::new(false)).await
 }
@@ -154,11 +162,18 @@ async fn pass(deps: &LeaseDeps, stop: &AtomicBool) -> Result<usize, LeaseError> 
 /// Resolves one claimed PENDING lease whose create is long over (a crash,
 /// or an ambiguous create whose look-up failed): revokes any PAT carrying
 /// its display name, then marks it FAILED (no token was handed out, so a
-/// retry with its request_id mints afresh). On upstream failure the claim is
-/// released and a later pass tries again.
+/// retry with its request_id mints afresh). On upstream failure, or when
+/// the upstream list was incomplete (a PAT may hide on a page not read),
+/// the lease stays PENDING, the claim is released and a later pass tries
+/// again.
 async fn reconcile(deps: &LeaseDeps, lease: LeaseRecord) {
     let revoked = match revoke_by_display_name(deps, &lease).await {
-        Ok(n) => n,
+        Ok(search) if search.complete => search.revoked,
+        Ok(search) => {
+            tracing::warn!(lease_id = %lease.id, revoked = search.revoked, "upstream list incomplete; lease left PENDING, will retry");
+            release(deps, lease.id).await;
+            return;
+        }
         Err(e) => {
             tracing::warn!(lease_id = %lease.id, error = %e, "reconcile failed; will retry");
             release(deps, lease.id).await;

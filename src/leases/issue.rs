@@ -187,9 +187,10 @@ fn new_pending(
         holder: caller.identity.clone(),
         organization: req.organization.clone(),
         scopes: req.scopes.clone(),
-        display_name: format!(
-            "{}:{}:{}",
-            settings.display_name_prefix, settings.deployment_id, id
+        display_name: super::sweep::display_name(
+            &settings.display_name_prefix,
+            &settings.deployment_id,
+            id,
         ),
         authorization_id: None,
         sealed_token: None,
@@ -394,8 +395,9 @@ async fn abandon_minted(deps: &LeaseDeps, lease: &LeaseRecord) {
 /// adopt a PAT found that way (the secret is only in the create answer), so
 /// it revokes it and marks the lease FAILED; the caller gets the error
 /// (UNAVAILABLE + RetryInfo for 5xx/timeouts) and may retry with the same
-/// request_id, which mints afresh. If the look-up itself fails the lease
-/// stays PENDING for the reconciler (`background`).
+/// request_id, which mints afresh. If the look-up itself fails, or cannot
+/// read the whole list, the lease stays PENDING for the reconciler
+/// (`background`).
 async fn upstream_create_failed(
     deps: &LeaseDeps,
     caller: &Caller,
@@ -411,11 +413,17 @@ async fn upstream_create_failed(
         return fail(deps, caller, lease, rule, error).await;
     }
     tracing::warn!(lease_id = %lease.id, error = %error, "upstream create failed ambiguously; looking for the PAT");
-    if let Err(e) = revoke_by_display_name(deps, &lease).await {
-        tracing::warn!(lease_id = %lease.id, error = %e, "could not clear upstream after a failed create; lease left PENDING for the reconciler");
-        return error.into();
+    match revoke_by_display_name(deps, &lease).await {
+        Ok(search) if search.complete => fail(deps, caller, lease, rule, error).await,
+        Ok(search) => {
+            tracing::warn!(lease_id = %lease.id, revoked = search.revoked, "upstream list incomplete after a failed create; lease left PENDING for the reconciler");
+            error.into()
+        }
+        Err(e) => {
+            tracing::warn!(lease_id = %lease.id, error = %e, "could not clear upstream after a failed create; lease left PENDING for the reconciler");
+            error.into()
+        }
     }
-    fail(deps, caller, lease, rule, error).await
 }
 
 /// Marks a PENDING lease FAILED (no token was handed out), audits the

@@ -120,8 +120,10 @@ mod issue;
 mod lifecycle;
 mod page_token;
 mod support;
+mod sweep;
 
 pub use admin::{AuditPage, AuditQuery, BulkRevoke, LeaseSelector, MAX_FORCE_REASON_CHARS};
+pub use sweep::SweepReport;
 
 /// Why a lease operation failed. `reason()` values are stable API.
 #[derive(Debug, thiserror::Error)]
@@ -443,16 +445,27 @@ impl Leases {
         events::audit_policy_reloads(&self.deps, outcomes).await
     }
 
-    /// Runs background work (the reaper and revocation retries) every
-    /// `settings.reaper_interval` until `shutdown` resolves.
+    /// Runs background work (the reaper, revocation retries, the
+    /// reconciler, and the orphan sweep when its deployment-wide claim is
+    /// due) every `settings.reaper_interval` until `shutdown` resolves.
     pub async fn run_background(&self, shutdown: impl std::future::Future<Output = ()> + Send) {
         background::run(&self.deps, shutdown).await
     }
 
     /// One pass of background work (expire due leases, retry due
-    /// revocations); what `run_background` does each tick. Returns how many
-    /// leases it finished (EXPIRED or REVOKED).
+    /// revocations, reconcile stale PENDING leases); what `run_background`
+    /// does each tick before the sweep step ([`Leases::run_sweep_once`]).
+    /// Returns how many leases it finished (EXPIRED or REVOKED).
     pub async fn run_background_once(&self) -> Result<usize, LeaseError> {
         background::run_once(&self.deps).await
+    }
+
+    /// Runs the orphan sweep once if it is due for the deployment (the last
+    /// sweep is `sweep_interval` old and no replica holds its claim), as
+    /// `run_background` does after each pass. Returns what it did
+    /// (`ran: false` when it was not due). Errors: `Store` (upstream
+    /// failures are counted in the report instead).
+    pub async fn run_sweep_once(&self) -> Result<SweepReport, LeaseError> {
+        sweep::sweep_if_due(&self.deps, &std::sync::atomic::AtomicBool::new(false)).await
     }
 }

@@ -316,22 +316,35 @@ pub(super) async fn finish_revocation(
     Ok(Some(next))
 }
 
+/// What [`revoke_by_display_name`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct NameSearch {
+    /// PATs with the lease's display name revoked (not-found counts).
+    pub revoked: usize,
+    /// False when the upstream list stopped early: a PAT with the name may
+    /// still exist, so the lease must not be concluded PAT-less.
+    pub complete: bool,
+}
+
 /// Revokes every live upstream PAT in the lease's organization whose
 /// displayName is the lease's (DESIGN.md 5.4: the display name embeds the
-/// lease id, so only this lease's PATs match). Returns how many it revoked;
-/// an error if the list or a revoke failed (some may be left).
+/// lease id, so only this lease's PATs match). PATs found are revoked even
+/// when the listing is incomplete; [`NameSearch::complete`] says whether
+/// the search was exhaustive. An error if the list or a revoke failed
+/// (some may be left).
 pub(super) async fn revoke_by_display_name(
     deps: &LeaseDeps,
     lease: &LeaseRecord,
-) -> Result<usize, crate::upstream::UpstreamError> {
+) -> Result<NameSearch, crate::upstream::UpstreamError> {
     use crate::upstream::{DisplayFilter, ListPats};
     let query = ListPats {
         display_filter: Some(DisplayFilter::Active),
-        top: Some(100),
+        top: None,
     };
     let found = deps.upstream.list(&lease.organization, &query).await?;
     let mut revoked = 0;
     for pat in found
+        .pats
         .iter()
         .filter(|p| p.display_name == lease.display_name)
     {
@@ -347,7 +360,10 @@ pub(super) async fn revoke_by_display_name(
         revoked += 1;
         tracing::info!(lease_id = %lease.id, authorization_id = %pat.authorization_id, "revoked a PAT no lease holds");
     }
-    Ok(revoked)
+    Ok(NameSearch {
+        revoked,
+        complete: found.complete,
+    })
 }
 
 #[cfg(test)]

@@ -91,6 +91,12 @@ pub(crate) fn reconcile_cutoff(now: DateTime<Utc>, older_than: Duration) -> Date
         .unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
+/// A claim's length as a chrono duration; an error if out of range.
+pub(crate) fn claim_duration(d: Duration) -> Result<chrono::Duration, StoreError> {
+    chrono::Duration::from_std(d)
+        .map_err(|_| StoreError::Database("claim duration is out of range".into()))
+}
+
 /// Orders claimed leases by when they fell due, then id (RETURNING has no order).
 pub(crate) fn sort_due(leases: &mut [LeaseRecord], work: Work) {
     match work {

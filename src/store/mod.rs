@@ -342,6 +342,49 @@ pub trait Store: Send + Sync + 'static {
     /// `token_broker_leases_revoke_failed` gauge).
     async fn count_leases_in_state(&self, state: LeaseState) -> Result<u64, StoreError>;
 
+    /// Claims one lease for work outside [`Store::claim_due`]'s kinds (the
+    /// orphan sweep): sets `claimed_by = claimer`, `claimed_until = now +
+    /// claim_for` only if no live claim is held and the row has not been
+    /// written since `unchanged_before` (`update_time < unchanged_before`),
+    /// in one committed statement. False if it exists but either test
+    /// failed, or it does not exist.
+    async fn claim_lease(
+        &self,
+        id: LeaseId,
+        now: DateTime<Utc>,
+        claimer: &str,
+        claim_for: Duration,
+        unchanged_before: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
+
+    /// Every organization any lease (in any state) was issued in, sorted,
+    /// each once.
+    async fn lease_organizations(&self) -> Result<Vec<Organization>, StoreError>;
+
+    /// Claims the deployment-wide job `name` (a `background_jobs` row,
+    /// made on first use) for `claimer` until `now + claim_for`, if it is
+    /// due: never run, or last run at or before `now - interval`, and no
+    /// live claim held (`claimed_until > now`). One committed
+    /// compare-and-set: of concurrent claimers at most one gets true.
+    async fn claim_job(
+        &self,
+        name: &str,
+        now: DateTime<Utc>,
+        claimer: &str,
+        claim_for: Duration,
+        interval: Duration,
+    ) -> Result<bool, StoreError>;
+
+    /// Ends `claimer`'s run of job `name` started at `run_time`: records
+    /// `last_run_time = run_time` and clears the claim. Does nothing if
+    /// `claimer` no longer holds the claim (it lapsed and was taken).
+    async fn finish_job(
+        &self,
+        name: &str,
+        claimer: &str,
+        run_time: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+
     /// Appends an audit event; returns its assigned id. Ids increase in
     /// commit order (appends are serialized), so paging with
     /// [`Store::list_audit`] never skips a row.

@@ -26,7 +26,7 @@ use super::{
 };
 use crate::audit::AuditEvent;
 use crate::crypto::Sealed;
-use crate::domain::{AuthorizationId, Identity, LeaseId, LeaseState};
+use crate::domain::{AuthorizationId, Identity, LeaseId, LeaseState, Organization};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -538,6 +538,89 @@ impl Store for SqliteStore {
             .await
             .map_err(map_sqlx)?;
         Ok(count as u64)
+    }
+
+    async fn claim_lease(
+        &self,
+        id: LeaseId,
+        now: DateTime<Utc>,
+        claimer: &str,
+        claim_for: Duration,
+        unchanged_before: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE leases SET claimed_by = ?2, claimed_until = ?3 \
+             WHERE id = ?1 AND (claimed_until IS NULL OR claimed_until <= ?4) \
+               AND update_time < ?5",
+        )
+        .bind(id.to_string())
+        .bind(claimer)
+        .bind(time_text(now + codec::claim_duration(claim_for)?))
+        .bind(time_text(now))
+        .bind(time_text(unchanged_before))
+        .execute(&self.pool)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn lease_organizations(&self) -> Result<Vec<Organization>, StoreError> {
+        let names: Vec<String> =
+            sqlx::query_scalar("SELECT DISTINCT organization FROM leases ORDER BY organization")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(map_sqlx)?;
+        names.iter().map(|n| codec::parse_organization(n)).collect()
+    }
+
+    async fn claim_job(
+        &self,
+        name: &str,
+        now: DateTime<Utc>,
+        claimer: &str,
+        claim_for: Duration,
+        interval: Duration,
+    ) -> Result<bool, StoreError> {
+        // One statement under SQLite's write lock; an upsert whose WHERE
+        // fails returns no row.
+        let claimed: Option<String> = sqlx::query_scalar(
+            "INSERT INTO background_jobs AS j (name, claimed_by, claimed_until) \
+             VALUES (?1, ?2, ?3) \
+             ON CONFLICT (name) DO UPDATE \
+               SET claimed_by = excluded.claimed_by, claimed_until = excluded.claimed_until \
+               WHERE (j.claimed_until IS NULL OR j.claimed_until <= ?4) \
+                 AND (j.last_run_time IS NULL OR j.last_run_time <= ?5) \
+             RETURNING name",
+        )
+        .bind(name)
+        .bind(claimer)
+        .bind(time_text(now + codec::claim_duration(claim_for)?))
+        .bind(time_text(now))
+        .bind(time_text(codec::reconcile_cutoff(now, interval)))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(claimed.is_some())
+    }
+
+    async fn finish_job(
+        &self,
+        name: &str,
+        claimer: &str,
+        run_time: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE background_jobs \
+             SET last_run_time = ?3, claimed_by = NULL, claimed_until = NULL \
+             WHERE name = ?1 AND claimed_by = ?2",
+        )
+        .bind(name)
+        .bind(claimer)
+        .bind(time_text(run_time))
+        .execute(&self.pool)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(())
     }
 
     async fn append_audit(&self, event: &AuditEvent) -> Result<i64, StoreError> {

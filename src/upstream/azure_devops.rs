@@ -44,7 +44,9 @@ use super::wire::{
     format_timestamp, parse_retry_after, shorten, strip_bom, ErrorEnvelope, WireCreateRequest,
     WirePagedPatTokens, WirePatToken, WirePatTokenResult, WireUpdateRequest,
 };
-use super::{CreatePat, DisplayFilter, ListPats, PatClient, PatToken, UpdatePat, UpstreamError};
+use super::{
+    CreatePat, DisplayFilter, ListPats, PatClient, PatList, PatToken, UpdatePat, UpstreamError,
+};
 use crate::domain::{AuthorizationId, Organization};
 
 /// The header that turns the sign-in redirect (203/302) into a plain 401
@@ -766,11 +768,7 @@ impl PatClient for AzureDevOpsClient {
         .await
     }
 
-    async fn list(
-        &self,
-        org: &Organization,
-        query: &ListPats,
-    ) -> Result<Vec<PatToken>, UpstreamError> {
+    async fn list(&self, org: &Organization, query: &ListPats) -> Result<PatList, UpstreamError> {
         let span = tracing::info_span!("upstream", operation = "list", organization = %org);
         async {
             let top = query
@@ -801,10 +799,22 @@ impl PatClient for AzureDevOpsClient {
                 let page: WirePagedPatTokens = parse_json(Operation::List, &answer)?;
                 match pager.accept(page)? {
                     Next::Page(token) => continuation = Some(token),
-                    Next::Done => return Ok(pager.pats),
+                    Next::Done => {
+                        return Ok(PatList {
+                            pats: pager.pats,
+                            complete: true,
+                        })
+                    }
                     Next::Stop(why) => {
-                        tracing::warn!(page_number, why, "upstream list stopped early");
-                        return Ok(pager.pats);
+                        tracing::warn!(
+                            page_number,
+                            why,
+                            "upstream list stopped early; listing incomplete"
+                        );
+                        return Ok(PatList {
+                            pats: pager.pats,
+                            complete: false,
+                        });
                     }
                 }
             }

@@ -62,6 +62,20 @@ pub struct UpdatePat {
     pub valid_to: Option<DateTime<Utc>>,
 }
 
+/// What a list found. `complete` is false when paging stopped before the
+/// last page (an empty page with a continuation token, a page without new
+/// PATs, or a repeated token): `pats` then holds what was read, and a PAT
+/// not in it may still exist upstream. Act on the PATs found; never
+/// conclude from an incomplete list that a PAT is absent.
+#[derive(Clone, Debug, Default)]
+pub struct PatList {
+    /// PATs read, each authorizationId once, in upstream's order.
+    pub pats: Vec<PatToken>,
+    /// True when every page was read (the last carried no continuation
+    /// token).
+    pub complete: bool,
+}
+
 /// `displayFilterOption` of the list operation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DisplayFilter {
@@ -257,12 +271,9 @@ pub trait PatClient: Send + Sync + 'static {
     async fn get(&self, org: &Organization, id: AuthorizationId)
         -> Result<PatToken, UpstreamError>;
     /// `GET /{org}/_apis/tokens/pats` following every page; deduplicated by
-    /// authorizationId; stops on an empty, repeated or fruitless token.
-    async fn list(
-        &self,
-        org: &Organization,
-        query: &ListPats,
-    ) -> Result<Vec<PatToken>, UpstreamError>;
+    /// authorizationId; stops on an empty, repeated or fruitless token and
+    /// then answers `complete: false` with what it read.
+    async fn list(&self, org: &Organization, query: &ListPats) -> Result<PatList, UpstreamError>;
     /// `PUT /{org}/_apis/tokens/pats`.
     async fn update(&self, org: &Organization, req: &UpdatePat) -> Result<PatToken, UpstreamError>;
     /// `DELETE /{org}/_apis/tokens/pats?authorizationId=`.

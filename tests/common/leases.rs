@@ -157,6 +157,10 @@ pub struct BrokerOptions {
     pub reconcile_after: Duration,
     /// The revocation retry schedule.
     pub revocation_retry: RetrySchedule,
+    /// How often one replica sweeps for orphan PATs.
+    pub sweep_interval: Duration,
+    /// `$top` of each upstream list page (the emulator's default is 100).
+    pub upstream_page_size: u32,
 }
 
 impl Default for BrokerOptions {
@@ -166,6 +170,8 @@ impl Default for BrokerOptions {
             reaper_interval: Duration::from_millis(100),
             reconcile_after: Duration::from_secs(120),
             revocation_retry: RetrySchedule::default(),
+            sweep_interval: Duration::from_secs(600),
+            upstream_page_size: 100,
         }
     }
 }
@@ -200,6 +206,7 @@ pub async fn start_broker(
             base_url: url::Url::parse(emulator_url).expect("emulator URL"),
             max_retries: options.upstream_max_retries,
             request_timeout: Duration::from_secs(10),
+            page_size: options.upstream_page_size,
             ..AzureDevOpsConfig::default()
         },
         Arc::new(tokens),
@@ -223,7 +230,7 @@ pub async fn start_broker(
             reaper_interval: options.reaper_interval,
             replica_id: format!("replica-{}", Uuid::new_v4().simple()),
             reconcile_after: options.reconcile_after,
-            sweep_interval: Duration::from_secs(600),
+            sweep_interval: options.sweep_interval,
             revocation_retry: options.revocation_retry.clone(),
         },
     });
@@ -374,6 +381,27 @@ where
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// How many DELETEs the emulator saw for `authorization_id`
+/// (`/_emulator/stats` `deletes`).
+pub async fn deletes_of(emulator_url: &str, authorization_id: &str) -> u64 {
+    emulator_stats(emulator_url).await["deletes"][authorization_id]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// The emulator's state (`active`, `revoked`, `expired`) of the PAT with
+/// `authorization_id`.
+pub async fn emulator_pat_state(emulator_url: &str, authorization_id: &str) -> String {
+    emulator_pats(emulator_url)
+        .await
+        .into_iter()
+        .find(|p| p["authorizationId"] == authorization_id)
+        .unwrap_or_else(|| panic!("the emulator holds PAT {authorization_id}"))["state"]
+        .as_str()
+        .expect("a state")
+        .to_owned()
 }
 
 /// The lease as stored.

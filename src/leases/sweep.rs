@@ -1,0 +1,520 @@
+//! The orphan sweep (DESIGN.md 5.4): every `leases.sweep_interval`, one
+//! replica of the deployment lists the ACTIVE upstream PATs of every
+//! organization the deployment has leased in and revokes each PAT named
+//! `<prefix>:<deployment id>:<lease id>` that no live lease owns. Any other
+//! name (another deployment's, a longer prefix, a human's) is never touched.
+//!
+//! Safe on any replica at any time:
+//! - the run is a committed claim on the `background_jobs` row (one
+//!   replica per interval; no transaction spans an upstream call), and it
+//!   stops revoking before that claim can lapse, so two sweeps never
+//!   overlap;
+//! - the sweep's start `t0` is taken before any listing: a lease row
+//!   written at or after `t0` moved during the sweep and is left to the
+//!   next one;
+//! - before revoking the PAT of a lease row the sweep claims that row
+//!   (only if unclaimed and unchanged since `t0`), so the reaper, the
+//!   revocation queue and the reconciler, which all work by claims, never
+//!   revoke it at the same time.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use super::support::{audit_best_effort, chrono_duration, now, BACKGROUND_ACTOR};
+use super::{LeaseDeps, LeaseError};
+use crate::audit::{AuditEvent, Outcome};
+use crate::domain::{AuthorizationId, LeaseId, LeaseState, Organization};
+use crate::store::LeaseRecord;
+use crate::upstream::{DisplayFilter, ListPats, PatToken};
+
+/// The sweep's row in `background_jobs`.
+const SWEEP_JOB: &str = "orphan_sweep";
+
+/// What one call of [`sweep_if_due`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// False when it was not this replica's turn (another replica holds the
+    /// sweep's claim, or the last sweep is younger than `sweep_interval`);
+    /// every count is then zero.
+    pub ran: bool,
+    /// Organizations whose PATs were listed.
+    pub organizations: usize,
+    /// Organizations whose listing failed (upstream error); the others
+    /// were still swept.
+    pub failed_organizations: usize,
+    /// Organizations whose listing stopped early: the PATs read were
+    /// swept, others may remain for the next sweep.
+    pub incomplete_organizations: usize,
+    /// PATs named with this deployment's prefix and a lease id.
+    pub candidates: usize,
+    /// Candidates owned by a live lease (left alone).
+    pub live: usize,
+    /// Candidates whose lease moved during the sweep or is claimed by other
+    /// background work (left to the next sweep).
+    pub busy: usize,
+    /// Orphans revoked upstream (not-found counts as revoked).
+    pub revoked: usize,
+    /// Orphans whose upstream revoke failed (retried by the next sweep).
+    pub revoke_failures: usize,
+    /// True when the sweep stopped before the end (shutdown, or its claim
+    /// about to lapse); the rest waits for the next sweep.
+    pub cut_short: bool,
+}
+
+/// The upstream display name of lease `id`: `<prefix>:<deployment_id>:<id>`
+/// (DESIGN.md 5.1), what [`lease_of_display_name`] reads back.
+pub(super) fn display_name(prefix: &str, deployment_id: &str, id: LeaseId) -> String {
+    format!("{prefix}:{deployment_id}:{id}")
+}
+
+/// The lease id in `display_name` if the name is exactly
+/// `<prefix>:<deployment_id>:<lease id>` with the id in its canonical
+/// (hyphenated lower-case) form, as the broker writes it; None for any
+/// other name, which the sweep must never touch.
+pub(super) fn lease_of_display_name(
+    display_name: &str,
+    prefix: &str,
+    deployment_id: &str,
+) -> Option<LeaseId> {
+    let rest = display_name
+        .strip_prefix(prefix)?
+        .strip_prefix(':')?
+        .strip_prefix(deployment_id)?
+        .strip_prefix(':')?;
+    let id = LeaseId::from_uuid(uuid::Uuid::parse_str(rest).ok()?);
+    (id.to_string() == rest).then_some(id)
+}
+
+/// Why a PAT is an orphan (the audit event's `reason`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Orphan {
+    /// No lease row carries the id.
+    NoLease,
+    /// The lease is finished (FAILED, REVOKED, EXPIRED, REVOKE_FAILED).
+    Finished(LeaseState),
+    /// The lease is PENDING past `reconcile_after`.
+    StalePending,
+    /// The lease is live but records another PAT.
+    NotTheLeasesPat,
+}
+
+impl Orphan {
+    fn reason(self) -> &'static str {
+        match self {
+            Orphan::NoLease => "ORPHAN_NO_LEASE",
+            Orphan::Finished(LeaseState::Failed) => "ORPHAN_LEASE_FAILED",
+            Orphan::Finished(LeaseState::Revoked) => "ORPHAN_LEASE_REVOKED",
+            Orphan::Finished(LeaseState::Expired) => "ORPHAN_LEASE_EXPIRED",
+            Orphan::Finished(_) => "ORPHAN_LEASE_REVOKE_FAILED",
+            Orphan::StalePending => "ORPHAN_LEASE_PENDING_STALE",
+            Orphan::NotTheLeasesPat => "ORPHAN_NOT_THE_LEASES_PAT",
+        }
+    }
+}
+
+/// What the sweep makes of one candidate PAT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    /// A live lease owns it: ACTIVE or REVOKING (its recorded PAT), or
+    /// PENDING younger than `reconcile_after`.
+    Live,
+    /// The lease row was written at or after `t0`, or other background work
+    /// holds a live claim on it: the next sweep decides.
+    Busy,
+    /// Nobody owns it: revoke.
+    Orphan(Orphan),
+}
+
+/// Decides about the PAT `pat` named after `lease` (None: no such row),
+/// as read at `now` during a sweep that began at `t0`.
+fn verdict(
+    lease: Option<&LeaseRecord>,
+    pat: AuthorizationId,
+    t0: DateTime<Utc>,
+    now: DateTime<Utc>,
+    reconcile_after: Duration,
+) -> Verdict {
+    let Some(lease) = lease else {
+        // The row is committed before the upstream create, so a PAT
+        // without one was never the broker's to keep.
+        return Verdict::Orphan(Orphan::NoLease);
+    };
+    if lease.update_time >= t0 || lease.claimed_until.is_some_and(|until| until > now) {
+        return Verdict::Busy;
+    }
+    match lease.state {
+        LeaseState::Active | LeaseState::Revoking => match lease.authorization_id {
+            Some(owned) if owned != pat => Verdict::Orphan(Orphan::NotTheLeasesPat),
+            _ => Verdict::Live,
+        },
+        // Young as long as the reconciler would not take it
+        // (`Work::Reconcile` takes create_time < now - reconcile_after).
+        LeaseState::Pending if lease.create_time + chrono_duration(reconcile_after) >= now => {
+            Verdict::Live
+        }
+        LeaseState::Pending => Verdict::Orphan(Orphan::StalePending),
+        state => Verdict::Orphan(Orphan::Finished(state)),
+    }
+}
+
+/// How long the sweep's claim lasts: at least one interval, so a replica
+/// that dies mid-sweep delays the next one by about an interval at most.
+fn sweep_claim(deps: &LeaseDeps) -> Duration {
+    deps.settings
+        .sweep_interval
+        .max(super::background::claim_for(deps))
+}
+
+/// Runs a sweep if it is due and no other replica holds it (see the
+/// module doc); once `stop` is set, it ends after the call in hand and
+/// leaves its claim to lapse. Store errors end the sweep; upstream errors
+/// are counted and the sweep goes on with the next PAT or organization.
+pub(super) async fn sweep_if_due(
+    deps: &LeaseDeps,
+    stop: &AtomicBool,
+) -> Result<SweepReport, LeaseError> {
+    let settings = &deps.settings;
+    let claim = sweep_claim(deps);
+    // t0: taken before the claim and before any listing.
+    let t0 = now();
+    if !deps
+        .store
+        .claim_job(
+            SWEEP_JOB,
+            t0,
+            &settings.replica_id,
+            claim,
+            settings.sweep_interval,
+        )
+        .await?
+    {
+        return Ok(SweepReport::default());
+    }
+    // Stop revoking while a quarter of the claim is left, so no other
+    // replica's sweep can start while this one still acts.
+    let deadline = tokio::time::Instant::now() + claim - claim / 4;
+    let mut report = SweepReport {
+        ran: true,
+        ..SweepReport::default()
+    };
+    sweep(deps, t0, stop, deadline, &mut report).await?;
+    if report.cut_short && stop.load(Ordering::Relaxed) {
+        tracing::info!(
+            ?report,
+            "orphan sweep stopped by shutdown; the claim lapses"
+        );
+        return Ok(report);
+    }
+    deps.store
+        .finish_job(SWEEP_JOB, &settings.replica_id, t0)
+        .await?;
+    tracing::info!(
+        organizations = report.organizations,
+        failed_organizations = report.failed_organizations,
+        incomplete_organizations = report.incomplete_organizations,
+        candidates = report.candidates,
+        revoked = report.revoked,
+        revoke_failures = report.revoke_failures,
+        cut_short = report.cut_short,
+        "orphan sweep done"
+    );
+    Ok(report)
+}
+
+async fn sweep(
+    deps: &LeaseDeps,
+    t0: DateTime<Utc>,
+    stop: &AtomicBool,
+    deadline: tokio::time::Instant,
+    report: &mut SweepReport,
+) -> Result<(), LeaseError> {
+    let settings = &deps.settings;
+    let query = ListPats {
+        display_filter: Some(DisplayFilter::Active),
+        top: None,
+    };
+    let must_end = || stop.load(Ordering::Relaxed) || tokio::time::Instant::now() >= deadline;
+    // One PAT may show in several organizations' listings: act on it once.
+    let mut seen: HashSet<AuthorizationId> = HashSet::new();
+    for org in deps.store.lease_organizations().await? {
+        if must_end() {
+            report.cut_short = true;
+            return Ok(());
+        }
+        let listing = match deps.upstream.list(&org, &query).await {
+            Ok(listing) => listing,
+            Err(e) => {
+                tracing::warn!(organization = %org, error = %e, "orphan sweep could not list PATs; other organizations go on");
+                report.failed_organizations += 1;
+                continue;
+            }
+        };
+        report.organizations += 1;
+        if !listing.complete {
+            tracing::warn!(organization = %org, listed = listing.pats.len(), "orphan sweep read an incomplete listing; sweeping what it found");
+            report.incomplete_organizations += 1;
+        }
+        for pat in &listing.pats {
+            let Some(lease_id) = lease_of_display_name(
+                &pat.display_name,
+                &settings.display_name_prefix,
+                &settings.deployment_id,
+            ) else {
+                continue;
+            };
+            if !seen.insert(pat.authorization_id) {
+                continue;
+            }
+            report.candidates += 1;
+            if must_end() {
+                report.cut_short = true;
+                return Ok(());
+            }
+            sweep_pat(deps, &org, pat, lease_id, t0, report).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Decides about one candidate PAT and revokes it if it is an orphan.
+async fn sweep_pat(
+    deps: &LeaseDeps,
+    org: &Organization,
+    pat: &PatToken,
+    lease_id: LeaseId,
+    t0: DateTime<Utc>,
+    report: &mut SweepReport,
+) -> Result<(), LeaseError> {
+    let settings = &deps.settings;
+    let lease = deps.store.get_lease(lease_id).await?;
+    let now = now();
+    let orphan = match verdict(
+        lease.as_ref(),
+        pat.authorization_id,
+        t0,
+        now,
+        settings.reconcile_after,
+    ) {
+        Verdict::Live => {
+            report.live += 1;
+            return Ok(());
+        }
+        Verdict::Busy => {
+            report.busy += 1;
+            return Ok(());
+        }
+        Verdict::Orphan(orphan) => orphan,
+    };
+    // Own the row while revoking, so no claim-taking worker acts on it too;
+    // the claim also re-checks "unchanged since t0" in the same statement.
+    let claimed = lease.is_some();
+    if claimed
+        && !deps
+            .store
+            .claim_lease(
+                lease_id,
+                now,
+                &settings.replica_id,
+                super::background::claim_for(deps),
+                t0,
+            )
+            .await?
+    {
+        report.busy += 1;
+        return Ok(());
+    }
+    let result = deps
+        .upstream
+        .revoke(org, pat.authorization_id)
+        .await
+        .or_else(|e| if e.is_not_found() { Ok(()) } else { Err(e) });
+    if claimed {
+        if let Err(e) = deps
+            .store
+            .release_claim(lease_id, &settings.replica_id)
+            .await
+        {
+            tracing::warn!(lease_id = %lease_id, error = %e, "could not release claim");
+        }
+    }
+    let outcome = match &result {
+        Ok(()) => {
+            report.revoked += 1;
+            tracing::info!(organization = %org, lease_id = %lease_id, authorization_id = %pat.authorization_id, reason = orphan.reason(), "orphan PAT revoked");
+            Outcome::Allowed
+        }
+        Err(e) => {
+            report.revoke_failures += 1;
+            tracing::warn!(organization = %org, lease_id = %lease_id, authorization_id = %pat.authorization_id, reason = orphan.reason(), error = %e, "orphan PAT revoke failed; the next sweep retries");
+            Outcome::Error
+        }
+    };
+    let event = AuditEvent {
+        id: 0,
+        time: super::support::now(),
+        identity: BACKGROUND_ACTOR.to_owned(),
+        peer: None,
+        action: crate::audit::PAT_REVOKE_ORPHAN.to_owned(),
+        outcome,
+        reason: Some(orphan.reason().to_owned()),
+        policy_rule: None,
+        lease_id: Some(lease_id),
+        organization: Some(org.to_string()),
+        scopes: Some(pat.scope.clone()),
+        token_fingerprint: None,
+        caller_detail: None,
+    };
+    audit_best_effort(deps, event).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Identity, ScopeSet};
+    use chrono::TimeZone;
+
+    const ID: &str = "0b6f6a0e-8a51-4a4e-9d0b-2f9a2b6c1d11";
+
+    #[test]
+    fn only_this_deployments_exact_names_with_a_lease_id_are_candidates() {
+        let id = lease_of_display_name(&format!("token-broker:prod:{ID}"), "token-broker", "prod");
+        assert_eq!(id.map(|i| i.to_string()).as_deref(), Some(ID));
+        let fresh = LeaseId::new();
+        assert_eq!(
+            lease_of_display_name(
+                &display_name("token-broker", "prod", fresh),
+                "token-broker",
+                "prod"
+            ),
+            Some(fresh)
+        );
+        for name in [
+            // A longer prefix is another broker, not this one.
+            format!("token-broker-staging:prod:{ID}"),
+            format!("token-brokers:prod:{ID}"),
+            // Another deployment, or one whose id merely starts like ours.
+            format!("token-broker:staging:{ID}"),
+            format!("token-broker:prod2:{ID}"),
+            format!("token-broker:pro:{ID}"),
+            // Not a lease id, or not in the form the broker writes.
+            "token-broker:prod:".to_owned(),
+            "token-broker:prod:ci".to_owned(),
+            format!("token-broker:prod:{ID}:x"),
+            format!("token-broker:prod:{}", ID.to_uppercase()),
+            format!("token-broker:prod:{}", ID.replace('-', "")),
+            format!("token-broker:prod:{{{ID}}}"),
+            format!(" token-broker:prod:{ID}"),
+            // A human's PAT.
+            "my laptop".to_owned(),
+            String::new(),
+        ] {
+            assert_eq!(
+                lease_of_display_name(&name, "token-broker", "prod"),
+                None,
+                "{name:?}"
+            );
+        }
+    }
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap() + chrono::Duration::seconds(secs)
+    }
+
+    fn lease(state: LeaseState, pat: Option<AuthorizationId>) -> LeaseRecord {
+        let id = LeaseId::new();
+        LeaseRecord {
+            id,
+            holder: "apikey:ci".parse::<Identity>().unwrap(),
+            organization: Organization::parse("fabrikam").unwrap(),
+            scopes: ScopeSet::parse(["vso.code"]).unwrap(),
+            display_name: format!("token-broker:prod:{id}"),
+            authorization_id: pat,
+            sealed_token: None,
+            state,
+            create_time: at(-600),
+            update_time: at(-600),
+            expire_time: at(3000),
+            max_expire_time: at(3000),
+            revoke_time: None,
+            upstream_valid_to: None,
+            attempts: 0,
+            next_attempt_time: None,
+            last_error: None,
+            claimed_by: None,
+            claimed_until: None,
+        }
+    }
+
+    #[test]
+    fn live_leases_keep_their_pat_and_everything_else_is_an_orphan() {
+        let pat = AuthorizationId::from_uuid(uuid::Uuid::new_v4());
+        let other = AuthorizationId::from_uuid(uuid::Uuid::new_v4());
+        let (t0, now) = (at(0), at(1));
+        let bound = Duration::from_secs(120);
+        let judge = |l: &LeaseRecord| verdict(Some(l), pat, t0, now, bound);
+
+        assert_eq!(
+            verdict(None, pat, t0, now, bound),
+            Verdict::Orphan(Orphan::NoLease)
+        );
+        for state in [LeaseState::Active, LeaseState::Revoking] {
+            assert_eq!(judge(&lease(state, Some(pat))), Verdict::Live);
+            assert_eq!(judge(&lease(state, None)), Verdict::Live);
+            assert_eq!(
+                judge(&lease(state, Some(other))),
+                Verdict::Orphan(Orphan::NotTheLeasesPat)
+            );
+        }
+        let young = LeaseRecord {
+            create_time: at(-119),
+            update_time: at(-119),
+            ..lease(LeaseState::Pending, None)
+        };
+        assert_eq!(judge(&young), Verdict::Live);
+        assert_eq!(
+            judge(&lease(LeaseState::Pending, None)),
+            Verdict::Orphan(Orphan::StalePending)
+        );
+        for state in [
+            LeaseState::Failed,
+            LeaseState::Revoked,
+            LeaseState::Expired,
+            LeaseState::RevokeFailed,
+        ] {
+            assert_eq!(
+                judge(&lease(state, Some(pat))),
+                Verdict::Orphan(Orphan::Finished(state))
+            );
+        }
+    }
+
+    #[test]
+    fn a_lease_that_moved_during_the_sweep_or_is_claimed_waits_for_the_next() {
+        let pat = AuthorizationId::from_uuid(uuid::Uuid::new_v4());
+        let (t0, now) = (at(0), at(5));
+        let bound = Duration::from_secs(120);
+        let moved = LeaseRecord {
+            update_time: t0,
+            ..lease(LeaseState::Failed, Some(pat))
+        };
+        assert_eq!(verdict(Some(&moved), pat, t0, now, bound), Verdict::Busy);
+        let claimed = LeaseRecord {
+            claimed_by: Some("replica-b".into()),
+            claimed_until: Some(at(6)),
+            ..lease(LeaseState::RevokeFailed, Some(pat))
+        };
+        assert_eq!(verdict(Some(&claimed), pat, t0, now, bound), Verdict::Busy);
+        let lapsed = LeaseRecord {
+            claimed_until: Some(at(5)),
+            ..claimed
+        };
+        assert_eq!(
+            verdict(Some(&lapsed), pat, t0, now, bound),
+            Verdict::Orphan(Orphan::Finished(LeaseState::RevokeFailed))
+        );
+    }
+}
