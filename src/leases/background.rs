@@ -31,6 +31,29 @@ pub(super) fn claim_for(deps: &LeaseDeps) -> Duration {
     (deps.settings.reaper_interval * 4).max(Duration::from_secs(60))
 }
 
+/// Until when a batch's claims are safe to start work under: half their
+/// length. Past it the rest of the batch is released untouched, so a slow
+/// upstream never lets a claim lapse while its lease is still to be
+/// started, which would let another replica send the same revoke.
+struct Fresh(tokio::time::Instant);
+
+impl Fresh {
+    fn holds(&self) -> bool {
+        tokio::time::Instant::now() < self.0
+    }
+}
+
+/// Claims a batch of `work` for this replica (see [`Fresh`]).
+async fn claim(deps: &LeaseDeps, work: Work) -> Result<(Vec<LeaseRecord>, Fresh), LeaseError> {
+    let claim = claim_for(deps);
+    let fresh = Fresh(tokio::time::Instant::now() + claim / 2);
+    let due = deps
+        .store
+        .claim_due(work, now(), &deps.settings.replica_id, claim, BATCH)
+        .await?;
+    Ok((due, fresh))
+}
+
 /// Runs a pass every `reaper_interval` until `shutdown` resolves. A pass
 /// under way when it does stops taking new leases, releases the claims it
 /// has not started on, and finishes the one in hand (graceful shutdown,
@@ -90,19 +113,10 @@ async fn pass(deps: &LeaseDeps, stop: &AtomicBool) -> Result<usize, LeaseError> 
         if stop.load(Ordering::Relaxed) {
             return Ok(finished);
         }
-        let due = deps
-            .store
-            .claim_due(
-                Work::Expiry,
-                now(),
-                &deps.settings.replica_id,
-                claim_for(deps),
-                BATCH,
-            )
-            .await?;
+        let (due, fresh) = claim(deps, Work::Expiry).await?;
         let claimed = due.len();
         for lease in due {
-            if stop.load(Ordering::Relaxed) {
+            if stop.load(Ordering::Relaxed) || !fresh.holds() {
                 release(deps, lease.id).await;
             } else {
                 finished += expire(deps, lease).await;
@@ -117,18 +131,9 @@ async fn pass(deps: &LeaseDeps, stop: &AtomicBool) -> Result<usize, LeaseError> 
     }
     // One batch of retries per pass: failures are rescheduled into the
     // future, so looping here would only hammer a failing upstream.
-    let due = deps
-        .store
-        .claim_due(
-            Work::Revocation,
-            now(),
-            &deps.settings.replica_id,
-            claim_for(deps),
-            BATCH,
-        )
-        .await?;
+    let (due, fresh) = claim(deps, Work::Revocation).await?;
     for lease in due {
-        if stop.load(Ordering::Relaxed) {
+        if stop.load(Ordering::Relaxed) || !fresh.holds() {
             release(deps, lease.id).await;
         } else {
             finished += retry_revocation(deps, lease).await;
@@ -137,20 +142,15 @@ async fn pass(deps: &LeaseDeps, stop: &AtomicBool) -> Result<usize, LeaseError> 
     if stop.load(Ordering::Relaxed) {
         return Ok(finished);
     }
-    let due = deps
-        .store
-        .claim_due(
-            Work::Reconcile {
-                older_than: deps.settings.reconcile_after,
-            },
-            now(),
-            &deps.settings.replica_id,
-            claim_for(deps),
-            BATCH,
-        )
-        .await?;
+    let (due, fresh) = claim(
+        deps,
+        Work::Reconcile {
+            older_than: deps.settings.reconcile_after,
+        },
+    )
+    .await?;
     for lease in due {
-        if stop.load(Ordering::Relaxed) {
+        if stop.load(Ordering::Relaxed) || !fresh.holds() {
             release(deps, lease.id).await;
         } else {
             reconcile(deps, lease).await;
