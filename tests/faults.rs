@@ -1,10 +1,14 @@
-//! Upstream faults at the broker level (issue 6 item 4): gRPC in, the
+//! Faults at the broker level (issue 6 items 4 and 5): gRPC in, the
 //! emulator over a socket out, PostgreSQL underneath. What a caller sees
 //! when upstream throttles, stalls, fails or drops the connection, and
-//! what reached upstream meanwhile (the emulator's request log).
+//! what reached upstream meanwhile (the emulator's request log); and a
+//! PostgreSQL restart under load, on a cluster the test owns.
 
 mod common;
 
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -16,8 +20,12 @@ use common::broker::{spawn_broker_with_config, BrokerSpec, Client, TestBroker};
 use common::db::TestDatabase;
 use common::emulator::Emu;
 use common::leases::eventually;
+use common::pg_cluster::PgCluster;
 use token_broker::config::Config;
 use token_broker::proto::v1 as pb;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 
 /// A CreateLease for `vso.code` in `fabrikam`, ten minutes.
 fn create_request(request_id: &str) -> pb::CreateLeaseRequest {
@@ -421,4 +429,225 @@ async fn failed_or_dropped_creates_answer_clean_errors_and_are_never_sent_twice(
         .into_inner();
     assert_eq!(lease.state(), pb::lease::State::Active);
     s.broker.stop().await;
+}
+
+// ------------------------------------------------- database restart
+
+/// What one CreateLease of the load ended with.
+enum Outcome {
+    /// Acknowledged: the lease's name and token.
+    Leased { name: String, token: String },
+    /// Refused: code, ErrorInfo reason, how long the call took.
+    Failed {
+        code: Code,
+        reason: String,
+        took: Duration,
+    },
+}
+
+/// Outcomes with the instant each call ended.
+type LoadLog = Arc<Mutex<Vec<(tokio::time::Instant, Outcome)>>>;
+
+/// The deadline every load call carries.
+const CALL_DEADLINE: Duration = Duration::from_secs(30);
+
+/// CreateLease after CreateLease (fresh request_id each) until `stop`.
+async fn load(mut client: Client, log: LoadLog, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Relaxed) {
+        let mut request = Request::new(create_request(&Uuid::new_v4().to_string()));
+        request.set_timeout(CALL_DEADLINE);
+        let started = tokio::time::Instant::now();
+        let outcome = match client.create_lease(request).await {
+            Ok(ok) => {
+                let lease = ok.into_inner();
+                Outcome::Leased {
+                    name: lease.name,
+                    token: lease.token,
+                }
+            }
+            Err(status) => Outcome::Failed {
+                code: status.code(),
+                reason: status
+                    .get_details_error_info()
+                    .map(|i| i.reason)
+                    .unwrap_or_default(),
+                took: started.elapsed(),
+            },
+        };
+        let failed = matches!(outcome, Outcome::Failed { .. });
+        log.lock()
+            .unwrap()
+            .push((tokio::time::Instant::now(), outcome));
+        if failed {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn leased_since(log: &LoadLog, since: tokio::time::Instant) -> usize {
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter(|(at, o)| *at >= since && matches!(o, Outcome::Leased { .. }))
+        .count()
+}
+
+fn failed_since(log: &LoadLog, since: tokio::time::Instant) -> usize {
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter(|(at, o)| *at >= since && matches!(o, Outcome::Failed { .. }))
+        .count()
+}
+
+async fn health(channel: tonic::transport::Channel) -> ServingStatus {
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health answers while the database is down too")
+        .into_inner()
+        .status()
+}
+
+/// `(id, display_name, state)` of every lease row.
+async fn lease_rows(url: &str) -> Vec<(Uuid, String, String)> {
+    let pool = sqlx::PgPool::connect(url).await.unwrap();
+    let rows = sqlx::query_as("SELECT id, display_name, state FROM leases")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgresql_restart_during_load_loses_no_acknowledged_lease_and_the_broker_serves_again()
+{
+    let cluster = PgCluster::start().await;
+    let emu = Emu::start_default().await;
+    let mut spec = BrokerSpec::new(cluster.url(), emu.running.url());
+    spec.reaper_interval = Duration::from_millis(500);
+    let mut config = spec.config();
+    // Short enough that the reconciler resolves, within the test, what
+    // the outage left PENDING.
+    config.upstream.azure_devops.request_timeout = Duration::from_secs(5);
+    config.leases.reconcile_after = Duration::from_secs(10);
+    let broker = spawn_broker_with_config(&spec, config).await;
+    let channel = broker.channel().await;
+    assert_eq!(health(channel.clone()).await, ServingStatus::Serving);
+
+    let log: LoadLog = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = broker.client(&spec.key("ci")).await;
+    let workers: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(load(client.clone(), log.clone(), stop.clone())))
+        .collect();
+    let began = tokio::time::Instant::now();
+    eventually("leases are issued under load", || async {
+        leased_since(&log, began) >= 10
+    })
+    .await;
+
+    cluster.stop().await;
+    let down = tokio::time::Instant::now();
+    eventually(
+        "health answers NOT_SERVING while the database is down",
+        || {
+            let channel = channel.clone();
+            async move { health(channel).await == ServingStatus::NotServing }
+        },
+    )
+    .await;
+    eventually("calls fail while the database is down", || async {
+        failed_since(&log, down) >= 4
+    })
+    .await;
+
+    cluster.start_again().await;
+    let up = tokio::time::Instant::now();
+    eventually("health answers SERVING once the database is back", || {
+        let channel = channel.clone();
+        async move { health(channel).await == ServingStatus::Serving }
+    })
+    .await;
+    eventually(
+        "leases are issued again, without a broker restart",
+        || async { leased_since(&log, up) >= 10 },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+
+    let outcomes = std::mem::take(&mut *log.lock().unwrap());
+    let rows = lease_rows(&cluster.url()).await;
+    let state_of: HashMap<String, &str> = rows
+        .iter()
+        .map(|(id, _, state)| (format!("leases/{id}"), state.as_str()))
+        .collect();
+    let mut acknowledged = 0;
+    let mut refusals: HashMap<(Code, String), usize> = HashMap::new();
+    for (_, outcome) in &outcomes {
+        match outcome {
+            Outcome::Leased { name, token } => {
+                acknowledged += 1;
+                assert_eq!(
+                    state_of.get(name).copied(),
+                    Some("ACTIVE"),
+                    "acknowledged lease {name} is ACTIVE after the restart"
+                );
+                assert_eq!(
+                    emu.use_pat("fabrikam", "git/repositories", token).await,
+                    200,
+                    "the token of {name} works"
+                );
+            }
+            Outcome::Failed { code, reason, took } => {
+                assert!(
+                    *took < CALL_DEADLINE,
+                    "answered within the deadline: {took:?}"
+                );
+                *refusals.entry((*code, reason.clone())).or_default() += 1;
+            }
+        }
+    }
+    // Clean refusals only: the database (or the audit trail in it) is
+    // unavailable, retry later.
+    for (code, reason) in refusals.keys() {
+        assert!(
+            *code == Code::Unavailable
+                && ["STORE_UNAVAILABLE", "AUDIT_UNAVAILABLE"].contains(&reason.as_str()),
+            "{refusals:?}"
+        );
+    }
+    assert!(acknowledged >= 20 && !refusals.is_empty(), "{refusals:?}");
+
+    // No PAT stays live upstream without an ACTIVE lease: what the outage
+    // left PENDING is reconciled.
+    let url = cluster.url();
+    eventually(
+        "every live PAT has an ACTIVE lease, none PENDING",
+        || async {
+            let rows = lease_rows(&url).await;
+            let active: HashSet<&str> = rows
+                .iter()
+                .filter(|(_, _, state)| state == "ACTIVE")
+                .map(|(_, name, _)| name.as_str())
+                .collect();
+            let pending = rows.iter().any(|(_, _, state)| state == "PENDING");
+            let orphans = emu
+                .pats()
+                .await
+                .into_iter()
+                .filter(|p| p["state"] == "active")
+                .filter(|p| !active.contains(p["displayName"].as_str().unwrap()))
+                .count();
+            !pending && orphans == 0
+        },
+    )
+    .await;
+    broker.stop().await;
 }

@@ -10,5 +10,6 @@ pub mod emulator;
 pub mod k8s;
 pub mod leases;
 pub mod mtls;
+pub mod pg_cluster;
 pub mod policy;
 pub mod upstream;
