@@ -17,6 +17,10 @@
 //! | 5xx (even an HTML gateway page), timeout, dropped connection | retried with jittered exponential backoff, except create |
 //! | anything else | [`UpstreamError::Protocol`] |
 //!
+//! At most `max_concurrent_requests` requests are in flight; a request
+//! holding a place still waits out a `Retry-After` window opened while it
+//! queued (see [`AzureDevOpsClient::permit`]).
+//!
 //! Create is never retried once the request may have reached upstream
 //! (DESIGN.md section 5.5): the caller looks for the display name instead.
 //! A connection that could not be opened, a 401 and a 429 (TF400733: "the
