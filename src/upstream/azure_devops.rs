@@ -19,7 +19,7 @@
 //!
 //! At most `max_concurrent_requests` requests are in flight; a request
 //! holding a place still waits out a `Retry-After` window opened while it
-//! queued (see [`AzureDevOpsClient::permit`]).
+//! queued.
 //!
 //! Create is never retried once the request may have reached upstream
 //! (DESIGN.md section 5.5): the caller looks for the display name instead.
