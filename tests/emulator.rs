@@ -1789,6 +1789,90 @@ async fn stats_count_calls_per_operation_and_deletes_per_authorization_id() {
 }
 
 #[tokio::test]
+async fn stats_tell_the_most_pat_calls_in_flight_and_the_request_log_times_each_answer() {
+    let emu = Emu::start_default().await;
+    let bearer = emu.user_bearer().await;
+    let stats = emu.stats().await;
+    assert_eq!(
+        (stats["inFlight"].clone(), stats["maxInFlight"].clone()),
+        (json!(0), json!(0))
+    );
+
+    // Four lists held 1 s each, sent together: all four are in flight at once.
+    emu.set_faults(json!([{"operation": "list", "latencyMs": 1000}]))
+        .await;
+    let list_target = pats_target("fabrikam", "");
+    let lists = (0..4).map(|_| send(&emu, Method::GET, &list_target, Some(&bearer), None));
+    for resp in futures::future::join_all(lists).await {
+        assert_eq!(resp.status(), 200);
+    }
+    let stats = emu.stats().await;
+    assert_eq!(stats["maxInFlight"], 4, "{stats}");
+    assert_eq!(stats["inFlight"], 0, "{stats}");
+
+    // A 429 and a dropped connection are logged with their times.
+    emu.set_faults(json!([
+        {"operation": "create", "retryAfterSeconds": 2, "times": 1},
+        {"operation": "revoke", "dropConnection": true, "times": 1}
+    ]))
+    .await;
+    let resp = send(
+        &emu,
+        Method::POST,
+        &pats_target("fabrikam", ""),
+        Some(&bearer),
+        Some(json!({"displayName": "x", "scope": "vso.code", "validTo": "2099-01-01T00:00:00Z", "allOrgs": false})),
+    )
+    .await;
+    assert_eq!(resp.status(), 429);
+    let dropped = emu
+        .http
+        .delete(emu.pats_url(
+            "fabrikam",
+            &format!(
+                "api-version={API_VERSION}&authorizationId={}",
+                uuid::Uuid::new_v4()
+            ),
+        ))
+        .bearer_auth(&bearer)
+        .send()
+        .await;
+    assert!(dropped.is_err(), "the connection was dropped");
+    let log = emu.requests().await;
+    let ops: Vec<&str> = log
+        .iter()
+        .map(|r| r["operation"].as_str().unwrap())
+        .collect();
+    assert_eq!(ops, ["list", "list", "list", "list", "create", "revoke"]);
+    for r in &log[..4] {
+        assert_eq!(r["status"], 200);
+        let held = r["answeredMicros"].as_u64().unwrap() - r["arrivedMicros"].as_u64().unwrap();
+        assert!(held >= 1_000_000, "held {held} µs: {r}");
+    }
+    assert_eq!(log[4]["status"], 429);
+    assert!(log[4]["answeredMicros"].as_u64() >= log[4]["arrivedMicros"].as_u64());
+    assert_eq!(
+        log[5]["status"],
+        Value::Null,
+        "no answer to a dropped connection"
+    );
+    let seqs: Vec<u64> = log.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+
+    // Control endpoints and the token endpoint are not PAT API calls.
+    emu.user_bearer().await;
+    assert_eq!(emu.requests().await.len(), 6);
+
+    // A reset forgets counters and the log.
+    emu.reset_stats().await;
+    let stats = emu.stats().await;
+    assert_eq!(stats["calls"]["list"], 0);
+    assert_eq!(stats["maxInFlight"], 0);
+    assert_eq!(stats["deletes"], json!({}));
+    assert!(emu.requests().await.is_empty());
+}
+
+#[tokio::test]
 async fn a_delayed_but_served_call_carries_retry_after_and_rate_limit_headers() {
     let emu = Emu::start_default().await;
     let bearer = emu.user_bearer().await;

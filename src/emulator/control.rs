@@ -76,6 +76,11 @@ pub(crate) fn serve(
             wire::json_ok(&rows)
         }
         (&Method::GET, ["stats"]) => wire::json_ok(&emu.lock().stats),
+        (&Method::DELETE, ["stats"]) => {
+            emu.lock().reset_stats();
+            StatusCode::NO_CONTENT.into_response()
+        }
+        (&Method::GET, ["requests"]) => wire::json_ok(&emu.lock().requests),
         (&Method::GET, ["faults"]) => wire::json_ok(&emu.lock().faults),
         (&Method::PUT, ["faults"]) => match serde_json::from_slice::<Vec<FaultRule>>(body) {
             Ok(rules) => {
@@ -110,9 +115,15 @@ pub(crate) fn serve(
             }
             Err(e) => bad_request(format!("body: {e}")),
         },
-        (_, ["pats"] | ["stats"] | ["faults"] | ["refresh-tokens", "revoke"] | ["clock"]) => {
-            wire::method_not_allowed()
-        }
+        (
+            _,
+            ["pats"]
+            | ["stats"]
+            | ["requests"]
+            | ["faults"]
+            | ["refresh-tokens", "revoke"]
+            | ["clock"],
+        ) => wire::method_not_allowed(),
         _ => return None,
     };
     Some(resp)

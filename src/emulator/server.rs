@@ -125,6 +125,28 @@ async fn dispatch(State(emu): State<Emulator>, req: Request) -> Response {
         },
     };
 
+    // PAT API calls are counted in flight and logged (`/_emulator/stats`,
+    // `/_emulator/requests`) until their answer is handed over.
+    let pat_call = matches!(route, Route::Pats { .. }).then(|| emu.begin_pat_call(op.as_str()));
+    let answer = serve_operation(&emu, op, route, &method, &query, &headers, &body, &kill).await;
+    if let Some(call) = &pat_call {
+        call.answered(answer.status().as_u16());
+    }
+    answer
+}
+
+/// Counts, applies the first matching fault rule, and runs `op`.
+#[allow(clippy::too_many_arguments)]
+async fn serve_operation(
+    emu: &Emulator,
+    op: Operation,
+    route: Route,
+    method: &Method,
+    query: &Query,
+    headers: &axum::http::HeaderMap,
+    body: &Bytes,
+    kill: &Option<ConnectionKill>,
+) -> Response {
     {
         let mut inner = emu.lock();
         inner.count_call(op.as_str());
@@ -136,24 +158,15 @@ async fn dispatch(State(emu): State<Emulator>, req: Request) -> Response {
     let fault = emu.take_fault(op);
     let when = fault.as_ref().map(|f| f.latency_when).unwrap_or_default();
 
-    if let Some(answer) = spend_fault(fault.as_ref(), when, LatencyWhen::Before, &kill).await {
+    if let Some(answer) = spend_fault(fault.as_ref(), when, LatencyWhen::Before, kill).await {
         return answer;
     }
 
     let repeat_page = fault.as_ref().is_some_and(|f| f.repeat_page);
     let mut answer = match route {
-        Route::Token { tenant } => entra::token(&emu, &tenant, &headers, &body),
-        Route::Data { org, resource } => dataplane::serve(&emu, &org, resource, &headers),
-        Route::Pats { org } => pat_api(
-            &emu,
-            op,
-            &org,
-            &method,
-            &query,
-            &headers,
-            &body,
-            repeat_page,
-        ),
+        Route::Token { tenant } => entra::token(emu, &tenant, headers, body),
+        Route::Data { org, resource } => dataplane::serve(emu, &org, resource, headers),
+        Route::Pats { org } => pat_api(emu, op, &org, method, query, headers, body, repeat_page),
         Route::Control { .. } => unreachable!("answered above"),
     };
     // Kept as soon as the effect happened, before any "after" latency.
@@ -166,7 +179,7 @@ async fn dispatch(State(emu): State<Emulator>, req: Request) -> Response {
         let _ = tokio::task::spawn_blocking(move || emu.persist()).await;
     }
 
-    if let Some(answer) = spend_fault(fault.as_ref(), when, LatencyWhen::After, &kill).await {
+    if let Some(answer) = spend_fault(fault.as_ref(), when, LatencyWhen::After, kill).await {
         return answer;
     }
     if let Some(f) = &fault {

@@ -2,9 +2,10 @@
 //! fault rules, call counters and the clock. Secrets are kept only as
 //! SHA-256 digests, so nothing here can print one.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use sha2::{Digest, Sha256};
@@ -115,11 +116,17 @@ pub(crate) struct RefreshTokenRecord {
 
 /// Counters for `/_emulator/stats`.
 #[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub(crate) struct Stats {
     /// Calls per operation (create, get, list, update, revoke, token, dataplane).
     pub calls: BTreeMap<String, u64>,
     /// DELETE calls per `authorizationId` query value.
     pub deletes: BTreeMap<String, u64>,
+    /// PAT API requests (create, get, list, update, revoke) being served now.
+    pub in_flight: u64,
+    /// The most PAT API requests ever served at once (since start or the
+    /// last reset).
+    pub max_in_flight: u64,
 }
 
 impl Default for Stats {
@@ -142,8 +149,34 @@ impl Default for Stats {
         Stats {
             calls,
             deletes: BTreeMap::new(),
+            in_flight: 0,
+            max_in_flight: 0,
         }
     }
+}
+
+/// Most entries `/_emulator/requests` keeps (the oldest go first).
+pub(crate) const MAX_REQUEST_LOG: usize = 10_000;
+
+/// One PAT API request in `/_emulator/requests`. Times are microseconds
+/// on the emulator's monotonic clock since it started, so tests can
+/// compare them without wall-clock jumps.
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct RequestRecord {
+    /// Arrival order, from 1.
+    pub seq: u64,
+    /// `create`, `get`, `list`, `update` or `revoke`.
+    pub operation: &'static str,
+    /// When the request arrived (its body read).
+    pub arrived_micros: u64,
+    /// When the answer was handed to the connection (before its first
+    /// byte is written), or when the connection was dropped; None while
+    /// the request is being served.
+    pub answered_micros: Option<u64>,
+    /// The HTTP status answered; None while served or when the
+    /// connection was dropped without an answer.
+    pub status: Option<u16>,
 }
 
 /// Everything mutable, behind one lock (never held across an await).
@@ -156,6 +189,10 @@ pub(crate) struct Inner {
     pub refresh_tokens: HashMap<SecretDigest, RefreshTokenRecord>,
     pub faults: Vec<FaultRule>,
     pub stats: Stats,
+    /// Recent PAT API requests, oldest first, at most [`MAX_REQUEST_LOG`].
+    pub requests: VecDeque<RequestRecord>,
+    /// `seq` of the next request.
+    pub next_request_seq: u64,
     /// Added to the wall clock (test-only `/_emulator/clock`).
     pub clock_offset: ChronoDuration,
 }
@@ -188,6 +225,24 @@ impl Inner {
 
     pub fn count_call(&mut self, operation: &str) {
         *self.stats.calls.entry(operation.to_owned()).or_default() += 1;
+    }
+
+    /// Zeroes the counters and forgets the request log; requests being
+    /// served stay counted in `inFlight` (and so in `maxInFlight`).
+    pub fn reset_stats(&mut self) {
+        let in_flight = self.stats.in_flight;
+        self.stats = Stats {
+            in_flight,
+            max_in_flight: in_flight,
+            ..Stats::default()
+        };
+        self.requests.clear();
+    }
+
+    fn request_mut(&mut self, seq: u64) -> Option<&mut RequestRecord> {
+        let first = self.requests.front()?.seq;
+        let index = usize::try_from(seq.checked_sub(first)?).ok()?;
+        self.requests.get_mut(index)
     }
 }
 
@@ -278,6 +333,36 @@ pub(crate) struct Emulator {
     pub config: Arc<EmulatorConfig>,
     inner: Arc<Mutex<Inner>>,
     state_file: Option<Arc<StateFile>>,
+    /// Zero of the request log's clock.
+    started: Instant,
+}
+
+/// A PAT API request being served (see [`Emulator::begin_pat_call`]).
+pub(crate) struct PatCall {
+    emu: Emulator,
+    seq: u64,
+}
+
+impl PatCall {
+    /// Logs the answer's status and time (just before it is sent).
+    pub fn answered(&self, status: u16) {
+        let now = self.emu.micros();
+        if let Some(r) = self.emu.lock().request_mut(self.seq) {
+            r.answered_micros = Some(now);
+            r.status = Some(status);
+        }
+    }
+}
+
+impl Drop for PatCall {
+    fn drop(&mut self) {
+        let now = self.emu.micros();
+        let mut inner = self.emu.lock();
+        inner.stats.in_flight = inner.stats.in_flight.saturating_sub(1);
+        if let Some(r) = inner.request_mut(self.seq) {
+            r.answered_micros.get_or_insert(now);
+        }
+    }
 }
 
 impl Emulator {
@@ -302,9 +387,43 @@ impl Emulator {
                 refresh_tokens,
                 faults: Vec::new(),
                 stats: Stats::default(),
+                requests: VecDeque::new(),
+                next_request_seq: 1,
                 clock_offset: ChronoDuration::zero(),
             })),
             state_file: None,
+            started: Instant::now(),
+        }
+    }
+
+    /// Microseconds on the monotonic clock since the emulator started.
+    fn micros(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// Counts a PAT API request in flight and logs its arrival; the guard
+    /// logs its answer ([`PatCall::answered`]) and, when dropped (also
+    /// with a dropped connection), takes it out of flight.
+    pub fn begin_pat_call(&self, operation: &'static str) -> PatCall {
+        let arrived_micros = self.micros();
+        let mut inner = self.lock();
+        let seq = inner.next_request_seq;
+        inner.next_request_seq += 1;
+        inner.stats.in_flight += 1;
+        inner.stats.max_in_flight = inner.stats.max_in_flight.max(inner.stats.in_flight);
+        if inner.requests.len() >= MAX_REQUEST_LOG {
+            inner.requests.pop_front();
+        }
+        inner.requests.push_back(RequestRecord {
+            seq,
+            operation,
+            arrived_micros,
+            answered_micros: None,
+            status: None,
+        });
+        PatCall {
+            emu: self.clone(),
+            seq,
         }
     }
 

@@ -17,6 +17,10 @@
 //! | 5xx (even an HTML gateway page), timeout, dropped connection | retried with jittered exponential backoff, except create |
 //! | anything else | [`UpstreamError::Protocol`] |
 //!
+//! At most `max_concurrent_requests` requests are in flight; a request
+//! holding a place still waits out a `Retry-After` window opened while it
+//! queued.
+//!
 //! Create is never retried once the request may have reached upstream
 //! (DESIGN.md section 5.5): the caller looks for the display name instead.
 //! A connection that could not be opened, a 401 and a 429 (TF400733: "the
@@ -34,7 +38,7 @@ use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYP
 use reqwest::{Method, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 use tracing::{field, Instrument};
 use url::Url;
@@ -335,6 +339,8 @@ impl AzureDevOpsClient {
     /// One attempt; on 401 the bearer is dropped and the request sent once
     /// more with a fresh one.
     async fn attempt_authenticated(&self, call: &Call) -> Result<Vec<u8>, Failure> {
+        // Early, so a throttled call does not fetch a bearer first;
+        // `permit` checks again once the request may go.
         self.wait_for_throttle().await?;
         let bearer = self.tokens.bearer().await.map_err(token_failure)?;
         match self.attempt(call, &bearer).await {
@@ -365,14 +371,35 @@ impl AzureDevOpsClient {
         }
     }
 
+    /// A place among the `max_concurrent_requests` in flight, taken only
+    /// while no `Retry-After` window is open. The window is checked again
+    /// once the place is held: a request that queued for it must not go
+    /// out right after another's 429 opened a window meanwhile.
+    async fn permit(&self) -> Result<SemaphorePermit<'_>, Failure> {
+        loop {
+            self.wait_for_throttle().await?;
+            let permit = self.in_flight.acquire().await.expect("never closed");
+            if self.throttle_remaining().is_zero() {
+                return Ok(permit);
+            }
+        }
+    }
+
+    /// How long the current `Retry-After` window still lasts (zero: none).
+    fn throttle_remaining(&self) -> Duration {
+        let until = *self.throttled_until.lock().expect("not poisoned");
+        until.map_or(Duration::ZERO, |until| {
+            until.saturating_duration_since(Instant::now())
+        })
+    }
+
     /// Waits out an earlier `Retry-After`, or refuses if it is too long.
     async fn wait_for_throttle(&self) -> Result<(), Failure> {
-        let until = *self.throttled_until.lock().expect("not poisoned");
-        let Some(until) = until else { return Ok(()) };
-        let wait = until.saturating_duration_since(Instant::now());
+        let wait = self.throttle_remaining();
         if wait.is_zero() {
             return Ok(());
         }
+        let until = Instant::now() + wait;
         if wait > self.config.max_retry_after {
             return Err(Failure::Throttled {
                 retry_after: Some(wait),
@@ -419,7 +446,7 @@ impl AzureDevOpsClient {
                 ))
             })?;
         authorization.set_sensitive(true);
-        let _permit = self.in_flight.acquire().await.expect("never closed");
+        let _permit = self.permit().await?;
         let mut request = self
             .http
             .request(call.method.clone(), call.url.clone())

@@ -240,7 +240,18 @@ pub async fn spawn_broker(spec: &BrokerSpec) -> TestBroker {
 /// Starts the real server as `spec` says but with `policy` (e.g. a
 /// file-backed handle that reloads) instead of `spec.policy_yaml`.
 pub async fn spawn_broker_with_policy(spec: &BrokerSpec, policy: PolicyHandle) -> TestBroker {
-    let config = spec.config();
+    start(spec, spec.config(), policy).await
+}
+
+/// Starts the real server with `config` (typically [`BrokerSpec::config`]
+/// with settings the spec does not cover changed) and the spec's policy.
+pub async fn spawn_broker_with_config(spec: &BrokerSpec, config: Config) -> TestBroker {
+    config.validate().expect("test configuration is valid");
+    let policy = Policy::from_yaml(&spec.policy_yaml).expect("test policy is valid");
+    start(spec, config, policy.into()).await
+}
+
+async fn start(spec: &BrokerSpec, config: Config, policy: PolicyHandle) -> TestBroker {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let broker = Broker::start(&config, policy, listener)
         .await

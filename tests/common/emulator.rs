@@ -163,6 +163,29 @@ impl Emu {
             .unwrap()
     }
 
+    /// `DELETE /_emulator/stats`: counters to zero, request log emptied.
+    pub async fn reset_stats(&self) {
+        let resp = self
+            .http
+            .delete(self.url("/_emulator/stats"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 204);
+    }
+
+    /// `GET /_emulator/requests`: the PAT API request log, oldest first.
+    pub async fn requests(&self) -> Vec<Value> {
+        self.http
+            .get(self.url("/_emulator/requests"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// `PUT /_emulator/faults` with `rules` (a JSON array).
     pub async fn set_faults(&self, rules: Value) {
         let resp = self

@@ -10,6 +10,7 @@ pub mod emulator;
 pub mod k8s;
 pub mod leases;
 pub mod mtls;
+pub mod pg_cluster;
 pub mod policy;
 pub mod process;
 pub mod upstream;
