@@ -49,6 +49,7 @@ on_both_stores!(
     a_revoke_that_failed_five_times_is_finished_once_upstream_recovers,
     a_revoke_past_its_budget_is_revoke_failed_then_finished_once_upstream_recovers,
     a_stale_pending_lease_stays_pending_while_the_upstream_list_is_incomplete,
+    a_create_that_outlives_the_reconcile_bound_is_abandoned_cleanly_and_its_retry_mints,
 );
 
 /// The display name the test broker (deployment `test-deployment`) gives
@@ -605,4 +606,79 @@ async fn two_replicas_sweeping_and_reaping_at_once_revoke_each_pat_exactly_once(
     let (again_a, again_b) = tokio::join!(a.leases.run_sweep_once(), b.leases.run_sweep_once());
     assert!(!again_a.unwrap().ran);
     assert!(!again_b.unwrap().ran);
+}
+
+/// A create still in flight when the reconciler settles its lease (a
+/// reconcile bound set shorter than a slow upstream create really takes):
+/// the PAT is revoked, the caller gets UNAVAILABLE `CREATE_ABANDONED` with
+/// a retry delay (not INTERNAL), and its retry mints a working lease.
+async fn a_create_that_outlives_the_reconcile_bound_is_abandoned_cleanly_and_its_retry_mints(
+    backend: Backend,
+) {
+    use token_broker::error::ServiceError as _;
+    let emulator = start_emulator().await;
+    let url = emulator.url();
+    let db = TestDb::new(backend).await;
+    let broker = start_broker(
+        &db,
+        &url,
+        &TestKeys::new(),
+        BrokerOptions {
+            reconcile_after: Duration::from_millis(300),
+            ..BrokerOptions::default()
+        },
+    )
+    .await;
+    // The PAT is made at once; its answer comes 3 s later.
+    set_faults(
+        &url,
+        serde_json::json!([{"operation":"create","latencyMs":3000,"latencyWhen":"after","times":1}]),
+    )
+    .await;
+    let request_id = Uuid::new_v4();
+    let req = request(&["vso.code"], None, Some(request_id));
+    let create = {
+        let leases = broker.leases.clone();
+        let req = req.clone();
+        tokio::spawn(async move { leases.create(&caller("ci"), req).await })
+    };
+    eventually("the PAT exists upstream", || async {
+        !emulator_pats(&url).await.is_empty()
+    })
+    .await;
+    let minted = emulator_pats(&url).await[0]["authorizationId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The reconciler takes the (now stale) PENDING lease while the create
+    // still waits for its answer.
+    eventually("the reconciler settles the lease", || async {
+        broker.leases.run_background_once().await.unwrap();
+        emulator_pat_state(&url, &minted).await == "revoked"
+    })
+    .await;
+    let err = create
+        .await
+        .unwrap()
+        .expect_err("the abandoned create fails");
+    assert_eq!(err.reason(), "CREATE_ABANDONED", "{err}");
+    assert_eq!(err.code(), token_broker::error::ErrorCode::Unavailable);
+    assert!(err.retry_after().is_some());
+
+    let retried = broker
+        .leases
+        .create(&caller("ci"), req)
+        .await
+        .expect("the retry mints afresh");
+    assert_eq!(retried.lease.state, LeaseState::Active);
+    assert_eq!(
+        list_repositories(&url, "fabrikam", &retried.token).await,
+        200
+    );
+    let live: Vec<_> = emulator_pats(&url)
+        .await
+        .into_iter()
+        .filter(|p| p["state"] == "active")
+        .collect();
+    assert_eq!(live.len(), 1, "only the retry's PAT is live: {live:?}");
 }

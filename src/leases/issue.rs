@@ -331,10 +331,9 @@ async fn mint(
 
     let stored = match deps.store.update_lease(&lease, LeaseState::Pending).await {
         Ok(true) => Ok(()),
-        Ok(false) => Err(LeaseError::Internal(format!(
-            "lease {} left PENDING while its PAT was minted",
-            lease.id
-        ))),
+        // The reconciler (or an admin) settled the lease while the create
+        // was in flight: this attempt is abandoned, a retry mints afresh.
+        Ok(false) => Err(LeaseError::Abandoned),
         Err(e) => Err(e.into()),
     };
     if let Err(e) = stored {

@@ -162,6 +162,11 @@ pub enum LeaseError {
     /// that settles.
     #[error("lease is still being issued; retry shortly")]
     StillPending,
+    /// The upstream create outlived `leases.reconcile_after` and the lease
+    /// was settled (FAILED) meanwhile; its PAT is revoked. A retry with the
+    /// same request_id mints afresh.
+    #[error("the lease was abandoned while upstream was still minting its PAT; retry")]
+    Abandoned,
     /// The caller holds as many live leases as policy allows.
     #[error("active lease quota exceeded")]
     QuotaExceeded,
@@ -205,7 +210,9 @@ impl ServiceError for LeaseError {
             | LeaseError::AtMaxExpireTime(_)
             | LeaseError::NotForceable(_) => ErrorCode::FailedPrecondition,
             LeaseError::InvalidPageToken => ErrorCode::InvalidArgument,
-            LeaseError::InProgress | LeaseError::StillPending => ErrorCode::Unavailable,
+            LeaseError::InProgress | LeaseError::StillPending | LeaseError::Abandoned => {
+                ErrorCode::Unavailable
+            }
             LeaseError::QuotaExceeded => ErrorCode::ResourceExhausted,
             LeaseError::Upstream(e) => e.code(),
             LeaseError::Store(e) => e.code(),
@@ -224,6 +231,7 @@ impl ServiceError for LeaseError {
             LeaseError::InvalidPageToken => "INVALID_PAGE_TOKEN",
             LeaseError::InProgress => "REQUEST_IN_PROGRESS",
             LeaseError::StillPending => "LEASE_PENDING",
+            LeaseError::Abandoned => "CREATE_ABANDONED",
             LeaseError::QuotaExceeded => "ACTIVE_LEASE_QUOTA_EXCEEDED",
             LeaseError::Upstream(e) => e.reason(),
             LeaseError::Store(e) => e.reason(),
@@ -242,7 +250,9 @@ impl ServiceError for LeaseError {
     }
     fn retry_after(&self) -> Option<Duration> {
         match self {
-            LeaseError::InProgress | LeaseError::StillPending => Some(Duration::from_secs(1)),
+            LeaseError::InProgress | LeaseError::StillPending | LeaseError::Abandoned => {
+                Some(Duration::from_secs(1))
+            }
             LeaseError::Upstream(e) => e.retry_after(),
             LeaseError::Store(e) => e.retry_after(),
             LeaseError::Audit(e) => e.retry_after(),
