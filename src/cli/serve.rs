@@ -223,7 +223,8 @@ impl Broker {
                 }
             });
         }
-        let _ = policy.spawn_watcher(DEFAULT_POLL_INTERVAL, stopped(rx.clone()));
+        // Detached: the watcher ends with the broker's shutdown signal.
+        drop(policy.spawn_watcher(DEFAULT_POLL_INTERVAL, stopped(rx.clone())));
         let background = {
             let leases = leases.clone();
             let rx = rx.clone();
