@@ -5,6 +5,7 @@
 //! as an operator runs it, and revocations that keep failing (REVOKE_FAILED
 //! listed, counted on /metrics, forced closed).
 
+#[macro_use]
 mod common;
 
 use std::collections::HashSet;
@@ -24,28 +25,9 @@ use token_broker::proto::v1 as pb;
 
 const BIN: &str = env!("CARGO_BIN_EXE_token-broker");
 
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Store::Postgres).await
-                }
-            )*
-        }
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Store::Sqlite).await
-                }
-            )*
-        }
-    };
-}
-
 on_both_stores!(
+    postgres = super::Store::Postgres,
+    sqlite = super::Store::Sqlite;
     bulk_revoke_of_a_compromised_holder_revokes_every_pat_upstream_and_counts_them,
     audit_verify_passes_on_a_brokers_database_and_names_a_row_edited_by_sql,
     a_grant_is_refused_when_its_audit_row_cannot_be_written_and_a_revocation_still_goes_ahead,

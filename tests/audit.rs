@@ -3,6 +3,7 @@
 //! tampers with rows through a raw connection of its own, as someone with
 //! write access to the database but without the chain key would.
 
+#[macro_use]
 mod common;
 
 use std::io::Write;
@@ -18,29 +19,9 @@ use token_broker::audit::{
 use token_broker::crypto::Keyring;
 use token_broker::domain::LeaseId;
 
-/// Instantiates each named test for both backends.
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(crate::common::audit::AuditDb::postgres().await).await;
-                }
-            )*
-        }
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(crate::common::audit::AuditDb::sqlite().await).await;
-                }
-            )*
-        }
-    };
-}
-
-both_backends!(
+on_both_stores!(
+    postgres = crate::common::audit::AuditDb::postgres().await,
+    sqlite = crate::common::audit::AuditDb::sqlite().await;
     an_intact_chain_verifies_up_to_the_head_the_log_reported,
     editing_any_field_of_one_row_makes_verify_name_that_row,
     deleting_a_middle_row_makes_verify_name_the_gap,

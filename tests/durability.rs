@@ -4,6 +4,7 @@
 //! the emulator over a real socket; what is checked is what upstream holds
 //! (`/_emulator/pats`, `/_emulator/stats`, the data plane) and the rows.
 
+#[macro_use]
 mod common;
 
 use std::collections::HashSet;
@@ -19,31 +20,9 @@ use token_broker::store::LeaseRecord;
 use token_broker::upstream::{CreatePat, PatToken};
 use uuid::Uuid;
 
-/// Runs each scenario once per store backend.
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod postgres {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(Backend::Postgres).await
-                }
-            )*
-        }
-        mod sqlite {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(Backend::Sqlite).await
-                }
-            )*
-        }
-    };
-}
-
 on_both_stores!(
+    postgres = super::Backend::Postgres,
+    sqlite = super::Backend::Sqlite;
     orphan_pats_of_this_deployment_are_swept_in_every_organization_and_nothing_else,
     one_organization_failing_does_not_stop_the_sweep_of_the_others,
     a_revoke_that_failed_five_times_is_finished_once_upstream_recovers,

@@ -2,6 +2,7 @@
 //! service on the real store and the real upstream client, the emulator
 //! over a real socket, the PAT used on the emulator's data plane.
 
+#[macro_use]
 mod common;
 
 use std::time::Duration;
@@ -15,31 +16,9 @@ use token_broker::policy::Denial;
 use token_broker::store::LeaseFilter;
 use uuid::Uuid;
 
-/// Runs each scenario once per store backend.
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod postgres {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(Backend::Postgres).await
-                }
-            )*
-        }
-        mod sqlite {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(Backend::Sqlite).await
-                }
-            )*
-        }
-    };
-}
-
 on_both_stores!(
+    postgres = super::Backend::Postgres,
+    sqlite = super::Backend::Sqlite;
     leased_token_works_on_azure_devops_only_within_its_scope_and_organization,
     renewing_a_lease_moves_the_pat_valid_to_upstream,
     revoked_lease_token_is_refused_by_azure_devops,
