@@ -27,7 +27,8 @@ on_both_stores!(
     one_organization_failing_does_not_stop_the_sweep_of_the_others,
     a_revoke_that_failed_five_times_is_finished_once_upstream_recovers,
     a_revoke_past_its_budget_is_revoke_failed_then_finished_once_upstream_recovers,
-    a_stale_pending_lease_stays_pending_while_the_upstream_list_is_incomplete,
+    a_stale_pending_lease_under_an_incomplete_listing_is_failed_and_its_unseen_pat_swept,
+    a_revoke_failed_lease_met_by_the_sweep_is_finished_the_normal_way,
     a_create_that_outlives_the_reconcile_bound_is_abandoned_cleanly_and_its_retry_mints,
 );
 
@@ -447,7 +448,7 @@ async fn a_revoke_past_its_budget_is_revoke_failed_then_finished_once_upstream_r
     );
 }
 
-async fn a_stale_pending_lease_stays_pending_while_the_upstream_list_is_incomplete(
+async fn a_stale_pending_lease_under_an_incomplete_listing_is_failed_and_its_unseen_pat_swept(
     backend: Backend,
 ) {
     let emulator = start_emulator().await;
@@ -472,25 +473,27 @@ async fn a_stale_pending_lease_stays_pending_while_the_upstream_list_is_incomple
     broker.store.create_lease(&pending, None).await.unwrap();
     let (pat, token) = mint(&broker, "fabrikam", &pending.display_name).await;
 
-    // The list keeps answering its first page: the PAT cannot be seen, so
-    // the broker must not conclude there is none.
+    // The list keeps answering its first page: the PAT cannot be seen. The
+    // reconciler settles the lease first (FAILED, so a create still in
+    // flight can never make it ACTIVE) and revokes what it finds; the PAT
+    // it could not see is left under the FAILED lease for the sweep.
     set_faults(
         &url,
         serde_json::json!([{ "operation": "list", "repeatPage": true }]),
     )
     .await;
-    for _ in 0..3 {
-        broker.leases.run_background_once().await.unwrap();
-        let row = stored(&broker.store, pending.id).await;
-        assert_eq!(row.state, LeaseState::Pending);
-        assert_eq!(row.claimed_by, None, "the claim is given back for a retry");
-    }
-    assert_eq!(emulator_pat_state(&url, &id_text(&pat)).await, "active");
-
-    clear_faults(&url).await;
     broker.leases.run_background_once().await.unwrap();
     let reconciled = stored(&broker.store, pending.id).await;
     assert_eq!(reconciled.state, LeaseState::Failed);
+    assert_eq!(reconciled.claimed_by, None);
+    assert_eq!(emulator_pat_state(&url, &id_text(&pat)).await, "active");
+
+    // With the listing whole again, the sweep finds it: an orphan of a
+    // FAILED lease.
+    clear_faults(&url).await;
+    let report = broker.leases.run_sweep_once().await.unwrap();
+    assert!(report.ran);
+    assert_eq!(report.revoked, 1, "{report:?}");
     assert_eq!(emulator_pat_state(&url, &id_text(&pat)).await, "revoked");
     assert_eq!(list_repositories(&url, "fabrikam", &token).await, 401);
     let live: Vec<_> = emulator_pats(&url)
@@ -660,4 +663,57 @@ async fn a_create_that_outlives_the_reconcile_bound_is_abandoned_cleanly_and_its
         .filter(|p| p["state"] == "active")
         .collect();
     assert_eq!(live.len(), 1, "only the retry's PAT is live: {live:?}");
+}
+
+/// The sweep meets the live PAT of a REVOKE_FAILED lease long before its
+/// next slow retry: it finishes the revocation the normal way, so the
+/// lease leaves REVOKE_FAILED (and `admin list-failed`) as REVOKED.
+async fn a_revoke_failed_lease_met_by_the_sweep_is_finished_the_normal_way(backend: Backend) {
+    let emulator = start_emulator().await;
+    let url = emulator.url();
+    let db = TestDb::new(backend).await;
+    let options = BrokerOptions {
+        upstream_max_retries: 0,
+        revocation_retry: RetrySchedule {
+            min_delay: Duration::from_millis(100),
+            max_delay: Duration::from_millis(100),
+            max_attempts: 1,
+            failed_interval: Duration::from_secs(3600),
+        },
+        ..BrokerOptions::default()
+    };
+    let broker = start_broker(&db, &url, &TestKeys::new(), options).await;
+    let issued = broker
+        .leases
+        .create(&caller("ci"), request(&["vso.code"], None, None))
+        .await
+        .unwrap();
+    set_faults(
+        &url,
+        serde_json::json!([{ "operation": "revoke", "status": 503, "times": 1 }]),
+    )
+    .await;
+    let answer = broker
+        .leases
+        .revoke(&caller("ci"), issued.lease.id)
+        .await
+        .unwrap();
+    assert_eq!(answer.state, LeaseState::RevokeFailed);
+
+    let report = broker.leases.run_sweep_once().await.unwrap();
+    assert_eq!(report.revoked, 1, "{report:?}");
+    let done = stored(&broker.store, issued.lease.id).await;
+    assert_eq!(done.state, LeaseState::Revoked);
+    assert_eq!(done.last_error, None);
+    assert_eq!(done.claimed_by, None);
+    assert_eq!(
+        list_repositories(&url, "fabrikam", &issued.token).await,
+        401
+    );
+    let pat = done.authorization_id.unwrap().to_string();
+    assert_eq!(
+        deletes_of(&url, &pat).await,
+        2,
+        "the failed one and the sweep's"
+    );
 }

@@ -657,13 +657,25 @@ async fn one_lease_is_claimed_only_while_unclaimed_and_unchanged(store: Arc<dyn 
     create(&store, &l).await;
     let minute = Duration::from_secs(60);
 
+    // In another state than the caller judged: not claimed.
+    assert!(!store
+        .claim_lease(l.id, LeaseState::Active, t0(), "sweeper", minute, t0())
+        .await
+        .unwrap());
     // Written at or after the bound: not claimed.
     assert!(!store
-        .claim_lease(l.id, t0(), "sweeper", minute, l.update_time)
+        .claim_lease(
+            l.id,
+            LeaseState::Failed,
+            t0(),
+            "sweeper",
+            minute,
+            l.update_time
+        )
         .await
         .unwrap());
     assert!(store
-        .claim_lease(l.id, t0(), "sweeper", minute, t0())
+        .claim_lease(l.id, LeaseState::Failed, t0(), "sweeper", minute, t0())
         .await
         .unwrap());
     let claimed = store.get_lease(l.id).await.unwrap().unwrap();
@@ -673,7 +685,14 @@ async fn one_lease_is_claimed_only_while_unclaimed_and_unchanged(store: Arc<dyn 
 
     // A live claim keeps everyone else out, until it lapses or is released.
     assert!(!store
-        .claim_lease(l.id, t0() + secs(59), "other", minute, t0())
+        .claim_lease(
+            l.id,
+            LeaseState::Failed,
+            t0() + secs(59),
+            "other",
+            minute,
+            t0()
+        )
         .await
         .unwrap());
     assert!(store
@@ -690,17 +709,38 @@ async fn one_lease_is_claimed_only_while_unclaimed_and_unchanged(store: Arc<dyn 
         .unwrap()
         .is_empty());
     assert!(store
-        .claim_lease(l.id, t0() + secs(60), "other", minute, t0())
+        .claim_lease(
+            l.id,
+            LeaseState::Failed,
+            t0() + secs(60),
+            "other",
+            minute,
+            t0()
+        )
         .await
         .unwrap());
     store.release_claim(l.id, "other").await.unwrap();
     assert!(store
-        .claim_lease(l.id, t0() + secs(61), "sweeper", minute, t0())
+        .claim_lease(
+            l.id,
+            LeaseState::Failed,
+            t0() + secs(61),
+            "sweeper",
+            minute,
+            t0()
+        )
         .await
         .unwrap());
 
     assert!(!store
-        .claim_lease(LeaseId::new(), t0(), "sweeper", minute, t0())
+        .claim_lease(
+            LeaseId::new(),
+            LeaseState::Failed,
+            t0(),
+            "sweeper",
+            minute,
+            t0()
+        )
         .await
         .unwrap());
 }

@@ -37,7 +37,8 @@ pub const LEASE_REVOKE: &str = "lease.revoke";
 pub const LEASE_EXPIRE: &str = "lease.expire";
 /// `action` of an operator closing a REVOKE_FAILED lease without an
 /// upstream revoke (AdminService.ForceRevokeLease): the PAT stays valid
-/// upstream until its validTo, which the row's reason states.
+/// upstream until its validTo, which the row's reason states, unless the
+/// orphan sweep (`pat.revoke_orphan`) later revokes it.
 pub const LEASE_FORCE_REVOKE: &str = "lease.force_revoke";
 /// `action` of a stale PENDING lease resolved by the reconciler.
 pub const LEASE_RECONCILE: &str = "lease.reconcile";

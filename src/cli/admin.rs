@@ -228,8 +228,9 @@ fn left_live_warning(lease: &pb::Lease) -> String {
     };
     format!(
         "WARNING: {} is closed ({}), but {pat} was NOT revoked upstream: \
-         it stays valid in Azure DevOps until {until}. Revoke it there by hand \
-         if it must stop working sooner.",
+         it stays valid in Azure DevOps until {until} (the orphan sweep still \
+         tries to revoke it once per leases.sweep_interval). Revoke it there by \
+         hand if it must stop working sooner.",
         lease.name,
         lease.state().as_str_name()
     )

@@ -160,26 +160,14 @@ async fn pass(deps: &LeaseDeps, stop: &AtomicBool) -> Result<usize, LeaseError> 
 }
 
 /// Resolves one claimed PENDING lease whose create is long over (a crash,
-/// or an ambiguous create whose look-up failed): revokes any PAT carrying
-/// its display name, then marks it FAILED (no token was handed out, so a
-/// retry with its request_id mints afresh). On upstream failure, or when
-/// the upstream list was incomplete (a PAT may hide on a page not read),
-/// the lease stays PENDING, the claim is released and a later pass tries
-/// again.
+/// or an ambiguous create whose look-up failed). It settles the lease
+/// first, PENDING → FAILED by compare-and-set, so a create still in flight
+/// can no longer make it ACTIVE (its activation fails and revokes its own
+/// PAT), then revokes any PAT carrying its display name. No token was
+/// handed out, so a retry with its request_id mints afresh. A PAT this pass
+/// cannot revoke (upstream failing, or a listing that stopped early) is
+/// left under a FAILED lease, which the orphan sweep revokes.
 async fn reconcile(deps: &LeaseDeps, lease: LeaseRecord) {
-    let revoked = match revoke_by_display_name(deps, &lease).await {
-        Ok(search) if search.complete => search.revoked,
-        Ok(search) => {
-            tracing::warn!(lease_id = %lease.id, revoked = search.revoked, "upstream list incomplete; lease left PENDING, will retry");
-            release(deps, lease.id).await;
-            return;
-        }
-        Err(e) => {
-            tracing::warn!(lease_id = %lease.id, error = %e, "reconcile failed; will retry");
-            release(deps, lease.id).await;
-            return;
-        }
-    };
     let now = now();
     let mut failed = lease.clone();
     failed.state = LeaseState::Failed;
@@ -188,27 +176,42 @@ async fn reconcile(deps: &LeaseDeps, lease: LeaseRecord) {
     failed.claimed_by = None;
     failed.claimed_until = None;
     failed.last_error = Some(format!(
-        "reconciled: left PENDING past {} s; {revoked} upstream PAT(s) revoked",
+        "reconciled: left PENDING past {} s; any PAT with its display name is revoked",
         deps.settings.reconcile_after.as_secs()
     ));
     match deps.store.update_lease(&failed, LeaseState::Pending).await {
-        Ok(true) => {
-            let mut event = lease_event(
-                BACKGROUND_ACTOR,
-                None,
-                crate::audit::LEASE_RECONCILE,
-                Outcome::Allowed,
-                &failed,
-                now,
-            );
-            event.reason = Some("PENDING_RECONCILED".to_owned());
-            audit_best_effort(deps, event).await;
-            tracing::info!(lease_id = %lease.id, revoked, "pending lease reconciled to FAILED");
-        }
-        Ok(false) => release(deps, lease.id).await,
-        Err(e) => {
-            tracing::warn!(lease_id = %lease.id, error = %e, "could not mark reconciled lease FAILED");
+        Ok(true) => {}
+        Ok(false) => {
+            // The create finished (or another actor settled it) meanwhile.
+            tracing::info!(lease_id = %lease.id, "pending lease settled before the reconciler; left as is");
             release(deps, lease.id).await;
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(lease_id = %lease.id, error = %e, "could not mark a stale pending lease FAILED; will retry");
+            release(deps, lease.id).await;
+            return;
+        }
+    }
+    let mut event = lease_event(
+        BACKGROUND_ACTOR,
+        None,
+        crate::audit::LEASE_RECONCILE,
+        Outcome::Allowed,
+        &failed,
+        now,
+    );
+    event.reason = Some("PENDING_RECONCILED".to_owned());
+    audit_best_effort(deps, event).await;
+    match revoke_by_display_name(deps, &failed).await {
+        Ok(search) if search.complete => {
+            tracing::info!(lease_id = %lease.id, revoked = search.revoked, "pending lease reconciled to FAILED");
+        }
+        Ok(search) => {
+            tracing::warn!(lease_id = %lease.id, revoked = search.revoked, "pending lease reconciled to FAILED; the upstream list was incomplete, the orphan sweep finishes it");
+        }
+        Err(e) => {
+            tracing::warn!(lease_id = %lease.id, error = %e, "pending lease reconciled to FAILED; its PAT could not be revoked now, the orphan sweep finishes it");
         }
     }
 }

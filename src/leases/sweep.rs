@@ -23,7 +23,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::support::{audit_best_effort, chrono_duration, now, BACKGROUND_ACTOR};
+use super::support::{
+    audit_best_effort, chrono_duration, final_state, finish_revocation, now, BACKGROUND_ACTOR,
+};
 use super::{LeaseDeps, LeaseError};
 use crate::audit::{AuditEvent, Outcome};
 use crate::domain::{AuthorizationId, LeaseId, LeaseState, Organization};
@@ -95,8 +97,6 @@ enum Orphan {
     NoLease,
     /// The lease is finished (FAILED, REVOKED, EXPIRED, REVOKE_FAILED).
     Finished(LeaseState),
-    /// The lease is PENDING past `reconcile_after`.
-    StalePending,
     /// The lease is live but records another PAT.
     NotTheLeasesPat,
 }
@@ -109,7 +109,6 @@ impl Orphan {
             Orphan::Finished(LeaseState::Revoked) => "ORPHAN_LEASE_REVOKED",
             Orphan::Finished(LeaseState::Expired) => "ORPHAN_LEASE_EXPIRED",
             Orphan::Finished(_) => "ORPHAN_LEASE_REVOKE_FAILED",
-            Orphan::StalePending => "ORPHAN_LEASE_PENDING_STALE",
             Orphan::NotTheLeasesPat => "ORPHAN_NOT_THE_LEASES_PAT",
         }
     }
@@ -121,8 +120,9 @@ enum Verdict {
     /// A live lease owns it: ACTIVE or REVOKING (its recorded PAT), or
     /// PENDING younger than `reconcile_after`.
     Live,
-    /// The lease row was written at or after `t0`, or other background work
-    /// holds a live claim on it: the next sweep decides.
+    /// The lease row was written at or after `t0`, other background work
+    /// holds a live claim on it, or it is a stale PENDING lease (the
+    /// reconciler's): the next sweep decides.
     Busy,
     /// Nobody owns it: revoke.
     Orphan(Orphan),
@@ -155,7 +155,10 @@ fn verdict(
         LeaseState::Pending if lease.create_time + chrono_duration(reconcile_after) >= now => {
             Verdict::Live
         }
-        LeaseState::Pending => Verdict::Orphan(Orphan::StalePending),
+        // A stale PENDING lease is the reconciler's: it settles the row
+        // (FAILED) before revoking, so a create still in flight cannot turn
+        // it ACTIVE under a revoked PAT; once FAILED, its PAT is an orphan.
+        LeaseState::Pending => Verdict::Busy,
         state => Verdict::Orphan(Orphan::Finished(state)),
     }
 }
@@ -309,36 +312,41 @@ async fn sweep_pat(
         Verdict::Orphan(orphan) => orphan,
     };
     // Own the row while revoking, so no claim-taking worker acts on it too;
-    // the claim also re-checks "unchanged since t0" in the same statement.
-    let claimed = lease.is_some();
-    if claimed
-        && !deps
+    // the claim re-checks, in the same statement, that the row is still in
+    // the state judged and unchanged since t0.
+    if let Some(lease) = &lease {
+        if !deps
             .store
             .claim_lease(
                 lease_id,
+                lease.state,
                 now,
                 &settings.replica_id,
                 super::background::claim_for(deps),
                 t0,
             )
             .await?
-    {
-        report.busy += 1;
-        return Ok(());
+        {
+            report.busy += 1;
+            return Ok(());
+        }
+        if lease.state == LeaseState::RevokeFailed
+            && lease.authorization_id == Some(pat.authorization_id)
+        {
+            // Its own PAT: finish the revocation the normal way, so the
+            // lease leaves REVOKE_FAILED (and the failed list) with its own
+            // audit row.
+            finish_revoke_failed(deps, lease, report).await;
+            return Ok(());
+        }
     }
     let result = deps
         .upstream
         .revoke(org, pat.authorization_id)
         .await
         .or_else(|e| if e.is_not_found() { Ok(()) } else { Err(e) });
-    if claimed {
-        if let Err(e) = deps
-            .store
-            .release_claim(lease_id, &settings.replica_id)
-            .await
-        {
-            tracing::warn!(lease_id = %lease_id, error = %e, "could not release claim");
-        }
+    if lease.is_some() {
+        release(deps, lease_id).await;
     }
     let outcome = match &result {
         Ok(()) => {
@@ -369,6 +377,39 @@ async fn sweep_pat(
     };
     audit_best_effort(deps, event).await;
     Ok(())
+}
+
+/// Retries the revocation of a REVOKE_FAILED lease the sweep has claimed
+/// (`support::finish_revocation`: REVOKED or EXPIRED on success, else one
+/// more failed attempt), and gives the claim back if the row was not
+/// rewritten.
+async fn finish_revoke_failed(deps: &LeaseDeps, lease: &LeaseRecord, report: &mut SweepReport) {
+    let action = match final_state(lease) {
+        LeaseState::Expired => crate::audit::LEASE_EXPIRE,
+        _ => crate::audit::LEASE_REVOKE,
+    };
+    match finish_revocation(deps, lease, BACKGROUND_ACTOR, None, None, action).await {
+        Ok(Some(done)) if done.state.is_terminal() => report.revoked += 1,
+        Ok(Some(_)) => report.revoke_failures += 1,
+        Ok(None) => release(deps, lease.id).await,
+        Err(e) => {
+            tracing::warn!(lease_id = %lease.id, error = %e, "orphan sweep could not finish a REVOKE_FAILED lease");
+            report.revoke_failures += 1;
+            release(deps, lease.id).await;
+        }
+    }
+}
+
+/// Gives the sweep's claim on a lease row back, best effort (an unreleased
+/// claim lapses).
+async fn release(deps: &LeaseDeps, id: LeaseId) {
+    if let Err(e) = deps
+        .store
+        .release_claim(id, &deps.settings.replica_id)
+        .await
+    {
+        tracing::warn!(lease_id = %id, error = %e, "could not release claim");
+    }
 }
 
 #[cfg(test)]
@@ -477,7 +518,8 @@ mod tests {
         assert_eq!(judge(&young), Verdict::Live);
         assert_eq!(
             judge(&lease(LeaseState::Pending, None)),
-            Verdict::Orphan(Orphan::StalePending)
+            Verdict::Busy,
+            "a stale PENDING lease is left to the reconciler"
         );
         for state in [
             LeaseState::Failed,

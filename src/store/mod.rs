@@ -344,13 +344,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// Claims one lease for work outside [`Store::claim_due`]'s kinds (the
     /// orphan sweep): sets `claimed_by = claimer`, `claimed_until = now +
-    /// claim_for` only if no live claim is held and the row has not been
+    /// claim_for` only if its state is still `expected`, no live claim is
+    /// held and the row has not been
     /// written since `unchanged_before` (`update_time < unchanged_before`),
     /// in one committed statement. False if it exists but either test
     /// failed, or it does not exist.
     async fn claim_lease(
         &self,
         id: LeaseId,
+        expected: LeaseState,
         now: DateTime<Utc>,
         claimer: &str,
         claim_for: Duration,

@@ -551,6 +551,7 @@ impl Store for PostgresStore {
     async fn claim_lease(
         &self,
         id: LeaseId,
+        expected: LeaseState,
         now: DateTime<Utc>,
         claimer: &str,
         claim_for: Duration,
@@ -560,13 +561,14 @@ impl Store for PostgresStore {
         let done = sqlx::query(
             "UPDATE leases SET claimed_by = $2, claimed_until = $3 \
              WHERE id = $1 AND (claimed_until IS NULL OR claimed_until <= $4) \
-               AND update_time < $5",
+               AND update_time < $5 AND state = $6",
         )
         .bind(id.as_uuid())
         .bind(claimer)
         .bind(micros(now + codec::claim_duration(claim_for)?))
         .bind(now)
         .bind(micros(unchanged_before))
+        .bind(expected.as_str())
         .execute(&self.pool)
         .await
         .map_err(map_sqlx)?;

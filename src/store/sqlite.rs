@@ -543,6 +543,7 @@ impl Store for SqliteStore {
     async fn claim_lease(
         &self,
         id: LeaseId,
+        expected: LeaseState,
         now: DateTime<Utc>,
         claimer: &str,
         claim_for: Duration,
@@ -551,13 +552,14 @@ impl Store for SqliteStore {
         let done = sqlx::query(
             "UPDATE leases SET claimed_by = ?2, claimed_until = ?3 \
              WHERE id = ?1 AND (claimed_until IS NULL OR claimed_until <= ?4) \
-               AND update_time < ?5",
+               AND update_time < ?5 AND state = ?6",
         )
         .bind(id.to_string())
         .bind(claimer)
         .bind(time_text(now + codec::claim_duration(claim_for)?))
         .bind(time_text(now))
         .bind(time_text(unchanged_before))
+        .bind(expected.as_str())
         .execute(&self.pool)
         .await
         .map_err(map_sqlx)?;
