@@ -26,6 +26,7 @@ use crate::auth::kubernetes::{KubernetesAuthConfig, KubernetesConfigError, Kuber
 use crate::auth::tls::TlsConfig;
 use crate::auth::{ApiKeyHash, ApiKeys};
 use crate::crypto::{Keyring, TokenFingerprinter};
+use crate::leases::RetrySchedule;
 use crate::upstream::azure_devops::AzureDevOpsConfig;
 use crate::upstream::entra::EntraConfig;
 
@@ -293,49 +294,32 @@ pub struct LeasesConfig {
     pub display_name_prefix: String,
     /// `leases.valid_to_skew`: added to expire_time for the PAT's validTo;
     /// default `5m`, at most `1h`.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "crate::duration::de_duration")]
     pub valid_to_skew: Duration,
     /// `leases.reaper_interval`: how often expired leases are revoked;
     /// default `15s`.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "crate::duration::de_duration")]
     pub reaper_interval: Duration,
     /// `leases.reconcile_after`: how old a PENDING lease must be before the
-    /// reconciler resolves it (revokes any PAT with its display name, marks
-    /// it FAILED), and how long the orphan sweep leaves a PENDING lease's
+    /// reconciler resolves it (marks it FAILED, then revokes any PAT with its
+    /// display name), and how long the orphan sweep leaves a PENDING lease's
     /// PAT alone; default `2m`. Must exceed
-    /// `upstream.azure_devops.request_timeout`, so a create still in flight
-    /// is never reconciled.
-    #[serde(with = "humantime_serde")]
+    /// `upstream.azure_devops.request_timeout`, so a create in its single
+    /// send is not reconciled; one that outlives it anyway (Retry-After
+    /// waits, retries before sending) is abandoned: its PAT is revoked and
+    /// the caller told to retry (`CREATE_ABANDONED`).
+    #[serde(deserialize_with = "crate::duration::de_duration")]
     pub reconcile_after: Duration,
     /// `leases.sweep_interval`: how often one replica of the deployment
     /// lists upstream, in every organization it has leased in, for PATs
     /// with this deployment's display-name prefix that no live lease owns,
     /// and revokes them; default `10m`.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "crate::duration::de_duration")]
     pub sweep_interval: Duration,
-    /// `[leases.revocation_retry]`: the schedule of upstream revoke retries.
-    pub revocation_retry: RevocationRetryConfig,
-}
-
-/// `[leases.revocation_retry]`: failed upstream revocations are retried
-/// with jittered exponential backoff from `min_delay` doubling to
-/// `max_delay`; after `max_attempts` failures the lease is REVOKE_FAILED
-/// and retried every `failed_interval` until it succeeds or an operator
-/// forces it (`token-broker admin force-revoke`).
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RevocationRetryConfig {
-    /// First retry delay; default `5s`.
-    #[serde(with = "humantime_serde")]
-    pub min_delay: Duration,
-    /// Longest retry delay before the budget is spent; default `10m`.
-    #[serde(with = "humantime_serde")]
-    pub max_delay: Duration,
-    /// Failed attempts before REVOKE_FAILED; default 10, at least 1.
-    pub max_attempts: u32,
-    /// Delay between retries of a REVOKE_FAILED lease; default `1h`.
-    #[serde(with = "humantime_serde")]
-    pub failed_interval: Duration,
+    /// `[leases.revocation_retry]`: the schedule of upstream revoke
+    /// retries (`min_delay`, `max_delay`, `max_attempts`,
+    /// `failed_interval`; see [`RetrySchedule`]).
+    pub revocation_retry: RetrySchedule,
 }
 
 /// `[auth]`.
@@ -981,22 +965,6 @@ fn figment_errors(err: figment::Error) -> ConfigErrors {
             })
             .collect(),
     )
-}
-
-/// Serde adapter for humantime durations (`"5m"`, `"15s"`, `"1h 30m"`).
-mod humantime_serde {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer};
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(|e| {
-            serde::de::Error::custom(format!(
-                "{s:?} is not a duration like \"30s\", \"5m\" or \"1h\": {e}"
-            ))
-        })
-    }
 }
 
 #[cfg(test)]

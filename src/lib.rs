@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod domain;
+mod duration;
 pub mod emulator;
 pub mod error;
 pub mod leases;

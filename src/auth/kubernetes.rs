@@ -34,7 +34,6 @@ use super::jwks::{printable, read_capped, read_token_file, JwksCache, JwksSettin
 use super::Caller;
 use crate::domain::Identity;
 use crate::error::{ErrorCode, ServiceError};
-use crate::upstream::azure_devops::de_duration;
 
 /// Longest token we look at, in bytes. Kubernetes' tokens are about 1 KiB.
 const MAX_TOKEN_BYTES: usize = 16 * 1024;
@@ -74,19 +73,19 @@ pub struct KubernetesAuthConfig {
     /// default 30 s. A key published within this time after the previous
     /// fetch is trusted only once the window has passed. Zero disables the
     /// limit (tests).
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "crate::duration::de_duration")]
     pub jwks_refetch_min_interval: Duration,
     /// Cached keys older than this are refreshed in the background on next
     /// use (and kept if that fails), so a key removed from the JWKS stops
     /// being trusted; default 10 min.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "crate::duration::de_duration")]
     pub jwks_max_age: Duration,
     /// Clock skew allowed on `exp` and `nbf` (whole seconds); default 30 s,
     /// at most 5 min.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "crate::duration::de_duration")]
     pub leeway: Duration,
     /// Timeout of one discovery, JWKS or TokenReview exchange; default 10 s.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "crate::duration::de_duration")]
     pub http_timeout: Duration,
     /// PEM bundle of the CAs trusted for the discovery and JWKS URLs
     /// (instead of the built-in web roots); in a pod usually

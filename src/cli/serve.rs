@@ -20,7 +20,7 @@ use crate::auth::{Authenticator, Refusal, RefusalAudit};
 use crate::config::{Config, ConfigError};
 use crate::crypto::Keyring;
 use crate::error::{ErrorCode, ServiceError as _};
-use crate::leases::{LeaseDeps, LeaseSettings, Leases, RetrySchedule};
+use crate::leases::{LeaseDeps, LeaseSettings, Leases};
 use crate::metrics::{self, Metrics};
 use crate::policy::{PolicyError, PolicyHandle, DEFAULT_POLL_INTERVAL};
 use crate::store::{self, Store, StoreError, UpstreamCredential};
@@ -198,12 +198,7 @@ impl Broker {
                 replica_id: replica_id(),
                 reconcile_after: config.leases.reconcile_after,
                 sweep_interval: config.leases.sweep_interval,
-                revocation_retry: RetrySchedule {
-                    min_delay: config.leases.revocation_retry.min_delay,
-                    max_delay: config.leases.revocation_retry.max_delay,
-                    max_attempts: config.leases.revocation_retry.max_attempts,
-                    failed_interval: config.leases.revocation_retry.failed_interval,
-                },
+                revocation_retry: config.leases.revocation_retry.clone(),
             },
         }));
 

@@ -1,9 +1,9 @@
 //! Background work: the reaper (ACTIVE leases past expire_time → REVOKING →
 //! upstream revoke → EXPIRED), the revocation queue (REVOKING and
 //! REVOKE_FAILED rows whose next_attempt_time is due), the reconciler
-//! (PENDING rows older than `settings.reconcile_after` → their PAT, if any,
-//! revoked → FAILED) and, as a step of its own, the orphan sweep
-//! ([`super::sweep`]). Work is taken by committed claims
+//! (PENDING rows older than `settings.reconcile_after` → FAILED → their
+//! PAT, if any, revoked) and, on a loop of its own beside them, the orphan
+//! sweep ([`super::sweep`]). Work is taken by committed claims
 //! (`Store::claim_due`, `Store::claim_job`), so several replicas share it
 //! without doing anything twice; no transaction spans an upstream call.
 
@@ -54,47 +54,62 @@ async fn claim(deps: &LeaseDeps, work: Work) -> Result<(Vec<LeaseRecord>, Fresh)
     Ok((due, fresh))
 }
 
-/// Runs a pass every `reaper_interval` until `shutdown` resolves. A pass
-/// under way when it does stops taking new leases, releases the claims it
-/// has not started on, and finishes the one in hand (graceful shutdown,
-/// DESIGN.md section 10).
+/// Runs, until `shutdown` resolves, a [`pass`] every `reaper_interval` and,
+/// beside it, the orphan sweep's turn check at the same rate
+/// (`sweep::sweep_if_due`; it runs when its deployment-wide claim is due),
+/// so a long sweep never holds up expiry. Work under way when shutdown
+/// comes stops taking new leases, releases the claims it has not started
+/// on, and finishes the one in hand (graceful shutdown, DESIGN.md section
+/// 10). Errors are logged; the next tick tries again.
 pub(super) async fn run(deps: &LeaseDeps, shutdown: impl std::future::Future<Output = ()> + Send) {
-    let mut tick =
-        tokio::time::interval(deps.settings.reaper_interval.max(Duration::from_millis(10)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    use futures::FutureExt as _;
     let stop = AtomicBool::new(false);
+    let shutdown = shutdown.shared();
+    let period = deps.settings.reaper_interval;
+    tokio::join!(
+        every(period, &stop, shutdown.clone(), || async {
+            if let Err(e) = pass(deps, &stop).await {
+                tracing::warn!(error = %e, "background pass failed");
+            }
+        }),
+        every(period, &stop, shutdown, || async {
+            if let Err(e) = super::sweep::sweep_if_due(deps, &stop).await {
+                tracing::warn!(error = %e, "orphan sweep failed");
+            }
+        }),
+    );
+    tracing::info!("background work stopped");
+}
+
+/// Calls `work` every `period` until `shutdown` resolves; a call under way
+/// then sees `stop` set and is awaited to its end.
+async fn every<F, Fut>(
+    period: Duration,
+    stop: &AtomicBool,
+    shutdown: impl std::future::Future<Output = ()>,
+    work: F,
+) where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(period.max(Duration::from_millis(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             _ = tick.tick() => {}
         }
-        let step = step(deps, &stop);
-        tokio::pin!(step);
+        let call = work();
+        tokio::pin!(call);
         tokio::select! {
-            _ = &mut step => {}
+            _ = &mut call => {}
             _ = &mut shutdown => {
                 stop.store(true, Ordering::Relaxed);
-                step.await;
+                call.await;
                 break;
             }
         }
-    }
-    tracing::info!("background work stopped");
-}
-
-/// One tick of the loop: a [`pass`], then the orphan sweep as its own step
-/// when its deployment-wide claim is due (`sweep::sweep_if_due`). Errors
-/// are logged; the next tick tries again.
-async fn step(deps: &LeaseDeps, stop: &AtomicBool) {
-    if let Err(e) = pass(deps, stop).await {
-        tracing::warn!(error = %e, "background pass failed");
-    }
-    if stop.load(Ordering::Relaxed) {
-        return;
-    }
-    if let Err(e) = super::sweep::sweep_if_due(deps, stop).await {
-        tracing::warn!(error = %e, "orphan sweep failed");
     }
 }
 

@@ -285,18 +285,24 @@ pub struct LeaseSettings {
     pub revocation_retry: RetrySchedule,
 }
 
-/// The schedule of upstream revoke retries: jittered exponential backoff
-/// from `min_delay` doubling to `max_delay`; after `max_attempts` failures
-/// the lease is REVOKE_FAILED, retried every `failed_interval`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The schedule of upstream revoke retries, configuration
+/// `[leases.revocation_retry]`: exponential backoff from `min_delay`
+/// doubling to `max_delay`, each delay jittered up to twice its value;
+/// after `max_attempts` failures the lease is REVOKE_FAILED, retried every
+/// `failed_interval`. Durations read as seconds or humantime strings (`"5s"`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RetrySchedule {
-    /// First delay.
+    /// First delay; default `5s`.
+    #[serde(deserialize_with = "crate::duration::de_duration")]
     pub min_delay: Duration,
-    /// Longest delay within the budget.
+    /// Longest delay within the budget (before jitter); default `10m`.
+    #[serde(deserialize_with = "crate::duration::de_duration")]
     pub max_delay: Duration,
-    /// Failed attempts before REVOKE_FAILED (at least 1).
+    /// Failed attempts before REVOKE_FAILED; default 10, at least 1.
     pub max_attempts: u32,
-    /// Delay between retries of a REVOKE_FAILED lease.
+    /// Delay between retries of a REVOKE_FAILED lease; default `1h`.
+    #[serde(deserialize_with = "crate::duration::de_duration")]
     pub failed_interval: Duration,
 }
 
@@ -464,7 +470,7 @@ impl Leases {
 
     /// One pass of background work (expire due leases, retry due
     /// revocations, reconcile stale PENDING leases); what `run_background`
-    /// does each tick before the sweep step ([`Leases::run_sweep_once`]).
+    /// does each tick (the sweep runs beside it: [`Leases::run_sweep_once`]).
     /// Returns how many leases it finished (EXPIRED or REVOKED).
     pub async fn run_background_once(&self) -> Result<usize, LeaseError> {
         background::run_once(&self.deps).await

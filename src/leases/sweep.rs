@@ -242,7 +242,14 @@ async fn sweep(
     let must_end = || stop.load(Ordering::Relaxed) || tokio::time::Instant::now() >= deadline;
     // One PAT may show in several organizations' listings: act on it once.
     let mut seen: HashSet<AuthorizationId> = HashSet::new();
-    for org in deps.store.lease_organizations().await? {
+    // In a random order, so a sweep cut short by its deadline does not
+    // leave the same organizations unswept every time.
+    let mut organizations = deps.store.lease_organizations().await?;
+    {
+        use rand::seq::SliceRandom as _;
+        organizations.shuffle(&mut rand::thread_rng());
+    }
+    for org in organizations {
         if must_end() {
             report.cut_short = true;
             return Ok(());

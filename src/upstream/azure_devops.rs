@@ -37,7 +37,7 @@ use chrono::Utc;
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, LOCATION};
 use reqwest::{Method, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 use tracing::{field, Instrument};
@@ -74,23 +74,23 @@ pub struct AzureDevOpsConfig {
     /// tenants whose Conditional Access needs the redirect (section 2.2).
     pub suppress_fed_auth_redirect: bool,
     /// Timeout of one HTTP exchange, connect to last byte; default 30 s.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "crate::duration::de_duration")]
     pub request_timeout: Duration,
     /// Timeout of opening a connection; default 10 s.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "crate::duration::de_duration")]
     pub connect_timeout: Duration,
     /// Retries after the first attempt (5xx, timeouts, 429); default 3.
     pub max_retries: u32,
     /// First backoff delay (jittered, doubling); default 200 ms.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "crate::duration::de_duration")]
     pub retry_min_delay: Duration,
     /// Longest backoff delay; default 10 s.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "crate::duration::de_duration")]
     pub retry_max_delay: Duration,
     /// Longest `Retry-After` the client waits out itself; a longer one is
     /// returned as `RateLimited`. Default 30 s (the service delays requests
     /// by up to 30 s, DOC-RATELIMITS).
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "crate::duration::de_duration")]
     pub max_retry_after: Duration,
     /// `$top` of each list page, 1 to 100; default 100.
     pub page_size: u32,
@@ -117,24 +117,6 @@ impl Default for AzureDevOpsConfig {
             max_pages: 1000,
             max_concurrent_requests: 16,
         }
-    }
-}
-
-/// Reads a duration from a number of seconds or a humantime string.
-pub(crate) fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Seconds(f64),
-        Text(String),
-    }
-    match Raw::deserialize(d)? {
-        Raw::Seconds(s) if s.is_finite() && s >= 0.0 => Ok(Duration::from_secs_f64(s)),
-        Raw::Seconds(s) => Err(serde::de::Error::custom(format!(
-            "{s} is not a duration in seconds"
-        ))),
-        Raw::Text(text) => humantime::parse_duration(&text)
-            .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a duration: {e}"))),
     }
 }
 

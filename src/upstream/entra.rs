@@ -79,7 +79,7 @@ pub struct EntraConfig {
     /// so that Entra keeps issuing refresh tokens.
     pub scope: String,
     /// Timeout of one token request; default 30 s.
-    #[serde(deserialize_with = "super::azure_devops::de_duration")]
+    #[serde(deserialize_with = "crate::duration::de_duration")]
     pub request_timeout: Duration,
 }
 

@@ -19,9 +19,10 @@ use token_broker::auth::kubernetes::KubernetesAuthConfig;
 use token_broker::auth::tls::TlsConfig;
 use token_broker::auth::GeneratedApiKey;
 use token_broker::cli::serve::Broker;
-use token_broker::config::{ApiKeySetting, Config, RevocationRetryConfig, DEFAULTS};
+use token_broker::config::{ApiKeySetting, Config, DEFAULTS};
 use token_broker::crypto::Keyring;
 use token_broker::emulator::DEFAULT_REFRESH_TOKEN;
+use token_broker::leases::RetrySchedule;
 use token_broker::policy::{Policy, PolicyHandle};
 use token_broker::proto::v1::lease_service_client::LeaseServiceClient;
 
@@ -68,7 +69,7 @@ pub struct BrokerSpec {
     /// Serve the admin HTTP port (`admin.listen`) on 127.0.0.1:0.
     pub admin_port: bool,
     /// `[leases.revocation_retry]` (the defaults when `None`).
-    pub revocation_retry: Option<RevocationRetryConfig>,
+    pub revocation_retry: Option<RetrySchedule>,
     /// `upstream.azure_devops.max_retries` (the default when `None`).
     pub upstream_max_retries: Option<u32>,
 }
@@ -108,7 +109,7 @@ impl BrokerSpec {
         max_attempts: u32,
         failed_interval: Duration,
     ) -> BrokerSpec {
-        self.revocation_retry = Some(RevocationRetryConfig {
+        self.revocation_retry = Some(RetrySchedule {
             min_delay,
             max_delay,
             max_attempts,
