@@ -9,3 +9,10 @@ CREATE TABLE background_jobs (
     -- start of the last finished run (UTC)
     last_run_time TEXT
 ) STRICT;
+
+-- The sweep's organizations (SELECT DISTINCT organization) without a scan
+-- of every lease ever issued.
+CREATE INDEX leases_organization_idx ON leases (organization);
+-- Admin listings filtered by state, newest first (e.g. admin list-failed:
+-- state = REVOKE_FAILED), without walking every lease by create_time.
+CREATE INDEX leases_state_create_time_idx ON leases (state, create_time DESC, id DESC);

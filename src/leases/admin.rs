@@ -451,6 +451,12 @@ pub(super) async fn force_revoke(
         return Err(err);
     }
     let now = now();
+    if lease.claimed_until.is_some_and(|until| until > now) {
+        // A background retry holds it and may be revoking upstream right
+        // now: its outcome decides first, then the operator may force.
+        refuse("LEASE_BUSY").await;
+        return Err(LeaseError::Busy);
+    }
     let left_live = left_live(&lease);
     let mut closed = lease.clone();
     closed.revoke_time = Some(lease.revoke_time.unwrap_or(now));

@@ -307,15 +307,11 @@ async fn mint(
         // row stays PENDING and the reconciler finds the PAT by its name.
         let e = UpstreamError::Protocol("create answer carries no token".to_owned());
         lease.authorization_id = Some(pat.authorization_id);
-        if let Err(r) = deps
-            .upstream
-            .revoke(&lease.organization, pat.authorization_id)
-            .await
+        if let Err(r) =
+            super::support::revoke_upstream(deps, &lease.organization, pat.authorization_id).await
         {
-            if !r.is_not_found() {
-                tracing::error!(lease_id = %lease.id, error = %r, "could not revoke a PAT minted without its token; left PENDING for the reconciler");
-                return Err(e.into());
-            }
+            tracing::error!(lease_id = %lease.id, error = %r, "could not revoke a PAT minted without its token; left PENDING for the reconciler");
+            return Err(e.into());
         }
         return Err(fail(deps, caller, lease, rule, e).await);
     };
@@ -370,11 +366,9 @@ async fn mint(
 /// a crash here: the row stays PENDING and the display name finds the PAT).
 async fn abandon_minted(deps: &LeaseDeps, lease: &LeaseRecord) {
     if let Some(id) = lease.authorization_id {
-        if let Err(e) = deps.upstream.revoke(&lease.organization, id).await {
-            if !e.is_not_found() {
-                tracing::error!(lease_id = %lease.id, error = %e, "could not revoke an unrecorded PAT");
-                return;
-            }
+        if let Err(e) = super::support::revoke_upstream(deps, &lease.organization, id).await {
+            tracing::error!(lease_id = %lease.id, error = %e, "could not revoke an unrecorded PAT");
+            return;
         }
     }
     let mut failed = lease.clone();

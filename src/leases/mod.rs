@@ -167,6 +167,10 @@ pub enum LeaseError {
     /// same request_id mints afresh.
     #[error("the lease was abandoned while upstream was still minting its PAT; retry")]
     Abandoned,
+    /// Background work holds a live claim on the lease (a revoke retry may
+    /// be under way upstream); retry shortly.
+    #[error("a background revocation of this lease is under way; retry shortly")]
+    Busy,
     /// The caller holds as many live leases as policy allows.
     #[error("active lease quota exceeded")]
     QuotaExceeded,
@@ -210,9 +214,10 @@ impl ServiceError for LeaseError {
             | LeaseError::AtMaxExpireTime(_)
             | LeaseError::NotForceable(_) => ErrorCode::FailedPrecondition,
             LeaseError::InvalidPageToken => ErrorCode::InvalidArgument,
-            LeaseError::InProgress | LeaseError::StillPending | LeaseError::Abandoned => {
-                ErrorCode::Unavailable
-            }
+            LeaseError::InProgress
+            | LeaseError::StillPending
+            | LeaseError::Abandoned
+            | LeaseError::Busy => ErrorCode::Unavailable,
             LeaseError::QuotaExceeded => ErrorCode::ResourceExhausted,
             LeaseError::Upstream(e) => e.code(),
             LeaseError::Store(e) => e.code(),
@@ -232,6 +237,7 @@ impl ServiceError for LeaseError {
             LeaseError::InProgress => "REQUEST_IN_PROGRESS",
             LeaseError::StillPending => "LEASE_PENDING",
             LeaseError::Abandoned => "CREATE_ABANDONED",
+            LeaseError::Busy => "LEASE_BUSY",
             LeaseError::QuotaExceeded => "ACTIVE_LEASE_QUOTA_EXCEEDED",
             LeaseError::Upstream(e) => e.reason(),
             LeaseError::Store(e) => e.reason(),
@@ -250,9 +256,10 @@ impl ServiceError for LeaseError {
     }
     fn retry_after(&self) -> Option<Duration> {
         match self {
-            LeaseError::InProgress | LeaseError::StillPending | LeaseError::Abandoned => {
-                Some(Duration::from_secs(1))
-            }
+            LeaseError::InProgress
+            | LeaseError::StillPending
+            | LeaseError::Abandoned
+            | LeaseError::Busy => Some(Duration::from_secs(1)),
             LeaseError::Upstream(e) => e.retry_after(),
             LeaseError::Store(e) => e.retry_after(),
             LeaseError::Audit(e) => e.retry_after(),
@@ -420,7 +427,8 @@ impl Leases {
     /// succeeds meanwhile is never overwritten.
     ///
     /// Errors: `AdminRequired` (audited), `NotFound`, `NotForceable` (any
-    /// other state, including one a concurrent revoke just reached).
+    /// other state, including one a concurrent revoke just reached), `Busy`
+    /// (a background retry holds the lease right now).
     pub async fn admin_force_revoke(
         &self,
         caller: &Caller,

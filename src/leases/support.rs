@@ -251,6 +251,19 @@ pub(super) async fn begin_revocation(
     }
 }
 
+/// Revokes PAT `id` in `organization` upstream; upstream "not found" counts
+/// as revoked (DESIGN.md 5.3: the PAT is gone, which is the goal).
+pub(super) async fn revoke_upstream(
+    deps: &LeaseDeps,
+    organization: &crate::domain::Organization,
+    id: crate::domain::AuthorizationId,
+) -> Result<(), crate::upstream::UpstreamError> {
+    match deps.upstream.revoke(organization, id).await {
+        Err(e) if e.is_not_found() => Ok(()),
+        other => other,
+    }
+}
+
 /// Revokes the PAT of a REVOKING or REVOKE_FAILED lease upstream and records
 /// the outcome: REVOKED/EXPIRED on success or upstream not-found; else the
 /// same state (REVOKE_FAILED past the budget) with `attempts`, `last_error`
@@ -267,11 +280,9 @@ pub(super) async fn finish_revocation(
 ) -> Result<Option<LeaseRecord>, LeaseError> {
     let expected = lease.state;
     let result = match lease.authorization_id {
-        Some(authorization_id) => deps
-            .upstream
-            .revoke(&lease.organization, authorization_id)
-            .await
-            .or_else(|e| if e.is_not_found() { Ok(()) } else { Err(e) }),
+        Some(authorization_id) => {
+            revoke_upstream(deps, &lease.organization, authorization_id).await
+        }
         // No PAT was ever recorded: nothing to revoke upstream.
         None => Ok(()),
     };
@@ -348,15 +359,7 @@ pub(super) async fn revoke_by_display_name(
         .iter()
         .filter(|p| p.display_name == lease.display_name)
     {
-        match deps
-            .upstream
-            .revoke(&lease.organization, pat.authorization_id)
-            .await
-        {
-            Ok(()) => {}
-            Err(e) if e.is_not_found() => {}
-            Err(e) => return Err(e),
-        }
+        revoke_upstream(deps, &lease.organization, pat.authorization_id).await?;
         revoked += 1;
         tracing::info!(lease_id = %lease.id, authorization_id = %pat.authorization_id, "revoked a PAT no lease holds");
     }

@@ -24,7 +24,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::support::{
-    audit_best_effort, chrono_duration, final_state, finish_revocation, now, BACKGROUND_ACTOR,
+    audit_best_effort, chrono_duration, final_state, finish_revocation, now, revoke_upstream,
+    BACKGROUND_ACTOR,
 };
 use super::{LeaseDeps, LeaseError};
 use crate::audit::{AuditEvent, Outcome};
@@ -347,11 +348,7 @@ async fn sweep_pat(
             return Ok(());
         }
     }
-    let result = deps
-        .upstream
-        .revoke(org, pat.authorization_id)
-        .await
-        .or_else(|e| if e.is_not_found() { Ok(()) } else { Err(e) });
+    let result = revoke_upstream(deps, org, pat.authorization_id).await;
     if lease.is_some() {
         release(deps, lease_id).await;
     }

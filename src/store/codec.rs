@@ -83,8 +83,9 @@ pub(crate) const LIVE_STATES: [LeaseState; 3] = [
     LeaseState::Revoking,
 ];
 
-/// `now - older_than`, saturating at the earliest time.
-pub(crate) fn reconcile_cutoff(now: DateTime<Utc>, older_than: Duration) -> DateTime<Utc> {
+/// `now - older_than` (the reconciler's age bound, a job's interval),
+/// saturating at the earliest time.
+pub(crate) fn cutoff_before(now: DateTime<Utc>, older_than: Duration) -> DateTime<Utc> {
     chrono::Duration::from_std(older_than)
         .ok()
         .and_then(|d| now.checked_sub_signed(d))

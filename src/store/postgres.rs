@@ -285,7 +285,7 @@ fn due_condition(work: Work, now: DateTime<Utc>) -> (String, &'static str, DateT
         Work::Reconcile { older_than } => (
             "state = 'PENDING' AND create_time < $1".into(),
             "create_time",
-            codec::reconcile_cutoff(now, older_than),
+            codec::cutoff_before(now, older_than),
         ),
     }
 }
@@ -483,10 +483,7 @@ impl Store for PostgresStore {
         limit: u32,
     ) -> Result<Vec<LeaseRecord>, StoreError> {
         let now = micros(now);
-        let claimed_until = micros(
-            now + chrono::Duration::from_std(claim_for)
-                .map_err(|_| StoreError::Database("claim_for is out of range".into()))?,
-        );
+        let claimed_until = micros(now + codec::claim_duration(claim_for)?);
         let (due, order_by, due_bound) = due_condition(work, now);
         // One statement, committed on return: rows another replica has
         // locked are skipped, rows it has claimed are not due.
@@ -608,7 +605,7 @@ impl Store for PostgresStore {
         .bind(claimer)
         .bind(micros(now + codec::claim_duration(claim_for)?))
         .bind(now)
-        .bind(micros(codec::reconcile_cutoff(now, interval)))
+        .bind(micros(codec::cutoff_before(now, interval)))
         .fetch_optional(&self.pool)
         .await
         .map_err(map_sqlx)?;

@@ -461,9 +461,7 @@ impl Store for SqliteStore {
         claim_for: Duration,
         limit: u32,
     ) -> Result<Vec<LeaseRecord>, StoreError> {
-        let claimed_until = now
-            + chrono::Duration::from_std(claim_for)
-                .map_err(|_| StoreError::Database("claim_for is out of range".into()))?;
+        let claimed_until = now + codec::claim_duration(claim_for)?;
         let (due, order_by, due_bound) = match work {
             Work::Expiry => ("state = 'ACTIVE' AND expire_time <= ?1", "expire_time", now),
             Work::Revocation => (
@@ -475,7 +473,7 @@ impl Store for SqliteStore {
             Work::Reconcile { older_than } => (
                 "state = 'PENDING' AND create_time < ?1",
                 "create_time",
-                codec::reconcile_cutoff(now, older_than),
+                codec::cutoff_before(now, older_than),
             ),
         };
         // One statement: SQLite runs it under its write lock, so two
@@ -598,7 +596,7 @@ impl Store for SqliteStore {
         .bind(claimer)
         .bind(time_text(now + codec::claim_duration(claim_for)?))
         .bind(time_text(now))
-        .bind(time_text(codec::reconcile_cutoff(now, interval)))
+        .bind(time_text(codec::cutoff_before(now, interval)))
         .fetch_optional(&self.pool)
         .await
         .map_err(map_sqlx)?;
