@@ -416,6 +416,11 @@ pub(super) async fn list_leases(
 /// layer refuses longer ones).
 pub const MAX_FORCE_REASON_CHARS: usize = 512;
 
+/// How often, and how many times, a force-revoke re-reads a lease that
+/// background work holds before answering LEASE_BUSY (about 10 s).
+const FORCE_BUSY_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+const FORCE_BUSY_POLLS: u32 = 40;
+
 /// See [`super::Leases::admin_force_revoke`].
 pub(super) async fn force_revoke(
     deps: &LeaseDeps,
@@ -437,9 +442,25 @@ pub(super) async fn force_revoke(
         tracing::info!(identity = %caller.identity, action = ACTION, "admin call refused");
         return Err(LeaseError::AdminRequired);
     }
-    let Some(lease) = deps.store.get_lease(id).await? else {
-        refuse("LEASE_NOT_FOUND").await;
-        return Err(LeaseError::NotFound);
+    // A background retry holding the lease may be revoking upstream right
+    // now: its outcome decides first. Such a retry is one upstream call, so
+    // wait a little for it before answering LEASE_BUSY.
+    let mut waited = 0;
+    let lease = loop {
+        let Some(lease) = deps.store.get_lease(id).await? else {
+            refuse("LEASE_NOT_FOUND").await;
+            return Err(LeaseError::NotFound);
+        };
+        let held = lease.claimed_until.is_some_and(|until| until > now());
+        if !held || lease.state != LeaseState::RevokeFailed {
+            break lease;
+        }
+        if waited == FORCE_BUSY_POLLS {
+            refuse("LEASE_BUSY").await;
+            return Err(LeaseError::Busy);
+        }
+        waited += 1;
+        tokio::time::sleep(FORCE_BUSY_POLL).await;
     };
     if lease.state != LeaseState::RevokeFailed {
         let err = LeaseError::NotForceable(lease.state);
@@ -451,12 +472,6 @@ pub(super) async fn force_revoke(
         return Err(err);
     }
     let now = now();
-    if lease.claimed_until.is_some_and(|until| until > now) {
-        // A background retry holds it and may be revoking upstream right
-        // now: its outcome decides first, then the operator may force.
-        refuse("LEASE_BUSY").await;
-        return Err(LeaseError::Busy);
-    }
     let left_live = left_live(&lease);
     let mut closed = lease.clone();
     closed.revoke_time = Some(lease.revoke_time.unwrap_or(now));

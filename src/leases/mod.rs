@@ -428,7 +428,7 @@ impl Leases {
     ///
     /// Errors: `AdminRequired` (audited), `NotFound`, `NotForceable` (any
     /// other state, including one a concurrent revoke just reached), `Busy`
-    /// (a background retry holds the lease right now).
+    /// (a background retry still holds the lease after about 10 s).
     pub async fn admin_force_revoke(
         &self,
         caller: &Caller,
