@@ -65,9 +65,6 @@ pub enum AdminCommand {
     },
 }
 
-/// Leases asked for per page by `list-failed`.
-const LIST_FAILED_PAGE_SIZE: i32 = 1000;
-
 /// A connected `AdminService` client for `addr`.
 pub async fn connect(addr: &str) -> Result<AdminServiceClient<Channel>, ClientError> {
     Ok(AdminServiceClient::new(super::client::channel(addr).await?))
@@ -166,7 +163,8 @@ pub async fn run(args: &ClientArgs, command: AdminCommand) -> Result<String, Cli
                 let page = client
                     .list_leases(request(
                         pb::AdminListLeasesRequest {
-                            page_size: LIST_FAILED_PAGE_SIZE,
+                            // The server's largest page: fewest round trips.
+                            page_size: crate::api::convert::MAX_PAGE_SIZE as i32,
                             page_token,
                             filter: "state = REVOKE_FAILED".into(),
                         },
