@@ -566,6 +566,57 @@ impl Config {
                 "must be greater than zero".into(),
             );
         }
+        // Upper bounds: beyond them a schedule means "never", and the
+        // arithmetic on times would leave what the stores can hold.
+        let hour = Duration::from_secs(3600);
+        for (setting, value, max, max_text) in [
+            (
+                "leases.reaper_interval",
+                self.leases.reaper_interval,
+                hour,
+                "1h",
+            ),
+            (
+                "leases.reconcile_after",
+                self.leases.reconcile_after,
+                24 * hour,
+                "24h",
+            ),
+            (
+                "leases.sweep_interval",
+                self.leases.sweep_interval,
+                7 * 24 * hour,
+                "7d",
+            ),
+            (
+                "leases.revocation_retry.min_delay",
+                retry.min_delay,
+                24 * hour,
+                "24h",
+            ),
+            (
+                "leases.revocation_retry.max_delay",
+                retry.max_delay,
+                24 * hour,
+                "24h",
+            ),
+            (
+                "leases.revocation_retry.failed_interval",
+                retry.failed_interval,
+                7 * 24 * hour,
+                "7d",
+            ),
+        ] {
+            if value > max {
+                bad(setting, format!("must be at most {max_text}"));
+            }
+        }
+        if retry.max_attempts > 1000 {
+            bad(
+                "leases.revocation_retry.max_attempts",
+                "must be at most 1000".into(),
+            );
+        }
         if let Err((setting, m)) = self.auth.api_keys() {
             bad(&setting, m);
         }

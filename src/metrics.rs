@@ -9,7 +9,6 @@
 //! Gauges of stored state (REVOKE_FAILED leases) are read from the store
 //! at scrape time ([`Metrics::refresh_from_store`]).
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use axum::extract::State;
@@ -246,8 +245,14 @@ pub async fn serve(
     store: Arc<dyn Store>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let addr: Option<SocketAddr> = listener.local_addr().ok();
-    tracing::info!(addr = ?addr, "token-broker serving admin HTTP (/metrics, /healthz, /readyz)");
+    match listener.local_addr() {
+        Ok(addr) => {
+            tracing::info!(%addr, "token-broker serving admin HTTP (/metrics, /healthz, /readyz)")
+        }
+        Err(e) => {
+            tracing::info!(error = %e, "token-broker serving admin HTTP (/metrics, /healthz, /readyz)")
+        }
+    }
     axum::serve(listener, router(metrics, store))
         .with_graceful_shutdown(shutdown)
         .await

@@ -373,6 +373,28 @@ fn a_reconcile_bound_within_the_upstream_request_timeout_is_refused() {
             "[leases]\nsweep_interval = \"0s\"\n",
             "leases.sweep_interval",
         );
+        // Beyond the upper bounds a schedule would mean "never" and time
+        // arithmetic would leave what the stores hold.
+        fails_naming(
+            jail,
+            "[leases]\nsweep_interval = \"1000000000000000h\"\n",
+            "leases.sweep_interval",
+        );
+        fails_naming(
+            jail,
+            "[leases]\nreconcile_after = \"100000000d\"\n",
+            "leases.reconcile_after",
+        );
+        fails_naming(
+            jail,
+            "[leases.revocation_retry]\nmin_delay = \"100000000000h\"\nmax_delay = \"100000000000h\"\n",
+            "leases.revocation_retry.min_delay",
+        );
+        fails_naming(
+            jail,
+            "[leases.revocation_retry]\nmax_attempts = 5000\n",
+            "leases.revocation_retry.max_attempts",
+        );
         Ok(())
     });
 }

@@ -156,24 +156,41 @@ async fn readyz_is_503_while_the_database_refuses_connections_and_200_once_it_is
     assert_eq!(get(&broker.admin_url("/readyz")).await.0, 200);
 
     admin_sql(&format!(
-        r#"ALTER DATABASE "{name}" ALLOW_CONNECTIONS false;
-           SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-            WHERE datname = '{name}' AND pid <> pg_backend_pid();"#
+        r#"ALTER DATABASE "{name}" ALLOW_CONNECTIONS false"#
     ))
     .await;
-    // Termination is signalled, not awaited: wait until the broker's
-    // sessions are gone, so the next ping must open a new connection.
     let mut conn = sqlx::PgConnection::connect(&admin_url()).await.unwrap();
+    let terminated: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(&name)
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) AS pid")
+        .bind(&terminated)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    // Termination is signalled, not awaited: wait until those sessions are
+    // gone, so the next ping must open a new connection. (Counting every
+    // session of the database instead could spin for long: the broker's
+    // refused reconnection attempts show there briefly, over and over.)
+    let gone_by = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let left: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = $1")
-                .bind(&name)
+            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)")
+                .bind(&terminated)
                 .fetch_one(&mut conn)
                 .await
                 .unwrap();
         if left == 0 {
             break;
         }
+        assert!(
+            tokio::time::Instant::now() < gone_by,
+            "the terminated sessions did not end"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let (status, body) = get(&broker.admin_url("/readyz")).await;

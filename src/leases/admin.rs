@@ -523,8 +523,8 @@ pub(super) async fn force_revoke(
         lease_id = %id,
         identity = %caller.identity,
         state = %closed.state,
-        authorization_id = ?lease.authorization_id,
-        valid_to = ?lease.upstream_valid_to,
+        authorization_id = %lease.authorization_id.map(|a| a.to_string()).unwrap_or_default(),
+        valid_to = %lease.upstream_valid_to.map(|t| t.to_rfc3339()).unwrap_or_default(),
         "lease force-revoked: its PAT is left live upstream until its validTo"
     );
     Ok(closed)

@@ -10,6 +10,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use futures::FutureExt as _;
+
 use super::support::{
     audit_best_effort, begin_revocation, final_state, finish_revocation, lease_event, now,
     revoke_by_display_name, BACKGROUND_ACTOR,
@@ -57,22 +59,29 @@ async fn claim(deps: &LeaseDeps, work: Work) -> Result<(Vec<LeaseRecord>, Fresh)
 /// Runs, until `shutdown` resolves, a [`pass`] every `reaper_interval` and,
 /// beside it, the orphan sweep's turn check at the same rate
 /// (`sweep::sweep_if_due`; it runs when its deployment-wide claim is due),
-/// so a long sweep never holds up expiry. Work under way when shutdown
+/// so a long sweep never holds up expiry. A pass under way when shutdown
 /// comes stops taking new leases, releases the claims it has not started
 /// on, and finishes the one in hand (graceful shutdown, DESIGN.md section
-/// 10). Errors are logged; the next tick tries again.
+/// 10); a sweep under way is dropped (it only lists and revokes, both safe
+/// to cut; its claim lapses), so its upstream retries never hold up the
+/// exit. Errors, and panics, are logged; the next tick tries again.
 pub(super) async fn run(deps: &LeaseDeps, shutdown: impl std::future::Future<Output = ()> + Send) {
-    use futures::FutureExt as _;
     let stop = AtomicBool::new(false);
     let shutdown = shutdown.shared();
     let period = deps.settings.reaper_interval;
     tokio::join!(
-        every(period, &stop, shutdown.clone(), || async {
-            if let Err(e) = pass(deps, &stop).await {
-                tracing::warn!(error = %e, "background pass failed");
+        every(
+            period,
+            &stop,
+            shutdown.clone(),
+            OnShutdown::Finish,
+            || async {
+                if let Err(e) = pass(deps, &stop).await {
+                    tracing::warn!(error = %e, "background pass failed");
+                }
             }
-        }),
-        every(period, &stop, shutdown, || async {
+        ),
+        every(period, &stop, shutdown, OnShutdown::Drop, || async {
             if let Err(e) = super::sweep::sweep_if_due(deps, &stop).await {
                 tracing::warn!(error = %e, "orphan sweep failed");
             }
@@ -81,12 +90,23 @@ pub(super) async fn run(deps: &LeaseDeps, shutdown: impl std::future::Future<Out
     tracing::info!("background work stopped");
 }
 
-/// Calls `work` every `period` until `shutdown` resolves; a call under way
-/// then sees `stop` set and is awaited to its end.
+/// What [`every`] does with a call under way when shutdown comes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OnShutdown {
+    /// Set `stop` and await the call to its end.
+    Finish,
+    /// Drop it where it stands.
+    Drop,
+}
+
+/// Calls `work` every `period` until `shutdown` resolves. A call that
+/// panics is logged and the loop goes on: one bad row or bug must not end
+/// background work for the life of the process while health stays green.
 async fn every<F, Fut>(
     period: Duration,
     stop: &AtomicBool,
     shutdown: impl std::future::Future<Output = ()>,
+    on_shutdown: OnShutdown,
     work: F,
 ) where
     F: Fn() -> Fut,
@@ -100,16 +120,30 @@ async fn every<F, Fut>(
             _ = &mut shutdown => break,
             _ = tick.tick() => {}
         }
-        let call = work();
+        let call = std::panic::AssertUnwindSafe(work()).catch_unwind();
         tokio::pin!(call);
-        tokio::select! {
-            _ = &mut call => {}
+        let outcome = tokio::select! {
+            outcome = &mut call => outcome,
             _ = &mut shutdown => {
                 stop.store(true, Ordering::Relaxed);
-                call.await;
+                if on_shutdown == OnShutdown::Finish {
+                    report_panic(call.await);
+                }
                 break;
             }
-        }
+        };
+        report_panic(outcome);
+    }
+}
+
+fn report_panic(outcome: std::thread::Result<()>) {
+    if let Err(panic) = outcome {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(panic = %what, "background work panicked; it goes on at the next tick");
     }
 }
 

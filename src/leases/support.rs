@@ -58,9 +58,12 @@ pub(super) fn fit_to_upstream(
     valid_to
 }
 
-/// `Std` duration to chrono, saturating (TTLs are at most a year).
+/// `Std` duration to chrono, capped at 100 years: TTLs are at most a year
+/// and configured intervals are bounded, so the cap only keeps `now + d`
+/// from overflowing and within what both stores hold.
 pub(super) fn chrono_duration(d: Duration) -> chrono::Duration {
-    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+    const CAP: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    chrono::Duration::from_std(d.min(CAP)).expect("100 years fit")
 }
 
 /// Associated data binding a sealed token to its lease row: the lease id in

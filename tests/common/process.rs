@@ -201,10 +201,7 @@ impl ServeProcess {
                 self.deployment_id = field(line, "deployment_id=").map(str::to_owned);
             }
             if line.contains("token-broker serving admin HTTP") {
-                // Logged as `addr=Some(127.0.0.1:PORT)`.
-                self.admin = field(line, "addr=Some(")
-                    .map(|a| a.trim_end_matches(')'))
-                    .and_then(|a| a.parse().ok());
+                self.admin = field(line, "addr=").and_then(|a| a.parse().ok());
             }
         }
     }
