@@ -482,6 +482,69 @@ impl Config {
                 bad(setting, "must be greater than zero".into());
             }
         }
+        // Upper bounds: a call (or a wait between tries) longer than these
+        // would stall background work and shutdown behind it.
+        let minute = Duration::from_secs(60);
+        for (setting, d, max, max_text) in [
+            (
+                "upstream.azure_devops.request_timeout",
+                ado.request_timeout,
+                10 * minute,
+                "10m",
+            ),
+            (
+                "upstream.azure_devops.connect_timeout",
+                ado.connect_timeout,
+                5 * minute,
+                "5m",
+            ),
+            (
+                "upstream.azure_devops.retry_min_delay",
+                ado.retry_min_delay,
+                minute,
+                "1m",
+            ),
+            (
+                "upstream.azure_devops.retry_max_delay",
+                ado.retry_max_delay,
+                5 * minute,
+                "5m",
+            ),
+            (
+                "upstream.azure_devops.max_retry_after",
+                ado.max_retry_after,
+                10 * minute,
+                "10m",
+            ),
+            (
+                "upstream.entra.request_timeout",
+                self.upstream.entra.request_timeout,
+                10 * minute,
+                "10m",
+            ),
+        ] {
+            if d > max {
+                bad(setting, format!("must be at most {max_text}"));
+            }
+        }
+        if ado.retry_max_delay < ado.retry_min_delay {
+            bad(
+                "upstream.azure_devops.retry_max_delay",
+                "must be at least upstream.azure_devops.retry_min_delay".into(),
+            );
+        }
+        if ado.max_retries > 20 {
+            bad(
+                "upstream.azure_devops.max_retries",
+                "must be at most 20".into(),
+            );
+        }
+        if ado.max_concurrent_requests == 0 || ado.max_concurrent_requests > 1024 {
+            bad(
+                "upstream.azure_devops.max_concurrent_requests",
+                "must be 1 to 1024".into(),
+            );
+        }
         if !(1..=crate::upstream::azure_devops::MAX_PAGE_SIZE).contains(&ado.page_size) {
             bad("upstream.azure_devops.page_size", "must be 1 to 100".into());
         }

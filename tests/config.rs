@@ -395,6 +395,21 @@ fn a_reconcile_bound_within_the_upstream_request_timeout_is_refused() {
             "[leases.revocation_retry]\nmax_attempts = 5000\n",
             "leases.revocation_retry.max_attempts",
         );
+        fails_naming(
+            jail,
+            "[upstream.azure_devops]\nretry_min_delay = \"100000000000h\"\nretry_max_delay = \"100000000000h\"\n",
+            "upstream.azure_devops.retry_max_delay",
+        );
+        fails_naming(
+            jail,
+            "[upstream.azure_devops]\nmax_retry_after = \"2h\"\n",
+            "upstream.azure_devops.max_retry_after",
+        );
+        fails_naming(
+            jail,
+            "[upstream.entra]\nrequest_timeout = \"100000000000h\"\n",
+            "upstream.entra.request_timeout",
+        );
         Ok(())
     });
 }

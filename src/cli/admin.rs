@@ -53,7 +53,8 @@ pub enum AdminCommand {
     /// upstream; with attempts, last error and next retry.
     ListFailed,
     /// Close a REVOKE_FAILED lease WITHOUT revoking its PAT upstream: the
-    /// broker stops retrying and the PAT stays valid until its validTo.
+    /// broker stops retrying and the PAT stays valid until its validTo
+    /// (unless the orphan sweep, which keeps trying, revokes it).
     /// Audited as `lease.force_revoke`.
     ForceRevoke {
         /// `leases/{uuid}` or the bare uuid.
@@ -273,7 +274,7 @@ fn failed_text(leases: &[pb::Lease]) -> String {
     }
     out.push_str(&format!(
         "\n{} REVOKE_FAILED lease(s); their PATs may be live upstream. \
-         `token-broker admin force-revoke NAME` closes one and leaves its PAT to its validTo.",
+         `token-broker admin force-revoke NAME` closes one and stops its retries (the orphan sweep still tries).",
         leases.len()
     ));
     out

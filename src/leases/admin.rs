@@ -457,7 +457,13 @@ pub(super) async fn force_revoke(
         }
         if waited == FORCE_BUSY_POLLS {
             refuse("LEASE_BUSY").await;
-            return Err(LeaseError::Busy);
+            let left = lease
+                .claimed_until
+                .map(|until| (until - now()).to_std().unwrap_or_default())
+                .unwrap_or_default();
+            return Err(LeaseError::Busy {
+                retry_after: left.max(std::time::Duration::from_secs(1)),
+            });
         }
         waited += 1;
         tokio::time::sleep(FORCE_BUSY_POLL).await;
@@ -525,21 +531,23 @@ pub(super) async fn force_revoke(
         state = %closed.state,
         authorization_id = %lease.authorization_id.map(|a| a.to_string()).unwrap_or_default(),
         valid_to = %lease.upstream_valid_to.map(|t| t.to_rfc3339()).unwrap_or_default(),
-        "lease force-revoked: its PAT is left live upstream until its validTo"
+        "lease force-revoked: its PAT is left live upstream until its validTo unless the orphan sweep revokes it"
     );
     Ok(closed)
 }
 
 /// What a force-revoke leaves behind, for the lease's last_error and the
 /// audit row: `upstream PAT <authorizationId> left live until its validTo
-/// <RFC 3339>`.
+/// <RFC 3339> unless the orphan sweep revokes it`.
 fn left_live(lease: &LeaseRecord) -> String {
     let valid_to = match lease.upstream_valid_to {
         Some(t) => t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         None => "(unknown)".to_owned(),
     };
     match lease.authorization_id {
-        Some(a) => format!("upstream PAT {a} left live until its validTo {valid_to}"),
+        Some(a) => format!(
+            "upstream PAT {a} left live until its validTo {valid_to} unless the orphan sweep revokes it"
+        ),
         None => "no upstream PAT was recorded".to_owned(),
     }
 }

@@ -164,13 +164,7 @@ async fn pass(deps: &LeaseDeps, stop: &AtomicBool) -> Result<usize, LeaseError> 
         }
         let (due, fresh) = claim(deps, Work::Expiry).await?;
         let claimed = due.len();
-        for lease in due {
-            if stop.load(Ordering::Relaxed) || !fresh.holds() {
-                release(deps, lease.id).await;
-            } else {
-                finished += expire(deps, lease).await;
-            }
-        }
+        finished += work_batch(deps, due, &fresh, stop, |lease| expire(deps, lease)).await;
         if claimed < BATCH as usize {
             break;
         }
@@ -181,13 +175,10 @@ async fn pass(deps: &LeaseDeps, stop: &AtomicBool) -> Result<usize, LeaseError> 
     // One batch of retries per pass: failures are rescheduled into the
     // future, so looping here would only hammer a failing upstream.
     let (due, fresh) = claim(deps, Work::Revocation).await?;
-    for lease in due {
-        if stop.load(Ordering::Relaxed) || !fresh.holds() {
-            release(deps, lease.id).await;
-        } else {
-            finished += retry_revocation(deps, lease).await;
-        }
-    }
+    finished += work_batch(deps, due, &fresh, stop, |lease| {
+        retry_revocation(deps, lease)
+    })
+    .await;
     if stop.load(Ordering::Relaxed) {
         return Ok(finished);
     }
@@ -198,14 +189,53 @@ async fn pass(deps: &LeaseDeps, stop: &AtomicBool) -> Result<usize, LeaseError> 
         },
     )
     .await?;
-    for lease in due {
-        if stop.load(Ordering::Relaxed) || !fresh.holds() {
-            release(deps, lease.id).await;
-        } else {
-            reconcile(deps, lease).await;
-        }
-    }
+    work_batch(deps, due, &fresh, stop, |lease| async move {
+        reconcile(deps, lease).await;
+        0
+    })
+    .await;
     Ok(finished)
+}
+
+/// Claimed leases worked at once by one replica: enough that a mass expiry
+/// is not a queue of one upstream call after another, few enough to leave
+/// room under `upstream.azure_devops.max_concurrent_requests` (which bounds
+/// every upstream call of the process anyway) for callers' own requests.
+const WORKERS: usize = 8;
+
+/// Works a claimed batch, [`WORKERS`] leases at a time, with `work`
+/// (returning how many leases it finished); once `stop` is set or the
+/// claims are no longer fresh, the leases not yet started are released.
+async fn work_batch<F, Fut>(
+    deps: &LeaseDeps,
+    due: Vec<LeaseRecord>,
+    fresh: &Fresh,
+    stop: &AtomicBool,
+    work: F,
+) -> usize
+where
+    F: Fn(LeaseRecord) -> Fut,
+    Fut: std::future::Future<Output = usize>,
+{
+    use futures::stream::{self, StreamExt as _};
+    stream::iter(due)
+        .map(|lease| {
+            let id = lease.id;
+            let started = !stop.load(Ordering::Relaxed) && fresh.holds();
+            let work = started.then(|| work(lease));
+            async move {
+                match work {
+                    Some(work) => work.await,
+                    None => {
+                        release(deps, id).await;
+                        0
+                    }
+                }
+            }
+        })
+        .buffer_unordered(WORKERS)
+        .fold(0, |total, n| async move { total + n })
+        .await
 }
 
 /// Resolves one claimed PENDING lease whose create is long over (a crash,

@@ -170,7 +170,10 @@ pub enum LeaseError {
     /// Background work holds a live claim on the lease (a revoke retry may
     /// be under way upstream); retry shortly.
     #[error("a background revocation of this lease is under way; retry shortly")]
-    Busy,
+    Busy {
+        /// Until the background claim lapses at the latest.
+        retry_after: Duration,
+    },
     /// The caller holds as many live leases as policy allows.
     #[error("active lease quota exceeded")]
     QuotaExceeded,
@@ -217,7 +220,7 @@ impl ServiceError for LeaseError {
             LeaseError::InProgress
             | LeaseError::StillPending
             | LeaseError::Abandoned
-            | LeaseError::Busy => ErrorCode::Unavailable,
+            | LeaseError::Busy { .. } => ErrorCode::Unavailable,
             LeaseError::QuotaExceeded => ErrorCode::ResourceExhausted,
             LeaseError::Upstream(e) => e.code(),
             LeaseError::Store(e) => e.code(),
@@ -237,7 +240,7 @@ impl ServiceError for LeaseError {
             LeaseError::InProgress => "REQUEST_IN_PROGRESS",
             LeaseError::StillPending => "LEASE_PENDING",
             LeaseError::Abandoned => "CREATE_ABANDONED",
-            LeaseError::Busy => "LEASE_BUSY",
+            LeaseError::Busy { .. } => "LEASE_BUSY",
             LeaseError::QuotaExceeded => "ACTIVE_LEASE_QUOTA_EXCEEDED",
             LeaseError::Upstream(e) => e.reason(),
             LeaseError::Store(e) => e.reason(),
@@ -256,10 +259,10 @@ impl ServiceError for LeaseError {
     }
     fn retry_after(&self) -> Option<Duration> {
         match self {
-            LeaseError::InProgress
-            | LeaseError::StillPending
-            | LeaseError::Abandoned
-            | LeaseError::Busy => Some(Duration::from_secs(1)),
+            LeaseError::InProgress | LeaseError::StillPending | LeaseError::Abandoned => {
+                Some(Duration::from_secs(1))
+            }
+            LeaseError::Busy { retry_after } => Some(*retry_after),
             LeaseError::Upstream(e) => e.retry_after(),
             LeaseError::Store(e) => e.retry_after(),
             LeaseError::Audit(e) => e.retry_after(),

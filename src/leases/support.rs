@@ -364,7 +364,7 @@ pub(super) async fn revoke_by_display_name(
     {
         revoke_upstream(deps, &lease.organization, pat.authorization_id).await?;
         revoked += 1;
-        tracing::info!(lease_id = %lease.id, authorization_id = %pat.authorization_id, "revoked a PAT no lease holds");
+        tracing::info!(lease_id = %lease.id, authorization_id = %pat.authorization_id, "revoked a PAT found by the lease's display name");
     }
     Ok(NameSearch {
         revoked,

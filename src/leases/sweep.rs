@@ -191,7 +191,12 @@ pub(super) async fn sweep_if_due(
             t0,
             &settings.replica_id,
             claim,
-            settings.sweep_interval,
+            // Turns are checked every reaper_interval, and a run's recorded
+            // start falls just after its tick: half a tick of slack keeps
+            // the cadence at sweep_interval, not sweep_interval + a tick.
+            settings
+                .sweep_interval
+                .saturating_sub(settings.reaper_interval / 2),
         )
         .await?
     {
