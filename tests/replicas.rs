@@ -473,3 +473,68 @@ async fn a_broker_killed_between_the_upstream_create_and_the_commit_leaves_no_pa
     let orphans = live_pats_without_an_active_lease(&emu, &store).await;
     assert!(orphans.is_empty(), "live PATs without a lease: {orphans:?}");
 }
+
+/// SIGTERM while background work waits on an upstream revoke that takes
+/// minutes: the broker still exits within its shutdown grace (the
+/// in-flight revoke is cut off, its claim lapses), and the lease is kept
+/// REVOKING for whoever runs next, never lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_hung_background_revoke_exits_within_the_grace_and_keeps_the_lease() {
+    let emu = Emu::start(EmulatorConfig::default()).await;
+    let db = TestDatabase::create().await;
+    let spec = BrokerSpec::new(db.url.clone(), emu.running.url());
+    let settings: &[(&str, &str)] = &[
+        ("leases.reaper_interval", "200ms"),
+        ("leases.sweep_interval", "1h"),
+        ("upstream.azure_devops.request_timeout", "5m"),
+        ("upstream.azure_devops.max_retries", "0"),
+        ("leases.reconcile_after", "6m"),
+    ];
+    let mut broker = ServeProcess::start(&spec, settings).await;
+    let mut client = broker.client(&spec.key("ci")).await;
+    let lease = client
+        .create_lease(pb::CreateLeaseRequest {
+            organization: "fabrikam".into(),
+            scopes: vec!["vso.code".into()],
+            ttl: Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 0,
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .expect("a lease")
+        .into_inner();
+    // Every revoke now hangs for two minutes before upstream acts.
+    emu.set_faults(json!([{"operation": "revoke", "latencyMs": 120000}]))
+        .await;
+    poll(
+        "the reaper's revoke to be in flight upstream",
+        Duration::from_secs(60),
+        || async {
+            let stats = emu.stats().await;
+            if stats["inFlight"].as_u64().unwrap_or(0) >= 1 {
+                Ok(())
+            } else {
+                Err(format!("stats: {stats}"))
+            }
+        },
+    )
+    .await;
+
+    // `sigterm` fails the test if the process has not exited in 60 s; the
+    // grace is 20 s, the hung revoke two minutes.
+    let status = broker.sigterm().await;
+    assert!(status.success(), "{status}:\n{}", broker.log_tail());
+    assert!(
+        broker
+            .log_tail()
+            .contains("background work did not finish within the grace period"),
+        "{}",
+        broker.log_tail()
+    );
+    let store = store::open(&db.url).await.unwrap();
+    let id = LeaseId::from_name(&lease.name).expect("a lease name");
+    let kept = store.get_lease(id).await.unwrap().expect("the lease row");
+    assert_eq!(kept.state, LeaseState::Revoking, "{kept:?}");
+}

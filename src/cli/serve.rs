@@ -314,8 +314,14 @@ impl Broker {
         }
     }
 
+    /// Waits for in-flight calls, then background work, both within one
+    /// [`SHUTDOWN_GRACE`]; what is still running then is cut off (a
+    /// background revoke cut off mid-call leaves its claim to lapse, and
+    /// another replica or the next start finishes it; a repeated revoke is
+    /// harmless, upstream "not found" counts as revoked).
     async fn finish(mut self) -> Result<(), ServeError> {
-        let server = match tokio::time::timeout(SHUTDOWN_GRACE, &mut self.server).await {
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        let server = match tokio::time::timeout_at(deadline, &mut self.server).await {
             Ok(joined) => joined,
             Err(_) => {
                 tracing::warn!(
@@ -326,7 +332,16 @@ impl Broker {
                 Ok(Ok(()))
             }
         };
-        let _ = self.background.await;
+        if tokio::time::timeout_at(deadline, &mut self.background)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                grace_secs = SHUTDOWN_GRACE.as_secs(),
+                "background work did not finish within the grace period; stopping anyway (its claims lapse)"
+            );
+            self.background.abort();
+        }
         server??;
         Ok(())
     }
