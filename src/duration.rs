@@ -18,10 +18,9 @@ pub(crate) fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D
         Text(String),
     }
     match Raw::deserialize(d)? {
-        Raw::Seconds(s) if s.is_finite() && s >= 0.0 => Ok(Duration::from_secs_f64(s)),
-        Raw::Seconds(s) => Err(serde::de::Error::custom(format!(
-            "{s} is not a duration in seconds"
-        ))),
+        Raw::Seconds(s) => Duration::try_from_secs_f64(s).map_err(|e| {
+            serde::de::Error::custom(format!("{s} is not a duration in seconds: {e}"))
+        }),
         Raw::Text(text) => humantime::parse_duration(&text).map_err(|e| {
             serde::de::Error::custom(format!(
                 "{text:?} is not a duration like \"30s\", \"5m\" or \"1h\": {e}"
@@ -57,6 +56,9 @@ mod tests {
         assert!(read(r#"{"d":-1}"#)
             .unwrap_err()
             .contains("-1 is not a duration"));
+        assert!(read(r#"{"d":1e20}"#)
+            .unwrap_err()
+            .contains("is not a duration"));
         assert!(read(r#"{"d":"soon"}"#)
             .unwrap_err()
             .contains("\"soon\" is not a duration like"));

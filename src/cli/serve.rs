@@ -199,6 +199,8 @@ impl Broker {
                 reconcile_after: config.leases.reconcile_after,
                 sweep_interval: config.leases.sweep_interval,
                 revocation_retry: config.leases.revocation_retry.clone(),
+                background_workers: (config.upstream.azure_devops.max_concurrent_requests / 2)
+                    .clamp(1, 8),
             },
         }));
 
@@ -307,7 +309,9 @@ impl Broker {
             }
             result = &mut self.server => {
                 let _ = self.shutdown.send(true);
-                let _ = self.background.await;
+                if tokio::time::timeout(SHUTDOWN_GRACE, &mut self.background).await.is_err() {
+                    self.background.abort();
+                }
                 result??;
                 Ok(())
             }

@@ -61,8 +61,8 @@ async fn claim(deps: &LeaseDeps, work: Work) -> Result<(Vec<LeaseRecord>, Fresh)
 /// (`sweep::sweep_if_due`; it runs when its deployment-wide claim is due),
 /// so a long sweep never holds up expiry. A pass under way when shutdown
 /// comes stops taking new leases, releases the claims it has not started
-/// on, and finishes the one in hand (graceful shutdown, DESIGN.md section
-/// 10); a sweep under way is dropped (it only lists and revokes, both safe
+/// on, and finishes the ones in hand (up to `background_workers`; graceful
+/// shutdown, DESIGN.md section 10, within `serve`'s shutdown grace); a sweep under way is dropped (it only lists and revokes, both safe
 /// to cut; its claim lapses), so its upstream retries never hold up the
 /// exit. Errors, and panics, are logged; the next tick tries again.
 pub(super) async fn run(deps: &LeaseDeps, shutdown: impl std::future::Future<Output = ()> + Send) {
@@ -197,13 +197,9 @@ async fn pass(deps: &LeaseDeps, stop: &AtomicBool) -> Result<usize, LeaseError> 
     Ok(finished)
 }
 
-/// Claimed leases worked at once by one replica: enough that a mass expiry
-/// is not a queue of one upstream call after another, few enough to leave
-/// room under `upstream.azure_devops.max_concurrent_requests` (which bounds
-/// every upstream call of the process anyway) for callers' own requests.
-const WORKERS: usize = 8;
-
-/// Works a claimed batch, [`WORKERS`] leases at a time, with `work`
+/// Works a claimed batch, `settings.background_workers` leases at a time
+/// (so a mass expiry is not a queue of one upstream call after another),
+/// with `work`
 /// (returning how many leases it finished); once `stop` is set or the
 /// claims are no longer fresh, the leases not yet started are released.
 async fn work_batch<F, Fut>(
@@ -233,7 +229,7 @@ where
                 }
             }
         })
-        .buffer_unordered(WORKERS)
+        .buffer_unordered(deps.settings.background_workers.max(1))
         .fold(0, |total, n| async move { total + n })
         .await
 }
@@ -252,8 +248,9 @@ async fn reconcile(deps: &LeaseDeps, lease: LeaseRecord) {
     failed.state = LeaseState::Failed;
     failed.update_time = now;
     failed.sealed_token = None;
-    failed.claimed_by = None;
-    failed.claimed_until = None;
+    // The claim is kept while its PAT is revoked (so the sweep, which
+    // claims rows before revoking, does not revoke it at the same time),
+    // then released.
     failed.last_error = Some(format!(
         "reconciled: left PENDING past {} s; any PAT with its display name is revoked",
         deps.settings.reconcile_after.as_secs()
@@ -293,6 +290,7 @@ async fn reconcile(deps: &LeaseDeps, lease: LeaseRecord) {
             tracing::warn!(lease_id = %lease.id, error = %e, "pending lease reconciled to FAILED; its PAT could not be revoked now, the orphan sweep finishes it");
         }
     }
+    release(deps, lease.id).await;
 }
 
 /// Gives a claimed lease back, best effort (an unreleased claim lapses).
@@ -310,7 +308,17 @@ async fn release(deps: &LeaseDeps, id: crate::domain::LeaseId) {
 async fn expire(deps: &LeaseDeps, lease: LeaseRecord) -> usize {
     let id = lease.id;
     let result = async {
-        let Some(revoking) = begin_revocation(deps, &lease, now()).await? else {
+        // The claimed copy may be stale: a renew that committed since the
+        // claim moved expire_time. Re-read so the revocation never writes
+        // an old expire_time back over a renewal the caller was promised.
+        let now = now();
+        let Some(lease) = deps.store.get_lease(id).await? else {
+            return Ok(None);
+        };
+        if lease.state != LeaseState::Active || lease.expire_time > now {
+            return Ok(None);
+        }
+        let Some(revoking) = begin_revocation(deps, &lease, now).await? else {
             return Ok(None);
         };
         finish_revocation(

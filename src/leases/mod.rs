@@ -293,6 +293,10 @@ pub struct LeaseSettings {
     pub sweep_interval: Duration,
     /// When failed upstream revocations are retried.
     pub revocation_retry: RetrySchedule,
+    /// Claimed leases one replica works at once (at least 1): `serve` takes
+    /// half of `upstream.azure_devops.max_concurrent_requests`, at most 8,
+    /// so background work always leaves upstream room for callers.
+    pub background_workers: usize,
 }
 
 /// The schedule of upstream revoke retries, configuration

@@ -7,8 +7,9 @@
 //! Safe on any replica at any time:
 //! - the run is a committed claim on the `background_jobs` row (one
 //!   replica per interval; no transaction spans an upstream call), and it
-//!   stops revoking before that claim can lapse, so two sweeps never
-//!   overlap;
+//!   starts no revoke once three quarters of that claim are spent, so two
+//!   sweeps overlap only if a call begun before then outlives the claim
+//!   (a repeated revoke is harmless: not-found counts as revoked);
 //! - the sweep's start `t0` is taken before any listing: a lease row
 //!   written at or after `t0` moved during the sweep and is left to the
 //!   next one;
@@ -164,6 +165,13 @@ fn verdict(
     }
 }
 
+/// The sweep's name in `claimed_by`: the replica's, marked, so the
+/// replica's own passes (which run beside it and release claims under the
+/// replica's name) can never release a claim the sweep holds.
+fn claimer(deps: &LeaseDeps) -> String {
+    format!("{}/sweep", deps.settings.replica_id)
+}
+
 /// How long the sweep's claim lasts: at least one interval, so a replica
 /// that dies mid-sweep delays the next one by about an interval at most.
 fn sweep_claim(deps: &LeaseDeps) -> Duration {
@@ -189,7 +197,7 @@ pub(super) async fn sweep_if_due(
         .claim_job(
             SWEEP_JOB,
             t0,
-            &settings.replica_id,
+            &claimer(deps),
             claim,
             // Turns are checked every reaper_interval, and a run's recorded
             // start falls just after its tick: half a tick of slack keeps
@@ -217,9 +225,7 @@ pub(super) async fn sweep_if_due(
         );
         return Ok(report);
     }
-    deps.store
-        .finish_job(SWEEP_JOB, &settings.replica_id, t0)
-        .await?;
+    deps.store.finish_job(SWEEP_JOB, &claimer(deps), t0).await?;
     tracing::info!(
         organizations = report.organizations,
         failed_organizations = report.failed_organizations,
@@ -334,7 +340,7 @@ async fn sweep_pat(
                 lease_id,
                 lease.state,
                 now,
-                &settings.replica_id,
+                &claimer(deps),
                 super::background::claim_for(deps),
                 t0,
             )
@@ -412,11 +418,7 @@ async fn finish_revoke_failed(deps: &LeaseDeps, lease: &LeaseRecord, report: &mu
 /// Gives the sweep's claim on a lease row back, best effort (an unreleased
 /// claim lapses).
 async fn release(deps: &LeaseDeps, id: LeaseId) {
-    if let Err(e) = deps
-        .store
-        .release_claim(id, &deps.settings.replica_id)
-        .await
-    {
+    if let Err(e) = deps.store.release_claim(id, &claimer(deps)).await {
         tracing::warn!(lease_id = %id, error = %e, "could not release claim");
     }
 }

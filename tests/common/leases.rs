@@ -232,6 +232,7 @@ pub async fn start_broker(
             reconcile_after: options.reconcile_after,
             sweep_interval: options.sweep_interval,
             revocation_retry: options.revocation_retry.clone(),
+            background_workers: 8,
         },
     });
     Broker {
