@@ -10,6 +10,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::process::Command;
+use std::time::Duration;
 
 use secrecy::{ExposeSecret as _, SecretString};
 use sqlx::{Connection as _, PgConnection, SqliteConnection};
@@ -19,6 +20,8 @@ use tonic_types::StatusExt as _;
 use common::admin::{admin_setup, admin_setup_with, AdminClient, AdminSetup, Store};
 use common::audit::AuditDb;
 use common::broker::{spawn_broker, BrokerSpec, Client};
+use common::leases::eventually;
+use common::wait::poll;
 use token_broker::audit::{self, ChainKey};
 use token_broker::crypto::TokenFingerprinter;
 use token_broker::proto::v1 as pb;
@@ -840,21 +843,6 @@ async fn a_bulk_revoke_during_an_upstream_outage_counts_leases_still_revoking_an
     assert!(live_display_names(&setup).await.is_empty());
 }
 
-/// Polls `check` every 100 ms until it returns `Some`, for up to 60 s.
-async fn poll<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    for _ in 0..600 {
-        if let Some(v) = check().await {
-            return v;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
-
 /// The value of the unlabelled sample `name` on the broker's /metrics.
 async fn metric(setup: &AdminSetup, name: &str) -> String {
     let text = reqwest::get(setup.broker.admin_url("/metrics"))
@@ -884,7 +872,6 @@ async fn admin_lease(admin: &mut AdminClient, filter: &str) -> Vec<pb::Lease> {
 async fn a_revocation_that_keeps_failing_is_listed_counted_and_force_closed_leaving_the_pat_to_its_valid_to(
     store: Store,
 ) {
-    use std::time::Duration;
     // Two failed attempts spend the budget; a REVOKE_FAILED lease is then
     // retried every second (so the force races real background retries).
     let setup = admin_setup_with(store, |mut spec| {
@@ -932,13 +919,21 @@ async fn a_revocation_that_keeps_failing_is_listed_counted_and_force_closed_leav
     assert_eq!(revoking.state(), pb::lease::State::Revoking);
 
     // AdminService lists it with what the operator needs.
-    let failed = poll("the lease to become REVOKE_FAILED", || {
-        let mut admin = admin.clone();
-        async move {
-            let mut found = admin_lease(&mut admin, "state = REVOKE_FAILED").await;
-            (!found.is_empty()).then(|| found.remove(0))
-        }
-    })
+    let failed = poll(
+        "the lease to become REVOKE_FAILED",
+        Duration::from_secs(60),
+        || {
+            let mut admin = admin.clone();
+            async move {
+                let mut found = admin_lease(&mut admin, "state = REVOKE_FAILED").await;
+                if found.is_empty() {
+                    Err("none yet".to_owned())
+                } else {
+                    Ok(found.remove(0))
+                }
+            }
+        },
+    )
     .await;
     assert_eq!(failed.name, lease.name);
     assert_eq!(failed.holder, "apikey:ci");
@@ -1142,7 +1137,7 @@ async fn a_revocation_that_keeps_failing_is_listed_counted_and_force_closed_leav
             .await
             .unwrap()
             .into_inner();
-        poll("a short lease to expire", || {
+        eventually("a short lease to expire", || {
             let mut admin = admin.clone();
             let name = short.name.clone();
             async move {
@@ -1150,7 +1145,6 @@ async fn a_revocation_that_keeps_failing_is_listed_counted_and_force_closed_leav
                     .await
                     .iter()
                     .any(|l| l.name == name)
-                    .then_some(())
             }
         })
         .await;

@@ -20,6 +20,7 @@ use common::db::TestDatabase;
 use common::emulator::Emu;
 use common::leases::list_repositories;
 use common::process::ServeProcess;
+use common::wait::poll;
 use token_broker::cli::serve::DEPLOYMENT_ID_META;
 use token_broker::crypto::Keyring;
 use token_broker::domain::{AuthorizationId, LeaseId, LeaseState, Organization, ScopeSet};
@@ -29,28 +30,6 @@ use token_broker::store::{self, LeaseFilter, LeaseRecord, Store};
 
 /// Leases that expire at once in the replicas test.
 const MASS_EXPIRY: usize = 2400;
-
-/// Polls `check` every 200 ms until it returns Ok, and returns that;
-/// panics with its last Err (progress so far) after `deadline` (a bound
-/// against a hung test, not a speed requirement).
-async fn poll<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, String>>,
-{
-    let until = tokio::time::Instant::now() + deadline;
-    loop {
-        let progress = match check().await {
-            Ok(done) => return done,
-            Err(progress) => progress,
-        };
-        assert!(
-            tokio::time::Instant::now() < until,
-            "gave up waiting for {what} after {deadline:?}: {progress}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 /// Every lease in the store in one of `states` (all of them when empty).
 async fn all_leases(store: &Arc<dyn Store>, states: Vec<LeaseState>) -> Vec<LeaseRecord> {

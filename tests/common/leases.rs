@@ -374,14 +374,17 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "gave up waiting: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    super::wait::poll(what, Duration::from_secs(60), || {
+        let done = check();
+        async move {
+            if done.await {
+                Ok(())
+            } else {
+                Err("not yet".to_owned())
+            }
+        }
+    })
+    .await
 }
 
 /// How many DELETEs the emulator saw for `authorization_id`

@@ -40,3 +40,4 @@ pub mod pg_cluster;
 pub mod policy;
 pub mod process;
 pub mod upstream;
+pub mod wait;
