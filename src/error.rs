@@ -23,6 +23,9 @@ pub enum ErrorCode {
     FailedPrecondition,
     /// A quota or rate limit was hit.
     ResourceExhausted,
+    /// A concurrent change to the same resource won; read it again and
+    /// retry.
+    Aborted,
     /// A dependency (database, upstream) cannot serve now; retry later.
     Unavailable,
     /// The call took too long.

@@ -21,6 +21,7 @@ on_both_stores!(
     sqlite = super::Backend::Sqlite;
     leased_token_works_on_azure_devops_only_within_its_scope_and_organization,
     renewing_a_lease_moves_the_pat_valid_to_upstream,
+    of_two_concurrent_renewals_the_first_to_commit_wins_and_the_pat_follows_it,
     revoked_lease_token_is_refused_by_azure_devops,
     lease_past_its_expiry_is_revoked_by_the_reaper,
     repeated_request_id_returns_the_same_lease_and_one_pat,
@@ -1470,4 +1471,68 @@ mod grpc {
         }
         assert!(emulator_pats(&s.url).await.is_empty());
     }
+}
+
+/// Two renewals of one lease at once whose upstream PUTs and commits land
+/// in opposite orders: the first to commit wins, the other answers
+/// ABORTED `RENEW_CONFLICT`, and the PAT's validTo is put back to follow
+/// the stored lease (it never ends hours before its lease).
+async fn of_two_concurrent_renewals_the_first_to_commit_wins_and_the_pat_follows_it(
+    backend: Backend,
+) {
+    let emulator = start_emulator().await;
+    let url = emulator.url();
+    let db = TestDb::new(backend).await;
+    let broker = start_broker(&db, &url, &TestKeys::new(), BrokerOptions::default()).await;
+    let issued = broker
+        .leases
+        .create(
+            &caller("ci"),
+            request(&["vso.code"], Some(Duration::from_secs(600)), None),
+        )
+        .await
+        .unwrap();
+    let id = issued.lease.id;
+    // The first renewal's PUT takes effect at once; its answer comes late.
+    set_faults(
+        &url,
+        serde_json::json!([{"operation":"update","latencyMs":1500,"latencyWhen":"after","times":1}]),
+    )
+    .await;
+    let long = {
+        let leases = broker.leases.clone();
+        tokio::spawn(async move {
+            leases
+                .renew(&caller("ci"), id, Some(Duration::from_secs(7 * 3600)))
+                .await
+        })
+    };
+    eventually("the first renewal's PUT upstream", || async {
+        emulator_stats(&url).await["calls"]["update"].as_u64() == Some(1)
+    })
+    .await;
+    let short = broker
+        .leases
+        .renew(&caller("ci"), id, Some(Duration::from_secs(60)))
+        .await
+        .expect("the second renewal commits first");
+    let err = long
+        .await
+        .unwrap()
+        .expect_err("the first renewal lost the race");
+    use token_broker::error::ServiceError as _;
+    assert_eq!(err.reason(), "RENEW_CONFLICT", "{err}");
+    assert_eq!(err.code(), token_broker::error::ErrorCode::Aborted);
+
+    let stored = stored(&broker.store, id).await;
+    assert_eq!(stored.expire_time, short.expire_time);
+    let valid_to = parse_time(&emulator_pat_of(&url, &stored).await["validTo"]);
+    assert!(
+        within_a_second(
+            valid_to,
+            stored.expire_time + chrono::Duration::from_std(SKEW).unwrap()
+        ),
+        "validTo {valid_to} follows the stored lease {}",
+        stored.expire_time
+    );
 }

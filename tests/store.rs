@@ -45,6 +45,7 @@ macro_rules! conformance {
 
 conformance!(
     created_lease_reads_back_field_for_field,
+    an_unchanged_update_is_refused_once_the_row_was_written_since,
     unknown_lease_is_none,
     listing_is_newest_first_and_pages_cover_every_lease_once,
     listing_filters_by_holder_state_and_organization,
@@ -304,6 +305,41 @@ async fn update_is_refused_once_the_state_has_moved(store: Arc<dyn Store>) {
         .await
         .unwrap());
     assert_eq!(store.get_lease(original.id).await.unwrap(), Some(revoking));
+}
+
+async fn an_unchanged_update_is_refused_once_the_row_was_written_since(store: Arc<dyn Store>) {
+    let original = lease("ci", t0());
+    create(&store, &original).await;
+    // A renewal commits: same state, a new update_time.
+    let renewed = LeaseRecord {
+        expire_time: t0() + secs(7200),
+        update_time: t0() + secs(1),
+        ..original.clone()
+    };
+    assert!(store
+        .update_lease_unchanged(&renewed, LeaseState::Active, original.update_time)
+        .await
+        .unwrap());
+    // An expiry decided on the copy read before it loses, though the state
+    // is still ACTIVE.
+    let revoking = LeaseRecord {
+        state: LeaseState::Revoking,
+        update_time: t0() + secs(2),
+        ..original.clone()
+    };
+    assert!(!store
+        .update_lease_unchanged(&revoking, LeaseState::Active, original.update_time)
+        .await
+        .unwrap());
+    assert_eq!(
+        store.get_lease(original.id).await.unwrap(),
+        Some(renewed.clone())
+    );
+    // Decided on the current copy, it wins.
+    assert!(store
+        .update_lease_unchanged(&revoking, LeaseState::Active, renewed.update_time)
+        .await
+        .unwrap());
 }
 
 // ---- idempotency ----------------------------------------------------------

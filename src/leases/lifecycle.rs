@@ -164,10 +164,29 @@ pub(super) async fn renew(
     // 1.3): the lease must never outlive its PAT.
     super::support::fit_to_upstream(&mut next, pat.valid_to, wanted_valid_to);
     next.update_time = super::support::now();
-    if !deps.store.update_lease(&next, LeaseState::Active).await? {
-        // Revoked or expired meanwhile; the revocation removes the PAT.
+    if !deps
+        .store
+        .update_lease_unchanged(&next, LeaseState::Active, lease.update_time)
+        .await?
+    {
         let current = get_owned(deps, caller, id).await?;
-        return Err(LeaseError::NotRenewable(current.state));
+        if current.state != LeaseState::Active {
+            // Revoked or expired meanwhile; the revocation removes the PAT.
+            return Err(LeaseError::NotRenewable(current.state));
+        }
+        // A concurrent renewal committed first. Upstream may now hold this
+        // call's validTo (the PUTs can land in either order): put back the
+        // stored lease's, so the PAT never ends before its lease.
+        let realign = UpdatePat {
+            authorization_id,
+            display_name: None,
+            scope: None,
+            valid_to: Some(current.expire_time + skew),
+        };
+        if let Err(e) = deps.upstream.update(&current.organization, &realign).await {
+            tracing::warn!(lease_id = %id, error = %e, "could not realign the PAT's validTo after a concurrent renewal");
+        }
+        return Err(LeaseError::RenewConflict);
     }
     tracing::info!(lease_id = %id, expire_time = %next.expire_time, "lease renewed");
     Ok(next)

@@ -167,6 +167,10 @@ pub enum LeaseError {
     /// same request_id mints afresh.
     #[error("the lease was abandoned while upstream was still minting its PAT; retry")]
     Abandoned,
+    /// A concurrent renewal of the same lease committed first; read the
+    /// lease again and retry if still needed.
+    #[error("the lease was renewed concurrently; read it again and retry")]
+    RenewConflict,
     /// Background work holds a live claim on the lease (a revoke retry may
     /// be under way upstream); retry shortly.
     #[error("a background revocation of this lease is under way; retry shortly")]
@@ -213,6 +217,7 @@ impl ServiceError for LeaseError {
             LeaseError::Denied { .. } => ErrorCode::PermissionDenied,
             LeaseError::NotFound => ErrorCode::NotFound,
             LeaseError::RequestIdReused => ErrorCode::AlreadyExists,
+            LeaseError::RenewConflict => ErrorCode::Aborted,
             LeaseError::NotRenewable(_)
             | LeaseError::AtMaxExpireTime(_)
             | LeaseError::NotForceable(_) => ErrorCode::FailedPrecondition,
@@ -235,6 +240,7 @@ impl ServiceError for LeaseError {
             LeaseError::Denied { denial, .. } => denial.reason(),
             LeaseError::NotFound => "LEASE_NOT_FOUND",
             LeaseError::RequestIdReused => "REQUEST_ID_REUSED",
+            LeaseError::RenewConflict => "RENEW_CONFLICT",
             LeaseError::NotRenewable(_) | LeaseError::AtMaxExpireTime(_) => "LEASE_NOT_RENEWABLE",
             LeaseError::InvalidPageToken => "INVALID_PAGE_TOKEN",
             LeaseError::InProgress => "REQUEST_IN_PROGRESS",
@@ -396,7 +402,8 @@ impl Leases {
     ///
     /// Errors: `NotFound`, `NotRenewable` (not ACTIVE, or past
     /// expire_time), `AtMaxExpireTime`, `Denied` (policy no longer
-    /// grants it), `Upstream`.
+    /// grants it), `Upstream`, `RenewConflict` (a concurrent renewal
+    /// committed first; the PAT's validTo is put back to follow it).
     pub async fn renew(
         &self,
         caller: &Caller,

@@ -231,9 +231,12 @@ pub(super) fn final_state(lease: &LeaseRecord) -> LeaseState {
     }
 }
 
-/// Moves an ACTIVE lease to REVOKING (CAS), recording `now` as its
+/// Moves an ACTIVE lease to REVOKING (compare-and-set on its state and on
+/// `update_time`, so a renewal committed since `lease` was read is never
+/// overwritten with its old expire_time), recording `now` as its
 /// revoke_time and giving the current task `REVOKE_GRACE` before background
-/// work may take it over. Returns None if the state had moved.
+/// work may take it over. Returns None if the row had moved: the caller
+/// reads it again.
 pub(super) async fn begin_revocation(
     deps: &LeaseDeps,
     lease: &LeaseRecord,
@@ -247,7 +250,11 @@ pub(super) async fn begin_revocation(
     next.next_attempt_time = Some(now + chrono_duration(REVOKE_GRACE));
     next.claimed_by = None;
     next.claimed_until = None;
-    if deps.store.update_lease(&next, LeaseState::Active).await? {
+    if deps
+        .store
+        .update_lease_unchanged(&next, LeaseState::Active, lease.update_time)
+        .await?
+    {
         Ok(Some(next))
     } else {
         Ok(None)

@@ -309,6 +309,18 @@ pub trait Store: Send + Sync + 'static {
         expected: LeaseState,
     ) -> Result<bool, StoreError>;
 
+    /// [`Store::update_lease`] that also requires the stored `update_time`
+    /// to still be `read_update_time` (the copy the caller decided on has
+    /// not been written since): optimistic concurrency for writes that
+    /// must not overwrite a concurrent one in the same state (a renewal
+    /// against an expiry, or another renewal).
+    async fn update_lease_unchanged(
+        &self,
+        lease: &LeaseRecord,
+        expected: LeaseState,
+        read_update_time: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
+
     /// The idempotency record for (holder, request_id).
     async fn get_idempotency(
         &self,

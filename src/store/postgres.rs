@@ -290,6 +290,46 @@ fn due_condition(work: Work, now: DateTime<Utc>) -> (String, &'static str, DateT
     }
 }
 
+impl PostgresStore {
+    /// `update_lease` and `update_lease_unchanged`: one compare-and-set
+    /// write, also on `update_time` when `read_update_time` is given.
+    async fn write_lease(
+        &self,
+        lease: &LeaseRecord,
+        expected: LeaseState,
+        read_update_time: Option<DateTime<Utc>>,
+    ) -> Result<bool, StoreError> {
+        let updated = sqlx::query(
+            "UPDATE leases SET authorization_id = $1, sealed_token = $2, state = $3, \
+             update_time = $4, expire_time = $5, max_expire_time = $6, revoke_time = $7, \
+             upstream_valid_to = $8, attempts = $9, next_attempt_time = $10, last_error = $11, \
+             claimed_by = $12, claimed_until = $13 \
+             WHERE id = $14 AND state = $15 AND ($16::timestamptz IS NULL OR update_time = $16)",
+        )
+        .bind(lease.authorization_id.map(|a| a.as_uuid()))
+        .bind(lease.sealed_token.as_ref().map(codec::encode_sealed))
+        .bind(lease.state.as_str())
+        .bind(micros(lease.update_time))
+        .bind(micros(lease.expire_time))
+        .bind(micros(lease.max_expire_time))
+        .bind(lease.revoke_time.map(micros))
+        .bind(lease.upstream_valid_to.map(micros))
+        .bind(lease.attempts)
+        .bind(lease.next_attempt_time.map(micros))
+        .bind(&lease.last_error)
+        .bind(&lease.claimed_by)
+        .bind(lease.claimed_until.map(micros))
+        .bind(lease.id.as_uuid())
+        .bind(expected.as_str())
+        .bind(read_update_time.map(micros))
+        .execute(&self.pool)
+        .await
+        .map_err(map_sqlx)?
+        .rows_affected();
+        Ok(updated == 1)
+    }
+}
+
 #[async_trait]
 impl Store for PostgresStore {
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -429,33 +469,17 @@ impl Store for PostgresStore {
         lease: &LeaseRecord,
         expected: LeaseState,
     ) -> Result<bool, StoreError> {
-        let updated = sqlx::query(
-            "UPDATE leases SET authorization_id = $1, sealed_token = $2, state = $3, \
-             update_time = $4, expire_time = $5, max_expire_time = $6, revoke_time = $7, \
-             upstream_valid_to = $8, attempts = $9, next_attempt_time = $10, last_error = $11, \
-             claimed_by = $12, claimed_until = $13 \
-             WHERE id = $14 AND state = $15",
-        )
-        .bind(lease.authorization_id.map(|a| a.as_uuid()))
-        .bind(lease.sealed_token.as_ref().map(codec::encode_sealed))
-        .bind(lease.state.as_str())
-        .bind(micros(lease.update_time))
-        .bind(micros(lease.expire_time))
-        .bind(micros(lease.max_expire_time))
-        .bind(lease.revoke_time.map(micros))
-        .bind(lease.upstream_valid_to.map(micros))
-        .bind(lease.attempts)
-        .bind(lease.next_attempt_time.map(micros))
-        .bind(&lease.last_error)
-        .bind(&lease.claimed_by)
-        .bind(lease.claimed_until.map(micros))
-        .bind(lease.id.as_uuid())
-        .bind(expected.as_str())
-        .execute(&self.pool)
-        .await
-        .map_err(map_sqlx)?
-        .rows_affected();
-        Ok(updated == 1)
+        self.write_lease(lease, expected, None).await
+    }
+
+    async fn update_lease_unchanged(
+        &self,
+        lease: &LeaseRecord,
+        expected: LeaseState,
+        read_update_time: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        self.write_lease(lease, expected, Some(read_update_time))
+            .await
     }
 
     async fn get_idempotency(

@@ -264,6 +264,46 @@ async fn insert_lease(
     Ok(())
 }
 
+impl SqliteStore {
+    /// `update_lease` and `update_lease_unchanged`: one compare-and-set
+    /// write, also on `update_time` when `read_update_time` is given.
+    async fn write_lease(
+        &self,
+        lease: &LeaseRecord,
+        expected: LeaseState,
+        read_update_time: Option<DateTime<Utc>>,
+    ) -> Result<bool, StoreError> {
+        let updated = sqlx::query(
+            "UPDATE leases SET authorization_id = ?, sealed_token = ?, state = ?, \
+             update_time = ?, expire_time = ?, max_expire_time = ?, revoke_time = ?, \
+             upstream_valid_to = ?, attempts = ?, next_attempt_time = ?, last_error = ?, \
+             claimed_by = ?, claimed_until = ? \
+             WHERE id = ?14 AND state = ?15 AND (?16 IS NULL OR update_time = ?16)",
+        )
+        .bind(lease.authorization_id.map(|a| a.to_string()))
+        .bind(lease.sealed_token.as_ref().map(codec::encode_sealed))
+        .bind(lease.state.as_str())
+        .bind(time_text(lease.update_time))
+        .bind(time_text(lease.expire_time))
+        .bind(time_text(lease.max_expire_time))
+        .bind(opt_time_text(lease.revoke_time))
+        .bind(opt_time_text(lease.upstream_valid_to))
+        .bind(lease.attempts)
+        .bind(opt_time_text(lease.next_attempt_time))
+        .bind(&lease.last_error)
+        .bind(&lease.claimed_by)
+        .bind(opt_time_text(lease.claimed_until))
+        .bind(lease.id.to_string())
+        .bind(expected.as_str())
+        .bind(read_update_time.map(time_text))
+        .execute(&self.pool)
+        .await
+        .map_err(map_sqlx)?
+        .rows_affected();
+        Ok(updated == 1)
+    }
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -408,33 +448,17 @@ impl Store for SqliteStore {
         lease: &LeaseRecord,
         expected: LeaseState,
     ) -> Result<bool, StoreError> {
-        let updated = sqlx::query(
-            "UPDATE leases SET authorization_id = ?, sealed_token = ?, state = ?, \
-             update_time = ?, expire_time = ?, max_expire_time = ?, revoke_time = ?, \
-             upstream_valid_to = ?, attempts = ?, next_attempt_time = ?, last_error = ?, \
-             claimed_by = ?, claimed_until = ? \
-             WHERE id = ? AND state = ?",
-        )
-        .bind(lease.authorization_id.map(|a| a.to_string()))
-        .bind(lease.sealed_token.as_ref().map(codec::encode_sealed))
-        .bind(lease.state.as_str())
-        .bind(time_text(lease.update_time))
-        .bind(time_text(lease.expire_time))
-        .bind(time_text(lease.max_expire_time))
-        .bind(opt_time_text(lease.revoke_time))
-        .bind(opt_time_text(lease.upstream_valid_to))
-        .bind(lease.attempts)
-        .bind(opt_time_text(lease.next_attempt_time))
-        .bind(&lease.last_error)
-        .bind(&lease.claimed_by)
-        .bind(opt_time_text(lease.claimed_until))
-        .bind(lease.id.to_string())
-        .bind(expected.as_str())
-        .execute(&self.pool)
-        .await
-        .map_err(map_sqlx)?
-        .rows_affected();
-        Ok(updated == 1)
+        self.write_lease(lease, expected, None).await
+    }
+
+    async fn update_lease_unchanged(
+        &self,
+        lease: &LeaseRecord,
+        expected: LeaseState,
+        read_update_time: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        self.write_lease(lease, expected, Some(read_update_time))
+            .await
     }
 
     async fn get_idempotency(
