@@ -175,17 +175,10 @@ fn ops_of<K>(fields: &[Field<K>], name: &str) -> Vec<Op> {
 mod tests {
     use super::*;
 
-    #[derive(Clone, Copy, Debug, PartialEq)]
-    enum K {
-        Who,
-        From,
-        Before,
-    }
-
-    const FIELDS: &[Field<K>] = &[
-        Field::new(K::Who, "who", Op::Eq),
-        Field::new(K::From, "time", Op::Ge),
-        Field::new(K::Before, "time", Op::Lt),
+    const FIELDS: &[Field<&str>] = &[
+        Field::new("who", "who", Op::Eq),
+        Field::new("from", "time", Op::Ge),
+        Field::new("before", "time", Op::Lt),
     ];
 
     #[test]
@@ -198,9 +191,9 @@ mod tests {
             )
             .unwrap(),
             vec![
-                (K::Who, "k8s:ns/sa".to_owned()),
-                (K::From, "a \"b\"".to_owned()),
-                (K::Before, "c".to_owned()),
+                ("who", "k8s:ns/sa".to_owned()),
+                ("from", "a \"b\"".to_owned()),
+                ("before", "c".to_owned()),
             ]
         );
     }
