@@ -10,9 +10,11 @@ use serde::{Deserialize, Serialize};
 use super::state::Emulator;
 use super::wire;
 
-/// The operations a rule can target.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+/// The operations a rule can target, named as in rules and in
+/// `/_emulator/stats`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, strum::IntoStaticStr)]
 #[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
 pub enum Operation {
     /// `POST …/_apis/tokens/pats`.
     Create,
@@ -30,22 +32,14 @@ pub enum Operation {
     Dataplane,
     /// Every operation above.
     #[serde(rename = "*")]
+    #[strum(serialize = "*")]
     Any,
 }
 
 impl Operation {
     /// The name used in rules and in `/_emulator/stats`.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Operation::Create => "create",
-            Operation::Get => "get",
-            Operation::List => "list",
-            Operation::Update => "update",
-            Operation::Revoke => "revoke",
-            Operation::Token => "token",
-            Operation::Dataplane => "dataplane",
-            Operation::Any => "*",
-        }
+        self.into()
     }
 }
 

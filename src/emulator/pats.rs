@@ -364,6 +364,23 @@ enum SortBy {
     Status,
 }
 
+/// `displayFilterOption` values.
+const FILTERS: [(&str, Filter); 4] = [
+    ("active", Filter::Active),
+    ("revoked", Filter::Revoked),
+    ("expired", Filter::Expired),
+    ("all", Filter::All),
+];
+
+/// `sortByOption` values.
+const SORTS: [(&str, SortBy); 3] = [
+    ("displayName", SortBy::DisplayName),
+    ("displayDate", SortBy::DisplayDate),
+    ("status", SortBy::Status),
+];
+
+/// The query parameter `name` as one of `values` (any case), `default`
+/// when absent or empty.
 fn parse_enum<T: Copy>(
     q: &Query,
     name: &'static str,
@@ -387,31 +404,13 @@ fn parse_enum<T: Copy>(
 /// is absent are [U] (section 1.2); chosen [I]: active, displayDate
 /// (= creation time), ascending, 100 per page.
 pub(crate) fn list(emu: &Emulator, org: &str, q: &Query, repeat_page: bool) -> Response {
-    let filter = match parse_enum(
-        q,
-        "displayFilterOption",
-        &[
-            ("active", Filter::Active),
-            ("revoked", Filter::Revoked),
-            ("expired", Filter::Expired),
-            ("all", Filter::All),
-        ],
-        Filter::Active,
-    ) {
-        Ok(f) => f,
-        Err(e) => return e.into_response(),
-    };
-    let sort = match parse_enum(
-        q,
-        "sortByOption",
-        &[
-            ("displayName", SortBy::DisplayName),
-            ("displayDate", SortBy::DisplayDate),
-            ("status", SortBy::Status),
-        ],
-        SortBy::DisplayDate,
-    ) {
-        Ok(s) => s,
+    let options =
+        parse_enum(q, "displayFilterOption", &FILTERS, Filter::Active).and_then(|filter| {
+            let sort = parse_enum(q, "sortByOption", &SORTS, SortBy::DisplayDate)?;
+            Ok((filter, sort))
+        });
+    let (filter, sort) = match options {
+        Ok(options) => options,
         Err(e) => return e.into_response(),
     };
     let ascending = match q.get("isSortAscending").map(str::trim) {

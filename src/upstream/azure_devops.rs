@@ -120,8 +120,10 @@ impl Default for AzureDevOpsConfig {
     }
 }
 
-/// The five operations, as named in logs, spans and the emulator's stats.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The five operations, named (lower case) in logs, spans and the
+/// emulator's stats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr)]
+#[strum(serialize_all = "lowercase")]
 enum Operation {
     Create,
     Get,
@@ -132,12 +134,15 @@ enum Operation {
 
 impl Operation {
     fn as_str(self) -> &'static str {
+        self.into()
+    }
+
+    fn method(self) -> Method {
         match self {
-            Operation::Create => "create",
-            Operation::Get => "get",
-            Operation::List => "list",
-            Operation::Update => "update",
-            Operation::Revoke => "revoke",
+            Operation::Create => Method::POST,
+            Operation::Get | Operation::List => Method::GET,
+            Operation::Update => Method::PUT,
+            Operation::Revoke => Method::DELETE,
         }
     }
 
@@ -150,7 +155,6 @@ impl Operation {
 /// One request, rebuilt for every attempt.
 struct Call {
     operation: Operation,
-    method: Method,
     url: Url,
     body: Option<Vec<u8>>,
 }
@@ -279,6 +283,24 @@ impl AzureDevOpsClient {
         }
         url.set_query(Some(&text));
         url
+    }
+
+    /// Sends `operation` to the PAT URL of `org` with `query` and `body`,
+    /// with retries as the operation allows; the success body.
+    async fn send(
+        &self,
+        operation: Operation,
+        org: &Organization,
+        query: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> Result<Vec<u8>, UpstreamError> {
+        let url = self.url(org, query);
+        self.execute(&Call {
+            operation,
+            url,
+            body,
+        })
+        .await
     }
 
     /// Sends `call` with retries as the operation allows; the success body.
@@ -431,7 +453,7 @@ impl AzureDevOpsClient {
         let _permit = self.permit().await?;
         let mut request = self
             .http
-            .request(call.method.clone(), call.url.clone())
+            .request(call.operation.method(), call.url.clone())
             .header(AUTHORIZATION, authorization)
             .header(ACCEPT, "application/json");
         if self.config.suppress_fed_auth_redirect {
@@ -729,13 +751,7 @@ impl PatClient for AzureDevOpsClient {
                 valid_to: format_timestamp(req.valid_to),
                 all_orgs: false,
             })?;
-            let call = Call {
-                operation: Operation::Create,
-                method: Method::POST,
-                url: self.url(org, &[]),
-                body: Some(body),
-            };
-            let answer = self.execute(&call).await?;
+            let answer = self.send(Operation::Create, org, &[], Some(body)).await?;
             let pat = Self::pat_result(Operation::Create, &answer)?;
             tracing::Span::current()
                 .record("authorization_id", field::display(pat.authorization_id));
@@ -760,13 +776,8 @@ impl PatClient for AzureDevOpsClient {
         let span = tracing::info_span!("upstream", operation = "get", organization = %org, authorization_id = %id);
         async {
             let id_text = id.to_string();
-            let call = Call {
-                operation: Operation::Get,
-                method: Method::GET,
-                url: self.url(org, &[("authorizationId", &id_text)]),
-                body: None,
-            };
-            let answer = self.execute(&call).await?;
+            let query = [("authorizationId", id_text.as_str())];
+            let answer = self.send(Operation::Get, org, &query, None).await?;
             expect_id(
                 Operation::Get,
                 id,
@@ -798,13 +809,7 @@ impl PatClient for AzureDevOpsClient {
                 if let Some(token) = &continuation {
                     params.push(("continuationToken", token));
                 }
-                let call = Call {
-                    operation: Operation::List,
-                    method: Method::GET,
-                    url: self.url(org, &params),
-                    body: None,
-                };
-                let answer = self.execute(&call).await?;
+                let answer = self.send(Operation::List, org, &params, None).await?;
                 let page: WirePagedPatTokens = parse_json(Operation::List, &answer)?;
                 match pager.accept(page)? {
                     Next::Page(token) => continuation = Some(token),
@@ -845,13 +850,7 @@ impl PatClient for AzureDevOpsClient {
                 scope: req.scope.as_deref(),
                 valid_to: req.valid_to.map(format_timestamp),
             })?;
-            let call = Call {
-                operation: Operation::Update,
-                method: Method::PUT,
-                url: self.url(org, &[]),
-                body: Some(body),
-            };
-            let answer = self.execute(&call).await?;
+            let answer = self.send(Operation::Update, org, &[], Some(body)).await?;
             let pat = expect_id(
                 Operation::Update,
                 req.authorization_id,
@@ -868,13 +867,8 @@ impl PatClient for AzureDevOpsClient {
         let span = tracing::info_span!("upstream", operation = "revoke", organization = %org, authorization_id = %id);
         async {
             let id_text = id.to_string();
-            let call = Call {
-                operation: Operation::Revoke,
-                method: Method::DELETE,
-                url: self.url(org, &[("authorizationId", &id_text)]),
-                body: None,
-            };
-            let answer = self.execute(&call).await?;
+            let query = [("authorizationId", id_text.as_str())];
+            let answer = self.send(Operation::Revoke, org, &query, None).await?;
             revoke_outcome(&answer)?;
             tracing::info!("upstream revoked a PAT");
             Ok(())
@@ -960,18 +954,17 @@ mod tests {
         }
     }
 
+    /// What `pager` does after a page of `ids` carrying `token`.
+    fn accept(pager: &mut Pager, token: &str, ids: &[u128]) -> Next {
+        pager.accept(page(token, ids)).unwrap()
+    }
+
     #[test]
     fn pages_are_followed_until_the_empty_token() {
         let mut pager = Pager::default();
-        assert_eq!(
-            pager.accept(page("a", &[1, 2])).unwrap(),
-            Next::Page("a".into())
-        );
-        assert_eq!(
-            pager.accept(page("b", &[3, 4])).unwrap(),
-            Next::Page("b".into())
-        );
-        assert_eq!(pager.accept(page("", &[5])).unwrap(), Next::Done);
+        assert_eq!(accept(&mut pager, "a", &[1, 2]), Next::Page("a".into()));
+        assert_eq!(accept(&mut pager, "b", &[3, 4]), Next::Page("b".into()));
+        assert_eq!(accept(&mut pager, "", &[5]), Next::Done);
         assert_eq!(pager.pats.len(), 5);
         let mut pager = Pager::default();
         let mut last = page("", &[1]);
@@ -982,32 +975,17 @@ mod tests {
     #[test]
     fn a_repeated_continuation_token_stops_the_list() {
         let mut pager = Pager::default();
-        assert_eq!(
-            pager.accept(page("a", &[1, 2])).unwrap(),
-            Next::Page("a".into())
-        );
-        assert!(matches!(
-            pager.accept(page("a", &[3, 4])).unwrap(),
-            Next::Stop(_)
-        ));
+        assert_eq!(accept(&mut pager, "a", &[1, 2]), Next::Page("a".into()));
+        assert!(matches!(accept(&mut pager, "a", &[3, 4]), Next::Stop(_)));
         assert_eq!(pager.pats.len(), 4);
     }
 
     #[test]
     fn a_page_without_new_pats_stops_the_list_and_duplicates_are_dropped() {
         let mut pager = Pager::default();
-        assert_eq!(
-            pager.accept(page("a", &[1, 2])).unwrap(),
-            Next::Page("a".into())
-        );
-        assert_eq!(
-            pager.accept(page("b", &[2, 3])).unwrap(),
-            Next::Page("b".into())
-        );
-        assert!(matches!(
-            pager.accept(page("c", &[1, 3])).unwrap(),
-            Next::Stop(_)
-        ));
+        assert_eq!(accept(&mut pager, "a", &[1, 2]), Next::Page("a".into()));
+        assert_eq!(accept(&mut pager, "b", &[2, 3]), Next::Page("b".into()));
+        assert!(matches!(accept(&mut pager, "c", &[1, 3]), Next::Stop(_)));
         let ids: Vec<u128> = pager
             .pats
             .iter()
@@ -1019,10 +997,7 @@ mod tests {
     #[test]
     fn an_empty_page_with_a_token_stops_the_list() {
         let mut pager = Pager::default();
-        assert!(matches!(
-            pager.accept(page("z", &[])).unwrap(),
-            Next::Stop(_)
-        ));
+        assert!(matches!(accept(&mut pager, "z", &[]), Next::Stop(_)));
         assert!(pager.pats.is_empty());
     }
 

@@ -122,13 +122,11 @@ impl TryFrom<WirePatToken> for PatToken {
 #[serde(rename_all = "camelCase")]
 pub struct WirePatTokenResult {
     /// `patToken`: null when the request was refused.
-    #[serde(default)]
     pub pat_token: Option<WirePatToken>,
     /// `patTokenError`; `none` on success.
     #[serde(default = "default_none", deserialize_with = "de_pat_token_error")]
     pub pat_token_error: PatTokenError,
     /// `patTokenErrorMessage` (SPEC-7.2 only).
-    #[serde(default)]
     pub pat_token_error_message: Option<String>,
 }
 
@@ -137,7 +135,6 @@ pub struct WirePatTokenResult {
 #[serde(rename_all = "camelCase")]
 pub struct WirePagedPatTokens {
     /// `continuationToken`: `""` (or absent) on the last page.
-    #[serde(default)]
     pub continuation_token: Option<String>,
     /// `patTokens`.
     #[serde(default)]
@@ -181,10 +178,8 @@ pub struct WireUpdateRequest<'a> {
 #[serde(rename_all = "camelCase")]
 pub struct ErrorEnvelope {
     /// `message`, e.g. `TF400813: The user '' is not authorized...`.
-    #[serde(default)]
     pub message: Option<String>,
     /// `typeKey`, e.g. `JsonReaderException`.
-    #[serde(default)]
     pub type_key: Option<String>,
 }
 
@@ -276,27 +271,22 @@ mod tests {
     }
 
     #[test]
-    fn timestamps_with_an_offset_are_converted_to_utc() {
-        assert_eq!(
-            parse_timestamp("2020-12-02T01:46:23.32+02:00").unwrap(),
-            utc(2020, 12, 1, 23, 46, 23, 320_000_000)
-        );
-        assert_eq!(
-            parse_timestamp("2020-12-01T23:46:23+00:00").unwrap(),
-            utc(2020, 12, 1, 23, 46, 23, 0)
-        );
-    }
-
-    #[test]
-    fn timestamps_without_an_offset_are_read_as_utc() {
-        assert_eq!(
-            parse_timestamp("2018-07-19T00:00:00").unwrap(),
-            utc(2018, 7, 19, 0, 0, 0, 0)
-        );
-        assert_eq!(
-            parse_timestamp("2020-11-02T22:56:52.1033333").unwrap(),
-            utc(2020, 11, 2, 22, 56, 52, 103_333_300)
-        );
+    fn timestamps_with_an_offset_are_converted_and_without_one_read_as_utc() {
+        for (text, expected) in [
+            (
+                "2020-12-02T01:46:23.32+02:00",
+                utc(2020, 12, 1, 23, 46, 23, 320_000_000),
+            ),
+            ("2020-12-01T23:46:23+00:00", utc(2020, 12, 1, 23, 46, 23, 0)),
+            // No zone designator.
+            ("2018-07-19T00:00:00", utc(2018, 7, 19, 0, 0, 0, 0)),
+            (
+                "2020-11-02T22:56:52.1033333",
+                utc(2020, 11, 2, 22, 56, 52, 103_333_300),
+            ),
+        ] {
+            assert_eq!(parse_timestamp(text).unwrap(), expected, "{text}");
+        }
     }
 
     #[test]
