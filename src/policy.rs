@@ -1,7 +1,7 @@
 //! Which identity may lease which organizations, scopes and TTLs, how many
 //! leases it may hold at once, and who is an admin.
 //!
-//! A policy is a YAML file (DESIGN.md section 9), described by the JSON
+//! A policy is a YAML file (docs/policy.md), described by the JSON
 //! Schema `policy.schema.json` at the repository root:
 //!
 //! ```yaml
@@ -43,7 +43,7 @@ pub use check::check;
 pub use reload::{PolicyHandle, ReloadOutcome, ReloadTrigger, DEFAULT_POLL_INTERVAL};
 
 /// Longest TTL a rule may grant: one year (365 days), the upstream limit on
-/// a PAT's lifetime (ado-pat-api.md section 4.1, "not to exceed one year").
+/// a PAT's lifetime (docs/upstream-api.md, Maximum lifetime).
 pub const MAX_TTL_LIMIT: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
 /// The JSON Schema (draft 2020-12) of the policy file, as published in the
@@ -979,7 +979,7 @@ rules:
     }
 
     #[test]
-    fn the_sample_from_the_brief_loads_from_a_file() {
+    fn the_sample_policy_loads_from_a_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("policy.yaml");
         std::fs::write(&path, POLICY).unwrap();

@@ -1,6 +1,6 @@
 //! reqwest client for the Azure DevOps PAT Lifecycle Management API
 //! (`{base_url}/{organization}/_apis/tokens/pats`), following the checklist
-//! of ado-pat-api.md section 6.
+//! in docs/upstream-api.md, What the client does.
 //!
 //! Every request carries `Authorization: Bearer` from a [`TokenSource`], an
 //! explicit `api-version`, `Accept: application/json`, and (by default)
@@ -9,7 +9,7 @@
 //! | answer | result |
 //! |---|---|
 //! | 2xx JSON | success (`patTokenError` != none: [`UpstreamError::Refused`]) |
-//! | 203, 3xx, or another HTML page | [`UpstreamError::Authentication`] (sign-in page, section 2.2) |
+//! | 203, 3xx, or another HTML page | [`UpstreamError::Authentication`] (a sign-in page) |
 //! | 401 (any body) | invalidate the bearer, one retry with a fresh one, then `Authentication` |
 //! | 403 | `Authentication` (the credential may not do this) |
 //! | 400 | [`UpstreamError::BadRequest`] (e.g. `JsonReaderException`: a client bug) |
@@ -22,7 +22,8 @@
 //! queued.
 //!
 //! Create is never retried once the request may have reached upstream
-//! (DESIGN.md section 5.5): the caller looks for the display name instead.
+//! (docs/upstream-api.md, Create is not idempotent): the caller looks for
+//! the display name instead.
 //! A connection that could not be opened, a 401 and a 429 (TF400733: "the
 //! request has been canceled") never reached the operation, so those are
 //! retried for create too.
@@ -54,7 +55,7 @@ use super::{
 use crate::domain::{AuthorizationId, Organization};
 
 /// The header that turns the sign-in redirect (203/302) into a plain 401
-/// (ado-pat-api.md section 2.2).
+/// (docs/upstream-api.md, Wrongly authenticated calls).
 const FED_AUTH_REDIRECT: &str = "X-TFS-FedAuthRedirect";
 
 /// Largest `$top` the service takes (SPEC-7.1: "limit of 100").
@@ -71,7 +72,7 @@ pub struct AzureDevOpsConfig {
     /// `api-version` query value; default `7.1-preview.1` (SPEC-7.1).
     pub api_version: String,
     /// Send `X-TFS-FedAuthRedirect: Suppress`; default true. Turn off in
-    /// tenants whose Conditional Access needs the redirect (section 2.2).
+    /// tenants whose Conditional Access needs the redirect (docs/upstream-api.md, Wrongly authenticated calls).
     pub suppress_fed_auth_redirect: bool,
     /// Timeout of one HTTP exchange, connect to last byte; default 30 s.
     #[serde(deserialize_with = "crate::duration::de_duration")]
@@ -718,7 +719,7 @@ fn display_filter(filter: DisplayFilter) -> &'static str {
 
 /// A PAT whose id is not the one asked for is refused: the broker must
 /// never act on a PAT it did not name (EX GetPat shows such a mismatch,
-/// ado-pat-api.md section 1.9).
+/// docs/upstream-api.md, Documentation defects).
 fn expect_id(
     operation: Operation,
     asked: AuthorizationId,
@@ -1231,7 +1232,7 @@ mod tests {
 
     #[test]
     fn the_documented_get_example_with_a_foreign_id_is_refused() {
-        // EX GetPat asks for cf42cc9f-... and answers 3d3aca0c-... (section 1.9).
+        // EX GetPat asks for cf42cc9f-... and answers 3d3aca0c-... (a documentation defect).
         let body = br#"{"patToken":{"displayName":"analytics_token","validTo":"2020-12-01T23:46:23.32Z","scope":"vso.analytics","targetAccounts":["38aaa865-2c70-4bf7-a308-0c6539c38c1a"],"validFrom":"2020-10-29T17:26:46.72Z","authorizationId":"3d3aca0c-9ad3-4b07-8334-08ec8b1ddc32","token":null},"patTokenError":"none"}"#;
         let pat = AzureDevOpsClient::pat_result(Operation::Get, body).unwrap();
         let asked: AuthorizationId = "cf42cc9f-f170-4375-92ba-c13d58a6545f".parse().unwrap();

@@ -1,10 +1,10 @@
 //! JSON shapes of the PAT Lifecycle API as they cross the wire
-//! (ado-pat-api.md section 1.3, field names exactly as in SPEC-7.1/7.2),
-//! and the lenient parsers the client needs for them: date-times with 0 to 7
-//! fractional digits and with or without an offset (section 1.6),
-//! `patTokenError` with an unknown-value fallback (section 1.4), the
-//! Azure DevOps error envelope (section 1.8) and `Retry-After` (RFC 9110
-//! section 10.2.3).
+//! (field names exactly as in SPEC-7.1/7.2), and the lenient parsers the
+//! client needs for them: date-times with 0 to 7 fractional digits and with
+//! or without an offset, `patTokenError` with an unknown-value fallback, the
+//! Azure DevOps error envelope and `Retry-After` (RFC 9110 section 10.2.3).
+//! The facts are in docs/upstream-api.md: Request and response shapes,
+//! Date-time formats, Refusals: patTokenError, Error envelope.
 
 use std::time::Duration;
 
@@ -151,7 +151,7 @@ pub struct WireCreateRequest<'a> {
     pub scope: &'a str,
     /// `validTo`, see [`format_timestamp`].
     pub valid_to: String,
-    /// `allOrgs`: always false (global PATs are retired, section 4.2).
+    /// `allOrgs`: always false (docs/upstream-api.md, Global PAT retirement).
     pub all_orgs: bool,
 }
 
@@ -219,8 +219,8 @@ pub fn shorten(text: &str, max: usize) -> String {
     }
 }
 
-/// Reads `Retry-After`: delta-seconds (what Azure DevOps sends, section
-/// 4.5) or an HTTP-date, relative to `now`. Unreadable values give None.
+/// Reads `Retry-After`: delta-seconds (what Azure DevOps sends,
+/// docs/upstream-api.md, Rate limits and Retry-After) or an HTTP-date, relative to `now`. Unreadable values give None.
 pub fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
     let value = value.trim();
     if let Ok(seconds) = value.parse::<u64>() {
