@@ -53,7 +53,8 @@ pub(crate) fn serve(
     headers: &HeaderMap,
 ) -> Response {
     if !headers.contains_key(header::AUTHORIZATION) {
-        // No credential at all: the sign-in page, or 401 with Suppress ("Wrongly authenticated calls" [C]).
+        // No credential at all: the sign-in page, or 401 with Suppress
+        // ("Wrongly authenticated calls" [C]).
         return wire::authentication_refused(headers);
     }
     let Some(pat) = basic_password(headers) else {

@@ -153,7 +153,8 @@ pub(crate) fn token(emu: &Emulator, tenant: &str, headers: &HeaderMap, body: &[u
             let Some(scope) = field("scope") else {
                 return missing("scope");
             };
-            // Client credentials take exactly one `<resource>/.default` ("Entra token endpoint" [V]).
+            // Client credentials take exactly one `<resource>/.default`
+            // ("Entra token endpoint" [V]).
             if !scope.trim().ends_with("/.default") || scope.split_whitespace().count() != 1 {
                 return token_error(
                     StatusCode::BAD_REQUEST,

@@ -155,7 +155,8 @@ impl FaultRule {
         let status = self.effective_status()?;
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let resp = if status == StatusCode::TOO_MANY_REQUESTS {
-            // DOC-RATELIMITS ("Rate limits and Retry-After" [V]): TF400733 and the X-RateLimit-* headers.
+            // DOC-RATELIMITS ("Rate limits and Retry-After" [V]): TF400733 and
+            // the X-RateLimit-* headers.
             let mut r = wire::envelope(
                 status,
                 "RequestBlockedException",

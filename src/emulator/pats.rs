@@ -1,6 +1,7 @@
 //! The PAT Lifecycle Management API: create, get, list, update, revoke at
-//! `/{organization}/_apis/tokens/pats` (docs/upstream-api.md, "PAT Lifecycle Management API"). The
-//! caller's bearer and the api-version were checked by the dispatcher.
+//! `/{organization}/_apis/tokens/pats` (docs/upstream-api.md, "PAT
+//! Lifecycle Management API"). The caller's bearer and the api-version were
+//! checked by the dispatcher.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -19,13 +20,14 @@ use crate::domain::Scope;
 
 /// Longest `displayName` accepted; the real limit is [U], 256 is [I].
 const MAX_DISPLAY_NAME: usize = 256;
-/// Most PATs one list page holds (`$top`, "limit of 100", "List options and defaults" [V]).
+/// Most PATs one list page holds (`$top`, "limit of 100", "List options and
+/// defaults" [V]).
 const MAX_TOP: usize = 100;
 /// Global PATs stop working on 2026-12-01 (RN-270, "Global PAT retirement" [V]).
 pub(crate) const GLOBAL_PAT_USAGE_ENDS: (i32, u32, u32) = (2026, 12, 1);
 
-/// HTTP 200 with `patToken: null` and a `patTokenError` ("Refusals: patTokenError" [I],
-/// supported by AzureAuth's client [V]).
+/// HTTP 200 with `patToken: null` and a `patTokenError` ("Refusals:
+/// patTokenError" [I], supported by AzureAuth's client [V]).
 fn refused(v: ApiVersion, error: &'static str, message: &str) -> Response {
     wire::json_ok(&PatTokenResultJson {
         pat_token: None,
@@ -425,7 +427,8 @@ pub(crate) fn list(emu: &Emulator, org: &str, q: &Query, repeat_page: bool) -> R
         None | Some("") => MAX_TOP,
         Some(s) => match s.parse::<i64>() {
             Ok(n) if n > 0 => usize::try_from(n).unwrap_or(MAX_TOP).min(MAX_TOP),
-            // Larger values are capped ([U] "List options and defaults"); non-positive refused ([I]).
+            // Larger values are capped ([U] "List options and defaults");
+            // non-positive refused ([I]).
             _ => {
                 return wire::invalid_argument("$top", &format!("'{s}' must be a positive integer"))
             }

@@ -95,7 +95,8 @@ pub(crate) fn envelope(
     resp
 }
 
-/// 401 `UnauthorizedRequestException` TF400813 ("Error envelope", "Wrongly authenticated calls" [C]).
+/// 401 `UnauthorizedRequestException` TF400813 ("Error envelope", "Wrongly
+/// authenticated calls" [C]).
 pub(crate) fn unauthorized(user: &str) -> Response {
     let message = format!("TF400813: The user '{user}' is not authorized to access this resource.");
     let mut resp = envelope(
@@ -322,7 +323,8 @@ fn parse_long_fraction(s: &str) -> Option<DateTime<Utc>> {
 // ---------------------------------------------------------- api-version
 
 /// A parsed `api-version` value:
-/// `{major}.{minor}[-preview[.{resource-version}]]` ("Host, path and api-version" [V] DOC-VERSIONING).
+/// `{major}.{minor}[-preview[.{resource-version}]]` ("Host, path and
+/// api-version" [V] DOC-VERSIONING).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ApiVersion {
     pub major: u32,

@@ -72,7 +72,8 @@ pub struct AzureDevOpsConfig {
     /// `api-version` query value; default `7.1-preview.1` (SPEC-7.1).
     pub api_version: String,
     /// Send `X-TFS-FedAuthRedirect: Suppress`; default true. Turn off in
-    /// tenants whose Conditional Access needs the redirect (docs/upstream-api.md, Wrongly authenticated calls).
+    /// tenants whose Conditional Access needs the redirect
+    /// (docs/upstream-api.md, Wrongly authenticated calls).
     pub suppress_fed_auth_redirect: bool,
     /// Timeout of one HTTP exchange, connect to last byte; default 30 s.
     #[serde(deserialize_with = "crate::duration::de_duration")]

@@ -220,7 +220,8 @@ pub fn shorten(text: &str, max: usize) -> String {
 }
 
 /// Reads `Retry-After`: delta-seconds (what Azure DevOps sends,
-/// docs/upstream-api.md, Rate limits and Retry-After) or an HTTP-date, relative to `now`. Unreadable values give None.
+/// docs/upstream-api.md, Rate limits and Retry-After) or an HTTP-date,
+/// relative to `now`. Unreadable values give None.
 pub fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
     let value = value.trim();
     if let Ok(seconds) = value.parse::<u64>() {
