@@ -1,12 +1,11 @@
 //! The upstream client against the emulator over real sockets: the PAT
-//! lifecycle, the data plane, every response class of ado-pat-api.md
-//! section 6, and the Entra token source.
+//! lifecycle, the data plane, every response class the client tells apart
+//! (docs/upstream-api.md, What the client does), and the Entra token source.
 
 mod common;
 
 use std::collections::HashSet;
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -28,7 +27,7 @@ fn hours(h: i64) -> chrono::Duration {
 }
 
 /// `validTo` comes back rounded (SQL Server `datetime`, 1/300 s), never
-/// exactly as sent (ado-pat-api.md section 1.6).
+/// exactly as sent (docs/upstream-api.md, validTo rounding).
 fn assert_close(actual: DateTime<Utc>, expected: DateTime<Utc>) {
     let off = (actual - expected).num_milliseconds().abs();
     assert!(
@@ -201,7 +200,8 @@ async fn a_pat_works_on_the_data_plane_only_within_its_scope_and_organization() 
         401
     );
 
-    // vso.code_write includes vso.code (ado-pat-api.md section 3.2).
+    // vso.code_write includes vso.code (docs/upstream-api.md, Scope
+    // catalogue and inclusion).
     let write = create(&upstream, &client, "tb:write", "vso.code_write").await;
     let write = write.token.unwrap();
     assert_eq!(
@@ -924,29 +924,9 @@ async fn a_pat_is_refused_by_the_pat_api_as_bearer_and_as_basic_auth() {
 
 // ---------------------------------------------------------------- secrets
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn no_bearer_pat_or_refresh_token_reaches_the_logs_even_at_trace_level() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let captured = common::logs::CapturedLogs::start(tracing::Level::TRACE);
 
     let upstream = Upstream::start().await;
     let (source, sink) = upstream.refresh_source();
@@ -967,7 +947,7 @@ async fn no_bearer_pat_or_refresh_token_reaches_the_logs_even_at_trace_level() {
         .unwrap();
     let bearer = source.bearer().await.unwrap();
 
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     assert!(logs.contains("upstream"), "the capture works: {logs}");
     assert!(
         logs.contains(&pat.authorization_id.to_string()),
@@ -1003,7 +983,7 @@ async fn the_documented_example_exchanges_replayed_through_the_client_mean_the_s
     });
     let fabrikam = org("fabrikam");
     // The examples send `.319Z` and get `.32Z` back: SQL Server datetime
-    // rounding (ado-pat-api.md section 1.6).
+    // rounding (docs/upstream-api.md, validTo rounding).
     let whole_second =
         |at: DateTime<Utc>| DateTime::<Utc>::from_timestamp(at.timestamp(), 0).unwrap();
     let sent = whole_second(upstream.now().await + chrono::Duration::days(29))
