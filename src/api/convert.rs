@@ -14,8 +14,8 @@ use crate::leases::{CreateLease, LeasePage, ListQuery};
 use crate::proto::v1 as pb;
 use crate::store::LeaseRecord;
 
-/// Upstream's longest PAT lifetime, one year (the PAT lifetime limit in
-/// docs/upstream-api.md): the largest `ttl` or `increment` accepted.
+/// Upstream's longest PAT lifetime, one year (docs/upstream-api.md,
+/// Maximum lifetime): the largest `ttl` or `increment` accepted.
 pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
 /// `page_size` used when the request leaves it 0 (AIP-158).
@@ -25,7 +25,8 @@ pub const MAX_PAGE_SIZE: u32 = 1000;
 
 /// Longest organization name Azure DevOps allows, in characters.
 pub const MAX_ORGANIZATION_CHARS: usize = 50;
-/// Longer than any scope in the scope catalogue (docs/upstream-api.md).
+/// Longer than any scope (docs/upstream-api.md, Scope catalogue and
+/// inclusion).
 pub const MAX_SCOPE_CHARS: usize = 64;
 /// A `request_id` is a UUID in its canonical hyphenated form (RFC 9562).
 pub const REQUEST_ID_CHARS: usize = 36;
