@@ -1,5 +1,5 @@
-//! Azure DevOps PAT scopes and their inclusion table
-//! (ado-pat-api.md section 3.2, from Microsoft's "Available scopes" list).
+//! Azure DevOps PAT scopes and their inclusion table (the scope catalogue
+//! in docs/upstream-api.md, from Microsoft's "Available scopes" list).
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -19,10 +19,11 @@ const fn row(name: &'static str, includes: &'static [&'static str]) -> Row {
 
 /// The catalogue: every PAT scope with the scopes it directly includes.
 ///
-/// Source: ado-pat-api.md section 3.2 (Microsoft's "Available scopes" table,
+/// Source: the scope catalogue in docs/upstream-api.md (Microsoft's
+/// "Available scopes" table,
 /// learn.microsoft.com .../integrate/get-started/authentication/oauth, its
-/// "Includes" column) and section 3.1 (`app_token`, `vso.governance`,
-/// `vso.tokens`, `vso.tokenadministration`). Left out on purpose: the
+/// "Includes" column, and the PAT-only scopes `app_token`,
+/// `vso.governance`, `vso.tokens`, `vso.tokenadministration`). Left out on purpose: the
 /// Entra-only `user_impersonation`, `vso.pats` and `vso.pats_manage`, and the
 /// retired `vso.loadtest` scopes. `app_token` includes nothing here: its
 /// full access is a rule in [`Scope::covers`], and no row includes it.
