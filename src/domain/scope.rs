@@ -1,5 +1,6 @@
-//! Azure DevOps PAT scopes and their inclusion table (the scope catalogue
-//! in docs/upstream-api.md, from Microsoft's "Available scopes" list).
+//! Azure DevOps PAT scopes and their inclusion table (docs/upstream-api.md,
+//! "Scope catalogue and inclusion", from Microsoft's "Available scopes"
+//! list).
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -19,7 +20,7 @@ const fn row(name: &'static str, includes: &'static [&'static str]) -> Row {
 
 /// The catalogue: every PAT scope with the scopes it directly includes.
 ///
-/// Source: the scope catalogue in docs/upstream-api.md (Microsoft's
+/// Source: docs/upstream-api.md, "Scope catalogue and inclusion" (Microsoft's
 /// "Available scopes" table,
 /// learn.microsoft.com .../integrate/get-started/authentication/oauth, its
 /// "Includes" column, and the PAT-only scopes `app_token`,

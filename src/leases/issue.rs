@@ -1,6 +1,6 @@
 //! CreateLease: policy, request_id replay, the PENDING intent row, the
-//! upstream create, and ACTIVE (how a create flows, in
-//! docs/architecture.md).
+//! upstream create, and ACTIVE (docs/architecture.md, "How a CreateLease
+//! request flows").
 
 use std::time::Duration;
 
@@ -315,8 +315,9 @@ async fn mint(
         return Err(fail(deps, caller, lease, rule, e).await);
     };
 
-    // Upstream may clamp validTo (its maximum PAT lifespan) and rounds it:
-    // the lease must never outlive its PAT.
+    // Upstream may clamp validTo and rounds it (docs/upstream-api.md,
+    // "validTo clamping" and "validTo rounding"): the lease must never
+    // outlive its PAT.
     let now = now();
     let (lease, expected) = lease.activate(
         now,
@@ -379,8 +380,8 @@ async fn abandon_minted(deps: &LeaseDeps, lease: &LeaseRecord) {
 /// Whether the failed upstream create (`error`) left no PAT behind, so the
 /// lease may be marked FAILED. A definite refusal (policy, auth, 400, 429)
 /// means no PAT exists. A timeout, 5xx or unreadable answer may hide a PAT
-/// that was made: the create is never retried blindly (that could mint a
-/// second PAT); instead the broker lists upstream for the lease's display
+/// that was made: the create is never retried blindly (it is not
+/// idempotent: docs/upstream-api.md, "Create is not idempotent"); instead the broker lists upstream for the lease's display
 /// name. It cannot adopt a PAT found that way (the secret is only in the
 /// create answer), so it revokes it; the caller gets the error
 /// (UNAVAILABLE + RetryInfo for 5xx/timeouts) and may retry with the same

@@ -167,8 +167,9 @@ pub(super) async fn renew(
             return Err(e.into());
         }
     };
-    // Upstream clamps an update to creation + its maximum PAT lifespan:
-    // the lease must never outlive its PAT.
+    // Upstream clamps an update to creation + its maximum PAT lifespan
+    // (docs/upstream-api.md, "validTo clamping"): the lease must never
+    // outlive its PAT.
     next.fit_to_valid_to(pat.valid_to, wanted_valid_to);
     next.update_time = super::time::now();
     if !deps

@@ -68,8 +68,8 @@ pub struct SweepReport {
 }
 
 /// The upstream display name of lease `id`: `<prefix>:<deployment_id>:<id>`
-/// (how the sweep tells the deployment's PATs from others is in
-/// docs/architecture.md), what [`lease_of_display_name`] reads back.
+/// (see "display name" in docs/architecture.md), what
+/// [`lease_of_display_name`] reads back.
 pub(super) fn display_name(prefix: &str, deployment_id: &str, id: LeaseId) -> String {
     format!("{prefix}:{deployment_id}:{id}")
 }

@@ -12,8 +12,8 @@ pub(super) fn now() -> DateTime<Utc> {
 }
 
 /// An upstream time cut down to microseconds, rounding down: upstream
-/// answers with up to 7 fractional digits (see `validTo` in
-/// docs/upstream-api.md), the stores keep 6, and rounding down keeps "the
+/// answers with up to 7 fractional digits (docs/upstream-api.md, "validTo
+/// rounding"), the stores keep 6, and rounding down keeps "the
 /// lease never outlives its PAT".
 pub(super) fn upstream_time(t: DateTime<Utc>) -> DateTime<Utc> {
     t.trunc_subsecs(6)

@@ -27,7 +27,9 @@
 //!   request_id is replaced by a fresh PENDING row (a new lease), never
 //!   moved.
 //!
-//! Writes that leave the state alone (renewal, claims) are not here.
+//! Writes that leave the state alone (renewal, claims) are not here. The
+//! diagram in docs/architecture.md ("The lease state machine") follows
+//! this module.
 
 use chrono::{DateTime, Utc};
 
@@ -145,8 +147,9 @@ impl LeaseRecord {
     }
 
     /// Fits the lease to the PAT's `valid_to` as upstream answered it (it
-    /// may round, or clamp to its maximum lifespan; see `validTo` in
-    /// docs/upstream-api.md): the lease never outlives its PAT. `wanted` is
+    /// may round, or clamp to its maximum lifespan; docs/upstream-api.md,
+    /// "validTo rounding" and "validTo clamping"): the lease never outlives
+    /// its PAT. `wanted` is
     /// the validTo the broker asked for.
     pub(super) fn fit_to_valid_to(&mut self, valid_to: DateTime<Utc>, wanted: DateTime<Utc>) {
         let valid_to = upstream_time(valid_to);
