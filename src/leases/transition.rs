@@ -5,13 +5,15 @@
 //! `let (next, expected) = lease.fail(now, error); store.update_lease(&next, expected)`.
 //!
 //! ```text
-//!            activate               begin_revoking            revoked
-//!  PENDING ───────────▶ ACTIVE ───────────────────▶ REVOKING ──────────▶ REVOKED or EXPIRED
-//!     │                                              │    ▲ revoke_attempt_failed    ▲
-//!     │ fail                  revoke_attempt_failed  │    └──(budget left)           │ revoked,
-//!     ▼                       (budget spent)         ▼                               │ force_closed
-//!  FAILED                                      REVOKE_FAILED ────────────────────────┘
-//!                                              (revoke_attempt_failed: stays)
+//! method                 from            to
+//! activate               PENDING         ACTIVE
+//! fail                   PENDING         FAILED
+//! begin_revoking         ACTIVE          REVOKING
+//! revoked                REVOKING        REVOKED or EXPIRED (final_state)
+//!                        REVOKE_FAILED   REVOKED or EXPIRED (final_state)
+//! revoke_attempt_failed  REVOKING        REVOKING, or REVOKE_FAILED once the budget is spent
+//!                        REVOKE_FAILED   REVOKE_FAILED
+//! force_closed           REVOKE_FAILED   REVOKED or EXPIRED (final_state)
 //! ```
 //!
 //! - PENDING: the intent is stored; the upstream PAT may or may not exist.
