@@ -21,11 +21,13 @@ use crate::error::{ErrorCode, ServiceError};
 use crate::store::{Store, StoreError};
 
 pub mod chain;
+mod refusals;
 
 pub use chain::{
     parse_expected_head, verify, BadHead, ChainBroken, ChainKey, Defect, VerifyError, VerifyReport,
     GENESIS_MAC,
 };
+pub use refusals::ChainedRefusalAudit;
 
 /// `action` of an issued (or replayed) lease.
 pub const LEASE_CREATE: &str = "lease.create";
