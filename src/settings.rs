@@ -33,16 +33,6 @@ pub struct Settings {
     inline_keys: Option<ResolvedKeys>,
 }
 
-impl std::fmt::Debug for Settings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Settings")
-            .field("config", &self.config)
-            .field("backend", &self.backend)
-            .field("tls", &self.tls)
-            .finish_non_exhaustive()
-    }
-}
-
 impl Settings {
     /// Loads the configuration (defaults < `file` < environment), checks
     /// and builds it.

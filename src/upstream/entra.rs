@@ -1,9 +1,10 @@
 //! Microsoft Entra bearer tokens for the PAT Lifecycle API.
 //!
-//! The API takes only user-delegated Entra access tokens (ado-pat-api.md
-//! section 2.1), so the broker holds a user's refresh token and redeems it
-//! with the refresh-token grant at `{authority}/{tenant}/oauth2/v2.0/token`
-//! (section 2.3). Entra answers every redemption with a new refresh token;
+//! The API takes only user-delegated Entra access tokens (docs/upstream-api.md,
+//! User-delegated Entra tokens only), so the broker holds a user's refresh
+//! token and redeems it with the refresh-token grant at
+//! `{authority}/{tenant}/oauth2/v2.0/token` (docs/upstream-api.md, Entra
+//! token endpoint). Entra answers every redemption with a new refresh token;
 //! each one is handed to a [`RefreshTokenSink`] (the broker's
 //! [`StoreSink`] seals and stores it). No token ever reaches a log, a span
 //! or an error.
