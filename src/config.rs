@@ -438,15 +438,16 @@ impl Config {
 }
 
 impl AuthConfig {
-    /// The configured keys; on error, the setting at fault and why.
-    pub fn api_keys(&self) -> Result<ApiKeys, (String, String)> {
+    /// The configured keys. Errors name `auth.api_keys[N].sha256` or
+    /// `auth.api_keys`.
+    pub fn api_keys(&self) -> Result<ApiKeys, ConfigError> {
         let mut keys = Vec::with_capacity(self.api_keys.len());
         for (i, k) in self.api_keys.iter().enumerate() {
             let hash = ApiKeyHash::parse_hex(&k.sha256)
-                .map_err(|m| (format!("auth.api_keys[{i}].sha256"), m.to_owned()))?;
+                .map_err(|m| ConfigError::new(format!("auth.api_keys[{i}].sha256"), m))?;
             keys.push((k.name.clone(), hash));
         }
-        ApiKeys::new(keys).map_err(|m| ("auth.api_keys".to_owned(), m))
+        ApiKeys::new(keys).map_err(|m| ConfigError::new("auth.api_keys", m))
     }
 
     /// The service-account verifier when `auth.kubernetes.enabled` (reads

@@ -61,13 +61,7 @@ impl Settings {
         check_values(&config, &mut |setting, message| {
             errors.push(ConfigError::new(setting, message))
         });
-        let api_keys = keep(
-            &mut errors,
-            config
-                .auth
-                .api_keys()
-                .map_err(|(setting, m)| ConfigError::new(setting, m)),
-        );
+        let api_keys = keep(&mut errors, config.auth.api_keys());
         let kubernetes = keep(&mut errors, config.auth.kubernetes_verifier());
         let tls = keep(
             &mut errors,
