@@ -421,7 +421,7 @@ fn dev_uses_short_background_schedules_that_the_environment_still_overrides() {
         let c = Settings::load_over(Some(token_broker::cli::dev::DEV_DEFAULTS), None)
             .unwrap()
             .config;
-        // dev reconciles within 30 s and sweeps every 60 s.
+        // dev reconciles within 30 s and sweeps every 60 s (README, dev).
         assert!(
             c.leases.reconcile_after + c.leases.reaper_interval
                 <= std::time::Duration::from_secs(30)
