@@ -16,6 +16,7 @@ pub mod admin;
 pub mod audit;
 pub mod client;
 pub mod dev;
+pub mod grpc;
 pub mod policy;
 pub mod serve;
 
