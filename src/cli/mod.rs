@@ -14,6 +14,7 @@ use crate::config::Config;
 
 pub mod admin;
 pub mod audit;
+pub mod bench;
 pub mod client;
 pub mod dev;
 pub mod policy;
@@ -60,6 +61,8 @@ enum Command {
     /// Read the audit trail (gRPC client) or verify its chain (server configuration).
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Measure a running broker (gRPC client), optionally against its database's own ceiling.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -169,6 +172,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             print_out(&out);
             Ok(())
         }
+        Command::Bench(args) => bench::run(args).await.map_err(|e| e.to_string()),
         Command::Audit(audit::AuditCommand::Verify(args)) => {
             let config = load_config(&ConfigArg {
                 config: args.config.clone(),
