@@ -517,7 +517,10 @@ struct BrokerRun {
     elapsed: Duration,
     stats: BTreeMap<Method, MethodStats>,
     created: usize,
+    /// Leases the run left live that the clean-up revoked.
     cleaned_up: usize,
+    /// Leases the clean-up could not revoke.
+    left_live: Vec<String>,
 }
 
 fn progress_bar(len: u64, what: &str) -> ProgressBar {
@@ -589,11 +592,7 @@ fn stop_on_ctrl_c(bound: &Arc<Run>) -> tokio::task::JoinHandle<()> {
     })
 }
 
-async fn run_broker(
-    args: &BenchArgs,
-    duration: Duration,
-    clients: Vec<Client>,
-) -> Result<BrokerRun, BenchError> {
+async fn run_broker(args: &BenchArgs, duration: Duration, clients: Vec<Client>) -> BrokerRun {
     let (len, label) = match args.requests {
         Some(n) => (n, "broker calls"),
         None => (duration.as_millis() as u64, "broker"),
@@ -657,28 +656,25 @@ async fn run_broker(
             .collect();
         (leases.created.len(), left)
     };
-    let cleaned_up = left.len();
-    revoke_all(cleanup_client, left, n).await?;
-    Ok(BrokerRun {
+    let to_revoke = left.len();
+    let left_live = revoke_all(cleanup_client, left, n).await;
+    BrokerRun {
         elapsed,
         stats,
         created,
-        cleaned_up,
-    })
+        cleaned_up: to_revoke - left_live.len(),
+        left_live,
+    }
 }
 
-/// Revokes `names` with `concurrency` calls at a time; fails naming those
-/// not revoked (or still being revoked by the broker's retries).
-async fn revoke_all(
-    client: Client,
-    names: Vec<String>,
-    concurrency: usize,
-) -> Result<(), BenchError> {
+/// Revokes `names` with `concurrency` calls at a time; returns those not
+/// revoked (or still being revoked by the broker's retries).
+async fn revoke_all(client: Client, names: Vec<String>, concurrency: usize) -> Vec<String> {
     if names.is_empty() {
-        return Ok(());
+        return names;
     }
     eprintln!("revoking the {} lease(s) the run left live", names.len());
-    let failed: Vec<String> = futures::stream::iter(names)
+    futures::stream::iter(names)
         .map(|name| {
             let mut client = client.clone();
             async move {
@@ -698,12 +694,7 @@ async fn revoke_all(
         .buffer_unordered(concurrency)
         .filter_map(|failed| async move { failed })
         .collect()
-        .await;
-    if failed.is_empty() {
-        Ok(())
-    } else {
-        Err(BenchError::LeftLive(failed))
-    }
+        .await
 }
 
 /// The emulator's counters of the broker's calls, by operation (`calls` of
@@ -1020,7 +1011,6 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         Some(u) => Some(upstream_calls(&http, u).await?),
         None => None,
     };
-    let broker = broker?;
     let baseline = match &args.baseline {
         Some(url) => Some(run_baseline(url, args.concurrency, args.requests, duration).await?),
         None => None,
@@ -1045,7 +1035,11 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         Output::Text => report.text(),
     };
     super::print_out(&out);
-    Ok(())
+    if broker.left_live.is_empty() {
+        Ok(())
+    } else {
+        Err(BenchError::LeftLive(broker.left_live))
+    }
 }
 
 /// Everything a report shows.
