@@ -261,20 +261,49 @@ pub enum BenchError {
     LeftLive(Vec<String>),
 }
 
-/// What ends a run: a total number of calls or a point in time, and Ctrl-C.
+/// What ends a run: a total number of calls or a point in time, and
+/// Ctrl-C. Its progress bar (on stderr, hidden when that is not a terminal)
+/// counts calls done, or time.
 struct Bound {
     remaining: Option<AtomicU64>,
+    started: Instant,
     deadline: Instant,
     stop: AtomicBool,
+    progress: ProgressBar,
 }
 
 impl Bound {
-    fn new(requests: Option<u64>, duration: Duration) -> Bound {
+    fn new(label: &str, requests: Option<u64>, duration: Duration) -> Bound {
+        let len = requests.unwrap_or(duration.as_millis() as u64);
+        let progress = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+        if let Ok(style) =
+            ProgressStyle::with_template("{prefix} [{elapsed_precise}] {wide_bar} {percent:>3}%")
+        {
+            progress.set_style(style);
+        }
+        progress.set_prefix(label.to_owned());
+        let started = Instant::now();
         Bound {
             remaining: requests.map(AtomicU64::new),
-            deadline: Instant::now() + duration,
+            started,
+            deadline: started + duration,
             stop: AtomicBool::new(false),
+            progress,
         }
+    }
+
+    /// Moves the bar after a call.
+    fn step(&self) {
+        if self.remaining.is_some() {
+            self.progress.inc(1);
+        } else {
+            self.progress
+                .set_position(self.started.elapsed().as_millis() as u64);
+        }
+    }
+
+    fn finish(&self) {
+        self.progress.finish_and_clear();
     }
 
     /// Claims the right to one more call.
@@ -415,7 +444,6 @@ struct Run {
     leases: Mutex<Leases>,
     organization: String,
     scopes: Vec<String>,
-    progress: ProgressBar,
 }
 
 impl Run {
@@ -505,9 +533,7 @@ async fn client_loop(
             .entry(method)
             .or_insert_with(MethodStats::new)
             .record(started.elapsed(), outcome);
-        if run.bound.remaining.is_some() {
-            run.progress.inc(1);
-        }
+        run.bound.step();
     }
     stats
 }
@@ -521,26 +547,6 @@ struct BrokerRun {
     cleaned_up: usize,
     /// Leases the clean-up could not revoke.
     left_live: Vec<String>,
-}
-
-fn progress_bar(len: u64, what: &str) -> ProgressBar {
-    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
-    if let Ok(style) =
-        ProgressStyle::with_template("{prefix} [{elapsed_precise}] {wide_bar} {percent:>3}% {msg}")
-    {
-        bar.set_style(style);
-    }
-    bar.set_prefix(what.to_owned());
-    bar
-}
-
-/// Shows a duration-bound run's progress in time, until `done`.
-async fn tick(bar: ProgressBar, duration: Duration, done: Arc<AtomicBool>) {
-    let start = Instant::now();
-    while !done.load(Ordering::Relaxed) {
-        bar.set_position(start.elapsed().min(duration).as_millis() as u64);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Each client gets its own channel, so its own HTTP/2 connection, as N
@@ -593,23 +599,13 @@ fn stop_on_ctrl_c(bound: &Arc<Run>) -> tokio::task::JoinHandle<()> {
 }
 
 async fn run_broker(args: &BenchArgs, duration: Duration, clients: Vec<Client>) -> BrokerRun {
-    let (len, label) = match args.requests {
-        Some(n) => (n, "broker calls"),
-        None => (duration.as_millis() as u64, "broker"),
-    };
     let run = Arc::new(Run {
-        bound: Bound::new(args.requests, duration.min(MAX_RUN)),
+        bound: Bound::new("broker", args.requests, duration),
         leases: Mutex::new(Leases::default()),
         organization: args.organization.clone(),
         scopes: args.scopes.clone(),
-        progress: progress_bar(len, label),
     });
     let ctrl_c = stop_on_ctrl_c(&run);
-    let done = Arc::new(AtomicBool::new(false));
-    let ticker = args
-        .requests
-        .is_none()
-        .then(|| tokio::spawn(tick(run.progress.clone(), duration, Arc::clone(&done))));
 
     let schedule = Arc::new(args.mix.schedule());
     let n = clients.len();
@@ -639,11 +635,7 @@ async fn run_broker(args: &BenchArgs, duration: Duration, clients: Vec<Client>) 
         }
     }
     let elapsed = started.elapsed();
-    done.store(true, Ordering::Relaxed);
-    if let Some(t) = ticker {
-        let _ = t.await;
-    }
-    run.progress.finish_and_clear();
+    run.bound.finish();
     ctrl_c.abort();
 
     let (created, left) = {
@@ -846,40 +838,60 @@ async fn write_pair(
     Ok(id)
 }
 
-/// Runs `op` on each connection until `bound` says stop; returns the
-/// operations done per second and what each connection produced.
-async fn phase<T, F>(
-    conns: &mut [PgConnection],
-    bound: &Bound,
-    progress: &ProgressBar,
-    op: F,
-) -> Result<(f64, Vec<T>), BenchError>
-where
-    T: Send,
-    F: for<'c> Fn(&'c mut PgConnection) -> futures::future::BoxFuture<'c, Result<T, sqlx::Error>>
+/// One baseline operation on a connection.
+type DbOp<T> = Arc<
+    dyn for<'c> Fn(&'c mut PgConnection) -> futures::future::BoxFuture<'c, Result<T, sqlx::Error>>
+        + Send
         + Sync,
-{
-    let started = Instant::now();
-    let per_conn = futures::future::join_all(conns.iter_mut().map(|conn| {
-        let op = &op;
-        async move {
-            let mut out = Vec::new();
-            while bound.next() {
-                out.push(op(conn).await?);
-                if bound.remaining.is_some() {
-                    progress.inc(1);
+>;
+
+/// Runs `op` on every connection, each in a task of its own as the broker
+/// run's clients are, until the phase's bound says stop. Returns the
+/// operations done per second, what they produced, and the connections.
+async fn phase<T: Send + 'static>(
+    label: &str,
+    conns: Vec<PgConnection>,
+    requests: Option<u64>,
+    duration: Duration,
+    op: DbOp<T>,
+) -> Result<(f64, Vec<T>, Vec<PgConnection>), BenchError> {
+    let bound = Arc::new(Bound::new(label, requests, duration));
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .map(|mut conn| {
+            let (bound, op) = (Arc::clone(&bound), Arc::clone(&op));
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                while bound.next() {
+                    match op(&mut conn).await {
+                        Ok(x) => out.push(x),
+                        Err(e) => return Err(e),
+                    }
+                    bound.step();
                 }
-            }
-            Ok::<_, sqlx::Error>(out)
-        }
-    }))
-    .await;
-    let elapsed = started.elapsed().as_secs_f64();
+                Ok((out, conn))
+            })
+        })
+        .collect();
     let mut all = Vec::new();
-    for r in per_conn {
-        all.extend(r.map_err(db_err)?);
+    let mut conns = Vec::with_capacity(tasks.len());
+    let mut failed = None;
+    for task in tasks {
+        match task.await {
+            Ok(Ok((out, conn))) => {
+                all.extend(out);
+                conns.push(conn);
+            }
+            Ok(Err(e)) => failed = Some(db_err(e)),
+            Err(e) => failed = Some(BenchError::Baseline(format!("a client task failed: {e}"))),
+        }
     }
-    Ok((all.len() as f64 / elapsed.max(1e-9), all))
+    let elapsed = bound.started.elapsed().as_secs_f64();
+    bound.finish();
+    match failed {
+        Some(e) => Err(e),
+        None => Ok((all.len() as f64 / elapsed.max(1e-9), all, conns)),
+    }
 }
 
 /// `--baseline`: the scratch schema's life around the two phases.
@@ -936,51 +948,26 @@ async fn baseline_phases(
     for _ in 0..concurrency {
         conns.push(pool.acquire().await.map_err(db_err)?.detach());
     }
-    let len = requests.unwrap_or(duration.as_millis() as u64);
-
-    let bar = progress_bar(len, "baseline writes");
-    let done = Arc::new(AtomicBool::new(false));
-    let ticker = requests
-        .is_none()
-        .then(|| tokio::spawn(tick(bar.clone(), duration, Arc::clone(&done))));
-    let bound = Bound::new(requests, duration);
     let sql = Arc::new(Statements::on(table));
-    let written = phase(&mut conns, &bound, &bar, |c| {
-        Box::pin(write_pair(c, Arc::clone(&sql)))
-    })
-    .await;
-    done.store(true, Ordering::Relaxed);
-    if let Some(t) = ticker {
-        let _ = t.await;
-    }
-    bar.finish_and_clear();
-    let (writes_rps, ids) = written?;
+    let write: DbOp<uuid::Uuid> = {
+        let sql = Arc::clone(&sql);
+        Arc::new(move |c| Box::pin(write_pair(c, Arc::clone(&sql))))
+    };
+    let (writes_rps, ids, conns) =
+        phase("baseline writes", conns, requests, duration, write).await?;
     if ids.is_empty() {
         return Err(BenchError::Baseline("no row was written".into()));
     }
-
     let ids = Arc::new(ids);
-    let bar = progress_bar(len, "baseline reads");
-    let done = Arc::new(AtomicBool::new(false));
-    let ticker = requests
-        .is_none()
-        .then(|| tokio::spawn(tick(bar.clone(), duration, Arc::clone(&done))));
-    let bound = Bound::new(requests, duration);
-    let read = phase(&mut conns, &bound, &bar, |c| {
+    let read: DbOp<()> = Arc::new(move |c| {
         let id = ids[rand::thread_rng().gen_range(0..ids.len())];
         let sql = Arc::clone(&sql);
         Box::pin(async move {
             sqlx::query(&sql.read).bind(id).fetch_one(c).await?;
             Ok(())
         })
-    })
-    .await;
-    done.store(true, Ordering::Relaxed);
-    if let Some(t) = ticker {
-        let _ = t.await;
-    }
-    bar.finish_and_clear();
-    let (read_rps, _) = read?;
+    });
+    let (read_rps, _, conns) = phase("baseline reads", conns, requests, duration, read).await?;
     for conn in conns {
         let _ = sqlx::Connection::close(conn).await;
     }
@@ -1246,9 +1233,9 @@ mod tests {
 
     #[test]
     fn a_request_bound_hands_out_exactly_its_count() {
-        let bound = Bound::new(Some(3), Duration::from_secs(60));
+        let bound = Bound::new("test", Some(3), Duration::from_secs(60));
         assert_eq!((0..10).filter(|_| bound.next()).count(), 3);
-        let stopped = Bound::new(None, Duration::from_secs(60));
+        let stopped = Bound::new("test", None, Duration::from_secs(60));
         stopped.stop.store(true, Ordering::Relaxed);
         assert!(!stopped.next());
     }
