@@ -550,10 +550,12 @@ struct BrokerRun {
 }
 
 /// Each client gets its own channel, so its own HTTP/2 connection, as N
-/// separate services would. One shared channel multiplexes every call on
-/// one connection, whose single connection task on each side becomes the
-/// limit at 16 clients (measured: BENCHMARKS.md), which would charge the
-/// client's funnel to the broker.
+/// separate services would: what happens per connection (Nagle's delay on
+/// a request/response exchange, the server's task per connection) is then
+/// charged to every client as in production. One shared channel measured
+/// the same at 16 clients on today's broker (BENCHMARKS.md), but it funnels
+/// every call through one connection task on each side, a limit of the
+/// bench's own making once the broker is fast.
 async fn connect(args: &ClientArgs, n: u32) -> Result<Vec<Client>, BenchError> {
     let url = endpoint_url(&args.addr);
     let err = |message: String| BenchError::Connect {
