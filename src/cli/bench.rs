@@ -1023,7 +1023,8 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         Output::Json => format!("{:#}", report.json()),
         Output::Text => report.text(),
     };
-    super::print_out(&out);
+    // A reader that went away ends the output quietly: nothing to report.
+    let _ = super::print_out(Ok::<_, BenchError>(out));
     if broker.left_live.is_empty() {
         Ok(())
     } else {

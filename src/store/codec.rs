@@ -71,8 +71,8 @@ pub(crate) fn parse_state(s: &str) -> Result<LeaseState, StoreError> {
         .map_err(|e| StoreError::Corrupt(format!("state: {e}")))
 }
 
-pub(crate) fn parse_outcome(s: &str) -> Result<crate::audit::Outcome, StoreError> {
-    crate::audit::Outcome::parse(s)
+pub(crate) fn parse_outcome(s: &str) -> Result<crate::domain::Outcome, StoreError> {
+    crate::domain::Outcome::parse(s)
         .ok_or_else(|| StoreError::Corrupt(format!("outcome: unknown value {s:?}")))
 }
 

@@ -24,9 +24,8 @@ use super::{
     map_migrate, map_sqlx, ChainMacFn, CreateOutcome, IdempotencyRecord, LeaseFilter, LeaseRecord,
     PageCursor, Store, StoreError, StoredAuditRow, UpstreamCredential, Work,
 };
-use crate::audit::AuditEvent;
 use crate::crypto::Sealed;
-use crate::domain::{AuthorizationId, Identity, LeaseId, LeaseState, Organization};
+use crate::domain::{AuditEvent, AuthorizationId, Identity, LeaseId, LeaseState, Organization};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
