@@ -28,7 +28,7 @@ use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 
-use super::client::{endpoint_url, ClientArgs, Output};
+use super::grpc::{endpoint_url, ClientArgs, Output};
 use crate::proto::v1 as pb;
 use crate::proto::v1::lease_service_client::LeaseServiceClient;
 
