@@ -18,7 +18,6 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use rustls::pki_types::CertificateDer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::server::NamedService;
@@ -247,10 +246,18 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(admin_service(leases.clone(), auth.clone()))
         .add_service(lease_service(leases, auth))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await;
     health_task.abort();
     result.map_err(ApiError::from)
+}
+
+/// Accepted connections with `TCP_NODELAY`: without it each small gRPC
+/// answer waits on Nagle's algorithm for the peer's delayed ACK, a fixed
+/// ~40 ms per exchange (`Server::tcp_nodelay` applies only when tonic binds
+/// the socket itself).
+fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 fn reflection() -> tonic_reflection::server::Builder<'static> {
