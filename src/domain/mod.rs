@@ -6,12 +6,14 @@ mod ids;
 mod lease_state;
 mod organization;
 mod scope;
+mod time;
 
 pub use identity::Identity;
 pub use ids::{AuthorizationId, LeaseId};
 pub use lease_state::LeaseState;
 pub use organization::Organization;
 pub use scope::{Scope, ScopeSet};
+pub use time::Timestamp;
 
 /// A value that failed validation. The caller knows which request field it
 /// came from and attaches that name.

@@ -1,79 +1,330 @@
-//! Text forms shared by both stores: how domain values are written to and
-//! read from columns. Every parse failure is [`StoreError::Corrupt`] naming
-//! the column, never its value when the value could be secret.
+//! How domain values are written to and read from columns, on both
+//! backends, as sqlx `Type`/`Encode`/`Decode`, and the rows read with
+//! `FromRow`. The formats are fixed by the released migrations:
+//!
+//! - text values (holder, organization, scopes, state, outcome, sealed
+//!   tokens) are TEXT on both;
+//! - ids are UUID on PostgreSQL and hyphenated lower-case UUID text on
+//!   SQLite;
+//! - times are TIMESTAMPTZ on PostgreSQL and [`Timestamp::to_text`] on
+//!   SQLite (six fractional digits and `Z`, so text order is time order).
+//!
+//! A value that does not decode fails the read with sqlx's `ColumnDecode`
+//! error, which names the column; `map_sqlx` makes it
+//! [`super::StoreError::Corrupt`]. Decode errors never hold the value when
+//! it could be secret (a malformed sealed token says only what is wrong).
 
-use chrono::{DateTime, SecondsFormat, SubsecRound, Utc};
+use sqlx::encode::IsNull;
+use sqlx::error::BoxDynError;
+use sqlx::postgres::{PgTypeInfo, PgValueRef, Postgres};
+use sqlx::sqlite::{Sqlite, SqliteTypeInfo, SqliteValueRef};
+use sqlx::{Database, Decode, Encode, Type};
+use uuid::Uuid;
 
-use std::time::Duration;
-
-use super::{LeaseRecord, StoreError, Work};
+use super::{IdempotencyRecord, LeaseRecord, UpstreamCredential, Work};
+use crate::audit::{AuditEvent, Outcome};
 use crate::crypto::Sealed;
-use crate::domain::{Identity, LeaseState, Organization, ScopeSet};
+use crate::domain::{
+    AuthorizationId, DomainError, Identity, LeaseId, LeaseState, Organization, ScopeSet, Timestamp,
+};
 
-/// Truncates to the microseconds both databases keep, so a value reads
-/// back exactly as written on either store.
-pub(crate) fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
-    t.trunc_subsecs(6)
+/// Implements `Type`, `Encode` and `Decode` for a value kept as TEXT on
+/// every backend, through its text form.
+macro_rules! text_column {
+    ($ty:ty, |$v:ident| $to_text:expr, |$s:ident| $from_text:expr) => {
+        impl<DB: Database> Type<DB> for $ty
+        where
+            String: Type<DB>,
+        {
+            fn type_info() -> DB::TypeInfo {
+                <String as Type<DB>>::type_info()
+            }
+            fn compatible(ty: &DB::TypeInfo) -> bool {
+                <String as Type<DB>>::compatible(ty)
+            }
+        }
+
+        impl<'q, DB: Database> Encode<'q, DB> for $ty
+        where
+            String: Encode<'q, DB>,
+        {
+            fn encode_by_ref(
+                &self,
+                buf: &mut <DB as Database>::ArgumentBuffer<'q>,
+            ) -> Result<IsNull, BoxDynError> {
+                let $v = self;
+                let text: String = $to_text;
+                <String as Encode<'q, DB>>::encode(text, buf)
+            }
+        }
+
+        impl<'r, DB: Database> Decode<'r, DB> for $ty
+        where
+            &'r str: Decode<'r, DB>,
+        {
+            fn decode(value: <DB as Database>::ValueRef<'r>) -> Result<Self, BoxDynError> {
+                let $s = <&'r str as Decode<'r, DB>>::decode(value)?;
+                Ok($from_text?)
+            }
+        }
+    };
 }
 
-/// SQLite's time form: RFC 3339, UTC, exactly six fractional digits and a
-/// `Z` (`2026-01-02T03:04:05.123456Z`), so text order is time order.
-pub(crate) fn time_text(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+text_column!(Identity, |v| v.to_string(), |s| s.parse::<Identity>());
+text_column!(Organization, |v| v.as_str().to_owned(), |s| {
+    Organization::parse(s)
+});
+text_column!(ScopeSet, |v| v.to_upstream(), |s| ScopeSet::parse_upstream(
+    s
+));
+text_column!(LeaseState, |v| v.as_str().to_owned(), |s| s
+    .parse::<LeaseState>());
+text_column!(Outcome, |v| v.as_str().to_owned(), |s| Outcome::parse(s)
+    .ok_or_else(|| format!("unknown outcome {s:?}")));
+// The error says what is wrong with the text, never the text.
+text_column!(Sealed, |v| v.encode(), |s| Sealed::decode(s));
+
+/// A UUID column that is not a domain id (the idempotency key's
+/// `request_id`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct UuidColumn(pub(crate) Uuid);
+
+/// Implements `Type`, `Encode` and `Decode` for an id kept as UUID on
+/// PostgreSQL and as hyphenated lower-case UUID text on SQLite.
+macro_rules! uuid_column {
+    ($ty:ty, |$v:ident| $to_uuid:expr, |$u:ident| $from_uuid:expr) => {
+        impl Type<Postgres> for $ty {
+            fn type_info() -> PgTypeInfo {
+                <Uuid as Type<Postgres>>::type_info()
+            }
+        }
+
+        impl Encode<'_, Postgres> for $ty {
+            fn encode_by_ref(
+                &self,
+                buf: &mut <Postgres as Database>::ArgumentBuffer<'_>,
+            ) -> Result<IsNull, BoxDynError> {
+                let $v = self;
+                <Uuid as Encode<Postgres>>::encode($to_uuid, buf)
+            }
+        }
+
+        impl<'r> Decode<'r, Postgres> for $ty {
+            fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
+                let $u = <Uuid as Decode<Postgres>>::decode(value)?;
+                Ok($from_uuid)
+            }
+        }
+
+        impl Type<Sqlite> for $ty {
+            fn type_info() -> SqliteTypeInfo {
+                <String as Type<Sqlite>>::type_info()
+            }
+            fn compatible(ty: &SqliteTypeInfo) -> bool {
+                <String as Type<Sqlite>>::compatible(ty)
+            }
+        }
+
+        impl<'q> Encode<'q, Sqlite> for $ty {
+            fn encode_by_ref(
+                &self,
+                buf: &mut <Sqlite as Database>::ArgumentBuffer<'q>,
+            ) -> Result<IsNull, BoxDynError> {
+                let $v = self;
+                let text = $to_uuid.hyphenated().to_string();
+                <String as Encode<'q, Sqlite>>::encode(text, buf)
+            }
+        }
+
+        impl<'r> Decode<'r, Sqlite> for $ty {
+            fn decode(value: SqliteValueRef<'r>) -> Result<Self, BoxDynError> {
+                let text = <&str as Decode<Sqlite>>::decode(value)?;
+                let $u =
+                    Uuid::parse_str(text).map_err(|_| DomainError::InvalidUuid(text.to_owned()))?;
+                Ok($from_uuid)
+            }
+        }
+    };
 }
 
-/// Parses [`time_text`]'s form.
-pub(crate) fn parse_time(column: &str, s: &str) -> Result<DateTime<Utc>, StoreError> {
-    DateTime::parse_from_rfc3339(s)
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| StoreError::Corrupt(format!("{column} {s:?}: {e}")))
+uuid_column!(LeaseId, |v| v.as_uuid(), |u| LeaseId::from_uuid(u));
+uuid_column!(AuthorizationId, |v| v.as_uuid(), |u| {
+    AuthorizationId::from_uuid(u)
+});
+uuid_column!(UuidColumn, |v| v.0, |u| UuidColumn(u));
+
+impl Type<Postgres> for Timestamp {
+    fn type_info() -> PgTypeInfo {
+        <chrono::DateTime<chrono::Utc> as Type<Postgres>>::type_info()
+    }
 }
 
-/// [`time_text`] for an optional time.
-pub(crate) fn opt_time_text(t: Option<DateTime<Utc>>) -> Option<String> {
-    t.map(time_text)
+impl Encode<'_, Postgres> for Timestamp {
+    fn encode_by_ref(
+        &self,
+        buf: &mut <Postgres as Database>::ArgumentBuffer<'_>,
+    ) -> Result<IsNull, BoxDynError> {
+        <chrono::DateTime<chrono::Utc> as Encode<Postgres>>::encode(self.as_datetime(), buf)
+    }
 }
 
-/// [`parse_time`] for an optional column.
-pub(crate) fn parse_opt_time(
-    column: &str,
-    s: Option<String>,
-) -> Result<Option<DateTime<Utc>>, StoreError> {
-    s.map(|s| parse_time(column, &s)).transpose()
+impl<'r> Decode<'r, Postgres> for Timestamp {
+    fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
+        Ok(<chrono::DateTime<chrono::Utc> as Decode<Postgres>>::decode(value)?.into())
+    }
 }
 
-/// The sealed column text ([`Sealed::encode`]).
-pub(crate) fn encode_sealed(sealed: &Sealed) -> String {
-    sealed.encode()
+impl Type<Sqlite> for Timestamp {
+    fn type_info() -> SqliteTypeInfo {
+        <String as Type<Sqlite>>::type_info()
+    }
+    fn compatible(ty: &SqliteTypeInfo) -> bool {
+        <String as Type<Sqlite>>::compatible(ty)
+    }
 }
 
-/// Parses a sealed column ([`Sealed::decode`]). The error names the column
-/// and the defect, never the value.
-pub(crate) fn decode_sealed(column: &str, s: &str) -> Result<Sealed, StoreError> {
-    Sealed::decode(s).map_err(|e| StoreError::Corrupt(format!("{column}: {e}")))
+impl<'q> Encode<'q, Sqlite> for Timestamp {
+    fn encode_by_ref(
+        &self,
+        buf: &mut <Sqlite as Database>::ArgumentBuffer<'q>,
+    ) -> Result<IsNull, BoxDynError> {
+        <String as Encode<'q, Sqlite>>::encode(self.to_text(), buf)
+    }
 }
 
-pub(crate) fn parse_holder(column: &str, s: &str) -> Result<Identity, StoreError> {
-    s.parse()
-        .map_err(|e| StoreError::Corrupt(format!("{column}: {e}")))
+impl<'r> Decode<'r, Sqlite> for Timestamp {
+    fn decode(value: SqliteValueRef<'r>) -> Result<Self, BoxDynError> {
+        let text = <&str as Decode<Sqlite>>::decode(value)?;
+        Timestamp::parse_text(text).map_err(|e| format!("{text:?}: {e}").into())
+    }
 }
 
-pub(crate) fn parse_organization(s: &str) -> Result<Organization, StoreError> {
-    Organization::parse(s).map_err(|e| StoreError::Corrupt(format!("organization: {e}")))
+/// A `leases` row.
+#[derive(sqlx::FromRow)]
+pub(crate) struct LeaseRow {
+    id: LeaseId,
+    holder: Identity,
+    organization: Organization,
+    scopes: ScopeSet,
+    display_name: String,
+    authorization_id: Option<AuthorizationId>,
+    sealed_token: Option<Sealed>,
+    state: LeaseState,
+    create_time: Timestamp,
+    update_time: Timestamp,
+    expire_time: Timestamp,
+    max_expire_time: Timestamp,
+    revoke_time: Option<Timestamp>,
+    upstream_valid_to: Option<Timestamp>,
+    attempts: i32,
+    next_attempt_time: Option<Timestamp>,
+    last_error: Option<String>,
+    claimed_by: Option<String>,
+    claimed_until: Option<Timestamp>,
 }
 
-pub(crate) fn parse_scopes(s: &str) -> Result<ScopeSet, StoreError> {
-    ScopeSet::parse_upstream(s).map_err(|e| StoreError::Corrupt(format!("scopes: {e}")))
+impl From<LeaseRow> for LeaseRecord {
+    fn from(r: LeaseRow) -> Self {
+        LeaseRecord {
+            id: r.id,
+            holder: r.holder,
+            organization: r.organization,
+            scopes: r.scopes,
+            display_name: r.display_name,
+            authorization_id: r.authorization_id,
+            sealed_token: r.sealed_token,
+            state: r.state,
+            create_time: r.create_time.into(),
+            update_time: r.update_time.into(),
+            expire_time: r.expire_time.into(),
+            max_expire_time: r.max_expire_time.into(),
+            revoke_time: r.revoke_time.map(Into::into),
+            upstream_valid_to: r.upstream_valid_to.map(Into::into),
+            attempts: r.attempts,
+            next_attempt_time: r.next_attempt_time.map(Into::into),
+            last_error: r.last_error,
+            claimed_by: r.claimed_by,
+            claimed_until: r.claimed_until.map(Into::into),
+        }
+    }
 }
 
-pub(crate) fn parse_state(s: &str) -> Result<LeaseState, StoreError> {
-    s.parse()
-        .map_err(|e| StoreError::Corrupt(format!("state: {e}")))
+/// An `idempotency_keys` row.
+#[derive(sqlx::FromRow)]
+pub(crate) struct KeyRow {
+    holder: Identity,
+    request_id: UuidColumn,
+    fingerprint: String,
+    lease_id: LeaseId,
+    create_time: Timestamp,
 }
 
-pub(crate) fn parse_outcome(s: &str) -> Result<crate::audit::Outcome, StoreError> {
-    crate::audit::Outcome::parse(s)
-        .ok_or_else(|| StoreError::Corrupt(format!("outcome: unknown value {s:?}")))
+impl From<KeyRow> for IdempotencyRecord {
+    fn from(r: KeyRow) -> Self {
+        IdempotencyRecord {
+            holder: r.holder,
+            request_id: r.request_id.0,
+            fingerprint: r.fingerprint,
+            lease_id: r.lease_id,
+            create_time: r.create_time.into(),
+        }
+    }
+}
+
+/// An `audit_events` row's event (its `mac` is read apart).
+#[derive(sqlx::FromRow)]
+pub(crate) struct AuditRow {
+    id: i64,
+    time: Timestamp,
+    identity: String,
+    peer: Option<String>,
+    action: String,
+    outcome: Outcome,
+    reason: Option<String>,
+    policy_rule: Option<String>,
+    lease_id: Option<LeaseId>,
+    organization: Option<String>,
+    scopes: Option<String>,
+    token_fingerprint: Option<String>,
+    caller_detail: Option<String>,
+}
+
+impl From<AuditRow> for AuditEvent {
+    fn from(r: AuditRow) -> Self {
+        AuditEvent {
+            id: r.id,
+            time: r.time.into(),
+            identity: r.identity,
+            peer: r.peer,
+            action: r.action,
+            outcome: r.outcome,
+            reason: r.reason,
+            policy_rule: r.policy_rule,
+            lease_id: r.lease_id,
+            organization: r.organization,
+            scopes: r.scopes,
+            token_fingerprint: r.token_fingerprint,
+            caller_detail: r.caller_detail,
+        }
+    }
+}
+
+/// The `upstream_credentials` row.
+#[derive(sqlx::FromRow)]
+pub(crate) struct CredentialRow {
+    version: i64,
+    sealed: Sealed,
+    update_time: Timestamp,
+}
+
+impl From<CredentialRow> for UpstreamCredential {
+    fn from(r: CredentialRow) -> Self {
+        UpstreamCredential {
+            version: r.version,
+            sealed: r.sealed,
+            update_time: r.update_time.into(),
+        }
+    }
 }
 
 /// States that count against a holder's quota ([`super::Store::count_live_leases`]).
@@ -83,55 +334,11 @@ pub(crate) const LIVE_STATES: [LeaseState; 3] = [
     LeaseState::Revoking,
 ];
 
-/// `now - older_than` (the reconciler's age bound, a job's interval),
-/// saturating at the earliest time.
-pub(crate) fn cutoff_before(now: DateTime<Utc>, older_than: Duration) -> DateTime<Utc> {
-    chrono::Duration::from_std(older_than)
-        .ok()
-        .and_then(|d| now.checked_sub_signed(d))
-        .unwrap_or(DateTime::<Utc>::MIN_UTC)
-}
-
-/// A claim's length as a chrono duration; an error if out of range.
-pub(crate) fn claim_duration(d: Duration) -> Result<chrono::Duration, StoreError> {
-    chrono::Duration::from_std(d)
-        .map_err(|_| StoreError::Database("claim duration is out of range".into()))
-}
-
 /// Orders claimed leases by when they fell due, then id (RETURNING has no order).
 pub(crate) fn sort_due(leases: &mut [LeaseRecord], work: Work) {
     match work {
         Work::Expiry => leases.sort_by_key(|l| (l.expire_time, l.id)),
         Work::Revocation => leases.sort_by_key(|l| (l.next_attempt_time, l.id)),
         Work::Reconcile { .. } => leases.sort_by_key(|l| (l.create_time, l.id)),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use chrono::TimeZone;
-
-    #[test]
-    fn time_text_sorts_like_time_and_round_trips() {
-        let a = Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap();
-        let b = a + chrono::Duration::microseconds(1);
-        assert_eq!(time_text(a), "2026-01-02T03:04:05.000000Z");
-        assert!(time_text(a) < time_text(b));
-        assert_eq!(parse_time("t", &time_text(b)).unwrap(), b);
-    }
-
-    #[test]
-    fn sealed_text_round_trips() {
-        let sealed = Sealed {
-            key_id: "k1".into(),
-            nonce: [7; 12],
-            ciphertext: vec![1; 20],
-        };
-        let text = encode_sealed(&sealed);
-        assert!(text.starts_with("v1:k1:"));
-        assert_eq!(decode_sealed("c", &text).unwrap(), sealed);
-        let err = decode_sealed("c", "v1:k1:!!secret!!").unwrap_err();
-        assert!(!err.to_string().contains("secret"), "{err}");
     }
 }

@@ -21,9 +21,11 @@ use crate::error::{ErrorCode, ServiceError};
 
 mod codec;
 pub mod postgres;
+mod sql;
 pub mod sqlite;
 
 pub use postgres::{PostgresOptions, PostgresStore};
+pub use sql::SqlStore;
 pub use sqlite::SqliteStore;
 
 /// Opens the store named by `url` without migrating it (call
@@ -55,6 +57,11 @@ pub(crate) fn map_sqlx(err: sqlx::Error) -> StoreError {
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => StoreError::Unavailable(err.to_string()),
+        // A stored value that does not parse; the message names the column.
+        sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnIndexOutOfBounds { .. } => StoreError::Corrupt(err.to_string()),
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default().into_owned();
             let unavailable = code.starts_with("08")
@@ -86,7 +93,7 @@ fn map_migrate(err: sqlx::migrate::MigrateError) -> StoreError {
     }
 }
 
-/// One lease row (DESIGN.md section 8).
+/// One lease row (see `docs/architecture.md` for the lease state machine).
 #[derive(Clone, Debug, PartialEq)]
 pub struct LeaseRecord {
     /// Primary key.
