@@ -342,3 +342,88 @@ pub(crate) fn sort_due(leases: &mut [LeaseRecord], work: Work) {
         Work::Reconcile { .. } => leases.sort_by_key(|l| (l.create_time, l.id)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use super::*;
+    use crate::store::{map_sqlx, SqliteStore, StoreError};
+
+    /// The text each value is written as on SQLite: the released format.
+    #[tokio::test]
+    async fn sqlite_columns_keep_their_text_forms() {
+        let store = SqliteStore::open("sqlite::memory:").await.unwrap();
+        let t = chrono::Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap()
+            + chrono::Duration::nanoseconds(123_456_789);
+        let id = LeaseId::from_uuid(Uuid::from_u128(0xABCD));
+        let sealed = Sealed {
+            key_id: "k1".into(),
+            nonce: [7; 12],
+            ciphertext: vec![1; 20],
+        };
+        let row: (String, String, String, String, String) =
+            sqlx::query_as("SELECT $1, $2, $3, $4, $5")
+                .bind(Timestamp::from(t))
+                .bind(id)
+                .bind(LeaseState::RevokeFailed)
+                .bind(Outcome::Denied)
+                .bind(sealed.clone())
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+        assert_eq!(row.0, "2026-01-02T03:04:05.123456Z");
+        assert_eq!(row.1, "00000000-0000-0000-0000-00000000abcd");
+        assert_eq!(row.2, "REVOKE_FAILED");
+        assert_eq!(row.3, "denied");
+        assert_eq!(row.4, Sealed::encode(&sealed));
+
+        let (back, back_id, back_sealed): (Timestamp, LeaseId, Sealed) =
+            sqlx::query_as("SELECT $1, $2, $3")
+                .bind(row.0)
+                .bind(row.1)
+                .bind(row.4)
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+        assert_eq!(back, Timestamp::from(t));
+        assert_eq!(back_id, id);
+        assert_eq!(back_sealed, sealed);
+    }
+
+    /// A value that does not decode is `Corrupt`, names its column and
+    /// never holds a sealed value's text.
+    #[tokio::test]
+    async fn undecodable_values_are_corrupt_and_never_show_a_secret() {
+        let store = SqliteStore::open("sqlite::memory:").await.unwrap();
+        let err = sqlx::query_as::<_, CredentialRow>(
+            "SELECT 1 AS version, 'v1:k1:!!secret!!' AS sealed, \
+             '2026-01-02T03:04:05.000000Z' AS update_time",
+        )
+        .fetch_one(store.pool())
+        .await
+        .map(drop)
+        .map_err(map_sqlx)
+        .unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+        let text = err.to_string();
+        assert!(text.contains("\"sealed\""), "{text}");
+        assert!(!text.contains("secret"), "{text}");
+
+        let err = sqlx::query_as::<_, CredentialRow>(
+            "SELECT 1 AS version, $1 AS sealed, '2026-01-02 03:04' AS update_time",
+        )
+        .bind(Sealed::encode(&Sealed {
+            key_id: "k1".into(),
+            nonce: [7; 12],
+            ciphertext: vec![1; 20],
+        }))
+        .fetch_one(store.pool())
+        .await
+        .map(drop)
+        .map_err(map_sqlx)
+        .unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+        assert!(err.to_string().contains("\"update_time\""), "{err}");
+    }
+}

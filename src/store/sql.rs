@@ -233,6 +233,24 @@ macro_rules! insert_lease {
     }};
 }
 
+/// Runs [`UPDATE_LEASE`] for `$lease` if its state is `$expected` and, if
+/// `$read` (an `Option<Timestamp>`) is given, its `update_time` is that.
+macro_rules! update_lease {
+    ($store:expr, $lease:expr, $expected:expr, $read:expr) => {{
+        let lease: &LeaseRecord = $lease;
+        let read: Option<Timestamp> = $read;
+        let updated = bind_mutable!(sqlx::query(&UPDATE_LEASE), lease)
+            .bind(lease.id)
+            .bind($expected)
+            .bind(read)
+            .execute(&$store.pool)
+            .await
+            .map_err(map_sqlx)?
+            .rows_affected();
+        Ok(updated == 1)
+    }};
+}
+
 /// Appends `$event` under the dialect's append serialization, with the MAC
 /// `$mac` (an `Option<ChainMacFn>`) computes from the newest row's MAC and
 /// the event as stored; evaluates to `(id, mac)`.
@@ -467,16 +485,7 @@ where
         lease: &LeaseRecord,
         expected: LeaseState,
     ) -> Result<bool, StoreError> {
-        let query = bind_mutable!(sqlx::query(&UPDATE_LEASE), lease)
-            .bind(lease.id)
-            .bind(expected)
-            .bind(None::<Timestamp>);
-        let updated = query
-            .execute(&self.pool)
-            .await
-            .map_err(map_sqlx)?
-            .rows_affected();
-        Ok(updated == 1)
+        update_lease!(self, lease, expected, None)
     }
 
     async fn update_lease_unchanged(
@@ -485,16 +494,7 @@ where
         expected: LeaseState,
         read_update_time: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
-        let query = bind_mutable!(sqlx::query(&UPDATE_LEASE), lease)
-            .bind(lease.id)
-            .bind(expected)
-            .bind(Some(Timestamp::from(read_update_time)));
-        let updated = query
-            .execute(&self.pool)
-            .await
-            .map_err(map_sqlx)?
-            .rows_affected();
-        Ok(updated == 1)
+        update_lease!(self, lease, expected, Some(read_update_time.into()))
     }
 
     async fn get_idempotency(

@@ -3,9 +3,9 @@
 //! beyond SQLite's file lock). WAL journal, 5 s busy timeout, foreign keys
 //! on. Times are RFC 3339 text (see `Timestamp::to_text`); ids are UUID text.
 //!
-//! Every write transaction starts with a write, so it takes the write lock
-//! up front and waits on the busy timeout instead of failing on a stale
-//! read snapshot.
+//! Every write transaction starts with a write (or `BEGIN IMMEDIATE`), so
+//! it takes the write lock up front and waits on the busy timeout instead
+//! of failing on a stale read snapshot.
 
 use std::str::FromStr;
 use std::time::Duration;
