@@ -1,8 +1,7 @@
-//! Who may call, over real sockets through the real server (issue 5 items
-//! 1 and 2): Kubernetes service accounts with projected tokens checked
-//! against a JWKS served by the test, mTLS clients with certificates from a
-//! CA the test makes, plain TLS with API keys, and identity kinds that never
-//! pose as one another.
+//! Who may call, over real sockets through the real server: Kubernetes
+//! service accounts with projected tokens checked against a JWKS served by
+//! the test, mTLS clients with certificates from a CA the test makes, plain
+//! TLS with API keys, and identity kinds that never pose as one another.
 
 mod common;
 

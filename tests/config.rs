@@ -418,7 +418,7 @@ fn a_reconcile_bound_within_the_upstream_request_timeout_is_refused() {
 fn dev_uses_short_background_schedules_that_the_environment_still_overrides() {
     Jail::expect_with(|jail| {
         let c = Config::load_over(Some(token_broker::cli::dev::DEV_DEFAULTS), None).unwrap();
-        // Issue 6: dev reconciles within 30 s and sweeps every 60 s.
+        // dev reconciles within 30 s and sweeps every 60 s (README, dev).
         assert!(
             c.leases.reconcile_after + c.leases.reaper_interval
                 <= std::time::Duration::from_secs(30)

@@ -1,4 +1,4 @@
-//! Never lose a PAT (issue 6): the orphan sweep, durable revocation retries
+//! Never lose a PAT (docs/durability.md): the orphan sweep, durable revocation retries
 //! and the reconciler under an incomplete upstream listing. The lease
 //! service runs in-process on a real store (PostgreSQL and SQLite) against
 //! the emulator over a real socket; what is checked is what upstream holds

@@ -1,6 +1,6 @@
 //! The Azure DevOps emulator over real sockets: Microsoft's example
 //! exchanges, authentication, pagination, rounding, policies, the data
-//! plane and every fault knob (issue 3, item 1).
+//! plane and every fault knob.
 
 mod common;
 
@@ -174,8 +174,9 @@ async fn microsofts_get_example_is_answered_for_the_id_asked_for() {
         let (id, _) = emu
             .create_pat(&bearer, "fabrikam", "analytics_token", "vso.analytics", 30)
             .await;
-        // The example asks for cf42cc9f-… and answers 3d3aca0c-… (a documented
-        // defect, ado-pat-api.md 1.9): the emulator answers the id asked for.
+        // The example asks for cf42cc9f-… and answers 3d3aca0c-… (docs/
+        // upstream-api.md, Documentation defects): the emulator answers the
+        // id asked for.
         let asked = ex["parameters"]["authorizationId"].as_str().unwrap();
         assert_ne!(asked, want["patToken"]["authorizationId"].as_str().unwrap());
         let target = example_target(&ex).replace(asked, &id);

@@ -1,4 +1,4 @@
-//! Faults at the broker level (issue 6 items 4 and 5): gRPC in, the
+//! Faults at the broker level: gRPC in, the
 //! emulator over a socket out, PostgreSQL underneath. What a caller sees
 //! when upstream throttles, stalls, fails or drops the connection, and
 //! what reached upstream meanwhile (the emulator's request log); and a

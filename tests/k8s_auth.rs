@@ -1,4 +1,4 @@
-//! Kubernetes service-account callers (issue 5 item 1): projected tokens
+//! Kubernetes service-account callers: projected tokens
 //! verified against a JWKS served over a real socket, or through a fake API
 //! server's TokenReview. Keys are made by the tests; no cluster is needed.
 

@@ -1,7 +1,7 @@
 //! Several `token-broker serve` processes (the real binary) on one
-//! PostgreSQL database, and a broker killed at the worst moment (issue 6
-//! items 1 and 3): work is shared without being done twice, migrations run
-//! once, and no upstream PAT outlives a crash without a lease.
+//! PostgreSQL database, and a broker killed at the worst moment: work is
+//! shared without being done twice, migrations run once, and no upstream
+//! PAT outlives a crash without a lease.
 
 mod common;
 

@@ -1,6 +1,6 @@
 //! The upstream client against the emulator over real sockets: the PAT
-//! lifecycle, the data plane, every response class of ado-pat-api.md
-//! section 6, and the Entra token source.
+//! lifecycle, the data plane, every response class the client tells apart
+//! (docs/upstream-api.md, What the client does), and the Entra token source.
 
 mod common;
 
@@ -28,7 +28,7 @@ fn hours(h: i64) -> chrono::Duration {
 }
 
 /// `validTo` comes back rounded (SQL Server `datetime`, 1/300 s), never
-/// exactly as sent (ado-pat-api.md section 1.6).
+/// exactly as sent (docs/upstream-api.md, validTo rounding).
 fn assert_close(actual: DateTime<Utc>, expected: DateTime<Utc>) {
     let off = (actual - expected).num_milliseconds().abs();
     assert!(
@@ -201,7 +201,8 @@ async fn a_pat_works_on_the_data_plane_only_within_its_scope_and_organization() 
         401
     );
 
-    // vso.code_write includes vso.code (ado-pat-api.md section 3.2).
+    // vso.code_write includes vso.code (docs/upstream-api.md, Scope
+    // catalogue and inclusion).
     let write = create(&upstream, &client, "tb:write", "vso.code_write").await;
     let write = write.token.unwrap();
     assert_eq!(
@@ -1003,7 +1004,7 @@ async fn the_documented_example_exchanges_replayed_through_the_client_mean_the_s
     });
     let fabrikam = org("fabrikam");
     // The examples send `.319Z` and get `.32Z` back: SQL Server datetime
-    // rounding (ado-pat-api.md section 1.6).
+    // rounding (docs/upstream-api.md, validTo rounding).
     let whole_second =
         |at: DateTime<Utc>| DateTime::<Utc>::from_timestamp(at.timestamp(), 0).unwrap();
     let sent = whole_second(upstream.now().await + chrono::Duration::days(29))

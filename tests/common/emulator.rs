@@ -4,7 +4,8 @@
 use serde_json::{json, Value};
 use token_broker::emulator::{self, EmulatorConfig, RunningEmulator, DEFAULT_REFRESH_TOKEN};
 
-/// api-version the broker's client pins (ado-pat-api.md section 6).
+/// api-version the broker's client pins (docs/upstream-api.md, Host, path
+/// and api-version).
 pub const API_VERSION: &str = "7.1-preview.1";
 
 /// A running emulator plus an HTTP client pointed at it.

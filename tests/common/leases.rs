@@ -283,7 +283,7 @@ pub fn request_in(
 }
 
 /// `GET {emulator}/{org}/{path}` with the PAT as Basic auth (empty user
-/// name, ado-pat-api.md 4.4); the HTTP status.
+/// name: docs/upstream-api.md, Data plane); the HTTP status.
 pub async fn data_plane(
     emulator_url: &str,
     organization: &str,

@@ -124,7 +124,7 @@ impl Upstream {
     }
 
     /// An app-only token from the client-credentials grant (which the PAT
-    /// API refuses, ado-pat-api.md section 2.1).
+    /// API refuses: docs/upstream-api.md, User-delegated Entra tokens only).
     pub async fn app_only_token(&self) -> SecretString {
         let answer: Value = self
             .http
