@@ -263,8 +263,12 @@ impl ServiceError for StoreError {
     }
 }
 
-/// Everything the broker persists. Implemented by [`postgres::PostgresStore`]
-/// and [`sqlite::SqliteStore`].
+/// Everything the broker persists. Implemented once, by [`SqlStore`], for
+/// PostgreSQL ([`PostgresStore`]) and SQLite ([`SqliteStore`]).
+///
+/// Its methods are grouped by aggregate: the database itself, leases with
+/// their idempotency keys, claims on background work (leases and jobs),
+/// the audit chain, then meta values and the upstream credential.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Applies pending migrations (PostgreSQL: under an advisory lock, so
@@ -273,6 +277,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Checks the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    // ---- leases and their idempotency keys ----
 
     /// Inserts `lease` and, if given, its idempotency key, atomically. If the
     /// key (holder, request_id) exists, writes nothing and returns it; of
@@ -335,6 +341,20 @@ pub trait Store: Send + Sync + 'static {
         request_id: Uuid,
     ) -> Result<Option<IdempotencyRecord>, StoreError>;
 
+    /// ACTIVE, PENDING and REVOKING leases held by `holder` (for quotas).
+    async fn count_live_leases(&self, holder: &Identity) -> Result<u64, StoreError>;
+
+    /// How many leases, of every holder, are in `state` now (one COUNT over
+    /// the state index; e.g. REVOKE_FAILED for the
+    /// `token_broker_leases_revoke_failed` gauge).
+    async fn count_leases_in_state(&self, state: LeaseState) -> Result<u64, StoreError>;
+
+    /// Every organization any lease (in any state) was issued in, sorted,
+    /// each once.
+    async fn lease_organizations(&self) -> Result<Vec<Organization>, StoreError>;
+
+    // ---- claims on background work ----
+
     /// Claims up to `limit` leases due for `work`, not claimed by anyone
     /// else (or whose claim lapsed), setting `claimed_by = claimer` and
     /// `claimed_until = now + claim_for` in a committed transaction.
@@ -353,14 +373,6 @@ pub trait Store: Send + Sync + 'static {
     /// Clears the claim on `id` if `claimer` holds it.
     async fn release_claim(&self, id: LeaseId, claimer: &str) -> Result<(), StoreError>;
 
-    /// ACTIVE, PENDING and REVOKING leases held by `holder` (for quotas).
-    async fn count_live_leases(&self, holder: &Identity) -> Result<u64, StoreError>;
-
-    /// How many leases, of every holder, are in `state` now (one COUNT over
-    /// the state index; e.g. REVOKE_FAILED for the
-    /// `token_broker_leases_revoke_failed` gauge).
-    async fn count_leases_in_state(&self, state: LeaseState) -> Result<u64, StoreError>;
-
     /// Claims one lease for work outside [`Store::claim_due`]'s kinds (the
     /// orphan sweep): sets `claimed_by = claimer`, `claimed_until = now +
     /// claim_for` only if its state is still `expected`, no live claim is
@@ -377,10 +389,6 @@ pub trait Store: Send + Sync + 'static {
         claim_for: Duration,
         unchanged_before: DateTime<Utc>,
     ) -> Result<bool, StoreError>;
-
-    /// Every organization any lease (in any state) was issued in, sorted,
-    /// each once.
-    async fn lease_organizations(&self) -> Result<Vec<Organization>, StoreError>;
 
     /// Claims the deployment-wide job `name` (a `background_jobs` row,
     /// made on first use) for `claimer` until `now + claim_for`, if it is
@@ -405,6 +413,8 @@ pub trait Store: Send + Sync + 'static {
         claimer: &str,
         run_time: DateTime<Utc>,
     ) -> Result<(), StoreError>;
+
+    // ---- the audit chain ----
 
     /// Appends an audit event; returns its assigned id. Ids increase in
     /// commit order (appends are serialized), so paging with
@@ -439,6 +449,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Audit events with id > `after_id`, oldest first, at most `limit`.
     async fn list_audit(&self, after_id: i64, limit: u32) -> Result<Vec<AuditEvent>, StoreError>;
+
+    // ---- meta values and the upstream credential ----
 
     /// A small setting kept in the database (e.g. the deployment id).
     async fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError>;
