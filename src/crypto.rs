@@ -48,8 +48,8 @@ pub struct Sealed {
     pub ciphertext: Vec<u8>,
 }
 
-impl std::fmt::Debug for Sealed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Debug for Sealed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Sealed")
             .field("key_id", &self.key_id)
             .finish_non_exhaustive()
@@ -343,11 +343,21 @@ mod tests {
         SecretString::from(s)
     }
 
-    #[test]
-    fn a_sealed_token_opens_to_the_same_token() {
+    /// A one-key keyring, and `TOKEN` sealed under it for `lease-1`.
+    fn sealed_token() -> (Keyring, Sealed) {
         let k1 = Keyring::generate_key();
         let ring = keyring("k1", &[("k1", &k1)]);
         let sealed = ring.seal(&secret(TOKEN), b"lease-1");
+        (ring, sealed)
+    }
+
+    fn is_unauthentic(opened: Result<SecretString, CryptoError>) -> bool {
+        matches!(opened, Err(CryptoError::Unauthentic))
+    }
+
+    #[test]
+    fn a_sealed_token_opens_to_the_same_token() {
+        let (ring, sealed) = sealed_token();
         assert_eq!(sealed.key_id, "k1");
         assert!(!sealed
             .ciphertext
@@ -369,9 +379,7 @@ mod tests {
 
     #[test]
     fn the_text_form_round_trips() {
-        let k1 = Keyring::generate_key();
-        let ring = keyring("k1", &[("k1", &k1)]);
-        let sealed = ring.seal(&secret(TOKEN), b"lease-1");
+        let (ring, sealed) = sealed_token();
         let text = sealed.encode();
         assert!(text.starts_with("v1:k1:"), "{text}");
         let decoded = Sealed::decode(&text).unwrap();
@@ -405,42 +413,26 @@ mod tests {
         let (k1, other) = (Keyring::generate_key(), Keyring::generate_key());
         let sealed = keyring("k1", &[("k1", &k1)]).seal(&secret(TOKEN), b"lease-1");
         let impostor = keyring("k1", &[("k1", &other)]);
-        assert!(matches!(
-            impostor.open(&sealed, b"lease-1"),
-            Err(CryptoError::Unauthentic)
-        ));
+        assert!(is_unauthentic(impostor.open(&sealed, b"lease-1")));
     }
 
     #[test]
     fn a_ciphertext_moved_to_another_row_fails_to_open() {
-        let k1 = Keyring::generate_key();
-        let ring = keyring("k1", &[("k1", &k1)]);
-        let sealed = ring.seal(&secret(TOKEN), b"lease-1");
-        assert!(matches!(
-            ring.open(&sealed, b"lease-2"),
-            Err(CryptoError::Unauthentic)
-        ));
+        let (ring, sealed) = sealed_token();
+        assert!(is_unauthentic(ring.open(&sealed, b"lease-2")));
     }
 
     #[test]
     fn a_tampered_byte_fails_to_open() {
-        let k1 = Keyring::generate_key();
-        let ring = keyring("k1", &[("k1", &k1)]);
-        let sealed = ring.seal(&secret(TOKEN), b"lease-1");
+        let (ring, sealed) = sealed_token();
         for i in 0..sealed.ciphertext.len() {
             let mut bad = sealed.clone();
             bad.ciphertext[i] ^= 0x01;
-            assert!(matches!(
-                ring.open(&bad, b"lease-1"),
-                Err(CryptoError::Unauthentic)
-            ));
+            assert!(is_unauthentic(ring.open(&bad, b"lease-1")));
         }
         let mut bad = sealed.clone();
         bad.nonce[0] ^= 0x80;
-        assert!(matches!(
-            ring.open(&bad, b"lease-1"),
-            Err(CryptoError::Unauthentic)
-        ));
+        assert!(is_unauthentic(ring.open(&bad, b"lease-1")));
     }
 
     #[test]

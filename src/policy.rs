@@ -1,7 +1,7 @@
 //! Which identity may lease which organizations, scopes and TTLs, how many
 //! leases it may hold at once, and who is an admin.
 //!
-//! A policy is a YAML file (DESIGN.md section 9), described by the JSON
+//! A policy is a YAML file (docs/policy.md), described by the JSON
 //! Schema `policy.schema.json` at the repository root:
 //!
 //! ```yaml
@@ -43,7 +43,7 @@ pub use check::check;
 pub use reload::{PolicyHandle, ReloadOutcome, ReloadTrigger, DEFAULT_POLL_INTERVAL};
 
 /// Longest TTL a rule may grant: one year (365 days), the upstream limit on
-/// a PAT's lifetime (ado-pat-api.md section 4.1, "not to exceed one year").
+/// a PAT's lifetime (docs/upstream-api.md, Maximum lifetime).
 pub const MAX_TTL_LIMIT: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
 /// The JSON Schema (draft 2020-12) of the policy file, as published in the
@@ -154,6 +154,14 @@ fn list(problems: &[Problem]) -> String {
 }
 
 impl PolicyError {
+    /// Makes [`PolicyError::Read`] of an I/O error on the file at `path`.
+    fn read(path: &Path) -> impl FnOnce(std::io::Error) -> PolicyError + '_ {
+        |source| PolicyError::Read {
+            path: path.to_owned(),
+            source,
+        }
+    }
+
     /// Each problem as `path: message` lines (one for a read or syntax
     /// error), for `token-broker policy check`.
     pub fn problems(&self) -> Vec<String> {
@@ -409,42 +417,41 @@ impl Rule {
                 "must list at least one identity (or identity_regexes one regex)".into(),
             );
         }
-        let mut identities = Vec::new();
-        for (i, text) in raw.identities.iter().enumerate() {
-            match IdentityPattern::parse(text) {
-                Ok(p) => identities.push(p),
-                Err(m) => fail(&format!("identities[{i}]"), m),
-            }
-        }
-        for (i, text) in raw.identity_regexes.iter().enumerate() {
-            match IdentityPattern::parse_regex(text) {
-                Ok(p) => identities.push(p),
-                Err(m) => fail(&format!("identity_regexes[{i}]"), m),
-            }
-        }
+        let mut identities = parse_each(
+            "identities",
+            &raw.identities,
+            IdentityPattern::parse,
+            &mut fail,
+        );
+        identities.extend(parse_each(
+            "identity_regexes",
+            &raw.identity_regexes,
+            IdentityPattern::parse_regex,
+            &mut fail,
+        ));
         if raw.organizations.is_empty() {
             fail(
                 "organizations",
                 "must list at least one organization".into(),
             );
         }
-        let mut organizations = BTreeSet::new();
-        for (i, text) in raw.organizations.iter().enumerate() {
-            match Organization::parse(text) {
-                Ok(o) => {
-                    organizations.insert(o);
-                }
-                Err(e) => fail(&format!("organizations[{i}]"), e.to_string()),
-            }
-        }
+        let organizations: BTreeSet<_> = parse_each(
+            "organizations",
+            &raw.organizations,
+            |text| Organization::parse(text).map_err(|e| e.to_string()),
+            &mut fail,
+        )
+        .into_iter()
+        .collect();
         if raw.scopes.is_empty() {
             fail("scopes", "must list at least one scope".into());
         }
-        for (i, text) in raw.scopes.iter().enumerate() {
-            if Scope::parse(text).is_err() {
-                fail(&format!("scopes[{i}]"), format!("unknown scope {text:?}"));
-            }
-        }
+        parse_each(
+            "scopes",
+            &raw.scopes,
+            |text| Scope::parse(text).map_err(|_| format!("unknown scope {text:?}")),
+            &mut fail,
+        );
         let mut duration = |field: &str, text: &str| match humantime::parse_duration(text) {
             Ok(d) if d.is_zero() => {
                 fail(field, "must be longer than zero".into());
@@ -496,6 +503,24 @@ impl Rule {
             max_active_leases: raw.max_active_leases,
         })
     }
+}
+
+/// Parses each entry of the list `field`, reporting a bad one as
+/// `field[i]`; the good ones, in order.
+fn parse_each<T>(
+    field: &str,
+    texts: &[String],
+    parse: impl Fn(&str) -> Result<T, String>,
+    fail: &mut impl FnMut(&str, String),
+) -> Vec<T> {
+    let mut parsed = Vec::with_capacity(texts.len());
+    for (i, text) in texts.iter().enumerate() {
+        match parse(text) {
+            Ok(value) => parsed.push(value),
+            Err(message) => fail(&format!("{field}[{i}]"), message),
+        }
+    }
+    parsed
 }
 
 /// A parsed, validated policy. The default policy has no rules and no
@@ -555,10 +580,7 @@ impl Policy {
     /// Errors: [`PolicyError::Read`], then as [`Policy::from_yaml`].
     pub fn load(path: impl AsRef<Path>) -> Result<Policy, PolicyError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(PolicyError::read(path))?;
         Policy::from_yaml(&text)
     }
 
@@ -724,6 +746,16 @@ rules:
         }
     }
 
+    /// The sample policy's decision on `who` leasing `wanted` in `organization`.
+    fn decide(who: &str, organization: &str, wanted: &[&str], ttl: Option<Duration>) -> Decision {
+        policy().decide(&id(who), &org(organization), &scopes(wanted), ttl)
+    }
+
+    /// `p`'s decision on `who` leasing `vso.code` in fabrikam, without a TTL.
+    fn code_for(p: &Policy, who: &Identity) -> Decision {
+        p.decide(who, &org("fabrikam"), &scopes(&["vso.code"]), None)
+    }
+
     /// The first problem of an invalid one-rule policy: (rule index,
     /// field path inside the rule, message).
     fn rule_error(yaml: &str) -> (usize, String, String) {
@@ -761,10 +793,10 @@ rules:
 
     #[test]
     fn a_request_inside_one_rule_is_allowed_and_names_it() {
-        let d = policy().decide(
-            &id("apikey:ci"),
-            &org("fabrikam"),
-            &scopes(&["vso.code_write", "vso.packaging"]),
+        let d = decide(
+            "apikey:ci",
+            "fabrikam",
+            &["vso.code_write", "vso.packaging"],
             Some(2 * HOUR),
         );
         assert_eq!(d, allow("ci-code", 2 * HOUR, 8 * HOUR));
@@ -772,12 +804,7 @@ rules:
 
     #[test]
     fn without_a_ttl_the_rule_default_applies() {
-        let d = policy().decide(
-            &id("apikey:ci"),
-            &org("fabrikam"),
-            &scopes(&["vso.packaging"]),
-            None,
-        );
+        let d = decide("apikey:ci", "fabrikam", &["vso.packaging"], None);
         assert_eq!(d, allow("ci-code", HOUR, 8 * HOUR));
         assert_eq!(
             policy().default_ttl_for(&id("apikey:ci"), &org("fabrikam"), &scopes(&["vso.code"])),
@@ -796,7 +823,7 @@ rules:
     #[test]
     fn a_grant_of_code_write_allows_code_read_and_what_it_includes() {
         for wanted in [&["vso.code"][..], &["vso.hooks_write", "vso.profile"]] {
-            let d = policy().decide(&id("apikey:ci"), &org("fabrikam"), &scopes(wanted), None);
+            let d = decide("apikey:ci", "fabrikam", wanted, None);
             assert_eq!(d, allow("ci-code", HOUR, 8 * HOUR), "{wanted:?}");
         }
     }
@@ -804,106 +831,61 @@ rules:
     #[test]
     fn the_first_allowing_rule_in_file_order_decides() {
         // Both ci-code and ci-code-long allow vso.code for 1h.
-        let d = policy().decide(
-            &id("apikey:ci"),
-            &org("fabrikam"),
-            &scopes(&["vso.code"]),
-            Some(HOUR),
-        );
+        let d = decide("apikey:ci", "fabrikam", &["vso.code"], Some(HOUR));
         assert_eq!(d, allow("ci-code", HOUR, 8 * HOUR));
         // Only ci-code-long allows 12h.
-        let d = policy().decide(
-            &id("apikey:ci"),
-            &org("fabrikam"),
-            &scopes(&["vso.code"]),
-            Some(12 * HOUR),
-        );
+        let d = decide("apikey:ci", "fabrikam", &["vso.code"], Some(12 * HOUR));
         assert_eq!(d, allow("ci-code-long", 12 * HOUR, 24 * HOUR));
     }
 
     #[test]
-    fn one_rule_must_cover_the_whole_request() {
-        // vso.code_write is in ci-code, vso.work in ci-other-org: no single
-        // rule grants both for fabrikam.
-        let d = policy().decide(
-            &id("apikey:ci"),
-            &org("fabrikam"),
-            &scopes(&["vso.code_write", "vso.work"]),
-            None,
-        );
-        assert_eq!(d, deny(Denial::ScopeNotAllowed, Some("ci-code")));
-    }
-
-    #[test]
     fn an_unknown_identity_is_denied_by_default() {
-        let d = policy().decide(
-            &id("apikey:stranger"),
-            &org("fabrikam"),
-            &scopes(&["vso.code"]),
-            None,
-        );
+        let d = decide("apikey:stranger", "fabrikam", &["vso.code"], None);
         assert_eq!(d, deny(Denial::NoMatchingRule, None));
-        let d = Policy::default().decide(
-            &id("apikey:ci"),
-            &org("fabrikam"),
-            &scopes(&["vso.code"]),
-            None,
-        );
+        let d = code_for(&Policy::default(), &id("apikey:ci"));
         assert_eq!(d, deny(Denial::NoMatchingRule, None));
     }
 
     #[test]
     fn another_organization_is_denied_naming_the_closest_rule() {
-        let d = policy().decide(
-            &id("k8s:system:serviceaccount:build:restorer"),
-            &org("contoso"),
-            &scopes(&["vso.packaging"]),
+        let d = decide(
+            "k8s:system:serviceaccount:build:restorer",
+            "contoso",
+            &["vso.packaging"],
             None,
         );
         assert_eq!(d, deny(Denial::OrganizationNotAllowed, Some("ci-code")));
     }
 
     #[test]
-    fn a_scope_outside_every_rule_is_denied() {
-        let d = policy().decide(
-            &id("apikey:ci"),
-            &org("fabrikam"),
-            &scopes(&["vso.code_manage"]),
-            None,
-        );
-        assert_eq!(d, deny(Denial::ScopeNotAllowed, Some("ci-code")));
+    fn scopes_no_single_rule_grants_are_denied_naming_the_closest_rule() {
+        for (who, wanted, closest) in [
+            // Outside every rule.
+            ("apikey:ci", &["vso.code_manage"][..], "ci-code"),
+            // vso.code_write is in ci-code, vso.work in ci-other-org: no
+            // single rule grants both for fabrikam.
+            ("apikey:ci", &["vso.code_write", "vso.work"], "ci-code"),
+            // app_token is never granted through inclusion.
+            ("apikey:manager", &["app_token"], "manage-everything"),
+        ] {
+            let d = decide(who, "fabrikam", wanted, None);
+            assert_eq!(
+                d,
+                deny(Denial::ScopeNotAllowed, Some(closest)),
+                "{wanted:?}"
+            );
+        }
     }
 
     #[test]
     fn a_ttl_over_the_max_is_denied_and_beats_less_specific_failures() {
         // ci-code fails on TTL (8h max), ci-code-long on scope, ci-other-org
         // on organization: the TTL failure is the most specific.
-        let d = policy().decide(
-            &id("apikey:ci"),
-            &org("fabrikam"),
-            &scopes(&["vso.code_write"]),
-            Some(9 * HOUR),
-        );
+        let d = decide("apikey:ci", "fabrikam", &["vso.code_write"], Some(9 * HOUR));
         assert_eq!(d, deny(Denial::TtlExceedsMax, Some("ci-code")));
         // Exactly the max is allowed.
-        let d = policy().decide(
-            &id("apikey:ci"),
-            &org("fabrikam"),
-            &scopes(&["vso.code_write"]),
-            Some(8 * HOUR),
-        );
+        let d = decide("apikey:ci", "fabrikam", &["vso.code_write"], Some(8 * HOUR));
         assert_eq!(d, allow("ci-code", 8 * HOUR, 8 * HOUR));
-    }
-
-    #[test]
-    fn app_token_is_never_granted_through_inclusion() {
-        let d = policy().decide(
-            &id("apikey:manager"),
-            &org("fabrikam"),
-            &scopes(&["app_token"]),
-            None,
-        );
-        assert_eq!(d, deny(Denial::ScopeNotAllowed, Some("manage-everything")));
     }
 
     #[test]
@@ -912,7 +894,7 @@ rules:
             &["app_token"][..],
             &["vso.code_full", "vso.security_manage"],
         ] {
-            let d = policy().decide(&id("apikey:admin"), &org("fabrikam"), &scopes(wanted), None);
+            let d = decide("apikey:admin", "fabrikam", wanted, None);
             assert_eq!(
                 d,
                 allow("admin-full", 15 * 60 * Duration::from_secs(1), HOUR)
@@ -923,7 +905,7 @@ rules:
     #[test]
     fn glob_patterns_match_within_their_kind_only() {
         let p = policy();
-        let ask = |who: &str| p.decide(&id(who), &org("fabrikam"), &scopes(&["vso.code"]), None);
+        let ask = |who: &str| code_for(&p, &id(who));
         assert!(matches!(
             ask("k8s:system:serviceaccount:build:anything"),
             Decision::Allow { .. }
@@ -940,19 +922,9 @@ rules:
 
     #[test]
     fn an_identity_of_another_kind_never_matches() {
-        let p = Policy::from_yaml(
-            r#"
-rules:
-  - name: sa
-    identities: ["k8s:system:serviceaccount:a:b", "x509:*", "spiffe://td/*"]
-    organizations: ["fabrikam"]
-    scopes: ["vso.code"]
-    default_ttl: 1h
-    max_ttl: 1h
-"#,
-        )
-        .unwrap();
-        let ask = |who: &Identity| p.decide(who, &org("fabrikam"), &scopes(&["vso.code"]), None);
+        let identities = r#"["k8s:system:serviceaccount:a:b", "x509:*", "spiffe://td/*"]"#;
+        let p = Policy::from_yaml(&with_field("identities", identities)).unwrap();
+        let ask = |who: &Identity| code_for(&p, who);
         assert!(matches!(
             ask(&id("k8s:system:serviceaccount:a:b")),
             Decision::Allow { .. }
@@ -987,24 +959,27 @@ rules:
     }
 
     #[test]
-    fn question_mark_matches_one_character() {
-        let p = Policy::from_yaml(&with_field("identities", "[\"apikey:ci-?\"]")).unwrap();
-        let ask = |who: &str| p.decide(&id(who), &org("fabrikam"), &scopes(&["vso.code"]), None);
-        assert!(matches!(ask("apikey:ci-1"), Decision::Allow { .. }));
-        assert_eq!(ask("apikey:ci-12"), deny(Denial::NoMatchingRule, None));
-        assert_eq!(ask("apikey:ci-"), deny(Denial::NoMatchingRule, None));
+    fn question_marks_match_one_character_and_regex_characters_are_literal() {
+        for (pattern, allowed, denied) in [
+            (
+                "apikey:ci-?",
+                "apikey:ci-1",
+                &["apikey:ci-12", "apikey:ci-"][..],
+            ),
+            ("apikey:ci.*", "apikey:ci.prod", &["apikey:ciXprod"]),
+        ] {
+            let identities = format!("[{pattern:?}]");
+            let p = Policy::from_yaml(&with_field("identities", &identities)).unwrap();
+            let ask = |who: &str| code_for(&p, &id(who));
+            assert!(matches!(ask(allowed), Decision::Allow { .. }), "{pattern}");
+            for who in denied {
+                assert_eq!(ask(who), deny(Denial::NoMatchingRule, None), "{pattern}");
+            }
+        }
     }
 
     #[test]
-    fn regex_characters_in_patterns_are_literal() {
-        let p = Policy::from_yaml(&with_field("identities", "[\"apikey:ci.*\"]")).unwrap();
-        let ask = |who: &str| p.decide(&id(who), &org("fabrikam"), &scopes(&["vso.code"]), None);
-        assert!(matches!(ask("apikey:ci.prod"), Decision::Allow { .. }));
-        assert_eq!(ask("apikey:ciXprod"), deny(Denial::NoMatchingRule, None));
-    }
-
-    #[test]
-    fn the_sample_from_the_brief_loads_from_a_file() {
+    fn the_sample_policy_loads_from_a_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("policy.yaml");
         std::fs::write(&path, POLICY).unwrap();
@@ -1043,26 +1018,20 @@ rules:
     }
 
     #[test]
-    fn a_bad_duration_is_refused_naming_the_field() {
-        let (_, field, message) = rule_error(&with_field("default_ttl", "soon"));
-        assert_eq!(field, "default_ttl");
-        assert!(message.contains("soon"), "{message}");
-        let (_, field, _) = rule_error(&with_field("max_ttl", "0s"));
-        assert_eq!(field, "max_ttl");
-    }
-
-    #[test]
-    fn a_default_ttl_over_the_max_is_refused() {
-        let (_, field, message) = rule_error(&with_field("default_ttl", "9h"));
-        assert_eq!(field, "default_ttl");
-        assert!(message.contains("max_ttl"), "{message}");
-    }
-
-    #[test]
-    fn a_max_ttl_over_one_year_is_refused() {
-        let (_, field, message) = rule_error(&with_field("max_ttl", "366days"));
-        assert_eq!(field, "max_ttl");
-        assert!(message.contains("one year"), "{message}");
+    fn bad_ttls_are_refused_naming_the_field_and_saying_why() {
+        for (field, value, why) in [
+            // Not a duration, or zero.
+            ("default_ttl", "soon", "soon"),
+            ("max_ttl", "0s", "zero"),
+            // A default over the max.
+            ("default_ttl", "9h", "max_ttl"),
+            // A max over one year, the upstream limit.
+            ("max_ttl", "366days", "one year"),
+        ] {
+            let (_, refused, message) = rule_error(&with_field(field, value));
+            assert_eq!(refused, field, "{value}");
+            assert!(message.contains(why), "{message}");
+        }
         assert!(Policy::from_yaml(&with_field("max_ttl", "365days")).is_ok());
     }
 
@@ -1135,32 +1104,18 @@ rules:
     #[test]
     fn an_empty_rule_list_denies_everything() {
         let p = Policy::from_yaml("rules: []\n").unwrap();
-        let d = p.decide(
-            &id("apikey:ci"),
-            &org("fabrikam"),
-            &scopes(&["vso.code"]),
-            None,
-        );
+        let d = code_for(&p, &id("apikey:ci"));
         assert_eq!(d, deny(Denial::NoMatchingRule, None));
     }
 
     #[test]
     fn identity_regexes_match_within_their_kind_only() {
-        let p = Policy::from_yaml(
-            r#"
-rules:
-  - name: builders
-    identity_regexes:
+        let regexes = r#"    identity_regexes:
       - "^k8s:system:serviceaccount:ci-.*:builder$"
       - "^apikey:svc-[0-9]+|x509:evil$"
-    organizations: ["fabrikam"]
-    scopes: ["vso.code"]
-    default_ttl: 1h
-    max_ttl: 1h
-"#,
-        )
-        .unwrap();
-        let ask = |who: &Identity| p.decide(who, &org("fabrikam"), &scopes(&["vso.code"]), None);
+"#;
+        let p = Policy::from_yaml(&(with_field("identities", "[]") + regexes)).unwrap();
+        let ask = |who: &Identity| code_for(&p, who);
         for yes in [
             "k8s:system:serviceaccount:ci-web:builder",
             "k8s:system:serviceaccount:ci-:builder",
@@ -1208,12 +1163,7 @@ rules:
             with_field("identities", "[]") + "    identity_regexes: [\"^apikey:ci$\"]\n";
         let p = Policy::from_yaml(&only_regex).unwrap();
         assert!(matches!(
-            p.decide(
-                &id("apikey:ci"),
-                &org("fabrikam"),
-                &scopes(&["vso.code"]),
-                None
-            ),
+            code_for(&p, &id("apikey:ci")),
             Decision::Allow { .. }
         ));
         let (_, field, _) = rule_error(&with_field("identities", "[]"));

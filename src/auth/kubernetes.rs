@@ -888,46 +888,41 @@ mod tests {
         );
     }
 
+    /// Why `config` is refused.
+    fn refusal(config: &KubernetesAuthConfig) -> String {
+        KubernetesVerifier::new(config).unwrap_err().to_string()
+    }
+
     #[test]
     fn jwks_verification_without_an_issuer_is_refused_naming_the_setting() {
-        let err = KubernetesVerifier::new(&KubernetesAuthConfig {
+        let err = refusal(&KubernetesAuthConfig {
             enabled: true,
             ..Default::default()
-        })
-        .unwrap_err();
-        assert!(
-            err.to_string().starts_with("auth.kubernetes.issuer:"),
-            "{err}"
-        );
+        });
+        assert!(err.starts_with("auth.kubernetes.issuer:"), "{err}");
     }
 
     #[test]
     fn an_empty_audience_list_is_refused_naming_the_setting() {
-        let err = KubernetesVerifier::new(&KubernetesAuthConfig {
+        let err = refusal(&KubernetesAuthConfig {
             issuer: Some("https://k8s.example".into()),
             audiences: vec![],
             ..Default::default()
-        })
-        .unwrap_err();
-        assert!(
-            err.to_string().starts_with("auth.kubernetes.audiences:"),
-            "{err}"
-        );
+        });
+        assert!(err.starts_with("auth.kubernetes.audiences:"), "{err}");
     }
 
     #[test]
     fn a_missing_token_review_token_file_is_refused_naming_the_setting() {
-        let err = KubernetesVerifier::new(&KubernetesAuthConfig {
+        let err = refusal(&KubernetesAuthConfig {
             token_review: Some(TokenReviewConfig {
                 token_file: "/nonexistent/token".into(),
                 ..Default::default()
             }),
             ..Default::default()
-        })
-        .unwrap_err();
+        });
         assert!(
-            err.to_string()
-                .starts_with("auth.kubernetes.token_review.token_file:"),
+            err.starts_with("auth.kubernetes.token_review.token_file:"),
             "{err}"
         );
     }
@@ -975,13 +970,12 @@ mod tests {
                 "ca_file",
             ),
         ] {
-            let err = KubernetesVerifier::new(&config).unwrap_err();
+            let err = refusal(&config);
             assert!(
-                err.to_string()
-                    .starts_with(&format!("auth.kubernetes.{setting}:")),
+                err.starts_with(&format!("auth.kubernetes.{setting}:")),
                 "{err}"
             );
-            assert!(!err.to_string().contains("pw@"), "{err}");
+            assert!(!err.contains("pw@"), "{err}");
         }
     }
 

@@ -151,8 +151,8 @@ pub struct Refusal {
     pub peer: Option<String>,
 }
 
-/// Where refused authentications go for the audit trail (issue 5: every
-/// authentication failure is audited). Best effort: a refusal is answered
+/// Where refused authentications go for the audit trail: every
+/// authentication failure is audited. Best effort: a refusal is answered
 /// whether or not it could be recorded.
 #[async_trait::async_trait]
 pub trait RefusalAudit: Send + Sync {

@@ -6,24 +6,52 @@ use uuid::Uuid;
 
 use super::DomainError;
 
+/// The UUID accessors of a UUID newtype, and its text form: the bare UUID,
+/// hyphenated lower case (`Display`, and `FromStr`, which fails with
+/// [`DomainError::InvalidUuid`]).
+macro_rules! uuid_newtype {
+    ($name:ident) => {
+        impl $name {
+            /// Wraps a UUID (e.g. a stored one).
+            pub fn from_uuid(id: Uuid) -> Self {
+                $name(id)
+            }
+
+            /// The UUID.
+            pub fn as_uuid(&self) -> Uuid {
+                self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            /// The bare UUID, hyphenated lower case.
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = DomainError;
+            /// Parses a bare UUID.
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Uuid::parse_str(s)
+                    .map($name)
+                    .map_err(|_| DomainError::InvalidUuid(s.to_owned()))
+            }
+        }
+    };
+}
+
 /// A lease's id: a random (v4) UUID. Its resource name is `leases/{uuid}`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct LeaseId(Uuid);
+
+uuid_newtype!(LeaseId);
 
 impl LeaseId {
     /// A fresh random id.
     pub fn new() -> Self {
         LeaseId(Uuid::new_v4())
-    }
-
-    /// Wraps a stored UUID.
-    pub fn from_uuid(id: Uuid) -> Self {
-        LeaseId(id)
-    }
-
-    /// The UUID.
-    pub fn as_uuid(&self) -> Uuid {
-        self.0
     }
 
     /// Parses the resource name `leases/{uuid}`.
@@ -46,52 +74,10 @@ impl Default for LeaseId {
     }
 }
 
-impl fmt::Display for LeaseId {
-    /// The bare UUID, hyphenated lower case.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl FromStr for LeaseId {
-    type Err = DomainError;
-    /// Parses a bare UUID.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Uuid::parse_str(s)
-            .map(LeaseId)
-            .map_err(|_| DomainError::InvalidUuid(s.to_owned()))
-    }
-}
-
 /// Upstream's id of a PAT (`authorizationId`, a UUID in the PAT Lifecycle
 /// API): the only handle to get, update or revoke it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct AuthorizationId(Uuid);
 
-impl AuthorizationId {
-    /// Wraps a UUID.
-    pub fn from_uuid(id: Uuid) -> Self {
-        AuthorizationId(id)
-    }
-
-    /// The UUID.
-    pub fn as_uuid(&self) -> Uuid {
-        self.0
-    }
-}
-
-impl fmt::Display for AuthorizationId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl FromStr for AuthorizationId {
-    type Err = DomainError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Uuid::parse_str(s)
-            .map(AuthorizationId)
-            .map_err(|_| DomainError::InvalidUuid(s.to_owned()))
-    }
-}
+uuid_newtype!(AuthorizationId);

@@ -1,5 +1,6 @@
 //! Azure DevOps PAT scopes and their inclusion table
-//! (ado-pat-api.md section 3.2, from Microsoft's "Available scopes" list).
+//! (docs/upstream-api.md, Scope catalogue and inclusion, from Microsoft's
+//! "Available scopes" list).
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -7,120 +8,82 @@ use std::str::FromStr;
 
 use super::DomainError;
 
-/// One catalogue row: a scope and the scopes it directly includes.
-struct Row {
-    name: &'static str,
-    includes: &'static [&'static str],
-}
-
-const fn row(name: &'static str, includes: &'static [&'static str]) -> Row {
-    Row { name, includes }
-}
-
-/// The catalogue: every PAT scope with the scopes it directly includes.
+/// The catalogue as ladders `(base, scopes)`: each scope directly includes
+/// the one before it in its ladder, and the first includes `base` (none
+/// when empty); read in order, they list every PAT scope.
 ///
-/// Source: ado-pat-api.md section 3.2 (Microsoft's "Available scopes" table,
-/// learn.microsoft.com .../integrate/get-started/authentication/oauth, its
-/// "Includes" column) and section 3.1 (`app_token`, `vso.governance`,
-/// `vso.tokens`, `vso.tokenadministration`). Left out on purpose: the
-/// Entra-only `user_impersonation`, `vso.pats` and `vso.pats_manage`, and the
-/// retired `vso.loadtest` scopes. `app_token` includes nothing here: its
-/// full access is a rule in [`Scope::covers`], and no row includes it.
-static CATALOGUE: &[Row] = &[
-    row("app_token", &[]),
-    row("vso.advsec", &[]),
-    row("vso.advsec_write", &["vso.advsec"]),
-    row("vso.advsec_manage", &["vso.advsec_write"]),
-    row("vso.agentpools", &[]),
-    row("vso.agentpools_manage", &["vso.agentpools"]),
-    row("vso.environment_manage", &["vso.agentpools_manage"]),
-    row("vso.analytics", &[]),
-    row("vso.auditlog", &[]),
-    row("vso.auditstreams_manage", &["vso.auditlog"]),
-    row("vso.build", &["vso.hooks_write"]),
-    row("vso.build_execute", &["vso.build"]),
-    row("vso.code", &["vso.hooks_write"]),
-    row("vso.code_write", &["vso.code"]),
-    row("vso.code_manage", &["vso.code_write"]),
-    row("vso.code_full", &["vso.code_manage"]),
-    row("vso.code_status", &[]),
-    row("vso.connected_server", &[]),
-    row("vso.entitlements", &[]),
-    row("vso.memberentitlementmanagement", &[]),
-    row(
-        "vso.memberentitlementmanagement_write",
-        &["vso.memberentitlementmanagement"],
-    ),
-    row("vso.extension", &["vso.profile"]),
-    row("vso.extension_manage", &["vso.extension"]),
-    row("vso.extension.data", &["vso.profile"]),
-    row("vso.extension.data_write", &["vso.extension.data"]),
-    row("vso.githubconnections", &[]),
-    row("vso.githubconnections_manage", &["vso.githubconnections"]),
-    row("vso.governance", &[]),
-    row("vso.graph", &[]),
-    row("vso.graph_manage", &["vso.graph"]),
-    row("vso.identity", &[]),
-    row("vso.identity_manage", &["vso.identity"]),
-    row("vso.machinegroup_manage", &["vso.agentpools_manage"]),
-    row("vso.gallery", &["vso.profile"]),
-    row("vso.gallery_acquire", &["vso.gallery"]),
-    row("vso.gallery_publish", &["vso.gallery"]),
-    row("vso.gallery_manage", &["vso.gallery_publish"]),
-    row("vso.notification", &["vso.profile"]),
-    row("vso.notification_write", &["vso.notification"]),
-    row("vso.notification_manage", &["vso.notification_write"]),
-    row("vso.notification_diagnostics", &["vso.notification"]),
-    row("vso.packaging", &["vso.profile"]),
-    row("vso.packaging_write", &["vso.packaging"]),
-    row("vso.packaging_manage", &["vso.packaging_write"]),
-    row("vso.pipelineresources_use", &[]),
-    row(
-        "vso.pipelineresources_manage",
-        &["vso.pipelineresources_use"],
-    ),
-    row("vso.project", &[]),
-    row("vso.project_write", &["vso.project"]),
-    row("vso.project_manage", &["vso.project_write"]),
-    row("vso.release", &["vso.profile"]),
-    row("vso.release_execute", &["vso.release"]),
-    row("vso.release_manage", &["vso.release_execute"]),
-    row("vso.securefiles_read", &[]),
-    row("vso.securefiles_write", &["vso.securefiles_read"]),
-    row("vso.securefiles_manage", &["vso.securefiles_write"]),
-    row("vso.security_manage", &[]),
-    row("vso.serviceendpoint", &["vso.profile"]),
-    row("vso.serviceendpoint_query", &["vso.serviceendpoint"]),
-    row("vso.serviceendpoint_manage", &["vso.serviceendpoint_query"]),
-    row("vso.hooks", &["vso.profile"]),
-    row("vso.hooks_write", &["vso.hooks"]),
-    row("vso.hooks_interact", &["vso.profile"]),
-    row("vso.settings", &[]),
-    row("vso.settings_write", &["vso.settings"]),
-    row("vso.symbols", &["vso.profile"]),
-    row("vso.symbols_write", &["vso.symbols"]),
-    row("vso.symbols_manage", &["vso.symbols_write"]),
-    row("vso.taskgroups_read", &[]),
-    row("vso.taskgroups_write", &["vso.taskgroups_read"]),
-    row("vso.taskgroups_manage", &["vso.taskgroups_write"]),
-    row("vso.dashboards", &[]),
-    row("vso.dashboards_manage", &["vso.dashboards"]),
-    row("vso.test", &["vso.profile"]),
-    row("vso.test_write", &["vso.test"]),
-    row("vso.threads_full", &[]),
-    row("vso.tokens", &[]),
-    row("vso.tokenadministration", &[]),
-    row("vso.profile", &[]),
-    row("vso.profile_write", &["vso.profile"]),
-    row("vso.variablegroups_read", &[]),
-    row("vso.variablegroups_write", &["vso.variablegroups_read"]),
-    row("vso.variablegroups_manage", &["vso.variablegroups_write"]),
-    row("vso.wiki", &[]),
-    row("vso.wiki_write", &["vso.wiki"]),
-    row("vso.work", &["vso.hooks_write"]),
-    row("vso.work_write", &["vso.work"]),
-    row("vso.work_full", &["vso.work_write"]),
+/// Source: docs/upstream-api.md, Scope catalogue and inclusion (Microsoft's
+/// "Available scopes" table, learn.microsoft.com
+/// .../integrate/get-started/authentication/oauth, its "Includes" column)
+/// and Special scopes (`app_token`, `vso.governance`, `vso.tokens`,
+/// `vso.tokenadministration`). Left out on purpose: the Entra-only
+/// `user_impersonation`, `vso.pats` and `vso.pats_manage`, and the retired
+/// `vso.loadtest` scopes. `app_token` includes nothing here: its full
+/// access is a rule in [`Scope::covers`], and no scope includes it.
+// One ladder a line, as the documented table groups them.
+#[rustfmt::skip]
+static LADDERS: &[(&str, &[&str])] = &[
+    ("", &["app_token"]),
+    ("", &["vso.advsec", "vso.advsec_write", "vso.advsec_manage"]),
+    ("", &["vso.agentpools", "vso.agentpools_manage", "vso.environment_manage"]),
+    ("", &["vso.analytics"]),
+    ("", &["vso.auditlog", "vso.auditstreams_manage"]),
+    ("vso.hooks_write", &["vso.build", "vso.build_execute"]),
+    ("vso.hooks_write", &["vso.code", "vso.code_write", "vso.code_manage", "vso.code_full"]),
+    ("", &["vso.code_status"]),
+    ("", &["vso.connected_server"]),
+    ("", &["vso.entitlements"]),
+    ("", &["vso.memberentitlementmanagement", "vso.memberentitlementmanagement_write"]),
+    ("vso.profile", &["vso.extension", "vso.extension_manage"]),
+    ("vso.profile", &["vso.extension.data", "vso.extension.data_write"]),
+    ("", &["vso.githubconnections", "vso.githubconnections_manage"]),
+    ("", &["vso.governance"]),
+    ("", &["vso.graph", "vso.graph_manage"]),
+    ("", &["vso.identity", "vso.identity_manage"]),
+    ("vso.agentpools_manage", &["vso.machinegroup_manage"]),
+    ("vso.profile", &["vso.gallery", "vso.gallery_acquire"]),
+    ("vso.gallery", &["vso.gallery_publish", "vso.gallery_manage"]),
+    ("vso.profile", &["vso.notification", "vso.notification_write", "vso.notification_manage"]),
+    ("vso.notification", &["vso.notification_diagnostics"]),
+    ("vso.profile", &["vso.packaging", "vso.packaging_write", "vso.packaging_manage"]),
+    ("", &["vso.pipelineresources_use", "vso.pipelineresources_manage"]),
+    ("", &["vso.project", "vso.project_write", "vso.project_manage"]),
+    ("vso.profile", &["vso.release", "vso.release_execute", "vso.release_manage"]),
+    ("", &["vso.securefiles_read", "vso.securefiles_write", "vso.securefiles_manage"]),
+    ("", &["vso.security_manage"]),
+    ("vso.profile", &["vso.serviceendpoint", "vso.serviceendpoint_query", "vso.serviceendpoint_manage"]),
+    ("vso.profile", &["vso.hooks", "vso.hooks_write"]),
+    ("vso.profile", &["vso.hooks_interact"]),
+    ("", &["vso.settings", "vso.settings_write"]),
+    ("vso.profile", &["vso.symbols", "vso.symbols_write", "vso.symbols_manage"]),
+    ("", &["vso.taskgroups_read", "vso.taskgroups_write", "vso.taskgroups_manage"]),
+    ("", &["vso.dashboards", "vso.dashboards_manage"]),
+    ("vso.profile", &["vso.test", "vso.test_write"]),
+    ("", &["vso.threads_full"]),
+    ("", &["vso.tokens"]),
+    ("", &["vso.tokenadministration"]),
+    ("", &["vso.profile", "vso.profile_write"]),
+    ("", &["vso.variablegroups_read", "vso.variablegroups_write", "vso.variablegroups_manage"]),
+    ("", &["vso.wiki", "vso.wiki_write"]),
+    ("vso.hooks_write", &["vso.work", "vso.work_write", "vso.work_full"]),
 ];
+
+/// Every scope and the one it directly includes, in catalogue order.
+fn catalogue() -> impl Iterator<Item = (&'static str, Option<&'static str>)> {
+    LADDERS.iter().flat_map(|&(base, ladder)| {
+        let below = std::iter::once(base).chain(ladder.iter().copied());
+        ladder
+            .iter()
+            .copied()
+            .zip(below)
+            .map(|(name, below)| (name, Some(below).filter(|b| !b.is_empty())))
+    })
+}
+
+/// The scope `name` directly includes, if any.
+fn includes(name: &str) -> Option<&'static str> {
+    catalogue().find(|(n, _)| *n == name)?.1
+}
 
 /// One Azure DevOps scope from the catalogue, e.g. `vso.code_write`.
 /// `app_token` is full access: it covers every scope but is never implied
@@ -134,16 +97,15 @@ impl Scope {
 
     /// Looks `name` up in the catalogue (exact, lower case).
     pub fn parse(name: &str) -> Result<Self, DomainError> {
-        CATALOGUE
-            .iter()
-            .find(|r| r.name == name)
-            .map(|r| Scope(r.name))
+        catalogue()
+            .find(|(n, _)| *n == name)
+            .map(|(n, _)| Scope(n))
             .ok_or_else(|| DomainError::UnknownScope(name.to_owned()))
     }
 
     /// Every scope in the catalogue, in catalogue order.
     pub fn all() -> impl Iterator<Item = Scope> {
-        CATALOGUE.iter().map(|r| Scope(r.name))
+        catalogue().map(|(n, _)| Scope(n))
     }
 
     /// The scope string as Azure DevOps spells it.
@@ -152,26 +114,18 @@ impl Scope {
     }
 
     /// True if holding `self` grants `other`: equal, `self` is `app_token`,
-    /// or `other` is in the transitive closure of `self`'s inclusions.
+    /// or `other` is below `self` in the chain of inclusions.
     pub fn covers(&self, other: &Scope) -> bool {
         if self == other || *self == Scope::APP_TOKEN {
             return true;
         }
-        let mut stack = vec![self.0];
-        let mut seen = BTreeSet::new();
-        while let Some(name) = stack.pop() {
-            if !seen.insert(name) {
-                continue;
+        // A scope includes at most one other, so inclusion is a chain.
+        let mut below = includes(self.0);
+        while let Some(name) = below {
+            if name == other.0 {
+                return true;
             }
-            let Some(row) = CATALOGUE.iter().find(|r| r.name == name) else {
-                continue;
-            };
-            for inc in row.includes {
-                if *inc == other.0 {
-                    return true;
-                }
-                stack.push(inc);
-            }
+            below = includes(name);
         }
         false
     }
@@ -265,23 +219,31 @@ mod tests {
 
     #[test]
     fn write_covers_read() {
-        assert!(scope("vso.code_write").covers(&scope("vso.code")));
-        assert!(scope("vso.packaging_write").covers(&scope("vso.packaging")));
-        assert!(scope("vso.work_write").covers(&scope("vso.work")));
+        for (write, read) in [
+            ("vso.code_write", "vso.code"),
+            ("vso.packaging_write", "vso.packaging"),
+            ("vso.work_write", "vso.work"),
+        ] {
+            assert!(scope(write).covers(&scope(read)), "{write}");
+        }
     }
 
     #[test]
     fn read_does_not_cover_write() {
-        assert!(!scope("vso.code").covers(&scope("vso.code_write")));
-        assert!(!scope("vso.packaging").covers(&scope("vso.packaging_write")));
+        for (read, write) in [
+            ("vso.code", "vso.code_write"),
+            ("vso.packaging", "vso.packaging_write"),
+        ] {
+            assert!(!scope(read).covers(&scope(write)), "{read}");
+        }
     }
 
     #[test]
     fn code_read_includes_service_hook_write() {
         // A surprise of the upstream table, kept faithfully.
-        assert!(scope("vso.code").covers(&scope("vso.hooks_write")));
-        assert!(scope("vso.build").covers(&scope("vso.hooks_write")));
-        assert!(scope("vso.work").covers(&scope("vso.hooks_write")));
+        for read in ["vso.code", "vso.build", "vso.work"] {
+            assert!(scope(read).covers(&scope("vso.hooks_write")), "{read}");
+        }
     }
 
     #[test]
@@ -330,15 +292,13 @@ mod tests {
     #[test]
     fn every_included_scope_is_in_the_catalogue() {
         let mut names = BTreeSet::new();
-        for r in CATALOGUE {
-            assert!(names.insert(r.name), "{} is listed twice", r.name);
+        for (name, _) in catalogue() {
+            assert!(names.insert(name), "{name} is listed twice");
         }
-        for r in CATALOGUE {
-            for inc in r.includes {
-                assert!(names.contains(inc), "{} includes unknown {inc}", r.name);
-                assert_ne!(*inc, "app_token", "{} must not include app_token", r.name);
-                assert_ne!(*inc, r.name, "{} includes itself", r.name);
-            }
+        for (name, inc) in catalogue().filter_map(|(n, inc)| Some((n, inc?))) {
+            assert!(names.contains(inc), "{name} includes unknown {inc}");
+            assert_ne!(inc, "app_token", "{name} must not include app_token");
+            assert_ne!(inc, name, "{name} includes itself");
         }
     }
 

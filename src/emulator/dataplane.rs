@@ -1,5 +1,5 @@
 //! A small data plane that takes a PAT as HTTP Basic auth
-//! (ado-pat-api.md section 4.4): `GET /{org}/_apis/git/repositories`
+//! (docs/upstream-api.md, "Data plane: using a PAT"): `GET /{org}/_apis/git/repositories`
 //! (needs a scope covering `vso.code`) and `GET /{org}/_apis/packaging/feeds`
 //! (covering `vso.packaging`).
 
@@ -31,8 +31,8 @@ impl Resource {
 }
 
 /// The PAT from `Authorization: Basic base64(user:PAT)`; the user name may
-/// be empty or anything (section 4.4 [V]/[C]). Strict base64: a stray `=`
-/// fails (section 4.4 [C]).
+/// be empty or anything ("Data plane: using a PAT" [V]/[C]). Strict base64: a stray `=`
+/// fails ("Data plane: using a PAT" [C]).
 fn basic_password(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, encoded) = value.trim().split_once(' ')?;
@@ -53,11 +53,12 @@ pub(crate) fn serve(
     headers: &HeaderMap,
 ) -> Response {
     if !headers.contains_key(header::AUTHORIZATION) {
-        // No credential at all: the sign-in page, or 401 with Suppress (section 2.2 [C]).
+        // No credential at all: the sign-in page, or 401 with Suppress
+        // ("Wrongly authenticated calls" [C]).
         return wire::authentication_refused(headers);
     }
     let Some(pat) = basic_password(headers) else {
-        // A credential that is not a readable Basic PAT: 401 (section 4.4 [C]).
+        // A credential that is not a readable Basic PAT: 401 ("Data plane: using a PAT" [C]).
         return wire::unauthorized("");
     };
     let inner = emu.lock();
@@ -75,12 +76,12 @@ pub(crate) fn serve(
         PatState::Active => {}
         // Revoked: treated as unknown ([I]).
         PatState::Revoked => return wire::unauthorized(""),
-        // Expired: 401 AccessCheckException (section 1.8 [C]).
+        // Expired: 401 AccessCheckException ("Error envelope" [C]).
         PatState::Expired => return wire::pat_expired(),
     }
     let org_id = inner.organizations.get(org).copied();
     let in_org = match &record.target_accounts {
-        // Global PAT: every organization, until RN-270's end date (section 4.2 [V]).
+        // Global PAT: every organization, until RN-270's end date ("Global PAT retirement" [V]).
         None => now < global_usage_end(),
         Some(accounts) => org_id.is_some_and(|id| accounts.contains(&id)),
     };

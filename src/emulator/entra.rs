@@ -1,5 +1,5 @@
 //! The Entra token endpoint `POST /{tenant}/oauth2/v2.0/token`
-//! (ado-pat-api.md section 2.3) and the check of the bearer tokens it issued.
+//! (docs/upstream-api.md, "Entra token endpoint") and the check of the bearer tokens it issued.
 
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::Response;
@@ -12,10 +12,10 @@ use serde::Serialize;
 use super::state::{digest, to_chrono, AccessTokenRecord, Emulator, RefreshTokenRecord, TokenKind};
 use super::wire;
 
-/// The Azure DevOps resource id (section 2.1 [V]).
+/// The Azure DevOps resource id ("User-delegated Entra tokens only" [V]).
 pub const AZURE_DEVOPS_RESOURCE: &str = "499b84ac-1321-427f-aa17-267ca6975798";
 
-/// Successful token answer (section 2.3 [V] ENTRA-AC / ENTRA-CC).
+/// Successful token answer ("Entra token endpoint" [V] ENTRA-AC / ENTRA-CC).
 #[derive(Serialize)]
 struct TokenAnswer {
     token_type: &'static str,
@@ -28,7 +28,7 @@ struct TokenAnswer {
     refresh_token: Option<String>,
 }
 
-/// Error answer (section 2.3 [V]): 400 with `error`, an `AADSTS…`
+/// Error answer ("Entra token endpoint" [V]): 400 with `error`, an `AADSTS…`
 /// description and `error_codes`.
 #[derive(Serialize)]
 struct TokenErrorAnswer {
@@ -63,7 +63,7 @@ fn token_error(status: StatusCode, error: &'static str, code: u32, text: &str) -
 /// A JWT-shaped access token. It is not signed in any verifiable way: the
 /// emulator recognises its own tokens by digest; the claims only make the
 /// shape familiar (`scp` + `idtyp=user` for delegated, `roles` + `idtyp=app`
-/// for app-only, section 6 checklist).
+/// for app-only, "What the emulator models").
 fn mint_access_token(kind: TokenKind, tenant: &str, exp: i64) -> String {
     let header = URL_SAFE_NO_PAD.encode(br#"{"typ":"JWT","alg":"RS256","kid":"emulator"}"#);
     let claims = match kind {
@@ -131,7 +131,7 @@ pub(crate) fn token(emu: &Emulator, tenant: &str, headers: &HeaderMap, body: &[u
         return missing("grant_type");
     };
     // A confidential client may authenticate with Basic instead of form
-    // fields (section 2.3 [V]).
+    // fields ("Entra token endpoint" [V]).
     let basic_client = headers.get(header::AUTHORIZATION).is_some();
     if field("client_id").is_none() && !basic_client {
         return missing("client_id");
@@ -153,7 +153,8 @@ pub(crate) fn token(emu: &Emulator, tenant: &str, headers: &HeaderMap, body: &[u
             let Some(scope) = field("scope") else {
                 return missing("scope");
             };
-            // Client credentials take exactly one `<resource>/.default` (section 2.3 [V]).
+            // Client credentials take exactly one `<resource>/.default`
+            // ("Entra token endpoint" [V]).
             if !scope.trim().ends_with("/.default") || scope.split_whitespace().count() != 1 {
                 return token_error(
                     StatusCode::BAD_REQUEST,
@@ -221,7 +222,7 @@ fn refresh_grant(
             Some(_) => {}
         }
     }
-    // A new refresh token every time; the old one stays valid (section 2.3 [V]).
+    // A new refresh token every time; the old one stays valid ("Refresh tokens" [V]).
     let new_refresh = format!("0.AEmu{}", random_string(300));
     let scope = scope.map(|s| {
         // Echo the resource scopes granted, as Entra does (shape [I]).
@@ -280,7 +281,7 @@ pub(crate) enum Bearer {
 }
 
 /// Checks `Authorization: Bearer …` against issued tokens. Only a live
-/// user-delegated token passes (section 2.1 [V] DOC-PATAPI).
+/// user-delegated token passes ("User-delegated Entra tokens only" [V] DOC-PATAPI).
 pub(crate) fn check_bearer(emu: &Emulator, headers: &HeaderMap) -> Bearer {
     let Some(value) = headers
         .get(header::AUTHORIZATION)
@@ -303,7 +304,7 @@ pub(crate) fn check_bearer(emu: &Emulator, headers: &HeaderMap) -> Bearer {
 
 impl Emulator {
     /// Revokes one refresh token (by value), or every one when `None`, as
-    /// Graph `revokeSignInSessions` does (section 2.3 [V]). Returns how many.
+    /// Graph `revokeSignInSessions` does ("Refresh tokens" [V]). Returns how many.
     pub(crate) fn revoke_refresh_tokens(&self, refresh_token: Option<&str>) -> usize {
         let mut inner = self.lock();
         match refresh_token {

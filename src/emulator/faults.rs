@@ -1,4 +1,4 @@
-//! Fault injection: the rules of `PUT /_emulator/faults` (issue 3) and how
+//! Fault injection: the rules of `PUT /_emulator/faults` and how
 //! a matched rule changes an answer.
 
 use std::time::Duration;
@@ -10,9 +10,11 @@ use serde::{Deserialize, Serialize};
 use super::state::Emulator;
 use super::wire;
 
-/// The operations a rule can target.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+/// The operations a rule can target, named as in rules and in
+/// `/_emulator/stats`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, strum::IntoStaticStr)]
 #[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
 pub enum Operation {
     /// `POST …/_apis/tokens/pats`.
     Create,
@@ -30,22 +32,14 @@ pub enum Operation {
     Dataplane,
     /// Every operation above.
     #[serde(rename = "*")]
+    #[strum(serialize = "*")]
     Any,
 }
 
 impl Operation {
     /// The name used in rules and in `/_emulator/stats`.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Operation::Create => "create",
-            Operation::Get => "get",
-            Operation::List => "list",
-            Operation::Update => "update",
-            Operation::Revoke => "revoke",
-            Operation::Token => "token",
-            Operation::Dataplane => "dataplane",
-            Operation::Any => "*",
-        }
+        self.into()
     }
 }
 
@@ -61,7 +55,7 @@ pub enum LatencyWhen {
     After,
 }
 
-/// One fault rule (issue 3, item 1). Unknown fields are refused.
+/// One fault rule. Unknown fields are refused.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FaultRule {
@@ -108,7 +102,7 @@ impl FaultRule {
     /// True if the rule replaces the answer. A 2xx `status` does not: it
     /// marks a delayed-but-served call, whose real answer gets the
     /// rate-limit headers (DOC-RATELIMITS: "The response still returns
-    /// HTTP 200", section 4.5 [V]).
+    /// HTTP 200", "Rate limits and Retry-After" [V]).
     pub fn replaces_answer(&self) -> bool {
         self.sign_in_page
             || self.drop_connection
@@ -122,7 +116,7 @@ impl FaultRule {
         self.latency_ms.map(Duration::from_millis)
     }
 
-    /// Adds `Retry-After` and `X-RateLimit-*` (section 4.5 [V]) to an
+    /// Adds `Retry-After` and `X-RateLimit-*` ("Rate limits and Retry-After" [V]) to an
     /// answer the rule let through.
     pub fn decorate(&self, resp: &mut Response) {
         if self.retry_after_seconds.is_some() {
@@ -161,7 +155,8 @@ impl FaultRule {
         let status = self.effective_status()?;
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let resp = if status == StatusCode::TOO_MANY_REQUESTS {
-            // DOC-RATELIMITS (section 4.5 [V]): TF400733 and the X-RateLimit-* headers.
+            // DOC-RATELIMITS ("Rate limits and Retry-After" [V]): TF400733 and
+            // the X-RateLimit-* headers.
             let mut r = wire::envelope(
                 status,
                 "RequestBlockedException",

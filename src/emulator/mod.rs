@@ -1,10 +1,11 @@
 //! A faithful local emulator of the Azure DevOps PAT Lifecycle API, the
 //! Entra token endpoint and a small data plane, with fault injection
-//! (DESIGN.md section 7, issue 3 item 1). One axum app serves all three on
+//! (docs/upstream-api.md, "What the emulator models"). One axum app serves all three on
 //! one address; the broker reaches it only over HTTP.
 //!
-//! Facts come from `ado-pat-api.md`; where the facts are inferred ([I]) or
-//! unknown ([U]) the chosen behaviour carries a comment naming the section.
+//! Facts come from docs/upstream-api.md; where a fact is inferred ([I]) or
+//! unknown ([U]) the chosen behaviour carries a comment naming, in quotes,
+//! the heading of that page it rests on.
 //! Test-only endpoints live under `/_emulator/` (see the README, "The Azure DevOps emulator"). No
 //! token, PAT or refresh token is ever logged: the state keeps only their
 //! SHA-256 digests.
@@ -39,7 +40,7 @@ pub const DEFAULT_TENANT: &str = "organizations";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8081";
 
 /// What the max-lifespan policy does with a `validTo` past the maximum
-/// (ado-pat-api.md section 4.1).
+/// (docs/upstream-api.md, "validTo clamping").
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum LifespanMode {
     /// Cut `validTo` to the maximum (the service since RN-236).

@@ -1,6 +1,7 @@
 //! The PAT Lifecycle Management API: create, get, list, update, revoke at
-//! `/{organization}/_apis/tokens/pats` (ado-pat-api.md section 1). The
-//! caller's bearer and the api-version were checked by the dispatcher.
+//! `/{organization}/_apis/tokens/pats` (docs/upstream-api.md, "PAT
+//! Lifecycle Management API"). The caller's bearer and the api-version were
+//! checked by the dispatcher.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -19,13 +20,14 @@ use crate::domain::Scope;
 
 /// Longest `displayName` accepted; the real limit is [U], 256 is [I].
 const MAX_DISPLAY_NAME: usize = 256;
-/// Most PATs one list page holds (`$top`, "limit of 100", section 1.2 [V]).
+/// Most PATs one list page holds (`$top`, "limit of 100", "List options and
+/// defaults" [V]).
 const MAX_TOP: usize = 100;
-/// Global PATs stop working on 2026-12-01 (RN-270, section 4.2 [V]).
+/// Global PATs stop working on 2026-12-01 (RN-270, "Global PAT retirement" [V]).
 pub(crate) const GLOBAL_PAT_USAGE_ENDS: (i32, u32, u32) = (2026, 12, 1);
 
-/// HTTP 200 with `patToken: null` and a `patTokenError` (section 1.4 [I],
-/// supported by AzureAuth's client [V]).
+/// HTTP 200 with `patToken: null` and a `patTokenError` ("Refusals:
+/// patTokenError" [I], supported by AzureAuth's client [V]).
 fn refused(v: ApiVersion, error: &'static str, message: &str) -> Response {
     wire::json_ok(&PatTokenResultJson {
         pat_token: None,
@@ -54,7 +56,7 @@ fn to_json(p: &PatRecord, token: Option<String>) -> PatTokenJson {
     }
 }
 
-/// A new secret. Current format (section 1.5 [V] DOC-USEPAT): 84
+/// A new secret. Current format ("The PAT secret" [V] DOC-USEPAT): 84
 /// characters of which 52 random, with `AZDO` at 0-based index 76 (that
 /// reading of "positions 76-80" is [I], as is the rest of the layout: 24
 /// characters derived from the random part, then a 4-character checksum).
@@ -87,8 +89,8 @@ fn new_secret(legacy: bool) -> String {
 }
 
 /// Normalises a space-separated scope string and checks each name against
-/// the scope catalogue (section 3.2). Lower-casing is [I]. Returns None
-/// for an empty or unknown scope (→ `invalidScope`, section 6 [I]).
+/// the scope catalogue ("Scope strings"). Lower-casing is [I]. Returns None
+/// for an empty or unknown scope (→ `invalidScope`, "Scope strings" [I]).
 fn normalise_scope(raw: &str) -> Option<String> {
     let mut names: Vec<String> = Vec::new();
     for name in raw.split_whitespace() {
@@ -173,7 +175,7 @@ fn check_lifespan(
     valid_to: DateTime<Utc>,
 ) -> Lifespan {
     // A validTo not in the future is refused; the service's answer is [U]
-    // (section 1.6), `invalidValidTo` is [I].
+    // ("Past validTo"), `invalidValidTo` is [I].
     if valid_to <= now {
         return Lifespan::Refused(
             "invalidValidTo",
@@ -185,9 +187,9 @@ fn check_lifespan(
         let max = base + ChronoDuration::days(i64::from(days));
         if valid_to > max {
             match emu.config.lifespan_mode {
-                // RN-236 / SPEC-7.2 (section 4.1 [V]): clamp to base + max.
+                // RN-236 / SPEC-7.2 ("validTo clamping" [V]): clamp to base + max.
                 LifespanMode::Clamp => valid_to = max,
-                // Before RN-236, and some tenants still (section 4.1 [V]/[C]).
+                // Before RN-236, and some tenants still ("validTo clamping" [V]/[C]).
                 LifespanMode::Reject => {
                     return Lifespan::Refused(
                         "patLifespanPolicyViolation",
@@ -197,7 +199,7 @@ fn check_lifespan(
             }
         }
     }
-    // Without a policy, at most one year (section 4.1 [V] DOC-ADMINREVOKE);
+    // Without a policy, at most one year ("Maximum lifetime" [V] DOC-ADMINREVOKE);
     // clamping rather than refusing is [I], after RN-236's behaviour.
     let year = base + ChronoDuration::days(365);
     if valid_to > year {
@@ -206,7 +208,7 @@ fn check_lifespan(
     Lifespan::Ok(wire::round_datetime(valid_to))
 }
 
-/// Global-PAT rules for `allOrgs: true` (section 4.2, 6 [I]).
+/// Global-PAT rules for `allOrgs: true` ("Global PAT retirement" [I]).
 fn check_global(emu: &Emulator) -> Result<(), (&'static str, &'static str)> {
     if emu.config.block_global_creation {
         // RN-270 [V]: creation and regeneration of global PATs are blocked.
@@ -234,7 +236,7 @@ fn check_full_scope(emu: &Emulator, scope: &str) -> Result<(), (&'static str, &'
     Ok(())
 }
 
-/// "Restrict PAT creation" (section 4.2 [V] DOC-POLICIES; the value
+/// "Restrict PAT creation" ("Organization policies" [V] DOC-POLICIES; the value
 /// `disablePatCreationPolicyViolation` is [I]).
 fn check_creation(emu: &Emulator, scope: &str) -> Result<(), (&'static str, &'static str)> {
     if !emu.config.restrict_creation {
@@ -281,7 +283,7 @@ pub(crate) fn create(emu: &Emulator, org: &str, v: ApiVersion, raw: &[u8]) -> Re
     }
     let mut inner = emu.lock();
     let now = inner.now();
-    // No validTo: 30 days, the UI's first preset (section 4.1 [C]); [I].
+    // No validTo: 30 days, the UI's first preset ("Maximum lifetime" [C]); [I].
     let requested = body.valid_to.unwrap_or(now + ChronoDuration::days(30));
     let valid_to = match check_lifespan(emu, now, now, requested) {
         Lifespan::Ok(t) => t,
@@ -314,7 +316,7 @@ fn parse_id(raw: Option<&str>) -> Option<Uuid> {
 }
 
 fn not_found(v: ApiVersion) -> Response {
-    // `authorizationNotFound` rather than `tokenNotFound` is [U]/[I] (section 6).
+    // `authorizationNotFound` rather than `tokenNotFound` is [U]/[I] ("Refusals: patTokenError").
     refused(
         v,
         "authorizationNotFound",
@@ -337,7 +339,7 @@ fn find<'a>(inner: &'a Inner, org: &str, id: Uuid) -> Option<&'a PatRecord> {
 }
 
 /// `GET ?authorizationId=` (GetPat). Answers the PAT asked for (EX GetPat
-/// answers another id, a documentation defect, section 1.9 [V]).
+/// answers another id, a documentation defect, "Documentation defects" [V]).
 pub(crate) fn get(emu: &Emulator, org: &str, v: ApiVersion, id: &str) -> Response {
     let Some(id) = parse_id(Some(id)) else {
         return invalid_id(v);
@@ -364,6 +366,23 @@ enum SortBy {
     Status,
 }
 
+/// `displayFilterOption` values.
+const FILTERS: [(&str, Filter); 4] = [
+    ("active", Filter::Active),
+    ("revoked", Filter::Revoked),
+    ("expired", Filter::Expired),
+    ("all", Filter::All),
+];
+
+/// `sortByOption` values.
+const SORTS: [(&str, SortBy); 3] = [
+    ("displayName", SortBy::DisplayName),
+    ("displayDate", SortBy::DisplayDate),
+    ("status", SortBy::Status),
+];
+
+/// The query parameter `name` as one of `values` (any case), `default`
+/// when absent or empty.
 fn parse_enum<T: Copy>(
     q: &Query,
     name: &'static str,
@@ -384,34 +403,16 @@ fn parse_enum<T: Copy>(
 }
 
 /// `GET` without `authorizationId` (ListPats). Defaults when a parameter
-/// is absent are [U] (section 1.2); chosen [I]: active, displayDate
+/// is absent are [U] ("List options and defaults"); chosen [I]: active, displayDate
 /// (= creation time), ascending, 100 per page.
 pub(crate) fn list(emu: &Emulator, org: &str, q: &Query, repeat_page: bool) -> Response {
-    let filter = match parse_enum(
-        q,
-        "displayFilterOption",
-        &[
-            ("active", Filter::Active),
-            ("revoked", Filter::Revoked),
-            ("expired", Filter::Expired),
-            ("all", Filter::All),
-        ],
-        Filter::Active,
-    ) {
-        Ok(f) => f,
-        Err(e) => return e.into_response(),
-    };
-    let sort = match parse_enum(
-        q,
-        "sortByOption",
-        &[
-            ("displayName", SortBy::DisplayName),
-            ("displayDate", SortBy::DisplayDate),
-            ("status", SortBy::Status),
-        ],
-        SortBy::DisplayDate,
-    ) {
-        Ok(s) => s,
+    let options =
+        parse_enum(q, "displayFilterOption", &FILTERS, Filter::Active).and_then(|filter| {
+            let sort = parse_enum(q, "sortByOption", &SORTS, SortBy::DisplayDate)?;
+            Ok((filter, sort))
+        });
+    let (filter, sort) = match options {
+        Ok(options) => options,
         Err(e) => return e.into_response(),
     };
     let ascending = match q.get("isSortAscending").map(str::trim) {
@@ -426,14 +427,15 @@ pub(crate) fn list(emu: &Emulator, org: &str, q: &Query, repeat_page: bool) -> R
         None | Some("") => MAX_TOP,
         Some(s) => match s.parse::<i64>() {
             Ok(n) if n > 0 => usize::try_from(n).unwrap_or(MAX_TOP).min(MAX_TOP),
-            // Larger values are capped ([U] section 1.7); non-positive refused ([I]).
+            // Larger values are capped ([U] "List options and defaults");
+            // non-positive refused ([I]).
             _ => {
                 return wire::invalid_argument("$top", &format!("'{s}' must be a positive integer"))
             }
         },
     };
     // The continuation token is bound to the filter and sort options: the
-    // spec asks for the same options on every page (section 1.7 [V]);
+    // spec asks for the same options on every page ("Continuation tokens" [V]);
     // refusing a mismatch rather than ignoring it is [I].
     let fingerprint = format!("{filter:?}:{sort:?}:{ascending}");
     let token_in = q.get("continuationToken").filter(|t| !t.trim().is_empty());
@@ -503,7 +505,7 @@ pub(crate) fn list(emu: &Emulator, org: &str, q: &Query, repeat_page: bool) -> R
     } else if more {
         encode_token(&fingerprint, page.last().map(|p| p.authorization_id))
     } else {
-        // The last page carries "" (section 1.7 [V]).
+        // The last page carries "" ("Continuation tokens" [V]).
         String::new()
     };
     wire::json_ok(&wire::PagedPatTokensJson {
@@ -529,7 +531,7 @@ fn decode_token(token: &str) -> Option<(String, Option<Uuid>)> {
 }
 
 /// `PUT` (UpdatePat): `authorizationId` in the body; omitted fields are
-/// kept (section 1.3 [C] gist, [I] for every field).
+/// kept ("Update keeps omitted fields" [C], [I] for every field).
 pub(crate) fn update(emu: &Emulator, org: &str, v: ApiVersion, raw: &[u8]) -> Response {
     let body = match read_body(raw) {
         Ok(Some(b)) => b,
@@ -552,7 +554,7 @@ pub(crate) fn update(emu: &Emulator, org: &str, v: ApiVersion, raw: &[u8]) -> Re
     match current.state(now) {
         PatState::Active => {}
         // "To update a token, it must be valid (has not been revoked)"
-        // (section 1.2 [V]); the value is [I].
+        // ("Operations" [V]); the value is [I].
         PatState::Revoked => {
             return refused(
                 v,
@@ -613,7 +615,7 @@ pub(crate) fn update(emu: &Emulator, org: &str, v: ApiVersion, raw: &[u8]) -> Re
 }
 
 /// `DELETE ?authorizationId=` (RevokePat): 204 as in the example
-/// (section 1.9 [V]). Revoking a revoked or expired PAT succeeds again ([I]).
+/// ("Documentation defects" [V]). Revoking a revoked or expired PAT succeeds again ([I]).
 pub(crate) fn revoke(emu: &Emulator, org: &str, v: ApiVersion, id: Option<&str>) -> Response {
     let Some(id) = parse_id(id) else {
         return invalid_id(v);

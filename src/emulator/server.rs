@@ -46,7 +46,7 @@ enum Route {
 }
 
 /// Paths are case-insensitive and repeated slashes collapse, as under
-/// IIS/ASP.NET (section 1.1: the examples write `_apis/Tokens/Pats`; the
+/// IIS/ASP.NET ("Host, path and api-version": the examples write `_apis/Tokens/Pats`; the
 /// leniency itself is [I]).
 fn route(path: &str) -> Option<Route> {
     let segments: Vec<String> = path
@@ -202,7 +202,7 @@ fn pat_api(
     // Authentication comes first, as the service's front end does it ([I]).
     if let Bearer::Refused = entra::check_bearer(emu, headers) {
         // GET/POST get the sign-in page unless redirects are suppressed;
-        // other methods get 401 (section 2.2 [C]: PATCH got 401).
+        // other methods get 401 ("Wrongly authenticated calls" [C]: PATCH got 401).
         if matches!(*method, Method::GET | Method::POST) {
             return wire::authentication_refused(headers);
         }

@@ -40,7 +40,7 @@ mod hex_digest {
     }
 }
 
-/// One PAT as the service keeps it (section 6 checklist).
+/// One PAT as the service keeps it ("What the emulator models").
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct PatRecord {
@@ -204,7 +204,7 @@ impl Inner {
     }
 
     /// The organization's GUID, made on first sight. `fabrikam` gets the
-    /// GUID of Microsoft's examples (section 1.3 [V] EX-*).
+    /// GUID of Microsoft's examples ("Request and response shapes" [V] EX-*).
     pub fn organization_id(&mut self, org: &str) -> Uuid {
         *self.organizations.entry(org.to_owned()).or_insert_with(|| {
             if org == "fabrikam" {

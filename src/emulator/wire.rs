@@ -1,6 +1,7 @@
 //! What goes over the wire: JSON shapes, time formats, api-version parsing
-//! and the service's error answers (ado-pat-api.md sections 1.1, 1.3, 1.6,
-//! 1.8, 2.2).
+//! and the service's error answers (docs/upstream-api.md: "Host, path and
+//! api-version", "Request and response shapes", "Date-time formats", "Error
+//! envelope", "Wrongly authenticated calls").
 
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -9,7 +10,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 /// `PatToken` with the spec's field names, in the order Microsoft's
-/// examples print them (section 1.3).
+/// examples print them ("Request and response shapes").
 #[derive(Serialize, Clone, Debug)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct PatTokenJson {
@@ -19,22 +20,22 @@ pub(crate) struct PatTokenJson {
     pub target_accounts: Option<Vec<Uuid>>,
     pub valid_from: String,
     pub authorization_id: Uuid,
-    /// The secret, only in a create answer (section 1.5); null elsewhere.
+    /// The secret, only in a create answer ("The PAT secret"); null elsewhere.
     pub token: Option<String>,
 }
 
-/// `PatTokenResult` (section 1.3).
+/// `PatTokenResult` ("Request and response shapes").
 #[derive(Serialize, Debug)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct PatTokenResultJson {
     pub pat_token: Option<PatTokenJson>,
     pub pat_token_error: &'static str,
-    /// SPEC-7.2 only (section 1.3 [V]); omitted for older api-versions.
+    /// SPEC-7.2 only ("Request and response shapes" [V]); omitted for older api-versions.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pat_token_error_message: Option<Option<String>>,
 }
 
-/// `PagedPatTokens` (section 1.3).
+/// `PagedPatTokens` ("Request and response shapes").
 #[derive(Serialize, Debug)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct PagedPatTokensJson {
@@ -42,7 +43,7 @@ pub(crate) struct PagedPatTokensJson {
     pub pat_tokens: Vec<PatTokenJson>,
 }
 
-/// The error envelope of the Azure DevOps REST family (section 1.8 [C]).
+/// The error envelope of the Azure DevOps REST family ("Error envelope" [C]).
 #[derive(Serialize, Debug)]
 struct EnvelopeJson<'a> {
     #[serde(rename = "$id")]
@@ -61,7 +62,7 @@ struct EnvelopeJson<'a> {
 }
 
 /// A non-2xx JSON error in the service's envelope. The message is also sent
-/// URL-encoded in `X-TFS-ServiceError` (section 1.8 [C]).
+/// URL-encoded in `X-TFS-ServiceError` ("Error envelope" [C]).
 pub(crate) fn envelope(
     status: StatusCode,
     type_key: &str,
@@ -94,7 +95,8 @@ pub(crate) fn envelope(
     resp
 }
 
-/// 401 `UnauthorizedRequestException` TF400813 (sections 1.8, 2.2 [C]).
+/// 401 `UnauthorizedRequestException` TF400813 ("Error envelope", "Wrongly
+/// authenticated calls" [C]).
 pub(crate) fn unauthorized(user: &str) -> Response {
     let message = format!("TF400813: The user '{user}' is not authorized to access this resource.");
     let mut resp = envelope(
@@ -119,7 +121,7 @@ pub(crate) fn unauthorized(user: &str) -> Response {
     resp
 }
 
-/// 401 `AccessCheckException` for an expired PAT (section 1.8 [C]).
+/// 401 `AccessCheckException` for an expired PAT ("Error envelope" [C]).
 pub(crate) fn pat_expired() -> Response {
     envelope(
         StatusCode::UNAUTHORIZED,
@@ -131,7 +133,7 @@ pub(crate) fn pat_expired() -> Response {
 }
 
 /// 400 `JsonReaderException` for a body the service cannot read
-/// (section 1.8 [C]: TF400898, eventId 0).
+/// ("Error envelope" [C]: TF400898, eventId 0).
 pub(crate) fn json_reader_error() -> Response {
     let message = format!(
         "TF400898: An Internal Error Occurred. Activity Id: {}.",
@@ -177,7 +179,7 @@ pub(crate) fn invalid_argument(name: &str, detail: &str) -> Response {
     )
 }
 
-/// 404 for a path no route serves (shape per section 1.8 [C]; type [I]).
+/// 404 for a path no route serves (shape per "Error envelope" [C]; type [I]).
 pub(crate) fn not_found(path: &str) -> Response {
     envelope(
         StatusCode::NOT_FOUND,
@@ -200,7 +202,7 @@ pub(crate) fn method_not_allowed() -> Response {
 }
 
 /// 203 Non-Authoritative Information with the HTML sign-in page: what the
-/// service gives a GET/POST without a credential it accepts (section 2.2 [C]).
+/// service gives a GET/POST without a credential it accepts ("Wrongly authenticated calls" [C]).
 pub(crate) fn sign_in_page() -> Response {
     let body = "<!DOCTYPE html><html><head><title>Azure DevOps Services | Sign In</title></head>\
 <body><p>Object moved to <a href=\"https://app.vssps.visualstudio.com/_signin?realm=vssps.dev.azure.com&amp;reply_to=emulator\">here</a>.</p></body></html>";
@@ -212,7 +214,7 @@ pub(crate) fn sign_in_page() -> Response {
         .into_response()
 }
 
-/// True when the caller sent `X-TFS-FedAuthRedirect: Suppress` (section 2.2 [C]).
+/// True when the caller sent `X-TFS-FedAuthRedirect: Suppress` ("Wrongly authenticated calls" [C]).
 pub(crate) fn suppresses_redirect(headers: &HeaderMap) -> bool {
     headers
         .get("x-tfs-fedauthredirect")
@@ -221,7 +223,7 @@ pub(crate) fn suppresses_redirect(headers: &HeaderMap) -> bool {
 }
 
 /// The refusal for a call without a credential the endpoint accepts:
-/// 401 JSON with Suppress, else the 203 sign-in page (section 2.2 [C]).
+/// 401 JSON with Suppress, else the 203 sign-in page ("Wrongly authenticated calls" [C]).
 pub(crate) fn authentication_refused(headers: &HeaderMap) -> Response {
     if suppresses_redirect(headers) {
         unauthorized("")
@@ -249,7 +251,7 @@ pub(crate) fn json_status<T: Serialize>(status: StatusCode, value: &T) -> Respon
 // ---------------------------------------------------------------- time
 
 /// Rounds to SQL Server `datetime` precision, 1/300 s, as the service
-/// stores `validTo` (section 1.6 [I]: `.319Z` came back `.32Z`), then to
+/// stores `validTo` ("validTo rounding" [I]: `.319Z` came back `.32Z`), then to
 /// .NET's 100 ns ticks.
 pub(crate) fn round_datetime(t: DateTime<Utc>) -> DateTime<Utc> {
     let secs = t.timestamp();
@@ -266,7 +268,7 @@ pub(crate) fn round_datetime(t: DateTime<Utc>) -> DateTime<Utc> {
 
 /// Formats like .NET's round-trip form, trailing zeros of the seven
 /// fraction digits dropped: `2020-12-01T23:46:23.32Z`, `…52.1033333Z`,
-/// `…23Z` (section 1.6 [V]).
+/// `…23Z` ("Date-time formats" [V]).
 pub(crate) fn format_datetime(t: DateTime<Utc>) -> String {
     let base = t.format("%Y-%m-%dT%H:%M:%S").to_string();
     let ticks = t.timestamp_subsec_nanos() / 100;
@@ -279,7 +281,7 @@ pub(crate) fn format_datetime(t: DateTime<Utc>) -> String {
 
 /// Parses a JSON date-time as the service's JSON reader does: RFC 3339
 /// with any number of fraction digits and any offset, a value without a
-/// zone (taken as UTC, section 1.6 [I]), or a bare date.
+/// zone (taken as UTC, "Date-time formats" [I]), or a bare date.
 pub(crate) fn parse_datetime(s: &str) -> Option<DateTime<Utc>> {
     let s = s.trim();
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
@@ -321,7 +323,8 @@ fn parse_long_fraction(s: &str) -> Option<DateTime<Utc>> {
 // ---------------------------------------------------------- api-version
 
 /// A parsed `api-version` value:
-/// `{major}.{minor}[-preview[.{resource-version}]]` (section 1.1 [V] DOC-VERSIONING).
+/// `{major}.{minor}[-preview[.{resource-version}]]` ("Host, path and
+/// api-version" [V] DOC-VERSIONING).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ApiVersion {
     pub major: u32,
@@ -345,7 +348,7 @@ pub(crate) enum ApiVersionError {
 
 impl ApiVersionError {
     /// The service's 400 answer. The malformed message is [C]
-    /// (section 1.1); type names and the other messages are [I].
+    /// ("Host, path and api-version"); type names and the other messages are [I].
     pub fn into_response(self) -> Response {
         match self {
             ApiVersionError::Missing => envelope(
@@ -374,7 +377,7 @@ impl ApiVersionError {
 }
 
 /// Reads the api-version from the query (`api-version`) or the `Accept`
-/// header (`application/json;api-version=…`, section 1.1 [V]).
+/// header (`application/json;api-version=…`, "Host, path and api-version" [V]).
 pub(crate) fn api_version(
     query: &Query,
     headers: &HeaderMap,
@@ -398,7 +401,7 @@ pub(crate) fn api_version(
         .or_else(from_accept)
         .ok_or(ApiVersionError::Missing)?;
     let v = parse_api_version(&raw).ok_or_else(|| ApiVersionError::Malformed(raw.clone()))?;
-    // The tokens/pats resource exists in specs 6.1 to 7.2 (section 1.1 [V]);
+    // The tokens/pats resource exists in specs 6.1 to 7.2 ("Host, path and api-version" [V]);
     // refusing others is [I]. A GA form like `7.1` is accepted: DOC-USEPAT
     // shows it and whether the service takes it is [U].
     if (v.major, v.minor) < (6, 1) || (v.major, v.minor) > (7, 2) {

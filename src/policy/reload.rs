@@ -138,10 +138,7 @@ impl PolicyHandle {
     /// Errors: as [`Policy::load`] (at start-up an invalid file is fatal).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, PolicyError> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|source| PolicyError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let bytes = std::fs::read(path).map_err(PolicyError::read(path))?;
         let policy = parse(&bytes)?;
         Ok(PolicyHandle::new(
             policy,
@@ -192,10 +189,7 @@ impl PolicyHandle {
         }
         *last_seen = Some(seen);
         let result = read
-            .map_err(|source| PolicyError::Read {
-                path: file.clone(),
-                source,
-            })
+            .map_err(PolicyError::read(file))
             .and_then(|bytes| parse(&bytes));
         let outcome = match result {
             Ok(policy) => {
@@ -328,6 +322,15 @@ mod tests {
         )
     }
 
+    /// A policy file allowing `identity`, and a handle loaded from it.
+    fn handle_on_file(identity: &str) -> (tempfile::TempDir, PathBuf, PolicyHandle) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.yaml");
+        std::fs::write(&path, rule(identity)).unwrap();
+        let handle = PolicyHandle::from_file(&path).unwrap();
+        (dir, path, handle)
+    }
+
     fn allows(policy: &Policy, who: &str) -> bool {
         matches!(
             policy.decide(
@@ -342,10 +345,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_edited_file_is_put_in_force_and_a_call_keeps_the_policy_it_took() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("policy.yaml");
-        std::fs::write(&path, rule("apikey:a")).unwrap();
-        let handle = PolicyHandle::from_file(&path).unwrap();
+        let (_dir, path, handle) = handle_on_file("apikey:a");
         let mut outcomes = handle.subscribe();
         let in_flight = handle.current();
 
@@ -367,10 +367,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_invalid_edit_is_refused_once_and_the_old_policy_stays() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("policy.yaml");
-        std::fs::write(&path, rule("apikey:a")).unwrap();
-        let handle = PolicyHandle::from_file(&path).unwrap();
+        let (_dir, path, handle) = handle_on_file("apikey:a");
 
         std::fs::write(&path, rule("apikey:a").replace("vso.code", "vso.kode")).unwrap();
         match handle.reload(ReloadTrigger::FileChanged).await.unwrap() {

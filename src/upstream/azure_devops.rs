@@ -1,6 +1,6 @@
 //! reqwest client for the Azure DevOps PAT Lifecycle Management API
 //! (`{base_url}/{organization}/_apis/tokens/pats`), following the checklist
-//! of ado-pat-api.md section 6.
+//! in docs/upstream-api.md, What the client does.
 //!
 //! Every request carries `Authorization: Bearer` from a [`TokenSource`], an
 //! explicit `api-version`, `Accept: application/json`, and (by default)
@@ -9,7 +9,7 @@
 //! | answer | result |
 //! |---|---|
 //! | 2xx JSON | success (`patTokenError` != none: [`UpstreamError::Refused`]) |
-//! | 203, 3xx, or another HTML page | [`UpstreamError::Authentication`] (sign-in page, section 2.2) |
+//! | 203, 3xx, or another HTML page | [`UpstreamError::Authentication`] (a sign-in page) |
 //! | 401 (any body) | invalidate the bearer, one retry with a fresh one, then `Authentication` |
 //! | 403 | `Authentication` (the credential may not do this) |
 //! | 400 | [`UpstreamError::BadRequest`] (e.g. `JsonReaderException`: a client bug) |
@@ -22,7 +22,8 @@
 //! queued.
 //!
 //! Create is never retried once the request may have reached upstream
-//! (DESIGN.md section 5.5): the caller looks for the display name instead.
+//! (docs/upstream-api.md, Create is not idempotent): the caller looks for
+//! the display name instead.
 //! A connection that could not be opened, a 401 and a 429 (TF400733: "the
 //! request has been canceled") never reached the operation, so those are
 //! retried for create too.
@@ -54,7 +55,7 @@ use super::{
 use crate::domain::{AuthorizationId, Organization};
 
 /// The header that turns the sign-in redirect (203/302) into a plain 401
-/// (ado-pat-api.md section 2.2).
+/// (docs/upstream-api.md, Wrongly authenticated calls).
 const FED_AUTH_REDIRECT: &str = "X-TFS-FedAuthRedirect";
 
 /// Largest `$top` the service takes (SPEC-7.1: "limit of 100").
@@ -71,7 +72,8 @@ pub struct AzureDevOpsConfig {
     /// `api-version` query value; default `7.1-preview.1` (SPEC-7.1).
     pub api_version: String,
     /// Send `X-TFS-FedAuthRedirect: Suppress`; default true. Turn off in
-    /// tenants whose Conditional Access needs the redirect (section 2.2).
+    /// tenants whose Conditional Access needs the redirect
+    /// (docs/upstream-api.md, Wrongly authenticated calls).
     pub suppress_fed_auth_redirect: bool,
     /// Timeout of one HTTP exchange, connect to last byte; default 30 s.
     #[serde(deserialize_with = "crate::duration::de_duration")]
@@ -120,8 +122,10 @@ impl Default for AzureDevOpsConfig {
     }
 }
 
-/// The five operations, as named in logs, spans and the emulator's stats.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The five operations, named (lower case) in logs, spans and the
+/// emulator's stats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr)]
+#[strum(serialize_all = "lowercase")]
 enum Operation {
     Create,
     Get,
@@ -132,12 +136,15 @@ enum Operation {
 
 impl Operation {
     fn as_str(self) -> &'static str {
+        self.into()
+    }
+
+    fn method(self) -> Method {
         match self {
-            Operation::Create => "create",
-            Operation::Get => "get",
-            Operation::List => "list",
-            Operation::Update => "update",
-            Operation::Revoke => "revoke",
+            Operation::Create => Method::POST,
+            Operation::Get | Operation::List => Method::GET,
+            Operation::Update => Method::PUT,
+            Operation::Revoke => Method::DELETE,
         }
     }
 
@@ -150,7 +157,6 @@ impl Operation {
 /// One request, rebuilt for every attempt.
 struct Call {
     operation: Operation,
-    method: Method,
     url: Url,
     body: Option<Vec<u8>>,
 }
@@ -279,6 +285,24 @@ impl AzureDevOpsClient {
         }
         url.set_query(Some(&text));
         url
+    }
+
+    /// Sends `operation` to the PAT URL of `org` with `query` and `body`,
+    /// with retries as the operation allows; the success body.
+    async fn send(
+        &self,
+        operation: Operation,
+        org: &Organization,
+        query: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> Result<Vec<u8>, UpstreamError> {
+        let url = self.url(org, query);
+        self.execute(&Call {
+            operation,
+            url,
+            body,
+        })
+        .await
     }
 
     /// Sends `call` with retries as the operation allows; the success body.
@@ -431,7 +455,7 @@ impl AzureDevOpsClient {
         let _permit = self.permit().await?;
         let mut request = self
             .http
-            .request(call.method.clone(), call.url.clone())
+            .request(call.operation.method(), call.url.clone())
             .header(AUTHORIZATION, authorization)
             .header(ACCEPT, "application/json");
         if self.config.suppress_fed_auth_redirect {
@@ -696,7 +720,7 @@ fn display_filter(filter: DisplayFilter) -> &'static str {
 
 /// A PAT whose id is not the one asked for is refused: the broker must
 /// never act on a PAT it did not name (EX GetPat shows such a mismatch,
-/// ado-pat-api.md section 1.9).
+/// docs/upstream-api.md, Documentation defects).
 fn expect_id(
     operation: Operation,
     asked: AuthorizationId,
@@ -729,13 +753,7 @@ impl PatClient for AzureDevOpsClient {
                 valid_to: format_timestamp(req.valid_to),
                 all_orgs: false,
             })?;
-            let call = Call {
-                operation: Operation::Create,
-                method: Method::POST,
-                url: self.url(org, &[]),
-                body: Some(body),
-            };
-            let answer = self.execute(&call).await?;
+            let answer = self.send(Operation::Create, org, &[], Some(body)).await?;
             let pat = Self::pat_result(Operation::Create, &answer)?;
             tracing::Span::current()
                 .record("authorization_id", field::display(pat.authorization_id));
@@ -760,13 +778,8 @@ impl PatClient for AzureDevOpsClient {
         let span = tracing::info_span!("upstream", operation = "get", organization = %org, authorization_id = %id);
         async {
             let id_text = id.to_string();
-            let call = Call {
-                operation: Operation::Get,
-                method: Method::GET,
-                url: self.url(org, &[("authorizationId", &id_text)]),
-                body: None,
-            };
-            let answer = self.execute(&call).await?;
+            let query = [("authorizationId", id_text.as_str())];
+            let answer = self.send(Operation::Get, org, &query, None).await?;
             expect_id(
                 Operation::Get,
                 id,
@@ -798,13 +811,7 @@ impl PatClient for AzureDevOpsClient {
                 if let Some(token) = &continuation {
                     params.push(("continuationToken", token));
                 }
-                let call = Call {
-                    operation: Operation::List,
-                    method: Method::GET,
-                    url: self.url(org, &params),
-                    body: None,
-                };
-                let answer = self.execute(&call).await?;
+                let answer = self.send(Operation::List, org, &params, None).await?;
                 let page: WirePagedPatTokens = parse_json(Operation::List, &answer)?;
                 match pager.accept(page)? {
                     Next::Page(token) => continuation = Some(token),
@@ -845,13 +852,7 @@ impl PatClient for AzureDevOpsClient {
                 scope: req.scope.as_deref(),
                 valid_to: req.valid_to.map(format_timestamp),
             })?;
-            let call = Call {
-                operation: Operation::Update,
-                method: Method::PUT,
-                url: self.url(org, &[]),
-                body: Some(body),
-            };
-            let answer = self.execute(&call).await?;
+            let answer = self.send(Operation::Update, org, &[], Some(body)).await?;
             let pat = expect_id(
                 Operation::Update,
                 req.authorization_id,
@@ -868,13 +869,8 @@ impl PatClient for AzureDevOpsClient {
         let span = tracing::info_span!("upstream", operation = "revoke", organization = %org, authorization_id = %id);
         async {
             let id_text = id.to_string();
-            let call = Call {
-                operation: Operation::Revoke,
-                method: Method::DELETE,
-                url: self.url(org, &[("authorizationId", &id_text)]),
-                body: None,
-            };
-            let answer = self.execute(&call).await?;
+            let query = [("authorizationId", id_text.as_str())];
+            let answer = self.send(Operation::Revoke, org, &query, None).await?;
             revoke_outcome(&answer)?;
             tracing::info!("upstream revoked a PAT");
             Ok(())
@@ -960,18 +956,17 @@ mod tests {
         }
     }
 
+    /// What `pager` does after a page of `ids` carrying `token`.
+    fn accept(pager: &mut Pager, token: &str, ids: &[u128]) -> Next {
+        pager.accept(page(token, ids)).unwrap()
+    }
+
     #[test]
     fn pages_are_followed_until_the_empty_token() {
         let mut pager = Pager::default();
-        assert_eq!(
-            pager.accept(page("a", &[1, 2])).unwrap(),
-            Next::Page("a".into())
-        );
-        assert_eq!(
-            pager.accept(page("b", &[3, 4])).unwrap(),
-            Next::Page("b".into())
-        );
-        assert_eq!(pager.accept(page("", &[5])).unwrap(), Next::Done);
+        assert_eq!(accept(&mut pager, "a", &[1, 2]), Next::Page("a".into()));
+        assert_eq!(accept(&mut pager, "b", &[3, 4]), Next::Page("b".into()));
+        assert_eq!(accept(&mut pager, "", &[5]), Next::Done);
         assert_eq!(pager.pats.len(), 5);
         let mut pager = Pager::default();
         let mut last = page("", &[1]);
@@ -982,32 +977,17 @@ mod tests {
     #[test]
     fn a_repeated_continuation_token_stops_the_list() {
         let mut pager = Pager::default();
-        assert_eq!(
-            pager.accept(page("a", &[1, 2])).unwrap(),
-            Next::Page("a".into())
-        );
-        assert!(matches!(
-            pager.accept(page("a", &[3, 4])).unwrap(),
-            Next::Stop(_)
-        ));
+        assert_eq!(accept(&mut pager, "a", &[1, 2]), Next::Page("a".into()));
+        assert!(matches!(accept(&mut pager, "a", &[3, 4]), Next::Stop(_)));
         assert_eq!(pager.pats.len(), 4);
     }
 
     #[test]
     fn a_page_without_new_pats_stops_the_list_and_duplicates_are_dropped() {
         let mut pager = Pager::default();
-        assert_eq!(
-            pager.accept(page("a", &[1, 2])).unwrap(),
-            Next::Page("a".into())
-        );
-        assert_eq!(
-            pager.accept(page("b", &[2, 3])).unwrap(),
-            Next::Page("b".into())
-        );
-        assert!(matches!(
-            pager.accept(page("c", &[1, 3])).unwrap(),
-            Next::Stop(_)
-        ));
+        assert_eq!(accept(&mut pager, "a", &[1, 2]), Next::Page("a".into()));
+        assert_eq!(accept(&mut pager, "b", &[2, 3]), Next::Page("b".into()));
+        assert!(matches!(accept(&mut pager, "c", &[1, 3]), Next::Stop(_)));
         let ids: Vec<u128> = pager
             .pats
             .iter()
@@ -1019,10 +999,7 @@ mod tests {
     #[test]
     fn an_empty_page_with_a_token_stops_the_list() {
         let mut pager = Pager::default();
-        assert!(matches!(
-            pager.accept(page("z", &[])).unwrap(),
-            Next::Stop(_)
-        ));
+        assert!(matches!(accept(&mut pager, "z", &[]), Next::Stop(_)));
         assert!(pager.pats.is_empty());
     }
 
@@ -1256,7 +1233,7 @@ mod tests {
 
     #[test]
     fn the_documented_get_example_with_a_foreign_id_is_refused() {
-        // EX GetPat asks for cf42cc9f-... and answers 3d3aca0c-... (section 1.9).
+        // EX GetPat asks for cf42cc9f-... and answers 3d3aca0c-... (a documentation defect).
         let body = br#"{"patToken":{"displayName":"analytics_token","validTo":"2020-12-01T23:46:23.32Z","scope":"vso.analytics","targetAccounts":["38aaa865-2c70-4bf7-a308-0c6539c38c1a"],"validFrom":"2020-10-29T17:26:46.72Z","authorizationId":"3d3aca0c-9ad3-4b07-8334-08ec8b1ddc32","token":null},"patTokenError":"none"}"#;
         let pat = AzureDevOpsClient::pat_result(Operation::Get, body).unwrap();
         let asked: AuthorizationId = "cf42cc9f-f170-4375-92ba-c13d58a6545f".parse().unwrap();

@@ -1,10 +1,10 @@
 //! JSON shapes of the PAT Lifecycle API as they cross the wire
-//! (ado-pat-api.md section 1.3, field names exactly as in SPEC-7.1/7.2),
-//! and the lenient parsers the client needs for them: date-times with 0 to 7
-//! fractional digits and with or without an offset (section 1.6),
-//! `patTokenError` with an unknown-value fallback (section 1.4), the
-//! Azure DevOps error envelope (section 1.8) and `Retry-After` (RFC 9110
-//! section 10.2.3).
+//! (field names exactly as in SPEC-7.1/7.2), and the lenient parsers the
+//! client needs for them: date-times with 0 to 7 fractional digits and with
+//! or without an offset, `patTokenError` with an unknown-value fallback, the
+//! Azure DevOps error envelope and `Retry-After` (RFC 9110 section 10.2.3).
+//! The facts are in docs/upstream-api.md: Request and response shapes,
+//! Date-time formats, Refusals: patTokenError, Error envelope.
 
 use std::time::Duration;
 
@@ -122,13 +122,11 @@ impl TryFrom<WirePatToken> for PatToken {
 #[serde(rename_all = "camelCase")]
 pub struct WirePatTokenResult {
     /// `patToken`: null when the request was refused.
-    #[serde(default)]
     pub pat_token: Option<WirePatToken>,
     /// `patTokenError`; `none` on success.
     #[serde(default = "default_none", deserialize_with = "de_pat_token_error")]
     pub pat_token_error: PatTokenError,
     /// `patTokenErrorMessage` (SPEC-7.2 only).
-    #[serde(default)]
     pub pat_token_error_message: Option<String>,
 }
 
@@ -137,7 +135,6 @@ pub struct WirePatTokenResult {
 #[serde(rename_all = "camelCase")]
 pub struct WirePagedPatTokens {
     /// `continuationToken`: `""` (or absent) on the last page.
-    #[serde(default)]
     pub continuation_token: Option<String>,
     /// `patTokens`.
     #[serde(default)]
@@ -154,7 +151,7 @@ pub struct WireCreateRequest<'a> {
     pub scope: &'a str,
     /// `validTo`, see [`format_timestamp`].
     pub valid_to: String,
-    /// `allOrgs`: always false (global PATs are retired, section 4.2).
+    /// `allOrgs`: always false (docs/upstream-api.md, Global PAT retirement).
     pub all_orgs: bool,
 }
 
@@ -181,10 +178,8 @@ pub struct WireUpdateRequest<'a> {
 #[serde(rename_all = "camelCase")]
 pub struct ErrorEnvelope {
     /// `message`, e.g. `TF400813: The user '' is not authorized...`.
-    #[serde(default)]
     pub message: Option<String>,
     /// `typeKey`, e.g. `JsonReaderException`.
-    #[serde(default)]
     pub type_key: Option<String>,
 }
 
@@ -224,8 +219,9 @@ pub fn shorten(text: &str, max: usize) -> String {
     }
 }
 
-/// Reads `Retry-After`: delta-seconds (what Azure DevOps sends, section
-/// 4.5) or an HTTP-date, relative to `now`. Unreadable values give None.
+/// Reads `Retry-After`: delta-seconds (what Azure DevOps sends,
+/// docs/upstream-api.md, Rate limits and Retry-After) or an HTTP-date,
+/// relative to `now`. Unreadable values give None.
 pub fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
     let value = value.trim();
     if let Ok(seconds) = value.parse::<u64>() {
@@ -276,27 +272,22 @@ mod tests {
     }
 
     #[test]
-    fn timestamps_with_an_offset_are_converted_to_utc() {
-        assert_eq!(
-            parse_timestamp("2020-12-02T01:46:23.32+02:00").unwrap(),
-            utc(2020, 12, 1, 23, 46, 23, 320_000_000)
-        );
-        assert_eq!(
-            parse_timestamp("2020-12-01T23:46:23+00:00").unwrap(),
-            utc(2020, 12, 1, 23, 46, 23, 0)
-        );
-    }
-
-    #[test]
-    fn timestamps_without_an_offset_are_read_as_utc() {
-        assert_eq!(
-            parse_timestamp("2018-07-19T00:00:00").unwrap(),
-            utc(2018, 7, 19, 0, 0, 0, 0)
-        );
-        assert_eq!(
-            parse_timestamp("2020-11-02T22:56:52.1033333").unwrap(),
-            utc(2020, 11, 2, 22, 56, 52, 103_333_300)
-        );
+    fn timestamps_with_an_offset_are_converted_and_without_one_read_as_utc() {
+        for (text, expected) in [
+            (
+                "2020-12-02T01:46:23.32+02:00",
+                utc(2020, 12, 1, 23, 46, 23, 320_000_000),
+            ),
+            ("2020-12-01T23:46:23+00:00", utc(2020, 12, 1, 23, 46, 23, 0)),
+            // No zone designator.
+            ("2018-07-19T00:00:00", utc(2018, 7, 19, 0, 0, 0, 0)),
+            (
+                "2020-11-02T22:56:52.1033333",
+                utc(2020, 11, 2, 22, 56, 52, 103_333_300),
+            ),
+        ] {
+            assert_eq!(parse_timestamp(text).unwrap(), expected, "{text}");
+        }
     }
 
     #[test]
