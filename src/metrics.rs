@@ -264,21 +264,7 @@ mod tests {
     use chrono::Utc;
 
     fn event(action: &str, outcome: Outcome) -> AuditEvent {
-        AuditEvent {
-            id: 0,
-            time: Utc::now(),
-            identity: "apikey:ci".into(),
-            peer: None,
-            action: action.into(),
-            outcome,
-            reason: None,
-            policy_rule: None,
-            lease_id: None,
-            organization: None,
-            scopes: None,
-            token_fingerprint: None,
-            caller_detail: None,
-        }
+        AuditEvent::new(Utc::now(), "apikey:ci", action, outcome)
     }
 
     fn head(id: i64, c: char) -> AppendedEvent {

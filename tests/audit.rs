@@ -6,8 +6,7 @@
 #[macro_use]
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use chrono::{DateTime, TimeZone, Utc};
 use common::audit::AuditDb;
@@ -487,35 +486,13 @@ async fn an_audit_row_that_cannot_be_written_is_an_error_and_leaves_nothing_behi
     intact(&db, &chain_key(&key), head_of(&next)).await;
 }
 
-/// Collects log output in memory.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 async fn every_append_logs_the_chain_head(db: AuditDb) {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::INFO)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    // The test body runs on this thread, so the default covers its appends.
-    let _default = tracing::subscriber::set_default(subscriber);
+    let captured = common::logs::CapturedLogs::start(tracing::Level::INFO);
 
     let log = AuditLog::new(db.store.clone(), chain_key(&new_key()));
     let appended = append_n(&log, 3).await;
 
-    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let text = captured.text();
     let heads: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("audit chain head"))

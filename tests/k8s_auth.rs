@@ -862,30 +862,9 @@ async fn token_review_error_text_that_echoes_the_token_is_not_repeated() {
     assert!(err.to_string().contains("not authenticated"), "{err}");
 }
 
-/// Collects everything tracing writes.
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn no_service_account_token_reaches_the_logs_even_at_trace_level() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let captured = common::logs::CapturedLogs::start(tracing::Level::TRACE);
 
     // JWKS: an accepted token, a forged one, one refused while the JWKS is down.
     let key = SigningKey::es256("es-1");
@@ -919,7 +898,7 @@ async fn no_service_account_token_reaches_the_logs_even_at_trace_level() {
     review.verify(&reviewed).await.expect("accepted");
     review.verify(&forged).await.unwrap_err();
 
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     assert!(
         logs.contains("service-account signing keys"),
         "the capture works: {logs}"

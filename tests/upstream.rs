@@ -5,8 +5,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -925,29 +924,9 @@ async fn a_pat_is_refused_by_the_pat_api_as_bearer_and_as_basic_auth() {
 
 // ---------------------------------------------------------------- secrets
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn no_bearer_pat_or_refresh_token_reaches_the_logs_even_at_trace_level() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let captured = common::logs::CapturedLogs::start(tracing::Level::TRACE);
 
     let upstream = Upstream::start().await;
     let (source, sink) = upstream.refresh_source();
@@ -968,7 +947,7 @@ async fn no_bearer_pat_or_refresh_token_reaches_the_logs_even_at_trace_level() {
         .unwrap();
     let bearer = source.bearer().await.unwrap();
 
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     assert!(logs.contains("upstream"), "the capture works: {logs}");
     assert!(
         logs.contains(&pat.authorization_id.to_string()),

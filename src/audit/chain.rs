@@ -343,20 +343,11 @@ mod tests {
     }
 
     fn event() -> AuditEvent {
+        let time = chrono::Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap();
         AuditEvent {
             id: 7,
-            time: chrono::Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap(),
-            identity: "apikey:ci".into(),
-            peer: None,
-            action: "lease.create".into(),
-            outcome: Outcome::Allowed,
-            reason: None,
-            policy_rule: None,
-            lease_id: None,
             organization: Some("contoso".into()),
-            scopes: None,
-            token_fingerprint: None,
-            caller_detail: None,
+            ..AuditEvent::new(time, "apikey:ci", "lease.create", Outcome::Allowed)
         }
     }
 

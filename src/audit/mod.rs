@@ -14,13 +14,13 @@
 
 use std::sync::{Arc, Mutex};
 
-use chrono::{DateTime, Utc};
-
-use crate::domain::LeaseId;
 use crate::error::{ErrorCode, ServiceError};
 use crate::store::{Store, StoreError};
 
 pub mod chain;
+
+/// Audit events are a domain type; re-exported where they are chained.
+pub use crate::domain::{AuditEvent, Outcome};
 
 pub use chain::{
     parse_expected_head, verify, BadHead, ChainBroken, ChainKey, Defect, VerifyError, VerifyReport,
@@ -45,75 +45,10 @@ pub const LEASE_RECONCILE: &str = "lease.reconcile";
 /// `action` of an upstream PAT revoked by the orphan sweep: it carried this
 /// deployment's display-name prefix and no live lease owned it.
 pub const PAT_REVOKE_ORPHAN: &str = "pat.revoke_orphan";
+/// `action` of a policy reload attempt (applied or refused).
+pub const POLICY_RELOAD: &str = "policy.reload";
 /// `action` of a refused authentication.
 pub const AUTHENTICATE: &str = "authenticate";
-
-/// How a decision came out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// Granted or done.
-    Allowed,
-    /// Refused by authentication or policy.
-    Denied,
-    /// Attempted and failed.
-    Error,
-}
-
-impl Outcome {
-    /// Stored form: `allowed`, `denied`, `error`.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Outcome::Allowed => "allowed",
-            Outcome::Denied => "denied",
-            Outcome::Error => "error",
-        }
-    }
-
-    /// Parses the stored form.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "allowed" => Some(Outcome::Allowed),
-            "denied" => Some(Outcome::Denied),
-            "error" => Some(Outcome::Error),
-            _ => None,
-        }
-    }
-}
-
-/// One audit row.
-#[derive(Clone, Debug, PartialEq)]
-pub struct AuditEvent {
-    /// Store-assigned, increasing; 0 before it is appended.
-    pub id: i64,
-    /// When it happened (UTC).
-    pub time: DateTime<Utc>,
-    /// The caller's typed identity, or `-` when unauthenticated.
-    pub identity: String,
-    /// The caller's socket address, when known.
-    pub peer: Option<String>,
-    /// What was asked, e.g. `lease.create`, `lease.expire`.
-    pub action: String,
-    /// How it came out.
-    pub outcome: Outcome,
-    /// Stable reason, e.g. `SCOPE_NOT_ALLOWED`.
-    pub reason: Option<String>,
-    /// The policy rule that decided, if any.
-    pub policy_rule: Option<String>,
-    /// The lease concerned, if any.
-    pub lease_id: Option<LeaseId>,
-    /// The organization concerned, if any.
-    pub organization: Option<String>,
-    /// Scopes asked for or held, space separated.
-    pub scopes: Option<String>,
-    /// Keyed HMAC-SHA256 fingerprint of the token, hex; never the token.
-    pub token_fingerprint: Option<String>,
-    /// More about the caller than its identity: for a Kubernetes service
-    /// account, its token's claims as `pod=NAME pod_uid=UID sa_uid=UID
-    /// jti=ID` (absent claims left out; see
-    /// [`Caller::audit_detail`](crate::auth::Caller::audit_detail)).
-    /// `None` for other callers and for rows from before migration 0003.
-    pub caller_detail: Option<String>,
-}
 
 /// Where a row landed in the chain: its id and its MAC (64 lower-case hex
 /// characters; not a secret). Also the shape of the chain head.

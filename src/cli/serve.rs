@@ -390,19 +390,9 @@ impl RefusalAudit for ChainedRefusalAudit {
             _ => Outcome::Error,
         };
         let event = AuditEvent {
-            id: 0,
-            time: Utc::now(),
-            identity: "-".to_owned(),
             peer: refusal.peer,
-            action: crate::audit::AUTHENTICATE.to_owned(),
-            outcome,
             reason: Some(refusal.error.reason().to_owned()),
-            policy_rule: None,
-            lease_id: None,
-            organization: None,
-            scopes: None,
-            token_fingerprint: None,
-            caller_detail: None,
+            ..AuditEvent::new(Utc::now(), "-", crate::audit::AUTHENTICATE, outcome)
         };
         if let Err(e) = self.0.append(&event).await {
             tracing::error!(action = crate::audit::AUTHENTICATE, error = %e, "audit event not written");

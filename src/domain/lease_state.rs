@@ -3,7 +3,9 @@ use std::str::FromStr;
 
 use super::DomainError;
 
-/// Where a lease is in its lifecycle (DESIGN.md section 5). Stored and
+/// Where a lease is in its lifecycle (the transitions are the methods in
+/// `leases::transition`; docs/architecture.md, "The lease state machine").
+/// Stored and
 /// printed as the UPPER_SNAKE_CASE names of the proto enum `Lease.State`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum LeaseState {

@@ -1,6 +1,7 @@
 //! Domain types that validate on construction, so a bare `String` never
 //! wanders through the broker.
 
+mod audit_event;
 mod identity;
 mod ids;
 mod lease_state;
@@ -8,6 +9,7 @@ mod organization;
 mod scope;
 mod time;
 
+pub use audit_event::{AuditEvent, Outcome};
 pub use identity::Identity;
 pub use ids::{AuthorizationId, LeaseId};
 pub use lease_state::LeaseState;

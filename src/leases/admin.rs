@@ -29,10 +29,10 @@ use std::collections::HashSet;
 use chrono::{DateTime, Utc};
 use futures::stream::{self, StreamExt as _};
 
-use super::support::{
-    audit_best_effort, begin_revocation, final_state, finish_revocation, lease_event,
-    lease_token_fingerprint, now,
-};
+use super::auditing::{audit_best_effort, Actor};
+use super::revocation::{begin_revocation, finish_revocation};
+use super::sealing::lease_token_fingerprint;
+use super::time::now;
 use super::{LeaseDeps, LeaseError, LeasePage, ListQuery};
 use crate::audit::{AuditEvent, Outcome};
 use crate::auth::Caller;
@@ -201,29 +201,17 @@ async fn admit_read(deps: &LeaseDeps, caller: &Caller, action: &str) -> Result<(
 }
 
 async fn refuse(deps: &LeaseDeps, caller: &Caller, action: &str) -> Result<(), LeaseError> {
-    let mut event = admin_event(caller, action, Outcome::Denied);
-    event.reason = Some("ADMIN_REQUIRED".to_owned());
+    let event = AuditEvent {
+        reason: Some("ADMIN_REQUIRED".to_owned()),
+        ..admin_event(caller, action, Outcome::Denied)
+    };
     audit_best_effort(deps, event).await;
     tracing::info!(identity = %caller.identity, action, "admin call refused");
     Err(LeaseError::AdminRequired)
 }
 
 fn admin_event(caller: &Caller, action: &str, outcome: Outcome) -> AuditEvent {
-    AuditEvent {
-        id: 0,
-        time: now(),
-        identity: caller.identity.to_string(),
-        peer: caller.peer.clone(),
-        action: action.to_owned(),
-        outcome,
-        reason: None,
-        policy_rule: None,
-        lease_id: None,
-        organization: None,
-        scopes: None,
-        token_fingerprint: None,
-        caller_detail: caller.audit_detail(),
-    }
+    Actor::caller(caller).event(action, outcome, now())
 }
 
 /// See [`super::Leases::admin_revoke`].
@@ -243,13 +231,11 @@ pub(super) async fn revoke_leases(
         not_found,
         ..BulkRevoke::default()
     };
-    let actor = caller.identity.to_string();
-    let peer = caller.peer.as_deref();
-    let detail = caller.audit_detail();
+    let actor = Actor::caller(caller);
     let mut results = stream::iter(
         selected
             .into_iter()
-            .map(|lease| revoke_one(deps, &actor, peer, detail.as_deref(), lease)),
+            .map(|lease| revoke_one(deps, &actor, lease)),
     )
     .buffer_unordered(REVOKE_CONCURRENCY);
     while let Some(state) = results.next().await {
@@ -260,18 +246,20 @@ pub(super) async fn revoke_leases(
             None => outcome.failed += 1,
         }
     }
-    let mut event = admin_event(caller, ACTION, Outcome::Allowed);
-    event.reason = Some(format!(
-        "{}; matched={} revoked={} revoking={} pending={} failed={}",
-        selector.describe(),
-        outcome.matched,
-        outcome.revoked,
-        outcome.revoking,
-        outcome.pending,
-        outcome.failed
-    ));
-    event.organization = selector.organization.as_ref().map(ToString::to_string);
-    event.scopes = selector.scope.as_ref().map(|s| s.as_str().to_owned());
+    let event = AuditEvent {
+        reason: Some(format!(
+            "{}; matched={} revoked={} revoking={} pending={} failed={}",
+            selector.describe(),
+            outcome.matched,
+            outcome.revoked,
+            outcome.revoking,
+            outcome.pending,
+            outcome.failed
+        )),
+        organization: selector.organization.as_ref().map(ToString::to_string),
+        scopes: selector.scope.as_ref().map(|s| s.as_str().to_owned()),
+        ..admin_event(caller, ACTION, Outcome::Allowed)
+    };
     audit_best_effort(deps, event).await;
     tracing::info!(
         identity = %caller.identity,
@@ -335,13 +323,7 @@ async fn select(
 
 /// Revokes one lease through the normal path; its state afterwards (None:
 /// the store failed).
-async fn revoke_one(
-    deps: &LeaseDeps,
-    actor: &str,
-    peer: Option<&str>,
-    detail: Option<&str>,
-    mut lease: LeaseRecord,
-) -> Option<LeaseState> {
+async fn revoke_one(deps: &LeaseDeps, actor: &Actor, mut lease: LeaseRecord) -> Option<LeaseState> {
     let id = lease.id;
     // Bounded rounds: each lost race means another actor moved the lease on.
     for _ in 0..5 {
@@ -350,31 +332,13 @@ async fn revoke_one(
             s if s.is_terminal() => return Some(s),
             LeaseState::Active => match begin_revocation(deps, &lease, now()).await {
                 Ok(Some(revoking)) => {
-                    finish_revocation(
-                        deps,
-                        &revoking,
-                        actor,
-                        peer,
-                        detail,
-                        crate::audit::LEASE_REVOKE,
-                    )
-                    .await
+                    finish_revocation(deps, &revoking, actor, crate::audit::LEASE_REVOKE).await
                 }
                 Ok(None) => Ok(None),
                 Err(e) => Err(e),
             },
             // REVOKING or REVOKE_FAILED: try again now.
-            _ => {
-                finish_revocation(
-                    deps,
-                    &lease,
-                    actor,
-                    peer,
-                    detail,
-                    crate::audit::LEASE_REVOKE,
-                )
-                .await
-            }
+            _ => finish_revocation(deps, &lease, actor, crate::audit::LEASE_REVOKE).await,
         };
         match result {
             Ok(Some(done)) => return Some(done.state),
@@ -432,9 +396,11 @@ pub(super) async fn force_revoke(
     // Refusals are audited against the lease asked for, so an audit query
     // by lease shows every attempt to force it.
     let refuse = |reason: &str| {
-        let mut event = admin_event(caller, ACTION, Outcome::Denied);
-        event.reason = Some(reason.to_owned());
-        event.lease_id = Some(id);
+        let event = AuditEvent {
+            reason: Some(reason.to_owned()),
+            lease_id: Some(id),
+            ..admin_event(caller, ACTION, Outcome::Denied)
+        };
         audit_best_effort(deps, event)
     };
     if !deps.policy.current().is_admin(&caller.identity) {
@@ -479,27 +445,19 @@ pub(super) async fn force_revoke(
     }
     let now = now();
     let left_live = left_live(&lease);
-    let mut closed = lease.clone();
-    closed.revoke_time = Some(lease.revoke_time.unwrap_or(now));
-    closed.state = final_state(&closed);
-    closed.update_time = now;
-    closed.next_attempt_time = None;
-    closed.claimed_by = None;
-    closed.claimed_until = None;
-    closed.last_error = Some(match &lease.last_error {
-        Some(previous) => format!(
-            "force-closed by {}: {left_live}; last upstream error: {previous}",
-            caller.identity
-        ),
-        None => format!("force-closed by {}: {left_live}", caller.identity),
-    });
+    let (closed, expected) = lease.force_closed(
+        now,
+        match &lease.last_error {
+            Some(previous) => format!(
+                "force-closed by {}: {left_live}; last upstream error: {previous}",
+                caller.identity
+            ),
+            None => format!("force-closed by {}: {left_live}", caller.identity),
+        },
+    );
     // CAS on REVOKE_FAILED: a background retry that reached upstream and
     // recorded REVOKED first wins, and this call then reports that state.
-    if !deps
-        .store
-        .update_lease(&closed, LeaseState::RevokeFailed)
-        .await?
-    {
+    if !deps.store.update_lease(&closed, expected).await? {
         let state = deps
             .store
             .get_lease(id)
@@ -509,21 +467,15 @@ pub(super) async fn force_revoke(
         refuse(&format!("LEASE_NOT_REVOKE_FAILED: lease is {state}")).await;
         return Err(LeaseError::NotForceable(state));
     }
-    let mut event = lease_event(
-        &caller.identity.to_string(),
-        caller.peer.as_deref(),
-        ACTION,
-        Outcome::Allowed,
-        &closed,
-        now,
-    );
-    event.reason = Some(format!(
-        "closed as {} without an upstream revoke; {left_live}; operator reason: {}",
-        closed.state,
-        reason.as_deref().unwrap_or("(none given)")
-    ));
-    event.token_fingerprint = lease_token_fingerprint(deps, &closed);
-    event.caller_detail = caller.audit_detail();
+    let event = AuditEvent {
+        reason: Some(format!(
+            "closed as {} without an upstream revoke; {left_live}; operator reason: {}",
+            closed.state,
+            reason.as_deref().unwrap_or("(none given)")
+        )),
+        token_fingerprint: lease_token_fingerprint(deps, &closed),
+        ..Actor::caller(caller).lease_event(ACTION, Outcome::Allowed, &closed, now)
+    };
     audit_best_effort(deps, event).await;
     tracing::warn!(
         lease_id = %id,

@@ -12,12 +12,11 @@ use std::time::Duration;
 
 use futures::FutureExt as _;
 
-use super::support::{
-    audit_best_effort, begin_revocation, final_state, finish_revocation, lease_event, now,
-    revoke_by_display_name, BACKGROUND_ACTOR,
-};
+use super::auditing::{audit_best_effort, Actor};
+use super::revocation::{begin_revocation, finish_revocation, revoke_by_display_name};
+use super::time::now;
 use super::{LeaseDeps, LeaseError};
-use crate::audit::Outcome;
+use crate::audit::{AuditEvent, Outcome};
 use crate::domain::LeaseState;
 use crate::store::{LeaseRecord, Work};
 
@@ -61,10 +60,10 @@ async fn claim(deps: &LeaseDeps, work: Work) -> Result<(Vec<LeaseRecord>, Fresh)
 /// (`sweep::sweep_if_due`; it runs when its deployment-wide claim is due),
 /// so a long sweep never holds up expiry. A pass under way when shutdown
 /// comes stops taking new leases, releases the claims it has not started
-/// on, and finishes the ones in hand (up to `background_workers`; graceful
-/// shutdown, DESIGN.md section 10, within `serve`'s shutdown grace); a sweep under way is dropped (it only lists and revokes, both safe
-/// to cut; its claim lapses), so its upstream retries never hold up the
-/// exit. Errors, and panics, are logged; the next tick tries again.
+/// on, and finishes the ones in hand (up to `background_workers`, within
+/// `serve`'s shutdown grace); a sweep under way is dropped (it only lists
+/// and revokes, both safe to cut; its claim lapses), so its upstream
+/// retries never hold up the exit. Errors, and panics, are logged; the next tick tries again.
 pub(super) async fn run(deps: &LeaseDeps, shutdown: impl std::future::Future<Output = ()> + Send) {
     let stop = AtomicBool::new(false);
     let shutdown = shutdown.shared();
@@ -244,18 +243,17 @@ where
 /// left under a FAILED lease, which the orphan sweep revokes.
 async fn reconcile(deps: &LeaseDeps, lease: LeaseRecord) {
     let now = now();
-    let mut failed = lease.clone();
-    failed.state = LeaseState::Failed;
-    failed.update_time = now;
-    failed.sealed_token = None;
     // The claim is kept while its PAT is revoked (so the sweep, which
     // claims rows before revoking, does not revoke it at the same time),
     // then released.
-    failed.last_error = Some(format!(
-        "reconciled: left PENDING past {} s; any PAT with its display name is revoked",
-        deps.settings.reconcile_after.as_secs()
-    ));
-    match deps.store.update_lease(&failed, LeaseState::Pending).await {
+    let (failed, expected) = lease.fail(
+        now,
+        format!(
+            "reconciled: left PENDING past {} s; any PAT with its display name is revoked",
+            deps.settings.reconcile_after.as_secs()
+        ),
+    );
+    match deps.store.update_lease(&failed, expected).await {
         Ok(true) => {}
         Ok(false) => {
             // The create finished (or another actor settled it) meanwhile.
@@ -269,15 +267,15 @@ async fn reconcile(deps: &LeaseDeps, lease: LeaseRecord) {
             return;
         }
     }
-    let mut event = lease_event(
-        BACKGROUND_ACTOR,
-        None,
-        crate::audit::LEASE_RECONCILE,
-        Outcome::Allowed,
-        &failed,
-        now,
-    );
-    event.reason = Some("PENDING_RECONCILED".to_owned());
+    let event = AuditEvent {
+        reason: Some("PENDING_RECONCILED".to_owned()),
+        ..Actor::background().lease_event(
+            crate::audit::LEASE_RECONCILE,
+            Outcome::Allowed,
+            &failed,
+            now,
+        )
+    };
     audit_best_effort(deps, event).await;
     match revoke_by_display_name(deps, &failed).await {
         Ok(search) if search.complete => {
@@ -324,9 +322,7 @@ async fn expire(deps: &LeaseDeps, lease: LeaseRecord) -> usize {
         finish_revocation(
             deps,
             &revoking,
-            BACKGROUND_ACTOR,
-            None,
-            None,
+            &Actor::background(),
             crate::audit::LEASE_EXPIRE,
         )
         .await
@@ -337,13 +333,8 @@ async fn expire(deps: &LeaseDeps, lease: LeaseRecord) -> usize {
 
 /// Retries one claimed revocation; 1 if it reached REVOKED or EXPIRED.
 async fn retry_revocation(deps: &LeaseDeps, lease: LeaseRecord) -> usize {
-    let id = lease.id;
-    let action = match final_state(&lease) {
-        LeaseState::Expired => crate::audit::LEASE_EXPIRE,
-        _ => crate::audit::LEASE_REVOKE,
-    };
-    let result = finish_revocation(deps, &lease, BACKGROUND_ACTOR, None, None, action).await;
-    settle(deps, id, result).await
+    let result = super::revocation::retry_revocation(deps, &lease).await;
+    settle(deps, lease.id, result).await
 }
 
 /// Logs the outcome and releases the claim where the lease row was not

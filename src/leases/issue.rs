@@ -1,14 +1,17 @@
 //! CreateLease: policy, request_id replay, the PENDING intent row, the
-//! upstream create, and ACTIVE (DESIGN.md section 5 item 1, section 4).
+//! upstream create, and ACTIVE (docs/architecture.md, "How a CreateLease
+//! request flows").
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::support::{
-    audit_best_effort, audit_grant, caller_event, chrono_duration, fit_to_upstream, now,
-    open_token, revoke_by_display_name, token_aad,
+use super::auditing::{audit_best_effort, audit_grant, Actor};
+use super::revocation::{
+    begin_revocation, finish_revocation, revoke_by_display_name, revoke_upstream,
 };
+use super::sealing::{open_token, seal_token};
+use super::time::{chrono_duration, now};
 use super::{CreateLease, IssuedLease, LeaseDeps, LeaseError};
 use crate::audit::{AuditEvent, Outcome};
 use crate::auth::Caller;
@@ -124,11 +127,8 @@ async fn recheck_quota(
     let Err(refused) = check_quota(deps, caller, req, grant, Some(lease.id)).await else {
         return Ok(());
     };
-    let mut failed = lease.clone();
-    failed.state = LeaseState::Failed;
-    failed.update_time = now();
-    failed.last_error = Some(refused.to_string());
-    if let Err(e) = deps.store.update_lease(&failed, LeaseState::Pending).await {
+    let (failed, expected) = lease.fail(now(), refused.to_string());
+    if let Err(e) = deps.store.update_lease(&failed, expected).await {
         // Left PENDING without a PAT: the reconciler will mark it FAILED.
         tracing::error!(lease_id = %lease.id, error = %e, "could not mark lease FAILED");
     }
@@ -144,19 +144,12 @@ fn denied_event(
     lease_id: Option<LeaseId>,
 ) -> AuditEvent {
     AuditEvent {
-        id: 0,
-        time: now(),
-        identity: caller.identity.to_string(),
-        peer: caller.peer.clone(),
-        action: ACTION.to_owned(),
-        outcome: Outcome::Denied,
         reason: Some(reason.to_owned()),
         policy_rule: rule,
         lease_id,
         organization: Some(req.organization.to_string()),
         scopes: Some(req.scopes.to_upstream()),
-        token_fingerprint: None,
-        caller_detail: caller.audit_detail(),
+        ..Actor::caller(caller).event(ACTION, Outcome::Denied, now())
     }
 }
 
@@ -272,10 +265,12 @@ async fn replay(
             }
             _ => {
                 let token = open_token(deps, &lease)?;
-                let mut event = caller_event(caller, ACTION, Outcome::Allowed, &lease, now());
-                event.reason = Some("REQUEST_ID_REPLAYED".to_owned());
-                event.policy_rule = Some(grant.rule.clone());
-                event.token_fingerprint = Some(deps.fingerprinter.fingerprint(&token));
+                let event = AuditEvent {
+                    reason: Some("REQUEST_ID_REPLAYED".to_owned()),
+                    policy_rule: Some(grant.rule.clone()),
+                    token_fingerprint: Some(deps.fingerprinter.fingerprint(&token)),
+                    ..Actor::caller(caller).lease_event(ACTION, Outcome::Allowed, &lease, now())
+                };
                 audit_grant(deps, &event).await?;
                 return Ok(IssuedLease { lease, token });
             }
@@ -299,7 +294,13 @@ async fn mint(
     };
     let pat = match deps.upstream.create(&lease.organization, &request).await {
         Ok(pat) => pat,
-        Err(e) => return Err(upstream_create_failed(deps, caller, lease, rule, e).await),
+        Err(e) => {
+            if !no_pat_left(deps, &lease, &e).await {
+                // A PAT may exist: the lease stays PENDING for the reconciler.
+                return Err(e.into());
+            }
+            return Err(fail(deps, caller, lease, rule, e).await);
+        }
     };
     let Some(token) = pat.token.clone() else {
         // Upstream made a PAT but did not hand us its secret: useless. Only a
@@ -307,25 +308,26 @@ async fn mint(
         // row stays PENDING and the reconciler finds the PAT by its name.
         let e = UpstreamError::Protocol("create answer carries no token".to_owned());
         lease.authorization_id = Some(pat.authorization_id);
-        if let Err(r) =
-            super::support::revoke_upstream(deps, &lease.organization, pat.authorization_id).await
-        {
+        if let Err(r) = revoke_upstream(deps, &lease.organization, pat.authorization_id).await {
             tracing::error!(lease_id = %lease.id, error = %r, "could not revoke a PAT minted without its token; left PENDING for the reconciler");
             return Err(e.into());
         }
         return Err(fail(deps, caller, lease, rule, e).await);
     };
 
-    // Upstream may clamp validTo (max-lifespan policy, ado-pat-api.md 4.1)
-    // and rounds it: the lease must never outlive its PAT.
+    // Upstream may clamp validTo and rounds it (docs/upstream-api.md,
+    // "validTo clamping" and "validTo rounding"): the lease must never
+    // outlive its PAT.
     let now = now();
-    fit_to_upstream(&mut lease, pat.valid_to, wanted_valid_to);
-    lease.authorization_id = Some(pat.authorization_id);
-    lease.sealed_token = Some(deps.keyring.seal(&token, &token_aad(lease.id)));
-    lease.state = LeaseState::Active;
-    lease.update_time = now;
+    let (lease, expected) = lease.activate(
+        now,
+        pat.authorization_id,
+        seal_token(deps, lease.id, &token),
+        pat.valid_to,
+        wanted_valid_to,
+    );
 
-    let stored = match deps.store.update_lease(&lease, LeaseState::Pending).await {
+    let stored = match deps.store.update_lease(&lease, expected).await {
         Ok(true) => Ok(()),
         // The reconciler (or an admin) settled the lease while the create
         // was in flight: this attempt is abandoned, a retry mints afresh.
@@ -338,22 +340,17 @@ async fn mint(
         return Err(e);
     }
 
-    let mut event = caller_event(caller, ACTION, Outcome::Allowed, &lease, now);
-    event.policy_rule = Some(rule.to_owned());
-    event.token_fingerprint = Some(deps.fingerprinter.fingerprint(&token));
+    let actor = Actor::caller(caller);
+    let event = AuditEvent {
+        policy_rule: Some(rule.to_owned()),
+        token_fingerprint: Some(deps.fingerprinter.fingerprint(&token)),
+        ..actor.lease_event(ACTION, Outcome::Allowed, &lease, now)
+    };
     if let Err(e) = audit_grant(deps, &event).await {
         // Fail closed: a grant that is not audited does not happen.
         tracing::error!(lease_id = %lease.id, error = %e, "audit of a grant failed; revoking the lease");
-        if let Ok(Some(revoking)) = super::support::begin_revocation(deps, &lease, now).await {
-            let _ = super::support::finish_revocation(
-                deps,
-                &revoking,
-                &caller.identity.to_string(),
-                caller.peer.as_deref(),
-                caller.audit_detail().as_deref(),
-                crate::audit::LEASE_REVOKE,
-            )
-            .await;
+        if let Ok(Some(revoking)) = begin_revocation(deps, &lease, now).await {
+            let _ = finish_revocation(deps, &revoking, &actor, crate::audit::LEASE_REVOKE).await;
         }
         return Err(e);
     }
@@ -366,55 +363,49 @@ async fn mint(
 /// a crash here: the row stays PENDING and the display name finds the PAT).
 async fn abandon_minted(deps: &LeaseDeps, lease: &LeaseRecord) {
     if let Some(id) = lease.authorization_id {
-        if let Err(e) = super::support::revoke_upstream(deps, &lease.organization, id).await {
+        if let Err(e) = revoke_upstream(deps, &lease.organization, id).await {
             tracing::error!(lease_id = %lease.id, error = %e, "could not revoke an unrecorded PAT");
             return;
         }
     }
-    let mut failed = lease.clone();
-    failed.state = LeaseState::Failed;
-    failed.sealed_token = None;
-    failed.update_time = now();
-    failed.last_error = Some("lease could not be recorded as ACTIVE; PAT revoked".to_owned());
-    if let Err(e) = deps.store.update_lease(&failed, LeaseState::Pending).await {
+    let (failed, expected) = lease.fail(
+        now(),
+        "lease could not be recorded as ACTIVE; PAT revoked".to_owned(),
+    );
+    if let Err(e) = deps.store.update_lease(&failed, expected).await {
         tracing::error!(lease_id = %lease.id, error = %e, "could not mark lease FAILED");
     }
 }
 
-/// The upstream create failed. A definite refusal (policy, auth, 400, 429)
-/// means no PAT exists: FAILED. A timeout, 5xx or unreadable answer may hide
-/// a PAT that was made: the create is never retried blindly (DESIGN.md 5.5);
-/// instead the broker lists upstream for the lease's display name. It cannot
-/// adopt a PAT found that way (the secret is only in the create answer), so
-/// it revokes it and marks the lease FAILED; the caller gets the error
+/// Whether the failed upstream create (`error`) left no PAT behind, so the
+/// lease may be marked FAILED. A definite refusal (policy, auth, 400, 429)
+/// means no PAT exists. A timeout, 5xx or unreadable answer may hide a PAT
+/// that was made: the create is never retried blindly (it is not
+/// idempotent: docs/upstream-api.md, "Create is not idempotent"); instead the broker lists upstream for the lease's display
+/// name. It cannot adopt a PAT found that way (the secret is only in the
+/// create answer), so it revokes it; the caller gets the error
 /// (UNAVAILABLE + RetryInfo for 5xx/timeouts) and may retry with the same
 /// request_id, which mints afresh. If the look-up itself fails, or cannot
-/// read the whole list, the lease stays PENDING for the reconciler
-/// (`background`).
-async fn upstream_create_failed(
-    deps: &LeaseDeps,
-    caller: &Caller,
-    lease: LeaseRecord,
-    rule: &str,
-    error: UpstreamError,
-) -> LeaseError {
+/// read the whole list, this is false and the lease stays PENDING for the
+/// reconciler (`background`).
+async fn no_pat_left(deps: &LeaseDeps, lease: &LeaseRecord, error: &UpstreamError) -> bool {
     let ambiguous = matches!(
         error,
         UpstreamError::Unavailable(_) | UpstreamError::Protocol(_)
     );
     if !ambiguous {
-        return fail(deps, caller, lease, rule, error).await;
+        return true;
     }
     tracing::warn!(lease_id = %lease.id, error = %error, "upstream create failed ambiguously; looking for the PAT");
-    match revoke_by_display_name(deps, &lease).await {
-        Ok(search) if search.complete => fail(deps, caller, lease, rule, error).await,
+    match revoke_by_display_name(deps, lease).await {
+        Ok(search) if search.complete => true,
         Ok(search) => {
             tracing::warn!(lease_id = %lease.id, revoked = search.revoked, "upstream list incomplete after a failed create; lease left PENDING for the reconciler");
-            error.into()
+            false
         }
         Err(e) => {
             tracing::warn!(lease_id = %lease.id, error = %e, "could not clear upstream after a failed create; lease left PENDING for the reconciler");
-            error.into()
+            false
         }
     }
 }
@@ -424,20 +415,20 @@ async fn upstream_create_failed(
 async fn fail(
     deps: &LeaseDeps,
     caller: &Caller,
-    mut lease: LeaseRecord,
+    lease: LeaseRecord,
     rule: &str,
     error: UpstreamError,
 ) -> LeaseError {
     let now = now();
-    lease.state = LeaseState::Failed;
-    lease.update_time = now;
-    lease.last_error = Some(error.to_string());
-    if let Err(e) = deps.store.update_lease(&lease, LeaseState::Pending).await {
+    let (lease, expected) = lease.fail(now, error.to_string());
+    if let Err(e) = deps.store.update_lease(&lease, expected).await {
         tracing::error!(lease_id = %lease.id, error = %e, "could not mark lease FAILED");
     }
-    let mut event = caller_event(caller, ACTION, Outcome::Error, &lease, now);
-    event.policy_rule = Some(rule.to_owned());
-    event.reason = Some(crate::error::ServiceError::reason(&error).to_owned());
+    let event = AuditEvent {
+        policy_rule: Some(rule.to_owned()),
+        reason: Some(crate::error::ServiceError::reason(&error).to_owned()),
+        ..Actor::caller(caller).lease_event(ACTION, Outcome::Error, &lease, now)
+    };
     audit_best_effort(deps, event).await;
     tracing::warn!(lease_id = %lease.id, error = %error, "upstream create failed; lease FAILED");
     error.into()

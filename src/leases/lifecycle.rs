@@ -1,14 +1,14 @@
-//! GetLease, ListLeases, RenewLease, RevokeLease (DESIGN.md section 5
-//! items 2 and 3). Every call sees the caller's own leases only.
+//! GetLease, ListLeases, RenewLease, RevokeLease. Every call sees the
+//! caller's own leases only.
 
 use std::time::Duration;
 
-use super::support::{
-    audit_best_effort, begin_revocation, caller_event, chrono_duration, finish_revocation,
-    lease_token_fingerprint, now,
-};
+use super::auditing::{audit_best_effort, audit_grant, Actor};
+use super::revocation::{begin_revocation, finish_revocation};
+use super::sealing::lease_token_fingerprint;
+use super::time::{chrono_duration, now};
 use super::{page_token, LeaseDeps, LeaseError, LeasePage, ListQuery};
-use crate::audit::Outcome;
+use crate::audit::{AuditEvent, Outcome};
 use crate::auth::Caller;
 use crate::domain::{LeaseId, LeaseState};
 use crate::policy::Decision;
@@ -100,6 +100,7 @@ pub(super) async fn renew(
 ) -> Result<LeaseRecord, LeaseError> {
     const ACTION: &str = crate::audit::LEASE_RENEW;
     let lease = get_owned(deps, caller, id).await?;
+    let actor = Actor::caller(caller);
     let now = now();
     if lease.state != LeaseState::Active {
         return Err(LeaseError::NotRenewable(lease.state));
@@ -122,9 +123,11 @@ pub(super) async fn renew(
     ) {
         Decision::Allow { ttl, .. } => increment.unwrap_or(ttl),
         Decision::Deny { denial, rule } => {
-            let mut event = caller_event(caller, ACTION, Outcome::Denied, &lease, now);
-            event.reason = Some(denial.reason().to_owned());
-            event.policy_rule = rule.clone();
+            let event = AuditEvent {
+                reason: Some(denial.reason().to_owned()),
+                policy_rule: rule.clone(),
+                ..actor.lease_event(ACTION, Outcome::Denied, &lease, now)
+            };
             audit_best_effort(deps, event).await;
             return Err(LeaseError::Denied { denial, rule });
         }
@@ -139,9 +142,11 @@ pub(super) async fn renew(
     next.expire_time = (now + chrono_duration(increment)).min(lease.max_expire_time);
     // Fail closed: the grant is audited before it takes effect (with the
     // asked-for expiry; upstream may shorten it), or it does not happen.
-    let mut event = caller_event(caller, ACTION, Outcome::Allowed, &next, now);
-    event.token_fingerprint = lease_token_fingerprint(deps, &next);
-    super::support::audit_grant(deps, &event).await?;
+    let event = AuditEvent {
+        token_fingerprint: lease_token_fingerprint(deps, &next),
+        ..actor.lease_event(ACTION, Outcome::Allowed, &next, now)
+    };
+    audit_grant(deps, &event).await?;
     let skew = chrono_duration(deps.settings.valid_to_skew);
     let wanted_valid_to = next.expire_time + skew;
     let update = UpdatePat {
@@ -153,17 +158,20 @@ pub(super) async fn renew(
     let pat = match deps.upstream.update(&lease.organization, &update).await {
         Ok(pat) => pat,
         Err(e) => {
-            let mut event = caller_event(caller, ACTION, Outcome::Error, &lease, now);
-            event.reason = Some(crate::error::ServiceError::reason(&e).to_owned());
+            let event = AuditEvent {
+                reason: Some(crate::error::ServiceError::reason(&e).to_owned()),
+                ..actor.lease_event(ACTION, Outcome::Error, &lease, now)
+            };
             audit_best_effort(deps, event).await;
             tracing::warn!(lease_id = %id, error = %e, "upstream renew failed");
             return Err(e.into());
         }
     };
-    // Upstream clamps an update to creation + max lifespan (ado-pat-api.md
-    // 1.3): the lease must never outlive its PAT.
-    super::support::fit_to_upstream(&mut next, pat.valid_to, wanted_valid_to);
-    next.update_time = super::support::now();
+    // Upstream clamps an update to creation + its maximum PAT lifespan
+    // (docs/upstream-api.md, "validTo clamping"): the lease must never
+    // outlive its PAT.
+    next.fit_to_valid_to(pat.valid_to, wanted_valid_to);
+    next.update_time = super::time::now();
     if !deps
         .store
         .update_lease_unchanged(&next, LeaseState::Active, lease.update_time)
@@ -199,9 +207,7 @@ pub(super) async fn revoke(
     id: LeaseId,
 ) -> Result<LeaseRecord, LeaseError> {
     const ACTION: &str = crate::audit::LEASE_REVOKE;
-    let actor = caller.identity.to_string();
-    let peer = caller.peer.as_deref();
-    let detail = caller.audit_detail();
+    let actor = Actor::caller(caller);
     // A bounded number of rounds: each lost race means another actor moved
     // the lease forward, so this settles quickly.
     for _ in 0..5 {
@@ -216,9 +222,7 @@ pub(super) async fn revoke(
                 None => continue,
             },
         };
-        if let Some(done) =
-            finish_revocation(deps, &revoking, &actor, peer, detail.as_deref(), ACTION).await?
-        {
+        if let Some(done) = finish_revocation(deps, &revoking, &actor, ACTION).await? {
             return Ok(done);
         }
     }

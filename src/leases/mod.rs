@@ -1,11 +1,17 @@
-//! Lease business rules: issue, renew, revoke, expire (DESIGN.md section 5).
+//! Lease business rules: issue, renew, revoke, expire (the lease lifecycle
+//! in docs/architecture.md).
 //! Knows no SQL and no HTTP: it speaks to [`crate::store::Store`] and
 //! [`crate::upstream::PatClient`].
 //!
 //! The api layer has already validated input into domain types and
-//! authenticated the caller. Submodules: `issue` (create and request_id
-//! replay), `lifecycle` (get, list, renew, revoke), `background` (the reaper
-//! and revocation retries), `page_token` (opaque list cursors), `support`.
+//! authenticated the caller. Submodules: `transition` (the state machine:
+//! every change of a lease's state), `issue` (create and request_id
+//! replay), `lifecycle` (get, list, renew, revoke), `revocation` (the
+//! upstream revoke and its retry schedule), `background` (the reaper,
+//! revocation retries, the reconciler), `sweep` (orphan PATs), `admin`,
+//! `policy_reloads` (their audit rows), `auditing` (who acted, how rows are
+//! appended), `sealing` (the PAT at rest), `time`, `page_token` (opaque
+//! list cursors).
 //!
 //! Choices worth knowing:
 //! - A request_id replay waits up to 30 s for a PENDING attempt, then
@@ -114,13 +120,17 @@ use crate::store::{Store, StoreError};
 use crate::upstream::{PatClient, UpstreamError};
 
 mod admin;
+mod auditing;
 mod background;
-mod events;
 mod issue;
 mod lifecycle;
 mod page_token;
-mod support;
+mod policy_reloads;
+mod revocation;
+mod sealing;
 mod sweep;
+mod time;
+mod transition;
 
 pub use admin::{AuditPage, AuditQuery, BulkRevoke, LeaseSelector, MAX_FORCE_REASON_CHARS};
 pub use sweep::SweepReport;
@@ -480,7 +490,7 @@ impl Leases {
         &self,
         outcomes: tokio::sync::broadcast::Receiver<crate::policy::ReloadOutcome>,
     ) {
-        events::audit_policy_reloads(&self.deps, outcomes).await
+        policy_reloads::audit_policy_reloads(&self.deps, outcomes).await
     }
 
     /// Runs background work (the reaper, revocation retries, the

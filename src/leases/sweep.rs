@@ -1,4 +1,4 @@
-//! The orphan sweep (DESIGN.md 5.4): every `leases.sweep_interval`, one
+//! The orphan sweep: every `leases.sweep_interval`, one
 //! replica of the deployment lists the ACTIVE upstream PATs of every
 //! organization the deployment has leased in and revokes each PAT named
 //! `<prefix>:<deployment id>:<lease id>` that no live lease owns. Any other
@@ -24,10 +24,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::support::{
-    audit_best_effort, chrono_duration, final_state, finish_revocation, now, revoke_upstream,
-    BACKGROUND_ACTOR,
-};
+use super::auditing::{audit_best_effort, Actor};
+use super::revocation::{retry_revocation, revoke_upstream};
+use super::time::{chrono_duration, now};
 use super::{LeaseDeps, LeaseError};
 use crate::audit::{AuditEvent, Outcome};
 use crate::domain::{AuthorizationId, LeaseId, LeaseState, Organization};
@@ -69,7 +68,8 @@ pub struct SweepReport {
 }
 
 /// The upstream display name of lease `id`: `<prefix>:<deployment_id>:<id>`
-/// (DESIGN.md 5.1), what [`lease_of_display_name`] reads back.
+/// (see "display name" in docs/architecture.md), what
+/// [`lease_of_display_name`] reads back.
 pub(super) fn display_name(prefix: &str, deployment_id: &str, id: LeaseId) -> String {
     format!("{prefix}:{deployment_id}:{id}")
 }
@@ -376,34 +376,22 @@ async fn sweep_pat(
         }
     };
     let event = AuditEvent {
-        id: 0,
-        time: super::support::now(),
-        identity: BACKGROUND_ACTOR.to_owned(),
-        peer: None,
-        action: crate::audit::PAT_REVOKE_ORPHAN.to_owned(),
-        outcome,
         reason: Some(orphan.reason().to_owned()),
-        policy_rule: None,
         lease_id: Some(lease_id),
         organization: Some(org.to_string()),
         scopes: Some(pat.scope.clone()),
-        token_fingerprint: None,
-        caller_detail: None,
+        ..Actor::background().event(crate::audit::PAT_REVOKE_ORPHAN, outcome, super::time::now())
     };
     audit_best_effort(deps, event).await;
     Ok(())
 }
 
 /// Retries the revocation of a REVOKE_FAILED lease the sweep has claimed
-/// (`support::finish_revocation`: REVOKED or EXPIRED on success, else one
-/// more failed attempt), and gives the claim back if the row was not
+/// (`revocation::retry_revocation`: REVOKED or EXPIRED on success, else
+/// one more failed attempt), and gives the claim back if the row was not
 /// rewritten.
 async fn finish_revoke_failed(deps: &LeaseDeps, lease: &LeaseRecord, report: &mut SweepReport) {
-    let action = match final_state(lease) {
-        LeaseState::Expired => crate::audit::LEASE_EXPIRE,
-        _ => crate::audit::LEASE_REVOKE,
-    };
-    match finish_revocation(deps, lease, BACKGROUND_ACTOR, None, None, action).await {
+    match retry_revocation(deps, lease).await {
         Ok(Some(done)) if done.state.is_terminal() => report.revoked += 1,
         Ok(Some(_)) => report.revoke_failures += 1,
         Ok(None) => release(deps, lease.id).await,

@@ -22,10 +22,10 @@ use sqlx::{Database, Decode, Encode, Type};
 use uuid::Uuid;
 
 use super::{IdempotencyRecord, LeaseRecord, UpstreamCredential, Work};
-use crate::audit::{AuditEvent, Outcome};
 use crate::crypto::Sealed;
 use crate::domain::{
-    AuthorizationId, DomainError, Identity, LeaseId, LeaseState, Organization, ScopeSet, Timestamp,
+    AuditEvent, AuthorizationId, DomainError, Identity, LeaseId, LeaseState, Organization, Outcome,
+    ScopeSet, Timestamp,
 };
 
 /// Implements `Type`, `Encode` and `Decode` for a value kept as TEXT on

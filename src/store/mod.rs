@@ -14,9 +14,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::audit::AuditEvent;
 use crate::crypto::Sealed;
-use crate::domain::{AuthorizationId, Identity, LeaseId, LeaseState, Organization, ScopeSet};
+use crate::domain::{
+    AuditEvent, AuthorizationId, Identity, LeaseId, LeaseState, Organization, ScopeSet,
+};
 use crate::error::{ErrorCode, ServiceError};
 
 mod codec;

@@ -28,8 +28,8 @@ use super::{
     map_sqlx, ChainMacFn, CreateOutcome, IdempotencyRecord, LeaseFilter, LeaseRecord, PageCursor,
     Store, StoreError, StoredAuditRow, UpstreamCredential, Work,
 };
-use crate::audit::{AuditEvent, Outcome};
 use crate::crypto::Sealed;
+use crate::domain::{AuditEvent, Outcome};
 use crate::domain::{
     AuthorizationId, Identity, LeaseId, LeaseState, Organization, ScopeSet, Timestamp,
 };

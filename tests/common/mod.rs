@@ -35,6 +35,7 @@ pub mod db;
 pub mod emulator;
 pub mod k8s;
 pub mod leases;
+pub mod logs;
 pub mod mtls;
 pub mod pg_cluster;
 pub mod policy;

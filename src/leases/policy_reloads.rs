@@ -1,63 +1,44 @@
-//! Audit events for decisions made outside the lease rules: policy
-//! reloads. Appended through the same chained audit trail, best effort
-//! with background retries (not a grant). (Refused authentications are
-//! audited by the authenticator's `RefusalAudit`, wired in `cli::serve`.)
+//! The audit trail of policy reloads: every reload attempt, applied or
+//! refused, is one `policy.reload` row, appended best effort with
+//! background retries (not a grant).
 
 use tokio::sync::broadcast;
 
-use super::support::{audit_best_effort, now, BACKGROUND_ACTOR};
+use super::auditing::{audit_best_effort, Actor};
+use super::time::now;
 use super::LeaseDeps;
 use crate::audit::{AuditEvent, Outcome};
 use crate::policy::ReloadOutcome;
-
-fn event(identity: &str, peer: Option<String>, action: &str, outcome: Outcome) -> AuditEvent {
-    AuditEvent {
-        id: 0,
-        time: now(),
-        identity: identity.to_owned(),
-        peer,
-        action: action.to_owned(),
-        outcome,
-        reason: None,
-        policy_rule: None,
-        lease_id: None,
-        organization: None,
-        scopes: None,
-        token_fingerprint: None,
-        caller_detail: None,
-    }
-}
 
 /// The `policy.reload` audit event of one reload attempt: allowed with the
 /// trigger, file hash and rule count, or denied (`POLICY_INVALID`) with
 /// the field paths of what was wrong.
 pub(super) fn policy_reload_event(outcome: &ReloadOutcome) -> AuditEvent {
-    match outcome {
+    let (outcome, reason) = match outcome {
         ReloadOutcome::Applied {
             trigger,
             file,
             rules,
             sha256,
-        } => {
-            let mut e = event(BACKGROUND_ACTOR, None, "policy.reload", Outcome::Allowed);
-            e.reason = Some(format!(
+        } => (
+            Outcome::Allowed,
+            format!(
                 "{trigger}: {} sha256={sha256} rules={rules}",
                 file.display()
-            ));
-            e
-        }
+            ),
+        ),
         ReloadOutcome::Refused {
             trigger,
             file,
             error,
-        } => {
-            let mut e = event(BACKGROUND_ACTOR, None, "policy.reload", Outcome::Denied);
-            e.reason = Some(format!(
-                "POLICY_INVALID ({trigger}: {}): {error}",
-                file.display()
-            ));
-            e
-        }
+        } => (
+            Outcome::Denied,
+            format!("POLICY_INVALID ({trigger}: {}): {error}", file.display()),
+        ),
+    };
+    AuditEvent {
+        reason: Some(reason),
+        ..Actor::background().event(crate::audit::POLICY_RELOAD, outcome, now())
     }
 }
 
@@ -81,6 +62,7 @@ pub(super) async fn audit_policy_reloads(
 mod tests {
     use std::path::PathBuf;
 
+    use super::super::auditing::BACKGROUND_ACTOR;
     use super::*;
     use crate::policy::ReloadTrigger;
 

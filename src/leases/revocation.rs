@@ -1,0 +1,213 @@
+//! Revoking a lease's PAT upstream: the steps both an explicit revoke and
+//! background work go through (begin, then finish or back off), the retry
+//! schedule between attempts, and the search by display name for a PAT
+//! whose create answer was lost.
+
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+
+use super::auditing::{audit_best_effort, Actor};
+use super::sealing::lease_token_fingerprint;
+use super::time::now;
+use super::{LeaseDeps, LeaseError, RetrySchedule};
+use crate::audit::{AuditEvent, Outcome};
+use crate::domain::{AuthorizationId, LeaseState, Organization};
+use crate::store::LeaseRecord;
+use crate::upstream::{DisplayFilter, ListPats, UpstreamError};
+
+impl RetrySchedule {
+    /// True once `attempts` failures have spent the budget.
+    pub(super) fn budget_spent(&self, attempts: i32) -> bool {
+        i64::from(attempts) >= i64::from(self.max_attempts)
+    }
+
+    /// Backoff before revocation attempt number `attempts + 1`: jittered
+    /// exponential from `min_delay` up to `max_delay` (backon's schedule,
+    /// kept in rows), then `failed_interval` once the budget is spent.
+    pub(super) fn backoff(&self, attempts: i32) -> Duration {
+        if self.budget_spent(attempts) {
+            return self.failed_interval;
+        }
+        let step = usize::try_from(attempts.max(1) - 1).unwrap_or(0);
+        ExponentialBuilder::default()
+            .with_min_delay(self.min_delay)
+            .with_max_delay(self.max_delay)
+            .with_jitter()
+            .without_max_times()
+            .build()
+            .nth(step)
+            .unwrap_or(self.max_delay)
+    }
+}
+
+/// Moves an ACTIVE lease to REVOKING ([`LeaseRecord::begin_revoking`];
+/// compare-and-set on its state and on `update_time`, so a renewal
+/// committed since `lease` was read is never overwritten with its old
+/// expire_time). Returns None if the row had moved: the caller reads it
+/// again.
+pub(super) async fn begin_revocation(
+    deps: &LeaseDeps,
+    lease: &LeaseRecord,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Option<LeaseRecord>, LeaseError> {
+    let (next, expected) = lease.begin_revoking(now);
+    let moved = deps
+        .store
+        .update_lease_unchanged(&next, expected, lease.update_time)
+        .await?;
+    Ok(moved.then_some(next))
+}
+
+/// Revokes PAT `id` in `organization` upstream; upstream "not found" counts
+/// as revoked (the PAT is gone, which is the goal).
+pub(super) async fn revoke_upstream(
+    deps: &LeaseDeps,
+    organization: &Organization,
+    id: AuthorizationId,
+) -> Result<(), UpstreamError> {
+    match deps.upstream.revoke(organization, id).await {
+        Err(e) if e.is_not_found() => Ok(()),
+        other => other,
+    }
+}
+
+/// Revokes the PAT of a REVOKING or REVOKE_FAILED lease upstream and records
+/// the outcome ([`LeaseRecord::revoked`] or
+/// [`LeaseRecord::revoke_attempt_failed`]), audited as `action` by `actor`.
+/// Returns the lease as stored, or None if another actor moved it
+/// meanwhile. Never holds a transaction across the upstream call; clears
+/// any claim it writes over.
+pub(super) async fn finish_revocation(
+    deps: &LeaseDeps,
+    lease: &LeaseRecord,
+    actor: &Actor,
+    action: &str,
+) -> Result<Option<LeaseRecord>, LeaseError> {
+    let result = match lease.authorization_id {
+        Some(authorization_id) => {
+            revoke_upstream(deps, &lease.organization, authorization_id).await
+        }
+        // No PAT was ever recorded: nothing to revoke upstream.
+        None => Ok(()),
+    };
+    let now = now();
+    let (next, expected) = match &result {
+        Ok(()) => lease.revoked(now),
+        Err(e) => lease.revoke_attempt_failed(
+            now,
+            &deps.settings.revocation_retry,
+            format!("upstream revoke failed: {e}"),
+        ),
+    };
+    let (outcome, reason) = match &result {
+        Ok(()) => {
+            tracing::info!(lease_id = %lease.id, state = %next.state, "lease revoked upstream");
+            (Outcome::Allowed, None)
+        }
+        Err(e) => {
+            tracing::warn!(lease_id = %lease.id, attempt = next.attempts, error = %e, "upstream revoke failed");
+            (Outcome::Error, Some("UPSTREAM_REVOKE_FAILED".to_owned()))
+        }
+    };
+    if !deps.store.update_lease(&next, expected).await? {
+        return Ok(None);
+    }
+    let event = AuditEvent {
+        reason,
+        token_fingerprint: lease_token_fingerprint(deps, &next),
+        ..actor.lease_event(action, outcome, &next, now)
+    };
+    audit_best_effort(deps, event).await;
+    Ok(Some(next))
+}
+
+/// Retries, as background work, the revocation of a REVOKING or
+/// REVOKE_FAILED lease ([`finish_revocation`]), audited as `lease.expire`
+/// if it ends EXPIRED, else `lease.revoke`.
+pub(super) async fn retry_revocation(
+    deps: &LeaseDeps,
+    lease: &LeaseRecord,
+) -> Result<Option<LeaseRecord>, LeaseError> {
+    let action = match lease.final_state() {
+        LeaseState::Expired => crate::audit::LEASE_EXPIRE,
+        _ => crate::audit::LEASE_REVOKE,
+    };
+    finish_revocation(deps, lease, &Actor::background(), action).await
+}
+
+/// What [`revoke_by_display_name`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct NameSearch {
+    /// PATs with the lease's display name revoked (not-found counts).
+    pub revoked: usize,
+    /// False when the upstream list stopped early: a PAT with the name may
+    /// still exist, so the lease must not be concluded PAT-less.
+    pub complete: bool,
+}
+
+/// Revokes every live upstream PAT in the lease's organization whose
+/// displayName is the lease's (the display name embeds the lease id, so
+/// only this lease's PATs match). PATs found are revoked even when the
+/// listing is incomplete; [`NameSearch::complete`] says whether the search
+/// was exhaustive. An error if the list or a revoke failed (some may be
+/// left).
+pub(super) async fn revoke_by_display_name(
+    deps: &LeaseDeps,
+    lease: &LeaseRecord,
+) -> Result<NameSearch, UpstreamError> {
+    let query = ListPats {
+        display_filter: Some(DisplayFilter::Active),
+        top: None,
+    };
+    let found = deps.upstream.list(&lease.organization, &query).await?;
+    let mut revoked = 0;
+    for pat in found
+        .pats
+        .iter()
+        .filter(|p| p.display_name == lease.display_name)
+    {
+        revoke_upstream(deps, &lease.organization, pat.authorization_id).await?;
+        revoked += 1;
+        tracing::info!(lease_id = %lease.id, authorization_id = %pat.authorization_id, "revoked a PAT found by the lease's display name");
+    }
+    Ok(NameSearch {
+        revoked,
+        complete: found.complete,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revocation_retries_back_off_from_seconds_to_minutes_then_hourly() {
+        let schedule = RetrySchedule::default();
+        for attempts in 1..10 {
+            let delay = schedule.backoff(attempts);
+            assert!(delay >= Duration::from_secs(5), "{attempts}: {delay:?}");
+            assert!(delay <= Duration::from_secs(1200), "{attempts}: {delay:?}");
+        }
+        assert!(schedule.backoff(8) > schedule.backoff(1));
+        assert_eq!(schedule.backoff(10), Duration::from_secs(3600));
+        assert!(!schedule.budget_spent(9));
+        assert!(schedule.budget_spent(10));
+    }
+
+    #[test]
+    fn a_short_schedule_is_followed() {
+        let schedule = RetrySchedule {
+            min_delay: Duration::from_millis(100),
+            max_delay: Duration::from_millis(400),
+            max_attempts: 3,
+            failed_interval: Duration::from_secs(2),
+        };
+        for attempts in 1..3 {
+            let delay = schedule.backoff(attempts);
+            assert!(delay >= Duration::from_millis(100), "{attempts}: {delay:?}");
+            assert!(delay <= Duration::from_millis(800), "{attempts}: {delay:?}");
+        }
+        assert_eq!(schedule.backoff(3), Duration::from_secs(2));
+    }
+}
