@@ -427,7 +427,7 @@ pub fn audit_event(e: &AuditEvent) -> pb::AuditEvent {
     use pb::audit_event::Outcome as O;
     pb::AuditEvent {
         id: e.id,
-        time: Some(timestamp(e.time)),
+        time: Some(timestamp(*e.time)),
         identity: e.identity.clone(),
         peer: e.peer.clone().unwrap_or_default(),
         action: e.action.clone(),

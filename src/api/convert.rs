@@ -285,7 +285,8 @@ pub fn parse_filter(filter: &str) -> Result<(Vec<LeaseState>, Option<Organizatio
     Ok((states, organization))
 }
 
-fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+fn timestamp(t: impl Into<DateTime<Utc>>) -> prost_types::Timestamp {
+    let t = t.into();
     prost_types::Timestamp {
         seconds: t.timestamp(),
         nanos: t.timestamp_subsec_nanos() as i32,

@@ -483,7 +483,7 @@ impl RefreshTokenSink for StoreSink {
         for _ in 0..2 {
             if self
                 .store
-                .save_upstream_credential(*version, &sealed, Utc::now())
+                .save_upstream_credential(*version, &sealed, Utc::now().into())
                 .await
                 .map_err(fail)?
             {

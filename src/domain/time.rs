@@ -1,5 +1,5 @@
 use std::fmt;
-use std::ops::{Add, Sub};
+use std::ops::{Add, AddAssign, Deref, Sub};
 
 use chrono::{DateTime, SecondsFormat, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
@@ -81,6 +81,15 @@ impl From<Timestamp> for DateTime<Utc> {
     }
 }
 
+// Read-only access to chrono's accessors (`timestamp_micros`, `to_rfc3339`,
+// ...): nothing reached through it can break the microsecond invariant.
+impl Deref for Timestamp {
+    type Target = DateTime<Utc>;
+    fn deref(&self) -> &DateTime<Utc> {
+        &self.0
+    }
+}
+
 impl PartialEq<DateTime<Utc>> for Timestamp {
     fn eq(&self, other: &DateTime<Utc>) -> bool {
         self.0 == *other
@@ -93,11 +102,29 @@ impl PartialEq<Timestamp> for DateTime<Utc> {
     }
 }
 
+impl PartialOrd<DateTime<Utc>> for Timestamp {
+    fn partial_cmp(&self, other: &DateTime<Utc>) -> Option<std::cmp::Ordering> {
+        self.0.partial_cmp(other)
+    }
+}
+
+impl PartialOrd<Timestamp> for DateTime<Utc> {
+    fn partial_cmp(&self, other: &Timestamp) -> Option<std::cmp::Ordering> {
+        self.partial_cmp(&other.0)
+    }
+}
+
 impl Add<chrono::Duration> for Timestamp {
     type Output = Timestamp;
     /// Panics past the representable range, like chrono's.
     fn add(self, d: chrono::Duration) -> Timestamp {
         (self.0 + d).into()
+    }
+}
+
+impl AddAssign<chrono::Duration> for Timestamp {
+    fn add_assign(&mut self, d: chrono::Duration) {
+        *self = *self + d;
     }
 }
 

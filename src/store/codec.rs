@@ -21,7 +21,7 @@ use sqlx::sqlite::{Sqlite, SqliteTypeInfo, SqliteValueRef};
 use sqlx::{Database, Decode, Encode, Type};
 use uuid::Uuid;
 
-use super::{IdempotencyRecord, LeaseRecord, UpstreamCredential, Work};
+use super::{LeaseRecord, Work};
 use crate::crypto::Sealed;
 use crate::domain::{
     AuditEvent, AuthorizationId, DomainError, Identity, LeaseId, LeaseState, Organization, Outcome,
@@ -88,6 +88,12 @@ text_column!(Sealed, |v| v.encode(), |s| Sealed::decode(s));
 /// `request_id`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct UuidColumn(pub(crate) Uuid);
+
+impl From<UuidColumn> for Uuid {
+    fn from(c: UuidColumn) -> Uuid {
+        c.0
+    }
+}
 
 /// Implements `Type`, `Encode` and `Decode` for an id kept as UUID on
 /// PostgreSQL and as hyphenated lower-case UUID text on SQLite.
@@ -199,78 +205,6 @@ impl<'r> Decode<'r, Sqlite> for Timestamp {
     }
 }
 
-/// A `leases` row.
-#[derive(sqlx::FromRow)]
-pub(crate) struct LeaseRow {
-    id: LeaseId,
-    holder: Identity,
-    organization: Organization,
-    scopes: ScopeSet,
-    display_name: String,
-    authorization_id: Option<AuthorizationId>,
-    sealed_token: Option<Sealed>,
-    state: LeaseState,
-    create_time: Timestamp,
-    update_time: Timestamp,
-    expire_time: Timestamp,
-    max_expire_time: Timestamp,
-    revoke_time: Option<Timestamp>,
-    upstream_valid_to: Option<Timestamp>,
-    attempts: i32,
-    next_attempt_time: Option<Timestamp>,
-    last_error: Option<String>,
-    claimed_by: Option<String>,
-    claimed_until: Option<Timestamp>,
-}
-
-impl From<LeaseRow> for LeaseRecord {
-    fn from(r: LeaseRow) -> Self {
-        LeaseRecord {
-            id: r.id,
-            holder: r.holder,
-            organization: r.organization,
-            scopes: r.scopes,
-            display_name: r.display_name,
-            authorization_id: r.authorization_id,
-            sealed_token: r.sealed_token,
-            state: r.state,
-            create_time: r.create_time.into(),
-            update_time: r.update_time.into(),
-            expire_time: r.expire_time.into(),
-            max_expire_time: r.max_expire_time.into(),
-            revoke_time: r.revoke_time.map(Into::into),
-            upstream_valid_to: r.upstream_valid_to.map(Into::into),
-            attempts: r.attempts,
-            next_attempt_time: r.next_attempt_time.map(Into::into),
-            last_error: r.last_error,
-            claimed_by: r.claimed_by,
-            claimed_until: r.claimed_until.map(Into::into),
-        }
-    }
-}
-
-/// An `idempotency_keys` row.
-#[derive(sqlx::FromRow)]
-pub(crate) struct KeyRow {
-    holder: Identity,
-    request_id: UuidColumn,
-    fingerprint: String,
-    lease_id: LeaseId,
-    create_time: Timestamp,
-}
-
-impl From<KeyRow> for IdempotencyRecord {
-    fn from(r: KeyRow) -> Self {
-        IdempotencyRecord {
-            holder: r.holder,
-            request_id: r.request_id.0,
-            fingerprint: r.fingerprint,
-            lease_id: r.lease_id,
-            create_time: r.create_time.into(),
-        }
-    }
-}
-
 /// An `audit_events` row's event (its `mac` is read apart).
 #[derive(sqlx::FromRow)]
 pub(crate) struct AuditRow {
@@ -293,7 +227,7 @@ impl From<AuditRow> for AuditEvent {
     fn from(r: AuditRow) -> Self {
         AuditEvent {
             id: r.id,
-            time: r.time.into(),
+            time: r.time,
             identity: r.identity,
             peer: r.peer,
             action: r.action,
@@ -305,24 +239,6 @@ impl From<AuditRow> for AuditEvent {
             scopes: r.scopes,
             token_fingerprint: r.token_fingerprint,
             caller_detail: r.caller_detail,
-        }
-    }
-}
-
-/// The `upstream_credentials` row.
-#[derive(sqlx::FromRow)]
-pub(crate) struct CredentialRow {
-    version: i64,
-    sealed: Sealed,
-    update_time: Timestamp,
-}
-
-impl From<CredentialRow> for UpstreamCredential {
-    fn from(r: CredentialRow) -> Self {
-        UpstreamCredential {
-            version: r.version,
-            sealed: r.sealed,
-            update_time: r.update_time.into(),
         }
     }
 }
@@ -348,7 +264,7 @@ mod tests {
     use chrono::TimeZone;
 
     use super::*;
-    use crate::store::{map_sqlx, SqliteStore, StoreError};
+    use crate::store::{map_sqlx, SqliteStore, StoreError, UpstreamCredential};
 
     /// The text each value is written as on SQLite: the released format.
     #[tokio::test]
@@ -396,7 +312,7 @@ mod tests {
     #[tokio::test]
     async fn undecodable_values_are_corrupt_and_never_show_a_secret() {
         let store = SqliteStore::open("sqlite::memory:").await.unwrap();
-        let err = sqlx::query_as::<_, CredentialRow>(
+        let err = sqlx::query_as::<_, UpstreamCredential>(
             "SELECT 1 AS version, 'v1:k1:!!secret!!' AS sealed, \
              '2026-01-02T03:04:05.000000Z' AS update_time",
         )
@@ -410,7 +326,7 @@ mod tests {
         assert!(text.contains("\"sealed\""), "{text}");
         assert!(!text.contains("secret"), "{text}");
 
-        let err = sqlx::query_as::<_, CredentialRow>(
+        let err = sqlx::query_as::<_, UpstreamCredential>(
             "SELECT 1 AS version, $1 AS sealed, '2026-01-02 03:04' AS update_time",
         )
         .bind(Sealed::encode(&Sealed {

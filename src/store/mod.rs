@@ -11,12 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::crypto::Sealed;
 use crate::domain::{
-    AuditEvent, AuthorizationId, Identity, LeaseId, LeaseState, Organization, ScopeSet,
+    AuditEvent, AuthorizationId, Identity, LeaseId, LeaseState, Organization, ScopeSet, Timestamp,
 };
 use crate::error::{ErrorCode, ServiceError};
 
@@ -95,7 +94,7 @@ fn map_migrate(err: sqlx::migrate::MigrateError) -> StoreError {
 }
 
 /// One lease row (see `docs/architecture.md` for the lease state machine).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
 pub struct LeaseRecord {
     /// Primary key.
     pub id: LeaseId,
@@ -114,43 +113,44 @@ pub struct LeaseRecord {
     /// Lifecycle state.
     pub state: LeaseState,
     /// When created (UTC).
-    pub create_time: DateTime<Utc>,
+    pub create_time: Timestamp,
     /// Last write (UTC).
-    pub update_time: DateTime<Utc>,
+    pub update_time: Timestamp,
     /// When the lease ends unless renewed (UTC).
-    pub expire_time: DateTime<Utc>,
+    pub expire_time: Timestamp,
     /// Latest reachable `expire_time` (UTC).
-    pub max_expire_time: DateTime<Utc>,
+    pub max_expire_time: Timestamp,
     /// When revoked or expired (UTC).
-    pub revoke_time: Option<DateTime<Utc>>,
+    pub revoke_time: Option<Timestamp>,
     /// Upstream's `validTo` as read back (UTC).
-    pub upstream_valid_to: Option<DateTime<Utc>>,
+    pub upstream_valid_to: Option<Timestamp>,
     /// Upstream attempts made for the current step (revocation retries).
     pub attempts: i32,
     /// Earliest time background work may retry (UTC).
-    pub next_attempt_time: Option<DateTime<Utc>>,
+    pub next_attempt_time: Option<Timestamp>,
     /// Last upstream error, free text without secrets.
     pub last_error: Option<String>,
     /// Replica that holds the claim on background work, if any.
     pub claimed_by: Option<String>,
     /// When that claim lapses (UTC).
-    pub claimed_until: Option<DateTime<Utc>>,
+    pub claimed_until: Option<Timestamp>,
 }
 
 /// An idempotency key: (holder, request_id) -> lease, with a fingerprint
 /// of the request's parameters.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
 pub struct IdempotencyRecord {
     /// The caller that chose the key.
     pub holder: Identity,
     /// The client-chosen key.
+    #[sqlx(try_from = "codec::UuidColumn")]
     pub request_id: Uuid,
     /// Hex SHA-256 over the normalized request parameters.
     pub fingerprint: String,
     /// The lease the key points at.
     pub lease_id: LeaseId,
     /// When first recorded (UTC).
-    pub create_time: DateTime<Utc>,
+    pub create_time: Timestamp,
 }
 
 /// What [`Store::create_lease`] did.
@@ -177,7 +177,7 @@ pub struct LeaseFilter {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PageCursor {
     /// `create_time` of the last row returned.
-    pub create_time: DateTime<Utc>,
+    pub create_time: Timestamp,
     /// `id` of the last row returned.
     pub id: LeaseId,
 }
@@ -198,14 +198,14 @@ pub enum Work {
 }
 
 /// The sealed upstream refresh token and its optimistic-lock version.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, sqlx::FromRow)]
 pub struct UpstreamCredential {
     /// Increments on every save.
     pub version: i64,
     /// Sealed with associated data [`UpstreamCredential::AAD`].
     pub sealed: Sealed,
     /// Last save (UTC).
-    pub update_time: DateTime<Utc>,
+    pub update_time: Timestamp,
 }
 
 impl UpstreamCredential {
@@ -332,7 +332,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         lease: &LeaseRecord,
         expected: LeaseState,
-        read_update_time: DateTime<Utc>,
+        read_update_time: Timestamp,
     ) -> Result<bool, StoreError>;
 
     /// The idempotency record for (holder, request_id).
@@ -365,7 +365,7 @@ pub trait Store: Send + Sync + 'static {
     async fn claim_due(
         &self,
         work: Work,
-        now: DateTime<Utc>,
+        now: Timestamp,
         claimer: &str,
         claim_for: Duration,
         limit: u32,
@@ -385,10 +385,10 @@ pub trait Store: Send + Sync + 'static {
         &self,
         id: LeaseId,
         expected: LeaseState,
-        now: DateTime<Utc>,
+        now: Timestamp,
         claimer: &str,
         claim_for: Duration,
-        unchanged_before: DateTime<Utc>,
+        unchanged_before: Timestamp,
     ) -> Result<bool, StoreError>;
 
     /// Claims the deployment-wide job `name` (a `background_jobs` row,
@@ -399,7 +399,7 @@ pub trait Store: Send + Sync + 'static {
     async fn claim_job(
         &self,
         name: &str,
-        now: DateTime<Utc>,
+        now: Timestamp,
         claimer: &str,
         claim_for: Duration,
         interval: Duration,
@@ -412,7 +412,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         name: &str,
         claimer: &str,
-        run_time: DateTime<Utc>,
+        run_time: Timestamp,
     ) -> Result<(), StoreError>;
 
     // ---- the audit chain ----
@@ -469,7 +469,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         expected_version: Option<i64>,
         sealed: &Sealed,
-        now: DateTime<Utc>,
+        now: Timestamp,
     ) -> Result<bool, StoreError>;
 }
 

@@ -16,14 +16,13 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use sqlx::{
     Arguments, ColumnIndex, Database, Decode, Encode, Executor, FromRow, IntoArguments, Pool, Row,
     Transaction, Type,
 };
 use uuid::Uuid;
 
-use super::codec::{self, AuditRow, CredentialRow, KeyRow, LeaseRow, UuidColumn};
+use super::codec::{self, AuditRow, UuidColumn};
 use super::{
     map_sqlx, ChainMacFn, CreateOutcome, IdempotencyRecord, LeaseFilter, LeaseRecord, PageCursor,
     Store, StoreError, StoredAuditRow, UpstreamCredential, Work,
@@ -202,16 +201,16 @@ macro_rules! bind_mutable {
             .bind(lease.authorization_id)
             .bind(lease.sealed_token.clone())
             .bind(lease.state)
-            .bind(Timestamp::from(lease.update_time))
-            .bind(Timestamp::from(lease.expire_time))
-            .bind(Timestamp::from(lease.max_expire_time))
-            .bind(lease.revoke_time.map(Timestamp::from))
-            .bind(lease.upstream_valid_to.map(Timestamp::from))
+            .bind(lease.update_time)
+            .bind(lease.expire_time)
+            .bind(lease.max_expire_time)
+            .bind(lease.revoke_time)
+            .bind(lease.upstream_valid_to)
             .bind(lease.attempts)
-            .bind(lease.next_attempt_time.map(Timestamp::from))
+            .bind(lease.next_attempt_time)
             .bind(lease.last_error.clone())
             .bind(lease.claimed_by.clone())
-            .bind(lease.claimed_until.map(Timestamp::from))
+            .bind(lease.claimed_until)
     }};
 }
 
@@ -225,7 +224,7 @@ macro_rules! insert_lease {
             .bind(lease.organization.clone())
             .bind(lease.scopes.clone())
             .bind(lease.display_name.clone())
-            .bind(Timestamp::from(lease.create_time));
+            .bind(lease.create_time);
         bind_mutable!(query, lease)
             .execute($conn)
             .await
@@ -269,7 +268,7 @@ macro_rules! append_audit {
         let id = last_id
             .checked_add(1)
             .ok_or_else(|| StoreError::Database("audit id space exhausted".into()))?;
-        let time = Timestamp::from(event.time);
+        let time = event.time;
         let stored = AuditEvent {
             id,
             time: time.into(),
@@ -369,7 +368,7 @@ where
             .bind(UuidColumn(key.request_id))
             .bind(key.fingerprint.clone())
             .bind(key.lease_id)
-            .bind(Timestamp::from(key.create_time))
+            .bind(key.create_time)
             .execute(&mut *tx)
             .await
             .map_err(map_sqlx)?
@@ -378,7 +377,7 @@ where
                 tx.commit().await.map_err(map_sqlx)?;
                 return Ok(CreateOutcome::Created);
             }
-            let existing: Option<KeyRow> = sqlx::query_as(SELECT_KEY)
+            let existing: Option<IdempotencyRecord> = sqlx::query_as(SELECT_KEY)
                 .bind(key.holder.clone())
                 .bind(UuidColumn(key.request_id))
                 .fetch_optional(&mut *tx)
@@ -386,7 +385,7 @@ where
                 .map_err(map_sqlx)?;
             tx.rollback().await.map_err(map_sqlx)?;
             if let Some(existing) = existing {
-                return Ok(CreateOutcome::Existing(existing.into()));
+                return Ok(CreateOutcome::Existing(existing));
             }
         }
         Err(StoreError::Database(
@@ -425,12 +424,11 @@ where
     }
 
     async fn get_lease(&self, id: LeaseId) -> Result<Option<LeaseRecord>, StoreError> {
-        let row: Option<LeaseRow> = sqlx::query_as("SELECT * FROM leases WHERE id = $1")
+        sqlx::query_as("SELECT * FROM leases WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await
-            .map_err(map_sqlx)?;
-        Ok(row.map(Into::into))
+            .map_err(map_sqlx)
     }
 
     async fn list_leases(
@@ -465,7 +463,7 @@ where
             sql += &format!(" AND state IN ({})", states.join(", "));
         }
         if let Some(cursor) = after {
-            let time = bind!(Timestamp::from(cursor.create_time));
+            let time = bind!(cursor.create_time);
             let id = bind!(cursor.id);
             sql += &format!(" AND (create_time, id) < ({time}, {id})");
         }
@@ -473,11 +471,10 @@ where
             " ORDER BY create_time DESC, id DESC LIMIT {}",
             bind!(i64::from(limit))
         );
-        let rows: Vec<LeaseRow> = sqlx::query_as_with(&sql, args)
+        sqlx::query_as_with(&sql, args)
             .fetch_all(&self.pool)
             .await
-            .map_err(map_sqlx)?;
-        Ok(rows.into_iter().map(Into::into).collect())
+            .map_err(map_sqlx)
     }
 
     async fn update_lease(
@@ -492,9 +489,9 @@ where
         &self,
         lease: &LeaseRecord,
         expected: LeaseState,
-        read_update_time: DateTime<Utc>,
+        read_update_time: Timestamp,
     ) -> Result<bool, StoreError> {
-        update_lease!(self, lease, expected, Some(read_update_time.into()))
+        update_lease!(self, lease, expected, Some(read_update_time))
     }
 
     async fn get_idempotency(
@@ -502,24 +499,22 @@ where
         holder: &Identity,
         request_id: Uuid,
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
-        let row: Option<KeyRow> = sqlx::query_as(SELECT_KEY)
+        sqlx::query_as(SELECT_KEY)
             .bind(holder.clone())
             .bind(UuidColumn(request_id))
             .fetch_optional(&self.pool)
             .await
-            .map_err(map_sqlx)?;
-        Ok(row.map(Into::into))
+            .map_err(map_sqlx)
     }
 
     async fn claim_due(
         &self,
         work: Work,
-        now: DateTime<Utc>,
+        now: Timestamp,
         claimer: &str,
         claim_for: Duration,
         limit: u32,
     ) -> Result<Vec<LeaseRecord>, StoreError> {
-        let now = Timestamp::from(now);
         let (due, order_by, due_bound) = due_condition(work, now);
         // One statement, committed on return: rows another replica holds
         // are skipped (PostgreSQL) or wait for its commit (SQLite), rows it
@@ -532,7 +527,7 @@ where
              RETURNING *",
             DB::CLAIM_LOCK
         );
-        let rows: Vec<LeaseRow> = sqlx::query_as(&sql)
+        let mut leases: Vec<LeaseRecord> = sqlx::query_as(&sql)
             .bind(due_bound)
             .bind(claimer.to_owned())
             .bind(claim_end(now, claim_for)?)
@@ -541,7 +536,6 @@ where
             .fetch_all(&self.pool)
             .await
             .map_err(map_sqlx)?;
-        let mut leases: Vec<LeaseRecord> = rows.into_iter().map(Into::into).collect();
         codec::sort_due(&mut leases, work);
         Ok(leases)
     }
@@ -587,12 +581,11 @@ where
         &self,
         id: LeaseId,
         expected: LeaseState,
-        now: DateTime<Utc>,
+        now: Timestamp,
         claimer: &str,
         claim_for: Duration,
-        unchanged_before: DateTime<Utc>,
+        unchanged_before: Timestamp,
     ) -> Result<bool, StoreError> {
-        let now = Timestamp::from(now);
         let done = sqlx::query(
             "UPDATE leases SET claimed_by = $2, claimed_until = $3 \
              WHERE id = $1 AND (claimed_until IS NULL OR claimed_until <= $4) \
@@ -602,7 +595,7 @@ where
         .bind(claimer.to_owned())
         .bind(claim_end(now, claim_for)?)
         .bind(now)
-        .bind(Timestamp::from(unchanged_before))
+        .bind(unchanged_before)
         .bind(expected)
         .execute(&self.pool)
         .await
@@ -622,12 +615,11 @@ where
     async fn claim_job(
         &self,
         name: &str,
-        now: DateTime<Utc>,
+        now: Timestamp,
         claimer: &str,
         claim_for: Duration,
         interval: Duration,
     ) -> Result<bool, StoreError> {
-        let now = Timestamp::from(now);
         // A concurrent upsert on the same name waits for this one's commit
         // and then sees the live claim, so it claims nothing; an upsert
         // whose WHERE fails returns no row.
@@ -655,7 +647,7 @@ where
         &self,
         name: &str,
         claimer: &str,
-        run_time: DateTime<Utc>,
+        run_time: Timestamp,
     ) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE background_jobs \
@@ -664,7 +656,7 @@ where
         )
         .bind(name.to_owned())
         .bind(claimer.to_owned())
-        .bind(Timestamp::from(run_time))
+        .bind(run_time)
         .execute(&self.pool)
         .await
         .map_err(map_sqlx)?;
@@ -742,21 +734,18 @@ where
     }
 
     async fn load_upstream_credential(&self) -> Result<Option<UpstreamCredential>, StoreError> {
-        let row: Option<CredentialRow> =
-            sqlx::query_as("SELECT version, sealed, update_time FROM upstream_credentials")
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
-        Ok(row.map(Into::into))
+        sqlx::query_as("SELECT version, sealed, update_time FROM upstream_credentials")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_sqlx)
     }
 
     async fn save_upstream_credential(
         &self,
         expected_version: Option<i64>,
         sealed: &Sealed,
-        now: DateTime<Utc>,
+        now: Timestamp,
     ) -> Result<bool, StoreError> {
-        let now = Timestamp::from(now);
         let written = match expected_version {
             None => sqlx::query(
                 "INSERT INTO upstream_credentials (id, version, sealed, update_time) \
