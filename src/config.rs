@@ -2,8 +2,9 @@
 //! built-in defaults ([`DEFAULTS`], TOML) < a TOML file (`--config FILE` or
 //! `TOKEN_BROKER_CONFIG`) < `TOKEN_BROKER_*` environment variables, nested
 //! with `__` (`TOKEN_BROKER_DATABASE__URL` sets `database.url`). Unknown
-//! settings are refused; [`Config::validate`] then checks values once, with
-//! errors that name the setting (`database.url: ...`).
+//! settings are refused; [`Settings::new`](crate::settings::Settings::new)
+//! then checks the values once and builds what they describe, with errors
+//! that name the setting (`database.url: ...`).
 //!
 //! Client-side variables (`TOKEN_BROKER_ADDR`, `TOKEN_BROKER_API_KEY`,
 //! `TOKEN_BROKER_DEV_API_KEY`, `TOKEN_BROKER_EMULATOR_*`,
@@ -17,7 +18,6 @@ use std::time::Duration;
 use base64::Engine as _;
 use figment::providers::{Env, Format as _, Toml};
 use figment::Figment;
-use rand::RngCore as _;
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::Deserialize;
 
@@ -25,7 +25,7 @@ use crate::audit::ChainKey;
 use crate::auth::kubernetes::{KubernetesAuthConfig, KubernetesConfigError, KubernetesVerifier};
 use crate::auth::tls::TlsConfig;
 use crate::auth::{ApiKeyHash, ApiKeys};
-use crate::crypto::{Keyring, TokenFingerprinter};
+use crate::crypto::{self, Keyring, TokenFingerprinter};
 use crate::leases::RetrySchedule;
 use crate::upstream::azure_devops::AzureDevOpsConfig;
 use crate::upstream::entra::EntraConfig;
@@ -202,7 +202,7 @@ pub struct KeysConfig {
 }
 
 /// Keys in a keys file: the same fields as `[keys]` without `file`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct KeysFile {
     active: Option<String>,
@@ -213,6 +213,7 @@ struct KeysFile {
 }
 
 /// Keys ready to build a keyring from: validated.
+#[derive(Clone)]
 pub struct ResolvedKeys {
     /// Id of the active sealing key.
     pub active: String,
@@ -418,14 +419,10 @@ impl Config {
         )
     }
 
-    /// Loads and validates the configuration.
-    pub fn load(file: Option<&Path>) -> Result<Config, ConfigErrors> {
-        Self::load_over(None, file)
-    }
-
-    /// [`Config::load`] with `overlay` over the defaults (see
-    /// [`Config::figment_over`]).
-    pub fn load_over(overlay: Option<&str>, file: Option<&Path>) -> Result<Config, ConfigErrors> {
+    /// Reads the layered sources (`overlay` as in [`Config::figment_over`])
+    /// into a [`Config`] without checking values: see
+    /// [`Settings::load`](crate::settings::Settings::load).
+    pub fn read(overlay: Option<&str>, file: Option<&Path>) -> Result<Config, ConfigErrors> {
         if let Some(file) = file {
             if let Err(e) = std::fs::metadata(file) {
                 return Err(ConfigErrors(vec![ConfigError::new(
@@ -434,289 +431,23 @@ impl Config {
                 )]));
             }
         }
-        let config: Config = Self::figment_over(overlay, file)
+        Self::figment_over(overlay, file)
             .extract()
-            .map_err(figment_errors)?;
-        config.validate()?;
-        Ok(config)
-    }
-
-    /// Checks every value; errors name the setting.
-    pub fn validate(&self) -> Result<(), ConfigErrors> {
-        let mut errors = Vec::new();
-        let mut bad =
-            |setting: &str, message: String| errors.push(ConfigError::new(setting, message));
-
-        if let Err(m) = self.database.backend() {
-            bad("database.url", m);
-        }
-        if let Err(e) = self.keys.validate_shape() {
-            errors.push(e);
-        }
-        let mut bad =
-            |setting: &str, message: String| errors.push(ConfigError::new(setting, message));
-        let ado = &self.upstream.azure_devops;
-        for (setting, url) in [
-            ("upstream.azure_devops.base_url", &ado.base_url),
-            ("upstream.entra.authority", &self.upstream.entra.authority),
-        ] {
-            if url.cannot_be_a_base() || !matches!(url.scheme(), "http" | "https") {
-                bad(setting, "must be an http:// or https:// base URL".into());
-            }
-        }
-        if ado.api_version.trim().is_empty() {
-            bad(
-                "upstream.azure_devops.api_version",
-                "must not be empty".into(),
-            );
-        }
-        for (setting, d) in [
-            ("upstream.azure_devops.request_timeout", ado.request_timeout),
-            ("upstream.azure_devops.connect_timeout", ado.connect_timeout),
-            (
-                "upstream.entra.request_timeout",
-                self.upstream.entra.request_timeout,
-            ),
-        ] {
-            if d.is_zero() {
-                bad(setting, "must be greater than zero".into());
-            }
-        }
-        // Upper bounds: a call (or a wait between tries) longer than these
-        // would stall background work and shutdown behind it.
-        let minute = Duration::from_secs(60);
-        for (setting, d, max, max_text) in [
-            (
-                "upstream.azure_devops.request_timeout",
-                ado.request_timeout,
-                10 * minute,
-                "10m",
-            ),
-            (
-                "upstream.azure_devops.connect_timeout",
-                ado.connect_timeout,
-                5 * minute,
-                "5m",
-            ),
-            (
-                "upstream.azure_devops.retry_min_delay",
-                ado.retry_min_delay,
-                minute,
-                "1m",
-            ),
-            (
-                "upstream.azure_devops.retry_max_delay",
-                ado.retry_max_delay,
-                5 * minute,
-                "5m",
-            ),
-            (
-                "upstream.azure_devops.max_retry_after",
-                ado.max_retry_after,
-                10 * minute,
-                "10m",
-            ),
-            (
-                "upstream.entra.request_timeout",
-                self.upstream.entra.request_timeout,
-                10 * minute,
-                "10m",
-            ),
-        ] {
-            if d > max {
-                bad(setting, format!("must be at most {max_text}"));
-            }
-        }
-        if ado.retry_max_delay < ado.retry_min_delay {
-            bad(
-                "upstream.azure_devops.retry_max_delay",
-                "must be at least upstream.azure_devops.retry_min_delay".into(),
-            );
-        }
-        if ado.max_retries > 20 {
-            bad(
-                "upstream.azure_devops.max_retries",
-                "must be at most 20".into(),
-            );
-        }
-        if ado.max_concurrent_requests == 0 || ado.max_concurrent_requests > 1024 {
-            bad(
-                "upstream.azure_devops.max_concurrent_requests",
-                "must be 1 to 1024".into(),
-            );
-        }
-        if !(1..=crate::upstream::azure_devops::MAX_PAGE_SIZE).contains(&ado.page_size) {
-            bad("upstream.azure_devops.page_size", "must be 1 to 100".into());
-        }
-        if ado.max_pages == 0 {
-            bad(
-                "upstream.azure_devops.max_pages",
-                "must be at least 1".into(),
-            );
-        }
-        if self.upstream.entra.tenant.trim().is_empty() {
-            bad("upstream.entra.tenant", "must not be empty".into());
-        }
-        if let Some(t) = &self.upstream.refresh_token {
-            if t.expose_secret().trim().is_empty() {
-                bad(
-                    "upstream.refresh_token",
-                    "must not be empty when set".into(),
-                );
-            }
-        }
-        if let Some(file) = &self.policy.file {
-            if !file.is_file() {
-                bad(
-                    "policy.file",
-                    format!("{} is not a readable file", file.display()),
-                );
-            }
-        }
-        let prefix = &self.leases.display_name_prefix;
-        if prefix.is_empty()
-            || prefix.len() > 40
-            || !prefix
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        {
-            bad(
-                "leases.display_name_prefix",
-                "1 to 40 letters, digits, '-', '_' or '.' (':' separates the display name's parts)"
-                    .into(),
-            );
-        }
-        if self.leases.valid_to_skew > Duration::from_secs(3600) {
-            bad("leases.valid_to_skew", "must be at most 1h".into());
-        }
-        if self.leases.reaper_interval.is_zero() {
-            bad("leases.reaper_interval", "must be greater than zero".into());
-        }
-        if self.leases.reconcile_after <= self.upstream.azure_devops.request_timeout {
-            bad(
-                "leases.reconcile_after",
-                format!(
-                    "must be longer than upstream.azure_devops.request_timeout ({}), so a create still in flight is never reconciled",
-                    humantime::format_duration(self.upstream.azure_devops.request_timeout)
-                ),
-            );
-        }
-        if self.leases.sweep_interval < Duration::from_secs(1) {
-            bad("leases.sweep_interval", "must be at least 1s".into());
-        }
-        let retry = &self.leases.revocation_retry;
-        if retry.min_delay.is_zero() {
-            bad(
-                "leases.revocation_retry.min_delay",
-                "must be greater than zero".into(),
-            );
-        }
-        if retry.max_delay < retry.min_delay {
-            bad(
-                "leases.revocation_retry.max_delay",
-                "must be at least leases.revocation_retry.min_delay".into(),
-            );
-        }
-        if retry.max_attempts == 0 {
-            bad(
-                "leases.revocation_retry.max_attempts",
-                "must be at least 1".into(),
-            );
-        }
-        if retry.failed_interval.is_zero() {
-            bad(
-                "leases.revocation_retry.failed_interval",
-                "must be greater than zero".into(),
-            );
-        }
-        // Upper bounds: beyond them a schedule means "never", and the
-        // arithmetic on times would leave what the stores can hold.
-        let hour = Duration::from_secs(3600);
-        for (setting, value, max, max_text) in [
-            (
-                "leases.reaper_interval",
-                self.leases.reaper_interval,
-                hour,
-                "1h",
-            ),
-            (
-                "leases.reconcile_after",
-                self.leases.reconcile_after,
-                24 * hour,
-                "24h",
-            ),
-            (
-                "leases.sweep_interval",
-                self.leases.sweep_interval,
-                7 * 24 * hour,
-                "7d",
-            ),
-            (
-                "leases.revocation_retry.min_delay",
-                retry.min_delay,
-                24 * hour,
-                "24h",
-            ),
-            (
-                "leases.revocation_retry.max_delay",
-                retry.max_delay,
-                24 * hour,
-                "24h",
-            ),
-            (
-                "leases.revocation_retry.failed_interval",
-                retry.failed_interval,
-                7 * 24 * hour,
-                "7d",
-            ),
-        ] {
-            if value > max {
-                bad(setting, format!("must be at most {max_text}"));
-            }
-        }
-        if retry.max_attempts > 1000 {
-            bad(
-                "leases.revocation_retry.max_attempts",
-                "must be at most 1000".into(),
-            );
-        }
-        if let Err((setting, m)) = self.auth.api_keys() {
-            bad(&setting, m);
-        }
-        if let Err(e) = self.auth.kubernetes_verifier() {
-            errors.push(e);
-        }
-        if let Some(tls) = &self.grpc.tls {
-            if let Err(e) = tls.validate() {
-                errors.push(ConfigError::new(
-                    format!("grpc.tls.{}", e.setting),
-                    e.problem,
-                ));
-            }
-        }
-        let mut bad =
-            |setting: &str, message: String| errors.push(ConfigError::new(setting, message));
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
-            bad("log.filter", e.to_string());
-        }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigErrors(errors))
-        }
+            .map_err(figment_errors)
     }
 }
 
 impl AuthConfig {
-    /// The configured keys; on error, the setting at fault and why.
-    pub fn api_keys(&self) -> Result<ApiKeys, (String, String)> {
+    /// The configured keys. Errors name `auth.api_keys[N].sha256` or
+    /// `auth.api_keys`.
+    pub fn api_keys(&self) -> Result<ApiKeys, ConfigError> {
         let mut keys = Vec::with_capacity(self.api_keys.len());
         for (i, k) in self.api_keys.iter().enumerate() {
             let hash = ApiKeyHash::parse_hex(&k.sha256)
-                .map_err(|m| (format!("auth.api_keys[{i}].sha256"), m.to_owned()))?;
+                .map_err(|m| ConfigError::new(format!("auth.api_keys[{i}].sha256"), m))?;
             keys.push((k.name.clone(), hash));
         }
-        ApiKeys::new(keys).map_err(|m| ("auth.api_keys".to_owned(), m))
+        ApiKeys::new(keys).map_err(|m| ConfigError::new("auth.api_keys", m))
     }
 
     /// The service-account verifier when `auth.kubernetes.enabled` (reads
@@ -762,24 +493,29 @@ impl KeysConfig {
         self.file.is_none() && !self.is_inline()
     }
 
-    fn validate_shape(&self) -> Result<(), ConfigError> {
+    fn inline(&self) -> KeysFile {
+        KeysFile {
+            active: self.active.clone(),
+            sealing: self.sealing.clone(),
+            fingerprint: self.fingerprint.clone(),
+            audit_chain: self.audit_chain.clone(),
+        }
+    }
+
+    /// Checks the section without touching files: `keys.file` and inline
+    /// keys are not both set, and inline keys are complete and well formed.
+    /// Returns the inline keys, resolved, when there are some.
+    pub fn check(&self) -> Result<Option<ResolvedKeys>, ConfigError> {
         if self.file.is_some() && self.is_inline() {
             return Err(ConfigError::new(
                 "keys.file",
                 "set either keys.file or inline keys (keys.active, keys.sealing, keys.fingerprint, keys.audit_chain), not both",
             ));
         }
-        if self.is_inline() {
-            resolve_inline(
-                "keys",
-                self.active.as_deref(),
-                &self.sealing,
-                self.fingerprint.as_ref(),
-                self.audit_chain.as_ref(),
-                "configuration",
-            )?;
+        if !self.is_inline() {
+            return Ok(None);
         }
-        Ok(())
+        self.inline().resolve("keys", "configuration").map(Some)
     }
 
     /// The keys to run with. `backend` decides what happens when none are
@@ -795,15 +531,7 @@ impl KeysConfig {
             return Ok((read_keys_file("keys.file", file)?, None));
         }
         if self.is_inline() {
-            let keys = resolve_inline(
-                "keys",
-                self.active.as_deref(),
-                &self.sealing,
-                self.fingerprint.as_ref(),
-                self.audit_chain.as_ref(),
-                "configuration",
-            )?;
-            return Ok((keys, None));
+            return Ok((self.inline().resolve("keys", "configuration")?, None));
         }
         match backend {
             Backend::Postgres => Err(ConfigError::new(
@@ -811,29 +539,44 @@ impl KeysConfig {
                 "no keys configured: PostgreSQL needs keys.file or keys.active + keys.sealing + keys.fingerprint + keys.audit_chain (generated keys would be lost with the pod)",
             )),
             Backend::Sqlite(None) => {
-                let text = generate_keys_file();
-                let parsed: KeysFile = toml_parse(&text).expect("generated keys parse");
-                let keys = resolve_inline(
-                    "keys",
-                    parsed.active.as_deref(),
-                    &parsed.sealing,
-                    parsed.fingerprint.as_ref(),
-                    parsed.audit_chain.as_ref(),
-                    "throwaway (in-memory database)",
-                )?;
+                let parsed: KeysFile =
+                    toml_parse(&crypto::generate_keys_file()).expect("generated keys parse");
+                let keys = parsed.resolve("keys", "throwaway (in-memory database)")?;
                 Ok((keys, None))
             }
             Backend::Sqlite(Some(db)) => {
                 let path = generated_keys_path(db);
-                if path.exists() {
-                    add_missing_audit_chain_key(&path)?;
-                    return Ok((read_keys_file("keys", &path)?, None));
-                }
-                write_new_keys_file(&path)?;
-                Ok((read_keys_file("keys", &path)?, Some(path)))
+                let created = ensure_keys_file(&path)?;
+                let keys = read_keys_file("keys", &path)?;
+                Ok((keys, created.then_some(path)))
             }
         }
     }
+}
+
+/// Creates a fresh keys file at `path` (mode 0600) unless one exists; a
+/// generated file from before the audit chain gets its `audit_chain` key
+/// added. Returns true if it was created now. Errors name `keys`.
+pub fn ensure_keys_file(path: &Path) -> Result<bool, ConfigError> {
+    let keys_error = |e: crypto::KeysFileError| ConfigError::new("keys", e.to_string());
+    if !path.exists() {
+        crypto::create_keys_file(path).map_err(keys_error)?;
+        return Ok(true);
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| {
+        keys_error(crypto::KeysFileError::AddChainKey {
+            path: path.to_owned(),
+            source,
+        })
+    })?;
+    // A file that does not parse is left alone: reading it reports why.
+    if let Ok(KeysFile {
+        audit_chain: None, ..
+    }) = toml_parse(&text)
+    {
+        crypto::add_audit_chain_key(path, &text).map_err(keys_error)?;
+    }
+    Ok(false)
 }
 
 /// Where `serve` keeps generated keys for the SQLite file `db`:
@@ -863,159 +606,55 @@ fn read_keys_file(setting: &str, path: &Path) -> Result<ResolvedKeys, ConfigErro
                 ),
             )
         })?;
-    resolve_inline(
+    parsed.resolve(
         &format!("{setting} ({})", path.display()),
-        parsed.active.as_deref(),
-        &parsed.sealing,
-        parsed.fingerprint.as_ref(),
-        parsed.audit_chain.as_ref(),
         &path.display().to_string(),
     )
 }
 
-fn resolve_inline(
-    section: &str,
-    active: Option<&str>,
-    sealing: &BTreeMap<String, SecretString>,
-    fingerprint: Option<&SecretString>,
-    audit_chain: Option<&SecretString>,
-    source: &str,
-) -> Result<ResolvedKeys, ConfigError> {
-    let active = active
-        .ok_or_else(|| ConfigError::new(format!("{section}.active"), "is required"))?
-        .to_owned();
-    if !sealing.contains_key(&active) {
-        return Err(ConfigError::new(
-            format!("{section}.active"),
-            format!("no key {active:?} in {section}.sealing"),
-        ));
-    }
-    for (id, value) in sealing {
-        if id.is_empty()
-            || id.len() > 32
-            || !id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
-        {
+impl KeysFile {
+    /// Checks every key; errors name `{section}.active` and so on.
+    fn resolve(&self, section: &str, source: &str) -> Result<ResolvedKeys, ConfigError> {
+        let active = self
+            .active
+            .clone()
+            .ok_or_else(|| ConfigError::new(format!("{section}.active"), "is required"))?;
+        if !self.sealing.contains_key(&active) {
             return Err(ConfigError::new(
-                format!("{section}.sealing"),
-                format!("key id {id:?} must be 1 to 32 letters, digits, '-' or '_'"),
+                format!("{section}.active"),
+                format!("no key {active:?} in {section}.sealing"),
             ));
         }
-        decode_key(&format!("{section}.sealing.{id}"), value)?;
+        for (id, value) in &self.sealing {
+            if id.is_empty()
+                || id.len() > 32
+                || !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+            {
+                return Err(ConfigError::new(
+                    format!("{section}.sealing"),
+                    format!("key id {id:?} must be 1 to 32 letters, digits, '-' or '_'"),
+                ));
+            }
+            decode_key(&format!("{section}.sealing.{id}"), value)?;
+        }
+        let required = |name: &str, value: &Option<SecretString>| {
+            let setting = format!("{section}.{name}");
+            let value = value
+                .clone()
+                .ok_or_else(|| ConfigError::new(&setting, "is required"))?;
+            decode_key(&setting, &value)?;
+            Ok::<_, ConfigError>(value)
+        };
+        Ok(ResolvedKeys {
+            active,
+            sealing: self.sealing.clone(),
+            fingerprint: required("fingerprint", &self.fingerprint)?,
+            audit_chain: required("audit_chain", &self.audit_chain)?,
+            source: source.to_owned(),
+        })
     }
-    let fingerprint = fingerprint
-        .ok_or_else(|| ConfigError::new(format!("{section}.fingerprint"), "is required"))?;
-    decode_key(&format!("{section}.fingerprint"), fingerprint)?;
-    let audit_chain = audit_chain
-        .ok_or_else(|| ConfigError::new(format!("{section}.audit_chain"), "is required"))?;
-    decode_key(&format!("{section}.audit_chain"), audit_chain)?;
-    Ok(ResolvedKeys {
-        active,
-        sealing: sealing.clone(),
-        fingerprint: fingerprint.clone(),
-        audit_chain: audit_chain.clone(),
-        source: source.to_owned(),
-    })
-}
-
-fn random_b64() -> String {
-    let mut bytes = [0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut bytes);
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-/// A fresh keys file: one sealing key (id = today's date), a fingerprint
-/// key and an audit chain key, from the OS random source.
-pub fn generate_keys_file() -> String {
-    let id = format!("k{}", chrono::Utc::now().format("%Y%m%d"));
-    format!(
-        "# token-broker keys: generated; keep secret, back up with the database.\n\
-         active = \"{id}\"\n\
-         fingerprint = \"{}\"\n\
-         audit_chain = \"{}\"\n\n\
-         [sealing]\n\
-         {id} = \"{}\"\n",
-        random_b64(),
-        random_b64(),
-        random_b64()
-    )
-}
-
-/// Creates a fresh keys file at `path` (mode 0600) unless one exists; a
-/// generated file from before the audit chain gets its `audit_chain` key
-/// added. Returns true if it was created now.
-pub fn ensure_keys_file(path: &Path) -> Result<bool, ConfigError> {
-    if path.exists() {
-        add_missing_audit_chain_key(path)?;
-        return Ok(false);
-    }
-    write_new_keys_file(path)?;
-    Ok(true)
-}
-
-/// Adds a fresh `audit_chain` key to a generated keys file written before
-/// the audit chain existed (top-level keys must precede `[sealing]`, so
-/// the line goes first). The file is replaced atomically, mode 0600.
-fn add_missing_audit_chain_key(path: &Path) -> Result<(), ConfigError> {
-    let fail = |e: std::io::Error| {
-        ConfigError::new(
-            "keys",
-            format!(
-                "cannot add audit_chain to keys file {}: {e}",
-                path.display()
-            ),
-        )
-    };
-    let text = std::fs::read_to_string(path).map_err(fail)?;
-    let parsed: KeysFile = match toml_parse(&text) {
-        Ok(parsed) => parsed,
-        // read_keys_file reports what is wrong with it.
-        Err(_) => return Ok(()),
-    };
-    if parsed.audit_chain.is_some() {
-        return Ok(());
-    }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".new");
-    let tmp = PathBuf::from(tmp);
-    let _ = std::fs::remove_file(&tmp);
-    write_private_file(
-        &tmp,
-        &format!(
-            "# audit_chain added by token-broker (audit chain key; keep secret).\n\
-             audit_chain = \"{}\"\n{text}",
-            random_b64()
-        ),
-    )
-    .map_err(fail)?;
-    std::fs::rename(&tmp, path).map_err(fail)?;
-    tracing::warn!(file = %path.display(), "added an audit chain key to the generated keys file");
-    Ok(())
-}
-
-fn write_new_keys_file(path: &Path) -> Result<(), ConfigError> {
-    write_private_file(path, &generate_keys_file()).map_err(|e| {
-        ConfigError::new(
-            "keys",
-            format!("cannot create keys file {}: {e}", path.display()),
-        )
-    })
-}
-
-/// Creates `path` (it must not exist) with mode 0600 and writes `text`.
-fn write_private_file(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        options.mode(0o600);
-    }
-    let mut file = options.open(path)?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()
 }
 
 /// Settings whose values are secrets and never appear in an error.
@@ -1085,11 +724,12 @@ fn figment_errors(err: figment::Error) -> ConfigErrors {
 mod tests {
     use super::*;
     use crate::auth::tls::ClientAuth;
+    use crate::settings::Settings;
 
     #[test]
     fn defaults_parse_and_validate() {
         let c: Config = Figment::from(Toml::string(DEFAULTS)).extract().unwrap();
-        c.validate().unwrap();
+        let c = Settings::new(c).unwrap().config;
         assert_eq!(c.grpc.listen.to_string(), "127.0.0.1:50051");
         assert_eq!(
             c.database.backend().unwrap(),
@@ -1113,7 +753,7 @@ mod tests {
 
     #[test]
     fn inline_keys_without_an_audit_chain_key_are_refused_naming_it() {
-        let key = random_b64();
+        let key = Keyring::generate_key().expose_secret().to_owned();
         let keys = KeysConfig {
             active: Some("k1".into()),
             sealing: [("k1".to_owned(), SecretString::from(key.clone()))].into(),
@@ -1136,7 +776,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("broker.db");
         let path = generated_keys_path(&db);
-        let key = random_b64();
+        let key = Keyring::generate_key().expose_secret().to_owned();
         let old = format!(
             "# generated\nactive = \"k1\"\nfingerprint = \"{key}\"\n\n[sealing]\nk1 = \"{key}\"\n"
         );
@@ -1181,7 +821,7 @@ mod tests {
             for (k, v) in env {
                 jail.set_env(k, v);
             }
-            result = Some(Config::load(Some(Path::new("broker.toml"))));
+            result = Some(Settings::load(Some(Path::new("broker.toml"))).map(|s| s.config));
             Ok(())
         });
         result.unwrap()

@@ -11,6 +11,7 @@
 //!   holds one active key (new seals) and any number of older ones (opens
 //!   only), so keys rotate without re-sealing every row at once.
 //! - Key bytes live in zeroizing containers and are never printed.
+//! - Generated keys files are written here, mode 0600 ([`create_keys_file`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -26,6 +27,10 @@ use secrecy::{ExposeSecret, SecretBox, SecretString};
 use sha2::Sha256;
 
 use crate::error::{ErrorCode, ServiceError};
+
+mod keys_file;
+
+pub use keys_file::{add_audit_chain_key, create_keys_file, generate_keys_file, KeysFileError};
 
 /// Length of an AES-256 key and of a fingerprint key, in bytes.
 pub const KEY_LEN: usize = 32;

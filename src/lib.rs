@@ -1,12 +1,16 @@
 //! token-broker: leases short-lived, least-scope Azure DevOps personal access
 //! tokens (PATs) to internal services over gRPC.
 //!
-//! Module map (DESIGN.md section 3): `api` (tonic edge) -> `auth` + `policy`
-//! -> `leases` (business rules) -> `store` (PostgreSQL, SQLite) and
-//! `upstream` (PAT Lifecycle API client). `crypto`, `audit`, `telemetry`,
-//! `config`, `domain` and `error` are leaves. `emulator` is a separate axum
-//! app the broker only reaches over HTTP. `cli` wires it all together.
+//! Module map (docs/architecture.md has the whole picture): `api` (tonic
+//! edge) -> `auth` + `policy` -> `leases` (business rules) -> `store`
+//! (PostgreSQL, SQLite) and `upstream` (PAT Lifecycle API client).
+//! `crypto`, `audit`, `telemetry`, `config`, `domain` and `error` are
+//! leaves; `settings` checks and builds the configuration once. `server`
+//! wires it all together into a running broker (with `admin_http`, the
+//! admin port); `cli` parses arguments and calls in. `emulator` is a
+//! separate axum app the broker only reaches over HTTP.
 
+pub mod admin_http;
 pub mod api;
 pub mod audit;
 pub mod auth;
@@ -18,8 +22,9 @@ mod duration;
 pub mod emulator;
 pub mod error;
 pub mod leases;
-pub mod metrics;
 pub mod policy;
+pub mod server;
+pub mod settings;
 pub mod store;
 pub mod telemetry;
 pub mod upstream;

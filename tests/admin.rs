@@ -622,9 +622,9 @@ async fn a_grant_is_refused_when_its_audit_row_cannot_be_written_and_a_revocatio
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_reloads_are_audited_whether_applied_or_refused() {
-    use token_broker::cli::serve::Broker;
     use token_broker::policy::{PolicyHandle, ReloadTrigger};
     use token_broker::proto::v1::admin_service_client::AdminServiceClient;
+    use token_broker::server::Broker;
 
     let emulator = token_broker::emulator::spawn(Default::default())
         .await
@@ -635,7 +635,7 @@ async fn policy_reloads_are_audited_whether_applied_or_refused() {
     std::fs::write(&policy_file, common::admin::ADMIN_POLICY).unwrap();
     let policy = PolicyHandle::from_file(&policy_file).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let broker = Broker::start(&spec.config(), policy.clone(), listener)
+    let broker = Broker::start(spec.settings(), policy.clone(), listener)
         .await
         .unwrap();
 

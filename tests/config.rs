@@ -10,12 +10,13 @@ use std::path::Path;
 use figment::Jail;
 use secrecy::ExposeSecret as _;
 use token_broker::config::{Backend, Config, ConfigErrors};
+use token_broker::settings::Settings;
 
 const SHA: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
 const KEY_A: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
 
 fn load(file: Option<&str>) -> Result<Config, ConfigErrors> {
-    Config::load(file.map(Path::new))
+    Settings::load(file.map(Path::new)).map(|s| s.config)
 }
 
 fn fails_naming(jail: &mut Jail, toml: &str, setting: &str) {
@@ -417,7 +418,9 @@ fn a_reconcile_bound_within_the_upstream_request_timeout_is_refused() {
 #[test]
 fn dev_uses_short_background_schedules_that_the_environment_still_overrides() {
     Jail::expect_with(|jail| {
-        let c = Config::load_over(Some(token_broker::cli::dev::DEV_DEFAULTS), None).unwrap();
+        let c = Settings::load_over(Some(token_broker::cli::dev::DEV_DEFAULTS), None)
+            .unwrap()
+            .config;
         // dev reconciles within 30 s and sweeps every 60 s (README, dev).
         assert!(
             c.leases.reconcile_after + c.leases.reaper_interval
@@ -425,7 +428,9 @@ fn dev_uses_short_background_schedules_that_the_environment_still_overrides() {
         );
         assert_eq!(c.leases.sweep_interval.as_secs(), 60);
         jail.set_env("TOKEN_BROKER_LEASES__SWEEP_INTERVAL", "5m");
-        let c = Config::load_over(Some(token_broker::cli::dev::DEV_DEFAULTS), None).unwrap();
+        let c = Settings::load_over(Some(token_broker::cli::dev::DEV_DEFAULTS), None)
+            .unwrap()
+            .config;
         assert_eq!(c.leases.sweep_interval.as_secs(), 300);
         Ok(())
     });

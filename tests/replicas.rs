@@ -21,11 +21,11 @@ use common::emulator::Emu;
 use common::leases::list_repositories;
 use common::process::ServeProcess;
 use common::wait::poll;
-use token_broker::cli::serve::DEPLOYMENT_ID_META;
 use token_broker::crypto::Keyring;
 use token_broker::domain::{AuthorizationId, LeaseId, LeaseState, Organization, ScopeSet};
 use token_broker::emulator::EmulatorConfig;
 use token_broker::proto::v1 as pb;
+use token_broker::server::DEPLOYMENT_ID_META;
 use token_broker::store::{self, LeaseFilter, LeaseRecord, Store};
 
 /// Leases that expire at once in the replicas test.

@@ -18,6 +18,7 @@ use crate::error::{ErrorCode, ServiceError};
 use crate::store::{Store, StoreError};
 
 pub mod chain;
+mod refusals;
 
 /// Audit events are a domain type; re-exported where they are chained.
 pub use crate::domain::{AuditEvent, Outcome};
@@ -26,6 +27,7 @@ pub use chain::{
     parse_expected_head, verify, BadHead, ChainBroken, ChainKey, Defect, VerifyError, VerifyReport,
     GENESIS_MAC,
 };
+pub use refusals::ChainedRefusalAudit;
 
 /// `action` of an issued (or replayed) lease.
 pub const LEASE_CREATE: &str = "lease.create";

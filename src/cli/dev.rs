@@ -1,4 +1,4 @@
-//! `token-broker dev`: the one-command local run (issue 4 item 3). Starts
+//! `token-broker dev`: the one-command local run. Starts
 //! the emulator (unless `--upstream` names one already running), then the
 //! broker wired to it through the Entra refresh-token grant, on an embedded
 //! SQLite file (or `--database-url`), with a sample policy and a dev API
@@ -14,8 +14,8 @@ use crate::auth::GeneratedApiKey;
 use crate::config::{self, ApiKeySetting, Backend, Config};
 use crate::emulator::{self, EmulatorConfig};
 use crate::policy::Policy;
-
-use super::serve::Broker;
+use crate::server::{self, Broker, ServeError};
+use crate::settings::Settings;
 
 /// SQLite file `dev` uses unless `--database-url` is given; restarting
 /// `dev` in the same directory keeps its leases and deployment id.
@@ -31,8 +31,8 @@ pub const DEV_EMULATOR_STATE_FILE: &str = "token-broker-dev.emulator.json";
 /// file when the store is a SQLite file, else in the working directory.
 pub fn dev_emulator_state_file(database_url: Option<&str>) -> std::path::PathBuf {
     let url = database_url.unwrap_or(DEV_DATABASE_URL);
-    match crate::config::backend_of(url) {
-        Ok(crate::config::Backend::Sqlite(Some(file))) => match file.parent() {
+    match config::backend_of(url) {
+        Ok(Backend::Sqlite(Some(file))) => match file.parent() {
             Some(dir) => dir.join(DEV_EMULATOR_STATE_FILE),
             None => DEV_EMULATOR_STATE_FILE.into(),
         },
@@ -96,7 +96,7 @@ pub enum DevError {
     },
     /// The broker failed.
     #[error(transparent)]
-    Serve(#[from] super::serve::ServeError),
+    Serve(#[from] ServeError),
     /// Configuration.
     #[error("{0}")]
     Config(String),
@@ -132,18 +132,18 @@ pub fn dev_key() -> Result<GeneratedApiKey, DevError> {
     }
 }
 
-/// The broker configuration `dev` runs with: defaults (and any
+/// The broker settings `dev` runs with: defaults (and any
 /// `TOKEN_BROKER_*` server settings in the environment), then the dev
 /// choices: `listen`, the store, upstream = `upstream_url` through the
 /// Entra refresh-token grant with the emulator's default refresh token,
 /// and the one dev API key.
-pub fn dev_config(
+pub fn dev_settings(
     args: &DevArgs,
     upstream_url: &url::Url,
     key: &GeneratedApiKey,
-) -> Result<Config, DevError> {
+) -> Result<Settings, DevError> {
     let mut config =
-        Config::load_over(Some(DEV_DEFAULTS), None).map_err(|e| DevError::Config(e.to_string()))?;
+        Config::read(Some(DEV_DEFAULTS), None).map_err(|e| DevError::Config(e.to_string()))?;
     config.grpc.listen = args.listen;
     config.database.url = args
         .database_url
@@ -167,10 +167,7 @@ pub fn dev_config(
         name: key.name.clone(),
         sha256: key.hash.to_hex(),
     }];
-    config
-        .validate()
-        .map_err(|e| DevError::Config(e.to_string()))?;
-    Ok(config)
+    Settings::new(config).map_err(|e| DevError::Config(e.to_string()))
 }
 
 /// Runs `dev` until Ctrl-C or SIGTERM.
@@ -208,12 +205,12 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
             (url, Some((stop, task)))
         }
     };
-    let config = dev_config(&args, &upstream_url, &key)?;
-    crate::telemetry::init(&config.log.filter, config.log.json)
-        .map_err(|e| DevError::Config(e.to_string()))?;
+    let settings = dev_settings(&args, &upstream_url, &key)?;
+    let log = &settings.config.log;
+    crate::telemetry::init(&log.filter, log.json).map_err(|e| DevError::Config(e.to_string()))?;
     let policy = Policy::from_yaml(DEV_POLICY).expect("the built-in dev policy is valid");
-    let listener = super::serve::bind(&config).await?;
-    let broker = Broker::start(&config, policy, listener).await?;
+    let listener = server::bind(&settings.config).await?;
+    let broker = Broker::start(settings, policy, listener).await?;
 
     let addr = format!("http://{}", broker.addr());
     let emulator_url = upstream_url.as_str().trim_end_matches('/').to_owned();

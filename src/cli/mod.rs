@@ -3,14 +3,14 @@
 //! policy files (`policy check`), the gRPC clients (`lease ...`,
 //! `admin ...`, `audit list`) and the audit chain check (`audit verify`).
 
-use std::path::PathBuf;
+use std::fmt::Display;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use secrecy::ExposeSecret as _;
 
 use crate::auth::GeneratedApiKey;
-use crate::config::Config;
+use serve::ConfigArg;
 
 pub mod admin;
 pub mod audit;
@@ -62,13 +62,6 @@ enum Command {
     Audit(audit::AuditCommand),
 }
 
-#[derive(clap::Args, Debug)]
-struct ConfigArg {
-    /// TOML configuration file (settings: README.md).
-    #[arg(long, env = "TOKEN_BROKER_CONFIG")]
-    config: Option<PathBuf>,
-}
-
 #[derive(Subcommand, Debug)]
 enum ApikeyCommand {
     /// Make a new key: prints it once, and the line to configure its hash.
@@ -99,32 +92,10 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn load_config(arg: &ConfigArg) -> Result<Config, String> {
-    let config = Config::load(arg.config.as_deref()).map_err(|e| e.to_string())?;
-    crate::telemetry::init(&config.log.filter, config.log.json).map_err(|e| e.to_string())?;
-    Ok(config)
-}
-
 async fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
-        Command::Serve(arg) => {
-            let config = load_config(&arg)?;
-            let policy = serve::load_policy(&config).map_err(|e| e.to_string())?;
-            let listener = serve::bind(&config).await.map_err(|e| e.to_string())?;
-            let broker = serve::Broker::start(&config, policy, listener)
-                .await
-                .map_err(|e| e.to_string())?;
-            broker
-                .run_until(shutdown_signal())
-                .await
-                .map_err(|e| e.to_string())
-        }
-        Command::Migrate(arg) => {
-            let config = load_config(&arg)?;
-            serve::migrate(&config).await.map_err(|e| e.to_string())?;
-            tracing::info!("migrations applied");
-            Ok(())
-        }
+        Command::Serve(arg) => serve::serve(&arg).await,
+        Command::Migrate(arg) => serve::migrate(&arg).await,
         Command::Dev(args) => dev::run(args).await.map_err(|e| e.to_string()),
         Command::Emulator(args) => {
             crate::telemetry::init("info", false).map_err(|e| e.to_string())?;
@@ -143,52 +114,32 @@ async fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::Policy(command) => policy::run(command),
-        Command::Lease { client, command } => {
-            let out = client::run(&client, command)
-                .await
-                .map_err(|e| e.to_string())?;
-            print_out(&out);
-            Ok(())
-        }
-        Command::Admin { client, command } => {
-            let out = admin::run(&client, command)
-                .await
-                .map_err(|e| e.to_string())?;
-            print_out(&out);
-            Ok(())
-        }
+        Command::Lease { client, command } => print_out(client::run(&client, command).await),
+        Command::Admin { client, command } => print_out(admin::run(&client, command).await),
         Command::Audit(audit::AuditCommand::List {
             client,
             filter,
             page_size,
             page_token,
-        }) => {
-            let out = audit::list(&client, filter, page_size, page_token)
-                .await
-                .map_err(|e| e.to_string())?;
-            print_out(&out);
-            Ok(())
-        }
+        }) => print_out(audit::list(&client, filter, page_size, page_token).await),
         Command::Audit(audit::AuditCommand::Verify(args)) => {
-            let config = load_config(&ConfigArg {
+            let settings = serve::load_settings(&ConfigArg {
                 config: args.config.clone(),
             })?;
-            let out = audit::verify(&config, args.expected_head.as_deref())
-                .await
-                .map_err(|e| e.to_string())?;
-            print_out(&out);
-            Ok(())
+            print_out(audit::verify(&settings.config, args.expected_head.as_deref()).await)
         }
     }
 }
 
-/// Prints a command's answer and a newline on stdout. A reader that went
-/// away (`token-broker audit list | head`) ends the output quietly instead
-/// of panicking as `println!` would.
-fn print_out(out: &str) {
+/// Prints a command's answer and a newline on stdout, or passes its error
+/// on. A reader that went away (`token-broker audit list | head`) ends the
+/// output quietly instead of panicking as `println!` would.
+fn print_out(answer: Result<String, impl Display>) -> Result<(), String> {
     use std::io::Write as _;
+    let out = answer.map_err(|e| e.to_string())?;
     let mut stdout = std::io::stdout().lock();
     let _ = writeln!(stdout, "{out}").and_then(|()| stdout.flush());
+    Ok(())
 }
 
 /// Resolves on Ctrl-C or SIGTERM (what Kubernetes sends before a kill).

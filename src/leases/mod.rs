@@ -316,6 +316,15 @@ pub struct LeaseSettings {
     pub background_workers: usize,
 }
 
+impl LeaseSettings {
+    /// Claimed leases one replica works at once for an upstream client of
+    /// `max_concurrent_requests`: half of them, 1 to 8, so background work
+    /// always leaves upstream room for callers.
+    pub fn background_workers_for(max_concurrent_requests: usize) -> usize {
+        (max_concurrent_requests / 2).clamp(1, 8)
+    }
+}
+
 /// The schedule of upstream revoke retries, configuration
 /// `[leases.revocation_retry]`: exponential backoff from `min_delay`
 /// doubling to `max_delay`, each delay jittered up to twice its value;

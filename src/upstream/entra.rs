@@ -1,13 +1,16 @@
 //! Microsoft Entra bearer tokens for the PAT Lifecycle API.
 //!
-//! The API takes only user-delegated Entra access tokens (ado-pat-api.md
-//! section 2.1), so the broker holds a user's refresh token and redeems it
-//! with the refresh-token grant at `{authority}/{tenant}/oauth2/v2.0/token`
-//! (section 2.3). Entra answers every redemption with a new refresh token;
-//! each one is handed to a [`RefreshTokenSink`] (the broker seals and
-//! stores it). No token ever reaches a log, a span or an error.
+//! The API takes only user-delegated Entra access tokens (docs/upstream-api.md,
+//! User-delegated Entra tokens only), so the broker holds a user's refresh
+//! token and redeems it with the refresh-token grant at
+//! `{authority}/{tenant}/oauth2/v2.0/token` (docs/upstream-api.md, Entra
+//! token endpoint). Entra answers every redemption with a new refresh token;
+//! each one is handed to a [`RefreshTokenSink`] (the broker's
+//! [`StoreSink`] seals and stores it). No token ever reaches a log, a span
+//! or an error.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -19,6 +22,8 @@ use url::Url;
 
 use super::wire::{parse_retry_after, shorten};
 use super::UpstreamError;
+use crate::crypto::Keyring;
+use crate::store::{Store, StoreError, UpstreamCredential};
 
 /// Where the PAT client gets its `Authorization: Bearer` value.
 #[async_trait]
@@ -369,6 +374,94 @@ impl TokenSource for RefreshTokenSource {
     async fn invalidate(&self) {
         self.state.lock().await.access = None;
     }
+}
+
+/// The broker's bearer source: the refresh-token grant, starting from
+/// `stored` (the newest rotation, sealed in the store) when the keyring
+/// opens it, else from `configured` (`upstream.refresh_token`). Every
+/// rotated token is sealed into `store` ([`StoreSink`]). With neither, a
+/// source whose every call fails with an authentication error naming the
+/// setting (the broker still starts, so health and the refusal paths work).
+pub fn broker_token_source(
+    config: EntraConfig,
+    configured: Option<SecretString>,
+    stored: Option<UpstreamCredential>,
+    store: Arc<dyn Store>,
+    keyring: Arc<Keyring>,
+) -> Result<Arc<dyn TokenSource>, UpstreamError> {
+    let (initial, version) = match &stored {
+        Some(cred) => match keyring.open(&cred.sealed, UpstreamCredential::AAD) {
+            Ok(token) => (Some(token), Some(cred.version)),
+            Err(e) => {
+                tracing::warn!(error = %e, "stored upstream refresh token cannot be opened with the configured keys; falling back to upstream.refresh_token");
+                (None, Some(cred.version))
+            }
+        },
+        None => (None, None),
+    };
+    let Some(initial) = initial.or(configured) else {
+        tracing::warn!("no upstream refresh token (upstream.refresh_token, or one stored earlier): lease creation will fail until one is configured");
+        return Ok(Arc::new(NoCredential));
+    };
+    let sink = Arc::new(StoreSink {
+        store,
+        keyring,
+        version: Mutex::new(version),
+    });
+    Ok(Arc::new(RefreshTokenSource::new(config, initial, sink)?))
+}
+
+/// Seals every rotated refresh token into the store (optimistic version).
+pub struct StoreSink {
+    store: Arc<dyn Store>,
+    keyring: Arc<Keyring>,
+    version: Mutex<Option<i64>>,
+}
+
+#[async_trait]
+impl RefreshTokenSink for StoreSink {
+    async fn save(&self, refresh_token: &SecretString) -> Result<(), UpstreamError> {
+        let sealed = self.keyring.seal(refresh_token, UpstreamCredential::AAD);
+        let mut version = self.version.lock().await;
+        let fail = |e: StoreError| {
+            UpstreamError::Unavailable(format!("cannot store the rotated refresh token: {e}"))
+        };
+        for _ in 0..2 {
+            let saved = self
+                .store
+                .save_upstream_credential(*version, &sealed, crate::domain::Timestamp::now())
+                .await
+                .map_err(fail)?;
+            // Saved: re-read, the store owns the numbering. Not saved:
+            // another replica rotated too; both tokens stay valid (Entra
+            // does not revoke a used refresh token), so the newest write
+            // wins.
+            *version = self
+                .store
+                .load_upstream_credential()
+                .await
+                .map_err(fail)?
+                .map(|c| c.version);
+            if saved {
+                return Ok(());
+            }
+        }
+        tracing::warn!("rotated refresh token not stored: lost two races with other replicas");
+        Ok(())
+    }
+}
+
+/// Used when no upstream refresh token is configured.
+struct NoCredential;
+
+#[async_trait]
+impl TokenSource for NoCredential {
+    async fn bearer(&self) -> Result<SecretString, UpstreamError> {
+        Err(UpstreamError::Authentication(
+            "no upstream refresh token configured (upstream.refresh_token)".into(),
+        ))
+    }
+    async fn invalidate(&self) {}
 }
 
 #[cfg(test)]

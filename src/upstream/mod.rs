@@ -1,5 +1,6 @@
 //! The upstream Azure DevOps PAT Lifecycle Management API
-//! (ado-pat-api.md section 1), behind the [`PatClient`] trait.
+//! (docs/upstream-api.md, PAT Lifecycle Management API), behind the
+//! [`PatClient`] trait.
 //!
 //! The real implementation is [`azure_devops::AzureDevOpsClient`] (reqwest);
 //! its bearer token comes from an [`entra`] token source. Tests and `dev`
@@ -109,8 +110,8 @@ pub enum PatTokenError {
     Unknown(String),
 }
 
-/// Every `SessionTokenError` value of SPEC-7.2 at HEAD (commit `8a1dfde`,
-/// ado-pat-api.md section 1.4), in spec order.
+/// Every `SessionTokenError` value of SPEC-7.2 at commit `8a1dfde`, in spec
+/// order (docs/upstream-api.md, Refusals: patTokenError).
 pub const PAT_TOKEN_ERRORS: [&str; 37] = [
     "none",
     "displayNameRequired",

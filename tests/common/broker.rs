@@ -1,5 +1,5 @@
 //! The real broker, in-process, on 127.0.0.1:0: the same wiring as
-//! `token-broker serve` (`cli::serve::Broker`), configured from a
+//! `token-broker serve` (`server::Broker`), configured from a
 //! [`BrokerSpec`] instead of a file. Clients reach it over a real socket.
 
 use std::net::SocketAddr;
@@ -18,13 +18,14 @@ use tonic::{Request, Status};
 use token_broker::auth::kubernetes::KubernetesAuthConfig;
 use token_broker::auth::tls::TlsConfig;
 use token_broker::auth::GeneratedApiKey;
-use token_broker::cli::serve::Broker;
 use token_broker::config::{ApiKeySetting, Config, DEFAULTS};
 use token_broker::crypto::Keyring;
 use token_broker::emulator::DEFAULT_REFRESH_TOKEN;
 use token_broker::leases::RetrySchedule;
 use token_broker::policy::{Policy, PolicyHandle};
 use token_broker::proto::v1::lease_service_client::LeaseServiceClient;
+use token_broker::server::Broker;
+use token_broker::settings::Settings;
 
 /// A policy letting `apikey:ci` lease code and packaging scopes in
 /// `fabrikam` (default TTL 1 h, max 8 h).
@@ -213,8 +214,12 @@ impl BrokerSpec {
         if self.admin_port {
             config.admin.listen = Some("127.0.0.1:0".parse().unwrap());
         }
-        config.validate().expect("test configuration is valid");
         config
+    }
+
+    /// [`BrokerSpec::config`], checked and built.
+    pub fn settings(&self) -> Settings {
+        Settings::new(self.config()).expect("test configuration is valid")
     }
 }
 
@@ -247,14 +252,14 @@ pub async fn spawn_broker_with_policy(spec: &BrokerSpec, policy: PolicyHandle) -
 /// Starts the real server with `config` (typically [`BrokerSpec::config`]
 /// with settings the spec does not cover changed) and the spec's policy.
 pub async fn spawn_broker_with_config(spec: &BrokerSpec, config: Config) -> TestBroker {
-    config.validate().expect("test configuration is valid");
     let policy = Policy::from_yaml(&spec.policy_yaml).expect("test policy is valid");
     start(spec, config, policy.into()).await
 }
 
 async fn start(spec: &BrokerSpec, config: Config, policy: PolicyHandle) -> TestBroker {
+    let settings = Settings::new(config).expect("test configuration is valid");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let broker = Broker::start(&config, policy, listener)
+    let broker = Broker::start(settings, policy, listener)
         .await
         .expect("broker starts");
     let addr = broker.addr();

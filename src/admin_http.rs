@@ -4,8 +4,9 @@
 //!
 //! The metrics are fed by the audit trail ([`Metrics::observe_append`] is
 //! the [`AuditLog`](crate::audit::AuditLog) observer), so the chain head is
-//! reported outside the database on every append (issue 5 item 5), and
-//! the counters count audited decisions without touching the lease rules.
+//! reported outside the database on every append (a verifier can compare
+//! it with the stored chain), and the counters count audited decisions
+//! without touching the lease rules.
 //! Gauges of stored state (REVOKE_FAILED leases) are read from the store
 //! at scrape time ([`Metrics::refresh_from_store`]).
 
@@ -217,24 +218,15 @@ async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {
 const READY_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
-    let ping = tokio::time::timeout(READY_PING_TIMEOUT, s.store.ping()).await;
-    match ping {
-        Ok(Ok(())) => (StatusCode::OK, "ready\n".to_owned()),
-        Err(_) => {
-            tracing::warn!("readyz: the store ping timed out");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not ready: the database does not answer\n".to_owned(),
-            )
-        }
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "readyz: the store does not answer");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not ready: the database does not answer\n".to_owned(),
-            )
-        }
+    match tokio::time::timeout(READY_PING_TIMEOUT, s.store.ping()).await {
+        Ok(Ok(())) => return (StatusCode::OK, "ready\n"),
+        Err(_) => tracing::warn!("readyz: the store ping timed out"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "readyz: the store does not answer"),
     }
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not ready: the database does not answer\n",
+    )
 }
 
 /// Serves the admin routes on `listener` until `shutdown` resolves.
@@ -245,13 +237,10 @@ pub async fn serve(
     store: Arc<dyn Store>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    const SERVING: &str = "token-broker serving admin HTTP (/metrics, /healthz, /readyz)";
     match listener.local_addr() {
-        Ok(addr) => {
-            tracing::info!(%addr, "token-broker serving admin HTTP (/metrics, /healthz, /readyz)")
-        }
-        Err(e) => {
-            tracing::info!(error = %e, "token-broker serving admin HTTP (/metrics, /healthz, /readyz)")
-        }
+        Ok(addr) => tracing::info!(%addr, "{SERVING}"),
+        Err(e) => tracing::info!(error = %e, "{SERVING}"),
     }
     axum::serve(listener, router(metrics, store))
         .with_graceful_shutdown(shutdown)

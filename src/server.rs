@@ -1,0 +1,414 @@
+//! The composition root: builds a running broker from [`Settings`] (store,
+//! migrations, keys, deployment id, upstream client and its refresh token,
+//! policy, leases and their background work, the gRPC server and the admin
+//! HTTP port). `serve`, `dev` and the integration tests all start the
+//! broker here, so all three run the same code.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admin_http::{self, Metrics};
+use crate::api::{self, ApiError};
+use crate::audit::{AuditLog, ChainedRefusalAudit};
+use crate::auth::Authenticator;
+use crate::config::{Config, ConfigError};
+use crate::leases::{LeaseDeps, LeaseSettings, Leases};
+use crate::policy::{PolicyError, PolicyHandle, DEFAULT_POLL_INTERVAL};
+use crate::settings::Settings;
+use crate::store::{self, StoreError};
+use crate::upstream::azure_devops::AzureDevOpsClient;
+use crate::upstream::entra;
+use crate::upstream::UpstreamError;
+
+/// How long a shutdown waits for in-flight calls before cutting them off
+/// (below Kubernetes' default 30 s termination grace period).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// Meta key of the deployment id (second part of every display name).
+pub const DEPLOYMENT_ID_META: &str = "deployment_id";
+
+/// Why the broker could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Bad configuration (names the setting).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The policy file is invalid.
+    #[error("policy.file: {0}")]
+    Policy(#[from] PolicyError),
+    /// The store could not be opened or migrated.
+    #[error("database: {0}")]
+    Store(#[from] StoreError),
+    /// The upstream client could not be built.
+    #[error("upstream: {0}")]
+    Upstream(#[from] UpstreamError),
+    /// The listener could not be bound.
+    #[error("grpc.listen: cannot listen on {addr}: {source}")]
+    Bind {
+        /// The configured address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The admin listener could not be bound.
+    #[error("admin.listen: cannot listen on {addr}: {source}")]
+    AdminBind {
+        /// The configured address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// A background task panicked.
+    #[error("broker task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Loads the policy named by `policy.file` (the broker then reloads it on
+/// change and on SIGHUP); without one, a policy with no rules, which denies
+/// every request (deny by default).
+pub fn load_policy(config: &Config) -> Result<PolicyHandle, ServeError> {
+    match &config.policy.file {
+        Some(path) => {
+            let policy = PolicyHandle::from_file(path)?;
+            tracing::info!(file = %path.display(), rules = policy.current().rules().len(), "policy loaded");
+            Ok(policy)
+        }
+        None => {
+            tracing::warn!("no policy.file configured: every lease request will be denied");
+            Ok(PolicyHandle::fixed(Default::default()))
+        }
+    }
+}
+
+/// Binds `grpc.listen`.
+pub async fn bind(config: &Config) -> Result<TcpListener, ServeError> {
+    let addr = config.grpc.listen;
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })
+}
+
+/// A running broker: the gRPC server and the lease background work.
+pub struct Broker {
+    addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
+    deployment_id: String,
+    shutdown: watch::Sender<bool>,
+    server: JoinHandle<Result<(), ApiError>>,
+    background: JoinHandle<()>,
+}
+
+impl Broker {
+    /// Opens and migrates the store, resolves keys, builds the upstream
+    /// client and the lease service, and starts serving on `listener` with
+    /// `policy` (a file-backed [`PolicyHandle`] is watched and reloaded
+    /// until the broker stops). Returns once the server accepts calls.
+    pub async fn start(
+        settings: Settings,
+        policy: impl Into<PolicyHandle>,
+        listener: TcpListener,
+    ) -> Result<Broker, ServeError> {
+        let policy: PolicyHandle = policy.into();
+        let (keys, generated) = settings.keys()?;
+        if let Some(path) = generated {
+            tracing::warn!(
+                file = %path.display(),
+                "no keys configured: generated a keys file (mode 0600) beside the SQLite database; back it up with the database, without it sealed tokens cannot be opened"
+            );
+        }
+        let (keyring, fingerprinter) = keys.build()?;
+        let chain_key = keys.chain_key()?;
+        let keyring = Arc::new(keyring);
+        let Settings {
+            config,
+            api_keys,
+            kubernetes,
+            tls,
+            ..
+        } = settings;
+
+        let store = open_store(&config).await?;
+        let deployment_id = store
+            .put_meta_if_absent(
+                DEPLOYMENT_ID_META,
+                &uuid::Uuid::new_v4().simple().to_string(),
+            )
+            .await?;
+
+        let stored_token = store.load_upstream_credential().await?;
+        let tokens = entra::broker_token_source(
+            config.upstream.entra.clone(),
+            config.upstream.refresh_token.clone(),
+            stored_token,
+            store.clone(),
+            keyring.clone(),
+        )?;
+        let upstream = AzureDevOpsClient::new(config.upstream.azure_devops.clone(), tokens)?;
+
+        // One chained audit trail for every audit row this process writes;
+        // every append also moves the exported chain head (and counters).
+        let metrics = Arc::new(Metrics::new());
+        let audit = {
+            let metrics = metrics.clone();
+            Arc::new(
+                AuditLog::new(store.clone(), chain_key).with_observer(Box::new(
+                    move |event, appended| metrics.observe_append(event, appended),
+                )),
+            )
+        };
+        // Bound before anything is served, so a taken port fails the start.
+        let admin_listener = match config.admin.listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServeError::AdminBind { addr, source })?,
+            ),
+            None => None,
+        };
+        let auth = authenticator(api_keys, kubernetes)
+            .await
+            .with_refusal_audit(Arc::new(ChainedRefusalAudit(audit.clone())));
+        if auth.accepts_no_bearer() && tls.as_ref().is_none_or(|t| t.client_ca_pem.is_none()) {
+            tracing::warn!(
+                "no auth.api_keys, auth.kubernetes or grpc.tls.client_ca_file configured: every LeaseService call will be refused"
+            );
+        }
+
+        let leases = Arc::new(Leases::new(LeaseDeps {
+            store: store.clone(),
+            upstream: Arc::new(upstream),
+            keyring,
+            policy: policy.clone(),
+            fingerprinter: Arc::new(fingerprinter),
+            audit,
+            settings: LeaseSettings {
+                display_name_prefix: config.leases.display_name_prefix.clone(),
+                deployment_id: deployment_id.clone(),
+                valid_to_skew: config.leases.valid_to_skew,
+                reaper_interval: config.leases.reaper_interval,
+                replica_id: replica_id(),
+                reconcile_after: config.leases.reconcile_after,
+                sweep_interval: config.leases.sweep_interval,
+                revocation_retry: config.leases.revocation_retry.clone(),
+                background_workers: LeaseSettings::background_workers_for(
+                    config.upstream.azure_devops.max_concurrent_requests,
+                ),
+            },
+        }));
+
+        let (shutdown, rx) = watch::channel(false);
+        // Ends with the broker; its outcomes are logged (and audited by
+        // subscribers of `PolicyHandle::subscribe`).
+        {
+            // Every reload attempt becomes a `policy.reload` audit event,
+            // until the broker stops.
+            let leases = leases.clone();
+            let outcomes = policy.subscribe();
+            let stop = stopped(rx.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = leases.audit_policy_reloads(outcomes) => {}
+                    () = stop => {}
+                }
+            });
+        }
+        // Detached: the watcher ends with the broker's shutdown signal.
+        drop(policy.spawn_watcher(DEFAULT_POLL_INTERVAL, stopped(rx.clone())));
+        let background = {
+            let leases = leases.clone();
+            let rx = rx.clone();
+            tokio::spawn(async move { leases.run_background(stopped(rx)).await })
+        };
+        let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+            addr: config.grpc.listen,
+            source,
+        })?;
+        let admin_addr = match admin_listener {
+            Some(listener) => {
+                let addr = listener
+                    .local_addr()
+                    .map_err(|source| ServeError::AdminBind {
+                        addr: config.admin.listen.unwrap_or(addr),
+                        source,
+                    })?;
+                let store = store.clone();
+                let stop = stopped(rx.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = admin_http::serve(listener, metrics, store, stop).await {
+                        tracing::error!(error = %e, "admin HTTP server failed");
+                    }
+                });
+                Some(addr)
+            }
+            None => None,
+        };
+        let server = tokio::spawn(api::serve(
+            listener,
+            leases,
+            Arc::new(auth),
+            tls,
+            store,
+            stopped(rx),
+        ));
+        tracing::info!(
+            %addr,
+            deployment_id = %deployment_id,
+            tls = tls_mode(&config),
+            "token-broker serving gRPC"
+        );
+        Ok(Broker {
+            addr,
+            admin_addr,
+            deployment_id,
+            shutdown,
+            server,
+            background,
+        })
+    }
+
+    /// The address the gRPC server listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The address the admin HTTP server listens on, when `admin.listen`
+    /// is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// This deployment's id, stable across restarts on one store.
+    pub fn deployment_id(&self) -> &str {
+        &self.deployment_id
+    }
+
+    /// Stops accepting calls, lets in-flight ones finish, stops background
+    /// work, and waits for all of it.
+    pub async fn stop(self) -> Result<(), ServeError> {
+        let _ = self.shutdown.send(true);
+        self.finish().await
+    }
+
+    /// Runs until `signal` resolves (or the server fails), then stops.
+    pub async fn run_until(
+        mut self,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> Result<(), ServeError> {
+        tokio::select! {
+            () = signal => {
+                tracing::info!("shutting down: finishing in-flight calls");
+                self.stop().await
+            }
+            result = &mut self.server => {
+                let _ = self.shutdown.send(true);
+                if tokio::time::timeout(SHUTDOWN_GRACE, &mut self.background).await.is_err() {
+                    self.background.abort();
+                }
+                result??;
+                Ok(())
+            }
+        }
+    }
+
+    /// Waits for in-flight calls, then background work, both within one
+    /// [`SHUTDOWN_GRACE`]; what is still running then is cut off (a
+    /// background revoke cut off mid-call leaves its claim to lapse, and
+    /// another replica or the next start finishes it; a repeated revoke is
+    /// harmless, upstream "not found" counts as revoked).
+    async fn finish(mut self) -> Result<(), ServeError> {
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        let server = match tokio::time::timeout_at(deadline, &mut self.server).await {
+            Ok(joined) => joined,
+            Err(_) => {
+                tracing::warn!(
+                    grace_secs = SHUTDOWN_GRACE.as_secs(),
+                    "in-flight calls did not finish within the grace period; stopping anyway"
+                );
+                self.server.abort();
+                Ok(Ok(()))
+            }
+        };
+        if tokio::time::timeout_at(deadline, &mut self.background)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                grace_secs = SHUTDOWN_GRACE.as_secs(),
+                "background work did not finish within the grace period; stopping anyway (its claims lapse)"
+            );
+            self.background.abort();
+        }
+        server??;
+        Ok(())
+    }
+}
+
+/// The caller authenticator: API keys, plus service accounts when
+/// `auth.kubernetes.enabled`. Their keys are fetched once now, so the first
+/// caller does not wait; a failure is logged, not fatal (the verifier
+/// fetches again on use).
+async fn authenticator(
+    api_keys: crate::auth::ApiKeys,
+    kubernetes: Option<crate::auth::kubernetes::KubernetesVerifier>,
+) -> Authenticator {
+    let mut auth = Authenticator::new(api_keys);
+    if let Some(verifier) = kubernetes {
+        match verifier.prefetch_keys().await {
+            Ok(()) => tracing::info!(
+                "auth.kubernetes: service-account callers accepted; signing keys fetched"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "auth.kubernetes: cannot fetch the cluster's signing keys yet; service-account callers are refused as UNAVAILABLE until they can be fetched"
+            ),
+        }
+        auth = auth.with_kubernetes(verifier);
+    }
+    auth
+}
+
+/// `plaintext`, `tls` or `mtls (optional|required)`, for the start-up log.
+fn tls_mode(config: &Config) -> &'static str {
+    use crate::auth::tls::ClientAuth;
+    match &config.grpc.tls {
+        None => "plaintext",
+        Some(t) if t.client_ca_file.is_none() => "tls",
+        Some(t) if t.client_auth == Some(ClientAuth::Optional) => {
+            "mtls (client certificate optional)"
+        }
+        Some(_) => "mtls (client certificate required)",
+    }
+}
+
+/// Resolves once `rx` turns true (or its sender is gone).
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// `claimed_by` of this process: host name (when known), pid and a random
+/// suffix, so two replicas never share one.
+fn replica_id() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}-{}", std::process::id(), &suffix[..8])
+}
+
+/// Opens and migrates the store `database.url` names.
+async fn open_store(config: &Config) -> Result<Arc<dyn store::Store>, ServeError> {
+    let store = store::open(secrecy::ExposeSecret::expose_secret(&config.database.url)).await?;
+    store.migrate().await?;
+    Ok(store)
+}
+
+/// `token-broker migrate`: applies pending migrations.
+pub async fn migrate(config: &Config) -> Result<(), ServeError> {
+    open_store(config).await.map(drop)
+}
