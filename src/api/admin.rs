@@ -8,11 +8,12 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use tonic::{Request, Response, Status};
 
-use super::convert::{self, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
-use super::service::{caller, run_to_completion};
-use super::status::{to_status, InvalidField};
+use super::convert;
+use super::filter::{self, Field, Op};
+use super::service::{caller_and_message, run_to_completion};
+use super::status::InvalidField;
 use crate::audit::{AuditEvent, Outcome};
-use crate::domain::{Identity, LeaseId, LeaseState, Organization, Scope};
+use crate::domain::{Identity, LeaseId, Scope};
 use crate::leases::{AuditQuery, LeaseSelector, Leases, ListQuery, MAX_FORCE_REASON_CHARS};
 use crate::proto::v1 as pb;
 use crate::proto::v1::admin_service_server::AdminService;
@@ -38,13 +39,14 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::RevokeLeasesRequest>,
     ) -> Result<Response<pb::RevokeLeasesResponse>, Status> {
-        let caller = caller(&request)?;
-        let selector = selector(request.into_inner())?;
+        let (caller, req) = caller_and_message(request)?;
+        let selector = selector(req)?;
         // Incident response finishes even if the caller goes away: the bulk
         // revoke runs on a task of its own, not in the cancellable call.
-        let leases = self.leases.clone();
-        let done =
-            run_to_completion(async move { leases.admin_revoke(&caller, selector).await }).await?;
+        let done = run_to_completion(&self.leases, |l| async move {
+            l.admin_revoke(&caller, selector).await
+        })
+        .await?;
         Ok(Response::new(pb::RevokeLeasesResponse {
             matched_count: done.matched as i64,
             revoked_count: done.revoked as i64,
@@ -59,30 +61,22 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::AdminListLeasesRequest>,
     ) -> Result<Response<pb::ListLeasesResponse>, Status> {
-        let caller = caller(&request)?;
-        let (holder, query) = admin_list_query(request.into_inner())?;
-        let page = self
-            .leases
-            .admin_list(&caller, holder, query)
-            .await
-            .map_err(|e| to_status(&e))?;
-        Ok(Response::new(pb::ListLeasesResponse {
-            leases: page.leases.iter().map(convert::admin_lease).collect(),
-            next_page_token: page.next_page_token,
-        }))
+        let (caller, req) = caller_and_message(request)?;
+        let (holder, query) = admin_list_query(req)?;
+        let page = self.leases.admin_list(&caller, holder, query).await?;
+        Ok(Response::new(convert::lease_page(
+            page,
+            convert::admin_lease,
+        )))
     }
 
     async fn force_revoke_lease(
         &self,
         request: Request<pb::ForceRevokeLeaseRequest>,
     ) -> Result<Response<pb::Lease>, Status> {
-        let caller = caller(&request)?;
-        let (id, reason) = force_revoke(request.into_inner())?;
-        let closed = self
-            .leases
-            .admin_force_revoke(&caller, id, reason)
-            .await
-            .map_err(|e| to_status(&e))?;
+        let (caller, req) = caller_and_message(request)?;
+        let (id, reason) = force_revoke(req)?;
+        let closed = self.leases.admin_force_revoke(&caller, id, reason).await?;
         Ok(Response::new(convert::admin_lease(&closed)))
     }
 
@@ -90,13 +84,9 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::ListAuditEventsRequest>,
     ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
-        let caller = caller(&request)?;
-        let query = audit_query(request.into_inner())?;
-        let page = self
-            .leases
-            .audit_events(&caller, query)
-            .await
-            .map_err(|e| to_status(&e))?;
+        let (caller, req) = caller_and_message(request)?;
+        let query = audit_query(req)?;
+        let page = self.leases.audit_events(&caller, query).await?;
         Ok(Response::new(pb::ListAuditEventsResponse {
             audit_events: page.events.iter().map(audit_event).collect(),
             next_page_token: page.next_page_token,
@@ -107,24 +97,17 @@ impl AdminService for AdminApi {
 /// Validates a RevokeLeases request (an empty one is refused by the lease
 /// rules, after the admin check).
 pub fn selector(req: pb::RevokeLeasesRequest) -> Result<LeaseSelector, InvalidField> {
-    let holder = if req.holder.is_empty() {
-        None
-    } else {
-        Some(identity("holder", &req.holder)?)
-    };
-    let organization = if req.organization.is_empty() {
-        None
-    } else {
-        Some(convert::organization(&req.organization)?)
-    };
-    let scope = if req.scope.is_empty() {
-        None
-    } else {
-        Some(
-            Scope::parse(&req.scope)
-                .map_err(|e| InvalidField::new("scope", "SCOPE_UNKNOWN", e.to_string()))?,
-        )
-    };
+    let holder = given(&req.holder)
+        .map(|h| identity("holder", h))
+        .transpose()?;
+    let organization = given(&req.organization)
+        .map(convert::organization)
+        .transpose()?;
+    let scope = given(&req.scope)
+        .map(|s| {
+            Scope::parse(s).map_err(|e| InvalidField::new("scope", "SCOPE_UNKNOWN", e.to_string()))
+        })
+        .transpose()?;
     let leases = req
         .names
         .iter()
@@ -165,21 +148,14 @@ pub fn force_revoke(
     Ok((id, (!reason.is_empty()).then(|| reason.to_owned())))
 }
 
+/// `value`, or None when empty (proto3's "not given").
+fn given(value: &str) -> Option<&str> {
+    (!value.is_empty()).then_some(value)
+}
+
 fn identity(field: &'static str, text: &str) -> Result<Identity, InvalidField> {
     text.parse::<Identity>()
         .map_err(|e| InvalidField::new(field, "IDENTITY_INVALID", e.to_string()))
-}
-
-fn page_size(n: i32) -> Result<u32, InvalidField> {
-    match n {
-        n if n < 0 => Err(InvalidField::new(
-            "page_size",
-            "PAGE_SIZE_INVALID",
-            "must not be negative",
-        )),
-        0 => Ok(DEFAULT_PAGE_SIZE),
-        n => Ok((n as u32).min(MAX_PAGE_SIZE)),
-    }
 }
 
 /// Validates an AdminService.ListLeases request: the holder filter and the
@@ -187,112 +163,68 @@ fn page_size(n: i32) -> Result<u32, InvalidField> {
 pub fn admin_list_query(
     req: pb::AdminListLeasesRequest,
 ) -> Result<(Option<Identity>, ListQuery), InvalidField> {
-    let page_size = page_size(req.page_size)?;
-    convert::at_most(
-        "filter",
-        "FILTER_INVALID",
-        &req.filter,
-        convert::MAX_FILTER_CHARS,
-    )?;
-    let bad = |m: String| InvalidField::new("filter", "FILTER_INVALID", m);
-    let mut holder = None;
-    let mut states: Vec<LeaseState> = Vec::new();
-    let mut organization: Option<Organization> = None;
-    for Comparison { field, op, value } in parse_filter(&req.filter).map_err(bad)? {
-        if op != Op::Eq {
-            return Err(bad(format!("{field} takes only `=`")));
-        }
-        match field.as_str() {
-            "holder" if holder.is_none() => {
-                holder = Some(value.parse::<Identity>().map_err(|e| bad(e.to_string()))?)
-            }
-            "state" if states.is_empty() => states.push(
-                value
-                    .parse::<LeaseState>()
-                    .map_err(|_| bad(format!("unknown state {value:?}")))?,
-            ),
-            "organization" if organization.is_none() => {
-                organization = Some(Organization::parse(&value).map_err(|e| bad(e.to_string()))?)
-            }
-            "holder" | "state" | "organization" => return Err(bad(format!("{field} given twice"))),
-            other => {
-                return Err(bad(format!(
-                    "unknown field {other:?}; filterable: holder, state, organization"
-                )))
-            }
-        }
-    }
+    let page_size = convert::page_size(req.page_size)?;
+    let filter = convert::filter(&req.filter, |f| {
+        convert::lease_filter(f, convert::ADMIN_LEASE_FIELDS)
+    })?;
     Ok((
-        holder,
+        filter.holder,
         ListQuery {
             page_size,
             page_token: req.page_token,
-            states,
-            organization,
+            states: filter.states,
+            organization: filter.organization,
         },
     ))
 }
 
+/// What the audit listing can filter on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AuditField {
+    Identity,
+    Action,
+    Lease,
+    StartTime,
+    EndTime,
+}
+
+const AUDIT_FIELDS: &[Field<AuditField>] = &[
+    Field::new(AuditField::Identity, "identity", Op::Eq),
+    Field::new(AuditField::Action, "action", Op::Eq),
+    Field::new(AuditField::Lease, "lease", Op::Eq),
+    Field::new(AuditField::StartTime, "time", Op::Ge),
+    Field::new(AuditField::EndTime, "time", Op::Lt),
+];
+
 /// Validates a ListAuditEvents request.
 pub fn audit_query(req: pb::ListAuditEventsRequest) -> Result<AuditQuery, InvalidField> {
-    let mut query = AuditQuery {
-        page_size: page_size(req.page_size)?,
+    let query = AuditQuery {
+        page_size: convert::page_size(req.page_size)?,
         page_token: req.page_token,
         ..AuditQuery::default()
     };
-    convert::at_most(
-        "filter",
-        "FILTER_INVALID",
-        &req.filter,
-        convert::MAX_FILTER_CHARS,
-    )?;
-    let bad = |m: String| InvalidField::new("filter", "FILTER_INVALID", m);
-    for Comparison { field, op, value } in parse_filter(&req.filter).map_err(bad)? {
-        let slot_taken = |taken: bool| {
-            if taken {
-                Err(bad(format!("{field} {} given twice", op.as_str())))
-            } else {
-                Ok(())
-            }
-        };
-        match (field.as_str(), op) {
-            ("identity", Op::Eq) => {
-                slot_taken(query.identity.is_some())?;
-                query.identity = Some(value);
-            }
-            ("action", Op::Eq) => {
-                slot_taken(query.action.is_some())?;
-                query.action = Some(value);
-            }
-            ("lease", Op::Eq) => {
-                slot_taken(query.lease_id.is_some())?;
+    convert::filter(&req.filter, |f| audit_filter(f, query))
+}
+
+/// `query` narrowed by the audit `filter` (see [`super::filter`]).
+fn audit_filter(text: &str, mut query: AuditQuery) -> Result<AuditQuery, String> {
+    for (field, value) in filter::parse(text, AUDIT_FIELDS)? {
+        match field {
+            AuditField::Identity => query.identity = Some(value),
+            AuditField::Action => query.action = Some(value),
+            AuditField::Lease => {
+                // A bare uuid names a lease too.
                 let name = if value.starts_with("leases/") {
                     value
                 } else {
                     format!("leases/{value}")
                 };
-                query.lease_id = Some(
-                    convert::lease_name(&name)
-                        .map_err(|_| bad(format!("{name:?} is not a lease name")))?,
-                );
+                let id = convert::lease_name(&name)
+                    .map_err(|_| format!("{name:?} is not a lease name"))?;
+                query.lease_id = Some(id);
             }
-            ("time", Op::Ge) => {
-                slot_taken(query.start_time.is_some())?;
-                query.start_time = Some(rfc3339(&value).map_err(bad)?);
-            }
-            ("time", Op::Lt) => {
-                slot_taken(query.end_time.is_some())?;
-                query.end_time = Some(rfc3339(&value).map_err(bad)?);
-            }
-            ("identity" | "action" | "lease", _) => {
-                return Err(bad(format!("{field} takes only `=`")))
-            }
-            ("time", _) => return Err(bad("time takes `>=` and `<`".to_owned())),
-            (other, _) => {
-                return Err(bad(format!(
-                    "unknown field {other:?}; filterable: identity, action, lease, time"
-                )))
-            }
+            AuditField::StartTime => query.start_time = Some(rfc3339(&value)?),
+            AuditField::EndTime => query.end_time = Some(rfc3339(&value)?),
         }
     }
     Ok(query)
@@ -304,130 +236,12 @@ fn rfc3339(value: &str) -> Result<DateTime<Utc>, String> {
         .map_err(|e| format!("{value:?} is not an RFC 3339 time: {e}"))
 }
 
-/// A comparison operator of the filter subset.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Op {
-    Eq,
-    Ge,
-    Lt,
-}
-
-impl Op {
-    fn as_str(self) -> &'static str {
-        match self {
-            Op::Eq => "=",
-            Op::Ge => ">=",
-            Op::Lt => "<",
-        }
-    }
-}
-
-#[derive(Debug, PartialEq)]
-struct Comparison {
-    field: String,
-    op: Op,
-    value: String,
-}
-
-/// Parses the AIP-160 subset the admin filters use: `field OP value`
-/// comparisons (OP one of `=`, `>=`, `<`; value a bare word or a quoted
-/// string with `\` escapes) joined by `AND`. Empty: no comparisons.
-fn parse_filter(filter: &str) -> Result<Vec<Comparison>, String> {
-    let mut out = Vec::new();
-    let mut chars = filter.chars().peekable();
-    let skip_ws = |chars: &mut std::iter::Peekable<std::str::Chars>| {
-        while chars.peek().is_some_and(|c| c.is_whitespace()) {
-            chars.next();
-        }
-    };
-    let word = |chars: &mut std::iter::Peekable<std::str::Chars>| {
-        let mut s = String::new();
-        while let Some(&c) = chars.peek() {
-            if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':' | '/') {
-                s.push(c);
-                chars.next();
-            } else {
-                break;
-            }
-        }
-        s
-    };
-    loop {
-        skip_ws(&mut chars);
-        if chars.peek().is_none() {
-            if out.is_empty() {
-                return Ok(out);
-            }
-            return Err("expected a comparison after AND".into());
-        }
-        let field = word(&mut chars);
-        if field.is_empty() {
-            return Err(format!(
-                "expected a field name, found {:?}",
-                chars.peek().copied().unwrap_or_default()
-            ));
-        }
-        skip_ws(&mut chars);
-        let op = match (chars.next(), chars.peek()) {
-            (Some('='), _) => Op::Eq,
-            (Some('>'), Some('=')) => {
-                chars.next();
-                Op::Ge
-            }
-            (Some('<'), Some(&c)) if c != '=' => Op::Lt,
-            _ => return Err(format!("expected `=`, `>=` or `<` after {field}")),
-        };
-        skip_ws(&mut chars);
-        let value = match chars.peek() {
-            Some(&q) if q == '"' || q == '\'' => {
-                chars.next();
-                let mut s = String::new();
-                loop {
-                    match chars.next() {
-                        Some(c) if c == q => break,
-                        Some('\\') => match chars.next() {
-                            Some(e) => s.push(e),
-                            None => return Err("unterminated string".into()),
-                        },
-                        Some(c) => s.push(c),
-                        None => return Err("unterminated string".into()),
-                    }
-                }
-                s
-            }
-            _ => {
-                let w = word(&mut chars);
-                if w.is_empty() {
-                    return Err(format!("expected a value after `{field} {}`", op.as_str()));
-                }
-                w
-            }
-        };
-        out.push(Comparison { field, op, value });
-        skip_ws(&mut chars);
-        if chars.peek().is_none() {
-            return Ok(out);
-        }
-        let and = word(&mut chars);
-        if and != "AND" {
-            return Err(format!("expected AND, found {and:?}"));
-        }
-    }
-}
-
-fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: t.timestamp_subsec_nanos() as i32,
-    }
-}
-
 /// An audit row as the API shows it.
 pub fn audit_event(e: &AuditEvent) -> pb::AuditEvent {
     use pb::audit_event::Outcome as O;
     pb::AuditEvent {
         id: e.id,
-        time: Some(timestamp(*e.time)),
+        time: Some(convert::timestamp(e.time)),
         identity: e.identity.clone(),
         peer: e.peer.clone().unwrap_or_default(),
         action: e.action.clone(),
@@ -449,6 +263,8 @@ pub fn audit_event(e: &AuditEvent) -> pb::AuditEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::convert::DEFAULT_PAGE_SIZE;
+    use crate::domain::LeaseState;
 
     fn list(filter: &str) -> Result<(Option<Identity>, ListQuery), InvalidField> {
         admin_list_query(pb::AdminListLeasesRequest {

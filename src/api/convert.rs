@@ -7,14 +7,15 @@ use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret as _, SecretString};
 use uuid::Uuid;
 
+use super::filter::{self, Field, Op};
 use super::status::InvalidField;
-use crate::domain::{DomainError, LeaseId, LeaseState, Organization, ScopeSet};
-use crate::leases::{CreateLease, ListQuery};
+use crate::domain::{DomainError, Identity, LeaseId, LeaseState, Organization, ScopeSet};
+use crate::leases::{CreateLease, LeasePage, ListQuery};
 use crate::proto::v1 as pb;
 use crate::store::LeaseRecord;
 
-/// Upstream's longest PAT lifetime, one year (ado-pat-api.md section 4.1):
-/// the largest `ttl` or `increment` accepted.
+/// Upstream's longest PAT lifetime, one year (docs/upstream-api.md,
+/// Maximum lifetime): the largest `ttl` or `increment` accepted.
 pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
 /// `page_size` used when the request leaves it 0 (AIP-158).
@@ -24,13 +25,14 @@ pub const MAX_PAGE_SIZE: u32 = 1000;
 
 /// Longest organization name Azure DevOps allows, in characters.
 pub const MAX_ORGANIZATION_CHARS: usize = 50;
-/// Longer than any scope in the catalogue (ado-pat-api.md section 3.2).
+/// Longer than any scope (docs/upstream-api.md, Scope catalogue and
+/// inclusion).
 pub const MAX_SCOPE_CHARS: usize = 64;
 /// A `request_id` is a UUID in its canonical hyphenated form (RFC 9562).
 pub const REQUEST_ID_CHARS: usize = 36;
 /// `leases/` plus a hyphenated UUID is 43; anything past 64 is not a name.
 pub const MAX_NAME_CHARS: usize = 64;
-/// Longest ListLeases `filter`, in characters.
+/// Longest `filter` of any listing, in characters.
 pub const MAX_FILTER_CHARS: usize = 1024;
 
 /// Refuses a value longer than `max` characters before anything parses or
@@ -154,22 +156,34 @@ pub fn duration(field: &'static str, d: prost_types::Duration) -> Result<Duratio
     Ok(out)
 }
 
+/// A `page_size` (AIP-158): 0 means [`DEFAULT_PAGE_SIZE`], larger than
+/// [`MAX_PAGE_SIZE`] means that, negative is refused.
+pub(super) fn page_size(n: i32) -> Result<u32, InvalidField> {
+    match n {
+        n if n < 0 => Err(InvalidField::new(
+            "page_size",
+            "PAGE_SIZE_INVALID",
+            "must not be negative",
+        )),
+        0 => Ok(DEFAULT_PAGE_SIZE),
+        n => Ok((n as u32).min(MAX_PAGE_SIZE)),
+    }
+}
+
+/// A listing's `filter` read by `parse`: FILTER_INVALID when longer than
+/// [`MAX_FILTER_CHARS`] (before anything parses it) or when `parse` refuses.
+pub(super) fn filter<T>(
+    text: &str,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<T, InvalidField> {
+    at_most("filter", "FILTER_INVALID", text, MAX_FILTER_CHARS)?;
+    parse(text).map_err(|m| InvalidField::new("filter", "FILTER_INVALID", m))
+}
+
 /// Validates a ListLeases request.
 pub fn list_query(req: pb::ListLeasesRequest) -> Result<ListQuery, InvalidField> {
-    let page_size = match req.page_size {
-        n if n < 0 => {
-            return Err(InvalidField::new(
-                "page_size",
-                "PAGE_SIZE_INVALID",
-                "must not be negative",
-            ))
-        }
-        0 => DEFAULT_PAGE_SIZE,
-        n => (n as u32).min(MAX_PAGE_SIZE),
-    };
-    at_most("filter", "FILTER_INVALID", &req.filter, MAX_FILTER_CHARS)?;
-    let (states, organization) =
-        parse_filter(&req.filter).map_err(|m| InvalidField::new("filter", "FILTER_INVALID", m))?;
+    let page_size = page_size(req.page_size)?;
+    let (states, organization) = filter(&req.filter, parse_filter)?;
     Ok(ListQuery {
         page_size,
         page_token: req.page_token,
@@ -178,114 +192,65 @@ pub fn list_query(req: pb::ListLeasesRequest) -> Result<ListQuery, InvalidField>
     })
 }
 
-#[derive(Debug, PartialEq)]
-enum Token {
-    Ident(String),
-    Str(String),
-    Eq,
+/// What a lease listing can filter on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum LeaseField {
+    Holder,
+    State,
+    Organization,
 }
 
-fn lex(filter: &str) -> Result<Vec<Token>, String> {
-    let mut out = Vec::new();
-    let mut chars = filter.chars().peekable();
-    while let Some(&c) = chars.peek() {
-        if c.is_whitespace() {
-            chars.next();
-        } else if c == '=' {
-            chars.next();
-            out.push(Token::Eq);
-        } else if c == '"' || c == '\'' {
-            chars.next();
-            let mut s = String::new();
-            loop {
-                match chars.next() {
-                    Some(q) if q == c => break,
-                    Some('\\') => match chars.next() {
-                        Some(e) => s.push(e),
-                        None => return Err("unterminated string".into()),
-                    },
-                    Some(ch) => s.push(ch),
-                    None => return Err("unterminated string".into()),
-                }
+/// ListLeases' filter fields: the caller's own leases by state and
+/// organization.
+const LEASE_FIELDS: &[Field<LeaseField>] = &[STATE, ORGANIZATION];
+/// AdminService.ListLeases' filter fields: those and the holder.
+pub(super) const ADMIN_LEASE_FIELDS: &[Field<LeaseField>] = &[
+    Field::new(LeaseField::Holder, "holder", Op::Eq),
+    STATE,
+    ORGANIZATION,
+];
+const STATE: Field<LeaseField> = Field::new(LeaseField::State, "state", Op::Eq);
+const ORGANIZATION: Field<LeaseField> =
+    Field::new(LeaseField::Organization, "organization", Op::Eq);
+
+/// A parsed lease filter.
+#[derive(Debug, Default, PartialEq)]
+pub(super) struct ListFilter {
+    pub holder: Option<Identity>,
+    pub states: Vec<LeaseState>,
+    pub organization: Option<Organization>,
+}
+
+/// Parses a lease listing's filter over `fields` (see [`super::filter`]).
+pub(super) fn lease_filter(text: &str, fields: &[Field<LeaseField>]) -> Result<ListFilter, String> {
+    let mut out = ListFilter::default();
+    for (field, value) in filter::parse(text, fields)? {
+        match field {
+            LeaseField::Holder => {
+                out.holder = Some(value.parse::<Identity>().map_err(|e| e.to_string())?)
             }
-            out.push(Token::Str(s));
-        } else if c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.' {
-            let mut s = String::new();
-            while let Some(&ch) = chars.peek() {
-                if ch.is_ascii_alphanumeric() || ch == '_' || ch == '-' || ch == '.' {
-                    s.push(ch);
-                    chars.next();
-                } else {
-                    break;
-                }
+            LeaseField::State => out.states.push(
+                value
+                    .parse::<LeaseState>()
+                    .map_err(|_| format!("unknown state {value:?}"))?,
+            ),
+            LeaseField::Organization => {
+                out.organization = Some(Organization::parse(&value).map_err(|e| e.to_string())?)
             }
-            out.push(Token::Ident(s));
-        } else {
-            return Err(format!(
-                "unexpected {c:?}; supported: state = STATE, organization = \"NAME\", joined by AND"
-            ));
         }
     }
     Ok(out)
 }
 
-/// Parses the AIP-160 subset ListLeases supports: comparisons
-/// `state = ACTIVE` and `organization = "fabrikam"` joined by `AND`, each
-/// field at most once. Empty: no filter.
-pub fn parse_filter(filter: &str) -> Result<(Vec<LeaseState>, Option<Organization>), String> {
-    let tokens = lex(filter)?;
-    let mut states = Vec::new();
-    let mut organization = None;
-    let mut it = tokens.into_iter();
-    let mut first = true;
-    loop {
-        let field = match it.next() {
-            None if first => break,
-            None => return Err("expected a comparison after AND".into()),
-            Some(Token::Ident(f)) => f,
-            Some(t) => return Err(format!("expected a field name, found {t:?}")),
-        };
-        first = false;
-        match it.next() {
-            Some(Token::Eq) => {}
-            _ => return Err(format!("expected `=` after {field}")),
-        }
-        let value = match it.next() {
-            Some(Token::Ident(v)) | Some(Token::Str(v)) => v,
-            _ => return Err(format!("expected a value after `{field} =`")),
-        };
-        match field.as_str() {
-            "state" => {
-                if !states.is_empty() {
-                    return Err("state given twice".into());
-                }
-                let state = value
-                    .parse::<LeaseState>()
-                    .map_err(|_| format!("unknown state {value:?}"))?;
-                states.push(state);
-            }
-            "organization" => {
-                if organization.is_some() {
-                    return Err("organization given twice".into());
-                }
-                organization = Some(Organization::parse(&value).map_err(|e| e.to_string())?);
-            }
-            other => {
-                return Err(format!(
-                    "unknown field {other:?}; filterable: state, organization"
-                ))
-            }
-        }
-        match it.next() {
-            None => break,
-            Some(Token::Ident(and)) if and == "AND" => continue,
-            Some(t) => return Err(format!("expected AND, found {t:?}")),
-        }
-    }
-    Ok((states, organization))
+/// Parses ListLeases' filter: comparisons `state = ACTIVE` and
+/// `organization = "fabrikam"` joined by `AND`, each field at most once.
+/// Empty: no filter.
+pub fn parse_filter(text: &str) -> Result<(Vec<LeaseState>, Option<Organization>), String> {
+    let f = lease_filter(text, LEASE_FIELDS)?;
+    Ok((f.states, f.organization))
 }
 
-fn timestamp(t: impl Into<DateTime<Utc>>) -> prost_types::Timestamp {
+pub(super) fn timestamp(t: impl Into<DateTime<Utc>>) -> prost_types::Timestamp {
     let t = t.into();
     prost_types::Timestamp {
         seconds: t.timestamp(),
@@ -334,6 +299,17 @@ pub fn lease(record: &LeaseRecord, token: Option<&SecretString>) -> pb::Lease {
         last_error: String::new(),
         next_attempt_time: None,
         pat_expire_time: None,
+    }
+}
+
+/// A page of leases as the API shows it, each lease by `show`.
+pub fn lease_page(
+    page: LeasePage,
+    show: impl Fn(&LeaseRecord) -> pb::Lease,
+) -> pb::ListLeasesResponse {
+    pb::ListLeasesResponse {
+        leases: page.leases.iter().map(show).collect(),
+        next_page_token: page.next_page_token,
     }
 }
 

@@ -38,6 +38,7 @@ use crate::store::Store;
 
 pub mod admin;
 pub mod convert;
+pub mod filter;
 mod service;
 pub mod status;
 

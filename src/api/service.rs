@@ -47,26 +47,29 @@ impl ServiceError for TaskFailed {
 /// and awaits it. tonic drops a handler's future when the client cancels
 /// or its deadline passes; on a task the operation still runs to its
 /// commit, so an upstream PAT is never left between mint and record.
-pub(super) async fn run_to_completion<T, F>(op: F) -> Result<T, Status>
+pub(super) async fn run_to_completion<T, F, Fut>(leases: &Arc<Leases>, op: F) -> Result<T, Status>
 where
     T: Send + 'static,
-    F: std::future::Future<Output = Result<T, LeaseError>> + Send + 'static,
+    F: FnOnce(Arc<Leases>) -> Fut,
+    Fut: std::future::Future<Output = Result<T, LeaseError>> + Send + 'static,
 {
     // The task keeps the request's span, so its logs still name the call.
-    match tokio::spawn(op.in_current_span()).await {
-        Ok(result) => result.map_err(|e| to_status(&e)),
+    match tokio::spawn(op(Arc::clone(leases)).in_current_span()).await {
+        Ok(result) => result.map_err(Status::from),
         Err(join) => Err(to_status(&TaskFailed(join.to_string()))),
     }
 }
 
-pub(super) fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
+/// The caller [`super::Authenticated`] left in `request`, and its message.
+pub(super) fn caller_and_message<T>(request: Request<T>) -> Result<(Caller, T), Status> {
     // Only reachable without a Caller if the service were mounted without
     // its authentication layer: refuse rather than serve anonymously.
-    request
+    let caller = request
         .extensions()
         .get::<Caller>()
         .cloned()
-        .ok_or_else(|| to_status(&AuthError::Missing))
+        .ok_or_else(|| to_status(&AuthError::Missing))?;
+    Ok((caller, request.into_inner()))
 }
 
 #[tonic::async_trait]
@@ -75,10 +78,13 @@ impl LeaseService for LeaseApi {
         &self,
         request: Request<pb::CreateLeaseRequest>,
     ) -> Result<Response<pb::Lease>, Status> {
-        let caller = caller(&request)?;
-        let req = convert::create_lease(request.into_inner())?;
-        let leases = Arc::clone(&self.leases);
-        let issued = run_to_completion(async move { leases.create(&caller, req).await }).await?;
+        let (caller, req) = caller_and_message(request)?;
+        let req = convert::create_lease(req)?;
+        let issued = run_to_completion(
+            &self.leases,
+            |l| async move { l.create(&caller, req).await },
+        )
+        .await?;
         Ok(Response::new(convert::lease(
             &issued.lease,
             Some(&issued.token),
@@ -89,13 +95,11 @@ impl LeaseService for LeaseApi {
         &self,
         request: Request<pb::GetLeaseRequest>,
     ) -> Result<Response<pb::Lease>, Status> {
-        let caller = caller(&request)?;
-        let id = convert::lease_name(&request.get_ref().name)?;
+        let (caller, req) = caller_and_message(request)?;
         let lease = self
             .leases
-            .get(&caller, id)
-            .await
-            .map_err(|e| to_status(&e))?;
+            .get(&caller, convert::lease_name(&req.name)?)
+            .await?;
         Ok(Response::new(convert::lease(&lease, None)))
     }
 
@@ -103,37 +107,27 @@ impl LeaseService for LeaseApi {
         &self,
         request: Request<pb::ListLeasesRequest>,
     ) -> Result<Response<pb::ListLeasesResponse>, Status> {
-        let caller = caller(&request)?;
-        let query = convert::list_query(request.into_inner())?;
-        let page = self
-            .leases
-            .list(&caller, query)
-            .await
-            .map_err(|e| to_status(&e))?;
-        Ok(Response::new(pb::ListLeasesResponse {
-            leases: page
-                .leases
-                .iter()
-                .map(|l| convert::lease(l, None))
-                .collect(),
-            next_page_token: page.next_page_token,
-        }))
+        let (caller, req) = caller_and_message(request)?;
+        let page = self.leases.list(&caller, convert::list_query(req)?).await?;
+        Ok(Response::new(convert::lease_page(page, |l| {
+            convert::lease(l, None)
+        })))
     }
 
     async fn renew_lease(
         &self,
         request: Request<pb::RenewLeaseRequest>,
     ) -> Result<Response<pb::Lease>, Status> {
-        let caller = caller(&request)?;
-        let req = request.into_inner();
+        let (caller, req) = caller_and_message(request)?;
         let id = convert::lease_name(&req.name)?;
         let increment = req
             .increment
             .map(|d| convert::duration("increment", d))
             .transpose()?;
-        let leases = Arc::clone(&self.leases);
-        let lease =
-            run_to_completion(async move { leases.renew(&caller, id, increment).await }).await?;
+        let lease = run_to_completion(&self.leases, |l| async move {
+            l.renew(&caller, id, increment).await
+        })
+        .await?;
         Ok(Response::new(convert::lease(&lease, None)))
     }
 
@@ -141,10 +135,10 @@ impl LeaseService for LeaseApi {
         &self,
         request: Request<pb::RevokeLeaseRequest>,
     ) -> Result<Response<pb::Lease>, Status> {
-        let caller = caller(&request)?;
-        let id = convert::lease_name(&request.get_ref().name)?;
-        let leases = Arc::clone(&self.leases);
-        let lease = run_to_completion(async move { leases.revoke(&caller, id).await }).await?;
+        let (caller, req) = caller_and_message(request)?;
+        let id = convert::lease_name(&req.name)?;
+        let lease =
+            run_to_completion(&self.leases, |l| async move { l.revoke(&caller, id).await }).await?;
         Ok(Response::new(convert::lease(&lease, None)))
     }
 }

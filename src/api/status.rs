@@ -13,6 +13,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt as _};
 
 use crate::error::{ErrorCode, ServiceError};
+use crate::leases::LeaseError;
 
 /// `google.rpc.ErrorInfo.domain` of every error this service returns.
 pub const ERROR_DOMAIN: &str = "tokenbroker";
@@ -135,6 +136,12 @@ impl From<InvalidField> for Status {
     }
 }
 
+impl From<LeaseError> for Status {
+    fn from(e: LeaseError) -> Status {
+        to_status(&e)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -142,7 +149,6 @@ mod tests {
     use super::*;
     use crate::auth::AuthError;
     use crate::domain::LeaseState;
-    use crate::leases::LeaseError;
     use crate::policy::Denial;
     use crate::store::StoreError;
     use crate::upstream::{PatTokenError, UpstreamError};

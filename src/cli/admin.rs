@@ -3,17 +3,15 @@
 //! them closed). Same `--addr`, `--api-key`, `--output` as `lease`; the API
 //! key must belong to an identity the policy names as an admin.
 
-use clap::Subcommand;
-use secrecy::{ExposeSecret as _, SecretString};
-use serde_json::{json, Map, Value};
-use tonic::metadata::MetadataValue;
-use tonic::transport::Channel;
-use tonic::Request;
-
 use chrono::SecondsFormat;
+use clap::Subcommand;
+use serde_json::{json, Map, Value};
+use tonic::transport::Channel;
 
-use super::client::{
-    lease_json, lease_text, list_json, rfc3339_as, ClientArgs, ClientError, Output,
+use super::grpc::{
+    answer, channel, lease_json, lease_name, lease_text, list_json, page_text, request, rfc3339,
+    table, ClientArgs, ClientError, Column, Paging, NAME_COLUMN, ORGANIZATION_COLUMN,
+    SCOPES_COLUMN, STATE_COLUMN,
 };
 use crate::proto::v1 as pb;
 use crate::proto::v1::admin_service_client::AdminServiceClient;
@@ -41,12 +39,8 @@ pub enum AdminCommand {
         /// e.g. `holder = "apikey:ci" AND state = ACTIVE`.
         #[arg(long, default_value = "")]
         filter: String,
-        /// Leases per page (default 50).
-        #[arg(long, default_value_t = 0)]
-        page_size: i32,
-        /// `next_page_token` of a previous page.
-        #[arg(long, default_value = "")]
-        page_token: String,
+        #[command(flatten)]
+        paging: Paging,
     },
     /// List every REVOKE_FAILED lease (all pages): revocations the broker
     /// gave up on after its retry budget, whose PAT may still be live
@@ -68,33 +62,7 @@ pub enum AdminCommand {
 
 /// A connected `AdminService` client for `addr`.
 pub async fn connect(addr: &str) -> Result<AdminServiceClient<Channel>, ClientError> {
-    Ok(AdminServiceClient::new(super::client::channel(addr).await?))
-}
-
-/// `msg` with `authorization: Bearer <key>` when a non-empty key is given.
-pub fn request<T>(msg: T, args: &ClientArgs) -> Result<Request<T>, ClientError> {
-    let mut req = Request::new(msg);
-    if let Some(key) = args
-        .api_key
-        .as_ref()
-        .filter(|k| !k.expose_secret().is_empty())
-    {
-        req.metadata_mut().insert("authorization", bearer(key)?);
-    }
-    Ok(req)
-}
-
-fn bearer(key: &SecretString) -> Result<MetadataValue<tonic::metadata::Ascii>, ClientError> {
-    MetadataValue::try_from(format!("Bearer {}", key.expose_secret()))
-        .map_err(|_| ClientError::Usage("the API key has characters a header cannot carry".into()))
-}
-
-fn lease_name(name: &str) -> String {
-    if name.starts_with("leases/") {
-        name.to_owned()
-    } else {
-        format!("leases/{name}")
-    }
+    Ok(AdminServiceClient::new(channel(addr).await?))
 }
 
 /// Runs one `admin` subcommand and returns what to print on stdout.
@@ -123,91 +91,50 @@ pub async fn run(args: &ClientArgs, command: AdminCommand) -> Result<String, Cli
                 ));
             }
             let mut client = connect(&args.addr).await?;
-            let done = client
-                .revoke_leases(request(req, args)?)
-                .await
-                .map_err(ClientError::Rpc)?
-                .into_inner();
-            Ok(match args.output {
-                Output::Json => format!("{:#}", revoke_json(&done)),
-                Output::Text => revoke_text(&done),
-            })
+            let done = answer(client.revoke_leases(request(req, args)?).await)?;
+            Ok(args.output.show(&done, revoke_json, revoke_text))
         }
-        AdminCommand::List {
-            filter,
-            page_size,
-            page_token,
-        } => {
+        AdminCommand::List { filter, paging } => {
             let mut client = connect(&args.addr).await?;
-            let page = client
-                .list_leases(request(
-                    pb::AdminListLeasesRequest {
-                        page_size,
-                        page_token,
-                        filter,
-                    },
-                    args,
-                )?)
-                .await
-                .map_err(ClientError::Rpc)?
-                .into_inner();
-            Ok(match args.output {
-                Output::Json => format!("{:#}", list_json(&page)),
-                Output::Text => list_text(&page),
-            })
+            let req = pb::AdminListLeasesRequest {
+                page_size: paging.page_size,
+                page_token: paging.page_token,
+                filter,
+            };
+            let page = answer(client.list_leases(request(req, args)?).await)?;
+            Ok(args.output.show(&page, list_json, list_text))
         }
         AdminCommand::ListFailed => {
             let mut client = connect(&args.addr).await?;
-            let mut leases = Vec::new();
-            let mut page_token = String::new();
+            let mut all = pb::ListLeasesResponse::default();
             loop {
-                let page = client
-                    .list_leases(request(
-                        pb::AdminListLeasesRequest {
-                            // The server's largest page: fewest round trips.
-                            page_size: crate::api::convert::MAX_PAGE_SIZE as i32,
-                            page_token,
-                            filter: "state = REVOKE_FAILED".into(),
-                        },
-                        args,
-                    )?)
-                    .await
-                    .map_err(ClientError::Rpc)?
-                    .into_inner();
-                leases.extend(page.leases);
-                if page.next_page_token.is_empty() {
+                let req = pb::AdminListLeasesRequest {
+                    // The server's largest page: fewest round trips.
+                    page_size: crate::api::convert::MAX_PAGE_SIZE as i32,
+                    page_token: all.next_page_token,
+                    filter: "state = REVOKE_FAILED".into(),
+                };
+                let page = answer(client.list_leases(request(req, args)?).await)?;
+                all.leases.extend(page.leases);
+                all.next_page_token = page.next_page_token;
+                if all.next_page_token.is_empty() {
                     break;
                 }
-                page_token = page.next_page_token;
             }
-            let all = pb::ListLeasesResponse {
-                leases,
-                next_page_token: String::new(),
-            };
-            Ok(match args.output {
-                Output::Json => format!("{:#}", list_json(&all)),
-                Output::Text => failed_text(&all.leases),
-            })
+            Ok(args
+                .output
+                .show(&all, list_json, |all| failed_text(&all.leases)))
         }
         AdminCommand::ForceRevoke { name, reason } => {
             let mut client = connect(&args.addr).await?;
-            let lease = client
-                .force_revoke_lease(request(
-                    pb::ForceRevokeLeaseRequest {
-                        name: lease_name(&name),
-                        reason: reason.unwrap_or_default(),
-                    },
-                    args,
-                )?)
-                .await
-                .map_err(ClientError::Rpc)?
-                .into_inner();
+            let req = pb::ForceRevokeLeaseRequest {
+                name: lease_name(&name),
+                reason: reason.unwrap_or_default(),
+            };
+            let lease = answer(client.force_revoke_lease(request(req, args)?).await)?;
             // On stderr, so `--output json` stays one parseable document.
             eprintln!("{}", left_live_warning(&lease));
-            Ok(match args.output {
-                Output::Json => format!("{:#}", lease_json(&lease)),
-                Output::Text => lease_text(&lease),
-            })
+            Ok(args.output.show(&lease, lease_json, lease_text))
         }
     }
 }
@@ -218,7 +145,7 @@ fn left_live_warning(lease: &pb::Lease) -> String {
     let until = lease
         .pat_expire_time
         .as_ref()
-        .map(|t| rfc3339_as(t, SecondsFormat::Secs))
+        .map(|t| rfc3339(t, SecondsFormat::Secs))
         .unwrap_or_else(|| "its validTo (unknown)".into());
     let pat = if lease.authorization_id.is_empty() {
         "its PAT".to_owned()
@@ -241,43 +168,33 @@ fn failed_text(leases: &[pb::Lease]) -> String {
     if leases.is_empty() {
         return "no REVOKE_FAILED leases".to_owned();
     }
-    let ts = |t: &Option<prost_types::Timestamp>| {
-        t.as_ref()
-            .map(|t| rfc3339_as(t, SecondsFormat::Secs))
-            .unwrap_or_else(|| "-".into())
-    };
-    let mut out = format!(
-        "{:<44} {:<24} {:<14} {:<36} {:>8} {:<20} {:<20} {:<20} {}",
-        "NAME",
-        "HOLDER",
-        "ORGANIZATION",
-        "AUTHORIZATION_ID",
-        "ATTEMPTS",
-        "NEXT_ATTEMPT_TIME",
-        "REVOKE_TIME",
-        "PAT_EXPIRE_TIME",
-        "LAST_ERROR"
-    );
-    for l in leases {
-        out.push_str(&format!(
-            "\n{:<44} {:<24} {:<14} {:<36} {:>8} {:<20} {:<20} {:<20} {}",
-            l.name,
-            l.holder,
-            l.organization,
-            l.authorization_id,
-            l.revocation_attempts,
-            ts(&l.next_attempt_time),
-            ts(&l.revoke_time),
-            ts(&l.pat_expire_time),
-            l.last_error
-        ));
-    }
+    let columns = [
+        NAME_COLUMN,
+        Column::left("HOLDER", 24, |l| l.holder.clone()),
+        ORGANIZATION_COLUMN,
+        Column::left("AUTHORIZATION_ID", 36, |l| l.authorization_id.clone()),
+        Column::right("ATTEMPTS", 8, |l| l.revocation_attempts.to_string()),
+        Column::left("NEXT_ATTEMPT_TIME", 20, |l| {
+            secs_or_dash(&l.next_attempt_time)
+        }),
+        Column::left("REVOKE_TIME", 20, |l| secs_or_dash(&l.revoke_time)),
+        Column::left("PAT_EXPIRE_TIME", 20, |l| secs_or_dash(&l.pat_expire_time)),
+        Column::last("LAST_ERROR", |l| l.last_error.clone()),
+    ];
+    let mut out = table(&columns, leases);
     out.push_str(&format!(
         "\n{} REVOKE_FAILED lease(s); their PATs may be live upstream. \
          `token-broker admin force-revoke NAME` closes one and stops its retries (the orphan sweep still tries).",
         leases.len()
     ));
     out
+}
+
+/// `t` to the second, or `-` when not set.
+fn secs_or_dash(t: &Option<prost_types::Timestamp>) -> String {
+    t.as_ref()
+        .map(|t| rfc3339(t, SecondsFormat::Secs))
+        .unwrap_or_else(|| "-".into())
 }
 
 /// The proto3 JSON mapping of a `RevokeLeasesResponse` (int64 as strings,
@@ -315,28 +232,16 @@ fn revoke_text(r: &pb::RevokeLeasesResponse) -> String {
     out
 }
 
+/// Every holder's leases, one a row.
 fn list_text(page: &pb::ListLeasesResponse) -> String {
-    let mut out = format!(
-        "{:<44} {:<13} {:<30} {:<14} {}",
-        "NAME", "STATE", "HOLDER", "ORGANIZATION", "SCOPES"
-    );
-    for l in &page.leases {
-        out.push_str(&format!(
-            "\n{:<44} {:<13} {:<30} {:<14} {}",
-            l.name,
-            l.state().as_str_name(),
-            l.holder,
-            l.organization,
-            l.scopes.join(" ")
-        ));
-    }
-    if !page.next_page_token.is_empty() {
-        out.push_str(&format!(
-            "\nnext page: --page-token {}",
-            page.next_page_token
-        ));
-    }
-    out
+    let columns = [
+        NAME_COLUMN,
+        STATE_COLUMN,
+        Column::left("HOLDER", 30, |l| l.holder.clone()),
+        ORGANIZATION_COLUMN,
+        SCOPES_COLUMN,
+    ];
+    page_text(&columns, &page.leases, &page.next_page_token)
 }
 
 #[cfg(test)]

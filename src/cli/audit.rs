@@ -5,12 +5,14 @@
 
 use std::path::PathBuf;
 
-use chrono::{DateTime, SecondsFormat};
+use chrono::SecondsFormat;
 use clap::{Args, Subcommand};
 use serde_json::{json, Map, Value};
 
-use super::admin::{connect, request};
-use super::client::{ClientArgs, ClientError, Output};
+use super::admin::connect;
+use super::grpc::{
+    answer, page_json, page_text, request, rfc3339, ClientArgs, ClientError, Column,
+};
 use crate::audit::{self, VerifyError};
 use crate::config::{Backend, Config};
 use crate::proto::v1 as pb;
@@ -61,22 +63,13 @@ pub async fn list(
     page_token: String,
 ) -> Result<String, ClientError> {
     let mut admin = connect(&client.addr).await?;
-    let page = admin
-        .list_audit_events(request(
-            pb::ListAuditEventsRequest {
-                page_size,
-                page_token,
-                filter,
-            },
-            client,
-        )?)
-        .await
-        .map_err(ClientError::Rpc)?
-        .into_inner();
-    Ok(match client.output {
-        Output::Json => format!("{:#}", page_json(&page)),
-        Output::Text => page_text(&page),
-    })
+    let req = pb::ListAuditEventsRequest {
+        page_size,
+        page_token,
+        filter,
+    };
+    let page = answer(admin.list_audit_events(request(req, client)?).await)?;
+    Ok(client.output.show(&page, events_json, events_text))
 }
 
 /// Why `audit verify` did not prove the chain.
@@ -128,12 +121,6 @@ pub async fn verify(
     Ok(report.to_string())
 }
 
-fn rfc3339(t: &prost_types::Timestamp) -> String {
-    DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32)
-        .map(|d| d.to_rfc3339_opts(SecondsFormat::Micros, true))
-        .unwrap_or_default()
-}
-
 /// The proto3 JSON mapping of one `AuditEvent` (default values omitted).
 pub fn event_json(e: &pb::AuditEvent) -> Value {
     let mut m = Map::new();
@@ -141,7 +128,7 @@ pub fn event_json(e: &pb::AuditEvent) -> Value {
         m.insert("id".into(), json!(e.id.to_string()));
     }
     if let Some(t) = &e.time {
-        m.insert("time".into(), json!(rfc3339(t)));
+        m.insert("time".into(), json!(rfc3339(t, SecondsFormat::Micros)));
     }
     for (k, v) in [
         ("identity", &e.identity),
@@ -172,50 +159,44 @@ pub fn event_json(e: &pb::AuditEvent) -> Value {
 }
 
 /// The proto3 JSON mapping of a `ListAuditEventsResponse`.
-pub fn page_json(page: &pb::ListAuditEventsResponse) -> Value {
-    let mut m = Map::new();
-    if !page.audit_events.is_empty() {
-        m.insert(
-            "auditEvents".into(),
-            Value::Array(page.audit_events.iter().map(event_json).collect()),
-        );
-    }
-    if !page.next_page_token.is_empty() {
-        m.insert("nextPageToken".into(), json!(page.next_page_token));
-    }
-    Value::Object(m)
+pub fn events_json(page: &pb::ListAuditEventsResponse) -> Value {
+    page_json(
+        "auditEvents",
+        page.audit_events.iter().map(event_json).collect(),
+        &page.next_page_token,
+    )
 }
 
-fn page_text(page: &pb::ListAuditEventsResponse) -> String {
-    let mut out = format!(
-        "{:>6} {:<27} {:<30} {:<20} {:<8} {:<44} {}",
-        "ID", "TIME", "IDENTITY", "ACTION", "OUTCOME", "LEASE", "REASON"
-    );
-    for e in &page.audit_events {
-        let outcome = match e.outcome() {
-            pb::audit_event::Outcome::Allowed => "allowed",
-            pb::audit_event::Outcome::Denied => "denied",
-            pb::audit_event::Outcome::Error => "error",
-            pb::audit_event::Outcome::Unspecified => "-",
-        };
-        out.push_str(&format!(
-            "\n{:>6} {:<27} {:<30} {:<20} {:<8} {:<44} {}",
-            e.id,
-            e.time.as_ref().map(rfc3339).unwrap_or_default(),
-            e.identity,
-            e.action,
-            outcome,
-            if e.lease.is_empty() { "-" } else { &e.lease },
-            e.reason
-        ));
+/// Audit events, one a row.
+fn events_text(page: &pb::ListAuditEventsResponse) -> String {
+    let columns: [Column<pb::AuditEvent>; 7] = [
+        Column::right("ID", 6, |e| e.id.to_string()),
+        Column::left("TIME", 27, |e| {
+            e.time
+                .as_ref()
+                .map(|t| rfc3339(t, SecondsFormat::Micros))
+                .unwrap_or_default()
+        }),
+        Column::left("IDENTITY", 30, |e| e.identity.clone()),
+        Column::left("ACTION", 20, |e| e.action.clone()),
+        Column::left("OUTCOME", 8, |e| outcome_text(e).to_owned()),
+        Column::left("LEASE", 44, |e| or_dash(&e.lease)),
+        Column::last("REASON", |e| e.reason.clone()),
+    ];
+    page_text(&columns, &page.audit_events, &page.next_page_token)
+}
+
+fn outcome_text(e: &pb::AuditEvent) -> &'static str {
+    match e.outcome() {
+        pb::audit_event::Outcome::Allowed => "allowed",
+        pb::audit_event::Outcome::Denied => "denied",
+        pb::audit_event::Outcome::Error => "error",
+        pb::audit_event::Outcome::Unspecified => "-",
     }
-    if !page.next_page_token.is_empty() {
-        out.push_str(&format!(
-            "\nnext page: --page-token {}",
-            page.next_page_token
-        ));
-    }
-    out
+}
+
+fn or_dash(text: &str) -> String {
+    if text.is_empty() { "-" } else { text }.to_owned()
 }
 
 #[cfg(test)]

@@ -14,8 +14,10 @@ use serve::ConfigArg;
 
 pub mod admin;
 pub mod audit;
+pub mod bench;
 pub mod client;
 pub mod dev;
+pub mod grpc;
 pub mod policy;
 pub mod serve;
 
@@ -60,6 +62,8 @@ enum Command {
     /// Read the audit trail (gRPC client) or verify its chain (server configuration).
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Measure a running broker (gRPC client), optionally against its database's own ceiling.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -122,6 +126,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             page_size,
             page_token,
         }) => print_out(audit::list(&client, filter, page_size, page_token).await),
+        Command::Bench(args) => bench::run(args).await.map_err(|e| e.to_string()),
         Command::Audit(audit::AuditCommand::Verify(args)) => {
             let settings = serve::load_settings(&ConfigArg {
                 config: args.config.clone(),
