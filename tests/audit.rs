@@ -57,7 +57,7 @@ fn event(i: i64) -> AuditEvent {
     let granted = i % 3 != 1;
     AuditEvent {
         id: 0,
-        time: t0() + chrono::Duration::nanoseconds(i * 1_000_000_123),
+        time: (t0() + chrono::Duration::nanoseconds(i * 1_000_000_123)).into(),
         identity: format!("apikey:svc{}", i % 4),
         peer: (i % 2 == 0).then(|| format!("10.0.0.{i}:5{i:04}")),
         action: [

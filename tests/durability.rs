@@ -10,10 +10,11 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use chrono::{SubsecRound, Utc};
+use chrono::Utc;
 use common::leases::*;
 use secrecy::SecretString;
 use token_broker::audit::{Outcome, PAT_REVOKE_ORPHAN};
+use token_broker::domain::Timestamp;
 use token_broker::domain::{LeaseId, LeaseState, Organization};
 use token_broker::leases::RetrySchedule;
 use token_broker::store::LeaseRecord;
@@ -64,7 +65,7 @@ async fn mint(broker: &Broker, organization: &str, name: &str) -> (PatToken, Sec
 /// A lease row of `state` in `organization`, written `age` ago, as the
 /// broker would have left it (no token kept).
 fn lease_row(state: LeaseState, organization: &str, age: chrono::Duration) -> LeaseRecord {
-    let then = Utc::now().trunc_subsecs(6) - age;
+    let then = Timestamp::now() - age;
     let id = LeaseId::new();
     LeaseRecord {
         id,
@@ -528,7 +529,7 @@ async fn two_replicas_sweeping_and_reaping_at_once_revoke_each_pat_exactly_once(
             .await
             .unwrap();
         let mut due = stored(&a.store, issued.lease.id).await;
-        due.expire_time = Utc::now().trunc_subsecs(6) - chrono::Duration::seconds(1);
+        due.expire_time = Timestamp::now() - chrono::Duration::seconds(1);
         assert!(a
             .store
             .update_lease(&due, LeaseState::Active)

@@ -46,8 +46,8 @@ fn parse_time(v: &serde_json::Value) -> DateTime<Utc> {
         .with_timezone(&Utc)
 }
 
-fn within_a_second(a: DateTime<Utc>, b: DateTime<Utc>) -> bool {
-    (a - b).num_milliseconds().abs() <= 1000
+fn within_a_second(a: impl Into<DateTime<Utc>>, b: impl Into<DateTime<Utc>>) -> bool {
+    (a.into() - b.into()).num_milliseconds().abs() <= 1000
 }
 
 async fn leased_token_works_on_azure_devops_only_within_its_scope_and_organization(
@@ -848,8 +848,7 @@ async fn pending_lease_left_by_a_crash_is_reconciled_and_a_retry_mints_afresh(ba
 
     // A broker that crashed between the upstream create and its commit
     // left, three minutes ago, a PENDING row (with its key) and a live PAT.
-    use chrono::SubsecRound;
-    let then = Utc::now().trunc_subsecs(6) - chrono::Duration::minutes(3);
+    let then = token_broker::domain::Timestamp::now() - chrono::Duration::minutes(3);
     let id = token_broker::domain::LeaseId::new();
     let pending = token_broker::store::LeaseRecord {
         id,
@@ -958,7 +957,7 @@ async fn revocation_that_keeps_failing_becomes_revoke_failed_and_still_finishes_
     // the budget (rather than waiting out the real backoff here).
     let mut due = stored(&broker.store, revoking.id).await;
     due.attempts = 9;
-    due.next_attempt_time = Some(Utc::now() - chrono::Duration::seconds(1));
+    due.next_attempt_time = Some((Utc::now() - chrono::Duration::seconds(1)).into());
     assert!(broker
         .store
         .update_lease(&due, LeaseState::Revoking)
@@ -979,7 +978,7 @@ async fn revocation_that_keeps_failing_becomes_revoke_failed_and_still_finishes_
     // Upstream recovers; the slow retry finishes it (made due here).
     clear_faults(&url).await;
     let mut due = failed.clone();
-    due.next_attempt_time = Some(Utc::now() - chrono::Duration::seconds(1));
+    due.next_attempt_time = Some((Utc::now() - chrono::Duration::seconds(1)).into());
     assert!(broker
         .store
         .update_lease(&due, LeaseState::RevokeFailed)

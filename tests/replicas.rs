@@ -62,7 +62,7 @@ async fn all_leases(store: &Arc<dyn Store>, states: Vec<LeaseState>) -> Vec<Leas
 /// CreateLease would have stored it, before its PAT is attached.
 fn active_lease(deployment_id: &str) -> LeaseRecord {
     let id = LeaseId::new();
-    let now = Utc::now();
+    let now = token_broker::domain::Timestamp::now();
     LeaseRecord {
         id,
         holder: "apikey:ci".parse().unwrap(),

@@ -8,11 +8,11 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{TimeZone, Utc};
 use token_broker::audit::{AuditEvent, Outcome};
 use token_broker::crypto::Sealed;
 use token_broker::domain::{
-    AuthorizationId, Identity, LeaseId, LeaseState, Organization, ScopeSet,
+    AuthorizationId, Identity, LeaseId, LeaseState, Organization, ScopeSet, Timestamp,
 };
 use token_broker::store::{
     CreateOutcome, IdempotencyRecord, LeaseFilter, LeaseRecord, PageCursor, Store, StoreError, Work,
@@ -76,8 +76,8 @@ conformance!(
 // ---- fixtures ----------------------------------------------------------
 
 /// A fixed instant, so tests never depend on the clock.
-fn t0() -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap()
+fn t0() -> Timestamp {
+    Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap().into()
 }
 
 fn secs(n: i64) -> chrono::Duration {
@@ -102,7 +102,7 @@ fn sealed(byte: u8) -> Sealed {
 }
 
 /// An ACTIVE lease for `who` created at `created`, expiring an hour later.
-fn lease(who: &str, created: DateTime<Utc>) -> LeaseRecord {
+fn lease(who: &str, created: Timestamp) -> LeaseRecord {
     let id = LeaseId::new();
     LeaseRecord {
         id,
@@ -127,7 +127,7 @@ fn lease(who: &str, created: DateTime<Utc>) -> LeaseRecord {
     }
 }
 
-fn pending(who: &str, created: DateTime<Utc>) -> LeaseRecord {
+fn pending(who: &str, created: Timestamp) -> LeaseRecord {
     LeaseRecord {
         state: LeaseState::Pending,
         authorization_id: None,
@@ -1110,15 +1110,16 @@ async fn upstream_credential_saves_only_on_the_expected_version(store: Arc<dyn S
 // ---- time and schema ----------------------------------------------------
 
 async fn timestamps_round_trip_with_microseconds_in_utc(store: Arc<dyn Store>) {
-    // Nanoseconds are truncated to the microseconds both databases keep.
+    // Nanoseconds are truncated to the microseconds both databases keep
+    // (by `Timestamp`, when the record is made).
     let precise = Utc.with_ymd_and_hms(2026, 7, 4, 23, 59, 58).unwrap()
         + chrono::Duration::nanoseconds(123_456_789);
-    let kept = precise - chrono::Duration::nanoseconds(789);
+    let kept = Timestamp::from(precise - chrono::Duration::nanoseconds(789));
     let l = LeaseRecord {
-        create_time: precise,
-        update_time: precise,
-        revoke_time: Some(precise),
-        ..lease("ci", precise)
+        create_time: precise.into(),
+        update_time: precise.into(),
+        revoke_time: Some(precise.into()),
+        ..lease("ci", precise.into())
     };
     create(&store, &l).await;
     let read = store.get_lease(l.id).await.unwrap().unwrap();

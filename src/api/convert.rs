@@ -250,7 +250,8 @@ pub fn parse_filter(text: &str) -> Result<(Vec<LeaseState>, Option<Organization>
     Ok((f.states, f.organization))
 }
 
-pub(super) fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+pub(super) fn timestamp(t: impl Into<DateTime<Utc>>) -> prost_types::Timestamp {
+    let t = t.into();
     prost_types::Timestamp {
         seconds: t.timestamp(),
         nanos: t.timestamp_subsec_nanos() as i32,

@@ -208,7 +208,7 @@ mod tests {
                 "LEASE_NOT_RENEWABLE",
             ),
             (
-                LeaseError::AtMaxExpireTime(chrono::Utc::now()),
+                LeaseError::AtMaxExpireTime(crate::domain::Timestamp::now()),
                 Code::FailedPrecondition,
                 "LEASE_NOT_RENEWABLE",
             ),

@@ -2,9 +2,7 @@
 //! the store can keep rows and the audit log can chain them without either
 //! importing the other.
 
-use chrono::{DateTime, Utc};
-
-use super::LeaseId;
+use super::{LeaseId, Timestamp};
 
 /// How a decision came out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,7 +45,7 @@ pub struct AuditEvent {
     /// Store-assigned, increasing; 0 before it is appended.
     pub id: i64,
     /// When it happened (UTC).
-    pub time: DateTime<Utc>,
+    pub time: Timestamp,
     /// The caller's typed identity, or `-` when unauthenticated.
     pub identity: String,
     /// The caller's socket address, when known.
@@ -78,16 +76,17 @@ pub struct AuditEvent {
 
 impl AuditEvent {
     /// An event not yet appended (`id` 0): `identity` did `action` at
-    /// `time` and it came out as `outcome`; every optional field unset.
+    /// `time` (kept to the microsecond) and it came out as `outcome`; every
+    /// optional field unset.
     pub fn new(
-        time: DateTime<Utc>,
+        time: impl Into<Timestamp>,
         identity: impl Into<String>,
         action: impl Into<String>,
         outcome: Outcome,
     ) -> Self {
         AuditEvent {
             id: 0,
-            time,
+            time: time.into(),
             identity: identity.into(),
             peer: None,
             action: action.into(),

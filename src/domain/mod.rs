@@ -7,6 +7,7 @@ mod ids;
 mod lease_state;
 mod organization;
 mod scope;
+mod time;
 
 pub use audit_event::{AuditEvent, Outcome};
 pub use identity::Identity;
@@ -14,6 +15,7 @@ pub use ids::{AuthorizationId, LeaseId};
 pub use lease_state::LeaseState;
 pub use organization::Organization;
 pub use scope::{Scope, ScopeSet};
+pub use time::Timestamp;
 
 /// A value that failed validation. The caller knows which request field it
 /// came from and attaches that name.

@@ -154,8 +154,8 @@ pub struct AuditQuery {
 
 impl AuditQuery {
     fn matches(&self, e: &AuditEvent) -> bool {
-        self.start_time.is_none_or(|t| e.time >= t)
-            && self.end_time.is_none_or(|t| e.time < t)
+        self.start_time.is_none_or(|t| *e.time >= t)
+            && self.end_time.is_none_or(|t| *e.time < t)
             && self.identity.as_ref().is_none_or(|i| *i == e.identity)
             && self.action.as_ref().is_none_or(|a| *a == e.action)
             && self.lease_id.is_none_or(|l| e.lease_id == Some(l))

@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable as _};
-use chrono::{DateTime, Utc};
 
 use super::{LeaseDeps, LeaseError};
 use crate::audit::{AuditEvent, AuditLog, Outcome};
 use crate::auth::Caller;
+use crate::domain::Timestamp;
 use crate::store::LeaseRecord;
 
 /// The actor recorded in audit events written by background work. Not a
@@ -45,7 +45,7 @@ impl Actor {
     }
 
     /// An event by this actor about nothing in particular.
-    pub(super) fn event(&self, action: &str, outcome: Outcome, now: DateTime<Utc>) -> AuditEvent {
+    pub(super) fn event(&self, action: &str, outcome: Outcome, now: Timestamp) -> AuditEvent {
         AuditEvent {
             peer: self.peer.clone(),
             caller_detail: self.detail.clone(),
@@ -59,7 +59,7 @@ impl Actor {
         action: &str,
         outcome: Outcome,
         lease: &LeaseRecord,
-        now: DateTime<Utc>,
+        now: Timestamp,
     ) -> AuditEvent {
         AuditEvent {
             lease_id: Some(lease.id),

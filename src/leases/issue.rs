@@ -4,8 +4,6 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-
 use super::auditing::{audit_best_effort, audit_grant, Actor};
 use super::revocation::{
     begin_revocation, finish_revocation, revoke_by_display_name, revoke_upstream,
@@ -15,6 +13,7 @@ use super::time::{chrono_duration, now};
 use super::{CreateLease, IssuedLease, LeaseDeps, LeaseError};
 use crate::audit::{AuditEvent, Outcome};
 use crate::auth::Caller;
+use crate::domain::Timestamp;
 use crate::domain::{LeaseId, LeaseState};
 use crate::error::ServiceError as _;
 use crate::policy::Decision;
@@ -171,7 +170,7 @@ fn new_pending(
     caller: &Caller,
     req: &CreateLease,
     grant: &Grant,
-    now: DateTime<Utc>,
+    now: Timestamp,
 ) -> LeaseRecord {
     let id = LeaseId::new();
     let settings = &deps.settings;
@@ -290,7 +289,7 @@ async fn mint(
     let request = CreatePat {
         display_name: lease.display_name.clone(),
         scope: lease.scopes.to_upstream(),
-        valid_to: wanted_valid_to,
+        valid_to: wanted_valid_to.into(),
     };
     let pat = match deps.upstream.create(&lease.organization, &request).await {
         Ok(pat) => pat,

@@ -153,7 +153,7 @@ pub(super) async fn renew(
         authorization_id,
         display_name: None,
         scope: None,
-        valid_to: Some(wanted_valid_to),
+        valid_to: Some(wanted_valid_to.into()),
     };
     let pat = match deps.upstream.update(&lease.organization, &update).await {
         Ok(pat) => pat,
@@ -189,7 +189,7 @@ pub(super) async fn renew(
             authorization_id,
             display_name: None,
             scope: None,
-            valid_to: Some(current.expire_time + skew),
+            valid_to: Some((current.expire_time + skew).into()),
         };
         if let Err(e) = deps.upstream.update(&current.organization, &realign).await {
             tracing::warn!(lease_id = %id, error = %e, "could not realign the PAT's validTo after a concurrent renewal");

@@ -39,6 +39,7 @@ use std::time::Duration;
 use secrecy::SecretString;
 use uuid::Uuid;
 
+use crate::domain::Timestamp;
 use crate::domain::{LeaseState, Organization, ScopeSet};
 use crate::store::LeaseRecord;
 
@@ -161,7 +162,7 @@ pub enum LeaseError {
         "lease is already at its max_expire_time ({}) and cannot be renewed further",
         .0.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
     )]
-    AtMaxExpireTime(chrono::DateTime<chrono::Utc>),
+    AtMaxExpireTime(Timestamp),
     /// The page token is not one this service issued for this query.
     #[error("invalid page_token")]
     InvalidPageToken,

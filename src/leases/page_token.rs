@@ -5,12 +5,11 @@
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use chrono::DateTime;
 use secrecy::SecretString;
 
 use super::LeaseError;
 use crate::crypto::TokenFingerprinter;
-use crate::domain::LeaseId;
+use crate::domain::{LeaseId, Timestamp};
 use crate::store::{LeaseFilter, PageCursor};
 
 /// Hex characters of the MAC kept in a token (128 bits).
@@ -110,7 +109,7 @@ pub(super) fn decode(
     let create_time = micros
         .parse::<i64>()
         .ok()
-        .and_then(DateTime::from_timestamp_micros)
+        .and_then(Timestamp::from_micros)
         .ok_or(LeaseError::InvalidPageToken)?;
     let id: LeaseId = id.parse().map_err(|_| LeaseError::InvalidPageToken)?;
     Ok(PageCursor { create_time, id })
@@ -136,7 +135,7 @@ mod tests {
 
     fn cursor() -> PageCursor {
         PageCursor {
-            create_time: DateTime::from_timestamp_micros(1_764_400_000_123_456).unwrap(),
+            create_time: Timestamp::from_micros(1_764_400_000_123_456).unwrap(),
             id: LeaseId::new(),
         }
     }

@@ -12,6 +12,7 @@ use super::sealing::lease_token_fingerprint;
 use super::time::now;
 use super::{LeaseDeps, LeaseError, RetrySchedule};
 use crate::audit::{AuditEvent, Outcome};
+use crate::domain::Timestamp;
 use crate::domain::{AuthorizationId, LeaseState, Organization};
 use crate::store::LeaseRecord;
 use crate::upstream::{DisplayFilter, ListPats, UpstreamError};
@@ -49,7 +50,7 @@ impl RetrySchedule {
 pub(super) async fn begin_revocation(
     deps: &LeaseDeps,
     lease: &LeaseRecord,
-    now: chrono::DateTime<chrono::Utc>,
+    now: Timestamp,
 ) -> Result<Option<LeaseRecord>, LeaseError> {
     let (next, expected) = lease.begin_revoking(now);
     let moved = deps

@@ -22,13 +22,12 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-
 use super::auditing::{audit_best_effort, Actor};
 use super::revocation::{retry_revocation, revoke_upstream};
 use super::time::{chrono_duration, now};
 use super::{LeaseDeps, LeaseError};
 use crate::audit::{AuditEvent, Outcome};
+use crate::domain::Timestamp;
 use crate::domain::{AuthorizationId, LeaseId, LeaseState, Organization};
 use crate::store::LeaseRecord;
 use crate::upstream::{DisplayFilter, ListPats, PatToken};
@@ -135,8 +134,8 @@ enum Verdict {
 fn verdict(
     lease: Option<&LeaseRecord>,
     pat: AuthorizationId,
-    t0: DateTime<Utc>,
-    now: DateTime<Utc>,
+    t0: Timestamp,
+    now: Timestamp,
     reconcile_after: Duration,
 ) -> Verdict {
     let Some(lease) = lease else {
@@ -241,7 +240,7 @@ pub(super) async fn sweep_if_due(
 
 async fn sweep(
     deps: &LeaseDeps,
-    t0: DateTime<Utc>,
+    t0: Timestamp,
     stop: &AtomicBool,
     deadline: tokio::time::Instant,
     report: &mut SweepReport,
@@ -307,7 +306,7 @@ async fn sweep_pat(
     org: &Organization,
     pat: &PatToken,
     lease_id: LeaseId,
-    t0: DateTime<Utc>,
+    t0: Timestamp,
     report: &mut SweepReport,
 ) -> Result<(), LeaseError> {
     let settings = &deps.settings;
@@ -415,7 +414,7 @@ async fn release(deps: &LeaseDeps, id: LeaseId) {
 mod tests {
     use super::*;
     use crate::domain::{Identity, ScopeSet};
-    use chrono::TimeZone;
+    use chrono::{TimeZone, Utc};
 
     const ID: &str = "0b6f6a0e-8a51-4a4e-9d0b-2f9a2b6c1d11";
 
@@ -460,8 +459,9 @@ mod tests {
         }
     }
 
-    fn at(secs: i64) -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap() + chrono::Duration::seconds(secs)
+    fn at(secs: i64) -> Timestamp {
+        Timestamp::from(Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap())
+            + chrono::Duration::seconds(secs)
     }
 
     fn lease(state: LeaseState, pat: Option<AuthorizationId>) -> LeaseRecord {

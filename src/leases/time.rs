@@ -3,20 +3,22 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, SubsecRound as _, Utc};
+use chrono::{DateTime, Utc};
+
+use crate::domain::Timestamp;
 
 /// The current time in UTC, truncated to microseconds: what both stores
 /// keep, so a record in memory equals its stored copy.
-pub(super) fn now() -> DateTime<Utc> {
-    Utc::now().trunc_subsecs(6)
+pub(super) fn now() -> Timestamp {
+    Timestamp::now()
 }
 
 /// An upstream time cut down to microseconds, rounding down: upstream
 /// answers with up to 7 fractional digits (docs/upstream-api.md, "validTo
 /// rounding"), the stores keep 6, and rounding down keeps "the
 /// lease never outlives its PAT".
-pub(super) fn upstream_time(t: DateTime<Utc>) -> DateTime<Utc> {
-    t.trunc_subsecs(6)
+pub(super) fn upstream_time(t: DateTime<Utc>) -> Timestamp {
+    Timestamp::from(t)
 }
 
 /// `Std` duration to chrono, capped at 100 years: TTLs are at most a year

@@ -33,11 +33,10 @@
 //! diagram in docs/architecture.md ("The lease state machine") follows
 //! this module.
 
-use chrono::{DateTime, Utc};
-
 use super::time::{chrono_duration, upstream_time};
 use super::RetrySchedule;
 use crate::crypto::Sealed;
+use crate::domain::Timestamp;
 use crate::domain::{AuthorizationId, LeaseState};
 use crate::store::LeaseRecord;
 
@@ -52,11 +51,11 @@ impl LeaseRecord {
     /// ([`LeaseRecord::fit_to_valid_to`]).
     pub(super) fn activate(
         &self,
-        now: DateTime<Utc>,
+        now: Timestamp,
         authorization_id: AuthorizationId,
         sealed_token: Sealed,
-        valid_to: DateTime<Utc>,
-        wanted: DateTime<Utc>,
+        valid_to: chrono::DateTime<chrono::Utc>,
+        wanted: Timestamp,
     ) -> (LeaseRecord, LeaseState) {
         let mut next = self.clone();
         next.fit_to_valid_to(valid_to, wanted);
@@ -71,7 +70,7 @@ impl LeaseRecord {
     /// sealed token goes (it must never be opened again); a claim is kept.
     /// The stored row is PENDING even when this record was already made
     /// ACTIVE in memory (a minted PAT whose activation did not commit).
-    pub(super) fn fail(&self, now: DateTime<Utc>, error: String) -> (LeaseRecord, LeaseState) {
+    pub(super) fn fail(&self, now: Timestamp, error: String) -> (LeaseRecord, LeaseState) {
         let mut next = self.clone();
         next.state = LeaseState::Failed;
         next.sealed_token = None;
@@ -84,7 +83,7 @@ impl LeaseRecord {
     /// count, and [`REVOKE_GRACE`] before background work may take it over.
     /// Write it with `update_lease_unchanged` on this record's update_time,
     /// so a renewal committed since it was read is never overwritten.
-    pub(super) fn begin_revoking(&self, now: DateTime<Utc>) -> (LeaseRecord, LeaseState) {
+    pub(super) fn begin_revoking(&self, now: Timestamp) -> (LeaseRecord, LeaseState) {
         let mut next = self.rewritten(now);
         next.state = LeaseState::Revoking;
         next.revoke_time = Some(now);
@@ -95,7 +94,7 @@ impl LeaseRecord {
 
     /// REVOKING or REVOKE_FAILED → [`LeaseRecord::final_state`]: the PAT is
     /// revoked upstream (or gone).
-    pub(super) fn revoked(&self, now: DateTime<Utc>) -> (LeaseRecord, LeaseState) {
+    pub(super) fn revoked(&self, now: Timestamp) -> (LeaseRecord, LeaseState) {
         let mut next = self.rewritten(now);
         next.state = self.final_state();
         next.revoke_time = Some(self.revoke_time.unwrap_or(now));
@@ -109,7 +108,7 @@ impl LeaseRecord {
     /// the lease is REVOKE_FAILED.
     pub(super) fn revoke_attempt_failed(
         &self,
-        now: DateTime<Utc>,
+        now: Timestamp,
         schedule: &RetrySchedule,
         error: String,
     ) -> (LeaseRecord, LeaseState) {
@@ -127,7 +126,7 @@ impl LeaseRecord {
     /// operator's decision); `last_error` records what was left behind.
     pub(super) fn force_closed(
         &self,
-        now: DateTime<Utc>,
+        now: Timestamp,
         last_error: String,
     ) -> (LeaseRecord, LeaseState) {
         let mut next = self.rewritten(now);
@@ -153,7 +152,11 @@ impl LeaseRecord {
     /// "validTo rounding" and "validTo clamping"): the lease never outlives
     /// its PAT. `wanted` is
     /// the validTo the broker asked for.
-    pub(super) fn fit_to_valid_to(&mut self, valid_to: DateTime<Utc>, wanted: DateTime<Utc>) {
+    pub(super) fn fit_to_valid_to(
+        &mut self,
+        valid_to: chrono::DateTime<chrono::Utc>,
+        wanted: Timestamp,
+    ) {
         let valid_to = upstream_time(valid_to);
         if valid_to < self.expire_time {
             self.expire_time = valid_to;
@@ -167,7 +170,7 @@ impl LeaseRecord {
     }
 
     /// A copy written at `now`, with any background claim cleared.
-    fn rewritten(&self, now: DateTime<Utc>) -> LeaseRecord {
+    fn rewritten(&self, now: Timestamp) -> LeaseRecord {
         let mut next = self.clone();
         next.update_time = now;
         next.claimed_by = None;

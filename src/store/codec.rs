@@ -1,79 +1,246 @@
-//! Text forms shared by both stores: how domain values are written to and
-//! read from columns. Every parse failure is [`StoreError::Corrupt`] naming
-//! the column, never its value when the value could be secret.
+//! How domain values are written to and read from columns, on both
+//! backends, as sqlx `Type`/`Encode`/`Decode`, and the rows read with
+//! `FromRow`. The formats are fixed by the released migrations:
+//!
+//! - text values (holder, organization, scopes, state, outcome, sealed
+//!   tokens) are TEXT on both;
+//! - ids are UUID on PostgreSQL and hyphenated lower-case UUID text on
+//!   SQLite;
+//! - times are TIMESTAMPTZ on PostgreSQL and [`Timestamp::to_text`] on
+//!   SQLite (six fractional digits and `Z`, so text order is time order).
+//!
+//! A value that does not decode fails the read with sqlx's `ColumnDecode`
+//! error, which names the column; `map_sqlx` makes it
+//! [`super::StoreError::Corrupt`]. Decode errors never hold the value when
+//! it could be secret (a malformed sealed token says only what is wrong).
 
-use chrono::{DateTime, SecondsFormat, SubsecRound, Utc};
+use sqlx::encode::IsNull;
+use sqlx::error::BoxDynError;
+use sqlx::postgres::{PgTypeInfo, PgValueRef, Postgres};
+use sqlx::sqlite::{Sqlite, SqliteTypeInfo, SqliteValueRef};
+use sqlx::{Database, Decode, Encode, Type};
+use uuid::Uuid;
 
-use std::time::Duration;
-
-use super::{LeaseRecord, StoreError, Work};
+use super::{LeaseRecord, Work};
 use crate::crypto::Sealed;
-use crate::domain::{Identity, LeaseState, Organization, ScopeSet};
+use crate::domain::{
+    AuditEvent, AuthorizationId, DomainError, Identity, LeaseId, LeaseState, Organization, Outcome,
+    ScopeSet, Timestamp,
+};
 
-/// Truncates to the microseconds both databases keep, so a value reads
-/// back exactly as written on either store.
-pub(crate) fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
-    t.trunc_subsecs(6)
+/// Implements `Type`, `Encode` and `Decode` for a value kept as TEXT on
+/// every backend, through its text form.
+macro_rules! text_column {
+    ($ty:ty, |$v:ident| $to_text:expr, |$s:ident| $from_text:expr) => {
+        impl<DB: Database> Type<DB> for $ty
+        where
+            String: Type<DB>,
+        {
+            fn type_info() -> DB::TypeInfo {
+                <String as Type<DB>>::type_info()
+            }
+            fn compatible(ty: &DB::TypeInfo) -> bool {
+                <String as Type<DB>>::compatible(ty)
+            }
+        }
+
+        impl<'q, DB: Database> Encode<'q, DB> for $ty
+        where
+            String: Encode<'q, DB>,
+        {
+            fn encode_by_ref(
+                &self,
+                buf: &mut <DB as Database>::ArgumentBuffer<'q>,
+            ) -> Result<IsNull, BoxDynError> {
+                let $v = self;
+                let text: String = $to_text;
+                <String as Encode<'q, DB>>::encode(text, buf)
+            }
+        }
+
+        impl<'r, DB: Database> Decode<'r, DB> for $ty
+        where
+            &'r str: Decode<'r, DB>,
+        {
+            fn decode(value: <DB as Database>::ValueRef<'r>) -> Result<Self, BoxDynError> {
+                let $s = <&'r str as Decode<'r, DB>>::decode(value)?;
+                Ok($from_text?)
+            }
+        }
+    };
 }
 
-/// SQLite's time form: RFC 3339, UTC, exactly six fractional digits and a
-/// `Z` (`2026-01-02T03:04:05.123456Z`), so text order is time order.
-pub(crate) fn time_text(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+text_column!(Identity, |v| v.to_string(), |s| s.parse::<Identity>());
+text_column!(Organization, |v| v.as_str().to_owned(), |s| {
+    Organization::parse(s)
+});
+text_column!(ScopeSet, |v| v.to_upstream(), |s| ScopeSet::parse_upstream(
+    s
+));
+text_column!(LeaseState, |v| v.as_str().to_owned(), |s| s
+    .parse::<LeaseState>());
+text_column!(Outcome, |v| v.as_str().to_owned(), |s| Outcome::parse(s)
+    .ok_or_else(|| format!("unknown outcome {s:?}")));
+// The error says what is wrong with the text, never the text.
+text_column!(Sealed, |v| v.encode(), |s| Sealed::decode(s));
+
+/// A UUID column that is not a domain id (the idempotency key's
+/// `request_id`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct UuidColumn(pub(crate) Uuid);
+
+impl From<UuidColumn> for Uuid {
+    fn from(c: UuidColumn) -> Uuid {
+        c.0
+    }
 }
 
-/// Parses [`time_text`]'s form.
-pub(crate) fn parse_time(column: &str, s: &str) -> Result<DateTime<Utc>, StoreError> {
-    DateTime::parse_from_rfc3339(s)
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| StoreError::Corrupt(format!("{column} {s:?}: {e}")))
+/// Implements `Type`, `Encode` and `Decode` for an id kept as UUID on
+/// PostgreSQL and as hyphenated lower-case UUID text on SQLite.
+macro_rules! uuid_column {
+    ($ty:ty, |$v:ident| $to_uuid:expr, |$u:ident| $from_uuid:expr) => {
+        impl Type<Postgres> for $ty {
+            fn type_info() -> PgTypeInfo {
+                <Uuid as Type<Postgres>>::type_info()
+            }
+        }
+
+        impl Encode<'_, Postgres> for $ty {
+            fn encode_by_ref(
+                &self,
+                buf: &mut <Postgres as Database>::ArgumentBuffer<'_>,
+            ) -> Result<IsNull, BoxDynError> {
+                let $v = self;
+                <Uuid as Encode<Postgres>>::encode($to_uuid, buf)
+            }
+        }
+
+        impl<'r> Decode<'r, Postgres> for $ty {
+            fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
+                let $u = <Uuid as Decode<Postgres>>::decode(value)?;
+                Ok($from_uuid)
+            }
+        }
+
+        impl Type<Sqlite> for $ty {
+            fn type_info() -> SqliteTypeInfo {
+                <String as Type<Sqlite>>::type_info()
+            }
+            fn compatible(ty: &SqliteTypeInfo) -> bool {
+                <String as Type<Sqlite>>::compatible(ty)
+            }
+        }
+
+        impl<'q> Encode<'q, Sqlite> for $ty {
+            fn encode_by_ref(
+                &self,
+                buf: &mut <Sqlite as Database>::ArgumentBuffer<'q>,
+            ) -> Result<IsNull, BoxDynError> {
+                let $v = self;
+                let text = $to_uuid.hyphenated().to_string();
+                <String as Encode<'q, Sqlite>>::encode(text, buf)
+            }
+        }
+
+        impl<'r> Decode<'r, Sqlite> for $ty {
+            fn decode(value: SqliteValueRef<'r>) -> Result<Self, BoxDynError> {
+                let text = <&str as Decode<Sqlite>>::decode(value)?;
+                let $u =
+                    Uuid::parse_str(text).map_err(|_| DomainError::InvalidUuid(text.to_owned()))?;
+                Ok($from_uuid)
+            }
+        }
+    };
 }
 
-/// [`time_text`] for an optional time.
-pub(crate) fn opt_time_text(t: Option<DateTime<Utc>>) -> Option<String> {
-    t.map(time_text)
+uuid_column!(LeaseId, |v| v.as_uuid(), |u| LeaseId::from_uuid(u));
+uuid_column!(AuthorizationId, |v| v.as_uuid(), |u| {
+    AuthorizationId::from_uuid(u)
+});
+uuid_column!(UuidColumn, |v| v.0, |u| UuidColumn(u));
+
+impl Type<Postgres> for Timestamp {
+    fn type_info() -> PgTypeInfo {
+        <chrono::DateTime<chrono::Utc> as Type<Postgres>>::type_info()
+    }
 }
 
-/// [`parse_time`] for an optional column.
-pub(crate) fn parse_opt_time(
-    column: &str,
-    s: Option<String>,
-) -> Result<Option<DateTime<Utc>>, StoreError> {
-    s.map(|s| parse_time(column, &s)).transpose()
+impl Encode<'_, Postgres> for Timestamp {
+    fn encode_by_ref(
+        &self,
+        buf: &mut <Postgres as Database>::ArgumentBuffer<'_>,
+    ) -> Result<IsNull, BoxDynError> {
+        <chrono::DateTime<chrono::Utc> as Encode<Postgres>>::encode(self.as_datetime(), buf)
+    }
 }
 
-/// The sealed column text ([`Sealed::encode`]).
-pub(crate) fn encode_sealed(sealed: &Sealed) -> String {
-    sealed.encode()
+impl<'r> Decode<'r, Postgres> for Timestamp {
+    fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
+        Ok(<chrono::DateTime<chrono::Utc> as Decode<Postgres>>::decode(value)?.into())
+    }
 }
 
-/// Parses a sealed column ([`Sealed::decode`]). The error names the column
-/// and the defect, never the value.
-pub(crate) fn decode_sealed(column: &str, s: &str) -> Result<Sealed, StoreError> {
-    Sealed::decode(s).map_err(|e| StoreError::Corrupt(format!("{column}: {e}")))
+impl Type<Sqlite> for Timestamp {
+    fn type_info() -> SqliteTypeInfo {
+        <String as Type<Sqlite>>::type_info()
+    }
+    fn compatible(ty: &SqliteTypeInfo) -> bool {
+        <String as Type<Sqlite>>::compatible(ty)
+    }
 }
 
-pub(crate) fn parse_holder(column: &str, s: &str) -> Result<Identity, StoreError> {
-    s.parse()
-        .map_err(|e| StoreError::Corrupt(format!("{column}: {e}")))
+impl<'q> Encode<'q, Sqlite> for Timestamp {
+    fn encode_by_ref(
+        &self,
+        buf: &mut <Sqlite as Database>::ArgumentBuffer<'q>,
+    ) -> Result<IsNull, BoxDynError> {
+        <String as Encode<'q, Sqlite>>::encode(self.to_text(), buf)
+    }
 }
 
-pub(crate) fn parse_organization(s: &str) -> Result<Organization, StoreError> {
-    Organization::parse(s).map_err(|e| StoreError::Corrupt(format!("organization: {e}")))
+impl<'r> Decode<'r, Sqlite> for Timestamp {
+    fn decode(value: SqliteValueRef<'r>) -> Result<Self, BoxDynError> {
+        let text = <&str as Decode<Sqlite>>::decode(value)?;
+        Timestamp::parse_text(text).map_err(|e| format!("{text:?}: {e}").into())
+    }
 }
 
-pub(crate) fn parse_scopes(s: &str) -> Result<ScopeSet, StoreError> {
-    ScopeSet::parse_upstream(s).map_err(|e| StoreError::Corrupt(format!("scopes: {e}")))
+/// An `audit_events` row's event (its `mac` is read apart).
+#[derive(sqlx::FromRow)]
+pub(crate) struct AuditRow {
+    id: i64,
+    time: Timestamp,
+    identity: String,
+    peer: Option<String>,
+    action: String,
+    outcome: Outcome,
+    reason: Option<String>,
+    policy_rule: Option<String>,
+    lease_id: Option<LeaseId>,
+    organization: Option<String>,
+    scopes: Option<String>,
+    token_fingerprint: Option<String>,
+    caller_detail: Option<String>,
 }
 
-pub(crate) fn parse_state(s: &str) -> Result<LeaseState, StoreError> {
-    s.parse()
-        .map_err(|e| StoreError::Corrupt(format!("state: {e}")))
-}
-
-pub(crate) fn parse_outcome(s: &str) -> Result<crate::domain::Outcome, StoreError> {
-    crate::domain::Outcome::parse(s)
-        .ok_or_else(|| StoreError::Corrupt(format!("outcome: unknown value {s:?}")))
+impl From<AuditRow> for AuditEvent {
+    fn from(r: AuditRow) -> Self {
+        AuditEvent {
+            id: r.id,
+            time: r.time,
+            identity: r.identity,
+            peer: r.peer,
+            action: r.action,
+            outcome: r.outcome,
+            reason: r.reason,
+            policy_rule: r.policy_rule,
+            lease_id: r.lease_id,
+            organization: r.organization,
+            scopes: r.scopes,
+            token_fingerprint: r.token_fingerprint,
+            caller_detail: r.caller_detail,
+        }
+    }
 }
 
 /// States that count against a holder's quota ([`super::Store::count_live_leases`]).
@@ -82,21 +249,6 @@ pub(crate) const LIVE_STATES: [LeaseState; 3] = [
     LeaseState::Pending,
     LeaseState::Revoking,
 ];
-
-/// `now - older_than` (the reconciler's age bound, a job's interval),
-/// saturating at the earliest time.
-pub(crate) fn cutoff_before(now: DateTime<Utc>, older_than: Duration) -> DateTime<Utc> {
-    chrono::Duration::from_std(older_than)
-        .ok()
-        .and_then(|d| now.checked_sub_signed(d))
-        .unwrap_or(DateTime::<Utc>::MIN_UTC)
-}
-
-/// A claim's length as a chrono duration; an error if out of range.
-pub(crate) fn claim_duration(d: Duration) -> Result<chrono::Duration, StoreError> {
-    chrono::Duration::from_std(d)
-        .map_err(|_| StoreError::Database("claim duration is out of range".into()))
-}
 
 /// Orders claimed leases by when they fell due, then id (RETURNING has no order).
 pub(crate) fn sort_due(leases: &mut [LeaseRecord], work: Work) {
@@ -109,29 +261,85 @@ pub(crate) fn sort_due(leases: &mut [LeaseRecord], work: Work) {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use chrono::TimeZone;
 
-    #[test]
-    fn time_text_sorts_like_time_and_round_trips() {
-        let a = Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap();
-        let b = a + chrono::Duration::microseconds(1);
-        assert_eq!(time_text(a), "2026-01-02T03:04:05.000000Z");
-        assert!(time_text(a) < time_text(b));
-        assert_eq!(parse_time("t", &time_text(b)).unwrap(), b);
-    }
+    use super::*;
+    use crate::store::{map_sqlx, SqliteStore, StoreError, UpstreamCredential};
 
-    #[test]
-    fn sealed_text_round_trips() {
+    /// The text each value is written as on SQLite: the released format.
+    #[tokio::test]
+    async fn sqlite_columns_keep_their_text_forms() {
+        let store = SqliteStore::open("sqlite::memory:").await.unwrap();
+        let t = chrono::Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap()
+            + chrono::Duration::nanoseconds(123_456_789);
+        let id = LeaseId::from_uuid(Uuid::from_u128(0xABCD));
         let sealed = Sealed {
             key_id: "k1".into(),
             nonce: [7; 12],
             ciphertext: vec![1; 20],
         };
-        let text = encode_sealed(&sealed);
-        assert!(text.starts_with("v1:k1:"));
-        assert_eq!(decode_sealed("c", &text).unwrap(), sealed);
-        let err = decode_sealed("c", "v1:k1:!!secret!!").unwrap_err();
-        assert!(!err.to_string().contains("secret"), "{err}");
+        let row: (String, String, String, String, String) =
+            sqlx::query_as("SELECT $1, $2, $3, $4, $5")
+                .bind(Timestamp::from(t))
+                .bind(id)
+                .bind(LeaseState::RevokeFailed)
+                .bind(Outcome::Denied)
+                .bind(sealed.clone())
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+        assert_eq!(row.0, "2026-01-02T03:04:05.123456Z");
+        assert_eq!(row.1, "00000000-0000-0000-0000-00000000abcd");
+        assert_eq!(row.2, "REVOKE_FAILED");
+        assert_eq!(row.3, "denied");
+        assert_eq!(row.4, Sealed::encode(&sealed));
+
+        let (back, back_id, back_sealed): (Timestamp, LeaseId, Sealed) =
+            sqlx::query_as("SELECT $1, $2, $3")
+                .bind(row.0)
+                .bind(row.1)
+                .bind(row.4)
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+        assert_eq!(back, Timestamp::from(t));
+        assert_eq!(back_id, id);
+        assert_eq!(back_sealed, sealed);
+    }
+
+    /// A value that does not decode is `Corrupt`, names its column and
+    /// never holds a sealed value's text.
+    #[tokio::test]
+    async fn undecodable_values_are_corrupt_and_never_show_a_secret() {
+        let store = SqliteStore::open("sqlite::memory:").await.unwrap();
+        let err = sqlx::query_as::<_, UpstreamCredential>(
+            "SELECT 1 AS version, 'v1:k1:!!secret!!' AS sealed, \
+             '2026-01-02T03:04:05.000000Z' AS update_time",
+        )
+        .fetch_one(store.pool())
+        .await
+        .map(drop)
+        .map_err(map_sqlx)
+        .unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+        let text = err.to_string();
+        assert!(text.contains("\"sealed\""), "{text}");
+        assert!(!text.contains("secret"), "{text}");
+
+        let err = sqlx::query_as::<_, UpstreamCredential>(
+            "SELECT 1 AS version, $1 AS sealed, '2026-01-02 03:04' AS update_time",
+        )
+        .bind(Sealed::encode(&Sealed {
+            key_id: "k1".into(),
+            nonce: [7; 12],
+            ciphertext: vec![1; 20],
+        }))
+        .fetch_one(store.pool())
+        .await
+        .map(drop)
+        .map_err(map_sqlx)
+        .unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+        assert!(err.to_string().contains("\"update_time\""), "{err}");
     }
 }

@@ -11,20 +11,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::crypto::Sealed;
 use crate::domain::{
-    AuditEvent, AuthorizationId, Identity, LeaseId, LeaseState, Organization, ScopeSet,
+    AuditEvent, AuthorizationId, Identity, LeaseId, LeaseState, Organization, ScopeSet, Timestamp,
 };
 use crate::error::{ErrorCode, ServiceError};
 
 mod codec;
 pub mod postgres;
+mod sql;
 pub mod sqlite;
 
 pub use postgres::{PostgresOptions, PostgresStore};
+pub use sql::SqlStore;
 pub use sqlite::SqliteStore;
 
 /// Opens the store named by `url` without migrating it (call
@@ -56,6 +57,11 @@ pub(crate) fn map_sqlx(err: sqlx::Error) -> StoreError {
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => StoreError::Unavailable(err.to_string()),
+        // A stored value that does not parse; the message names the column.
+        sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnIndexOutOfBounds { .. } => StoreError::Corrupt(err.to_string()),
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default().into_owned();
             let unavailable = code.starts_with("08")
@@ -87,8 +93,8 @@ fn map_migrate(err: sqlx::migrate::MigrateError) -> StoreError {
     }
 }
 
-/// One lease row (DESIGN.md section 8).
-#[derive(Clone, Debug, PartialEq)]
+/// One lease row (see `docs/architecture.md` for the lease state machine).
+#[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
 pub struct LeaseRecord {
     /// Primary key.
     pub id: LeaseId,
@@ -107,43 +113,44 @@ pub struct LeaseRecord {
     /// Lifecycle state.
     pub state: LeaseState,
     /// When created (UTC).
-    pub create_time: DateTime<Utc>,
+    pub create_time: Timestamp,
     /// Last write (UTC).
-    pub update_time: DateTime<Utc>,
+    pub update_time: Timestamp,
     /// When the lease ends unless renewed (UTC).
-    pub expire_time: DateTime<Utc>,
+    pub expire_time: Timestamp,
     /// Latest reachable `expire_time` (UTC).
-    pub max_expire_time: DateTime<Utc>,
+    pub max_expire_time: Timestamp,
     /// When revoked or expired (UTC).
-    pub revoke_time: Option<DateTime<Utc>>,
+    pub revoke_time: Option<Timestamp>,
     /// Upstream's `validTo` as read back (UTC).
-    pub upstream_valid_to: Option<DateTime<Utc>>,
+    pub upstream_valid_to: Option<Timestamp>,
     /// Upstream attempts made for the current step (revocation retries).
     pub attempts: i32,
     /// Earliest time background work may retry (UTC).
-    pub next_attempt_time: Option<DateTime<Utc>>,
+    pub next_attempt_time: Option<Timestamp>,
     /// Last upstream error, free text without secrets.
     pub last_error: Option<String>,
     /// Replica that holds the claim on background work, if any.
     pub claimed_by: Option<String>,
     /// When that claim lapses (UTC).
-    pub claimed_until: Option<DateTime<Utc>>,
+    pub claimed_until: Option<Timestamp>,
 }
 
 /// An idempotency key: (holder, request_id) -> lease, with a fingerprint
 /// of the request's parameters.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
 pub struct IdempotencyRecord {
     /// The caller that chose the key.
     pub holder: Identity,
     /// The client-chosen key.
+    #[sqlx(try_from = "codec::UuidColumn")]
     pub request_id: Uuid,
     /// Hex SHA-256 over the normalized request parameters.
     pub fingerprint: String,
     /// The lease the key points at.
     pub lease_id: LeaseId,
     /// When first recorded (UTC).
-    pub create_time: DateTime<Utc>,
+    pub create_time: Timestamp,
 }
 
 /// What [`Store::create_lease`] did.
@@ -170,7 +177,7 @@ pub struct LeaseFilter {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PageCursor {
     /// `create_time` of the last row returned.
-    pub create_time: DateTime<Utc>,
+    pub create_time: Timestamp,
     /// `id` of the last row returned.
     pub id: LeaseId,
 }
@@ -191,14 +198,14 @@ pub enum Work {
 }
 
 /// The sealed upstream refresh token and its optimistic-lock version.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, sqlx::FromRow)]
 pub struct UpstreamCredential {
     /// Increments on every save.
     pub version: i64,
     /// Sealed with associated data [`UpstreamCredential::AAD`].
     pub sealed: Sealed,
     /// Last save (UTC).
-    pub update_time: DateTime<Utc>,
+    pub update_time: Timestamp,
 }
 
 impl UpstreamCredential {
@@ -257,8 +264,12 @@ impl ServiceError for StoreError {
     }
 }
 
-/// Everything the broker persists. Implemented by [`postgres::PostgresStore`]
-/// and [`sqlite::SqliteStore`].
+/// Everything the broker persists. Implemented once, by [`SqlStore`], for
+/// PostgreSQL ([`PostgresStore`]) and SQLite ([`SqliteStore`]).
+///
+/// Its methods are grouped by aggregate: the database itself, leases with
+/// their idempotency keys, claims on background work (leases and jobs),
+/// the audit chain, then meta values and the upstream credential.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Applies pending migrations (PostgreSQL: under an advisory lock, so
@@ -267,6 +278,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Checks the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    // ---- leases and their idempotency keys ----
 
     /// Inserts `lease` and, if given, its idempotency key, atomically. If the
     /// key (holder, request_id) exists, writes nothing and returns it; of
@@ -319,7 +332,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         lease: &LeaseRecord,
         expected: LeaseState,
-        read_update_time: DateTime<Utc>,
+        read_update_time: Timestamp,
     ) -> Result<bool, StoreError>;
 
     /// The idempotency record for (holder, request_id).
@@ -328,6 +341,20 @@ pub trait Store: Send + Sync + 'static {
         holder: &Identity,
         request_id: Uuid,
     ) -> Result<Option<IdempotencyRecord>, StoreError>;
+
+    /// ACTIVE, PENDING and REVOKING leases held by `holder` (for quotas).
+    async fn count_live_leases(&self, holder: &Identity) -> Result<u64, StoreError>;
+
+    /// How many leases, of every holder, are in `state` now (one COUNT over
+    /// the state index; e.g. REVOKE_FAILED for the
+    /// `token_broker_leases_revoke_failed` gauge).
+    async fn count_leases_in_state(&self, state: LeaseState) -> Result<u64, StoreError>;
+
+    /// Every organization any lease (in any state) was issued in, sorted,
+    /// each once.
+    async fn lease_organizations(&self) -> Result<Vec<Organization>, StoreError>;
+
+    // ---- claims on background work ----
 
     /// Claims up to `limit` leases due for `work`, not claimed by anyone
     /// else (or whose claim lapsed), setting `claimed_by = claimer` and
@@ -338,7 +365,7 @@ pub trait Store: Send + Sync + 'static {
     async fn claim_due(
         &self,
         work: Work,
-        now: DateTime<Utc>,
+        now: Timestamp,
         claimer: &str,
         claim_for: Duration,
         limit: u32,
@@ -346,14 +373,6 @@ pub trait Store: Send + Sync + 'static {
 
     /// Clears the claim on `id` if `claimer` holds it.
     async fn release_claim(&self, id: LeaseId, claimer: &str) -> Result<(), StoreError>;
-
-    /// ACTIVE, PENDING and REVOKING leases held by `holder` (for quotas).
-    async fn count_live_leases(&self, holder: &Identity) -> Result<u64, StoreError>;
-
-    /// How many leases, of every holder, are in `state` now (one COUNT over
-    /// the state index; e.g. REVOKE_FAILED for the
-    /// `token_broker_leases_revoke_failed` gauge).
-    async fn count_leases_in_state(&self, state: LeaseState) -> Result<u64, StoreError>;
 
     /// Claims one lease for work outside [`Store::claim_due`]'s kinds (the
     /// orphan sweep): sets `claimed_by = claimer`, `claimed_until = now +
@@ -366,15 +385,11 @@ pub trait Store: Send + Sync + 'static {
         &self,
         id: LeaseId,
         expected: LeaseState,
-        now: DateTime<Utc>,
+        now: Timestamp,
         claimer: &str,
         claim_for: Duration,
-        unchanged_before: DateTime<Utc>,
+        unchanged_before: Timestamp,
     ) -> Result<bool, StoreError>;
-
-    /// Every organization any lease (in any state) was issued in, sorted,
-    /// each once.
-    async fn lease_organizations(&self) -> Result<Vec<Organization>, StoreError>;
 
     /// Claims the deployment-wide job `name` (a `background_jobs` row,
     /// made on first use) for `claimer` until `now + claim_for`, if it is
@@ -384,7 +399,7 @@ pub trait Store: Send + Sync + 'static {
     async fn claim_job(
         &self,
         name: &str,
-        now: DateTime<Utc>,
+        now: Timestamp,
         claimer: &str,
         claim_for: Duration,
         interval: Duration,
@@ -397,8 +412,10 @@ pub trait Store: Send + Sync + 'static {
         &self,
         name: &str,
         claimer: &str,
-        run_time: DateTime<Utc>,
+        run_time: Timestamp,
     ) -> Result<(), StoreError>;
+
+    // ---- the audit chain ----
 
     /// Appends an audit event; returns its assigned id. Ids increase in
     /// commit order (appends are serialized), so paging with
@@ -434,6 +451,8 @@ pub trait Store: Send + Sync + 'static {
     /// Audit events with id > `after_id`, oldest first, at most `limit`.
     async fn list_audit(&self, after_id: i64, limit: u32) -> Result<Vec<AuditEvent>, StoreError>;
 
+    // ---- meta values and the upstream credential ----
+
     /// A small setting kept in the database (e.g. the deployment id).
     async fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError>;
 
@@ -450,7 +469,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         expected_version: Option<i64>,
         sealed: &Sealed,
-        now: DateTime<Utc>,
+        now: Timestamp,
     ) -> Result<bool, StoreError>;
 }
 

@@ -429,7 +429,7 @@ impl RefreshTokenSink for StoreSink {
         for _ in 0..2 {
             let saved = self
                 .store
-                .save_upstream_credential(*version, &sealed, chrono::Utc::now())
+                .save_upstream_credential(*version, &sealed, crate::domain::Timestamp::now())
                 .await
                 .map_err(fail)?;
             // Saved: re-read, the store owns the numbering. Not saved:

@@ -1,0 +1,770 @@
+//! The one implementation of [`Store`], generic over the two backends.
+//!
+//! The SQL is written once: both dialects accept `$N` placeholders (sqlx
+//! binds `$N` on SQLite too), row values (`(a, b) < ($1, $2)`), `NULLS
+//! FIRST`, `RETURNING` and `ON CONFLICT`. What truly differs is a
+//! [`Dialect`]: connecting and migrating, how a claim locks the rows it
+//! takes, and how audit appends are serialized and numbered.
+//!
+//! Generic rather than a macro so the compiler checks one body; the price
+//! is the sqlx bounds on the one `impl` block (Rust does not imply a trait's
+//! where-clauses, so a helper function would have to repeat them all: the
+//! few statements used by several methods are local macros instead).
+
+use std::future::Future;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::{
+    Arguments, ColumnIndex, Database, Decode, Encode, Executor, FromRow, IntoArguments, Pool, Row,
+    Transaction, Type,
+};
+use uuid::Uuid;
+
+use super::codec::{self, AuditRow, UuidColumn};
+use super::{
+    map_sqlx, ChainMacFn, CreateOutcome, IdempotencyRecord, LeaseFilter, LeaseRecord, PageCursor,
+    Store, StoreError, StoredAuditRow, UpstreamCredential, Work,
+};
+use crate::crypto::Sealed;
+use crate::domain::{AuditEvent, Outcome};
+use crate::domain::{
+    AuthorizationId, Identity, LeaseId, LeaseState, Organization, ScopeSet, Timestamp,
+};
+
+/// A statement's count of rows written (sqlx has it per backend only).
+pub(crate) trait RowsAffected {
+    fn rows_affected(&self) -> u64;
+}
+
+impl RowsAffected for sqlx::postgres::PgQueryResult {
+    fn rows_affected(&self) -> u64 {
+        self.rows_affected()
+    }
+}
+
+impl RowsAffected for sqlx::sqlite::SqliteQueryResult {
+    fn rows_affected(&self) -> u64 {
+        self.rows_affected()
+    }
+}
+
+/// What differs between PostgreSQL and SQLite.
+pub(crate) trait Dialect: Database<QueryResult: RowsAffected> {
+    /// The store's name in `Debug` output.
+    const STORE_NAME: &'static str;
+
+    /// Ends the subquery that picks the rows a claim takes. PostgreSQL:
+    /// `FOR UPDATE SKIP LOCKED`, so concurrent claimers get disjoint sets;
+    /// SQLite needs nothing (one writer runs the whole statement).
+    const CLAIM_LOCK: &'static str;
+
+    /// Between the column list and `VALUES` of the audit insert, which
+    /// always names the id (PostgreSQL's identity column is `GENERATED
+    /// ALWAYS`).
+    const AUDIT_INSERT_ID: &'static str;
+
+    /// SQL for the last audit id handed out, 0 if none. PostgreSQL: the
+    /// newest row's (the next is + 1, so a rolled-back append leaves no gap,
+    /// which an identity sequence would); SQLite: AUTOINCREMENT's counter,
+    /// so an id is never reused.
+    const LAST_AUDIT_ID: &'static str;
+
+    /// Applies pending migrations.
+    fn migrate(pool: &Pool<Self>) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Starts an audit append: a transaction that serializes appends, so
+    /// ids follow commit order and each chained row sees the MAC of the row
+    /// committed just before it.
+    fn begin_audit_append(
+        pool: &Pool<Self>,
+    ) -> impl Future<Output = Result<Transaction<'static, Self>, StoreError>> + Send;
+}
+
+/// A value bound to and read from columns of `DB`.
+pub(crate) trait Column<DB: Database>:
+    for<'q> Encode<'q, DB> + Type<DB> + for<'r> Decode<'r, DB> + Send + Sync
+{
+}
+
+impl<DB: Database, T> Column<DB> for T where
+    T: for<'q> Encode<'q, DB> + Type<DB> + for<'r> Decode<'r, DB> + Send + Sync
+{
+}
+
+/// A [`Store`] on a pool of `DB` connections: [`super::PostgresStore`] or
+/// [`super::SqliteStore`].
+#[derive(Clone)]
+pub struct SqlStore<DB: Database> {
+    pub(super) pool: Pool<DB>,
+}
+
+// Written by hand so connection settings (which may hold a password)
+// never reach a log.
+impl<DB: Dialect> std::fmt::Debug for SqlStore<DB> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct(DB::STORE_NAME)
+            .field("connections", &self.pool.size())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<DB: Database> SqlStore<DB> {
+    /// The underlying pool (for tests and health checks).
+    pub fn pool(&self) -> &Pool<DB> {
+        &self.pool
+    }
+
+    /// Closes the pool, waiting for connections in use to be returned.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// `$from, $from+1, ..., $from+n-1`.
+fn placeholders(from: usize, n: usize) -> String {
+    (from..from + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The columns of `leases` every update writes, in bind order.
+const LEASE_MUTABLE: &str = "authorization_id, sealed_token, state, update_time, expire_time, \
+     max_expire_time, revoke_time, upstream_valid_to, attempts, next_attempt_time, last_error, \
+     claimed_by, claimed_until";
+const LEASE_MUTABLE_COUNT: usize = 13;
+
+/// Inserts a whole lease: the immutable columns, then [`LEASE_MUTABLE`].
+static INSERT_LEASE: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "INSERT INTO leases (id, holder, organization, scopes, display_name, create_time, \
+         {LEASE_MUTABLE}) VALUES ({})",
+        placeholders(1, 6 + LEASE_MUTABLE_COUNT)
+    )
+});
+
+/// Compare-and-set of [`LEASE_MUTABLE`] on the stored state, and on the
+/// stored `update_time` when one is bound.
+static UPDATE_LEASE: LazyLock<String> = LazyLock::new(|| {
+    let n = LEASE_MUTABLE_COUNT;
+    format!(
+        "UPDATE leases SET ({LEASE_MUTABLE}) = ({}) \
+         WHERE id = ${} AND state = ${} AND (${u} IS NULL OR update_time = ${u})",
+        placeholders(1, n),
+        n + 1,
+        n + 2,
+        u = n + 3,
+    )
+});
+
+const AUDIT_COLUMNS: &str = "id, time, identity, peer, action, outcome, reason, policy_rule, \
+     lease_id, organization, scopes, token_fingerprint, caller_detail, mac";
+
+const SELECT_KEY: &str = "SELECT * FROM idempotency_keys WHERE holder = $1 AND request_id = $2";
+
+/// Where each kind of work is due, as SQL over `leases` with `$1` the
+/// bound returned, and the column it is ordered by.
+fn due_condition(work: Work, now: Timestamp) -> (&'static str, &'static str, Timestamp) {
+    match work {
+        Work::Expiry => ("state = 'ACTIVE' AND expire_time <= $1", "expire_time", now),
+        Work::Revocation => (
+            "state IN ('REVOKING', 'REVOKE_FAILED') \
+             AND (next_attempt_time IS NULL OR next_attempt_time <= $1)",
+            "next_attempt_time",
+            now,
+        ),
+        Work::Reconcile { older_than } => (
+            "state = 'PENDING' AND create_time < $1",
+            "create_time",
+            now.saturating_sub(older_than),
+        ),
+    }
+}
+
+/// `now + claim_for`; an error if out of range.
+fn claim_end(now: Timestamp, claim_for: Duration) -> Result<Timestamp, StoreError> {
+    now.checked_add(claim_for)
+        .ok_or_else(|| StoreError::Database("claim duration is out of range".into()))
+}
+
+fn corrupt(err: sqlx::Error) -> StoreError {
+    StoreError::Corrupt(err.to_string())
+}
+
+/// Binds [`LEASE_MUTABLE`] of `$lease`, in order.
+macro_rules! bind_mutable {
+    ($query:expr, $lease:expr) => {{
+        let lease: &LeaseRecord = $lease;
+        $query
+            .bind(lease.authorization_id)
+            .bind(lease.sealed_token.clone())
+            .bind(lease.state)
+            .bind(lease.update_time)
+            .bind(lease.expire_time)
+            .bind(lease.max_expire_time)
+            .bind(lease.revoke_time)
+            .bind(lease.upstream_valid_to)
+            .bind(lease.attempts)
+            .bind(lease.next_attempt_time)
+            .bind(lease.last_error.clone())
+            .bind(lease.claimed_by.clone())
+            .bind(lease.claimed_until)
+    }};
+}
+
+/// Runs [`INSERT_LEASE`] for `$lease` on the connection `$conn`.
+macro_rules! insert_lease {
+    ($conn:expr, $lease:expr) => {{
+        let lease: &LeaseRecord = $lease;
+        let query = sqlx::query(&INSERT_LEASE)
+            .bind(lease.id)
+            .bind(lease.holder.clone())
+            .bind(lease.organization.clone())
+            .bind(lease.scopes.clone())
+            .bind(lease.display_name.clone())
+            .bind(lease.create_time);
+        bind_mutable!(query, lease)
+            .execute($conn)
+            .await
+            .map_err(map_sqlx)
+    }};
+}
+
+/// Runs [`UPDATE_LEASE`] for `$lease` if its state is `$expected` and, if
+/// `$read` (an `Option<Timestamp>`) is given, its `update_time` is that.
+macro_rules! update_lease {
+    ($store:expr, $lease:expr, $expected:expr, $read:expr) => {{
+        let lease: &LeaseRecord = $lease;
+        let read: Option<Timestamp> = $read;
+        let updated = bind_mutable!(sqlx::query(&UPDATE_LEASE), lease)
+            .bind(lease.id)
+            .bind($expected)
+            .bind(read)
+            .execute(&$store.pool)
+            .await
+            .map_err(map_sqlx)?
+            .rows_affected();
+        Ok(updated == 1)
+    }};
+}
+
+/// Appends `$event` under the dialect's append serialization, with the MAC
+/// `$mac` (an `Option<ChainMacFn>`) computes from the newest row's MAC and
+/// the event as stored; evaluates to `(id, mac)`.
+macro_rules! append_audit {
+    ($store:expr, $event:expr, $mac:expr) => {{
+        let event: &AuditEvent = $event;
+        let mut tx = DB::begin_audit_append(&$store.pool).await?;
+        let (last_id, prev): (i64, Option<String>) = sqlx::query_as(&format!(
+            "SELECT {} AS id, \
+             (SELECT mac FROM audit_events ORDER BY id DESC LIMIT 1) AS mac",
+            DB::LAST_AUDIT_ID
+        ))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(map_sqlx)?;
+        let id = last_id
+            .checked_add(1)
+            .ok_or_else(|| StoreError::Database("audit id space exhausted".into()))?;
+        let time = event.time;
+        let stored = AuditEvent {
+            id,
+            time: time.into(),
+            ..event.clone()
+        };
+        let mac = $mac.map(|mac| mac(prev.as_deref(), &stored));
+        sqlx::query(&format!(
+            "INSERT INTO audit_events ({AUDIT_COLUMNS}) {} VALUES ({})",
+            DB::AUDIT_INSERT_ID,
+            placeholders(1, 14)
+        ))
+        .bind(id)
+        .bind(time)
+        .bind(stored.identity)
+        .bind(stored.peer)
+        .bind(stored.action)
+        .bind(stored.outcome)
+        .bind(stored.reason)
+        .bind(stored.policy_rule)
+        .bind(stored.lease_id)
+        .bind(stored.organization)
+        .bind(stored.scopes)
+        .bind(stored.token_fingerprint)
+        .bind(stored.caller_detail)
+        .bind(mac.clone())
+        .execute(&mut *tx)
+        .await
+        .map_err(map_sqlx)?;
+        tx.commit().await.map_err(map_sqlx)?;
+        (id, mac)
+    }};
+}
+
+#[async_trait]
+impl<DB> Store for SqlStore<DB>
+where
+    DB: Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'a> &'a str: ColumnIndex<DB::Row>,
+    usize: ColumnIndex<DB::Row>,
+    Timestamp: Column<DB>,
+    LeaseId: Column<DB>,
+    AuthorizationId: Column<DB>,
+    UuidColumn: Column<DB>,
+    Identity: Column<DB>,
+    Organization: Column<DB>,
+    ScopeSet: Column<DB>,
+    LeaseState: Column<DB>,
+    Sealed: Column<DB>,
+    Outcome: Column<DB>,
+    String: Column<DB>,
+    i32: Column<DB>,
+    i64: Column<DB>,
+    // sqlx implements `Encode` for `Option` per backend, not generically.
+    Option<Timestamp>: Column<DB>,
+    Option<LeaseId>: Column<DB>,
+    Option<AuthorizationId>: Column<DB>,
+    Option<Sealed>: Column<DB>,
+    Option<String>: Column<DB>,
+{
+    async fn migrate(&self) -> Result<(), StoreError> {
+        DB::migrate(&self.pool).await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(())
+    }
+
+    async fn create_lease(
+        &self,
+        lease: &LeaseRecord,
+        key: Option<&IdempotencyRecord>,
+    ) -> Result<CreateOutcome, StoreError> {
+        let Some(key) = key else {
+            let mut conn = self.pool.acquire().await.map_err(map_sqlx)?;
+            insert_lease!(&mut *conn, lease)?;
+            return Ok(CreateOutcome::Created);
+        };
+        // A concurrent creator with the same key makes our key insert wait
+        // for its commit (PostgreSQL) or for the write lock (SQLite), then
+        // do nothing; we read the winner's key, which is visible to our
+        // next statement, and roll back our lease. If the winner rolled
+        // back meanwhile, try again.
+        for _ in 0..3 {
+            let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
+            insert_lease!(&mut *tx, lease)?;
+            let inserted = sqlx::query(
+                "INSERT INTO idempotency_keys (holder, request_id, fingerprint, lease_id, create_time) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (holder, request_id) DO NOTHING",
+            )
+            .bind(key.holder.clone())
+            .bind(UuidColumn(key.request_id))
+            .bind(key.fingerprint.clone())
+            .bind(key.lease_id)
+            .bind(key.create_time)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_sqlx)?
+            .rows_affected();
+            if inserted == 1 {
+                tx.commit().await.map_err(map_sqlx)?;
+                return Ok(CreateOutcome::Created);
+            }
+            let existing: Option<IdempotencyRecord> = sqlx::query_as(SELECT_KEY)
+                .bind(key.holder.clone())
+                .bind(UuidColumn(key.request_id))
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(map_sqlx)?;
+            tx.rollback().await.map_err(map_sqlx)?;
+            if let Some(existing) = existing {
+                return Ok(CreateOutcome::Existing(existing));
+            }
+        }
+        Err(StoreError::Database(
+            "idempotency key kept conflicting without a visible row".into(),
+        ))
+    }
+
+    async fn replace_failed_lease(
+        &self,
+        lease: &LeaseRecord,
+        key: &IdempotencyRecord,
+        failed: LeaseId,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
+        insert_lease!(&mut *tx, lease)?;
+        let repointed = sqlx::query(
+            "UPDATE idempotency_keys SET lease_id = $1, fingerprint = $2 \
+             WHERE holder = $3 AND request_id = $4 AND lease_id = $5",
+        )
+        .bind(lease.id)
+        .bind(key.fingerprint.clone())
+        .bind(key.holder.clone())
+        .bind(UuidColumn(key.request_id))
+        .bind(failed)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_sqlx)?
+        .rows_affected();
+        if repointed == 1 {
+            tx.commit().await.map_err(map_sqlx)?;
+            Ok(true)
+        } else {
+            tx.rollback().await.map_err(map_sqlx)?;
+            Ok(false)
+        }
+    }
+
+    async fn get_lease(&self, id: LeaseId) -> Result<Option<LeaseRecord>, StoreError> {
+        sqlx::query_as("SELECT * FROM leases WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_sqlx)
+    }
+
+    async fn list_leases(
+        &self,
+        filter: &LeaseFilter,
+        after: Option<&PageCursor>,
+        limit: u32,
+    ) -> Result<Vec<LeaseRecord>, StoreError> {
+        // Not sqlx's QueryBuilder: its arguments borrow the builder, which
+        // generic code cannot shorten to the query's lifetime.
+        let mut sql = String::from("SELECT * FROM leases WHERE 1 = 1");
+        let mut args = DB::Arguments::default();
+        // Binds a value next and evaluates to its placeholder.
+        macro_rules! bind {
+            ($value:expr) => {{
+                args.add($value)
+                    .map_err(|e| StoreError::Database(e.to_string()))?;
+                format!("${}", args.len())
+            }};
+        }
+        if let Some(holder) = &filter.holder {
+            sql += &format!(" AND holder = {}", bind!(holder.clone()));
+        }
+        if let Some(org) = &filter.organization {
+            sql += &format!(" AND organization = {}", bind!(org.clone()));
+        }
+        if !filter.states.is_empty() {
+            let mut states = Vec::new();
+            for state in &filter.states {
+                states.push(bind!(*state));
+            }
+            sql += &format!(" AND state IN ({})", states.join(", "));
+        }
+        if let Some(cursor) = after {
+            let time = bind!(cursor.create_time);
+            let id = bind!(cursor.id);
+            sql += &format!(" AND (create_time, id) < ({time}, {id})");
+        }
+        sql += &format!(
+            " ORDER BY create_time DESC, id DESC LIMIT {}",
+            bind!(i64::from(limit))
+        );
+        sqlx::query_as_with(&sql, args)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_sqlx)
+    }
+
+    async fn update_lease(
+        &self,
+        lease: &LeaseRecord,
+        expected: LeaseState,
+    ) -> Result<bool, StoreError> {
+        update_lease!(self, lease, expected, None)
+    }
+
+    async fn update_lease_unchanged(
+        &self,
+        lease: &LeaseRecord,
+        expected: LeaseState,
+        read_update_time: Timestamp,
+    ) -> Result<bool, StoreError> {
+        update_lease!(self, lease, expected, Some(read_update_time))
+    }
+
+    async fn get_idempotency(
+        &self,
+        holder: &Identity,
+        request_id: Uuid,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        sqlx::query_as(SELECT_KEY)
+            .bind(holder.clone())
+            .bind(UuidColumn(request_id))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_sqlx)
+    }
+
+    async fn claim_due(
+        &self,
+        work: Work,
+        now: Timestamp,
+        claimer: &str,
+        claim_for: Duration,
+        limit: u32,
+    ) -> Result<Vec<LeaseRecord>, StoreError> {
+        let (due, order_by, due_bound) = due_condition(work, now);
+        // One statement, committed on return: rows another replica holds
+        // are skipped (PostgreSQL) or wait for its commit (SQLite), rows it
+        // has claimed are not due.
+        let sql = format!(
+            "UPDATE leases SET claimed_by = $2, claimed_until = $3 WHERE id IN ( \
+               SELECT id FROM leases WHERE {due} \
+                 AND (claimed_until IS NULL OR claimed_until <= $4) \
+               ORDER BY {order_by} NULLS FIRST, id LIMIT $5 {}) \
+             RETURNING *",
+            DB::CLAIM_LOCK
+        );
+        let mut leases: Vec<LeaseRecord> = sqlx::query_as(&sql)
+            .bind(due_bound)
+            .bind(claimer.to_owned())
+            .bind(claim_end(now, claim_for)?)
+            .bind(now)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        codec::sort_due(&mut leases, work);
+        Ok(leases)
+    }
+
+    async fn release_claim(&self, id: LeaseId, claimer: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE leases SET claimed_by = NULL, claimed_until = NULL \
+             WHERE id = $1 AND claimed_by = $2",
+        )
+        .bind(id)
+        .bind(claimer.to_owned())
+        .execute(&self.pool)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(())
+    }
+
+    async fn count_live_leases(&self, holder: &Identity) -> Result<u64, StoreError> {
+        let [a, b, c] = codec::LIVE_STATES;
+        let (count,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM leases WHERE holder = $1 AND state IN ($2, $3, $4)",
+        )
+        .bind(holder.clone())
+        .bind(a)
+        .bind(b)
+        .bind(c)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(count as u64)
+    }
+
+    async fn count_leases_in_state(&self, state: LeaseState) -> Result<u64, StoreError> {
+        let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM leases WHERE state = $1")
+            .bind(state)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(count as u64)
+    }
+
+    async fn claim_lease(
+        &self,
+        id: LeaseId,
+        expected: LeaseState,
+        now: Timestamp,
+        claimer: &str,
+        claim_for: Duration,
+        unchanged_before: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE leases SET claimed_by = $2, claimed_until = $3 \
+             WHERE id = $1 AND (claimed_until IS NULL OR claimed_until <= $4) \
+               AND update_time < $5 AND state = $6",
+        )
+        .bind(id)
+        .bind(claimer.to_owned())
+        .bind(claim_end(now, claim_for)?)
+        .bind(now)
+        .bind(unchanged_before)
+        .bind(expected)
+        .execute(&self.pool)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn lease_organizations(&self) -> Result<Vec<Organization>, StoreError> {
+        let rows: Vec<(Organization,)> =
+            sqlx::query_as("SELECT DISTINCT organization FROM leases ORDER BY organization")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(map_sqlx)?;
+        Ok(rows.into_iter().map(|(org,)| org).collect())
+    }
+
+    async fn claim_job(
+        &self,
+        name: &str,
+        now: Timestamp,
+        claimer: &str,
+        claim_for: Duration,
+        interval: Duration,
+    ) -> Result<bool, StoreError> {
+        // A concurrent upsert on the same name waits for this one's commit
+        // and then sees the live claim, so it claims nothing; an upsert
+        // whose WHERE fails returns no row.
+        let claimed: Option<(String,)> = sqlx::query_as(
+            "INSERT INTO background_jobs AS j (name, claimed_by, claimed_until) \
+             VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE \
+               SET claimed_by = excluded.claimed_by, claimed_until = excluded.claimed_until \
+               WHERE (j.claimed_until IS NULL OR j.claimed_until <= $4) \
+                 AND (j.last_run_time IS NULL OR j.last_run_time <= $5) \
+             RETURNING name",
+        )
+        .bind(name.to_owned())
+        .bind(claimer.to_owned())
+        .bind(claim_end(now, claim_for)?)
+        .bind(now)
+        .bind(now.saturating_sub(interval))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(claimed.is_some())
+    }
+
+    async fn finish_job(
+        &self,
+        name: &str,
+        claimer: &str,
+        run_time: Timestamp,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE background_jobs \
+             SET last_run_time = $3, claimed_by = NULL, claimed_until = NULL \
+             WHERE name = $1 AND claimed_by = $2",
+        )
+        .bind(name.to_owned())
+        .bind(claimer.to_owned())
+        .bind(run_time)
+        .execute(&self.pool)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(())
+    }
+
+    async fn append_audit(&self, event: &AuditEvent) -> Result<i64, StoreError> {
+        let (id, _) = append_audit!(self, event, None::<ChainMacFn<'_>>);
+        Ok(id)
+    }
+
+    async fn append_audit_chained(
+        &self,
+        event: &AuditEvent,
+        mac: ChainMacFn<'_>,
+    ) -> Result<(i64, String), StoreError> {
+        let (id, mac) = append_audit!(self, event, Some(mac));
+        Ok((id, mac.unwrap_or_default()))
+    }
+
+    async fn list_audit_chain(
+        &self,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<StoredAuditRow>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM audit_events WHERE id > $1 ORDER BY id LIMIT $2")
+            .bind(after_id)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        rows.iter()
+            .map(|row| {
+                Ok(StoredAuditRow {
+                    id: row.try_get("id").map_err(corrupt)?,
+                    event: AuditRow::from_row(row).map(Into::into).map_err(corrupt),
+                    mac: row.try_get("mac").map_err(corrupt)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn list_audit(&self, after_id: i64, limit: u32) -> Result<Vec<AuditEvent>, StoreError> {
+        let rows: Vec<AuditRow> =
+            sqlx::query_as("SELECT * FROM audit_events WHERE id > $1 ORDER BY id LIMIT $2")
+                .bind(after_id)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(map_sqlx)?;
+        Ok(rows.into_iter().map(Into::into).collect())
+    }
+
+    async fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let row: Option<(String,)> = sqlx::query_as("SELECT value FROM meta WHERE key = $1")
+            .bind(key.to_owned())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(row.map(|(value,)| value))
+    }
+
+    async fn put_meta_if_absent(&self, key: &str, value: &str) -> Result<String, StoreError> {
+        // A concurrent insert of the same key waits for the first to commit,
+        // then does nothing; the read after it sees the winner's value.
+        sqlx::query("INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING")
+            .bind(key.to_owned())
+            .bind(value.to_owned())
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        self.get_meta(key)
+            .await?
+            .ok_or_else(|| StoreError::Database(format!("meta key {key:?} vanished")))
+    }
+
+    async fn load_upstream_credential(&self) -> Result<Option<UpstreamCredential>, StoreError> {
+        sqlx::query_as("SELECT version, sealed, update_time FROM upstream_credentials")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_sqlx)
+    }
+
+    async fn save_upstream_credential(
+        &self,
+        expected_version: Option<i64>,
+        sealed: &Sealed,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let written = match expected_version {
+            None => sqlx::query(
+                "INSERT INTO upstream_credentials (id, version, sealed, update_time) \
+                 VALUES (1, 1, $1, $2) ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(sealed.clone())
+            .bind(now),
+            Some(version) => sqlx::query(
+                "UPDATE upstream_credentials SET version = version + 1, sealed = $1, \
+                 update_time = $2 WHERE id = 1 AND version = $3",
+            )
+            .bind(sealed.clone())
+            .bind(now)
+            .bind(version),
+        }
+        .execute(&self.pool)
+        .await
+        .map_err(map_sqlx)?
+        .rows_affected();
+        Ok(written == 1)
+    }
+}
