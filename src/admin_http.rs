@@ -271,30 +271,18 @@ mod tests {
         // A racing append that lost arrives late: the head stays at 6.
         m.observe_append(&event("authenticate", Outcome::Denied), &head(5, 'c'));
         let text = m.render();
-        assert!(
-            text.contains("token_broker_audit_chain_head_id 6\n"),
-            "{text}"
-        );
         let mac_b = "b".repeat(64);
-        assert!(
-            text.contains(&format!(
-                "token_broker_audit_chain_head_info{{mac=\"{mac_b}\"}} 1\n"
-            )),
-            "{text}"
+        assert_lines(
+            &text,
+            &[
+                "token_broker_audit_chain_head_id 6",
+                &format!("token_broker_audit_chain_head_info{{mac=\"{mac_b}\"}} 1"),
+                "token_broker_leases_created_total 1",
+                "token_broker_lease_revocations_total 1",
+                "token_broker_auth_failures_total 1",
+            ],
         );
         assert!(!text.contains(&"a".repeat(64)), "{text}");
-        assert!(
-            text.contains("token_broker_leases_created_total 1\n"),
-            "{text}"
-        );
-        assert!(
-            text.contains("token_broker_lease_revocations_total 1\n"),
-            "{text}"
-        );
-        assert!(
-            text.contains("token_broker_auth_failures_total 1\n"),
-            "{text}"
-        );
     }
 
     #[test]
@@ -302,15 +290,20 @@ mod tests {
         let m = Metrics::new();
         m.observe_append(&event("lease.expire", Outcome::Allowed), &head(1, 'a'));
         m.observe_append(&event("lease.expire", Outcome::Error), &head(2, 'b'));
-        let text = m.render();
-        assert!(
-            text.contains("token_broker_lease_expirations_total 1\n"),
-            "{text}"
+        assert_lines(
+            &m.render(),
+            &[
+                "token_broker_lease_expirations_total 1",
+                "token_broker_lease_revocations_total 0",
+            ],
         );
-        assert!(
-            text.contains("token_broker_lease_revocations_total 0\n"),
-            "{text}"
-        );
+    }
+
+    /// Asserts that `text` holds each of `lines`, newline-terminated.
+    fn assert_lines(text: &str, lines: &[&str]) {
+        for line in lines {
+            assert!(text.contains(&format!("{line}\n")), "{text}");
+        }
     }
 
     #[test]

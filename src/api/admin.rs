@@ -6,11 +6,11 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response};
 
 use super::convert;
 use super::filter::{self, Field, Op};
-use super::service::{caller_and_message, run_to_completion};
+use super::service::{caller_and_message, run_to_completion, Reply};
 use super::status::InvalidField;
 use crate::audit::{AuditEvent, Outcome};
 use crate::domain::{Identity, LeaseId, Scope};
@@ -38,7 +38,7 @@ impl AdminService for AdminApi {
     async fn revoke_leases(
         &self,
         request: Request<pb::RevokeLeasesRequest>,
-    ) -> Result<Response<pb::RevokeLeasesResponse>, Status> {
+    ) -> Reply<pb::RevokeLeasesResponse> {
         let (caller, req) = caller_and_message(request)?;
         let selector = selector(req)?;
         // Incident response finishes even if the caller goes away: the bulk
@@ -60,7 +60,7 @@ impl AdminService for AdminApi {
     async fn list_leases(
         &self,
         request: Request<pb::AdminListLeasesRequest>,
-    ) -> Result<Response<pb::ListLeasesResponse>, Status> {
+    ) -> Reply<pb::ListLeasesResponse> {
         let (caller, req) = caller_and_message(request)?;
         let (holder, query) = admin_list_query(req)?;
         let page = self.leases.admin_list(&caller, holder, query).await?;
@@ -73,7 +73,7 @@ impl AdminService for AdminApi {
     async fn force_revoke_lease(
         &self,
         request: Request<pb::ForceRevokeLeaseRequest>,
-    ) -> Result<Response<pb::Lease>, Status> {
+    ) -> Reply<pb::Lease> {
         let (caller, req) = caller_and_message(request)?;
         let (id, reason) = force_revoke(req)?;
         let closed = self.leases.admin_force_revoke(&caller, id, reason).await?;
@@ -83,7 +83,7 @@ impl AdminService for AdminApi {
     async fn list_audit_events(
         &self,
         request: Request<pb::ListAuditEventsRequest>,
-    ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
+    ) -> Reply<pb::ListAuditEventsResponse> {
         let (caller, req) = caller_and_message(request)?;
         let query = audit_query(req)?;
         let page = self.leases.audit_events(&caller, query).await?;

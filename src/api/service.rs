@@ -60,6 +60,9 @@ where
     }
 }
 
+/// What a tonic handler answers.
+pub(super) type Reply<T> = Result<Response<T>, Status>;
+
 /// The caller [`super::Authenticated`] left in `request`, and its message.
 pub(super) fn caller_and_message<T>(request: Request<T>) -> Result<(Caller, T), Status> {
     // Only reachable without a Caller if the service were mounted without
@@ -74,10 +77,7 @@ pub(super) fn caller_and_message<T>(request: Request<T>) -> Result<(Caller, T), 
 
 #[tonic::async_trait]
 impl LeaseService for LeaseApi {
-    async fn create_lease(
-        &self,
-        request: Request<pb::CreateLeaseRequest>,
-    ) -> Result<Response<pb::Lease>, Status> {
+    async fn create_lease(&self, request: Request<pb::CreateLeaseRequest>) -> Reply<pb::Lease> {
         let (caller, req) = caller_and_message(request)?;
         let req = convert::create_lease(req)?;
         let issued = run_to_completion(
@@ -91,10 +91,7 @@ impl LeaseService for LeaseApi {
         )))
     }
 
-    async fn get_lease(
-        &self,
-        request: Request<pb::GetLeaseRequest>,
-    ) -> Result<Response<pb::Lease>, Status> {
+    async fn get_lease(&self, request: Request<pb::GetLeaseRequest>) -> Reply<pb::Lease> {
         let (caller, req) = caller_and_message(request)?;
         let lease = self
             .leases
@@ -106,7 +103,7 @@ impl LeaseService for LeaseApi {
     async fn list_leases(
         &self,
         request: Request<pb::ListLeasesRequest>,
-    ) -> Result<Response<pb::ListLeasesResponse>, Status> {
+    ) -> Reply<pb::ListLeasesResponse> {
         let (caller, req) = caller_and_message(request)?;
         let page = self.leases.list(&caller, convert::list_query(req)?).await?;
         Ok(Response::new(convert::lease_page(page, |l| {
@@ -114,10 +111,7 @@ impl LeaseService for LeaseApi {
         })))
     }
 
-    async fn renew_lease(
-        &self,
-        request: Request<pb::RenewLeaseRequest>,
-    ) -> Result<Response<pb::Lease>, Status> {
+    async fn renew_lease(&self, request: Request<pb::RenewLeaseRequest>) -> Reply<pb::Lease> {
         let (caller, req) = caller_and_message(request)?;
         let id = convert::lease_name(&req.name)?;
         let increment = req
@@ -131,10 +125,7 @@ impl LeaseService for LeaseApi {
         Ok(Response::new(convert::lease(&lease, None)))
     }
 
-    async fn revoke_lease(
-        &self,
-        request: Request<pb::RevokeLeaseRequest>,
-    ) -> Result<Response<pb::Lease>, Status> {
+    async fn revoke_lease(&self, request: Request<pb::RevokeLeaseRequest>) -> Reply<pb::Lease> {
         let (caller, req) = caller_and_message(request)?;
         let id = convert::lease_name(&req.name)?;
         let lease =

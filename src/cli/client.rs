@@ -36,6 +36,7 @@ pub enum LeaseCommand {
     /// Show one lease (never its token).
     Get {
         /// `leases/{uuid}` or the bare uuid.
+        #[arg(value_parser = api_name)]
         name: String,
     },
     /// List your leases, newest first.
@@ -49,6 +50,7 @@ pub enum LeaseCommand {
     /// Extend a lease: new expiry = now + increment, capped at max_expire_time.
     Renew {
         /// `leases/{uuid}` or the bare uuid.
+        #[arg(value_parser = api_name)]
         name: String,
         /// e.g. `30m` (default: the policy's default TTL).
         #[arg(long, value_parser = humantime::parse_duration)]
@@ -57,8 +59,14 @@ pub enum LeaseCommand {
     /// Revoke a lease and its PAT.
     Revoke {
         /// `leases/{uuid}` or the bare uuid.
+        #[arg(value_parser = api_name)]
         name: String,
     },
+}
+
+/// A lease name argument as the API takes it (see [`lease_name`]).
+fn api_name(name: &str) -> Result<String, std::convert::Infallible> {
+    Ok(lease_name(name))
 }
 
 fn proto_duration(d: Duration) -> prost_types::Duration {
@@ -92,22 +100,16 @@ pub async fn run(args: &ClientArgs, command: LeaseCommand) -> Result<String, Cli
             answer(client.create_lease(request(req, args)?).await)?
         }
         LeaseCommand::Get { name } => {
-            let req = pb::GetLeaseRequest {
-                name: lease_name(&name),
-            };
+            let req = pb::GetLeaseRequest { name };
             answer(client.get_lease(request(req, args)?).await)?
         }
         LeaseCommand::Renew { name, increment } => {
-            let req = pb::RenewLeaseRequest {
-                name: lease_name(&name),
-                increment: increment.map(proto_duration),
-            };
+            let increment = increment.map(proto_duration);
+            let req = pb::RenewLeaseRequest { name, increment };
             answer(client.renew_lease(request(req, args)?).await)?
         }
         LeaseCommand::Revoke { name } => {
-            let req = pb::RevokeLeaseRequest {
-                name: lease_name(&name),
-            };
+            let req = pb::RevokeLeaseRequest { name };
             answer(client.revoke_lease(request(req, args)?).await)?
         }
         LeaseCommand::List { filter, paging } => {

@@ -184,30 +184,33 @@ pub struct AuditPage {
     pub next_page_token: String,
 }
 
-/// Refuses (and audits) a caller the policy does not name as an admin.
-async fn require_admin(deps: &LeaseDeps, caller: &Caller, action: &str) -> Result<(), LeaseError> {
+/// Refuses (and audits, against `lease` when the call names one) a caller
+/// the policy does not name as an admin.
+async fn require_admin(
+    deps: &LeaseDeps,
+    caller: &Caller,
+    action: &str,
+    lease: Option<LeaseId>,
+) -> Result<(), LeaseError> {
     if deps.policy.current().is_admin(&caller.identity) {
         return Ok(());
     }
-    refuse(deps, caller, action).await
-}
-
-/// Admits an admin's read (audited as allowed), or refuses as
-/// [`require_admin`] does.
-async fn admit_read(deps: &LeaseDeps, caller: &Caller, action: &str) -> Result<(), LeaseError> {
-    require_admin(deps, caller, action).await?;
-    audit_best_effort(deps, admin_event(caller, action, Outcome::Allowed)).await;
-    Ok(())
-}
-
-async fn refuse(deps: &LeaseDeps, caller: &Caller, action: &str) -> Result<(), LeaseError> {
     let event = AuditEvent {
         reason: Some("ADMIN_REQUIRED".to_owned()),
+        lease_id: lease,
         ..admin_event(caller, action, Outcome::Denied)
     };
     audit_best_effort(deps, event).await;
     tracing::info!(identity = %caller.identity, action, "admin call refused");
     Err(LeaseError::AdminRequired)
+}
+
+/// Admits an admin's read (audited as allowed), or refuses as
+/// [`require_admin`] does.
+async fn admit_read(deps: &LeaseDeps, caller: &Caller, action: &str) -> Result<(), LeaseError> {
+    require_admin(deps, caller, action, None).await?;
+    audit_best_effort(deps, admin_event(caller, action, Outcome::Allowed)).await;
+    Ok(())
 }
 
 fn admin_event(caller: &Caller, action: &str, outcome: Outcome) -> AuditEvent {
@@ -221,7 +224,7 @@ pub(super) async fn revoke_leases(
     selector: LeaseSelector,
 ) -> Result<BulkRevoke, LeaseError> {
     const ACTION: &str = "admin.revoke_leases";
-    require_admin(deps, caller, ACTION).await?;
+    require_admin(deps, caller, ACTION, None).await?;
     if selector.is_empty() {
         return Err(LeaseError::EmptySelector);
     }
@@ -395,6 +398,7 @@ pub(super) async fn force_revoke(
     const ACTION: &str = crate::audit::LEASE_FORCE_REVOKE;
     // Refusals are audited against the lease asked for, so an audit query
     // by lease shows every attempt to force it.
+    require_admin(deps, caller, ACTION, Some(id)).await?;
     let refuse = |reason: &str| {
         let event = AuditEvent {
             reason: Some(reason.to_owned()),
@@ -403,11 +407,6 @@ pub(super) async fn force_revoke(
         };
         audit_best_effort(deps, event)
     };
-    if !deps.policy.current().is_admin(&caller.identity) {
-        refuse("ADMIN_REQUIRED").await;
-        tracing::info!(identity = %caller.identity, action = ACTION, "admin call refused");
-        return Err(LeaseError::AdminRequired);
-    }
     // A background retry holding the lease may be revoking upstream right
     // now: its outcome decides first. Such a retry is one upstream call, so
     // wait a little for it before answering LEASE_BUSY.

@@ -172,33 +172,16 @@ fn new_pending(
     grant: &Grant,
     now: Timestamp,
 ) -> LeaseRecord {
-    let id = LeaseId::new();
     let settings = &deps.settings;
-    LeaseRecord {
-        id,
-        holder: caller.identity.clone(),
-        organization: req.organization.clone(),
-        scopes: req.scopes.clone(),
-        display_name: super::sweep::display_name(
-            &settings.display_name_prefix,
-            &settings.deployment_id,
-            id,
-        ),
-        authorization_id: None,
-        sealed_token: None,
-        state: LeaseState::Pending,
-        create_time: now,
-        update_time: now,
-        expire_time: now + chrono_duration(grant.ttl),
-        max_expire_time: now + chrono_duration(grant.max_ttl.max(grant.ttl)),
-        revoke_time: None,
-        upstream_valid_to: None,
-        attempts: 0,
-        next_attempt_time: None,
-        last_error: None,
-        claimed_by: None,
-        claimed_until: None,
-    }
+    LeaseRecord::pending(
+        caller.identity.clone(),
+        req.organization.clone(),
+        req.scopes.clone(),
+        |id| super::sweep::display_name(&settings.display_name_prefix, &settings.deployment_id, id),
+        now,
+        now + chrono_duration(grant.ttl),
+        now + chrono_duration(grant.max_ttl.max(grant.ttl)),
+    )
 }
 
 /// Answers a request whose (holder, request_id) key exists: same

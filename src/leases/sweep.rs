@@ -465,27 +465,18 @@ mod tests {
     }
 
     fn lease(state: LeaseState, pat: Option<AuthorizationId>) -> LeaseRecord {
-        let id = LeaseId::new();
         LeaseRecord {
-            id,
-            holder: "apikey:ci".parse::<Identity>().unwrap(),
-            organization: Organization::parse("fabrikam").unwrap(),
-            scopes: ScopeSet::parse(["vso.code"]).unwrap(),
-            display_name: format!("token-broker:prod:{id}"),
             authorization_id: pat,
-            sealed_token: None,
             state,
-            create_time: at(-600),
-            update_time: at(-600),
-            expire_time: at(3000),
-            max_expire_time: at(3000),
-            revoke_time: None,
-            upstream_valid_to: None,
-            attempts: 0,
-            next_attempt_time: None,
-            last_error: None,
-            claimed_by: None,
-            claimed_until: None,
+            ..LeaseRecord::pending(
+                "apikey:ci".parse::<Identity>().unwrap(),
+                Organization::parse("fabrikam").unwrap(),
+                ScopeSet::parse(["vso.code"]).unwrap(),
+                |id| format!("token-broker:prod:{id}"),
+                at(-600),
+                at(3000),
+                at(3000),
+            )
         }
     }
 

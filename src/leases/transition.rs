@@ -6,6 +6,7 @@
 //!
 //! ```text
 //! method                 from            to
+//! pending                (new)           PENDING
 //! activate               PENDING         ACTIVE
 //! fail                   PENDING         FAILED
 //! begin_revoking         ACTIVE          REVOKING
@@ -37,7 +38,7 @@ use super::time::{chrono_duration, upstream_time};
 use super::RetrySchedule;
 use crate::crypto::Sealed;
 use crate::domain::Timestamp;
-use crate::domain::{AuthorizationId, LeaseState};
+use crate::domain::{AuthorizationId, Identity, LeaseId, LeaseState, Organization, ScopeSet};
 use crate::store::LeaseRecord;
 
 /// How long a caller-driven revocation owns a REVOKING row before the
@@ -45,6 +46,43 @@ use crate::store::LeaseRecord;
 pub(super) const REVOKE_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl LeaseRecord {
+    /// A new PENDING lease with a fresh id (nothing minted or written yet):
+    /// created at `now`, ending at `expire_time` unless renewed, and at
+    /// `max_expire_time` at the latest. `display_name` names its upstream
+    /// PAT from the id.
+    pub(super) fn pending(
+        holder: Identity,
+        organization: Organization,
+        scopes: ScopeSet,
+        display_name: impl FnOnce(LeaseId) -> String,
+        now: Timestamp,
+        expire_time: Timestamp,
+        max_expire_time: Timestamp,
+    ) -> LeaseRecord {
+        let id = LeaseId::new();
+        LeaseRecord {
+            id,
+            holder,
+            organization,
+            scopes,
+            display_name: display_name(id),
+            authorization_id: None,
+            sealed_token: None,
+            state: LeaseState::Pending,
+            create_time: now,
+            update_time: now,
+            expire_time,
+            max_expire_time,
+            revoke_time: None,
+            upstream_valid_to: None,
+            attempts: 0,
+            next_attempt_time: None,
+            last_error: None,
+            claimed_by: None,
+            claimed_until: None,
+        }
+    }
+
     /// PENDING → ACTIVE: the PAT `authorization_id` was minted with
     /// `valid_to` (upstream's answer; the broker asked for `wanted`) and
     /// its secret is `sealed_token`. The lease is fitted to the PAT

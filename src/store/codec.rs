@@ -273,11 +273,7 @@ mod tests {
         let t = chrono::Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap()
             + chrono::Duration::nanoseconds(123_456_789);
         let id = LeaseId::from_uuid(Uuid::from_u128(0xABCD));
-        let sealed = Sealed {
-            key_id: "k1".into(),
-            nonce: [7; 12],
-            ciphertext: vec![1; 20],
-        };
+        let sealed = sealed();
         let row: (String, String, String, String, String) =
             sqlx::query_as("SELECT $1, $2, $3, $4, $5")
                 .bind(Timestamp::from(t))
@@ -311,35 +307,49 @@ mod tests {
     /// never holds a sealed value's text.
     #[tokio::test]
     async fn undecodable_values_are_corrupt_and_never_show_a_secret() {
-        let store = SqliteStore::open("sqlite::memory:").await.unwrap();
-        let err = sqlx::query_as::<_, UpstreamCredential>(
+        let err = corrupt(sqlx::query_as(
             "SELECT 1 AS version, 'v1:k1:!!secret!!' AS sealed, \
              '2026-01-02T03:04:05.000000Z' AS update_time",
-        )
-        .fetch_one(store.pool())
-        .await
-        .map(drop)
-        .map_err(map_sqlx)
-        .unwrap_err();
-        assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+        ))
+        .await;
         let text = err.to_string();
         assert!(text.contains("\"sealed\""), "{text}");
         assert!(!text.contains("secret"), "{text}");
 
-        let err = sqlx::query_as::<_, UpstreamCredential>(
-            "SELECT 1 AS version, $1 AS sealed, '2026-01-02 03:04' AS update_time",
+        let err = corrupt(
+            sqlx::query_as("SELECT 1 AS version, $1 AS sealed, '2026-01-02 03:04' AS update_time")
+                .bind(Sealed::encode(&sealed())),
         )
-        .bind(Sealed::encode(&Sealed {
+        .await;
+        assert!(err.to_string().contains("\"update_time\""), "{err}");
+    }
+
+    fn sealed() -> Sealed {
+        Sealed {
             key_id: "k1".into(),
             nonce: [7; 12],
             ciphertext: vec![1; 20],
-        }))
-        .fetch_one(store.pool())
-        .await
-        .map(drop)
-        .map_err(map_sqlx)
-        .unwrap_err();
+        }
+    }
+
+    /// The error reading one credential row with `query`, which must be
+    /// `Corrupt`.
+    async fn corrupt<'q>(
+        query: sqlx::query::QueryAs<
+            'q,
+            sqlx::Sqlite,
+            UpstreamCredential,
+            sqlx::sqlite::SqliteArguments<'q>,
+        >,
+    ) -> StoreError {
+        let store = SqliteStore::open("sqlite::memory:").await.unwrap();
+        let err = query
+            .fetch_one(store.pool())
+            .await
+            .map(drop)
+            .map_err(map_sqlx)
+            .unwrap_err();
         assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
-        assert!(err.to_string().contains("\"update_time\""), "{err}");
+        err
     }
 }
