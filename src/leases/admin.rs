@@ -19,10 +19,9 @@
 //!   failure leaves the lease REVOKING for the background retries, counted
 //!   as `revoking`. A PENDING lease (create in flight) cannot be revoked
 //!   yet: it is counted as `pending`, and the caller runs the call again.
-//! - Audit events are listed oldest first (id order, the chain's order);
-//!   filters are applied while scanning, at most [`AUDIT_SCAN_LIMIT`] rows
-//!   per call, so a page may hold fewer events than asked and still carry a
-//!   `next_page_token`.
+//! - Audit events are listed oldest first (id order, the chain's order),
+//!   filtered in one indexed query and paged by id (keyset), so a page costs
+//!   the same on a long trail as on a short one.
 
 use std::collections::HashSet;
 
@@ -37,16 +36,10 @@ use super::{LeaseDeps, LeaseError, LeasePage, ListQuery};
 use crate::audit::{AuditEvent, Outcome};
 use crate::auth::Caller;
 use crate::domain::{Identity, LeaseId, LeaseState, Organization, Scope};
-use crate::store::{LeaseFilter, LeaseRecord, PageCursor};
+use crate::store::{AuditFilter, LeaseFilter, LeaseRecord, PageCursor};
 
 /// Upstream revocations a bulk revoke runs at once.
 pub const REVOKE_CONCURRENCY: usize = 8;
-
-/// Audit rows read per store call while scanning.
-const AUDIT_SCAN_BATCH: u32 = 500;
-
-/// Most audit rows one ListAuditEvents call scans.
-pub const AUDIT_SCAN_LIMIT: usize = 20_000;
 
 /// Leases read per store call while selecting.
 const SELECT_BATCH: u32 = 500;
@@ -153,12 +146,15 @@ pub struct AuditQuery {
 }
 
 impl AuditQuery {
-    fn matches(&self, e: &AuditEvent) -> bool {
-        self.start_time.is_none_or(|t| *e.time >= t)
-            && self.end_time.is_none_or(|t| *e.time < t)
-            && self.identity.as_ref().is_none_or(|i| *i == e.identity)
-            && self.action.as_ref().is_none_or(|a| *a == e.action)
-            && self.lease_id.is_none_or(|l| e.lease_id == Some(l))
+    /// The store's form of this query's filter.
+    fn filter(&self) -> AuditFilter {
+        AuditFilter {
+            start_time: self.start_time.map(Into::into),
+            end_time: self.end_time.map(Into::into),
+            identity: self.identity.clone(),
+            action: self.action.clone(),
+            lease_id: self.lease_id,
+        }
     }
 
     /// What a page token is bound to.
@@ -180,7 +176,7 @@ impl AuditQuery {
 pub struct AuditPage {
     /// Oldest first.
     pub events: Vec<AuditEvent>,
-    /// Empty when the scan reached the newest row.
+    /// Empty when no matching event follows this page.
     pub next_page_token: String,
 }
 
@@ -510,35 +506,20 @@ pub(super) async fn audit_events(
     query: AuditQuery,
 ) -> Result<AuditPage, LeaseError> {
     admit_read(deps, caller, "admin.list_audit_events").await?;
-    let limit = query.page_size.clamp(1, 1000) as usize;
-    let mut after = if query.page_token.is_empty() {
+    let limit = query.page_size.clamp(1, 1000);
+    let after = if query.page_token.is_empty() {
         0
     } else {
         decode_audit_token(deps, &query, &query.page_token)?
     };
-    let mut events = Vec::new();
-    let mut scanned = 0usize;
-    let more = loop {
-        let batch = deps.store.list_audit(after, AUDIT_SCAN_BATCH).await?;
-        let batch_len = batch.len();
-        for event in batch {
-            scanned += 1;
-            after = event.id;
-            if query.matches(&event) {
-                events.push(event);
-                if events.len() == limit {
-                    break;
-                }
-            }
-        }
-        if events.len() == limit || scanned >= AUDIT_SCAN_LIMIT {
-            // Another page exists unless this was the newest row.
-            break !deps.store.list_audit(after, 1).await?.is_empty();
-        }
-        if batch_len < AUDIT_SCAN_BATCH as usize {
-            break false;
-        }
-    };
+    // One row past the page says whether another page exists.
+    let mut events = deps
+        .store
+        .list_audit_matching(&query.filter(), after, limit + 1)
+        .await?;
+    let more = events.len() > limit as usize;
+    events.truncate(limit as usize);
+    let after = events.last().map_or(after, |e| e.id);
     let next_page_token = if more {
         encode_audit_token(deps, &query, after)
     } else {

@@ -24,8 +24,8 @@ use uuid::Uuid;
 
 use super::codec::{self, AuditRow, UuidColumn};
 use super::{
-    map_sqlx, ChainMacFn, CreateOutcome, IdempotencyRecord, LeaseFilter, LeaseRecord, PageCursor,
-    Store, StoreError, StoredAuditRow, UpstreamCredential, Work,
+    map_sqlx, AuditFilter, ChainMacFn, CreateOutcome, IdempotencyRecord, LeaseFilter, LeaseRecord,
+    PageCursor, Store, StoreError, StoredAuditRow, UpstreamCredential, Work,
 };
 use crate::crypto::Sealed;
 use crate::domain::{AuditEvent, Outcome};
@@ -699,14 +699,44 @@ where
             .collect()
     }
 
-    async fn list_audit(&self, after_id: i64, limit: u32) -> Result<Vec<AuditEvent>, StoreError> {
-        let rows: Vec<AuditRow> =
-            sqlx::query_as("SELECT * FROM audit_events WHERE id > $1 ORDER BY id LIMIT $2")
-                .bind(after_id)
-                .bind(i64::from(limit))
-                .fetch_all(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+    async fn list_audit_matching(
+        &self,
+        filter: &AuditFilter,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        // Built like list_leases: only the given conditions, so each can use
+        // its index (a `$n IS NULL OR …` form defeats PostgreSQL's plans).
+        let mut sql = String::from("SELECT * FROM audit_events WHERE 1 = 1");
+        let mut args = DB::Arguments::default();
+        macro_rules! bind {
+            ($value:expr) => {{
+                args.add($value)
+                    .map_err(|e| StoreError::Database(e.to_string()))?;
+                format!("${}", args.len())
+            }};
+        }
+        sql += &format!(" AND id > {}", bind!(after_id));
+        if let Some(t) = filter.start_time {
+            sql += &format!(" AND time >= {}", bind!(t));
+        }
+        if let Some(t) = filter.end_time {
+            sql += &format!(" AND time < {}", bind!(t));
+        }
+        if let Some(identity) = &filter.identity {
+            sql += &format!(" AND identity = {}", bind!(identity.clone()));
+        }
+        if let Some(action) = &filter.action {
+            sql += &format!(" AND action = {}", bind!(action.clone()));
+        }
+        if let Some(lease) = filter.lease_id {
+            sql += &format!(" AND lease_id = {}", bind!(lease));
+        }
+        sql += &format!(" ORDER BY id LIMIT {}", bind!(i64::from(limit)));
+        let rows: Vec<AuditRow> = sqlx::query_as_with(&sql, args)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
         Ok(rows.into_iter().map(Into::into).collect())
     }
 
