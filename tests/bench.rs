@@ -18,8 +18,9 @@ use common::process::BIN;
 
 const METHODS: [&str; 4] = ["CreateLease", "GetLease", "RenewLease", "RevokeLease"];
 
-/// Runs `token-broker bench ARGS --output json` with `key`; its JSON report.
-async fn bench(key: &str, args: &[&str]) -> Value {
+/// Runs `token-broker bench ARGS --output json` with `key`: whether it
+/// succeeded, its standard output and its standard error.
+async fn run_bench(key: &str, args: &[&str]) -> (bool, String, String) {
     let mut cmd = tokio::process::Command::new(BIN);
     for (k, _) in std::env::vars() {
         if k.starts_with("TOKEN_BROKER_") {
@@ -37,13 +38,17 @@ async fn bench(key: &str, args: &[&str]) -> Value {
         .await
         .expect("bench finishes")
         .expect("run token-broker bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
+    (
         out.status.success(),
-        "bench failed ({}):\n{stdout}\n{stderr}",
-        out.status
-    );
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// [`run_bench`] that must succeed; its JSON report.
+async fn bench(key: &str, args: &[&str]) -> Value {
+    let (ok, stdout, stderr) = run_bench(key, args).await;
+    assert!(ok, "bench failed:\n{stdout}\n{stderr}");
     serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{stdout}"))
 }
 
@@ -182,4 +187,49 @@ async fn a_short_run_reports_every_figure_and_revokes_every_lease_it_created() {
     names.sort();
     assert_eq!(names, ["CreateLease", "RevokeLease"], "{plain:#}");
     broker.stop().await;
+}
+
+/// A script must be able to tell a run of refusals from a measurement, and
+/// a wrong `--baseline` must not cost a run that mints leases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_where_nothing_succeeds_fails_and_a_bad_baseline_is_refused_before_it_starts() {
+    let emu = Emu::start_default().await;
+    let store = TestDatabase::create().await;
+    let spec = BrokerSpec::new(store.url.clone(), emu.running.url());
+    let broker = spawn_broker(&spec).await;
+    let short = ["--addr", &broker.url, "--requests", "5"];
+
+    let wrong_key = "tbk_not-a-key-the-broker-knows-0123456789abcdef";
+    let (ok, stdout, stderr) = run_bench(wrong_key, &short).await;
+    assert!(!ok, "a run of refusals exits non-zero:\n{stdout}\n{stderr}");
+    let report: Value = serde_json::from_str(&stdout).expect("the report is still printed");
+    assert!(
+        report["methods"]["CreateLease"]["errors"]["UNAUTHENTICATED"]
+            .as_u64()
+            .is_some_and(|n| n > 0),
+        "{report}"
+    );
+    assert!(stderr.contains("no call succeeded"), "{stderr}");
+
+    let key = spec.key("ci");
+    let mut args = short.to_vec();
+    args.extend(["--baseline", "sqlite://bench.db"]);
+    let (ok, stdout, stderr) = run_bench(key.expose_secret(), &args).await;
+    assert!(!ok);
+    assert!(stdout.is_empty(), "no run, no report: {stdout}");
+    assert!(
+        stderr.contains("--baseline takes a postgres:// URL"),
+        "{stderr}"
+    );
+    let mut client = broker.client(&key).await;
+    let page = client
+        .list_leases(pb::ListLeasesRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(
+        page.leases.is_empty(),
+        "no lease was minted: {:?}",
+        page.leases
+    );
 }

@@ -251,6 +251,9 @@ pub enum BenchError {
         /// Why.
         message: String,
     },
+    /// Every call of the run failed (the report shows the error codes).
+    #[error("no call succeeded; the report above counts the errors by code")]
+    NothingSucceeded,
     /// The run ended but some leases it created are still live.
     #[error(
         "{} lease(s) this run created could not be revoked; revoke them with \
@@ -897,6 +900,17 @@ async fn phase<T: Send + 'static>(
 }
 
 /// `--baseline`: the scratch schema's life around the two phases.
+/// `--baseline` measures PostgreSQL, the production store.
+fn check_baseline_url(url: &str) -> Result<(), BenchError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(())
+    } else {
+        Err(BenchError::Usage(
+            "--baseline takes a postgres:// URL".into(),
+        ))
+    }
+}
+
 async fn run_baseline(
     url: &SecretString,
     concurrency: u32,
@@ -904,11 +918,7 @@ async fn run_baseline(
     duration: Duration,
 ) -> Result<Baseline, BenchError> {
     let url = url.expose_secret();
-    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-        return Err(BenchError::Usage(
-            "--baseline takes a postgres:// URL".into(),
-        ));
-    }
+    check_baseline_url(url)?;
     let pool = PgPoolOptions::new()
         .max_connections(concurrency + 1)
         .acquire_timeout(Duration::from_secs(10))
@@ -988,6 +998,10 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         Some(_) => MAX_RUN,
         None => Duration::from_secs(10),
     });
+    // Before the broker phase, so a wrong URL costs no run and mints no lease.
+    if let Some(url) = &args.baseline {
+        check_baseline_url(url.expose_secret())?;
+    }
     let http = reqwest::Client::new();
     let before = match &args.upstream {
         Some(u) => Some(upstream_calls(&http, u).await?),
@@ -1025,11 +1039,14 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     };
     // A reader that went away ends the output quietly: nothing to report.
     let _ = super::print_out(Ok::<_, BenchError>(out));
-    if broker.left_live.is_empty() {
-        Ok(())
-    } else {
-        Err(BenchError::LeftLive(broker.left_live))
+    if !broker.left_live.is_empty() {
+        return Err(BenchError::LeftLive(broker.left_live));
     }
+    if broker.stats.values().all(|m| m.ok() == 0) {
+        // A script must not read a run of refusals as a measurement.
+        return Err(BenchError::NothingSucceeded);
+    }
+    Ok(())
 }
 
 /// Everything a report shows.
