@@ -193,6 +193,19 @@ fn corrupt(err: sqlx::Error) -> StoreError {
     StoreError::Corrupt(err.to_string())
 }
 
+/// Binds `$value` as the next argument of `$args` (a `DB::Arguments`) and
+/// evaluates to its placeholder `$n`: for statements built from only the
+/// conditions a filter gives. Not sqlx's QueryBuilder: its arguments borrow
+/// the builder, which generic code cannot shorten to the query's lifetime.
+macro_rules! bind_next {
+    ($args:ident, $value:expr) => {{
+        $args
+            .add($value)
+            .map_err(|e| StoreError::Database(e.to_string()))?;
+        format!("${}", $args.len())
+    }};
+}
+
 /// Binds [`LEASE_MUTABLE`] of `$lease`, in order.
 macro_rules! bind_mutable {
     ($query:expr, $lease:expr) => {{
@@ -437,39 +450,29 @@ where
         after: Option<&PageCursor>,
         limit: u32,
     ) -> Result<Vec<LeaseRecord>, StoreError> {
-        // Not sqlx's QueryBuilder: its arguments borrow the builder, which
-        // generic code cannot shorten to the query's lifetime.
         let mut sql = String::from("SELECT * FROM leases WHERE 1 = 1");
         let mut args = DB::Arguments::default();
-        // Binds a value next and evaluates to its placeholder.
-        macro_rules! bind {
-            ($value:expr) => {{
-                args.add($value)
-                    .map_err(|e| StoreError::Database(e.to_string()))?;
-                format!("${}", args.len())
-            }};
-        }
         if let Some(holder) = &filter.holder {
-            sql += &format!(" AND holder = {}", bind!(holder.clone()));
+            sql += &format!(" AND holder = {}", bind_next!(args, holder.clone()));
         }
         if let Some(org) = &filter.organization {
-            sql += &format!(" AND organization = {}", bind!(org.clone()));
+            sql += &format!(" AND organization = {}", bind_next!(args, org.clone()));
         }
         if !filter.states.is_empty() {
             let mut states = Vec::new();
             for state in &filter.states {
-                states.push(bind!(*state));
+                states.push(bind_next!(args, *state));
             }
             sql += &format!(" AND state IN ({})", states.join(", "));
         }
         if let Some(cursor) = after {
-            let time = bind!(cursor.create_time);
-            let id = bind!(cursor.id);
+            let time = bind_next!(args, cursor.create_time);
+            let id = bind_next!(args, cursor.id);
             sql += &format!(" AND (create_time, id) < ({time}, {id})");
         }
         sql += &format!(
             " ORDER BY create_time DESC, id DESC LIMIT {}",
-            bind!(i64::from(limit))
+            bind_next!(args, i64::from(limit))
         );
         sqlx::query_as_with(&sql, args)
             .fetch_all(&self.pool)
@@ -709,30 +712,23 @@ where
         // its index (a `$n IS NULL OR …` form defeats PostgreSQL's plans).
         let mut sql = String::from("SELECT * FROM audit_events WHERE 1 = 1");
         let mut args = DB::Arguments::default();
-        macro_rules! bind {
-            ($value:expr) => {{
-                args.add($value)
-                    .map_err(|e| StoreError::Database(e.to_string()))?;
-                format!("${}", args.len())
-            }};
-        }
-        sql += &format!(" AND id > {}", bind!(after_id));
+        sql += &format!(" AND id > {}", bind_next!(args, after_id));
         if let Some(t) = filter.start_time {
-            sql += &format!(" AND time >= {}", bind!(t));
+            sql += &format!(" AND time >= {}", bind_next!(args, t));
         }
         if let Some(t) = filter.end_time {
-            sql += &format!(" AND time < {}", bind!(t));
+            sql += &format!(" AND time < {}", bind_next!(args, t));
         }
         if let Some(identity) = &filter.identity {
-            sql += &format!(" AND identity = {}", bind!(identity.clone()));
+            sql += &format!(" AND identity = {}", bind_next!(args, identity.clone()));
         }
         if let Some(action) = &filter.action {
-            sql += &format!(" AND action = {}", bind!(action.clone()));
+            sql += &format!(" AND action = {}", bind_next!(args, action.clone()));
         }
         if let Some(lease) = filter.lease_id {
-            sql += &format!(" AND lease_id = {}", bind!(lease));
+            sql += &format!(" AND lease_id = {}", bind_next!(args, lease));
         }
-        sql += &format!(" ORDER BY id LIMIT {}", bind!(i64::from(limit)));
+        sql += &format!(" ORDER BY id LIMIT {}", bind_next!(args, i64::from(limit)));
         let rows: Vec<AuditRow> = sqlx::query_as_with(&sql, args)
             .fetch_all(&self.pool)
             .await
