@@ -202,7 +202,7 @@ pub struct KeysConfig {
 }
 
 /// Keys in a keys file: the same fields as `[keys]` without `file`.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct KeysFile {
     active: Option<String>,

@@ -104,12 +104,6 @@ impl std::fmt::Debug for TlsMaterial {
 }
 
 impl TlsConfig {
-    /// Checks the settings without keeping anything: the same checks as
-    /// [`TlsConfig::load`].
-    pub fn validate(&self) -> Result<(), TlsConfigError> {
-        self.load().map(drop)
-    }
-
     /// Reads and checks the files: the chain parses and matches the key
     /// (rustls builds a server configuration from them), the client CA
     /// bundle holds at least one CA certificate webpki accepts, and
