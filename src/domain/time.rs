@@ -25,6 +25,18 @@ impl Timestamp {
         Utc::now().into()
     }
 
+    /// The earliest `Timestamp` at or after `t` (rounds a sub-microsecond
+    /// part up): a bound that keeps `stored >= t` and `stored < t` exact
+    /// when compared against stored microsecond times.
+    pub fn at_or_after(t: DateTime<Utc>) -> Self {
+        let down = Timestamp::from(t);
+        if down < t {
+            down + chrono::Duration::microseconds(1)
+        } else {
+            down
+        }
+    }
+
     /// The instant `micros` microseconds after the Unix epoch, if in range.
     pub fn from_micros(micros: i64) -> Option<Self> {
         DateTime::from_timestamp_micros(micros).map(Timestamp)
@@ -160,6 +172,17 @@ impl fmt::Debug for Timestamp {
 mod tests {
     use super::*;
     use chrono::TimeZone;
+
+    #[test]
+    fn a_bound_rounds_up_only_a_sub_microsecond_part() {
+        let t = Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap();
+        assert_eq!(Timestamp::at_or_after(t), t);
+        let later = t + chrono::Duration::nanoseconds(1);
+        assert_eq!(
+            Timestamp::at_or_after(later),
+            t + chrono::Duration::microseconds(1)
+        );
+    }
 
     #[test]
     fn truncates_to_microseconds_and_text_sorts_like_time() {

@@ -35,7 +35,7 @@ use super::time::now;
 use super::{LeaseDeps, LeaseError, LeasePage, ListQuery};
 use crate::audit::{AuditEvent, Outcome};
 use crate::auth::Caller;
-use crate::domain::{Identity, LeaseId, LeaseState, Organization, Scope};
+use crate::domain::{Identity, LeaseId, LeaseState, Organization, Scope, Timestamp};
 use crate::store::{AuditFilter, LeaseFilter, LeaseRecord, PageCursor};
 
 /// Upstream revocations a bulk revoke runs at once.
@@ -146,11 +146,13 @@ pub struct AuditQuery {
 }
 
 impl AuditQuery {
-    /// The store's form of this query's filter.
+    /// The store's form of this query's filter. Bounds round up to the
+    /// microsecond, so `time >= t` and `time < t` select exactly the stored
+    /// (microsecond) events a full-precision comparison would.
     fn filter(&self) -> AuditFilter {
         AuditFilter {
-            start_time: self.start_time.map(Into::into),
-            end_time: self.end_time.map(Into::into),
+            start_time: self.start_time.map(Timestamp::at_or_after),
+            end_time: self.end_time.map(Timestamp::at_or_after),
             identity: self.identity.clone(),
             action: self.action.clone(),
             lease_id: self.lease_id,
