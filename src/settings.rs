@@ -28,9 +28,6 @@ pub struct Settings {
     pub kubernetes: Option<KubernetesVerifier>,
     /// The `grpc.tls` files, read and checked; None: plaintext.
     pub tls: Option<TlsMaterial>,
-    /// Inline `[keys]`, checked; None when they come from `keys.file` or are
-    /// generated (see [`Settings::keys`]).
-    inline_keys: Option<ResolvedKeys>,
 }
 
 impl Settings {
@@ -57,7 +54,9 @@ impl Settings {
                 .backend()
                 .map_err(|m| ConfigError::new("database.url", m)),
         );
-        let inline_keys = keep(&mut errors, config.keys.check());
+        // Inline keys are decoded again by `keys()`: keeping a copy here
+        // would make two places decide where the keys come from.
+        keep(&mut errors, config.keys.check());
         check_values(&config, &mut |setting, message| {
             errors.push(ConfigError::new(setting, message))
         });
@@ -78,17 +77,14 @@ impl Settings {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log.filter) {
             errors.push(ConfigError::new("log.filter", e.to_string()));
         }
-        match (backend, inline_keys, api_keys, kubernetes, tls) {
-            (Some(backend), Some(inline_keys), Some(api_keys), Some(kubernetes), Some(tls))
-                if errors.is_empty() =>
-            {
+        match (backend, api_keys, kubernetes, tls) {
+            (Some(backend), Some(api_keys), Some(kubernetes), Some(tls)) if errors.is_empty() => {
                 Ok(Settings {
                     config,
                     backend,
                     api_keys,
                     kubernetes,
                     tls,
-                    inline_keys,
                 })
             }
             _ => Err(ConfigErrors(errors)),
@@ -99,10 +95,7 @@ impl Settings {
     /// generated as [`KeysConfig::resolve`](crate::config::KeysConfig::resolve)
     /// says for the backend (the path when a file was generated now).
     pub fn keys(&self) -> Result<(ResolvedKeys, Option<PathBuf>), ConfigError> {
-        match &self.inline_keys {
-            Some(keys) => Ok((keys.clone(), None)),
-            None => self.config.keys.resolve(&self.backend),
-        }
+        self.config.keys.resolve(&self.backend)
     }
 }
 
