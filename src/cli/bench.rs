@@ -28,7 +28,7 @@ use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 
-use super::grpc::{endpoint_url, ClientArgs, Output};
+use super::grpc::{bearer, endpoint_url, ClientArgs, Output};
 use crate::proto::v1 as pb;
 use crate::proto::v1::lease_service_client::LeaseServiceClient;
 
@@ -569,19 +569,7 @@ async fn connect(args: &ClientArgs, n: u32) -> Result<Vec<Client>, BenchError> {
         .map_err(|e| err(e.to_string()))?
         .connect_timeout(Duration::from_secs(10))
         .timeout(CALL_TIMEOUT);
-    // An empty variable means "no key", as for the other client commands.
-    let bearer = match args
-        .api_key
-        .as_ref()
-        .filter(|k| !k.expose_secret().is_empty())
-    {
-        Some(key) => Some(
-            MetadataValue::try_from(format!("Bearer {}", key.expose_secret())).map_err(|_| {
-                BenchError::Usage("the API key has characters a header cannot carry".into())
-            })?,
-        ),
-        None => None,
-    };
+    let bearer = bearer(args).map_err(|e| BenchError::Usage(e.to_string()))?;
     let mut clients = Vec::with_capacity(n as usize);
     for _ in 0..n {
         let channel = endpoint.connect().await.map_err(|e| err(e.to_string()))?;

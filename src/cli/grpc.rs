@@ -9,7 +9,7 @@ use chrono::{DateTime, SecondsFormat};
 use clap::{Args, ValueEnum};
 use secrecy::{ExposeSecret as _, SecretString};
 use serde_json::{json, Map, Value};
-use tonic::metadata::MetadataValue;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status};
 use tonic_types::StatusExt as _;
@@ -146,19 +146,24 @@ pub async fn channel(addr: &str) -> Result<Channel, ClientError> {
         .map_err(|e| err(e.to_string()))
 }
 
-/// `msg` with `authorization: Bearer <key>` when `args` has a key; an empty
+/// The `authorization: Bearer <key>` value when `args` has a key; an empty
 /// key (an empty variable) means no key, not an empty credential.
-pub(super) fn request<T>(msg: T, args: &ClientArgs) -> Result<Request<T>, ClientError> {
-    let mut req = Request::new(msg);
-    if let Some(key) = args
-        .api_key
+pub(super) fn bearer(args: &ClientArgs) -> Result<Option<MetadataValue<Ascii>>, ClientError> {
+    args.api_key
         .as_ref()
         .filter(|k| !k.expose_secret().is_empty())
-    {
-        let value =
+        .map(|key| {
             MetadataValue::try_from(format!("Bearer {}", key.expose_secret())).map_err(|_| {
                 ClientError::Usage("the API key has characters a header cannot carry".into())
-            })?;
+            })
+        })
+        .transpose()
+}
+
+/// `msg` with [`bearer`]'s header when `args` has a key.
+pub(super) fn request<T>(msg: T, args: &ClientArgs) -> Result<Request<T>, ClientError> {
+    let mut req = Request::new(msg);
+    if let Some(value) = bearer(args)? {
         req.metadata_mut().insert("authorization", value);
     }
     Ok(req)
