@@ -193,14 +193,18 @@ async fn require_admin(
     if deps.policy.current().is_admin(&caller.identity) {
         return Ok(());
     }
-    let event = AuditEvent {
-        reason: Some("ADMIN_REQUIRED".to_owned()),
-        lease_id: lease,
-        ..admin_event(caller, action, Outcome::Denied)
-    };
-    audit_best_effort(deps, event).await;
+    audit_best_effort(deps, denied_event(caller, action, "ADMIN_REQUIRED", lease)).await;
     tracing::info!(identity = %caller.identity, action, "admin call refused");
     Err(LeaseError::AdminRequired)
+}
+
+/// An admin call refused for `reason`, against `lease` when it names one.
+fn denied_event(caller: &Caller, action: &str, reason: &str, lease: Option<LeaseId>) -> AuditEvent {
+    AuditEvent {
+        reason: Some(reason.to_owned()),
+        lease_id: lease,
+        ..admin_event(caller, action, Outcome::Denied)
+    }
 }
 
 /// Admits an admin's read (audited as allowed), or refuses as
@@ -397,14 +401,8 @@ pub(super) async fn force_revoke(
     // Refusals are audited against the lease asked for, so an audit query
     // by lease shows every attempt to force it.
     require_admin(deps, caller, ACTION, Some(id)).await?;
-    let refuse = |reason: &str| {
-        let event = AuditEvent {
-            reason: Some(reason.to_owned()),
-            lease_id: Some(id),
-            ..admin_event(caller, ACTION, Outcome::Denied)
-        };
-        audit_best_effort(deps, event)
-    };
+    let refuse =
+        |reason: &str| audit_best_effort(deps, denied_event(caller, ACTION, reason, Some(id)));
     // A background retry holding the lease may be revoking upstream right
     // now: its outcome decides first. Such a retry is one upstream call, so
     // wait a little for it before answering LEASE_BUSY.
