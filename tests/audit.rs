@@ -27,6 +27,9 @@ on_both_stores!(
     swapping_two_rows_makes_verify_name_the_first_of_them,
     dropping_the_newest_rows_is_caught_only_against_the_expected_head,
     concurrent_appends_from_several_replicas_still_verify,
+    many_callers_at_once_share_commits_and_each_gets_its_own_row,
+    a_batch_longer_than_one_insert_is_one_contiguous_run_of_the_chain,
+    callers_queued_behind_a_failing_commit_all_fail_and_nothing_is_written,
     a_database_writer_without_the_chain_key_cannot_rechain_an_edit,
     a_chain_made_under_one_key_does_not_verify_under_another,
     a_row_written_around_the_audit_log_is_named_by_verify,
@@ -321,6 +324,115 @@ async fn concurrent_appends_from_several_replicas_still_verify(db: AuditDb) {
     let report = intact(&db, &chain_key(&key), newest.as_ref().and_then(head_of)).await;
     assert_eq!(report.chained_rows, total as u64);
     assert_eq!(report.head, newest);
+}
+
+/// Group commit: callers appending at once through one log (and another
+/// replica's) queue behind the commit in flight and go out together, yet
+/// each gets back the row that holds its own event, ids stay contiguous
+/// and the chain verifies.
+async fn many_callers_at_once_share_commits_and_each_gets_its_own_row(db: AuditDb) {
+    const CALLERS: i64 = 200;
+    let key = new_key();
+    let log = Arc::new(AuditLog::new(db.store.clone(), chain_key(&key)));
+    let other = Arc::new(AuditLog::new(db.another_store().await, chain_key(&key)));
+    let mut tasks = Vec::new();
+    for i in 1..=CALLERS {
+        let log = if i % 4 == 0 {
+            other.clone()
+        } else {
+            log.clone()
+        };
+        tasks.push(tokio::spawn(async move {
+            (i, log.append(&event(i)).await.expect("append"))
+        }));
+    }
+    let mut ids = Vec::new();
+    for task in tasks {
+        let (i, appended) = task.await.unwrap();
+        let stored = db.store.list_audit(appended.id - 1, 1).await.unwrap();
+        assert_eq!(stored[0].id, appended.id);
+        assert_eq!(stored[0].identity, event(i).identity, "row {}", appended.id);
+        assert_eq!(stored[0].peer, event(i).peer, "row {}", appended.id);
+        ids.push(appended.id);
+    }
+    ids.sort_unstable();
+    assert_eq!(ids, (1..=CALLERS).collect::<Vec<_>>());
+
+    let newest = [log.head(), other.head()]
+        .into_iter()
+        .flatten()
+        .max_by_key(|h| h.id);
+    let report = intact(&db, &chain_key(&key), newest.as_ref().and_then(head_of)).await;
+    assert_eq!(report.chained_rows, CALLERS as u64);
+    if db.postgres {
+        // Each PostgreSQL transaction stamps its rows with its own xmin:
+        // fewer transactions than rows means the appends were grouped.
+        let transactions: i64 = db
+            .scalar("SELECT count(DISTINCT xmin::text) FROM audit_events")
+            .await;
+        assert!(transactions < CALLERS, "{transactions} transactions");
+    }
+}
+
+async fn a_batch_longer_than_one_insert_is_one_contiguous_run_of_the_chain(db: AuditDb) {
+    let key = new_key();
+    let log = AuditLog::new(db.store.clone(), chain_key(&key));
+    append_n(&log, 2).await;
+    let events: Vec<AuditEvent> = (3..=102).map(event).collect();
+    let chain = chain_key(&key);
+    let mac = |prev: Option<&str>, stored: &AuditEvent| chain.mac(prev, stored);
+    let rows = db
+        .store
+        .append_audit_chained_batch(&events, &mac)
+        .await
+        .unwrap();
+    assert_eq!(
+        rows.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        (3..=102).collect::<Vec<_>>()
+    );
+    let stored = db.store.list_audit(2, 200).await.unwrap();
+    assert_eq!(stored.len(), 100);
+    for (row, want) in stored.iter().zip(&events) {
+        assert_eq!(row.action, want.action, "row {}", row.id);
+        assert_eq!(row.identity, want.identity, "row {}", row.id);
+    }
+    let (id, mac) = rows.last().unwrap().clone();
+    let report = intact(&db, &chain, Some((id, mac))).await;
+    assert_eq!(report.chained_rows, 102);
+    assert!(db
+        .store
+        .append_audit_chained_batch(&[], &mac_of_nothing)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+fn mac_of_nothing(_: Option<&str>, _: &AuditEvent) -> String {
+    unreachable!("an empty batch computes no MAC")
+}
+
+async fn callers_queued_behind_a_failing_commit_all_fail_and_nothing_is_written(db: AuditDb) {
+    let key = new_key();
+    let log = Arc::new(AuditLog::new(db.store.clone(), chain_key(&key)));
+    let appended = append_n(&log, 1).await;
+
+    db.refuse_appends(true).await;
+    let mut tasks = Vec::new();
+    for i in 2..=40 {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move { log.append(&event(i)).await }));
+    }
+    for task in tasks {
+        let err = task.await.unwrap().unwrap_err();
+        assert!(matches!(err, AuditError::NotWritten(_)), "{err:?}");
+    }
+    assert_eq!(log.head().as_ref(), appended.last());
+    assert_eq!(db.store.list_audit(0, 100).await.unwrap().len(), 1);
+
+    db.refuse_appends(false).await;
+    let next = log.append(&event(2)).await.unwrap();
+    assert_eq!(next.id, 2);
+    intact(&db, &chain_key(&key), head_of(&next)).await;
 }
 
 async fn a_database_writer_without_the_chain_key_cannot_rechain_an_edit(db: AuditDb) {

@@ -12,7 +12,9 @@
 //! be written. A caller about to grant something (create, renew) must then
 //! refuse the grant; a revocation goes ahead and retries its audit row.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use tokio::sync::oneshot;
 
 use crate::error::{ErrorCode, ServiceError};
 use crate::store::{Store, StoreError};
@@ -82,14 +84,45 @@ impl ServiceError for AuditError {
     }
 }
 
+/// Most queued events one append transaction takes; the rest wait for the
+/// next. Bounds a transaction's size and the time its lock is held.
+const MAX_BATCH: usize = 128;
+
 /// Appends audit events to the chain and remembers the newest link this
 /// process wrote. Cheap to share behind an `Arc`; several replicas (one
 /// `AuditLog` each) may append to one PostgreSQL database at once.
+///
+/// Group commit: appends that arrive while an append transaction is in
+/// flight queue up, and the next transaction writes all of them (up to
+/// [`MAX_BATCH`]) as consecutive chain links, then wakes each caller. So a
+/// grant waits for one commit, not for every other grant's commit, and the
+/// chain stays one strict sequence. The transaction runs in a task of its
+/// own: a caller that goes away (a cancelled RPC) does not cancel the other
+/// callers' rows.
 pub struct AuditLog {
+    shared: Arc<Shared>,
+}
+
+/// What the appending task and the callers share.
+struct Shared {
     store: Arc<dyn Store>,
     key: ChainKey,
     head: Mutex<Option<AppendedEvent>>,
-    observer: Option<AppendObserver>,
+    observer: OnceLock<AppendObserver>,
+    queue: Mutex<Queue>,
+}
+
+/// Events waiting for a transaction, and whether a task is writing.
+#[derive(Default)]
+struct Queue {
+    waiting: Vec<Waiter>,
+    flushing: bool,
+}
+
+/// One queued event and where its outcome goes.
+struct Waiter {
+    event: AuditEvent,
+    done: oneshot::Sender<Result<AppendedEvent, AuditError>>,
 }
 
 /// Called after every append with the event and where it landed (e.g. to
@@ -108,44 +141,59 @@ impl AuditLog {
     /// An audit log over `store`, chaining under `chain_key`.
     pub fn new(store: Arc<dyn Store>, chain_key: ChainKey) -> Self {
         AuditLog {
-            store,
-            key: chain_key,
-            head: Mutex::new(None),
-            observer: None,
+            shared: Arc::new(Shared {
+                store,
+                key: chain_key,
+                head: Mutex::new(None),
+                observer: OnceLock::new(),
+                queue: Mutex::new(Queue::default()),
+            }),
         }
     }
 
     /// Also calls `observer` after every successful append (the row is
-    /// written then); appends racing each other may reach it out of id
-    /// order.
-    pub fn with_observer(mut self, observer: AppendObserver) -> Self {
-        self.observer = Some(observer);
+    /// written then), in chain order within this process. Set once; a
+    /// second observer is ignored.
+    pub fn with_observer(self, observer: AppendObserver) -> Self {
+        let _ = self.shared.observer.set(observer);
         self
     }
 
     /// Appends `event` (its `id` is ignored; its time is kept to the
     /// microsecond) as the next chain link, then reports the new head
     /// outside the database: an INFO log line `audit chain head` with
-    /// fields `audit_id` and `mac`, [`AuditLog::head`], and the observer
-    /// (see [`AuditLog::with_observer`]).
+    /// fields `audit_id` and `mac` (one per row), [`AuditLog::head`], and
+    /// the observer (see [`AuditLog::with_observer`]). Returns once the row
+    /// is committed, possibly together with other callers' rows (see the
+    /// type's doc). Must be called within a Tokio runtime.
     ///
     /// Errors: [`AuditError::NotWritten`] when the row cannot be written;
-    /// nothing is written then, and the caller must fail closed (see the
-    /// module doc).
+    /// nothing of its transaction is written then (every row of that
+    /// transaction gets the same error), and the caller must fail closed
+    /// (see the module doc).
     pub async fn append(&self, event: &AuditEvent) -> Result<AppendedEvent, AuditError> {
-        let key = &self.key;
-        let mac_of = |prev: Option<&str>, stored: &AuditEvent| key.mac(prev, stored);
-        let (id, mac) = self.store.append_audit_chained(event, &mac_of).await?;
-        let appended = AppendedEvent { id, mac };
+        let (done, outcome) = oneshot::channel();
+        let start = {
+            let mut queue = lock(&self.shared.queue);
+            queue.waiting.push(Waiter {
+                event: event.clone(),
+                done,
+            });
+            !std::mem::replace(&mut queue.flushing, true)
+        };
+        if start {
+            tokio::spawn(flush(self.shared.clone()));
+        }
+        let appended = outcome.await.unwrap_or_else(|_| {
+            // The runtime dropped the appending task mid-transaction: the
+            // row's fate is unknown, so the grant must not go ahead.
+            Err(AuditError::NotWritten(StoreError::Unavailable(
+                "the audit appender stopped before confirming the row".into(),
+            )))
+        })?;
+        // Here, not in the appending task, so the line carries the caller's
+        // span (its request).
         tracing::info!(audit_id = appended.id, mac = %appended.mac, "audit chain head");
-        let mut head = self.head.lock().unwrap_or_else(|p| p.into_inner());
-        if head.as_ref().is_none_or(|h| h.id < appended.id) {
-            *head = Some(appended.clone());
-        }
-        drop(head);
-        if let Some(observe) = &self.observer {
-            observe(event, &appended);
-        }
         Ok(appended)
     }
 
@@ -153,6 +201,70 @@ impl AuditLog {
     /// before its first append. Other replicas' appends are not seen here;
     /// the newest head across replicas is the one with the highest id.
     pub fn head(&self) -> Option<AppendedEvent> {
-        self.head.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        lock(&self.shared.head).clone()
+    }
+}
+
+/// Locks `mutex`, ignoring poisoning (its data stays consistent: every
+/// critical section here is a plain assignment or a `Vec` move).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Clears `flushing` when the appending task ends, even by cancellation, so
+/// the next append starts a new task for whatever is still queued.
+struct FlushingFlag<'a>(&'a Mutex<Queue>);
+
+impl Drop for FlushingFlag<'_> {
+    fn drop(&mut self) {
+        lock(self.0).flushing = false;
+    }
+}
+
+/// The appending task: writes queued events a transaction at a time until
+/// the queue is empty.
+async fn flush(shared: Arc<Shared>) {
+    let _flag = FlushingFlag(&shared.queue);
+    loop {
+        let batch: Vec<Waiter> = {
+            let mut queue = lock(&shared.queue);
+            let n = queue.waiting.len().min(MAX_BATCH);
+            if n == 0 {
+                return;
+            }
+            queue.waiting.drain(..n).collect()
+        };
+        let (events, waiters): (Vec<AuditEvent>, Vec<_>) =
+            batch.into_iter().map(|w| (w.event, w.done)).unzip();
+        let key = &shared.key;
+        let mac_of = |prev: Option<&str>, stored: &AuditEvent| key.mac(prev, stored);
+        match shared
+            .store
+            .append_audit_chained_batch(&events, &mac_of)
+            .await
+        {
+            Ok(rows) => {
+                for ((event, done), (id, mac)) in events.iter().zip(waiters).zip(rows) {
+                    let appended = AppendedEvent { id, mac };
+                    {
+                        let mut head = lock(&shared.head);
+                        if head.as_ref().is_none_or(|h| h.id < appended.id) {
+                            *head = Some(appended.clone());
+                        }
+                    }
+                    if let Some(observe) = shared.observer.get() {
+                        observe(event, &appended);
+                    }
+                    // A caller that went away no longer needs its answer.
+                    let _ = done.send(Ok(appended));
+                }
+            }
+            Err(e) => {
+                tracing::error!(rows = waiters.len(), error = %e, "audit append failed");
+                for done in waiters {
+                    let _ = done.send(Err(AuditError::NotWritten(e.clone())));
+                }
+            }
+        }
     }
 }

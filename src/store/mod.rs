@@ -249,8 +249,9 @@ pub struct StoredAuditRow {
 /// truncated to the microsecond). See `audit::ChainKey::mac`.
 pub type ChainMacFn<'a> = &'a (dyn Fn(Option<&str>, &AuditEvent) -> String + Send + Sync);
 
-/// A store failure. Never carries secrets.
-#[derive(Debug, thiserror::Error)]
+/// A store failure. Never carries secrets. `Clone`, so one failed audit
+/// batch can answer each of its waiters.
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached or refused the connection.
     #[error("database unavailable: {0}")]
@@ -444,18 +445,35 @@ pub trait Store: Send + Sync + 'static {
     async fn append_audit(&self, event: &AuditEvent) -> Result<i64, StoreError>;
 
     /// Appends `event` as the next link of the audit chain and returns its
-    /// id and MAC. Under the same serialization as
-    /// [`Store::append_audit`] (PostgreSQL: a transaction-scoped advisory
-    /// lock; SQLite: one writer transaction), reads the newest row's `mac`,
-    /// calls `mac` with it and the event as stored, and writes the row with
-    /// the result, all in one transaction: nothing is written on error.
-    /// Ids of chained rows are contiguous (PostgreSQL: newest id + 1;
-    /// SQLite: AUTOINCREMENT, which never reuses an id).
+    /// id and MAC: [`Store::append_audit_chained_batch`] of one event.
     async fn append_audit_chained(
         &self,
         event: &AuditEvent,
         mac: ChainMacFn<'_>,
-    ) -> Result<(i64, String), StoreError>;
+    ) -> Result<(i64, String), StoreError> {
+        let mut appended = self
+            .append_audit_chained_batch(std::slice::from_ref(event), mac)
+            .await?;
+        appended
+            .pop()
+            .ok_or_else(|| StoreError::Database("audit append returned no row".into()))
+    }
+
+    /// Appends `events`, in order, as the next links of the audit chain,
+    /// and returns each one's id and MAC in the same order. Under the same
+    /// serialization as [`Store::append_audit`] (PostgreSQL: a
+    /// transaction-scoped advisory lock; SQLite: one writer transaction),
+    /// reads the newest row's `mac`, calls `mac` with it and each event as
+    /// stored (each row's MAC feeding the next), and writes the rows, all
+    /// in one transaction: all are written or, on error, none. Ids of
+    /// chained rows are contiguous (PostgreSQL: newest id + 1; SQLite:
+    /// AUTOINCREMENT, which never reuses an id). An empty `events` writes
+    /// nothing and touches no database.
+    async fn append_audit_chained_batch(
+        &self,
+        events: &[AuditEvent],
+        mac: ChainMacFn<'_>,
+    ) -> Result<Vec<(i64, String)>, StoreError>;
 
     /// Audit rows with id > `after_id`, oldest first, at most `limit`,
     /// with their stored MACs; unparsable rows are returned, not skipped.

@@ -189,6 +189,11 @@ fn claim_end(now: Timestamp, claim_for: Duration) -> Result<Timestamp, StoreErro
         .ok_or_else(|| StoreError::Database("claim duration is out of range".into()))
 }
 
+/// A value sqlx could not encode as an argument.
+fn bind_error(err: sqlx::error::BoxDynError) -> StoreError {
+    StoreError::Database(err.to_string())
+}
+
 fn corrupt(err: sqlx::Error) -> StoreError {
     StoreError::Corrupt(err.to_string())
 }
@@ -263,55 +268,82 @@ macro_rules! update_lease {
     }};
 }
 
-/// Appends `$event` under the dialect's append serialization, with the MAC
-/// `$mac` (an `Option<ChainMacFn>`) computes from the newest row's MAC and
-/// the event as stored; evaluates to `(id, mac)`.
+/// Most audit rows one INSERT statement carries: 14 binds each, within
+/// SQLite's oldest bind limit (999), and few distinct statement shapes for
+/// the connection's statement cache.
+const AUDIT_ROWS_PER_INSERT: usize = 32;
+
+/// `INSERT INTO audit_events (...) VALUES (...), ...` for `rows` rows.
+fn audit_insert<DB: Dialect>(rows: usize) -> String {
+    let values = (0..rows)
+        .map(|r| format!("({})", placeholders(1 + r * 14, 14)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "INSERT INTO audit_events ({AUDIT_COLUMNS}) {} VALUES {values}",
+        DB::AUDIT_INSERT_ID
+    )
+}
+
+/// Appends `$events` (a slice), in order, under the dialect's append
+/// serialization, in one transaction, each with the MAC `$mac` (an
+/// `Option<ChainMacFn>`) computes from the MAC before it and the event as
+/// stored; evaluates to a `Vec<(id, mac)>` in the same order.
 macro_rules! append_audit {
-    ($store:expr, $event:expr, $mac:expr) => {{
-        let event: &AuditEvent = $event;
-        let mut tx = DB::begin_audit_append(&$store.pool).await?;
-        let (last_id, prev): (i64, Option<String>) = sqlx::query_as(&format!(
-            "SELECT {} AS id, \
-             (SELECT mac FROM audit_events ORDER BY id DESC LIMIT 1) AS mac",
-            DB::LAST_AUDIT_ID
-        ))
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(map_sqlx)?;
-        let id = last_id
-            .checked_add(1)
-            .ok_or_else(|| StoreError::Database("audit id space exhausted".into()))?;
-        let time = event.time;
-        let stored = AuditEvent {
-            id,
-            time: time.into(),
-            ..event.clone()
-        };
-        let mac = $mac.map(|mac| mac(prev.as_deref(), &stored));
-        sqlx::query(&format!(
-            "INSERT INTO audit_events ({AUDIT_COLUMNS}) {} VALUES ({})",
-            DB::AUDIT_INSERT_ID,
-            placeholders(1, 14)
-        ))
-        .bind(id)
-        .bind(time)
-        .bind(stored.identity)
-        .bind(stored.peer)
-        .bind(stored.action)
-        .bind(stored.outcome)
-        .bind(stored.reason)
-        .bind(stored.policy_rule)
-        .bind(stored.lease_id)
-        .bind(stored.organization)
-        .bind(stored.scopes)
-        .bind(stored.token_fingerprint)
-        .bind(stored.caller_detail)
-        .bind(mac.clone())
-        .execute(&mut *tx)
-        .await
-        .map_err(map_sqlx)?;
-        tx.commit().await.map_err(map_sqlx)?;
-        (id, mac)
+    ($store:expr, $events:expr, $mac:expr) => {{
+        let events: &[AuditEvent] = $events;
+        let mac: Option<ChainMacFn<'_>> = $mac;
+        let mut appended: Vec<(i64, Option<String>)> = Vec::with_capacity(events.len());
+        if !events.is_empty() {
+            let mut tx = DB::begin_audit_append(&$store.pool).await?;
+            let (last_id, mut prev): (i64, Option<String>) = sqlx::query_as(&format!(
+                "SELECT {} AS id, \
+                 (SELECT mac FROM audit_events ORDER BY id DESC LIMIT 1) AS mac",
+                DB::LAST_AUDIT_ID
+            ))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_sqlx)?;
+            let mut id = last_id;
+            for chunk in events.chunks(AUDIT_ROWS_PER_INSERT) {
+                // Before the arguments, which borrow it for as long as they live.
+                let insert = audit_insert::<DB>(chunk.len());
+                let mut args = DB::Arguments::default();
+                for event in chunk {
+                    id = id
+                        .checked_add(1)
+                        .ok_or_else(|| StoreError::Database("audit id space exhausted".into()))?;
+                    let stored = AuditEvent {
+                        id,
+                        time: event.time.into(),
+                        ..event.clone()
+                    };
+                    let row_mac = mac.map(|mac| mac(prev.as_deref(), &stored));
+                    args.add(id).map_err(bind_error)?;
+                    args.add(event.time).map_err(bind_error)?;
+                    args.add(stored.identity).map_err(bind_error)?;
+                    args.add(stored.peer).map_err(bind_error)?;
+                    args.add(stored.action).map_err(bind_error)?;
+                    args.add(stored.outcome).map_err(bind_error)?;
+                    args.add(stored.reason).map_err(bind_error)?;
+                    args.add(stored.policy_rule).map_err(bind_error)?;
+                    args.add(stored.lease_id).map_err(bind_error)?;
+                    args.add(stored.organization).map_err(bind_error)?;
+                    args.add(stored.scopes).map_err(bind_error)?;
+                    args.add(stored.token_fingerprint).map_err(bind_error)?;
+                    args.add(stored.caller_detail).map_err(bind_error)?;
+                    args.add(row_mac.clone()).map_err(bind_error)?;
+                    prev = row_mac.clone();
+                    appended.push((id, row_mac));
+                }
+                sqlx::query_with(&insert, args)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_sqlx)?;
+            }
+            tx.commit().await.map_err(map_sqlx)?;
+        }
+        appended
     }};
 }
 
@@ -667,17 +699,20 @@ where
     }
 
     async fn append_audit(&self, event: &AuditEvent) -> Result<i64, StoreError> {
-        let (id, _) = append_audit!(self, event, None::<ChainMacFn<'_>>);
-        Ok(id)
+        let appended = append_audit!(self, std::slice::from_ref(event), None);
+        Ok(appended[0].0)
     }
 
-    async fn append_audit_chained(
+    async fn append_audit_chained_batch(
         &self,
-        event: &AuditEvent,
+        events: &[AuditEvent],
         mac: ChainMacFn<'_>,
-    ) -> Result<(i64, String), StoreError> {
-        let (id, mac) = append_audit!(self, event, Some(mac));
-        Ok((id, mac.unwrap_or_default()))
+    ) -> Result<Vec<(i64, String)>, StoreError> {
+        let appended = append_audit!(self, events, Some(mac));
+        Ok(appended
+            .into_iter()
+            .map(|(id, mac)| (id, mac.unwrap_or_default()))
+            .collect())
     }
 
     async fn list_audit_chain(

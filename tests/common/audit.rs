@@ -94,6 +94,16 @@ impl AuditDb {
         }
     }
 
+    /// One integer a PostgreSQL query answers, outside the store.
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        assert!(self.postgres, "scalar is for PostgreSQL");
+        let mut conn = PgConnection::connect(&self.url).await.expect("connect");
+        sqlx::query_scalar(sql)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
     /// A SQL expression for `time` moved one year back.
     pub fn earlier_time(&self) -> &'static str {
         if self.postgres {
