@@ -17,6 +17,7 @@ use token_broker::audit::{
 };
 use token_broker::crypto::Keyring;
 use token_broker::domain::LeaseId;
+use token_broker::store::AuditAppend;
 
 on_both_stores!(
     postgres = crate::common::audit::AuditDb::postgres().await,
@@ -379,13 +380,23 @@ async fn a_batch_longer_than_one_insert_is_one_contiguous_run_of_the_chain(db: A
     let log = AuditLog::new(db.store.clone(), chain_key(&key));
     append_n(&log, 2).await;
     let events: Vec<AuditEvent> = (3..=102).map(event).collect();
+    let appends: Vec<AuditAppend> = events
+        .iter()
+        .map(|event| AuditAppend {
+            event: event.clone(),
+            lease_write: None,
+        })
+        .collect();
     let chain = chain_key(&key);
     let mac = |prev: Option<&str>, stored: &AuditEvent| chain.mac(prev, stored);
-    let rows = db
+    let rows: Vec<(i64, String)> = db
         .store
-        .append_audit_chained_batch(&events, &mac)
+        .append_audit_chained_batch(&appends, &mac)
         .await
-        .unwrap();
+        .unwrap()
+        .into_iter()
+        .map(|row| row.expect("no lease write, always written"))
+        .collect();
     assert_eq!(
         rows.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
         (3..=102).collect::<Vec<_>>()

@@ -15,7 +15,8 @@ use token_broker::domain::{
     AuthorizationId, Identity, LeaseId, LeaseState, Organization, ScopeSet, Timestamp,
 };
 use token_broker::store::{
-    CreateOutcome, IdempotencyRecord, LeaseFilter, LeaseRecord, PageCursor, Store, StoreError, Work,
+    AuditAppend, CreateOutcome, IdempotencyRecord, LeaseFilter, LeaseRecord, LeaseWrite,
+    PageCursor, Store, StoreError, Work,
 };
 use uuid::Uuid;
 
@@ -67,6 +68,7 @@ conformance!(
     leases_in_a_state_are_counted_across_holders,
     audit_events_list_in_append_order_after_an_id,
     concurrent_audit_appends_all_land_with_distinct_increasing_ids,
+    a_lease_write_and_its_audit_row_land_together_or_not_at_all,
     concurrent_meta_writers_agree_on_the_first_value,
     upstream_credential_saves_only_on_the_expected_version,
     timestamps_round_trip_with_microseconds_in_utc,
@@ -1033,6 +1035,70 @@ async fn concurrent_audit_appends_all_land_with_distinct_increasing_ids(store: A
     assert_eq!(listed, ids);
     ids.dedup();
     assert_eq!(ids.len(), 30);
+}
+
+/// One transaction, three appends: a lease write that applies (its row is
+/// written), one whose compare-and-set misses (neither it nor its row is
+/// written) and a plain event; the written rows are contiguous.
+async fn a_lease_write_and_its_audit_row_land_together_or_not_at_all(store: Arc<dyn Store>) {
+    let moving = pending("svc-a", t0());
+    let moved = lease("svc-b", t0());
+    create(&store, &moving).await;
+    create(&store, &moved).await;
+    let activated = LeaseRecord {
+        state: LeaseState::Active,
+        authorization_id: Some(AuthorizationId::from_uuid(Uuid::new_v4())),
+        sealed_token: Some(sealed(9)),
+        update_time: t0() + secs(1),
+        ..moving.clone()
+    };
+    let stale = LeaseRecord {
+        state: LeaseState::Revoked,
+        update_time: t0() + secs(1),
+        ..moved.clone()
+    };
+    let appends = vec![
+        AuditAppend {
+            event: audit("lease.create", Outcome::Allowed),
+            lease_write: Some(LeaseWrite {
+                lease: activated.clone(),
+                expected: LeaseState::Pending,
+                unchanged_since: None,
+            }),
+        },
+        AuditAppend {
+            event: audit("lease.revoke", Outcome::Allowed),
+            // Stored ACTIVE, not PENDING: the write misses.
+            lease_write: Some(LeaseWrite {
+                lease: stale,
+                expected: LeaseState::Pending,
+                unchanged_since: None,
+            }),
+        },
+        AuditAppend {
+            event: audit("policy.reload", Outcome::Allowed),
+            lease_write: None,
+        },
+    ];
+    let mac = |prev: Option<&str>, _: &AuditEvent| format!("{}+", prev.unwrap_or(""));
+    let rows = store
+        .append_audit_chained_batch(&appends, &mac)
+        .await
+        .unwrap();
+    assert_eq!(
+        rows,
+        vec![Some((1, "+".to_owned())), None, Some((2, "++".to_owned()))]
+    );
+    assert_eq!(store.get_lease(moving.id).await.unwrap(), Some(activated));
+    assert_eq!(store.get_lease(moved.id).await.unwrap(), Some(moved));
+    let actions: Vec<String> = store
+        .list_audit(0, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.action)
+        .collect();
+    assert_eq!(actions, ["lease.create", "policy.reload"]);
 }
 
 async fn concurrent_meta_writers_agree_on_the_first_value(store: Arc<dyn Store>) {

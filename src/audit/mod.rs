@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use tokio::sync::oneshot;
 
 use crate::error::{ErrorCode, ServiceError};
-use crate::store::{Store, StoreError};
+use crate::store::{AuditAppend, LeaseWrite, Store, StoreError};
 
 pub mod chain;
 mod refusals;
@@ -119,10 +119,11 @@ struct Queue {
     flushing: bool,
 }
 
-/// One queued event and where its outcome goes.
+/// One queued append and where its outcome goes (`None`: its lease write
+/// did not apply, nothing was written for it).
 struct Waiter {
-    event: AuditEvent,
-    done: oneshot::Sender<Result<AppendedEvent, AuditError>>,
+    append: AuditAppend,
+    done: oneshot::Sender<Result<Option<AppendedEvent>, AuditError>>,
 }
 
 /// Called after every append with the event and where it landed (e.g. to
@@ -172,13 +173,44 @@ impl AuditLog {
     /// transaction gets the same error), and the caller must fail closed
     /// (see the module doc).
     pub async fn append(&self, event: &AuditEvent) -> Result<AppendedEvent, AuditError> {
+        let append = AuditAppend {
+            event: event.clone(),
+            lease_write: None,
+        };
+        self.enqueue(append).await?.ok_or_else(|| {
+            AuditError::NotWritten(StoreError::Database(
+                "an audit row without a lease write was not written".into(),
+            ))
+        })
+    }
+
+    /// Writes `write` and appends `event` in one transaction, the row only
+    /// if the write applies (compare-and-set; see [`LeaseWrite`]): a lease
+    /// change and its audit row land together or not at all. Otherwise as
+    /// [`AuditLog::append`].
+    ///
+    /// Returns `Ok(None)` when the lease had moved: nothing was written.
+    /// Errors: [`AuditError::NotWritten`]; neither the lease nor the row
+    /// was written.
+    pub async fn append_with(
+        &self,
+        event: &AuditEvent,
+        write: LeaseWrite,
+    ) -> Result<Option<AppendedEvent>, AuditError> {
+        self.enqueue(AuditAppend {
+            event: event.clone(),
+            lease_write: Some(write),
+        })
+        .await
+    }
+
+    /// Queues `append` for the appending task (starting one if none runs)
+    /// and waits for its outcome.
+    async fn enqueue(&self, append: AuditAppend) -> Result<Option<AppendedEvent>, AuditError> {
         let (done, outcome) = oneshot::channel();
         let start = {
             let mut queue = lock(&self.shared.queue);
-            queue.waiting.push(Waiter {
-                event: event.clone(),
-                done,
-            });
+            queue.waiting.push(Waiter { append, done });
             !std::mem::replace(&mut queue.flushing, true)
         };
         if start {
@@ -191,9 +223,11 @@ impl AuditLog {
                 "the audit appender stopped before confirming the row".into(),
             )))
         })?;
-        // Here, not in the appending task, so the line carries the caller's
-        // span (its request).
-        tracing::info!(audit_id = appended.id, mac = %appended.mac, "audit chain head");
+        if let Some(appended) = &appended {
+            // Here, not in the appending task, so the line carries the
+            // caller's span (its request).
+            tracing::info!(audit_id = appended.id, mac = %appended.mac, "audit chain head");
+        }
         Ok(appended)
     }
 
@@ -234,26 +268,28 @@ async fn flush(shared: Arc<Shared>) {
             }
             queue.waiting.drain(..n).collect()
         };
-        let (events, waiters): (Vec<AuditEvent>, Vec<_>) =
-            batch.into_iter().map(|w| (w.event, w.done)).unzip();
+        let (appends, waiters): (Vec<AuditAppend>, Vec<_>) =
+            batch.into_iter().map(|w| (w.append, w.done)).unzip();
         let key = &shared.key;
         let mac_of = |prev: Option<&str>, stored: &AuditEvent| key.mac(prev, stored);
         match shared
             .store
-            .append_audit_chained_batch(&events, &mac_of)
+            .append_audit_chained_batch(&appends, &mac_of)
             .await
         {
             Ok(rows) => {
-                for ((event, done), (id, mac)) in events.iter().zip(waiters).zip(rows) {
-                    let appended = AppendedEvent { id, mac };
-                    {
-                        let mut head = lock(&shared.head);
-                        if head.as_ref().is_none_or(|h| h.id < appended.id) {
-                            *head = Some(appended.clone());
+                for ((append, done), row) in appends.iter().zip(waiters).zip(rows) {
+                    let appended = row.map(|(id, mac)| AppendedEvent { id, mac });
+                    if let Some(appended) = &appended {
+                        {
+                            let mut head = lock(&shared.head);
+                            if head.as_ref().is_none_or(|h| h.id < appended.id) {
+                                *head = Some(appended.clone());
+                            }
                         }
-                    }
-                    if let Some(observe) = shared.observer.get() {
-                        observe(event, &appended);
+                        if let Some(observe) = shared.observer.get() {
+                            observe(&append.event, appended);
+                        }
                     }
                     // A caller that went away no longer needs its answer.
                     let _ = done.send(Ok(appended));

@@ -11,7 +11,7 @@ use super::{LeaseDeps, LeaseError};
 use crate::audit::{AuditEvent, AuditLog, Outcome};
 use crate::auth::Caller;
 use crate::domain::Timestamp;
-use crate::store::LeaseRecord;
+use crate::store::{LeaseRecord, LeaseWrite};
 
 /// The actor recorded in audit events written by background work. Not a
 /// typed identity kind, so no caller can ever pose as it.
@@ -77,6 +77,52 @@ impl Actor {
 pub(super) async fn audit_grant(deps: &LeaseDeps, event: &AuditEvent) -> Result<(), LeaseError> {
     deps.audit.append(event).await?;
     Ok(())
+}
+
+/// [`audit_grant`] of a grant that is a lease write (ACTIVE after the
+/// upstream create): the write and its audit row are one transaction
+/// ([`AuditLog::append_with`]). False when the lease had moved (nothing
+/// written). Fails closed like [`audit_grant`]: on error neither is written.
+pub(super) async fn audit_grant_with(
+    deps: &LeaseDeps,
+    event: &AuditEvent,
+    write: LeaseWrite,
+) -> Result<bool, LeaseError> {
+    Ok(deps.audit.append_with(event, write).await?.is_some())
+}
+
+/// A lease write that goes ahead whether or not it is audited (a
+/// revocation's outcome), with its audit row in the same transaction when
+/// it can be: if that transaction fails, the write is tried alone and the
+/// row goes to [`audit_best_effort`]. Returns whether the write applied;
+/// errors only when the write alone fails.
+pub(super) async fn write_audited(
+    deps: &LeaseDeps,
+    event: AuditEvent,
+    write: LeaseWrite,
+) -> Result<bool, LeaseError> {
+    match deps.audit.append_with(&event, write.clone()).await {
+        Ok(appended) => Ok(appended.is_some()),
+        Err(e) => {
+            tracing::warn!(action = %event.action, error = %e, "lease write and its audit row failed together; writing the lease alone");
+            let applied = match write.unchanged_since {
+                Some(read) => {
+                    deps.store
+                        .update_lease_unchanged(&write.lease, write.expected, read)
+                        .await?
+                }
+                None => {
+                    deps.store
+                        .update_lease(&write.lease, write.expected)
+                        .await?
+                }
+            };
+            if applied {
+                audit_best_effort(deps, event).await;
+            }
+            Ok(applied)
+        }
+    }
 }
 
 /// How long a background retry of an audit row keeps trying: about an hour

@@ -4,10 +4,8 @@
 
 use std::time::Duration;
 
-use super::auditing::{audit_best_effort, audit_grant, Actor};
-use super::revocation::{
-    begin_revocation, finish_revocation, revoke_by_display_name, revoke_upstream,
-};
+use super::auditing::{audit_best_effort, audit_grant, audit_grant_with, Actor};
+use super::revocation::{revoke_by_display_name, revoke_upstream};
 use super::sealing::{open_token, seal_token};
 use super::time::{chrono_duration, now};
 use super::{CreateLease, IssuedLease, LeaseDeps, LeaseError};
@@ -17,7 +15,7 @@ use crate::domain::Timestamp;
 use crate::domain::{LeaseId, LeaseState};
 use crate::error::ServiceError as _;
 use crate::policy::Decision;
-use crate::store::{CreateOutcome, IdempotencyRecord, LeaseRecord};
+use crate::store::{CreateOutcome, IdempotencyRecord, LeaseRecord, LeaseWrite};
 use crate::upstream::{CreatePat, UpstreamError};
 
 /// How long a retry waits for an earlier attempt with the same request_id
@@ -309,31 +307,29 @@ async fn mint(
         wanted_valid_to,
     );
 
-    let stored = match deps.store.update_lease(&lease, expected).await {
+    // Fail closed: ACTIVE and its audit row are one transaction, so a
+    // grant that is not audited does not happen.
+    let event = AuditEvent {
+        policy_rule: Some(rule.to_owned()),
+        token_fingerprint: Some(deps.fingerprinter.fingerprint(&token)),
+        ..Actor::caller(caller).lease_event(ACTION, Outcome::Allowed, &lease, now)
+    };
+    let write = LeaseWrite {
+        lease: lease.clone(),
+        expected,
+        unchanged_since: None,
+    };
+    let stored = match audit_grant_with(deps, &event, write).await {
         Ok(true) => Ok(()),
         // The reconciler (or an admin) settled the lease while the create
         // was in flight: this attempt is abandoned, a retry mints afresh.
         Ok(false) => Err(LeaseError::Abandoned),
-        Err(e) => Err(e.into()),
+        Err(e) => Err(e),
     };
     if let Err(e) = stored {
-        // Never leave a PAT live without an ACTIVE lease row.
+        // Never leave a PAT live without an ACTIVE, audited lease row.
+        tracing::error!(lease_id = %lease.id, error = %e, "could not record the grant; revoking its PAT");
         abandon_minted(deps, &lease).await;
-        return Err(e);
-    }
-
-    let actor = Actor::caller(caller);
-    let event = AuditEvent {
-        policy_rule: Some(rule.to_owned()),
-        token_fingerprint: Some(deps.fingerprinter.fingerprint(&token)),
-        ..actor.lease_event(ACTION, Outcome::Allowed, &lease, now)
-    };
-    if let Err(e) = audit_grant(deps, &event).await {
-        // Fail closed: a grant that is not audited does not happen.
-        tracing::error!(lease_id = %lease.id, error = %e, "audit of a grant failed; revoking the lease");
-        if let Ok(Some(revoking)) = begin_revocation(deps, &lease, now).await {
-            let _ = finish_revocation(deps, &revoking, &actor, crate::audit::LEASE_REVOKE).await;
-        }
         return Err(e);
     }
     tracing::info!(lease_id = %lease.id, holder = %lease.holder, organization = %lease.organization, "lease issued");

@@ -7,14 +7,14 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 
-use super::auditing::{audit_best_effort, Actor};
+use super::auditing::{write_audited, Actor};
 use super::sealing::lease_token_fingerprint;
 use super::time::now;
 use super::{LeaseDeps, LeaseError, RetrySchedule};
 use crate::audit::{AuditEvent, Outcome};
 use crate::domain::Timestamp;
 use crate::domain::{AuthorizationId, LeaseState, Organization};
-use crate::store::LeaseRecord;
+use crate::store::{LeaseRecord, LeaseWrite};
 use crate::upstream::{DisplayFilter, ListPats, UpstreamError};
 
 impl RetrySchedule {
@@ -111,15 +111,19 @@ pub(super) async fn finish_revocation(
             (Outcome::Error, Some("UPSTREAM_REVOKE_FAILED".to_owned()))
         }
     };
-    if !deps.store.update_lease(&next, expected).await? {
-        return Ok(None);
-    }
     let event = AuditEvent {
         reason,
         token_fingerprint: lease_token_fingerprint(deps, &next),
         ..actor.lease_event(action, outcome, &next, now)
     };
-    audit_best_effort(deps, event).await;
+    let write = LeaseWrite {
+        lease: next.clone(),
+        expected,
+        unchanged_since: None,
+    };
+    if !write_audited(deps, event, write).await? {
+        return Ok(None);
+    }
     Ok(Some(next))
 }
 

@@ -243,6 +243,31 @@ pub struct StoredAuditRow {
     pub mac: Option<String>,
 }
 
+/// A lease write an audit row records: written in the row's transaction,
+/// and the row only if it applies, so the change and its audit row land
+/// together or not at all.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LeaseWrite {
+    /// The lease as it is to be stored (every mutable field is written, as
+    /// by [`Store::update_lease`]).
+    pub lease: LeaseRecord,
+    /// The stored state it must still have (compare-and-set).
+    pub expected: LeaseState,
+    /// If set, the stored `update_time` it must still have, as for
+    /// [`Store::update_lease_unchanged`].
+    pub unchanged_since: Option<Timestamp>,
+}
+
+/// One audit event to chain, with the lease write it records, if any.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AuditAppend {
+    /// The event (its `id` is ignored; the chain assigns it).
+    pub event: AuditEvent,
+    /// Written first in the same transaction; the event is appended only if
+    /// this applies.
+    pub lease_write: Option<LeaseWrite>,
+}
+
 /// Computes a chained audit row's MAC for [`Store::append_audit_chained`]
 /// from the previous row's `mac` (`None` when there is no earlier row or it
 /// has no MAC) and the event exactly as it will be stored (id assigned, time
@@ -451,29 +476,37 @@ pub trait Store: Send + Sync + 'static {
         event: &AuditEvent,
         mac: ChainMacFn<'_>,
     ) -> Result<(i64, String), StoreError> {
-        let mut appended = self
-            .append_audit_chained_batch(std::slice::from_ref(event), mac)
+        let append = AuditAppend {
+            event: event.clone(),
+            lease_write: None,
+        };
+        let appended = self
+            .append_audit_chained_batch(std::slice::from_ref(&append), mac)
             .await?;
         appended
-            .pop()
+            .into_iter()
+            .next()
+            .flatten()
             .ok_or_else(|| StoreError::Database("audit append returned no row".into()))
     }
 
-    /// Appends `events`, in order, as the next links of the audit chain,
-    /// and returns each one's id and MAC in the same order. Under the same
-    /// serialization as [`Store::append_audit`] (PostgreSQL: a
-    /// transaction-scoped advisory lock; SQLite: one writer transaction),
-    /// reads the newest row's `mac`, calls `mac` with it and each event as
-    /// stored (each row's MAC feeding the next), and writes the rows, all
-    /// in one transaction: all are written or, on error, none. Ids of
+    /// Appends `appends`, in order, as the next links of the audit chain,
+    /// and returns each one's id and MAC in the same order: `None` for one
+    /// whose [`LeaseWrite`] did not apply (the lease had moved), which
+    /// wrote nothing. In one transaction under the same serialization as
+    /// [`Store::append_audit`] (PostgreSQL: a transaction-scoped advisory
+    /// lock; SQLite: one writer transaction): writes each lease write
+    /// (compare-and-set), reads the newest row's `mac`, calls `mac` with it
+    /// and each event as stored (each row's MAC feeding the next), and
+    /// writes the rows. All of it is written or, on error, none. Ids of
     /// chained rows are contiguous (PostgreSQL: newest id + 1; SQLite:
-    /// AUTOINCREMENT, which never reuses an id). An empty `events` writes
+    /// AUTOINCREMENT, which never reuses an id). An empty `appends` writes
     /// nothing and touches no database.
     async fn append_audit_chained_batch(
         &self,
-        events: &[AuditEvent],
+        appends: &[AuditAppend],
         mac: ChainMacFn<'_>,
-    ) -> Result<Vec<(i64, String)>, StoreError>;
+    ) -> Result<Vec<Option<(i64, String)>>, StoreError>;
 
     /// Audit rows with id > `after_id`, oldest first, at most `limit`,
     /// with their stored MACs; unparsable rows are returned, not skipped.

@@ -24,8 +24,8 @@ use uuid::Uuid;
 
 use super::codec::{self, AuditRow, UuidColumn};
 use super::{
-    map_sqlx, AuditFilter, ChainMacFn, CreateOutcome, IdempotencyRecord, LeaseFilter, LeaseRecord,
-    PageCursor, Store, StoreError, StoredAuditRow, UpstreamCredential, Work,
+    map_sqlx, AuditAppend, AuditFilter, ChainMacFn, CreateOutcome, IdempotencyRecord, LeaseFilter,
+    LeaseRecord, PageCursor, Store, StoreError, StoredAuditRow, UpstreamCredential, Work,
 };
 use crate::crypto::Sealed;
 use crate::domain::{AuditEvent, Outcome};
@@ -285,17 +285,38 @@ fn audit_insert<DB: Dialect>(rows: usize) -> String {
     )
 }
 
-/// Appends `$events` (a slice), in order, under the dialect's append
-/// serialization, in one transaction, each with the MAC `$mac` (an
-/// `Option<ChainMacFn>`) computes from the MAC before it and the event as
-/// stored; evaluates to a `Vec<(id, mac)>` in the same order.
+/// Appends `$appends` (a slice of [`AuditAppend`]), in order, under the
+/// dialect's append serialization, in one transaction: each lease write
+/// first (compare-and-set), then the events whose write applied (or that
+/// have none), each with the MAC `$mac` (an `Option<ChainMacFn>`) computes
+/// from the MAC before it and the event as stored; evaluates to a
+/// `Vec<Option<(id, mac)>>` in the same order, `None` where the lease write
+/// did not apply.
 macro_rules! append_audit {
-    ($store:expr, $events:expr, $mac:expr) => {{
-        let events: &[AuditEvent] = $events;
+    ($store:expr, $appends:expr, $mac:expr) => {{
+        let appends: &[AuditAppend] = $appends;
         let mac: Option<ChainMacFn<'_>> = $mac;
-        let mut appended: Vec<(i64, Option<String>)> = Vec::with_capacity(events.len());
-        if !events.is_empty() {
+        let mut appended: Vec<Option<(i64, Option<String>)>> = Vec::with_capacity(appends.len());
+        if !appends.is_empty() {
             let mut tx = DB::begin_audit_append(&$store.pool).await?;
+            let mut events = Vec::with_capacity(appends.len());
+            for append in appends {
+                let applies = match &append.lease_write {
+                    None => true,
+                    Some(write) => {
+                        bind_mutable!(sqlx::query(&UPDATE_LEASE), &write.lease)
+                            .bind(write.lease.id)
+                            .bind(write.expected)
+                            .bind(write.unchanged_since)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(map_sqlx)?
+                            .rows_affected()
+                            == 1
+                    }
+                };
+                events.push(applies.then_some(&append.event));
+            }
             let (last_id, mut prev): (i64, Option<String>) = sqlx::query_as(&format!(
                 "SELECT {} AS id, \
                  (SELECT mac FROM audit_events ORDER BY id DESC LIMIT 1) AS mac",
@@ -305,7 +326,9 @@ macro_rules! append_audit {
             .await
             .map_err(map_sqlx)?;
             let mut id = last_id;
-            for chunk in events.chunks(AUDIT_ROWS_PER_INSERT) {
+            let written: Vec<&AuditEvent> = events.iter().flatten().copied().collect();
+            let mut rows = Vec::with_capacity(written.len());
+            for chunk in written.chunks(AUDIT_ROWS_PER_INSERT) {
                 // Before the arguments, which borrow it for as long as they live.
                 let insert = audit_insert::<DB>(chunk.len());
                 let mut args = DB::Arguments::default();
@@ -316,7 +339,7 @@ macro_rules! append_audit {
                     let stored = AuditEvent {
                         id,
                         time: event.time.into(),
-                        ..event.clone()
+                        ..(*event).clone()
                     };
                     let row_mac = mac.map(|mac| mac(prev.as_deref(), &stored));
                     args.add(id).map_err(bind_error)?;
@@ -334,7 +357,7 @@ macro_rules! append_audit {
                     args.add(stored.caller_detail).map_err(bind_error)?;
                     args.add(row_mac.clone()).map_err(bind_error)?;
                     prev = row_mac.clone();
-                    appended.push((id, row_mac));
+                    rows.push((id, row_mac));
                 }
                 sqlx::query_with(&insert, args)
                     .execute(&mut *tx)
@@ -342,6 +365,8 @@ macro_rules! append_audit {
                     .map_err(map_sqlx)?;
             }
             tx.commit().await.map_err(map_sqlx)?;
+            let mut rows = rows.into_iter();
+            appended.extend(events.iter().map(|e| e.and_then(|_| rows.next())));
         }
         appended
     }};
@@ -699,19 +724,28 @@ where
     }
 
     async fn append_audit(&self, event: &AuditEvent) -> Result<i64, StoreError> {
-        let appended = append_audit!(self, std::slice::from_ref(event), None);
-        Ok(appended[0].0)
+        let append = AuditAppend {
+            event: event.clone(),
+            lease_write: None,
+        };
+        let appended = append_audit!(self, std::slice::from_ref(&append), None);
+        appended
+            .into_iter()
+            .next()
+            .flatten()
+            .map(|(id, _)| id)
+            .ok_or_else(|| StoreError::Database("audit append returned no row".into()))
     }
 
     async fn append_audit_chained_batch(
         &self,
-        events: &[AuditEvent],
+        appends: &[AuditAppend],
         mac: ChainMacFn<'_>,
-    ) -> Result<Vec<(i64, String)>, StoreError> {
-        let appended = append_audit!(self, events, Some(mac));
+    ) -> Result<Vec<Option<(i64, String)>>, StoreError> {
+        let appended = append_audit!(self, appends, Some(mac));
         Ok(appended
             .into_iter()
-            .map(|(id, mac)| (id, mac.unwrap_or_default()))
+            .map(|row| row.map(|(id, mac)| (id, mac.unwrap_or_default())))
             .collect())
     }
 
