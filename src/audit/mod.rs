@@ -170,8 +170,9 @@ impl AuditLog {
     ///
     /// Errors: [`AuditError::NotWritten`] when the row cannot be written;
     /// nothing of its transaction is written then (every row of that
-    /// transaction gets the same error), and the caller must fail closed
-    /// (see the module doc).
+    /// transaction gets the same error, and when the database was
+    /// unreachable, so does every row queued meanwhile), and the caller
+    /// must fail closed (see the module doc).
     pub async fn append(&self, event: &AuditEvent) -> Result<AppendedEvent, AuditError> {
         let append = AuditAppend {
             event: event.clone(),
@@ -296,8 +297,15 @@ async fn flush(shared: Arc<Shared>) {
                 }
             }
             Err(e) => {
-                tracing::error!(rows = waiters.len(), error = %e, "audit append failed");
-                for done in waiters {
+                let mut failed = waiters;
+                if matches!(e, StoreError::Unavailable(_)) {
+                    // The database was unreachable for as long as these
+                    // waited: answer them now rather than let each queue
+                    // for an attempt of its own (one timeout, not several).
+                    failed.extend(lock(&shared.queue).waiting.drain(..).map(|w| w.done));
+                }
+                tracing::error!(rows = failed.len(), error = %e, "audit append failed");
+                for done in failed {
                     let _ = done.send(Err(AuditError::NotWritten(e.clone())));
                 }
             }
