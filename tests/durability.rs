@@ -31,6 +31,8 @@ on_both_stores!(
     a_stale_pending_lease_under_an_incomplete_listing_is_failed_and_its_unseen_pat_swept,
     a_revoke_failed_lease_met_by_the_sweep_is_finished_the_normal_way,
     a_create_that_outlives_the_reconcile_bound_is_abandoned_cleanly_and_its_retry_mints,
+    a_sweep_over_several_pages_revokes_exactly_the_orphans_and_keeps_live_leases_pats,
+    one_reconcile_pass_lists_each_organization_once_and_revokes_every_stale_pending_leases_pat,
 );
 
 /// The display name the test broker (deployment `test-deployment`) gives
@@ -718,5 +720,194 @@ async fn a_revoke_failed_lease_met_by_the_sweep_is_finished_the_normal_way(backe
         deletes_of(&url, &pat).await,
         2,
         "the failed one and the sweep's"
+    );
+}
+
+/// How many list requests (pages) the emulator has answered.
+async fn list_calls(url: &str) -> u64 {
+    emulator_stats(url).await["calls"]["list"]
+        .as_u64()
+        .expect("a list counter")
+}
+
+/// An organization with more PATs than one upstream page (three a page
+/// here): the sweep reads it page by page and revokes exactly the orphans,
+/// among them the last PAT of a page (the one upstream's continuation
+/// token points after), and leaves live leases' PATs and others' alone.
+async fn a_sweep_over_several_pages_revokes_exactly_the_orphans_and_keeps_live_leases_pats(
+    backend: Backend,
+) {
+    let emulator = start_emulator().await;
+    let url = emulator.url();
+    let db = TestDb::new(backend).await;
+    let options = BrokerOptions {
+        upstream_page_size: 3,
+        ..BrokerOptions::default()
+    };
+    let broker = start_broker(&db, &url, &TestKeys::new(), options).await;
+    let (mut orphans, mut kept) = (Vec::new(), Vec::new());
+    let active = || async {
+        broker
+            .leases
+            .create(&caller("ci"), request(&["vso.code"], None, None))
+            .await
+            .unwrap()
+            .lease
+            .authorization_id
+            .unwrap()
+            .to_string()
+    };
+    let under = |state: LeaseState, age: chrono::Duration| {
+        let broker = &broker;
+        async move {
+            let row = lease_row(state, "fabrikam", age);
+            broker.store.create_lease(&row, None).await.unwrap();
+            id_text(&mint(broker, "fabrikam", &row.display_name).await.0)
+        }
+    };
+    let lost = || async {
+        id_text(
+            &mint(&broker, "fabrikam", &broker_name(Uuid::new_v4()))
+                .await
+                .0,
+        )
+    };
+    // Upstream lists in creation order. Page 1: an orphan without a row, a
+    // live lease's PAT, a FAILED lease's PAT (last on the page).
+    orphans.push(lost().await);
+    kept.push(active().await);
+    orphans.push(under(LeaseState::Failed, chrono::Duration::minutes(1)).await);
+    // Page 2: a human's PAT, a REVOKED lease's PAT, a young PENDING
+    // lease's PAT (its create is in flight: live).
+    kept.push(id_text(
+        &mint(&broker, "fabrikam", "alice's laptop").await.0,
+    ));
+    orphans.push(under(LeaseState::Revoked, chrono::Duration::minutes(1)).await);
+    kept.push(under(LeaseState::Pending, chrono::Duration::seconds(5)).await);
+    // Page 3: an orphan, a live lease's PAT, an orphan (last on the page).
+    orphans.push(lost().await);
+    kept.push(active().await);
+    orphans.push(lost().await);
+    // Page 4: an orphan alone.
+    orphans.push(lost().await);
+
+    let lists_before = list_calls(&url).await;
+    let report = broker.leases.run_sweep_once().await.unwrap();
+    assert_eq!(
+        list_calls(&url).await - lists_before,
+        4,
+        "ten PATs three a page, each page read once"
+    );
+    assert!(report.ran && !report.cut_short, "{report:?}");
+    assert_eq!(
+        (
+            report.organizations,
+            report.incomplete_organizations,
+            report.failed_organizations
+        ),
+        (1, 0, 0),
+        "{report:?}"
+    );
+    assert_eq!(
+        report.candidates, 9,
+        "every name but the human's: {report:?}"
+    );
+    assert_eq!(report.live, 3, "{report:?}");
+    assert_eq!(report.busy, 0, "{report:?}");
+    assert_eq!(report.revoked, orphans.len(), "{report:?}");
+    assert_eq!(report.revoke_failures, 0, "{report:?}");
+    for orphan in &orphans {
+        assert_eq!(
+            emulator_pat_state(&url, orphan).await,
+            "revoked",
+            "{orphan}"
+        );
+        assert_eq!(deletes_of(&url, orphan).await, 1, "{orphan}");
+    }
+    for pat in &kept {
+        assert_eq!(emulator_pat_state(&url, pat).await, "active", "{pat}");
+        assert_eq!(deletes_of(&url, pat).await, 0, "{pat}");
+    }
+    let audit = broker.store.list_audit(0, 1000).await.unwrap();
+    assert_eq!(
+        audit
+            .iter()
+            .filter(|e| e.action == PAT_REVOKE_ORPHAN && e.outcome == Outcome::Allowed)
+            .count(),
+        orphans.len()
+    );
+}
+
+/// Several stale PENDING leases in one organization (and one in another):
+/// one background pass settles each FAILED, lists each organization's PATs
+/// once (page by page, two a page here) for all of its leases, and revokes
+/// every PAT carrying one of their names, and nothing else.
+async fn one_reconcile_pass_lists_each_organization_once_and_revokes_every_stale_pending_leases_pat(
+    backend: Backend,
+) {
+    let emulator = start_emulator().await;
+    let url = emulator.url();
+    let db = TestDb::new(backend).await;
+    let options = BrokerOptions {
+        upstream_page_size: 2,
+        ..BrokerOptions::default()
+    };
+    let broker = start_broker(&db, &url, &TestKeys::new(), options).await;
+    let stale = |organization: &'static str| {
+        let broker = &broker;
+        async move {
+            let row = lease_row(
+                LeaseState::Pending,
+                organization,
+                chrono::Duration::minutes(3),
+            );
+            broker.store.create_lease(&row, None).await.unwrap();
+            let (pat, token) = mint(broker, organization, &row.display_name).await;
+            (row, id_text(&pat), token)
+        }
+    };
+    // fabrikam in creation order, two a page: [alice, lease 1] [lease 2,
+    // bob] [lease 3]; lease 1's PAT is the last on its page.
+    let mut humans = vec![id_text(
+        &mint(&broker, "fabrikam", "alice's laptop").await.0,
+    )];
+    let mut pending = vec![stale("fabrikam").await, stale("fabrikam").await];
+    humans.push(id_text(&mint(&broker, "fabrikam", "bob's build").await.0));
+    pending.push(stale("fabrikam").await);
+    // contoso: one page.
+    pending.push(stale("contoso").await);
+
+    let lists_before = list_calls(&url).await;
+    broker.leases.run_background_once().await.unwrap();
+    assert_eq!(
+        list_calls(&url).await - lists_before,
+        3 + 1,
+        "one listing of fabrikam (three pages) and one of contoso"
+    );
+    for (row, pat, token) in &pending {
+        let settled = stored(&broker.store, row.id).await;
+        assert_eq!(settled.state, LeaseState::Failed, "{}", row.id);
+        assert_eq!(settled.claimed_by, None, "claim released");
+        assert_eq!(emulator_pat_state(&url, pat).await, "revoked", "{}", row.id);
+        assert_eq!(deletes_of(&url, pat).await, 1, "{}", row.id);
+        assert_eq!(
+            list_repositories(&url, row.organization.as_str(), token).await,
+            401
+        );
+    }
+    for pat in &humans {
+        assert_eq!(emulator_pat_state(&url, pat).await, "active");
+        assert_eq!(deletes_of(&url, pat).await, 0);
+    }
+    let audit = broker.store.list_audit(0, 1000).await.unwrap();
+    let reconciled: HashSet<LeaseId> = audit
+        .iter()
+        .filter(|e| e.action == token_broker::audit::LEASE_RECONCILE)
+        .filter_map(|e| e.lease_id)
+        .collect();
+    assert_eq!(
+        reconciled,
+        pending.iter().map(|(row, _, _)| row.id).collect(),
+        "each settled lease audited"
     );
 }

@@ -48,6 +48,7 @@ conformance!(
     created_lease_reads_back_field_for_field,
     an_unchanged_update_is_refused_once_the_row_was_written_since,
     unknown_lease_is_none,
+    leases_are_read_by_a_set_of_ids_leaving_out_unknown_ones,
     listing_is_newest_first_and_pages_cover_every_lease_once,
     listing_filters_by_holder_state_and_organization,
     update_writes_every_mutable_field_while_state_is_as_expected,
@@ -187,6 +188,33 @@ async fn created_lease_reads_back_field_for_field(store: Arc<dyn Store>) {
 
 async fn unknown_lease_is_none(store: Arc<dyn Store>) {
     assert_eq!(store.get_lease(LeaseId::new()).await.unwrap(), None);
+}
+
+async fn leases_are_read_by_a_set_of_ids_leaving_out_unknown_ones(store: Arc<dyn Store>) {
+    assert_eq!(store.get_leases(&[]).await.unwrap(), vec![]);
+    // More than one query's worth of ids (500), known ones spread among them.
+    let mut known = Vec::new();
+    for i in 0..7 {
+        let mut row = if i % 2 == 0 {
+            lease("ci", t0() + secs(i))
+        } else {
+            pending("ci", t0() + secs(i))
+        };
+        row.claimed_by = Some("replica-a".into());
+        row.claimed_until = Some(t0() + secs(60));
+        create(&store, &row).await;
+        known.push(row);
+    }
+    let mut asked: Vec<LeaseId> = (0..1200).map(|_| LeaseId::new()).collect();
+    for (i, row) in known.iter().enumerate() {
+        asked.insert(i * 170, row.id);
+    }
+    // A repeated id is read once.
+    asked.push(known[0].id);
+    let mut found = store.get_leases(&asked).await.unwrap();
+    found.sort_by_key(|l| l.create_time);
+    assert_eq!(found, known, "field for field, each once, none made up");
+    assert_eq!(store.get_leases(&[LeaseId::new()]).await.unwrap(), vec![]);
 }
 
 async fn listing_is_newest_first_and_pages_cover_every_lease_once(store: Arc<dyn Store>) {

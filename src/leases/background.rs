@@ -7,17 +7,18 @@
 //! (`Store::claim_due`, `Store::claim_job`), so several replicas share it
 //! without doing anything twice; no transaction spans an upstream call.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::FutureExt as _;
 
 use super::auditing::{audit_best_effort, Actor};
-use super::revocation::{begin_revocation, finish_revocation, revoke_by_display_name};
+use super::revocation::{begin_revocation, finish_revocation, revoke_by_display_names};
 use super::time::now;
 use super::{LeaseDeps, LeaseError};
 use crate::audit::{AuditEvent, Outcome};
-use crate::domain::LeaseState;
+use crate::domain::{LeaseId, LeaseState, Organization};
 use crate::store::{LeaseRecord, Work};
 
 /// Leases taken per claim.
@@ -188,11 +189,7 @@ async fn pass(deps: &LeaseDeps, stop: &AtomicBool) -> Result<usize, LeaseError> 
         },
     )
     .await?;
-    work_batch(deps, due, &fresh, stop, |lease| async move {
-        reconcile(deps, lease).await;
-        0
-    })
-    .await;
+    reconcile_batch(deps, due, &fresh, stop).await;
     Ok(finished)
 }
 
@@ -233,19 +230,92 @@ where
         .await
 }
 
-/// Resolves one claimed PENDING lease whose create is long over (a crash,
-/// or an ambiguous create whose look-up failed). It settles the lease
-/// first, PENDING → FAILED by compare-and-set, so a create still in flight
-/// can no longer make it ACTIVE (its activation fails and revokes its own
-/// PAT), then revokes any PAT carrying its display name. No token was
-/// handed out, so a retry with its request_id mints afresh. A PAT this pass
-/// cannot revoke (upstream failing, or a listing that stopped early) is
-/// left under a FAILED lease, which the orphan sweep revokes.
-async fn reconcile(deps: &LeaseDeps, lease: LeaseRecord) {
-    let now = now();
-    // The claim is kept while its PAT is revoked (so the sweep, which
-    // claims rows before revoking, does not revoke it at the same time),
+/// Resolves a claimed batch of PENDING leases whose create is long over
+/// (a crash, or an ambiguous create whose look-up failed), grouped by
+/// organization, `settings.background_workers` organizations at a time:
+/// each group shares one upstream listing ([`reconcile_organization`]).
+async fn reconcile_batch(
+    deps: &LeaseDeps,
+    due: Vec<LeaseRecord>,
+    fresh: &Fresh,
+    stop: &AtomicBool,
+) {
+    use futures::stream::{self, StreamExt as _};
+    let mut groups: BTreeMap<Organization, Vec<LeaseRecord>> = BTreeMap::new();
+    for lease in due {
+        groups
+            .entry(lease.organization.clone())
+            .or_default()
+            .push(lease);
+    }
+    stream::iter(groups)
+        .map(|(organization, leases)| {
+            reconcile_organization(deps, organization, leases, fresh, stop)
+        })
+        .buffer_unordered(deps.settings.background_workers.max(1))
+        .collect::<()>()
+        .await;
+}
+
+/// Resolves claimed stale PENDING leases of one organization. It settles
+/// each lease first, PENDING → FAILED by compare-and-set, so a create
+/// still in flight can no longer make it ACTIVE (its activation fails and
+/// revokes its own PAT), and audits it; then it lists the organization's
+/// PATs once, page by page, and revokes every PAT carrying the display
+/// name of a lease it settled. No token was handed out, so a retry with
+/// its request_id mints afresh. A PAT this pass cannot revoke (upstream
+/// failing, or a listing that stopped early) is left under a FAILED lease,
+/// which the orphan sweep revokes. Leases not yet settled once `stop` is
+/// set or the claims are no longer fresh are released untouched.
+async fn reconcile_organization(
+    deps: &LeaseDeps,
+    organization: Organization,
+    leases: Vec<LeaseRecord>,
+    fresh: &Fresh,
+    stop: &AtomicBool,
+) {
+    // Claims are kept while the PATs are revoked (so the sweep, which
+    // claims rows before revoking, does not revoke them at the same time),
     // then released.
+    let mut settled = Vec::with_capacity(leases.len());
+    for lease in leases {
+        if stop.load(Ordering::Relaxed) || !fresh.holds() {
+            release(deps, lease.id).await;
+        } else if let Some(failed) = settle_stale(deps, lease).await {
+            settled.push(failed);
+        }
+    }
+    if settled.is_empty() {
+        return;
+    }
+    let names: Vec<(LeaseId, &str)> = settled
+        .iter()
+        .map(|lease| (lease.id, lease.display_name.as_str()))
+        .collect();
+    let search = revoke_by_display_names(deps, &organization, &names).await;
+    for (lease, found) in settled.iter().zip(search.names) {
+        let error = found.failed.as_ref().or(search.listing.as_ref().err());
+        match (error, &search.listing) {
+            (Some(e), _) => {
+                tracing::warn!(lease_id = %lease.id, revoked = found.revoked, error = %e, "pending lease reconciled to FAILED; its PAT could not be revoked now, the orphan sweep finishes it");
+            }
+            (None, Ok(true)) => {
+                tracing::info!(lease_id = %lease.id, revoked = found.revoked, "pending lease reconciled to FAILED");
+            }
+            (None, _) => {
+                tracing::warn!(lease_id = %lease.id, revoked = found.revoked, "pending lease reconciled to FAILED; the upstream list was incomplete, the orphan sweep finishes it");
+            }
+        }
+        release(deps, lease.id).await;
+    }
+}
+
+/// Settles one claimed stale PENDING lease: FAILED by compare-and-set,
+/// audited. Returns the FAILED lease, or None (claim released) if the row
+/// had moved (the create finished, or another actor settled it) or could
+/// not be written.
+async fn settle_stale(deps: &LeaseDeps, lease: LeaseRecord) -> Option<LeaseRecord> {
+    let now = now();
     let (failed, expected) = lease.fail(
         now,
         format!(
@@ -256,15 +326,14 @@ async fn reconcile(deps: &LeaseDeps, lease: LeaseRecord) {
     match deps.store.update_lease(&failed, expected).await {
         Ok(true) => {}
         Ok(false) => {
-            // The create finished (or another actor settled it) meanwhile.
             tracing::info!(lease_id = %lease.id, "pending lease settled before the reconciler; left as is");
             release(deps, lease.id).await;
-            return;
+            return None;
         }
         Err(e) => {
             tracing::warn!(lease_id = %lease.id, error = %e, "could not mark a stale pending lease FAILED; will retry");
             release(deps, lease.id).await;
-            return;
+            return None;
         }
     }
     let event = AuditEvent {
@@ -277,22 +346,11 @@ async fn reconcile(deps: &LeaseDeps, lease: LeaseRecord) {
         )
     };
     audit_best_effort(deps, event).await;
-    match revoke_by_display_name(deps, &failed).await {
-        Ok(search) if search.complete => {
-            tracing::info!(lease_id = %lease.id, revoked = search.revoked, "pending lease reconciled to FAILED");
-        }
-        Ok(search) => {
-            tracing::warn!(lease_id = %lease.id, revoked = search.revoked, "pending lease reconciled to FAILED; the upstream list was incomplete, the orphan sweep finishes it");
-        }
-        Err(e) => {
-            tracing::warn!(lease_id = %lease.id, error = %e, "pending lease reconciled to FAILED; its PAT could not be revoked now, the orphan sweep finishes it");
-        }
-    }
-    release(deps, lease.id).await;
+    Some(failed)
 }
 
 /// Gives a claimed lease back, best effort (an unreleased claim lapses).
-async fn release(deps: &LeaseDeps, id: crate::domain::LeaseId) {
+async fn release(deps: &LeaseDeps, id: LeaseId) {
     if let Err(e) = deps
         .store
         .release_claim(id, &deps.settings.replica_id)
@@ -341,7 +399,7 @@ async fn retry_revocation(deps: &LeaseDeps, lease: LeaseRecord) -> usize {
 /// rewritten (a rewrite clears it).
 async fn settle(
     deps: &LeaseDeps,
-    id: crate::domain::LeaseId,
+    id: LeaseId,
     result: Result<Option<LeaseRecord>, LeaseError>,
 ) -> usize {
     match result {

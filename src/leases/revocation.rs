@@ -3,6 +3,7 @@
 //! schedule between attempts, and the search by display name for a PAT
 //! whose create answer was lost.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -13,9 +14,9 @@ use super::time::now;
 use super::{LeaseDeps, LeaseError, RetrySchedule};
 use crate::audit::{AuditEvent, Outcome};
 use crate::domain::Timestamp;
-use crate::domain::{AuthorizationId, LeaseState, Organization};
+use crate::domain::{AuthorizationId, LeaseId, LeaseState, Organization};
 use crate::store::{LeaseRecord, LeaseWrite};
-use crate::upstream::{DisplayFilter, ListPats, UpstreamError};
+use crate::upstream::{DisplayFilter, ListPats, PatPages, UpstreamError};
 
 impl RetrySchedule {
     /// True once `attempts` failures have spent the budget.
@@ -153,33 +154,118 @@ pub(super) struct NameSearch {
 
 /// Revokes every live upstream PAT in the lease's organization whose
 /// displayName is the lease's (the display name embeds the lease id, so
-/// only this lease's PATs match). PATs found are revoked even when the
-/// listing is incomplete; [`NameSearch::complete`] says whether the search
-/// was exhaustive. An error if the list or a revoke failed (some may be
-/// left).
+/// only this lease's PATs match): [`revoke_by_display_names`] for one
+/// name. PATs found are revoked even when the listing is incomplete;
+/// [`NameSearch::complete`] says whether the search was exhaustive. An
+/// error if the list or a revoke failed (some may be left).
 pub(super) async fn revoke_by_display_name(
     deps: &LeaseDeps,
     lease: &LeaseRecord,
 ) -> Result<NameSearch, UpstreamError> {
+    let search = revoke_by_display_names(
+        deps,
+        &lease.organization,
+        &[(lease.id, lease.display_name.as_str())],
+    )
+    .await;
+    let NameRevocations { revoked, failed } = search.names.into_iter().next().unwrap_or_default();
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    Ok(NameSearch {
+        revoked,
+        complete: search.listing?,
+    })
+}
+
+/// What [`revoke_by_display_names`] did for one display name.
+#[derive(Debug, Default)]
+pub(super) struct NameRevocations {
+    /// PATs with the name revoked (not-found counts), each once.
+    pub revoked: usize,
+    /// The first revoke of a PAT with the name that failed.
+    pub failed: Option<UpstreamError>,
+}
+
+/// What [`revoke_by_display_names`] did.
+#[derive(Debug)]
+pub(super) struct SharedSearch {
+    /// Per display name, in the order asked.
+    pub names: Vec<NameRevocations>,
+    /// Ok(complete) when the listing ended: complete when every page was
+    /// read, false when paging stopped early (a PAT with one of the names
+    /// may still exist). The error when it failed part way: the PATs of
+    /// the pages read before were still revoked.
+    pub listing: Result<bool, UpstreamError>,
+}
+
+/// Revokes every live upstream PAT in `organization` whose displayName is
+/// one of `names` (each a lease's, with its id for the logs), over one
+/// listing read page by page (memory bounded by a page, not by the
+/// organization's PAT count), `background_workers` revokes at a time.
+/// PATs found are revoked even when the listing stops early or fails.
+pub(super) async fn revoke_by_display_names(
+    deps: &LeaseDeps,
+    organization: &Organization,
+    names: &[(LeaseId, &str)],
+) -> SharedSearch {
+    use futures::stream::{self, StreamExt as _};
     let query = ListPats {
         display_filter: Some(DisplayFilter::Active),
         top: None,
     };
-    let found = deps.upstream.list(&lease.organization, &query).await?;
-    let mut revoked = 0;
-    for pat in found
-        .pats
+    let index: HashMap<&str, usize> = names
         .iter()
-        .filter(|p| p.display_name == lease.display_name)
-    {
-        revoke_upstream(deps, &lease.organization, pat.authorization_id).await?;
-        revoked += 1;
-        tracing::info!(lease_id = %lease.id, authorization_id = %pat.authorization_id, "revoked a PAT found by the lease's display name");
+        .enumerate()
+        .map(|(i, (_, name))| (*name, i))
+        .collect();
+    let mut found: Vec<NameRevocations> =
+        names.iter().map(|_| NameRevocations::default()).collect();
+    // Ids revoked per name: a streamed listing may repeat a PAT (see
+    // `upstream::pages`); holds only the PATs matched.
+    let mut done: Vec<Vec<AuthorizationId>> = vec![Vec::new(); names.len()];
+    let mut pages = PatPages::new(&*deps.upstream, organization, query);
+    let listing = loop {
+        let page = match pages.next_page().await {
+            Ok(Some(page)) => page,
+            Ok(None) => break Ok(pages.complete()),
+            Err(e) => break Err(e),
+        };
+        let matched: Vec<(usize, AuthorizationId)> = page
+            .iter()
+            .filter_map(|pat| {
+                let i = *index.get(pat.display_name.as_str())?;
+                let id = pat.authorization_id;
+                (!done[i].contains(&id)).then_some((i, id))
+            })
+            .collect();
+        let results: Vec<_> = stream::iter(matched)
+            .map(|(i, id)| async move {
+                let result = revoke_upstream(deps, organization, id).await;
+                (i, id, result)
+            })
+            .buffer_unordered(deps.settings.background_workers.max(1))
+            .collect()
+            .await;
+        for (i, id, result) in results {
+            let lease_id = names[i].0;
+            match result {
+                Ok(()) => {
+                    done[i].push(id);
+                    found[i].revoked += 1;
+                    tracing::info!(lease_id = %lease_id, authorization_id = %id, "revoked a PAT found by the lease's display name");
+                }
+                Err(e) => {
+                    tracing::warn!(lease_id = %lease_id, authorization_id = %id, error = %e, "could not revoke a PAT found by the lease's display name");
+                    found[i].failed.get_or_insert(e);
+                }
+            }
+        }
+    };
+    SharedSearch {
+        names: found,
+        listing,
     }
-    Ok(NameSearch {
-        revoked,
-        complete: found.complete,
-    })
 }
 
 #[cfg(test)]

@@ -4,6 +4,16 @@
 //! `<prefix>:<deployment id>:<lease id>` that no live lease owns. Any other
 //! name (another deployment's, a longer prefix, a human's) is never touched.
 //!
+//! It scales with a page, not with an organization: PATs are read as
+//! upstream pages them ([`PatPages`]: a page is worked once the next one is
+//! fetched, so revoking never moves the continuation token under the
+//! listing) and the lease rows of a page's candidates are read in one
+//! store query ([`crate::store::Store::get_leases`], by primary key).
+//! Nothing is kept across pages or organizations: a PAT listed twice (a
+//! listing that repeats it, or one PAT in two organizations, which the
+//! broker never makes) is judged afresh each time, and revoked again at
+//! most (not-found counts as revoked).
+//!
 //! Safe on any replica at any time:
 //! - the run is a committed claim on the `background_jobs` row (one
 //!   replica per interval; no transaction spans an upstream call), and it
@@ -18,7 +28,7 @@
 //!   revocation queue and the reconciler, which all work by claims, never
 //!   revoke it at the same time.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -30,7 +40,7 @@ use crate::audit::{AuditEvent, Outcome};
 use crate::domain::Timestamp;
 use crate::domain::{AuthorizationId, LeaseId, LeaseState, Organization};
 use crate::store::LeaseRecord;
-use crate::upstream::{DisplayFilter, ListPats, PatToken};
+use crate::upstream::{DisplayFilter, ListPats, PatPages, PatToken};
 
 /// The sweep's row in `background_jobs`.
 const SWEEP_JOB: &str = "orphan_sweep";
@@ -42,10 +52,12 @@ pub struct SweepReport {
     /// sweep's claim, or the last sweep is younger than `sweep_interval`);
     /// every count is then zero.
     pub ran: bool,
-    /// Organizations whose PATs were listed.
+    /// Organizations whose PATs were listed (to the end, or up to where
+    /// the listing stopped early or the sweep was cut short).
     pub organizations: usize,
-    /// Organizations whose listing failed (upstream error); the others
-    /// were still swept.
+    /// Organizations whose listing failed (upstream error); the PATs of
+    /// the pages read before the failure were swept, and the other
+    /// organizations still were.
     pub failed_organizations: usize,
     /// Organizations whose listing stopped early: the PATs read were
     /// swept, others may remain for the next sweep.
@@ -245,14 +257,7 @@ async fn sweep(
     deadline: tokio::time::Instant,
     report: &mut SweepReport,
 ) -> Result<(), LeaseError> {
-    let settings = &deps.settings;
-    let query = ListPats {
-        display_filter: Some(DisplayFilter::Active),
-        top: None,
-    };
     let must_end = || stop.load(Ordering::Relaxed) || tokio::time::Instant::now() >= deadline;
-    // One PAT may show in several organizations' listings: act on it once.
-    let mut seen: HashSet<AuthorizationId> = HashSet::new();
     // In a random order, so a sweep cut short by its deadline does not
     // leave the same organizations unswept every time.
     let mut organizations = deps.store.lease_organizations().await?;
@@ -265,58 +270,131 @@ async fn sweep(
             report.cut_short = true;
             return Ok(());
         }
-        let listing = match deps.upstream.list(&org, &query).await {
-            Ok(listing) => listing,
-            Err(e) => {
-                tracing::warn!(organization = %org, error = %e, "orphan sweep could not list PATs; other organizations go on");
-                report.failed_organizations += 1;
-                continue;
-            }
-        };
-        report.organizations += 1;
-        if !listing.complete {
-            tracing::warn!(organization = %org, listed = listing.pats.len(), "orphan sweep read an incomplete listing; sweeping what it found");
-            report.incomplete_organizations += 1;
-        }
-        for pat in &listing.pats {
-            let Some(lease_id) = lease_of_display_name(
-                &pat.display_name,
-                &settings.display_name_prefix,
-                &settings.deployment_id,
-            ) else {
-                continue;
-            };
-            if !seen.insert(pat.authorization_id) {
-                continue;
-            }
-            report.candidates += 1;
-            if must_end() {
-                report.cut_short = true;
-                return Ok(());
-            }
-            sweep_pat(deps, &org, pat, lease_id, t0, report).await?;
+        sweep_organization(deps, &org, t0, &must_end, report).await?;
+        if report.cut_short {
+            return Ok(());
         }
     }
     Ok(())
 }
 
-/// Decides about one candidate PAT and revokes it if it is an orphan.
+/// Sweeps one organization's active PATs as upstream pages them, each
+/// page's candidates looked up in the store at once; sets
+/// `report.cut_short` if `must_end` stopped it.
+async fn sweep_organization(
+    deps: &LeaseDeps,
+    org: &Organization,
+    t0: Timestamp,
+    must_end: &(dyn Fn() -> bool + Sync),
+    report: &mut SweepReport,
+) -> Result<(), LeaseError> {
+    let query = ListPats {
+        display_filter: Some(DisplayFilter::Active),
+        top: None,
+    };
+    let mut pages = PatPages::new(&*deps.upstream, org, query);
+    let mut listed = 0usize;
+    loop {
+        if must_end() {
+            report.cut_short = true;
+            if listed > 0 {
+                report.organizations += 1;
+            }
+            return Ok(());
+        }
+        let page = match pages.next_page().await {
+            Ok(Some(page)) => page,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(organization = %org, listed, error = %e, "orphan sweep could not list PATs; swept those read, other organizations go on");
+                report.failed_organizations += 1;
+                return Ok(());
+            }
+        };
+        listed += page.len();
+        sweep_page(deps, org, &page, t0, must_end, report).await?;
+        if report.cut_short {
+            report.organizations += 1;
+            return Ok(());
+        }
+    }
+    report.organizations += 1;
+    if !pages.complete() {
+        tracing::warn!(organization = %org, listed, "orphan sweep read an incomplete listing; swept what it found");
+        report.incomplete_organizations += 1;
+    }
+    Ok(())
+}
+
+/// Sweeps the candidates on one page of `org`'s listing: their lease rows
+/// are read in one store query, then each is judged and, if an orphan,
+/// revoked. Sets `report.cut_short` if `must_end` stopped it.
+async fn sweep_page(
+    deps: &LeaseDeps,
+    org: &Organization,
+    page: &[PatToken],
+    t0: Timestamp,
+    must_end: &(dyn Fn() -> bool + Sync),
+    report: &mut SweepReport,
+) -> Result<(), LeaseError> {
+    let settings = &deps.settings;
+    let candidates: Vec<(&PatToken, LeaseId)> = page
+        .iter()
+        .filter_map(|pat| {
+            let id = lease_of_display_name(
+                &pat.display_name,
+                &settings.display_name_prefix,
+                &settings.deployment_id,
+            )?;
+            Some((pat, id))
+        })
+        .collect();
+    if candidates.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<LeaseId> = candidates.iter().map(|(_, id)| *id).collect();
+    let rows: HashMap<LeaseId, LeaseRecord> = deps
+        .store
+        .get_leases(&ids)
+        .await?
+        .into_iter()
+        .map(|lease| (lease.id, lease))
+        .collect();
+    // Judged as read now, even when several PATs carry one lease's name:
+    // before anything is revoked, a claim re-checks in its own statement
+    // that the row is unclaimed and unchanged since t0.
+    let read_at = now();
+    for (pat, lease_id) in candidates {
+        report.candidates += 1;
+        if must_end() {
+            report.cut_short = true;
+            return Ok(());
+        }
+        let lease = rows.get(&lease_id);
+        sweep_pat(deps, org, pat, lease_id, lease, t0, read_at, report).await?;
+    }
+    Ok(())
+}
+
+/// Decides about one candidate PAT, given its lease row as read at
+/// `read_at` (None: no such row), and revokes it if it is an orphan.
+#[allow(clippy::too_many_arguments)]
 async fn sweep_pat(
     deps: &LeaseDeps,
     org: &Organization,
     pat: &PatToken,
     lease_id: LeaseId,
+    lease: Option<&LeaseRecord>,
     t0: Timestamp,
+    read_at: Timestamp,
     report: &mut SweepReport,
 ) -> Result<(), LeaseError> {
     let settings = &deps.settings;
-    let lease = deps.store.get_lease(lease_id).await?;
-    let now = now();
     let orphan = match verdict(
-        lease.as_ref(),
+        lease,
         pat.authorization_id,
         t0,
-        now,
+        read_at,
         settings.reconcile_after,
     ) {
         Verdict::Live => {
@@ -332,13 +410,15 @@ async fn sweep_pat(
     // Own the row while revoking, so no claim-taking worker acts on it too;
     // the claim re-checks, in the same statement, that the row is still in
     // the state judged and unchanged since t0.
-    if let Some(lease) = &lease {
+    if let Some(lease) = lease {
         if !deps
             .store
             .claim_lease(
                 lease_id,
                 lease.state,
-                now,
+                // The claim's own time: a page's revokes may have taken
+                // a while since the row was read.
+                now(),
                 &claimer(deps),
                 super::background::claim_for(deps),
                 t0,

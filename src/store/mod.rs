@@ -347,6 +347,12 @@ pub trait Store: Send + Sync + 'static {
     /// One lease by id.
     async fn get_lease(&self, id: LeaseId) -> Result<Option<LeaseRecord>, StoreError>;
 
+    /// The leases among `ids` that exist, each once, in no set order (ids
+    /// without a row are left out): one primary-key look-up per call for a
+    /// page of them (the orphan sweep's batch), several queries of at most
+    /// 500 ids each for a longer slice.
+    async fn get_leases(&self, ids: &[LeaseId]) -> Result<Vec<LeaseRecord>, StoreError>;
+
     /// Leases matching `filter`, newest first (`create_time` DESC, `id`
     /// DESC), strictly after `after`, at most `limit`.
     async fn list_leases(

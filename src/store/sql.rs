@@ -130,6 +130,9 @@ fn placeholders(from: usize, n: usize) -> String {
         .join(", ")
 }
 
+/// Most ids bound into one `IN (…)` list ([`Store::get_leases`]).
+const MAX_IDS_PER_QUERY: usize = 500;
+
 /// The columns of `leases` every update writes, in bind order.
 const LEASE_MUTABLE: &str = "authorization_id, sealed_token, state, update_time, expire_time, \
      max_expire_time, revoke_time, upstream_valid_to, attempts, next_attempt_time, last_error, \
@@ -499,6 +502,27 @@ where
             .fetch_optional(&self.pool)
             .await
             .map_err(map_sqlx)
+    }
+
+    async fn get_leases(&self, ids: &[LeaseId]) -> Result<Vec<LeaseRecord>, StoreError> {
+        // Each id once, even when it falls into several chunks.
+        let mut ids = ids.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut found = Vec::with_capacity(ids.len());
+        // Chunked to stay far below SQLite's bound on bound parameters.
+        for chunk in ids.chunks(MAX_IDS_PER_QUERY) {
+            let sql = format!(
+                "SELECT * FROM leases WHERE id IN ({})",
+                placeholders(1, chunk.len())
+            );
+            let mut query = sqlx::query_as::<DB, LeaseRecord>(&sql);
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            found.extend(query.fetch_all(&self.pool).await.map_err(map_sqlx)?);
+        }
+        Ok(found)
     }
 
     async fn list_leases(

@@ -50,7 +50,8 @@ use super::wire::{
     WirePagedPatTokens, WirePatToken, WirePatTokenResult, WireUpdateRequest,
 };
 use super::{
-    CreatePat, DisplayFilter, ListPats, PatClient, PatList, PatToken, UpdatePat, UpstreamError,
+    CreatePat, DisplayFilter, ListCursor, ListPats, PatClient, PatList, PatToken, UpdatePat,
+    UpstreamError,
 };
 use crate::domain::{AuthorizationId, Organization};
 
@@ -742,6 +743,41 @@ fn json_body<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, UpstreamError> {
         .map_err(|e| UpstreamError::Protocol(format!("cannot encode the request: {e}")))
 }
 
+impl AzureDevOpsClient {
+    /// One list request: the filter and `$top` go on every page (SPEC:
+    /// "Subsequent calls to the API require the same filtering options"),
+    /// with `continuation` when not the first.
+    async fn fetch_list_page(
+        &self,
+        org: &Organization,
+        query: &ListPats,
+        continuation: Option<&str>,
+    ) -> Result<WirePagedPatTokens, UpstreamError> {
+        let top = query
+            .top
+            .unwrap_or(self.config.page_size)
+            .clamp(1, MAX_PAGE_SIZE)
+            .to_string();
+        let mut params: Vec<(&str, &str)> = Vec::new();
+        if let Some(filter) = query.display_filter {
+            params.push(("displayFilterOption", display_filter(filter)));
+        }
+        params.push(("$top", &top));
+        if let Some(token) = continuation {
+            params.push(("continuationToken", token));
+        }
+        let answer = self.send(Operation::List, org, &params, None).await?;
+        parse_json(Operation::List, &answer)
+    }
+
+    fn too_many_pages(&self) -> UpstreamError {
+        UpstreamError::Protocol(format!(
+            "list did not end after {} pages",
+            self.config.max_pages
+        ))
+    }
+}
+
 #[async_trait]
 impl PatClient for AzureDevOpsClient {
     async fn create(&self, org: &Organization, req: &CreatePat) -> Result<PatToken, UpstreamError> {
@@ -793,26 +829,12 @@ impl PatClient for AzureDevOpsClient {
     async fn list(&self, org: &Organization, query: &ListPats) -> Result<PatList, UpstreamError> {
         let span = tracing::info_span!("upstream", operation = "list", organization = %org);
         async {
-            let top = query
-                .top
-                .unwrap_or(self.config.page_size)
-                .clamp(1, MAX_PAGE_SIZE)
-                .to_string();
             let mut pager = Pager::default();
             let mut continuation: Option<String> = None;
             for page_number in 1..=self.config.max_pages {
-                // Filter options go on every page (SPEC: "Subsequent calls
-                // to the API require the same filtering options").
-                let mut params: Vec<(&str, &str)> = Vec::new();
-                if let Some(filter) = query.display_filter {
-                    params.push(("displayFilterOption", display_filter(filter)));
-                }
-                params.push(("$top", &top));
-                if let Some(token) = &continuation {
-                    params.push(("continuationToken", token));
-                }
-                let answer = self.send(Operation::List, org, &params, None).await?;
-                let page: WirePagedPatTokens = parse_json(Operation::List, &answer)?;
+                let page = self
+                    .fetch_list_page(org, query, continuation.as_deref())
+                    .await?;
                 match pager.accept(page)? {
                     Next::Page(token) => continuation = Some(token),
                     Next::Done => {
@@ -834,10 +856,39 @@ impl PatClient for AzureDevOpsClient {
                     }
                 }
             }
-            Err(UpstreamError::Protocol(format!(
-                "list did not end after {} pages",
-                self.config.max_pages
-            )))
+            Err(self.too_many_pages())
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn list_page(
+        &self,
+        org: &Organization,
+        query: &ListPats,
+        cursor: &mut ListCursor,
+    ) -> Result<Vec<PatToken>, UpstreamError> {
+        if cursor.ended().is_some() {
+            return Ok(Vec::new());
+        }
+        let page_number = cursor.pages() + 1;
+        let span =
+            tracing::info_span!("upstream", operation = "list", organization = %org, page_number);
+        async {
+            if cursor.pages() >= self.config.max_pages {
+                return Err(self.too_many_pages());
+            }
+            let page = self.fetch_list_page(org, query, cursor.token()).await?;
+            let pats = page
+                .pat_tokens
+                .into_iter()
+                .map(|wire| convert(Operation::List, wire))
+                .collect::<Result<Vec<_>, _>>()?;
+            let (fresh, stop) = cursor.accept(pats, page.continuation_token);
+            if let Some(why) = stop {
+                tracing::warn!(why, "upstream list stopped early; listing incomplete");
+            }
+            Ok(fresh)
         }
         .instrument(span)
         .await

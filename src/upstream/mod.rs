@@ -18,7 +18,10 @@ use crate::error::{ErrorCode, ServiceError};
 
 pub mod azure_devops;
 pub mod entra;
+pub mod pages;
 pub mod wire;
+
+pub use pages::{ListCursor, PatPages};
 
 /// A PAT as upstream describes it (`PatToken`).
 #[derive(Clone, Debug)]
@@ -275,6 +278,18 @@ pub trait PatClient: Send + Sync + 'static {
     /// authorizationId; stops on an empty, repeated or fruitless token and
     /// then answers `complete: false` with what it read.
     async fn list(&self, org: &Organization, query: &ListPats) -> Result<PatList, UpstreamError>;
+    /// One page of that list: the one `cursor` stands at (the first, for a
+    /// new cursor), with the same options as every page before; returns
+    /// its PATs as [`ListCursor::accept`] hands them out (maybe none) and
+    /// moves `cursor` on. Nothing is sent once `cursor` has ended (empty
+    /// answer); an error, with nothing sent, once it has read the client's
+    /// most pages. Memory does not grow with the listing: see [`pages`].
+    async fn list_page(
+        &self,
+        org: &Organization,
+        query: &ListPats,
+        cursor: &mut ListCursor,
+    ) -> Result<Vec<PatToken>, UpstreamError>;
     /// `PUT /{org}/_apis/tokens/pats`.
     async fn update(&self, org: &Organization, req: &UpdatePat) -> Result<PatToken, UpstreamError>;
     /// `DELETE /{org}/_apis/tokens/pats?authorizationId=`.
