@@ -361,29 +361,37 @@ async fn release(deps: &LeaseDeps, id: LeaseId) {
 }
 
 /// Expires one claimed ACTIVE lease; 1 if it reached EXPIRED.
-async fn expire(deps: &LeaseDeps, lease: LeaseRecord) -> usize {
-    let id = lease.id;
+async fn expire(deps: &LeaseDeps, claimed: LeaseRecord) -> usize {
+    let id = claimed.id;
     let result = async {
-        // The claimed copy may be stale: a renew that committed since the
-        // claim moved expire_time. Re-read so the revocation never writes
-        // an old expire_time back over a renewal the caller was promised.
         let now = now();
-        let Some(lease) = deps.store.get_lease(id).await? else {
-            return Ok(None);
-        };
-        if lease.state != LeaseState::Active || lease.expire_time > now {
-            return Ok(None);
+        // The claimed copy is usually current, so it is tried first. A
+        // renewal committed since the claim moved `update_time`, which
+        // fails the compare-and-set in `begin_revocation`; then the row is
+        // read again, so the revocation never writes an old expire_time
+        // back over a renewal the caller was promised.
+        let mut lease = claimed;
+        for reread in [false, true] {
+            if reread {
+                match deps.store.get_lease(id).await? {
+                    Some(current) => lease = current,
+                    None => return Ok(None),
+                }
+            }
+            if lease.state != LeaseState::Active || lease.expire_time > now {
+                return Ok(None);
+            }
+            if let Some(revoking) = begin_revocation(deps, &lease, now).await? {
+                return finish_revocation(
+                    deps,
+                    &revoking,
+                    &Actor::background(),
+                    crate::audit::LEASE_EXPIRE,
+                )
+                .await;
+            }
         }
-        let Some(revoking) = begin_revocation(deps, &lease, now).await? else {
-            return Ok(None);
-        };
-        finish_revocation(
-            deps,
-            &revoking,
-            &Actor::background(),
-            crate::audit::LEASE_EXPIRE,
-        )
-        .await
+        Ok(None)
     }
     .await;
     settle(deps, id, result).await

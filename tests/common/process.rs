@@ -119,7 +119,10 @@ impl ServeProcess {
             .expect("create the log file");
         let err = out.try_clone().expect("clone the log file handle");
 
-        let mut cmd = Command::new(BIN);
+        // `TB_SERVE_BIN` runs another build (a release binary, for the
+        // figures in BENCHMARKS.md) under the same harness.
+        let bin = std::env::var("TB_SERVE_BIN").unwrap_or_else(|_| BIN.to_owned());
+        let mut cmd = Command::new(bin);
         cmd.current_dir(dir.path());
         // Nothing of the test's own environment configures the child.
         for (k, _) in std::env::vars() {
