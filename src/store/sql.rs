@@ -16,6 +16,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::Datelike;
 use sqlx::{
     Arguments, ColumnIndex, Database, Decode, Encode, Executor, FromRow, IntoArguments, Pool, Row,
     Transaction, Type,
@@ -160,7 +161,20 @@ static UPDATE_LEASE: LazyLock<String> = LazyLock::new(|| {
 });
 
 const AUDIT_COLUMNS: &str = "id, time, identity, peer, action, outcome, reason, policy_rule, \
-     lease_id, organization, scopes, token_fingerprint, caller_detail, mac";
+     lease_id, organization, scopes, token_fingerprint, caller_detail, mac, time_high, late";
+
+/// How far an audit row's time may trail the newest time before it and the
+/// row still lie within the id bounds a time filter derives from
+/// `time_high` (migration 0006): appends taken at nearly the same moment
+/// commit a little out of time order. A row further behind is `late`, and
+/// the listing finds it by time alone. Larger: fewer late rows; smaller:
+/// fewer rows past a range's end scanned before a page is known to be the
+/// last.
+const AUDIT_LATE_SLACK: Duration = Duration::from_secs(10);
+
+/// Above every audit id: the id bound of a time filter whose end no row's
+/// `time_high` reaches.
+const NO_AUDIT_ID: i64 = i64::MAX;
 
 const SELECT_KEY: &str = "SELECT * FROM idempotency_keys WHERE holder = $1 AND request_id = $2";
 
@@ -265,19 +279,22 @@ macro_rules! update_lease {
 
 /// Appends `$event` under the dialect's append serialization, with the MAC
 /// `$mac` (an `Option<ChainMacFn>`) computes from the newest row's MAC and
-/// the event as stored; evaluates to `(id, mac)`.
+/// the event as stored, and the row's `time_high` and `late` (migration
+/// 0006) from the greatest `time_high` so far; evaluates to `(id, mac)`.
 macro_rules! append_audit {
     ($store:expr, $event:expr, $mac:expr) => {{
         let event: &AuditEvent = $event;
         let mut tx = DB::begin_audit_append(&$store.pool).await?;
-        let (last_id, prev): (i64, Option<String>) = sqlx::query_as(&format!(
-            "SELECT {} AS id, \
-             (SELECT mac FROM audit_events ORDER BY id DESC LIMIT 1) AS mac",
-            DB::LAST_AUDIT_ID
-        ))
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(map_sqlx)?;
+        let (last_id, prev, high): (i64, Option<String>, Option<Timestamp>) =
+            sqlx::query_as(&format!(
+                "SELECT {} AS id, \
+                 (SELECT mac FROM audit_events ORDER BY id DESC LIMIT 1) AS mac, \
+                 (SELECT max(time_high) FROM audit_events) AS time_high",
+                DB::LAST_AUDIT_ID
+            ))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_sqlx)?;
         let id = last_id
             .checked_add(1)
             .ok_or_else(|| StoreError::Database("audit id space exhausted".into()))?;
@@ -288,10 +305,15 @@ macro_rules! append_audit {
             ..event.clone()
         };
         let mac = $mac.map(|mac| mac(prev.as_deref(), &stored));
+        let time_high = high.map_or(time, |high| high.max(time));
+        let late = high.is_some_and(|high| {
+            time.checked_add(AUDIT_LATE_SLACK)
+                .is_some_and(|time| time < high)
+        });
         sqlx::query(&format!(
             "INSERT INTO audit_events ({AUDIT_COLUMNS}) {} VALUES ({})",
             DB::AUDIT_INSERT_ID,
-            placeholders(1, 14)
+            placeholders(1, 16)
         ))
         .bind(id)
         .bind(time)
@@ -307,6 +329,8 @@ macro_rules! append_audit {
         .bind(stored.token_fingerprint)
         .bind(stored.caller_detail)
         .bind(mac.clone())
+        .bind(time_high)
+        .bind(late)
         .execute(&mut *tx)
         .await
         .map_err(map_sqlx)?;
@@ -336,6 +360,7 @@ where
     String: Column<DB>,
     i32: Column<DB>,
     i64: Column<DB>,
+    bool: Column<DB>,
     // sqlx implements `Encode` for `Option` per backend, not generically.
     Option<Timestamp>: Column<DB>,
     Option<LeaseId>: Column<DB>,
@@ -710,25 +735,66 @@ where
     ) -> Result<Vec<AuditEvent>, StoreError> {
         // Built like list_leases: only the given conditions, so each can use
         // its index (a `$n IS NULL OR …` form defeats PostgreSQL's plans).
-        let mut sql = String::from("SELECT * FROM audit_events WHERE 1 = 1");
+        // Declared before the arguments, which borrow it until run.
+        let mut sql = String::new();
         let mut args = DB::Arguments::default();
-        sql += &format!(" AND id > {}", bind_next!(args, after_id));
-        if let Some(t) = filter.start_time {
-            sql += &format!(" AND time >= {}", bind_next!(args, t));
+        let mut matching = format!("id > {}", bind_next!(args, after_id));
+        let start = match filter.start_time {
+            Some(t) => Some(bind_next!(args, t)),
+            None => None,
+        };
+        if let Some(start) = &start {
+            matching += &format!(" AND time >= {start}");
         }
         if let Some(t) = filter.end_time {
-            sql += &format!(" AND time < {}", bind_next!(args, t));
+            matching += &format!(" AND time < {}", bind_next!(args, t));
         }
         if let Some(identity) = &filter.identity {
-            sql += &format!(" AND identity = {}", bind_next!(args, identity.clone()));
+            matching += &format!(" AND identity = {}", bind_next!(args, identity.clone()));
         }
         if let Some(action) = &filter.action {
-            sql += &format!(" AND action = {}", bind_next!(args, action.clone()));
+            matching += &format!(" AND action = {}", bind_next!(args, action.clone()));
         }
         if let Some(lease) = filter.lease_id {
-            sql += &format!(" AND lease_id = {}", bind_next!(args, lease));
+            matching += &format!(" AND lease_id = {}", bind_next!(args, lease));
         }
-        sql += &format!(" ORDER BY id LIMIT {}", bind_next!(args, i64::from(limit)));
+        let limit = bind_next!(args, i64::from(limit));
+        sql += &if start.is_none() && filter.end_time.is_none() {
+            format!("SELECT * FROM audit_events WHERE {matching} ORDER BY id LIMIT {limit}")
+        } else {
+            // A time range, as id bounds (migration 0006): rows before the
+            // first whose time_high reaches the start are all earlier;
+            // from the first whose time_high passes the end by the slack
+            // on, only late rows can be earlier than the end. Late rows
+            // are looked up by time, wherever their ids lie.
+            let first_id = |bound: &str| {
+                format!("(SELECT id FROM audit_events WHERE time_high >= {bound} ORDER BY time_high, id LIMIT 1)")
+            };
+            let mut bounds = String::new();
+            if let Some(start) = &start {
+                bounds += &format!(" AND id >= {}", first_id(start));
+            }
+            // Past year 9999 the text form of a time no longer sorts (SQLite).
+            let beyond_end = filter
+                .end_time
+                .and_then(|t| t.checked_add(AUDIT_LATE_SLACK))
+                .filter(|t| t.as_datetime().year() <= 9999);
+            if let Some(t) = beyond_end {
+                bounds += &format!(
+                    " AND id < COALESCE({}, {NO_AUDIT_ID})",
+                    first_id(&bind_next!(args, t))
+                );
+            }
+            format!(
+                "SELECT * FROM ( \
+                   SELECT * FROM (SELECT * FROM audit_events WHERE NOT late{bounds} AND {matching} \
+                                  ORDER BY id LIMIT {limit}) AS steady \
+                   UNION ALL \
+                   SELECT * FROM (SELECT * FROM audit_events WHERE late AND {matching} \
+                                  ORDER BY id LIMIT {limit}) AS late_rows \
+                 ) AS page ORDER BY id LIMIT {limit}"
+            )
+        };
         let rows: Vec<AuditRow> = sqlx::query_as_with(&sql, args)
             .fetch_all(&self.pool)
             .await
