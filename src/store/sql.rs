@@ -72,6 +72,13 @@ pub(crate) trait Dialect: Database<QueryResult: RowsAffected> {
     /// so an id is never reused.
     const LAST_AUDIT_ID: &'static str;
 
+    /// After `FROM audit_events` where the audit listing looks up late rows
+    /// by time (migration 0006). SQLite keeps no statistics to tell that
+    /// partial index is small, and takes an index of another filter or the
+    /// id order instead: `INDEXED BY` it. PostgreSQL needs nothing (its
+    /// statistics count the late rows).
+    const LATE_AUDIT_ROWS: &'static str;
+
     /// Applies pending migrations.
     fn migrate(pool: &Pool<Self>) -> impl Future<Output = Result<(), StoreError>> + Send;
 
@@ -738,7 +745,8 @@ where
         // Declared before the arguments, which borrow it until run.
         let mut sql = String::new();
         let mut args = DB::Arguments::default();
-        let mut matching = format!("id > {}", bind_next!(args, after_id));
+        let after = bind_next!(args, after_id);
+        let mut matching = String::new();
         let start = match filter.start_time {
             Some(t) => Some(bind_next!(args, t)),
             None => None,
@@ -760,15 +768,19 @@ where
         }
         let limit = bind_next!(args, i64::from(limit));
         sql += &if start.is_none() && filter.end_time.is_none() {
-            format!("SELECT * FROM audit_events WHERE {matching} ORDER BY id LIMIT {limit}")
+            format!(
+                "SELECT * FROM audit_events WHERE id > {after}{matching} ORDER BY id LIMIT {limit}"
+            )
         } else {
-            // A time range, as id bounds (migration 0006): rows before the
-            // first whose time_high reaches the start are all earlier;
-            // from the first whose time_high passes the end by the slack
-            // on, only late rows can be earlier than the end. Late rows
-            // are looked up by time, wherever their ids lie.
+            // A time range as id bounds (migration 0006): every row before
+            // the first whose time_high reaches the start is earlier than
+            // the start, and from the first whose time_high passes the end
+            // by the slack on, only late rows are earlier than the end.
             let first_id = |bound: &str| {
-                format!("(SELECT id FROM audit_events WHERE time_high >= {bound} ORDER BY time_high, id LIMIT 1)")
+                format!(
+                    "(SELECT id FROM audit_events WHERE time_high >= {bound} \
+                     ORDER BY time_high, id LIMIT 1)"
+                )
             };
             let mut bounds = String::new();
             if let Some(start) = &start {
@@ -785,13 +797,19 @@ where
                     first_id(&bind_next!(args, t))
                 );
             }
+            // Late rows, wherever their ids lie, by time through their
+            // partial index (`+id` keeps PostgreSQL off the id order even
+            // while its statistics are stale).
+            let late_rows = DB::LATE_AUDIT_ROWS;
             format!(
                 "SELECT * FROM ( \
-                   SELECT * FROM (SELECT * FROM audit_events WHERE NOT late{bounds} AND {matching} \
+                   SELECT * FROM (SELECT * FROM audit_events \
+                                  WHERE NOT late{bounds} AND id > {after}{matching} \
                                   ORDER BY id LIMIT {limit}) AS steady \
                    UNION ALL \
-                   SELECT * FROM (SELECT * FROM audit_events WHERE late AND {matching} \
-                                  ORDER BY id LIMIT {limit}) AS late_rows \
+                   SELECT * FROM (SELECT * FROM audit_events {late_rows} \
+                                  WHERE late AND +id > {after}{matching} \
+                                  ORDER BY +id LIMIT {limit}) AS late_rows \
                  ) AS page ORDER BY id LIMIT {limit}"
             )
         };
