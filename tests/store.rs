@@ -15,8 +15,8 @@ use token_broker::domain::{
     AuthorizationId, Identity, LeaseId, LeaseState, Organization, ScopeSet, Timestamp,
 };
 use token_broker::store::{
-    AuditAppend, CreateOutcome, IdempotencyRecord, LeaseFilter, LeaseRecord, LeaseWrite,
-    PageCursor, Store, StoreError, Work,
+    AuditAppend, AuditFilter, CreateOutcome, IdempotencyRecord, LeaseFilter, LeaseRecord,
+    LeaseWrite, PageCursor, Store, StoreError, Work,
 };
 use uuid::Uuid;
 
@@ -68,6 +68,7 @@ conformance!(
     live_lease_count_ignores_finished_leases_and_other_holders,
     leases_in_a_state_are_counted_across_holders,
     audit_events_list_in_append_order_after_an_id,
+    audit_time_filters_find_rows_appended_out_of_time_order,
     concurrent_audit_appends_all_land_with_distinct_increasing_ids,
     a_lease_write_and_its_audit_row_land_together_or_not_at_all,
     concurrent_meta_writers_agree_on_the_first_value,
@@ -1037,6 +1038,94 @@ async fn audit_events_list_in_append_order_after_an_id(store: Arc<dyn Store>) {
     assert!(store.list_audit(ids[4], 100).await.unwrap().is_empty());
 }
 
+/// Every event `filter` matches, paged `limit` at a time as the listing
+/// pages.
+async fn all_matching(store: &dyn Store, filter: &AuditFilter, limit: u32) -> Vec<AuditEvent> {
+    let mut events: Vec<AuditEvent> = Vec::new();
+    loop {
+        let after = events.last().map_or(0, |e| e.id);
+        let page = store
+            .list_audit_matching(filter, after, limit)
+            .await
+            .unwrap();
+        let last = page.len() < limit as usize;
+        events.extend(page);
+        if last {
+            return events;
+        }
+    }
+}
+
+/// Checks that every time range (bounds at each stored time, before, after
+/// and open), alone and with an identity, lists exactly the stored events
+/// it covers, in id order, whatever the page size.
+async fn assert_time_filters_list_exactly_what_they_cover(store: &dyn Store) {
+    let stored = store.list_audit(0, 1000).await.unwrap();
+    let mut bounds: Vec<Option<Timestamp>> = vec![
+        None,
+        Some(t0() - secs(2 * 86_400)),
+        Some(t0() + secs(2 * 86_400)),
+    ];
+    for event in &stored {
+        if !bounds.contains(&Some(event.time)) {
+            bounds.push(Some(event.time));
+        }
+    }
+    for start in &bounds {
+        for end in &bounds {
+            for identity in [None, Some("apikey:odd")] {
+                let filter = AuditFilter {
+                    start_time: *start,
+                    end_time: *end,
+                    identity: identity.map(Into::into),
+                    ..AuditFilter::default()
+                };
+                let covered: Vec<AuditEvent> = stored
+                    .iter()
+                    .filter(|e| start.is_none_or(|t| e.time >= t))
+                    .filter(|e| end.is_none_or(|t| e.time < t))
+                    .filter(|e| identity.is_none_or(|i| e.identity == i))
+                    .cloned()
+                    .collect();
+                for limit in [2, 100] {
+                    assert_eq!(
+                        all_matching(store, &filter, limit).await,
+                        covered,
+                        "{filter:?}, {limit} a page"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Seconds after t0 of test events, in append order: rising, with some a
+/// little behind the newest (as concurrent appends commit), some far behind
+/// (a retried append keeps its first time), equal times, and one a day
+/// ahead (a replica with a fast clock) that puts every later one far behind.
+const OUT_OF_ORDER_OFFSETS: [i64; 17] = [
+    0, 5, 3, 20, -3600, 30, 30, 40, 35, 50, 38, 60, 61, 45, 70, 86_400, 80,
+];
+
+fn event_at(i: usize, offset: i64) -> AuditEvent {
+    let mut event = audit(&format!("lease.step{}", i % 3), Outcome::Allowed);
+    event.time = t0() + secs(offset);
+    event.identity = if i % 2 == 0 {
+        "apikey:even"
+    } else {
+        "apikey:odd"
+    }
+    .into();
+    event
+}
+
+async fn audit_time_filters_find_rows_appended_out_of_time_order(store: Arc<dyn Store>) {
+    for (i, offset) in OUT_OF_ORDER_OFFSETS.into_iter().enumerate() {
+        store.append_audit(&event_at(i, offset)).await.unwrap();
+    }
+    assert_time_filters_list_exactly_what_they_cover(&*store).await;
+}
+
 async fn concurrent_audit_appends_all_land_with_distinct_increasing_ids(store: Arc<dyn Store>) {
     let appenders = (0..30).map(|i| {
         let store = store.clone();
@@ -1331,4 +1420,109 @@ async fn in_memory_sqlite_store_works_for_one_process() {
     let l = lease("ci", t0());
     create(&store, &l).await;
     assert_eq!(store.get_lease(l.id).await.unwrap(), Some(l));
+}
+
+/// Audit rows written before migration 0006 (time_high, late) and rows
+/// written by anything but the store after it are listed by time filters
+/// like the rows the store appends.
+mod audit_rows_not_appended_by_this_store {
+    use std::path::Path;
+
+    use sqlx::{Connection, Executor};
+    use token_broker::domain::Timestamp;
+    use token_broker::store;
+
+    use super::{assert_time_filters_list_exactly_what_they_cover, event_at, OUT_OF_ORDER_OFFSETS};
+    use crate::common::db::{sqlite_url, TestDatabase};
+
+    /// The migrations of `dialect` before 0006, in a directory of their own.
+    fn migrations_before_0006(dialect: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("migrations")
+            .join(dialect);
+        for entry in std::fs::read_dir(source).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+            if name.as_str() < "0006" {
+                std::fs::copy(&path, dir.path().join(name)).unwrap();
+            }
+        }
+        dir
+    }
+
+    /// `INSERT` of row `id` of `identity`, its time bound as `$1`, without
+    /// the columns of 0006 (PostgreSQL adds `OVERRIDING SYSTEM VALUE`).
+    fn raw_insert(id: i64, identity: &str) -> String {
+        format!(
+            "INSERT INTO audit_events (id, time, identity, action, outcome) \
+             VALUES ({id}, $1, '{identity}', 'lease.step{}', 'allowed')",
+            id % 3
+        )
+    }
+
+    /// Writes the first test events raw with ids 1.. through `insert`
+    /// (`insert(sql, time)` runs one), migrates with the store, appends
+    /// the rest through it, writes one more row raw, and checks the
+    /// listing.
+    async fn check(url: &str, mut insert: impl AsyncFnMut(String, Timestamp)) {
+        let (before, after) = OUT_OF_ORDER_OFFSETS.split_at(12);
+        for (i, offset) in before.iter().enumerate() {
+            let event = event_at(i, *offset);
+            insert(raw_insert(i as i64 + 1, &event.identity), event.time).await;
+        }
+        let store = store::open(url).await.unwrap();
+        store.migrate().await.unwrap();
+        for (i, offset) in after.iter().enumerate() {
+            store
+                .append_audit(&event_at(i + 12, *offset))
+                .await
+                .unwrap();
+        }
+        let last = store.list_audit(0, 1000).await.unwrap().last().unwrap().id;
+        let early = event_at(1, -7200);
+        insert(raw_insert(last + 1, &early.identity), early.time).await;
+        assert_time_filters_list_exactly_what_they_cover(&*store).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        let db = TestDatabase::create().await;
+        let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+        let dir = migrations_before_0006("postgres");
+        sqlx::migrate::Migrator::new(dir.path())
+            .await
+            .unwrap()
+            .run(&pool)
+            .await
+            .unwrap();
+        check(&db.url, async |sql: String, time: Timestamp| {
+            let sql = sql.replace(") VALUES", ") OVERRIDING SYSTEM VALUE VALUES");
+            pool.execute(sqlx::query(&sql).bind(time)).await.unwrap();
+        })
+        .await;
+        pool.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = sqlite_url(&dir);
+        let options: sqlx::sqlite::SqliteConnectOptions = url.parse().unwrap();
+        let mut conn = sqlx::SqliteConnection::connect_with(&options.create_if_missing(true))
+            .await
+            .unwrap();
+        let migrations = migrations_before_0006("sqlite");
+        sqlx::migrate::Migrator::new(migrations.path())
+            .await
+            .unwrap()
+            .run(&mut conn)
+            .await
+            .unwrap();
+        check(&url, async |sql: String, time: Timestamp| {
+            conn.execute(sqlx::query(&sql).bind(time)).await.unwrap();
+        })
+        .await;
+        conn.close().await.unwrap();
+    }
 }

@@ -529,8 +529,10 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// Audit events matching `filter` with id > `after_id`, oldest first,
-    /// at most `limit`: one indexed query (migration 0005), so a page costs
-    /// the same on a trail of a million rows as on a short one.
+    /// at most `limit`: one indexed query (migrations 0005 and 0006; a time
+    /// range is bounded by ids through `time_high`), so a page costs the
+    /// same on a trail of a million rows as on a short one (BENCHMARKS.md,
+    /// "Scale").
     async fn list_audit_matching(
         &self,
         filter: &AuditFilter,

@@ -68,6 +68,7 @@ impl Dialect for Postgres {
     const CLAIM_LOCK: &'static str = "FOR UPDATE SKIP LOCKED";
     const AUDIT_INSERT_ID: &'static str = "OVERRIDING SYSTEM VALUE";
     const LAST_AUDIT_ID: &'static str = "COALESCE((SELECT max(id) FROM audit_events), 0)";
+    const LATE_AUDIT_ROWS: &'static str = "";
 
     async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
         MIGRATOR.run(pool).await.map_err(map_migrate)

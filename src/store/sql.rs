@@ -16,6 +16,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::Datelike;
 use sqlx::{
     Arguments, ColumnIndex, Database, Decode, Encode, Executor, FromRow, IntoArguments, Pool, Row,
     Transaction, Type,
@@ -70,6 +71,13 @@ pub(crate) trait Dialect: Database<QueryResult: RowsAffected> {
     /// which an identity sequence would); SQLite: AUTOINCREMENT's counter,
     /// so an id is never reused.
     const LAST_AUDIT_ID: &'static str;
+
+    /// After `FROM audit_events` where the audit listing looks up late rows
+    /// by time (migration 0006). SQLite keeps no statistics to tell that
+    /// partial index is small, and takes an index of another filter or the
+    /// id order instead: `INDEXED BY` it. PostgreSQL needs nothing (its
+    /// statistics count the late rows).
+    const LATE_AUDIT_ROWS: &'static str;
 
     /// Applies pending migrations.
     fn migrate(pool: &Pool<Self>) -> impl Future<Output = Result<(), StoreError>> + Send;
@@ -163,7 +171,21 @@ static UPDATE_LEASE: LazyLock<String> = LazyLock::new(|| {
 });
 
 const AUDIT_COLUMNS: &str = "id, time, identity, peer, action, outcome, reason, policy_rule, \
-     lease_id, organization, scopes, token_fingerprint, caller_detail, mac";
+     lease_id, organization, scopes, token_fingerprint, caller_detail, mac, time_high, late";
+const AUDIT_COLUMN_COUNT: usize = 16;
+
+/// How far an audit row's time may trail the newest time before it and the
+/// row still lie within the id bounds a time filter derives from
+/// `time_high` (migration 0006): appends taken at nearly the same moment
+/// commit a little out of time order. A row further behind is `late`, and
+/// the listing finds it by time alone. Larger: fewer late rows; smaller:
+/// fewer rows past a range's end scanned before a page is known to be the
+/// last.
+const AUDIT_LATE_SLACK: Duration = Duration::from_secs(10);
+
+/// Above every audit id: the id bound of a time filter whose end no row's
+/// `time_high` reaches.
+const NO_AUDIT_ID: i64 = i64::MAX;
 
 const SELECT_KEY: &str = "SELECT * FROM idempotency_keys WHERE holder = $1 AND request_id = $2";
 
@@ -271,7 +293,7 @@ macro_rules! update_lease {
     }};
 }
 
-/// Most audit rows one INSERT statement carries: 14 binds each, within
+/// Most audit rows one INSERT statement carries: 16 binds each, within
 /// SQLite's oldest bind limit (999), and few distinct statement shapes for
 /// the connection's statement cache.
 const AUDIT_ROWS_PER_INSERT: usize = 32;
@@ -279,7 +301,12 @@ const AUDIT_ROWS_PER_INSERT: usize = 32;
 /// `INSERT INTO audit_events (...) VALUES (...), ...` for `rows` rows.
 fn audit_insert<DB: Dialect>(rows: usize) -> String {
     let values = (0..rows)
-        .map(|r| format!("({})", placeholders(1 + r * 14, 14)))
+        .map(|r| {
+            format!(
+                "({})",
+                placeholders(1 + r * AUDIT_COLUMN_COUNT, AUDIT_COLUMN_COUNT)
+            )
+        })
         .collect::<Vec<_>>()
         .join(", ");
     format!(
@@ -292,7 +319,9 @@ fn audit_insert<DB: Dialect>(rows: usize) -> String {
 /// dialect's append serialization, in one transaction: each lease write
 /// first (compare-and-set), then the events whose write applied (or that
 /// have none), each with the MAC `$mac` (an `Option<ChainMacFn>`) computes
-/// from the MAC before it and the event as stored; evaluates to a
+/// from the MAC before it and the event as stored, and each row's
+/// `time_high` and `late` (migration 0006) from the greatest `time_high`
+/// before it; evaluates to a
 /// `Vec<Option<(id, mac)>>` in the same order, `None` where the lease write
 /// did not apply.
 macro_rules! append_audit {
@@ -320,14 +349,16 @@ macro_rules! append_audit {
                 };
                 events.push(applies.then_some(&append.event));
             }
-            let (last_id, mut prev): (i64, Option<String>) = sqlx::query_as(&format!(
-                "SELECT {} AS id, \
-                 (SELECT mac FROM audit_events ORDER BY id DESC LIMIT 1) AS mac",
-                DB::LAST_AUDIT_ID
-            ))
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(map_sqlx)?;
+            let (last_id, mut prev, mut high): (i64, Option<String>, Option<Timestamp>) =
+                sqlx::query_as(&format!(
+                    "SELECT {} AS id, \
+                 (SELECT mac FROM audit_events ORDER BY id DESC LIMIT 1) AS mac, \
+                 (SELECT max(time_high) FROM audit_events) AS time_high",
+                    DB::LAST_AUDIT_ID
+                ))
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(map_sqlx)?;
             let mut id = last_id;
             let written: Vec<&AuditEvent> = events.iter().flatten().copied().collect();
             let mut rows = Vec::with_capacity(written.len());
@@ -359,6 +390,18 @@ macro_rules! append_audit {
                     args.add(stored.token_fingerprint).map_err(bind_error)?;
                     args.add(stored.caller_detail).map_err(bind_error)?;
                     args.add(row_mac.clone()).map_err(bind_error)?;
+                    // Migration 0006: the running maximum of time, and
+                    // whether this row trails it by more than the slack.
+                    let late = high.is_some_and(|high| {
+                        event
+                            .time
+                            .checked_add(AUDIT_LATE_SLACK)
+                            .is_some_and(|time| time < high)
+                    });
+                    let time_high = high.map_or(event.time, |high| high.max(event.time));
+                    high = Some(time_high);
+                    args.add(time_high).map_err(bind_error)?;
+                    args.add(late).map_err(bind_error)?;
                     prev = row_mac.clone();
                     rows.push((id, row_mac));
                 }
@@ -396,6 +439,7 @@ where
     String: Column<DB>,
     i32: Column<DB>,
     i64: Column<DB>,
+    bool: Column<DB>,
     // sqlx implements `Encode` for `Option` per backend, not generically.
     Option<Timestamp>: Column<DB>,
     Option<LeaseId>: Column<DB>,
@@ -803,25 +847,77 @@ where
     ) -> Result<Vec<AuditEvent>, StoreError> {
         // Built like list_leases: only the given conditions, so each can use
         // its index (a `$n IS NULL OR …` form defeats PostgreSQL's plans).
-        let mut sql = String::from("SELECT * FROM audit_events WHERE 1 = 1");
+        // Declared before the arguments, which borrow it until run.
+        let mut sql = String::new();
         let mut args = DB::Arguments::default();
-        sql += &format!(" AND id > {}", bind_next!(args, after_id));
-        if let Some(t) = filter.start_time {
-            sql += &format!(" AND time >= {}", bind_next!(args, t));
+        let after = bind_next!(args, after_id);
+        let mut matching = String::new();
+        let start = match filter.start_time {
+            Some(t) => Some(bind_next!(args, t)),
+            None => None,
+        };
+        if let Some(start) = &start {
+            matching += &format!(" AND time >= {start}");
         }
         if let Some(t) = filter.end_time {
-            sql += &format!(" AND time < {}", bind_next!(args, t));
+            matching += &format!(" AND time < {}", bind_next!(args, t));
         }
         if let Some(identity) = &filter.identity {
-            sql += &format!(" AND identity = {}", bind_next!(args, identity.clone()));
+            matching += &format!(" AND identity = {}", bind_next!(args, identity.clone()));
         }
         if let Some(action) = &filter.action {
-            sql += &format!(" AND action = {}", bind_next!(args, action.clone()));
+            matching += &format!(" AND action = {}", bind_next!(args, action.clone()));
         }
         if let Some(lease) = filter.lease_id {
-            sql += &format!(" AND lease_id = {}", bind_next!(args, lease));
+            matching += &format!(" AND lease_id = {}", bind_next!(args, lease));
         }
-        sql += &format!(" ORDER BY id LIMIT {}", bind_next!(args, i64::from(limit)));
+        let limit = bind_next!(args, i64::from(limit));
+        sql += &if start.is_none() && filter.end_time.is_none() {
+            format!(
+                "SELECT * FROM audit_events WHERE id > {after}{matching} ORDER BY id LIMIT {limit}"
+            )
+        } else {
+            // A time range as id bounds (migration 0006): every row before
+            // the first whose time_high reaches the start is earlier than
+            // the start, and from the first whose time_high passes the end
+            // by the slack on, only late rows are earlier than the end.
+            let first_id = |bound: &str| {
+                format!(
+                    "(SELECT id FROM audit_events WHERE time_high >= {bound} \
+                     ORDER BY time_high, id LIMIT 1)"
+                )
+            };
+            let mut bounds = String::new();
+            if let Some(start) = &start {
+                bounds += &format!(" AND id >= {}", first_id(start));
+            }
+            // Past year 9999 the text form of a time no longer sorts (SQLite).
+            let beyond_end = filter
+                .end_time
+                .and_then(|t| t.checked_add(AUDIT_LATE_SLACK))
+                .filter(|t| t.as_datetime().year() <= 9999);
+            if let Some(t) = beyond_end {
+                bounds += &format!(
+                    " AND id < COALESCE({}, {NO_AUDIT_ID})",
+                    first_id(&bind_next!(args, t))
+                );
+            }
+            // Late rows, wherever their ids lie, by time through their
+            // partial index (`+id` keeps PostgreSQL off the id order even
+            // while its statistics are stale).
+            let late_rows = DB::LATE_AUDIT_ROWS;
+            format!(
+                "SELECT * FROM ( \
+                   SELECT * FROM (SELECT * FROM audit_events \
+                                  WHERE NOT late{bounds} AND id > {after}{matching} \
+                                  ORDER BY id LIMIT {limit}) AS steady \
+                   UNION ALL \
+                   SELECT * FROM (SELECT * FROM audit_events {late_rows} \
+                                  WHERE late AND +id > {after}{matching} \
+                                  ORDER BY +id LIMIT {limit}) AS late_rows \
+                 ) AS page ORDER BY id LIMIT {limit}"
+            )
+        };
         let rows: Vec<AuditRow> = sqlx::query_as_with(&sql, args)
             .fetch_all(&self.pool)
             .await

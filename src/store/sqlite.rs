@@ -104,6 +104,7 @@ impl Dialect for Sqlite {
     const AUDIT_INSERT_ID: &'static str = "";
     const LAST_AUDIT_ID: &'static str =
         "COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'audit_events'), 0)";
+    const LATE_AUDIT_ROWS: &'static str = "INDEXED BY audit_events_late_time_idx";
 
     async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
         MIGRATOR.run(pool).await.map_err(map_migrate)
