@@ -302,12 +302,9 @@ pub(crate) fn create(emu: &Emulator, org: &str, v: ApiVersion, raw: &[u8]) -> Re
         revoked_at: None,
         token_digest: digest(&secret),
     };
-    inner
-        .by_token
-        .insert(record.token_digest, record.authorization_id);
     let json = to_json(&record, Some(secret));
     tracing::info!(organization = org, authorization_id = %record.authorization_id, "emulator created a PAT");
-    inner.pats.push(record);
+    inner.add_pat(record);
     succeeded(v, json)
 }
 

@@ -182,7 +182,12 @@ pub(crate) struct RequestRecord {
 /// Everything mutable, behind one lock (never held across an await).
 #[derive(Debug)]
 pub(crate) struct Inner {
+    /// Every PAT ever made, in creation order (revoked ones stay); add
+    /// with [`Inner::add_pat`] so [`Inner::pat_index`] follows.
     pub pats: Vec<PatRecord>,
+    /// authorizationId → index in `pats`: a look-up by id costs O(1), not a
+    /// scan, so a benchmark's upstream answers as fast with 100,000 PATs.
+    pat_index: HashMap<Uuid, usize>,
     pub by_token: HashMap<SecretDigest, Uuid>,
     pub organizations: HashMap<String, Uuid>,
     pub access_tokens: HashMap<SecretDigest, AccessTokenRecord>,
@@ -216,11 +221,20 @@ impl Inner {
     }
 
     pub fn pat(&self, id: Uuid) -> Option<&PatRecord> {
-        self.pats.iter().find(|p| p.authorization_id == id)
+        self.pats.get(*self.pat_index.get(&id)?)
     }
 
     pub fn pat_mut(&mut self, id: Uuid) -> Option<&mut PatRecord> {
-        self.pats.iter_mut().find(|p| p.authorization_id == id)
+        self.pats.get_mut(*self.pat_index.get(&id)?)
+    }
+
+    /// Keeps `record` (and its token digest) as the newest PAT.
+    pub fn add_pat(&mut self, record: PatRecord) {
+        self.by_token
+            .insert(record.token_digest, record.authorization_id);
+        self.pat_index
+            .insert(record.authorization_id, self.pats.len());
+        self.pats.push(record);
     }
 
     pub fn count_call(&mut self, operation: &str) {
@@ -306,6 +320,12 @@ impl Inner {
             .iter()
             .map(|p| (p.token_digest, p.authorization_id))
             .collect();
+        self.pat_index = snap
+            .pats
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.authorization_id, i))
+            .collect();
         self.pats = snap.pats;
         self.access_tokens = snap
             .access_tokens
@@ -381,6 +401,7 @@ impl Emulator {
             config: Arc::new(config),
             inner: Arc::new(Mutex::new(Inner {
                 pats: Vec::new(),
+                pat_index: HashMap::new(),
                 by_token: HashMap::new(),
                 organizations: HashMap::new(),
                 access_tokens: HashMap::new(),
