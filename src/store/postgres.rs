@@ -12,9 +12,6 @@ use super::{map_migrate, map_sqlx, StoreError};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
-/// Advisory lock key that serializes audit appends (ASCII "tbaudit1").
-const AUDIT_APPEND_LOCK: i64 = 0x7462_6175_6469_7431;
-
 /// Pool settings for [`PostgresStore::connect_with`].
 #[derive(Clone, Debug)]
 pub struct PostgresOptions {
@@ -68,23 +65,37 @@ impl Dialect for Postgres {
     const CLAIM_LOCK: &'static str = "FOR UPDATE SKIP LOCKED";
     const AUDIT_INSERT_ID: &'static str = "OVERRIDING SYSTEM VALUE";
     const LAST_AUDIT_ID: &'static str = "COALESCE((SELECT max(id) FROM audit_events), 0)";
+    /// The advisory lock that serializes appends across replicas; its key
+    /// is ASCII "tbaudit1" (0x7462_6175_6469_7431), the key every release
+    /// has used, so old and new replicas exclude each other.
+    const SERIALIZE_AUDIT_APPEND: Option<&'static str> =
+        Some("SELECT pg_advisory_xact_lock(8386372612940985393)");
     const LATE_AUDIT_ROWS: &'static str = "";
 
     async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
         MIGRATOR.run(pool).await.map_err(map_migrate)
     }
 
-    /// A transaction holding the advisory lock that serializes appends
-    /// across replicas.
+    /// A plain transaction: the advisory lock is taken later
+    /// ([`Dialect::SERIALIZE_AUDIT_APPEND`]).
     async fn begin_audit_append(
         pool: &PgPool,
     ) -> Result<Transaction<'static, Postgres>, StoreError> {
-        let mut tx = pool.begin().await.map_err(map_sqlx)?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(AUDIT_APPEND_LOCK)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_sqlx)?;
-        Ok(tx)
+        pool.begin().await.map_err(map_sqlx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_audit_append_lock_key_is_the_one_every_release_used() {
+        let key = i64::from_be_bytes(*b"tbaudit1");
+        assert_eq!(key, 0x7462_6175_6469_7431);
+        assert_eq!(
+            <Postgres as Dialect>::SERIALIZE_AUDIT_APPEND,
+            Some(format!("SELECT pg_advisory_xact_lock({key})").as_str())
+        );
     }
 }

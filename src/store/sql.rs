@@ -82,8 +82,17 @@ pub(crate) trait Dialect: Database<QueryResult: RowsAffected> {
     /// Applies pending migrations.
     fn migrate(pool: &Pool<Self>) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Starts an audit append: a transaction that serializes appends, so
-    /// ids follow commit order and each chained row sees the MAC of the row
+    /// Run in an audit append's transaction after its lease writes and
+    /// before it reads the chain head, if the transaction itself does not
+    /// already serialize appends: taken this late, the lock is held only
+    /// for the head read, the insert and the commit. PostgreSQL: a
+    /// transaction-scoped advisory lock; SQLite: none (its transaction holds
+    /// the one write lock from its start).
+    const SERIALIZE_AUDIT_APPEND: Option<&'static str>;
+
+    /// Starts an audit append: a transaction that, with
+    /// [`Dialect::SERIALIZE_AUDIT_APPEND`], serializes appends, so ids
+    /// follow commit order and each chained row sees the MAC of the row
     /// committed just before it.
     fn begin_audit_append(
         pool: &Pool<Self>,
@@ -348,6 +357,12 @@ macro_rules! append_audit {
                     }
                 };
                 events.push(applies.then_some(&append.event));
+            }
+            if let Some(serialize) = DB::SERIALIZE_AUDIT_APPEND {
+                sqlx::query(serialize)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_sqlx)?;
             }
             let (last_id, mut prev, mut high): (i64, Option<String>, Option<Timestamp>) =
                 sqlx::query_as(&format!(

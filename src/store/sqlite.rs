@@ -101,6 +101,7 @@ impl SqlStore<Sqlite> {
 impl Dialect for Sqlite {
     const STORE_NAME: &'static str = "SqliteStore";
     const CLAIM_LOCK: &'static str = "";
+    const SERIALIZE_AUDIT_APPEND: Option<&'static str> = None;
     const AUDIT_INSERT_ID: &'static str = "";
     const LAST_AUDIT_ID: &'static str =
         "COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'audit_events'), 0)";
