@@ -431,20 +431,23 @@ async fn a_broker_killed_between_the_upstream_create_and_the_commit_leaves_no_pa
     );
 
     let second = ServeProcess::start(&spec, settings).await;
+    // The reconciler marks the lease FAILED first (so a create still in
+    // flight can no longer activate it), then revokes its PAT.
     poll(
-        "the reconciler to fail the lease",
+        "the reconciler to fail the lease and revoke its PAT",
         Duration::from_secs(120),
         || async {
             let lease = store.get_lease(crashed.id).await.unwrap().unwrap();
+            let orphans = live_pats_without_an_active_lease(&emu, &store).await;
             match lease.state {
-                LeaseState::Failed => Ok(()),
-                other => Err(format!("state {other}")),
+                LeaseState::Failed if orphans.is_empty() => Ok(()),
+                other => Err(format!(
+                    "state {other}, live PATs without a lease: {orphans:?}"
+                )),
             }
         },
     )
     .await;
-    let orphans = live_pats_without_an_active_lease(&emu, &store).await;
-    assert!(orphans.is_empty(), "live PATs without a lease: {orphans:?}");
     assert_eq!(emu.stats().await["deletes"][&orphan], 1);
 
     // The client retries with its request_id: a fresh lease and PAT.
