@@ -14,9 +14,7 @@ use std::time::Duration;
 use futures::FutureExt as _;
 
 use super::auditing::{audit_best_effort, Actor};
-use super::revocation::{
-    begin_revocation, record_revocation, revoke_by_display_names, revoke_lease_pat,
-};
+use super::revocation::{begin_revocation, finish_revocation, revoke_by_display_names};
 use super::time::now;
 use super::{LeaseDeps, LeaseError};
 use crate::audit::{AuditEvent, Outcome};
@@ -166,7 +164,7 @@ async fn pass(deps: &LeaseDeps, stop: &AtomicBool) -> Result<usize, LeaseError> 
         }
         let (due, fresh) = claim(deps, Work::Expiry).await?;
         let claimed = due.len();
-        finished += expire_batch(deps, due, &fresh, stop).await;
+        finished += work_batch(deps, due, &fresh, stop, |lease| expire(deps, lease)).await;
         if claimed < BATCH as usize {
             break;
         }
@@ -362,61 +360,10 @@ async fn release(deps: &LeaseDeps, id: LeaseId) {
     }
 }
 
-/// How many expiries, per background worker, may be recording their
-/// outcome (the shared audit transaction) while the workers go on with the
-/// next upstream calls.
-const RECORDING_PER_WORKER: usize = 4;
-
-/// Expires a claimed batch. The upstream part (re-read, ACTIVE →
-/// REVOKING, the upstream revoke) runs `settings.background_workers` leases
-/// at a time, like [`work_batch`]; recording each outcome does not hold a
-/// worker, so while one replica's outcomes wait for the audit chain's turn
-/// its workers keep upstream busy, and the outcomes go out in larger
-/// group commits. Returns how many leases reached EXPIRED.
-async fn expire_batch(
-    deps: &LeaseDeps,
-    due: Vec<LeaseRecord>,
-    fresh: &Fresh,
-    stop: &AtomicBool,
-) -> usize {
-    use futures::stream::{self, StreamExt as _};
-    let workers = deps.settings.background_workers.max(1);
-    stream::iter(due)
-        .map(|lease| {
-            let started = !stop.load(Ordering::Relaxed) && fresh.holds();
-            async move {
-                if started {
-                    expire_upstream(deps, lease).await
-                } else {
-                    release(deps, lease.id).await;
-                    Expiry::Released
-                }
-            }
-        })
-        .buffer_unordered(workers)
-        .map(|expiry| record_expiry(deps, expiry))
-        .buffer_unordered(workers * RECORDING_PER_WORKER)
-        .fold(0, |total, n| async move { total + n })
-        .await
-}
-
-/// Where a claimed lease's expiry stands between its two halves.
-enum Expiry {
-    /// Not started (stopping, or the claims went stale): released.
-    Released,
-    /// Nothing to revoke (no longer due or moved), or the step failed.
-    Settle(LeaseId, Result<Option<LeaseRecord>, LeaseError>),
-    /// REVOKING, and upstream answered `result`: to be recorded.
-    Revoked {
-        lease: LeaseRecord,
-        result: Result<(), crate::upstream::UpstreamError>,
-    },
-}
-
-/// The upstream half of one expiry.
-async fn expire_upstream(deps: &LeaseDeps, claimed: LeaseRecord) -> Expiry {
+/// Expires one claimed ACTIVE lease; 1 if it reached EXPIRED.
+async fn expire(deps: &LeaseDeps, claimed: LeaseRecord) -> usize {
     let id = claimed.id;
-    let begun = async {
+    let result = async {
         let now = now();
         // The claimed copy is usually current, so it is tried first. A
         // renewal committed since the claim moved `update_time`, which
@@ -435,38 +382,19 @@ async fn expire_upstream(deps: &LeaseDeps, claimed: LeaseRecord) -> Expiry {
                 return Ok(None);
             }
             if let Some(revoking) = begin_revocation(deps, &lease, now).await? {
-                return Ok(Some(revoking));
+                return finish_revocation(
+                    deps,
+                    &revoking,
+                    &Actor::background(),
+                    crate::audit::LEASE_EXPIRE,
+                )
+                .await;
             }
         }
         Ok(None)
     }
     .await;
-    match begun {
-        Ok(Some(lease)) => {
-            let result = revoke_lease_pat(deps, &lease).await;
-            Expiry::Revoked { lease, result }
-        }
-        other => Expiry::Settle(id, other),
-    }
-}
-
-/// The recording half of one expiry; 1 if the lease reached EXPIRED.
-async fn record_expiry(deps: &LeaseDeps, expiry: Expiry) -> usize {
-    match expiry {
-        Expiry::Released => 0,
-        Expiry::Settle(id, result) => settle(deps, id, result).await,
-        Expiry::Revoked { lease, result } => {
-            let recorded = record_revocation(
-                deps,
-                &lease,
-                &Actor::background(),
-                crate::audit::LEASE_EXPIRE,
-                result,
-            )
-            .await;
-            settle(deps, lease.id, recorded).await
-        }
-    }
+    settle(deps, id, result).await
 }
 
 /// Retries one claimed revocation; 1 if it reached REVOKED or EXPIRED.

@@ -86,34 +86,13 @@ pub(super) async fn finish_revocation(
     actor: &Actor,
     action: &str,
 ) -> Result<Option<LeaseRecord>, LeaseError> {
-    let result = revoke_lease_pat(deps, lease).await;
-    record_revocation(deps, lease, actor, action, result).await
-}
-
-/// The upstream half of [`finish_revocation`]: revokes the lease's PAT,
-/// if it ever had one.
-pub(super) async fn revoke_lease_pat(
-    deps: &LeaseDeps,
-    lease: &LeaseRecord,
-) -> Result<(), UpstreamError> {
-    match lease.authorization_id {
+    let result = match lease.authorization_id {
         Some(authorization_id) => {
             revoke_upstream(deps, &lease.organization, authorization_id).await
         }
         // No PAT was ever recorded: nothing to revoke upstream.
         None => Ok(()),
-    }
-}
-
-/// The recording half of [`finish_revocation`]: writes the outcome of
-/// [`revoke_lease_pat`] (`result`) and its audit row.
-pub(super) async fn record_revocation(
-    deps: &LeaseDeps,
-    lease: &LeaseRecord,
-    actor: &Actor,
-    action: &str,
-    result: Result<(), UpstreamError>,
-) -> Result<Option<LeaseRecord>, LeaseError> {
+    };
     let now = now();
     let (next, expected) = match &result {
         Ok(()) => lease.revoked(now),
