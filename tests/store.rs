@@ -71,6 +71,7 @@ conformance!(
     audit_time_filters_find_rows_appended_out_of_time_order,
     concurrent_audit_appends_all_land_with_distinct_increasing_ids,
     a_lease_write_and_its_audit_row_land_together_or_not_at_all,
+    batches_writing_the_same_leases_in_opposite_orders_do_not_deadlock,
     concurrent_meta_writers_agree_on_the_first_value,
     upstream_credential_saves_only_on_the_expected_version,
     timestamps_round_trip_with_microseconds_in_utc,
@@ -1216,6 +1217,45 @@ async fn a_lease_write_and_its_audit_row_land_together_or_not_at_all(store: Arc<
         .map(|e| e.action)
         .collect();
     assert_eq!(actions, ["lease.create", "policy.reload"]);
+}
+
+/// Two appends at once (two replicas' group commits) whose lease writes
+/// name the same leases in opposite orders: both commit, neither is
+/// aborted as a deadlock (rows are locked in one order).
+async fn batches_writing_the_same_leases_in_opposite_orders_do_not_deadlock(store: Arc<dyn Store>) {
+    let leases: Vec<LeaseRecord> = (0..4).map(|i| lease(&format!("svc-{i}"), t0())).collect();
+    for l in &leases {
+        create(&store, l).await;
+    }
+    let batch = |order: Vec<usize>, round: i64| -> Vec<AuditAppend> {
+        order
+            .into_iter()
+            .map(|i| AuditAppend {
+                event: audit("lease.renew", Outcome::Allowed),
+                lease_write: Some(LeaseWrite {
+                    lease: LeaseRecord {
+                        update_time: t0() + secs(round),
+                        ..leases[i].clone()
+                    },
+                    expected: LeaseState::Active,
+                    unchanged_since: None,
+                }),
+            })
+            .collect()
+    };
+    let mac =
+        |prev: Option<&str>, _: &AuditEvent| format!("{}+", prev.unwrap_or("")).len().to_string();
+    for round in 0..10 {
+        let forward = batch(vec![0, 1, 2, 3], round);
+        let backward = batch(vec![3, 2, 1, 0], round);
+        let (a, b) = tokio::join!(
+            store.append_audit_chained_batch(&forward, &mac),
+            store.append_audit_chained_batch(&backward, &mac)
+        );
+        assert_eq!(a.unwrap().len(), 4);
+        assert_eq!(b.unwrap().len(), 4);
+    }
+    assert_eq!(store.list_audit(0, 100).await.unwrap().len(), 80);
 }
 
 async fn concurrent_meta_writers_agree_on_the_first_value(store: Arc<dyn Store>) {

@@ -246,25 +246,41 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Clears `flushing` when the appending task ends, even by cancellation, so
-/// the next append starts a new task for whatever is still queued.
-struct FlushingFlag<'a>(&'a Mutex<Queue>);
+/// Ends an appending task that did not finish normally (cancelled with its
+/// runtime, or a panic): clears `flushing` and drops every queued waiter,
+/// whose `append` then fails closed ("stopped before confirming"), rather
+/// than leave them waiting for a task nobody starts.
+struct FlushingFlag<'a> {
+    queue: &'a Mutex<Queue>,
+    armed: bool,
+}
 
 impl Drop for FlushingFlag<'_> {
     fn drop(&mut self) {
-        lock(self.0).flushing = false;
+        if self.armed {
+            let mut queue = lock(self.queue);
+            queue.flushing = false;
+            queue.waiting.clear();
+        }
     }
 }
 
 /// The appending task: writes queued events a transaction at a time until
 /// the queue is empty.
 async fn flush(shared: Arc<Shared>) {
-    let _flag = FlushingFlag(&shared.queue);
+    let mut flag = FlushingFlag {
+        queue: &shared.queue,
+        armed: true,
+    };
     loop {
         let batch: Vec<Waiter> = {
             let mut queue = lock(&shared.queue);
             let n = queue.waiting.len().min(MAX_BATCH);
             if n == 0 {
+                // Cleared under the same lock an append checks it under,
+                // so an append arriving now starts a new task.
+                queue.flushing = false;
+                flag.armed = false;
                 return;
             }
             queue.waiting.drain(..n).collect()

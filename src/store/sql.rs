@@ -26,7 +26,8 @@ use uuid::Uuid;
 use super::codec::{self, AuditRow, UuidColumn};
 use super::{
     map_sqlx, AuditAppend, AuditFilter, ChainMacFn, CreateOutcome, IdempotencyRecord, LeaseFilter,
-    LeaseRecord, PageCursor, Store, StoreError, StoredAuditRow, UpstreamCredential, Work,
+    LeaseRecord, LeaseWrite, PageCursor, Store, StoreError, StoredAuditRow, UpstreamCredential,
+    Work,
 };
 use crate::crypto::Sealed;
 use crate::domain::{AuditEvent, Outcome};
@@ -340,24 +341,32 @@ macro_rules! append_audit {
         let mut appended: Vec<Option<(i64, Option<String>)>> = Vec::with_capacity(appends.len());
         if !appends.is_empty() {
             let mut tx = DB::begin_audit_append(&$store.pool).await?;
-            let mut events = Vec::with_capacity(appends.len());
-            for append in appends {
-                let applies = match &append.lease_write {
-                    None => true,
-                    Some(write) => {
-                        bind_mutable!(sqlx::query(&UPDATE_LEASE), &write.lease)
-                            .bind(write.lease.id)
-                            .bind(write.expected)
-                            .bind(write.unchanged_since)
-                            .execute(&mut *tx)
-                            .await
-                            .map_err(map_sqlx)?
-                            .rows_affected()
-                            == 1
-                    }
-                };
-                events.push(applies.then_some(&append.event));
+            // Lease rows are locked in id order (a stable sort keeps two
+            // writes of one lease in queue order), so two replicas' batches
+            // never wait for each other's rows in a cycle.
+            let mut writes: Vec<(usize, &LeaseWrite)> = appends
+                .iter()
+                .enumerate()
+                .filter_map(|(i, a)| a.lease_write.as_ref().map(|w| (i, w)))
+                .collect();
+            writes.sort_by_key(|(_, w)| w.lease.id.as_uuid());
+            let mut applies = vec![true; appends.len()];
+            for (i, write) in writes {
+                applies[i] = bind_mutable!(sqlx::query(&UPDATE_LEASE), &write.lease)
+                    .bind(write.lease.id)
+                    .bind(write.expected)
+                    .bind(write.unchanged_since)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_sqlx)?
+                    .rows_affected()
+                    == 1;
             }
+            let events: Vec<Option<&AuditEvent>> = appends
+                .iter()
+                .zip(&applies)
+                .map(|(a, applies)| applies.then_some(&a.event))
+                .collect();
             if let Some(serialize) = DB::SERIALIZE_AUDIT_APPEND {
                 sqlx::query(serialize)
                     .execute(&mut *tx)
