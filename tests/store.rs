@@ -1367,6 +1367,59 @@ async fn migrating_twice_is_harmless(store: Arc<dyn Store>) {
 
 // ---- backend specifics ----------------------------------------------------
 
+/// A server that answers but refuses the session (no such database, one
+/// that does not accept connections, a role over its connection limit) is
+/// `Unavailable` (UNAVAILABLE STORE_UNAVAILABLE, retryable), not INTERNAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgresql_server_refusing_the_session_is_unavailable() {
+    use token_broker::error::ServiceError as _;
+    let db = common::db::TestDatabase::create().await;
+    let admin = sqlx::PgPool::connect(&common::db::admin_url())
+        .await
+        .unwrap();
+    let (base, name) = db.url.rsplit_once('/').unwrap();
+    let suffix = &Uuid::new_v4().simple().to_string()[..12];
+    let role = format!("tb_test_role_{suffix}");
+    sqlx::query(&format!("CREATE ROLE {role} LOGIN CONNECTION LIMIT 0"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let mut over_limit = url::Url::parse(&db.url).unwrap();
+    over_limit.set_username(&role).unwrap();
+    let cases = [
+        ("3D000", format!("{base}/tb_test_no_such_database_{suffix}")),
+        ("53300", over_limit.to_string()),
+        ("55000", db.url.clone()),
+    ];
+    for (sqlstate, url) in cases {
+        if sqlstate == "55000" {
+            sqlx::query(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"))
+                .execute(&admin)
+                .await
+                .unwrap();
+        }
+        let err = match token_broker::store::open(&url).await {
+            Ok(_) => panic!("{sqlstate}: the session was not refused"),
+            Err(err) => err,
+        };
+        assert!(
+            matches!(err, StoreError::Unavailable(_)),
+            "{sqlstate}: {err:?}"
+        );
+        // sqlx retries a too-many-connections refusal itself, so that case
+        // ends as the pool's timeout: unavailable all the same.
+        assert_eq!(err.reason(), "STORE_UNAVAILABLE");
+    }
+    sqlx::query(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    sqlx::query(&format!("DROP ROLE {role}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_replicas_migrating_one_fresh_database_at_once_all_succeed() {
     let db = common::db::TestDatabase::create().await;

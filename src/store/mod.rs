@@ -64,9 +64,15 @@ pub(crate) fn map_sqlx(err: sqlx::Error) -> StoreError {
         | sqlx::Error::ColumnIndexOutOfBounds { .. } => StoreError::Corrupt(err.to_string()),
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default().into_owned();
+            // A server that refuses the session: connection exceptions
+            // (08), shutting down or starting (57P01, 57P03), too many
+            // connections (53300), no such database (3D000), a database
+            // not accepting connections (class 55). Retrying later can help.
             let unavailable = code.starts_with("08")
                 || code.starts_with("57P")
                 || code == "53300"
+                || code == "3D000"
+                || code.starts_with("55")
                 // SQLite primary result codes 5 (BUSY) and 6 (LOCKED), with extended codes.
                 || (db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some()
                     && code
