@@ -1181,7 +1181,6 @@ async fn a_lease_write_and_its_audit_row_land_together_or_not_at_all(store: Arc<
             lease_write: Some(LeaseWrite {
                 lease: activated.clone(),
                 expected: LeaseState::Pending,
-                unchanged_since: None,
             }),
         },
         AuditAppend {
@@ -1190,7 +1189,6 @@ async fn a_lease_write_and_its_audit_row_land_together_or_not_at_all(store: Arc<
             lease_write: Some(LeaseWrite {
                 lease: stale,
                 expected: LeaseState::Pending,
-                unchanged_since: None,
             }),
         },
         AuditAppend {
@@ -1238,7 +1236,6 @@ async fn batches_writing_the_same_leases_in_opposite_orders_do_not_deadlock(stor
                         ..leases[i].clone()
                     },
                     expected: LeaseState::Active,
-                    unchanged_since: None,
                 }),
             })
             .collect()

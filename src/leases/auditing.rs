@@ -105,18 +105,10 @@ pub(super) async fn write_audited(
         Ok(appended) => Ok(appended.is_some()),
         Err(e) => {
             tracing::warn!(action = %event.action, error = %e, "lease write and its audit row failed together; writing the lease alone");
-            let applied = match write.unchanged_since {
-                Some(read) => {
-                    deps.store
-                        .update_lease_unchanged(&write.lease, write.expected, read)
-                        .await?
-                }
-                None => {
-                    deps.store
-                        .update_lease(&write.lease, write.expected)
-                        .await?
-                }
-            };
+            let applied = deps
+                .store
+                .update_lease(&write.lease, write.expected)
+                .await?;
             if applied {
                 audit_best_effort(deps, event).await;
             }

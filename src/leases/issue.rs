@@ -317,7 +317,6 @@ async fn mint(
     let write = LeaseWrite {
         lease: lease.clone(),
         expected,
-        unchanged_since: None,
     };
     let stored = match audit_grant_with(deps, &event, write).await {
         Ok(true) => Ok(()),

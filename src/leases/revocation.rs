@@ -120,7 +120,6 @@ pub(super) async fn finish_revocation(
     let write = LeaseWrite {
         lease: next.clone(),
         expected,
-        unchanged_since: None,
     };
     if !write_audited(deps, event, write).await? {
         return Ok(None);

@@ -259,9 +259,6 @@ pub struct LeaseWrite {
     pub lease: LeaseRecord,
     /// The stored state it must still have (compare-and-set).
     pub expected: LeaseState,
-    /// If set, the stored `update_time` it must still have, as for
-    /// [`Store::update_lease_unchanged`].
-    pub unchanged_since: Option<Timestamp>,
 }
 
 /// One audit event to chain, with the lease write it records, if any.

@@ -355,7 +355,8 @@ macro_rules! append_audit {
                 applies[i] = bind_mutable!(sqlx::query(&UPDATE_LEASE), &write.lease)
                     .bind(write.lease.id)
                     .bind(write.expected)
-                    .bind(write.unchanged_since)
+                    // No `update_time` condition: compare-and-set on state only.
+                    .bind(None::<Timestamp>)
                     .execute(&mut *tx)
                     .await
                     .map_err(map_sqlx)?
