@@ -239,9 +239,7 @@ fn corrupt(err: sqlx::Error) -> StoreError {
 /// the builder, which generic code cannot shorten to the query's lifetime.
 macro_rules! bind_next {
     ($args:ident, $value:expr) => {{
-        $args
-            .add($value)
-            .map_err(|e| StoreError::Database(e.to_string()))?;
+        $args.add($value).map_err(bind_error)?;
         format!("${}", $args.len())
     }};
 }
