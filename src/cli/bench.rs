@@ -899,6 +899,21 @@ fn check_baseline_url(url: &str) -> Result<(), BenchError> {
     }
 }
 
+/// Checks `--baseline` before anything runs: its form, then that one
+/// connection opens within 10 s. Errors: `Usage` for another scheme,
+/// `Baseline` (sqlx's message, which names neither URL nor password) when
+/// the database cannot be reached.
+async fn check_baseline(url: &str) -> Result<(), BenchError> {
+    use sqlx::Connection as _;
+    check_baseline_url(url)?;
+    let conn = tokio::time::timeout(Duration::from_secs(10), PgConnection::connect(url))
+        .await
+        .map_err(|_| BenchError::Baseline("no connection within 10 s".into()))?
+        .map_err(db_err)?;
+    let _ = conn.close().await;
+    Ok(())
+}
+
 async fn run_baseline(
     url: &SecretString,
     concurrency: u32,
@@ -986,9 +1001,10 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         Some(_) => MAX_RUN,
         None => Duration::from_secs(10),
     });
-    // Before the broker phase, so a wrong URL costs no run and mints no lease.
+    // Before the broker phase, so a wrong URL or an unreachable database
+    // costs no run and mints no lease.
     if let Some(url) = &args.baseline {
-        check_baseline_url(url.expose_secret())?;
+        check_baseline(url.expose_secret()).await?;
     }
     let http = reqwest::Client::new();
     let before = match &args.upstream {
