@@ -13,6 +13,11 @@
 #
 # Refuses to start when the emulator or gRPC address is already taken.
 set -euo pipefail
+if [ $# -gt 0 ]; then
+  # It takes no arguments; settings come from the environment.
+  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+  exit 2
+fi
 PG=${PG:-postgres://postgres@127.0.0.1:5432}
 BIN=${BIN:-target/release/token-broker}
 EMU=${EMU:-127.0.0.1:8091}
