@@ -116,13 +116,17 @@ async fn orphan_pats_of_this_deployment_are_swept_in_every_organization_and_noth
         "fabrikam",
         chrono::Duration::seconds(5),
     );
-    broker.store.create_lease(&young, None).await.unwrap();
+    broker.store.create_lease(&young, None, None).await.unwrap();
     let (young_pat, _) = mint(&broker, "fabrikam", &young.display_name).await;
 
     // Orphans: no lease row at all, in each organization leased in, and
     // the PAT of a FAILED lease (the second organization's only lease).
     let failed = lease_row(LeaseState::Failed, "contoso", chrono::Duration::minutes(1));
-    broker.store.create_lease(&failed, None).await.unwrap();
+    broker
+        .store
+        .create_lease(&failed, None, None)
+        .await
+        .unwrap();
     let (failed_pat, failed_token) = mint(&broker, "contoso", &failed.display_name).await;
     let lost_fabrikam = Uuid::new_v4();
     let (orphan_fabrikam, orphan_token) =
@@ -258,7 +262,7 @@ async fn one_organization_failing_does_not_stop_the_sweep_of_the_others(backend:
             organization,
             chrono::Duration::minutes(1),
         );
-        broker.store.create_lease(&row, None).await.unwrap();
+        broker.store.create_lease(&row, None, None).await.unwrap();
     }
     let (in_contoso, _) = mint(&broker, "contoso", &broker_name(Uuid::new_v4())).await;
     let (in_fabrikam, _) = mint(&broker, "fabrikam", &broker_name(Uuid::new_v4())).await;
@@ -475,7 +479,11 @@ async fn a_stale_pending_lease_under_an_incomplete_listing_is_failed_and_its_uns
         "fabrikam",
         chrono::Duration::minutes(3),
     );
-    broker.store.create_lease(&pending, None).await.unwrap();
+    broker
+        .store
+        .create_lease(&pending, None, None)
+        .await
+        .unwrap();
     let (pat, token) = mint(&broker, "fabrikam", &pending.display_name).await;
 
     // The list keeps answering its first page: the PAT cannot be seen. The
@@ -546,7 +554,7 @@ async fn two_replicas_sweeping_and_reaping_at_once_revoke_each_pat_exactly_once(
     }
     for _ in 0..2 {
         let row = lease_row(LeaseState::Failed, "fabrikam", chrono::Duration::minutes(1));
-        a.store.create_lease(&row, None).await.unwrap();
+        a.store.create_lease(&row, None, None).await.unwrap();
         orphans.push(mint(&a, "fabrikam", &row.display_name).await.0);
     }
 
@@ -761,7 +769,7 @@ async fn a_sweep_over_several_pages_revokes_exactly_the_orphans_and_keeps_live_l
         let broker = &broker;
         async move {
             let row = lease_row(state, "fabrikam", age);
-            broker.store.create_lease(&row, None).await.unwrap();
+            broker.store.create_lease(&row, None, None).await.unwrap();
             id_text(&mint(broker, "fabrikam", &row.display_name).await.0)
         }
     };
@@ -861,7 +869,7 @@ async fn one_reconcile_pass_lists_each_organization_once_and_revokes_every_stale
                 organization,
                 chrono::Duration::minutes(3),
             );
-            broker.store.create_lease(&row, None).await.unwrap();
+            broker.store.create_lease(&row, None, None).await.unwrap();
             let (pat, token) = mint(broker, organization, &row.display_name).await;
             (row, id_text(&pat), token)
         }

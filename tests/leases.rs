@@ -880,7 +880,7 @@ async fn pending_lease_left_by_a_crash_is_reconciled_and_a_retry_mints_afresh(ba
     };
     broker
         .store
-        .create_lease(&pending, Some(&key))
+        .create_lease(&pending, Some(&key), None)
         .await
         .unwrap();
     let orphan = broker

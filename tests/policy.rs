@@ -250,12 +250,20 @@ async fn lease_beyond_the_active_lease_quota_is_refused_on_sqlite() {
     quota_is_enforced(sqlite_url(&dir)).await;
 }
 
-async fn concurrent_creates_never_exceed_the_quota(store_url: String) {
+/// `GOOD_POLICY` with room for five live leases.
+fn policy_with_cap_of_five() -> String {
+    GOOD_POLICY.replace("max_active_leases: 2", "max_active_leases: 5")
+}
+
+async fn concurrent_creates_admit_exactly_the_quota(store_url: String) {
     let emu = Emu::start_default().await;
-    let spec = BrokerSpec::new(store_url, emu.running.url()).with_policy(GOOD_POLICY);
+    let spec = BrokerSpec::new(store_url.clone(), emu.running.url())
+        .with_policy(&policy_with_cap_of_five());
     let broker = spawn_broker(&spec).await;
     let ci: Client = broker.client(&spec.key("ci")).await;
-    let calls: Vec<_> = (0..8)
+    // From zero live leases, 30 at once: they must not count each other's
+    // half-made leases and refuse everyone.
+    let calls: Vec<_> = (0..30)
         .map(|_| {
             let mut ci = ci.clone();
             tokio::spawn(async move {
@@ -274,22 +282,34 @@ async fn concurrent_creates_never_exceed_the_quota(store_url: String) {
             }
         }
     }
-    assert!(granted <= 2, "{granted} leases granted under a cap of 2");
-    let live_pats = emu.pats().await.len();
-    assert_eq!(live_pats, granted, "a PAT exists only for a granted lease");
+    assert_eq!(granted, 5, "exactly the cap of 5 is admitted");
+    assert_eq!(
+        emu.pats().await.len(),
+        5,
+        "a PAT exists only for a granted lease"
+    );
+    let store = token_broker::store::open(&store_url).await.unwrap();
+    let rows = store
+        .list_leases(&Default::default(), None, 1_000)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 5, "a refused create leaves no row behind");
+    assert!(rows
+        .iter()
+        .all(|l| l.state == token_broker::domain::LeaseState::Active));
     broker.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_creates_never_exceed_the_quota_on_postgres() {
+async fn thirty_concurrent_creates_under_a_cap_of_five_admit_exactly_five_on_postgres() {
     let db = TestDatabase::create().await;
-    concurrent_creates_never_exceed_the_quota(db.url.clone()).await;
+    concurrent_creates_admit_exactly_the_quota(db.url.clone()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_creates_never_exceed_the_quota_on_sqlite() {
+async fn thirty_concurrent_creates_under_a_cap_of_five_admit_exactly_five_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
-    concurrent_creates_never_exceed_the_quota(sqlite_url(&dir)).await;
+    concurrent_creates_admit_exactly_the_quota(sqlite_url(&dir)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

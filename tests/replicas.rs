@@ -154,7 +154,7 @@ async fn three_brokers_on_one_database_share_a_mass_expiry_and_delete_each_pat_e
             let mut lease = active_lease(&deployment_id);
             mint_for(&emu, &bearer, &keyring, &mut lease).await;
             store
-                .create_lease(&lease, None)
+                .create_lease(&lease, None, None)
                 .await
                 .expect("store the lease");
             lease

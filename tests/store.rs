@@ -16,7 +16,7 @@ use token_broker::domain::{
 };
 use token_broker::store::{
     AuditAppend, AuditFilter, CreateOutcome, IdempotencyRecord, LeaseFilter, LeaseRecord,
-    LeaseWrite, PageCursor, Store, StoreError, Work,
+    LeaseWrite, PageCursor, ReplaceOutcome, Store, StoreError, Work,
 };
 use uuid::Uuid;
 
@@ -66,6 +66,8 @@ conformance!(
     a_job_is_claimed_once_per_interval_and_a_lapsed_claim_is_taken_over,
     twenty_concurrent_job_claimers_get_exactly_one_claim,
     live_lease_count_ignores_finished_leases_and_other_holders,
+    thirty_concurrent_capped_creates_admit_exactly_the_cap_and_write_nothing_else,
+    a_capped_create_replays_a_known_key_and_a_capped_replacement_respects_the_cap,
     leases_in_a_state_are_counted_across_holders,
     audit_events_list_in_append_order_after_an_id,
     audit_time_filters_find_rows_appended_out_of_time_order,
@@ -154,7 +156,7 @@ fn key_for(lease: &LeaseRecord, request_id: Uuid) -> IdempotencyRecord {
 
 async fn create(store: &Arc<dyn Store>, lease: &LeaseRecord) {
     assert_eq!(
-        store.create_lease(lease, None).await.unwrap(),
+        store.create_lease(lease, None, None).await.unwrap(),
         CreateOutcome::Created
     );
 }
@@ -383,7 +385,10 @@ async fn create_with_a_known_key_returns_the_existing_record_and_writes_nothing(
     let first = lease("ci", t0());
     let first_key = key_for(&first, request_id);
     assert_eq!(
-        store.create_lease(&first, Some(&first_key)).await.unwrap(),
+        store
+            .create_lease(&first, Some(&first_key), None)
+            .await
+            .unwrap(),
         CreateOutcome::Created
     );
     assert_eq!(
@@ -400,7 +405,10 @@ async fn create_with_a_known_key_returns_the_existing_record_and_writes_nothing(
         ..key_for(&retry, request_id)
     };
     assert_eq!(
-        store.create_lease(&retry, Some(&retry_key)).await.unwrap(),
+        store
+            .create_lease(&retry, Some(&retry_key), None)
+            .await
+            .unwrap(),
         CreateOutcome::Existing(first_key.clone())
     );
     assert_eq!(store.get_lease(retry.id).await.unwrap(), None);
@@ -410,7 +418,7 @@ async fn create_with_a_known_key_returns_the_existing_record_and_writes_nothing(
     let other = lease("bob", t0() + secs(2));
     assert_eq!(
         store
-            .create_lease(&other, Some(&key_for(&other, request_id)))
+            .create_lease(&other, Some(&key_for(&other, request_id)), None)
             .await
             .unwrap(),
         CreateOutcome::Created
@@ -431,7 +439,7 @@ async fn twenty_concurrent_creators_with_one_key_make_exactly_one_lease(store: A
         tokio::spawn(async move {
             let l = lease("ci", t0() + secs(i));
             let outcome = store
-                .create_lease(&l, Some(&key_for(&l, request_id)))
+                .create_lease(&l, Some(&key_for(&l, request_id)), None)
                 .await
                 .unwrap();
             (l.id, outcome)
@@ -466,7 +474,7 @@ async fn duplicate_display_name_is_refused_and_writes_nothing(store: Arc<dyn Sto
     };
     let clash_key = key_for(&clash, Uuid::new_v4());
     let err = store
-        .create_lease(&clash, Some(&clash_key))
+        .create_lease(&clash, Some(&clash_key), None)
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Database(_)), "{err:?}");
@@ -488,17 +496,20 @@ async fn failed_lease_is_replaced_only_while_the_key_still_points_at_it(store: A
     };
     assert_eq!(
         store
-            .create_lease(&failed, Some(&key_for(&failed, request_id)))
+            .create_lease(&failed, Some(&key_for(&failed, request_id)), None)
             .await
             .unwrap(),
         CreateOutcome::Created
     );
 
     let retry = pending("ci", t0() + secs(2));
-    assert!(store
-        .replace_failed_lease(&retry, &key_for(&retry, request_id), failed.id)
-        .await
-        .unwrap());
+    assert_eq!(
+        store
+            .replace_failed_lease(&retry, &key_for(&retry, request_id), failed.id, None)
+            .await
+            .unwrap(),
+        ReplaceOutcome::Replaced
+    );
     let key_now = store
         .get_idempotency(&retry.holder, request_id)
         .await
@@ -516,10 +527,13 @@ async fn failed_lease_is_replaced_only_while_the_key_still_points_at_it(store: A
     // A second replacer that still thinks the key points at the failed
     // lease loses, and its lease is not written.
     let late = pending("ci", t0() + secs(3));
-    assert!(!store
-        .replace_failed_lease(&late, &key_for(&late, request_id), failed.id)
-        .await
-        .unwrap());
+    assert_eq!(
+        store
+            .replace_failed_lease(&late, &key_for(&late, request_id), failed.id, None)
+            .await
+            .unwrap(),
+        ReplaceOutcome::KeyMoved
+    );
     assert_eq!(store.get_lease(late.id).await.unwrap(), None);
     let key_now = store
         .get_idempotency(&retry.holder, request_id)
@@ -933,6 +947,101 @@ async fn live_lease_count_ignores_finished_leases_and_other_holders(store: Arc<d
     assert_eq!(store.count_live_leases(&holder("alice")).await.unwrap(), 3);
     assert_eq!(store.count_live_leases(&holder("bob")).await.unwrap(), 1);
     assert_eq!(store.count_live_leases(&holder("carol")).await.unwrap(), 0);
+}
+
+async fn thirty_concurrent_capped_creates_admit_exactly_the_cap_and_write_nothing_else(
+    store: Arc<dyn Store>,
+) {
+    // Another holder's leases never count against this one's cap.
+    create(&store, &pending("other", t0())).await;
+    let tasks: Vec<_> = (0..30)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let l = pending("ci", t0() + secs(i));
+                let key = (i % 2 == 0).then(|| key_for(&l, Uuid::new_v4()));
+                store.create_lease(&l, key.as_ref(), Some(5)).await.unwrap()
+            })
+        })
+        .collect();
+    let mut created = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            CreateOutcome::Created => created += 1,
+            CreateOutcome::OverQuota { live } => assert_eq!(live, 5),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(created, 5, "exactly the cap is admitted");
+    assert_eq!(store.count_live_leases(&holder("ci")).await.unwrap(), 5);
+    assert_eq!(
+        all_leases(&store).await.len(),
+        6,
+        "a refused create writes no row"
+    );
+}
+
+async fn a_capped_create_replays_a_known_key_and_a_capped_replacement_respects_the_cap(
+    store: Arc<dyn Store>,
+) {
+    let request_id = Uuid::new_v4();
+    let first = pending("ci", t0());
+    let first_key = key_for(&first, request_id);
+    assert_eq!(
+        store
+            .create_lease(&first, Some(&first_key), Some(1))
+            .await
+            .unwrap(),
+        CreateOutcome::Created
+    );
+    // At the cap, a retry with the same key is the same lease, not a new one.
+    let retry = pending("ci", t0() + secs(1));
+    assert_eq!(
+        store
+            .create_lease(&retry, Some(&key_for(&retry, request_id)), Some(1))
+            .await
+            .unwrap(),
+        CreateOutcome::Existing(first_key.clone())
+    );
+    let other = pending("ci", t0() + secs(2));
+    assert_eq!(
+        store.create_lease(&other, None, Some(1)).await.unwrap(),
+        CreateOutcome::OverQuota { live: 1 }
+    );
+
+    // A FAILED lease under a key is replaced only within the cap.
+    let failed_id = Uuid::new_v4();
+    let failed = LeaseRecord {
+        state: LeaseState::Failed,
+        ..pending("ci", t0() + secs(3))
+    };
+    create_keyed(&store, &failed, failed_id).await;
+    let fresh = pending("ci", t0() + secs(4));
+    assert_eq!(
+        store
+            .replace_failed_lease(&fresh, &key_for(&fresh, failed_id), failed.id, Some(1))
+            .await
+            .unwrap(),
+        ReplaceOutcome::OverQuota { live: 1 }
+    );
+    assert_eq!(store.get_lease(fresh.id).await.unwrap(), None);
+    assert_eq!(
+        store
+            .replace_failed_lease(&fresh, &key_for(&fresh, failed_id), failed.id, Some(2))
+            .await
+            .unwrap(),
+        ReplaceOutcome::Replaced
+    );
+}
+
+async fn create_keyed(store: &Arc<dyn Store>, lease: &LeaseRecord, request_id: Uuid) {
+    assert_eq!(
+        store
+            .create_lease(lease, Some(&key_for(lease, request_id)), None)
+            .await
+            .unwrap(),
+        CreateOutcome::Created
+    );
 }
 
 async fn leases_in_a_state_are_counted_across_holders(store: Arc<dyn Store>) {
@@ -1488,7 +1597,7 @@ async fn sqlite_store_creates_its_file_from_a_bare_path_in_wal_mode() {
 
     // Times are stored as fixed-form RFC 3339 text, so text order is time order.
     let l = lease("ci", t0());
-    store.create_lease(&l, None).await.unwrap();
+    store.create_lease(&l, None, None).await.unwrap();
     let stored: String = sqlx::query_scalar("SELECT create_time FROM leases")
         .fetch_one(store.pool())
         .await

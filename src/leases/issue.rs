@@ -15,7 +15,7 @@ use crate::domain::Timestamp;
 use crate::domain::{LeaseId, LeaseState};
 use crate::error::ServiceError as _;
 use crate::policy::Decision;
-use crate::store::{CreateOutcome, IdempotencyRecord, LeaseRecord, LeaseWrite};
+use crate::store::{CreateOutcome, IdempotencyRecord, LeaseRecord, LeaseWrite, ReplaceOutcome};
 use crate::upstream::{CreatePat, UpstreamError};
 
 /// How long a retry waits for an earlier attempt with the same request_id
@@ -62,9 +62,6 @@ pub(super) async fn create(
         }
     }
 
-    // A replay above is the same lease, so only a new one counts.
-    check_quota(deps, caller, &req, &grant, None).await?;
-
     let lease = new_pending(deps, caller, &req, &grant, now);
     let key = req.request_id.map(|request_id| IdempotencyRecord {
         holder: caller.identity.clone(),
@@ -73,63 +70,42 @@ pub(super) async fn create(
         lease_id: lease.id,
         create_time: now,
     });
-    match deps.store.create_lease(&lease, key.as_ref()).await? {
-        CreateOutcome::Created => {
-            recheck_quota(deps, caller, &req, &grant, &lease).await?;
-            mint(deps, caller, lease, &grant.rule).await
-        }
+    // The quota is checked where the row is inserted, under the holder's
+    // lock: concurrent creates admit exactly up to the cap, and a refused
+    // one writes nothing. A replay (same key) is the same lease, so only a
+    // new one counts.
+    match deps
+        .store
+        .create_lease(&lease, key.as_ref(), grant.max_active_leases)
+        .await?
+    {
+        CreateOutcome::Created => mint(deps, caller, lease, &grant.rule).await,
         // A concurrent request with the same key won the insert.
         CreateOutcome::Existing(existing) => {
             replay(deps, caller, &req, &grant, existing, &fingerprint).await
         }
+        CreateOutcome::OverQuota { live } => {
+            Err(refuse_over_quota(deps, caller, &req, &grant, live).await)
+        }
     }
 }
 
-/// Refuses a new lease (audited, nothing written) when the caller already
-/// holds the deciding rule's `max_active_leases` live leases. `own`: a
-/// PENDING lease of this request already stored, counted among them.
-async fn check_quota(
+/// Audits and logs a create refused because the caller already holds the
+/// deciding rule's `max_active_leases` live leases (`live` of them);
+/// nothing was written for it.
+async fn refuse_over_quota(
     deps: &LeaseDeps,
     caller: &Caller,
     req: &CreateLease,
     grant: &Grant,
-    own: Option<LeaseId>,
-) -> Result<(), LeaseError> {
-    let Some(cap) = grant.max_active_leases else {
-        return Ok(());
-    };
-    let live = deps.store.count_live_leases(&caller.identity).await?;
-    let allowed = u64::from(cap) + u64::from(own.is_some());
-    if live < allowed {
-        return Ok(());
-    }
+    live: u64,
+) -> LeaseError {
     let reason = LeaseError::QuotaExceeded.reason();
-    let event = denied_event(caller, req, reason, Some(grant.rule.clone()), own);
+    let event = denied_event(caller, req, reason, Some(grant.rule.clone()), None);
     audit_best_effort(deps, event).await;
+    let cap = grant.max_active_leases.unwrap_or_default();
     tracing::info!(identity = %caller.identity, rule = %grant.rule, live, cap, "lease create refused: active lease quota");
-    Err(LeaseError::QuotaExceeded)
-}
-
-/// Concurrent creates may all pass [`check_quota`] before any is stored;
-/// counting again with this request's PENDING row in keeps the cap exact
-/// (racers past it are refused, and their rows are FAILED before any
-/// upstream call, so no token exists for them).
-async fn recheck_quota(
-    deps: &LeaseDeps,
-    caller: &Caller,
-    req: &CreateLease,
-    grant: &Grant,
-    lease: &LeaseRecord,
-) -> Result<(), LeaseError> {
-    let Err(refused) = check_quota(deps, caller, req, grant, Some(lease.id)).await else {
-        return Ok(());
-    };
-    let (failed, expected) = lease.fail(now(), refused.to_string());
-    if let Err(e) = deps.store.update_lease(&failed, expected).await {
-        // Left PENDING without a PAT: the reconciler will mark it FAILED.
-        tracing::error!(lease_id = %lease.id, error = %e, "could not mark lease FAILED");
-    }
-    Err(refused)
+    LeaseError::QuotaExceeded
 }
 
 /// The audit event of a refused CreateLease (no lease was made for it).
@@ -222,19 +198,24 @@ async fn replay(
             LeaseState::Failed => {
                 // No token was ever handed out for it: mint afresh under the
                 // key, a new lease within the quota.
-                check_quota(deps, caller, req, grant, None).await?;
                 let now = now();
                 let fresh = new_pending(deps, caller, req, grant, now);
                 let new_key = IdempotencyRecord {
                     lease_id: fresh.id,
                     ..key.clone()
                 };
-                if deps
+                match deps
                     .store
-                    .replace_failed_lease(&fresh, &new_key, lease.id)
+                    .replace_failed_lease(&fresh, &new_key, lease.id, grant.max_active_leases)
                     .await?
                 {
-                    return mint(deps, caller, fresh, &grant.rule).await;
+                    ReplaceOutcome::Replaced => {
+                        return mint(deps, caller, fresh, &grant.rule).await;
+                    }
+                    ReplaceOutcome::OverQuota { live } => {
+                        return Err(refuse_over_quota(deps, caller, req, grant, live).await);
+                    }
+                    ReplaceOutcome::KeyMoved => {}
                 }
                 // Another retry replaced it first: follow the key again.
                 key = deps

@@ -166,6 +166,28 @@ pub enum CreateOutcome {
     Created,
     /// The key existed; nothing was written. Carries the existing record.
     Existing(IdempotencyRecord),
+    /// The holder already had `cap` or more live leases; nothing was
+    /// written. Carries how many it had.
+    OverQuota {
+        /// The holder's live leases when the create was refused.
+        live: u64,
+    },
+}
+
+/// What [`Store::replace_failed_lease`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReplaceOutcome {
+    /// The lease was inserted and the key repointed at it.
+    Replaced,
+    /// The key no longer points at the failed lease (another retry replaced
+    /// it first); nothing was written.
+    KeyMoved,
+    /// The holder already had `cap` or more live leases; nothing was
+    /// written.
+    OverQuota {
+        /// The holder's live leases when the replacement was refused.
+        live: u64,
+    },
 }
 
 /// Which leases [`Store::list_leases`] returns. Empty fields match all.
@@ -332,20 +354,33 @@ pub trait Store: Send + Sync + 'static {
     /// concurrent creators with one key exactly one gets `Created`. A
     /// duplicate lease id or `display_name` is a `Database` error, and
     /// nothing is written.
+    ///
+    /// With `cap`, the insert happens only while the lease's holder has
+    /// fewer than `cap` live leases ([`Store::count_live_leases`]), counted
+    /// and inserted under one per-holder lock (PostgreSQL: a
+    /// transaction-scoped advisory lock on the holder; SQLite: the write
+    /// lock), so concurrent creates admit exactly up to the cap; otherwise
+    /// [`CreateOutcome::OverQuota`] and nothing is written. An existing key
+    /// wins over the cap (a retry of a lease already counted).
     async fn create_lease(
         &self,
         lease: &LeaseRecord,
         key: Option<&IdempotencyRecord>,
+        cap: Option<u32>,
     ) -> Result<CreateOutcome, StoreError>;
 
     /// Atomically inserts `lease` and repoints `key` at it, only if the key
-    /// still points at `failed`. Returns false (nothing written) otherwise.
+    /// still points at `failed` ([`ReplaceOutcome::KeyMoved`] otherwise)
+    /// and, with `cap`, the holder has fewer than `cap` live leases, checked
+    /// as in [`Store::create_lease`]. Nothing is written unless
+    /// [`ReplaceOutcome::Replaced`].
     async fn replace_failed_lease(
         &self,
         lease: &LeaseRecord,
         key: &IdempotencyRecord,
         failed: LeaseId,
-    ) -> Result<bool, StoreError>;
+        cap: Option<u32>,
+    ) -> Result<ReplaceOutcome, StoreError>;
 
     /// One lease by id.
     async fn get_lease(&self, id: LeaseId) -> Result<Option<LeaseRecord>, StoreError>;

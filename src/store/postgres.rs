@@ -83,6 +83,18 @@ impl Dialect for Postgres {
     ) -> Result<Transaction<'static, Postgres>, StoreError> {
         pool.begin().await.map_err(map_sqlx)
     }
+
+    /// The two-key advisory lock space, first key ASCII "tbqu" (quota), so
+    /// it never meets the audit lock's single bigint key; second key the
+    /// holder's hash (two holders sharing a hash only wait for each other).
+    const SERIALIZE_HOLDER: Option<&'static str> =
+        Some("SELECT pg_advisory_xact_lock(1952608629, hashtext($1))");
+
+    async fn begin_quota_create(
+        pool: &PgPool,
+    ) -> Result<Transaction<'static, Postgres>, StoreError> {
+        pool.begin().await.map_err(map_sqlx)
+    }
 }
 
 #[cfg(test)]

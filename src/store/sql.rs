@@ -26,8 +26,8 @@ use uuid::Uuid;
 use super::codec::{self, AuditRow, UuidColumn};
 use super::{
     map_sqlx, AuditAppend, AuditFilter, ChainMacFn, CreateOutcome, IdempotencyRecord, LeaseFilter,
-    LeaseRecord, LeaseWrite, PageCursor, Store, StoreError, StoredAuditRow, UpstreamCredential,
-    Work,
+    LeaseRecord, LeaseWrite, PageCursor, ReplaceOutcome, Store, StoreError, StoredAuditRow,
+    UpstreamCredential, Work,
 };
 use crate::crypto::Sealed;
 use crate::domain::{AuditEvent, Outcome};
@@ -96,6 +96,21 @@ pub(crate) trait Dialect: Database<QueryResult: RowsAffected> {
     /// follow commit order and each chained row sees the MAC of the row
     /// committed just before it.
     fn begin_audit_append(
+        pool: &Pool<Self>,
+    ) -> impl Future<Output = Result<Transaction<'static, Self>, StoreError>> + Send;
+
+    /// Run first in a quota-checked create's transaction, with the holder
+    /// bound as `$1`, if the transaction itself does not already serialize
+    /// writers: then creates of one holder count and insert one after
+    /// another. PostgreSQL: a transaction-scoped advisory lock on the
+    /// holder; SQLite: none (see [`Dialect::begin_quota_create`]).
+    const SERIALIZE_HOLDER: Option<&'static str>;
+
+    /// Starts a quota-checked create. PostgreSQL: a plain transaction
+    /// ([`Dialect::SERIALIZE_HOLDER`] follows); SQLite: one that takes the
+    /// write lock up front, so the count it reads is still true when it
+    /// inserts.
+    fn begin_quota_create(
         pool: &Pool<Self>,
     ) -> impl Future<Output = Result<Transaction<'static, Self>, StoreError>> + Send;
 }
@@ -280,6 +295,59 @@ macro_rules! insert_lease {
             .execute($conn)
             .await
             .map_err(map_sqlx)
+    }};
+}
+
+/// The idempotency key `$key` names (its holder and request_id), read in
+/// the transaction `$tx`: `Result<Option<IdempotencyRecord>, StoreError>`.
+macro_rules! select_key {
+    ($tx:expr, $key:expr) => {{
+        let key: &IdempotencyRecord = $key;
+        sqlx::query_as::<DB, IdempotencyRecord>(SELECT_KEY)
+            .bind(key.holder.clone())
+            .bind(UuidColumn(key.request_id))
+            .fetch_optional(&mut *$tx)
+            .await
+            .map_err(map_sqlx)
+    }};
+}
+
+/// In the quota-checked create `$tx`: takes the holder's lock
+/// ([`Dialect::SERIALIZE_HOLDER`]) and counts `$holder`'s live leases:
+/// `Ok(Some(live))` when they are `$cap` or more, `Ok(None)` when one more
+/// fits.
+macro_rules! over_quota {
+    ($tx:expr, $holder:expr, $cap:expr) => {{
+        let holder: &Identity = $holder;
+        let cap: u32 = $cap;
+        let mut result: Result<Option<u64>, StoreError> = Ok(None);
+        if let Some(lock) = DB::SERIALIZE_HOLDER {
+            if let Err(e) = sqlx::query(lock)
+                .bind(holder.clone())
+                .execute(&mut *$tx)
+                .await
+            {
+                result = Err(map_sqlx(e));
+            }
+        }
+        if result.is_ok() {
+            let [a, b, c] = codec::LIVE_STATES;
+            result = sqlx::query_as::<DB, (i64,)>(
+                "SELECT count(*) FROM leases WHERE holder = $1 AND state IN ($2, $3, $4)",
+            )
+            .bind(holder.clone())
+            .bind(a)
+            .bind(b)
+            .bind(c)
+            .fetch_one(&mut *$tx)
+            .await
+            .map_err(map_sqlx)
+            .map(|(live,)| {
+                let live = u64::try_from(live).unwrap_or(0);
+                (live >= u64::from(cap)).then_some(live)
+            });
+        }
+        result
     }};
 }
 
@@ -486,20 +554,43 @@ where
         &self,
         lease: &LeaseRecord,
         key: Option<&IdempotencyRecord>,
+        cap: Option<u32>,
     ) -> Result<CreateOutcome, StoreError> {
-        let Some(key) = key else {
+        if key.is_none() && cap.is_none() {
             let mut conn = self.pool.acquire().await.map_err(map_sqlx)?;
             insert_lease!(&mut *conn, lease)?;
             return Ok(CreateOutcome::Created);
-        };
+        }
         // A concurrent creator with the same key makes our key insert wait
         // for its commit (PostgreSQL) or for the write lock (SQLite), then
         // do nothing; we read the winner's key, which is visible to our
         // next statement, and roll back our lease. If the winner rolled
         // back meanwhile, try again.
         for _ in 0..3 {
-            let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
+            let mut tx = match cap {
+                Some(_) => DB::begin_quota_create(&self.pool).await?,
+                None => self.pool.begin().await.map_err(map_sqlx)?,
+            };
+            if let Some(cap) = cap {
+                // Under the holder's lock: a same-key creator that got here
+                // first has committed its key (a replay, not a new lease),
+                // and every other create of this holder is counted.
+                if let Some(key) = key {
+                    if let Some(existing) = select_key!(tx, key)? {
+                        tx.rollback().await.map_err(map_sqlx)?;
+                        return Ok(CreateOutcome::Existing(existing));
+                    }
+                }
+                if let Some(live) = over_quota!(tx, &lease.holder, cap)? {
+                    tx.rollback().await.map_err(map_sqlx)?;
+                    return Ok(CreateOutcome::OverQuota { live });
+                }
+            }
             insert_lease!(&mut *tx, lease)?;
+            let Some(key) = key else {
+                tx.commit().await.map_err(map_sqlx)?;
+                return Ok(CreateOutcome::Created);
+            };
             let inserted = sqlx::query(
                 "INSERT INTO idempotency_keys (holder, request_id, fingerprint, lease_id, create_time) \
                  VALUES ($1, $2, $3, $4, $5) ON CONFLICT (holder, request_id) DO NOTHING",
@@ -517,12 +608,7 @@ where
                 tx.commit().await.map_err(map_sqlx)?;
                 return Ok(CreateOutcome::Created);
             }
-            let existing: Option<IdempotencyRecord> = sqlx::query_as(SELECT_KEY)
-                .bind(key.holder.clone())
-                .bind(UuidColumn(key.request_id))
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(map_sqlx)?;
+            let existing = select_key!(tx, key)?;
             tx.rollback().await.map_err(map_sqlx)?;
             if let Some(existing) = existing {
                 return Ok(CreateOutcome::Existing(existing));
@@ -538,8 +624,18 @@ where
         lease: &LeaseRecord,
         key: &IdempotencyRecord,
         failed: LeaseId,
-    ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
+        cap: Option<u32>,
+    ) -> Result<ReplaceOutcome, StoreError> {
+        let mut tx = match cap {
+            Some(_) => DB::begin_quota_create(&self.pool).await?,
+            None => self.pool.begin().await.map_err(map_sqlx)?,
+        };
+        if let Some(cap) = cap {
+            if let Some(live) = over_quota!(tx, &lease.holder, cap)? {
+                tx.rollback().await.map_err(map_sqlx)?;
+                return Ok(ReplaceOutcome::OverQuota { live });
+            }
+        }
         insert_lease!(&mut *tx, lease)?;
         let repointed = sqlx::query(
             "UPDATE idempotency_keys SET lease_id = $1, fingerprint = $2 \
@@ -556,10 +652,10 @@ where
         .rows_affected();
         if repointed == 1 {
             tx.commit().await.map_err(map_sqlx)?;
-            Ok(true)
+            Ok(ReplaceOutcome::Replaced)
         } else {
             tx.rollback().await.map_err(map_sqlx)?;
-            Ok(false)
+            Ok(ReplaceOutcome::KeyMoved)
         }
     }
 

@@ -118,4 +118,15 @@ impl Dialect for Sqlite {
     ) -> Result<Transaction<'static, Sqlite>, StoreError> {
         pool.begin_with("BEGIN IMMEDIATE").await.map_err(map_sqlx)
     }
+
+    const SERIALIZE_HOLDER: Option<&'static str> = None;
+
+    /// Takes the one write lock up front, like an audit append: a deferred
+    /// transaction would count under a read snapshot another writer can
+    /// outdate before the insert.
+    async fn begin_quota_create(
+        pool: &SqlitePool,
+    ) -> Result<Transaction<'static, Sqlite>, StoreError> {
+        pool.begin_with("BEGIN IMMEDIATE").await.map_err(map_sqlx)
+    }
 }
