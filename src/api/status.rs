@@ -280,6 +280,21 @@ mod tests {
         assert!(!s.message.contains("AADSTS700082"), "{}", s.message);
         assert_eq!(s.retry, None);
 
+        let s = seen(LeaseError::Upstream(UpstreamError::BadRequest(
+            "JsonReaderException: TF400898: An Internal Error Occurred.".into(),
+        )));
+        assert_eq!(
+            (s.code, s.reason.as_str()),
+            (Code::FailedPrecondition, "UPSTREAM_BAD_REQUEST")
+        );
+        assert!(
+            s.message
+                .ends_with("JsonReaderException: TF400898: An Internal Error Occurred."),
+            "{}",
+            s.message
+        );
+        assert_eq!(s.retry, None);
+
         let s = seen(UpstreamError::Protocol("html".into()));
         assert_eq!(
             (s.code, s.reason.as_str()),
