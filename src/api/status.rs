@@ -309,6 +309,8 @@ mod tests {
             (s.code, s.reason.as_str()),
             (Code::Unavailable, "STORE_UNAVAILABLE")
         );
+        assert_eq!(s.retry, Some(Duration::from_secs(1)));
+        assert!(!s.message.contains("pool timed out"), "{}", s.message);
         let s = seen(LeaseError::Store(StoreError::Database(
             "duplicate key value violates leases_pkey".into(),
         )));
