@@ -18,6 +18,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         // The lease carries the PAT: its Debug is written by hand, redacted.
         .skip_debug(["tokenbroker.v1.Lease"])
+        // tonic_prost's codec, but an undecodable request is
+        // INVALID_ARGUMENT, not INTERNAL (src/api/codec.rs).
+        .codec_path("crate::api::codec::ApiCodec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -39,6 +39,8 @@ listen = "127.0.0.1:50051"
 
 [database]
 url = "sqlite:token-broker.db"
+max_connections = 10
+acquire_timeout = "10s"
 
 [keys]
 
@@ -136,6 +138,16 @@ pub struct DatabaseConfig {
     /// `sqlite:PATH` (embedded; default `sqlite:token-broker.db`, in the
     /// working directory). Secret: it may hold a password.
     pub url: SecretString,
+    /// `database.max_connections`: the most connections this process
+    /// opens to the database, split between callers' requests, background
+    /// work and audit appends ([`crate::store::PoolShares`]); default 10, 3
+    /// to 1000.
+    pub max_connections: u32,
+    /// `database.acquire_timeout`: how long a store call waits for a
+    /// connection of its share before failing UNAVAILABLE
+    /// (`STORE_UNAVAILABLE`); default `10s`, at most `10m`.
+    #[serde(deserialize_with = "crate::duration::de_duration")]
+    pub acquire_timeout: Duration,
 }
 
 /// Which backend a `database.url` selects.
@@ -151,6 +163,14 @@ impl DatabaseConfig {
     /// The backend, or an error message when the scheme is neither.
     pub fn backend(&self) -> Result<Backend, String> {
         backend_of(self.url.expose_secret())
+    }
+
+    /// The pool limits `max_connections` and `acquire_timeout` set.
+    pub fn pool_options(&self) -> crate::store::PoolOptions {
+        crate::store::PoolOptions {
+            max_connections: self.max_connections,
+            acquire_timeout: self.acquire_timeout,
+        }
     }
 }
 

@@ -135,7 +135,10 @@ impl Broker {
             ..
         } = settings;
 
-        let store = open_store(&config).await?;
+        // One handle per kind of work, each over its own share of
+        // `database.max_connections`.
+        let stores = open_store(&config).await?;
+        let store = stores.requests.clone();
         let deployment_id = store
             .put_meta_if_absent(
                 DEPLOYMENT_ID_META,
@@ -159,7 +162,7 @@ impl Broker {
         let audit = {
             let metrics = metrics.clone();
             Arc::new(
-                AuditLog::new(store.clone(), chain_key).with_observer(Box::new(
+                AuditLog::new(stores.audit.clone(), chain_key).with_observer(Box::new(
                     move |event, appended| metrics.observe_append(event, appended),
                 )),
             )
@@ -182,7 +185,7 @@ impl Broker {
             );
         }
 
-        let leases = Arc::new(Leases::new(LeaseDeps {
+        let leases = Leases::new(LeaseDeps {
             store: store.clone(),
             upstream: Arc::new(upstream),
             keyring,
@@ -202,7 +205,8 @@ impl Broker {
                     config.upstream.azure_devops.max_concurrent_requests,
                 ),
             },
-        }));
+        });
+        let leases = Arc::new(leases.with_background_store(stores.background));
 
         let (shutdown, rx) = watch::channel(false);
         // Ends with the broker; its outcomes are logged (and audited by
@@ -401,11 +405,16 @@ fn replica_id() -> String {
     format!("{host}-{}-{}", std::process::id(), &suffix[..8])
 }
 
-/// Opens and migrates the store `database.url` names.
-async fn open_store(config: &Config) -> Result<Arc<dyn store::Store>, ServeError> {
-    let store = store::open(secrecy::ExposeSecret::expose_secret(&config.database.url)).await?;
-    store.migrate().await?;
-    Ok(store)
+/// Opens the store as `[database]` says (one handle per kind of work) and
+/// migrates it.
+async fn open_store(config: &Config) -> Result<store::Stores, ServeError> {
+    let stores = store::Stores::open(
+        secrecy::ExposeSecret::expose_secret(&config.database.url),
+        &config.database.pool_options(),
+    )
+    .await?;
+    stores.requests.migrate().await?;
+    Ok(stores)
 }
 
 /// `token-broker migrate`: applies pending migrations.

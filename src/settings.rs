@@ -241,6 +241,25 @@ fn check_values(config: &Config, bad: &mut impl FnMut(&str, String)) {
     if config.leases.valid_to_skew > Duration::from_secs(3600) {
         bad("leases.valid_to_skew", "must be at most 1h".into());
     }
+    let database = &config.database;
+    if !(crate::store::PoolShares::MIN_CONNECTIONS..=1000).contains(&database.max_connections) {
+        bad(
+            "database.max_connections",
+            format!(
+                "must be {} to 1000 (one connection each for callers' requests, background work and audit appends at least)",
+                crate::store::PoolShares::MIN_CONNECTIONS
+            ),
+        );
+    }
+    if database.acquire_timeout.is_zero() {
+        bad(
+            "database.acquire_timeout",
+            "must be greater than zero".into(),
+        );
+    }
+    if database.acquire_timeout > Duration::from_secs(600) {
+        bad("database.acquire_timeout", "must be at most 10m".into());
+    }
     if config.leases.reaper_interval.is_zero() {
         bad("leases.reaper_interval", "must be greater than zero".into());
     }

@@ -148,6 +148,12 @@ fn each_bad_setting_fails_naming_it() {
             ("[leases]\ndisplay_name_prefix = \"a:b\"", "leases.display_name_prefix"),
             ("[leases]\nvalid_to_skew = \"2h\"", "leases.valid_to_skew"),
             ("[leases]\nreaper_interval = \"0s\"", "leases.reaper_interval"),
+            ("[database]\nmax_connections = 2", "database.max_connections"),
+            ("[database]\nmax_connections = 1001", "database.max_connections"),
+            ("[database]\nmax_connections = -1", "database.max_connections"),
+            ("[database]\nacquire_timeout = \"0s\"", "database.acquire_timeout"),
+            ("[database]\nacquire_timeout = \"11m\"", "database.acquire_timeout"),
+            ("[database]\nacquire_timeout = \"soon\"", "database.acquire_timeout"),
             (
                 "[auth]\napi_keys = [{ name = \"ci\", sha256 = \"abc\" }]",
                 "auth.api_keys[0].sha256",
@@ -340,6 +346,29 @@ fn background_work_schedules_default_sensibly_and_are_settings() {
         assert_eq!(c.leases.revocation_retry.max_attempts, 3);
         // Unset members of the table keep their defaults.
         assert_eq!(c.leases.revocation_retry.failed_interval.as_secs(), 3600);
+        Ok(())
+    });
+}
+
+#[test]
+fn database_pool_limits_default_to_10_connections_and_10s_and_are_settings() {
+    Jail::expect_with(|jail| {
+        let c = load(None).unwrap();
+        assert_eq!(c.database.max_connections, 10);
+        assert_eq!(c.database.acquire_timeout.as_secs(), 10);
+
+        jail.create_file(
+            "broker.toml",
+            "[database]\nmax_connections = 4\nacquire_timeout = \"3s\"\n",
+        )?;
+        let c = load(Some("broker.toml")).unwrap();
+        assert_eq!(c.database.max_connections, 4);
+        assert_eq!(c.database.acquire_timeout.as_secs(), 3);
+        jail.set_env("TOKEN_BROKER_DATABASE__MAX_CONNECTIONS", "25");
+        jail.set_env("TOKEN_BROKER_DATABASE__ACQUIRE_TIMEOUT", "1m");
+        let c = load(Some("broker.toml")).unwrap();
+        assert_eq!(c.database.max_connections, 25);
+        assert_eq!(c.database.acquire_timeout.as_secs(), 60);
         Ok(())
     });
 }

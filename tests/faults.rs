@@ -651,3 +651,238 @@ async fn a_postgresql_restart_during_load_loses_no_acknowledged_lease_and_the_br
     .await;
     broker.stop().await;
 }
+
+// ------------------------------------------------- honest codes
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_400_on_create_is_failed_precondition_with_upstreams_message_sent_once() {
+    let s = Setup::start(|_| {}).await;
+    let mut client = s.client().await;
+    s.emu
+        .set_faults(json!([{"operation": "create", "status": 400, "times": 1}]))
+        .await;
+
+    let status = client
+        .create_lease(create_request(&Uuid::new_v4().to_string()))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(reason(&status), "UPSTREAM_BAD_REQUEST");
+    assert_eq!(retry_delay(&status), None, "the same request fails again");
+    // Upstream's own words (the service's 400 for a body it cannot read),
+    // on one bounded line.
+    let message = status.message();
+    assert!(
+        message.contains("JsonReaderException: TF400898: An Internal Error Occurred."),
+        "{message}"
+    );
+    assert!(message.chars().count() <= 512, "{message}");
+    assert!(!message.chars().any(char::is_control), "{message}");
+    assert!(
+        !message.contains(token_broker::emulator::DEFAULT_REFRESH_TOKEN),
+        "{message}"
+    );
+
+    // A definite refusal: sent once, nothing minted, the lease FAILED.
+    assert_eq!(s.creates().await, 1);
+    assert!(s.active_pats().await.is_empty());
+    let states = s.lease_states().await;
+    assert_eq!(states.len(), 1);
+    assert_eq!(states[0].1, "FAILED");
+    s.broker.stop().await;
+}
+
+/// `name` of the database at `url` (its path).
+fn database_name(url: &str) -> String {
+    url.rsplit_once('/').unwrap().1.to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_refusing_the_brokers_sessions_is_unavailable_store_unavailable_with_retry_info()
+{
+    let s = Setup::start(|c| c.database.acquire_timeout = Duration::from_secs(2)).await;
+    let mut client = s.client().await;
+    let lease = client
+        .create_lease(create_request(""))
+        .await
+        .expect("create succeeds")
+        .into_inner();
+    let get = || pb::GetLeaseRequest {
+        name: lease.name.clone(),
+    };
+
+    // The database stops accepting sessions (SQLSTATE 55000) and every
+    // session the broker had is terminated (57P01).
+    let name = database_name(&s.db.url);
+    let admin = sqlx::PgPool::connect(&common::db::admin_url())
+        .await
+        .unwrap();
+    sqlx::query(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(&name)
+        .execute(&admin)
+        .await
+        .unwrap();
+
+    for _ in 0..2 {
+        let status = client.get_lease(get()).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert_eq!(reason(&status), "STORE_UNAVAILABLE");
+        assert_eq!(retry_delay(&status), Some(Duration::from_secs(1)));
+        // Nothing of the database's own words reaches the caller.
+        assert!(!status.message().contains("55000"), "{status:?}");
+        assert!(!status.message().contains(&name), "{status:?}");
+    }
+    let status = client
+        .list_leases(pb::ListLeasesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(reason(&status), "STORE_UNAVAILABLE");
+    assert!(retry_delay(&status).is_some(), "{status:?}");
+    let status = client.create_lease(create_request("")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        ["STORE_UNAVAILABLE", "AUDIT_UNAVAILABLE"].contains(&reason(&status).as_str()),
+        "{status:?}"
+    );
+    assert!(retry_delay(&status).is_some(), "{status:?}");
+
+    // Sessions allowed again: the same broker serves, no restart.
+    sqlx::query(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    eventually("the lease is read again", || {
+        let mut client = client.clone();
+        let request = get();
+        async move { client.get_lease(request).await.is_ok() }
+    })
+    .await;
+    s.broker.stop().await;
+}
+
+/// Sessions of database `name`, not counting `except` (the test's own),
+/// by `application_name`.
+async fn sessions_by_application(
+    admin: &sqlx::PgPool,
+    name: &str,
+    except: i32,
+) -> HashMap<String, i64> {
+    sqlx::query_as::<_, (String, i64)>(
+        "SELECT application_name, count(*) FROM pg_stat_activity \
+         WHERE datname = $1 AND pid <> $2 GROUP BY application_name",
+    )
+    .bind(name)
+    .bind(except)
+    .fetch_all(admin)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_max_connections_bounds_the_brokers_sessions_and_stuck_background_work_leaves_callers_served(
+) {
+    let s = Setup::start(|c| {
+        c.database.max_connections = 3;
+        c.leases.reaper_interval = Duration::from_secs(1);
+    })
+    .await;
+    let name = database_name(&s.db.url);
+    let admin = sqlx::PgPool::connect(&common::db::admin_url())
+        .await
+        .unwrap();
+
+    // Background work gets stuck holding its whole share (one connection):
+    // the orphan sweep's claim waits for a lock the test holds.
+    let mut locker = sqlx::PgPool::connect(&s.db.url)
+        .await
+        .unwrap()
+        .begin()
+        .await
+        .unwrap();
+    let locker_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *locker)
+        .await
+        .unwrap();
+    sqlx::query("LOCK TABLE background_jobs IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *locker)
+        .await
+        .unwrap();
+    eventually("the sweep waits for the lock", || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 \
+             AND application_name = 'token-broker:background' AND wait_event_type = 'Lock'",
+        )
+        .bind(&name)
+        .fetch_one(&admin)
+        .await
+        .unwrap()
+            == 1
+    })
+    .await;
+
+    // Callers under load meanwhile: every call is served, and the
+    // broker never holds more than 3 sessions (1 per share).
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = {
+        let (admin, name, stop) = (admin.clone(), name.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut most: HashMap<String, i64> = HashMap::new();
+            let mut most_total = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let now = sessions_by_application(&admin, &name, locker_pid).await;
+                most_total = most_total.max(now.values().sum::<i64>());
+                for (app, n) in now {
+                    let m = most.entry(app).or_default();
+                    *m = (*m).max(n);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (most_total, most)
+        })
+    };
+    let mut callers = Vec::new();
+    for _ in 0..6 {
+        let mut client = s.client().await;
+        callers.push(tokio::spawn(async move {
+            let mut served = 0;
+            for _ in 0..5 {
+                let mut request = Request::new(create_request(""));
+                request.set_timeout(CALL_DEADLINE);
+                let lease = client.create_lease(request).await?.into_inner();
+                let got = client
+                    .get_lease(pb::GetLeaseRequest { name: lease.name })
+                    .await?
+                    .into_inner();
+                assert_eq!(got.state(), pb::lease::State::Active);
+                served += 1;
+            }
+            Ok::<_, Status>(served)
+        }));
+    }
+    for caller in callers {
+        assert_eq!(caller.await.unwrap().expect("every call is served"), 5);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (most_total, most) = seen.await.unwrap();
+    assert!(most_total <= 3, "{most_total} sessions: {most:?}");
+    for app in [
+        "token-broker:requests",
+        "token-broker:background",
+        "token-broker:audit",
+    ] {
+        assert_eq!(most.get(app), Some(&1), "{app}: {most:?}");
+    }
+    assert_eq!(most.len(), 3, "no session outside the shares: {most:?}");
+
+    locker.rollback().await.unwrap();
+    admin.close().await;
+    s.broker.stop().await;
+}

@@ -340,6 +340,156 @@ async fn a_known_key_gets_past_authentication_and_bad_input_names_the_field() {
     broker.stop().await;
 }
 
+/// Sends and receives message bytes as they are, so a test can send what
+/// no generated client would.
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+struct RawBytes;
+
+impl tonic::codec::Encoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        buf: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        prost::bytes::BufMut::put_slice(buf, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use prost::bytes::Buf as _;
+        Ok(Some(buf.copy_to_bytes(buf.remaining()).to_vec()))
+    }
+}
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawBytes;
+    type Decoder = RawBytes;
+    fn encoder(&mut self) -> RawBytes {
+        RawBytes
+    }
+    fn decoder(&mut self) -> RawBytes {
+        RawBytes
+    }
+}
+
+/// One unary call of `method` (`/package.Service/Method`) with `body` as
+/// the message bytes, and `key` as bearer if given.
+async fn raw_call(
+    channel: Channel,
+    method: &'static str,
+    body: &[u8],
+    key: Option<&SecretString>,
+) -> Result<Vec<u8>, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("channel ready");
+    let mut request = tonic::Request::new(body.to_vec());
+    if let Some(key) = key {
+        let value = format!("Bearer {}", secrecy::ExposeSecret::expose_secret(key));
+        request
+            .metadata_mut()
+            .insert("authorization", value.parse().unwrap());
+    }
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(method);
+    grpc.unary(request, path, RawCodec)
+        .await
+        .map(|r| r.into_inner())
+}
+
+#[tokio::test]
+async fn a_request_that_is_not_its_methods_message_is_invalid_argument_after_authentication() {
+    use prost::Message as _;
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator::spawn(EmulatorConfig::default()).await.unwrap();
+    let spec = BrokerSpec::new(sqlite_url(&dir), emu.url());
+    let broker = spawn_broker(&spec).await;
+    let key = spec.key("ci");
+    let channel = broker.channel().await;
+
+    let garbage: [(&str, &[u8]); 4] = [
+        (
+            "a key longer than a varint",
+            b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff",
+        ),
+        (
+            "a string cut short",
+            b"\x0a\x40tbk_not-a-real-key-but-it-must-not-come-back",
+        ),
+        ("a number where a message or a string belongs", b"\x18\x01"),
+        ("an organization that is not UTF-8", b"\x0a\x02\xff\xfe"),
+    ];
+    for (what, body) in garbage {
+        for method in [
+            "/tokenbroker.v1.LeaseService/CreateLease",
+            "/tokenbroker.v1.AdminService/ListLeases",
+        ] {
+            let status = raw_call(channel.clone(), method, body, Some(&key))
+                .await
+                .unwrap_err();
+            assert_eq!(
+                status.code(),
+                Code::InvalidArgument,
+                "{what}, {method}: {status:?}"
+            );
+            let info = status.get_details_error_info().expect("ErrorInfo");
+            assert_eq!(info.reason, "MALFORMED_REQUEST", "{what}");
+            assert_eq!(info.domain, "tokenbroker");
+            assert!(
+                status
+                    .message()
+                    .starts_with("the request is not a valid tokenbroker.v1."),
+                "{what}: {}",
+                status.message()
+            );
+            assert!(
+                !status.message().contains("tbk_"),
+                "{what}: {}",
+                status.message()
+            );
+
+            // Authentication comes first: without a key, the same bytes
+            // are refused as unauthenticated.
+            let status = raw_call(channel.clone(), method, body, None)
+                .await
+                .unwrap_err();
+            assert_eq!(
+                status.code(),
+                Code::Unauthenticated,
+                "{what}, {method}: {status:?}"
+            );
+        }
+    }
+
+    // The connection still serves well-formed calls, through the same path.
+    let body = pb::ListLeasesRequest::default().encode_to_vec();
+    let answer = raw_call(
+        channel.clone(),
+        "/tokenbroker.v1.LeaseService/ListLeases",
+        &body,
+        Some(&key),
+    )
+    .await
+    .expect("a valid request is served");
+    assert!(pb::ListLeasesResponse::decode(answer.as_slice())
+        .unwrap()
+        .leases
+        .is_empty());
+    assert!(emu_pats(&emu.url()).await.is_empty(), "nothing was minted");
+    broker.stop().await;
+}
+
 #[tokio::test]
 async fn a_restarted_broker_on_the_same_store_keeps_its_deployment_id() {
     let dir = tempfile::tempdir().unwrap();

@@ -1526,6 +1526,269 @@ async fn a_postgresql_server_refusing_the_session_is_unavailable() {
         .unwrap();
 }
 
+/// The sessions of `database` whose `application_name` is `name` that are
+/// waiting for a lock.
+async fn sessions_waiting_for_a_lock(admin: &sqlx::PgPool, database: &str, name: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE datname = $1 AND application_name = $2 AND wait_event_type = 'Lock'",
+    )
+    .bind(database)
+    .bind(name)
+    .fetch_one(admin)
+    .await
+    .unwrap()
+}
+
+/// A PostgreSQL session ended under a call (`pg_terminate_backend`, what a
+/// server shutting down does: SQLSTATE 57P01, or just a closed connection)
+/// is `Unavailable`; the store then opens a fresh session by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgresql_session_terminated_under_a_call_is_unavailable_and_the_next_call_reconnects()
+{
+    use token_broker::error::ServiceError as _;
+    let db = common::db::TestDatabase::create().await;
+    let name = db.url.rsplit_once('/').unwrap().1.to_owned();
+    let app = format!("tb-test-{}", &Uuid::new_v4().simple().to_string()[..12]);
+    let store: Arc<dyn Store> = Arc::new(
+        token_broker::store::PostgresStore::connect_with(
+            &db.url,
+            token_broker::store::PostgresOptions {
+                max_connections: 2,
+                acquire_timeout: Duration::from_secs(10),
+                application_name: app.clone(),
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    store.migrate().await.unwrap();
+    let l = lease("ci", t0());
+    create(&store, &l).await;
+    let admin = sqlx::PgPool::connect(&db.url).await.unwrap();
+
+    // Mid-call: the store's read waits on a lock the test holds, and its
+    // session is terminated while it waits.
+    let mut lock = admin.begin().await.unwrap();
+    sqlx::query("LOCK TABLE leases IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let read = tokio::spawn({
+        let store = store.clone();
+        async move { store.get_lease(l.id).await }
+    });
+    common::leases::eventually("the read waits for the lock", || async {
+        sessions_waiting_for_a_lock(&admin, &name, &app).await == 1
+    })
+    .await;
+    let terminated: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = $1 AND application_name = $2 AND wait_event_type = 'Lock'",
+    )
+    .bind(&name)
+    .bind(&app)
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    assert_eq!(terminated, vec![true]);
+    let err = read
+        .await
+        .unwrap()
+        .expect_err("the session ended under the read");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert_eq!(err.reason(), "STORE_UNAVAILABLE");
+    assert_eq!(err.retry_after(), Some(Duration::from_secs(1)));
+    lock.rollback().await.unwrap();
+
+    // Between calls: every pooled session is terminated. The next call may
+    // see that (unavailable, never another error) or reconnect at once;
+    // the one after it is served.
+    store.get_lease(l.id).await.unwrap();
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = $1 AND application_name = $2",
+    )
+    .bind(&name)
+    .bind(&app)
+    .execute(&admin)
+    .await
+    .unwrap();
+    if let Err(err) = store.get_lease(l.id).await {
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    }
+    assert_eq!(store.get_lease(l.id).await.unwrap(), Some(l));
+    admin.close().await;
+}
+
+/// A PostgreSQL server still starting up answers every session with
+/// SQLSTATE 57P03 ("the database system is starting up"). Stood in for by
+/// a listener that answers each startup message just so: the store keeps
+/// trying for `acquire_timeout`, then reports `Unavailable`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgresql_server_still_starting_up_is_unavailable() {
+    use token_broker::error::ServiceError as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// The SSLRequest code (PostgreSQL protocol, "Message Formats").
+    const SSL_REQUEST: u32 = 80_877_103;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let sessions = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let server = tokio::spawn({
+        let sessions = sessions.clone();
+        async move {
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let sessions = sessions.clone();
+                tokio::spawn(async move {
+                    // Startup packets: length (itself included), then a code.
+                    loop {
+                        let Ok(len) = socket.read_u32().await else {
+                            return;
+                        };
+                        let mut rest = vec![0; len as usize - 4];
+                        if socket.read_exact(&mut rest).await.is_err() {
+                            return;
+                        }
+                        if rest[..4] == SSL_REQUEST.to_be_bytes() {
+                            socket.write_all(b"N").await.unwrap();
+                            continue;
+                        }
+                        break;
+                    }
+                    sessions.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let mut fields = Vec::new();
+                    for (tag, value) in [
+                        (b'S', "FATAL"),
+                        (b'V', "FATAL"),
+                        (b'C', "57P03"),
+                        (b'M', "the database system is starting up"),
+                    ] {
+                        fields.push(tag);
+                        fields.extend_from_slice(value.as_bytes());
+                        fields.push(0);
+                    }
+                    fields.push(0);
+                    let mut answer = vec![b'E'];
+                    answer.extend_from_slice(&(fields.len() as u32 + 4).to_be_bytes());
+                    answer.extend_from_slice(&fields);
+                    let _ = socket.write_all(&answer).await;
+                });
+            }
+        }
+    });
+    let err = token_broker::store::PostgresStore::connect_with(
+        &format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        token_broker::store::PostgresOptions {
+            max_connections: 1,
+            acquire_timeout: Duration::from_secs(2),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect_err("a starting server serves no session");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert_eq!(err.reason(), "STORE_UNAVAILABLE");
+    assert!(
+        sessions.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "the refusal came from the starting server"
+    );
+    server.abort();
+}
+
+/// `Stores::open` splits `max_connections` into shares: background work
+/// that holds every connection of its share (here: stuck on a lock) gets
+/// no more, while callers' requests and audit appends keep theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_work_holding_its_whole_share_leaves_requests_and_audit_their_connections() {
+    use token_broker::error::ServiceError as _;
+    use token_broker::store::{PoolOptions, PoolShares, Stores};
+    let db = common::db::TestDatabase::create().await;
+    let name = db.url.rsplit_once('/').unwrap().1.to_owned();
+    let options = PoolOptions {
+        max_connections: 5,
+        acquire_timeout: Duration::from_secs(2),
+    };
+    assert_eq!(
+        PoolShares::of(5),
+        Some(PoolShares {
+            requests: 3,
+            background: 1,
+            audit: 1
+        })
+    );
+    let stores = Stores::open(&db.url, &options).await.unwrap();
+    stores.requests.migrate().await.unwrap();
+    let admin = sqlx::PgPool::connect(&db.url).await.unwrap();
+
+    let mut lock = admin.begin().await.unwrap();
+    sqlx::query("LOCK TABLE background_jobs IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let stuck = tokio::spawn({
+        let background = stores.background.clone();
+        async move {
+            background
+                .claim_job(
+                    "sweep",
+                    t0(),
+                    "replica-a",
+                    Duration::from_secs(60),
+                    Duration::from_secs(60),
+                )
+                .await
+        }
+    });
+    common::leases::eventually("background work waits for the lock", || async {
+        sessions_waiting_for_a_lock(&admin, &name, "token-broker:background").await == 1
+    })
+    .await;
+
+    // Its share is spent: more background work waits, then is refused.
+    let err = stores
+        .background
+        .ping()
+        .await
+        .expect_err("no connection left");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert_eq!(err.reason(), "STORE_UNAVAILABLE");
+
+    // Requests (as many at once as their share) and audit appends are served.
+    let leases: Vec<LeaseRecord> = (0..3).map(|_| lease("ci", t0())).collect();
+    let calls = leases.iter().map(|l| {
+        let requests = stores.requests.clone();
+        async move {
+            requests.create_lease(l, None).await?;
+            requests.get_lease(l.id).await
+        }
+    });
+    for (l, read) in leases.iter().zip(futures::future::join_all(calls).await) {
+        assert_eq!(read.unwrap().as_ref(), Some(l));
+    }
+    stores
+        .audit
+        .append_audit(&audit("lease.create", Outcome::Allowed))
+        .await
+        .unwrap();
+
+    let sessions: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name LIKE 'token-broker:%'")
+            .bind(&name)
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+    assert!(sessions <= 5, "{sessions} sessions");
+
+    lock.rollback().await.unwrap();
+    assert!(
+        stuck.await.unwrap().unwrap(),
+        "the claim goes through once the lock is gone"
+    );
+    admin.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_replicas_migrating_one_fresh_database_at_once_all_succeed() {
     let db = common::db::TestDatabase::create().await;
@@ -1557,6 +1820,7 @@ async fn unreachable_postgres_is_reported_as_unavailable() {
     let options = token_broker::store::PostgresOptions {
         max_connections: 1,
         acquire_timeout: Duration::from_secs(1),
+        ..Default::default()
     };
     let err = token_broker::store::PostgresStore::connect_with(
         "postgres://postgres:not-a-real-password@127.0.0.1:1/postgres",

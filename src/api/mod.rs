@@ -36,6 +36,7 @@ use crate::proto::v1::lease_service_server::LeaseServiceServer;
 use crate::store::Store;
 
 pub mod admin;
+pub mod codec;
 pub mod convert;
 pub mod filter;
 mod service;

@@ -280,6 +280,21 @@ mod tests {
         assert!(!s.message.contains("AADSTS700082"), "{}", s.message);
         assert_eq!(s.retry, None);
 
+        let s = seen(LeaseError::Upstream(UpstreamError::BadRequest(
+            "JsonReaderException: TF400898: An Internal Error Occurred.".into(),
+        )));
+        assert_eq!(
+            (s.code, s.reason.as_str()),
+            (Code::FailedPrecondition, "UPSTREAM_BAD_REQUEST")
+        );
+        assert!(
+            s.message
+                .ends_with("JsonReaderException: TF400898: An Internal Error Occurred."),
+            "{}",
+            s.message
+        );
+        assert_eq!(s.retry, None);
+
         let s = seen(UpstreamError::Protocol("html".into()));
         assert_eq!(
             (s.code, s.reason.as_str()),
@@ -294,6 +309,8 @@ mod tests {
             (s.code, s.reason.as_str()),
             (Code::Unavailable, "STORE_UNAVAILABLE")
         );
+        assert_eq!(s.retry, Some(Duration::from_secs(1)));
+        assert!(!s.message.contains("pool timed out"), "{}", s.message);
         let s = seen(LeaseError::Store(StoreError::Database(
             "duplicate key value violates leases_pkey".into(),
         )));

@@ -82,6 +82,11 @@ impl ServiceError for AuditError {
     fn reason(&self) -> &'static str {
         "AUDIT_UNAVAILABLE"
     }
+    fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            AuditError::NotWritten(e) => e.retry_after(),
+        }
+    }
 }
 
 /// Most queued events one append transaction takes; the rest wait for the

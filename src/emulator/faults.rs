@@ -68,7 +68,8 @@ pub struct FaultRule {
     #[serde(default)]
     pub latency_when: LatencyWhen,
     /// Answer with this HTTP status instead (429 gets TF400733, 5xx an
-    /// internal error); a 2xx lets the real answer through (see `decorate`).
+    /// internal error, 400 the `JsonReaderException` of an unreadable
+    /// body); a 2xx lets the real answer through (see `decorate`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
     /// Sends `Retry-After` in seconds; implies status 429 when `status` is absent.
@@ -182,6 +183,9 @@ impl FaultRule {
                     .insert("retry-after", HeaderValue::from(secs));
             }
             r
+        } else if status == StatusCode::BAD_REQUEST {
+            // The service's one captured 400: an unreadable body.
+            wire::json_reader_error()
         } else {
             wire::envelope(
                 status,

@@ -359,6 +359,7 @@ impl Default for RetrySchedule {
 }
 
 /// What the lease service is built from.
+#[derive(Clone)]
 pub struct LeaseDeps {
     /// Persistence.
     pub store: Arc<dyn Store>,
@@ -380,12 +381,29 @@ pub struct LeaseDeps {
 /// The lease service: every business rule about leases.
 pub struct Leases {
     deps: LeaseDeps,
+    /// `deps` with the store handle background work uses (the same one
+    /// unless [`Leases::with_background_store`] gave it its own).
+    background: LeaseDeps,
 }
 
 impl Leases {
     /// Builds the service.
     pub fn new(deps: LeaseDeps) -> Self {
-        Leases { deps }
+        Leases {
+            background: deps.clone(),
+            deps,
+        }
+    }
+
+    /// Runs background work (the reaper, revocation retries, the
+    /// reconciler, the orphan sweep) on `store`, a handle on the same
+    /// database over connections of its own, so however busy it gets it
+    /// never holds the connections callers' requests need
+    /// ([`crate::store::Stores`]). Its audit rows still go through
+    /// `deps.audit`.
+    pub fn with_background_store(mut self, store: Arc<dyn Store>) -> Self {
+        self.background.store = store;
+        self
     }
 
     /// Issues a lease (or replays one for a repeated request_id).
@@ -507,7 +525,7 @@ impl Leases {
     /// reconciler, and the orphan sweep when its deployment-wide claim is
     /// due) every `settings.reaper_interval` until `shutdown` resolves.
     pub async fn run_background(&self, shutdown: impl std::future::Future<Output = ()> + Send) {
-        background::run(&self.deps, shutdown).await
+        background::run(&self.background, shutdown).await
     }
 
     /// One pass of background work (expire due leases, retry due
@@ -515,7 +533,7 @@ impl Leases {
     /// does each tick (the sweep runs beside it: [`Leases::run_sweep_once`]).
     /// Returns how many leases it finished (EXPIRED or REVOKED).
     pub async fn run_background_once(&self) -> Result<usize, LeaseError> {
-        background::run_once(&self.deps).await
+        background::run_once(&self.background).await
     }
 
     /// Runs the orphan sweep once if it is due for the deployment (the last
@@ -524,6 +542,6 @@ impl Leases {
     /// (`ran: false` when it was not due). Errors: `Store` (upstream
     /// failures are counted in the report instead).
     pub async fn run_sweep_once(&self) -> Result<SweepReport, LeaseError> {
-        sweep::sweep_if_due(&self.deps, &std::sync::atomic::AtomicBool::new(false)).await
+        sweep::sweep_if_due(&self.background, &std::sync::atomic::AtomicBool::new(false)).await
     }
 }

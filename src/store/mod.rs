@@ -26,7 +26,7 @@ pub mod sqlite;
 
 pub use postgres::{PostgresOptions, PostgresStore};
 pub use sql::SqlStore;
-pub use sqlite::SqliteStore;
+pub use sqlite::{SqliteOptions, SqliteStore};
 
 /// Opens the store named by `url` without migrating it (call
 /// [`Store::migrate`]). `postgres://` or `postgresql://` opens PostgreSQL;
@@ -37,17 +37,158 @@ pub use sqlite::SqliteStore;
 /// [`StoreError::Database`] for a malformed URL. The URL (which may hold a
 /// password) is never put in an error.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+    if is_postgres(url) {
         Ok(Arc::new(PostgresStore::connect(url).await?))
     } else {
         Ok(Arc::new(SqliteStore::open(url).await?))
     }
 }
 
+fn is_postgres(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// Connection limits of the store (`[database]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolOptions {
+    /// `database.max_connections`: the most connections this process holds
+    /// open to the database, over every [`Stores`] handle together; at
+    /// least [`PoolShares::MIN_CONNECTIONS`].
+    pub max_connections: u32,
+    /// `database.acquire_timeout`: how long a store call waits for a
+    /// connection of its share (including while the database refuses new
+    /// sessions) before failing with [`StoreError::Unavailable`].
+    pub acquire_timeout: Duration,
+}
+
+impl Default for PoolOptions {
+    /// 10 connections, 10 s.
+    fn default() -> Self {
+        PoolOptions {
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// How `database.max_connections` is split between the three kinds of
+/// store work, each a pool of its own, so none can take the others'
+/// connections: the callers' requests (every gRPC call, grants among them)
+/// get what the other two leave.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolShares {
+    /// Callers' requests (and start-up, migrations, readiness).
+    pub requests: u32,
+    /// Background work: reaper, revocation retries, reconciler, orphan
+    /// sweep: a fifth, at least 1.
+    pub background: u32,
+    /// Audit appends: 1, since one group-commit transaction at a time
+    /// writes every queued row ([`crate::audit::AuditLog`]).
+    pub audit: u32,
+}
+
+impl PoolShares {
+    /// The fewest connections that give each kind of work one.
+    pub const MIN_CONNECTIONS: u32 = 3;
+
+    /// The split of `max_connections`; None below [`Self::MIN_CONNECTIONS`].
+    pub fn of(max_connections: u32) -> Option<PoolShares> {
+        if max_connections < Self::MIN_CONNECTIONS {
+            return None;
+        }
+        let audit = 1;
+        let background = (max_connections / 5).max(1);
+        Some(PoolShares {
+            requests: max_connections - audit - background,
+            background,
+            audit,
+        })
+    }
+}
+
+/// One database opened as one [`Store`] handle per kind of work, each over
+/// its own connections ([`PoolShares`]), so busy background work or a slow
+/// audit transaction never holds the connections a caller's request needs.
+#[derive(Clone)]
+pub struct Stores {
+    /// For callers' requests, start-up and migrations.
+    pub requests: Arc<dyn Store>,
+    /// For background work.
+    pub background: Arc<dyn Store>,
+    /// For the audit log's append transactions.
+    pub audit: Arc<dyn Store>,
+}
+
+impl std::fmt::Debug for Stores {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stores").finish_non_exhaustive()
+    }
+}
+
+impl Stores {
+    /// Opens the store named by `url` (as [`open`] does, without migrating)
+    /// as three handles whose pools together hold at most
+    /// `options.max_connections` connections, split by [`PoolShares::of`].
+    /// On PostgreSQL each pool names itself in `application_name`
+    /// (`token-broker:requests`, `token-broker:background`,
+    /// `token-broker:audit`, seen in `pg_stat_activity`). An in-memory
+    /// SQLite database lives in its one connection, so there all three
+    /// handles share it.
+    ///
+    /// Errors: as [`open`]; [`StoreError::Database`] when
+    /// `max_connections` is below [`PoolShares::MIN_CONNECTIONS`].
+    pub async fn open(url: &str, options: &PoolOptions) -> Result<Stores, StoreError> {
+        let shares = PoolShares::of(options.max_connections).ok_or_else(|| {
+            StoreError::Database(format!(
+                "max_connections must be at least {}",
+                PoolShares::MIN_CONNECTIONS
+            ))
+        })?;
+        if is_postgres(url) {
+            let part = |kind: &str, max_connections: u32| PostgresOptions {
+                max_connections,
+                acquire_timeout: options.acquire_timeout,
+                application_name: format!("token-broker:{kind}"),
+            };
+            let requests = PostgresStore::connect_with(url, part("requests", shares.requests));
+            let background =
+                PostgresStore::connect_with(url, part("background", shares.background));
+            let audit = PostgresStore::connect_with(url, part("audit", shares.audit));
+            let (requests, background, audit) = tokio::try_join!(requests, background, audit)?;
+            return Ok(Stores {
+                requests: Arc::new(requests),
+                background: Arc::new(background),
+                audit: Arc::new(audit),
+            });
+        }
+        let part = |max_connections: u32| SqliteOptions {
+            max_connections,
+            acquire_timeout: options.acquire_timeout,
+        };
+        let requests = SqliteStore::open_with(url, part(shares.requests)).await?;
+        if sqlite::is_in_memory(url) {
+            let one: Arc<dyn Store> = Arc::new(requests);
+            return Ok(Stores {
+                requests: one.clone(),
+                background: one.clone(),
+                audit: one,
+            });
+        }
+        // One after another: the first creates the file.
+        let background = SqliteStore::open_with(url, part(shares.background)).await?;
+        let audit = SqliteStore::open_with(url, part(shares.audit)).await?;
+        Ok(Stores {
+            requests: Arc::new(requests),
+            background: Arc::new(background),
+            audit: Arc::new(audit),
+        })
+    }
+}
+
 /// Maps a sqlx error to a [`StoreError`]: failures to reach the database
-/// (I/O, TLS, pool timeout or closed, PostgreSQL SQLSTATE classes 08 and
-/// 57P, 53300 too many connections, SQLite busy or locked past the busy
-/// timeout) are `Unavailable`, so a retry can help; the rest are
+/// (I/O, TLS, pool timeout or closed, PostgreSQL SQLSTATE classes 08, 53
+/// insufficient resources, 55 and 57P, 3D000, SQLite busy or locked past
+/// the busy timeout) are `Unavailable`, so a retry can help; the rest are
 /// `Database`. Only the database's message is kept: sqlx never puts bound
 /// values in it, so no secret reaches the error.
 pub(crate) fn map_sqlx(err: sqlx::Error) -> StoreError {
@@ -65,12 +206,13 @@ pub(crate) fn map_sqlx(err: sqlx::Error) -> StoreError {
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default().into_owned();
             // A server that refuses the session: connection exceptions
-            // (08), shutting down or starting (57P01, 57P03), too many
-            // connections (53300), no such database (3D000), a database
-            // not accepting connections (class 55). Retrying later can help.
+            // (08), shutting down or starting (57P01, 57P03), no such
+            // database (3D000), a database not accepting connections
+            // (class 55); or one out of resources (class 53: too many
+            // connections, disk full, out of memory). Retrying later can help.
             let unavailable = code.starts_with("08")
                 || code.starts_with("57P")
-                || code == "53300"
+                || code.starts_with("53")
                 || code == "3D000"
                 || code.starts_with("55")
                 // SQLite primary result codes 5 (BUSY) and 6 (LOCKED), with extended codes.
@@ -328,6 +470,14 @@ impl ServiceError for StoreError {
         match self {
             StoreError::Unavailable(_) => "STORE_UNAVAILABLE",
             _ => "INTERNAL",
+        }
+    }
+    /// 1 s for `Unavailable`: the database may be back (or have a free
+    /// connection) by then.
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            StoreError::Unavailable(_) => Some(Duration::from_secs(1)),
+            _ => None,
         }
     }
 }
@@ -620,5 +770,76 @@ mod tests {
         let mapped = map_sqlx(sqlx::Error::RowNotFound);
         assert!(matches!(mapped, StoreError::Database(_)), "{mapped:?}");
         assert_eq!(mapped.code(), ErrorCode::Internal);
+    }
+
+    /// A database error carrying only a SQLSTATE, as a server would send it.
+    #[derive(Debug)]
+    struct Sqlstate(&'static str);
+
+    impl std::fmt::Display for Sqlstate {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "SQLSTATE {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Sqlstate {}
+
+    impl sqlx::error::DatabaseError for Sqlstate {
+        fn message(&self) -> &str {
+            "refused"
+        }
+        fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+            Some(self.0.into())
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    #[test]
+    fn sessions_refused_and_resources_exhausted_are_unavailable_with_a_retry_delay() {
+        for code in [
+            "08006", "57P01", "57P03", "3D000", "55000", "55006", "53000", "53100", "53200",
+            "53300", "53400",
+        ] {
+            let mapped = map_sqlx(sqlx::Error::Database(Box::new(Sqlstate(code))));
+            assert!(
+                matches!(mapped, StoreError::Unavailable(_)),
+                "{code}: {mapped:?}"
+            );
+            assert_eq!(mapped.reason(), "STORE_UNAVAILABLE", "{code}");
+            assert_eq!(mapped.retry_after(), Some(Duration::from_secs(1)), "{code}");
+        }
+        for code in ["23505", "42P01", "40001", "XX000"] {
+            let mapped = map_sqlx(sqlx::Error::Database(Box::new(Sqlstate(code))));
+            assert!(
+                matches!(mapped, StoreError::Database(_)),
+                "{code}: {mapped:?}"
+            );
+            assert_eq!(mapped.code(), ErrorCode::Internal, "{code}");
+            assert_eq!(mapped.retry_after(), None, "{code}");
+        }
+    }
+
+    #[test]
+    fn max_connections_is_split_so_each_kind_of_work_keeps_a_share() {
+        assert_eq!(PoolShares::of(2), None);
+        let split = |n| {
+            let s = PoolShares::of(n).unwrap();
+            assert_eq!(s.requests + s.background + s.audit, n);
+            (s.requests, s.background, s.audit)
+        };
+        assert_eq!(split(3), (1, 1, 1));
+        assert_eq!(split(10), (7, 2, 1));
+        assert_eq!(split(50), (39, 10, 1));
     }
 }

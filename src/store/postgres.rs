@@ -20,14 +20,19 @@ pub struct PostgresOptions {
     /// How long a call waits for a connection (including while the server
     /// refuses connections) before failing with `Unavailable`.
     pub acquire_timeout: Duration,
+    /// `application_name` of every connection, so `pg_stat_activity` shows
+    /// whose they are.
+    pub application_name: String,
 }
 
 impl Default for PostgresOptions {
-    /// 10 connections, 10 s acquire timeout.
+    /// 10 connections, 10 s acquire timeout, `application_name`
+    /// `token-broker`.
     fn default() -> Self {
         PostgresOptions {
             max_connections: 10,
             acquire_timeout: Duration::from_secs(10),
+            application_name: "token-broker".to_owned(),
         }
     }
 }
@@ -50,6 +55,7 @@ impl SqlStore<Postgres> {
         let connect: PgConnectOptions = url.parse().map_err(|e: sqlx::Error| {
             StoreError::Database(format!("invalid PostgreSQL URL: {e}"))
         })?;
+        let connect = connect.application_name(&options.application_name);
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)

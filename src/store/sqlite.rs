@@ -27,6 +27,33 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// SQLite-backed [`super::Store`].
 pub type SqliteStore = SqlStore<Sqlite>;
 
+/// Pool settings for [`SqliteStore::open_with`].
+#[derive(Clone, Debug)]
+pub struct SqliteOptions {
+    /// Most connections the pool opens (an in-memory database: always 1).
+    /// Reads run side by side; writes take SQLite's one write lock in turn.
+    pub max_connections: u32,
+    /// How long a call waits for a connection of the pool before failing
+    /// with `Unavailable` (then the busy timeout applies to the write lock).
+    pub acquire_timeout: Duration,
+}
+
+impl Default for SqliteOptions {
+    /// 8 connections, 10 s acquire timeout.
+    fn default() -> Self {
+        SqliteOptions {
+            max_connections: 8,
+            acquire_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Whether `url_or_path` names an in-memory database, which lives only as
+/// long as its one connection.
+pub(super) fn is_in_memory(url_or_path: &str) -> bool {
+    url_or_path.contains(":memory:") || url_or_path.contains("mode=memory")
+}
+
 /// Creates the database file, if missing, readable by its owner only
 /// (0600 on Unix): it holds sealed tokens and the audit trail. SQLite gives
 /// its `-wal` and `-shm` files the main file's permissions.
@@ -53,13 +80,18 @@ impl SqlStore<Sqlite> {
     /// Errors: `Unavailable` if the file cannot be opened or created;
     /// `Database` for a malformed URL.
     pub async fn open(url_or_path: &str) -> Result<Self, StoreError> {
+        Self::open_with(url_or_path, SqliteOptions::default()).await
+    }
+
+    /// [`SqliteStore::open`] with explicit pool settings.
+    pub async fn open_with(url_or_path: &str, pool: SqliteOptions) -> Result<Self, StoreError> {
         let options = if url_or_path.starts_with("sqlite:") {
             SqliteConnectOptions::from_str(url_or_path)
                 .map_err(|e| StoreError::Database(format!("invalid SQLite URL: {e}")))?
         } else {
             SqliteConnectOptions::new().filename(url_or_path)
         };
-        let in_memory = url_or_path.contains(":memory:") || url_or_path.contains("mode=memory");
+        let in_memory = is_in_memory(url_or_path);
         let options = options
             .create_if_missing(true)
             .foreign_keys(true)
@@ -71,6 +103,7 @@ impl SqlStore<Sqlite> {
             // Each connection would be its own database: keep exactly one, forever.
             SqlitePoolOptions::new()
                 .max_connections(1)
+                .acquire_timeout(pool.acquire_timeout)
                 .min_connections(1)
                 .idle_timeout(None)
                 .max_lifetime(None)
@@ -78,7 +111,8 @@ impl SqlStore<Sqlite> {
                 .await
         } else {
             SqlitePoolOptions::new()
-                .max_connections(8)
+                .max_connections(pool.max_connections)
+                .acquire_timeout(pool.acquire_timeout)
                 .connect_with(
                     options
                         .journal_mode(SqliteJournalMode::Wal)

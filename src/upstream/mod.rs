@@ -213,7 +213,10 @@ pub enum UpstreamError {
     /// 5xx, timeouts, connection failures (after retries, where allowed).
     #[error("upstream unavailable: {0}")]
     Unavailable(String),
-    /// 400: upstream could not read the request (a client bug).
+    /// 400: upstream could not read the request (a client bug, or a value
+    /// upstream reads differently). Carries upstream's `typeKey: message`,
+    /// at most 300 characters, control characters replaced; the requests
+    /// the broker sends carry no secret in their body, so none is echoed.
     #[error("upstream rejected the request as malformed: {0}")]
     BadRequest(String),
     /// An answer that does not fit the documented API.
@@ -243,7 +246,10 @@ impl ServiceError for UpstreamError {
             UpstreamError::RateLimited { .. }
             | UpstreamError::Unavailable(_)
             | UpstreamError::Authentication(_) => ErrorCode::Unavailable,
-            UpstreamError::BadRequest(_) | UpstreamError::Protocol(_) => ErrorCode::Internal,
+            // The request as asked cannot be served upstream: retrying the
+            // same request will not help, and upstream's message says why.
+            UpstreamError::BadRequest(_) => ErrorCode::FailedPrecondition,
+            UpstreamError::Protocol(_) => ErrorCode::Internal,
         }
     }
     fn reason(&self) -> &'static str {
@@ -253,7 +259,8 @@ impl ServiceError for UpstreamError {
                 "UPSTREAM_UNAVAILABLE"
             }
             UpstreamError::Authentication(_) => "UPSTREAM_AUTHENTICATION_FAILED",
-            UpstreamError::BadRequest(_) | UpstreamError::Protocol(_) => "UPSTREAM_PROTOCOL_ERROR",
+            UpstreamError::BadRequest(_) => "UPSTREAM_BAD_REQUEST",
+            UpstreamError::Protocol(_) => "UPSTREAM_PROTOCOL_ERROR",
         }
     }
     fn retry_after(&self) -> Option<Duration> {

@@ -189,7 +189,9 @@ impl ErrorEnvelope {
         serde_json::from_slice(strip_bom(body)).unwrap_or_default()
     }
 
-    /// `typeKey: message`, shortened to a loggable length.
+    /// `typeKey: message`, shortened to a loggable length (300
+    /// characters), control characters (line breaks among them) replaced
+    /// by spaces, so it can go into a log line or a status message as is.
     pub fn summary(&self) -> String {
         let text = match (&self.type_key, &self.message) {
             (Some(key), Some(message)) => format!("{key}: {message}"),
@@ -197,6 +199,10 @@ impl ErrorEnvelope {
             (None, Some(message)) => message.clone(),
             (None, None) => "no error envelope".to_owned(),
         };
+        let text: String = text
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
         shorten(&text, 300)
     }
 }
@@ -469,6 +475,22 @@ mod tests {
             ErrorEnvelope::from_body(b"<html>").summary(),
             "no error envelope"
         );
+    }
+
+    #[test]
+    fn error_envelope_summary_is_one_bounded_line() {
+        let body = serde_json::json!({
+            "typeKey": "JsonReaderException",
+            "message": format!("line one\r\nline two\u{1b}[31m{}", "x".repeat(1000)),
+        })
+        .to_string();
+        let summary = ErrorEnvelope::from_body(body.as_bytes()).summary();
+        assert!(
+            summary.starts_with("JsonReaderException: line one  line two [31mxxx"),
+            "{summary}"
+        );
+        assert!(!summary.chars().any(char::is_control), "{summary}");
+        assert_eq!(summary.chars().count(), 301, "300 and the ellipsis");
     }
 
     #[test]
