@@ -36,6 +36,14 @@ use crate::upstream::entra::EntraConfig;
 pub const DEFAULTS: &str = r#"
 [grpc]
 listen = "127.0.0.1:50051"
+max_connections = 1024
+max_concurrent_streams = 100
+handshake_timeout = "10s"
+idle_timeout = "5m"
+keepalive_interval = "1m"
+keepalive_timeout = "10s"
+max_request_size = 1048576
+max_header_list_size = 32768
 
 [database]
 url = "sqlite:token-broker.db"
@@ -128,6 +136,39 @@ pub struct GrpcConfig {
     /// HTTP/2 (behind a mesh or on localhost).
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// `grpc.max_connections`: most connections served at once; one
+    /// accepted past it is closed at once. Default 1024.
+    pub max_connections: usize,
+    /// `grpc.max_concurrent_streams`: most calls in flight on one
+    /// connection, advertised in the HTTP/2 SETTINGS. Default 100.
+    pub max_concurrent_streams: u32,
+    /// `grpc.handshake_timeout`: a connection that has not finished its
+    /// TLS handshake (with TLS) and sent the HTTP/2 preface within it is
+    /// dropped. Default `10s`.
+    #[serde(deserialize_with = "crate::duration::de_duration")]
+    pub handshake_timeout: Duration,
+    /// `grpc.idle_timeout`: a connection with no call open for this long
+    /// is closed with a GOAWAY; an open call (a long server stream) keeps
+    /// it. Default `5m`.
+    #[serde(deserialize_with = "crate::duration::de_duration")]
+    pub idle_timeout: Duration,
+    /// `grpc.keepalive_interval`: an HTTP/2 PING goes to a peer silent
+    /// this long. Default `1m`.
+    #[serde(deserialize_with = "crate::duration::de_duration")]
+    pub keepalive_interval: Duration,
+    /// `grpc.keepalive_timeout`: a PING not acknowledged within it closes
+    /// the connection (a dead peer). Default `10s`.
+    #[serde(deserialize_with = "crate::duration::de_duration")]
+    pub keepalive_timeout: Duration,
+    /// `grpc.max_request_size`: largest request message, in bytes, once
+    /// decoded; a larger one is refused OUT_OF_RANGE. Default
+    /// 1048576 (1 MiB).
+    pub max_request_size: usize,
+    /// `grpc.max_header_list_size`: largest request header block, in
+    /// bytes (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE, each field counted as
+    /// name + value + 32). Default 32768 (32 KiB), so a bearer up to the
+    /// authenticator's own 16 KiB limit reaches it.
+    pub max_header_list_size: u32,
 }
 
 /// `[database]`.

@@ -259,6 +259,7 @@ impl Broker {
             leases,
             Arc::new(auth),
             tls,
+            config.grpc.clone(),
             store,
             stopped(rx),
         ));

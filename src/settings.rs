@@ -107,6 +107,7 @@ fn keep<T>(errors: &mut Vec<ConfigError>, result: Result<T, ConfigError>) -> Opt
 /// The checks of plain values (URLs, bounds, names); `bad` receives each
 /// setting at fault and why.
 fn check_values(config: &Config, bad: &mut impl FnMut(&str, String)) {
+    check_grpc(&config.grpc, bad);
     let ado = &config.upstream.azure_devops;
     for (setting, url) in [
         ("upstream.azure_devops.base_url", &ado.base_url),
@@ -349,6 +350,74 @@ fn check_values(config: &Config, bad: &mut impl FnMut(&str, String)) {
         bad(
             "leases.revocation_retry.max_attempts",
             "must be at most 1000".into(),
+        );
+    }
+}
+
+/// Smallest `grpc.max_header_list_size`: a bearer up to the authenticator's
+/// own 16 KiB limit, with the other request headers, must reach it (and be
+/// refused there, with a reason) rather than be cut off by HTTP/2.
+pub const MIN_HEADER_LIST_SIZE: u32 = 20 * 1024;
+
+/// The connection limits under `[grpc]`: none may be zero (that would serve
+/// nothing or close every connection), and none so large it means "no
+/// limit".
+fn check_grpc(grpc: &crate::config::GrpcConfig, bad: &mut impl FnMut(&str, String)) {
+    if !(1..=1_000_000).contains(&grpc.max_connections) {
+        bad("grpc.max_connections", "must be 1 to 1000000".into());
+    }
+    if !(1..=10_000).contains(&grpc.max_concurrent_streams) {
+        bad("grpc.max_concurrent_streams", "must be 1 to 10000".into());
+    }
+    let minute = Duration::from_secs(60);
+    for (setting, value, max, max_text) in [
+        (
+            "grpc.handshake_timeout",
+            grpc.handshake_timeout,
+            5 * minute,
+            "5m",
+        ),
+        (
+            "grpc.idle_timeout",
+            grpc.idle_timeout,
+            24 * 60 * minute,
+            "24h",
+        ),
+        (
+            "grpc.keepalive_interval",
+            grpc.keepalive_interval,
+            2 * 60 * minute,
+            "2h",
+        ),
+        (
+            "grpc.keepalive_timeout",
+            grpc.keepalive_timeout,
+            5 * minute,
+            "5m",
+        ),
+    ] {
+        if value.is_zero() {
+            bad(setting, "must be greater than zero".into());
+        } else if value > max {
+            bad(setting, format!("must be at most {max_text}"));
+        }
+    }
+    // Pings more often than once a second would only load every peer.
+    if !grpc.keepalive_interval.is_zero() && grpc.keepalive_interval < Duration::from_secs(1) {
+        bad("grpc.keepalive_interval", "must be at least 1s".into());
+    }
+    if !(1024..=64 * 1024 * 1024).contains(&grpc.max_request_size) {
+        bad(
+            "grpc.max_request_size",
+            "must be 1024 to 67108864 bytes (1 KiB to 64 MiB)".into(),
+        );
+    }
+    if !(MIN_HEADER_LIST_SIZE..=1024 * 1024).contains(&grpc.max_header_list_size) {
+        bad(
+            "grpc.max_header_list_size",
+            format!(
+                "must be {MIN_HEADER_LIST_SIZE} to 1048576 bytes (20 KiB to 1 MiB): a bearer up to the authenticator's 16 KiB limit must reach it"
+            ),
         );
     }
 }

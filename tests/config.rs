@@ -322,6 +322,83 @@ fn a_secret_with_the_wrong_type_is_refused_without_echoing_it() {
 }
 
 #[test]
+fn connection_limits_default_for_one_pod_are_settings_and_zero_is_refused_naming_them() {
+    Jail::expect_with(|jail| {
+        let c = load(None).unwrap();
+        let g = &c.grpc;
+        assert_eq!(g.max_connections, 1024);
+        assert_eq!(g.max_concurrent_streams, 100);
+        assert_eq!(g.handshake_timeout.as_secs(), 10);
+        assert_eq!(g.idle_timeout.as_secs(), 300);
+        assert_eq!(g.keepalive_interval.as_secs(), 60);
+        assert_eq!(g.keepalive_timeout.as_secs(), 10);
+        assert_eq!(g.max_request_size, 1024 * 1024);
+        assert_eq!(g.max_header_list_size, 32 * 1024);
+
+        jail.create_file(
+            "broker.toml",
+            "[grpc]\nmax_connections = 50\nidle_timeout = \"90s\"\n",
+        )?;
+        jail.set_env("TOKEN_BROKER_GRPC__HANDSHAKE_TIMEOUT", "3s");
+        jail.set_env("TOKEN_BROKER_GRPC__MAX_HEADER_LIST_SIZE", "65536");
+        let c = load(Some("broker.toml")).unwrap();
+        assert_eq!(c.grpc.max_connections, 50);
+        assert_eq!(c.grpc.idle_timeout.as_secs(), 90);
+        assert_eq!(c.grpc.handshake_timeout.as_secs(), 3);
+        assert_eq!(c.grpc.max_header_list_size, 65536);
+        assert_eq!(c.grpc.max_concurrent_streams, 100);
+
+        jail.clear_env();
+        for (toml, setting) in [
+            ("[grpc]\nmax_connections = 0", "grpc.max_connections"),
+            (
+                "[grpc]\nmax_concurrent_streams = 0",
+                "grpc.max_concurrent_streams",
+            ),
+            (
+                "[grpc]\nhandshake_timeout = \"0s\"",
+                "grpc.handshake_timeout",
+            ),
+            (
+                "[grpc]\nhandshake_timeout = \"1h\"",
+                "grpc.handshake_timeout",
+            ),
+            ("[grpc]\nidle_timeout = 0", "grpc.idle_timeout"),
+            ("[grpc]\nidle_timeout = \"soon\"", "grpc.idle_timeout"),
+            (
+                "[grpc]\nkeepalive_interval = \"0s\"",
+                "grpc.keepalive_interval",
+            ),
+            (
+                "[grpc]\nkeepalive_interval = \"10ms\"",
+                "grpc.keepalive_interval",
+            ),
+            (
+                "[grpc]\nkeepalive_timeout = \"0s\"",
+                "grpc.keepalive_timeout",
+            ),
+            ("[grpc]\nmax_request_size = 0", "grpc.max_request_size"),
+            (
+                "[grpc]\nmax_header_list_size = 0",
+                "grpc.max_header_list_size",
+            ),
+            // Below the authenticator's own bearer limit plus headroom.
+            (
+                "[grpc]\nmax_header_list_size = 16384",
+                "grpc.max_header_list_size",
+            ),
+            (
+                "[grpc]\nmax_connection_age = \"1h\"",
+                "grpc.max_connection_age",
+            ),
+        ] {
+            fails_naming(jail, toml, setting);
+        }
+        Ok(())
+    });
+}
+
+#[test]
 fn background_work_schedules_default_sensibly_and_are_settings() {
     Jail::expect_with(|jail| {
         let c = load(None).unwrap();

@@ -1760,7 +1760,7 @@ async fn background_work_holding_its_whole_share_leaves_requests_and_audit_their
     let calls = leases.iter().map(|l| {
         let requests = stores.requests.clone();
         async move {
-            requests.create_lease(l, None).await?;
+            requests.create_lease(l, None, None).await?;
             requests.get_lease(l.id).await
         }
     });

@@ -6,7 +6,8 @@
 //! over TLS or mTLS (`grpc.tls`).
 //!
 //! This is the only module that knows tonic; [`status`] is the only place
-//! errors become `tonic::Status`.
+//! errors become `tonic::Status`. [`transport`] accepts and serves the
+//! connections, within the `[grpc]` connection limits.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -16,19 +17,20 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::CertificateDer;
 use tokio::net::TcpListener;
 use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::server::NamedService;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
-use tonic::transport::{Certificate, ServerTlsConfig};
 use tonic::Status;
 use tonic_health::ServingStatus;
 use tower::Service;
 
 use crate::auth::tls::{ClientAuth, TlsMaterial};
 use crate::auth::{Authenticator, Caller, Credentials};
+use crate::config::GrpcConfig;
 use crate::error::{ErrorCode, ServiceError as _};
 use crate::leases::Leases;
 use crate::proto::v1::admin_service_server::AdminServiceServer;
@@ -41,16 +43,13 @@ pub mod convert;
 pub mod filter;
 mod service;
 pub mod status;
+pub mod transport;
 
 pub use admin::{AdminApi, ADMIN_SERVICE_NAME};
 pub use service::LeaseApi;
 
 /// Full name of the lease service, as health checks and reflection list it.
 pub const LEASE_SERVICE_NAME: &str = "tokenbroker.v1.LeaseService";
-
-/// Longest a TLS handshake may take before its connection is dropped, so
-/// idle half-open connections cannot pile up.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often the health reporter pings the store.
 const HEALTH_PING_INTERVAL: Duration = Duration::from_secs(5);
@@ -61,9 +60,9 @@ pub enum ApiError {
     /// The reflection service could not be built from the descriptors.
     #[error("cannot build gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    /// The transport failed.
-    #[error("gRPC transport: {0}")]
-    Transport(#[from] tonic::transport::Error),
+    /// The TLS configuration could not be built from the `grpc.tls` files.
+    #[error("grpc.tls: {0}")]
+    Tls(String),
 }
 
 /// What one call presented, copied out of its request so that the request
@@ -178,44 +177,81 @@ where
     }
 }
 
-/// `LeaseService` behind authentication.
+/// `LeaseService` behind authentication; request messages larger than
+/// `max_request_size` bytes are refused OUT_OF_RANGE (tonic's answer).
 pub fn lease_service(
     leases: Arc<Leases>,
     auth: Arc<Authenticator>,
+    max_request_size: usize,
 ) -> Authenticated<LeaseServiceServer<LeaseApi>> {
-    Authenticated::new(LeaseServiceServer::new(LeaseApi::new(leases)), auth)
+    Authenticated::new(
+        LeaseServiceServer::new(LeaseApi::new(leases)).max_decoding_message_size(max_request_size),
+        auth,
+    )
 }
 
-/// The transport's TLS settings from checked `grpc.tls` files.
-pub fn server_tls(material: &TlsMaterial) -> ServerTlsConfig {
-    let mut tls = ServerTlsConfig::new()
-        .identity(tonic::transport::Identity::from_pem(
-            &material.cert_pem,
-            material.key_pem(),
-        ))
-        .timeout(TLS_HANDSHAKE_TIMEOUT);
-    if let Some(ca) = &material.client_ca_pem {
-        tls = tls
-            .client_ca_root(Certificate::from_pem(ca))
-            .client_auth_optional(material.client_auth == Some(ClientAuth::Optional));
-    }
-    tls
+/// The server's TLS configuration from checked `grpc.tls` files: its
+/// certificate chain and key, ALPN `h2`, and with a client CA the client
+/// certificate verifier (a certificate required, or optional with
+/// `client_auth = "optional"`); TLS 1.2 and 1.3 with ring.
+pub fn server_tls(material: &TlsMaterial) -> Result<Arc<rustls::ServerConfig>, ApiError> {
+    let tls_error = |e: &dyn std::fmt::Display| ApiError::Tls(e.to_string());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain = CertificateDer::pem_slice_iter(&material.cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| tls_error(&e))?;
+    // The parser's error never quotes the key.
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(material.key_pem())
+        .map_err(|e| tls_error(&e))?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_error(&e))?;
+    let builder = match &material.client_ca_pem {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(ca) {
+                roots
+                    .add(cert.map_err(|e| tls_error(&e))?)
+                    .map_err(|e| tls_error(&e))?;
+            }
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider);
+            let verifier = if material.client_auth == Some(ClientAuth::Optional) {
+                verifier.allow_unauthenticated()
+            } else {
+                verifier
+            };
+            builder.with_client_cert_verifier(verifier.build().map_err(|e| tls_error(&e))?)
+        }
+    };
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| tls_error(&e))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// `AdminService` behind the same authentication (admin rights are
-/// checked by the lease rules, per call).
+/// checked by the lease rules, per call); request messages larger than
+/// `max_request_size` bytes are refused OUT_OF_RANGE (tonic's answer).
 pub fn admin_service(
     leases: Arc<Leases>,
     auth: Arc<Authenticator>,
+    max_request_size: usize,
 ) -> Authenticated<AdminServiceServer<AdminApi>> {
-    Authenticated::new(AdminServiceServer::new(AdminApi::new(leases)), auth)
+    Authenticated::new(
+        AdminServiceServer::new(AdminApi::new(leases)).max_decoding_message_size(max_request_size),
+        auth,
+    )
 }
 
 /// Serves the broker's gRPC API on `listener` until `shutdown` resolves,
 /// then stops accepting and lets in-flight calls finish. With `tls`, every
 /// connection is TLS (and client certificates are verified when the
 /// material has a client CA); a failed handshake closes that connection
-/// only.
+/// only. `grpc`'s connection limits apply ([`transport`]), and its
+/// `max_request_size` to every service.
 ///
 /// Health (for `""` and `tokenbroker.v1.LeaseService`) is SERVING when the
 /// store answers a ping, checked once before the first call is accepted and
@@ -225,40 +261,37 @@ pub async fn serve(
     leases: Arc<Leases>,
     auth: Arc<Authenticator>,
     tls: Option<TlsMaterial>,
+    grpc: GrpcConfig,
     store: Arc<dyn Store>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ApiError> {
+    let tls = tls.as_ref().map(server_tls).transpose()?;
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+
     let (reporter, health) = tonic_health::server::health_reporter();
     // First check before accepting calls, so the first probe sees the truth.
     let first = check_store(store.as_ref()).await;
     set_health(&reporter, first).await;
     let health_task = tokio::spawn(report_health(reporter, store, first));
 
-    let reflection_v1 = reflection().build_v1()?;
-    let reflection_v1alpha = reflection().build_v1alpha()?;
-
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(material) = &tls {
-        builder = builder.tls_config(server_tls(material))?;
-    }
-    let result = builder
-        .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(admin_service(leases.clone(), auth.clone()))
-        .add_service(lease_service(leases, auth))
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
-        .await;
+    let limit = grpc.max_request_size;
+    let routes = tonic::service::Routes::new(health.max_decoding_message_size(limit))
+        .add_service(reflection_v1.max_decoding_message_size(limit))
+        .add_service(reflection_v1alpha.max_decoding_message_size(limit))
+        .add_service(admin_service(leases.clone(), auth.clone(), limit))
+        .add_service(lease_service(leases, auth, limit))
+        .prepare();
+    transport::serve(
+        listener,
+        routes,
+        tls,
+        transport::ConnectionLimits::from(&grpc),
+        shutdown,
+    )
+    .await;
     health_task.abort();
-    result.map_err(ApiError::from)
-}
-
-/// Accepted connections with `TCP_NODELAY`: without it each small gRPC
-/// answer waits on Nagle's algorithm for the peer's delayed ACK, a fixed
-/// ~40 ms per exchange (`Server::tcp_nodelay` applies only when tonic binds
-/// the socket itself).
-fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+    Ok(())
 }
 
 fn reflection() -> tonic_reflection::server::Builder<'static> {

@@ -106,6 +106,25 @@ impl ServeProcess {
     /// variables, and does not wait: see [`ServeProcess::wait_ready`].
     /// Several spawned back to back start at (nearly) the same moment.
     pub fn spawn(spec: &BrokerSpec, settings: &[(&str, &str)]) -> ServeProcess {
+        Self::spawn_limited(spec, settings, None)
+    }
+
+    /// [`ServeProcess::spawn`] with its open-file limit (soft and hard
+    /// RLIMIT_NOFILE) set to `open_files`, through `sh -c 'ulimit -n …'`
+    /// (which then execs the broker: the same process id).
+    pub fn spawn_with_open_files(
+        spec: &BrokerSpec,
+        settings: &[(&str, &str)],
+        open_files: u64,
+    ) -> ServeProcess {
+        Self::spawn_limited(spec, settings, Some(open_files))
+    }
+
+    fn spawn_limited(
+        spec: &BrokerSpec,
+        settings: &[(&str, &str)],
+        open_files: Option<u64>,
+    ) -> ServeProcess {
         let dir = tempfile::tempdir().expect("temporary directory");
         let policy = dir.path().join("policy.yaml");
         std::fs::write(&policy, &spec.policy_yaml).expect("write the policy");
@@ -122,7 +141,16 @@ impl ServeProcess {
         // `TB_SERVE_BIN` runs another build (a release binary, for the
         // figures in BENCHMARKS.md) under the same harness.
         let bin = std::env::var("TB_SERVE_BIN").unwrap_or_else(|_| BIN.to_owned());
-        let mut cmd = Command::new(bin);
+        let mut cmd = match open_files {
+            None => Command::new(bin),
+            Some(n) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(bin);
+                sh
+            }
+        };
         cmd.current_dir(dir.path());
         // Nothing of the test's own environment configures the child.
         for (k, _) in std::env::vars() {
@@ -277,6 +305,16 @@ impl ServeProcess {
         // `Child::kill` sends SIGKILL on Unix.
         self.child.kill().expect("SIGKILL the broker");
         self.child.wait().expect("reap the broker");
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything it wrote to stdout and stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// The last lines of its stdout and stderr.
