@@ -241,6 +241,12 @@ fn check_values(config: &Config, bad: &mut impl FnMut(&str, String)) {
     if config.leases.valid_to_skew > Duration::from_secs(3600) {
         bad("leases.valid_to_skew", "must be at most 1h".into());
     }
+    if config.audit.auth_failure_interval.is_zero() {
+        bad(
+            "audit.auth_failure_interval",
+            "must be greater than zero".into(),
+        );
+    }
     if config.leases.reaper_interval.is_zero() {
         bad("leases.reaper_interval", "must be greater than zero".into());
     }
@@ -285,6 +291,12 @@ fn check_values(config: &Config, bad: &mut impl FnMut(&str, String)) {
     // arithmetic on times would leave what the stores can hold.
     let hour = Duration::from_secs(3600);
     for (setting, value, max, max_text) in [
+        (
+            "audit.auth_failure_interval",
+            config.audit.auth_failure_interval,
+            hour,
+            "1h",
+        ),
         (
             "leases.reaper_interval",
             config.leases.reaper_interval,

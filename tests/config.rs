@@ -149,6 +149,18 @@ fn each_bad_setting_fails_naming_it() {
             ("[leases]\nvalid_to_skew = \"2h\"", "leases.valid_to_skew"),
             ("[leases]\nreaper_interval = \"0s\"", "leases.reaper_interval"),
             (
+                "[audit]\nauth_failure_interval = \"0s\"",
+                "audit.auth_failure_interval",
+            ),
+            (
+                "[audit]\nauth_failure_interval = \"2h\"",
+                "audit.auth_failure_interval",
+            ),
+            (
+                "[audit]\nauth_failure_interval = \"soon\"",
+                "audit.auth_failure_interval",
+            ),
+            (
                 "[auth]\napi_keys = [{ name = \"ci\", sha256 = \"abc\" }]",
                 "auth.api_keys[0].sha256",
             ),
@@ -311,6 +323,38 @@ fn a_secret_with_the_wrong_type_is_refused_without_echoing_it() {
         let err = load(None).unwrap_err();
         assert!(err.names("upstream.refresh_token"), "{err}");
         assert!(!err.to_string().contains("987654321"), "{err}");
+        Ok(())
+    });
+}
+
+#[test]
+fn refused_authentications_are_written_every_ten_seconds_unless_configured() {
+    Jail::expect_with(|jail| {
+        assert_eq!(
+            load(None).unwrap().audit.auth_failure_interval.as_secs(),
+            10
+        );
+        jail.create_file("broker.toml", "[audit]\nauth_failure_interval = \"30s\"\n")?;
+        assert_eq!(
+            load(Some("broker.toml"))
+                .unwrap()
+                .audit
+                .auth_failure_interval
+                .as_secs(),
+            30
+        );
+        jail.set_env("TOKEN_BROKER_AUDIT__AUTH_FAILURE_INTERVAL", "2m");
+        assert_eq!(
+            load(Some("broker.toml"))
+                .unwrap()
+                .audit
+                .auth_failure_interval
+                .as_secs(),
+            120
+        );
+        jail.set_env("TOKEN_BROKER_AUDIT__AUTH_FAILURE_INTERVAL", "0");
+        let err = load(Some("broker.toml")).unwrap_err();
+        assert!(err.names("audit.auth_failure_interval"), "{err}");
         Ok(())
     });
 }

@@ -51,6 +51,13 @@ pub const LEASE_SERVICE_NAME: &str = "tokenbroker.v1.LeaseService";
 /// idle half-open connections cannot pile up.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Largest header block a request may send (HTTP/2
+/// `SETTINGS_MAX_HEADER_LIST_SIZE`): comfortably above the authenticator's
+/// [`MAX_BEARER_BYTES`](crate::auth::MAX_BEARER_BYTES), so an oversized
+/// credential reaches it and is refused as `TOKEN_MALFORMED` (and counted)
+/// rather than by the transport with a bare 431.
+const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
+
 /// How often the health reporter pings the store.
 const HEALTH_PING_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -109,9 +116,11 @@ async fn authenticate_presented(
         peer: presented.peer,
     };
     auth.authenticate(credentials).await.map_err(|e| {
+        // DEBUG, not INFO: a flood of refusals must not become a flood of
+        // log lines; they are counted and audited aggregated.
         if e.code() == ErrorCode::Unauthenticated {
             let peer = presented.peer.map(|a| a.to_string());
-            tracing::info!(
+            tracing::debug!(
                 reason = e.reason(),
                 error = %e,
                 peer = peer.as_deref().unwrap_or("-"),
@@ -236,7 +245,8 @@ pub async fn serve(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
-    let mut builder = tonic::transport::Server::builder();
+    let mut builder =
+        tonic::transport::Server::builder().http2_max_header_list_size(MAX_HEADER_LIST_BYTES);
     if let Some(material) = &tls {
         builder = builder.tls_config(server_tls(material))?;
     }
