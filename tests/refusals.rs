@@ -339,3 +339,47 @@ on_both_stores!(
     two_thousand_refusals_in_flight_leave_grants_and_health_alone,
     a_bearer_over_16_kib_is_token_malformed_and_counted,
 );
+
+/// By hand, for BENCHMARKS.md ("Refusal floods"): floods a running broker
+/// at `TB_FLOOD_ADDR` (`HOST:PORT`, plaintext) with refused header-only
+/// requests: `TB_FLOOD_CONNECTIONS` connections (default 1) ×
+/// `TB_FLOOD_REQUESTS` each (default 30,000), at most `TB_FLOOD_IN_FLIGHT`
+/// in flight per connection (default 10,000, i.e. the server's stream
+/// limit), and prints how many were refused and how fast.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement against a broker started by hand; see BENCHMARKS.md"]
+async fn flood_a_running_broker() {
+    let env = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .map_or(default, |v| v.parse().expect(name))
+    };
+    let addr: SocketAddr = std::env::var("TB_FLOOD_ADDR")
+        .expect("TB_FLOOD_ADDR=HOST:PORT")
+        .parse()
+        .expect("TB_FLOOD_ADDR is HOST:PORT");
+    let connections = env("TB_FLOOD_CONNECTIONS", 1);
+    let per_connection = env("TB_FLOOD_REQUESTS", 30_000);
+    let in_flight = env("TB_FLOOD_IN_FLIGHT", 10_000);
+    let refused = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut flood = JoinSet::new();
+    for _ in 0..connections {
+        flood.spawn(flood_one_connection(
+            addr,
+            per_connection,
+            in_flight,
+            refused.clone(),
+        ));
+    }
+    let mut other = 0;
+    while let Some(done) = flood.join_next().await {
+        other += done.unwrap();
+    }
+    let elapsed = started.elapsed();
+    let refused = refused.load(Ordering::Relaxed);
+    eprintln!(
+        "{refused} refused, {other} other answers, in {elapsed:?} ({:.0} a second)",
+        refused as f64 / elapsed.as_secs_f64()
+    );
+}
