@@ -64,8 +64,9 @@ impl Metrics {
     /// - `token_broker_lease_expirations_total`: `lease.expire` audit rows
     ///   allowed, i.e. leases this process revoked upstream at expiry (with
     ///   several replicas, each counts its own share of the reaper's work);
-    /// - `token_broker_auth_failures_total`: refused authentications
-    ///   (`authenticate` audit rows);
+    /// - `token_broker_auth_failures_total`: refused authentications, as
+    ///   they happen ([`Metrics::observe_refusal`]; their `authenticate`
+    ///   audit rows are written later, aggregated);
     /// - `token_broker_leases_revoke_failed` (gauge): leases in the store,
     ///   of every holder, in state REVOKE_FAILED (their PAT may still be
     ///   live upstream: `token-broker admin list-failed`). Counted at each
@@ -102,7 +103,7 @@ impl Metrics {
         );
         let auth_failures = counter(
             "token_broker_auth_failures_total",
-            "Refused authentications (authenticate audit rows).",
+            "Refused authentications, counted as they happen (written to the audit trail aggregated, as authenticate rows).",
         );
         let leases_revoke_failed = IntGauge::new(
             "token_broker_leases_revoke_failed",
@@ -171,9 +172,14 @@ impl Metrics {
             (audit::LEASE_CREATE, Outcome::Allowed) => self.leases_created.inc(),
             (audit::LEASE_REVOKE, Outcome::Allowed) => self.revocations.inc(),
             (audit::LEASE_EXPIRE, Outcome::Allowed) => self.expirations.inc(),
-            (audit::AUTHENTICATE, _) => self.auth_failures.inc(),
             _ => {}
         }
+    }
+
+    /// Counts one refused authentication (the authenticator's refusal
+    /// counter calls it on the request path: a counter increment only).
+    pub fn observe_refusal(&self, _reason: &'static str) {
+        self.auth_failures.inc();
     }
 
     /// Every metric in the Prometheus text format.
@@ -270,6 +276,8 @@ mod tests {
         m.observe_append(&event("lease.revoke", Outcome::Allowed), &head(6, 'b'));
         // A racing append that lost arrives late: the head stays at 6.
         m.observe_append(&event("authenticate", Outcome::Denied), &head(5, 'c'));
+        // Refusals count as they happen, not from their aggregated rows.
+        m.observe_refusal("UNAUTHENTICATED");
         let text = m.render();
         let mac_b = "b".repeat(64);
         assert_lines(

@@ -75,6 +75,9 @@ failed_interval = "1h"
 [auth]
 api_keys = []
 
+[audit]
+auth_failure_interval = "10s"
+
 [log]
 filter = "info"
 json = false
@@ -110,6 +113,38 @@ pub struct Config {
     /// The admin HTTP port (`/metrics`, `/healthz`, `/readyz`).
     #[serde(default)]
     pub admin: AdminConfig,
+    /// The audit trail.
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+/// `[audit]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// `audit.auth_failure_interval`: refused authentications are counted
+    /// in memory and written as one `authenticate` audit row per reason and
+    /// client address this often (and at shutdown); a crash loses at most
+    /// one interval's counts. Default `10s`; more than zero, at most `1h`.
+    #[serde(
+        default = "AuditConfig::default_auth_failure_interval",
+        deserialize_with = "crate::duration::de_duration"
+    )]
+    pub auth_failure_interval: Duration,
+}
+
+impl AuditConfig {
+    fn default_auth_failure_interval() -> Duration {
+        Duration::from_secs(10)
+    }
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            auth_failure_interval: Self::default_auth_failure_interval(),
+        }
+    }
 }
 
 /// `[admin]`.

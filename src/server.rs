@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 
 use crate::admin_http::{self, Metrics};
 use crate::api::{self, ApiError};
-use crate::audit::{AuditLog, ChainedRefusalAudit};
+use crate::audit::{AuditLog, RefusalCounter};
 use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError};
 use crate::leases::{LeaseDeps, LeaseSettings, Leases};
@@ -28,6 +28,11 @@ use crate::upstream::UpstreamError;
 /// How long a shutdown waits for in-flight calls before cutting them off
 /// (below Kubernetes' default 30 s termination grace period).
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// Time the last refusal counts get to be written at shutdown when the
+/// in-flight calls and background work used up [`SHUTDOWN_GRACE`]: one
+/// small transaction; still within Kubernetes' default 30 s grace period.
+pub const REFUSAL_FLUSH_GRACE: Duration = Duration::from_secs(5);
 
 /// Meta key of the deployment id (second part of every display name).
 pub const DEPLOYMENT_ID_META: &str = "deployment_id";
@@ -104,6 +109,11 @@ pub struct Broker {
     shutdown: watch::Sender<bool>,
     server: JoinHandle<Result<(), ApiError>>,
     background: JoinHandle<()>,
+    /// Refused authentications counted in memory, written every
+    /// `audit.auth_failure_interval` by `refusal_flusher` and once more
+    /// when the server has stopped.
+    refusals: Arc<RefusalCounter>,
+    refusal_flusher: JoinHandle<()>,
 }
 
 impl Broker {
@@ -176,9 +186,18 @@ impl Broker {
             ),
             None => None,
         };
+        // Refusals are counted in memory on the request path and written
+        // aggregated, so a flood of them never queues on the database.
+        let refusals = {
+            let metrics = metrics.clone();
+            Arc::new(
+                RefusalCounter::new(audit.clone())
+                    .with_observer(Box::new(move |reason| metrics.observe_refusal(reason))),
+            )
+        };
         let auth = authenticator(api_keys, kubernetes)
             .await
-            .with_refusal_audit(Arc::new(ChainedRefusalAudit(audit.clone())));
+            .with_refusal_audit(refusals.clone());
         if auth.accepts_no_bearer() && tls.as_ref().is_none_or(|t| t.client_ca_pem.is_none()) {
             tracing::warn!(
                 "no auth.api_keys, auth.kubernetes or grpc.tls.client_ca_file configured: every LeaseService call will be refused"
@@ -231,6 +250,12 @@ impl Broker {
             let rx = rx.clone();
             tokio::spawn(async move { leases.run_background(stopped(rx)).await })
         };
+        let refusal_flusher = {
+            let refusals = refusals.clone();
+            let interval = config.audit.auth_failure_interval;
+            let stop = stopped(rx.clone());
+            tokio::spawn(async move { refusals.run(interval, stop).await })
+        };
         let addr = listener.local_addr().map_err(|source| ServeError::Bind {
             addr: config.grpc.listen,
             source,
@@ -276,6 +301,8 @@ impl Broker {
             shutdown,
             server,
             background,
+            refusals,
+            refusal_flusher,
         })
     }
 
@@ -314,9 +341,11 @@ impl Broker {
             }
             result = &mut self.server => {
                 let _ = self.shutdown.send(true);
-                if tokio::time::timeout(SHUTDOWN_GRACE, &mut self.background).await.is_err() {
+                let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+                if tokio::time::timeout_at(deadline, &mut self.background).await.is_err() {
                     self.background.abort();
                 }
+                self.flush_refusals(deadline).await;
                 result??;
                 Ok(())
             }
@@ -351,8 +380,35 @@ impl Broker {
             );
             self.background.abort();
         }
+        self.flush_refusals(deadline).await;
         server??;
         Ok(())
+    }
+
+    /// Writes the refusals counted since the last flush, once the server
+    /// takes no more calls: the periodic flusher ends first (a flush under
+    /// way completes), then one last flush, both by `deadline` (or within
+    /// [`REFUSAL_FLUSH_GRACE`] if that is later). What cannot be written by
+    /// then is logged as lost.
+    async fn flush_refusals(&mut self, deadline: tokio::time::Instant) {
+        let deadline = deadline.max(tokio::time::Instant::now() + REFUSAL_FLUSH_GRACE);
+        if tokio::time::timeout_at(deadline, &mut self.refusal_flusher)
+            .await
+            .is_err()
+        {
+            self.refusal_flusher.abort();
+        }
+        let refusals = self.refusals.clone();
+        if tokio::time::timeout_at(deadline, refusals.flush())
+            .await
+            .is_err()
+            || self.refusals.pending() > 0
+        {
+            tracing::error!(
+                refusals = self.refusals.pending(),
+                "refused authentications of the last interval could not be written to the audit trail before shutdown"
+            );
+        }
     }
 }
 

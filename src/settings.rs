@@ -261,6 +261,12 @@ fn check_values(config: &Config, bad: &mut impl FnMut(&str, String)) {
     if database.acquire_timeout > Duration::from_secs(600) {
         bad("database.acquire_timeout", "must be at most 10m".into());
     }
+    if config.audit.auth_failure_interval.is_zero() {
+        bad(
+            "audit.auth_failure_interval",
+            "must be greater than zero".into(),
+        );
+    }
     if config.leases.reaper_interval.is_zero() {
         bad("leases.reaper_interval", "must be greater than zero".into());
     }
@@ -305,6 +311,12 @@ fn check_values(config: &Config, bad: &mut impl FnMut(&str, String)) {
     // arithmetic on times would leave what the stores can hold.
     let hour = Duration::from_secs(3600);
     for (setting, value, max, max_text) in [
+        (
+            "audit.auth_failure_interval",
+            config.audit.auth_failure_interval,
+            hour,
+            "1h",
+        ),
         (
             "leases.reaper_interval",
             config.leases.reaper_interval,

@@ -155,6 +155,18 @@ fn each_bad_setting_fails_naming_it() {
             ("[database]\nacquire_timeout = \"11m\"", "database.acquire_timeout"),
             ("[database]\nacquire_timeout = \"soon\"", "database.acquire_timeout"),
             (
+                "[audit]\nauth_failure_interval = \"0s\"",
+                "audit.auth_failure_interval",
+            ),
+            (
+                "[audit]\nauth_failure_interval = \"2h\"",
+                "audit.auth_failure_interval",
+            ),
+            (
+                "[audit]\nauth_failure_interval = \"soon\"",
+                "audit.auth_failure_interval",
+            ),
+            (
                 "[auth]\napi_keys = [{ name = \"ci\", sha256 = \"abc\" }]",
                 "auth.api_keys[0].sha256",
             ),
@@ -394,6 +406,38 @@ fn connection_limits_default_for_one_pod_are_settings_and_zero_is_refused_naming
         ] {
             fails_naming(jail, toml, setting);
         }
+        Ok(())
+    });
+}
+
+#[test]
+fn refused_authentications_are_written_every_ten_seconds_unless_configured() {
+    Jail::expect_with(|jail| {
+        assert_eq!(
+            load(None).unwrap().audit.auth_failure_interval.as_secs(),
+            10
+        );
+        jail.create_file("broker.toml", "[audit]\nauth_failure_interval = \"30s\"\n")?;
+        assert_eq!(
+            load(Some("broker.toml"))
+                .unwrap()
+                .audit
+                .auth_failure_interval
+                .as_secs(),
+            30
+        );
+        jail.set_env("TOKEN_BROKER_AUDIT__AUTH_FAILURE_INTERVAL", "2m");
+        assert_eq!(
+            load(Some("broker.toml"))
+                .unwrap()
+                .audit
+                .auth_failure_interval
+                .as_secs(),
+            120
+        );
+        jail.set_env("TOKEN_BROKER_AUDIT__AUTH_FAILURE_INTERVAL", "0");
+        let err = load(Some("broker.toml")).unwrap_err();
+        assert!(err.names("audit.auth_failure_interval"), "{err}");
         Ok(())
     });
 }

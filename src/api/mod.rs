@@ -109,9 +109,11 @@ async fn authenticate_presented(
         peer: presented.peer,
     };
     auth.authenticate(credentials).await.map_err(|e| {
+        // DEBUG, not INFO: a flood of refusals must not become a flood of
+        // log lines; they are counted and audited aggregated.
         if e.code() == ErrorCode::Unauthenticated {
             let peer = presented.peer.map(|a| a.to_string());
-            tracing::info!(
+            tracing::debug!(
                 reason = e.reason(),
                 error = %e,
                 peer = peer.as_deref().unwrap_or("-"),

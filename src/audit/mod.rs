@@ -1,5 +1,6 @@
-//! Audit events: one append-only row per decision. Never holds a token,
-//! only its keyed fingerprint.
+//! Audit events: one append-only row per decision (refused
+//! authentications: one row per reason and client address per interval,
+//! [`RefusalCounter`]). Never holds a token, only its keyed fingerprint.
 //!
 //! Rows are chained by a keyed MAC ([`chain`]): each row's `mac` covers the
 //! previous row's `mac` and this row's fields as stored, under a key kept
@@ -29,7 +30,7 @@ pub use chain::{
     parse_expected_head, verify, BadHead, ChainBroken, ChainKey, Defect, VerifyError, VerifyReport,
     GENESIS_MAC,
 };
-pub use refusals::ChainedRefusalAudit;
+pub use refusals::{RefusalCounter, RefusalObserver, MAX_REFUSAL_ADDRESSES, OTHER_ADDRESSES};
 
 /// `action` of an issued (or replayed) lease.
 pub const LEASE_CREATE: &str = "lease.create";
@@ -51,7 +52,9 @@ pub const LEASE_RECONCILE: &str = "lease.reconcile";
 pub const PAT_REVOKE_ORPHAN: &str = "pat.revoke_orphan";
 /// `action` of a policy reload attempt (applied or refused).
 pub const POLICY_RELOAD: &str = "policy.reload";
-/// `action` of a refused authentication.
+/// `action` of refused authentications: one row per reason and client
+/// address per `audit.auth_failure_interval`, with the count in
+/// `caller_detail` (see [`RefusalCounter`]).
 pub const AUTHENTICATE: &str = "authenticate";
 
 /// Where a row landed in the chain: its id and its MAC (64 lower-case hex

@@ -35,8 +35,10 @@ use super::Caller;
 use crate::domain::Identity;
 use crate::error::{ErrorCode, ServiceError};
 
-/// Longest token we look at, in bytes. Kubernetes' tokens are about 1 KiB.
-const MAX_TOKEN_BYTES: usize = 16 * 1024;
+/// Longest token we look at, in bytes (Kubernetes' tokens are about 1 KiB):
+/// the authenticator's own bound, so a token the edge lets through is never
+/// refused here for its length alone.
+const MAX_TOKEN_BYTES: usize = super::MAX_BEARER_BYTES;
 
 /// Largest accepted `leeway`: more would keep expired tokens alive.
 const MAX_LEEWAY: Duration = Duration::from_secs(300);

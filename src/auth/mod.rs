@@ -86,6 +86,17 @@ fn detail_value(value: &str) -> String {
     out
 }
 
+/// Longest `authorization` credential (the part after `Bearer `) looked at,
+/// in bytes: 16 KiB. Real ones are far shorter (API keys ~50 bytes,
+/// Kubernetes service-account tokens about 1 KiB). A longer header is
+/// refused as [`AuthError::TooLong`] (`TOKEN_MALFORMED`) before any parsing,
+/// and the Kubernetes verifier refuses a longer token by the same bound.
+pub const MAX_BEARER_BYTES: usize = 16 * 1024;
+
+/// Longest `authorization` header value looked at: `Bearer ` and
+/// [`MAX_BEARER_BYTES`].
+const MAX_AUTHORIZATION_BYTES: usize = "Bearer ".len() + MAX_BEARER_BYTES;
+
 /// Why a caller was not authenticated. Never carries the presented
 /// credential, not even in part.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -96,6 +107,10 @@ pub enum AuthError {
     /// The header is not `Bearer <credential>` in printable ASCII.
     #[error("malformed authorization header: expected `Bearer <credential>`")]
     Malformed,
+    /// The `authorization` header is longer than `Bearer ` and
+    /// [`MAX_BEARER_BYTES`] (`TOKEN_MALFORMED`); refused unread.
+    #[error("authorization header too long: a credential has at most 16 KiB")]
+    TooLong,
     /// A well-formed credential that no configured key matches, or a
     /// service-account token while `auth.kubernetes` is disabled.
     #[error("invalid credentials")]
@@ -122,6 +137,7 @@ impl ServiceError for AuthError {
         match self {
             AuthError::ServiceAccount(e) => e.reason(),
             AuthError::Certificate(_) => "CERTIFICATE_IDENTITY_INVALID",
+            AuthError::TooLong => "TOKEN_MALFORMED",
             AuthError::Missing | AuthError::Malformed | AuthError::Invalid => "UNAUTHENTICATED",
         }
     }
@@ -140,24 +156,25 @@ pub struct Credentials<'a> {
     pub peer: Option<std::net::SocketAddr>,
 }
 
-/// A refused authentication, as the audit trail records it. Holds no
+/// A refused authentication, as the audit trail counts it. Holds no
 /// credential.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Refusal {
+#[derive(Clone, Copy, Debug)]
+pub struct Refusal<'a> {
     /// Why (its [`ServiceError::reason`] and code say how to record it:
     /// UNAUTHENTICATED is a denial, UNAVAILABLE an error).
-    pub error: AuthError,
+    pub error: &'a AuthError,
     /// Remote socket address, when known.
-    pub peer: Option<String>,
+    pub peer: Option<std::net::SocketAddr>,
 }
 
-/// Where refused authentications go for the audit trail: every
-/// authentication failure is audited. Best effort: a refusal is answered
-/// whether or not it could be recorded.
-#[async_trait::async_trait]
+/// Where refused authentications go for the audit trail. Called on the
+/// request path for every refusal, so it must be cheap and must not wait:
+/// no I/O, no database (count in memory and write later; see
+/// `audit::RefusalCounter`). A refusal is answered whether or not it could
+/// be recorded.
 pub trait RefusalAudit: Send + Sync {
-    /// Records `refusal`; logs, never fails.
-    async fn refused(&self, refusal: Refusal);
+    /// Records `refusal`; never blocks, never fails.
+    fn refused(&self, refusal: Refusal<'_>);
 }
 
 /// Authenticates callers (see the module doc for which credential decides).
@@ -215,17 +232,18 @@ impl Authenticator {
     ///
     /// Errors: [`AuthError::Missing`], `Malformed` and `Invalid` (reason
     /// `UNAUTHENTICATED`), a service-account refusal with the verifier's
-    /// reason, or a certificate without a usable identity. Each refusal
-    /// is reported to the [`RefusalAudit`], if any, before it is returned.
+    /// reason, [`AuthError::TooLong`] (`TOKEN_MALFORMED`) for a header
+    /// over [`MAX_BEARER_BYTES`], or a certificate without a usable
+    /// identity. Each refusal is reported to the [`RefusalAudit`], if any,
+    /// before it is returned (in memory: a refusal never waits on the
+    /// database).
     pub async fn authenticate(&self, credentials: Credentials<'_>) -> Result<Caller, AuthError> {
         let result = self.decide(credentials).await;
         if let (Err(error), Some(audit)) = (&result, &self.audit) {
-            audit
-                .refused(Refusal {
-                    error: error.clone(),
-                    peer: credentials.peer.map(|a| a.to_string()),
-                })
-                .await;
+            audit.refused(Refusal {
+                error,
+                peer: credentials.peer,
+            });
         }
         result
     }
@@ -238,6 +256,10 @@ impl Authenticator {
                 None => Err(AuthError::Missing),
             };
         };
+        // First, before any parsing: an oversized header costs nothing more.
+        if header.len() > MAX_AUTHORIZATION_BYTES {
+            return Err(AuthError::TooLong);
+        }
         let credential = bearer(header)?;
         if credential.starts_with(API_KEY_PREFIX) {
             let identity = self.api_keys.verify(credential).ok_or(AuthError::Invalid)?;
@@ -352,6 +374,66 @@ mod tests {
         assert!(!format!("{err:?}").contains(unknown));
         assert_eq!(err.reason(), "UNAUTHENTICATED");
         assert_eq!(err.code(), ErrorCode::Unauthenticated);
+    }
+
+    #[tokio::test]
+    async fn a_bearer_over_16_kib_is_malformed_before_it_is_read() {
+        let (auth, _) = authenticator_with("ci");
+        let at_limit = format!("Bearer tbk_{}", "a".repeat(MAX_BEARER_BYTES - 4));
+        assert_eq!(
+            auth.authenticate(header(&at_limit)).await,
+            Err(AuthError::Invalid),
+            "16 KiB exactly is read (and refused as an unknown key)"
+        );
+        let over = format!("Bearer tbk_{}", "a".repeat(MAX_BEARER_BYTES - 3));
+        let err = auth.authenticate(header(&over)).await.unwrap_err();
+        assert_eq!(err, AuthError::TooLong);
+        assert_eq!(err.reason(), "TOKEN_MALFORMED");
+        assert_eq!(err.code(), ErrorCode::Unauthenticated);
+        // Whatever it holds: not even its scheme or encoding is looked at.
+        let junk = vec![0xff_u8; MAX_AUTHORIZATION_BYTES + 1];
+        let err = auth
+            .authenticate(Credentials {
+                authorization: Some(&junk),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err, AuthError::TooLong);
+    }
+
+    #[tokio::test]
+    async fn every_refusal_is_reported_with_its_reason_and_peer() {
+        #[derive(Default)]
+        struct Seen(std::sync::Mutex<Vec<(&'static str, Option<std::net::SocketAddr>)>>);
+        impl RefusalAudit for Seen {
+            fn refused(&self, refusal: Refusal<'_>) {
+                let mut seen = self.0.lock().unwrap();
+                seen.push((refusal.error.reason(), refusal.peer));
+            }
+        }
+        let seen = std::sync::Arc::new(Seen::default());
+        let (auth, key) = authenticator_with("ci");
+        let auth = auth.with_refusal_audit(seen.clone());
+        let peer: std::net::SocketAddr = "10.1.2.3:4567".parse().unwrap();
+        let ok = format!("Bearer {}", key.key.expose_secret());
+        let over = format!("Bearer {}", "x".repeat(MAX_BEARER_BYTES + 1));
+        for h in [ok.as_str(), "Bearer tbk_nope", over.as_str()] {
+            let _ = auth
+                .authenticate(Credentials {
+                    authorization: Some(h.as_bytes()),
+                    peer: Some(peer),
+                    ..Default::default()
+                })
+                .await;
+        }
+        assert_eq!(
+            *seen.0.lock().unwrap(),
+            [
+                ("UNAUTHENTICATED", Some(peer)),
+                ("TOKEN_MALFORMED", Some(peer))
+            ]
+        );
     }
 
     #[tokio::test]

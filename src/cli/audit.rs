@@ -181,9 +181,23 @@ fn events_text(page: &pb::ListAuditEventsResponse) -> String {
         Column::left("ACTION", 20, |e| e.action.clone()),
         Column::left("OUTCOME", 8, |e| outcome_text(e).to_owned()),
         Column::left("LEASE", 44, |e| or_dash(&e.lease)),
-        Column::last("REASON", |e| e.reason.clone()),
+        Column::last("REASON", reason_text),
     ];
     page_text(&columns, &page.audit_events, &page.next_page_token)
+}
+
+/// The reason, then (for refused authentications, which are aggregated)
+/// `peer=ADDRESS`, then `caller_detail` (a service account's claims, or a
+/// refusal row's `count=N interval_start=… interval_end=…`).
+fn reason_text(e: &pb::AuditEvent) -> String {
+    let peer = (e.action == crate::audit::AUTHENTICATE && !e.peer.is_empty())
+        .then(|| format!("peer={}", e.peer));
+    [Some(e.reason.clone()), peer, Some(e.caller_detail.clone())]
+        .into_iter()
+        .flatten()
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn outcome_text(e: &pb::AuditEvent) -> &'static str {
@@ -218,5 +232,28 @@ mod tests {
         assert_eq!(v["outcome"], "DENIED");
         assert_eq!(v["tokenFingerprint"], "ab".repeat(32));
         assert!(v.get("lease").is_none());
+    }
+
+    #[test]
+    fn an_aggregated_refusal_row_shows_its_address_and_count_in_text() {
+        let detail = "count=3 interval_start=2026-01-01T00:00:00.000000Z interval_end=2026-01-01T00:00:10.000000Z";
+        let e = pb::AuditEvent {
+            action: "authenticate".into(),
+            reason: "UNAUTHENTICATED".into(),
+            peer: "10.0.0.1".into(),
+            caller_detail: detail.into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            reason_text(&e),
+            format!("UNAUTHENTICATED peer=10.0.0.1 {detail}")
+        );
+        let e = pb::AuditEvent {
+            action: "lease.create".into(),
+            reason: "SCOPE_NOT_ALLOWED".into(),
+            peer: "10.0.0.1:4000".into(),
+            ..Default::default()
+        };
+        assert_eq!(reason_text(&e), "SCOPE_NOT_ALLOWED");
     }
 }

@@ -5,7 +5,7 @@
 use super::{LeaseId, Timestamp};
 
 /// How a decision came out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Outcome {
     /// Granted or done.
     Allowed,
@@ -48,7 +48,8 @@ pub struct AuditEvent {
     pub time: Timestamp,
     /// The caller's typed identity, or `-` when unauthenticated.
     pub identity: String,
-    /// The caller's socket address, when known.
+    /// The caller's socket address, when known; for aggregated refused
+    /// authentications its IP address only, or `other`.
     pub peer: Option<String>,
     /// What was asked, e.g. `lease.create`, `lease.expire`.
     pub action: String,
@@ -69,7 +70,9 @@ pub struct AuditEvent {
     /// More about the caller than its identity: for a Kubernetes service
     /// account, its token's claims as `pod=NAME pod_uid=UID sa_uid=UID
     /// jti=ID` (absent claims left out; see
-    /// [`Caller::audit_detail`](crate::auth::Caller::audit_detail)).
+    /// [`Caller::audit_detail`](crate::auth::Caller::audit_detail)); for
+    /// aggregated refused authentications, `count=N interval_start=RFC3339
+    /// interval_end=RFC3339` (see [`crate::audit::RefusalCounter`]).
     /// `None` for other callers and for rows from before migration 0003.
     pub caller_detail: Option<String>,
 }
