@@ -131,7 +131,14 @@ async fn flood_one_connection(
             other += 1;
         }
     };
-    for _ in 0..total {
+    // One answer first: by then the server's SETTINGS (its stream limit)
+    // are in, so `ready()` below never opens a stream past it.
+    send = send.ready().await.expect("the connection stays open");
+    let (response, _) = send
+        .send_request(refused_request(addr), true)
+        .expect("the connection takes a request");
+    tally(grpc_status(response).await);
+    for _ in 1..total {
         let slot = slots.clone().acquire_owned().await.unwrap();
         send = send.ready().await.expect("the connection stays open");
         let (response, _) = send
