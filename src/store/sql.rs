@@ -212,6 +212,11 @@ const AUDIT_LATE_SLACK: Duration = Duration::from_secs(10);
 /// `time_high` reaches.
 const NO_AUDIT_ID: i64 = i64::MAX;
 
+/// A holder's live leases (`$1` the holder, `$2`..`$4` [`codec::LIVE_STATES`]):
+/// the quota count, alone or under the holder's lock.
+const COUNT_LIVE_LEASES: &str =
+    "SELECT count(*) FROM leases WHERE holder = $1 AND state IN ($2, $3, $4)";
+
 const SELECT_KEY: &str = "SELECT * FROM idempotency_keys WHERE holder = $1 AND request_id = $2";
 
 /// Where each kind of work is due, as SQL over `leases` with `$1` the
@@ -332,20 +337,18 @@ macro_rules! over_quota {
         }
         if result.is_ok() {
             let [a, b, c] = codec::LIVE_STATES;
-            result = sqlx::query_as::<DB, (i64,)>(
-                "SELECT count(*) FROM leases WHERE holder = $1 AND state IN ($2, $3, $4)",
-            )
-            .bind(holder.clone())
-            .bind(a)
-            .bind(b)
-            .bind(c)
-            .fetch_one(&mut *$tx)
-            .await
-            .map_err(map_sqlx)
-            .map(|(live,)| {
-                let live = u64::try_from(live).unwrap_or(0);
-                (live >= u64::from(cap)).then_some(live)
-            });
+            result = sqlx::query_as::<DB, (i64,)>(COUNT_LIVE_LEASES)
+                .bind(holder.clone())
+                .bind(a)
+                .bind(b)
+                .bind(c)
+                .fetch_one(&mut *$tx)
+                .await
+                .map_err(map_sqlx)
+                .map(|(live,)| {
+                    let live = u64::try_from(live).unwrap_or(0);
+                    (live >= u64::from(cap)).then_some(live)
+                });
         }
         result
     }};
@@ -802,16 +805,14 @@ where
 
     async fn count_live_leases(&self, holder: &Identity) -> Result<u64, StoreError> {
         let [a, b, c] = codec::LIVE_STATES;
-        let (count,): (i64,) = sqlx::query_as(
-            "SELECT count(*) FROM leases WHERE holder = $1 AND state IN ($2, $3, $4)",
-        )
-        .bind(holder.clone())
-        .bind(a)
-        .bind(b)
-        .bind(c)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(map_sqlx)?;
+        let (count,): (i64,) = sqlx::query_as(COUNT_LIVE_LEASES)
+            .bind(holder.clone())
+            .bind(a)
+            .bind(b)
+            .bind(c)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
         Ok(count as u64)
     }
 
