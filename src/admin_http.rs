@@ -1,6 +1,7 @@
 //! The admin HTTP port (`admin.listen`): `GET /metrics` (Prometheus text
 //! exposition format 0.0.4), `GET /healthz` (200 while the process runs)
-//! and `GET /readyz` (200 when the store answers a ping, else 503).
+//! and `GET /readyz` (200 when the store answers, else 503; the body names
+//! the upstream credential's state).
 //!
 //! The metrics are fed by the audit trail ([`Metrics::observe_append`] is
 //! the [`AuditLog`](crate::audit::AuditLog) observer), so the chain head is
@@ -23,6 +24,7 @@ use tokio::net::TcpListener;
 use crate::audit::{self, AppendedEvent, AuditEvent, Outcome};
 use crate::domain::LeaseState;
 use crate::store::Store;
+use crate::upstream::credential::CredentialStatus;
 
 /// The broker's metrics, one registry per broker (two brokers in one
 /// process never mix their numbers).
@@ -37,6 +39,9 @@ pub struct Metrics {
     expirations: IntCounter,
     auth_failures: IntCounter,
     leases_revoke_failed: IntGauge,
+    credential_ok: IntGauge,
+    refresh_token_age: IntGauge,
+    last_refresh: IntGauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -73,6 +78,17 @@ impl Metrics {
     ///   scrape, so every replica reports the same deployment-wide number
     ///   (aggregate with `max`, not `sum`); if the count fails, the last
     ///   value stays.
+    /// - `token_broker_upstream_credential_ok` (gauge): 1 while a
+    ///   credential is stored and Entra has not refused it, else 0;
+    /// - `token_broker_upstream_refresh_token_age_seconds` (gauge): seconds
+    ///   since the stored refresh token was stored (Entra ends one unused
+    ///   for 90 days); 0 when none is stored;
+    /// - `token_broker_upstream_last_refresh_timestamp_seconds` (gauge):
+    ///   Unix time of the last successful refresh by any replica, 0 if none
+    ///   (alert when it stops moving: `time() - … > 2 * keepalive`).
+    ///
+    /// The three upstream gauges are read from the store at each scrape,
+    /// like `leases_revoke_failed`, so every replica reports the same.
     pub fn new() -> Self {
         let registry = Registry::new();
         let head_id = IntGauge::new(
@@ -110,8 +126,24 @@ impl Metrics {
             "Leases in state REVOKE_FAILED: upstream revocation failed past the retry budget; the PAT may be live (token-broker admin list-failed).",
         )
         .expect("valid metric");
+        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
+        let credential_ok = gauge(
+            "token_broker_upstream_credential_ok",
+            "1 while the broker's upstream credential is stored and not refused by Entra, else 0 (token-broker upstream status).",
+        );
+        let refresh_token_age = gauge(
+            "token_broker_upstream_refresh_token_age_seconds",
+            "Seconds since the stored upstream refresh token was stored; Entra ends one unused for 90 days.",
+        );
+        let last_refresh = gauge(
+            "token_broker_upstream_last_refresh_timestamp_seconds",
+            "Unix time of the last successful upstream credential refresh by any replica; 0 if none.",
+        );
         for m in [
-            Box::new(head_id.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(credential_ok.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(refresh_token_age.clone()),
+            Box::new(last_refresh.clone()),
+            Box::new(head_id.clone()),
             Box::new(head_info.clone()),
             Box::new(leases_created.clone()),
             Box::new(revocations.clone()),
@@ -131,6 +163,9 @@ impl Metrics {
             expirations,
             auth_failures,
             leases_revoke_failed,
+            credential_ok,
+            refresh_token_age,
+            last_refresh,
         }
     }
 
@@ -152,6 +187,28 @@ impl Metrics {
             }
             Err(_) => tracing::warn!("metrics: counting REVOKE_FAILED leases timed out"),
         }
+        match tokio::time::timeout(STORE_GAUGE_TIMEOUT, CredentialStatus::read(store)).await {
+            Ok(Ok(status)) => self.observe_credential(&status),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "metrics: could not read the upstream credential")
+            }
+            Err(_) => tracing::warn!("metrics: reading the upstream credential timed out"),
+        }
+    }
+
+    /// Sets the upstream credential gauges from `status`.
+    pub fn observe_credential(&self, status: &CredentialStatus) {
+        self.credential_ok.set(i64::from(status.ok()));
+        self.refresh_token_age.set(
+            status
+                .age
+                .map_or(0, |a| i64::try_from(a.as_secs()).unwrap_or(i64::MAX)),
+        );
+        self.last_refresh.set(
+            status
+                .last_refresh_time
+                .map_or(0, |t| t.as_datetime().timestamp()),
+        );
     }
 
     /// Records one audit append: moves the chain head forward (never back:
@@ -223,15 +280,28 @@ async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {
 /// ready (probes time out too; kubelet's default is 1 s).
 const READY_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// 200 when the store answers; the body also names the upstream
+/// credential's state, but a failing credential does not make a replica
+/// unready (an Entra outage must not empty the Service).
 async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
-    match tokio::time::timeout(READY_PING_TIMEOUT, s.store.ping()).await {
-        Ok(Ok(())) => return (StatusCode::OK, "ready\n"),
+    match tokio::time::timeout(READY_PING_TIMEOUT, CredentialStatus::read(s.store.as_ref())).await {
+        Ok(Ok(status)) => {
+            let mut body = format!("ready\nupstream credential: {}", status.state);
+            if let Some(error) = &status.last_error {
+                body.push_str(&format!(": {error}"));
+            }
+            if let Some(warning) = &status.warning {
+                body.push_str(&format!("\nwarning: {warning}"));
+            }
+            body.push('\n');
+            return (StatusCode::OK, body);
+        }
         Err(_) => tracing::warn!("readyz: the store ping timed out"),
         Ok(Err(e)) => tracing::warn!(error = %e, "readyz: the store does not answer"),
     }
     (
         StatusCode::SERVICE_UNAVAILABLE,
-        "not ready: the database does not answer\n",
+        "not ready: the database does not answer\n".to_owned(),
     )
 }
 

@@ -366,11 +366,28 @@ pub struct UpstreamConfig {
     /// `tenant`, `client_id`, `client_secret`, `scope`, `request_timeout`).
     #[serde(default)]
     pub entra: EntraConfig,
-    /// `upstream.refresh_token`: the upstream account's initial Entra
-    /// refresh token, used only while the store holds none (rotated tokens
-    /// are sealed into the store). Secret.
+    /// `upstream.refresh_token`: an Entra refresh token of the upstream
+    /// account. Adopted at start as a new stored credential version only
+    /// when it differs from the last configured value adopted (the store
+    /// keeps a digest of it), so re-seeding through configuration works and
+    /// an unchanged value never replaces a newer login or rotation. Secret.
     #[serde(default)]
     pub refresh_token: Option<SecretString>,
+    /// `upstream.keepalive_interval`: the broker redeems its refresh token
+    /// at least this often even when no lease needs a token, so Entra's
+    /// 90-day inactivity end never arrives while a broker runs. Default
+    /// `24h`; 1s to 30d.
+    #[serde(
+        default = "UpstreamConfig::default_keepalive_interval",
+        deserialize_with = "crate::duration::de_duration"
+    )]
+    pub keepalive_interval: Duration,
+}
+
+impl UpstreamConfig {
+    fn default_keepalive_interval() -> Duration {
+        Duration::from_secs(24 * 3600)
+    }
 }
 
 /// `[policy]`.

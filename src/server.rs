@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 
 use crate::admin_http::{self, Metrics};
 use crate::api::{self, ApiError};
-use crate::audit::{AuditLog, RefusalCounter};
+use crate::audit::{AuditEvent, AuditLog, Outcome, RefusalCounter};
 use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError};
 use crate::leases::{LeaseDeps, LeaseSettings, Leases};
@@ -22,7 +22,7 @@ use crate::policy::{PolicyError, PolicyHandle, DEFAULT_POLL_INTERVAL};
 use crate::settings::Settings;
 use crate::store::{self, StoreError};
 use crate::upstream::azure_devops::AzureDevOpsClient;
-use crate::upstream::entra;
+use crate::upstream::credential::{self, BrokerCredential};
 use crate::upstream::UpstreamError;
 
 /// How long a shutdown waits for in-flight calls before cutting them off
@@ -156,15 +156,14 @@ impl Broker {
             )
             .await?;
 
-        let stored_token = store.load_upstream_credential().await?;
-        let tokens = entra::broker_token_source(
+        // Every replica reads the one stored credential at each refresh.
+        let credential = Arc::new(BrokerCredential::new(
             config.upstream.entra.clone(),
-            config.upstream.refresh_token.clone(),
-            stored_token,
             store.clone(),
             keyring.clone(),
-        )?;
-        let upstream = AzureDevOpsClient::new(config.upstream.azure_devops.clone(), tokens)?;
+        ));
+        let upstream =
+            AzureDevOpsClient::new(config.upstream.azure_devops.clone(), credential.clone())?;
 
         // One chained audit trail for every audit row this process writes;
         // every append also moves the exported chain head (and counters).
@@ -177,6 +176,9 @@ impl Broker {
                 )),
             )
         };
+        if let Some(configured) = &config.upstream.refresh_token {
+            adopt_configured_refresh_token(&audit, store.as_ref(), &keyring, configured).await?;
+        }
         // Bound before anything is served, so a taken port fails the start.
         let admin_listener = match config.admin.listen {
             Some(addr) => Some(
@@ -256,6 +258,13 @@ impl Broker {
             let stop = stopped(rx.clone());
             tokio::spawn(async move { refusals.run(interval, stop).await })
         };
+        {
+            // Detached: ends with the broker's shutdown signal.
+            let credential = credential.clone();
+            let interval = config.upstream.keepalive_interval;
+            let stop = stopped(rx.clone());
+            tokio::spawn(async move { credential.keep_alive(interval, stop).await });
+        }
         let addr = listener.local_addr().map_err(|source| ServeError::Bind {
             addr: config.grpc.listen,
             source,
@@ -472,6 +481,39 @@ async fn open_store(config: &Config) -> Result<store::Stores, ServeError> {
     .await?;
     stores.requests.migrate().await?;
     Ok(stores)
+}
+
+/// Adopts `configured` (`upstream.refresh_token`) as a new credential
+/// version when it differs from the last configured value adopted, and
+/// audits it (`upstream.adopt_configured`). Unchanged: nothing happens, so
+/// a restart never replaces a newer login or rotation with an old Secret.
+async fn adopt_configured_refresh_token(
+    audit: &AuditLog,
+    store: &dyn store::Store,
+    keyring: &crate::crypto::Keyring,
+    configured: &secrecy::SecretString,
+) -> Result<(), ServeError> {
+    let Some(version) = credential::adopt_configured(store, keyring, configured).await? else {
+        tracing::debug!("upstream.refresh_token was adopted before; the stored credential stands");
+        return Ok(());
+    };
+    tracing::info!(
+        version,
+        "adopted upstream.refresh_token as the upstream credential"
+    );
+    let event = AuditEvent {
+        caller_detail: Some(format!("version={version}")),
+        ..AuditEvent::new(
+            chrono::Utc::now(),
+            crate::audit::SYSTEM_IDENTITY,
+            crate::audit::UPSTREAM_ADOPT_CONFIGURED,
+            Outcome::Allowed,
+        )
+    };
+    if let Err(e) = audit.append(&event).await {
+        tracing::warn!(error = %e, "could not audit the adopted upstream.refresh_token");
+    }
+    Ok(())
 }
 
 /// `token-broker migrate`: applies pending migrations.

@@ -270,6 +270,16 @@ fn check_values(config: &Config, bad: &mut impl FnMut(&str, String)) {
     if config.leases.reaper_interval.is_zero() {
         bad("leases.reaper_interval", "must be greater than zero".into());
     }
+    // Entra ends a refresh token unused for 90 days: the keep-alive must
+    // come well before that.
+    let keepalive = config.upstream.keepalive_interval;
+    if keepalive < Duration::from_secs(1) || keepalive > Duration::from_secs(30 * 24 * 3600) {
+        bad(
+            "upstream.keepalive_interval",
+            "must be at least 1s and at most 30d (Entra ends a refresh token unused for 90 days)"
+                .into(),
+        );
+    }
     if config.leases.reconcile_after <= config.upstream.azure_devops.request_timeout {
         bad(
             "leases.reconcile_after",

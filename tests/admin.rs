@@ -523,7 +523,8 @@ async fn audit_verify_passes_on_a_brokers_database_and_names_a_row_edited_by_sql
         "verify failed on an untouched database: {stdout}{stderr}"
     );
     assert!(
-        stdout.contains("audit chain intact: 7 chained rows"),
+        // Seven, after the start's `upstream.adopt_configured` row.
+        stdout.contains("audit chain intact: 8 chained rows"),
         "{stdout}"
     );
     let head = stdout

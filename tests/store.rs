@@ -15,8 +15,9 @@ use token_broker::domain::{
     AuthorizationId, Identity, LeaseId, LeaseState, Organization, ScopeSet, Timestamp,
 };
 use token_broker::store::{
-    AuditAppend, AuditFilter, CreateOutcome, IdempotencyRecord, LeaseFilter, LeaseRecord,
-    LeaseWrite, PageCursor, ReplaceOutcome, Store, StoreError, Work,
+    AuditAppend, AuditFilter, CreateOutcome, CredentialSource, CredentialState, CredentialWrite,
+    IdempotencyRecord, LeaseFilter, LeaseRecord, LeaseWrite, NewUpstreamCredential, PageCursor,
+    RefreshRecord, ReplaceOutcome, Store, StoreError, Work,
 };
 use uuid::Uuid;
 
@@ -75,7 +76,7 @@ conformance!(
     a_lease_write_and_its_audit_row_land_together_or_not_at_all,
     batches_writing_the_same_leases_in_opposite_orders_do_not_deadlock,
     concurrent_meta_writers_agree_on_the_first_value,
-    upstream_credential_saves_only_on_the_expected_version,
+    upstream_credential_versions_replace_rotate_and_adopt_configuration,
     timestamps_round_trip_with_microseconds_in_utc,
     migrating_twice_is_harmless,
 );
@@ -1395,44 +1396,149 @@ async fn concurrent_meta_writers_agree_on_the_first_value(store: Arc<dyn Store>)
     );
 }
 
-async fn upstream_credential_saves_only_on_the_expected_version(store: Arc<dyn Store>) {
+async fn upstream_credential_versions_replace_rotate_and_adopt_configuration(
+    store: Arc<dyn Store>,
+) {
+    let new = |n: u8, source: CredentialSource, account: Option<&str>| NewUpstreamCredential {
+        sealed: sealed(n),
+        account: account.map(str::to_owned),
+        source,
+        refreshed: source != CredentialSource::Config,
+    };
     assert!(store.load_upstream_credential().await.unwrap().is_none());
-    // Updating a credential that was never saved fails.
-    assert!(!store
-        .save_upstream_credential(Some(1), &sealed(1), t0())
-        .await
-        .unwrap());
-
-    assert!(store
-        .save_upstream_credential(None, &sealed(1), t0())
-        .await
-        .unwrap());
-    let first = store.load_upstream_credential().await.unwrap().unwrap();
+    // A rotation of a credential never stored writes nothing.
+    let rotate = |v| CredentialWrite::Rotate {
+        expected_version: v,
+    };
     assert_eq!(
-        (first.version, &first.sealed, first.update_time),
-        (1, &sealed(1), t0())
+        store
+            .save_upstream_credential(&new(1, CredentialSource::Rotated, None), rotate(1), t0())
+            .await
+            .unwrap(),
+        None
     );
 
-    // A second first-save loses: one is there already.
-    assert!(!store
-        .save_upstream_credential(None, &sealed(2), t0())
+    // The configured value is adopted once; the same value again is not.
+    let adopt = |d| CredentialWrite::AdoptConfigured { digest: d };
+    let v = store
+        .save_upstream_credential(&new(1, CredentialSource::Config, None), adopt("d1"), t0())
         .await
-        .unwrap());
+        .unwrap();
+    assert_eq!(v, Some(1));
+    let first = store.load_upstream_credential().await.unwrap().unwrap();
+    assert_eq!(
+        (
+            first.version,
+            &first.sealed,
+            first.update_time,
+            first.source
+        ),
+        (1, &sealed(1), t0(), CredentialSource::Config)
+    );
+    assert_eq!(
+        (first.state, first.last_refresh_time, first.account),
+        (CredentialState::Ok, None, None)
+    );
 
+    // Two replicas redeem version 1: the first rotation wins, the second
+    // writes nothing.
     let later = t0() + secs(10);
-    assert!(store
-        .save_upstream_credential(Some(1), &sealed(3), later)
-        .await
-        .unwrap());
-    // A replica that read version 1 too loses its rotation.
-    assert!(!store
-        .save_upstream_credential(Some(1), &sealed(4), later)
-        .await
-        .unwrap());
+    let rotated = |n| new(n, CredentialSource::Rotated, Some("ops@contoso.com"));
+    assert_eq!(
+        store
+            .save_upstream_credential(&rotated(2), rotate(1), later)
+            .await
+            .unwrap(),
+        Some(2)
+    );
+    assert_eq!(
+        store
+            .save_upstream_credential(&rotated(3), rotate(1), later)
+            .await
+            .unwrap(),
+        None
+    );
     let second = store.load_upstream_credential().await.unwrap().unwrap();
     assert_eq!(
-        (second.version, &second.sealed, second.update_time),
-        (2, &sealed(3), later)
+        (
+            second.version,
+            &second.sealed,
+            second.source,
+            second.last_refresh_time
+        ),
+        (2, &sealed(2), CredentialSource::Rotated, Some(later))
+    );
+    assert_eq!(second.account.as_deref(), Some("ops@contoso.com"));
+
+    // A restart with the same configured value keeps the rotation.
+    assert_eq!(
+        store
+            .save_upstream_credential(&new(1, CredentialSource::Config, None), adopt("d1"), later)
+            .await
+            .unwrap(),
+        None
+    );
+
+    // A refusal marks only the version it redeemed.
+    let refused = RefreshRecord::Refused {
+        error: "invalid_grant (AADSTS50173)".into(),
+    };
+    assert!(!store
+        .record_upstream_refresh(1, &refused, later)
+        .await
+        .unwrap());
+    assert!(store
+        .record_upstream_refresh(2, &refused, later)
+        .await
+        .unwrap());
+    let failing = store.load_upstream_credential().await.unwrap().unwrap();
+    assert_eq!(failing.state, CredentialState::Failing);
+    assert_eq!(
+        failing.last_error.as_deref(),
+        Some("invalid_grant (AADSTS50173)")
+    );
+
+    // A login replaces it, whatever the version, and starts OK; the
+    // configured digest stays, so the old configured value is still not
+    // adopted again.
+    let login = store
+        .save_upstream_credential(
+            &new(4, CredentialSource::Login, Some("ops@contoso.com")),
+            CredentialWrite::Replace,
+            later,
+        )
+        .await
+        .unwrap();
+    assert_eq!(login, Some(3));
+    let third = store.load_upstream_credential().await.unwrap().unwrap();
+    assert_eq!(
+        (third.state, third.last_error, third.source),
+        (CredentialState::Ok, None, CredentialSource::Login)
+    );
+    assert_eq!(
+        store
+            .save_upstream_credential(&new(1, CredentialSource::Config, None), adopt("d1"), later)
+            .await
+            .unwrap(),
+        None
+    );
+    // A changed configured value is adopted.
+    assert_eq!(
+        store
+            .save_upstream_credential(&new(5, CredentialSource::Config, None), adopt("d2"), later)
+            .await
+            .unwrap(),
+        Some(4)
+    );
+    let success = RefreshRecord::Succeeded { account: None };
+    assert!(store
+        .record_upstream_refresh(4, &success, later)
+        .await
+        .unwrap());
+    let fourth = store.load_upstream_credential().await.unwrap().unwrap();
+    assert_eq!(
+        (fourth.version, &fourth.sealed, fourth.last_refresh_time),
+        (4, &sealed(5), Some(later))
     );
 }
 

@@ -39,8 +39,9 @@ const UPSTREAM_AUTHENTICATION_FAILED: &str = "UPSTREAM_AUTHENTICATION_FAILED";
 /// What a caller is told when upstream refuses the broker's own credential
 /// (its Entra refresh token): retrying will not help until it is re-seeded.
 pub const UPSTREAM_CREDENTIAL_REFUSED: &str = "upstream refused the broker's credential \
-     (UPSTREAM_AUTHENTICATION_FAILED); an operator must re-seed the broker's upstream \
-     refresh token";
+     (UPSTREAM_AUTHENTICATION_FAILED); an operator must re-seed it: `token-broker upstream \
+     login`, or `token-broker upstream set-refresh-token` with the token on stdin \
+     (`token-broker upstream status` shows why)";
 
 /// The gRPC code for an [`ErrorCode`].
 pub fn grpc_code(code: ErrorCode) -> Code {

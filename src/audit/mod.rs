@@ -56,6 +56,18 @@ pub const POLICY_RELOAD: &str = "policy.reload";
 /// address per `audit.auth_failure_interval`, with the count in
 /// `caller_detail` (see [`RefusalCounter`]).
 pub const AUTHENTICATE: &str = "authenticate";
+/// `action` of a device-code sign-in (`token-broker upstream login`):
+/// `caller_detail` is `account=… version=N`; never a token.
+pub const UPSTREAM_LOGIN: &str = "upstream.login";
+/// `action` of `token-broker upstream set-refresh-token`: `caller_detail`
+/// is `version=N`.
+pub const UPSTREAM_SET_REFRESH_TOKEN: &str = "upstream.set_refresh_token";
+/// `action` of a changed `upstream.refresh_token` adopted at start:
+/// `caller_detail` is `version=N`.
+pub const UPSTREAM_ADOPT_CONFIGURED: &str = "upstream.adopt_configured";
+/// Identity of the broker's own actions (the reaper, the sweep, adopting
+/// configuration).
+pub const SYSTEM_IDENTITY: &str = "system:token-broker";
 
 /// Where a row landed in the chain: its id and its MAC (64 lower-case hex
 /// characters; not a secret). Also the shape of the chain head.

@@ -1,6 +1,7 @@
 //! The `token-broker` command line (clap): the server (`serve`, `migrate`),
 //! the local run (`dev`, `emulator`), key generation (`apikey generate`),
-//! policy files (`policy check`), the gRPC clients (`lease ...`,
+//! policy files (`policy check`), the upstream credential (`upstream
+//! login | status | set-refresh-token`), the gRPC clients (`lease ...`,
 //! `admin ...`, `audit list`) and the audit chain check (`audit verify`).
 
 use std::fmt::Display;
@@ -20,6 +21,7 @@ pub mod dev;
 pub mod grpc;
 pub mod policy;
 pub mod serve;
+pub mod upstream;
 
 /// Leases short-lived, least-scope Azure DevOps PATs over gRPC.
 #[derive(Parser, Debug)]
@@ -64,6 +66,9 @@ enum Command {
     Audit(audit::AuditCommand),
     /// Measure a running broker (gRPC client), optionally against its database's own ceiling.
     Bench(bench::BenchArgs),
+    /// The broker's own upstream credential: sign in, status, set a refresh token (server configuration).
+    #[command(subcommand)]
+    Upstream(upstream::UpstreamCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -127,6 +132,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             page_token,
         }) => print_out(audit::list(&client, filter, page_size, page_token).await),
         Command::Bench(args) => bench::run(args).await.map_err(|e| e.to_string()),
+        Command::Upstream(command) => print_out(upstream::run(command).await),
         Command::Audit(audit::AuditCommand::Verify(args)) => {
             let settings = serve::load_settings(&ConfigArg {
                 config: args.config.clone(),

@@ -264,7 +264,7 @@ mod tests {
     use chrono::TimeZone;
 
     use super::*;
-    use crate::store::{map_sqlx, SqliteStore, StoreError, UpstreamCredential};
+    use crate::store::{map_sqlx, SqliteStore, StoreError};
 
     /// The text each value is written as on SQLite: the released format.
     #[tokio::test]
@@ -332,13 +332,23 @@ mod tests {
         }
     }
 
+    /// A row of a version, a sealed value and a time, as the upstream
+    /// credential's columns are.
+    #[derive(sqlx::FromRow)]
+    #[allow(dead_code)]
+    struct CredentialRow {
+        version: i64,
+        sealed: Sealed,
+        update_time: Timestamp,
+    }
+
     /// The error reading one credential row with `query`, which must be
     /// `Corrupt`.
     async fn corrupt<'q>(
         query: sqlx::query::QueryAs<
             'q,
             sqlx::Sqlite,
-            UpstreamCredential,
+            CredentialRow,
             sqlx::sqlite::SqliteArguments<'q>,
         >,
     ) -> StoreError {

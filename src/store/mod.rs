@@ -384,20 +384,146 @@ pub enum Work {
     },
 }
 
-/// The sealed upstream refresh token and its optimistic-lock version.
-#[derive(Clone, Debug, sqlx::FromRow)]
+/// The sealed upstream refresh token, its optimistic-lock version and its
+/// story (migration 0007): who it belongs to, how it was stored, and how
+/// its last refresh went. Never holds the token in the clear.
+#[derive(Clone, Debug)]
 pub struct UpstreamCredential {
-    /// Increments on every save.
+    /// Increments on every new refresh token stored (login, stdin,
+    /// adopted configuration, rotation).
     pub version: i64,
     /// Sealed with associated data [`UpstreamCredential::AAD`].
     pub sealed: Sealed,
-    /// Last save (UTC).
+    /// When this version was stored (UTC).
     pub update_time: Timestamp,
+    /// The signed-in account (the id token's `preferred_username`), once known.
+    pub account: Option<String>,
+    /// How this version was stored.
+    pub source: CredentialSource,
+    /// Last successful redemption at Entra (UTC), if any.
+    pub last_refresh_time: Option<Timestamp>,
+    /// `Failing` once Entra refused this version.
+    pub state: CredentialState,
+    /// The last refresh error (an OAuth error and AADSTS code, never a
+    /// token); cleared by a success or a new version.
+    pub last_error: Option<String>,
 }
 
 impl UpstreamCredential {
     /// Associated data used to seal the upstream refresh token.
     pub const AAD: &'static [u8] = b"upstream_credentials/refresh_token";
+}
+
+/// How the stored upstream credential's current version was stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CredentialSource {
+    /// Adopted from `upstream.refresh_token` at start.
+    Config,
+    /// `token-broker upstream login` (device-code sign-in).
+    Login,
+    /// `token-broker upstream set-refresh-token` (read from stdin).
+    Stdin,
+    /// Entra's rotated refresh token, stored by a refresh.
+    Rotated,
+}
+
+impl CredentialSource {
+    /// Stored and shown form: `config`, `login`, `stdin`, `rotated`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialSource::Config => "config",
+            CredentialSource::Login => "login",
+            CredentialSource::Stdin => "stdin",
+            CredentialSource::Rotated => "rotated",
+        }
+    }
+
+    /// Parses the stored form.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "config" => CredentialSource::Config,
+            "login" => CredentialSource::Login,
+            "stdin" => CredentialSource::Stdin,
+            "rotated" => CredentialSource::Rotated,
+            _ => return None,
+        })
+    }
+}
+
+/// Whether the stored credential's version last worked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CredentialState {
+    /// Not refused (a new version starts here).
+    Ok,
+    /// Entra refused this version (`invalid_grant` and the like).
+    Failing,
+}
+
+impl CredentialState {
+    /// Stored and shown form: `OK`, `FAILING`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialState::Ok => "OK",
+            CredentialState::Failing => "FAILING",
+        }
+    }
+}
+
+/// A refresh token to store as a new credential version.
+#[derive(Clone, Debug)]
+pub struct NewUpstreamCredential {
+    /// Sealed with [`UpstreamCredential::AAD`].
+    pub sealed: Sealed,
+    /// The signed-in account, if known (a rotation without one keeps the
+    /// stored account).
+    pub account: Option<String>,
+    /// How it was obtained.
+    pub source: CredentialSource,
+    /// It was just redeemed (login, rotation): sets `last_refresh_time`.
+    pub refreshed: bool,
+}
+
+/// When [`Store::save_upstream_credential`] writes the new version.
+#[derive(Clone, Copy, Debug)]
+pub enum CredentialWrite<'a> {
+    /// Always (login, stdin): replaces whatever is stored, keeping the
+    /// digest of the last adopted configured value.
+    Replace,
+    /// Only if the stored version is still this one (a rotation; a replica
+    /// that loses the race keeps the winner's).
+    Rotate {
+        /// The version the rotated token was redeemed from.
+        expected_version: i64,
+    },
+    /// Only if `digest` differs from the last adopted configured value's
+    /// (start-up adoption of `upstream.refresh_token`); then `digest` is
+    /// recorded. A row from before migration 0007 records it without
+    /// adopting.
+    AdoptConfigured {
+        /// [`configured_digest`](crate::upstream::credential::configured_digest) of the value.
+        digest: &'a str,
+    },
+}
+
+/// The result of a refresh, recorded on the version it redeemed.
+#[derive(Clone, Debug)]
+pub enum RefreshRecord {
+    /// Entra answered with an access token (and no rotated refresh token
+    /// was stored by this call).
+    Succeeded {
+        /// The account, if the answer named one.
+        account: Option<String>,
+    },
+    /// Entra refused the refresh token: the version becomes `FAILING`.
+    Refused {
+        /// Why, without any token.
+        error: String,
+    },
+    /// Entra could not answer (outage, throttling): noted, state kept.
+    Unavailable {
+        /// Why, without any token.
+        error: String,
+    },
 }
 
 /// One audit row as stored, for walking the audit chain
@@ -737,15 +863,26 @@ pub trait Store: Send + Sync + 'static {
     /// stored value either way (race-safe across replicas).
     async fn put_meta_if_absent(&self, key: &str, value: &str) -> Result<String, StoreError>;
 
-    /// The sealed upstream refresh token, if one was saved.
+    /// The sealed upstream refresh token and its story, if one was saved.
     async fn load_upstream_credential(&self) -> Result<Option<UpstreamCredential>, StoreError>;
 
-    /// Saves a new sealed refresh token if the stored version is still
-    /// `expected_version` (None: none stored yet). Returns false otherwise.
+    /// Stores `new` as the next credential version when `write` allows it
+    /// (see [`CredentialWrite`]); returns the new version, or `None` when
+    /// nothing was written. One statement: a new version is stored whole
+    /// or not at all.
     async fn save_upstream_credential(
         &self,
-        expected_version: Option<i64>,
-        sealed: &Sealed,
+        new: &NewUpstreamCredential,
+        write: CredentialWrite<'_>,
+        now: Timestamp,
+    ) -> Result<Option<i64>, StoreError>;
+
+    /// Records how a refresh of `version` went, if it is still the stored
+    /// version (a newer one has its own story). Returns whether it was.
+    async fn record_upstream_refresh(
+        &self,
+        version: i64,
+        record: &RefreshRecord,
         now: Timestamp,
     ) -> Result<bool, StoreError>;
 }

@@ -29,6 +29,9 @@ use super::{
     LeaseRecord, LeaseWrite, PageCursor, ReplaceOutcome, Store, StoreError, StoredAuditRow,
     UpstreamCredential, Work,
 };
+use super::{
+    CredentialSource, CredentialState, CredentialWrite, NewUpstreamCredential, RefreshRecord,
+};
 use crate::crypto::Sealed;
 use crate::domain::{AuditEvent, Outcome};
 use crate::domain::{
@@ -1069,37 +1072,170 @@ where
     }
 
     async fn load_upstream_credential(&self) -> Result<Option<UpstreamCredential>, StoreError> {
-        sqlx::query_as("SELECT version, sealed, update_time FROM upstream_credentials")
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(map_sqlx)
+        let row: Option<CredentialRow> = sqlx::query_as(
+            "SELECT version, sealed, update_time, account, source, last_refresh_time, state, \
+             last_error FROM upstream_credentials",
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_sqlx)?;
+        row.map(CredentialRow::into_credential).transpose()
     }
 
     async fn save_upstream_credential(
         &self,
-        expected_version: Option<i64>,
-        sealed: &Sealed,
+        new: &NewUpstreamCredential,
+        write: CredentialWrite<'_>,
+        now: Timestamp,
+    ) -> Result<Option<i64>, StoreError> {
+        let refreshed = new.refreshed.then_some(now);
+        let source = new.source.as_str();
+        let version: Option<i64> = match write {
+            CredentialWrite::Replace => sqlx::query_scalar(
+                "INSERT INTO upstream_credentials (id, version, sealed, update_time, account, \
+                 source, last_refresh_time, state, last_error) \
+                 VALUES (1, 1, $1, $2, $3, $4, $5, 'OK', NULL) \
+                 ON CONFLICT (id) DO UPDATE SET version = upstream_credentials.version + 1, \
+                 sealed = excluded.sealed, update_time = excluded.update_time, \
+                 account = excluded.account, source = excluded.source, \
+                 last_refresh_time = excluded.last_refresh_time, state = 'OK', last_error = NULL \
+                 RETURNING version",
+            )
+            .bind(new.sealed.clone())
+            .bind(now)
+            .bind(new.account.clone())
+            .bind(source.to_owned())
+            .bind(refreshed)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_sqlx)?,
+            CredentialWrite::Rotate { expected_version } => sqlx::query_scalar(
+                "UPDATE upstream_credentials SET version = version + 1, sealed = $1, \
+                 update_time = $2, account = COALESCE($3, account), source = $4, \
+                 last_refresh_time = COALESCE($5, last_refresh_time), state = 'OK', \
+                 last_error = NULL WHERE id = 1 AND version = $6 RETURNING version",
+            )
+            .bind(new.sealed.clone())
+            .bind(now)
+            .bind(new.account.clone())
+            .bind(source.to_owned())
+            .bind(refreshed)
+            .bind(expected_version)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_sqlx)?,
+            CredentialWrite::AdoptConfigured { digest } => {
+                // A row from before migration 0007 holds a rotation newer
+                // than any configured value: record the value, keep the row.
+                let recorded = sqlx::query(
+                    "UPDATE upstream_credentials SET configured_digest = $1 \
+                     WHERE id = 1 AND configured_digest = 'legacy'",
+                )
+                .bind(digest.to_owned())
+                .execute(&self.pool)
+                .await
+                .map_err(map_sqlx)?
+                .rows_affected();
+                if recorded == 1 {
+                    return Ok(None);
+                }
+                sqlx::query_scalar(
+                    "INSERT INTO upstream_credentials (id, version, sealed, update_time, account, \
+                     source, last_refresh_time, state, last_error, configured_digest) \
+                     VALUES (1, 1, $1, $2, $3, $4, $5, 'OK', NULL, $6) \
+                     ON CONFLICT (id) DO UPDATE SET version = upstream_credentials.version + 1, \
+                     sealed = excluded.sealed, update_time = excluded.update_time, \
+                     account = excluded.account, source = excluded.source, \
+                     last_refresh_time = excluded.last_refresh_time, state = 'OK', \
+                     last_error = NULL, configured_digest = excluded.configured_digest \
+                     WHERE upstream_credentials.configured_digest IS NULL \
+                     OR upstream_credentials.configured_digest <> excluded.configured_digest \
+                     RETURNING version",
+                )
+                .bind(new.sealed.clone())
+                .bind(now)
+                .bind(new.account.clone())
+                .bind(source.to_owned())
+                .bind(refreshed)
+                .bind(digest.to_owned())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(map_sqlx)?
+            }
+        };
+        Ok(version)
+    }
+
+    async fn record_upstream_refresh(
+        &self,
+        version: i64,
+        record: &RefreshRecord,
         now: Timestamp,
     ) -> Result<bool, StoreError> {
-        let written = match expected_version {
-            None => sqlx::query(
-                "INSERT INTO upstream_credentials (id, version, sealed, update_time) \
-                 VALUES (1, 1, $1, $2) ON CONFLICT (id) DO NOTHING",
+        let query = match record {
+            RefreshRecord::Succeeded { account } => sqlx::query(
+                "UPDATE upstream_credentials SET last_refresh_time = $1, state = 'OK', \
+                 last_error = NULL, account = COALESCE($2, account) \
+                 WHERE id = 1 AND version = $3",
             )
-            .bind(sealed.clone())
-            .bind(now),
-            Some(version) => sqlx::query(
-                "UPDATE upstream_credentials SET version = version + 1, sealed = $1, \
-                 update_time = $2 WHERE id = 1 AND version = $3",
-            )
-            .bind(sealed.clone())
             .bind(now)
-            .bind(version),
-        }
-        .execute(&self.pool)
-        .await
-        .map_err(map_sqlx)?
-        .rows_affected();
+            .bind(account.clone()),
+            RefreshRecord::Refused { error } => sqlx::query(
+                "UPDATE upstream_credentials SET state = 'FAILING', last_error = $1 \
+                 WHERE id = 1 AND version = $2",
+            )
+            .bind(error.clone()),
+            RefreshRecord::Unavailable { error } => sqlx::query(
+                "UPDATE upstream_credentials SET last_error = $1 WHERE id = 1 AND version = $2",
+            )
+            .bind(error.clone()),
+        };
+        let written = query
+            .bind(version)
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx)?
+            .rows_affected();
         Ok(written == 1)
+    }
+}
+
+/// An `upstream_credentials` row as read (migration 0007's columns).
+#[derive(FromRow)]
+struct CredentialRow {
+    version: i64,
+    sealed: Sealed,
+    update_time: Timestamp,
+    account: Option<String>,
+    source: String,
+    last_refresh_time: Option<Timestamp>,
+    state: String,
+    last_error: Option<String>,
+}
+
+impl CredentialRow {
+    fn into_credential(self) -> Result<UpstreamCredential, StoreError> {
+        let source = CredentialSource::parse(&self.source).ok_or_else(|| {
+            StoreError::Corrupt(format!("upstream credential source {:?}", self.source))
+        })?;
+        let state = match self.state.as_str() {
+            "OK" => CredentialState::Ok,
+            "FAILING" => CredentialState::Failing,
+            other => {
+                return Err(StoreError::Corrupt(format!(
+                    "upstream credential state {other:?}"
+                )))
+            }
+        };
+        Ok(UpstreamCredential {
+            version: self.version,
+            sealed: self.sealed,
+            update_time: self.update_time,
+            account: self.account,
+            source,
+            last_refresh_time: self.last_refresh_time,
+            state,
+            last_error: self.last_error,
+        })
     }
 }

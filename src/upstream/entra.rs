@@ -5,12 +5,11 @@
 //! token and redeems it with the refresh-token grant at
 //! `{authority}/{tenant}/oauth2/v2.0/token` (docs/upstream-api.md, Entra
 //! token endpoint). Entra answers every redemption with a new refresh token;
-//! each one is handed to a [`RefreshTokenSink`] (the broker's
-//! [`StoreSink`] seals and stores it). No token ever reaches a log, a span
+//! the broker stores each one before it uses it
+//! ([`crate::upstream::credential`]). No token ever reaches a log, a span
 //! or an error.
 
 use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -22,8 +21,6 @@ use url::Url;
 
 use super::wire::{parse_retry_after, shorten};
 use super::UpstreamError;
-use crate::crypto::Keyring;
-use crate::store::{Store, StoreError, UpstreamCredential};
 
 /// Where the PAT client gets its `Authorization: Bearer` value.
 #[async_trait]
@@ -118,96 +115,49 @@ impl EntraConfig {
     }
 }
 
-/// Access tokens from the refresh-token grant, cached until shortly before
-/// `expires_in`; one refresh at a time (callers wait for it and share it).
-pub struct RefreshTokenSource {
+/// The Entra token endpoint's refresh-token grant: one HTTP client for
+/// one [`EntraConfig`].
+pub struct EntraClient {
     config: EntraConfig,
     endpoint: Url,
     http: reqwest::Client,
-    sink: std::sync::Arc<dyn RefreshTokenSink>,
-    state: Mutex<RefreshState>,
 }
 
-struct RefreshState {
-    refresh_token: SecretString,
-    access: Option<CachedAccess>,
-}
-
-struct CachedAccess {
-    token: SecretString,
-    /// Refresh at or after this instant.
-    refresh_at: Instant,
-}
-
-impl fmt::Debug for RefreshTokenSource {
+impl fmt::Debug for EntraClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RefreshTokenSource")
+        f.debug_struct("EntraClient")
             .field("endpoint", &self.endpoint.as_str())
             .field("client_id", &self.config.client_id)
             .finish_non_exhaustive()
     }
 }
 
-/// Success answer of the token endpoint (ENTRA-AC).
-#[derive(Deserialize)]
-struct TokenResponse {
-    access_token: SecretString,
-    #[serde(default)]
-    token_type: Option<String>,
-    expires_in: Option<serde_json::Value>,
-    #[serde(default)]
-    refresh_token: Option<SecretString>,
+/// What a successful refresh-token grant answered.
+pub struct TokenGrant {
+    /// The bearer for the PAT Lifecycle API.
+    pub access_token: SecretString,
+    /// Entra's rotated refresh token, when it sent one (it does on every
+    /// redemption of a user's refresh token).
+    pub refresh_token: Option<SecretString>,
+    /// `expires_in` of the access token.
+    pub lifetime: Duration,
+    /// The id token's `preferred_username`, when Entra sent an id token.
+    pub account: Option<String>,
 }
 
-/// Error answer of the token endpoint: `{"error","error_description","error_codes",...}`.
-#[derive(Default, Deserialize)]
-struct TokenErrorResponse {
-    #[serde(default)]
-    error: Option<String>,
-    #[serde(default)]
-    error_description: Option<String>,
-    #[serde(default)]
-    error_codes: Option<Vec<u64>>,
-    #[serde(default)]
-    correlation_id: Option<String>,
-}
-
-impl TokenErrorResponse {
-    /// `invalid_grant (AADSTS70008)`: the OAuth error and the AADSTS code,
-    /// never the description's free text beyond its code.
-    fn summary(&self) -> String {
-        let error = self.error.as_deref().unwrap_or("unknown_error");
-        let code = self
-            .error_codes
-            .as_ref()
-            .and_then(|codes| codes.first())
-            .map(|code| format!("AADSTS{code}"))
-            .or_else(|| {
-                let description = self.error_description.as_deref()?;
-                let code = description.split(':').next()?.trim();
-                (code.starts_with("AADSTS") && code[6..].chars().all(|c| c.is_ascii_digit()))
-                    .then(|| code.to_owned())
-            });
-        let mut summary = shorten(error, 64);
-        if let Some(code) = code {
-            summary.push_str(&format!(" ({code})"));
-        }
-        if let Some(correlation_id) = &self.correlation_id {
-            summary.push_str(&format!(", correlation id {}", shorten(correlation_id, 64)));
-        }
-        summary
+impl fmt::Debug for TokenGrant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenGrant")
+            .field("lifetime", &self.lifetime)
+            .field("account", &self.account)
+            .finish_non_exhaustive()
     }
 }
 
-impl RefreshTokenSource {
-    /// Redeems `initial_refresh_token` on first use; every rotated refresh
-    /// token goes to `sink`. Fails on an unusable authority URL or an empty
-    /// tenant, client_id or scope, naming the setting.
-    pub fn new(
-        config: EntraConfig,
-        initial_refresh_token: SecretString,
-        sink: std::sync::Arc<dyn RefreshTokenSink>,
-    ) -> Result<Self, UpstreamError> {
+impl EntraClient {
+    /// Fails on an unusable authority URL or an empty tenant, client_id or
+    /// scope, naming the setting.
+    pub fn new(config: EntraConfig) -> Result<Self, UpstreamError> {
         let endpoint = config.token_endpoint()?;
         for (name, value) in [
             ("tenant", &config.tenant),
@@ -216,7 +166,7 @@ impl RefreshTokenSource {
         ] {
             if value.trim().is_empty() {
                 return Err(UpstreamError::Protocol(format!(
-                    "invalid entra config: {name} must not be empty"
+                    "invalid entra config: upstream.entra.{name} must not be empty"
                 )));
             }
         }
@@ -225,26 +175,38 @@ impl RefreshTokenSource {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| UpstreamError::Protocol(format!("cannot build http client: {e}")))?;
-        Ok(RefreshTokenSource {
+        Ok(EntraClient {
             config,
             endpoint,
             http,
-            sink,
-            state: Mutex::new(RefreshState {
-                refresh_token: initial_refresh_token,
-                access: None,
-            }),
         })
     }
 
-    /// One refresh-token grant; updates `state` and hands the rotated
-    /// refresh token to the sink.
-    async fn refresh(&self, state: &mut RefreshState) -> Result<SecretString, UpstreamError> {
+    /// The settings it was built from.
+    pub fn config(&self) -> &EntraConfig {
+        &self.config
+    }
+
+    /// The scope a refresh asks for: the configured scope plus `openid
+    /// profile`, so the answer's id token names the account.
+    fn refresh_scope(&self) -> String {
+        with_scopes(&self.config.scope, &["openid", "profile"])
+    }
+
+    /// One refresh-token grant. Errors: `Authentication` (Entra refused
+    /// the refresh token: its OAuth error and AADSTS code), `RateLimited`,
+    /// `Unavailable` (5xx, transport), `Protocol` (an answer that is not
+    /// the documented JSON).
+    pub async fn redeem_refresh_token(
+        &self,
+        refresh_token: &SecretString,
+    ) -> Result<TokenGrant, UpstreamError> {
+        let scope = self.refresh_scope();
         let mut form: Vec<(&str, &str)> = vec![
             ("client_id", self.config.client_id.as_str()),
             ("grant_type", "refresh_token"),
-            ("refresh_token", state.refresh_token.expose_secret()),
-            ("scope", self.config.scope.as_str()),
+            ("refresh_token", refresh_token.expose_secret()),
+            ("scope", scope.as_str()),
         ];
         if let Some(secret) = &self.config.client_secret {
             form.push(("client_secret", secret.expose_secret()));
@@ -305,7 +267,155 @@ impl RefreshTokenSource {
             }
         }
         let lifetime = expires_in(answer.expires_in.as_ref());
-        if let Some(rotated) = answer.refresh_token {
+        tracing::debug!(
+            expires_in_secs = lifetime.as_secs(),
+            "entra access token refreshed"
+        );
+        Ok(TokenGrant {
+            access_token: answer.access_token,
+            refresh_token: answer.refresh_token,
+            lifetime,
+            account: answer
+                .id_token
+                .as_ref()
+                .and_then(|t| id_token_account(t.expose_secret())),
+        })
+    }
+}
+
+/// `scope` plus each of `extra` it lacks, space separated.
+pub(crate) fn with_scopes(scope: &str, extra: &[&str]) -> String {
+    let mut words: Vec<&str> = scope.split_whitespace().collect();
+    for word in extra {
+        if !words.contains(word) {
+            words.push(word);
+        }
+    }
+    words.join(" ")
+}
+
+/// The `preferred_username` claim of an id token (a JWT), unverified: the
+/// account is only shown and audited, and the token came over TLS straight
+/// from the authority, as the answer to the broker's own request.
+pub(crate) fn id_token_account(id_token: &str) -> Option<String> {
+    use base64::Engine as _;
+    let payload = id_token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let account = claims.get("preferred_username")?.as_str()?;
+    (!account.is_empty()).then(|| shorten(account, 256))
+}
+
+/// Access tokens from the refresh-token grant, cached until shortly before
+/// `expires_in`; one refresh at a time (callers wait for it and share it).
+/// Holds its refresh token in memory; the broker itself uses
+/// [`crate::upstream::credential::BrokerCredential`], which keeps it in the store.
+pub struct RefreshTokenSource {
+    client: EntraClient,
+    sink: std::sync::Arc<dyn RefreshTokenSink>,
+    state: Mutex<RefreshState>,
+}
+
+struct RefreshState {
+    refresh_token: SecretString,
+    access: Option<CachedAccess>,
+}
+
+struct CachedAccess {
+    token: SecretString,
+    /// Refresh at or after this instant.
+    refresh_at: Instant,
+}
+
+impl fmt::Debug for RefreshTokenSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RefreshTokenSource")
+            .field("client", &self.client)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Success answer of the token endpoint (ENTRA-AC).
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: SecretString,
+    #[serde(default)]
+    token_type: Option<String>,
+    expires_in: Option<serde_json::Value>,
+    #[serde(default)]
+    refresh_token: Option<SecretString>,
+    #[serde(default)]
+    id_token: Option<SecretString>,
+}
+
+/// Error answer of the token endpoint: `{"error","error_description","error_codes",...}`.
+#[derive(Default, Deserialize)]
+struct TokenErrorResponse {
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    error_description: Option<String>,
+    #[serde(default)]
+    error_codes: Option<Vec<u64>>,
+    #[serde(default)]
+    correlation_id: Option<String>,
+}
+
+impl TokenErrorResponse {
+    /// `invalid_grant (AADSTS70008)`: the OAuth error and the AADSTS code,
+    /// never the description's free text beyond its code.
+    fn summary(&self) -> String {
+        let error = self.error.as_deref().unwrap_or("unknown_error");
+        let code = self
+            .error_codes
+            .as_ref()
+            .and_then(|codes| codes.first())
+            .map(|code| format!("AADSTS{code}"))
+            .or_else(|| {
+                let description = self.error_description.as_deref()?;
+                let code = description.split(':').next()?.trim();
+                (code.starts_with("AADSTS") && code[6..].chars().all(|c| c.is_ascii_digit()))
+                    .then(|| code.to_owned())
+            });
+        let mut summary = shorten(error, 64);
+        if let Some(code) = code {
+            summary.push_str(&format!(" ({code})"));
+        }
+        if let Some(correlation_id) = &self.correlation_id {
+            summary.push_str(&format!(", correlation id {}", shorten(correlation_id, 64)));
+        }
+        summary
+    }
+}
+
+impl RefreshTokenSource {
+    /// Redeems `initial_refresh_token` on first use; every rotated refresh
+    /// token goes to `sink`. Fails as [`EntraClient::new`] does.
+    pub fn new(
+        config: EntraConfig,
+        initial_refresh_token: SecretString,
+        sink: std::sync::Arc<dyn RefreshTokenSink>,
+    ) -> Result<Self, UpstreamError> {
+        Ok(RefreshTokenSource {
+            client: EntraClient::new(config)?,
+            sink,
+            state: Mutex::new(RefreshState {
+                refresh_token: initial_refresh_token,
+                access: None,
+            }),
+        })
+    }
+
+    /// One refresh-token grant; updates `state` and hands the rotated
+    /// refresh token to the sink.
+    async fn refresh(&self, state: &mut RefreshState) -> Result<SecretString, UpstreamError> {
+        let grant = self
+            .client
+            .redeem_refresh_token(&state.refresh_token)
+            .await?;
+        if let Some(rotated) = grant.refresh_token {
             // Entra keeps the old refresh token valid, so a failed save
             // loses nothing yet; the next refresh saves a newer one.
             if let Err(e) = self.sink.save(&rotated).await {
@@ -314,15 +424,16 @@ impl RefreshTokenSource {
             state.refresh_token = rotated;
         }
         state.access = Some(CachedAccess {
-            token: answer.access_token.clone(),
-            refresh_at: Instant::now() + lifetime.saturating_sub(refresh_margin(lifetime)),
+            token: grant.access_token.clone(),
+            refresh_at: access_refresh_at(grant.lifetime),
         });
-        tracing::debug!(
-            expires_in_secs = lifetime.as_secs(),
-            "entra access token refreshed"
-        );
-        Ok(answer.access_token)
+        Ok(grant.access_token)
     }
+}
+
+/// When an access token of `lifetime`, fetched now, is replaced.
+pub(crate) fn access_refresh_at(lifetime: Duration) -> Instant {
+    Instant::now() + lifetime.saturating_sub(refresh_margin(lifetime))
 }
 
 /// `expires_in` in seconds (Entra sends a number; some proxies a string);
@@ -374,94 +485,6 @@ impl TokenSource for RefreshTokenSource {
     async fn invalidate(&self) {
         self.state.lock().await.access = None;
     }
-}
-
-/// The broker's bearer source: the refresh-token grant, starting from
-/// `stored` (the newest rotation, sealed in the store) when the keyring
-/// opens it, else from `configured` (`upstream.refresh_token`). Every
-/// rotated token is sealed into `store` ([`StoreSink`]). With neither, a
-/// source whose every call fails with an authentication error naming the
-/// setting (the broker still starts, so health and the refusal paths work).
-pub fn broker_token_source(
-    config: EntraConfig,
-    configured: Option<SecretString>,
-    stored: Option<UpstreamCredential>,
-    store: Arc<dyn Store>,
-    keyring: Arc<Keyring>,
-) -> Result<Arc<dyn TokenSource>, UpstreamError> {
-    let (initial, version) = match &stored {
-        Some(cred) => match keyring.open(&cred.sealed, UpstreamCredential::AAD) {
-            Ok(token) => (Some(token), Some(cred.version)),
-            Err(e) => {
-                tracing::warn!(error = %e, "stored upstream refresh token cannot be opened with the configured keys; falling back to upstream.refresh_token");
-                (None, Some(cred.version))
-            }
-        },
-        None => (None, None),
-    };
-    let Some(initial) = initial.or(configured) else {
-        tracing::warn!("no upstream refresh token (upstream.refresh_token, or one stored earlier): lease creation will fail until one is configured");
-        return Ok(Arc::new(NoCredential));
-    };
-    let sink = Arc::new(StoreSink {
-        store,
-        keyring,
-        version: Mutex::new(version),
-    });
-    Ok(Arc::new(RefreshTokenSource::new(config, initial, sink)?))
-}
-
-/// Seals every rotated refresh token into the store (optimistic version).
-pub struct StoreSink {
-    store: Arc<dyn Store>,
-    keyring: Arc<Keyring>,
-    version: Mutex<Option<i64>>,
-}
-
-#[async_trait]
-impl RefreshTokenSink for StoreSink {
-    async fn save(&self, refresh_token: &SecretString) -> Result<(), UpstreamError> {
-        let sealed = self.keyring.seal(refresh_token, UpstreamCredential::AAD);
-        let mut version = self.version.lock().await;
-        let fail = |e: StoreError| {
-            UpstreamError::Unavailable(format!("cannot store the rotated refresh token: {e}"))
-        };
-        for _ in 0..2 {
-            let saved = self
-                .store
-                .save_upstream_credential(*version, &sealed, crate::domain::Timestamp::now())
-                .await
-                .map_err(fail)?;
-            // Saved: re-read, the store owns the numbering. Not saved:
-            // another replica rotated too; both tokens stay valid (Entra
-            // does not revoke a used refresh token), so the newest write
-            // wins.
-            *version = self
-                .store
-                .load_upstream_credential()
-                .await
-                .map_err(fail)?
-                .map(|c| c.version);
-            if saved {
-                return Ok(());
-            }
-        }
-        tracing::warn!("rotated refresh token not stored: lost two races with other replicas");
-        Ok(())
-    }
-}
-
-/// Used when no upstream refresh token is configured.
-struct NoCredential;
-
-#[async_trait]
-impl TokenSource for NoCredential {
-    async fn bearer(&self) -> Result<SecretString, UpstreamError> {
-        Err(UpstreamError::Authentication(
-            "no upstream refresh token configured (upstream.refresh_token)".into(),
-        ))
-    }
-    async fn invalidate(&self) {}
 }
 
 #[cfg(test)]

@@ -17,6 +17,8 @@ use crate::domain::{AuthorizationId, Organization};
 use crate::error::{ErrorCode, ServiceError};
 
 pub mod azure_devops;
+pub mod credential;
+pub mod device_code;
 pub mod entra;
 pub mod pages;
 pub mod wire;

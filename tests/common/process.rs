@@ -66,7 +66,7 @@ fn config_toml(spec: &BrokerSpec, policy_file: &std::path::Path) -> String {
          [database]\nurl = {db}\n\n\
          [keys]\nactive = \"test\"\nfingerprint = {fp}\naudit_chain = {chain}\n\n\
          [keys.sealing]\ntest = {seal}\n\n\
-         [upstream]\nrefresh_token = {refresh}\n\n\
+         [upstream]\n{refresh}\n\
          [upstream.azure_devops]\nbase_url = {emu}\n\n\
          [upstream.entra]\nauthority = {emu}\nclient_id = \"token-broker-tests\"\n\n\
          [policy]\nfile = {policy}\n\n\
@@ -76,7 +76,12 @@ fn config_toml(spec: &BrokerSpec, policy_file: &std::path::Path) -> String {
         fp = toml_str(spec.fingerprint_key.expose_secret()),
         chain = toml_str(spec.audit_chain_key.expose_secret()),
         seal = toml_str(spec.sealing_key.expose_secret()),
-        refresh = toml_str(spec.refresh_token.expose_secret()),
+        // An empty token in the spec: none configured (signed in later).
+        refresh = if spec.refresh_token.expose_secret().is_empty() {
+            String::new()
+        } else {
+            format!("refresh_token = {}\n", toml_str(spec.refresh_token.expose_secret()))
+        },
         emu = toml_str(&spec.emulator_url),
         policy = toml_str(&policy_file.display().to_string()),
         reaper = toml_str(&humantime::format_duration(spec.reaper_interval).to_string()),
@@ -91,6 +96,17 @@ fn config_toml(spec: &BrokerSpec, policy_file: &std::path::Path) -> String {
         ));
     }
     toml
+}
+
+/// Writes the config file (and its policy file) `spec` stands for into
+/// `dir`, as `serve` reads it; returns the config file's path. For the
+/// commands that read the server configuration (`upstream …`).
+pub fn write_config(spec: &BrokerSpec, dir: &std::path::Path) -> PathBuf {
+    let policy = dir.join("policy.yaml");
+    std::fs::write(&policy, &spec.policy_yaml).expect("write the policy");
+    let config = dir.join("token-broker.toml");
+    std::fs::write(&config, config_toml(spec, &policy)).expect("write the config");
+    config
 }
 
 /// The value after `key` (e.g. `addr=`) in a text log line, up to the next
@@ -268,6 +284,16 @@ impl ServeProcess {
         resp.text().await.expect("metrics text")
     }
 
+    /// `GET /readyz` on its admin port: status and body.
+    pub async fn readyz(&self) -> (u16, String) {
+        let admin = self.admin.expect("wait_ready() first");
+        let resp = reqwest::get(format!("http://{admin}/readyz"))
+            .await
+            .unwrap_or_else(|e| panic!("GET /readyz: {e}\n{}", self.log_tail()));
+        let status = resp.status().as_u16();
+        (status, resp.text().await.expect("readyz body"))
+    }
+
     /// The value of the unlabelled sample `name` in its `/metrics`.
     pub async fn metric(&self, name: &str) -> u64 {
         let text = self.metrics().await;
@@ -310,6 +336,11 @@ impl ServeProcess {
     /// Its process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Its config file (for `token-broker upstream … --config`).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("token-broker.toml")
     }
 
     /// Everything it wrote to stdout and stderr so far.
