@@ -161,9 +161,9 @@ struct TokenResponse {
 
 /// Error answer of the token endpoint: `{"error","error_description","error_codes",...}`.
 #[derive(Default, Deserialize)]
-struct TokenErrorResponse {
+pub(crate) struct TokenErrorResponse {
     #[serde(default)]
-    error: Option<String>,
+    pub(crate) error: Option<String>,
     #[serde(default)]
     error_description: Option<String>,
     #[serde(default)]
@@ -175,7 +175,7 @@ struct TokenErrorResponse {
 impl TokenErrorResponse {
     /// `invalid_grant (AADSTS70008)`: the OAuth error and the AADSTS code,
     /// never the description's free text beyond its code.
-    fn summary(&self) -> String {
+    pub(crate) fn summary(&self) -> String {
         let error = self.error.as_deref().unwrap_or("unknown_error");
         let code = self
             .error_codes

@@ -17,6 +17,7 @@ use crate::domain::{AuthorizationId, Organization};
 use crate::error::{ErrorCode, ServiceError};
 
 pub mod azure_devops;
+pub mod device_code;
 pub mod entra;
 pub mod pages;
 pub mod wire;
