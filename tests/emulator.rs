@@ -2136,7 +2136,10 @@ async fn a_device_code_is_issued_in_entras_shape() {
         .chars()
         .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit()));
     assert!(body["device_code"].as_str().unwrap().len() >= 100);
-    assert_eq!(body["verification_uri"], "https://microsoft.com/devicelogin");
+    assert_eq!(
+        body["verification_uri"],
+        "https://microsoft.com/devicelogin"
+    );
     assert_eq!(body["expires_in"], 900);
     assert_eq!(body["interval"], 1);
     assert_eq!(

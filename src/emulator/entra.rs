@@ -190,13 +190,9 @@ fn missing(name: &str) -> Response {
     )
 }
 
-/// The form fields of an Entra request; a body that is not form-encoded
-/// is refused as missing `first_field` (as Entra does).
-fn read_form(
-    headers: &HeaderMap,
-    body: &[u8],
-    first_field: &str,
-) -> Result<Vec<(String, String)>, Response> {
+/// The form fields of an Entra request; None when the body is not
+/// form-encoded (Entra then answers as if the first field were missing).
+fn read_form(headers: &HeaderMap, body: &[u8]) -> Option<Vec<(String, String)>> {
     let is_form = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -204,12 +200,11 @@ fn read_form(
             v.to_ascii_lowercase()
                 .starts_with("application/x-www-form-urlencoded")
         });
-    if !is_form {
-        return Err(missing(first_field));
-    }
-    Ok(url::form_urlencoded::parse(body)
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect())
+    is_form.then(|| {
+        url::form_urlencoded::parse(body)
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect()
+    })
 }
 
 /// A non-empty form field.
@@ -223,9 +218,8 @@ fn form_field<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a str> {
 /// Handles the token endpoint. Every tenant name is accepted ([I]: the
 /// emulator is one tenant under every name).
 pub(crate) fn token(emu: &Emulator, tenant: &str, headers: &HeaderMap, body: &[u8]) -> Response {
-    let form = match read_form(headers, body, "grant_type") {
-        Ok(form) => form,
-        Err(refused) => return refused,
+    let Some(form) = read_form(headers, body) else {
+        return missing("grant_type");
     };
     let field = |name: &str| form_field(&form, name);
     let Some(grant_type) = field("grant_type") else {
@@ -245,7 +239,9 @@ pub(crate) fn token(emu: &Emulator, tenant: &str, headers: &HeaderMap, body: &[u
             field("refresh_token"),
             field("scope"),
         ),
-        DEVICE_CODE_GRANT => device_code_grant(emu, tenant, field("client_id"), field("device_code")),
+        DEVICE_CODE_GRANT => {
+            device_code_grant(emu, tenant, field("client_id"), field("device_code"))
+        }
         "client_credentials" => {
             let has_credential = basic_client
                 || field("client_secret").is_some()
@@ -400,22 +396,22 @@ fn issue(
             RefreshTokenRecord {
                 expires_at,
                 revoked: false,
-                account: account.clone().unwrap_or_else(|| DEFAULT_ACCOUNT.to_owned()),
+                account: account
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_ACCOUNT.to_owned()),
             },
         );
     }
     drop(inner);
-    let id_token = user
-        .filter(|u| has_scope(u.scope, "openid"))
-        .map(|u| {
-            mint_id_token(
-                tenant,
-                u.client_id,
-                u.account,
-                has_scope(u.scope, "profile"),
-                expires_at.timestamp(),
-            )
-        });
+    let id_token = user.filter(|u| has_scope(u.scope, "openid")).map(|u| {
+        mint_id_token(
+            tenant,
+            u.client_id,
+            u.account,
+            has_scope(u.scope, "profile"),
+            expires_at.timestamp(),
+        )
+    });
     tracing::debug!(?kind, tenant, "emulator issued an access token");
     wire::json_ok(&TokenAnswer {
         token_type: "Bearer",
@@ -431,9 +427,8 @@ fn issue(
 /// Handles `POST /{tenant}/oauth2/v2.0/devicecode` (RFC 8628 §3.1–3.2):
 /// `client_id` and `scope` are required.
 pub(crate) fn device_code(emu: &Emulator, headers: &HeaderMap, body: &[u8]) -> Response {
-    let form = match read_form(headers, body, "client_id") {
-        Ok(form) => form,
-        Err(refused) => return refused,
+    let Some(form) = read_form(headers, body) else {
+        return missing("client_id");
     };
     let Some(client_id) = form_field(&form, "client_id") else {
         return missing("client_id");
@@ -486,9 +481,9 @@ pub(crate) fn device_code(emu: &Emulator, headers: &HeaderMap, body: &[u8]) -> R
 /// (the client measures on its own clock), gets `slow_down`.
 const POLL_TOLERANCE_MS: i64 = 50;
 
-/// The device-code grant (RFC 8628 §3.4–3.5, Entra's errors). AADSTS
-/// codes: 70016 pending, 70000 declined, 70020 expired (Entra's list);
-/// which code goes with `slow_down` and `bad_verification_code` is [I].
+/// The device-code grant (RFC 8628 §3.4–3.5, Entra's error names). The
+/// AADSTS codes (70016 pending and slow_down, 70000 declined and
+/// bad_verification_code, 70020 expired) are [I] ("Device authorization grant").
 fn device_code_grant(
     emu: &Emulator,
     tenant: &str,
@@ -520,7 +515,8 @@ fn device_code_grant(
     let Some(record) = inner.device_codes.get_mut(&key) else {
         // Unknown, or already redeemed: Entra forgets a device code once it
         // has issued tokens for it, so a second redemption finds no code
-        // and gets bad_verification_code, not invalid_grant ([I]).
+        // and gets bad_verification_code, not invalid_grant ([I],
+        // "Device authorization grant").
         return bad_code();
     };
     if client_id.is_some_and(|c| c != record.client_id) {
@@ -576,8 +572,8 @@ fn device_code_grant(
         scope: &record.scope,
     };
     // A refresh token only when offline_access was asked for (Entra).
-    let refresh_token = has_scope(&record.scope, "offline_access")
-        .then(|| format!("0.AEmu{}", random_string(300)));
+    let refresh_token =
+        has_scope(&record.scope, "offline_access").then(|| format!("0.AEmu{}", random_string(300)));
     issue(
         emu,
         tenant,

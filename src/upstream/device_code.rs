@@ -75,7 +75,9 @@ pub enum DeviceCodeError {
     Declined,
     /// Nobody signed in before the code expired (`expired_token`, or
     /// `expires_in` passed while polling).
-    #[error("the code expired before anyone signed in (codes last 15 minutes); run the command again")]
+    #[error(
+        "the code expired before anyone signed in (codes last 15 minutes); run the command again"
+    )]
     Expired,
     /// Entra refused with another OAuth error: its summary, e.g.
     /// `invalid_client (AADSTS7000218)` (never token text).
