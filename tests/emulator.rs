@@ -2006,3 +2006,462 @@ async fn no_pat_access_token_or_refresh_token_reaches_the_logs_even_at_trace() {
         assert!(!text.contains(&secret), "the {what} was logged");
     }
 }
+
+// ------------------------------------------ device authorization grant
+
+const DEVICE_CLIENT: &str = "872cd9fa-d31f-45e0-9eab-6e460a02d1f1";
+const LOGIN_SCOPE: &str =
+    "499b84ac-1321-427f-aa17-267ca6975798/.default openid profile offline_access";
+
+/// An emulator whose device codes ask for 1 s between polls.
+async fn device_emu() -> Emu {
+    Emu::start(EmulatorConfig {
+        device_code_interval: std::time::Duration::from_secs(1),
+        ..EmulatorConfig::default()
+    })
+    .await
+}
+
+async fn request_device_code(emu: &Emu, form: &[(&str, &str)]) -> (u16, Value) {
+    json_of(
+        emu.http
+            .post(emu.url("/organizations/oauth2/v2.0/devicecode"))
+            .form(form)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+/// A device code for `scope`: `(device_code, user_code)`.
+async fn device_code_for(emu: &Emu, scope: &str) -> (String, String) {
+    let (status, body) =
+        request_device_code(emu, &[("client_id", DEVICE_CLIENT), ("scope", scope)]).await;
+    assert_eq!(status, 200, "{body}");
+    (
+        body["device_code"].as_str().unwrap().to_owned(),
+        body["user_code"].as_str().unwrap().to_owned(),
+    )
+}
+
+async fn poll_device_code(emu: &Emu, device_code: &str) -> (u16, Value) {
+    json_of(
+        emu.http
+            .post(emu.url("/organizations/oauth2/v2.0/token"))
+            .form(&[
+                ("grant_type", "urn:ietf:params:oauth:grant-type:device_code"),
+                ("client_id", DEVICE_CLIENT),
+                ("device_code", device_code),
+            ])
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+/// `POST /_emulator/device-codes/{action}` with `body`; the status.
+async fn device_code_control(emu: &Emu, action: &str, body: Value) -> u16 {
+    emu.http
+        .post(emu.url(&format!("/_emulator/device-codes/{action}")))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// The OAuth error and its AADSTS code of a refusal.
+fn oauth_error(body: &Value) -> (&str, u64) {
+    (
+        body["error"].as_str().unwrap(),
+        body["error_codes"][0].as_u64().unwrap(),
+    )
+}
+
+/// The claims of a JWT-shaped token.
+fn jwt_claims(token: &str) -> Value {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).unwrap();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+async fn refresh_with_scope(emu: &Emu, refresh_token: &str, scope: &str) -> Value {
+    let (status, body) = json_of(
+        emu.http
+            .post(emu.url("/organizations/oauth2/v2.0/token"))
+            .form(&[
+                ("grant_type", "refresh_token"),
+                ("client_id", DEVICE_CLIENT),
+                ("refresh_token", refresh_token),
+                ("scope", scope),
+            ])
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+#[tokio::test]
+async fn a_device_code_is_issued_in_entras_shape() {
+    let emu = device_emu().await;
+    let (status, body) = request_device_code(
+        &emu,
+        &[("client_id", DEVICE_CLIENT), ("scope", LOGIN_SCOPE)],
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        keys(&body),
+        [
+            "device_code",
+            "expires_in",
+            "interval",
+            "message",
+            "user_code",
+            "verification_uri"
+        ]
+    );
+    let user_code = body["user_code"].as_str().unwrap();
+    assert_eq!(user_code.len(), 9);
+    assert!(user_code
+        .chars()
+        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit()));
+    assert!(body["device_code"].as_str().unwrap().len() >= 100);
+    assert_eq!(
+        body["verification_uri"],
+        "https://microsoft.com/devicelogin"
+    );
+    assert_eq!(body["expires_in"], 900);
+    assert_eq!(body["interval"], 1);
+    assert_eq!(
+        body["message"],
+        format!("To sign in, use a web browser to open the page https://microsoft.com/devicelogin and enter the code {user_code} to authenticate.")
+    );
+    // Each request gets its own codes.
+    let (other_device, other_user) = device_code_for(&emu, LOGIN_SCOPE).await;
+    assert_ne!(other_device, body["device_code"].as_str().unwrap());
+    assert_ne!(other_user, user_code);
+
+    // client_id and scope are required, as the token endpoint requires its fields.
+    for form in [
+        vec![("scope", LOGIN_SCOPE)],
+        vec![("client_id", DEVICE_CLIENT)],
+    ] {
+        let (status, body) = request_device_code(&emu, &form).await;
+        assert_eq!(status, 400);
+        assert_eq!(oauth_error(&body), ("invalid_request", 900144));
+    }
+    // The default interval is RFC 8628's 5 s.
+    let emu = Emu::start_default().await;
+    let (_, body) = request_device_code(
+        &emu,
+        &[("client_id", DEVICE_CLIENT), ("scope", LOGIN_SCOPE)],
+    )
+    .await;
+    assert_eq!(body["interval"], 5);
+}
+
+#[tokio::test]
+async fn an_approved_device_code_signs_the_account_in_once() {
+    let emu = device_emu().await;
+    let (device_code, user_code) = device_code_for(&emu, LOGIN_SCOPE).await;
+    let (status, body) = poll_device_code(&emu, &device_code).await;
+    assert_eq!(status, 400);
+    assert_eq!(oauth_error(&body), ("authorization_pending", 70016));
+    assert!(body["error_description"]
+        .as_str()
+        .unwrap()
+        .starts_with("AADSTS70016:"));
+
+    assert_eq!(
+        device_code_control(
+            &emu,
+            "approve",
+            json!({"userCode": user_code.to_lowercase(), "account": "ops@contoso.com"})
+        )
+        .await,
+        200
+    );
+    // An approved code is redeemed at once (slow_down is for pending codes).
+    let (status, body) = poll_device_code(&emu, &device_code).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["token_type"], "Bearer");
+    assert_eq!(body["expires_in"], 3599);
+    assert_eq!(
+        body["scope"],
+        "499b84ac-1321-427f-aa17-267ca6975798/.default"
+    );
+    let access = body["access_token"].as_str().unwrap().to_owned();
+    let refresh = body["refresh_token"].as_str().unwrap().to_owned();
+    let id = jwt_claims(body["id_token"].as_str().unwrap());
+    assert_eq!(id["preferred_username"], "ops@contoso.com");
+    assert_eq!(id["name"], "Ops");
+    assert_eq!(id["aud"], DEVICE_CLIENT);
+    assert_eq!(id["tid"], "organizations");
+    assert!(id["oid"].is_string());
+    let claims = jwt_claims(&access);
+    assert_eq!(claims["upn"], "ops@contoso.com");
+    assert_eq!(claims["preferred_username"], "ops@contoso.com");
+    assert_eq!(claims["oid"], id["oid"]);
+    // The access token is a user-delegated one the PAT API accepts.
+    let (status, _) = json_of(
+        send(
+            &emu,
+            Method::GET,
+            &pats_target("fabrikam", ""),
+            Some(&access),
+            None,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    // Redeemed once: Entra forgets the code.
+    let (status, body) = poll_device_code(&emu, &device_code).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"], "bad_verification_code");
+    assert_eq!(
+        device_code_control(&emu, "approve", json!({"userCode": user_code})).await,
+        404
+    );
+
+    // The refresh token keeps the account; openid profile adds an id_token.
+    let refreshed = refresh_with_scope(&emu, &refresh, LOGIN_SCOPE).await;
+    let id = jwt_claims(refreshed["id_token"].as_str().unwrap());
+    assert_eq!(id["preferred_username"], "ops@contoso.com");
+    assert_eq!(
+        jwt_claims(refreshed["access_token"].as_str().unwrap())["upn"],
+        "ops@contoso.com"
+    );
+    // And so does the one it rotated to.
+    let rotated = refreshed["refresh_token"].as_str().unwrap();
+    let again = refresh_with_scope(&emu, rotated, LOGIN_SCOPE).await;
+    assert_eq!(
+        jwt_claims(again["id_token"].as_str().unwrap())["preferred_username"],
+        "ops@contoso.com"
+    );
+    // The seeded refresh token stays the emulated user's; no openid, no id_token.
+    let seeded = refresh_with_scope(&emu, DEFAULT_REFRESH_TOKEN, LOGIN_SCOPE).await;
+    assert_eq!(
+        jwt_claims(seeded["id_token"].as_str().unwrap())["preferred_username"],
+        "emulated.user@fabrikam.example"
+    );
+    let plain: Value = emu
+        .refresh_grant(DEFAULT_REFRESH_TOKEN)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(plain.get("id_token").is_none(), "{plain}");
+    assert_eq!(
+        jwt_claims(plain["access_token"].as_str().unwrap())["upn"],
+        "emulated.user@fabrikam.example"
+    );
+}
+
+#[tokio::test]
+async fn a_device_sign_in_without_offline_access_or_openid_gets_neither_token() {
+    let emu = device_emu().await;
+    let (device_code, user_code) =
+        device_code_for(&emu, "499b84ac-1321-427f-aa17-267ca6975798/.default").await;
+    assert_eq!(
+        device_code_control(&emu, "approve", json!({"userCode": user_code})).await,
+        200
+    );
+    let (status, body) = poll_device_code(&emu, &device_code).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["access_token"].is_string());
+    assert!(body.get("refresh_token").is_none(), "{body}");
+    assert!(body.get("id_token").is_none(), "{body}");
+    // Approved without an account: the seeded one.
+    assert_eq!(
+        jwt_claims(body["access_token"].as_str().unwrap())["upn"],
+        "emulated.user@fabrikam.example"
+    );
+    // openid without profile: an id_token without preferred_username.
+    let (device_code, user_code) = device_code_for(&emu, "a/.default openid offline_access").await;
+    device_code_control(
+        &emu,
+        "approve",
+        json!({"userCode": user_code, "account": "ops@contoso.com"}),
+    )
+    .await;
+    let (_, body) = poll_device_code(&emu, &device_code).await;
+    let id = jwt_claims(body["id_token"].as_str().unwrap());
+    assert!(id.get("preferred_username").is_none(), "{id}");
+    assert_eq!(id["aud"], DEVICE_CLIENT);
+}
+
+#[tokio::test]
+async fn a_declined_device_code_answers_authorization_declined() {
+    let emu = device_emu().await;
+    let (device_code, user_code) = device_code_for(&emu, LOGIN_SCOPE).await;
+    assert_eq!(
+        device_code_control(&emu, "decline", json!({"userCode": user_code})).await,
+        200
+    );
+    for _ in 0..2 {
+        let (status, body) = poll_device_code(&emu, &device_code).await;
+        assert_eq!(status, 400);
+        assert_eq!(oauth_error(&body), ("authorization_declined", 70000));
+    }
+}
+
+#[tokio::test]
+async fn a_device_code_expires_after_15_minutes_of_emulator_time() {
+    let emu = device_emu().await;
+    let (device_code, user_code) = device_code_for(&emu, LOGIN_SCOPE).await;
+    emu.advance_clock(899).await;
+    let (_, body) = poll_device_code(&emu, &device_code).await;
+    assert_eq!(body["error"], "authorization_pending");
+    emu.advance_clock(2).await;
+    // Even approved, an expired code signs nobody in.
+    device_code_control(&emu, "approve", json!({"userCode": user_code})).await;
+    let (status, body) = poll_device_code(&emu, &device_code).await;
+    assert_eq!(status, 400);
+    assert_eq!(oauth_error(&body), ("expired_token", 70020));
+}
+
+#[tokio::test]
+async fn slow_down_comes_on_request_and_for_polling_too_fast_and_widens_the_interval() {
+    let emu = device_emu().await;
+    // Polling again at once, under the 1 s interval: slow_down.
+    let (device_code, _) = device_code_for(&emu, LOGIN_SCOPE).await;
+    let (_, body) = poll_device_code(&emu, &device_code).await;
+    assert_eq!(body["error"], "authorization_pending");
+    let (status, body) = poll_device_code(&emu, &device_code).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"], "slow_down");
+
+    // On request: the next poll only, even when it keeps the interval.
+    let (device_code, user_code) = device_code_for(&emu, LOGIN_SCOPE).await;
+    assert_eq!(
+        device_code_control(&emu, "slow-down", json!({"userCode": user_code})).await,
+        200
+    );
+    let (_, body) = poll_device_code(&emu, &device_code).await;
+    assert_eq!(body["error"], "slow_down");
+    // The interval is now 6 s: a poll 1.2 s later is still too fast.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let (_, body) = poll_device_code(&emu, &device_code).await;
+    assert_eq!(body["error"], "slow_down");
+    // An approved code is redeemed whatever the pace.
+    device_code_control(&emu, "approve", json!({"userCode": user_code})).await;
+    let (status, _) = poll_device_code(&emu, &device_code).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn unknown_device_and_user_codes_are_refused() {
+    let emu = device_emu().await;
+    let (status, body) = poll_device_code(&emu, "DAQABIQEAAAnever-issued").await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"], "bad_verification_code");
+    assert!(!body.to_string().contains("never-issued"));
+    for action in ["approve", "decline", "slow-down"] {
+        assert_eq!(
+            device_code_control(&emu, action, json!({"userCode": "NOSUCHCOD"})).await,
+            404,
+            "{action}"
+        );
+        assert_eq!(
+            device_code_control(&emu, action, json!({"user": "x"})).await,
+            400,
+            "{action}"
+        );
+    }
+    // A device code is only good for the client that asked for it.
+    let (device_code, _) = device_code_for(&emu, LOGIN_SCOPE).await;
+    let (_, body) = json_of(
+        emu.http
+            .post(emu.url("/organizations/oauth2/v2.0/token"))
+            .form(&[
+                ("grant_type", "urn:ietf:params:oauth:grant-type:device_code"),
+                ("client_id", "another-client"),
+                ("device_code", device_code.as_str()),
+            ])
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(body["error"], "bad_verification_code");
+    // Without device_code: invalid_request.
+    let (status, body) = json_of(
+        emu.http
+            .post(emu.url("/organizations/oauth2/v2.0/token"))
+            .form(&[
+                ("grant_type", "urn:ietf:params:oauth:grant-type:device_code"),
+                ("client_id", DEVICE_CLIENT),
+            ])
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(oauth_error(&body), ("invalid_request", 900144));
+}
+
+#[tokio::test]
+async fn a_state_file_keeps_the_account_of_refresh_tokens_and_old_files_still_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let state_file = dir.path().join("emulator.json");
+    let config = || EmulatorConfig {
+        state_file: Some(state_file.clone()),
+        device_code_interval: std::time::Duration::from_secs(1),
+        ..EmulatorConfig::default()
+    };
+    let emu = Emu::start(config()).await;
+    let (device_code, user_code) = device_code_for(&emu, LOGIN_SCOPE).await;
+    device_code_control(
+        &emu,
+        "approve",
+        json!({"userCode": user_code, "account": "ops@contoso.com"}),
+    )
+    .await;
+    let (_, body) = poll_device_code(&emu, &device_code).await;
+    let refresh = body["refresh_token"].as_str().unwrap().to_owned();
+    drop(emu);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let text = std::fs::read_to_string(&state_file).unwrap();
+    assert!(!text.contains(&refresh));
+    let emu = Emu::start(config()).await;
+    let refreshed = refresh_with_scope(&emu, &refresh, LOGIN_SCOPE).await;
+    assert_eq!(
+        jwt_claims(refreshed["id_token"].as_str().unwrap())["preferred_username"],
+        "ops@contoso.com"
+    );
+    drop(emu);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+
+    // A file written before accounts existed: its refresh tokens are the
+    // emulated user's.
+    use sha2::Digest;
+    let old = json!({
+        "version": 1, "clockOffsetMs": 0, "organizations": {}, "pats": [],
+        "accessTokens": [],
+        "refreshTokens": [{
+            "digest": hex::encode(sha2::Sha256::digest(b"old-refresh-token")),
+            "expiresAt": (Utc::now() + Duration::days(1)).to_rfc3339(),
+            "revoked": false
+        }]
+    });
+    std::fs::write(&state_file, old.to_string()).unwrap();
+    let emu = Emu::start(config()).await;
+    let refreshed = refresh_with_scope(&emu, "old-refresh-token", LOGIN_SCOPE).await;
+    assert_eq!(
+        jwt_claims(refreshed["id_token"].as_str().unwrap())["preferred_username"],
+        "emulated.user@fabrikam.example"
+    );
+}

@@ -110,9 +110,8 @@ impl Login {
             }
         };
         // Keep draining stderr so the child never blocks on it.
-        let rest = std::thread::spawn(move || {
-            lines.map_while(Result::ok).collect::<Vec<_>>().join("\n")
-        });
+        let rest =
+            std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>().join("\n"));
         Login {
             child,
             user_code,
@@ -170,7 +169,10 @@ async fn login_as(emu: &Emu, config: &Path, account: &str) -> String {
     approve(emu, &login.user_code, account).await;
     let (ok, stdout, stderr) = login.finish().await;
     assert!(ok, "login failed: {stdout}\n{stderr}");
-    assert!(stdout.contains(&format!("signed in as {account}")), "{stdout}");
+    assert!(
+        stdout.contains(&format!("signed in as {account}")),
+        "{stdout}"
+    );
     stdout
 }
 
@@ -242,7 +244,10 @@ async fn replicas_share_one_rotating_credential_and_a_login_heals_both_without_a
     let error = s["lastError"].as_str().unwrap();
     assert!(error.contains("invalid_grant (AADSTS50173)"), "{error}");
     for broker in [&a, &b] {
-        assert_eq!(broker.metric("token_broker_upstream_credential_ok").await, 0);
+        assert_eq!(
+            broker.metric("token_broker_upstream_credential_ok").await,
+            0
+        );
         let (code, body) = broker.readyz().await;
         assert_eq!(code, 200, "an upstream failure keeps the replica ready");
         assert!(body.contains("upstream credential: FAILING"), "{body}");
@@ -264,7 +269,10 @@ async fn replicas_share_one_rotating_credential_and_a_login_heals_both_without_a
         "{s}"
     );
     for broker in [&a, &b] {
-        assert_eq!(broker.metric("token_broker_upstream_credential_ok").await, 1);
+        assert_eq!(
+            broker.metric("token_broker_upstream_credential_ok").await,
+            1
+        );
     }
     let version = s["version"].as_i64().unwrap();
 
@@ -288,8 +296,12 @@ async fn replicas_share_one_rotating_credential_and_a_login_heals_both_without_a
     .await
     .unwrap();
     assert!(
-        rows.iter().any(|(action, detail)| action == "upstream.login"
-            && detail.as_deref().unwrap_or("").contains("account=ops@contoso.com")),
+        rows.iter()
+            .any(|(action, detail)| action == "upstream.login"
+                && detail
+                    .as_deref()
+                    .unwrap_or("")
+                    .contains("account=ops@contoso.com")),
         "{rows:?}"
     );
     assert!(
@@ -439,14 +451,18 @@ async fn the_keep_alive_refreshes_an_idle_credential() {
             .ok_or_else(|| s.to_string())
     })
     .await;
-    let later = poll("a second keep-alive refresh", Duration::from_secs(30), || async {
-        let s = status(&config);
-        s["lastRefreshTime"]
-            .as_str()
-            .filter(|t| *t != first)
-            .map(str::to_owned)
-            .ok_or_else(|| s.to_string())
-    })
+    let later = poll(
+        "a second keep-alive refresh",
+        Duration::from_secs(30),
+        || async {
+            let s = status(&config);
+            s["lastRefreshTime"]
+                .as_str()
+                .filter(|t| *t != first)
+                .map(str::to_owned)
+                .ok_or_else(|| s.to_string())
+        },
+    )
     .await;
     assert!(later > first);
     assert!(
@@ -455,5 +471,8 @@ async fn the_keep_alive_refreshes_an_idle_credential() {
             .await
             > 0
     );
-    assert_eq!(broker.metric("token_broker_upstream_credential_ok").await, 1);
+    assert_eq!(
+        broker.metric("token_broker_upstream_credential_ok").await,
+        1
+    );
 }

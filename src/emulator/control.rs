@@ -7,8 +7,9 @@ use chrono::Duration as ChronoDuration;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::entra::DeviceCodeAction;
 use super::faults::FaultRule;
-use super::state::Emulator;
+use super::state::{Emulator, DEFAULT_ACCOUNT};
 use super::wire;
 
 /// One row of `GET /_emulator/pats`.
@@ -36,6 +37,39 @@ struct RevokeRefreshTokens {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct AdvanceClock {
     advance_seconds: i64,
+}
+
+/// Body of `/_emulator/device-codes/{approve,decline,slow-down}`.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct DeviceCodeRequest {
+    user_code: String,
+    /// approve only: who signs in (default the seeded account).
+    account: Option<String>,
+}
+
+fn device_code_endpoint(emu: &Emulator, action: &str, body: &[u8]) -> Response {
+    let req = match serde_json::from_slice::<DeviceCodeRequest>(body) {
+        Ok(r) => r,
+        Err(e) => return bad_request(format!("body: {e}")),
+    };
+    let (action, state) = match action {
+        "approve" => (
+            DeviceCodeAction::Approve(req.account.unwrap_or_else(|| DEFAULT_ACCOUNT.to_owned())),
+            "approved",
+        ),
+        "decline" => (DeviceCodeAction::Decline, "declined"),
+        _ => (DeviceCodeAction::SlowDown, "slowDown"),
+    };
+    if emu.device_code_action(&req.user_code, action) {
+        wire::json_ok(&serde_json::json!({ "userCode": req.user_code, "state": state }))
+    } else {
+        (
+            StatusCode::NOT_FOUND,
+            "no device code with that user code (unknown, redeemed or long expired)",
+        )
+            .into_response()
+    }
 }
 
 fn bad_request(why: String) -> Response {
@@ -107,6 +141,9 @@ pub(crate) fn serve(
             let revoked = emu.revoke_refresh_tokens(req.refresh_token.as_deref());
             wire::json_ok(&serde_json::json!({ "revoked": revoked }))
         }
+        (&Method::POST, ["device-codes", action @ ("approve" | "decline" | "slow-down")]) => {
+            device_code_endpoint(emu, action, body)
+        }
         (&Method::GET, ["clock"]) => clock_json(emu),
         (&Method::POST, ["clock"]) => match serde_json::from_slice::<AdvanceClock>(body) {
             Ok(a) => {
@@ -122,6 +159,7 @@ pub(crate) fn serve(
             | ["requests"]
             | ["faults"]
             | ["refresh-tokens", "revoke"]
+            | ["device-codes", "approve" | "decline" | "slow-down"]
             | ["clock"],
         ) => wire::method_not_allowed(),
         _ => return None,

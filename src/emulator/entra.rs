@@ -1,5 +1,7 @@
 //! The Entra token endpoint `POST /{tenant}/oauth2/v2.0/token`
-//! (docs/upstream-api.md, "Entra token endpoint") and the check of the bearer tokens it issued.
+//! (docs/upstream-api.md, "Entra token endpoint"), the device authorization
+//! endpoint `POST /{tenant}/oauth2/v2.0/devicecode` (RFC 8628) and the check
+//! of the bearer tokens they issued.
 
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::Response;
@@ -9,7 +11,10 @@ use rand::distributions::Alphanumeric;
 use rand::Rng;
 use serde::Serialize;
 
-use super::state::{digest, to_chrono, AccessTokenRecord, Emulator, RefreshTokenRecord, TokenKind};
+use super::state::{
+    digest, to_chrono, AccessTokenRecord, DeviceCodeRecord, DeviceCodeStatus, Emulator,
+    RefreshTokenRecord, TokenKind, DEFAULT_ACCOUNT,
+};
 use super::wire;
 
 /// The Azure DevOps resource id ("User-delegated Entra tokens only" [V]).
@@ -26,6 +31,28 @@ struct TokenAnswer {
     access_token: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     refresh_token: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id_token: Option<String>,
+}
+
+/// The grant type of RFC 8628 §3.4.
+const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
+
+/// Where Entra sends the user to enter the code.
+const VERIFICATION_URI: &str = "https://microsoft.com/devicelogin";
+
+/// How long a device code lives (Entra: 15 minutes).
+const DEVICE_CODE_LIFETIME_SECS: u64 = 900;
+
+/// Answer of the devicecode endpoint (RFC 8628 §3.2, Entra's field names).
+#[derive(Serialize)]
+struct DeviceCodeAnswer {
+    user_code: String,
+    device_code: String,
+    verification_uri: &'static str,
+    expires_in: u64,
+    interval: u64,
+    message: String,
 }
 
 /// Error answer ("Entra token endpoint" [V]): 400 with `error`, an `AADSTS…`
@@ -64,15 +91,18 @@ fn token_error(status: StatusCode, error: &'static str, code: u32, text: &str) -
 /// emulator recognises its own tokens by digest; the claims only make the
 /// shape familiar (`scp` + `idtyp=user` for delegated, `roles` + `idtyp=app`
 /// for app-only, "What the emulator models").
-fn mint_access_token(kind: TokenKind, tenant: &str, exp: i64) -> String {
+fn mint_access_token(kind: TokenKind, tenant: &str, exp: i64, account: Option<&str>) -> String {
     let header = URL_SAFE_NO_PAD.encode(br#"{"typ":"JWT","alg":"RS256","kid":"emulator"}"#);
     let claims = match kind {
-        TokenKind::User => serde_json::json!({
-            "aud": AZURE_DEVOPS_RESOURCE, "iss": format!("https://sts.windows.net/{tenant}/"),
-            "exp": exp, "idtyp": "user", "scp": "user_impersonation vso.pats vso.pats_manage",
-            "oid": "6f1c1b8e-0000-4000-8000-00000000e0e0", "tid": tenant,
-            "upn": "emulated.user@fabrikam.example", "uti": random_string(22),
-        }),
+        TokenKind::User => {
+            let account = account.unwrap_or(DEFAULT_ACCOUNT);
+            serde_json::json!({
+                "aud": AZURE_DEVOPS_RESOURCE, "iss": format!("https://sts.windows.net/{tenant}/"),
+                "exp": exp, "idtyp": "user", "scp": "user_impersonation vso.pats vso.pats_manage",
+                "oid": account_oid(account), "tid": tenant,
+                "upn": account, "preferred_username": account, "uti": random_string(22),
+            })
+        }
         TokenKind::App => serde_json::json!({
             "aud": AZURE_DEVOPS_RESOURCE, "iss": format!("https://sts.windows.net/{tenant}/"),
             "exp": exp, "idtyp": "app", "roles": [],
@@ -84,6 +114,65 @@ fn mint_access_token(kind: TokenKind, tenant: &str, exp: i64) -> String {
     format!("{header}.{claims}.{signature}")
 }
 
+/// An unsigned, JWT-shaped ID token (`alg: none`): who signed in, for the
+/// client `client_id`. `profile` adds `preferred_username` and `name`, as
+/// Entra does for the `profile` scope.
+fn mint_id_token(tenant: &str, client_id: &str, account: &str, profile: bool, exp: i64) -> String {
+    let header = URL_SAFE_NO_PAD.encode(br#"{"typ":"JWT","alg":"none"}"#);
+    let now = chrono::Utc::now().timestamp();
+    let mut claims = serde_json::json!({
+        "ver": "2.0", "iss": format!("https://login.microsoftonline.com/{tenant}/v2.0"),
+        "aud": client_id, "iat": now, "nbf": now, "exp": exp,
+        "tid": tenant, "oid": account_oid(account), "sub": URL_SAFE_NO_PAD.encode(digest(account)),
+    });
+    if profile {
+        claims["preferred_username"] = account.into();
+        claims["name"] = display_name(account).into();
+    }
+    let claims = URL_SAFE_NO_PAD.encode(claims.to_string());
+    format!("{header}.{claims}.")
+}
+
+/// A stable object id per account; the seeded account keeps the one the
+/// emulator always used.
+fn account_oid(account: &str) -> String {
+    if account == DEFAULT_ACCOUNT {
+        return "6f1c1b8e-0000-4000-8000-00000000e0e0".to_owned();
+    }
+    let d = digest(account);
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&d[..16]);
+    uuid::Builder::from_random_bytes(bytes)
+        .into_uuid()
+        .to_string()
+}
+
+/// `emulated.user@fabrikam.example` → `Emulated User`.
+fn display_name(account: &str) -> String {
+    let local = account.split('@').next().unwrap_or(account);
+    local
+        .split(['.', '_', '-'])
+        .filter(|w| !w.is_empty())
+        .map(|w| {
+            let mut chars = w.chars();
+            chars
+                .next()
+                .map(|c| c.to_uppercase().chain(chars).collect::<String>())
+                .unwrap_or_default()
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A user code like Entra's: 9 upper-case letters and digits.
+fn user_code() -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let mut rng = rand::thread_rng();
+    (0..9)
+        .map(|_| char::from(ALPHABET[rng.gen_range(0..ALPHABET.len())]))
+        .collect()
+}
+
 pub(crate) fn random_string(len: usize) -> String {
     rand::thread_rng()
         .sample_iter(&Alphanumeric)
@@ -92,9 +181,18 @@ pub(crate) fn random_string(len: usize) -> String {
         .collect()
 }
 
-/// Handles the token endpoint. Every tenant name is accepted ([I]: the
-/// emulator is one tenant under every name).
-pub(crate) fn token(emu: &Emulator, tenant: &str, headers: &HeaderMap, body: &[u8]) -> Response {
+fn missing(name: &str) -> Response {
+    token_error(
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        900144,
+        &format!("The request body must contain the following parameter: '{name}'."),
+    )
+}
+
+/// The form fields of an Entra request; None when the body is not
+/// form-encoded (Entra then answers as if the first field were missing).
+fn read_form(headers: &HeaderMap, body: &[u8]) -> Option<Vec<(String, String)>> {
     let is_form = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -102,31 +200,28 @@ pub(crate) fn token(emu: &Emulator, tenant: &str, headers: &HeaderMap, body: &[u
             v.to_ascii_lowercase()
                 .starts_with("application/x-www-form-urlencoded")
         });
-    if !is_form {
-        return token_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            900144,
-            "The request body must contain the following parameter: 'grant_type'.",
-        );
-    }
-    let form: Vec<(String, String)> = url::form_urlencoded::parse(body)
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect();
-    let field = |name: &str| {
-        form.iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-            .filter(|v| !v.is_empty())
+    is_form.then(|| {
+        url::form_urlencoded::parse(body)
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect()
+    })
+}
+
+/// A non-empty form field.
+fn form_field<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    form.iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+        .filter(|v| !v.is_empty())
+}
+
+/// Handles the token endpoint. Every tenant name is accepted ([I]: the
+/// emulator is one tenant under every name).
+pub(crate) fn token(emu: &Emulator, tenant: &str, headers: &HeaderMap, body: &[u8]) -> Response {
+    let Some(form) = read_form(headers, body) else {
+        return missing("grant_type");
     };
-    let missing = |name: &str| {
-        token_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            900144,
-            &format!("The request body must contain the following parameter: '{name}'."),
-        )
-    };
+    let field = |name: &str| form_field(&form, name);
     let Some(grant_type) = field("grant_type") else {
         return missing("grant_type");
     };
@@ -137,7 +232,16 @@ pub(crate) fn token(emu: &Emulator, tenant: &str, headers: &HeaderMap, body: &[u
         return missing("client_id");
     }
     match grant_type {
-        "refresh_token" => refresh_grant(emu, tenant, field("refresh_token"), field("scope")),
+        "refresh_token" => refresh_grant(
+            emu,
+            tenant,
+            field("client_id").unwrap_or_default(),
+            field("refresh_token"),
+            field("scope"),
+        ),
+        DEVICE_CODE_GRANT => {
+            device_code_grant(emu, tenant, field("client_id"), field("device_code"))
+        }
         "client_credentials" => {
             let has_credential = basic_client
                 || field("client_secret").is_some()
@@ -163,7 +267,7 @@ pub(crate) fn token(emu: &Emulator, tenant: &str, headers: &HeaderMap, body: &[u
                     "The provided value for scope is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier (application ID URI).",
                 );
             }
-            issue(emu, tenant, TokenKind::App, None, None)
+            issue(emu, tenant, TokenKind::App, None, None, None)
         }
         _ => token_error(
             StatusCode::BAD_REQUEST,
@@ -177,6 +281,7 @@ pub(crate) fn token(emu: &Emulator, tenant: &str, headers: &HeaderMap, body: &[u
 fn refresh_grant(
     emu: &Emulator,
     tenant: &str,
+    client_id: &str,
     refresh_token: Option<&str>,
     scope: Option<&str>,
 ) -> Response {
@@ -189,7 +294,7 @@ fn refresh_grant(
         );
     };
     let key = digest(refresh_token);
-    {
+    let account = {
         let inner = emu.lock();
         let now = inner.now();
         // AADSTS codes per the Entra error-code list; which one the service
@@ -219,19 +324,47 @@ fn refresh_grant(
                     "The refresh token has expired due to inactivity.",
                 )
             }
-            Some(_) => {}
+            // The new tokens belong to the refresh token's account.
+            Some(r) => r.account.clone(),
         }
-    }
+    };
     // A new refresh token every time; the old one stays valid ("Refresh tokens" [V]).
     let new_refresh = format!("0.AEmu{}", random_string(300));
-    let scope = scope.map(|s| {
-        // Echo the resource scopes granted, as Entra does (shape [I]).
-        s.split_whitespace()
-            .filter(|s| !matches!(*s, "offline_access" | "openid" | "profile"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    });
-    issue(emu, tenant, TokenKind::User, Some(new_refresh), scope)
+    let user = UserGrant {
+        account: &account,
+        client_id,
+        scope: scope.unwrap_or_default(),
+    };
+    issue(
+        emu,
+        tenant,
+        TokenKind::User,
+        Some(new_refresh),
+        scope.map(granted_scope),
+        Some(&user),
+    )
+}
+
+/// Echo the resource scopes granted, as Entra does (shape [I]).
+fn granted_scope(requested: &str) -> String {
+    requested
+        .split_whitespace()
+        .filter(|s| !matches!(*s, "offline_access" | "openid" | "profile"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn has_scope(scope: &str, word: &str) -> bool {
+    scope.split_whitespace().any(|w| w == word)
+}
+
+/// Who a user-delegated grant signs in, and what for (the `id_token`).
+struct UserGrant<'a> {
+    account: &'a str,
+    client_id: &'a str,
+    /// The scope asked for: `openid` adds an `id_token`, `profile` its
+    /// `preferred_username` and `name`.
+    scope: &'a str,
 }
 
 fn issue(
@@ -240,15 +373,21 @@ fn issue(
     kind: TokenKind,
     refresh_token: Option<String>,
     scope: Option<String>,
+    user: Option<&UserGrant<'_>>,
 ) -> Response {
     let lifetime = emu.config.access_token_lifetime;
+    let account = user.map(|u| u.account.to_owned());
     let mut inner = emu.lock();
     let now = inner.now();
     let expires_at = now + to_chrono(lifetime);
-    let access_token = mint_access_token(kind, tenant, expires_at.timestamp());
+    let access_token = mint_access_token(kind, tenant, expires_at.timestamp(), account.as_deref());
     inner.access_tokens.insert(
         digest(&access_token),
-        AccessTokenRecord { kind, expires_at },
+        AccessTokenRecord {
+            kind,
+            expires_at,
+            account: account.clone(),
+        },
     );
     if let Some(rt) = &refresh_token {
         let expires_at = now + to_chrono(emu.config.refresh_token_lifetime);
@@ -257,10 +396,22 @@ fn issue(
             RefreshTokenRecord {
                 expires_at,
                 revoked: false,
+                account: account
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_ACCOUNT.to_owned()),
             },
         );
     }
     drop(inner);
+    let id_token = user.filter(|u| has_scope(u.scope, "openid")).map(|u| {
+        mint_id_token(
+            tenant,
+            u.client_id,
+            u.account,
+            has_scope(u.scope, "profile"),
+            expires_at.timestamp(),
+        )
+    });
     tracing::debug!(?kind, tenant, "emulator issued an access token");
     wire::json_ok(&TokenAnswer {
         token_type: "Bearer",
@@ -269,7 +420,168 @@ fn issue(
         ext_expires_in: lifetime.as_secs(),
         access_token,
         refresh_token,
+        id_token,
     })
+}
+
+/// Handles `POST /{tenant}/oauth2/v2.0/devicecode` (RFC 8628 §3.1–3.2):
+/// `client_id` and `scope` are required.
+pub(crate) fn device_code(emu: &Emulator, headers: &HeaderMap, body: &[u8]) -> Response {
+    let Some(form) = read_form(headers, body) else {
+        return missing("client_id");
+    };
+    let Some(client_id) = form_field(&form, "client_id") else {
+        return missing("client_id");
+    };
+    let Some(scope) = form_field(&form, "scope") else {
+        return missing("scope");
+    };
+    let device_code = format!("DAQABIQEAAAEmu{}", random_string(160));
+    let interval = emu.config.device_code_interval.as_secs().max(1);
+    let mut inner = emu.lock();
+    let now = inner.now();
+    // Forget codes an hour past their expiry (until then they answer
+    // expired_token).
+    inner
+        .device_codes
+        .retain(|_, r| r.expires_at + chrono::Duration::hours(1) > now);
+    let user_code = loop {
+        let code = user_code();
+        if !inner.device_codes.values().any(|r| r.user_code == code) {
+            break code;
+        }
+    };
+    inner.device_codes.insert(
+        digest(&device_code),
+        DeviceCodeRecord {
+            user_code: user_code.clone(),
+            client_id: client_id.to_owned(),
+            scope: scope.to_owned(),
+            expires_at: now + chrono::Duration::seconds(DEVICE_CODE_LIFETIME_SECS as i64),
+            interval_secs: interval,
+            last_poll: None,
+            status: DeviceCodeStatus::Pending,
+            slow_down_next: false,
+        },
+    );
+    drop(inner);
+    wire::json_ok(&DeviceCodeAnswer {
+        message: format!(
+            "To sign in, use a web browser to open the page {VERIFICATION_URI} and enter the code {user_code} to authenticate."
+        ),
+        user_code,
+        device_code,
+        verification_uri: VERIFICATION_URI,
+        expires_in: DEVICE_CODE_LIFETIME_SECS,
+        interval,
+    })
+}
+
+/// A poll closer to the previous one than the interval, less this much
+/// (the client measures on its own clock), gets `slow_down`.
+const POLL_TOLERANCE_MS: i64 = 50;
+
+/// The device-code grant (RFC 8628 §3.4–3.5, Entra's error names). The
+/// AADSTS codes (70016 pending and slow_down, 70000 declined and
+/// bad_verification_code, 70020 expired) are [I] ("Device authorization grant").
+fn device_code_grant(
+    emu: &Emulator,
+    tenant: &str,
+    client_id: Option<&str>,
+    device_code: Option<&str>,
+) -> Response {
+    let Some(device_code) = device_code else {
+        return missing("device_code");
+    };
+    let bad_code = || {
+        token_error(
+            StatusCode::BAD_REQUEST,
+            "bad_verification_code",
+            70000,
+            "The provided value for the input parameter 'device_code' is not valid.",
+        )
+    };
+    let slow_down = || {
+        token_error(
+            StatusCode::BAD_REQUEST,
+            "slow_down",
+            70016,
+            "OAuth 2.0 device flow error. Authorization is pending and the client polls too often; wait longer between requests.",
+        )
+    };
+    let key = digest(device_code);
+    let mut inner = emu.lock();
+    let now = inner.now();
+    let Some(record) = inner.device_codes.get_mut(&key) else {
+        // Unknown, or already redeemed: Entra forgets a device code once it
+        // has issued tokens for it, so a second redemption finds no code
+        // and gets bad_verification_code, not invalid_grant ([I],
+        // "Device authorization grant").
+        return bad_code();
+    };
+    if client_id.is_some_and(|c| c != record.client_id) {
+        // A code is only good for the client that asked for it ([I]).
+        return bad_code();
+    }
+    if record.expires_at <= now {
+        return token_error(
+            StatusCode::BAD_REQUEST,
+            "expired_token",
+            70020,
+            "The provided value for the input parameter 'device_code' is not valid. Device codes expire 15 minutes after they are issued; have the user sign in again.",
+        );
+    }
+    if record.status == DeviceCodeStatus::Declined {
+        return token_error(
+            StatusCode::BAD_REQUEST,
+            "authorization_declined",
+            70000,
+            "The user declined the authentication request.",
+        );
+    }
+    let previous_poll = record.last_poll.replace(now);
+    if std::mem::take(&mut record.slow_down_next) {
+        record.interval_secs += 5;
+        return slow_down();
+    }
+    let account = match &record.status {
+        DeviceCodeStatus::Approved { account } => account.clone(),
+        _ => {
+            // slow_down is a variant of authorization_pending (RFC 8628 §3.5).
+            let interval = chrono::Duration::seconds(record.interval_secs as i64)
+                - chrono::Duration::milliseconds(POLL_TOLERANCE_MS);
+            if previous_poll.is_some_and(|p| now - p < interval) {
+                record.interval_secs += 5;
+                return slow_down();
+            }
+            return token_error(
+                StatusCode::BAD_REQUEST,
+                "authorization_pending",
+                70016,
+                "OAuth 2.0 device flow error. Authorization is pending. Continue polling.",
+            );
+        }
+    };
+    let Some(record) = inner.device_codes.remove(&key) else {
+        return bad_code();
+    };
+    drop(inner);
+    let user = UserGrant {
+        account: &account,
+        client_id: &record.client_id,
+        scope: &record.scope,
+    };
+    // A refresh token only when offline_access was asked for (Entra).
+    let refresh_token =
+        has_scope(&record.scope, "offline_access").then(|| format!("0.AEmu{}", random_string(300)));
+    issue(
+        emu,
+        tenant,
+        TokenKind::User,
+        refresh_token,
+        Some(granted_scope(&record.scope)),
+        Some(&user),
+    )
 }
 
 /// The outcome of checking a PAT API caller's `Authorization` header.
@@ -302,7 +614,37 @@ pub(crate) fn check_bearer(emu: &Emulator, headers: &HeaderMap) -> Bearer {
     }
 }
 
+/// What a test does to a device code through `/_emulator/device-codes/…`.
+pub(crate) enum DeviceCodeAction {
+    /// Sign in as this account.
+    Approve(String),
+    Decline,
+    /// The next poll answers `slow_down`.
+    SlowDown,
+}
+
 impl Emulator {
+    /// Acts on the device code whose user code is `user_code` (case
+    /// ignored); false when there is none (unknown, redeemed or forgotten).
+    pub(crate) fn device_code_action(&self, user_code: &str, action: DeviceCodeAction) -> bool {
+        let mut inner = self.lock();
+        let Some(record) = inner
+            .device_codes
+            .values_mut()
+            .find(|r| r.user_code.eq_ignore_ascii_case(user_code.trim()))
+        else {
+            return false;
+        };
+        match action {
+            DeviceCodeAction::Approve(account) => {
+                record.status = DeviceCodeStatus::Approved { account }
+            }
+            DeviceCodeAction::Decline => record.status = DeviceCodeStatus::Declined,
+            DeviceCodeAction::SlowDown => record.slow_down_next = true,
+        }
+        true
+    }
+
     /// Revokes one refresh token (by value), or every one when `None`, as
     /// Graph `revokeSignInSessions` does ("Refresh tokens" [V]). Returns how many.
     pub(crate) fn revoke_refresh_tokens(&self, refresh_token: Option<&str>) -> usize {

@@ -83,6 +83,9 @@ pub struct EmulatorConfig {
     /// (temporary file + rename) after each call that changes them and at
     /// shutdown. None: memory only.
     pub state_file: Option<std::path::PathBuf>,
+    /// `interval` of a device code (seconds a client waits between polls
+    /// of the device-code grant; RFC 8628 default 5 s).
+    pub device_code_interval: Duration,
 }
 
 impl Default for EmulatorConfig {
@@ -100,6 +103,7 @@ impl Default for EmulatorConfig {
             access_token_lifetime: Duration::from_secs(3599),
             refresh_token_lifetime: Duration::from_secs(90 * 24 * 3600),
             state_file: None,
+            device_code_interval: Duration::from_secs(5),
         }
     }
 }
@@ -144,6 +148,16 @@ pub struct EmulatorArgs {
     /// restarts; memory only when absent.
     #[arg(long, value_name = "PATH")]
     pub state_file: Option<std::path::PathBuf>,
+    /// `interval` the device-code endpoint tells clients to wait between
+    /// polls, in seconds.
+    #[arg(
+        long,
+        env = "TOKEN_BROKER_EMULATOR_DEVICE_CODE_INTERVAL",
+        value_name = "SECONDS",
+        default_value_t = 5,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub device_code_interval: u64,
 }
 
 impl From<EmulatorArgs> for EmulatorConfig {
@@ -158,6 +172,7 @@ impl From<EmulatorArgs> for EmulatorConfig {
             allow_packaging_only: a.allow_packaging_only,
             legacy_tokens: a.legacy_tokens,
             state_file: a.state_file,
+            device_code_interval: Duration::from_secs(a.device_code_interval),
             ..EmulatorConfig::default()
         }
     }
@@ -274,9 +289,19 @@ mod tests {
         assert_eq!(config.refresh_token.expose_secret(), DEFAULT_REFRESH_TOKEN);
         assert!(config.block_global_creation);
         assert_eq!(config.state_file, None);
-        let cli = Cli::try_parse_from(["emulator", "--state-file", "emu.json"]).unwrap();
+        assert_eq!(config.device_code_interval, Duration::from_secs(5));
+        let cli = Cli::try_parse_from([
+            "emulator",
+            "--state-file",
+            "emu.json",
+            "--device-code-interval",
+            "1",
+        ])
+        .unwrap();
         let config = EmulatorConfig::from(cli.args);
         assert_eq!(config.state_file, Some("emu.json".into()));
+        assert_eq!(config.device_code_interval, Duration::from_secs(1));
+        assert!(Cli::try_parse_from(["emulator", "--device-code-interval", "0"]).is_err());
     }
 
     #[test]

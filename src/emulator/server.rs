@@ -40,6 +40,7 @@ pub(crate) fn router(emu: Emulator) -> Router {
 /// What a normalised path addresses.
 enum Route {
     Token { tenant: String },
+    DeviceCode,
     Pats { org: String },
     Data { org: String, resource: Resource },
     Control { rest: Vec<String> },
@@ -67,6 +68,7 @@ fn route(path: &str) -> Option<Route> {
         [tenant, "oauth2", "v2.0", "token"] => Some(Route::Token {
             tenant: (*tenant).to_owned(),
         }),
+        [_tenant, "oauth2", "v2.0", "devicecode"] => Some(Route::DeviceCode),
         [o, "_apis", "tokens", "pats"] => org(o).map(|org| Route::Pats { org }),
         [o, "_apis", "git", "repositories"] => org(o).map(|org| Route::Data {
             org,
@@ -113,6 +115,10 @@ async fn dispatch(State(emu): State<Emulator>, req: Request) -> Response {
         }
         Route::Token { .. } if method == Method::POST => Operation::Token,
         Route::Token { .. } => return wire::method_not_allowed(),
+        // The devicecode endpoint is part of Entra's surface: counted and
+        // faulted as `token`.
+        Route::DeviceCode if method == Method::POST => Operation::Token,
+        Route::DeviceCode => return wire::method_not_allowed(),
         Route::Data { .. } if method == Method::GET => Operation::Dataplane,
         Route::Data { .. } => return wire::method_not_allowed(),
         Route::Pats { .. } => match method {
@@ -165,6 +171,7 @@ async fn serve_operation(
     let repeat_page = fault.as_ref().is_some_and(|f| f.repeat_page);
     let mut answer = match route {
         Route::Token { tenant } => entra::token(emu, &tenant, headers, body),
+        Route::DeviceCode => entra::device_code(emu, headers, body),
         Route::Data { org, resource } => dataplane::serve(emu, &org, resource, headers),
         Route::Pats { org } => pat_api(emu, op, &org, method, query, headers, body, repeat_page),
         Route::Control { .. } => unreachable!("answered above"),

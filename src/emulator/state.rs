@@ -100,18 +100,66 @@ pub(crate) enum TokenKind {
     App,
 }
 
-#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
+/// The signed-in user of the seeded refresh token, and of tokens kept by
+/// an emulator that predates accounts (the `upn` it always put in tokens).
+pub(crate) const DEFAULT_ACCOUNT: &str = "emulated.user@fabrikam.example";
+
+fn default_account() -> String {
+    DEFAULT_ACCOUNT.to_owned()
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct AccessTokenRecord {
     pub kind: TokenKind,
     pub expires_at: DateTime<Utc>,
+    /// The signed-in user of a user-delegated token; None for app-only
+    /// tokens (and in state files written before accounts).
+    #[serde(default)]
+    pub account: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct RefreshTokenRecord {
     pub expires_at: DateTime<Utc>,
     pub revoked: bool,
+    /// The signed-in user the refresh token belongs to; tokens redeemed
+    /// with it keep this account.
+    #[serde(default = "default_account")]
+    pub account: String,
+}
+
+/// Where a device code stands (RFC 8628 device authorization grant).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum DeviceCodeStatus {
+    /// Nobody has signed in yet.
+    Pending,
+    /// Approved (`/_emulator/device-codes/approve`) by this account.
+    Approved { account: String },
+    /// Declined (`/_emulator/device-codes/decline`).
+    Declined,
+}
+
+/// A device code issued by `/{tenant}/oauth2/v2.0/devicecode`. Kept in
+/// memory only (it lives 15 minutes), by the device code's digest.
+#[derive(Clone, Debug)]
+pub(crate) struct DeviceCodeRecord {
+    /// Upper-case; not a secret on its own (useless without the device code).
+    pub user_code: String,
+    pub client_id: String,
+    /// The scope asked for, as sent.
+    pub scope: String,
+    /// Emulator time.
+    pub expires_at: DateTime<Utc>,
+    /// Seconds a client must wait between polls; grows by 5 with each
+    /// `slow_down` (RFC 8628 §3.5).
+    pub interval_secs: u64,
+    /// Emulator time of the last poll.
+    pub last_poll: Option<DateTime<Utc>>,
+    pub status: DeviceCodeStatus,
+    /// `/_emulator/device-codes/slow-down` asked that the next poll get `slow_down`.
+    pub slow_down_next: bool,
 }
 
 /// Counters for `/_emulator/stats`.
@@ -192,6 +240,8 @@ pub(crate) struct Inner {
     pub organizations: HashMap<String, Uuid>,
     pub access_tokens: HashMap<SecretDigest, AccessTokenRecord>,
     pub refresh_tokens: HashMap<SecretDigest, RefreshTokenRecord>,
+    /// Device codes by their digest (not kept in the state file).
+    pub device_codes: HashMap<SecretDigest, DeviceCodeRecord>,
     pub faults: Vec<FaultRule>,
     pub stats: Stats,
     /// Recent PAT API requests, oldest first, at most [`MAX_REQUEST_LOG`].
@@ -298,7 +348,7 @@ impl Inner {
                 .iter()
                 .map(|(d, r)| Kept {
                     digest: *d,
-                    record: *r,
+                    record: r.clone(),
                 })
                 .collect(),
             refresh_tokens: self
@@ -306,7 +356,7 @@ impl Inner {
                 .iter()
                 .map(|(d, r)| Kept {
                     digest: *d,
-                    record: *r,
+                    record: r.clone(),
                 })
                 .collect(),
         }
@@ -395,6 +445,7 @@ impl Emulator {
             RefreshTokenRecord {
                 expires_at: now + to_chrono(config.refresh_token_lifetime),
                 revoked: false,
+                account: default_account(),
             },
         );
         Emulator {
@@ -406,6 +457,7 @@ impl Emulator {
                 organizations: HashMap::new(),
                 access_tokens: HashMap::new(),
                 refresh_tokens,
+                device_codes: HashMap::new(),
                 faults: Vec::new(),
                 stats: Stats::default(),
                 requests: VecDeque::new(),

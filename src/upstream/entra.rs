@@ -278,7 +278,7 @@ impl EntraClient {
             account: answer
                 .id_token
                 .as_ref()
-                .and_then(|t| id_token_account(t.expose_secret())),
+                .and_then(|t| super::device_code::preferred_username(t.expose_secret())),
         })
     }
 }
@@ -292,20 +292,6 @@ pub(crate) fn with_scopes(scope: &str, extra: &[&str]) -> String {
         }
     }
     words.join(" ")
-}
-
-/// The `preferred_username` claim of an id token (a JWT), unverified: the
-/// account is only shown and audited, and the token came over TLS straight
-/// from the authority, as the answer to the broker's own request.
-pub(crate) fn id_token_account(id_token: &str) -> Option<String> {
-    use base64::Engine as _;
-    let payload = id_token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload.trim_end_matches('='))
-        .ok()?;
-    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    let account = claims.get("preferred_username")?.as_str()?;
-    (!account.is_empty()).then(|| shorten(account, 256))
 }
 
 /// Access tokens from the refresh-token grant, cached until shortly before
@@ -352,9 +338,9 @@ struct TokenResponse {
 
 /// Error answer of the token endpoint: `{"error","error_description","error_codes",...}`.
 #[derive(Default, Deserialize)]
-struct TokenErrorResponse {
+pub(crate) struct TokenErrorResponse {
     #[serde(default)]
-    error: Option<String>,
+    pub(crate) error: Option<String>,
     #[serde(default)]
     error_description: Option<String>,
     #[serde(default)]
@@ -366,7 +352,7 @@ struct TokenErrorResponse {
 impl TokenErrorResponse {
     /// `invalid_grant (AADSTS70008)`: the OAuth error and the AADSTS code,
     /// never the description's free text beyond its code.
-    fn summary(&self) -> String {
+    pub(crate) fn summary(&self) -> String {
         let error = self.error.as_deref().unwrap_or("unknown_error");
         let code = self
             .error_codes

@@ -80,7 +80,10 @@ fn config_toml(spec: &BrokerSpec, policy_file: &std::path::Path) -> String {
         refresh = if spec.refresh_token.expose_secret().is_empty() {
             String::new()
         } else {
-            format!("refresh_token = {}\n", toml_str(spec.refresh_token.expose_secret()))
+            format!(
+                "refresh_token = {}\n",
+                toml_str(spec.refresh_token.expose_secret())
+            )
         },
         emu = toml_str(&spec.emulator_url),
         policy = toml_str(&policy_file.display().to_string()),
