@@ -422,7 +422,10 @@ impl CredentialStatus {
         let warning = if cred.state == CredentialState::Failing {
             Some(format!("Entra refuses this credential: {RESEED_HINT}"))
         } else if age >= WARN_AFTER {
-            let days_left = INACTIVITY_END.saturating_sub(age).as_secs() / 86_400;
+            let days_left = INACTIVITY_END
+                .saturating_sub(age)
+                .as_secs()
+                .div_ceil(86_400);
             Some(format!(
                 "the refresh token was stored {} days ago; Entra ends it after 90 days unused (AADSTS700082), {days_left} days from now. A running broker refreshes it every upstream.keepalive_interval: is one running? Else {RESEED_HINT}",
                 age.as_secs() / 86_400
@@ -501,6 +504,46 @@ mod tests {
         assert_ne!(a, configured_digest(&"rt-2".to_owned().into()));
         assert_eq!(a.len(), 64);
         assert!(!a.contains("rt-1"));
+    }
+
+    fn stored(age_days: i64, state: CredentialState) -> UpstreamCredential {
+        let now = Timestamp::now();
+        UpstreamCredential {
+            version: 7,
+            sealed: crate::crypto::Sealed {
+                key_id: "k1".into(),
+                nonce: [0; 12],
+                ciphertext: vec![1; 16],
+            },
+            update_time: now.saturating_sub(Duration::from_secs(age_days as u64 * 86_400 + 3600)),
+            account: Some("ops@contoso.com".into()),
+            source: CredentialSource::Rotated,
+            last_refresh_time: None,
+            state,
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn a_credential_nearing_its_inactivity_end_or_refused_carries_a_warning() {
+        let now = Timestamp::now();
+        let fresh = CredentialStatus::from_stored(Some(stored(1, CredentialState::Ok)), now);
+        assert_eq!((fresh.state, fresh.warning.as_deref()), ("OK", None));
+        assert!(fresh.ok());
+
+        let old = CredentialStatus::from_stored(Some(stored(75, CredentialState::Ok)), now);
+        let warning = old.warning.clone().unwrap();
+        assert!(warning.contains("75 days ago"), "{warning}");
+        assert!(warning.contains("15 days from now"), "{warning}");
+        assert!(old.text().contains("warning: "), "{}", old.text());
+
+        let failing = CredentialStatus::from_stored(Some(stored(1, CredentialState::Failing)), now);
+        assert!(!failing.ok());
+        assert_eq!(failing.json()["state"], "FAILING");
+        assert!(failing
+            .warning
+            .unwrap()
+            .contains("token-broker upstream login"));
     }
 
     #[test]
