@@ -212,8 +212,18 @@ pub struct GrpcConfig {
 pub struct DatabaseConfig {
     /// `database.url`: `postgres://…` / `postgresql://…` (production) or
     /// `sqlite:PATH` (embedded; default `sqlite:token-broker.db`, in the
-    /// working directory). Secret: it may hold a password.
+    /// working directory). Secret: it may hold a password. Surrounding
+    /// whitespace is trimmed; empty is refused. After
+    /// [`Settings::new`](crate::settings::Settings::new) it holds the value
+    /// `url_file` gave, if that was set.
     pub url: SecretString,
+    /// `database.url_file`: path of a file holding `database.url` (a
+    /// mounted Secret), read at start; not with `database.url`. The file
+    /// must not be readable by others (group is fine). In a [`Config`]
+    /// built in code, leave `url` empty when setting it; `Config::read`
+    /// does that for the default.
+    #[serde(default)]
+    pub url_file: Option<PathBuf>,
     /// `database.max_connections`: the most connections this process
     /// opens to the database, split between callers' requests, background
     /// work and audit appends ([`crate::store::PoolShares`]); default 10, 3
@@ -363,7 +373,8 @@ pub struct UpstreamConfig {
     #[serde(default)]
     pub azure_devops: AzureDevOpsConfig,
     /// `upstream.entra`: the Entra refresh-token grant (`authority`,
-    /// `tenant`, `client_id`, `client_secret`, `scope`, `request_timeout`).
+    /// `tenant`, `client_id`, `client_secret`, `client_secret_file`,
+    /// `scope`, `request_timeout`).
     #[serde(default)]
     pub entra: EntraConfig,
     /// `upstream.refresh_token`: an Entra refresh token of the upstream
@@ -371,8 +382,17 @@ pub struct UpstreamConfig {
     /// when it differs from the last configured value adopted (the store
     /// keeps a digest of it), so re-seeding through configuration works and
     /// an unchanged value never replaces a newer login or rotation. Secret.
+    /// Surrounding whitespace is trimmed; empty is refused. After
+    /// [`Settings::new`](crate::settings::Settings::new) it holds the value
+    /// `refresh_token_file` gave, if that was set.
     #[serde(default)]
     pub refresh_token: Option<SecretString>,
+    /// `upstream.refresh_token_file`: path of a file holding
+    /// `upstream.refresh_token` (a mounted Secret), read at start; not with
+    /// `upstream.refresh_token`. The file must not be readable by others
+    /// (group is fine).
+    #[serde(default)]
+    pub refresh_token_file: Option<PathBuf>,
     /// `upstream.keepalive_interval`: the broker redeems its refresh token
     /// at least this often even when no lease needs a token, so Entra's
     /// 90-day inactivity end never arrives while a broker runs. Default
@@ -522,14 +542,30 @@ impl Config {
         if let Some(file) = file {
             figment = figment.merge(Toml::file_exact(file));
         }
-        figment.merge(
-            Env::prefixed(ENV_PREFIX)
-                .filter(|key| {
-                    let key = key.as_str().to_ascii_lowercase();
-                    !CLIENT_VARIABLES.contains(&key.as_str()) && !key.starts_with("emulator_")
-                })
-                .split("__"),
-        )
+        figment.merge(Self::env())
+    }
+
+    /// The `TOKEN_BROKER_*` server variables, `__` nesting.
+    fn env() -> Env {
+        Env::prefixed(ENV_PREFIX)
+            .filter(|key| {
+                let key = key.as_str().to_ascii_lowercase();
+                !CLIENT_VARIABLES.contains(&key.as_str()) && !key.starts_with("emulator_")
+            })
+            .split("__")
+    }
+
+    /// True when a layer above the built-in defaults (`overlay`, `file`,
+    /// the environment) sets `key` (dotted).
+    fn given(overlay: Option<&str>, file: Option<&Path>, key: &str) -> bool {
+        let mut figment = Figment::new();
+        if let Some(overlay) = overlay {
+            figment = figment.merge(Toml::string(overlay));
+        }
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment.merge(Self::env()).contains(key)
     }
 
     /// Reads the layered sources (`overlay` as in [`Config::figment_over`])
@@ -544,10 +580,166 @@ impl Config {
                 )]));
             }
         }
-        Self::figment_over(overlay, file)
+        let mut config: Config = Self::figment_over(overlay, file)
             .extract()
-            .map_err(figment_errors)
+            .map_err(figment_errors)?;
+        // `database.url` always has a value (the default); only one given
+        // above the defaults conflicts with `database.url_file`, which
+        // otherwise takes its place (empty: `Settings::new` reads the file).
+        if config.database.url_file.is_some() {
+            if Self::given(overlay, file, "database.url") {
+                return Err(ConfigErrors(vec![both_set(
+                    "database.url",
+                    "database.url_file",
+                )]));
+            }
+            config.database.url = SecretString::from(String::new());
+        }
+        Ok(config)
     }
+
+    /// Reads every `*_file` secret setting into its value and trims every
+    /// secret value (`database.url`, `upstream.refresh_token`,
+    /// `upstream.entra.client_secret`): afterwards the `*_file` settings
+    /// are None and the values are what the rest of the broker uses. Errors
+    /// name the setting (and the file's path), never a value: a value and
+    /// its `_file` both set, an unreadable file, one readable by others, a
+    /// value empty after trimming.
+    pub(crate) fn resolve_secrets(&mut self) -> Vec<ConfigError> {
+        let mut errors = Vec::new();
+        let database = &mut self.database;
+        let url = (!database.url.expose_secret().trim().is_empty()).then(|| database.url.clone());
+        match resolve_secret(
+            "database.url",
+            url,
+            "database.url_file",
+            &mut database.url_file,
+        ) {
+            Ok(Some(url)) => database.url = url,
+            Ok(None) => errors.push(ConfigError::new("database.url", "must not be empty")),
+            Err(e) => errors.push(e),
+        }
+        let upstream = &mut self.upstream;
+        if let Err(e) = resolve_secret_in_place(
+            "upstream.refresh_token",
+            &mut upstream.refresh_token,
+            "upstream.refresh_token_file",
+            &mut upstream.refresh_token_file,
+        ) {
+            errors.push(e);
+        }
+        let entra = &mut upstream.entra;
+        if let Err(e) = resolve_secret_in_place(
+            "upstream.entra.client_secret",
+            &mut entra.client_secret,
+            "upstream.entra.client_secret_file",
+            &mut entra.client_secret_file,
+        ) {
+            errors.push(e);
+        }
+        errors
+    }
+}
+
+/// The error for a secret given both as a value and as a file.
+fn both_set(value: &str, file: &str) -> ConfigError {
+    ConfigError::new(file, format!("{value} and {file} are both set; set one"))
+}
+
+/// [`resolve_secret`] on an optional value, in place.
+fn resolve_secret_in_place(
+    setting: &str,
+    value: &mut Option<SecretString>,
+    file_setting: &str,
+    file: &mut Option<PathBuf>,
+) -> Result<(), ConfigError> {
+    let resolved = resolve_secret(setting, value.take(), file_setting, file);
+    *value = resolved.as_ref().ok().cloned().flatten();
+    resolved.map(drop)
+}
+
+/// The secret `setting` resolves to: `value` trimmed, or the trimmed
+/// contents of `file` (taken, so it resolves once), or None with neither.
+/// Errors: both given, the file unreadable or readable by others, the
+/// value empty after trimming.
+fn resolve_secret(
+    setting: &str,
+    value: Option<SecretString>,
+    file_setting: &str,
+    file: &mut Option<PathBuf>,
+) -> Result<Option<SecretString>, ConfigError> {
+    match (value, file.take()) {
+        (Some(_), Some(_)) => Err(both_set(setting, file_setting)),
+        (Some(value), None) => trimmed_secret(setting, &value, None).map(Some),
+        (None, Some(path)) => read_secret_file(file_setting, &path).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
+/// `value` without surrounding whitespace (spaces, tabs, `\r`, `\n`).
+/// Errors (naming `setting`, and `path` when from a file): empty after
+/// trimming.
+fn trimmed_secret(
+    setting: &str,
+    value: &SecretString,
+    path: Option<&Path>,
+) -> Result<SecretString, ConfigError> {
+    let text = value.expose_secret();
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        let message = match path {
+            Some(path) => format!("{} is empty", path.display()),
+            None => "must not be empty".to_owned(),
+        };
+        return Err(ConfigError::new(setting, message));
+    }
+    if trimmed.len() == text.len() {
+        return Ok(value.clone());
+    }
+    Ok(SecretString::from(trimmed.to_owned()))
+}
+
+/// Reads the secret in the file at `path` (set by `setting`), trimmed.
+/// Errors name `setting` and the path: unreadable, readable by others
+/// ([`check_private_file`]), empty after trimming.
+fn read_secret_file(setting: &str, path: &Path) -> Result<SecretString, ConfigError> {
+    use std::io::Read as _;
+    let cannot_read = |e: std::io::Error| {
+        ConfigError::new(setting, format!("cannot read {}: {e}", path.display()))
+    };
+    let mut file = std::fs::File::open(path).map_err(cannot_read)?;
+    check_private_file(setting, path, &file)?;
+    let mut text = secrecy::zeroize::Zeroizing::new(String::new());
+    file.read_to_string(&mut text).map_err(cannot_read)?;
+    trimmed_secret(setting, &SecretString::from(text.as_str()), Some(path))
+}
+
+/// Refuses a secret file that others (not its owner or group) may read:
+/// Kubernetes mounts Secrets 0440 under an `fsGroup`, so group-readable is
+/// fine. Checked on the opened file (so on a symlink's target). Unix only.
+fn check_private_file(setting: &str, path: &Path, file: &std::fs::File) -> Result<(), ConfigError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = file
+            .metadata()
+            .map_err(|e| ConfigError::new(setting, format!("cannot read {}: {e}", path.display())))?
+            .permissions()
+            .mode();
+        if mode & 0o004 != 0 {
+            return Err(ConfigError::new(
+                setting,
+                format!(
+                    "{} is readable by others (mode {:04o}); chmod o-r it",
+                    path.display(),
+                    mode & 0o7777
+                ),
+            ));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (setting, path, file);
+    Ok(())
 }
 
 impl AuthConfig {
@@ -641,6 +833,13 @@ impl KeysConfig {
         backend: &Backend,
     ) -> Result<(ResolvedKeys, Option<PathBuf>), ConfigError> {
         if let Some(file) = &self.file {
+            let opened = std::fs::File::open(file).map_err(|e| {
+                ConfigError::new(
+                    "keys.file",
+                    format!("cannot read keys file {}: {e}", file.display()),
+                )
+            })?;
+            check_private_file("keys.file", file, &opened)?;
             return Ok((read_keys_file("keys.file", file)?, None));
         }
         if self.is_inline() {
@@ -726,7 +925,9 @@ fn read_keys_file(setting: &str, path: &Path) -> Result<ResolvedKeys, ConfigErro
 }
 
 impl KeysFile {
-    /// Checks every key; errors name `{section}.active` and so on.
+    /// Checks every key and trims surrounding whitespace from it; errors
+    /// name `{section}.active` and so on (an empty key: `must not be
+    /// empty`).
     fn resolve(&self, section: &str, source: &str) -> Result<ResolvedKeys, ConfigError> {
         let active = self
             .active
@@ -738,6 +939,7 @@ impl KeysFile {
                 format!("no key {active:?} in {section}.sealing"),
             ));
         }
+        let mut sealing = BTreeMap::new();
         for (id, value) in &self.sealing {
             if id.is_empty()
                 || id.len() > 32
@@ -750,19 +952,23 @@ impl KeysFile {
                     format!("key id {id:?} must be 1 to 32 letters, digits, '-' or '_'"),
                 ));
             }
-            decode_key(&format!("{section}.sealing.{id}"), value)?;
+            let setting = format!("{section}.sealing.{id}");
+            let value = trimmed_secret(&setting, value, None)?;
+            decode_key(&setting, &value)?;
+            sealing.insert(id.clone(), value);
         }
         let required = |name: &str, value: &Option<SecretString>| {
             let setting = format!("{section}.{name}");
             let value = value
-                .clone()
+                .as_ref()
                 .ok_or_else(|| ConfigError::new(&setting, "is required"))?;
+            let value = trimmed_secret(&setting, value, None)?;
             decode_key(&setting, &value)?;
             Ok::<_, ConfigError>(value)
         };
         Ok(ResolvedKeys {
             active,
-            sealing: self.sealing.clone(),
+            sealing,
             fingerprint: required("fingerprint", &self.fingerprint)?,
             audit_chain: required("audit_chain", &self.audit_chain)?,
             source: source.to_owned(),
@@ -1079,5 +1285,181 @@ mod tests {
         let tls = c.grpc.tls.unwrap();
         assert_eq!(tls.client_auth, Some(ClientAuth::Optional));
         assert_eq!(tls.key_file, key_path);
+    }
+
+    /// A file `name` in `dir` holding `text`, with permission bits `mode`.
+    fn secret_file(dir: &Path, name: &str, text: &str, mode: u32) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        #[cfg(not(unix))]
+        let _ = mode;
+        path
+    }
+
+    #[test]
+    fn secret_values_are_trimmed_of_whitespace_and_line_endings_and_empty_is_refused() {
+        for raw in ["rt-1\r\n", "rt-1\n", " \trt-1 \t\r\n", "rt-1"] {
+            let t = trimmed_secret("upstream.refresh_token", &SecretString::from(raw), None);
+            assert_eq!(t.unwrap().expose_secret(), "rt-1", "{raw:?}");
+        }
+        for raw in ["", " ", "\r\n", "\t \n"] {
+            let err = trimmed_secret("upstream.refresh_token", &SecretString::from(raw), None)
+                .unwrap_err();
+            assert_eq!(err.setting, "upstream.refresh_token");
+            assert_eq!(err.message, "must not be empty");
+        }
+    }
+
+    #[test]
+    fn a_value_and_its_file_both_set_is_an_error_naming_both_and_no_value() {
+        let mut file = Some(PathBuf::from("/run/secrets/rt"));
+        let err = resolve_secret(
+            "upstream.refresh_token",
+            Some(SecretString::from("rt-secret-value")),
+            "upstream.refresh_token_file",
+            &mut file,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "upstream.refresh_token_file: upstream.refresh_token and upstream.refresh_token_file are both set; set one"
+        );
+        assert!(!err.to_string().contains("rt-secret-value"));
+    }
+
+    #[test]
+    fn a_secret_file_is_read_trimmed_and_taken_so_resolving_again_keeps_the_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = secret_file(dir.path(), "rt", "rt-from-file\r\n", 0o600);
+        let mut value = None;
+        let mut file = Some(path);
+        for _ in 0..2 {
+            resolve_secret_in_place(
+                "upstream.refresh_token",
+                &mut value,
+                "upstream.refresh_token_file",
+                &mut file,
+            )
+            .unwrap();
+            assert_eq!(value.as_ref().unwrap().expose_secret(), "rt-from-file");
+            assert!(file.is_none());
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_secret_file_readable_by_others_is_refused_with_its_path_and_mode_group_is_fine() {
+        let dir = tempfile::tempdir().unwrap();
+        for mode in [0o644, 0o604, 0o444, 0o666] {
+            let path = secret_file(dir.path(), &format!("s{mode:o}"), "secret-in-file\n", mode);
+            let err = read_secret_file("upstream.refresh_token_file", &path).unwrap_err();
+            assert_eq!(err.setting, "upstream.refresh_token_file");
+            assert_eq!(
+                err.message,
+                format!(
+                    "{} is readable by others (mode {mode:04o}); chmod o-r it",
+                    path.display()
+                )
+            );
+            assert!(!err.to_string().contains("secret-in-file"));
+        }
+        for mode in [0o400, 0o440, 0o600, 0o640, 0o660] {
+            let path = secret_file(dir.path(), &format!("ok{mode:o}"), "secret-in-file\n", mode);
+            let value = read_secret_file("upstream.refresh_token_file", &path).unwrap();
+            assert_eq!(value.expose_secret(), "secret-in-file", "{mode:o}");
+        }
+    }
+
+    #[test]
+    fn a_missing_or_empty_secret_file_is_an_error_naming_the_setting_and_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing");
+        let err = read_secret_file("database.url_file", &missing).unwrap_err();
+        assert_eq!(err.setting, "database.url_file");
+        assert!(
+            err.message
+                .starts_with(&format!("cannot read {}: ", missing.display())),
+            "{err}"
+        );
+        let empty = secret_file(dir.path(), "empty", " \r\n", 0o600);
+        let err = read_secret_file("database.url_file", &empty).unwrap_err();
+        assert_eq!(err.setting, "database.url_file");
+        assert_eq!(err.message, format!("{} is empty", empty.display()));
+    }
+
+    fn keys_toml(key: &str, line_end: &str) -> String {
+        format!(
+            "active = \"k1\"\nfingerprint = \"{key}{line_end}\"\naudit_chain = \" {key}\\t\"\n[sealing]\nk1 = \"{key}{line_end}\"\n"
+        )
+    }
+
+    #[test]
+    fn keys_are_trimmed_inline_and_from_a_file_and_an_empty_key_is_refused_naming_it() {
+        let key = Keyring::generate_key().expose_secret().to_owned();
+        let keys = KeysConfig {
+            active: Some("k1".into()),
+            sealing: [("k1".to_owned(), SecretString::from(format!("{key}\r\n")))].into(),
+            fingerprint: Some(SecretString::from(format!("{key}\n"))),
+            audit_chain: Some(SecretString::from(format!("\t{key} "))),
+            ..KeysConfig::default()
+        };
+        let (resolved, _) = keys.resolve(&Backend::Postgres).unwrap();
+        assert_eq!(resolved.sealing["k1"].expose_secret(), key);
+        assert_eq!(resolved.fingerprint.expose_secret(), key);
+        assert_eq!(resolved.audit_chain.expose_secret(), key);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = secret_file(dir.path(), "keys.toml", &keys_toml(&key, "\\r\\n"), 0o440);
+        let keys = KeysConfig {
+            file: Some(path),
+            ..KeysConfig::default()
+        };
+        let (resolved, _) = keys.resolve(&Backend::Postgres).unwrap();
+        assert_eq!(resolved.sealing["k1"].expose_secret(), key);
+        assert_eq!(resolved.fingerprint.expose_secret(), key);
+        assert_eq!(resolved.audit_chain.expose_secret(), key);
+
+        let keys = KeysConfig {
+            fingerprint: Some(SecretString::from(" \r\n")),
+            ..keys_inline(&key)
+        };
+        let err = keys.resolve(&Backend::Postgres).unwrap_err();
+        assert_eq!(err.to_string(), "keys.fingerprint: must not be empty");
+    }
+
+    fn keys_inline(key: &str) -> KeysConfig {
+        KeysConfig {
+            active: Some("k1".into()),
+            sealing: [("k1".to_owned(), SecretString::from(key.to_owned()))].into(),
+            fingerprint: Some(SecretString::from(key.to_owned())),
+            audit_chain: Some(SecretString::from(key.to_owned())),
+            ..KeysConfig::default()
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_keys_file_readable_by_others_is_refused_with_its_path_and_mode() {
+        let key = Keyring::generate_key().expose_secret().to_owned();
+        let dir = tempfile::tempdir().unwrap();
+        let path = secret_file(dir.path(), "keys.toml", &keys_toml(&key, ""), 0o644);
+        let keys = KeysConfig {
+            file: Some(path.clone()),
+            ..KeysConfig::default()
+        };
+        let err = keys.resolve(&Backend::Postgres).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "keys.file: {} is readable by others (mode 0644); chmod o-r it",
+                path.display()
+            )
+        );
+        assert!(!err.to_string().contains(&key));
     }
 }

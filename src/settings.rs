@@ -8,8 +8,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use secrecy::ExposeSecret as _;
-
 use crate::auth::kubernetes::KubernetesVerifier;
 use crate::auth::tls::TlsMaterial;
 use crate::auth::ApiKeys;
@@ -44,16 +42,25 @@ impl Settings {
     }
 
     /// Checks every value of `config` and builds its parts; the errors
-    /// name their settings, all of them at once.
-    pub fn new(config: Config) -> Result<Settings, ConfigErrors> {
-        let mut errors = Vec::new();
-        let backend = keep(
-            &mut errors,
-            config
-                .database
-                .backend()
-                .map_err(|m| ConfigError::new("database.url", m)),
-        );
+    /// name their settings, all of them at once. The `*_file` secret
+    /// settings are read into their values first and every secret value is
+    /// trimmed (see `Config::resolve_secrets`), so `config` in the result
+    /// holds the values to use and no `*_file`.
+    pub fn new(mut config: Config) -> Result<Settings, ConfigErrors> {
+        // The `*_file` secrets are read (and every secret trimmed) first:
+        // everything after sees one value per secret.
+        let mut errors = config.resolve_secrets();
+        let backend = if errors.iter().any(|e| e.setting.starts_with("database.url")) {
+            None
+        } else {
+            keep(
+                &mut errors,
+                config
+                    .database
+                    .backend()
+                    .map_err(|m| ConfigError::new("database.url", m)),
+            )
+        };
         // Inline keys are decoded again by `keys()`: keeping a copy here
         // would make two places decide where the keys come from.
         keep(&mut errors, config.keys.check());
@@ -209,14 +216,6 @@ fn check_values(config: &Config, bad: &mut impl FnMut(&str, String)) {
     }
     if config.upstream.entra.tenant.trim().is_empty() {
         bad("upstream.entra.tenant", "must not be empty".into());
-    }
-    if let Some(t) = &config.upstream.refresh_token {
-        if t.expose_secret().trim().is_empty() {
-            bad(
-                "upstream.refresh_token",
-                "must not be empty when set".into(),
-            );
-        }
     }
     if let Some(file) = &config.policy.file {
         if !file.is_file() {

@@ -149,6 +149,7 @@ pub fn dev_settings(
         .database_url
         .clone()
         .unwrap_or_else(|| SecretString::from(DEV_DATABASE_URL));
+    config.database.url_file = None;
     let backend = config
         .database
         .backend()
@@ -163,6 +164,7 @@ pub fn dev_settings(
     config.upstream.entra.tenant = emulator::DEFAULT_TENANT.to_owned();
     config.upstream.entra.client_id = "token-broker-dev".to_owned();
     config.upstream.refresh_token = Some(SecretString::from(emulator::DEFAULT_REFRESH_TOKEN));
+    config.upstream.refresh_token_file = None;
     config.auth.api_keys = vec![ApiKeySetting {
         name: key.name.clone(),
         sha256: key.hash.to_hex(),

@@ -75,7 +75,12 @@ pub struct EntraConfig {
     /// The app registration's client id.
     pub client_id: String,
     /// Client secret, for a confidential client; None for a public client.
+    /// Surrounding whitespace is trimmed at start; empty is refused.
     pub client_secret: Option<SecretString>,
+    /// Path of a file holding `client_secret` (a mounted Secret), read into
+    /// it at start by [`Settings::new`](crate::settings::Settings::new); not
+    /// with `client_secret`. The file must not be readable by others.
+    pub client_secret_file: Option<std::path::PathBuf>,
     /// Requested scope; default the Azure DevOps resource
     /// (`499b84ac-1321-427f-aa17-267ca6975798/.default`) plus `offline_access`
     /// so that Entra keeps issuing refresh tokens.
@@ -92,6 +97,7 @@ impl Default for EntraConfig {
             tenant: "organizations".to_owned(),
             client_id: String::new(),
             client_secret: None,
+            client_secret_file: None,
             scope: "499b84ac-1321-427f-aa17-267ca6975798/.default offline_access".to_owned(),
             request_timeout: Duration::from_secs(30),
         }
