@@ -24,6 +24,7 @@ audit_chain = "$(key)"
 [sealing]
 k2026 = "$(key)"
 KEYS
+chmod 600 "$WORK/keys.toml" # a keys file readable by others is refused
 cat > "$WORK/policy.yaml" <<'POLICY'
 admins: ["apikey:bench"]
 rules:

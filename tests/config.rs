@@ -293,7 +293,7 @@ fn configured_keys_are_used_inline_or_from_a_file() {
     Jail::expect_with(|jail| {
         let keys =
             format!("active = \"k1\"\nfingerprint = \"{KEY_A}\"\naudit_chain = \"{KEY_A}\"\n[sealing]\nk1 = \"{KEY_A}\"\n");
-        jail.create_file("keys.toml", &keys)?;
+        secret_file(jail, "keys.toml", &keys, 0o600);
         jail.set_env(
             "TOKEN_BROKER_DATABASE__URL",
             "postgres://postgres@127.0.0.1/x",
@@ -582,6 +582,258 @@ fn dev_uses_short_background_schedules_that_the_environment_still_overrides() {
             .unwrap()
             .config;
         assert_eq!(c.leases.sweep_interval.as_secs(), 300);
+        Ok(())
+    });
+}
+
+/// Writes `text` to `name` in the jail with permission bits `mode`.
+fn secret_file(jail: &mut Jail, name: &str, text: &str, mode: u32) {
+    jail.create_file(name, text).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(name, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+}
+
+#[test]
+fn a_secret_and_its_file_both_set_is_a_start_up_error_naming_both() {
+    for (toml, env, value, file) in [
+        (
+            "[upstream]\nrefresh_token = \"rt-secret-value\"\nrefresh_token_file = \"secret\"",
+            None,
+            "upstream.refresh_token",
+            "upstream.refresh_token_file",
+        ),
+        (
+            "[upstream.entra]\nclient_secret = \"rt-secret-value\"",
+            Some(("TOKEN_BROKER_UPSTREAM__ENTRA__CLIENT_SECRET_FILE", "secret")),
+            "upstream.entra.client_secret",
+            "upstream.entra.client_secret_file",
+        ),
+        (
+            "[database]\nurl = \"postgres://u:rt-secret-value@h/db\"",
+            Some(("TOKEN_BROKER_DATABASE__URL_FILE", "secret")),
+            "database.url",
+            "database.url_file",
+        ),
+        // The default's value, given: still both.
+        (
+            "[database]\nurl = \"sqlite:token-broker.db\"\nurl_file = \"secret\"",
+            None,
+            "database.url",
+            "database.url_file",
+        ),
+    ] {
+        Jail::expect_with(|jail| {
+            secret_file(jail, "secret", "secret-from-file\n", 0o600);
+            if let Some((var, path)) = env {
+                jail.set_env(var, path);
+            }
+            jail.create_file("both.toml", toml)?;
+            let err = load(Some("both.toml")).unwrap_err();
+            assert!(err.names(file), "{err}");
+            assert!(
+                err.to_string()
+                    .contains(&format!("{value} and {file} are both set; set one")),
+                "{err}"
+            );
+            assert!(!err.to_string().contains("rt-secret-value"), "{err}");
+            assert!(!err.to_string().contains("secret-from-file"), "{err}");
+            Ok(())
+        });
+    }
+}
+
+#[test]
+fn secret_files_are_read_trimmed_into_their_settings() {
+    Jail::expect_with(|jail| {
+        secret_file(jail, "rt", "rt-from-file\r\n", 0o440);
+        secret_file(jail, "cs", "\tcs-from-file \n", 0o640);
+        secret_file(
+            jail,
+            "db",
+            "postgres://broker:pw-from-file@db.internal/broker\n",
+            0o400,
+        );
+        jail.create_file(
+            "broker.toml",
+            "[upstream]\nrefresh_token_file = \"rt\"\n[upstream.entra]\nclient_secret_file = \"cs\"\n",
+        )?;
+        jail.set_env("TOKEN_BROKER_DATABASE__URL_FILE", "db");
+        let c = load(Some("broker.toml")).unwrap();
+        assert_eq!(
+            c.upstream.refresh_token.as_ref().unwrap().expose_secret(),
+            "rt-from-file"
+        );
+        assert_eq!(
+            c.upstream
+                .entra
+                .client_secret
+                .as_ref()
+                .unwrap()
+                .expose_secret(),
+            "cs-from-file"
+        );
+        assert_eq!(
+            c.database.url.expose_secret(),
+            "postgres://broker:pw-from-file@db.internal/broker"
+        );
+        assert_eq!(c.database.backend().unwrap(), Backend::Postgres);
+        // Resolved once: the paths are gone, so checking again is the same.
+        assert!(c.upstream.refresh_token_file.is_none());
+        assert!(c.database.url_file.is_none());
+        let again = Settings::new(c).unwrap().config;
+        assert_eq!(
+            again.upstream.refresh_token.unwrap().expose_secret(),
+            "rt-from-file"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn database_url_file_replaces_the_default_sqlite_url() {
+    Jail::expect_with(|jail| {
+        secret_file(jail, "db", "sqlite:from-file.db\r\n", 0o600);
+        jail.set_env("TOKEN_BROKER_DATABASE__URL_FILE", "db");
+        let c = load(None).unwrap();
+        assert_eq!(
+            c.database.backend().unwrap(),
+            Backend::Sqlite(Some("from-file.db".into()))
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn secrets_from_the_environment_are_trimmed() {
+    Jail::expect_with(|jail| {
+        jail.set_env("TOKEN_BROKER_UPSTREAM__REFRESH_TOKEN", "rt-from-env\r\n");
+        jail.set_env(
+            "TOKEN_BROKER_UPSTREAM__ENTRA__CLIENT_SECRET",
+            " cs-from-env\t\n",
+        );
+        jail.set_env(
+            "TOKEN_BROKER_DATABASE__URL",
+            "postgres://postgres@127.0.0.1/x\r\n",
+        );
+        let c = load(None).unwrap();
+        assert_eq!(
+            c.upstream.refresh_token.unwrap().expose_secret(),
+            "rt-from-env"
+        );
+        assert_eq!(
+            c.upstream.entra.client_secret.unwrap().expose_secret(),
+            "cs-from-env"
+        );
+        assert_eq!(
+            c.database.url.expose_secret(),
+            "postgres://postgres@127.0.0.1/x"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn secrets_from_the_config_file_are_trimmed() {
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "broker.toml",
+            "[database]\nurl = \"sqlite:trimmed.db \\n\"\n[upstream]\nrefresh_token = \"\"\"\nrt-from-toml\n\"\"\"\n[upstream.entra]\nclient_secret = \"cs-from-toml\\r\\n\"\n",
+        )?;
+        let c = load(Some("broker.toml")).unwrap();
+        assert_eq!(
+            c.upstream.refresh_token.unwrap().expose_secret(),
+            "rt-from-toml"
+        );
+        assert_eq!(
+            c.upstream.entra.client_secret.unwrap().expose_secret(),
+            "cs-from-toml"
+        );
+        assert_eq!(
+            c.database.backend().unwrap(),
+            Backend::Sqlite(Some("trimmed.db".into()))
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn a_secret_empty_after_trimming_is_an_error_naming_the_setting() {
+    Jail::expect_with(|jail| {
+        for (toml, setting) in [
+            (
+                "[upstream]\nrefresh_token = \" \\r\\n\"",
+                "upstream.refresh_token",
+            ),
+            (
+                "[upstream.entra]\nclient_secret = \"\\t\\n\"",
+                "upstream.entra.client_secret",
+            ),
+            ("[database]\nurl = \"  \"", "database.url"),
+        ] {
+            fails_naming(jail, toml, setting);
+        }
+        secret_file(jail, "blank", " \r\n", 0o600);
+        for (toml, setting) in [
+            (
+                "[upstream]\nrefresh_token_file = \"blank\"",
+                "upstream.refresh_token_file",
+            ),
+            (
+                "[upstream.entra]\nclient_secret_file = \"blank\"",
+                "upstream.entra.client_secret_file",
+            ),
+            ("[database]\nurl_file = \"blank\"", "database.url_file"),
+        ] {
+            jail.create_file("bad.toml", toml)?;
+            let err = load(Some("bad.toml")).unwrap_err();
+            assert!(err.names(setting), "{err}");
+            assert!(err.to_string().contains("blank is empty"), "{err}");
+        }
+        Ok(())
+    });
+}
+
+#[cfg(unix)]
+#[test]
+fn a_secret_file_readable_by_others_is_refused_with_its_path_and_mode() {
+    Jail::expect_with(|jail| {
+        secret_file(jail, "rt", "rt-secret-value\n", 0o644);
+        jail.create_file("broker.toml", "[upstream]\nrefresh_token_file = \"rt\"")?;
+        let err = load(Some("broker.toml")).unwrap_err();
+        assert!(err.names("upstream.refresh_token_file"), "{err}");
+        assert!(
+            err.to_string().contains(
+                "upstream.refresh_token_file: rt is readable by others (mode 0644); chmod o-r it"
+            ),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("rt-secret-value"), "{err}");
+
+        // Group-readable, as Kubernetes mounts Secrets under an fsGroup: fine.
+        for mode in [0o440, 0o640] {
+            secret_file(jail, "rt", "rt-secret-value\n", mode);
+            let c = load(Some("broker.toml")).unwrap();
+            assert_eq!(
+                c.upstream.refresh_token.unwrap().expose_secret(),
+                "rt-secret-value"
+            );
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn a_missing_secret_file_is_an_error_naming_the_setting_and_path() {
+    Jail::expect_with(|jail| {
+        jail.set_env("TOKEN_BROKER_UPSTREAM__REFRESH_TOKEN_FILE", "missing");
+        let err = load(None).unwrap_err();
+        assert!(err.names("upstream.refresh_token_file"), "{err}");
+        assert!(err.to_string().contains("cannot read missing: "), "{err}");
         Ok(())
     });
 }
