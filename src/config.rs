@@ -24,7 +24,7 @@ use serde::Deserialize;
 use crate::audit::ChainKey;
 use crate::auth::kubernetes::{KubernetesAuthConfig, KubernetesConfigError, KubernetesVerifier};
 use crate::auth::tls::TlsConfig;
-use crate::auth::{ApiKeyHash, ApiKeys};
+use crate::auth::{ApiKeyHash, ApiKeys, ApiKeysHandle};
 use crate::crypto::{self, Keyring, TokenFingerprinter};
 use crate::leases::RetrySchedule;
 use crate::upstream::azure_devops::AzureDevOpsConfig;
@@ -464,6 +464,13 @@ pub struct AuthConfig {
     /// caller's identity is `apikey:NAME`. Make one with
     /// `token-broker apikey generate NAME`.
     pub api_keys: Vec<ApiKeySetting>,
+    /// `auth.api_keys_file`: a file of the same entries (TOML
+    /// `[[api_keys]]` tables, or YAML `api_keys:` when the name ends in
+    /// `.yaml`/`.yml`), reloaded with the policy: on SIGHUP and when its
+    /// content changes. Not together with a non-empty `auth.api_keys`.
+    /// See [`crate::auth::ApiKeysHandle`].
+    #[serde(default)]
+    pub api_keys_file: Option<PathBuf>,
     /// `auth.kubernetes`: Kubernetes service-account callers (`enabled`,
     /// `issuer`, `jwks_url`, `audiences`, `jwks_refetch_min_interval`,
     /// `jwks_max_age`, `leeway`, `http_timeout`, `ca_file`,
@@ -753,6 +760,24 @@ impl AuthConfig {
             keys.push((k.name.clone(), hash));
         }
         ApiKeys::new(keys).map_err(|m| ConfigError::new("auth.api_keys", m))
+    }
+
+    /// The keys in force: `auth.api_keys_file` read now (and reloaded
+    /// later), else `auth.api_keys`. Errors name `auth.api_keys_file`
+    /// (both set, or the file unreadable or invalid: its path and entry)
+    /// or as [`AuthConfig::api_keys`].
+    pub fn api_keys_handle(&self) -> Result<ApiKeysHandle, ConfigError> {
+        let Some(file) = &self.api_keys_file else {
+            return self.api_keys().map(ApiKeysHandle::from);
+        };
+        if !self.api_keys.is_empty() {
+            return Err(ConfigError::new(
+                "auth.api_keys_file",
+                "auth.api_keys and auth.api_keys_file are both set: configure API keys in one of them",
+            ));
+        }
+        ApiKeysHandle::from_file(file)
+            .map_err(|e| ConfigError::new("auth.api_keys_file", e.to_string()))
     }
 
     /// The service-account verifier when `auth.kubernetes.enabled` (reads

@@ -197,12 +197,12 @@ impl Broker {
                     .with_observer(Box::new(move |reason| metrics.observe_refusal(reason))),
             )
         };
-        let auth = authenticator(api_keys, kubernetes)
+        let auth = authenticator(api_keys.clone(), kubernetes)
             .await
             .with_refusal_audit(refusals.clone());
         if auth.accepts_no_bearer() && tls.as_ref().is_none_or(|t| t.client_ca_pem.is_none()) {
             tracing::warn!(
-                "no auth.api_keys, auth.kubernetes or grpc.tls.client_ca_file configured: every LeaseService call will be refused"
+                "no auth.api_keys, auth.api_keys_file, auth.kubernetes or grpc.tls.client_ca_file configured: every LeaseService call will be refused"
             );
         }
 
@@ -244,6 +244,22 @@ impl Broker {
                     () = stop => {}
                 }
             });
+        }
+        if api_keys.file().is_some() {
+            // `auth.api_keys_file` reloads with the policy, on the policy
+            // watcher's triggers (one SIGHUP reloads both); every attempt
+            // becomes an `auth.api_keys_reload` audit event. Both end with
+            // the broker.
+            let leases = leases.clone();
+            let outcomes = api_keys.subscribe();
+            let stop = stopped(rx.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = leases.audit_api_key_reloads(outcomes) => {}
+                    () = stop => {}
+                }
+            });
+            drop(api_keys.spawn_reloader(policy.triggers(), stopped(rx.clone())));
         }
         // Detached: the watcher ends with the broker's shutdown signal.
         drop(policy.spawn_watcher(DEFAULT_POLL_INTERVAL, stopped(rx.clone())));
@@ -426,7 +442,7 @@ impl Broker {
 /// caller does not wait; a failure is logged, not fatal (the verifier
 /// fetches again on use).
 async fn authenticator(
-    api_keys: crate::auth::ApiKeys,
+    api_keys: crate::auth::ApiKeysHandle,
     kubernetes: Option<crate::auth::kubernetes::KubernetesVerifier>,
 ) -> Authenticator {
     let mut auth = Authenticator::new(api_keys);

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crate::auth::kubernetes::KubernetesVerifier;
 use crate::auth::tls::TlsMaterial;
-use crate::auth::ApiKeys;
+use crate::auth::ApiKeysHandle;
 use crate::config::{Backend, Config, ConfigError, ConfigErrors, ResolvedKeys};
 
 /// A checked [`Config`] and what was built from it.
@@ -19,8 +19,9 @@ pub struct Settings {
     pub config: Config,
     /// The store `database.url` selects.
     pub backend: Backend,
-    /// `auth.api_keys`, parsed.
-    pub api_keys: ApiKeys,
+    /// `auth.api_keys`, parsed; or `auth.api_keys_file`, read (and
+    /// reloaded by the server with the policy).
+    pub api_keys: ApiKeysHandle,
     /// The service-account verifier when `auth.kubernetes.enabled` (its CA
     /// files read; nothing fetched yet).
     pub kubernetes: Option<KubernetesVerifier>,
@@ -67,7 +68,7 @@ impl Settings {
         check_values(&config, &mut |setting, message| {
             errors.push(ConfigError::new(setting, message))
         });
-        let api_keys = keep(&mut errors, config.auth.api_keys());
+        let api_keys = keep(&mut errors, config.auth.api_keys_handle());
         let kubernetes = keep(&mut errors, config.auth.kubernetes_verifier());
         let tls = keep(
             &mut errors,

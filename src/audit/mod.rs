@@ -52,6 +52,9 @@ pub const LEASE_RECONCILE: &str = "lease.reconcile";
 pub const PAT_REVOKE_ORPHAN: &str = "pat.revoke_orphan";
 /// `action` of a policy reload attempt (applied or refused).
 pub const POLICY_RELOAD: &str = "policy.reload";
+/// `action` of an `auth.api_keys_file` reload attempt (applied, with
+/// `caller_detail` `keys=N`, or refused).
+pub const API_KEYS_RELOAD: &str = "auth.api_keys_reload";
 /// `action` of refused authentications: one row per reason and client
 /// address per `audit.auth_failure_interval`, with the count in
 /// `caller_detail` (see [`RefusalCounter`]).

@@ -56,16 +56,25 @@ pub struct ApiKeys {
 impl ApiKeys {
     /// Builds the set; fails naming the first bad or duplicate name.
     pub fn new(keys: Vec<(String, ApiKeyHash)>) -> Result<Self, String> {
+        Self::from_entries(keys).map_err(|(_, message)| message)
+    }
+
+    /// [`ApiKeys::new`], the error also giving the index in `keys` of the
+    /// first bad or duplicate entry.
+    pub fn from_entries(keys: Vec<(String, ApiKeyHash)>) -> Result<Self, (usize, String)> {
         let mut out: Vec<(Identity, ApiKeyHash)> = Vec::with_capacity(keys.len());
-        for (name, hash) in keys {
+        for (index, (name, hash)) in keys.into_iter().enumerate() {
             let identity: Identity = format!("apikey:{name}")
                 .parse()
-                .map_err(|e| format!("{e}"))?;
+                .map_err(|e| (index, format!("{e}")))?;
             if out.iter().any(|(i, _)| *i == identity) {
-                return Err(format!("duplicate API key name {name:?}"));
+                return Err((index, format!("duplicate API key name {name:?}")));
             }
             if out.iter().any(|(_, h)| *h == hash) {
-                return Err(format!("API key {name:?} has the same hash as another key"));
+                return Err((
+                    index,
+                    format!("API key {name:?} has the same hash as another key"),
+                ));
             }
             out.push((identity, hash));
         }

@@ -25,8 +25,12 @@ use crate::domain::Identity;
 use crate::error::{ErrorCode, ServiceError};
 
 mod api_key;
+mod api_keys_file;
 
 pub use api_key::{ApiKeyHash, ApiKeys, GeneratedApiKey, API_KEY_PREFIX};
+pub use api_keys_file::{
+    parse_api_keys_file, ApiKeysFileError, ApiKeysHandle, ApiKeysReloadOutcome,
+};
 pub use kubernetes::{KubernetesAuthError, KubernetesVerifier, ServiceAccountClaims};
 pub use tls::CertificateIdentityError;
 
@@ -181,7 +185,7 @@ pub trait RefusalAudit: Send + Sync {
 /// Cheap to share: one per server.
 #[derive(Clone, Default)]
 pub struct Authenticator {
-    api_keys: ApiKeys,
+    api_keys: ApiKeysHandle,
     kubernetes: Option<KubernetesVerifier>,
     audit: Option<std::sync::Arc<dyn RefusalAudit>>,
 }
@@ -189,7 +193,7 @@ pub struct Authenticator {
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Authenticator")
-            .field("api_keys", &self.api_keys.len())
+            .field("api_keys", &self.api_keys)
             .field("kubernetes", &self.kubernetes)
             .field("audited", &self.audit.is_some())
             .finish()
@@ -197,11 +201,12 @@ impl std::fmt::Debug for Authenticator {
 }
 
 impl Authenticator {
-    /// An authenticator accepting the given API keys, and no
-    /// service-account tokens.
-    pub fn new(api_keys: ApiKeys) -> Self {
+    /// An authenticator accepting the given API keys (fixed [`ApiKeys`],
+    /// or an [`ApiKeysHandle`] whose reloads take effect for the next
+    /// call), and no service-account tokens.
+    pub fn new(api_keys: impl Into<ApiKeysHandle>) -> Self {
         Authenticator {
-            api_keys,
+            api_keys: api_keys.into(),
             kubernetes: None,
             audit: None,
         }
@@ -221,10 +226,13 @@ impl Authenticator {
     }
 
     /// True when no credential of any kind can succeed through this
-    /// authenticator's own settings (no API key, no service accounts).
-    /// Client certificates depend on the transport and are not counted.
+    /// authenticator's own settings (no API key, no service accounts; an
+    /// API keys file counts as keys, as a reload may add some). Client
+    /// certificates depend on the transport and are not counted.
     pub fn accepts_no_bearer(&self) -> bool {
-        self.api_keys.is_empty() && self.kubernetes.is_none()
+        self.api_keys.file().is_none()
+            && self.api_keys.current().is_empty()
+            && self.kubernetes.is_none()
     }
 
     /// The caller `credentials` prove. The `authorization` scheme match is
@@ -262,7 +270,12 @@ impl Authenticator {
         }
         let credential = bearer(header)?;
         if credential.starts_with(API_KEY_PREFIX) {
-            let identity = self.api_keys.verify(credential).ok_or(AuthError::Invalid)?;
+            // The set in force now; a reload swaps it whole, never midway.
+            let identity = self
+                .api_keys
+                .current()
+                .verify(credential)
+                .ok_or(AuthError::Invalid)?;
             return Ok(Caller::new(identity, peer));
         }
         if kubernetes::looks_like_jwt(credential) {

@@ -9,7 +9,7 @@
 //! replay), `lifecycle` (get, list, renew, revoke), `revocation` (the
 //! upstream revoke and its retry schedule), `background` (the reaper,
 //! revocation retries, the reconciler), `sweep` (orphan PATs), `admin`,
-//! `policy_reloads` (their audit rows), `auditing` (who acted, how rows are
+//! `policy_reloads` and `api_key_reloads` (their audit rows), `auditing` (who acted, how rows are
 //! appended), `sealing` (the PAT at rest), `time`, `page_token` (opaque
 //! list cursors).
 //!
@@ -121,6 +121,7 @@ use crate::store::{Store, StoreError};
 use crate::upstream::{PatClient, UpstreamError};
 
 mod admin;
+mod api_key_reloads;
 mod auditing;
 mod background;
 mod issue;
@@ -519,6 +520,16 @@ impl Leases {
         outcomes: tokio::sync::broadcast::Receiver<crate::policy::ReloadOutcome>,
     ) {
         policy_reloads::audit_policy_reloads(&self.deps, outcomes).await
+    }
+
+    /// Records every API keys file reload attempt from `outcomes`
+    /// (`ApiKeysHandle::subscribe`) as an `auth.api_keys_reload` audit
+    /// event, until the channel closes.
+    pub async fn audit_api_key_reloads(
+        &self,
+        outcomes: tokio::sync::broadcast::Receiver<crate::auth::ApiKeysReloadOutcome>,
+    ) {
+        api_key_reloads::audit_api_key_reloads(&self.deps, outcomes).await
     }
 
     /// Runs background work (the reaper, revocation retries, the

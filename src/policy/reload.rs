@@ -98,6 +98,9 @@ struct Inner {
     /// across an attempt: attempts never interleave.
     last_seen: Mutex<Option<[u8; 32]>>,
     outcomes: broadcast::Sender<ReloadOutcome>,
+    /// Every trigger the watcher acted on, for what reloads with the
+    /// policy (`auth.api_keys_file`).
+    triggers: broadcast::Sender<ReloadTrigger>,
 }
 
 impl fmt::Debug for PolicyHandle {
@@ -123,6 +126,7 @@ impl PolicyHandle {
                 file,
                 last_seen: Mutex::new(seen),
                 outcomes: broadcast::channel(OUTCOME_BUFFER).0,
+                triggers: broadcast::channel(OUTCOME_BUFFER).0,
             }),
         }
     }
@@ -168,6 +172,16 @@ impl PolicyHandle {
     /// only the latest.
     pub fn subscribe(&self) -> broadcast::Receiver<ReloadOutcome> {
         self.inner.outcomes.subscribe()
+    }
+
+    /// Every trigger the watcher ([`PolicyHandle::spawn_watcher`]) acts on
+    /// from now on (each poll tick as [`ReloadTrigger::FileChanged`], each
+    /// SIGHUP as [`ReloadTrigger::Signal`]), sent after the policy's own
+    /// reload, whether or not the policy has a file: what reloads with the
+    /// policy (the API keys file) follows these instead of taking SIGHUP
+    /// itself, so one SIGHUP reloads both.
+    pub fn triggers(&self) -> broadcast::Receiver<ReloadTrigger> {
+        self.inner.triggers.subscribe()
     }
 
     /// Re-reads the file and puts it in force if valid; logs and reports
@@ -228,9 +242,10 @@ impl PolicyHandle {
     }
 
     /// Watches the policy file until `shutdown` resolves: reads it every
-    /// `every` and reloads when its content changed, and reloads on SIGHUP.
-    /// A fixed policy (no file) has nothing to reload, but SIGHUP is still
-    /// taken (and logged), so it never ends the process. Must be called
+    /// `every` and reloads when its content changed, and reloads on SIGHUP;
+    /// passes each trigger on to [`PolicyHandle::triggers`]. A fixed policy
+    /// (no file) has nothing to reload, but SIGHUP is still taken (and
+    /// logged, and passed on), so it never ends the process. Must be called
     /// inside a Tokio runtime.
     pub fn spawn_watcher(
         &self,
@@ -242,17 +257,6 @@ impl PolicyHandle {
         // up reloads instead of killing the process (the default action).
         let mut hangup = hangup_signal();
         tokio::spawn(async move {
-            if handle.inner.file.is_none() {
-                tokio::pin!(shutdown);
-                loop {
-                    tokio::select! {
-                        () = &mut shutdown => return,
-                        Some(()) = recv_hangup(&mut hangup) => {
-                            tracing::info!("SIGHUP received; the policy is built in, nothing to reload");
-                        }
-                    }
-                }
-            }
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tokio::pin!(shutdown);
@@ -262,7 +266,13 @@ impl PolicyHandle {
                     _ = tick.tick() => ReloadTrigger::FileChanged,
                     Some(()) = recv_hangup(&mut hangup) => ReloadTrigger::Signal,
                 };
-                handle.reload(trigger).await;
+                if handle.inner.file.is_some() {
+                    handle.reload(trigger).await;
+                } else if trigger == ReloadTrigger::Signal {
+                    tracing::info!("SIGHUP received; the policy is built in, nothing to reload");
+                }
+                // Nobody listening is fine.
+                let _ = handle.inner.triggers.send(trigger);
             }
         })
     }
@@ -400,6 +410,7 @@ mod tests {
     #[tokio::test]
     async fn a_sighup_does_not_end_a_broker_whose_policy_has_no_file() {
         let handle = PolicyHandle::from(Policy::default());
+        let mut triggers = handle.triggers();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let watcher = handle.spawn_watcher(Duration::from_secs(1), async {
             let _ = stopped.await;
@@ -413,6 +424,12 @@ mod tests {
         assert!(status.success());
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(handle.reload(ReloadTrigger::Signal).await, None);
+        // The SIGHUP is passed on to what reloads with the policy.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while triggers.recv().await.unwrap() != ReloadTrigger::Signal {}
+        })
+        .await
+        .expect("the SIGHUP is passed on");
         let _ = stop.send(());
         watcher.await.expect("the watcher stops on shutdown");
     }
