@@ -329,6 +329,35 @@ impl ServeProcess {
         }
     }
 
+    /// Sends SIGHUP: the broker re-reads its policy file and its
+    /// `auth.api_keys_file` (point that at a file of the test's own with
+    /// the setting `("auth.api_keys_file", PATH)`, and leave
+    /// `BrokerSpec::api_keys` empty).
+    pub fn sighup(&self) {
+        let status = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -HUP failed");
+    }
+
+    /// Waits for the process to exit by itself (e.g. refusing to start),
+    /// at most `within` (then it panics with the log tail).
+    pub async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("poll the child") {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "token-broker serve still running after {within:?}:\n{}",
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// SIGKILL: the process dies on the spot, no shutdown code runs.
     pub fn sigkill(&mut self) {
         // `Child::kill` sends SIGKILL on Unix.
