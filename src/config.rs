@@ -773,7 +773,7 @@ impl AuthConfig {
         if !self.api_keys.is_empty() {
             return Err(ConfigError::new(
                 "auth.api_keys_file",
-                "auth.api_keys and auth.api_keys_file are both set: configure API keys in one of them",
+                "auth.api_keys and auth.api_keys_file are both set; set one",
             ));
         }
         ApiKeysHandle::from_file(file)

@@ -274,7 +274,9 @@ async fn api_keys_and_an_api_keys_file_together_refuse_to_start_naming_both() {
     assert!(!status.success());
     let log = broker.log();
     assert!(
-        log.contains("auth.api_keys_file: auth.api_keys and auth.api_keys_file are both set"),
+        log.contains(
+            "auth.api_keys_file: auth.api_keys and auth.api_keys_file are both set; set one"
+        ),
         "{log}"
     );
 
