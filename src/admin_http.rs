@@ -79,7 +79,8 @@ impl Metrics {
     ///   (aggregate with `max`, not `sum`); if the count fails, the last
     ///   value stays.
     /// - `token_broker_upstream_credential_ok` (gauge): 1 while a
-    ///   credential is stored and Entra has not refused it, else 0;
+    ///   credential is stored and neither Entra refused it nor a replica
+    ///   failed to use it, else 0 (also while the database cannot say);
     /// - `token_broker_upstream_refresh_token_age_seconds` (gauge): seconds
     ///   since the stored refresh token was stored (Entra ends one unused
     ///   for 90 days); 0 when none is stored;
@@ -189,10 +190,15 @@ impl Metrics {
         }
         match tokio::time::timeout(STORE_GAUGE_TIMEOUT, CredentialStatus::read(store)).await {
             Ok(Ok(status)) => self.observe_credential(&status),
+            // Unknown is not OK: creates fail without the database anyway.
             Ok(Err(e)) => {
+                self.credential_ok.set(0);
                 tracing::warn!(error = %e, "metrics: could not read the upstream credential")
             }
-            Err(_) => tracing::warn!("metrics: reading the upstream credential timed out"),
+            Err(_) => {
+                self.credential_ok.set(0);
+                tracing::warn!("metrics: reading the upstream credential timed out")
+            }
         }
     }
 

@@ -200,21 +200,26 @@ async fn replicas_share_one_rotating_credential_and_a_login_heals_both_without_a
     let mut spec = BrokerSpec::new(db.url.clone(), emu.running.url());
     spec.admin_port = true;
     let mut a = ServeProcess::start(&spec, &[]).await;
-    let b = ServeProcess::start(&spec, &[]).await;
     let config = a.config_path();
 
-    // The configured token is adopted once (version 1), whichever replica
-    // started first, and A's refresh stores Entra's rotated one.
-    let mut client_a = a.client(&spec.key("ci")).await;
-    client_a.create_lease(request()).await.unwrap();
-    let s = status(&config);
+    // The configured token is adopted (version 1) and, never redeemed,
+    // redeemed at once by A's keep-alive, which stores Entra's rotation.
+    let s = poll("A's first refresh", Duration::from_secs(30), || async {
+        let s = status(&config);
+        if s["lastRefreshTime"].is_string() {
+            Ok(s)
+        } else {
+            Err(s.to_string())
+        }
+    })
+    .await;
     assert_eq!(s["version"], 2, "{s}");
     assert_eq!(s["source"], "rotated");
     assert_eq!(s["state"], "OK");
     assert_eq!(s["account"], "emulated.user@fabrikam.example");
-    assert!(s["lastRefreshTime"].is_string(), "{s}");
 
-    // B redeems what A stored: the configured token is revoked now.
+    // B redeems what A stored: the configured token is revoked now, and
+    // B's start neither re-adopts it nor refreshes (A just did).
     let revoked = control(
         &emu,
         "/_emulator/refresh-tokens/revoke",
@@ -222,12 +227,15 @@ async fn replicas_share_one_rotating_credential_and_a_login_heals_both_without_a
     )
     .await;
     assert_eq!(revoked, 200);
+    let b = ServeProcess::start(&spec, &[]).await;
     let mut client_b = b.client(&spec.key("ci")).await;
     client_b
         .create_lease(request())
         .await
         .unwrap_or_else(|e| panic!("{e:?}\n{}", b.log_tail()));
     assert_eq!(status(&config)["version"], 3);
+    let mut client_a = a.client(&spec.key("ci")).await;
+    client_a.create_lease(request()).await.unwrap();
 
     // Every refresh token revoked, every access token expired.
     assert_eq!(

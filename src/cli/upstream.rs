@@ -9,7 +9,6 @@ use std::sync::Arc;
 use clap::Subcommand;
 use secrecy::{ExposeSecret as _, SecretString};
 
-use super::grpc::Output;
 use super::serve::ConfigArg;
 use crate::audit::{self, AuditEvent, AuditLog, Outcome};
 use crate::config::{Backend, Config};
@@ -31,8 +30,8 @@ pub enum UpstreamCommand {
         #[command(flatten)]
         config: ConfigArg,
         /// Output format.
-        #[arg(long, value_enum, default_value_t = Output::Text)]
-        output: Output,
+        #[arg(long, value_enum, default_value_t = StatusOutput::Text)]
+        output: StatusOutput,
     },
     /// Store a refresh token read from stdin (never from an argument) as
     /// the upstream credential, after redeeming it once at Entra.
@@ -46,6 +45,16 @@ pub enum UpstreamCommand {
     },
 }
 
+/// Output format of `upstream status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StatusOutput {
+    /// Aligned `field  value` lines, then any warning.
+    Text,
+    /// One JSON object: `account`, `version`, `source`, `storeTime`,
+    /// `lastRefreshTime`, `state`, `lastError`, `warning` (null when unknown).
+    Json,
+}
+
 /// Runs one `upstream` command; its answer goes to stdout.
 pub async fn run(command: UpstreamCommand) -> Result<String, String> {
     match command {
@@ -57,8 +66,14 @@ pub async fn run(command: UpstreamCommand) -> Result<String, String> {
     }
 }
 
+/// The server configuration; logs only warnings and errors (an operator
+/// at a prompt wants the command's words, not the server's; `RUST_LOG`
+/// still wins).
 fn load(arg: &ConfigArg) -> Result<Config, String> {
-    super::serve::load_settings(arg).map(|s| s.config)
+    let settings =
+        crate::settings::Settings::load(arg.config.as_deref()).map_err(|e| e.to_string())?;
+    crate::telemetry::init("warn", settings.config.log.json).map_err(|e| e.to_string())?;
+    Ok(settings.config)
 }
 
 /// The store (migrated), the keyring and the audit log, as the server
@@ -172,6 +187,7 @@ async fn login(config: &Config) -> Result<String, String> {
         &signed_in.refresh_token,
         account.clone(),
         CredentialSource::Login,
+        true,
     )
     .await
     .map_err(|e| format!("signed in, but the credential could not be stored: {e}"))?;
@@ -194,7 +210,7 @@ async fn login(config: &Config) -> Result<String, String> {
     ))
 }
 
-async fn status(config: &Config, output: Output) -> Result<String, String> {
+async fn status(config: &Config, output: StatusOutput) -> Result<String, String> {
     // Never create a database just to report on it.
     if let Ok(Backend::Sqlite(Some(db))) = config.database.backend() {
         if !db.exists() {
@@ -208,22 +224,27 @@ async fn status(config: &Config, output: Output) -> Result<String, String> {
         .await
         .map_err(|e| format!("database: {e} (has `token-broker migrate` run?)"))?;
     Ok(match output {
-        Output::Json => format!("{:#}", status.json()),
-        Output::Text => status.text(),
+        StatusOutput::Json => format!("{:#}", status.json()),
+        StatusOutput::Text => status.text(),
     })
 }
 
-/// Reads the whole of stdin as the token, trimmed.
+/// Reads the token from stdin, trimmed: the whole input from a pipe, or
+/// one line typed at a terminal with echo off (never in scrollback).
 fn read_token() -> Result<SecretString, String> {
     let stdin = std::io::stdin();
-    if stdin.is_terminal() {
-        eprintln!("Paste the refresh token, then press Enter and Ctrl-D:");
-    }
-    let mut text = String::new();
-    stdin
-        .lock()
-        .read_to_string(&mut text)
-        .map_err(|e| format!("cannot read the refresh token from stdin: {e}"))?;
+    let text = if stdin.is_terminal() {
+        rpassword::prompt_password("Refresh token (not echoed): ")
+            .map_err(|e| format!("cannot read the refresh token from the terminal: {e}"))?
+    } else {
+        let mut text = String::new();
+        stdin
+            .lock()
+            .read_to_string(&mut text)
+            .map_err(|e| format!("cannot read the refresh token from stdin: {e}"))?;
+        text
+    };
+    let text = secrecy::zeroize::Zeroizing::new(text);
     let token = text.trim();
     if token.is_empty() {
         return Err(
@@ -243,10 +264,22 @@ async fn set_refresh_token(config: &Config, no_verify: bool) -> Result<String, S
     } else {
         require_client_id(config)?;
         let entra = EntraClient::new(config.upstream.entra.clone()).map_err(|e| e.to_string())?;
-        let grant = entra
-            .redeem_refresh_token(&token)
-            .await
-            .map_err(|e| format!("{e}; nothing was stored (--no-verify stores it unchecked)"))?;
+        let grant = match entra.redeem_refresh_token(&token).await {
+            Ok(grant) => grant,
+            Err(e) => {
+                audit_event(
+                    &audit,
+                    audit::UPSTREAM_SET_REFRESH_TOKEN,
+                    Outcome::Denied,
+                    Some("TOKEN_REFUSED"),
+                    String::new(),
+                )
+                .await;
+                return Err(format!(
+                    "{e}; nothing was stored (--no-verify stores it unchecked)"
+                ));
+            }
+        };
         (grant.refresh_token.unwrap_or(token), grant.account)
     };
     let version = credential::store_refresh_token(
@@ -255,6 +288,7 @@ async fn set_refresh_token(config: &Config, no_verify: bool) -> Result<String, S
         &token,
         account.clone(),
         CredentialSource::Stdin,
+        !no_verify,
     )
     .await
     .map_err(|e| format!("the credential could not be stored: {e}"))?;

@@ -65,19 +65,21 @@ pub fn configured_digest(refresh_token: &SecretString) -> String {
 }
 
 /// Seals `refresh_token` and stores it as the next version, replacing
-/// whatever is stored (login, `set-refresh-token`). Returns the version.
+/// whatever is stored (login, `set-refresh-token`); `redeemed`: it came
+/// from a grant just now (sets the last refresh time). Returns the version.
 pub async fn store_refresh_token(
     store: &dyn Store,
     keyring: &Keyring,
     refresh_token: &SecretString,
     account: Option<String>,
     source: CredentialSource,
+    redeemed: bool,
 ) -> Result<i64, StoreError> {
     let new = NewUpstreamCredential {
         sealed: keyring.seal(refresh_token, UpstreamCredential::AAD),
         account,
         source,
-        refreshed: source == CredentialSource::Login,
+        refreshed: redeemed,
     };
     store
         .save_upstream_credential(&new, CredentialWrite::Replace, Timestamp::now())
@@ -193,19 +195,41 @@ impl BrokerCredential {
                 return Err(UpstreamError::Authentication(refused.message.clone()));
             }
         }
-        let entra = self
-            .entra
-            .as_ref()
-            .map_err(|m| UpstreamError::Authentication(m.clone()))?;
-        let refresh_token = self
-            .keyring
-            .open(&cred.sealed, UpstreamCredential::AAD)
-            .map_err(|e| {
-                UpstreamError::Authentication(format!(
-                    "the stored upstream credential (version {}) cannot be opened with the configured keys: {e}",
-                    cred.version
-                ))
-            })?;
+        // A credential this replica cannot use is failing here, whatever
+        // Entra would say: recorded, so `upstream status`, `/readyz` and
+        // the metric show why creates fail.
+        let usable = match &self.entra {
+            Err(m) => Err(m.clone()),
+            Ok(entra) => self
+                .keyring
+                .open(&cred.sealed, UpstreamCredential::AAD)
+                .map(|token| (entra, token))
+                .map_err(|e| {
+                    format!(
+                        "the stored upstream credential (version {}) cannot be opened with this broker's keys ({e}): are its keys the ones the credential was stored with?",
+                        cred.version
+                    )
+                }),
+        };
+        let (entra, refresh_token) = match usable {
+            Ok(usable) => usable,
+            Err(reason) => {
+                self.record(
+                    cred.version,
+                    &RefreshRecord::Refused {
+                        error: reason.clone(),
+                    },
+                )
+                .await;
+                state.access = None;
+                state.refused = Some(Refused {
+                    version: cred.version,
+                    at: Instant::now(),
+                    message: reason.clone(),
+                });
+                return Err(UpstreamError::Authentication(reason));
+            }
+        };
         match entra.redeem_refresh_token(&refresh_token).await {
             Ok(grant) => {
                 self.record_success(&cred, &grant.refresh_token, grant.account)
@@ -298,16 +322,18 @@ impl BrokerCredential {
 
     /// Until `stop` resolves: every check period (a quarter of `interval`,
     /// at most an hour), redeems the stored credential if no replica has
-    /// for `interval`, and warns when it is failing or nearing its end.
-    /// The first check runs at once, so a bad credential shows at start.
+    /// for `interval` (or ever), and warns when it is failing or nearing
+    /// its end. The first check runs at once, so a bad credential shows at
+    /// start.
     pub async fn keep_alive(
         &self,
         interval: Duration,
         stop: impl std::future::Future<Output = ()>,
     ) {
         let period = (interval / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600));
-        // The first check after one period: a start costs no token call.
-        let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
+        // The first check at once: a credential never redeemed (just
+        // adopted or set) is redeemed now, and a missing one is reported.
+        let mut ticks = tokio::time::interval(period);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(stop);
         loop {
@@ -337,7 +363,14 @@ impl BrokerCredential {
             .last_refresh_time
             .is_none_or(|t| elapsed(t, now) >= interval);
         if due {
-            match self.refresh_now().await {
+            // A refused version is retried at the same pace as on demand
+            // (RETRY_REFUSED_AFTER), however short the interval.
+            let forced = cred.state != CredentialState::Failing;
+            let result = {
+                let mut state = self.state.lock().await;
+                self.refresh(&mut state, forced).await.map(drop)
+            };
+            match result {
                 Ok(()) => tracing::info!("refreshed the upstream credential (keep-alive)"),
                 Err(e) => {
                     tracing::error!(error = %e, "the upstream credential could not be refreshed")
