@@ -21,11 +21,12 @@ use figment::Figment;
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::Deserialize;
 
-use crate::audit::ChainKey;
+use crate::audit::ChainKeys;
 use crate::auth::kubernetes::{KubernetesAuthConfig, KubernetesConfigError, KubernetesVerifier};
 use crate::auth::tls::TlsConfig;
 use crate::auth::{ApiKeyHash, ApiKeys};
 use crate::crypto::{self, Keyring, TokenFingerprinter};
+use crate::store::DEFAULT_KEY_ID;
 use crate::leases::RetrySchedule;
 use crate::upstream::azure_devops::AzureDevOpsConfig;
 use crate::upstream::entra::EntraConfig;
@@ -279,15 +280,20 @@ pub fn backend_of(url: &str) -> Result<Backend, String> {
     Err("expected postgres://…, postgresql://… or sqlite:PATH".into())
 }
 
-/// `[keys]`: the sealing keyring, the audit fingerprint key and the audit
-/// chain key, inline or in a keys file (same fields, TOML), never both. With neither, `serve` on
-/// SQLite generates a keys file next to the database; on PostgreSQL it
-/// refuses to start.
+/// `[keys]`: the sealing keyring, the audit fingerprint keyring and the
+/// audit chain keyring, inline or in a keys file (same fields, TOML), never
+/// both. The fingerprint and chain keys take either a single string
+/// (`fingerprint`, `audit_chain`: key id `default`) or an active id and a
+/// table of keys (`fingerprint_active` + `[fingerprint_keys]`,
+/// `audit_chain_active` + `[audit_chain_keys]`), not both. With neither,
+/// `serve` on SQLite generates a keys file next to the database; on
+/// PostgreSQL it refuses to start.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeysConfig {
     /// `keys.file`: path of a keys file (TOML with `active`, `sealing`,
-    /// `fingerprint`, `audit_chain`).
+    /// `fingerprint` or `fingerprint_active` + `fingerprint_keys`,
+    /// `audit_chain` or `audit_chain_active` + `audit_chain_keys`).
     #[serde(default)]
     pub file: Option<PathBuf>,
     /// `keys.active`: id of the sealing key new secrets are sealed with.
@@ -298,13 +304,34 @@ pub struct KeysConfig {
     #[serde(default)]
     pub sealing: BTreeMap<String, SecretString>,
     /// `keys.fingerprint`: HMAC-SHA256 key (32 bytes, standard base64) for token fingerprints in the audit trail.
+    /// Key id `default`; not with `fingerprint_active`/`fingerprint_keys`.
     #[serde(default)]
     pub fingerprint: Option<SecretString>,
+    /// `keys.fingerprint_active`: id of the fingerprint key new audit rows
+    /// use; must name a key in `keys.fingerprint_keys`.
+    #[serde(default)]
+    pub fingerprint_active: Option<String>,
+    /// `keys.fingerprint_keys`: key id -> fingerprint key (32 bytes,
+    /// standard base64). Older ids stay while `keys status` counts rows
+    /// under them.
+    #[serde(default)]
+    pub fingerprint_keys: BTreeMap<String, SecretString>,
     /// `keys.audit_chain`: HMAC-SHA256 key (32 bytes, standard base64) that
     /// chains the audit rows (docs/audit-chain.md). Kept out of the database
-    /// so write access to it alone cannot forge the chain.
+    /// so write access to it alone cannot forge the chain. Key id
+    /// `default`; not with `audit_chain_active`/`audit_chain_keys`.
     #[serde(default)]
     pub audit_chain: Option<SecretString>,
+    /// `keys.audit_chain_active`: id of the chain key new audit rows are
+    /// MAC'd with; must name a key in `keys.audit_chain_keys`. Changing it
+    /// appends a switch row (docs/audit-chain.md).
+    #[serde(default)]
+    pub audit_chain_active: Option<String>,
+    /// `keys.audit_chain_keys`: key id -> chain key (32 bytes, standard
+    /// base64). Keep every id some audit row was MAC'd with: `audit verify`
+    /// checks each row under its own key.
+    #[serde(default)]
+    pub audit_chain_keys: BTreeMap<String, SecretString>,
 }
 
 /// Keys in a keys file: the same fields as `[keys]` without `file`.
@@ -315,7 +342,13 @@ struct KeysFile {
     #[serde(default)]
     sealing: BTreeMap<String, SecretString>,
     fingerprint: Option<SecretString>,
+    fingerprint_active: Option<String>,
+    #[serde(default)]
+    fingerprint_keys: BTreeMap<String, SecretString>,
     audit_chain: Option<SecretString>,
+    audit_chain_active: Option<String>,
+    #[serde(default)]
+    audit_chain_keys: BTreeMap<String, SecretString>,
 }
 
 /// Keys ready to build a keyring from: validated.
@@ -325,28 +358,39 @@ pub struct ResolvedKeys {
     pub active: String,
     /// Key id -> standard base64 of a 32-byte AES-256-GCM key (secret).
     pub sealing: BTreeMap<String, SecretString>,
-    /// Standard base64 of the 32-byte fingerprint key (secret).
-    pub fingerprint: SecretString,
-    /// Standard base64 of the 32-byte audit chain key (secret).
-    pub audit_chain: SecretString,
+    /// Id of the active fingerprint key (`default` for the single-string
+    /// `fingerprint`).
+    pub fingerprint_active: String,
+    /// Key id -> standard base64 of a 32-byte fingerprint key (secret).
+    pub fingerprint_keys: BTreeMap<String, SecretString>,
+    /// Id of the active audit chain key (`default` for the single-string
+    /// `audit_chain`).
+    pub audit_chain_active: String,
+    /// Key id -> standard base64 of a 32-byte audit chain key (secret).
+    pub audit_chain_keys: BTreeMap<String, SecretString>,
     /// Where they came from, for the log: `configuration` or a file path.
     pub source: String,
 }
 
 impl ResolvedKeys {
-    /// The sealing keyring and the audit fingerprinter.
+    /// The sealing keyring and the audit fingerprinter (of the active
+    /// fingerprint key).
     pub fn build(&self) -> Result<(Keyring, TokenFingerprinter), ConfigError> {
         let keyring = Keyring::new(self.active.clone(), self.sealing.clone())
             .map_err(|e| ConfigError::new("keys.sealing", e.to_string()))?;
-        let fingerprinter = TokenFingerprinter::new(self.fingerprint.clone())
+        let fingerprint = self
+            .fingerprint_keys
+            .get(&self.fingerprint_active)
+            .ok_or_else(|| ConfigError::new("keys.fingerprint_active", "names no key"))?;
+        let fingerprinter = TokenFingerprinter::new(fingerprint.clone())
             .map_err(|e| ConfigError::new("keys.fingerprint", e.to_string()))?;
         Ok((keyring, fingerprinter))
     }
 
-    /// The audit chain key.
-    pub fn chain_key(&self) -> Result<ChainKey, ConfigError> {
-        ChainKey::new(&self.audit_chain)
-            .map_err(|e| ConfigError::new("keys.audit_chain", e.to_string()))
+    /// The audit chain keyring.
+    pub fn chain_keys(&self) -> Result<ChainKeys, ConfigError> {
+        ChainKeys::new(self.audit_chain_active.clone(), self.audit_chain_keys.clone())
+            .map_err(|e| ConfigError::new("keys.audit_chain_keys", e.to_string()))
     }
 }
 
@@ -355,6 +399,16 @@ impl std::fmt::Debug for ResolvedKeys {
         f.debug_struct("ResolvedKeys")
             .field("active", &self.active)
             .field("ids", &self.sealing.keys().collect::<Vec<_>>())
+            .field("fingerprint_active", &self.fingerprint_active)
+            .field(
+                "fingerprint_ids",
+                &self.fingerprint_keys.keys().collect::<Vec<_>>(),
+            )
+            .field("audit_chain_active", &self.audit_chain_active)
+            .field(
+                "audit_chain_ids",
+                &self.audit_chain_keys.keys().collect::<Vec<_>>(),
+            )
             .field("source", &self.source)
             .finish_non_exhaustive()
     }
@@ -790,7 +844,11 @@ impl KeysConfig {
         self.active.is_some()
             || !self.sealing.is_empty()
             || self.fingerprint.is_some()
+            || self.fingerprint_active.is_some()
+            || !self.fingerprint_keys.is_empty()
             || self.audit_chain.is_some()
+            || self.audit_chain_active.is_some()
+            || !self.audit_chain_keys.is_empty()
     }
 
     /// True when no keys are configured at all.
@@ -803,7 +861,11 @@ impl KeysConfig {
             active: self.active.clone(),
             sealing: self.sealing.clone(),
             fingerprint: self.fingerprint.clone(),
+            fingerprint_active: self.fingerprint_active.clone(),
+            fingerprint_keys: self.fingerprint_keys.clone(),
             audit_chain: self.audit_chain.clone(),
+            audit_chain_active: self.audit_chain_active.clone(),
+            audit_chain_keys: self.audit_chain_keys.clone(),
         }
     }
 
@@ -814,7 +876,7 @@ impl KeysConfig {
         if self.file.is_some() && self.is_inline() {
             return Err(ConfigError::new(
                 "keys.file",
-                "set either keys.file or inline keys (keys.active, keys.sealing, keys.fingerprint, keys.audit_chain), not both",
+                "set either keys.file or inline keys (keys.active, keys.sealing, keys.fingerprint*, keys.audit_chain*), not both",
             ));
         }
         if !self.is_inline() {
@@ -848,7 +910,7 @@ impl KeysConfig {
         match backend {
             Backend::Postgres => Err(ConfigError::new(
                 "keys",
-                "no keys configured: PostgreSQL needs keys.file or keys.active + keys.sealing + keys.fingerprint + keys.audit_chain (generated keys would be lost with the pod)",
+                "no keys configured: PostgreSQL needs keys.file or keys.active + keys.sealing + keys.fingerprint (or keys.fingerprint_active + keys.fingerprint_keys) + keys.audit_chain (or keys.audit_chain_active + keys.audit_chain_keys) (generated keys would be lost with the pod)",
             )),
             Backend::Sqlite(None) => {
                 let parsed: KeysFile =
@@ -883,9 +945,15 @@ pub fn ensure_keys_file(path: &Path) -> Result<bool, ConfigError> {
     })?;
     // A file that does not parse is left alone: reading it reports why.
     if let Ok(KeysFile {
-        audit_chain: None, ..
+        audit_chain: None,
+        audit_chain_active: None,
+        audit_chain_keys,
+        ..
     }) = toml_parse(&text)
     {
+        if !audit_chain_keys.is_empty() {
+            return Ok(false);
+        }
         crypto::add_audit_chain_key(path, &text).map_err(keys_error)?;
     }
     Ok(false)
@@ -929,6 +997,20 @@ impl KeysFile {
     /// name `{section}.active` and so on (an empty key: `must not be
     /// empty`).
     fn resolve(&self, section: &str, source: &str) -> Result<ResolvedKeys, ConfigError> {
+        let (fingerprint_active, fingerprint_keys) = keyring_of(
+            section,
+            "fingerprint",
+            &self.fingerprint,
+            &self.fingerprint_active,
+            &self.fingerprint_keys,
+        )?;
+        let (audit_chain_active, audit_chain_keys) = keyring_of(
+            section,
+            "audit_chain",
+            &self.audit_chain,
+            &self.audit_chain_active,
+            &self.audit_chain_keys,
+        )?;
         let active = self
             .active
             .clone()
@@ -939,53 +1021,108 @@ impl KeysFile {
                 format!("no key {active:?} in {section}.sealing"),
             ));
         }
-        let mut sealing = BTreeMap::new();
-        for (id, value) in &self.sealing {
-            if id.is_empty()
-                || id.len() > 32
-                || !id
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
-            {
-                return Err(ConfigError::new(
-                    format!("{section}.sealing"),
-                    format!("key id {id:?} must be 1 to 32 letters, digits, '-' or '_'"),
-                ));
-            }
-            let setting = format!("{section}.sealing.{id}");
-            let value = trimmed_secret(&setting, value, None)?;
-            decode_key(&setting, &value)?;
-            sealing.insert(id.clone(), value);
-        }
-        let required = |name: &str, value: &Option<SecretString>| {
-            let setting = format!("{section}.{name}");
-            let value = value
-                .as_ref()
-                .ok_or_else(|| ConfigError::new(&setting, "is required"))?;
-            let value = trimmed_secret(&setting, value, None)?;
-            decode_key(&setting, &value)?;
-            Ok::<_, ConfigError>(value)
-        };
+        let sealing = check_keys(&format!("{section}.sealing"), &self.sealing)?;
         Ok(ResolvedKeys {
             active,
             sealing,
-            fingerprint: required("fingerprint", &self.fingerprint)?,
-            audit_chain: required("audit_chain", &self.audit_chain)?,
+            fingerprint_active,
+            fingerprint_keys,
+            audit_chain_active,
+            audit_chain_keys,
             source: source.to_owned(),
         })
     }
 }
 
+/// Checks each key id (1 to 32 letters, digits, '-' or '_') and key (32
+/// bytes of standard base64) of the table `setting`; returns the keys
+/// trimmed of surrounding whitespace.
+fn check_keys(
+    setting: &str,
+    keys: &BTreeMap<String, SecretString>,
+) -> Result<BTreeMap<String, SecretString>, ConfigError> {
+    let mut checked = BTreeMap::new();
+    for (id, value) in keys {
+        if id.is_empty()
+            || id.len() > 32
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+        {
+            return Err(ConfigError::new(
+                setting,
+                format!("key id {id:?} must be 1 to 32 letters, digits, '-' or '_'"),
+            ));
+        }
+        let key_setting = format!("{setting}.{id}");
+        let value = trimmed_secret(&key_setting, value, None)?;
+        decode_key(&key_setting, &value)?;
+        checked.insert(id.clone(), value);
+    }
+    Ok(checked)
+}
+
+/// The keyring of purpose `name` (`fingerprint`, `audit_chain`): the
+/// single string `{section}.{name}` as key id `default`, or
+/// `{section}.{name}_active` naming a key of `{section}.{name}_keys`.
+/// Errors: both forms set (naming both), neither, an active id naming no
+/// key, a bad key id or key.
+fn keyring_of(
+    section: &str,
+    name: &str,
+    single: &Option<SecretString>,
+    active: &Option<String>,
+    keys: &BTreeMap<String, SecretString>,
+) -> Result<(String, BTreeMap<String, SecretString>), ConfigError> {
+    let (single_setting, active_setting, keys_setting) = (
+        format!("{section}.{name}"),
+        format!("{section}.{name}_active"),
+        format!("{section}.{name}_keys"),
+    );
+    if let Some(single) = single {
+        if active.is_some() || !keys.is_empty() {
+            return Err(ConfigError::new(
+                &single_setting,
+                format!(
+                    "set either {single_setting} (key id \"default\") or {active_setting} + {keys_setting}, not both"
+                ),
+            ));
+        }
+        let single = trimmed_secret(&single_setting, single, None)?;
+        decode_key(&single_setting, &single)?;
+        let keys = [(DEFAULT_KEY_ID.to_owned(), single)].into();
+        return Ok((DEFAULT_KEY_ID.to_owned(), keys));
+    }
+    if active.is_none() && keys.is_empty() {
+        return Err(ConfigError::new(
+            &single_setting,
+            format!("is required (or {active_setting} + {keys_setting})"),
+        ));
+    }
+    let active = active
+        .clone()
+        .ok_or_else(|| ConfigError::new(&active_setting, format!("is required with {keys_setting}")))?;
+    if !keys.contains_key(&active) {
+        return Err(ConfigError::new(
+            &active_setting,
+            format!("no key {active:?} in {keys_setting}"),
+        ));
+    }
+    let keys = check_keys(&keys_setting, keys)?;
+    Ok((active, keys))
+}
+
 /// Settings whose values are secrets and never appear in an error.
 fn is_secret_setting(path: &str) -> bool {
+    // A keys file's settings have no `keys.` prefix.
+    let key = path.strip_prefix("keys.").unwrap_or(path);
     matches!(
         path,
-        "database.url"
-            | "upstream.refresh_token"
-            | "upstream.entra.client_secret"
-            | "keys.fingerprint"
-            | "keys.audit_chain"
-    ) || path.starts_with("keys.sealing")
+        "database.url" | "upstream.refresh_token" | "upstream.entra.client_secret"
+    ) || matches!(key, "fingerprint" | "audit_chain")
+        || ["sealing", "fingerprint_keys", "audit_chain_keys"]
+            .iter()
+            .any(|table| key == *table || key.starts_with(&format!("{table}.")))
 }
 
 /// Turns figment's errors into ones naming the setting by its dotted path.
