@@ -1242,15 +1242,16 @@ mod tests {
             .unwrap();
         assert!(created.is_none());
         assert_eq!(keys.active, "k1");
-        assert_eq!(keys.fingerprint.expose_secret(), key);
-        keys.chain_key().unwrap();
+        assert_eq!(keys.fingerprint_active, "default");
+        assert_eq!(keys.fingerprint_keys["default"].expose_secret(), key);
+        assert_eq!(keys.chain_keys().unwrap().active_key_id(), "default");
         // Stable from then on.
         let (again, _) = KeysConfig::default()
             .resolve(&Backend::Sqlite(Some(db)))
             .unwrap();
         assert_eq!(
-            again.audit_chain.expose_secret(),
-            keys.audit_chain.expose_secret()
+            again.audit_chain_keys["default"].expose_secret(),
+            keys.audit_chain_keys["default"].expose_secret()
         );
         #[cfg(unix)]
         {
@@ -1258,6 +1259,115 @@ mod tests {
             let mode = std::fs::metadata(&path).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
         }
+    }
+
+    #[test]
+    fn chain_and_fingerprint_keyrings_take_an_active_id_and_a_table_or_one_string() {
+        let key = || Keyring::generate_key();
+        let base = KeysConfig {
+            active: Some("k1".into()),
+            sealing: [("k1".to_owned(), key())].into(),
+            ..KeysConfig::default()
+        };
+        // Single strings: key id `default`.
+        let keys = KeysConfig {
+            fingerprint: Some(key()),
+            audit_chain: Some(key()),
+            ..base.clone()
+        }
+        .resolve(&Backend::Postgres)
+        .unwrap()
+        .0;
+        assert_eq!(keys.audit_chain_active, "default");
+        assert_eq!(keys.fingerprint_active, "default");
+        // Tables with an active id.
+        let rings = KeysConfig {
+            fingerprint_active: Some("f2".into()),
+            fingerprint_keys: [("f1".to_owned(), key()), ("f2".to_owned(), key())].into(),
+            audit_chain_active: Some("a2".into()),
+            audit_chain_keys: [("a1".to_owned(), key()), ("a2".to_owned(), key())].into(),
+            ..base.clone()
+        };
+        let keys = rings.resolve(&Backend::Postgres).unwrap().0;
+        assert_eq!(keys.fingerprint_active, "f2");
+        let chain = keys.chain_keys().unwrap();
+        assert_eq!(chain.active_key_id(), "a2");
+        assert_eq!(chain.key_ids().collect::<Vec<_>>(), ["a1", "a2"]);
+        assert!(!format!("{keys:?}{chain:?}").contains(keys.audit_chain_keys["a1"].expose_secret()));
+        // Both forms: an error naming both.
+        let err = KeysConfig {
+            audit_chain: Some(key()),
+            ..rings.clone()
+        }
+        .resolve(&Backend::Postgres)
+        .unwrap_err();
+        assert_eq!(err.setting, "keys.audit_chain");
+        assert!(err.message.contains("keys.audit_chain_active"), "{err}");
+        let err = KeysConfig {
+            fingerprint: Some(key()),
+            ..rings.clone()
+        }
+        .resolve(&Backend::Postgres)
+        .unwrap_err();
+        assert_eq!(err.setting, "keys.fingerprint");
+        assert!(err.message.contains("keys.fingerprint_keys"), "{err}");
+        // The active id must name a key of the table.
+        let err = KeysConfig {
+            audit_chain_active: Some("a3".into()),
+            ..rings.clone()
+        }
+        .resolve(&Backend::Postgres)
+        .unwrap_err();
+        assert_eq!(err.setting, "keys.audit_chain_active");
+        let err = KeysConfig {
+            fingerprint_active: None,
+            ..rings.clone()
+        }
+        .resolve(&Backend::Postgres)
+        .unwrap_err();
+        assert_eq!(err.setting, "keys.fingerprint_active");
+        let err = KeysConfig {
+            audit_chain_keys: [("a 2".to_owned(), key())].into(),
+            audit_chain_active: Some("a 2".into()),
+            ..rings.clone()
+        }
+        .resolve(&Backend::Postgres)
+        .unwrap_err();
+        assert_eq!(err.setting, "keys.audit_chain_keys");
+    }
+
+    #[test]
+    fn a_keys_file_takes_the_keyrings_in_the_same_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        let key = || Keyring::generate_key().expose_secret().to_owned();
+        std::fs::write(
+            &path,
+            format!(
+                "active = \"k1\"\naudit_chain_active = \"a2\"\nfingerprint_active = \"f1\"\n\
+                 [sealing]\nk1 = \"{}\"\n[audit_chain_keys]\na1 = \"{}\"\na2 = \"{}\"\n\
+                 [fingerprint_keys]\nf1 = \"{}\"\n",
+                key(),
+                key(),
+                key(),
+                key()
+            ),
+        )
+        .unwrap();
+        let keys = KeysConfig {
+            file: Some(path.clone()),
+            ..KeysConfig::default()
+        }
+        .resolve(&Backend::Postgres)
+        .unwrap()
+        .0;
+        assert_eq!(keys.audit_chain_active, "a2");
+        assert_eq!(keys.fingerprint_active, "f1");
+        // A generated-file upgrade never adds `audit_chain` beside a table.
+        assert!(!ensure_keys_file(&path).unwrap());
+        assert!(!std::fs::read_to_string(&path)
+            .unwrap()
+            .contains("audit_chain ="));
     }
 
     #[test]

@@ -22,7 +22,7 @@ use common::audit::AuditDb;
 use common::broker::{spawn_broker, BrokerSpec, Client};
 use common::leases::eventually;
 use common::wait::poll;
-use token_broker::audit::{self, ChainKey};
+use token_broker::audit::{self, ChainKey, ChainKeys};
 use token_broker::crypto::TokenFingerprinter;
 use token_broker::proto::v1 as pb;
 
@@ -616,7 +616,7 @@ async fn a_grant_is_refused_when_its_audit_row_cannot_be_written_and_a_revocatio
     assert!(landed, "the revocation's audit row never landed");
 
     // Every row went through the chain.
-    let key = ChainKey::new(&spec.audit_chain_key).unwrap();
+    let key = ChainKeys::from(ChainKey::new(&spec.audit_chain_key).unwrap());
     audit::verify(db.store.as_ref(), &key, None)
         .await
         .expect("the chain is intact: no row lacks its MAC");

@@ -13,7 +13,7 @@ use common::audit::AuditDb;
 use secrecy::SecretString;
 use token_broker::audit::{
     parse_expected_head, verify, AppendedEvent, AuditError, AuditEvent, AuditLog, ChainBroken,
-    ChainKey, Defect, Outcome, VerifyError, VerifyReport,
+    ChainKey, ChainKeys, Defect, Outcome, VerifyError, VerifyReport,
 };
 use token_broker::crypto::Keyring;
 use token_broker::domain::LeaseId;
@@ -51,8 +51,10 @@ fn new_key() -> SecretString {
     Keyring::generate_key()
 }
 
-fn chain_key(key: &SecretString) -> ChainKey {
-    ChainKey::new(key).expect("a generated key is valid")
+/// A keyring of the one key `key`, id `default` (as the single-string
+/// `keys.audit_chain` makes).
+fn chain_key(key: &SecretString) -> ChainKeys {
+    ChainKey::new(key).expect("a generated key is valid").into()
 }
 
 /// The `i`-th event of a varied trail: grants, refusals and expiries, with
@@ -100,7 +102,7 @@ fn head_of(appended: &AppendedEvent) -> Option<(i64, String)> {
 }
 
 /// The chain break `verify` reports, or a panic naming what it said instead.
-async fn broken(db: &AuditDb, key: &ChainKey, expected_head: Option<(i64, String)>) -> ChainBroken {
+async fn broken(db: &AuditDb, key: &ChainKeys, expected_head: Option<(i64, String)>) -> ChainBroken {
     match verify(db.store.as_ref(), key, expected_head).await {
         Err(VerifyError::Broken(b)) => b,
         other => panic!("expected a broken chain, got {other:?}"),
@@ -109,7 +111,7 @@ async fn broken(db: &AuditDb, key: &ChainKey, expected_head: Option<(i64, String
 
 async fn intact(
     db: &AuditDb,
-    key: &ChainKey,
+    key: &ChainKeys,
     expected_head: Option<(i64, String)>,
 ) -> VerifyReport {
     verify(db.store.as_ref(), key, expected_head)
@@ -388,7 +390,7 @@ async fn a_batch_longer_than_one_insert_is_one_contiguous_run_of_the_chain(db: A
         })
         .collect();
     let chain = chain_key(&key);
-    let mac = |prev: Option<&str>, stored: &AuditEvent| chain.mac(prev, stored);
+    let mac = |prev: Option<&str>, stored: &AuditEvent| chain.active().mac(prev, stored);
     let rows: Vec<(i64, String)> = db
         .store
         .append_audit_chained_batch(&appends, &mac)
@@ -453,7 +455,7 @@ async fn a_database_writer_without_the_chain_key_cannot_rechain_an_edit(db: Audi
 
     // Edit row 3, then recompute the MACs of rows 3..=5 with a given key,
     // exactly as the broker would, and write them back.
-    async fn rechain(db: &AuditDb, with: &ChainKey) {
+    async fn rechain(db: &AuditDb, with: &ChainKeys) {
         let rows = db.store.list_audit_chain(0, 100).await.unwrap();
         let mut prev = rows[1].mac.clone();
         for row in &rows[2..] {
@@ -461,7 +463,9 @@ async fn a_database_writer_without_the_chain_key_cannot_rechain_an_edit(db: Audi
             if row.id == 3 {
                 event.identity = "apikey:mallory".into();
             }
-            let mac = with.mac(prev.as_deref(), &event);
+            let mac = with
+                .active()
+                .mac_with_ids(prev.as_deref(), &event, &row.key_ids);
             db.exec(&format!(
                 "UPDATE audit_events SET identity = '{}', mac = '{mac}' WHERE id = {}",
                 event.identity, row.id
@@ -497,8 +501,14 @@ async fn a_chain_made_under_one_key_does_not_verify_under_another(db: AuditDb) {
         assert_eq!(row.mac.as_ref(), Some(&appended.mac));
         let prev = (row.id > 1).then(|| rows[row.id as usize - 2].mac.clone().unwrap());
         let event = row.event.as_ref().unwrap();
-        assert_eq!(chain_key(&key).mac(prev.as_deref(), event), appended.mac);
-        assert_ne!(chain_key(&other).mac(prev.as_deref(), event), appended.mac);
+        let ids = &row.key_ids;
+        let mac = |key: &SecretString| {
+            chain_key(key)
+                .active()
+                .mac_with_ids(prev.as_deref(), event, ids)
+        };
+        assert_eq!(mac(&key), appended.mac);
+        assert_ne!(mac(&other), appended.mac);
     }
     let b = broken(&db, &chain_key(&other), None).await;
     assert_eq!(

@@ -1042,15 +1042,21 @@ where
             .fetch_all(&self.pool)
             .await
             .map_err(map_sqlx)?;
+        let optional = |row: &DB::Row, name: &str| match row.try_get::<Option<String>, _>(name) {
+            Err(sqlx::Error::ColumnNotFound(_)) => Ok(None),
+            other => other.map_err(corrupt),
+        };
         rows.iter()
             .map(|row| {
                 Ok(StoredAuditRow {
                     id: row.try_get("id").map_err(corrupt)?,
                     event: AuditRow::from_row(row).map(Into::into).map_err(corrupt),
                     mac: row.try_get("mac").map_err(corrupt)?,
+                    // A database not yet migrated to 0008 (a backup being
+                    // verified) has no key ids: every row is `default`.
                     key_ids: AuditKeyIds {
-                        chain: row.try_get("chain_key_id").map_err(corrupt)?,
-                        fingerprint: row.try_get("fingerprint_key_id").map_err(corrupt)?,
+                        chain: optional(row, "chain_key_id")?,
+                        fingerprint: optional(row, "fingerprint_key_id")?,
                     },
                 })
             })
