@@ -26,8 +26,8 @@ use crate::auth::kubernetes::{KubernetesAuthConfig, KubernetesConfigError, Kuber
 use crate::auth::tls::TlsConfig;
 use crate::auth::{ApiKeyHash, ApiKeys};
 use crate::crypto::{self, Keyring, TokenFingerprinter};
-use crate::store::DEFAULT_KEY_ID;
 use crate::leases::RetrySchedule;
+use crate::store::DEFAULT_KEY_ID;
 use crate::upstream::azure_devops::AzureDevOpsConfig;
 use crate::upstream::entra::EntraConfig;
 
@@ -389,8 +389,11 @@ impl ResolvedKeys {
 
     /// The audit chain keyring.
     pub fn chain_keys(&self) -> Result<ChainKeys, ConfigError> {
-        ChainKeys::new(self.audit_chain_active.clone(), self.audit_chain_keys.clone())
-            .map_err(|e| ConfigError::new("keys.audit_chain_keys", e.to_string()))
+        ChainKeys::new(
+            self.audit_chain_active.clone(),
+            self.audit_chain_keys.clone(),
+        )
+        .map_err(|e| ConfigError::new("keys.audit_chain_keys", e.to_string()))
     }
 }
 
@@ -1099,9 +1102,9 @@ fn keyring_of(
             format!("is required (or {active_setting} + {keys_setting})"),
         ));
     }
-    let active = active
-        .clone()
-        .ok_or_else(|| ConfigError::new(&active_setting, format!("is required with {keys_setting}")))?;
+    let active = active.clone().ok_or_else(|| {
+        ConfigError::new(&active_setting, format!("is required with {keys_setting}"))
+    })?;
     if !keys.contains_key(&active) {
         return Err(ConfigError::new(
             &active_setting,

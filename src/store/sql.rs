@@ -26,9 +26,9 @@ use uuid::Uuid;
 
 use super::codec::{self, AuditRow, UuidColumn};
 use super::{
-    map_sqlx, AuditAppend, AuditChainer, AuditFilter, AuditKeyIds, ChainMacFn, CreateOutcome, IdempotencyRecord, LeaseFilter,
-    LeaseRecord, LeaseWrite, PageCursor, ReplaceOutcome, Store, StoreError, StoredAuditRow,
-    UpstreamCredential, Work,
+    map_sqlx, AuditAppend, AuditChainer, AuditFilter, AuditKeyIds, ChainMacFn, CreateOutcome,
+    IdempotencyRecord, LeaseFilter, LeaseRecord, LeaseWrite, PageCursor, ReplaceOutcome, Store,
+    StoreError, StoredAuditRow, UpstreamCredential, Work,
 };
 use super::{
     CredentialSource, CredentialState, CredentialWrite, NewUpstreamCredential, RefreshRecord,
@@ -490,7 +490,10 @@ macro_rules! append_audit {
             if let Linking::Keyed(chainer) = link {
                 let from = head_key_id.as_deref().unwrap_or(super::DEFAULT_KEY_ID);
                 if !written.is_empty() && head_id.is_some() && from != chainer.chain_key_id() {
-                    written.insert(0, (std::borrow::Cow::Owned(chainer.switch_event(from)), true));
+                    written.insert(
+                        0,
+                        (std::borrow::Cow::Owned(chainer.switch_event(from)), true),
+                    );
                 }
             }
             let mut rows = Vec::with_capacity(written.len());
