@@ -1660,8 +1660,8 @@ mod tests {
         };
         let (resolved, _) = keys.resolve(&Backend::Postgres).unwrap();
         assert_eq!(resolved.sealing["k1"].expose_secret(), key);
-        assert_eq!(resolved.fingerprint.expose_secret(), key);
-        assert_eq!(resolved.audit_chain.expose_secret(), key);
+        assert_eq!(resolved.fingerprint_keys["default"].expose_secret(), key);
+        assert_eq!(resolved.audit_chain_keys["default"].expose_secret(), key);
 
         let dir = tempfile::tempdir().unwrap();
         let path = secret_file(dir.path(), "keys.toml", &keys_toml(&key, "\\r\\n"), 0o440);
@@ -1671,8 +1671,8 @@ mod tests {
         };
         let (resolved, _) = keys.resolve(&Backend::Postgres).unwrap();
         assert_eq!(resolved.sealing["k1"].expose_secret(), key);
-        assert_eq!(resolved.fingerprint.expose_secret(), key);
-        assert_eq!(resolved.audit_chain.expose_secret(), key);
+        assert_eq!(resolved.fingerprint_keys["default"].expose_secret(), key);
+        assert_eq!(resolved.audit_chain_keys["default"].expose_secret(), key);
 
         let keys = KeysConfig {
             fingerprint: Some(SecretString::from(" \r\n")),
