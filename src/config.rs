@@ -1357,6 +1357,11 @@ mod tests {
             ),
         )
         .unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
         let keys = KeysConfig {
             file: Some(path.clone()),
             ..KeysConfig::default()
