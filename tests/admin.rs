@@ -1357,7 +1357,6 @@ async fn audit_verify_checks_each_row_with_its_own_chain_key_across_a_rotation(s
             )),
             "{stderr}"
         );
-        let db = token_broker::store::open(&spec.store_url).await.unwrap();
         let outcome = rows
             .iter()
             .find(|r| r.id == id)
@@ -1367,7 +1366,6 @@ async fn audit_verify_checks_each_row_with_its_own_chain_key_across_a_rotation(s
             .unwrap()
             .outcome
             .as_str();
-        drop(db);
         raw_sql(
             &spec.store_url,
             &format!("UPDATE audit_events SET outcome = '{outcome}' WHERE id = {id}"),
