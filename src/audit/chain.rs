@@ -602,6 +602,57 @@ mod tests {
     }
 
     #[test]
+    fn rows_with_key_ids_use_version_2_which_covers_both_ids() {
+        let k = key(1);
+        let ids = |chain: Option<&str>, fingerprint: Option<&str>| AuditKeyIds {
+            chain: chain.map(str::to_owned),
+            fingerprint: fingerprint.map(str::to_owned),
+        };
+        // No chain key id: version 1, byte for byte (the fingerprint key id
+        // is not covered there, and verify refuses a row that has one).
+        assert_eq!(
+            k.mac_with_ids(None, &event(), &ids(None, None)),
+            k.mac(None, &event())
+        );
+        let v2 = k.mac_with_ids(None, &event(), &ids(Some("default"), None));
+        assert_ne!(v2, k.mac(None, &event()));
+        for other in [
+            ids(Some("a2"), None),
+            ids(Some("default"), Some("default")),
+            ids(Some("default"), Some("")),
+            ids(Some(""), None),
+        ] {
+            assert_ne!(v2, k.mac_with_ids(None, &event(), &other), "{other:?}");
+        }
+        // caller_detail absent and empty differ in version 2 as well.
+        let mut e = event();
+        e.caller_detail = Some(String::new());
+        assert_ne!(v2, k.mac_with_ids(None, &e, &ids(Some("default"), None)));
+    }
+
+    #[test]
+    fn a_chain_keyring_checks_its_ids_and_shows_none_of_its_keys() {
+        let secret = || SecretString::from(BASE64.encode([7u8; KEY_LEN]));
+        let ring =
+            ChainKeys::new("a2", [("a1".into(), secret()), ("a2".into(), secret())]).unwrap();
+        assert_eq!(ring.active_key_id(), "a2");
+        assert!(ring.get("a1").is_some() && ring.get("a3").is_none());
+        assert_eq!(
+            format!("{ring:?}"),
+            r#"ChainKeys { active: "a2", key_ids: ["a1", "a2"] }"#
+        );
+        assert!(matches!(
+            ChainKeys::new("a3", [("a1".into(), secret())]),
+            Err(CryptoError::UnknownKey(id)) if id == "a3"
+        ));
+        assert!(matches!(
+            ChainKeys::new("a 1", [("a 1".into(), secret())]),
+            Err(CryptoError::InvalidKeyId(_))
+        ));
+        assert_eq!(ChainKeys::from(key(1)).active_key_id(), "default");
+    }
+
+    #[test]
     fn moving_bytes_between_adjacent_fields_changes_the_mac() {
         let k = key(1);
         let mut a = event();
