@@ -21,12 +21,13 @@ use figment::Figment;
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::Deserialize;
 
-use crate::audit::ChainKey;
+use crate::audit::ChainKeys;
 use crate::auth::kubernetes::{KubernetesAuthConfig, KubernetesConfigError, KubernetesVerifier};
 use crate::auth::tls::TlsConfig;
 use crate::auth::{ApiKeyHash, ApiKeys, ApiKeysHandle};
 use crate::crypto::{self, Keyring, TokenFingerprinter};
 use crate::leases::RetrySchedule;
+use crate::store::DEFAULT_KEY_ID;
 use crate::upstream::azure_devops::AzureDevOpsConfig;
 use crate::upstream::entra::EntraConfig;
 
@@ -279,15 +280,20 @@ pub fn backend_of(url: &str) -> Result<Backend, String> {
     Err("expected postgres://…, postgresql://… or sqlite:PATH".into())
 }
 
-/// `[keys]`: the sealing keyring, the audit fingerprint key and the audit
-/// chain key, inline or in a keys file (same fields, TOML), never both. With neither, `serve` on
-/// SQLite generates a keys file next to the database; on PostgreSQL it
-/// refuses to start.
+/// `[keys]`: the sealing keyring, the audit fingerprint keyring and the
+/// audit chain keyring, inline or in a keys file (same fields, TOML), never
+/// both. The fingerprint and chain keys take either a single string
+/// (`fingerprint`, `audit_chain`: key id `default`) or an active id and a
+/// table of keys (`fingerprint_active` + `[fingerprint_keys]`,
+/// `audit_chain_active` + `[audit_chain_keys]`), not both. With neither,
+/// `serve` on SQLite generates a keys file next to the database; on
+/// PostgreSQL it refuses to start.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeysConfig {
     /// `keys.file`: path of a keys file (TOML with `active`, `sealing`,
-    /// `fingerprint`, `audit_chain`).
+    /// `fingerprint` or `fingerprint_active` + `fingerprint_keys`,
+    /// `audit_chain` or `audit_chain_active` + `audit_chain_keys`).
     #[serde(default)]
     pub file: Option<PathBuf>,
     /// `keys.active`: id of the sealing key new secrets are sealed with.
@@ -298,13 +304,34 @@ pub struct KeysConfig {
     #[serde(default)]
     pub sealing: BTreeMap<String, SecretString>,
     /// `keys.fingerprint`: HMAC-SHA256 key (32 bytes, standard base64) for token fingerprints in the audit trail.
+    /// Key id `default`; not with `fingerprint_active`/`fingerprint_keys`.
     #[serde(default)]
     pub fingerprint: Option<SecretString>,
+    /// `keys.fingerprint_active`: id of the fingerprint key new audit rows
+    /// use; must name a key in `keys.fingerprint_keys`.
+    #[serde(default)]
+    pub fingerprint_active: Option<String>,
+    /// `keys.fingerprint_keys`: key id -> fingerprint key (32 bytes,
+    /// standard base64). Older ids stay while `keys status` counts rows
+    /// under them.
+    #[serde(default)]
+    pub fingerprint_keys: BTreeMap<String, SecretString>,
     /// `keys.audit_chain`: HMAC-SHA256 key (32 bytes, standard base64) that
     /// chains the audit rows (docs/audit-chain.md). Kept out of the database
-    /// so write access to it alone cannot forge the chain.
+    /// so write access to it alone cannot forge the chain. Key id
+    /// `default`; not with `audit_chain_active`/`audit_chain_keys`.
     #[serde(default)]
     pub audit_chain: Option<SecretString>,
+    /// `keys.audit_chain_active`: id of the chain key new audit rows are
+    /// MAC'd with; must name a key in `keys.audit_chain_keys`. Changing it
+    /// appends a switch row (docs/audit-chain.md).
+    #[serde(default)]
+    pub audit_chain_active: Option<String>,
+    /// `keys.audit_chain_keys`: key id -> chain key (32 bytes, standard
+    /// base64). Keep every id some audit row was MAC'd with: `audit verify`
+    /// checks each row under its own key.
+    #[serde(default)]
+    pub audit_chain_keys: BTreeMap<String, SecretString>,
 }
 
 /// Keys in a keys file: the same fields as `[keys]` without `file`.
@@ -315,7 +342,13 @@ struct KeysFile {
     #[serde(default)]
     sealing: BTreeMap<String, SecretString>,
     fingerprint: Option<SecretString>,
+    fingerprint_active: Option<String>,
+    #[serde(default)]
+    fingerprint_keys: BTreeMap<String, SecretString>,
     audit_chain: Option<SecretString>,
+    audit_chain_active: Option<String>,
+    #[serde(default)]
+    audit_chain_keys: BTreeMap<String, SecretString>,
 }
 
 /// Keys ready to build a keyring from: validated.
@@ -325,28 +358,42 @@ pub struct ResolvedKeys {
     pub active: String,
     /// Key id -> standard base64 of a 32-byte AES-256-GCM key (secret).
     pub sealing: BTreeMap<String, SecretString>,
-    /// Standard base64 of the 32-byte fingerprint key (secret).
-    pub fingerprint: SecretString,
-    /// Standard base64 of the 32-byte audit chain key (secret).
-    pub audit_chain: SecretString,
+    /// Id of the active fingerprint key (`default` for the single-string
+    /// `fingerprint`).
+    pub fingerprint_active: String,
+    /// Key id -> standard base64 of a 32-byte fingerprint key (secret).
+    pub fingerprint_keys: BTreeMap<String, SecretString>,
+    /// Id of the active audit chain key (`default` for the single-string
+    /// `audit_chain`).
+    pub audit_chain_active: String,
+    /// Key id -> standard base64 of a 32-byte audit chain key (secret).
+    pub audit_chain_keys: BTreeMap<String, SecretString>,
     /// Where they came from, for the log: `configuration` or a file path.
     pub source: String,
 }
 
 impl ResolvedKeys {
-    /// The sealing keyring and the audit fingerprinter.
+    /// The sealing keyring and the audit fingerprinter (of the active
+    /// fingerprint key).
     pub fn build(&self) -> Result<(Keyring, TokenFingerprinter), ConfigError> {
         let keyring = Keyring::new(self.active.clone(), self.sealing.clone())
             .map_err(|e| ConfigError::new("keys.sealing", e.to_string()))?;
-        let fingerprinter = TokenFingerprinter::new(self.fingerprint.clone())
+        let fingerprint = self
+            .fingerprint_keys
+            .get(&self.fingerprint_active)
+            .ok_or_else(|| ConfigError::new("keys.fingerprint_active", "names no key"))?;
+        let fingerprinter = TokenFingerprinter::new(fingerprint.clone())
             .map_err(|e| ConfigError::new("keys.fingerprint", e.to_string()))?;
         Ok((keyring, fingerprinter))
     }
 
-    /// The audit chain key.
-    pub fn chain_key(&self) -> Result<ChainKey, ConfigError> {
-        ChainKey::new(&self.audit_chain)
-            .map_err(|e| ConfigError::new("keys.audit_chain", e.to_string()))
+    /// The audit chain keyring.
+    pub fn chain_keys(&self) -> Result<ChainKeys, ConfigError> {
+        ChainKeys::new(
+            self.audit_chain_active.clone(),
+            self.audit_chain_keys.clone(),
+        )
+        .map_err(|e| ConfigError::new("keys.audit_chain_keys", e.to_string()))
     }
 }
 
@@ -355,6 +402,16 @@ impl std::fmt::Debug for ResolvedKeys {
         f.debug_struct("ResolvedKeys")
             .field("active", &self.active)
             .field("ids", &self.sealing.keys().collect::<Vec<_>>())
+            .field("fingerprint_active", &self.fingerprint_active)
+            .field(
+                "fingerprint_ids",
+                &self.fingerprint_keys.keys().collect::<Vec<_>>(),
+            )
+            .field("audit_chain_active", &self.audit_chain_active)
+            .field(
+                "audit_chain_ids",
+                &self.audit_chain_keys.keys().collect::<Vec<_>>(),
+            )
             .field("source", &self.source)
             .finish_non_exhaustive()
     }
@@ -815,7 +872,11 @@ impl KeysConfig {
         self.active.is_some()
             || !self.sealing.is_empty()
             || self.fingerprint.is_some()
+            || self.fingerprint_active.is_some()
+            || !self.fingerprint_keys.is_empty()
             || self.audit_chain.is_some()
+            || self.audit_chain_active.is_some()
+            || !self.audit_chain_keys.is_empty()
     }
 
     /// True when no keys are configured at all.
@@ -828,7 +889,11 @@ impl KeysConfig {
             active: self.active.clone(),
             sealing: self.sealing.clone(),
             fingerprint: self.fingerprint.clone(),
+            fingerprint_active: self.fingerprint_active.clone(),
+            fingerprint_keys: self.fingerprint_keys.clone(),
             audit_chain: self.audit_chain.clone(),
+            audit_chain_active: self.audit_chain_active.clone(),
+            audit_chain_keys: self.audit_chain_keys.clone(),
         }
     }
 
@@ -839,7 +904,7 @@ impl KeysConfig {
         if self.file.is_some() && self.is_inline() {
             return Err(ConfigError::new(
                 "keys.file",
-                "set either keys.file or inline keys (keys.active, keys.sealing, keys.fingerprint, keys.audit_chain), not both",
+                "set either keys.file or inline keys (keys.active, keys.sealing, keys.fingerprint*, keys.audit_chain*), not both",
             ));
         }
         if !self.is_inline() {
@@ -873,7 +938,7 @@ impl KeysConfig {
         match backend {
             Backend::Postgres => Err(ConfigError::new(
                 "keys",
-                "no keys configured: PostgreSQL needs keys.file or keys.active + keys.sealing + keys.fingerprint + keys.audit_chain (generated keys would be lost with the pod)",
+                "no keys configured: PostgreSQL needs keys.file or keys.active + keys.sealing + keys.fingerprint (or keys.fingerprint_active + keys.fingerprint_keys) + keys.audit_chain (or keys.audit_chain_active + keys.audit_chain_keys) (generated keys would be lost with the pod)",
             )),
             Backend::Sqlite(None) => {
                 let parsed: KeysFile =
@@ -908,9 +973,15 @@ pub fn ensure_keys_file(path: &Path) -> Result<bool, ConfigError> {
     })?;
     // A file that does not parse is left alone: reading it reports why.
     if let Ok(KeysFile {
-        audit_chain: None, ..
+        audit_chain: None,
+        audit_chain_active: None,
+        audit_chain_keys,
+        ..
     }) = toml_parse(&text)
     {
+        if !audit_chain_keys.is_empty() {
+            return Ok(false);
+        }
         crypto::add_audit_chain_key(path, &text).map_err(keys_error)?;
     }
     Ok(false)
@@ -954,6 +1025,20 @@ impl KeysFile {
     /// name `{section}.active` and so on (an empty key: `must not be
     /// empty`).
     fn resolve(&self, section: &str, source: &str) -> Result<ResolvedKeys, ConfigError> {
+        let (fingerprint_active, fingerprint_keys) = keyring_of(
+            section,
+            "fingerprint",
+            &self.fingerprint,
+            &self.fingerprint_active,
+            &self.fingerprint_keys,
+        )?;
+        let (audit_chain_active, audit_chain_keys) = keyring_of(
+            section,
+            "audit_chain",
+            &self.audit_chain,
+            &self.audit_chain_active,
+            &self.audit_chain_keys,
+        )?;
         let active = self
             .active
             .clone()
@@ -964,53 +1049,108 @@ impl KeysFile {
                 format!("no key {active:?} in {section}.sealing"),
             ));
         }
-        let mut sealing = BTreeMap::new();
-        for (id, value) in &self.sealing {
-            if id.is_empty()
-                || id.len() > 32
-                || !id
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
-            {
-                return Err(ConfigError::new(
-                    format!("{section}.sealing"),
-                    format!("key id {id:?} must be 1 to 32 letters, digits, '-' or '_'"),
-                ));
-            }
-            let setting = format!("{section}.sealing.{id}");
-            let value = trimmed_secret(&setting, value, None)?;
-            decode_key(&setting, &value)?;
-            sealing.insert(id.clone(), value);
-        }
-        let required = |name: &str, value: &Option<SecretString>| {
-            let setting = format!("{section}.{name}");
-            let value = value
-                .as_ref()
-                .ok_or_else(|| ConfigError::new(&setting, "is required"))?;
-            let value = trimmed_secret(&setting, value, None)?;
-            decode_key(&setting, &value)?;
-            Ok::<_, ConfigError>(value)
-        };
+        let sealing = check_keys(&format!("{section}.sealing"), &self.sealing)?;
         Ok(ResolvedKeys {
             active,
             sealing,
-            fingerprint: required("fingerprint", &self.fingerprint)?,
-            audit_chain: required("audit_chain", &self.audit_chain)?,
+            fingerprint_active,
+            fingerprint_keys,
+            audit_chain_active,
+            audit_chain_keys,
             source: source.to_owned(),
         })
     }
 }
 
+/// Checks each key id (1 to 32 letters, digits, '-' or '_') and key (32
+/// bytes of standard base64) of the table `setting`; returns the keys
+/// trimmed of surrounding whitespace.
+fn check_keys(
+    setting: &str,
+    keys: &BTreeMap<String, SecretString>,
+) -> Result<BTreeMap<String, SecretString>, ConfigError> {
+    let mut checked = BTreeMap::new();
+    for (id, value) in keys {
+        if id.is_empty()
+            || id.len() > 32
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+        {
+            return Err(ConfigError::new(
+                setting,
+                format!("key id {id:?} must be 1 to 32 letters, digits, '-' or '_'"),
+            ));
+        }
+        let key_setting = format!("{setting}.{id}");
+        let value = trimmed_secret(&key_setting, value, None)?;
+        decode_key(&key_setting, &value)?;
+        checked.insert(id.clone(), value);
+    }
+    Ok(checked)
+}
+
+/// The keyring of purpose `name` (`fingerprint`, `audit_chain`): the
+/// single string `{section}.{name}` as key id `default`, or
+/// `{section}.{name}_active` naming a key of `{section}.{name}_keys`.
+/// Errors: both forms set (naming both), neither, an active id naming no
+/// key, a bad key id or key.
+fn keyring_of(
+    section: &str,
+    name: &str,
+    single: &Option<SecretString>,
+    active: &Option<String>,
+    keys: &BTreeMap<String, SecretString>,
+) -> Result<(String, BTreeMap<String, SecretString>), ConfigError> {
+    let (single_setting, active_setting, keys_setting) = (
+        format!("{section}.{name}"),
+        format!("{section}.{name}_active"),
+        format!("{section}.{name}_keys"),
+    );
+    if let Some(single) = single {
+        if active.is_some() || !keys.is_empty() {
+            return Err(ConfigError::new(
+                &single_setting,
+                format!(
+                    "set either {single_setting} (key id \"default\") or {active_setting} + {keys_setting}, not both"
+                ),
+            ));
+        }
+        let single = trimmed_secret(&single_setting, single, None)?;
+        decode_key(&single_setting, &single)?;
+        let keys = [(DEFAULT_KEY_ID.to_owned(), single)].into();
+        return Ok((DEFAULT_KEY_ID.to_owned(), keys));
+    }
+    if active.is_none() && keys.is_empty() {
+        return Err(ConfigError::new(
+            &single_setting,
+            format!("is required (or {active_setting} + {keys_setting})"),
+        ));
+    }
+    let active = active.clone().ok_or_else(|| {
+        ConfigError::new(&active_setting, format!("is required with {keys_setting}"))
+    })?;
+    if !keys.contains_key(&active) {
+        return Err(ConfigError::new(
+            &active_setting,
+            format!("no key {active:?} in {keys_setting}"),
+        ));
+    }
+    let keys = check_keys(&keys_setting, keys)?;
+    Ok((active, keys))
+}
+
 /// Settings whose values are secrets and never appear in an error.
 fn is_secret_setting(path: &str) -> bool {
+    // A keys file's settings have no `keys.` prefix.
+    let key = path.strip_prefix("keys.").unwrap_or(path);
     matches!(
         path,
-        "database.url"
-            | "upstream.refresh_token"
-            | "upstream.entra.client_secret"
-            | "keys.fingerprint"
-            | "keys.audit_chain"
-    ) || path.starts_with("keys.sealing")
+        "database.url" | "upstream.refresh_token" | "upstream.entra.client_secret"
+    ) || matches!(key, "fingerprint" | "audit_chain")
+        || ["sealing", "fingerprint_keys", "audit_chain_keys"]
+            .iter()
+            .any(|table| key == *table || key.starts_with(&format!("{table}.")))
 }
 
 /// Turns figment's errors into ones naming the setting by its dotted path.
@@ -1130,15 +1270,16 @@ mod tests {
             .unwrap();
         assert!(created.is_none());
         assert_eq!(keys.active, "k1");
-        assert_eq!(keys.fingerprint.expose_secret(), key);
-        keys.chain_key().unwrap();
+        assert_eq!(keys.fingerprint_active, "default");
+        assert_eq!(keys.fingerprint_keys["default"].expose_secret(), key);
+        assert_eq!(keys.chain_keys().unwrap().active_key_id(), "default");
         // Stable from then on.
         let (again, _) = KeysConfig::default()
             .resolve(&Backend::Sqlite(Some(db)))
             .unwrap();
         assert_eq!(
-            again.audit_chain.expose_secret(),
-            keys.audit_chain.expose_secret()
+            again.audit_chain_keys["default"].expose_secret(),
+            keys.audit_chain_keys["default"].expose_secret()
         );
         #[cfg(unix)]
         {
@@ -1146,6 +1287,120 @@ mod tests {
             let mode = std::fs::metadata(&path).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
         }
+    }
+
+    #[test]
+    fn chain_and_fingerprint_keyrings_take_an_active_id_and_a_table_or_one_string() {
+        let key = || Keyring::generate_key();
+        let base = KeysConfig {
+            active: Some("k1".into()),
+            sealing: [("k1".to_owned(), key())].into(),
+            ..KeysConfig::default()
+        };
+        // Single strings: key id `default`.
+        let keys = KeysConfig {
+            fingerprint: Some(key()),
+            audit_chain: Some(key()),
+            ..base.clone()
+        }
+        .resolve(&Backend::Postgres)
+        .unwrap()
+        .0;
+        assert_eq!(keys.audit_chain_active, "default");
+        assert_eq!(keys.fingerprint_active, "default");
+        // Tables with an active id.
+        let rings = KeysConfig {
+            fingerprint_active: Some("f2".into()),
+            fingerprint_keys: [("f1".to_owned(), key()), ("f2".to_owned(), key())].into(),
+            audit_chain_active: Some("a2".into()),
+            audit_chain_keys: [("a1".to_owned(), key()), ("a2".to_owned(), key())].into(),
+            ..base.clone()
+        };
+        let keys = rings.resolve(&Backend::Postgres).unwrap().0;
+        assert_eq!(keys.fingerprint_active, "f2");
+        let chain = keys.chain_keys().unwrap();
+        assert_eq!(chain.active_key_id(), "a2");
+        assert_eq!(chain.key_ids().collect::<Vec<_>>(), ["a1", "a2"]);
+        assert!(!format!("{keys:?}{chain:?}").contains(keys.audit_chain_keys["a1"].expose_secret()));
+        // Both forms: an error naming both.
+        let err = KeysConfig {
+            audit_chain: Some(key()),
+            ..rings.clone()
+        }
+        .resolve(&Backend::Postgres)
+        .unwrap_err();
+        assert_eq!(err.setting, "keys.audit_chain");
+        assert!(err.message.contains("keys.audit_chain_active"), "{err}");
+        let err = KeysConfig {
+            fingerprint: Some(key()),
+            ..rings.clone()
+        }
+        .resolve(&Backend::Postgres)
+        .unwrap_err();
+        assert_eq!(err.setting, "keys.fingerprint");
+        assert!(err.message.contains("keys.fingerprint_keys"), "{err}");
+        // The active id must name a key of the table.
+        let err = KeysConfig {
+            audit_chain_active: Some("a3".into()),
+            ..rings.clone()
+        }
+        .resolve(&Backend::Postgres)
+        .unwrap_err();
+        assert_eq!(err.setting, "keys.audit_chain_active");
+        let err = KeysConfig {
+            fingerprint_active: None,
+            ..rings.clone()
+        }
+        .resolve(&Backend::Postgres)
+        .unwrap_err();
+        assert_eq!(err.setting, "keys.fingerprint_active");
+        let err = KeysConfig {
+            audit_chain_keys: [("a 2".to_owned(), key())].into(),
+            audit_chain_active: Some("a 2".into()),
+            ..rings.clone()
+        }
+        .resolve(&Backend::Postgres)
+        .unwrap_err();
+        assert_eq!(err.setting, "keys.audit_chain_keys");
+    }
+
+    #[test]
+    fn a_keys_file_takes_the_keyrings_in_the_same_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        let key = || Keyring::generate_key().expose_secret().to_owned();
+        std::fs::write(
+            &path,
+            format!(
+                "active = \"k1\"\naudit_chain_active = \"a2\"\nfingerprint_active = \"f1\"\n\
+                 [sealing]\nk1 = \"{}\"\n[audit_chain_keys]\na1 = \"{}\"\na2 = \"{}\"\n\
+                 [fingerprint_keys]\nf1 = \"{}\"\n",
+                key(),
+                key(),
+                key(),
+                key()
+            ),
+        )
+        .unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        let keys = KeysConfig {
+            file: Some(path.clone()),
+            ..KeysConfig::default()
+        }
+        .resolve(&Backend::Postgres)
+        .unwrap()
+        .0;
+        assert_eq!(keys.audit_chain_active, "a2");
+        assert_eq!(keys.fingerprint_active, "f1");
+        // A generated-file upgrade never adds `audit_chain` beside a table.
+        assert!(!ensure_keys_file(&path).unwrap());
+        assert!(!std::fs::read_to_string(&path)
+            .unwrap()
+            .contains("audit_chain ="));
     }
 
     #[test]
@@ -1435,8 +1690,8 @@ mod tests {
         };
         let (resolved, _) = keys.resolve(&Backend::Postgres).unwrap();
         assert_eq!(resolved.sealing["k1"].expose_secret(), key);
-        assert_eq!(resolved.fingerprint.expose_secret(), key);
-        assert_eq!(resolved.audit_chain.expose_secret(), key);
+        assert_eq!(resolved.fingerprint_keys["default"].expose_secret(), key);
+        assert_eq!(resolved.audit_chain_keys["default"].expose_secret(), key);
 
         let dir = tempfile::tempdir().unwrap();
         let path = secret_file(dir.path(), "keys.toml", &keys_toml(&key, "\\r\\n"), 0o440);
@@ -1446,8 +1701,8 @@ mod tests {
         };
         let (resolved, _) = keys.resolve(&Backend::Postgres).unwrap();
         assert_eq!(resolved.sealing["k1"].expose_secret(), key);
-        assert_eq!(resolved.fingerprint.expose_secret(), key);
-        assert_eq!(resolved.audit_chain.expose_secret(), key);
+        assert_eq!(resolved.fingerprint_keys["default"].expose_secret(), key);
+        assert_eq!(resolved.audit_chain_keys["default"].expose_secret(), key);
 
         let keys = KeysConfig {
             fingerprint: Some(SecretString::from(" \r\n")),

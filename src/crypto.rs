@@ -145,7 +145,7 @@ impl ServiceError for CryptoError {
 }
 
 /// True for `[A-Za-z0-9_-]{1,32}`.
-fn valid_key_id(id: &str) -> bool {
+pub(crate) fn valid_key_id(id: &str) -> bool {
     (1..=32).contains(&id.len())
         && id
             .bytes()

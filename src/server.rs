@@ -135,7 +135,7 @@ impl Broker {
             );
         }
         let (keyring, fingerprinter) = keys.build()?;
-        let chain_key = keys.chain_key()?;
+        let chain_keys = keys.chain_keys()?;
         let keyring = Arc::new(keyring);
         let Settings {
             config,
@@ -171,9 +171,14 @@ impl Broker {
         let audit = {
             let metrics = metrics.clone();
             Arc::new(
-                AuditLog::new(stores.audit.clone(), chain_key).with_observer(Box::new(
-                    move |event, appended| metrics.observe_append(event, appended),
-                )),
+                AuditLog::with_keys(
+                    stores.audit.clone(),
+                    chain_keys,
+                    keys.fingerprint_active.clone(),
+                )
+                .with_observer(Box::new(move |event, appended| {
+                    metrics.observe_append(event, appended)
+                })),
             )
         };
         if let Some(configured) = &config.upstream.refresh_token {

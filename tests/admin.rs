@@ -19,10 +19,10 @@ use tonic_types::StatusExt as _;
 
 use common::admin::{admin_setup, admin_setup_with, AdminClient, AdminSetup, Store};
 use common::audit::AuditDb;
-use common::broker::{spawn_broker, BrokerSpec, Client};
+use common::broker::{spawn_broker, spawn_broker_with_config, BrokerSpec, Client};
 use common::leases::eventually;
 use common::wait::poll;
-use token_broker::audit::{self, ChainKey};
+use token_broker::audit::{self, ChainKey, ChainKeys};
 use token_broker::crypto::TokenFingerprinter;
 use token_broker::proto::v1 as pb;
 
@@ -36,6 +36,7 @@ on_both_stores!(
     a_grant_is_refused_when_its_audit_row_cannot_be_written_and_a_revocation_still_goes_ahead,
     a_revocation_that_keeps_failing_is_listed_counted_and_force_closed_leaving_the_pat_to_its_valid_to,
     a_time_filter_finds_todays_events_behind_a_long_trail_of_older_ones,
+    audit_verify_checks_each_row_with_its_own_chain_key_across_a_rotation,
 );
 
 async fn create(client: &mut Client, organization: &str, scopes: &[&str]) -> pb::Lease {
@@ -447,14 +448,28 @@ fn audit_verify(
     spec: &BrokerSpec,
     head: Option<&str>,
 ) -> (bool, String, String) {
+    let chain = format!(
+        "audit_chain = \"{}\"\n",
+        spec.audit_chain_key.expose_secret()
+    );
+    audit_verify_with(setup_dir, spec, &chain, head)
+}
+
+/// [`audit_verify`] with the chain key settings `chain` (TOML inside
+/// `[keys]`, before `[keys.sealing]`).
+fn audit_verify_with(
+    setup_dir: &std::path::Path,
+    spec: &BrokerSpec,
+    chain: &str,
+    head: Option<&str>,
+) -> (bool, String, String) {
     let config = setup_dir.join("verify.toml");
     std::fs::write(
         &config,
         format!(
-            "[database]\nurl = \"{}\"\n[keys]\nactive = \"test\"\nfingerprint = \"{}\"\naudit_chain = \"{}\"\n[keys.sealing]\ntest = \"{}\"\n[log]\nfilter = \"warn\"\n",
+            "[database]\nurl = \"{}\"\n[keys]\nactive = \"test\"\nfingerprint = \"{}\"\n{chain}[keys.sealing]\ntest = \"{}\"\n[log]\nfilter = \"warn\"\n",
             spec.store_url,
             spec.fingerprint_key.expose_secret(),
-            spec.audit_chain_key.expose_secret(),
             spec.sealing_key.expose_secret(),
         ),
     )
@@ -616,7 +631,7 @@ async fn a_grant_is_refused_when_its_audit_row_cannot_be_written_and_a_revocatio
     assert!(landed, "the revocation's audit row never landed");
 
     // Every row went through the chain.
-    let key = ChainKey::new(&spec.audit_chain_key).unwrap();
+    let key = ChainKeys::from(ChainKey::new(&spec.audit_chain_key).unwrap());
     audit::verify(db.store.as_ref(), &key, None)
         .await
         .expect("the chain is intact: no row lacks its MAC");
@@ -1236,4 +1251,127 @@ async fn a_time_filter_finds_todays_events_behind_a_long_trail_of_older_ones(sto
         ids.windows(2).all(|w| w[0] < w[1]),
         "oldest first, no repeats"
     );
+}
+
+/// Issue 14: a broker on the single-string chain key (key id `default`),
+/// then one with `audit_chain_active = "a2"` and both keys in
+/// `[audit_chain_keys]`: its first append records the switch, and
+/// `audit verify` checks every row under its own key.
+async fn audit_verify_checks_each_row_with_its_own_chain_key_across_a_rotation(store: Store) {
+    let setup = admin_setup(store).await;
+    let mut ci = setup.lease_client("ci").await;
+    let lease = create(&mut ci, "fabrikam", &["vso.code_write"]).await;
+    ci.revoke_lease(pb::RevokeLeaseRequest { name: lease.name })
+        .await
+        .unwrap();
+    drop(ci);
+    let spec = setup.spec.clone();
+    setup.broker.stop().await;
+
+    let k1 = spec.audit_chain_key.expose_secret().to_owned();
+    let k2 = token_broker::crypto::Keyring::generate_key()
+        .expose_secret()
+        .to_owned();
+    let mut config = spec.config();
+    config.keys.audit_chain = None;
+    config.keys.audit_chain_active = Some("a2".into());
+    config.keys.audit_chain_keys = [
+        ("default".to_owned(), SecretString::from(k1.clone())),
+        ("a2".to_owned(), SecretString::from(k2.clone())),
+    ]
+    .into();
+    let broker = spawn_broker_with_config(&spec, config).await;
+    let mut ci = broker.client(&spec.key("ci")).await;
+    create(&mut ci, "fabrikam", &["vso.code_write"]).await;
+    drop(ci);
+    broker.stop().await;
+
+    let db = token_broker::store::open(&spec.store_url).await.unwrap();
+    let rows = db.list_audit_chain(0, 100).await.unwrap();
+    let switch = rows
+        .iter()
+        .position(|r| r.event.as_ref().unwrap().action == audit::CHAIN_KEY_ROTATE)
+        .expect("a switch row");
+    assert_eq!(
+        rows[switch]
+            .event
+            .as_ref()
+            .unwrap()
+            .caller_detail
+            .as_deref(),
+        Some("from=default to=a2")
+    );
+    assert!(rows[..switch]
+        .iter()
+        .all(|r| r.key_ids.chain.as_deref() == Some("default")));
+    assert!(rows[switch..]
+        .iter()
+        .all(|r| r.key_ids.chain.as_deref() == Some("a2")));
+    assert!(switch + 1 < rows.len(), "rows after the switch");
+    let (before, after) = (rows[switch - 1].id, rows[switch + 1].id);
+    let n = rows.len();
+    drop(db);
+
+    let dir = tempfile::tempdir().unwrap();
+    let both = format!(
+        "audit_chain_active = \"a2\"\n[keys.audit_chain_keys]\ndefault = \"{k1}\"\na2 = \"{k2}\"\n"
+    );
+    let (ok, stdout, stderr) = audit_verify_with(dir.path(), &spec, &both, None);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!("audit chain intact: {n} chained rows")),
+        "{stdout}"
+    );
+
+    // The old configuration lacks a2: the rows after the switch cannot be
+    // proved, and verify says which key they need, not "broken".
+    let (ok, stdout, stderr) = audit_verify(dir.path(), &spec, None);
+    assert!(!ok, "{stdout}");
+    assert!(
+        stderr.contains(&format!(
+            "cannot be verified from row {}: needs chain key \"a2\", not configured",
+            rows[switch].id
+        )) && !stderr.contains("broken"),
+        "{stderr}"
+    );
+    let only_a2 = format!("audit_chain_active = \"a2\"\n[keys.audit_chain_keys]\na2 = \"{k2}\"\n");
+    let (ok, _, stderr) = audit_verify_with(dir.path(), &spec, &only_a2, None);
+    assert!(!ok);
+    assert!(
+        stderr.contains("from row 1: needs chain key \"default\", not configured"),
+        "{stderr}"
+    );
+
+    // A row edited before the switch, then one after it, each named.
+    for id in [before, after] {
+        raw_sql(
+            &spec.store_url,
+            &format!("UPDATE audit_events SET outcome = 'error' WHERE id = {id}"),
+        )
+        .await;
+        let (ok, stdout, stderr) = audit_verify_with(dir.path(), &spec, &both, None);
+        assert!(!ok, "{stdout}");
+        assert!(
+            stderr.contains(&format!(
+                "audit chain broken at row {id}: MAC does not match"
+            )),
+            "{stderr}"
+        );
+        let outcome = rows
+            .iter()
+            .find(|r| r.id == id)
+            .unwrap()
+            .event
+            .as_ref()
+            .unwrap()
+            .outcome
+            .as_str();
+        raw_sql(
+            &spec.store_url,
+            &format!("UPDATE audit_events SET outcome = '{outcome}' WHERE id = {id}"),
+        )
+        .await;
+    }
+    let (ok, stdout, stderr) = audit_verify_with(dir.path(), &spec, &both, None);
+    assert!(ok, "{stdout}{stderr}");
 }

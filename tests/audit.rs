@@ -13,11 +13,12 @@ use common::audit::AuditDb;
 use secrecy::SecretString;
 use token_broker::audit::{
     parse_expected_head, verify, AppendedEvent, AuditError, AuditEvent, AuditLog, ChainBroken,
-    ChainKey, Defect, Outcome, VerifyError, VerifyReport,
+    ChainKey, ChainKeys, Defect, Outcome, VerifyError, VerifyReport, CHAIN_KEY_ROTATE,
+    SYSTEM_IDENTITY,
 };
 use token_broker::crypto::Keyring;
 use token_broker::domain::LeaseId;
-use token_broker::store::AuditAppend;
+use token_broker::store::{AuditAppend, AuditKeyIds, StoredAuditRow};
 
 on_both_stores!(
     postgres = crate::common::audit::AuditDb::postgres().await,
@@ -39,6 +40,10 @@ on_both_stores!(
     a_row_written_around_the_chain_key_first_is_named_by_verify,
     an_audit_row_that_cannot_be_written_is_an_error_and_leaves_nothing_behind,
     every_append_logs_the_chain_head,
+    a_chain_rotated_from_a1_to_a2_verifies_across_the_switch_and_an_edit_on_either_side_is_caught,
+    a_row_whose_chain_key_is_not_configured_is_named_as_such_and_relabelled_key_ids_as_tampering,
+    chains_from_before_key_ids_keep_verifying_and_a_single_string_key_is_id_default,
+    replicas_with_different_active_chain_keys_during_a_rollout_keep_one_verifiable_chain,
 );
 
 // ---- fixtures ----------------------------------------------------------
@@ -51,8 +56,10 @@ fn new_key() -> SecretString {
     Keyring::generate_key()
 }
 
-fn chain_key(key: &SecretString) -> ChainKey {
-    ChainKey::new(key).expect("a generated key is valid")
+/// A keyring of the one key `key`, id `default` (as the single-string
+/// `keys.audit_chain` makes).
+fn chain_key(key: &SecretString) -> ChainKeys {
+    ChainKey::new(key).expect("a generated key is valid").into()
 }
 
 /// The `i`-th event of a varied trail: grants, refusals and expiries, with
@@ -100,7 +107,11 @@ fn head_of(appended: &AppendedEvent) -> Option<(i64, String)> {
 }
 
 /// The chain break `verify` reports, or a panic naming what it said instead.
-async fn broken(db: &AuditDb, key: &ChainKey, expected_head: Option<(i64, String)>) -> ChainBroken {
+async fn broken(
+    db: &AuditDb,
+    key: &ChainKeys,
+    expected_head: Option<(i64, String)>,
+) -> ChainBroken {
     match verify(db.store.as_ref(), key, expected_head).await {
         Err(VerifyError::Broken(b)) => b,
         other => panic!("expected a broken chain, got {other:?}"),
@@ -109,7 +120,7 @@ async fn broken(db: &AuditDb, key: &ChainKey, expected_head: Option<(i64, String
 
 async fn intact(
     db: &AuditDb,
-    key: &ChainKey,
+    key: &ChainKeys,
     expected_head: Option<(i64, String)>,
 ) -> VerifyReport {
     verify(db.store.as_ref(), key, expected_head)
@@ -388,7 +399,7 @@ async fn a_batch_longer_than_one_insert_is_one_contiguous_run_of_the_chain(db: A
         })
         .collect();
     let chain = chain_key(&key);
-    let mac = |prev: Option<&str>, stored: &AuditEvent| chain.mac(prev, stored);
+    let mac = |prev: Option<&str>, stored: &AuditEvent| chain.active().mac(prev, stored);
     let rows: Vec<(i64, String)> = db
         .store
         .append_audit_chained_batch(&appends, &mac)
@@ -453,7 +464,7 @@ async fn a_database_writer_without_the_chain_key_cannot_rechain_an_edit(db: Audi
 
     // Edit row 3, then recompute the MACs of rows 3..=5 with a given key,
     // exactly as the broker would, and write them back.
-    async fn rechain(db: &AuditDb, with: &ChainKey) {
+    async fn rechain(db: &AuditDb, with: &ChainKeys) {
         let rows = db.store.list_audit_chain(0, 100).await.unwrap();
         let mut prev = rows[1].mac.clone();
         for row in &rows[2..] {
@@ -461,7 +472,9 @@ async fn a_database_writer_without_the_chain_key_cannot_rechain_an_edit(db: Audi
             if row.id == 3 {
                 event.identity = "apikey:mallory".into();
             }
-            let mac = with.mac(prev.as_deref(), &event);
+            let mac = with
+                .active()
+                .mac_with_ids(prev.as_deref(), &event, &row.key_ids);
             db.exec(&format!(
                 "UPDATE audit_events SET identity = '{}', mac = '{mac}' WHERE id = {}",
                 event.identity, row.id
@@ -497,8 +510,14 @@ async fn a_chain_made_under_one_key_does_not_verify_under_another(db: AuditDb) {
         assert_eq!(row.mac.as_ref(), Some(&appended.mac));
         let prev = (row.id > 1).then(|| rows[row.id as usize - 2].mac.clone().unwrap());
         let event = row.event.as_ref().unwrap();
-        assert_eq!(chain_key(&key).mac(prev.as_deref(), event), appended.mac);
-        assert_ne!(chain_key(&other).mac(prev.as_deref(), event), appended.mac);
+        let ids = &row.key_ids;
+        let mac = |key: &SecretString| {
+            chain_key(key)
+                .active()
+                .mac_with_ids(prev.as_deref(), event, ids)
+        };
+        assert_eq!(mac(&key), appended.mac);
+        assert_ne!(mac(&other), appended.mac);
     }
     let b = broken(&db, &chain_key(&other), None).await;
     assert_eq!(
@@ -628,4 +647,329 @@ async fn every_append_logs_the_chain_head(db: AuditDb) {
         );
         assert!(line.contains(&format!("mac={}", appended.mac)), "{line}");
     }
+}
+
+// ---- chain key rotation (issue 14) ------------------------------------
+
+/// A chain keyring holding `keys` (id, key), `active` MACing new rows.
+fn ring(active: &str, keys: &[(&str, &SecretString)]) -> ChainKeys {
+    ChainKeys::new(
+        active,
+        keys.iter()
+            .map(|(id, key)| (id.to_string(), (*key).clone())),
+    )
+    .expect("valid keys")
+}
+
+async fn rows(db: &AuditDb) -> Vec<StoredAuditRow> {
+    db.store.list_audit_chain(0, 1000).await.unwrap()
+}
+
+fn chain_ids(rows: &[StoredAuditRow]) -> Vec<Option<&str>> {
+    rows.iter().map(|r| r.key_ids.chain.as_deref()).collect()
+}
+
+/// Sets `column` of row `id` to `value` (SQL), verifies, and puts the old
+/// value back; returns what verify said.
+async fn verify_with_edit(
+    db: &AuditDb,
+    keys: &ChainKeys,
+    id: i64,
+    column: &str,
+    value: &str,
+) -> Result<VerifyReport, VerifyError> {
+    let old = db.text(id, column).await;
+    let quoted = |v: Option<String>| v.map_or("NULL".to_owned(), |v| format!("'{v}'"));
+    db.exec(&format!(
+        "UPDATE audit_events SET {column} = {value} WHERE id = {id}"
+    ))
+    .await;
+    let outcome = verify(db.store.as_ref(), keys, None).await;
+    db.exec(&format!(
+        "UPDATE audit_events SET {column} = {} WHERE id = {id}",
+        quoted(old)
+    ))
+    .await;
+    outcome
+}
+
+/// Rows 1-3 under a1 (fingerprint key `default`), then a broker with a2
+/// active: a switch row (4) and rows 5-7 under a2 (fingerprint key f2).
+async fn rotated_chain(db: &AuditDb) -> (SecretString, SecretString) {
+    let (k1, k2) = (new_key(), new_key());
+    let before = AuditLog::new(db.store.clone(), ring("a1", &[("a1", &k1)]));
+    append_n(&before, 3).await;
+    let after = AuditLog::with_keys(
+        db.store.clone(),
+        ring("a2", &[("a1", &k1), ("a2", &k2)]),
+        "f2",
+    );
+    let appended = append_n(&after, 3).await;
+    assert_eq!(
+        appended.iter().map(|a| a.id).collect::<Vec<_>>(),
+        [5, 6, 7],
+        "the switch row takes id 4"
+    );
+    (k1, k2)
+}
+
+async fn a_chain_rotated_from_a1_to_a2_verifies_across_the_switch_and_an_edit_on_either_side_is_caught(
+    db: AuditDb,
+) {
+    let (k1, k2) = rotated_chain(&db).await;
+    let stored = rows(&db).await;
+    assert_eq!(
+        chain_ids(&stored),
+        [
+            Some("a1"),
+            Some("a1"),
+            Some("a1"),
+            Some("a2"),
+            Some("a2"),
+            Some("a2"),
+            Some("a2")
+        ]
+    );
+    let switch = stored[3].event.as_ref().unwrap();
+    assert_eq!(switch.action, CHAIN_KEY_ROTATE);
+    assert_eq!(switch.identity, SYSTEM_IDENTITY);
+    assert_eq!(switch.caller_detail.as_deref(), Some("from=a1 to=a2"));
+    assert_eq!(stored[3].key_ids.fingerprint, None);
+    // Fingerprint key ids only where there is a fingerprint.
+    for row in &stored {
+        let event = row.event.as_ref().unwrap();
+        let want = event
+            .token_fingerprint
+            .as_ref()
+            .map(|_| if row.id < 4 { "default" } else { "f2" });
+        assert_eq!(row.key_ids.fingerprint.as_deref(), want, "row {}", row.id);
+    }
+    let (chain, fingerprint) = db.store.count_audit_rows_by_key().await.unwrap();
+    assert_eq!(chain, [("a1".into(), 3), ("a2".into(), 4)].into());
+    assert_eq!(
+        fingerprint,
+        [("default".into(), 2), ("f2".into(), 2)].into()
+    );
+
+    // Either key active: verification picks each row's own key.
+    let both = ring("a1", &[("a1", &k1), ("a2", &k2)]);
+    let report = intact(&db, &both, None).await;
+    assert_eq!(report.chained_rows, 7);
+    assert_eq!(report.head.as_ref().map(|h| h.id), Some(7));
+    intact(&db, &ring("a2", &[("a1", &k1), ("a2", &k2)]), None).await;
+
+    // A row edited before the switch, and a row after it.
+    for id in [2, 6] {
+        let outcome = verify_with_edit(&db, &both, id, "identity", "'apikey:mallory'").await;
+        assert!(
+            matches!(outcome, Err(VerifyError::Broken(ChainBroken { row_id, defect: Defect::MacMismatch })) if row_id == id),
+            "row {id}: {outcome:?}"
+        );
+    }
+    // The switch row edited: no longer a switch, so the key id changes
+    // without one.
+    let outcome = verify_with_edit(&db, &both, 4, "identity", "'apikey:mallory'").await;
+    assert!(
+        matches!(
+            &outcome,
+            Err(VerifyError::Broken(ChainBroken { row_id: 4, .. }))
+        ),
+        "{outcome:?}"
+    );
+    // The switch row's record of the switch is covered too.
+    let outcome = verify_with_edit(&db, &both, 4, "caller_detail", "'from=a1 to=a3'").await;
+    assert!(
+        matches!(
+            &outcome,
+            Err(VerifyError::Broken(ChainBroken { row_id: 4, .. }))
+        ),
+        "{outcome:?}"
+    );
+    // And the fingerprint key id of a row after it.
+    let outcome = verify_with_edit(&db, &both, 6, "fingerprint_key_id", "'f1'").await;
+    assert!(
+        matches!(
+            &outcome,
+            Err(VerifyError::Broken(ChainBroken {
+                row_id: 6,
+                defect: Defect::MacMismatch
+            }))
+        ),
+        "{outcome:?}"
+    );
+    intact(&db, &both, None).await;
+}
+
+async fn a_row_whose_chain_key_is_not_configured_is_named_as_such_and_relabelled_key_ids_as_tampering(
+    db: AuditDb,
+) {
+    let (k1, k2) = rotated_chain(&db).await;
+    // Without a1: the first row needs it.
+    let err = verify(db.store.as_ref(), &ring("a2", &[("a2", &k2)]), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, VerifyError::KeyMissing { row_id: 1, key_id, checked: 0 } if key_id == "a1"),
+        "{err:?}"
+    );
+    // Without a2: rows 1-3 verify, the switch row needs it.
+    let err = verify(db.store.as_ref(), &ring("a1", &[("a1", &k1)]), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, VerifyError::KeyMissing { row_id: 4, key_id, checked: 3 } if key_id == "a2"),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("needs chain key \"a2\", not configured") && !text.contains("broken"),
+        "{text}"
+    );
+
+    // Relabelling a row's key id, to a key held or not, is tampering.
+    let both = ring("a2", &[("a1", &k1), ("a2", &k2)]);
+    for (id, value) in [
+        (6, "'zzz'"),
+        (6, "'a1'"),
+        (2, "'a2'"),
+        (6, "NULL"),
+        (7, "'zzz'"),
+    ] {
+        let outcome = verify_with_edit(&db, &both, id, "chain_key_id", value).await;
+        assert!(
+            matches!(&outcome, Err(VerifyError::Broken(ChainBroken { row_id, defect: Defect::KeyIdChanged { .. } })) if *row_id == id),
+            "row {id} = {value}: {outcome:?}"
+        );
+    }
+    // The switch row relabelled to another key (its detail kept): its MAC
+    // no longer matches under the key it claims.
+    let outcome = verify_with_edit(&db, &both, 4, "chain_key_id", "'a1'").await;
+    assert!(
+        matches!(
+            &outcome,
+            Err(VerifyError::Broken(ChainBroken { row_id: 4, .. }))
+        ),
+        "{outcome:?}"
+    );
+    intact(&db, &both, None).await;
+}
+
+async fn chains_from_before_key_ids_keep_verifying_and_a_single_string_key_is_id_default(
+    db: AuditDb,
+) {
+    let key = new_key();
+    // Rows as a release before migration 0008 wrote them: no key ids,
+    // MAC encoding version 1.
+    let old = ChainKey::new(&key).unwrap();
+    let mac = |prev: Option<&str>, stored: &AuditEvent| old.mac(prev, stored);
+    let appends: Vec<AuditAppend> = (1..=3)
+        .map(|i| AuditAppend {
+            event: event(i),
+            lease_write: None,
+        })
+        .collect();
+    db.store
+        .append_audit_chained_batch(&appends, &mac)
+        .await
+        .unwrap();
+    // The same key as the single-string `audit_chain`: id `default`, no
+    // switch row.
+    append_n(&AuditLog::new(db.store.clone(), chain_key(&key)), 2).await;
+    assert_eq!(
+        chain_ids(&rows(&db).await),
+        [None, None, None, Some("default"), Some("default")]
+    );
+    assert!(rows(&db).await[..3]
+        .iter()
+        .all(|r| r.key_ids == AuditKeyIds::default()));
+    intact(&db, &chain_key(&key), None).await;
+    // The same key moved to `[audit_chain_keys] default = …`.
+    intact(&db, &ring("default", &[("default", &key)]), None).await;
+    // Under another id it is another key as far as the rows go.
+    let err = verify(db.store.as_ref(), &ring("k", &[("k", &key)]), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, VerifyError::KeyMissing { row_id: 1, key_id, .. } if key_id == "default"),
+        "{err:?}"
+    );
+    // An old row relabelled `default` (or given a fingerprint key id) no
+    // longer matches: version 1 rows stay version 1.
+    let outcome = verify_with_edit(&db, &chain_key(&key), 2, "chain_key_id", "'default'").await;
+    assert!(
+        matches!(
+            &outcome,
+            Err(VerifyError::Broken(ChainBroken {
+                row_id: 2,
+                defect: Defect::MacMismatch
+            }))
+        ),
+        "{outcome:?}"
+    );
+    let outcome =
+        verify_with_edit(&db, &chain_key(&key), 2, "fingerprint_key_id", "'default'").await;
+    assert!(
+        matches!(
+            &outcome,
+            Err(VerifyError::Broken(ChainBroken { row_id: 2, .. }))
+        ),
+        "{outcome:?}"
+    );
+
+    // Rotating away from `default`.
+    let k2 = new_key();
+    let keys = ring("a2", &[("default", &key), ("a2", &k2)]);
+    append_n(
+        &AuditLog::new(
+            db.store.clone(),
+            ring("a2", &[("default", &key), ("a2", &k2)]),
+        ),
+        1,
+    )
+    .await;
+    let stored = rows(&db).await;
+    assert_eq!(stored.len(), 7);
+    assert_eq!(
+        stored[5].event.as_ref().unwrap().caller_detail.as_deref(),
+        Some("from=default to=a2")
+    );
+    assert_eq!(intact(&db, &keys, None).await.chained_rows, 7);
+}
+
+async fn replicas_with_different_active_chain_keys_during_a_rollout_keep_one_verifiable_chain(
+    db: AuditDb,
+) {
+    let (k1, k2) = (new_key(), new_key());
+    let keys = || ring("a1", &[("a1", &k1), ("a2", &k2)]);
+    // Mid-rollout: one replica still has a1 active, the other a2; both
+    // hold both keys (step 1 of the rollout).
+    let old = Arc::new(AuditLog::new(db.store.clone(), keys()));
+    let new = Arc::new(AuditLog::new(
+        db.another_store().await,
+        ring("a2", &[("a1", &k1), ("a2", &k2)]),
+    ));
+    for i in 0..3 {
+        old.append(&event(2 * i)).await.unwrap();
+        new.append(&event(2 * i + 1)).await.unwrap();
+    }
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let log = if i % 2 == 0 { old.clone() } else { new.clone() };
+        tasks.push(tokio::spawn(async move { log.append(&event(i)).await }));
+    }
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let stored = rows(&db).await;
+    let switches = stored
+        .iter()
+        .filter(|r| r.event.as_ref().unwrap().action == CHAIN_KEY_ROTATE)
+        .count();
+    // Each change of writer in the sequential part switched the key.
+    assert!(switches >= 5, "{switches} switch rows");
+    assert_eq!(stored.len(), 26 + switches);
+    let report = intact(&db, &keys(), None).await;
+    assert_eq!(report.chained_rows as usize, stored.len());
+    let (chain, _) = db.store.count_audit_rows_by_key().await.unwrap();
+    assert_eq!(chain.values().sum::<u64>() as usize, stored.len());
 }

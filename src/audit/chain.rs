@@ -22,6 +22,27 @@
 //!    as before and old chains keep verifying; the fields before it are
 //!    self-delimiting, so a row with it never encodes like one without.
 //!
+//! # Canonical encoding (version 2: rows with key ids, migration 0008)
+//!
+//! A row whose `chain_key_id` is set (every row written since migration
+//! 0008) is MAC'd under the chain key of that id over:
+//!
+//! 1. the domain tag `token-broker/audit-chain/v2` (raw bytes);
+//! 2. `str(chain_key_id)`, `opt(fingerprint_key_id)`;
+//! 3. items 2 to 5 of version 1;
+//! 4. `opt(caller_detail)` (always present, unlike version 1).
+//!
+//! So the key ids are covered by the MAC: relabelling a row to another key
+//! id, or to none (which selects version 1 under key `default`), makes its
+//! MAC wrong. A row with no `chain_key_id` is version 1 under key id
+//! `default`, exactly as before, and must have no `fingerprint_key_id`
+//! (version 1 does not cover it). Besides, the key id may change only at a
+//! switch row ([`CHAIN_KEY_ROTATE`], identity `system:token-broker`,
+//! `caller_detail` `from=OLD to=NEW`, MAC'd under NEW), so an edit that
+//! relabels rows to a key id the verifier lacks is reported as tampering
+//! rather than as a missing key (docs/audit-chain.md, "Rotating the chain
+//! key").
+//!
 //! `str(s) = u32be(byte length of s) || UTF-8 bytes of s`;
 //! `opt(None) = 0x00`, `opt(Some(s)) = 0x01 || str(s)`. Every field is
 //! length-prefixed or fixed-width and every absent field is marked, so two
@@ -48,16 +69,31 @@ use hmac::{Hmac, Mac};
 use secrecy::{ExposeSecret, SecretBox, SecretString};
 use sha2::Sha256;
 
-use super::{AppendedEvent, AuditEvent};
+use std::collections::BTreeMap;
+
+use super::{AppendedEvent, AuditEvent, SYSTEM_IDENTITY};
 use crate::crypto::{CryptoError, KEY_LEN};
 use crate::error::{ErrorCode, ServiceError};
-use crate::store::{Store, StoreError};
+use crate::store::{AuditKeyIds, Store, StoreError, DEFAULT_KEY_ID};
 
 /// The `prev` value of the first chained row: 64 hex zeros.
 pub const GENESIS_MAC: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// Domain separation for the chain MAC (version 1 of the encoding).
 const DOMAIN_TAG: &[u8] = b"token-broker/audit-chain/v1";
+
+/// Domain separation for version 2 (rows with key ids).
+const DOMAIN_TAG_V2: &[u8] = b"token-broker/audit-chain/v2";
+
+/// `action` of the row that records a switch of the active chain key:
+/// identity `system:token-broker`, `caller_detail` `from=OLD to=NEW`,
+/// MAC'd under NEW.
+pub const CHAIN_KEY_ROTATE: &str = "audit.chain_key_rotate";
+
+/// The `caller_detail` of a switch row from key id `from` to `to`.
+pub fn switch_detail(from: &str, to: &str) -> String {
+    format!("from={from} to={to}")
+}
 
 /// Rows read per page while verifying.
 const VERIFY_PAGE: u32 = 1000;
@@ -87,16 +123,106 @@ impl ChainKey {
     /// The chain MAC of `event` (its `id` and `time` as stored) following a
     /// row whose MAC is `prev` (`None`: first row, [`GENESIS_MAC`]), in the
     /// module's canonical encoding. 64 lower-case hex characters.
+    /// This is encoding version 1: a row without key ids.
     pub fn mac(&self, prev: Option<&str>, event: &AuditEvent) -> String {
+        self.mac_with_ids(prev, event, &AuditKeyIds::default())
+    }
+
+    /// The chain MAC of `event` stored with `key_ids`: encoding version 2
+    /// when `key_ids.chain` is set, else version 1 (`key_ids.fingerprint`
+    /// then ignored). 64 lower-case hex characters.
+    pub fn mac_with_ids(
+        &self,
+        prev: Option<&str>,
+        event: &AuditEvent,
+        key_ids: &AuditKeyIds,
+    ) -> String {
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.key.expose_secret())
             .expect("HMAC takes keys of any length");
-        mac.update(&encode(prev.unwrap_or(GENESIS_MAC), event));
+        mac.update(&encode(prev.unwrap_or(GENESIS_MAC), event, key_ids));
         hex::encode(mac.finalize().into_bytes())
     }
 }
 
+/// The audit chain keys by id (`keys.audit_chain_keys`, or the
+/// single-string `keys.audit_chain` as id `default`): the active one MACs
+/// new rows, every one verifies the rows made with it. Debug shows the ids
+/// only.
+pub struct ChainKeys {
+    active: String,
+    keys: BTreeMap<String, ChainKey>,
+}
+
+impl fmt::Debug for ChainKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChainKeys")
+            .field("active", &self.active)
+            .field("key_ids", &self.keys.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl From<ChainKey> for ChainKeys {
+    /// One key, id `default` (what a single-string `keys.audit_chain` is).
+    fn from(key: ChainKey) -> Self {
+        ChainKeys {
+            active: DEFAULT_KEY_ID.to_owned(),
+            keys: [(DEFAULT_KEY_ID.to_owned(), key)].into(),
+        }
+    }
+}
+
+impl ChainKeys {
+    /// Builds a keyring from `(id, standard base64 of 32 bytes)` pairs.
+    /// Errors: [`CryptoError::InvalidKeyId`], [`CryptoError::DuplicateKey`],
+    /// [`CryptoError::BadKey`] naming the id, [`CryptoError::UnknownKey`]
+    /// when `active` is not among them.
+    pub fn new(
+        active: impl Into<String>,
+        keys: impl IntoIterator<Item = (String, SecretString)>,
+    ) -> Result<Self, CryptoError> {
+        let active = active.into();
+        let mut map = BTreeMap::new();
+        for (id, key) in keys {
+            if !crate::crypto::valid_key_id(&id) {
+                return Err(CryptoError::InvalidKeyId(id));
+            }
+            let key = ChainKey {
+                key: crate::crypto::decode_key(&id, &key)?,
+            };
+            if map.insert(id.clone(), key).is_some() {
+                return Err(CryptoError::DuplicateKey(id));
+            }
+        }
+        if !map.contains_key(&active) {
+            return Err(CryptoError::UnknownKey(active));
+        }
+        Ok(ChainKeys { active, keys: map })
+    }
+
+    /// Id of the key new rows are MAC'd with.
+    pub fn active_key_id(&self) -> &str {
+        &self.active
+    }
+
+    /// The active key.
+    pub fn active(&self) -> &ChainKey {
+        &self.keys[&self.active]
+    }
+
+    /// The key with id `id`, if held.
+    pub fn get(&self, id: &str) -> Option<&ChainKey> {
+        self.keys.get(id)
+    }
+
+    /// The ids held, sorted.
+    pub fn key_ids(&self) -> impl Iterator<Item = &str> {
+        self.keys.keys().map(String::as_str)
+    }
+}
+
 /// The canonical message for one row (see the module doc).
-fn encode(prev: &str, e: &AuditEvent) -> Vec<u8> {
+fn encode(prev: &str, e: &AuditEvent, key_ids: &AuditKeyIds) -> Vec<u8> {
     fn str(out: &mut Vec<u8>, s: &str) {
         let len = u32::try_from(s.len()).expect("audit field under 4 GiB");
         out.extend_from_slice(&len.to_be_bytes());
@@ -112,7 +238,14 @@ fn encode(prev: &str, e: &AuditEvent) -> Vec<u8> {
         }
     }
     let mut out = Vec::with_capacity(256);
-    out.extend_from_slice(DOMAIN_TAG);
+    match &key_ids.chain {
+        None => out.extend_from_slice(DOMAIN_TAG),
+        Some(chain) => {
+            out.extend_from_slice(DOMAIN_TAG_V2);
+            str(&mut out, chain);
+            opt(&mut out, key_ids.fingerprint.as_deref());
+        }
+    }
     str(&mut out, prev);
     out.extend_from_slice(&e.id.to_be_bytes());
     out.extend_from_slice(&e.time.timestamp_micros().to_be_bytes());
@@ -126,8 +259,10 @@ fn encode(prev: &str, e: &AuditEvent) -> Vec<u8> {
     opt(&mut out, e.organization.as_deref());
     opt(&mut out, e.scopes.as_deref());
     opt(&mut out, e.token_fingerprint.as_deref());
-    // Appended only when present: see item 6 of the module doc.
-    if let Some(detail) = &e.caller_detail {
+    if key_ids.chain.is_some() {
+        opt(&mut out, e.caller_detail.as_deref());
+    } else if let Some(detail) = &e.caller_detail {
+        // Appended only when present: see item 6 of the module doc.
         opt(&mut out, Some(detail));
     }
     out
@@ -196,6 +331,15 @@ pub enum Defect {
     },
     /// The row at the expected head's id carries another MAC.
     HeadMismatch,
+    /// The row's chain key id differs from the row before it without
+    /// being a switch row `from=FROM to=TO` (or a row without a chain key
+    /// id carries a fingerprint key id): key ids were relabelled.
+    KeyIdChanged {
+        /// The previous row's chain key id (NULL: `default`).
+        from: String,
+        /// This row's chain key id (NULL: `default`).
+        to: String,
+    },
 }
 
 impl fmt::Display for Defect {
@@ -221,6 +365,14 @@ impl fmt::Display for Defect {
                 "expected chain head is gone and no chained row is left: the rows were dropped",
             ),
             Defect::HeadMismatch => f.write_str("MAC differs from the expected chain head"),
+            Defect::KeyIdChanged { from, to } if from == to => write!(
+                f,
+                "key ids relabelled: a row without a chain key id carries a fingerprint key id"
+            ),
+            Defect::KeyIdChanged { from, to } => write!(
+                f,
+                "chain key id changes from {from:?} to {to:?} without a switch row: key ids were relabelled"
+            ),
         }
     }
 }
@@ -244,34 +396,54 @@ pub enum VerifyError {
     /// The store could not be read; nothing is proved either way.
     #[error("cannot read the audit trail: {0}")]
     Store(#[from] StoreError),
+    /// Row `row_id` (and every row after it, until a switch to a held
+    /// key) was MAC'd under chain key `key_id`, which is not configured:
+    /// not a sign of tampering, but nothing from that row on is proved.
+    /// `checked` rows before it verified.
+    #[error(
+        "audit chain cannot be verified from row {row_id}: needs chain key {key_id:?}, not configured (keys.audit_chain_keys); {checked} rows before it verified"
+    )]
+    KeyMissing {
+        /// The first row that needs the key.
+        row_id: i64,
+        /// The key id it needs.
+        key_id: String,
+        /// Rows verified before it.
+        checked: u64,
+    },
 }
 
 impl ServiceError for VerifyError {
     fn code(&self) -> ErrorCode {
         match self {
-            VerifyError::Broken(_) => ErrorCode::Internal,
+            VerifyError::Broken(_) | VerifyError::KeyMissing { .. } => ErrorCode::Internal,
             VerifyError::Store(e) => e.code(),
         }
     }
     fn reason(&self) -> &'static str {
         match self {
             VerifyError::Broken(_) => "AUDIT_CHAIN_BROKEN",
+            VerifyError::KeyMissing { .. } => "AUDIT_CHAIN_KEY_MISSING",
             VerifyError::Store(_) => "AUDIT_UNAVAILABLE",
         }
     }
 }
 
 /// Walks every audit row in id order and checks each chained row's MAC
-/// under `chain_key` and that chained ids are contiguous. With
+/// under the key of its own `chain_key_id` (NULL: `default`) from
+/// `chain_keys`, that chained ids are contiguous, and that the key id
+/// changes only at a switch row. With
 /// `expected_head` (`(audit_id, mac)` from the last `audit chain head` log
 /// line or metric), also checks that row is still there with that MAC, which
 /// catches dropped newest rows; rows appended after it are fine.
 ///
 /// Errors: [`VerifyError::Broken`] naming the first broken row and what is
-/// wrong; [`VerifyError::Store`] if the rows cannot be read.
+/// wrong; [`VerifyError::KeyMissing`] at the first row whose chain key is
+/// not in `chain_keys` (rows before it verified; not tampering);
+/// [`VerifyError::Store`] if the rows cannot be read.
 pub async fn verify(
     store: &dyn Store,
-    chain_key: &ChainKey,
+    chain_keys: &ChainKeys,
     expected_head: Option<(i64, String)>,
 ) -> Result<VerifyReport, VerifyError> {
     let mut report = VerifyReport {
@@ -279,6 +451,7 @@ pub async fn verify(
         head: None,
     };
     let mut head_seen: Option<String> = None;
+    let mut prev_key_id: Option<String> = None;
     let mut after = 0;
     loop {
         let rows = store.list_audit_chain(after, VERIFY_PAGE).await?;
@@ -299,7 +472,36 @@ pub async fn verify(
             if let Some(prev) = prev.filter(|p| Some(row.id) != p.id.checked_add(1)) {
                 return Err(broken(Defect::RowsMissing { after: prev.id }).into());
             }
-            let expected = chain_key.mac(prev.map(|p| p.mac.as_str()), &event);
+            let key_id = row.key_ids.chain.as_deref().unwrap_or(DEFAULT_KEY_ID);
+            if row.key_ids.chain.is_none() && row.key_ids.fingerprint.is_some() {
+                return Err(broken(Defect::KeyIdChanged {
+                    from: key_id.to_owned(),
+                    to: key_id.to_owned(),
+                })
+                .into());
+            }
+            if let Some(from) = prev_key_id.as_deref().filter(|from| *from != key_id) {
+                let is_switch = row.key_ids.chain.is_some()
+                    && event.action == CHAIN_KEY_ROTATE
+                    && event.identity == SYSTEM_IDENTITY
+                    && event.caller_detail.as_deref() == Some(&switch_detail(from, key_id));
+                if !is_switch {
+                    return Err(broken(Defect::KeyIdChanged {
+                        from: from.to_owned(),
+                        to: key_id.to_owned(),
+                    })
+                    .into());
+                }
+            }
+            let Some(chain_key) = chain_keys.get(key_id) else {
+                return Err(VerifyError::KeyMissing {
+                    row_id: row.id,
+                    key_id: key_id.to_owned(),
+                    checked: report.chained_rows,
+                });
+            };
+            let expected =
+                chain_key.mac_with_ids(prev.map(|p| p.mac.as_str()), &event, &row.key_ids);
             // Not secret, but compare in constant time anyway: it costs nothing.
             if !bool::from(subtle::ConstantTimeEq::ct_eq(
                 expected.as_bytes(),
@@ -312,6 +514,7 @@ pub async fn verify(
             }
             report.chained_rows += 1;
             report.head = Some(AppendedEvent { id: row.id, mac });
+            prev_key_id = Some(key_id.to_owned());
         }
     }
     if let Some((id, mac)) = expected_head {
@@ -396,6 +599,57 @@ mod tests {
             key(1).mac(None, &e),
             "09a0ced6a0dbaf4285c5f33f0c1e47016e39fdcd87b7f51ad2b68478395602fc"
         );
+    }
+
+    #[test]
+    fn rows_with_key_ids_use_version_2_which_covers_both_ids() {
+        let k = key(1);
+        let ids = |chain: Option<&str>, fingerprint: Option<&str>| AuditKeyIds {
+            chain: chain.map(str::to_owned),
+            fingerprint: fingerprint.map(str::to_owned),
+        };
+        // No chain key id: version 1, byte for byte (the fingerprint key id
+        // is not covered there, and verify refuses a row that has one).
+        assert_eq!(
+            k.mac_with_ids(None, &event(), &ids(None, None)),
+            k.mac(None, &event())
+        );
+        let v2 = k.mac_with_ids(None, &event(), &ids(Some("default"), None));
+        assert_ne!(v2, k.mac(None, &event()));
+        for other in [
+            ids(Some("a2"), None),
+            ids(Some("default"), Some("default")),
+            ids(Some("default"), Some("")),
+            ids(Some(""), None),
+        ] {
+            assert_ne!(v2, k.mac_with_ids(None, &event(), &other), "{other:?}");
+        }
+        // caller_detail absent and empty differ in version 2 as well.
+        let mut e = event();
+        e.caller_detail = Some(String::new());
+        assert_ne!(v2, k.mac_with_ids(None, &e, &ids(Some("default"), None)));
+    }
+
+    #[test]
+    fn a_chain_keyring_checks_its_ids_and_shows_none_of_its_keys() {
+        let secret = || SecretString::from(BASE64.encode([7u8; KEY_LEN]));
+        let ring =
+            ChainKeys::new("a2", [("a1".into(), secret()), ("a2".into(), secret())]).unwrap();
+        assert_eq!(ring.active_key_id(), "a2");
+        assert!(ring.get("a1").is_some() && ring.get("a3").is_none());
+        assert_eq!(
+            format!("{ring:?}"),
+            r#"ChainKeys { active: "a2", key_ids: ["a1", "a2"] }"#
+        );
+        assert!(matches!(
+            ChainKeys::new("a3", [("a1".into(), secret())]),
+            Err(CryptoError::UnknownKey(id)) if id == "a3"
+        ));
+        assert!(matches!(
+            ChainKeys::new("a 1", [("a 1".into(), secret())]),
+            Err(CryptoError::InvalidKeyId(_))
+        ));
+        assert_eq!(ChainKeys::from(key(1)).active_key_id(), "default");
     }
 
     #[test]

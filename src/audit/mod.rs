@@ -18,7 +18,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use tokio::sync::oneshot;
 
 use crate::error::{ErrorCode, ServiceError};
-use crate::store::{AuditAppend, LeaseWrite, Store, StoreError};
+use crate::store::{
+    AuditAppend, AuditChainer, AuditKeyIds, LeaseWrite, Store, StoreError, DEFAULT_KEY_ID,
+};
 
 pub mod chain;
 mod refusals;
@@ -27,8 +29,8 @@ mod refusals;
 pub use crate::domain::{AuditEvent, Outcome};
 
 pub use chain::{
-    parse_expected_head, verify, BadHead, ChainBroken, ChainKey, Defect, VerifyError, VerifyReport,
-    GENESIS_MAC,
+    parse_expected_head, switch_detail, verify, BadHead, ChainBroken, ChainKey, ChainKeys, Defect,
+    VerifyError, VerifyReport, CHAIN_KEY_ROTATE, GENESIS_MAC,
 };
 pub use refusals::{RefusalCounter, RefusalObserver, MAX_REFUSAL_ADDRESSES, OTHER_ADDRESSES};
 
@@ -129,10 +131,45 @@ pub struct AuditLog {
 /// What the appending task and the callers share.
 struct Shared {
     store: Arc<dyn Store>,
-    key: ChainKey,
+    keys: Keys,
     head: Mutex<Option<AppendedEvent>>,
     observer: OnceLock<AppendObserver>,
     queue: Mutex<Queue>,
+}
+
+/// The keys rows are made with: the chain keyring (its active key MACs new
+/// rows) and the id of the fingerprint key the callers' fingerprints use.
+struct Keys {
+    chain: ChainKeys,
+    fingerprint_key_id: String,
+}
+
+impl AuditChainer for Keys {
+    fn chain_key_id(&self) -> &str {
+        self.chain.active_key_id()
+    }
+
+    fn fingerprint_key_id(&self) -> &str {
+        &self.fingerprint_key_id
+    }
+
+    fn switch_event(&self, from: &str) -> AuditEvent {
+        let to = self.chain.active_key_id();
+        tracing::info!(from, to, "audit chain key switch: appending the switch row");
+        AuditEvent {
+            caller_detail: Some(switch_detail(from, to)),
+            ..AuditEvent::new(
+                chrono::Utc::now(),
+                SYSTEM_IDENTITY,
+                CHAIN_KEY_ROTATE,
+                Outcome::Allowed,
+            )
+        }
+    }
+
+    fn mac(&self, prev: Option<&str>, event: &AuditEvent, key_ids: &AuditKeyIds) -> String {
+        self.chain.active().mac_with_ids(prev, event, key_ids)
+    }
 }
 
 /// Events waiting for a transaction, and whether a task is writing.
@@ -162,12 +199,35 @@ impl std::fmt::Debug for AuditLog {
 }
 
 impl AuditLog {
-    /// An audit log over `store`, chaining under `chain_key`.
-    pub fn new(store: Arc<dyn Store>, chain_key: ChainKey) -> Self {
+    /// An audit log over `store`, chaining under the active key of
+    /// `chain_keys` (a single [`ChainKey`] is key id `default`); rows with
+    /// a token fingerprint record fingerprint key id `default` (see
+    /// [`AuditLog::with_keys`]).
+    ///
+    /// Each append transaction reads the newest row's chain key id under
+    /// the chain lock; when it is not the active key's (a rotation, or
+    /// during a rollout another replica with another active key wrote
+    /// last), it first appends a switch row ([`CHAIN_KEY_ROTATE`],
+    /// `caller_detail` `from=OLD to=NEW`) MAC'd under the active key.
+    pub fn new(store: Arc<dyn Store>, chain_keys: impl Into<ChainKeys>) -> Self {
+        Self::with_keys(store, chain_keys, DEFAULT_KEY_ID)
+    }
+
+    /// As [`AuditLog::new`], with the id of the fingerprint key the
+    /// callers' token fingerprints are made with, recorded as
+    /// `fingerprint_key_id` on rows that have one.
+    pub fn with_keys(
+        store: Arc<dyn Store>,
+        chain_keys: impl Into<ChainKeys>,
+        fingerprint_key_id: impl Into<String>,
+    ) -> Self {
         AuditLog {
             shared: Arc::new(Shared {
                 store,
-                key: chain_key,
+                keys: Keys {
+                    chain: chain_keys.into(),
+                    fingerprint_key_id: fingerprint_key_id.into(),
+                },
                 head: Mutex::new(None),
                 observer: OnceLock::new(),
                 queue: Mutex::new(Queue::default()),
@@ -310,11 +370,9 @@ async fn flush(shared: Arc<Shared>) {
         };
         let (appends, waiters): (Vec<AuditAppend>, Vec<_>) =
             batch.into_iter().map(|w| (w.append, w.done)).unzip();
-        let key = &shared.key;
-        let mac_of = |prev: Option<&str>, stored: &AuditEvent| key.mac(prev, stored);
         match shared
             .store
-            .append_audit_chained_batch(&appends, &mac_of)
+            .append_audit_keyed_batch(&appends, &shared.keys)
             .await
         {
             Ok(rows) => {

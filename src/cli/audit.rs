@@ -113,11 +113,11 @@ pub async fn verify(
         }
     }
     let (keys, _) = config.keys.resolve(&backend).map_err(|e| setup(&e))?;
-    let chain_key = keys.chain_key().map_err(|e| setup(&e))?;
+    let chain_keys = keys.chain_keys().map_err(|e| setup(&e))?;
     let store = crate::store::open(secrecy::ExposeSecret::expose_secret(&config.database.url))
         .await
         .map_err(|e| AuditVerifyError::Verify(VerifyError::Store(e)))?;
-    let report = audit::verify(store.as_ref(), &chain_key, expected).await?;
+    let report = audit::verify(store.as_ref(), &chain_keys, expected).await?;
     Ok(report.to_string())
 }
 

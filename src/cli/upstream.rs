@@ -91,7 +91,7 @@ async fn open(config: &Config) -> Result<(Arc<dyn Store>, Keyring, AuditLog), St
         );
     }
     let (keyring, _) = keys.build().map_err(|e| e.to_string())?;
-    let chain_key = keys.chain_key().map_err(|e| e.to_string())?;
+    let chain_keys = keys.chain_keys().map_err(|e| e.to_string())?;
     let store = crate::store::open(config.database.url.expose_secret())
         .await
         .map_err(|e| format!("database: {e}"))?;
@@ -99,7 +99,7 @@ async fn open(config: &Config) -> Result<(Arc<dyn Store>, Keyring, AuditLog), St
         .migrate()
         .await
         .map_err(|e| format!("database: {e}"))?;
-    let audit = AuditLog::new(store.clone(), chain_key);
+    let audit = AuditLog::with_keys(store.clone(), chain_keys, keys.fingerprint_active.clone());
     Ok((store, keyring, audit))
 }
 

@@ -7,6 +7,7 @@
 //! either writes everything it names or nothing. Times are kept to the
 //! microsecond (finer parts are truncated on write) and read back in UTC.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -537,6 +538,46 @@ pub struct StoredAuditRow {
     pub event: Result<AuditEvent, StoreError>,
     /// The row's chain MAC (hex), `None` for a row written without one.
     pub mac: Option<String>,
+    /// The ids of the keys the row was made with (migration 0008).
+    pub key_ids: AuditKeyIds,
+}
+
+/// The key ids an audit row records (migration 0008): `chain`, the audit
+/// chain key its MAC was made with; `fingerprint`, the fingerprint key of
+/// its `token_fingerprint` (`None` when it has none). `chain: None` marks a
+/// row written without key ids (before migration 0008, or through
+/// [`Store::append_audit_chained_batch`]): key id `default`, MAC encoding
+/// version 1 (see `audit::chain`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditKeyIds {
+    /// Id of the chain key the row's MAC was made with.
+    pub chain: Option<String>,
+    /// Id of the fingerprint key of the row's token fingerprint.
+    pub fingerprint: Option<String>,
+}
+
+/// What a key id of `None` stands for: rows from before migration 0008,
+/// and the single-string `keys.audit_chain` / `keys.fingerprint`.
+pub const DEFAULT_KEY_ID: &str = "default";
+
+/// Chains audit rows for [`Store::append_audit_keyed_batch`] (implemented
+/// by `audit::AuditLog`): which chain key new rows are MAC'd with, the row
+/// that records a switch to it, and the MAC itself.
+pub trait AuditChainer: Send + Sync {
+    /// Id of the chain key new rows are MAC'd with (recorded as
+    /// `chain_key_id`).
+    fn chain_key_id(&self) -> &str;
+    /// Id of the fingerprint key recorded with a row that has a token
+    /// fingerprint.
+    fn fingerprint_key_id(&self) -> &str;
+    /// The row written first, under [`AuditChainer::chain_key_id`], when
+    /// the newest stored row was chained under key id `from` (NULL counts
+    /// as [`DEFAULT_KEY_ID`]) and that differs: it records the switch. Its
+    /// `id` is assigned by the store.
+    fn switch_event(&self, from: &str) -> AuditEvent;
+    /// The MAC of `event` as stored (id assigned, time truncated to the
+    /// microsecond) with `key_ids`, after a row whose MAC is `prev`.
+    fn mac(&self, prev: Option<&str>, event: &AuditEvent, key_ids: &AuditKeyIds) -> String;
 }
 
 /// A lease write an audit row records: written in the row's transaction,
@@ -827,6 +868,29 @@ pub trait Store: Send + Sync + 'static {
         appends: &[AuditAppend],
         mac: ChainMacFn<'_>,
     ) -> Result<Vec<Option<(i64, String)>>, StoreError>;
+
+    /// As [`Store::append_audit_chained_batch`], but each row also records
+    /// the key ids `chainer` gives (migration 0008: `chain_key_id`, and
+    /// `fingerprint_key_id` for a row with a token fingerprint), its MAC
+    /// covers them, and when the newest stored row's chain key id (NULL:
+    /// [`DEFAULT_KEY_ID`]) differs from `chainer`'s, the transaction first
+    /// writes [`AuditChainer::switch_event`] (not among the answers). A
+    /// batch that writes no row writes no switch row either.
+    async fn append_audit_keyed_batch(
+        &self,
+        appends: &[AuditAppend],
+        chainer: &dyn AuditChainer,
+    ) -> Result<Vec<Option<(i64, String)>>, StoreError>;
+
+    /// How many audit rows each key id protects, for `keys status`:
+    /// `(chain, fingerprint)`, each key id -> rows. `chain` counts every
+    /// row by `chain_key_id`; `fingerprint` counts the rows with a token
+    /// fingerprint by `fingerprint_key_id`; NULL counts as
+    /// [`DEFAULT_KEY_ID`]. Key ids with no rows are absent. One scan of the
+    /// audit table.
+    async fn count_audit_rows_by_key(
+        &self,
+    ) -> Result<(BTreeMap<String, u64>, BTreeMap<String, u64>), StoreError>;
 
     /// Audit rows with id > `after_id`, oldest first, at most `limit`,
     /// with their stored MACs; unparsable rows are returned, not skipped.

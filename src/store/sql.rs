@@ -11,6 +11,7 @@
 //! where-clauses, so a helper function would have to repeat them all: the
 //! few statements used by several methods are local macros instead).
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -25,9 +26,9 @@ use uuid::Uuid;
 
 use super::codec::{self, AuditRow, UuidColumn};
 use super::{
-    map_sqlx, AuditAppend, AuditFilter, ChainMacFn, CreateOutcome, IdempotencyRecord, LeaseFilter,
-    LeaseRecord, LeaseWrite, PageCursor, ReplaceOutcome, Store, StoreError, StoredAuditRow,
-    UpstreamCredential, Work,
+    map_sqlx, AuditAppend, AuditChainer, AuditFilter, AuditKeyIds, ChainMacFn, CreateOutcome,
+    IdempotencyRecord, LeaseFilter, LeaseRecord, LeaseWrite, PageCursor, ReplaceOutcome, Store,
+    StoreError, StoredAuditRow, UpstreamCredential, Work,
 };
 use super::{
     CredentialSource, CredentialState, CredentialWrite, NewUpstreamCredential, RefreshRecord,
@@ -199,8 +200,9 @@ static UPDATE_LEASE: LazyLock<String> = LazyLock::new(|| {
 });
 
 const AUDIT_COLUMNS: &str = "id, time, identity, peer, action, outcome, reason, policy_rule, \
-     lease_id, organization, scopes, token_fingerprint, caller_detail, mac, time_high, late";
-const AUDIT_COLUMN_COUNT: usize = 16;
+     lease_id, organization, scopes, token_fingerprint, caller_detail, mac, time_high, late, \
+     chain_key_id, fingerprint_key_id";
+const AUDIT_COLUMN_COUNT: usize = 18;
 
 /// How far an audit row's time may trail the newest time before it and the
 /// row still lie within the id bounds a time filter derives from
@@ -375,7 +377,7 @@ macro_rules! update_lease {
     }};
 }
 
-/// Most audit rows one INSERT statement carries: 16 binds each, within
+/// Most audit rows one INSERT statement carries: 18 binds each, within
 /// SQLite's oldest bind limit (999), and few distinct statement shapes for
 /// the connection's statement cache.
 const AUDIT_ROWS_PER_INSERT: usize = 32;
@@ -397,19 +399,33 @@ fn audit_insert<DB: Dialect>(rows: usize) -> String {
     )
 }
 
+/// How an append chains its rows.
+#[derive(Clone, Copy)]
+enum Linking<'a> {
+    /// No MAC, no key ids ([`Store::append_audit`]).
+    Unchained,
+    /// A MAC from this function, no key ids
+    /// ([`Store::append_audit_chained_batch`]).
+    Mac(ChainMacFn<'a>),
+    /// Key ids, their MAC and a switch row when the chain key changes
+    /// ([`Store::append_audit_keyed_batch`]).
+    Keyed(&'a dyn AuditChainer),
+}
+
 /// Appends `$appends` (a slice of [`AuditAppend`]), in order, under the
 /// dialect's append serialization, in one transaction: each lease write
 /// first (compare-and-set), then the events whose write applied (or that
-/// have none), each with the MAC `$mac` (an `Option<ChainMacFn>`) computes
-/// from the MAC before it and the event as stored, and each row's
+/// have none), each with the MAC and key ids `$link` (a [`Linking`])
+/// gives from the MAC before it and the event as stored (after a switch
+/// row when the chain key changes), and each row's
 /// `time_high` and `late` (migration 0006) from the greatest `time_high`
 /// before it; evaluates to a
 /// `Vec<Option<(id, mac)>>` in the same order, `None` where the lease write
 /// did not apply.
 macro_rules! append_audit {
-    ($store:expr, $appends:expr, $mac:expr) => {{
+    ($store:expr, $appends:expr, $link:expr) => {{
         let appends: &[AuditAppend] = $appends;
-        let mac: Option<ChainMacFn<'_>> = $mac;
+        let link: Linking<'_> = $link;
         let mut appended: Vec<Option<(i64, Option<String>)>> = Vec::with_capacity(appends.len());
         if !appends.is_empty() {
             let mut tx = DB::begin_audit_append(&$store.pool).await?;
@@ -446,33 +462,72 @@ macro_rules! append_audit {
                     .await
                     .map_err(map_sqlx)?;
             }
-            let (last_id, mut prev, mut high): (i64, Option<String>, Option<Timestamp>) =
-                sqlx::query_as(&format!(
-                    "SELECT {} AS id, \
+            #[allow(clippy::type_complexity)]
+            let (last_id, mut prev, mut high, head_id, head_key_id): (
+                i64,
+                Option<String>,
+                Option<Timestamp>,
+                Option<i64>,
+                Option<String>,
+            ) = sqlx::query_as(&format!(
+                "SELECT {} AS id, \
                  (SELECT mac FROM audit_events ORDER BY id DESC LIMIT 1) AS mac, \
-                 (SELECT max(time_high) FROM audit_events) AS time_high",
-                    DB::LAST_AUDIT_ID
-                ))
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(map_sqlx)?;
+                 (SELECT max(time_high) FROM audit_events) AS time_high, \
+                 (SELECT max(id) FROM audit_events) AS head_id, \
+                 (SELECT chain_key_id FROM audit_events ORDER BY id DESC LIMIT 1) AS chain_key_id",
+                DB::LAST_AUDIT_ID
+            ))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_sqlx)?;
             let mut id = last_id;
-            let written: Vec<&AuditEvent> = events.iter().flatten().copied().collect();
+            // (event, whether it is a switch row no caller asked for)
+            let mut written: Vec<(std::borrow::Cow<'_, AuditEvent>, bool)> = events
+                .iter()
+                .flatten()
+                .map(|e| (std::borrow::Cow::Borrowed(*e), false))
+                .collect();
+            if let Linking::Keyed(chainer) = link {
+                let from = head_key_id.as_deref().unwrap_or(super::DEFAULT_KEY_ID);
+                if !written.is_empty() && head_id.is_some() && from != chainer.chain_key_id() {
+                    written.insert(
+                        0,
+                        (std::borrow::Cow::Owned(chainer.switch_event(from)), true),
+                    );
+                }
+            }
             let mut rows = Vec::with_capacity(written.len());
             for chunk in written.chunks(AUDIT_ROWS_PER_INSERT) {
                 // Before the arguments, which borrow it for as long as they live.
                 let insert = audit_insert::<DB>(chunk.len());
                 let mut args = DB::Arguments::default();
-                for event in chunk {
+                for (event, switch) in chunk {
+                    let event: &AuditEvent = event;
                     id = id
                         .checked_add(1)
                         .ok_or_else(|| StoreError::Database("audit id space exhausted".into()))?;
                     let stored = AuditEvent {
                         id,
                         time: event.time.into(),
-                        ..(*event).clone()
+                        ..event.clone()
                     };
-                    let row_mac = mac.map(|mac| mac(prev.as_deref(), &stored));
+                    let (key_ids, row_mac) = match link {
+                        Linking::Unchained => (AuditKeyIds::default(), None),
+                        Linking::Mac(mac) => {
+                            (AuditKeyIds::default(), Some(mac(prev.as_deref(), &stored)))
+                        }
+                        Linking::Keyed(chainer) => {
+                            let key_ids = AuditKeyIds {
+                                chain: Some(chainer.chain_key_id().to_owned()),
+                                fingerprint: stored
+                                    .token_fingerprint
+                                    .is_some()
+                                    .then(|| chainer.fingerprint_key_id().to_owned()),
+                            };
+                            let mac = chainer.mac(prev.as_deref(), &stored, &key_ids);
+                            (key_ids, Some(mac))
+                        }
+                    };
                     args.add(id).map_err(bind_error)?;
                     args.add(event.time).map_err(bind_error)?;
                     args.add(stored.identity).map_err(bind_error)?;
@@ -499,8 +554,12 @@ macro_rules! append_audit {
                     high = Some(time_high);
                     args.add(time_high).map_err(bind_error)?;
                     args.add(late).map_err(bind_error)?;
+                    args.add(key_ids.chain).map_err(bind_error)?;
+                    args.add(key_ids.fingerprint).map_err(bind_error)?;
                     prev = row_mac.clone();
-                    rows.push((id, row_mac));
+                    if !switch {
+                        rows.push((id, row_mac));
+                    }
                 }
                 sqlx::query_with(&insert, args)
                     .execute(&mut *tx)
@@ -919,7 +978,7 @@ where
             event: event.clone(),
             lease_write: None,
         };
-        let appended = append_audit!(self, std::slice::from_ref(&append), None);
+        let appended = append_audit!(self, std::slice::from_ref(&append), Linking::Unchained);
         appended
             .into_iter()
             .next()
@@ -933,11 +992,46 @@ where
         appends: &[AuditAppend],
         mac: ChainMacFn<'_>,
     ) -> Result<Vec<Option<(i64, String)>>, StoreError> {
-        let appended = append_audit!(self, appends, Some(mac));
+        let appended = append_audit!(self, appends, Linking::Mac(mac));
         Ok(appended
             .into_iter()
             .map(|row| row.map(|(id, mac)| (id, mac.unwrap_or_default())))
             .collect())
+    }
+
+    async fn append_audit_keyed_batch(
+        &self,
+        appends: &[AuditAppend],
+        chainer: &dyn AuditChainer,
+    ) -> Result<Vec<Option<(i64, String)>>, StoreError> {
+        let appended = append_audit!(self, appends, Linking::Keyed(chainer));
+        Ok(appended
+            .into_iter()
+            .map(|row| row.map(|(id, mac)| (id, mac.unwrap_or_default())))
+            .collect())
+    }
+
+    async fn count_audit_rows_by_key(
+        &self,
+    ) -> Result<(BTreeMap<String, u64>, BTreeMap<String, u64>), StoreError> {
+        let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(
+            "SELECT COALESCE(chain_key_id, 'default') AS chain, \
+                    COALESCE(fingerprint_key_id, 'default') AS fingerprint, \
+                    count(*) AS all_rows, count(token_fingerprint) AS fingerprinted \
+             FROM audit_events GROUP BY 1, 2",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_sqlx)?;
+        let (mut chain, mut fingerprint) = (BTreeMap::new(), BTreeMap::new());
+        let count = |n: i64| u64::try_from(n).unwrap_or_default();
+        for (chain_id, fingerprint_id, all_rows, fingerprinted) in rows {
+            *chain.entry(chain_id).or_insert(0) += count(all_rows);
+            if fingerprinted > 0 {
+                *fingerprint.entry(fingerprint_id).or_insert(0) += count(fingerprinted);
+            }
+        }
+        Ok((chain, fingerprint))
     }
 
     async fn list_audit_chain(
@@ -951,12 +1045,22 @@ where
             .fetch_all(&self.pool)
             .await
             .map_err(map_sqlx)?;
+        let optional = |row: &DB::Row, name: &str| match row.try_get::<Option<String>, _>(name) {
+            Err(sqlx::Error::ColumnNotFound(_)) => Ok(None),
+            other => other.map_err(corrupt),
+        };
         rows.iter()
             .map(|row| {
                 Ok(StoredAuditRow {
                     id: row.try_get("id").map_err(corrupt)?,
                     event: AuditRow::from_row(row).map(Into::into).map_err(corrupt),
                     mac: row.try_get("mac").map_err(corrupt)?,
+                    // A database not yet migrated to 0008 (a backup being
+                    // verified) has no key ids: every row is `default`.
+                    key_ids: AuditKeyIds {
+                        chain: optional(row, "chain_key_id")?,
+                        fingerprint: optional(row, "fingerprint_key_id")?,
+                    },
                 })
             })
             .collect()
