@@ -1025,6 +1025,19 @@ impl KeysFile {
     /// name `{section}.active` and so on (an empty key: `must not be
     /// empty`).
     fn resolve(&self, section: &str, source: &str) -> Result<ResolvedKeys, ConfigError> {
+        // Sealing first: its errors were reported first before the chain
+        // and fingerprint keyrings existed.
+        let active = self
+            .active
+            .clone()
+            .ok_or_else(|| ConfigError::new(format!("{section}.active"), "is required"))?;
+        if !self.sealing.contains_key(&active) {
+            return Err(ConfigError::new(
+                format!("{section}.active"),
+                format!("no key {active:?} in {section}.sealing"),
+            ));
+        }
+        let sealing = check_keys(&format!("{section}.sealing"), &self.sealing)?;
         let (fingerprint_active, fingerprint_keys) = keyring_of(
             section,
             "fingerprint",
@@ -1039,17 +1052,6 @@ impl KeysFile {
             &self.audit_chain_active,
             &self.audit_chain_keys,
         )?;
-        let active = self
-            .active
-            .clone()
-            .ok_or_else(|| ConfigError::new(format!("{section}.active"), "is required"))?;
-        if !self.sealing.contains_key(&active) {
-            return Err(ConfigError::new(
-                format!("{section}.active"),
-                format!("no key {active:?} in {section}.sealing"),
-            ));
-        }
-        let sealing = check_keys(&format!("{section}.sealing"), &self.sealing)?;
         Ok(ResolvedKeys {
             active,
             sealing,
