@@ -117,6 +117,10 @@ pub async fn verify(
     let store = crate::store::open(secrecy::ExposeSecret::expose_secret(&config.database.url))
         .await
         .map_err(|e| AuditVerifyError::Verify(VerifyError::Store(e)))?;
+    // Wrong keys would report tampering where there is none: refuse first.
+    crate::keycheck::check_keys(store.as_ref(), &keys)
+        .await
+        .map_err(|e| setup(&e))?;
     let report = audit::verify(store.as_ref(), &chain_keys, expected).await?;
     Ok(report.to_string())
 }
