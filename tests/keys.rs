@@ -20,6 +20,8 @@ use common::broker::{BrokerSpec, Client};
 use common::db::{postgres_store, sqlite_store, sqlite_url, TestDatabase};
 use common::emulator::Emu;
 use common::process::{write_config, ServeProcess, BIN};
+use token_broker::audit::{AuditEvent, Outcome};
+use token_broker::config::ResolvedKeys;
 use token_broker::crypto::Keyring;
 use token_broker::domain::{
     AuthorizationId, Identity, LeaseId, LeaseState, Organization, ScopeSet, Timestamp,
@@ -42,6 +44,7 @@ on_both_stores!(
     sqlite = super::Backend::Sqlite;
     a_broker_with_another_key_refuses_and_a_rotation_rewraps_every_secret,
     a_rewrap_interrupted_between_batches_resumes_and_finishes,
+    audit_rows_under_a_key_no_longer_configured_refuse_the_start,
 );
 
 /// Keeps a test database alive.
@@ -419,4 +422,95 @@ async fn a_rewrap_interrupted_between_batches_resumes_and_finishes(backend: Back
         .await
         .unwrap();
     assert_eq!((again.rewrapped, again.remaining), (0, 0));
+}
+
+/// Keys with sealing key `k1` and the given chain and fingerprint keyrings.
+fn resolved(
+    k1: &SecretString,
+    chain: (&str, &[(&str, &SecretString)]),
+    fingerprint: (&str, &[(&str, &SecretString)]),
+) -> ResolvedKeys {
+    let ring = |keys: &[(&str, &SecretString)]| {
+        keys.iter()
+            .map(|(id, k)| (id.to_string(), (*k).clone()))
+            .collect()
+    };
+    ResolvedKeys {
+        active: "k1".into(),
+        sealing: [("k1".to_string(), k1.clone())].into(),
+        fingerprint_active: fingerprint.0.into(),
+        fingerprint_keys: ring(fingerprint.1),
+        audit_chain_active: chain.0.into(),
+        audit_chain_keys: ring(chain.1),
+        source: "test".into(),
+    }
+}
+
+async fn audit_rows_under_a_key_no_longer_configured_refuse_the_start(backend: Backend) {
+    let (store, _guard) = match backend {
+        Backend::Postgres => postgres_store().await,
+        Backend::Sqlite => sqlite_store().await,
+    };
+    let (k1, chain, fp, a2, f2) = (
+        Keyring::generate_key(),
+        Keyring::generate_key(),
+        Keyring::generate_key(),
+        Keyring::generate_key(),
+        Keyring::generate_key(),
+    );
+    let single = resolved(
+        &k1,
+        ("default", &[("default", &chain)]),
+        ("default", &[("default", &fp)]),
+    );
+    keycheck::check_keys(store.as_ref(), &single).await.unwrap();
+    // Rows from before key ids: under `default` for both.
+    for fingerprinted in [true, false, true] {
+        let mut event = AuditEvent::new(Utc::now(), "apikey:ci", "lease.create", Outcome::Allowed);
+        if fingerprinted {
+            event.token_fingerprint = Some("0f".repeat(32));
+        }
+        store.append_audit(&event).await.unwrap();
+    }
+
+    // New active keys beside the old ones: fine.
+    let rotated = resolved(
+        &k1,
+        ("a2", &[("default", &chain), ("a2", &a2)]),
+        ("f2", &[("default", &fp), ("f2", &f2)]),
+    );
+    keycheck::check_keys(store.as_ref(), &rotated)
+        .await
+        .unwrap();
+
+    // The old ones removed: refused, naming purpose, key id and rows.
+    let removed = resolved(&k1, ("a2", &[("a2", &a2)]), ("f2", &[("f2", &f2)]));
+    let err = keycheck::check_keys(store.as_ref(), &removed)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(
+            "3 audit rows are chained with audit chain key default, which is not configured"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains("2 audit rows carry token fingerprints made with fingerprint key default, which is not configured"),
+        "{err}"
+    );
+    // A different key under a recorded id: refused, naming the setting.
+    let other = resolved(
+        &k1,
+        ("a2", &[("default", &chain), ("a2", &f2)]),
+        ("f2", &[("default", &fp), ("f2", &f2)]),
+    );
+    let err = keycheck::check_keys(store.as_ref(), &other)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("keys.audit_chain_keys.a2 does not match the key this database recorded for audit chain key a2: wrong keys file?"),
+        "{err}"
+    );
 }
