@@ -21,6 +21,7 @@ pub mod domain;
 mod duration;
 pub mod emulator;
 pub mod error;
+pub mod keycheck;
 pub mod leases;
 pub mod policy;
 pub mod server;

@@ -68,6 +68,9 @@ pub enum ServeError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The keys do not fit the database (names purpose and key id).
+    #[error(transparent)]
+    Keys(#[from] crate::keycheck::KeyCheckError),
     /// The gRPC server failed.
     #[error(transparent)]
     Api(#[from] ApiError),
@@ -149,6 +152,9 @@ impl Broker {
         // `database.max_connections`.
         let stores = open_store(&config).await?;
         let store = stores.requests.clone();
+        // Keys that match, or no start: before anything is sealed, opened,
+        // chained or fingerprinted.
+        crate::keycheck::check_keys(store.as_ref(), &keys).await?;
         let deployment_id = store
             .put_meta_if_absent(
                 DEPLOYMENT_ID_META,
@@ -537,7 +543,16 @@ async fn adopt_configured_refresh_token(
     Ok(())
 }
 
-/// `token-broker migrate`: applies pending migrations.
+/// `token-broker migrate`: applies pending migrations, then checks the
+/// keys (resolved as `serve` resolves them) against the database
+/// ([`crate::keycheck::check_keys`]), recording new ones.
 pub async fn migrate(config: &Config) -> Result<(), ServeError> {
-    open_store(config).await.map(drop)
+    let backend = config
+        .database
+        .backend()
+        .map_err(|m| ConfigError::new("database.url", m))?;
+    let (keys, _) = config.keys.resolve(&backend)?;
+    let stores = open_store(config).await?;
+    crate::keycheck::check_keys(stores.requests.as_ref(), &keys).await?;
+    Ok(())
 }

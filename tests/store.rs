@@ -16,8 +16,9 @@ use token_broker::domain::{
 };
 use token_broker::store::{
     AuditAppend, AuditFilter, CreateOutcome, CredentialSource, CredentialState, CredentialWrite,
-    IdempotencyRecord, LeaseFilter, LeaseRecord, LeaseWrite, NewUpstreamCredential, PageCursor,
-    RefreshRecord, ReplaceOutcome, Store, StoreError, Work,
+    IdempotencyRecord, KeyCheck, LeaseFilter, LeaseRecord, LeaseWrite, NewUpstreamCredential,
+    PageCursor, RefreshRecord, ReplaceOutcome, SecretOwner, SecretReplacement, Store, StoreError,
+    Work,
 };
 use uuid::Uuid;
 
@@ -79,6 +80,9 @@ conformance!(
     upstream_credential_versions_replace_rotate_and_adopt_configuration,
     timestamps_round_trip_with_microseconds_in_utc,
     migrating_twice_is_harmless,
+    key_checks_are_recorded_once_and_the_first_value_stands,
+    sealed_secrets_are_found_counted_paged_and_replaced_by_compare_and_set,
+    audit_rows_are_counted_by_key_with_unrecorded_ids_as_default,
 );
 
 // ---- fixtures ----------------------------------------------------------
@@ -2094,4 +2098,198 @@ mod audit_rows_not_appended_by_this_store {
         .await;
         conn.close().await.unwrap();
     }
+}
+
+// ---- key checks and stored secrets (migration 0009) --------------------
+
+fn key_check(purpose: &str, key_id: &str, value: &str) -> KeyCheck {
+    KeyCheck {
+        purpose: purpose.into(),
+        key_id: key_id.into(),
+        check_value: value.into(),
+    }
+}
+
+async fn key_checks_are_recorded_once_and_the_first_value_stands(store: Arc<dyn Store>) {
+    let first = store
+        .record_key_checks(&[key_check("sealing", "k1", "aa")], t0())
+        .await
+        .unwrap();
+    assert_eq!(first, vec![key_check("sealing", "k1", "aa")]);
+    // Another value for k1 is not recorded; new ids are; all come back.
+    let recorded = store
+        .record_key_checks(
+            &[
+                key_check("sealing", "k1", "bb"),
+                key_check("sealing", "k2", "cc"),
+                key_check("audit_chain", "default", "dd"),
+            ],
+            t0(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        recorded,
+        vec![
+            key_check("audit_chain", "default", "dd"),
+            key_check("sealing", "k1", "aa"),
+            key_check("sealing", "k2", "cc"),
+        ]
+    );
+    // Replicas starting together agree on one value per key.
+    let writers = (0..10).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .record_key_checks(&[key_check("fingerprint", "f1", &format!("v{i}"))], t0())
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|c| c.purpose == "fingerprint")
+                .unwrap()
+                .check_value
+        })
+    });
+    let answers: HashSet<String> = futures::future::join_all(writers)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(answers.len(), 1, "{answers:?}");
+}
+
+fn sealed_under(key_id: &str, byte: u8) -> Sealed {
+    Sealed {
+        key_id: key_id.into(),
+        ..sealed(byte)
+    }
+}
+
+async fn sealed_secrets_are_found_counted_paged_and_replaced_by_compare_and_set(
+    store: Arc<dyn Store>,
+) {
+    assert!(store.sealed_key_ids().await.unwrap().is_empty());
+    let mut under_k1 = Vec::new();
+    for i in 0..5u8 {
+        let mut l = lease("alice", t0() + secs(i64::from(i)));
+        l.sealed_token = Some(sealed_under(if i < 3 { "k1" } else { "k2" }, i));
+        create(&store, &l).await;
+        if i < 3 {
+            under_k1.push(l.id);
+        }
+    }
+    create(&store, &pending("bob", t0())).await;
+    store
+        .save_upstream_credential(
+            &NewUpstreamCredential {
+                sealed: sealed_under("k0_old-1", 9),
+                account: None,
+                source: CredentialSource::Login,
+                refreshed: true,
+            },
+            CredentialWrite::Replace,
+            t0(),
+        )
+        .await
+        .unwrap();
+
+    let ids: Vec<String> = store.sealed_key_ids().await.unwrap().into_iter().collect();
+    assert_eq!(ids, ["k0_old-1", "k1", "k2"]);
+    let counts = store
+        .count_sealed_by_key(&["k0_old-1".into(), "k1".into(), "k2".into(), "k3".into()])
+        .await
+        .unwrap();
+    assert_eq!(
+        counts.into_iter().collect::<Vec<_>>(),
+        [
+            ("k0_old-1".to_string(), 1),
+            ("k1".to_string(), 3),
+            ("k2".to_string(), 2),
+            ("k3".to_string(), 0)
+        ]
+    );
+
+    // Pages of 2 cover every secret not under k2 once: the credential
+    // first, then leases by id.
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .list_secrets_not_under("k2", after.as_ref(), 2)
+            .await
+            .unwrap();
+        assert!(page.len() <= 2);
+        let Some(last) = page.last() else { break };
+        after = Some(last.owner.clone());
+        seen.extend(page);
+    }
+    assert_eq!(seen[0].owner, SecretOwner::UpstreamCredential);
+    assert_eq!(seen[0].sealed, sealed_under("k0_old-1", 9));
+    let mut leases: Vec<LeaseId> = seen[1..]
+        .iter()
+        .map(|s| match s.owner {
+            SecretOwner::Lease(id) => id,
+            SecretOwner::UpstreamCredential => panic!("the credential twice"),
+        })
+        .collect();
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    let mut sorted = leases.clone();
+    sorted.sort();
+    assert_eq!(leases, sorted, "leases come by id");
+    leases.sort();
+    under_k1.sort();
+    assert_eq!(leases, under_k1);
+
+    // Compare-and-set: a stale `old` replaces nothing, the stored one does.
+    let stale: Vec<SecretReplacement> = seen
+        .iter()
+        .map(|s| SecretReplacement {
+            owner: s.owner.clone(),
+            old: sealed_under(&s.sealed.key_id, 200),
+            new: sealed_under("k2", 100),
+        })
+        .collect();
+    assert_eq!(store.replace_secrets(&stale).await.unwrap(), 0);
+    let fresh: Vec<SecretReplacement> = seen
+        .iter()
+        .map(|s| SecretReplacement {
+            owner: s.owner.clone(),
+            old: s.sealed.clone(),
+            new: sealed_under("k2", 100),
+        })
+        .collect();
+    assert_eq!(store.replace_secrets(&fresh).await.unwrap(), 4);
+    let ids: Vec<String> = store.sealed_key_ids().await.unwrap().into_iter().collect();
+    assert_eq!(ids, ["k2"]);
+    assert!(store
+        .list_secrets_not_under("k2", None, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let credential = store.load_upstream_credential().await.unwrap().unwrap();
+    assert_eq!(credential.sealed, sealed_under("k2", 100));
+    assert_eq!(credential.version, 1, "a re-seal is not a new version");
+    let lease = store.get_lease(under_k1[0]).await.unwrap().unwrap();
+    assert_eq!(lease.sealed_token, Some(sealed_under("k2", 100)));
+}
+
+async fn audit_rows_are_counted_by_key_with_unrecorded_ids_as_default(store: Arc<dyn Store>) {
+    let (chain, fingerprint) = store.count_audit_rows_by_key().await.unwrap();
+    assert!(chain.is_empty() && fingerprint.is_empty());
+    for i in 0..5 {
+        let mut event = audit("lease.create", Outcome::Allowed);
+        if i % 2 == 0 {
+            event.token_fingerprint = None;
+        }
+        store.append_audit(&event).await.unwrap();
+    }
+    let (chain, fingerprint) = store.count_audit_rows_by_key().await.unwrap();
+    assert_eq!(
+        chain.into_iter().collect::<Vec<_>>(),
+        [("default".to_string(), 5)]
+    );
+    assert_eq!(
+        fingerprint.into_iter().collect::<Vec<_>>(),
+        [("default".to_string(), 2)]
+    );
 }

@@ -117,6 +117,23 @@ pub async fn verify(
     let store = crate::store::open(secrecy::ExposeSecret::expose_secret(&config.database.url))
         .await
         .map_err(|e| AuditVerifyError::Verify(VerifyError::Store(e)))?;
+    // Wrong keys would report tampering where there is none: refuse first.
+    // A chain key that rows need and the keyring lacks is left to verify,
+    // which names the first row that needs it.
+    use crate::keycheck::{KeyCheckError, KeyProblem};
+    match crate::keycheck::check_keys(store.as_ref(), &keys).await {
+        Ok(()) => {}
+        Err(KeyCheckError::Refused(problems)) => {
+            let problems: Vec<KeyProblem> = problems
+                .into_iter()
+                .filter(|p| !matches!(p, KeyProblem::ChainKeyMissing { .. }))
+                .collect();
+            if !problems.is_empty() {
+                return Err(setup(&KeyCheckError::Refused(problems)));
+            }
+        }
+        Err(e) => return Err(setup(&e)),
+    }
     let report = audit::verify(store.as_ref(), &chain_keys, expected).await?;
     Ok(report.to_string())
 }

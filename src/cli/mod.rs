@@ -2,7 +2,8 @@
 //! the local run (`dev`, `emulator`), key generation (`apikey generate`),
 //! policy files (`policy check`), the upstream credential (`upstream
 //! login | status | set-refresh-token`), the gRPC clients (`lease ...`,
-//! `admin ...`, `audit list`) and the audit chain check (`audit verify`).
+//! `admin ...`, `audit list`), the audit chain check (`audit verify`) and
+//! the keys against the database (`keys status | rewrap`).
 
 use std::fmt::Display;
 use std::process::ExitCode;
@@ -19,6 +20,7 @@ pub mod bench;
 pub mod client;
 pub mod dev;
 pub mod grpc;
+pub mod keys;
 pub mod policy;
 pub mod serve;
 pub mod upstream;
@@ -69,6 +71,9 @@ enum Command {
     /// The broker's own upstream credential: sign in, status, set a refresh token (server configuration).
     #[command(subcommand)]
     Upstream(upstream::UpstreamCommand),
+    /// The keys against the database: status, re-seal under the active key (server configuration).
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -133,6 +138,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         }) => print_out(audit::list(&client, filter, page_size, page_token).await),
         Command::Bench(args) => bench::run(args).await.map_err(|e| e.to_string()),
         Command::Upstream(command) => print_out(upstream::run(command).await),
+        Command::Keys(command) => print_out(keys::run(command).await),
         Command::Audit(audit::AuditCommand::Verify(args)) => {
             let settings = serve::load_settings(&ConfigArg {
                 config: args.config.clone(),

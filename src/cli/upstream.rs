@@ -99,6 +99,9 @@ async fn open(config: &Config) -> Result<(Arc<dyn Store>, Keyring, AuditLog), St
         .migrate()
         .await
         .map_err(|e| format!("database: {e}"))?;
+    crate::keycheck::check_keys(store.as_ref(), &keys)
+        .await
+        .map_err(|e| e.to_string())?;
     let audit = AuditLog::with_keys(store.clone(), chain_keys, keys.fingerprint_active.clone());
     Ok((store, keyring, audit))
 }

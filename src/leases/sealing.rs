@@ -12,7 +12,7 @@ use crate::store::LeaseRecord;
 /// its hyphenated text form (the row's id is the associated data, see the
 /// token sealing in docs/architecture.md).
 fn token_aad(id: LeaseId) -> Vec<u8> {
-    id.to_string().into_bytes()
+    crate::store::SecretOwner::Lease(id).aad()
 }
 
 /// `token` sealed for the row of lease `id`.

@@ -7,7 +7,7 @@
 //! either writes everything it names or nothing. Times are kept to the
 //! microsecond (finer parts are truncated on write) and read back in UTC.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -413,6 +413,63 @@ pub struct UpstreamCredential {
 impl UpstreamCredential {
     /// Associated data used to seal the upstream refresh token.
     pub const AAD: &'static [u8] = b"upstream_credentials/refresh_token";
+}
+
+/// A key's check value as the database records it (migration 0009): the
+/// purpose (`sealing`, `audit_chain`, `fingerprint`), the key id and hex
+/// HMAC-SHA256 of a fixed label under the key (see `keycheck`). Not secret:
+/// it tells keys apart without revealing them.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct KeyCheck {
+    /// `sealing`, `audit_chain` or `fingerprint`.
+    pub purpose: String,
+    /// The key's id in its keyring.
+    pub key_id: String,
+    /// 64 lower-case hex characters.
+    pub check_value: String,
+}
+
+/// Where a stored secret lives; decides the associated data it is sealed
+/// with ([`SecretOwner::aad`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SecretOwner {
+    /// The upstream refresh token (`upstream_credentials.sealed`).
+    UpstreamCredential,
+    /// A lease's PAT (`leases.sealed_token`).
+    Lease(LeaseId),
+}
+
+impl SecretOwner {
+    /// The associated data its reader opens it with: the lease id in its
+    /// hyphenated text form for a lease's PAT, [`UpstreamCredential::AAD`]
+    /// for the upstream refresh token.
+    pub fn aad(&self) -> Vec<u8> {
+        match self {
+            SecretOwner::UpstreamCredential => UpstreamCredential::AAD.to_vec(),
+            SecretOwner::Lease(id) => id.to_string().into_bytes(),
+        }
+    }
+}
+
+/// A stored secret, still sealed, and where it lives.
+#[derive(Clone, Debug)]
+pub struct StoredSecret {
+    /// Its row.
+    pub owner: SecretOwner,
+    /// The sealed value as stored.
+    pub sealed: Sealed,
+}
+
+/// One compare-and-set re-seal for [`Store::replace_secrets`]: `owner`'s
+/// secret becomes `new` if it is still `old`.
+#[derive(Clone, Debug)]
+pub struct SecretReplacement {
+    /// Its row.
+    pub owner: SecretOwner,
+    /// The value read (compared as stored text).
+    pub old: Sealed,
+    /// The same plaintext sealed anew (same associated data).
+    pub new: Sealed,
 }
 
 /// How the stored upstream credential's current version was stored.
@@ -886,8 +943,9 @@ pub trait Store: Send + Sync + 'static {
     /// `(chain, fingerprint)`, each key id -> rows. `chain` counts every
     /// row by `chain_key_id`; `fingerprint` counts the rows with a token
     /// fingerprint by `fingerprint_key_id`; NULL counts as
-    /// [`DEFAULT_KEY_ID`]. Key ids with no rows are absent. One scan of the
-    /// audit table.
+    /// [`DEFAULT_KEY_ID`]. Key ids with no rows are absent. One pass over
+    /// the index `audit_events_key_ids_idx` (migration 0009); every
+    /// command that opens the database runs it (`keycheck::check_keys`).
     async fn count_audit_rows_by_key(
         &self,
     ) -> Result<(BTreeMap<String, u64>, BTreeMap<String, u64>), StoreError>;
@@ -949,6 +1007,45 @@ pub trait Store: Send + Sync + 'static {
         record: &RefreshRecord,
         now: Timestamp,
     ) -> Result<bool, StoreError>;
+
+    // ---- key checks and stored secrets (migration 0009) ----
+
+    /// Records each of `checks` whose (purpose, key id) has none yet
+    /// (insert if absent: replicas starting together record one value), and
+    /// returns every recorded check, configured here or not.
+    async fn record_key_checks(
+        &self,
+        checks: &[KeyCheck],
+        now: Timestamp,
+    ) -> Result<Vec<KeyCheck>, StoreError>;
+
+    /// The sealing key ids of every stored secret (lease tokens and the
+    /// upstream credential). Cheap: one indexed lookup per key id in use.
+    async fn sealed_key_ids(&self) -> Result<BTreeSet<String>, StoreError>;
+
+    /// How many stored secrets each of `key_ids` seals (0 for none): one
+    /// indexed count per key id.
+    async fn count_sealed_by_key(
+        &self,
+        key_ids: &[String],
+    ) -> Result<BTreeMap<String, u64>, StoreError>;
+
+    /// Stored secrets not sealed under `key_id`, at most `limit`, in a
+    /// stable order (the upstream credential, then leases by id), after
+    /// `after` (a secret an earlier page ended with; `None`: from the
+    /// start).
+    async fn list_secrets_not_under(
+        &self,
+        key_id: &str,
+        after: Option<&SecretOwner>,
+        limit: u32,
+    ) -> Result<Vec<StoredSecret>, StoreError>;
+
+    /// Replaces each secret that still holds its `old` value with `new`
+    /// (compare-and-set per row, one transaction); returns how many were
+    /// replaced. A row changed meanwhile (a live broker's write) is left
+    /// as it is.
+    async fn replace_secrets(&self, replacements: &[SecretReplacement]) -> Result<u64, StoreError>;
 }
 
 #[cfg(test)]

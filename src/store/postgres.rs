@@ -77,6 +77,7 @@ impl Dialect for Postgres {
     const SERIALIZE_AUDIT_APPEND: Option<&'static str> =
         Some("SELECT pg_advisory_xact_lock(8386372612940985393)");
     const LATE_AUDIT_ROWS: &'static str = "";
+    const SEALED_KEY_ID: &'static str = "split_part(sealed_token, ':', 2)";
 
     async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
         MIGRATOR.run(pool).await.map_err(map_migrate)

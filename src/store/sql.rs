@@ -11,7 +11,7 @@
 //! where-clauses, so a helper function would have to repeat them all: the
 //! few statements used by several methods are local macros instead).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -28,11 +28,12 @@ use super::codec::{self, AuditRow, UuidColumn};
 use super::{
     map_sqlx, AuditAppend, AuditChainer, AuditFilter, AuditKeyIds, ChainMacFn, CreateOutcome,
     IdempotencyRecord, LeaseFilter, LeaseRecord, LeaseWrite, PageCursor, ReplaceOutcome, Store,
-    StoreError, StoredAuditRow, UpstreamCredential, Work,
+    StoreError, StoredAuditRow, UpstreamCredential, Work, DEFAULT_KEY_ID,
 };
 use super::{
     CredentialSource, CredentialState, CredentialWrite, NewUpstreamCredential, RefreshRecord,
 };
+use super::{KeyCheck, SecretOwner, SecretReplacement, StoredSecret};
 use crate::crypto::Sealed;
 use crate::domain::{AuditEvent, Outcome};
 use crate::domain::{
@@ -83,6 +84,12 @@ pub(crate) trait Dialect: Database<QueryResult: RowsAffected> {
     /// id order instead: `INDEXED BY` it. PostgreSQL needs nothing (its
     /// statistics count the late rows).
     const LATE_AUDIT_ROWS: &'static str;
+
+    /// The sealing key id of a lease's `sealed_token` (the `<key_id>` of
+    /// `v1:<key_id>:<base64>`, NULL without a token): exactly the
+    /// expression migration 0009 indexes (`leases_sealed_key_id_idx`), so
+    /// lookups by it use that index.
+    const SEALED_KEY_ID: &'static str;
 
     /// Applies pending migrations.
     fn migrate(pool: &Pool<Self>) -> impl Future<Output = Result<(), StoreError>> + Send;
@@ -574,6 +581,17 @@ macro_rules! append_audit {
     }};
 }
 
+/// The upstream credential's sealed refresh token, if one is stored
+/// (`Result<Option<Sealed>, StoreError>`).
+macro_rules! upstream_sealed {
+    ($store:expr) => {
+        sqlx::query_scalar::<_, Sealed>("SELECT sealed FROM upstream_credentials WHERE id = 1")
+            .fetch_optional(&$store.pool)
+            .await
+            .map_err(map_sqlx)
+    };
+}
+
 #[async_trait]
 impl<DB> Store for SqlStore<DB>
 where
@@ -1011,29 +1029,6 @@ where
             .collect())
     }
 
-    async fn count_audit_rows_by_key(
-        &self,
-    ) -> Result<(BTreeMap<String, u64>, BTreeMap<String, u64>), StoreError> {
-        let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(
-            "SELECT COALESCE(chain_key_id, 'default') AS chain, \
-                    COALESCE(fingerprint_key_id, 'default') AS fingerprint, \
-                    count(*) AS all_rows, count(token_fingerprint) AS fingerprinted \
-             FROM audit_events GROUP BY 1, 2",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map_sqlx)?;
-        let (mut chain, mut fingerprint) = (BTreeMap::new(), BTreeMap::new());
-        let count = |n: i64| u64::try_from(n).unwrap_or_default();
-        for (chain_id, fingerprint_id, all_rows, fingerprinted) in rows {
-            *chain.entry(chain_id).or_insert(0) += count(all_rows);
-            if fingerprinted > 0 {
-                *fingerprint.entry(fingerprint_id).or_insert(0) += count(fingerprinted);
-            }
-        }
-        Ok((chain, fingerprint))
-    }
-
     async fn list_audit_chain(
         &self,
         after_id: i64,
@@ -1301,6 +1296,195 @@ where
             .map_err(map_sqlx)?
             .rows_affected();
         Ok(written == 1)
+    }
+    async fn record_key_checks(
+        &self,
+        checks: &[KeyCheck],
+        now: Timestamp,
+    ) -> Result<Vec<KeyCheck>, StoreError> {
+        // A concurrent insert of the same key waits for the first to commit,
+        // then does nothing; the read after it sees the winner's value.
+        for check in checks {
+            sqlx::query(
+                "INSERT INTO key_checks (purpose, key_id, check_value, create_time) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (purpose, key_id) DO NOTHING",
+            )
+            .bind(check.purpose.clone())
+            .bind(check.key_id.clone())
+            .bind(check.check_value.clone())
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        }
+        let rows: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT purpose, key_id, check_value FROM key_checks ORDER BY purpose, key_id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(rows
+            .into_iter()
+            .map(|(purpose, key_id, check_value)| KeyCheck {
+                purpose,
+                key_id,
+                check_value,
+            })
+            .collect())
+    }
+
+    async fn sealed_key_ids(&self) -> Result<BTreeSet<String>, StoreError> {
+        // A skip scan over leases_sealed_key_id_idx: the next key id after
+        // the last one found, one index lookup per key id in use.
+        let next = format!(
+            "SELECT {k} FROM leases WHERE {k} > $1 ORDER BY {k} LIMIT 1",
+            k = DB::SEALED_KEY_ID
+        );
+        let mut ids = BTreeSet::new();
+        let mut last = String::new();
+        while let Some(id) = sqlx::query_scalar::<_, String>(&next)
+            .bind(last.clone())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_sqlx)?
+        {
+            ids.insert(id.clone());
+            last = id;
+        }
+        if let Some(sealed) = upstream_sealed!(self)? {
+            ids.insert(sealed.key_id);
+        }
+        Ok(ids)
+    }
+
+    async fn count_sealed_by_key(
+        &self,
+        key_ids: &[String],
+    ) -> Result<BTreeMap<String, u64>, StoreError> {
+        let count = format!(
+            "SELECT count(*) FROM leases WHERE {} = $1",
+            DB::SEALED_KEY_ID
+        );
+        let credential_key = upstream_sealed!(self)?.map(|s| s.key_id);
+        let mut counts = BTreeMap::new();
+        for id in key_ids {
+            let leases: i64 = sqlx::query_scalar(&count)
+                .bind(id.clone())
+                .fetch_one(&self.pool)
+                .await
+                .map_err(map_sqlx)?;
+            let credential = u64::from(credential_key.as_deref() == Some(id.as_str()));
+            counts.insert(
+                id.clone(),
+                u64::try_from(leases).unwrap_or_default() + credential,
+            );
+        }
+        Ok(counts)
+    }
+
+    async fn list_secrets_not_under(
+        &self,
+        key_id: &str,
+        after: Option<&SecretOwner>,
+        limit: u32,
+    ) -> Result<Vec<StoredSecret>, StoreError> {
+        let mut page = Vec::new();
+        if after.is_none() && limit > 0 {
+            if let Some(sealed) = upstream_sealed!(self)? {
+                if sealed.key_id != key_id {
+                    page.push(StoredSecret {
+                        owner: SecretOwner::UpstreamCredential,
+                        sealed,
+                    });
+                }
+            }
+        }
+        let left = i64::from(limit) - page.len() as i64;
+        if left == 0 {
+            return Ok(page);
+        }
+        let k = DB::SEALED_KEY_ID;
+        let rows: Vec<(LeaseId, Sealed)> = match after {
+            Some(SecretOwner::Lease(after)) => {
+                sqlx::query_as(&format!(
+                    "SELECT id, sealed_token FROM leases WHERE {k} <> $1 AND id > $2 \
+                     ORDER BY id LIMIT $3"
+                ))
+                .bind(key_id.to_owned())
+                .bind(*after)
+                .bind(left)
+                .fetch_all(&self.pool)
+                .await
+            }
+            None | Some(SecretOwner::UpstreamCredential) => {
+                sqlx::query_as(&format!(
+                    "SELECT id, sealed_token FROM leases WHERE {k} <> $1 ORDER BY id LIMIT $2"
+                ))
+                .bind(key_id.to_owned())
+                .bind(left)
+                .fetch_all(&self.pool)
+                .await
+            }
+        }
+        .map_err(map_sqlx)?;
+        page.extend(rows.into_iter().map(|(id, sealed)| StoredSecret {
+            owner: SecretOwner::Lease(id),
+            sealed,
+        }));
+        Ok(page)
+    }
+
+    async fn replace_secrets(&self, replacements: &[SecretReplacement]) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
+        let mut replaced = 0;
+        for r in replacements {
+            let done =
+                match &r.owner {
+                    SecretOwner::Lease(id) => sqlx::query(
+                        "UPDATE leases SET sealed_token = $1 WHERE id = $2 AND sealed_token = $3",
+                    )
+                    .bind(r.new.clone())
+                    .bind(*id)
+                    .bind(r.old.clone())
+                    .execute(&mut *tx)
+                    .await,
+                    SecretOwner::UpstreamCredential => sqlx::query(
+                        "UPDATE upstream_credentials SET sealed = $1 WHERE id = 1 AND sealed = $2",
+                    )
+                    .bind(r.new.clone())
+                    .bind(r.old.clone())
+                    .execute(&mut *tx)
+                    .await,
+                }
+                .map_err(map_sqlx)?;
+            replaced += done.rows_affected();
+        }
+        tx.commit().await.map_err(map_sqlx)?;
+        Ok(replaced)
+    }
+
+    async fn count_audit_rows_by_key(
+        &self,
+    ) -> Result<(BTreeMap<String, u64>, BTreeMap<String, u64>), StoreError> {
+        let count = |n: i64| u64::try_from(n).unwrap_or_default();
+        let (mut chain, mut fingerprint) = (BTreeMap::new(), BTreeMap::new());
+        // Grouped by the bare columns (NULL: `default`, mapped here), so an
+        // index on (chain_key_id, fingerprint_key_id) serves the grouping.
+        let rows: Vec<(Option<String>, Option<String>, i64, i64)> = sqlx::query_as(
+            "SELECT chain_key_id, fingerprint_key_id, count(*), count(token_fingerprint) \
+             FROM audit_events GROUP BY chain_key_id, fingerprint_key_id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_sqlx)?;
+        let or_default = |id: Option<String>| id.unwrap_or_else(|| DEFAULT_KEY_ID.to_owned());
+        for (chain_id, fingerprint_id, all_rows, fingerprinted) in rows {
+            *chain.entry(or_default(chain_id)).or_insert(0) += count(all_rows);
+            if fingerprinted > 0 {
+                *fingerprint.entry(or_default(fingerprint_id)).or_insert(0) += count(fingerprinted);
+            }
+        }
+        Ok((chain, fingerprint))
     }
 }
 

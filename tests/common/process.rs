@@ -125,7 +125,17 @@ impl ServeProcess {
     /// variables, and does not wait: see [`ServeProcess::wait_ready`].
     /// Several spawned back to back start at (nearly) the same moment.
     pub fn spawn(spec: &BrokerSpec, settings: &[(&str, &str)]) -> ServeProcess {
-        Self::spawn_limited(spec, settings, None)
+        Self::spawn_limited(spec, settings, None, &|toml| toml)
+    }
+
+    /// [`ServeProcess::spawn`] with the config file's text passed through
+    /// `edit` first (e.g. another `[keys]` section).
+    pub fn spawn_edited(
+        spec: &BrokerSpec,
+        settings: &[(&str, &str)],
+        edit: &dyn Fn(String) -> String,
+    ) -> ServeProcess {
+        Self::spawn_limited(spec, settings, None, edit)
     }
 
     /// [`ServeProcess::spawn`] with its open-file limit (soft and hard
@@ -136,19 +146,20 @@ impl ServeProcess {
         settings: &[(&str, &str)],
         open_files: u64,
     ) -> ServeProcess {
-        Self::spawn_limited(spec, settings, Some(open_files))
+        Self::spawn_limited(spec, settings, Some(open_files), &|toml| toml)
     }
 
     fn spawn_limited(
         spec: &BrokerSpec,
         settings: &[(&str, &str)],
         open_files: Option<u64>,
+        edit: &dyn Fn(String) -> String,
     ) -> ServeProcess {
         let dir = tempfile::tempdir().expect("temporary directory");
         let policy = dir.path().join("policy.yaml");
         std::fs::write(&policy, &spec.policy_yaml).expect("write the policy");
         let config = dir.path().join("token-broker.toml");
-        std::fs::write(&config, config_toml(spec, &policy)).expect("write the config");
+        std::fs::write(&config, edit(config_toml(spec, &policy))).expect("write the config");
         let log = dir.path().join("serve.log");
         let out = OpenOptions::new()
             .create(true)
