@@ -4,10 +4,11 @@
 //! the upstream credential's state).
 //!
 //! The metrics are fed by the audit trail ([`Metrics::observe_append`] is
-//! the [`AuditLog`](crate::audit::AuditLog) observer), so the chain head is
-//! reported outside the database on every append (a verifier can compare
-//! it with the stored chain), and the counters count audited decisions
-//! without touching the lease rules.
+//! the [`AuditLog`](crate::audit::AuditLog) observer), so the chain head's
+//! id is reported outside the database on every append (its MAC is in the
+//! `audit chain head` log line and `token-broker audit head`: a label per
+//! row would make a new series per row), and the counters count audited
+//! decisions without touching the lease rules.
 //! Gauges of stored state (REVOKE_FAILED leases) are read from the store
 //! at scrape time ([`Metrics::refresh_from_store`]).
 
@@ -18,7 +19,7 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use prometheus::{Encoder as _, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder as _, IntCounter, IntGauge, Registry, TextEncoder};
 use tokio::net::TcpListener;
 
 use crate::audit::{self, AppendedEvent, AuditEvent, Outcome};
@@ -31,9 +32,9 @@ use crate::upstream::credential::CredentialStatus;
 pub struct Metrics {
     registry: Registry,
     head_id: IntGauge,
-    head_info: IntGaugeVec,
-    /// The head last exported, so its `mac` label can be removed.
-    head: Mutex<Option<AppendedEvent>>,
+    /// The id of the head last exported (it never goes back).
+    head: Mutex<Option<i64>>,
+    tamper_detected: IntCounter,
     leases_created: IntCounter,
     revocations: IntCounter,
     expirations: IntCounter,
@@ -60,8 +61,11 @@ impl Metrics {
     /// A fresh registry holding every metric below at zero:
     /// - `token_broker_audit_chain_head_id` (gauge): id of the newest audit
     ///   row this process appended; 0 before its first append;
-    /// - `token_broker_audit_chain_head_info{mac="<hex>"} 1`: that row's
-    ///   chain MAC (the one series of the current head);
+    ///   (its MAC: the `audit chain head` log line, `token-broker audit
+    ///   head`; never a label, which would make a series per row);
+    /// - `token_broker_audit_chain_tamper_detected_total`: times this
+    ///   process found the row it appended last gone or changed and
+    ///   appended an `audit.tamper_detected` row (alert on any increase);
     /// - `token_broker_leases_created_total`: `lease.create` audit rows
     ///   allowed (idempotent replays included);
     /// - `token_broker_lease_revocations_total`: `lease.revoke` audit rows
@@ -97,15 +101,11 @@ impl Metrics {
             "Id of the newest audit row this process appended (the audit chain head).",
         )
         .expect("valid metric");
-        let head_info = IntGaugeVec::new(
-            Opts::new(
-                "token_broker_audit_chain_head_info",
-                "Chain MAC of the audit chain head, as the mac label; pass ID:MAC to `audit verify --expected-head`.",
-            ),
-            &["mac"],
-        )
-        .expect("valid metric");
         let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
+        let tamper_detected = counter(
+            "token_broker_audit_chain_tamper_detected_total",
+            "Times this process found the audit row it appended last deleted or changed (the chain was truncated or rewritten) and recorded it as an audit.tamper_detected row.",
+        );
         let leases_created = counter(
             "token_broker_leases_created_total",
             "Lease creations granted (lease.create audit rows allowed).",
@@ -145,7 +145,7 @@ impl Metrics {
             Box::new(refresh_token_age.clone()),
             Box::new(last_refresh.clone()),
             Box::new(head_id.clone()),
-            Box::new(head_info.clone()),
+            Box::new(tamper_detected.clone()),
             Box::new(leases_created.clone()),
             Box::new(revocations.clone()),
             Box::new(expirations.clone()),
@@ -157,8 +157,8 @@ impl Metrics {
         Metrics {
             registry,
             head_id,
-            head_info,
             head: Mutex::new(None),
+            tamper_detected,
             leases_created,
             revocations,
             expirations,
@@ -217,18 +217,20 @@ impl Metrics {
         );
     }
 
+    /// Counts one committed `audit.tamper_detected` row (the
+    /// [`AuditLog`](crate::audit::AuditLog) tamper observer).
+    pub fn observe_tamper(&self) {
+        self.tamper_detected.inc();
+    }
+
     /// Records one audit append: moves the chain head forward (never back:
     /// racing appends may arrive out of order) and counts the decision.
     pub fn observe_append(&self, event: &AuditEvent, appended: &AppendedEvent) {
         {
             let mut head = self.head.lock().unwrap_or_else(|p| p.into_inner());
-            if head.as_ref().is_none_or(|h| h.id < appended.id) {
-                if let Some(old) = head.take() {
-                    let _ = self.head_info.remove_label_values(&[&old.mac]);
-                }
+            if head.is_none_or(|h| h < appended.id) {
                 self.head_id.set(appended.id);
-                self.head_info.with_label_values(&[&appended.mac]).set(1);
-                *head = Some(appended.clone());
+                *head = Some(appended.id);
             }
         }
         match (event.action.as_str(), event.outcome) {
@@ -346,7 +348,7 @@ mod tests {
     }
 
     #[test]
-    fn the_head_metric_follows_the_newest_append_and_keeps_one_mac_series() {
+    fn the_head_metric_follows_the_newest_append_without_a_series_per_row() {
         let m = Metrics::new();
         m.observe_append(&event("lease.create", Outcome::Allowed), &head(4, 'a'));
         m.observe_append(&event("lease.revoke", Outcome::Allowed), &head(6, 'b'));
@@ -355,18 +357,24 @@ mod tests {
         // Refusals count as they happen, not from their aggregated rows.
         m.observe_refusal("UNAUTHENTICATED");
         let text = m.render();
-        let mac_b = "b".repeat(64);
         assert_lines(
             &text,
             &[
                 "token_broker_audit_chain_head_id 6",
-                &format!("token_broker_audit_chain_head_info{{mac=\"{mac_b}\"}} 1"),
+                "token_broker_audit_chain_tamper_detected_total 0",
                 "token_broker_leases_created_total 1",
                 "token_broker_lease_revocations_total 1",
                 "token_broker_auth_failures_total 1",
             ],
         );
-        assert!(!text.contains(&"a".repeat(64)), "{text}");
+        for mac in ['a', 'b', 'c'] {
+            assert!(!text.contains(&mac.to_string().repeat(64)), "{text}");
+        }
+        m.observe_tamper();
+        assert_lines(
+            &m.render(),
+            &["token_broker_audit_chain_tamper_detected_total 1"],
+        );
     }
 
     #[test]

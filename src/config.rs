@@ -78,6 +78,7 @@ api_keys = []
 
 [audit]
 auth_failure_interval = "10s"
+head_log_interval = "60s"
 
 [log]
 filter = "info"
@@ -132,11 +133,24 @@ pub struct AuditConfig {
         deserialize_with = "crate::duration::de_duration"
     )]
     pub auth_failure_interval: Duration,
+    /// `audit.head_log_interval`: the INFO log line `audit chain head`
+    /// (`audit_id`, `mac`: the newest row this replica appended) is logged
+    /// at most this often, only when the head moved, and once at shutdown.
+    /// Default `60s`; more than zero, at most `1h`.
+    #[serde(
+        default = "AuditConfig::default_head_log_interval",
+        deserialize_with = "crate::duration::de_duration"
+    )]
+    pub head_log_interval: Duration,
 }
 
 impl AuditConfig {
     fn default_auth_failure_interval() -> Duration {
         Duration::from_secs(10)
+    }
+
+    fn default_head_log_interval() -> Duration {
+        Duration::from_secs(60)
     }
 }
 
@@ -144,6 +158,7 @@ impl Default for AuditConfig {
     fn default() -> Self {
         AuditConfig {
             auth_failure_interval: Self::default_auth_failure_interval(),
+            head_log_interval: Self::default_head_log_interval(),
         }
     }
 }

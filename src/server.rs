@@ -117,6 +117,9 @@ pub struct Broker {
     /// when the server has stopped.
     refusals: Arc<RefusalCounter>,
     refusal_flusher: JoinHandle<()>,
+    /// Logs the `audit chain head` line every `audit.head_log_interval`
+    /// while serving, and once more when everything else has stopped.
+    audit: Arc<AuditLog>,
 }
 
 impl Broker {
@@ -172,10 +175,11 @@ impl Broker {
             AzureDevOpsClient::new(config.upstream.azure_devops.clone(), credential.clone())?;
 
         // One chained audit trail for every audit row this process writes;
-        // every append also moves the exported chain head (and counters).
+        // every append also moves the exported chain head (and counters),
+        // and a detected truncation counts.
         let metrics = Arc::new(Metrics::new());
         let audit = {
-            let metrics = metrics.clone();
+            let (metrics, tamper_metrics) = (metrics.clone(), metrics.clone());
             Arc::new(
                 AuditLog::with_keys(
                     stores.audit.clone(),
@@ -184,7 +188,8 @@ impl Broker {
                 )
                 .with_observer(Box::new(move |event, appended| {
                     metrics.observe_append(event, appended)
-                })),
+                }))
+                .with_tamper_observer(Box::new(move || tamper_metrics.observe_tamper())),
             )
         };
         if let Some(configured) = &config.upstream.refresh_token {
@@ -223,7 +228,7 @@ impl Broker {
             keyring,
             policy: policy.clone(),
             fingerprinter: Arc::new(fingerprinter),
-            audit,
+            audit: audit.clone(),
             settings: LeaseSettings {
                 display_name_prefix: config.leases.display_name_prefix.clone(),
                 deployment_id: deployment_id.clone(),
@@ -279,6 +284,14 @@ impl Broker {
             let rx = rx.clone();
             tokio::spawn(async move { leases.run_background(stopped(rx)).await })
         };
+        {
+            // Detached: ends with the broker's shutdown signal (the head at
+            // shutdown is logged by `finish`, after the last rows).
+            let audit = audit.clone();
+            let interval = config.audit.head_log_interval;
+            let stop = stopped(rx.clone());
+            tokio::spawn(async move { audit.run_head_log(interval, stop).await });
+        }
         let refusal_flusher = {
             let refusals = refusals.clone();
             let interval = config.audit.auth_failure_interval;
@@ -339,6 +352,7 @@ impl Broker {
             background,
             refusals,
             refusal_flusher,
+            audit,
         })
     }
 
@@ -382,6 +396,7 @@ impl Broker {
                     self.background.abort();
                 }
                 self.flush_refusals(deadline).await;
+                self.audit.log_head();
                 result??;
                 Ok(())
             }
@@ -417,6 +432,7 @@ impl Broker {
             self.background.abort();
         }
         self.flush_refusals(deadline).await;
+        self.audit.log_head();
         server??;
         Ok(())
     }

@@ -267,6 +267,12 @@ fn check_values(config: &Config, bad: &mut impl FnMut(&str, String)) {
             "must be greater than zero".into(),
         );
     }
+    if config.audit.head_log_interval.is_zero() {
+        bad(
+            "audit.head_log_interval",
+            "must be greater than zero".into(),
+        );
+    }
     if config.leases.reaper_interval.is_zero() {
         bad("leases.reaper_interval", "must be greater than zero".into());
     }
@@ -324,6 +330,12 @@ fn check_values(config: &Config, bad: &mut impl FnMut(&str, String)) {
         (
             "audit.auth_failure_interval",
             config.audit.auth_failure_interval,
+            hour,
+            "1h",
+        ),
+        (
+            "audit.head_log_interval",
+            config.audit.head_log_interval,
             hour,
             "1h",
         ),

@@ -463,6 +463,22 @@ fn audit_verify_with(
     chain: &str,
     head: Option<&str>,
 ) -> (bool, String, String) {
+    let mut args = vec!["verify"];
+    if let Some(head) = head {
+        args.extend(["--expected-head", head]);
+    }
+    audit_command(setup_dir, spec, chain, &args)
+}
+
+/// Runs `token-broker audit ARGS --config FILE` against the broker's
+/// configuration with the chain key settings `chain`: success, stdout,
+/// stderr.
+fn audit_command(
+    setup_dir: &std::path::Path,
+    spec: &BrokerSpec,
+    chain: &str,
+    args: &[&str],
+) -> (bool, String, String) {
     let config = setup_dir.join("verify.toml");
     std::fs::write(
         &config,
@@ -475,10 +491,7 @@ fn audit_verify_with(
     )
     .unwrap();
     let mut command = Command::new(BIN);
-    command.args(["audit", "verify", "--config"]).arg(&config);
-    if let Some(head) = head {
-        command.args(["--expected-head", head]);
-    }
+    command.arg("audit").args(args).arg("--config").arg(&config);
     for (key, _) in std::env::vars() {
         if key.starts_with("TOKEN_BROKER_") {
             command.env_remove(key);
@@ -549,6 +562,54 @@ async fn audit_verify_passes_on_a_brokers_database_and_names_a_row_edited_by_sql
         .expect("the report names the head");
     let (ok, _, _) = audit_verify(dir.path(), &setup.spec, Some(&head));
     assert!(ok);
+
+    // `audit head` prints the same head; several heads are each checked,
+    // given as repeated flags, a comma list or a file.
+    let chain = format!(
+        "audit_chain = \"{}\"\n",
+        setup.spec.audit_chain_key.expose_secret()
+    );
+    let (ok, stdout, stderr) = audit_command(dir.path(), &setup.spec, &chain, &["head"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.trim(), head);
+    let store = token_broker::store::open(setup.store_url()).await.unwrap();
+    let heads: Vec<String> = store
+        .list_audit_chain(0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| [2, 5].contains(&r.id))
+        .map(|r| format!("{}:{}", r.id, r.mac.unwrap()))
+        .collect();
+    let list = format!("{},{}", heads[0], heads[1]);
+    let args = ["verify", "--expected-head", &list, "--expected-head", &head];
+    let (ok, stdout, stderr) = audit_command(dir.path(), &setup.spec, &chain, &args);
+    assert!(ok, "{stdout}{stderr}");
+    let file = dir.path().join("heads.txt");
+    std::fs::write(&file, format!("# published\n{}\n\n{head}\n", heads[0])).unwrap();
+    let file_arg = file.to_str().unwrap();
+    let args = ["verify", "--expected-heads-file", file_arg];
+    let (ok, stdout, stderr) = audit_command(dir.path(), &setup.spec, &chain, &args);
+    assert!(ok, "{stdout}{stderr}");
+    let wrong = format!("5:{}", "0".repeat(64));
+    let list = format!("{head},{wrong}");
+    let args = [
+        "verify",
+        "--expected-heads-file",
+        file_arg,
+        "--expected-head",
+        &list,
+    ];
+    let (ok, stdout, stderr) = audit_command(dir.path(), &setup.spec, &chain, &args);
+    assert!(!ok, "a wrong head among several passed: {stdout}");
+    assert!(
+        stderr.contains("audit chain broken at row 5: MAC differs from the expected chain head"),
+        "{stderr}"
+    );
+    std::fs::write(&file, "5:nothex\n").unwrap();
+    let (ok, _, stderr) = audit_command(dir.path(), &setup.spec, &chain, &args);
+    assert!(!ok);
+    assert!(stderr.contains("line 1"), "{stderr}");
 
     // Someone with write access to the database rewrites who did row 3.
     raw_sql(

@@ -12,9 +12,9 @@ use chrono::{DateTime, TimeZone, Utc};
 use common::audit::AuditDb;
 use secrecy::SecretString;
 use token_broker::audit::{
-    parse_expected_head, verify, AppendedEvent, AuditError, AuditEvent, AuditLog, ChainBroken,
-    ChainKey, ChainKeys, Defect, Outcome, VerifyError, VerifyReport, CHAIN_KEY_ROTATE,
-    SYSTEM_IDENTITY,
+    parse_expected_head, verify, verify_heads, AppendedEvent, AuditError, AuditEvent, AuditLog,
+    ChainBroken, ChainKey, ChainKeys, Defect, Outcome, VerifyError, VerifyReport,
+    AUDIT_TAMPER_DETECTED, CHAIN_KEY_ROTATE, SYSTEM_IDENTITY,
 };
 use token_broker::crypto::Keyring;
 use token_broker::domain::LeaseId;
@@ -39,7 +39,10 @@ on_both_stores!(
     a_row_without_a_mac_breaks_the_chain_even_when_every_mac_is_erased,
     a_row_written_around_the_chain_key_first_is_named_by_verify,
     an_audit_row_that_cannot_be_written_is_an_error_and_leaves_nothing_behind,
-    every_append_logs_the_chain_head,
+    the_chain_head_is_logged_when_asked_not_per_row,
+    ids_are_never_reused_after_the_newest_rows_are_deleted,
+    a_replica_detects_its_last_row_rewritten_when_the_id_counter_was_rewound,
+    several_published_heads_are_each_checked,
     a_chain_rotated_from_a1_to_a2_verifies_across_the_switch_and_an_edit_on_either_side_is_caught,
     a_row_whose_chain_key_is_not_configured_is_named_as_such_and_relabelled_key_ids_as_tampering,
     chains_from_before_key_ids_keep_verifying_and_a_single_string_key_is_id_default,
@@ -628,24 +631,274 @@ async fn an_audit_row_that_cannot_be_written_is_an_error_and_leaves_nothing_behi
     intact(&db, &chain_key(&key), head_of(&next)).await;
 }
 
-async fn every_append_logs_the_chain_head(db: AuditDb) {
+async fn the_chain_head_is_logged_when_asked_not_per_row(db: AuditDb) {
     let captured = common::logs::CapturedLogs::start(tracing::Level::INFO);
 
-    let log = AuditLog::new(db.store.clone(), chain_key(&new_key()));
+    let log = Arc::new(AuditLog::new(db.store.clone(), chain_key(&new_key())));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let ticker = {
+        let log = log.clone();
+        tokio::spawn(async move {
+            log.run_head_log(std::time::Duration::from_secs(3600), async {
+                let _ = stopped.await;
+            })
+            .await
+        })
+    };
+    let appended = append_n(&log, 5).await;
+    let _ = stop.send(());
+    ticker.await.unwrap();
+    let heads = |text: String| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.contains("audit chain head"))
+            .map(str::to_owned)
+            .collect()
+    };
+    // Five rows within one interval: no line per row.
+    assert_eq!(heads(captured.text()), Vec::<String>::new());
+
+    // At shutdown the server asks once: one line, the newest row.
+    assert!(log.log_head());
+    assert!(!log.log_head(), "an unchanged head is not logged again");
+    let lines = heads(captured.text());
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let newest = appended.last().unwrap();
+    assert!(
+        lines[0].contains(&format!("audit_id={}", newest.id)),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[0].contains(&format!("mac={}", newest.mac)),
+        "{}",
+        lines[0]
+    );
+}
+
+/// Counts the `audit.tamper_detected` rows `log` appends.
+fn tamper_counter(log: AuditLog) -> (AuditLog, Arc<std::sync::atomic::AtomicU64>) {
+    let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = count.clone();
+    let log = log.with_tamper_observer(Box::new(move || {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }));
+    (log, count)
+}
+
+fn tampers(count: &std::sync::atomic::AtomicU64) -> u64 {
+    count.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Threat model, "database writer deletes the newest rows" (docs/audit-chain.md):
+/// the replica that wrote the deleted row notices at its next append (error
+/// log, tamper observer, an `audit.tamper_detected` row chained onto what it
+/// found, after a gap, since ids are never reused), and the head published
+/// before the deletion no longer verifies.
+async fn deleting_the_newest_row_then_appending_through_the_same_log_is_detected(db: AuditDb) {
+    let captured = common::logs::CapturedLogs::start(tracing::Level::INFO);
+    let key = new_key();
+    let (log, detected) = tamper_counter(AuditLog::new(db.store.clone(), chain_key(&key)));
     let appended = append_n(&log, 3).await;
+    let published = head_of(&appended[2]);
+    intact(&db, &chain_key(&key), published.clone()).await;
+
+    db.exec("DELETE FROM audit_events WHERE id = 3").await;
+    // Without a new append, plain verify sees a consistent shorter chain.
+    intact(&db, &chain_key(&key), None).await;
+    assert_eq!(tampers(&detected), 0);
+
+    let next = log
+        .append(&event(4))
+        .await
+        .expect("append after the deletion");
+    assert_eq!(tampers(&detected), 1);
+    // Id 3 is not reused: the tamper row is 4, the caller's row 5.
+    assert_eq!(next.id, 5);
+    let rows = rows(&db).await;
+    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    assert_eq!(ids, vec![1, 2, 4, 5]);
+    let tamper = rows[2].event.as_ref().unwrap();
+    assert_eq!(tamper.action, AUDIT_TAMPER_DETECTED);
+    assert_eq!(tamper.identity, SYSTEM_IDENTITY);
+    assert_eq!(tamper.outcome, Outcome::Error);
+    assert_eq!(tamper.reason.as_deref(), Some("ROWS_DELETED"));
+    assert_eq!(
+        tamper.caller_detail.as_deref(),
+        Some(format!("expected=3:{} found=2:{}", appended[2].mac, appended[1].mac).as_str())
+    );
+    // Chained onto what it found (row 2), so the gap is on the record and
+    // plain verify names it.
+    let b = broken(&db, &chain_key(&key), None).await;
+    assert_eq!(
+        b,
+        ChainBroken {
+            row_id: 4,
+            defect: Defect::RowsMissing { after: 2 }
+        }
+    );
+    // ... and the head published before the deletion fails.
+    broken(&db, &chain_key(&key), published).await;
 
     let text = captured.text();
-    let heads: Vec<&str> = text
+    let errors: Vec<&str> = text
         .lines()
-        .filter(|l| l.contains("audit chain head"))
+        .filter(|l| l.contains("ERROR") && l.contains("audit chain tampered"))
         .collect();
-    assert_eq!(heads.len(), 3, "{text}");
-    for (line, appended) in heads.iter().zip(&appended) {
-        assert!(
-            line.contains(&format!("audit_id={}", appended.id)),
-            "{line}"
-        );
-        assert!(line.contains(&format!("mac={}", appended.mac)), "{line}");
+    assert_eq!(errors.len(), 1, "{text}");
+    assert!(
+        errors[0].contains(&format!("expected=3:{}", appended[2].mac)),
+        "{}",
+        errors[0]
+    );
+    assert!(
+        errors[0].contains(&format!("found=2:{}", appended[1].mac)),
+        "{}",
+        errors[0]
+    );
+
+    // Detected once: the next append finds its own last row intact.
+    log.append(&event(5)).await.unwrap();
+    assert_eq!(tampers(&detected), 1);
+}
+
+#[tokio::test]
+async fn deleting_the_newest_row_then_appending_through_the_same_log_is_detected_on_postgres() {
+    deleting_the_newest_row_then_appending_through_the_same_log_is_detected(
+        AuditDb::postgres().await,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn deleting_the_newest_row_then_appending_through_the_same_log_is_detected_on_sqlite() {
+    deleting_the_newest_row_then_appending_through_the_same_log_is_detected(
+        AuditDb::sqlite().await,
+    )
+    .await;
+}
+
+/// Threat model, "database writer deletes the newest rows" with no replica
+/// that remembers them (a fresh process): the next ids continue above the
+/// deleted ones (PostgreSQL: migration 0010; SQLite: AUTOINCREMENT), so
+/// plain verify names the gap and the published head still fails.
+async fn ids_are_never_reused_after_the_newest_rows_are_deleted(db: AuditDb) {
+    let key = new_key();
+    let log = AuditLog::new(db.store.clone(), chain_key(&key));
+    let appended = append_n(&log, 5).await;
+    let published = head_of(&appended[4]);
+    db.exec("DELETE FROM audit_events WHERE id >= 4").await;
+
+    let fresh = AuditLog::new(db.another_store().await, chain_key(&key));
+    let next = fresh.append(&event(6)).await.unwrap();
+    assert_eq!(next.id, 6, "ids 4 and 5 are not reused");
+    let b = broken(&db, &chain_key(&key), None).await;
+    assert_eq!(
+        b,
+        ChainBroken {
+            row_id: 6,
+            defect: Defect::RowsMissing { after: 3 }
+        }
+    );
+    broken(&db, &chain_key(&key), published).await;
+
+    // Deleting every row does not restart the numbering either.
+    db.exec("DELETE FROM audit_events").await;
+    let next = fresh.append(&event(7)).await.unwrap();
+    assert!(next.id > 6, "{next:?}");
+}
+
+/// Threat model, "database writer deletes the newest rows and rewinds the
+/// id counter": another process then reuses the id, but the replica that
+/// wrote the row finds another MAC there (ROW_REWRITTEN), and the published
+/// head fails with a MAC mismatch.
+async fn a_replica_detects_its_last_row_rewritten_when_the_id_counter_was_rewound(db: AuditDb) {
+    let key = new_key();
+    let (log, detected) = tamper_counter(AuditLog::new(db.store.clone(), chain_key(&key)));
+    let appended = append_n(&log, 3).await;
+    let published = head_of(&appended[2]);
+    db.exec("DELETE FROM audit_events WHERE id = 3").await;
+    db.exec(if db.postgres {
+        "UPDATE audit_id_high SET id = 2"
+    } else {
+        "UPDATE sqlite_sequence SET seq = 2 WHERE name = 'audit_events'"
+    })
+    .await;
+    let other = AuditLog::new(db.another_store().await, chain_key(&key));
+    let reused = other.append(&event(9)).await.unwrap();
+    assert_eq!(reused.id, 3, "the rewound counter hands out id 3 again");
+    // The rewritten chain is consistent: only heads and replicas catch it.
+    intact(&db, &chain_key(&key), None).await;
+    let b = broken(&db, &chain_key(&key), published).await;
+    assert_eq!(
+        b,
+        ChainBroken {
+            row_id: 3,
+            defect: Defect::HeadMismatch
+        }
+    );
+
+    let next = log.append(&event(4)).await.unwrap();
+    assert_eq!(tampers(&detected), 1);
+    assert_eq!(next.id, 5);
+    let tamper = rows(&db).await[3].event.clone().unwrap();
+    assert_eq!(tamper.action, AUDIT_TAMPER_DETECTED);
+    assert_eq!(tamper.reason.as_deref(), Some("ROW_REWRITTEN"));
+    assert_eq!(
+        tamper.caller_detail,
+        Some(format!(
+            "expected=3:{} found=3:{}",
+            appended[2].mac, reused.mac
+        ))
+    );
+    // Chained onto what it found: the chain itself stays consistent, the
+    // record of the rewrite is in it.
+    intact(&db, &chain_key(&key), head_of(&next)).await;
+}
+
+/// Threat model, "verify with the history of heads": every head published
+/// is checked; one that was dropped or rewritten fails by its id.
+async fn several_published_heads_are_each_checked(db: AuditDb) {
+    let key = new_key();
+    let log = AuditLog::new(db.store.clone(), chain_key(&key));
+    let appended = append_n(&log, 5).await;
+    let heads: Vec<(i64, String)> = appended
+        .iter()
+        .map(|a| head_of(a).unwrap())
+        .filter(|(id, _)| [2, 3, 5].contains(id))
+        .collect();
+    let report = verify_heads(db.store.as_ref(), &chain_key(&key), &heads)
+        .await
+        .expect("every published head is intact");
+    assert_eq!(report.head.as_ref(), appended.last());
+
+    // A head whose MAC is not the stored one fails, wherever it is listed.
+    let mut wrong = heads.clone();
+    wrong.insert(1, (4, "0".repeat(64)));
+    match verify_heads(db.store.as_ref(), &chain_key(&key), &wrong).await {
+        Err(VerifyError::Broken(b)) => assert_eq!(
+            b,
+            ChainBroken {
+                row_id: 4,
+                defect: Defect::HeadMismatch
+            }
+        ),
+        other => panic!("expected a head mismatch, got {other:?}"),
+    }
+
+    // The newest row dropped: the older heads still hold, the newest fails.
+    db.exec("DELETE FROM audit_events WHERE id = 5").await;
+    verify_heads(db.store.as_ref(), &chain_key(&key), &heads[..2])
+        .await
+        .expect("heads 2 and 3 are still intact");
+    match verify_heads(db.store.as_ref(), &chain_key(&key), &heads).await {
+        Err(VerifyError::Broken(b)) => assert_eq!(
+            b,
+            ChainBroken {
+                row_id: 5,
+                defect: Defect::HeadMissing { newest: Some(4) }
+            }
+        ),
+        other => panic!("expected a missing head, got {other:?}"),
     }
 }
 

@@ -167,6 +167,14 @@ fn each_bad_setting_fails_naming_it() {
                 "audit.auth_failure_interval",
             ),
             (
+                "[audit]\nhead_log_interval = \"0s\"",
+                "audit.head_log_interval",
+            ),
+            (
+                "[audit]\nhead_log_interval = \"2h\"",
+                "audit.head_log_interval",
+            ),
+            (
                 "[auth]\napi_keys = [{ name = \"ci\", sha256 = \"abc\" }]",
                 "auth.api_keys[0].sha256",
             ),
@@ -406,6 +414,16 @@ fn connection_limits_default_for_one_pod_are_settings_and_zero_is_refused_naming
         ] {
             fails_naming(jail, toml, setting);
         }
+        Ok(())
+    });
+}
+
+#[test]
+fn the_chain_head_is_logged_at_most_once_a_minute_unless_configured() {
+    Jail::expect_with(|jail| {
+        assert_eq!(load(None).unwrap().audit.head_log_interval.as_secs(), 60);
+        jail.set_env("TOKEN_BROKER_AUDIT__HEAD_LOG_INTERVAL", "5m");
+        assert_eq!(load(None).unwrap().audit.head_log_interval.as_secs(), 300);
         Ok(())
     });
 }

@@ -23,15 +23,11 @@ fn sample(text: &str, name: &str) -> Option<String> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ').map(str::to_owned))
 }
 
-/// The `mac` label of `token_broker_audit_chain_head_info` series whose
-/// value is 1.
-fn head_macs(text: &str) -> Vec<String> {
+/// The series of Prometheus text: each sample's name and labels.
+fn series(text: &str) -> std::collections::BTreeSet<String> {
     text.lines()
-        .filter_map(|l| {
-            let rest = l.strip_prefix("token_broker_audit_chain_head_info{mac=\"")?;
-            let (mac, value) = rest.split_once("\"} ")?;
-            (value == "1").then(|| mac.to_owned())
-        })
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.rsplit_once(' ').map(|(series, _)| series.to_owned()))
         .collect()
 }
 
@@ -64,10 +60,14 @@ async fn the_metrics_report_the_newest_audit_row_which_audit_verify_accepts(post
         Some("1"),
         "{before}"
     );
-    assert_eq!(head_macs(&before).len(), 1, "{before}");
+    assert_eq!(
+        sample(&before, "token_broker_audit_chain_tamper_detected_total").as_deref(),
+        Some("0"),
+        "{before}"
+    );
 
     // A refused caller (counted at once, its audit row written later,
-    // aggregated), two granted leases and one revoked: three audit rows.
+    // aggregated), many granted leases and one revoked: audit rows.
     let refused = broker
         .anonymous_client()
         .await
@@ -76,7 +76,7 @@ async fn the_metrics_report_the_newest_audit_row_which_audit_verify_accepts(post
     assert_eq!(refused.unwrap_err().code(), tonic::Code::Unauthenticated);
     let mut client = broker.client(&spec.key("ci")).await;
     let mut leases = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..12 {
         let lease = client
             .create_lease(pb::CreateLeaseRequest {
                 organization: "fabrikam".into(),
@@ -108,14 +108,12 @@ async fn the_metrics_report_the_newest_audit_row_which_audit_verify_accepts(post
         Some(newest.id.to_string()),
         "{text}"
     );
-    assert_eq!(
-        head_macs(&text),
-        vec![newest_mac.clone()],
-        "one head series, the newest row's MAC: {text}"
-    );
+    // No series per audit row: thirteen more rows, the same series.
+    assert_eq!(series(&text), series(&before), "{before}\n---\n{text}");
+    assert!(!text.contains(&newest_mac), "no MAC in the metrics: {text}");
     assert_eq!(
         sample(&text, "token_broker_leases_created_total").as_deref(),
-        Some("2")
+        Some("12")
     );
     assert_eq!(
         sample(&text, "token_broker_lease_revocations_total").as_deref(),
@@ -126,8 +124,15 @@ async fn the_metrics_report_the_newest_audit_row_which_audit_verify_accepts(post
         Some("1")
     );
 
-    // What the metric shows is what `audit verify --expected-head` takes.
+    // What `audit head` prints (the head id the metric shows) is what
+    // `audit verify --expected-head` takes.
     let expected = format!("{}:{}", newest.id, newest_mac);
+    assert_eq!(
+        token_broker::cli::audit::head(&spec.config())
+            .await
+            .unwrap(),
+        expected
+    );
     let report = token_broker::cli::audit::verify(&spec.config(), Some(&expected))
         .await
         .expect("the chain verifies up to the exported head");
@@ -220,4 +225,126 @@ async fn without_admin_listen_no_admin_port_is_opened() {
     let broker = spawn_broker(&spec).await;
     assert_eq!(broker.admin_addr, None);
     broker.stop().await;
+}
+
+/// Runs `sql` on the broker's database (`url`), as a database writer would.
+async fn tamper_sql(url: &str, sql: &str) {
+    if url.starts_with("postgres") {
+        let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+        sqlx::raw_sql(sql).execute(&mut conn).await.expect(sql);
+    } else {
+        let mut conn = sqlx::SqliteConnection::connect(url).await.unwrap();
+        sqlx::raw_sql(sql).execute(&mut conn).await.expect(sql);
+    }
+}
+
+/// Threat model, "database writer deletes the newest row" against a running
+/// broker: the replica that wrote it says so at its next append (ERROR log
+/// line, `token_broker_audit_chain_tamper_detected_total`, an
+/// `audit.tamper_detected` row), and the head published before the deletion
+/// (`audit head`) fails `audit verify --expected-head`. The `audit chain
+/// head` line is logged once, at shutdown (interval 1h), not per row.
+async fn deleting_the_newest_audit_row_is_detected_by_the_broker_that_wrote_it(postgres: bool) {
+    let captured = common::logs::CapturedLogs::start(tracing::Level::INFO);
+    let dir = tempfile::tempdir().unwrap();
+    let db = if postgres {
+        Some(TestDatabase::create().await)
+    } else {
+        None
+    };
+    let store_url = match &db {
+        Some(db) => db.url.clone(),
+        None => sqlite_url(&dir),
+    };
+    let emulator = emulator::spawn(EmulatorConfig::default()).await.unwrap();
+    let spec = BrokerSpec::new(store_url.clone(), emulator.url()).with_admin_port();
+    let mut config = spec.config();
+    config.audit.head_log_interval = std::time::Duration::from_secs(3600);
+    let broker: TestBroker = spawn_broker_with_config(&spec, config).await;
+    let mut client = broker.client(&spec.key("ci")).await;
+    let create = pb::CreateLeaseRequest {
+        organization: "fabrikam".into(),
+        scopes: vec!["vso.packaging".into()],
+        ..Default::default()
+    };
+    for _ in 0..2 {
+        client.create_lease(create.clone()).await.expect("granted");
+    }
+    let published = token_broker::cli::audit::head(&spec.config())
+        .await
+        .unwrap();
+    let (published_id, _) = published.split_once(':').unwrap();
+    let published_id: i64 = published_id.parse().unwrap();
+    token_broker::cli::audit::verify(&spec.config(), Some(&published))
+        .await
+        .expect("intact before the deletion");
+
+    tamper_sql(
+        &store_url,
+        &format!("DELETE FROM audit_events WHERE id = {published_id}"),
+    )
+    .await;
+    client
+        .create_lease(create.clone())
+        .await
+        .expect("the broker keeps granting");
+
+    let (_, text) = get(&broker.admin_url("/metrics")).await;
+    assert_eq!(
+        sample(&text, "token_broker_audit_chain_tamper_detected_total").as_deref(),
+        Some("1"),
+        "{text}"
+    );
+    let store = token_broker::store::open(&store_url).await.unwrap();
+    let rows = store.list_audit_chain(0, 1000).await.unwrap();
+    let tamper: Vec<_> = rows
+        .iter()
+        .filter(|r| r.event.as_ref().unwrap().action == token_broker::audit::AUDIT_TAMPER_DETECTED)
+        .collect();
+    assert_eq!(tamper.len(), 1);
+    assert_eq!(
+        tamper[0].id,
+        published_id + 1,
+        "the deleted id is not reused"
+    );
+    let detail = tamper[0].event.as_ref().unwrap().caller_detail.clone();
+    assert!(
+        detail
+            .as_deref()
+            .is_some_and(|d| d.starts_with(&format!("expected={published} found="))),
+        "{detail:?}"
+    );
+    let err = token_broker::cli::audit::verify(&spec.config(), Some(&published))
+        .await
+        .expect_err("the published head fails after the deletion");
+    assert!(err.to_string().contains("audit chain broken"), "{err}");
+
+    broker.stop().await;
+    let logs = captured.text();
+    let errors = logs
+        .lines()
+        .filter(|l| l.contains("ERROR") && l.contains("audit chain tampered"))
+        .count();
+    assert_eq!(errors, 1, "{logs}");
+    let heads: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("audit chain head"))
+        .collect();
+    let newest = rows.last().unwrap();
+    assert_eq!(heads.len(), 1, "one line, at shutdown: {heads:?}");
+    assert!(
+        heads[0].contains(&format!("audit_id={}", newest.id)),
+        "{}",
+        heads[0]
+    );
+}
+
+#[tokio::test]
+async fn deleting_the_newest_audit_row_is_detected_by_the_broker_that_wrote_it_on_sqlite() {
+    deleting_the_newest_audit_row_is_detected_by_the_broker_that_wrote_it(false).await;
+}
+
+#[tokio::test]
+async fn deleting_the_newest_audit_row_is_detected_by_the_broker_that_wrote_it_on_postgres() {
+    deleting_the_newest_audit_row_is_detected_by_the_broker_that_wrote_it(true).await;
 }

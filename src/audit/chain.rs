@@ -53,12 +53,13 @@
 //!
 //! # What verification proves, and its limit
 //!
-//! Chained rows have contiguous ids. An edited field, a deleted or inserted
-//! row, or rows moved to other ids break the chain at the first row
-//! affected. Dropping the newest rows leaves a shorter chain that is still
-//! consistent: only a chain head recorded outside the database (the
-//! `audit chain head` log line, the metric) catches that, so pass it to
-//! [`verify`] as `expected_head`. Every row must carry a MAC: the chain
+//! Chained rows have contiguous ids, never reused. An edited field, a
+//! deleted or inserted row, or rows moved to other ids break the chain at
+//! the first row affected. Dropping the newest rows leaves a shorter chain
+//! that is still consistent until the next append (whose id then leaves a
+//! gap): only a chain head recorded outside the database (the `audit chain
+//! head` log line, `token-broker audit head`) catches that, so pass it to
+//! [`verify`] as `expected_head` (several: [`verify_heads`]). Every row must carry a MAC: the chain
 //! ships with the first release, so a row without one was written around
 //! the chain key or had its MAC erased (erasing every MAC must not pass as
 //! "old rows"), and it breaks the chain.
@@ -434,7 +435,7 @@ impl ServiceError for VerifyError {
 /// `chain_keys`, that chained ids are contiguous, and that the key id
 /// changes only at a switch row. With
 /// `expected_head` (`(audit_id, mac)` from the last `audit chain head` log
-/// line or metric), also checks that row is still there with that MAC, which
+/// line or `token-broker audit head`), also checks that row is still there with that MAC, which
 /// catches dropped newest rows; rows appended after it are fine.
 ///
 /// Errors: [`VerifyError::Broken`] naming the first broken row and what is
@@ -446,11 +447,28 @@ pub async fn verify(
     chain_keys: &ChainKeys,
     expected_head: Option<(i64, String)>,
 ) -> Result<VerifyReport, VerifyError> {
+    let heads: Vec<(i64, String)> = expected_head.into_iter().collect();
+    verify_heads(store, chain_keys, &heads).await
+}
+
+/// As [`verify`], checking each of `expected_heads` (`(audit_id, mac)`,
+/// e.g. every head published so far, in any order): each must still be
+/// stored with its MAC. A head whose id now holds another MAC
+/// ([`Defect::HeadMismatch`]) or no row ([`Defect::HeadMissing`]) fails;
+/// the error names the first such head in the order given. Errors: as
+/// [`verify`].
+pub async fn verify_heads(
+    store: &dyn Store,
+    chain_keys: &ChainKeys,
+    expected_heads: &[(i64, String)],
+) -> Result<VerifyReport, VerifyError> {
     let mut report = VerifyReport {
         chained_rows: 0,
         head: None,
     };
-    let mut head_seen: Option<String> = None;
+    // The MAC stored at each expected head's id, once seen.
+    let mut heads_seen: BTreeMap<i64, Option<String>> =
+        expected_heads.iter().map(|(id, _)| (*id, None)).collect();
     let mut prev_key_id: Option<String> = None;
     let mut after = 0;
     loop {
@@ -509,18 +527,21 @@ pub async fn verify(
             )) {
                 return Err(broken(Defect::MacMismatch).into());
             }
-            if expected_head.as_ref().is_some_and(|(id, _)| *id == row.id) {
-                head_seen = Some(mac.clone());
+            if let Some(seen) = heads_seen.get_mut(&row.id) {
+                *seen = Some(mac.clone());
             }
             report.chained_rows += 1;
             report.head = Some(AppendedEvent { id: row.id, mac });
             prev_key_id = Some(key_id.to_owned());
         }
     }
-    if let Some((id, mac)) = expected_head {
-        let broken = |defect| ChainBroken { row_id: id, defect };
-        match head_seen {
-            Some(seen) if seen.eq_ignore_ascii_case(&mac) => {}
+    for (id, mac) in expected_heads {
+        let broken = |defect| ChainBroken {
+            row_id: *id,
+            defect,
+        };
+        match heads_seen.get(id).and_then(Option::as_ref) {
+            Some(seen) if seen.eq_ignore_ascii_case(mac) => {}
             Some(_) => return Err(broken(Defect::HeadMismatch).into()),
             None => {
                 return Err(broken(Defect::HeadMissing {

@@ -29,8 +29,8 @@ mod refusals;
 pub use crate::domain::{AuditEvent, Outcome};
 
 pub use chain::{
-    parse_expected_head, switch_detail, verify, BadHead, ChainBroken, ChainKey, ChainKeys, Defect,
-    VerifyError, VerifyReport, CHAIN_KEY_ROTATE, GENESIS_MAC,
+    parse_expected_head, switch_detail, verify, verify_heads, BadHead, ChainBroken, ChainKey,
+    ChainKeys, Defect, VerifyError, VerifyReport, CHAIN_KEY_ROTATE, GENESIS_MAC,
 };
 pub use refusals::{RefusalCounter, RefusalObserver, MAX_REFUSAL_ADDRESSES, OTHER_ADDRESSES};
 
@@ -70,6 +70,14 @@ pub const UPSTREAM_SET_REFRESH_TOKEN: &str = "upstream.set_refresh_token";
 /// `action` of a changed `upstream.refresh_token` adopted at start:
 /// `caller_detail` is `version=N`.
 pub const UPSTREAM_ADOPT_CONFIGURED: &str = "upstream.adopt_configured";
+/// `action` of the row a replica appends when the row it appended last is
+/// gone or carries another MAC (the chain's tail was deleted or rewritten
+/// since): identity `system:token-broker`, outcome ERROR, reason
+/// `ROWS_DELETED` or `ROW_REWRITTEN`, `caller_detail`
+/// `expected=ID:MAC found=ID:MAC` (`found` is the row at the expected id,
+/// else the newest row; `ID:-` a row without a MAC, `-` no row at all).
+/// Chained onto what was found, so the gap itself is on the record.
+pub const AUDIT_TAMPER_DETECTED: &str = "audit.tamper_detected";
 /// Identity of the broker's own actions (the reaper, the sweep, adopting
 /// configuration).
 pub const SYSTEM_IDENTITY: &str = "system:token-broker";
@@ -132,8 +140,12 @@ pub struct AuditLog {
 struct Shared {
     store: Arc<dyn Store>,
     keys: Keys,
+    /// The row this process appended last (chain order).
     head: Mutex<Option<AppendedEvent>>,
+    /// The head last written to the `audit chain head` log line.
+    logged: Mutex<Option<AppendedEvent>>,
     observer: OnceLock<AppendObserver>,
+    tamper_observer: OnceLock<TamperObserver>,
     queue: Mutex<Queue>,
 }
 
@@ -144,17 +156,65 @@ struct Keys {
     fingerprint_key_id: String,
 }
 
-impl AuditChainer for Keys {
+/// Chains one append transaction: the keys, and the row this process
+/// appended last, checked under the chain lock (truncation detection).
+struct Batch<'a> {
+    keys: &'a Keys,
+    last: Option<AppendedEvent>,
+    /// Set when the transaction appends a tamper row.
+    tampered: std::sync::atomic::AtomicBool,
+}
+
+impl AuditChainer for Batch<'_> {
     fn chain_key_id(&self) -> &str {
-        self.chain.active_key_id()
+        self.keys.chain.active_key_id()
     }
 
     fn fingerprint_key_id(&self) -> &str {
-        &self.fingerprint_key_id
+        &self.keys.fingerprint_key_id
+    }
+
+    fn last_appended(&self) -> Option<(i64, &str)> {
+        self.last.as_ref().map(|l| (l.id, l.mac.as_str()))
+    }
+
+    fn tamper_event(
+        &self,
+        expected: (i64, &str),
+        found: Option<(i64, Option<&str>)>,
+    ) -> AuditEvent {
+        let expected_text = format!("{}:{}", expected.0, expected.1);
+        let found_text = match found {
+            Some((id, Some(mac))) => format!("{id}:{mac}"),
+            Some((id, None)) => format!("{id}:-"),
+            None => "-".to_owned(),
+        };
+        let reason = match found {
+            Some((id, _)) if id == expected.0 => "ROW_REWRITTEN",
+            _ => "ROWS_DELETED",
+        };
+        tracing::error!(
+            expected = %expected_text,
+            found = %found_text,
+            reason,
+            "audit chain tampered: the row this replica appended last is gone or changed (truncated or rewritten); appending an audit.tamper_detected row"
+        );
+        self.tampered
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        AuditEvent {
+            reason: Some(reason.to_owned()),
+            caller_detail: Some(format!("expected={expected_text} found={found_text}")),
+            ..AuditEvent::new(
+                chrono::Utc::now(),
+                SYSTEM_IDENTITY,
+                AUDIT_TAMPER_DETECTED,
+                Outcome::Error,
+            )
+        }
     }
 
     fn switch_event(&self, from: &str) -> AuditEvent {
-        let to = self.chain.active_key_id();
+        let to = self.keys.chain.active_key_id();
         tracing::info!(from, to, "audit chain key switch: appending the switch row");
         AuditEvent {
             caller_detail: Some(switch_detail(from, to)),
@@ -168,7 +228,7 @@ impl AuditChainer for Keys {
     }
 
     fn mac(&self, prev: Option<&str>, event: &AuditEvent, key_ids: &AuditKeyIds) -> String {
-        self.chain.active().mac_with_ids(prev, event, key_ids)
+        self.keys.chain.active().mac_with_ids(prev, event, key_ids)
     }
 }
 
@@ -189,6 +249,10 @@ struct Waiter {
 /// Called after every append with the event and where it landed (e.g. to
 /// export the chain head as a metric). Must be quick; it must not block.
 pub type AppendObserver = Box<dyn Fn(&AuditEvent, &AppendedEvent) + Send + Sync>;
+
+/// Called once per committed `audit.tamper_detected` row (e.g. to count
+/// it as a metric). Must be quick; it must not block.
+pub type TamperObserver = Box<dyn Fn() + Send + Sync>;
 
 impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -229,7 +293,9 @@ impl AuditLog {
                     fingerprint_key_id: fingerprint_key_id.into(),
                 },
                 head: Mutex::new(None),
+                logged: Mutex::new(None),
                 observer: OnceLock::new(),
+                tamper_observer: OnceLock::new(),
                 queue: Mutex::new(Queue::default()),
             }),
         }
@@ -243,11 +309,23 @@ impl AuditLog {
         self
     }
 
+    /// Also calls `observer` once per committed `audit.tamper_detected`
+    /// row ([`AUDIT_TAMPER_DETECTED`]). Set once; a second is ignored.
+    pub fn with_tamper_observer(self, observer: TamperObserver) -> Self {
+        let _ = self.shared.tamper_observer.set(observer);
+        self
+    }
+
     /// Appends `event` (its `id` is ignored; its time is kept to the
     /// microsecond) as the next chain link, then reports the new head
-    /// outside the database: an INFO log line `audit chain head` with
-    /// fields `audit_id` and `mac` (one per row), [`AuditLog::head`], and
-    /// the observer (see [`AuditLog::with_observer`]). Returns once the row
+    /// outside the database: [`AuditLog::head`] and the observer (see
+    /// [`AuditLog::with_observer`]; the `audit chain head` log line is
+    /// [`AuditLog::log_head`]'s, at most once per interval). First, under
+    /// the chain lock, it checks that the row this process appended last is
+    /// still stored with its MAC; if not (the tail was deleted or
+    /// rewritten), it logs an ERROR, appends an [`AUDIT_TAMPER_DETECTED`]
+    /// row onto what it found and calls the tamper observer, then appends
+    /// `event` after it. Returns once the row
     /// is committed, possibly together with other callers' rows (see the
     /// type's doc). Must be called within a Tokio runtime.
     ///
@@ -300,26 +378,59 @@ impl AuditLog {
         if start {
             tokio::spawn(flush(self.shared.clone()));
         }
-        let appended = outcome.await.unwrap_or_else(|_| {
+        outcome.await.unwrap_or_else(|_| {
             // The runtime dropped the appending task mid-transaction: the
             // row's fate is unknown, so the grant must not go ahead.
             Err(AuditError::NotWritten(StoreError::Unavailable(
                 "the audit appender stopped before confirming the row".into(),
             )))
-        })?;
-        if let Some(appended) = &appended {
-            // Here, not in the appending task, so the line carries the
-            // caller's span (its request).
-            tracing::info!(audit_id = appended.id, mac = %appended.mac, "audit chain head");
-        }
-        Ok(appended)
+        })
     }
 
-    /// The newest link this process appended (highest id), or `None`
+    /// The newest link this process appended (the last in chain order;
+    /// ids only grow unless the database was tampered with), or `None`
     /// before its first append. Other replicas' appends are not seen here;
     /// the newest head across replicas is the one with the highest id.
     pub fn head(&self) -> Option<AppendedEvent> {
         lock(&self.shared.head).clone()
+    }
+
+    /// Logs the INFO line `audit chain head` (fields `audit_id` and `mac`:
+    /// `ID:MAC` for `audit verify --expected-head`) if this process
+    /// appended since the line was last logged; else nothing. Returns
+    /// whether it logged.
+    pub fn log_head(&self) -> bool {
+        let Some(head) = self.head() else {
+            return false;
+        };
+        let mut logged = lock(&self.shared.logged);
+        if logged.as_ref() == Some(&head) {
+            return false;
+        }
+        tracing::info!(audit_id = head.id, mac = %head.mac, "audit chain head");
+        *logged = Some(head);
+        true
+    }
+
+    /// [`AuditLog::log_head`] every `interval` (`audit.head_log_interval`)
+    /// until `stop` resolves. The head at shutdown is the caller's to log
+    /// (with [`AuditLog::log_head`]) once its last rows are written.
+    pub async fn run_head_log(
+        &self,
+        interval: std::time::Duration,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {
+                    self.log_head();
+                }
+                () = &mut stop => break,
+            }
+        }
     }
 }
 
@@ -370,21 +481,29 @@ async fn flush(shared: Arc<Shared>) {
         };
         let (appends, waiters): (Vec<AuditAppend>, Vec<_>) =
             batch.into_iter().map(|w| (w.append, w.done)).unzip();
+        let chainer = Batch {
+            keys: &shared.keys,
+            last: lock(&shared.head).clone(),
+            tampered: std::sync::atomic::AtomicBool::new(false),
+        };
         match shared
             .store
-            .append_audit_keyed_batch(&appends, &shared.keys)
+            .append_audit_keyed_batch(&appends, &chainer)
             .await
         {
             Ok(rows) => {
+                if chainer.tampered.into_inner() {
+                    if let Some(observe) = shared.tamper_observer.get() {
+                        observe();
+                    }
+                }
                 for ((append, done), row) in appends.iter().zip(waiters).zip(rows) {
                     let appended = row.map(|(id, mac)| AppendedEvent { id, mac });
                     if let Some(appended) = &appended {
-                        {
-                            let mut head = lock(&shared.head);
-                            if head.as_ref().is_none_or(|h| h.id < appended.id) {
-                                *head = Some(appended.clone());
-                            }
-                        }
+                        // Rows come in chain order: the last one is the
+                        // newest this process wrote (even when a database
+                        // writer made ids go back).
+                        *lock(&shared.head) = Some(appended.clone());
                         if let Some(observe) = shared.observer.get() {
                             observe(&append.event, appended);
                         }

@@ -1,9 +1,10 @@
 //! `token-broker audit ...`: `audit list` reads the audit trail over gRPC
 //! (`AdminService.ListAuditEvents`, admin identities only); `audit verify`
 //! opens the store named by the server configuration and proves the audit
-//! chain intact or names the first broken row (docs/audit-chain.md).
+//! chain intact or names the first broken row (docs/audit-chain.md);
+//! `audit head` prints the stored newest row's `ID:MAC`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use chrono::SecondsFormat;
 use clap::{Args, Subcommand};
@@ -40,6 +41,15 @@ pub enum AuditCommand {
     /// the database and keys from the server configuration. Exit 0 intact,
     /// 1 broken (or the rows could not be read: nothing proved).
     Verify(VerifyArgs),
+    /// Print `ID:MAC` of the newest stored audit row, read from the
+    /// database of the server configuration. Verifies nothing: record it
+    /// outside the database and pass it to `audit verify --expected-head`
+    /// later.
+    Head {
+        /// TOML configuration file of the server (settings: README.md).
+        #[arg(long, env = "TOKEN_BROKER_CONFIG")]
+        config: Option<PathBuf>,
+    },
 }
 
 /// Arguments of `audit verify`.
@@ -48,11 +58,16 @@ pub struct VerifyArgs {
     /// TOML configuration file of the server (settings: README.md).
     #[arg(long, env = "TOKEN_BROKER_CONFIG")]
     pub config: Option<PathBuf>,
-    /// The last chain head recorded outside the database, `ID:MAC` (the
-    /// `audit chain head` log line's `audit_id` and `mac`): catches dropped
-    /// newest rows.
+    /// A chain head recorded outside the database, `ID:MAC` (the `audit
+    /// chain head` log line's `audit_id` and `mac`, or `audit head`):
+    /// catches dropped or rewritten newest rows. Repeatable, and each value
+    /// may be a comma-separated list: every head is checked.
     #[arg(long)]
-    pub expected_head: Option<String>,
+    pub expected_head: Vec<String>,
+    /// A file of chain heads, one `ID:MAC` per line (blank lines and lines
+    /// starting with `#` are skipped), checked like `--expected-head`.
+    #[arg(long, value_name = "FILE")]
+    pub expected_heads_file: Option<PathBuf>,
 }
 
 /// Runs `audit list` and returns what to print on stdout.
@@ -84,16 +99,56 @@ pub enum AuditVerifyError {
 }
 
 /// Runs `audit verify` with a loaded `config`: the one-line report of an
-/// intact chain, else why not.
+/// intact chain, else why not. `expected_head`: one `ID:MAC`, or several
+/// separated by commas (see [`verify_heads`]).
 pub async fn verify(
     config: &Config,
     expected_head: Option<&str>,
 ) -> Result<String, AuditVerifyError> {
+    let heads: Vec<String> = expected_head.into_iter().map(str::to_owned).collect();
+    verify_heads(config, &heads, None).await
+}
+
+/// Runs `audit verify` with a loaded `config`, checking every head of
+/// `expected_heads` (each `ID:MAC` or a comma-separated list of them) and
+/// of `heads_file` (one `ID:MAC` per line; blank and `#` lines skipped).
+/// Errors: [`AuditVerifyError::Setup`] for a head that does not parse (named
+/// with its flag, or file and line) or an unreadable file; else as
+/// [`verify`].
+pub async fn verify_heads(
+    config: &Config,
+    expected_heads: &[String],
+    heads_file: Option<&Path>,
+) -> Result<String, AuditVerifyError> {
     let setup = |e: &dyn std::fmt::Display| AuditVerifyError::Setup(e.to_string());
-    let expected = expected_head
-        .map(audit::parse_expected_head)
-        .transpose()
-        .map_err(|e| setup(&format!("--expected-head: {e}")))?;
+    let mut expected = Vec::new();
+    for text in expected_heads.iter().flat_map(|v| v.split(',')) {
+        expected.push(
+            audit::parse_expected_head(text)
+                .map_err(|e| setup(&format!("--expected-head: {e}")))?,
+        );
+    }
+    if let Some(path) = heads_file {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            setup(&format!(
+                "--expected-heads-file: cannot read {}: {e}",
+                path.display()
+            ))
+        })?;
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            expected.push(audit::parse_expected_head(line).map_err(|e| {
+                setup(&format!(
+                    "--expected-heads-file {} line {}: {e}",
+                    path.display(),
+                    n + 1
+                ))
+            })?);
+        }
+    }
     let backend = config
         .database
         .backend()
@@ -114,9 +169,7 @@ pub async fn verify(
     }
     let (keys, _) = config.keys.resolve(&backend).map_err(|e| setup(&e))?;
     let chain_keys = keys.chain_keys().map_err(|e| setup(&e))?;
-    let store = crate::store::open(secrecy::ExposeSecret::expose_secret(&config.database.url))
-        .await
-        .map_err(|e| AuditVerifyError::Verify(VerifyError::Store(e)))?;
+    let store = open_existing_store(config).await?;
     // Wrong keys would report tampering where there is none: refuse first.
     // A chain key that rows need and the keyring lacks is left to verify,
     // which names the first row that needs it.
@@ -134,8 +187,47 @@ pub async fn verify(
         }
         Err(e) => return Err(setup(&e)),
     }
-    let report = audit::verify(store.as_ref(), &chain_keys, expected).await?;
+    let report = audit::verify_heads(store.as_ref(), &chain_keys, &expected).await?;
     Ok(report.to_string())
+}
+
+/// Runs `audit head` with a loaded `config`: `ID:MAC` of the newest stored
+/// audit row. Verifies nothing. Errors: [`AuditVerifyError::Setup`] when
+/// the database does not exist, has no audit row, or its newest row has no
+/// MAC; [`VerifyError::Store`] when it cannot be read.
+pub async fn head(config: &Config) -> Result<String, AuditVerifyError> {
+    let store = open_existing_store(config).await?;
+    match store.newest_audit_row().await.map_err(VerifyError::Store)? {
+        Some((id, Some(mac))) => Ok(format!("{id}:{mac}")),
+        Some((id, None)) => Err(AuditVerifyError::Setup(format!(
+            "the newest audit row {id} has no MAC (not chained)"
+        ))),
+        None => Err(AuditVerifyError::Setup("no audit rows are stored".into())),
+    }
+}
+
+/// Opens the store of `config` without creating a database (a missing
+/// SQLite file is an error naming `database.url`).
+async fn open_existing_store(
+    config: &Config,
+) -> Result<std::sync::Arc<dyn crate::store::Store>, AuditVerifyError> {
+    let setup = |e: &dyn std::fmt::Display| AuditVerifyError::Setup(e.to_string());
+    let backend = config
+        .database
+        .backend()
+        .map_err(|m| setup(&format!("database.url: {m}")))?;
+    // Never create a database just to read it.
+    if let Backend::Sqlite(Some(db)) = &backend {
+        if !db.exists() {
+            return Err(setup(&format!(
+                "database.url: {} does not exist",
+                db.display()
+            )));
+        }
+    }
+    crate::store::open(secrecy::ExposeSecret::expose_secret(&config.database.url))
+        .await
+        .map_err(|e| AuditVerifyError::Verify(VerifyError::Store(e)))
 }
 
 /// The proto3 JSON mapping of one `AuditEvent` (default values omitted).

@@ -143,7 +143,18 @@ async fn run(cli: Cli) -> Result<(), String> {
             let settings = serve::load_settings(&ConfigArg {
                 config: args.config.clone(),
             })?;
-            print_out(audit::verify(&settings.config, args.expected_head.as_deref()).await)
+            print_out(
+                audit::verify_heads(
+                    &settings.config,
+                    &args.expected_head,
+                    args.expected_heads_file.as_deref(),
+                )
+                .await,
+            )
+        }
+        Command::Audit(audit::AuditCommand::Head { config }) => {
+            let settings = serve::load_settings(&ConfigArg { config })?;
+            print_out(audit::head(&settings.config).await)
         }
     }
 }

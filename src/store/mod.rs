@@ -635,6 +635,21 @@ pub trait AuditChainer: Send + Sync {
     /// The MAC of `event` as stored (id assigned, time truncated to the
     /// microsecond) with `key_ids`, after a row whose MAC is `prev`.
     fn mac(&self, prev: Option<&str>, event: &AuditEvent, key_ids: &AuditKeyIds) -> String;
+    /// The row this replica appended last, `(id, MAC)`, or `None` (nothing
+    /// appended yet: no check). Checked under the chain lock before a batch
+    /// that writes rows: when the newest stored row's id is lower, or the
+    /// row at that id is gone or carries another MAC, the chain was
+    /// truncated or rewritten since, and the batch first writes
+    /// [`AuditChainer::tamper_event`], chained onto what it found.
+    fn last_appended(&self) -> Option<(i64, &str)>;
+    /// The row recording a detected truncation or rewrite: `expected` is
+    /// [`AuditChainer::last_appended`], `found` the `(id, MAC)` stored at
+    /// its id, else the newest stored row (`None`: no row left; a MAC of
+    /// `None`: that row has none). Called inside the append transaction,
+    /// which may still fail (then the next batch detects it again). Its
+    /// `id` is assigned by the store.
+    fn tamper_event(&self, expected: (i64, &str), found: Option<(i64, Option<&str>)>)
+        -> AuditEvent;
 }
 
 /// A lease write an audit row records: written in the row's transaction,
@@ -917,7 +932,8 @@ pub trait Store: Send + Sync + 'static {
     /// (compare-and-set), reads the newest row's `mac`, calls `mac` with it
     /// and each event as stored (each row's MAC feeding the next), and
     /// writes the rows. All of it is written or, on error, none. Ids of
-    /// chained rows are contiguous (PostgreSQL: newest id + 1; SQLite:
+    /// chained rows are contiguous and never reused (PostgreSQL: above both
+    /// the newest id and the highest id ever written, migration 0010; SQLite:
     /// AUTOINCREMENT, which never reuses an id). An empty `appends` writes
     /// nothing and touches no database.
     async fn append_audit_chained_batch(
@@ -931,13 +947,21 @@ pub trait Store: Send + Sync + 'static {
     /// `fingerprint_key_id` for a row with a token fingerprint), its MAC
     /// covers them, and when the newest stored row's chain key id (NULL:
     /// [`DEFAULT_KEY_ID`]) differs from `chainer`'s, the transaction first
-    /// writes [`AuditChainer::switch_event`] (not among the answers). A
-    /// batch that writes no row writes no switch row either.
+    /// writes [`AuditChainer::switch_event`] (not among the answers). When
+    /// the row at [`AuditChainer::last_appended`]'s id is gone or carries
+    /// another MAC, it then writes [`AuditChainer::tamper_event`] (not
+    /// among the answers either), chained onto the newest row found. A
+    /// batch that writes no row writes neither.
     async fn append_audit_keyed_batch(
         &self,
         appends: &[AuditAppend],
         chainer: &dyn AuditChainer,
     ) -> Result<Vec<Option<(i64, String)>>, StoreError>;
+
+    /// The newest stored audit row (highest id): `(id, MAC)` (`None` MAC:
+    /// the row has none), or `None` when there is no audit row. Verifies
+    /// nothing (`token-broker audit head`).
+    async fn newest_audit_row(&self) -> Result<Option<(i64, Option<String>)>, StoreError>;
 
     /// How many audit rows each key id protects, for `keys status`:
     /// `(chain, fingerprint)`, each key id -> rows. `chain` counts every

@@ -70,7 +70,11 @@ impl Dialect for Postgres {
     const STORE_NAME: &'static str = "PostgresStore";
     const CLAIM_LOCK: &'static str = "FOR UPDATE SKIP LOCKED";
     const AUDIT_INSERT_ID: &'static str = "OVERRIDING SYSTEM VALUE";
-    const LAST_AUDIT_ID: &'static str = "COALESCE((SELECT max(id) FROM audit_events), 0)";
+    /// The greater of the newest row's id and the highest id ever
+    /// written (migration 0010), so an id is never reused.
+    const LAST_AUDIT_ID: &'static str =
+        "GREATEST(COALESCE((SELECT max(id) FROM audit_events), 0), \
+         COALESCE((SELECT id FROM audit_id_high), 0))";
     /// The advisory lock that serializes appends across replicas; its key
     /// is ASCII "tbaudit1" (0x7462_6175_6469_7431), the key every release
     /// has used, so old and new replicas exclude each other.

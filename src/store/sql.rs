@@ -72,10 +72,11 @@ pub(crate) trait Dialect: Database<QueryResult: RowsAffected> {
     /// ALWAYS`).
     const AUDIT_INSERT_ID: &'static str;
 
-    /// SQL for the last audit id handed out, 0 if none. PostgreSQL: the
-    /// newest row's (the next is + 1, so a rolled-back append leaves no gap,
-    /// which an identity sequence would); SQLite: AUTOINCREMENT's counter,
-    /// so an id is never reused.
+    /// SQL for the last audit id handed out, 0 if none; the next is + 1,
+    /// and an id is never reused. PostgreSQL: the greater of the newest
+    /// row's and the high-water mark of migration 0010 (transactional, so a
+    /// rolled-back append leaves no gap, which an identity sequence would);
+    /// SQLite: AUTOINCREMENT's counter.
     const LAST_AUDIT_ID: &'static str;
 
     /// After `FROM audit_events` where the audit listing looks up late rows
@@ -488,13 +489,38 @@ macro_rules! append_audit {
             .await
             .map_err(map_sqlx)?;
             let mut id = last_id;
-            // (event, whether it is a switch row no caller asked for)
+            // (event, whether it is a row no caller asked for: a switch or
+            // tamper row)
             let mut written: Vec<(std::borrow::Cow<'_, AuditEvent>, bool)> = events
                 .iter()
                 .flatten()
                 .map(|e| (std::borrow::Cow::Borrowed(*e), false))
                 .collect();
             if let Linking::Keyed(chainer) = link {
+                // Is the row this replica wrote last still there, as it was?
+                // Not: the tail was deleted or rewritten since; record that,
+                // chained onto what is found, before anything else.
+                if let Some((last_id, last_mac)) =
+                    chainer.last_appended().filter(|_| !written.is_empty())
+                {
+                    let at: Option<(Option<String>,)> =
+                        sqlx::query_as("SELECT mac FROM audit_events WHERE id = $1")
+                            .bind(last_id)
+                            .fetch_optional(&mut *tx)
+                            .await
+                            .map_err(map_sqlx)?;
+                    if !at
+                        .as_ref()
+                        .is_some_and(|(mac,)| mac.as_deref() == Some(last_mac))
+                    {
+                        let found = match &at {
+                            Some((mac,)) => Some((last_id, mac.as_deref())),
+                            None => head_id.map(|id| (id, prev.as_deref())),
+                        };
+                        let tamper = chainer.tamper_event((last_id, last_mac), found);
+                        written.insert(0, (std::borrow::Cow::Owned(tamper), true));
+                    }
+                }
                 let from = head_key_id.as_deref().unwrap_or(super::DEFAULT_KEY_ID);
                 if !written.is_empty() && head_id.is_some() && from != chainer.chain_key_id() {
                     written.insert(
@@ -1027,6 +1053,13 @@ where
             .into_iter()
             .map(|row| row.map(|(id, mac)| (id, mac.unwrap_or_default())))
             .collect())
+    }
+
+    async fn newest_audit_row(&self) -> Result<Option<(i64, Option<String>)>, StoreError> {
+        sqlx::query_as("SELECT id, mac FROM audit_events ORDER BY id DESC LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_sqlx)
     }
 
     async fn list_audit_chain(
