@@ -16,8 +16,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        // The lease carries the PAT: its Debug is written by hand, redacted.
-        .skip_debug(["tokenbroker.v1.Lease"])
+        // The lease and a token lookup carry the PAT: their Debug is
+        // written by hand, redacted.
+        .skip_debug(["tokenbroker.v1.Lease", "tokenbroker.v1.LookupTokenRequest"])
         // tonic_prost's codec, but an undecodable request is
         // INVALID_ARGUMENT, not INTERNAL (src/api/codec.rs).
         .codec_path("crate::api::codec::ApiCodec")

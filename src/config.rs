@@ -388,17 +388,20 @@ pub struct ResolvedKeys {
 }
 
 impl ResolvedKeys {
-    /// The sealing keyring and the audit fingerprinter (of the active
+    /// The sealing keyring and the audit fingerprinter (new fingerprints
+    /// under the active fingerprint key; look-ups by token under every
     /// fingerprint key).
     pub fn build(&self) -> Result<(Keyring, TokenFingerprinter), ConfigError> {
         let keyring = Keyring::new(self.active.clone(), self.sealing.clone())
             .map_err(|e| ConfigError::new("keys.sealing", e.to_string()))?;
-        let fingerprint = self
-            .fingerprint_keys
-            .get(&self.fingerprint_active)
-            .ok_or_else(|| ConfigError::new("keys.fingerprint_active", "names no key"))?;
-        let fingerprinter = TokenFingerprinter::new(fingerprint.clone())
-            .map_err(|e| ConfigError::new("keys.fingerprint", e.to_string()))?;
+        if !self.fingerprint_keys.contains_key(&self.fingerprint_active) {
+            return Err(ConfigError::new("keys.fingerprint_active", "names no key"));
+        }
+        let fingerprinter = TokenFingerprinter::with_keys(
+            self.fingerprint_active.clone(),
+            self.fingerprint_keys.clone(),
+        )
+        .map_err(|e| ConfigError::new("keys.fingerprint", e.to_string()))?;
         Ok((keyring, fingerprinter))
     }
 

@@ -300,32 +300,93 @@ impl fmt::Debug for Keyring {
 /// under a key of its own, so the trail can match a token without holding
 /// it, and a reader of the database alone cannot test guesses.
 ///
-/// Debug prints nothing of the key.
+/// Holds the active fingerprint key (new fingerprints) and any older ones
+/// still in the keyring, so a token fingerprinted before a rotation can
+/// still be looked up ([`TokenFingerprinter::fingerprints`]).
+///
+/// Debug prints nothing of the keys.
 pub struct TokenFingerprinter {
-    key: SecretBox<[u8; KEY_LEN]>,
+    active_key_id: String,
+    keys: BTreeMap<String, SecretBox<[u8; KEY_LEN]>>,
 }
 
 impl TokenFingerprinter {
     /// Builds one from standard base64 of 32 bytes (as
-    /// [`Keyring::generate_key`] makes). Errors: [`CryptoError::BadKey`].
+    /// [`Keyring::generate_key`] makes), key id `default` (the single
+    /// `keys.fingerprint`). Errors: [`CryptoError::BadKey`].
     pub fn new(key: SecretString) -> Result<Self, CryptoError> {
         Ok(TokenFingerprinter {
-            key: decode_key("fingerprint", &key)?,
+            active_key_id: crate::store::DEFAULT_KEY_ID.to_owned(),
+            keys: BTreeMap::from([(
+                crate::store::DEFAULT_KEY_ID.to_owned(),
+                decode_key("fingerprint", &key)?,
+            )]),
         })
     }
 
-    /// The fingerprint of `token`: 64 lower-case hex characters.
-    pub fn fingerprint(&self, token: &SecretString) -> String {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.key.expose_secret())
-            .expect("HMAC takes keys of any length");
-        mac.update(token.expose_secret().as_bytes());
-        hex::encode(mac.finalize().into_bytes())
+    /// Builds one from `(id, base64 of 32 bytes)` pairs, fingerprinting new
+    /// tokens with `active_key_id` (`keys.fingerprint_active` +
+    /// `keys.fingerprint_keys`). Errors as [`Keyring::new`]'s.
+    pub fn with_keys(
+        active_key_id: impl Into<String>,
+        keys: impl IntoIterator<Item = (String, SecretString)>,
+    ) -> Result<Self, CryptoError> {
+        let active_key_id = active_key_id.into();
+        let mut map = BTreeMap::new();
+        for (id, key) in keys {
+            if !valid_key_id(&id) {
+                return Err(CryptoError::InvalidKeyId(id));
+            }
+            let key = decode_key(&id, &key)?;
+            if map.insert(id.clone(), key).is_some() {
+                return Err(CryptoError::DuplicateKey(id));
+            }
+        }
+        if !map.contains_key(&active_key_id) {
+            return Err(CryptoError::UnknownKey(active_key_id));
+        }
+        Ok(TokenFingerprinter {
+            active_key_id,
+            keys: map,
+        })
     }
+
+    /// The id of the key [`TokenFingerprinter::fingerprint`] uses.
+    pub fn active_key_id(&self) -> &str {
+        &self.active_key_id
+    }
+
+    /// The fingerprint of `token` under the active key: 64 lower-case hex
+    /// characters.
+    pub fn fingerprint(&self, token: &SecretString) -> String {
+        fingerprint_with(&self.keys[&self.active_key_id], token)
+    }
+
+    /// The fingerprint of `token` under every key held, as `(key id, 64
+    /// lower-case hex characters)`, ordered by key id: what a look-up by
+    /// token matches stored fingerprints against.
+    pub fn fingerprints(&self, token: &SecretString) -> Vec<(String, String)> {
+        self.keys
+            .iter()
+            .map(|(id, key)| (id.clone(), fingerprint_with(key, token)))
+            .collect()
+    }
+}
+
+/// HMAC-SHA256 of `token` under `key`, lower-case hex.
+fn fingerprint_with(key: &SecretBox<[u8; KEY_LEN]>, token: &SecretString) -> String {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key.expose_secret())
+        .expect("HMAC takes keys of any length");
+    mac.update(token.expose_secret().as_bytes());
+    hex::encode(mac.finalize().into_bytes())
 }
 
 impl fmt::Debug for TokenFingerprinter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TokenFingerprinter").finish_non_exhaustive()
+        f.debug_struct("TokenFingerprinter")
+            .field("active_key_id", &self.active_key_id)
+            .field("key_ids", &self.keys.keys().collect::<Vec<_>>())
+            .finish()
     }
 }
 
@@ -559,6 +620,47 @@ mod tests {
         assert_ne!(fp, f2.fingerprint(&secret(TOKEN)));
         assert_ne!(fp, f1.fingerprint(&secret("another-token")));
         assert!(!fp.contains(TOKEN));
+    }
+
+    #[test]
+    fn a_fingerprint_keyring_fingerprints_under_the_active_key_and_every_key_for_lookups() {
+        let (k1, k2) = (Keyring::generate_key(), Keyring::generate_key());
+        let single = TokenFingerprinter::new(secret(k1.expose_secret())).unwrap();
+        assert_eq!(single.active_key_id(), "default");
+        let ring = TokenFingerprinter::with_keys(
+            "k2",
+            [
+                ("k1".to_string(), secret(k1.expose_secret())),
+                ("k2".to_string(), secret(k2.expose_secret())),
+            ],
+        )
+        .unwrap();
+        let only_k2 = TokenFingerprinter::new(secret(k2.expose_secret())).unwrap();
+        assert_eq!(ring.active_key_id(), "k2");
+        assert_eq!(
+            ring.fingerprint(&secret(TOKEN)),
+            only_k2.fingerprint(&secret(TOKEN))
+        );
+        assert_eq!(
+            ring.fingerprints(&secret(TOKEN)),
+            vec![
+                ("k1".to_string(), single.fingerprint(&secret(TOKEN))),
+                ("k2".to_string(), only_k2.fingerprint(&secret(TOKEN))),
+            ]
+        );
+        assert_eq!(
+            format!("{ring:?}"),
+            r#"TokenFingerprinter { active_key_id: "k2", key_ids: ["k1", "k2"] }"#
+        );
+        let k1_only = [("k1".to_string(), secret(k1.expose_secret()))];
+        assert!(matches!(
+            TokenFingerprinter::with_keys("k9", k1_only.clone()),
+            Err(CryptoError::UnknownKey(_))
+        ));
+        assert!(matches!(
+            TokenFingerprinter::with_keys("k1", [k1_only[0].clone(), k1_only[0].clone()]),
+            Err(CryptoError::DuplicateKey(_))
+        ));
     }
 
     #[test]

@@ -69,5 +69,14 @@ pub mod proto {
                     .finish()
             }
         }
+
+        // Written by hand so the token looked up never reaches a log.
+        impl std::fmt::Debug for LookupTokenRequest {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct("LookupTokenRequest")
+                    .field("token", &"[REDACTED]")
+                    .finish()
+            }
+        }
     }
 }

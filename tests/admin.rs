@@ -25,6 +25,7 @@ use common::wait::poll;
 use token_broker::audit::{self, ChainKey, ChainKeys};
 use token_broker::crypto::TokenFingerprinter;
 use token_broker::proto::v1 as pb;
+use token_broker::proto::v1::admin_service_client::AdminServiceClient;
 
 const BIN: &str = env!("CARGO_BIN_EXE_token-broker");
 
@@ -37,6 +38,7 @@ on_both_stores!(
     a_revocation_that_keeps_failing_is_listed_counted_and_force_closed_leaving_the_pat_to_its_valid_to,
     a_time_filter_finds_todays_events_behind_a_long_trail_of_older_ones,
     audit_verify_checks_each_row_with_its_own_chain_key_across_a_rotation,
+    lookup_token_finds_a_lease_by_its_pat_and_admin_revoke_token_file_revokes_it,
 );
 
 async fn create(client: &mut Client, organization: &str, scopes: &[&str]) -> pb::Lease {
@@ -1435,4 +1437,274 @@ async fn audit_verify_checks_each_row_with_its_own_chain_key_across_a_rotation(s
     }
     let (ok, stdout, stderr) = audit_verify_with(dir.path(), &spec, &both, None);
     assert!(ok, "{stdout}{stderr}");
+}
+
+/// Runs the real binary with `args` against the broker at `addr` with
+/// `key`, `stdin` piped in.
+fn cli_with_stdin(
+    addr: &str,
+    key: &SecretString,
+    args: &[&str],
+    stdin: &[u8],
+) -> (bool, String, String) {
+    use std::io::Write as _;
+    use std::process::Stdio;
+    let mut command = Command::new(BIN);
+    for (name, _) in std::env::vars() {
+        if name.starts_with("TOKEN_BROKER_") {
+            command.env_remove(name);
+        }
+    }
+    let mut child = command
+        .args(args)
+        .env("TOKEN_BROKER_ADDR", addr)
+        .env("TOKEN_BROKER_API_KEY", key.expose_secret())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run token-broker");
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let out = child.wait_with_output().expect("token-broker ends");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn lookup(admin: &mut AdminClient, token: &str) -> Result<pb::Lease, tonic::Status> {
+    admin
+        .lookup_token(pb::LookupTokenRequest {
+            token: token.into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn lookup_token_finds_a_lease_by_its_pat_and_admin_revoke_token_file_revokes_it(
+    store: Store,
+) {
+    let setup = admin_setup(store).await;
+    let mut ci = setup.lease_client("ci").await;
+    let lease = create(&mut ci, "fabrikam", &["vso.code_write", "vso.packaging"]).await;
+    let bystander = create(&mut ci, "fabrikam", &["vso.code_write"]).await;
+    let token = lease.token.clone();
+    let unknown = format!("pat{}", uuid::Uuid::new_v4().simple());
+    let mut admin = setup.admin_client(Some("ops")).await;
+
+    // The API: the lease (admin view), never a token.
+    let found = lookup(&mut admin, &format!("  {token}\r\n")).await.unwrap();
+    assert_eq!(found.name, lease.name);
+    assert_eq!(found.holder, "apikey:ci");
+    assert_eq!(found.organization, "fabrikam");
+    assert_eq!(found.scopes, lease.scopes);
+    assert_eq!(found.state(), pb::lease::State::Active);
+    let stored = ci
+        .get_lease(pb::GetLeaseRequest {
+            name: lease.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(found.create_time, stored.create_time);
+    assert_eq!(found.expire_time, stored.expire_time);
+    assert!(found.token.is_empty());
+
+    // Refusals: unknown, not an admin, empty or over-long.
+    let e = lookup(&mut admin, &unknown).await.unwrap_err();
+    assert_eq!(
+        (e.code(), reason(&e)),
+        (Code::NotFound, "LEASE_NOT_FOUND".into())
+    );
+    let mut not_admin = setup.admin_client(Some("ci")).await;
+    let e = lookup(&mut not_admin, &token).await.unwrap_err();
+    assert_eq!(
+        (e.code(), reason(&e)),
+        (Code::PermissionDenied, "ADMIN_REQUIRED".into())
+    );
+    for bad in [String::new(), " \r\n".into(), "p".repeat(16 * 1024 + 1)] {
+        let e = lookup(&mut admin, &bad).await.unwrap_err();
+        assert_eq!(
+            (e.code(), reason(&e)),
+            (Code::InvalidArgument, "TOKEN_INVALID".into())
+        );
+    }
+
+    // The CLI: from stdin (CRLF), from a file, as JSON.
+    let ops = setup.spec.key("ops");
+    let addr = setup.broker.url.clone();
+    let (ok, stdout, stderr) = cli_with_stdin(
+        &addr,
+        &ops,
+        &["admin", "lookup-token"],
+        format!("{token}\r\n").as_bytes(),
+    );
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains(&lease.name) && stdout.contains("apikey:ci") && stdout.contains("ACTIVE"),
+        "{stdout}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("leaked.txt");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let file_arg = token_file.to_str().unwrap();
+    let (ok, stdout, stderr) = cli(
+        &addr,
+        &ops,
+        &[
+            "admin",
+            "lookup-token",
+            "--token-file",
+            file_arg,
+            "--output",
+            "json",
+        ],
+    );
+    assert!(ok, "{stderr}");
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(json["name"], lease.name.as_str());
+    assert_eq!(json["holder"], "apikey:ci");
+    assert_eq!(json["organization"], "fabrikam");
+    assert_eq!(json["state"], "ACTIVE");
+    assert!(json.get("token").is_none(), "{json}");
+
+    let (ok, stdout, stderr) =
+        cli_with_stdin(&addr, &ops, &["admin", "lookup-token"], unknown.as_bytes());
+    assert!(!ok, "{stdout}");
+    assert!(
+        stderr.contains("NOT_FOUND") && stderr.contains("no lease"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = cli_with_stdin(&addr, &ops, &["admin", "lookup-token"], b"\r\n");
+    assert!(!ok && stderr.contains("no token in stdin"), "{stderr}");
+    let (ok, _, stderr) = cli_with_stdin(
+        &addr,
+        &setup.spec.key("ci"),
+        &["admin", "lookup-token"],
+        token.as_bytes(),
+    );
+    assert!(!ok && stderr.contains("PermissionDenied"), "{stderr}");
+    let (ok, _, stderr) = cli(&addr, &ops, &["admin", "lookup-token", &token]);
+    assert!(!ok && stderr.contains("unexpected argument"), "{stderr}");
+
+    // Revoke by the token in a file: that lease only, its PAT revoked upstream.
+    let (ok, stdout, stderr) = cli(
+        &addr,
+        &ops,
+        &[
+            "admin",
+            "revoke",
+            "--token-file",
+            file_arg,
+            "--output",
+            "json",
+        ],
+    );
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains(&lease.name), "{stderr}");
+    let counts: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(counts["matchedCount"], "1");
+    assert_eq!(counts["revokedCount"], "1");
+    let live = live_display_names(&setup).await;
+    assert!(
+        !live.contains(&lease.display_name),
+        "PAT still live upstream"
+    );
+    assert!(live.contains(&bystander.display_name));
+    let after = lookup(&mut admin, &token).await.unwrap();
+    assert_eq!(after.state(), pb::lease::State::Revoked);
+    let (ok, _, stderr) = cli(
+        &addr,
+        &ops,
+        &[
+            "admin",
+            "revoke",
+            "--token-file",
+            file_arg,
+            "--holder",
+            "apikey:ci",
+        ],
+    );
+    assert!(!ok && stderr.contains("cannot be used with"), "{stderr}");
+
+    // Audited with the fingerprint, never the token.
+    let fingerprint = TokenFingerprinter::new(setup.spec.fingerprint_key.clone())
+        .unwrap()
+        .fingerprint(&SecretString::from(token.clone()));
+    let rows = all_audit_events(&mut admin, "action = admin.lookup_token").await;
+    let outcomes: Vec<_> = rows
+        .iter()
+        .map(|r| (r.outcome(), r.reason.as_str(), r.lease.as_str()))
+        .collect();
+    use pb::audit_event::Outcome as O;
+    assert!(outcomes.contains(&(O::Allowed, "lease is ACTIVE", lease.name.as_str())));
+    assert!(outcomes.contains(&(O::Allowed, "lease is REVOKED", lease.name.as_str())));
+    assert!(outcomes.contains(&(O::Denied, "LEASE_NOT_FOUND", "")));
+    assert!(outcomes.contains(&(O::Denied, "ADMIN_REQUIRED", "")));
+    for row in rows.iter().filter(|r| r.lease == lease.name) {
+        assert_eq!(row.token_fingerprint, fingerprint);
+        assert_eq!(row.identity, "apikey:ops");
+    }
+    assert!(rows.iter().all(|r| r.token_fingerprint.len() == 64));
+    let revokes = all_audit_events(&mut admin, &format!("lease = \"{}\"", lease.name)).await;
+    assert!(revokes
+        .iter()
+        .any(|r| r.action == "lease.revoke" && r.identity == "apikey:ops"));
+    let everything = format!("{:?}", all_audit_events(&mut admin, "").await);
+    for secret in [&token, &unknown] {
+        assert!(
+            !everything.contains(secret.as_str()),
+            "a token in the audit trail"
+        );
+    }
+}
+
+/// A PAT fingerprinted under a key since rotated out of the active slot is
+/// still found while that key stays in the keyring, and no longer once it
+/// is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookup_token_tries_every_fingerprint_key_in_the_keyring() {
+    let setup = admin_setup(Store::Sqlite).await;
+    let mut ci = setup.lease_client("ci").await;
+    let old = create(&mut ci, "fabrikam", &["vso.code_write"]).await;
+    drop(ci);
+    let spec = setup.spec.clone();
+    setup.broker.stop().await;
+
+    let k2 = token_broker::crypto::Keyring::generate_key();
+    let mut config = spec.config();
+    config.keys.fingerprint = None;
+    config.keys.fingerprint_active = Some("f2".into());
+    config.keys.fingerprint_keys = [
+        ("default".to_owned(), spec.fingerprint_key.clone()),
+        ("f2".to_owned(), k2.clone()),
+    ]
+    .into();
+    let broker = spawn_broker_with_config(&spec, config.clone()).await;
+    let mut ci = broker.client(&spec.key("ci")).await;
+    let new = create(&mut ci, "fabrikam", &["vso.code_write"]).await;
+    let mut admin = AdminServiceClient::with_interceptor(
+        broker.channel().await,
+        common::admin::AdminBearer::new(&spec.key("ops")),
+    );
+    for lease in [&old, &new] {
+        let found = lookup(&mut admin, &lease.token).await.unwrap();
+        assert_eq!(found.name, lease.name);
+    }
+    drop((ci, admin));
+    broker.stop().await;
+
+    // `default` removed: the old PAT's fingerprint can no longer be matched.
+    config.keys.fingerprint_keys = [("f2".to_owned(), k2)].into();
+    let broker = spawn_broker_with_config(&spec, config).await;
+    let mut admin = AdminServiceClient::with_interceptor(
+        broker.channel().await,
+        common::admin::AdminBearer::new(&spec.key("ops")),
+    );
+    let e = lookup(&mut admin, &old.token).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert_eq!(lookup(&mut admin, &new.token).await.unwrap().name, new.name);
+    drop(admin);
+    broker.stop().await;
 }

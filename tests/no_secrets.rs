@@ -18,9 +18,10 @@ use common::broker::{spawn_broker, BrokerSpec};
 use common::leases::*;
 use secrecy::{ExposeSecret, SecretString};
 use token_broker::crypto::Keyring;
+use token_broker::proto::v1::admin_service_client::AdminServiceClient;
 use token_broker::proto::v1::{
-    lease, CreateLeaseRequest, GetLeaseRequest, ListLeasesRequest, RenewLeaseRequest,
-    RevokeLeaseRequest,
+    lease, CreateLeaseRequest, GetLeaseRequest, ListLeasesRequest, LookupTokenRequest,
+    RenewLeaseRequest, RevokeLeaseRequest,
 };
 use token_broker::store::UpstreamCredential;
 use tracing_subscriber::fmt::MakeWriter;
@@ -93,7 +94,9 @@ async fn run_lifecycle_over_grpc(backend: Backend) -> Vec<(&'static str, String)
     let emulator = start_emulator().await;
     let url = emulator.url();
     let db = TestDb::new(backend).await;
-    let mut spec = BrokerSpec::new(db.url.clone(), url.clone()).with_policy(POLICY_YAML);
+    // `ci` is also an admin here, to look a PAT up (AdminService.LookupToken).
+    let policy = format!("admins: [\"apikey:ci\"]\n{POLICY_YAML}");
+    let mut spec = BrokerSpec::new(db.url.clone(), url.clone()).with_policy(&policy);
     spec.reaper_interval = Duration::from_millis(200);
     let broker = spawn_broker(&spec).await;
     let api_key = spec.key("ci");
@@ -134,6 +137,31 @@ async fn run_lifecycle_over_grpc(backend: Backend) -> Vec<(&'static str, String)
     .await
     .unwrap();
     ci.list_leases(ListLeasesRequest::default()).await.unwrap();
+    // Whose token is this? Found by the PAT; an unknown one is not.
+    let mut admin = AdminServiceClient::with_interceptor(broker.channel().await, {
+        let bearer = format!("Bearer {}", api_key.expose_secret());
+        move |mut req: tonic::Request<()>| {
+            req.metadata_mut()
+                .insert("authorization", bearer.parse().unwrap());
+            Ok(req)
+        }
+    });
+    let found = admin
+        .lookup_token(LookupTokenRequest {
+            token: lease.token.clone(),
+        })
+        .await
+        .expect("looked up")
+        .into_inner();
+    assert_eq!(found.name, lease.name);
+    let unknown_token = format!("pat{}", uuid::Uuid::new_v4().simple());
+    let missing = admin
+        .lookup_token(LookupTokenRequest {
+            token: unknown_token.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
     let revoked = ci
         .revoke_lease(RevokeLeaseRequest {
             name: lease.name.clone(),
@@ -189,6 +217,7 @@ async fn run_lifecycle_over_grpc(backend: Backend) -> Vec<(&'static str, String)
         secrets.push(("PAT", t.clone()));
         secrets.push(("PAT in Basic-auth form", STANDARD.encode(format!(":{t}"))));
     }
+    secrets.push(("looked-up unknown token", unknown_token));
     secrets.push(("API key", api_key.expose_secret().to_owned()));
     secrets.push(("refused API key", wrong_key.expose_secret().to_owned()));
     secrets.push((

@@ -6,6 +6,8 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use secrecy::zeroize::Zeroizing;
+use secrecy::SecretString;
 use tonic::{Request, Response};
 
 use super::convert;
@@ -80,6 +82,13 @@ impl AdminService for AdminApi {
         Ok(Response::new(convert::admin_lease(&closed)))
     }
 
+    async fn lookup_token(&self, request: Request<pb::LookupTokenRequest>) -> Reply<pb::Lease> {
+        let (caller, req) = caller_and_message(request)?;
+        let token = lookup_token(req)?;
+        let lease = self.leases.admin_lookup_token(&caller, &token).await?;
+        Ok(Response::new(convert::admin_lease(&lease)))
+    }
+
     async fn list_audit_events(
         &self,
         request: Request<pb::ListAuditEventsRequest>,
@@ -146,6 +155,33 @@ pub fn force_revoke(
     }
     let reason = req.reason.trim();
     Ok((id, (!reason.is_empty()).then(|| reason.to_owned())))
+}
+
+/// Longest token a LookupToken request may carry, in bytes (as long as a
+/// bearer credential may be; a PAT is 52 or 84 characters).
+pub const MAX_LOOKUP_TOKEN_BYTES: usize = crate::auth::MAX_BEARER_BYTES;
+
+/// Validates a LookupToken request: the token without surrounding
+/// whitespace, not empty, at most [`MAX_LOOKUP_TOKEN_BYTES`]. The error
+/// never quotes the token.
+pub fn lookup_token(req: pb::LookupTokenRequest) -> Result<SecretString, InvalidField> {
+    let text = Zeroizing::new(req.token);
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(InvalidField::new(
+            "token",
+            "TOKEN_INVALID",
+            "is required: the PAT to look up",
+        ));
+    }
+    if token.len() > MAX_LOOKUP_TOKEN_BYTES {
+        return Err(InvalidField::new(
+            "token",
+            "TOKEN_INVALID",
+            format!("is longer than {MAX_LOOKUP_TOKEN_BYTES} bytes"),
+        ));
+    }
+    Ok(SecretString::from(token.to_owned()))
 }
 
 /// `value`, or None when empty (proto3's "not given").
@@ -372,6 +408,25 @@ mod tests {
             assert_eq!((e.field, e.reason), ("reason", "REASON_INVALID"), "{bad}");
         }
         assert!(force_revoke(req(&id.name(), &"é".repeat(MAX_FORCE_REASON_CHARS))).is_ok());
+    }
+
+    #[test]
+    fn a_looked_up_token_is_trimmed_and_refused_empty_or_over_long_without_being_quoted() {
+        use secrecy::ExposeSecret as _;
+        let req = |token: &str| pb::LookupTokenRequest {
+            token: token.into(),
+        };
+        let token = lookup_token(req(" \tpat-secret-value\r\n")).unwrap();
+        assert_eq!(token.expose_secret(), "pat-secret-value");
+        let at_limit = "p".repeat(MAX_LOOKUP_TOKEN_BYTES);
+        assert!(lookup_token(req(&at_limit)).is_ok());
+        let over = format!("{at_limit}q");
+        for bad in ["", " \r\n", over.as_str()] {
+            let e = lookup_token(req(bad)).unwrap_err();
+            assert_eq!((e.field, e.reason), ("token", "TOKEN_INVALID"), "{bad:?}");
+            assert!(!e.to_string().contains("pppp"), "{e}");
+        }
+        assert!(!format!("{:?}", req("pat-secret-value")).contains("pat-secret-value"));
     }
 
     #[test]

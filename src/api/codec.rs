@@ -132,6 +132,7 @@ requests!(
     AdminListLeasesRequest,
     ListAuditEventsRequest,
     ForceRevokeLeaseRequest,
+    LookupTokenRequest,
 );
 
 responses!(

@@ -47,6 +47,11 @@ pub const LEASE_EXPIRE: &str = "lease.expire";
 /// upstream until its validTo, which the row's reason states, unless the
 /// orphan sweep (`pat.revoke_orphan`) later revokes it.
 pub const LEASE_FORCE_REVOKE: &str = "lease.force_revoke";
+/// `action` of an admin's look-up of a lease by its PAT
+/// (AdminService.LookupToken): the row carries the token's fingerprint
+/// (never the token) and, when found, the lease; not found is `denied`
+/// with reason `LEASE_NOT_FOUND`.
+pub const ADMIN_LOOKUP_TOKEN: &str = "admin.lookup_token";
 /// `action` of a stale PENDING lease resolved by the reconciler.
 pub const LEASE_RECONCILE: &str = "lease.reconcile";
 /// `action` of an upstream PAT revoked by the orphan sweep: it carried this

@@ -1,10 +1,17 @@
 //! `token-broker admin ...`: a gRPC client of `AdminService` (bulk revoke,
 //! leases across holders, revocations the broker gave up on and forcing
-//! them closed). Same `--addr`, `--api-key`, `--output` as `lease`; the API
-//! key must belong to an identity the policy names as an admin.
+//! them closed, the lease a PAT belongs to). Same `--addr`, `--api-key`,
+//! `--output` as `lease`; the API key must belong to an identity the
+//! policy names as an admin. A PAT to look up is read from stdin or a
+//! file, never from an argument (which `ps` and shell history would show).
+
+use std::io::{IsTerminal as _, Read};
+use std::path::{Path, PathBuf};
 
 use chrono::SecondsFormat;
 use clap::Subcommand;
+use secrecy::zeroize::Zeroizing;
+use secrecy::{ExposeSecret as _, SecretString};
 use serde_json::{json, Map, Value};
 use tonic::transport::Channel;
 
@@ -22,6 +29,15 @@ pub enum AdminCommand {
     /// Revoke every live lease matching all the given criteria, upstream
     /// (incident response). At least one criterion is required.
     Revoke {
+        /// Revoke the lease this PAT belongs to instead (the file holds the
+        /// token; surrounding whitespace is ignored): `lookup-token`, then
+        /// revoke that lease. Not with the other criteria.
+        #[arg(
+            long,
+            value_name = "FILE",
+            conflicts_with_all = ["holder", "organization", "scope", "names"]
+        )]
+        token_file: Option<PathBuf>,
         /// Only leases held by this identity, e.g. `apikey:ci`.
         #[arg(long)]
         holder: Option<String>,
@@ -46,6 +62,15 @@ pub enum AdminCommand {
     /// gave up on after its retry budget, whose PAT may still be live
     /// upstream; with attempts, last error and next retry.
     ListFailed,
+    /// Find the lease a PAT belongs to ("whose token is this?") and print
+    /// it (holder, organization, scopes, state, times). The token is read
+    /// from stdin (typed at a terminal: not echoed) or from --token-file,
+    /// never from an argument. Not found: exit status 1.
+    LookupToken {
+        /// Read the token from this file instead of stdin.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+    },
     /// Close a REVOKE_FAILED lease WITHOUT revoking its PAT upstream: the
     /// broker stops retrying and the PAT stays valid until its validTo
     /// (unless the orphan sweep, which keeps trying, revokes it).
@@ -69,6 +94,35 @@ pub async fn connect(addr: &str) -> Result<AdminServiceClient<Channel>, ClientEr
 pub async fn run(args: &ClientArgs, command: AdminCommand) -> Result<String, ClientError> {
     match command {
         AdminCommand::Revoke {
+            token_file: Some(path),
+            ..
+        } => {
+            let token = read_token(Some(&path))?;
+            let mut client = connect(&args.addr).await?;
+            let lease = lookup(&mut client, args, token).await?;
+            eprintln!(
+                "{} belongs to {} (holder {}, organization {}, {})",
+                path.display(),
+                lease.name,
+                lease.holder,
+                lease.organization,
+                lease.state().as_str_name()
+            );
+            let req = pb::RevokeLeasesRequest {
+                names: vec![lease.name],
+                ..Default::default()
+            };
+            let done = answer(client.revoke_leases(request(req, args)?).await)?;
+            Ok(args.output.show(&done, revoke_json, revoke_text))
+        }
+        AdminCommand::LookupToken { token_file } => {
+            let token = read_token(token_file.as_deref())?;
+            let mut client = connect(&args.addr).await?;
+            let lease = lookup(&mut client, args, token).await?;
+            Ok(args.output.show(&lease, lease_json, lease_text))
+        }
+        AdminCommand::Revoke {
+            token_file: None,
             holder,
             organization,
             scope,
@@ -137,6 +191,79 @@ pub async fn run(args: &ClientArgs, command: AdminCommand) -> Result<String, Cli
             Ok(args.output.show(&lease, lease_json, lease_text))
         }
     }
+}
+
+/// The lease `token` belongs to (AdminService.LookupToken); NOT_FOUND and
+/// other refusals as [`ClientError::Rpc`].
+async fn lookup(
+    client: &mut AdminServiceClient<Channel>,
+    args: &ClientArgs,
+    token: SecretString,
+) -> Result<pb::Lease, ClientError> {
+    let req = pb::LookupTokenRequest {
+        token: token.expose_secret().to_owned(),
+    };
+    let reply = client.lookup_token(request(req, args)?).await;
+    answer(reply).map_err(|e| match e {
+        ClientError::Rpc(status) if status.code() == tonic::Code::NotFound => {
+            ClientError::Usage(format!(
+                "no lease of this broker has that token (NOT_FOUND: {}); it was not issued here, \
+                 its fingerprint key was removed from the keyring, or its lease was deleted",
+                status.message()
+            ))
+        }
+        other => other,
+    })
+}
+
+/// Reads a PAT from `file`, or else from stdin (a terminal: one line, not
+/// echoed), without surrounding whitespace (a trailing newline or CRLF).
+/// Refused: empty, not UTF-8, or longer than the broker takes. Errors never
+/// quote the token.
+pub fn read_token(file: Option<&Path>) -> Result<SecretString, ClientError> {
+    const MAX: usize = crate::api::admin::MAX_LOOKUP_TOKEN_BYTES;
+    let source = match file {
+        Some(path) => path.display().to_string(),
+        None => "stdin".to_owned(),
+    };
+    let unreadable = |e: std::io::Error| ClientError::Usage(format!("cannot read {source}: {e}"));
+    // Read at most a little past the limit: a huge file is refused unread.
+    let limit = (MAX + 4096) as u64;
+    let mut bytes = Zeroizing::new(Vec::new());
+    match file {
+        Some(path) => {
+            std::fs::File::open(path)
+                .and_then(|f| f.take(limit).read_to_end(&mut bytes))
+                .map_err(unreadable)?;
+        }
+        None if std::io::stdin().is_terminal() => {
+            let typed = Zeroizing::new(
+                rpassword::prompt_password("PAT to look up (not echoed): ").map_err(unreadable)?,
+            );
+            bytes.extend_from_slice(typed.as_bytes());
+        }
+        None => {
+            std::io::stdin()
+                .lock()
+                .take(limit)
+                .read_to_end(&mut bytes)
+                .map_err(unreadable)?;
+        }
+    }
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| ClientError::Usage(format!("{source} does not hold UTF-8 text")))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(ClientError::Usage(format!(
+            "no token in {source} (the token is read from stdin or --token-file, never from an argument)"
+        )));
+    }
+    if token.len() > MAX {
+        return Err(ClientError::Usage(format!(
+            "the token in {source} is longer than {MAX} bytes"
+        )));
+    }
+    Ok(SecretString::from(token.to_owned()))
 }
 
 /// The warning `force-revoke` prints: the PAT was not revoked upstream and

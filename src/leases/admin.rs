@@ -2,7 +2,7 @@
 //! listing every holder's leases, and reading the audit trail. Only
 //! identities the policy names as admins may call them; every call is
 //! audited, allowed or refused (`admin.revoke_leases`, `admin.list_leases`,
-//! `admin.list_audit_events`, `lease.force_revoke`).
+//! `admin.list_audit_events`, `lease.force_revoke`, `admin.lookup_token`).
 //!
 //! Choices worth knowing:
 //! - A force-revoke closes only a REVOKE_FAILED lease: the broker has spent
@@ -27,10 +27,11 @@ use std::collections::HashSet;
 
 use chrono::{DateTime, Utc};
 use futures::stream::{self, StreamExt as _};
+use secrecy::{ExposeSecret as _, SecretString};
 
 use super::auditing::{audit_best_effort, Actor};
 use super::revocation::{begin_revocation, finish_revocation};
-use super::sealing::lease_token_fingerprint;
+use super::sealing::{lease_token_fingerprint, open_token};
 use super::time::now;
 use super::{LeaseDeps, LeaseError, LeasePage, ListQuery};
 use crate::audit::{AuditEvent, Outcome};
@@ -497,6 +498,67 @@ fn left_live(lease: &LeaseRecord) -> String {
         ),
         None => "no upstream PAT was recorded".to_owned(),
     }
+}
+
+/// See [`super::Leases::admin_lookup_token`].
+pub(super) async fn lookup_token(
+    deps: &LeaseDeps,
+    caller: &Caller,
+    token: &SecretString,
+) -> Result<LeaseRecord, LeaseError> {
+    const ACTION: &str = crate::audit::ADMIN_LOOKUP_TOKEN;
+    // Every row of this call carries the token's fingerprint (under the
+    // active key, as the row's fingerprint_key_id says), never the token:
+    // so the trail shows who looked up which token, allowed or not.
+    let fingerprint = deps.fingerprinter.fingerprint(token);
+    let refuse = |reason: &str| {
+        audit_best_effort(
+            deps,
+            AuditEvent {
+                token_fingerprint: Some(fingerprint.clone()),
+                ..denied_event(caller, ACTION, reason, None)
+            },
+        )
+    };
+    if !deps.policy.current().is_admin(&caller.identity) {
+        refuse("ADMIN_REQUIRED").await;
+        tracing::info!(identity = %caller.identity, action = ACTION, "admin call refused");
+        return Err(LeaseError::AdminRequired);
+    }
+    let candidates = deps.fingerprinter.fingerprints(token);
+    let found = match deps
+        .store
+        .find_lease_by_token_fingerprint(&candidates)
+        .await?
+    {
+        Some(id) => deps.store.get_lease(id).await?,
+        None => None,
+    };
+    // A lease that still holds its sealed token must hold this one: an
+    // audit row pointing a token at another lease is not believed.
+    let lease = found.filter(|lease| match lease.sealed_token {
+        None => true,
+        Some(_) => match open_token(deps, lease) {
+            Ok(held) => held.expose_secret() == token.expose_secret(),
+            Err(e) => {
+                tracing::warn!(lease_id = %lease.id, error = %e, "sealed token does not open; trusting the audit trail");
+                true
+            }
+        },
+    });
+    let Some(lease) = lease else {
+        refuse("LEASE_NOT_FOUND").await;
+        tracing::info!(identity = %caller.identity, "token look-up matched no lease");
+        return Err(LeaseError::NotFound);
+    };
+    let event = AuditEvent {
+        token_fingerprint: Some(fingerprint),
+        reason: Some(format!("lease is {}", lease.state)),
+        ..Actor::caller(caller).lease_event(ACTION, Outcome::Allowed, &lease, now())
+    };
+    audit_best_effort(deps, event).await;
+    tracing::info!(identity = %caller.identity, lease_id = %lease.id, state = %lease.state, "token looked up");
+    Ok(lease)
 }
 
 /// See [`super::Leases::audit_events`].

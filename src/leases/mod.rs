@@ -491,6 +491,22 @@ impl Leases {
         admin::force_revoke(&self.deps, caller, id, reason).await
     }
 
+    /// The lease `token` (a PAT) belongs to, in whatever state, for admin
+    /// `caller`: found by the token's keyed fingerprint under every
+    /// fingerprint key held, against the fingerprints recorded with the
+    /// leases' `lease.create` audit rows. Audited as `admin.lookup_token`
+    /// with the fingerprint, never the token.
+    ///
+    /// Errors: `AdminRequired` (audited), `NotFound` (audited: no lease
+    /// issued this token, or it was deleted), `Store`.
+    pub async fn admin_lookup_token(
+        &self,
+        caller: &Caller,
+        token: &SecretString,
+    ) -> Result<LeaseRecord, LeaseError> {
+        admin::lookup_token(&self.deps, caller, token).await
+    }
+
     /// A page of every holder's leases (optionally one holder's), newest
     /// first, for admin `caller`. Errors: `AdminRequired`, `InvalidPageToken`.
     pub async fn admin_list(

@@ -974,6 +974,18 @@ pub trait Store: Send + Sync + 'static {
         &self,
     ) -> Result<(BTreeMap<String, u64>, BTreeMap<String, u64>), StoreError>;
 
+    /// The lease whose PAT has one of `fingerprints`, `(fingerprint key id,
+    /// hex fingerprint)` pairs: the lease of the oldest allowed
+    /// `lease.create` audit row carrying such a fingerprint under that key
+    /// id (NULL `fingerprint_key_id` counts as [`DEFAULT_KEY_ID`]). One
+    /// query over the fingerprint index (migration 0012). `None` when no
+    /// row matches (or `fingerprints` is empty). The lease row itself may
+    /// since have been deleted.
+    async fn find_lease_by_token_fingerprint(
+        &self,
+        fingerprints: &[(String, String)],
+    ) -> Result<Option<LeaseId>, StoreError>;
+
     /// Audit rows with id > `after_id`, oldest first, at most `limit`,
     /// with their stored MACs; unparsable rows are returned, not skipped.
     async fn list_audit_chain(

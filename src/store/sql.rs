@@ -1062,6 +1062,46 @@ where
             .map_err(map_sqlx)
     }
 
+    async fn find_lease_by_token_fingerprint(
+        &self,
+        fingerprints: &[(String, String)],
+    ) -> Result<Option<LeaseId>, StoreError> {
+        if fingerprints.is_empty() {
+            return Ok(None);
+        }
+        // Declared before the arguments, which borrow it until run.
+        let sql;
+        let mut args = DB::Arguments::default();
+        let action = bind_next!(args, crate::audit::LEASE_CREATE.to_owned());
+        let allowed = bind_next!(args, Outcome::Allowed);
+        let mut wanted = Vec::with_capacity(fingerprints.len());
+        for (_, fingerprint) in fingerprints {
+            wanted.push(bind_next!(args, fingerprint.clone()));
+        }
+        // The index finds the rows by fingerprint alone; the key id is
+        // checked here, on the few rows found.
+        sql = format!(
+            "SELECT lease_id, COALESCE(fingerprint_key_id, 'default') AS key_id, token_fingerprint \
+             FROM audit_events \
+             WHERE token_fingerprint IN ({}) AND action = {action} AND outcome = {allowed} \
+               AND lease_id IS NOT NULL \
+             ORDER BY id LIMIT 100",
+            wanted.join(", ")
+        );
+        let rows: Vec<(LeaseId, String, String)> = sqlx::query_as_with(&sql, args)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(rows
+            .into_iter()
+            .find(|(_, key_id, fingerprint)| {
+                fingerprints
+                    .iter()
+                    .any(|(k, f)| k == key_id && f == fingerprint)
+            })
+            .map(|(lease, _, _)| lease))
+    }
+
     async fn list_audit_chain(
         &self,
         after_id: i64,

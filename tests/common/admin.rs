@@ -102,6 +102,15 @@ pub async fn admin_setup_with(
 #[derive(Clone)]
 pub struct AdminBearer(Option<MetadataValue<Ascii>>);
 
+impl AdminBearer {
+    /// `authorization: Bearer <key>` on every call.
+    pub fn new(key: &SecretString) -> Self {
+        AdminBearer(Some(
+            MetadataValue::try_from(format!("Bearer {}", key.expose_secret())).unwrap(),
+        ))
+    }
+}
+
 impl Interceptor for AdminBearer {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         if let Some(v) = &self.0 {
