@@ -1070,7 +1070,7 @@ where
             return Ok(None);
         }
         // Declared before the arguments, which borrow it until run.
-        let sql;
+        let mut sql = String::new();
         let mut args = DB::Arguments::default();
         let action = bind_next!(args, crate::audit::LEASE_CREATE.to_owned());
         let allowed = bind_next!(args, Outcome::Allowed);
@@ -1078,14 +1078,15 @@ where
         for (_, fingerprint) in fingerprints {
             wanted.push(bind_next!(args, fingerprint.clone()));
         }
-        // The index finds the rows by fingerprint alone; the key id is
-        // checked here, on the few rows found.
-        sql = format!(
+        // The fingerprint index finds the rows (`action || ''` and `+id`
+        // keep both planners off the action and id indexes, which would
+        // walk every grant); the key id is checked here, on the few found.
+        sql += &format!(
             "SELECT lease_id, COALESCE(fingerprint_key_id, 'default') AS key_id, token_fingerprint \
              FROM audit_events \
-             WHERE token_fingerprint IN ({}) AND action = {action} AND outcome = {allowed} \
+             WHERE token_fingerprint IN ({}) AND action || '' = {action} AND outcome = {allowed} \
                AND lease_id IS NOT NULL \
-             ORDER BY id LIMIT 100",
+             ORDER BY +id LIMIT 100",
             wanted.join(", ")
         );
         let rows: Vec<(LeaseId, String, String)> = sqlx::query_as_with(&sql, args)
