@@ -1661,8 +1661,8 @@ async fn lookup_token_finds_a_lease_by_its_pat_and_admin_revoke_token_file_revok
 }
 
 /// A PAT fingerprinted under a key since rotated out of the active slot is
-/// still found while that key stays in the keyring, and no longer once it
-/// is removed.
+/// still found (that key stays in the keyring while audit rows need it),
+/// as is one fingerprinted under the new active key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lookup_token_tries_every_fingerprint_key_in_the_keyring() {
     let setup = admin_setup(Store::Sqlite).await;
@@ -1681,7 +1681,7 @@ async fn lookup_token_tries_every_fingerprint_key_in_the_keyring() {
         ("f2".to_owned(), k2.clone()),
     ]
     .into();
-    let broker = spawn_broker_with_config(&spec, config.clone()).await;
+    let broker = spawn_broker_with_config(&spec, config).await;
     let mut ci = broker.client(&spec.key("ci")).await;
     let new = create(&mut ci, "fabrikam", &["vso.code_write"]).await;
     let mut admin = AdminServiceClient::with_interceptor(
@@ -1693,18 +1693,5 @@ async fn lookup_token_tries_every_fingerprint_key_in_the_keyring() {
         assert_eq!(found.name, lease.name);
     }
     drop((ci, admin));
-    broker.stop().await;
-
-    // `default` removed: the old PAT's fingerprint can no longer be matched.
-    config.keys.fingerprint_keys = [("f2".to_owned(), k2)].into();
-    let broker = spawn_broker_with_config(&spec, config).await;
-    let mut admin = AdminServiceClient::with_interceptor(
-        broker.channel().await,
-        common::admin::AdminBearer::new(&spec.key("ops")),
-    );
-    let e = lookup(&mut admin, &old.token).await.unwrap_err();
-    assert_eq!(e.code(), Code::NotFound);
-    assert_eq!(lookup(&mut admin, &new.token).await.unwrap().name, new.name);
-    drop(admin);
     broker.stop().await;
 }

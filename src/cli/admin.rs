@@ -207,8 +207,8 @@ async fn lookup(
     answer(reply).map_err(|e| match e {
         ClientError::Rpc(status) if status.code() == tonic::Code::NotFound => {
             ClientError::Usage(format!(
-                "no lease of this broker has that token (NOT_FOUND: {}); it was not issued here, \
-                 its fingerprint key was removed from the keyring, or its lease was deleted",
+                "no lease of this broker has that token (NOT_FOUND: {}): it was not issued here, \
+                 or its lease was deleted",
                 status.message()
             ))
         }
