@@ -83,6 +83,7 @@ conformance!(
     key_checks_are_recorded_once_and_the_first_value_stands,
     sealed_secrets_are_found_counted_paged_and_replaced_by_compare_and_set,
     audit_rows_are_counted_by_key_with_unrecorded_ids_as_default,
+    a_lease_is_found_by_the_token_fingerprint_of_its_grant_under_its_key_id,
 );
 
 // ---- fixtures ----------------------------------------------------------
@@ -2291,5 +2292,82 @@ async fn audit_rows_are_counted_by_key_with_unrecorded_ids_as_default(store: Arc
     assert_eq!(
         fingerprint.into_iter().collect::<Vec<_>>(),
         [("default".to_string(), 2)]
+    );
+}
+
+/// Only an allowed `lease.create` row with a lease counts, and only under
+/// the key id it records (none recorded: `default`).
+async fn a_lease_is_found_by_the_token_fingerprint_of_its_grant_under_its_key_id(
+    store: Arc<dyn Store>,
+) {
+    let find = |wanted: &[(&str, String)]| {
+        let wanted: Vec<(String, String)> = wanted
+            .iter()
+            .map(|(k, f)| (k.to_string(), f.clone()))
+            .collect();
+        let store = store.clone();
+        async move {
+            store
+                .find_lease_by_token_fingerprint(&wanted)
+                .await
+                .unwrap()
+        }
+    };
+    let fp = |c: &str| c.repeat(64);
+    assert_eq!(find(&[]).await, None);
+    assert_eq!(find(&[("default", fp("a"))]).await, None);
+
+    let (old, new) = (LeaseId::new(), LeaseId::new());
+    let grant =
+        |lease: Option<LeaseId>, action: &str, outcome: Outcome, fingerprint: &str| AuditEvent {
+            lease_id: lease,
+            token_fingerprint: Some(fingerprint.to_owned()),
+            ..audit(action, outcome)
+        };
+    // A grant written without key ids (before migration 0008).
+    store
+        .append_audit(&grant(
+            Some(old),
+            "lease.create",
+            Outcome::Allowed,
+            &fp("a"),
+        ))
+        .await
+        .unwrap();
+    // Rows with fingerprint `b` that are not grants of `new`.
+    for (lease, action, outcome) in [
+        (Some(old), "admin.lookup_token", Outcome::Allowed),
+        (Some(old), "lease.create", Outcome::Denied),
+        (None, "lease.create", Outcome::Allowed),
+    ] {
+        store
+            .append_audit(&grant(lease, action, outcome, &fp("b")))
+            .await
+            .unwrap();
+    }
+    assert_eq!(find(&[("default", fp("b"))]).await, None);
+    // The grant of `new`, under fingerprint key id `f2`.
+    let chain_key = token_broker::crypto::Keyring::generate_key();
+    let log = token_broker::audit::AuditLog::with_keys(
+        store.clone(),
+        token_broker::audit::ChainKeys::new("default", [("default".to_owned(), chain_key)])
+            .unwrap(),
+        "f2",
+    );
+    log.append(&grant(
+        Some(new),
+        "lease.create",
+        Outcome::Allowed,
+        &fp("b"),
+    ))
+    .await
+    .unwrap();
+
+    assert_eq!(find(&[("default", fp("a"))]).await, Some(old));
+    assert_eq!(find(&[("f2", fp("a"))]).await, None, "key ids must match");
+    assert_eq!(find(&[("default", fp("b"))]).await, None);
+    assert_eq!(
+        find(&[("default", fp("c")), ("f2", fp("b"))]).await,
+        Some(new)
     );
 }
