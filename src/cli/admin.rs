@@ -27,7 +27,8 @@ use crate::proto::v1::admin_service_client::AdminServiceClient;
 #[derive(Subcommand, Debug)]
 pub enum AdminCommand {
     /// Revoke every live lease matching all the given criteria, upstream
-    /// (incident response). At least one criterion is required.
+    /// (incident response). At least one criterion is required; or, with
+    /// --token-file, the lease of a PAT.
     Revoke {
         /// Revoke the lease this PAT belongs to instead (the file holds the
         /// token; surrounding whitespace is ignored): `lookup-token`, then
