@@ -1424,7 +1424,7 @@ mod grpc {
             .expect("replayed after restart")
             .into_inner();
         assert_eq!(Some(&again.name), names.iter().next());
-        assert_eq!(Some(again.token.as_ref().unwrap()), tokens.iter().next());
+        assert_eq!(Some(&again.token), tokens.iter().next());
         assert_eq!(emulator_pats(&s.url).await.len(), 1, "still one PAT");
         assert_eq!(
             list_repositories(&s.url, "fabrikam", &token_of(&again)).await,
