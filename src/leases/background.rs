@@ -61,9 +61,9 @@ async fn claim(deps: &LeaseDeps, work: Work) -> Result<(Vec<LeaseRecord>, Fresh)
 /// (`sweep::sweep_if_due`; it runs when its deployment-wide claim is due),
 /// so a long sweep never holds up expiry, and, the same way, retention's
 /// turn check (`retention::retain_if_due`, at most hourly per deployment;
-/// dropped at shutdown between or within its batches, each a transaction). A pass under way when shutdown
-/// comes stops taking new leases, releases the claims it has not started
-/// on, and finishes the ones in hand (up to `background_workers`, within
+/// dropped at shutdown like the sweep: each batch is a transaction). A pass
+/// under way when shutdown comes stops taking new leases, releases the
+/// claims it has not started on, and finishes the ones in hand (up to `background_workers`, within
 /// `serve`'s shutdown grace); a sweep under way is dropped (it only lists
 /// and revokes, both safe to cut; its claim lapses), so its upstream
 /// retries never hold up the exit. Errors, and panics, are logged; the next tick tries again.

@@ -29,7 +29,7 @@ use super::{LeaseDeps, LeaseError};
 const RETENTION_JOB: &str = "lease_retention";
 
 /// How often the deployment runs retention (one replica per interval).
-pub(super) const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
+const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// Leases deleted per transaction.
 const BATCH: u32 = 500;
