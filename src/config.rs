@@ -66,6 +66,7 @@ valid_to_skew = "5m"
 reaper_interval = "15s"
 reconcile_after = "2m"
 sweep_interval = "10m"
+retention = "90d"
 
 [leases.revocation_retry]
 min_delay = "5s"
@@ -525,6 +526,13 @@ pub struct LeasesConfig {
     /// and revokes them; default `10m`.
     #[serde(deserialize_with = "crate::duration::de_duration")]
     pub sweep_interval: Duration,
+    /// `leases.retention`: how long a closed lease (REVOKED, EXPIRED,
+    /// FAILED) and its idempotency key are kept after it closed; each is
+    /// deleted once this has passed and its PAT's validTo has too (never a
+    /// REVOKE_FAILED or live lease; never an audit row). Default `90d`, at
+    /// least `1h`, at most `3650d`.
+    #[serde(deserialize_with = "crate::duration::de_duration")]
+    pub retention: Duration,
     /// `[leases.revocation_retry]`: the schedule of upstream revoke
     /// retries (`min_delay`, `max_delay`, `max_attempts`,
     /// `failed_interval`; see [`RetrySchedule`]).

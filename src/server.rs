@@ -237,6 +237,7 @@ impl Broker {
                 replica_id: replica_id(),
                 reconcile_after: config.leases.reconcile_after,
                 sweep_interval: config.leases.sweep_interval,
+                retention: config.leases.retention,
                 revocation_retry: config.leases.revocation_retry.clone(),
                 background_workers: LeaseSettings::background_workers_for(
                     config.upstream.azure_devops.max_concurrent_requests,

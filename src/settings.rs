@@ -273,6 +273,11 @@ fn check_values(config: &Config, bad: &mut impl FnMut(&str, String)) {
             "must be greater than zero".into(),
         );
     }
+    // Shorter, and a lease would be gone before an operator looks at why
+    // it closed.
+    if config.leases.retention < Duration::from_secs(3600) {
+        bad("leases.retention", "must be at least 1h".into());
+    }
     if config.leases.reaper_interval.is_zero() {
         bad("leases.reaper_interval", "must be greater than zero".into());
     }
@@ -374,6 +379,12 @@ fn check_values(config: &Config, bad: &mut impl FnMut(&str, String)) {
             retry.failed_interval,
             7 * 24 * hour,
             "7d",
+        ),
+        (
+            "leases.retention",
+            config.leases.retention,
+            3650 * 24 * hour,
+            "3650d",
         ),
     ] {
         if value > max {

@@ -466,6 +466,7 @@ fn background_work_schedules_default_sensibly_and_are_settings() {
         let c = load(None).unwrap();
         assert_eq!(c.leases.reconcile_after.as_secs(), 120);
         assert_eq!(c.leases.sweep_interval.as_secs(), 600);
+        assert_eq!(c.leases.retention.as_secs(), 90 * 24 * 3600);
         let retry = &c.leases.revocation_retry;
         assert_eq!(retry.min_delay.as_secs(), 5);
         assert_eq!(retry.max_delay.as_secs(), 600);
@@ -541,6 +542,21 @@ fn a_reconcile_bound_within_the_upstream_request_timeout_is_refused() {
             jail,
             "[leases]\nsweep_interval = \"0s\"\n",
             "leases.sweep_interval",
+        );
+        fails_naming(jail, "[leases]\nretention = \"59m\"\n", "leases.retention");
+        fails_naming(
+            jail,
+            "[leases]\nretention = \"3651d\"\n",
+            "leases.retention",
+        );
+        jail.create_file("retention.toml", "[leases]\nretention = \"1h\"\n")?;
+        assert_eq!(
+            load(Some("retention.toml"))
+                .unwrap()
+                .leases
+                .retention
+                .as_secs(),
+            3600
         );
         // Beyond the upper bounds a schedule would mean "never" and time
         // arithmetic would leave what the stores hold.

@@ -187,7 +187,7 @@ async fn orphan_pats_of_this_deployment_are_swept_in_every_organization_and_noth
         assert_eq!(deletes_of(&url, &kept).await, 0, "{kept}");
     }
     assert_eq!(
-        list_repositories(&url, "fabrikam", &active.token).await,
+        list_repositories(&url, "fabrikam", active.token.as_ref().unwrap()).await,
         200
     );
     // The rows the sweep read are as they were.
@@ -373,7 +373,7 @@ async fn a_revoke_that_failed_five_times_is_finished_once_upstream_recovers(back
         "five failed DELETEs, one good"
     );
     assert_eq!(
-        list_repositories(&url, "fabrikam", &issued.token).await,
+        list_repositories(&url, "fabrikam", issued.token.as_ref().unwrap()).await,
         401
     );
     let audit = broker.store.list_audit(0, 1000).await.unwrap();
@@ -444,7 +444,7 @@ async fn a_revoke_past_its_budget_is_revoke_failed_then_finished_once_upstream_r
         "past the budget, retries come every failed_interval"
     );
     assert_eq!(
-        list_repositories(&url, "fabrikam", &issued.token).await,
+        list_repositories(&url, "fabrikam", issued.token.as_ref().unwrap()).await,
         200
     );
 
@@ -452,7 +452,7 @@ async fn a_revoke_past_its_budget_is_revoke_failed_then_finished_once_upstream_r
     let revoked = pass_until(&broker, issued.lease.id, LeaseState::Revoked).await;
     assert_eq!(revoked.last_error, None);
     assert_eq!(
-        list_repositories(&url, "fabrikam", &issued.token).await,
+        list_repositories(&url, "fabrikam", issued.token.as_ref().unwrap()).await,
         401
     );
 }
@@ -667,7 +667,7 @@ async fn a_create_that_outlives_the_reconcile_bound_is_abandoned_cleanly_and_its
         .expect("the retry mints afresh");
     assert_eq!(retried.lease.state, LeaseState::Active);
     assert_eq!(
-        list_repositories(&url, "fabrikam", &retried.token).await,
+        list_repositories(&url, "fabrikam", retried.token.as_ref().unwrap()).await,
         200
     );
     let live: Vec<_> = emulator_pats(&url)
@@ -720,7 +720,7 @@ async fn a_revoke_failed_lease_met_by_the_sweep_is_finished_the_normal_way(backe
     assert_eq!(done.last_error, None);
     assert_eq!(done.claimed_by, None);
     assert_eq!(
-        list_repositories(&url, "fabrikam", &issued.token).await,
+        list_repositories(&url, "fabrikam", issued.token.as_ref().unwrap()).await,
         401
     );
     let pat = done.authorization_id.unwrap().to_string();

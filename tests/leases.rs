@@ -38,6 +38,7 @@ on_both_stores!(
     upstream_policy_refusal_fails_the_lease_and_says_why,
     pending_lease_left_by_a_crash_is_reconciled_and_a_retry_mints_afresh,
     revocation_that_keeps_failing_becomes_revoke_failed_and_still_finishes_later,
+    closed_leases_keep_no_token_and_are_deleted_after_retention,
 );
 
 fn parse_time(v: &serde_json::Value) -> DateTime<Utc> {
@@ -87,12 +88,18 @@ async fn leased_token_works_on_azure_devops_only_within_its_scope_and_organizati
     ));
 
     assert_eq!(
-        list_repositories(&url, "fabrikam", &issued.token).await,
+        list_repositories(&url, "fabrikam", issued.token.as_ref().unwrap()).await,
         200
     );
     // vso.code does not cover packaging, and the PAT is bound to fabrikam.
-    assert_ne!(list_feeds(&url, "fabrikam", &issued.token).await, 200);
-    assert_ne!(list_repositories(&url, "contoso", &issued.token).await, 200);
+    assert_ne!(
+        list_feeds(&url, "fabrikam", issued.token.as_ref().unwrap()).await,
+        200
+    );
+    assert_ne!(
+        list_repositories(&url, "contoso", issued.token.as_ref().unwrap()).await,
+        200
+    );
 
     // Get and list never carry the token; the stored copy is sealed.
     let got = broker.leases.get(&caller("ci"), lease.id).await.unwrap();
@@ -158,7 +165,7 @@ async fn renewing_a_lease_moves_the_pat_valid_to_upstream(backend: Backend) {
         Err(LeaseError::AtMaxExpireTime(_))
     ));
     assert_eq!(
-        list_repositories(&url, "fabrikam", &issued.token).await,
+        list_repositories(&url, "fabrikam", issued.token.as_ref().unwrap()).await,
         200
     );
 }
@@ -174,7 +181,7 @@ async fn revoked_lease_token_is_refused_by_azure_devops(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(
-        list_repositories(&url, "fabrikam", &issued.token).await,
+        list_repositories(&url, "fabrikam", issued.token.as_ref().unwrap()).await,
         200
     );
 
@@ -187,7 +194,7 @@ async fn revoked_lease_token_is_refused_by_azure_devops(backend: Backend) {
     assert_eq!(revoked.state, LeaseState::Revoked);
     assert!(revoked.revoke_time.is_some());
     assert_ne!(
-        list_repositories(&url, "fabrikam", &issued.token).await,
+        list_repositories(&url, "fabrikam", issued.token.as_ref().unwrap()).await,
         200
     );
     assert_eq!(emulator_pat_of(&url, &revoked).await["state"], "revoked");
@@ -245,7 +252,7 @@ async fn lease_past_its_expiry_is_revoked_by_the_reaper(backend: Backend) {
     let expired = stored(&broker.store, id).await;
     assert!(expired.revoke_time.unwrap() >= expired.expire_time);
     assert_ne!(
-        list_repositories(&url, "fabrikam", &issued.token).await,
+        list_repositories(&url, "fabrikam", issued.token.as_ref().unwrap()).await,
         200
     );
     assert_eq!(emulator_pat_of(&url, &expired).await["state"], "revoked");
@@ -275,7 +282,10 @@ async fn repeated_request_id_returns_the_same_lease_and_one_pat(backend: Backend
 
     assert_eq!(second.lease.id, first.lease.id);
     use secrecy::ExposeSecret;
-    assert_eq!(second.token.expose_secret(), first.token.expose_secret());
+    assert_eq!(
+        second.token.as_ref().unwrap().expose_secret(),
+        first.token.as_ref().unwrap().expose_secret()
+    );
     assert_eq!(emulator_pats(&url).await.len(), 1);
     // The key is the caller's own: another caller's same key is a new lease.
     let other = broker
@@ -310,9 +320,15 @@ async fn repeated_request_id_returns_the_same_lease_after_a_broker_restart(backe
 
     assert_eq!(again.lease.id, first.lease.id);
     use secrecy::ExposeSecret;
-    assert_eq!(again.token.expose_secret(), first.token.expose_secret());
+    assert_eq!(
+        again.token.as_ref().unwrap().expose_secret(),
+        first.token.as_ref().unwrap().expose_secret()
+    );
     assert_eq!(emulator_pats(&url).await.len(), 1);
-    assert_eq!(list_feeds(&url, "fabrikam", &again.token).await, 200);
+    assert_eq!(
+        list_feeds(&url, "fabrikam", again.token.as_ref().unwrap()).await,
+        200
+    );
 }
 
 async fn twenty_concurrent_retries_share_one_lease_and_one_pat(backend: Backend) {
@@ -345,7 +361,7 @@ async fn twenty_concurrent_retries_share_one_lease_and_one_pat(backend: Backend)
         let issued = answer.unwrap().expect("every retry gets the lease");
         ids.insert(issued.lease.id);
         use secrecy::ExposeSecret;
-        tokens.insert(issued.token.expose_secret().to_owned());
+        tokens.insert(issued.token.as_ref().unwrap().expose_secret().to_owned());
     }
     assert_eq!(ids.len(), 1);
     assert_eq!(tokens.len(), 1);
@@ -485,7 +501,7 @@ async fn another_holders_lease_is_not_found(backend: Backend) {
     // The holder's lease is untouched and still works.
     assert_eq!(stored(&broker.store, id).await.state, LeaseState::Active);
     assert_eq!(
-        list_repositories(&url, "fabrikam", &issued.token).await,
+        list_repositories(&url, "fabrikam", issued.token.as_ref().unwrap()).await,
         200
     );
 }
@@ -636,7 +652,7 @@ async fn upstream_outage_on_create_fails_the_lease_and_a_retry_mints_afresh(back
     assert_ne!(retried.lease.id, rows[0].id);
     assert_eq!(retried.lease.state, LeaseState::Active);
     assert_eq!(
-        list_repositories(&url, "fabrikam", &retried.token).await,
+        list_repositories(&url, "fabrikam", retried.token.as_ref().unwrap()).await,
         200
     );
     let live: Vec<_> = emulator_pats(&url)
@@ -696,7 +712,7 @@ async fn create_whose_answer_is_lost_leaves_no_live_pat_and_a_retry_mints_afresh
         .await
         .expect("a retry mints afresh");
     assert_eq!(
-        list_repositories(&url, "fabrikam", &retried.token).await,
+        list_repositories(&url, "fabrikam", retried.token.as_ref().unwrap()).await,
         200
     );
     let live: Vec<_> = emulator_pats(&url)
@@ -753,7 +769,7 @@ async fn revoke_during_an_upstream_outage_answers_revoking_and_is_finished_later
     stop.send(()).unwrap();
     background.await.unwrap();
     assert_ne!(
-        list_repositories(&url, "fabrikam", &issued.token).await,
+        list_repositories(&url, "fabrikam", issued.token.as_ref().unwrap()).await,
         200
     );
 }
@@ -918,7 +934,7 @@ async fn pending_lease_left_by_a_crash_is_reconciled_and_a_retry_mints_afresh(ba
         .expect("a retry of the crashed request mints afresh");
     assert_ne!(retried.lease.id, id);
     assert_eq!(
-        list_repositories(&url, "fabrikam", &retried.token).await,
+        list_repositories(&url, "fabrikam", retried.token.as_ref().unwrap()).await,
         200
     );
     let live: Vec<_> = emulator_pats(&url)
@@ -927,6 +943,153 @@ async fn pending_lease_left_by_a_crash_is_reconciled_and_a_retry_mints_afresh(ba
         .filter(|p| p["state"] == "active")
         .collect();
     assert_eq!(live.len(), 1, "no PAT left live without a lease");
+}
+
+/// States of the leases whose row still holds a sealed token, read with
+/// SQL of its own (not through the store).
+async fn states_holding_a_sealed_token(backend: Backend, db: &TestDb) -> Vec<String> {
+    use sqlx::Connection;
+    let sql = "SELECT state FROM leases WHERE sealed_token IS NOT NULL ORDER BY state";
+    match backend {
+        Backend::Postgres => {
+            let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            sqlx::query_scalar(sql).fetch_all(&mut conn).await.unwrap()
+        }
+        Backend::Sqlite => {
+            let mut conn = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+            sqlx::query_scalar(sql).fetch_all(&mut conn).await.unwrap()
+        }
+    }
+}
+
+/// Issue 15: a revoked, an expired and a failed lease keep no sealed
+/// token (only the ACTIVE one does); a replay of the revoked one answers
+/// it without a token; once retention and its PAT's validTo have passed it
+/// is deleted with its key, and a late retry of its request_id is a new
+/// request.
+async fn closed_leases_keep_no_token_and_are_deleted_after_retention(backend: Backend) {
+    use secrecy::ExposeSecret;
+    let emulator = start_emulator().await;
+    let url = emulator.url();
+    let db = TestDb::new(backend).await;
+    let broker = start_broker(&db, &url, &TestKeys::new(), BrokerOptions::default()).await;
+    let ci = caller("ci");
+    let request_id = Some(Uuid::new_v4());
+
+    let revoked = broker
+        .leases
+        .create(&ci, request(&["vso.code"], None, request_id))
+        .await
+        .unwrap();
+    broker.leases.revoke(&ci, revoked.lease.id).await.unwrap();
+    let expiring = broker
+        .leases
+        .create(
+            &ci,
+            request(&["vso.code"], Some(Duration::from_secs(1)), None),
+        )
+        .await
+        .unwrap();
+    set_faults(
+        &url,
+        serde_json::json!([{ "operation": "create", "status": 503, "times": 1 }]),
+    )
+    .await;
+    assert!(broker
+        .leases
+        .create(&ci, request(&["vso.code"], None, None))
+        .await
+        .is_err());
+    let active = broker
+        .leases
+        .create(&ci, request(&["vso.code"], None, None))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    broker.leases.run_background_once().await.unwrap();
+    assert_eq!(
+        stored(&broker.store, expiring.lease.id).await.state,
+        LeaseState::Expired
+    );
+    let mut states: Vec<LeaseState> = broker
+        .store
+        .list_leases(&LeaseFilter::default(), None, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|l| l.state)
+        .collect();
+    states.sort_by_key(|s| s.to_string());
+    assert_eq!(
+        states,
+        [
+            LeaseState::Active,
+            LeaseState::Expired,
+            LeaseState::Failed,
+            LeaseState::Revoked
+        ]
+    );
+    assert_eq!(
+        states_holding_a_sealed_token(backend, &db).await,
+        ["ACTIVE"]
+    );
+
+    // The replay answers the revoked lease, without a token.
+    let replayed = broker
+        .leases
+        .create(&ci, request(&["vso.code"], None, request_id))
+        .await
+        .unwrap();
+    assert_eq!(replayed.lease.id, revoked.lease.id);
+    assert_eq!(replayed.lease.state, LeaseState::Revoked);
+    assert!(replayed.token.is_none());
+
+    // As if 91 days had passed since it closed, and its PAT's validTo too;
+    // the other leases closed (or were made) just now.
+    let long_ago: token_broker::domain::Timestamp =
+        (Utc::now() - chrono::Duration::days(91)).into();
+    let row = stored(&broker.store, revoked.lease.id).await;
+    let aged = token_broker::store::LeaseRecord {
+        update_time: long_ago,
+        upstream_valid_to: Some(long_ago),
+        ..row
+    };
+    assert!(broker
+        .store
+        .update_lease(&aged, LeaseState::Revoked)
+        .await
+        .unwrap());
+    let report = broker.leases.run_retention_once().await.unwrap();
+    assert!(report.ran);
+    assert_eq!(report.deleted, 1);
+    assert!(broker
+        .store
+        .get_lease(revoked.lease.id)
+        .await
+        .unwrap()
+        .is_none());
+    let left = broker
+        .store
+        .list_leases(&LeaseFilter::default(), None, 100)
+        .await
+        .unwrap();
+    assert_eq!(left.len(), 3, "the expired, failed and active leases stay");
+    // One run per interval for the deployment.
+    assert!(!broker.leases.run_retention_once().await.unwrap().ran);
+
+    // A late retry of the deleted lease's request_id is a new request.
+    let late = broker
+        .leases
+        .create(&ci, request(&["vso.code"], None, request_id))
+        .await
+        .unwrap();
+    assert_ne!(late.lease.id, revoked.lease.id);
+    assert_eq!(late.lease.state, LeaseState::Active);
+    assert_ne!(
+        late.token.as_ref().unwrap().expose_secret(),
+        revoked.token.as_ref().unwrap().expose_secret()
+    );
+    assert_eq!(active.lease.state, LeaseState::Active);
 }
 
 async fn revocation_that_keeps_failing_becomes_revoke_failed_and_still_finishes_later(
@@ -971,7 +1134,7 @@ async fn revocation_that_keeps_failing_becomes_revoke_failed_and_still_finishes_
     assert!(failed.last_error.is_some());
     assert!(failed.next_attempt_time.unwrap() > Utc::now() + chrono::Duration::minutes(30));
     assert_eq!(
-        list_repositories(&url, "fabrikam", &issued.token).await,
+        list_repositories(&url, "fabrikam", issued.token.as_ref().unwrap()).await,
         200
     );
 
@@ -989,7 +1152,7 @@ async fn revocation_that_keeps_failing_becomes_revoke_failed_and_still_finishes_
     let revoked = stored(&broker.store, revoking.id).await;
     assert_eq!(revoked.state, LeaseState::Revoked);
     assert_ne!(
-        list_repositories(&url, "fabrikam", &issued.token).await,
+        list_repositories(&url, "fabrikam", issued.token.as_ref().unwrap()).await,
         200
     );
     // Asking again answers the finished lease.

@@ -84,6 +84,8 @@ conformance!(
     sealed_secrets_are_found_counted_paged_and_replaced_by_compare_and_set,
     audit_rows_are_counted_by_key_with_unrecorded_ids_as_default,
     a_lease_is_found_by_the_token_fingerprint_of_its_grant_under_its_key_id,
+    a_lease_keeps_its_sealed_token_only_while_active,
+    retention_deletes_only_closed_leases_past_both_bounds_with_their_keys,
 );
 
 // ---- fixtures ----------------------------------------------------------
@@ -302,7 +304,7 @@ async fn update_writes_every_mutable_field_while_state_is_as_expected(store: Arc
     let after = LeaseRecord {
         authorization_id: Some(AuthorizationId::from_uuid(Uuid::new_v4())),
         sealed_token: Some(sealed(9)),
-        state: LeaseState::Revoking,
+        state: LeaseState::Active,
         update_time: t0() + secs(10),
         expire_time: t0() + secs(20),
         max_expire_time: t0() + secs(30),
@@ -344,7 +346,12 @@ async fn update_is_refused_once_the_state_has_moved(store: Arc<dyn Store>) {
         .update_lease(&renewed, LeaseState::Active)
         .await
         .unwrap());
-    assert_eq!(store.get_lease(original.id).await.unwrap(), Some(revoking));
+    // As written, less the sealed token: only an ACTIVE lease keeps it.
+    let stored = LeaseRecord {
+        sealed_token: None,
+        ..revoking
+    };
+    assert_eq!(store.get_lease(original.id).await.unwrap(), Some(stored));
 }
 
 async fn an_unchanged_update_is_refused_once_the_row_was_written_since(store: Arc<dyn Store>) {
@@ -1330,6 +1337,236 @@ async fn a_lease_write_and_its_audit_row_land_together_or_not_at_all(store: Arc<
         .map(|e| e.action)
         .collect();
     assert_eq!(actions, ["lease.create", "policy.reload"]);
+}
+
+/// Every write that moves a lease out of ACTIVE (plain update, update on
+/// an unchanged row, the lease write of an audit append) and every insert
+/// of a lease in another state stores no sealed token, whatever the record
+/// written holds; an ACTIVE lease keeps it.
+async fn a_lease_keeps_its_sealed_token_only_while_active(store: Arc<dyn Store>) {
+    let closed = [
+        LeaseState::Revoking,
+        LeaseState::Revoked,
+        LeaseState::Expired,
+        LeaseState::Failed,
+        LeaseState::RevokeFailed,
+    ];
+    let mac = |prev: Option<&str>, _: &AuditEvent| format!("{}+", prev.unwrap_or(""));
+    for (i, state) in closed.into_iter().enumerate() {
+        for how in 0..4 {
+            let active = lease(&format!("svc-{i}-{how}"), t0());
+            create(&store, &active).await;
+            assert_eq!(
+                store
+                    .get_lease(active.id)
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .sealed_token,
+                Some(sealed(1)),
+                "an ACTIVE lease keeps its token"
+            );
+            let next = LeaseRecord {
+                state,
+                update_time: t0() + secs(1),
+                revoke_time: Some(t0() + secs(1)),
+                ..active.clone()
+            };
+            let written = match how {
+                0 => store.update_lease(&next, LeaseState::Active).await.unwrap(),
+                1 => store
+                    .update_lease_unchanged(&next, LeaseState::Active, active.update_time)
+                    .await
+                    .unwrap(),
+                2 => {
+                    let append = AuditAppend {
+                        event: audit("lease.revoke", Outcome::Allowed),
+                        lease_write: Some(LeaseWrite {
+                            lease: next.clone(),
+                            expected: LeaseState::Active,
+                        }),
+                    };
+                    store
+                        .append_audit_chained_batch(&[append], &mac)
+                        .await
+                        .unwrap()[0]
+                        .is_some()
+                }
+                _ => {
+                    // Inserted closed (e.g. a replacement written whole).
+                    let fresh = LeaseRecord {
+                        id: LeaseId::new(),
+                        display_name: format!("tb:test:closed-{i}"),
+                        ..next.clone()
+                    };
+                    create(&store, &fresh).await;
+                    let row = store.get_lease(fresh.id).await.unwrap().unwrap();
+                    assert_eq!(row.sealed_token, None, "{state} inserted");
+                    true
+                }
+            };
+            assert!(written, "{state} via write {how}");
+            let row = store.get_lease(active.id).await.unwrap().unwrap();
+            if how < 3 {
+                let expected = LeaseRecord {
+                    sealed_token: None,
+                    ..next
+                };
+                assert_eq!(row, expected, "{state} via write {how}");
+            }
+        }
+    }
+}
+
+/// Retention's store call: closed leases (REVOKED, EXPIRED, FAILED) that
+/// closed before the retention bound and whose PAT's validTo has passed
+/// (or, with none recorded, max_expire_time is past its bound) go, with
+/// their idempotency keys, oldest first and at most `limit` per call; a
+/// lease closed recently, one whose validTo is still ahead, and every
+/// ACTIVE, PENDING, REVOKING and REVOKE_FAILED lease stay.
+async fn retention_deletes_only_closed_leases_past_both_bounds_with_their_keys(
+    store: Arc<dyn Store>,
+) {
+    let day = secs(24 * 3600);
+    let now = t0() + day * 200;
+    let closed_before = now - day * 90;
+    let unrecorded_before = now - day;
+    let closed =
+        |who: &str, state: LeaseState, closed_at: Timestamp, valid_to: Option<Timestamp>| {
+            LeaseRecord {
+                state,
+                sealed_token: None,
+                update_time: closed_at,
+                revoke_time: Some(closed_at),
+                upstream_valid_to: valid_to,
+                ..lease(who, t0())
+            }
+        };
+    let long_ago = t0() + secs(7200);
+    let gone = [
+        closed(
+            "revoked-old",
+            LeaseState::Revoked,
+            long_ago,
+            Some(t0() + secs(3600)),
+        ),
+        closed(
+            "expired-old",
+            LeaseState::Expired,
+            long_ago + secs(1),
+            Some(t0() + secs(3600)),
+        ),
+        LeaseRecord {
+            max_expire_time: t0() + secs(4 * 3600),
+            revoke_time: None,
+            authorization_id: None,
+            ..closed("failed-old", LeaseState::Failed, long_ago + secs(2), None)
+        },
+    ];
+    let kept = [
+        // Closed within the retention.
+        closed(
+            "revoked-recently",
+            LeaseState::Revoked,
+            now - day * 10,
+            Some(t0() + secs(3600)),
+        ),
+        // validTo still ahead.
+        closed(
+            "valid-to-ahead",
+            LeaseState::Revoked,
+            long_ago,
+            Some(now + day),
+        ),
+        // No validTo recorded, max_expire_time within a day of now.
+        LeaseRecord {
+            max_expire_time: now - secs(3600),
+            ..closed("failed-unrecorded", LeaseState::Failed, long_ago, None)
+        },
+        // Never deleted, however old: PAT possibly live, or lease live.
+        closed(
+            "revoke-failed",
+            LeaseState::RevokeFailed,
+            long_ago,
+            Some(t0() + secs(3600)),
+        ),
+        closed(
+            "revoking",
+            LeaseState::Revoking,
+            long_ago,
+            Some(t0() + secs(3600)),
+        ),
+        LeaseRecord {
+            update_time: long_ago,
+            ..lease("active", t0())
+        },
+        LeaseRecord {
+            update_time: long_ago,
+            ..pending("pending", t0())
+        },
+    ];
+    let mut keys = Vec::new();
+    for l in gone.iter().chain(kept.iter()) {
+        let request_id = Uuid::new_v4();
+        create_keyed(&store, l, request_id).await;
+        keys.push((l.holder.clone(), request_id, l.id));
+    }
+    // Nothing is due yet at t0 + 1 day.
+    let early = t0() + day;
+    assert_eq!(
+        store
+            .delete_closed_leases(early - day * 90, early, early - day, 100)
+            .await
+            .unwrap(),
+        0
+    );
+
+    assert_eq!(
+        store
+            .delete_closed_leases(closed_before, now, unrecorded_before, 2)
+            .await
+            .unwrap(),
+        2,
+        "a batch is at most its limit"
+    );
+    assert_eq!(
+        store.get_lease(gone[2].id).await.unwrap().map(|l| l.id),
+        Some(gone[2].id),
+        "oldest closed first"
+    );
+    assert_eq!(
+        store
+            .delete_closed_leases(closed_before, now, unrecorded_before, 2)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        store
+            .delete_closed_leases(closed_before, now, unrecorded_before, 2)
+            .await
+            .unwrap(),
+        0
+    );
+
+    let mut left: Vec<LeaseId> = ids(&all_leases(&store).await);
+    left.sort();
+    let mut expected: Vec<LeaseId> = ids(&kept);
+    expected.sort();
+    assert_eq!(left, expected);
+    let (_, reused, _) = keys[0].clone();
+    for (holder, request_id, lease_id) in keys {
+        let key = store.get_idempotency(&holder, request_id).await.unwrap();
+        let deleted = gone.iter().any(|l| l.id == lease_id);
+        assert_eq!(key.is_none(), deleted, "key of {holder}");
+    }
+    // The request_id of a deleted lease is free again: a new lease takes it.
+    let again = lease("revoked-old", now);
+    let outcome = store
+        .create_lease(&again, Some(&key_for(&again, reused)), None)
+        .await
+        .unwrap();
+    assert_eq!(outcome, CreateOutcome::Created);
 }
 
 /// Two appends at once (two replicas' group commits) whose lease writes

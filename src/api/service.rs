@@ -87,7 +87,7 @@ impl LeaseService for LeaseApi {
         .await?;
         Ok(Response::new(convert::lease(
             &issued.lease,
-            Some(&issued.token),
+            issued.token.as_ref(),
         )))
     }
 

@@ -59,9 +59,11 @@ async fn claim(deps: &LeaseDeps, work: Work) -> Result<(Vec<LeaseRecord>, Fresh)
 /// Runs, until `shutdown` resolves, a [`pass`] every `reaper_interval` and,
 /// beside it, the orphan sweep's turn check at the same rate
 /// (`sweep::sweep_if_due`; it runs when its deployment-wide claim is due),
-/// so a long sweep never holds up expiry. A pass under way when shutdown
-/// comes stops taking new leases, releases the claims it has not started
-/// on, and finishes the ones in hand (up to `background_workers`, within
+/// so a long sweep never holds up expiry, and, the same way, retention's
+/// turn check (`retention::retain_if_due`, at most hourly per deployment;
+/// dropped at shutdown like the sweep: each batch is a transaction). A pass
+/// under way when shutdown comes stops taking new leases, releases the
+/// claims it has not started on, and finishes the ones in hand (up to `background_workers`, within
 /// `serve`'s shutdown grace); a sweep under way is dropped (it only lists
 /// and revokes, both safe to cut; its claim lapses), so its upstream
 /// retries never hold up the exit. Errors, and panics, are logged; the next tick tries again.
@@ -81,9 +83,20 @@ pub(super) async fn run(deps: &LeaseDeps, shutdown: impl std::future::Future<Out
                 }
             }
         ),
+        every(
+            period,
+            &stop,
+            shutdown.clone(),
+            OnShutdown::Drop,
+            || async {
+                if let Err(e) = super::sweep::sweep_if_due(deps, &stop).await {
+                    tracing::warn!(error = %e, "orphan sweep failed");
+                }
+            }
+        ),
         every(period, &stop, shutdown, OnShutdown::Drop, || async {
-            if let Err(e) = super::sweep::sweep_if_due(deps, &stop).await {
-                tracing::warn!(error = %e, "orphan sweep failed");
+            if let Err(e) = super::retention::retain_if_due(deps, &stop).await {
+                tracing::warn!(error = %e, "lease retention failed");
             }
         }),
     );

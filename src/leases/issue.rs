@@ -159,8 +159,9 @@ fn new_pending(
 }
 
 /// Answers a request whose (holder, request_id) key exists: same
-/// parameters → that lease with its token (waiting while it is PENDING;
-/// minting afresh if it FAILED); other parameters → `RequestIdReused`.
+/// parameters → that lease, with its token while it is ACTIVE and without
+/// one once it left ACTIVE (waiting while it is PENDING; minting afresh if
+/// it FAILED); other parameters → `RequestIdReused`.
 async fn replay(
     deps: &LeaseDeps,
     caller: &Caller,
@@ -225,11 +226,17 @@ async fn replay(
                     .ok_or_else(|| LeaseError::Internal("idempotency key vanished".to_owned()))?;
             }
             _ => {
-                let token = open_token(deps, &lease)?;
+                // Only an ACTIVE lease keeps its token: one that left ACTIVE
+                // (REVOKING, REVOKED, EXPIRED, REVOKE_FAILED) is answered
+                // without it.
+                let token = match lease.state {
+                    LeaseState::Active => Some(open_token(deps, &lease)?),
+                    _ => None,
+                };
                 let event = AuditEvent {
                     reason: Some("REQUEST_ID_REPLAYED".to_owned()),
                     policy_rule: Some(grant.rule.clone()),
-                    token_fingerprint: Some(deps.fingerprinter.fingerprint(&token)),
+                    token_fingerprint: token.as_ref().map(|t| deps.fingerprinter.fingerprint(t)),
                     ..Actor::caller(caller).lease_event(ACTION, Outcome::Allowed, &lease, now())
                 };
                 audit_grant(deps, &event).await?;
@@ -313,7 +320,10 @@ async fn mint(
         return Err(e);
     }
     tracing::info!(lease_id = %lease.id, holder = %lease.holder, organization = %lease.organization, "lease issued");
-    Ok(IssuedLease { lease, token })
+    Ok(IssuedLease {
+        lease,
+        token: Some(token),
+    })
 }
 
 /// A minted PAT whose lease could not be made ACTIVE: revoke it upstream and

@@ -77,14 +77,16 @@ impl CreateLease {
     }
 }
 
-/// A freshly issued (or replayed) lease and its PAT. Debug redacts the
+/// A freshly issued (or replayed) lease and its PAT, if any. Debug redacts the
 /// token (`SecretString`).
 #[derive(Debug)]
 pub struct IssuedLease {
     /// The lease.
     pub lease: LeaseRecord,
-    /// The PAT, to hand to the caller once.
-    pub token: SecretString,
+    /// The PAT, to hand to the caller: always for a new lease; for a
+    /// replay only while the lease is ACTIVE (a lease that left ACTIVE
+    /// keeps no token, and is answered without one).
+    pub token: Option<SecretString>,
 }
 
 /// A validated ListLeases request.
@@ -128,6 +130,7 @@ mod issue;
 mod lifecycle;
 mod page_token;
 mod policy_reloads;
+mod retention;
 mod revocation;
 mod sealing;
 mod sweep;
@@ -135,6 +138,7 @@ mod time;
 mod transition;
 
 pub use admin::{AuditPage, AuditQuery, BulkRevoke, LeaseSelector, MAX_FORCE_REASON_CHARS};
+pub use retention::RetentionReport;
 pub use sweep::SweepReport;
 
 /// Why a lease operation failed. `reason()` values are stable API.
@@ -309,6 +313,10 @@ pub struct LeaseSettings {
     /// How often the deployment sweeps upstream for orphan PATs (one
     /// replica per interval).
     pub sweep_interval: Duration,
+    /// How long a closed lease (REVOKED, EXPIRED, FAILED) is kept after it
+    /// closed; it is deleted, with its idempotency key, once this has
+    /// passed and its PAT's validTo has too (`leases.retention`).
+    pub retention: Duration,
     /// When failed upstream revocations are retried.
     pub revocation_retry: RetrySchedule,
     /// Claimed leases one replica works at once (at least 1): `serve` takes
@@ -570,5 +578,15 @@ impl Leases {
     /// failures are counted in the report instead).
     pub async fn run_sweep_once(&self) -> Result<SweepReport, LeaseError> {
         sweep::sweep_if_due(&self.background, &std::sync::atomic::AtomicBool::new(false)).await
+    }
+
+    /// Runs retention once if it is due for the deployment (its last run is
+    /// an hour old and no replica holds its claim), as `run_background`
+    /// does beside its passes: deletes the closed leases past
+    /// `settings.retention` whose PAT is past its validTo, with their
+    /// idempotency keys. Returns what it did (`ran: false` when it was not
+    /// due). Errors: `Store`.
+    pub async fn run_retention_once(&self) -> Result<RetentionReport, LeaseError> {
+        retention::retain_if_due(&self.background, &std::sync::atomic::AtomicBool::new(false)).await
     }
 }

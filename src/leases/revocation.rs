@@ -124,7 +124,12 @@ pub(super) async fn finish_revocation(
     if !write_audited(deps, event, write).await? {
         return Ok(None);
     }
-    Ok(Some(next))
+    // As stored: a lease out of ACTIVE keeps no token (the store writes
+    // none); the audit row's fingerprint was taken before.
+    Ok(Some(LeaseRecord {
+        sealed_token: None,
+        ..next
+    }))
 }
 
 /// Retries, as background work, the revocation of a REVOKING or

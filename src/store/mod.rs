@@ -257,7 +257,9 @@ pub struct LeaseRecord {
     pub display_name: String,
     /// Upstream `authorizationId`, once minted.
     pub authorization_id: Option<AuthorizationId>,
-    /// The PAT, sealed with the lease id as associated data.
+    /// The PAT, sealed with the lease id as associated data. Stored only
+    /// while the lease is ACTIVE: every insert and update of a lease in any
+    /// other state stores NULL here, whatever the record holds.
     pub sealed_token: Option<Sealed>,
     /// Lifecycle state.
     pub state: LeaseState,
@@ -792,7 +794,8 @@ pub trait Store: Send + Sync + 'static {
     /// Writes every mutable field of `lease` if its stored state is still
     /// `expected` (compare-and-set). Returns false if the state had moved
     /// (or the lease does not exist). Immutable fields (id, holder,
-    /// organization, scopes, display_name, create_time) are not written.
+    /// organization, scopes, display_name, create_time) are not written;
+    /// `sealed_token` is written as NULL unless `lease` is ACTIVE.
     async fn update_lease(
         &self,
         lease: &LeaseRecord,
@@ -817,6 +820,26 @@ pub trait Store: Send + Sync + 'static {
         holder: &Identity,
         request_id: Uuid,
     ) -> Result<Option<IdempotencyRecord>, StoreError>;
+
+    /// Deletes up to `limit` closed leases (REVOKED, EXPIRED, FAILED; never
+    /// REVOKE_FAILED, whose PAT may still be live, nor a live state) that
+    /// both closed before `closed_before` (their last write, `update_time`,
+    /// is when they closed: a closed lease is never written again) and
+    /// whose PAT is past its validTo: `upstream_valid_to` before
+    /// `valid_to_before`, or, when none was recorded (a lease that failed
+    /// before upstream answered), `max_expire_time` before
+    /// `unrecorded_valid_to_before`. Their idempotency keys go in the same
+    /// transaction, so a later CreateLease with such a `request_id` is a
+    /// new request. Oldest closed first; returns how many leases were
+    /// deleted (fewer than `limit`: none of the rest is due). Audit rows
+    /// are never deleted.
+    async fn delete_closed_leases(
+        &self,
+        closed_before: Timestamp,
+        valid_to_before: Timestamp,
+        unrecorded_valid_to_before: Timestamp,
+        limit: u32,
+    ) -> Result<u64, StoreError>;
 
     /// ACTIVE, PENDING and REVOKING leases held by `holder` (for quotas).
     async fn count_live_leases(&self, holder: &Identity) -> Result<u64, StoreError>;

@@ -277,13 +277,26 @@ macro_rules! bind_next {
     }};
 }
 
+/// The `sealed_token` a write of `lease` stores: its token while ACTIVE,
+/// NULL in every other state. Every insert and update of a lease binds
+/// this, so the state change and the token's erasure are one statement: a
+/// lease that leaves ACTIVE (REVOKING, REVOKED, EXPIRED, FAILED,
+/// REVOKE_FAILED) never keeps its sealed PAT, whichever caller wrote it.
+fn stored_token(lease: &LeaseRecord) -> Option<Sealed> {
+    if lease.state == LeaseState::Active {
+        lease.sealed_token.clone()
+    } else {
+        None
+    }
+}
+
 /// Binds [`LEASE_MUTABLE`] of `$lease`, in order.
 macro_rules! bind_mutable {
     ($query:expr, $lease:expr) => {{
         let lease: &LeaseRecord = $lease;
         $query
             .bind(lease.authorization_id)
-            .bind(lease.sealed_token.clone())
+            .bind(stored_token(lease))
             .bind(lease.state)
             .bind(lease.update_time)
             .bind(lease.expire_time)
@@ -907,6 +920,62 @@ where
         .await
         .map_err(map_sqlx)?;
         Ok(())
+    }
+
+    async fn delete_closed_leases(
+        &self,
+        closed_before: Timestamp,
+        valid_to_before: Timestamp,
+        unrecorded_valid_to_before: Timestamp,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        // SQLite: the write lock from the start, so the rows picked are
+        // still the ones deleted; PostgreSQL: the picked rows are locked
+        // (a concurrent run skips them).
+        let mut tx = DB::begin_quota_create(&self.pool).await?;
+        let sql = format!(
+            "SELECT id FROM leases WHERE state IN ($1, $2, $3) AND update_time < $4 \
+               AND ((upstream_valid_to IS NOT NULL AND upstream_valid_to < $5) \
+                 OR (upstream_valid_to IS NULL AND max_expire_time < $6)) \
+             ORDER BY update_time, id LIMIT $7 {}",
+            DB::CLAIM_LOCK
+        );
+        let ids: Vec<(LeaseId,)> = sqlx::query_as(&sql)
+            .bind(LeaseState::Revoked)
+            .bind(LeaseState::Expired)
+            .bind(LeaseState::Failed)
+            .bind(closed_before)
+            .bind(valid_to_before)
+            .bind(unrecorded_valid_to_before)
+            .bind(i64::from(limit))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(map_sqlx)?;
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut deleted = 0;
+        for chunk in ids.chunks(MAX_IDS_PER_QUERY) {
+            let list = placeholders(1, chunk.len());
+            // The keys first: each references its lease.
+            for (table, column) in [("idempotency_keys", "lease_id"), ("leases", "id")] {
+                let sql = format!("DELETE FROM {table} WHERE {column} IN ({list})");
+                let mut query = sqlx::query::<DB>(&sql);
+                for (id,) in chunk {
+                    query = query.bind(*id);
+                }
+                let done = query
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_sqlx)?
+                    .rows_affected();
+                if table == "leases" {
+                    deleted += done;
+                }
+            }
+        }
+        tx.commit().await.map_err(map_sqlx)?;
+        Ok(deleted)
     }
 
     async fn count_live_leases(&self, holder: &Identity) -> Result<u64, StoreError> {

@@ -159,6 +159,8 @@ pub struct BrokerOptions {
     pub revocation_retry: RetrySchedule,
     /// How often one replica sweeps for orphan PATs.
     pub sweep_interval: Duration,
+    /// How long closed leases are kept (`leases.retention`).
+    pub retention: Duration,
     /// `$top` of each upstream list page (the emulator's default is 100).
     pub upstream_page_size: u32,
 }
@@ -171,6 +173,7 @@ impl Default for BrokerOptions {
             reconcile_after: Duration::from_secs(120),
             revocation_retry: RetrySchedule::default(),
             sweep_interval: Duration::from_secs(600),
+            retention: Duration::from_secs(90 * 24 * 3600),
             upstream_page_size: 100,
         }
     }
@@ -231,6 +234,7 @@ pub async fn start_broker(
             replica_id: format!("replica-{}", Uuid::new_v4().simple()),
             reconcile_after: options.reconcile_after,
             sweep_interval: options.sweep_interval,
+            retention: options.retention,
             revocation_retry: options.revocation_retry.clone(),
             background_workers: 8,
         },
