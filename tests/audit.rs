@@ -12,8 +12,8 @@ use chrono::{DateTime, TimeZone, Utc};
 use common::audit::AuditDb;
 use secrecy::SecretString;
 use token_broker::audit::{
-    parse_expected_head, verify, verify_heads, AppendedEvent, AuditError, AuditEvent, AuditLog,
-    ChainBroken, ChainKey, ChainKeys, Defect, Outcome, VerifyError, VerifyReport,
+    parse_expected_head, verify, verify_from, verify_heads, AppendedEvent, AuditError, AuditEvent,
+    AuditLog, ChainBroken, ChainKey, ChainKeys, Defect, Outcome, VerifyError, VerifyReport,
     AUDIT_TAMPER_DETECTED, CHAIN_KEY_ROTATE, SYSTEM_IDENTITY,
 };
 use token_broker::crypto::Keyring;
@@ -43,6 +43,7 @@ on_both_stores!(
     ids_are_never_reused_after_the_newest_rows_are_deleted,
     a_replica_detects_its_last_row_rewritten_when_the_id_counter_was_rewound,
     several_published_heads_are_each_checked,
+    an_archived_trail_verifies_from_its_recorded_head,
     a_chain_rotated_from_a1_to_a2_verifies_across_the_switch_and_an_edit_on_either_side_is_caught,
     a_row_whose_chain_key_is_not_configured_is_named_as_such_and_relabelled_key_ids_as_tampering,
     chains_from_before_key_ids_keep_verifying_and_a_single_string_key_is_id_default,
@@ -853,6 +854,58 @@ async fn a_replica_detects_its_last_row_rewritten_when_the_id_counter_was_rewoun
     // Chained onto what it found: the chain itself stays consistent, the
     // record of the rewrite is in it.
     intact(&db, &chain_key(&key), head_of(&next)).await;
+}
+
+/// Archiving: once the rows up to a recorded head are deleted, the rows
+/// left verify from that head, and a change after it, or a wrong head, is
+/// still caught.
+async fn an_archived_trail_verifies_from_its_recorded_head(db: AuditDb) {
+    let key = new_key();
+    let log = AuditLog::new(db.store.clone(), chain_key(&key));
+    let appended = append_n(&log, 6).await;
+    let recorded = head_of(&appended[2]).unwrap();
+    db.exec(&format!(
+        "DELETE FROM audit_events WHERE id <= {}",
+        recorded.0
+    ))
+    .await;
+    // From the first row, the chain no longer proves itself.
+    assert!(verify(db.store.as_ref(), &chain_key(&key), None)
+        .await
+        .is_err());
+    let report = verify_from(
+        db.store.as_ref(),
+        &chain_key(&key),
+        Some(recorded.clone()),
+        &[],
+    )
+    .await
+    .expect("the rows left chain from the recorded head");
+    assert_eq!(report.chained_rows, 3);
+    assert_eq!(report.head.as_ref(), appended.last());
+
+    // A head that is not the one recorded fails at the next row.
+    let forged = (recorded.0, "0".repeat(64));
+    match verify_from(db.store.as_ref(), &chain_key(&key), Some(forged), &[]).await {
+        Err(VerifyError::Broken(b)) => assert_eq!(
+            b,
+            ChainBroken {
+                row_id: recorded.0 + 1,
+                defect: Defect::MacMismatch
+            }
+        ),
+        other => panic!("expected a MAC mismatch, got {other:?}"),
+    }
+    // A row after the head deleted too: the gap shows.
+    db.exec(&format!(
+        "DELETE FROM audit_events WHERE id = {}",
+        recorded.0 + 1
+    ))
+    .await;
+    match verify_from(db.store.as_ref(), &chain_key(&key), Some(recorded), &[]).await {
+        Err(VerifyError::Broken(b)) => assert_eq!(b.row_id, appended[4].id),
+        other => panic!("expected the gap, got {other:?}"),
+    }
 }
 
 /// Threat model, "verify with the history of heads": every head published

@@ -462,15 +462,42 @@ pub async fn verify_heads(
     chain_keys: &ChainKeys,
     expected_heads: &[(i64, String)],
 ) -> Result<VerifyReport, VerifyError> {
+    verify_from(store, chain_keys, None, expected_heads).await
+}
+
+/// As [`verify_heads`], starting after `start` (`(audit_id, mac)`: a head
+/// recorded before the rows up to it were archived and deleted) instead of
+/// at the first row: the next stored row must be `audit_id + 1` and chain
+/// from `mac`, so the rows left prove themselves back to that recorded
+/// head (docs/durability.md, "Archiving audit rows"). Rows at or before
+/// `audit_id` are not read; `chained_rows` counts the rows after it. An
+/// expected head at `audit_id` must carry `mac`; one before it is not
+/// checked. Errors: as [`verify`].
+pub async fn verify_from(
+    store: &dyn Store,
+    chain_keys: &ChainKeys,
+    start: Option<(i64, String)>,
+    expected_heads: &[(i64, String)],
+) -> Result<VerifyReport, VerifyError> {
     let mut report = VerifyReport {
         chained_rows: 0,
         head: None,
     };
     // The MAC stored at each expected head's id, once seen.
-    let mut heads_seen: BTreeMap<i64, Option<String>> =
-        expected_heads.iter().map(|(id, _)| (*id, None)).collect();
+    let mut heads_seen: BTreeMap<i64, Option<String>> = expected_heads
+        .iter()
+        .filter(|(id, _)| start.as_ref().is_none_or(|(from, _)| id >= from))
+        .map(|(id, _)| (*id, None))
+        .collect();
     let mut prev_key_id: Option<String> = None;
     let mut after = 0;
+    if let Some((id, mac)) = start {
+        if let Some(seen) = heads_seen.get_mut(&id) {
+            *seen = Some(mac.clone());
+        }
+        after = id;
+        report.head = Some(AppendedEvent { id, mac });
+    }
     loop {
         let rows = store.list_audit_chain(after, VERIFY_PAGE).await?;
         let Some(last) = rows.last() else { break };
@@ -536,6 +563,9 @@ pub async fn verify_heads(
         }
     }
     for (id, mac) in expected_heads {
+        if !heads_seen.contains_key(id) {
+            continue;
+        }
         let broken = |defect| ChainBroken {
             row_id: *id,
             defect,

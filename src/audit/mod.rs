@@ -29,8 +29,8 @@ mod refusals;
 pub use crate::domain::{AuditEvent, Outcome};
 
 pub use chain::{
-    parse_expected_head, switch_detail, verify, verify_heads, BadHead, ChainBroken, ChainKey,
-    ChainKeys, Defect, VerifyError, VerifyReport, CHAIN_KEY_ROTATE, GENESIS_MAC,
+    parse_expected_head, switch_detail, verify, verify_from, verify_heads, BadHead, ChainBroken,
+    ChainKey, ChainKeys, Defect, VerifyError, VerifyReport, CHAIN_KEY_ROTATE, GENESIS_MAC,
 };
 pub use refusals::{RefusalCounter, RefusalObserver, MAX_REFUSAL_ADDRESSES, OTHER_ADDRESSES};
 

@@ -68,6 +68,11 @@ pub struct VerifyArgs {
     /// starting with `#` are skipped), checked like `--expected-head`.
     #[arg(long, value_name = "FILE")]
     pub expected_heads_file: Option<PathBuf>,
+    /// Verify from this recorded head (`ID:MAC`) instead of the first row:
+    /// for a trail whose rows up to ID were archived and deleted. The next
+    /// stored row must be ID + 1 and chain from MAC.
+    #[arg(long, value_name = "ID:MAC")]
+    pub from_head: Option<String>,
 }
 
 /// Runs `audit list` and returns what to print on stdout.
@@ -106,12 +111,13 @@ pub async fn verify(
     expected_head: Option<&str>,
 ) -> Result<String, AuditVerifyError> {
     let heads: Vec<String> = expected_head.into_iter().map(str::to_owned).collect();
-    verify_heads(config, &heads, None).await
+    verify_heads(config, &heads, None, None).await
 }
 
 /// Runs `audit verify` with a loaded `config`, checking every head of
 /// `expected_heads` (each `ID:MAC` or a comma-separated list of them) and
-/// of `heads_file` (one `ID:MAC` per line; blank and `#` lines skipped).
+/// of `heads_file` (one `ID:MAC` per line; blank and `#` lines skipped),
+/// starting after `from_head` (`ID:MAC`) when given ([`audit::verify_from`]).
 /// Errors: [`AuditVerifyError::Setup`] for a head that does not parse (named
 /// with its flag, or file and line) or an unreadable file; else as
 /// [`verify`].
@@ -119,8 +125,13 @@ pub async fn verify_heads(
     config: &Config,
     expected_heads: &[String],
     heads_file: Option<&Path>,
+    from_head: Option<&str>,
 ) -> Result<String, AuditVerifyError> {
     let setup = |e: &dyn std::fmt::Display| AuditVerifyError::Setup(e.to_string());
+    let start = from_head
+        .map(audit::parse_expected_head)
+        .transpose()
+        .map_err(|e| setup(&format!("--from-head: {e}")))?;
     let mut expected = Vec::new();
     for text in expected_heads.iter().flat_map(|v| v.split(',')) {
         expected.push(
@@ -187,8 +198,11 @@ pub async fn verify_heads(
         }
         Err(e) => return Err(setup(&e)),
     }
-    let report = audit::verify_heads(store.as_ref(), &chain_keys, &expected).await?;
-    Ok(report.to_string())
+    let report = audit::verify_from(store.as_ref(), &chain_keys, start.clone(), &expected).await?;
+    Ok(match start {
+        Some((id, _)) => format!("{report} (from recorded head {id})"),
+        None => report.to_string(),
+    })
 }
 
 /// Runs `audit head` with a loaded `config`: `ID:MAC` of the newest stored

@@ -148,6 +148,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                     &settings.config,
                     &args.expected_head,
                     args.expected_heads_file.as_deref(),
+                    args.from_head.as_deref(),
                 )
                 .await,
             )
