@@ -50,6 +50,7 @@ max_header_list_size = 32768
 url = "sqlite:token-broker.db"
 max_connections = 10
 acquire_timeout = "10s"
+migrate_on_start = true
 
 [keys]
 
@@ -251,6 +252,26 @@ pub struct DatabaseConfig {
     /// (`STORE_UNAVAILABLE`); default `10s`, at most `10m`.
     #[serde(deserialize_with = "crate::duration::de_duration")]
     pub acquire_timeout: Duration,
+    /// `database.migrate_on_start`: whether `serve` applies pending
+    /// migrations at start (default true). False where a Job runs
+    /// `token-broker migrate`: `serve` then applies none and refuses to
+    /// start while the database lacks a migration this binary has.
+    #[serde(default = "default_true")]
+    pub migrate_on_start: bool,
+    /// `database.migrate_url`: the database URL used only for migrations
+    /// (a direct connection, e.g. past PgBouncer, whose transaction pooling
+    /// breaks the session advisory lock migrations hold); unset:
+    /// `database.url`. Secret like `database.url`; same backend.
+    #[serde(default)]
+    pub migrate_url: Option<SecretString>,
+    /// `database.migrate_url_file`: path of a file holding
+    /// `database.migrate_url` (a mounted Secret); not with `migrate_url`.
+    #[serde(default)]
+    pub migrate_url_file: Option<PathBuf>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Which backend a `database.url` selects.
@@ -708,6 +729,14 @@ impl Config {
             Ok(Some(url)) => database.url = url,
             Ok(None) => errors.push(ConfigError::new("database.url", "must not be empty")),
             Err(e) => errors.push(e),
+        }
+        if let Err(e) = resolve_secret_in_place(
+            "database.migrate_url",
+            &mut database.migrate_url,
+            "database.migrate_url_file",
+            &mut database.migrate_url_file,
+        ) {
+            errors.push(e);
         }
         let upstream = &mut self.upstream;
         if let Err(e) = resolve_secret_in_place(
@@ -1174,7 +1203,10 @@ fn is_secret_setting(path: &str) -> bool {
     let key = path.strip_prefix("keys.").unwrap_or(path);
     matches!(
         path,
-        "database.url" | "upstream.refresh_token" | "upstream.entra.client_secret"
+        "database.url"
+            | "database.migrate_url"
+            | "upstream.refresh_token"
+            | "upstream.entra.client_secret"
     ) || matches!(key, "fingerprint" | "audit_chain")
         || ["sealing", "fingerprint_keys", "audit_chain_keys"]
             .iter()

@@ -77,6 +77,18 @@ pub enum ServeError {
     /// A background task panicked.
     #[error("broker task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    /// `database.migrate_on_start` is false and the database lacks
+    /// migrations this binary has (`version`: the oldest missing one).
+    #[error(
+        "database.migrate_on_start: migrations are off at start and the database lacks \
+         migration {version} ({pending} pending); run `token-broker migrate` first"
+    )]
+    MigrationsBehind {
+        /// The oldest migration version not applied.
+        version: i64,
+        /// How many migrations are not applied.
+        pending: usize,
+    },
 }
 
 /// Loads the policy named by `policy.file` (the broker then reloads it on
@@ -153,7 +165,7 @@ impl Broker {
 
         // One handle per kind of work, each over its own share of
         // `database.max_connections`.
-        let stores = open_store(&config).await?;
+        let stores = open_store(&config, config.database.migrate_on_start).await?;
         let store = stores.requests.clone();
         // Keys that match, or no start: before anything is sealed, opened,
         // chained or fingerprinted.
@@ -515,15 +527,38 @@ fn replica_id() -> String {
     format!("{host}-{}-{}", std::process::id(), &suffix[..8])
 }
 
-/// Opens the store as `[database]` says (one handle per kind of work) and
-/// migrates it.
-async fn open_store(config: &Config) -> Result<store::Stores, ServeError> {
+/// Opens the store as `[database]` says (one handle per kind of work).
+/// With `migrate`, applies pending migrations first, over
+/// `database.migrate_url` when set (a direct connection: migrations hold a
+/// session advisory lock, which PgBouncer's transaction pooling breaks).
+/// Without, refuses ([`ServeError::MigrationsBehind`]) a database that
+/// lacks a migration this binary has.
+async fn open_store(config: &Config, migrate: bool) -> Result<store::Stores, ServeError> {
+    let database = &config.database;
+    if migrate {
+        if let Some(url) = &database.migrate_url {
+            let direct = store::open(secrecy::ExposeSecret::expose_secret(url)).await?;
+            direct.migrate().await?;
+        }
+    }
     let stores = store::Stores::open(
-        secrecy::ExposeSecret::expose_secret(&config.database.url),
-        &config.database.pool_options(),
+        secrecy::ExposeSecret::expose_secret(&database.url),
+        &database.pool_options(),
     )
     .await?;
-    stores.requests.migrate().await?;
+    if migrate {
+        if database.migrate_url.is_none() {
+            stores.requests.migrate().await?;
+        }
+    } else {
+        let pending = stores.requests.pending_migrations().await?;
+        if let Some(&version) = pending.first() {
+            return Err(ServeError::MigrationsBehind {
+                version,
+                pending: pending.len(),
+            });
+        }
+    }
     Ok(stores)
 }
 
@@ -569,7 +604,7 @@ pub async fn migrate(config: &Config) -> Result<(), ServeError> {
         .backend()
         .map_err(|m| ConfigError::new("database.url", m))?;
     let (keys, _) = config.keys.resolve(&backend)?;
-    let stores = open_store(config).await?;
+    let stores = open_store(config, true).await?;
     crate::keycheck::check_keys(stores.requests.as_ref(), &keys).await?;
     Ok(())
 }

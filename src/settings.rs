@@ -62,6 +62,21 @@ impl Settings {
                     .map_err(|m| ConfigError::new("database.url", m)),
             )
         };
+        if let (Some(backend), Some(migrate_url)) = (&backend, &config.database.migrate_url) {
+            let migrate_backend =
+                crate::config::backend_of(secrecy::ExposeSecret::expose_secret(migrate_url));
+            let same = matches!(
+                (backend, migrate_backend),
+                (Backend::Postgres, Ok(Backend::Postgres))
+                    | (Backend::Sqlite(_), Ok(Backend::Sqlite(_)))
+            );
+            if !same {
+                errors.push(ConfigError::new(
+                    "database.migrate_url",
+                    "must name the same kind of database as database.url (postgres://… or sqlite:PATH)",
+                ));
+            }
+        }
         // Inline keys are decoded again by `keys()`: keeping a copy here
         // would make two places decide where the keys come from.
         keep(&mut errors, config.keys.check());

@@ -49,6 +49,18 @@ fn is_postgres(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
+/// The versions `migrator` has (up migrations only) that are not in
+/// `applied`, ascending.
+fn pending_versions(migrator: &sqlx::migrate::Migrator, applied: &[i64]) -> Vec<i64> {
+    let mut pending: Vec<i64> = migrator
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration() && !applied.contains(&m.version))
+        .map(|m| m.version)
+        .collect();
+    pending.sort_unstable();
+    pending
+}
+
 /// Connection limits of the store (`[database]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PoolOptions {
@@ -734,6 +746,11 @@ pub trait Store: Send + Sync + 'static {
     /// Applies pending migrations (PostgreSQL: under an advisory lock, so
     /// concurrent replicas run them once).
     async fn migrate(&self) -> Result<(), StoreError>;
+
+    /// Versions of this binary's migrations the database has not applied
+    /// (ascending; empty when up to date). Reads only: an unmigrated
+    /// database answers every version.
+    async fn pending_migrations(&self) -> Result<Vec<i64>, StoreError>;
 
     /// Checks the database answers.
     async fn ping(&self) -> Result<(), StoreError>;

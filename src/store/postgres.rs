@@ -87,6 +87,22 @@ impl Dialect for Postgres {
         MIGRATOR.run(pool).await.map_err(map_migrate)
     }
 
+    async fn pending_migrations(pool: &PgPool) -> Result<Vec<i64>, StoreError> {
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+            .fetch_one(pool)
+            .await
+            .map_err(map_sqlx)?;
+        let applied: Vec<i64> = if exists {
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(pool)
+                .await
+                .map_err(map_sqlx)?
+        } else {
+            Vec::new()
+        };
+        Ok(super::pending_versions(&MIGRATOR, &applied))
+    }
+
     /// A plain transaction: the advisory lock is taken later
     /// ([`Dialect::SERIALIZE_AUDIT_APPEND`]).
     async fn begin_audit_append(

@@ -95,6 +95,11 @@ pub(crate) trait Dialect: Database<QueryResult: RowsAffected> {
     /// Applies pending migrations.
     fn migrate(pool: &Pool<Self>) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Migration versions not applied yet ([`super::Store::pending_migrations`]).
+    fn pending_migrations(
+        pool: &Pool<Self>,
+    ) -> impl Future<Output = Result<Vec<i64>, StoreError>> + Send;
+
     /// Run in an audit append's transaction after its lease writes and
     /// before it reads the chain head, if the transaction itself does not
     /// already serialize appends: taken this late, the lock is held only
@@ -662,6 +667,10 @@ where
 {
     async fn migrate(&self) -> Result<(), StoreError> {
         DB::migrate(&self.pool).await
+    }
+
+    async fn pending_migrations(&self) -> Result<Vec<i64>, StoreError> {
+        DB::pending_migrations(&self.pool).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -147,6 +147,25 @@ impl Dialect for Sqlite {
         MIGRATOR.run(pool).await.map_err(map_migrate)
     }
 
+    async fn pending_migrations(pool: &SqlitePool) -> Result<Vec<i64>, StoreError> {
+        let exists: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master \
+             WHERE type = 'table' AND name = '_sqlx_migrations')",
+        )
+        .fetch_one(pool)
+        .await
+        .map_err(map_sqlx)?;
+        let applied: Vec<i64> = if exists {
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(pool)
+                .await
+                .map_err(map_sqlx)?
+        } else {
+            Vec::new()
+        };
+        Ok(super::pending_versions(&MIGRATOR, &applied))
+    }
+
     /// A transaction that takes SQLite's one write lock up front, so
     /// appends from several connections (or processes) are serialized.
     async fn begin_audit_append(
