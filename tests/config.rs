@@ -871,3 +871,36 @@ fn a_missing_secret_file_is_an_error_naming_the_setting_and_path() {
         Ok(())
     });
 }
+
+#[test]
+fn migrate_settings_default_to_migrating_over_database_url_and_name_themselves_in_errors() {
+    Jail::expect_with(|jail| {
+        let c = load(None).unwrap();
+        assert!(c.database.migrate_on_start);
+        assert!(c.database.migrate_url.is_none());
+
+        jail.set_env("TOKEN_BROKER_DATABASE__MIGRATE_ON_START", "false");
+        jail.set_env(
+            "TOKEN_BROKER_DATABASE__MIGRATE_URL",
+            "sqlite:direct-migrations.db",
+        );
+        let c = load(None).unwrap();
+        assert!(!c.database.migrate_on_start);
+        assert_eq!(
+            c.database.migrate_url.as_ref().unwrap().expose_secret(),
+            "sqlite:direct-migrations.db"
+        );
+        assert!(!format!("{c:?}").contains("direct-migrations"));
+
+        // Another kind of database than database.url, refused naming the
+        // setting and never showing the value (it may hold a password).
+        jail.set_env(
+            "TOKEN_BROKER_DATABASE__MIGRATE_URL",
+            "postgres://u:pw-secret-value@db/x",
+        );
+        let err = load(None).expect_err("sqlite url with a postgres migrate_url");
+        assert!(err.names("database.migrate_url"), "{err}");
+        assert!(!err.to_string().contains("pw-secret-value"), "{err}");
+        Ok(())
+    });
+}
