@@ -535,21 +535,13 @@ fn replica_id() -> String {
 /// lacks a migration this binary has.
 async fn open_store(config: &Config, migrate: bool) -> Result<store::Stores, ServeError> {
     let database = &config.database;
-    if migrate {
-        if let Some(url) = &database.migrate_url {
-            let direct = store::open(secrecy::ExposeSecret::expose_secret(url)).await?;
-            direct.migrate().await?;
-        }
-    }
     let stores = store::Stores::open(
         secrecy::ExposeSecret::expose_secret(&database.url),
         &database.pool_options(),
     )
     .await?;
     if migrate {
-        if database.migrate_url.is_none() {
-            stores.requests.migrate().await?;
-        }
+        apply_migrations(database, stores.requests.as_ref()).await?;
     } else {
         let pending = stores.requests.pending_migrations().await?;
         if let Some(&version) = pending.first() {
@@ -560,6 +552,26 @@ async fn open_store(config: &Config, migrate: bool) -> Result<store::Stores, Ser
         }
     }
     Ok(stores)
+}
+
+/// Applies pending migrations over `database.migrate_url` when set (a
+/// connection opened for them and dropped after), else over `store`
+/// (opened on `database.url`).
+///
+/// Errors: the migration URL unreachable, a migration failing.
+pub async fn apply_migrations(
+    database: &crate::config::DatabaseConfig,
+    store: &dyn store::Store,
+) -> Result<(), StoreError> {
+    match &database.migrate_url {
+        Some(url) => {
+            store::open(secrecy::ExposeSecret::expose_secret(url))
+                .await?
+                .migrate()
+                .await
+        }
+        None => store.migrate().await,
+    }
 }
 
 /// Adopts `configured` (`upstream.refresh_token`) as a new credential

@@ -66,8 +66,7 @@ async fn open(config: &Config) -> Result<(std::sync::Arc<dyn Store>, ResolvedKey
     let store = crate::store::open(config.database.url.expose_secret())
         .await
         .map_err(|e| format!("database: {e}"))?;
-    store
-        .migrate()
+    crate::server::apply_migrations(&config.database, store.as_ref())
         .await
         .map_err(|e| format!("database: {e}"))?;
     keycheck::check_keys(store.as_ref(), &keys)

@@ -95,8 +95,7 @@ async fn open(config: &Config) -> Result<(Arc<dyn Store>, Keyring, AuditLog), St
     let store = crate::store::open(config.database.url.expose_secret())
         .await
         .map_err(|e| format!("database: {e}"))?;
-    store
-        .migrate()
+    crate::server::apply_migrations(&config.database, store.as_ref())
         .await
         .map_err(|e| format!("database: {e}"))?;
     crate::keycheck::check_keys(store.as_ref(), &keys)
