@@ -1011,6 +1011,25 @@ impl KeysConfig {
     }
 }
 
+impl KeysConfig {
+    /// [`KeysConfig::resolve`] without writing anything (for `config
+    /// check`): with no keys configured on a SQLite file, the generated
+    /// keys file beside it is read when it exists; None when `serve` would
+    /// generate it now. Errors name the setting, as `resolve`'s do.
+    pub fn resolve_existing(&self, backend: &Backend) -> Result<Option<ResolvedKeys>, ConfigError> {
+        match backend {
+            Backend::Sqlite(Some(db)) if self.is_unset() => {
+                let path = generated_keys_path(db);
+                if !path.exists() {
+                    return Ok(None);
+                }
+                read_keys_file("keys", &path).map(Some)
+            }
+            _ => self.resolve(backend).map(|(keys, _)| Some(keys)),
+        }
+    }
+}
+
 /// Creates a fresh keys file at `path` (mode 0600) unless one exists; a
 /// generated file from before the audit chain gets its `audit_chain` key
 /// added. Returns true if it was created now. Errors name `keys`.
@@ -1197,8 +1216,9 @@ fn keyring_of(
     Ok((active, keys))
 }
 
-/// Settings whose values are secrets and never appear in an error.
-fn is_secret_setting(path: &str) -> bool {
+/// Settings whose values are secrets and never appear in an error (nor in
+/// `config check`'s output); `path` is dotted, e.g. `keys.sealing.k1`.
+pub(crate) fn is_secret_setting(path: &str) -> bool {
     // A keys file's settings have no `keys.` prefix.
     let key = path.strip_prefix("keys.").unwrap_or(path);
     matches!(

@@ -1,5 +1,5 @@
 //! The `token-broker` command line (clap): the server (`serve`, `migrate`),
-//! the local run (`dev`, `emulator`), key generation (`apikey generate`),
+//! the configuration check (`config check`), the local run (`dev`, `emulator`), key generation (`apikey generate`),
 //! policy files (`policy check`), the upstream credential (`upstream
 //! login | status | set-refresh-token`), the gRPC clients (`lease ...`,
 //! `admin ...`, `audit list`), the audit chain check (`audit verify`) and
@@ -18,6 +18,7 @@ pub mod admin;
 pub mod audit;
 pub mod bench;
 pub mod client;
+pub mod config;
 pub mod dev;
 pub mod grpc;
 pub mod keys;
@@ -39,6 +40,9 @@ enum Command {
     Serve(ConfigArg),
     /// Apply database migrations and exit.
     Migrate(ConfigArg),
+    /// Check the server configuration (for CI): settings, keys, policy, TLS and API keys files.
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
     /// One-command local run: emulator + broker on SQLite, with a dev key.
     Dev(dev::DevArgs),
     /// Run the Azure DevOps + Entra emulator alone.
@@ -110,6 +114,7 @@ async fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Serve(arg) => serve::serve(&arg).await,
         Command::Migrate(arg) => serve::migrate(&arg).await,
+        Command::Config(command) => print_out(config::run(command)),
         Command::Dev(args) => dev::run(args).await.map_err(|e| e.to_string()),
         Command::Emulator(args) => {
             crate::telemetry::init("info", false).map_err(|e| e.to_string())?;
