@@ -518,8 +518,14 @@ macro_rules! append_audit {
                 // Is the row this replica wrote last still there, as it was?
                 // Not: the tail was deleted or rewritten since; record that,
                 // chained onto what is found, before anything else.
-                if let Some((last_id, last_mac)) =
-                    chainer.last_appended().filter(|_| !written.is_empty())
+                // The common case, this replica wrote the newest row, is
+                // answered by the head read above: no second read.
+                let head_is_ours =
+                    |(id, mac): &(i64, &str)| head_id == Some(*id) && prev.as_deref() == Some(*mac);
+                if let Some((last_id, last_mac)) = chainer
+                    .last_appended()
+                    .filter(|_| !written.is_empty())
+                    .filter(|last| !head_is_ours(last))
                 {
                     let at: Option<(Option<String>,)> =
                         sqlx::query_as("SELECT mac FROM audit_events WHERE id = $1")
