@@ -167,13 +167,6 @@ impl BrokerCredential {
         }
     }
 
-    /// Redeems the stored version now, even if an access token is cached
-    /// or the version was refused a moment ago (the keep-alive).
-    pub async fn refresh_now(&self) -> Result<(), UpstreamError> {
-        let mut state = self.state.lock().await;
-        self.refresh(&mut state, true).await.map(drop)
-    }
-
     async fn refresh(
         &self,
         state: &mut State,
