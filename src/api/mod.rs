@@ -41,6 +41,7 @@ pub mod admin;
 pub mod codec;
 pub mod convert;
 pub mod filter;
+pub mod rpc_span;
 mod service;
 pub mod status;
 pub mod transport;
@@ -170,6 +171,7 @@ where
         Box::pin(async move {
             match authenticate_presented(&auth, presented).await {
                 Ok(caller) => {
+                    rpc_span::record_caller(&caller.identity);
                     request.extensions_mut().insert(caller);
                     inner.call(request).await
                 }
@@ -286,7 +288,8 @@ pub async fn serve(
         .prepare();
     transport::serve(
         listener,
-        routes,
+        // Outermost, so everything a call does runs in its span.
+        rpc_span::RpcSpans::new(routes),
         tls,
         transport::ConnectionLimits::from(&grpc),
         shutdown,

@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
 use super::convert;
+use super::rpc_span::{record_lease, record_organization};
 use super::status::to_status;
 use crate::auth::{AuthError, Caller};
 use crate::error::{ErrorCode, ServiceError};
@@ -80,6 +81,7 @@ impl LeaseService for LeaseApi {
     async fn create_lease(&self, request: Request<pb::CreateLeaseRequest>) -> Reply<pb::Lease> {
         let (caller, req) = caller_and_message(request)?;
         let req = convert::create_lease(req)?;
+        record_organization(&req.organization);
         let issued = run_to_completion(
             &self.leases,
             |l| async move { l.create(&caller, req).await },
@@ -93,10 +95,10 @@ impl LeaseService for LeaseApi {
 
     async fn get_lease(&self, request: Request<pb::GetLeaseRequest>) -> Reply<pb::Lease> {
         let (caller, req) = caller_and_message(request)?;
-        let lease = self
-            .leases
-            .get(&caller, convert::lease_name(&req.name)?)
-            .await?;
+        let id = convert::lease_name(&req.name)?;
+        record_lease(id);
+        let lease = self.leases.get(&caller, id).await?;
+        record_organization(&lease.organization);
         Ok(Response::new(convert::lease(&lease, None)))
     }
 
@@ -114,6 +116,7 @@ impl LeaseService for LeaseApi {
     async fn renew_lease(&self, request: Request<pb::RenewLeaseRequest>) -> Reply<pb::Lease> {
         let (caller, req) = caller_and_message(request)?;
         let id = convert::lease_name(&req.name)?;
+        record_lease(id);
         let increment = req
             .increment
             .map(|d| convert::duration("increment", d))
@@ -122,14 +125,17 @@ impl LeaseService for LeaseApi {
             l.renew(&caller, id, increment).await
         })
         .await?;
+        record_organization(&lease.organization);
         Ok(Response::new(convert::lease(&lease, None)))
     }
 
     async fn revoke_lease(&self, request: Request<pb::RevokeLeaseRequest>) -> Reply<pb::Lease> {
         let (caller, req) = caller_and_message(request)?;
         let id = convert::lease_name(&req.name)?;
+        record_lease(id);
         let lease =
             run_to_completion(&self.leases, |l| async move { l.revoke(&caller, id).await }).await?;
+        record_organization(&lease.organization);
         Ok(Response::new(convert::lease(&lease, None)))
     }
 }

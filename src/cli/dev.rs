@@ -209,7 +209,8 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
     };
     let settings = dev_settings(&args, &upstream_url, &key)?;
     let log = &settings.config.log;
-    crate::telemetry::init(&log.filter, log.json).map_err(|e| DevError::Config(e.to_string()))?;
+    let traces = crate::telemetry::init_with_traces(&log.filter, log.json)
+        .map_err(|e| DevError::Config(e.to_string()))?;
     let policy = Policy::from_yaml(DEV_POLICY).expect("the built-in dev policy is valid");
     let listener = server::bind(&settings.config).await?;
     let broker = Broker::start(settings, policy, listener).await?;
@@ -244,6 +245,7 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
         let _ = stop.send(());
         let _ = task.await;
     }
+    traces.shutdown().await;
     result.map_err(DevError::from)
 }
 

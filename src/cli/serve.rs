@@ -22,9 +22,21 @@ pub fn load_settings(arg: &ConfigArg) -> Result<Settings, String> {
     Ok(settings)
 }
 
-/// `token-broker serve`: runs the broker until Ctrl-C or SIGTERM.
+/// `token-broker serve`: runs the broker until Ctrl-C or SIGTERM. Exports
+/// traces when the `OTEL_*` variables ask for it
+/// ([`crate::telemetry::init_with_traces`]), and sends the last spans
+/// before it returns.
 pub async fn serve(arg: &ConfigArg) -> Result<(), String> {
-    let settings = load_settings(arg)?;
+    let settings = Settings::load(arg.config.as_deref()).map_err(|e| e.to_string())?;
+    let log = &settings.config.log;
+    let traces =
+        crate::telemetry::init_with_traces(&log.filter, log.json).map_err(|e| e.to_string())?;
+    let result = run(settings).await;
+    traces.shutdown().await;
+    result
+}
+
+async fn run(settings: Settings) -> Result<(), String> {
     let policy = server::load_policy(&settings.config).map_err(|e| e.to_string())?;
     let listener = server::bind(&settings.config)
         .await

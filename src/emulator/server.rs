@@ -133,7 +133,10 @@ async fn dispatch(State(emu): State<Emulator>, req: Request) -> Response {
 
     // PAT API calls are counted in flight and logged (`/_emulator/stats`,
     // `/_emulator/requests`) until their answer is handed over.
-    let pat_call = matches!(route, Route::Pats { .. }).then(|| emu.begin_pat_call(op.as_str()));
+    let pat_call = matches!(route, Route::Pats { .. }).then(|| {
+        let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
+        emu.begin_pat_call(op.as_str(), traceparent)
+    });
     let answer = serve_operation(&emu, op, route, &method, &query, &headers, &body, &kill).await;
     if let Some(call) = &pat_call {
         call.answered(answer.status().as_u16());

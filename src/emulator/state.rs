@@ -225,6 +225,9 @@ pub(crate) struct RequestRecord {
     /// The HTTP status answered; None while served or when the
     /// connection was dropped without an answer.
     pub status: Option<u16>,
+    /// The W3C `traceparent` header the request carried, if any (the
+    /// broker's upstream span when it exports traces).
+    pub traceparent: Option<String>,
 }
 
 /// Everything mutable, behind one lock (never held across an await).
@@ -477,7 +480,7 @@ impl Emulator {
     /// Counts a PAT API request in flight and logs its arrival; the guard
     /// logs its answer ([`PatCall::answered`]) and, when dropped (also
     /// with a dropped connection), takes it out of flight.
-    pub fn begin_pat_call(&self, operation: &'static str) -> PatCall {
+    pub fn begin_pat_call(&self, operation: &'static str, traceparent: Option<&str>) -> PatCall {
         let arrived_micros = self.micros();
         let mut inner = self.lock();
         let seq = inner.next_request_seq;
@@ -493,6 +496,7 @@ impl Emulator {
             arrived_micros,
             answered_micros: None,
             status: None,
+            traceparent: traceparent.map(str::to_owned),
         });
         PatCall {
             emu: self.clone(),

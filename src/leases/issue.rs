@@ -240,6 +240,8 @@ async fn replay(
                     ..Actor::caller(caller).lease_event(ACTION, Outcome::Allowed, &lease, now())
                 };
                 audit_grant(deps, &event).await?;
+                // Into the call's span, as `mint` does for a new lease.
+                tracing::Span::current().record("lease.id", tracing::field::display(lease.id));
                 return Ok(IssuedLease { lease, token });
             }
         }
@@ -253,6 +255,9 @@ async fn mint(
     mut lease: LeaseRecord,
     rule: &str,
 ) -> Result<IssuedLease, LeaseError> {
+    // Into the call's span (api::rpc_span), before the upstream call, so a
+    // failed mint is traced with its lease too.
+    tracing::Span::current().record("lease.id", tracing::field::display(lease.id));
     let skew = chrono_duration(deps.settings.valid_to_skew);
     let wanted_valid_to = lease.expire_time + skew;
     let request = CreatePat {

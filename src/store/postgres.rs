@@ -68,6 +68,7 @@ impl SqlStore<Postgres> {
 
 impl Dialect for Postgres {
     const STORE_NAME: &'static str = "PostgresStore";
+    const DB_SYSTEM: &'static str = "postgresql";
     const CLAIM_LOCK: &'static str = "FOR UPDATE SKIP LOCKED";
     const AUDIT_INSERT_ID: &'static str = "OVERRIDING SYSTEM VALUE";
     /// The greater of the newest row's id and the highest id ever

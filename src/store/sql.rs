@@ -62,6 +62,10 @@ pub(crate) trait Dialect: Database<QueryResult: RowsAffected> {
     /// The store's name in `Debug` output.
     const STORE_NAME: &'static str;
 
+    /// `db.system` in the store spans (OpenTelemetry semantic conventions:
+    /// `postgresql`, `sqlite`).
+    const DB_SYSTEM: &'static str;
+
     /// Ends the subquery that picks the rows a claim takes. PostgreSQL:
     /// `FOR UPDATE SKIP LOCKED`, so concurrent claimers get disjoint sets;
     /// SQLite needs nothing (one writer runs the whole statement).
@@ -671,14 +675,17 @@ where
     Option<Sealed>: Column<DB>,
     Option<String>: Column<DB>,
 {
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.migrate", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "migrate"))]
     async fn migrate(&self) -> Result<(), StoreError> {
         DB::migrate(&self.pool).await
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.pending_migrations", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "pending_migrations"))]
     async fn pending_migrations(&self) -> Result<Vec<i64>, StoreError> {
         DB::pending_migrations(&self.pool).await
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.ping", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "ping"))]
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1")
             .execute(&self.pool)
@@ -687,6 +694,7 @@ where
         Ok(())
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.create_lease", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "create_lease"))]
     async fn create_lease(
         &self,
         lease: &LeaseRecord,
@@ -756,6 +764,7 @@ where
         ))
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.replace_failed_lease", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "replace_failed_lease"))]
     async fn replace_failed_lease(
         &self,
         lease: &LeaseRecord,
@@ -796,6 +805,7 @@ where
         }
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.get_lease", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "get_lease"))]
     async fn get_lease(&self, id: LeaseId) -> Result<Option<LeaseRecord>, StoreError> {
         sqlx::query_as("SELECT * FROM leases WHERE id = $1")
             .bind(id)
@@ -804,6 +814,7 @@ where
             .map_err(map_sqlx)
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.get_leases", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "get_leases"))]
     async fn get_leases(&self, ids: &[LeaseId]) -> Result<Vec<LeaseRecord>, StoreError> {
         // Each id once, even when it falls into several chunks.
         let mut ids = ids.to_vec();
@@ -825,6 +836,7 @@ where
         Ok(found)
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.list_leases", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "list_leases"))]
     async fn list_leases(
         &self,
         filter: &LeaseFilter,
@@ -861,6 +873,7 @@ where
             .map_err(map_sqlx)
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.update_lease", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "update_lease"))]
     async fn update_lease(
         &self,
         lease: &LeaseRecord,
@@ -869,6 +882,7 @@ where
         update_lease!(self, lease, expected, None)
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.update_lease_unchanged", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "update_lease_unchanged"))]
     async fn update_lease_unchanged(
         &self,
         lease: &LeaseRecord,
@@ -878,6 +892,7 @@ where
         update_lease!(self, lease, expected, Some(read_update_time))
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.get_idempotency", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "get_idempotency"))]
     async fn get_idempotency(
         &self,
         holder: &Identity,
@@ -891,6 +906,7 @@ where
             .map_err(map_sqlx)
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.claim_due", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "claim_due"))]
     async fn claim_due(
         &self,
         work: Work,
@@ -924,6 +940,7 @@ where
         Ok(leases)
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.release_claim", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "release_claim"))]
     async fn release_claim(&self, id: LeaseId, claimer: &str) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE leases SET claimed_by = NULL, claimed_until = NULL \
@@ -937,6 +954,7 @@ where
         Ok(())
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.delete_closed_leases", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "delete_closed_leases"))]
     async fn delete_closed_leases(
         &self,
         closed_before: Timestamp,
@@ -993,6 +1011,7 @@ where
         Ok(deleted)
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.count_live_leases", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "count_live_leases"))]
     async fn count_live_leases(&self, holder: &Identity) -> Result<u64, StoreError> {
         let [a, b, c] = codec::LIVE_STATES;
         let (count,): (i64,) = sqlx::query_as(COUNT_LIVE_LEASES)
@@ -1006,6 +1025,7 @@ where
         Ok(count as u64)
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.count_leases_in_state", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "count_leases_in_state"))]
     async fn count_leases_in_state(&self, state: LeaseState) -> Result<u64, StoreError> {
         let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM leases WHERE state = $1")
             .bind(state)
@@ -1015,6 +1035,7 @@ where
         Ok(count as u64)
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.claim_lease", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "claim_lease"))]
     async fn claim_lease(
         &self,
         id: LeaseId,
@@ -1041,6 +1062,7 @@ where
         Ok(done.rows_affected() == 1)
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.lease_organizations", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "lease_organizations"))]
     async fn lease_organizations(&self) -> Result<Vec<Organization>, StoreError> {
         let rows: Vec<(Organization,)> =
             sqlx::query_as("SELECT DISTINCT organization FROM leases ORDER BY organization")
@@ -1050,6 +1072,7 @@ where
         Ok(rows.into_iter().map(|(org,)| org).collect())
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.claim_job", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "claim_job"))]
     async fn claim_job(
         &self,
         name: &str,
@@ -1081,6 +1104,7 @@ where
         Ok(claimed.is_some())
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.finish_job", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "finish_job"))]
     async fn finish_job(
         &self,
         name: &str,
@@ -1101,6 +1125,7 @@ where
         Ok(())
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.append_audit", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "append_audit"))]
     async fn append_audit(&self, event: &AuditEvent) -> Result<i64, StoreError> {
         let append = AuditAppend {
             event: event.clone(),
@@ -1115,6 +1140,7 @@ where
             .ok_or_else(|| StoreError::Database("audit append returned no row".into()))
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.append_audit_chained_batch", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "append_audit_chained_batch"))]
     async fn append_audit_chained_batch(
         &self,
         appends: &[AuditAppend],
@@ -1127,6 +1153,7 @@ where
             .collect())
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.append_audit_keyed_batch", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "append_audit_keyed_batch"))]
     async fn append_audit_keyed_batch(
         &self,
         appends: &[AuditAppend],
@@ -1139,6 +1166,7 @@ where
             .collect())
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.newest_audit_row", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "newest_audit_row"))]
     async fn newest_audit_row(&self) -> Result<Option<(i64, Option<String>)>, StoreError> {
         sqlx::query_as("SELECT id, mac FROM audit_events ORDER BY id DESC LIMIT 1")
             .fetch_optional(&self.pool)
@@ -1146,6 +1174,7 @@ where
             .map_err(map_sqlx)
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.find_lease_by_token_fingerprint", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "find_lease_by_token_fingerprint"))]
     async fn find_lease_by_token_fingerprint(
         &self,
         fingerprints: &[(String, String)],
@@ -1187,6 +1216,7 @@ where
             .map(|(lease, _, _)| lease))
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.list_audit_chain", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "list_audit_chain"))]
     async fn list_audit_chain(
         &self,
         after_id: i64,
@@ -1219,6 +1249,7 @@ where
             .collect()
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.list_audit_matching", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "list_audit_matching"))]
     async fn list_audit_matching(
         &self,
         filter: &AuditFilter,
@@ -1305,6 +1336,7 @@ where
         Ok(rows.into_iter().map(Into::into).collect())
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.get_meta", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "get_meta"))]
     async fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError> {
         let row: Option<(String,)> = sqlx::query_as("SELECT value FROM meta WHERE key = $1")
             .bind(key.to_owned())
@@ -1314,6 +1346,7 @@ where
         Ok(row.map(|(value,)| value))
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.put_meta_if_absent", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "put_meta_if_absent"))]
     async fn put_meta_if_absent(&self, key: &str, value: &str) -> Result<String, StoreError> {
         // A concurrent insert of the same key waits for the first to commit,
         // then does nothing; the read after it sees the winner's value.
@@ -1328,6 +1361,7 @@ where
             .ok_or_else(|| StoreError::Database(format!("meta key {key:?} vanished")))
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.load_upstream_credential", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "load_upstream_credential"))]
     async fn load_upstream_credential(&self) -> Result<Option<UpstreamCredential>, StoreError> {
         let row: Option<CredentialRow> = sqlx::query_as(
             "SELECT version, sealed, update_time, account, source, last_refresh_time, state, \
@@ -1339,6 +1373,7 @@ where
         row.map(CredentialRow::into_credential).transpose()
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.save_upstream_credential", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "save_upstream_credential"))]
     async fn save_upstream_credential(
         &self,
         new: &NewUpstreamCredential,
@@ -1423,6 +1458,7 @@ where
         Ok(version)
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.record_upstream_refresh", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "record_upstream_refresh"))]
     async fn record_upstream_refresh(
         &self,
         version: i64,
@@ -1455,6 +1491,7 @@ where
             .rows_affected();
         Ok(written == 1)
     }
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.record_key_checks", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "record_key_checks"))]
     async fn record_key_checks(
         &self,
         checks: &[KeyCheck],
@@ -1491,6 +1528,7 @@ where
             .collect())
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.sealed_key_ids", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "sealed_key_ids"))]
     async fn sealed_key_ids(&self) -> Result<BTreeSet<String>, StoreError> {
         // A skip scan over leases_sealed_key_id_idx: the next key id after
         // the last one found, one index lookup per key id in use.
@@ -1515,6 +1553,7 @@ where
         Ok(ids)
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.count_sealed_by_key", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "count_sealed_by_key"))]
     async fn count_sealed_by_key(
         &self,
         key_ids: &[String],
@@ -1540,6 +1579,7 @@ where
         Ok(counts)
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.list_secrets_not_under", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "list_secrets_not_under"))]
     async fn list_secrets_not_under(
         &self,
         key_id: &str,
@@ -1592,6 +1632,7 @@ where
         Ok(page)
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.replace_secrets", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "replace_secrets"))]
     async fn replace_secrets(&self, replacements: &[SecretReplacement]) -> Result<u64, StoreError> {
         let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
         let mut replaced = 0;
@@ -1621,6 +1662,7 @@ where
         Ok(replaced)
     }
 
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.count_audit_rows_by_key", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "count_audit_rows_by_key"))]
     async fn count_audit_rows_by_key(
         &self,
     ) -> Result<(BTreeMap<String, u64>, BTreeMap<String, u64>), StoreError> {

@@ -134,6 +134,7 @@ impl SqlStore<Sqlite> {
 
 impl Dialect for Sqlite {
     const STORE_NAME: &'static str = "SqliteStore";
+    const DB_SYSTEM: &'static str = "sqlite";
     const CLAIM_LOCK: &'static str = "";
     const SERIALIZE_AUDIT_APPEND: Option<&'static str> = None;
     const AUDIT_INSERT_ID: &'static str = "";

@@ -29,6 +29,7 @@
 //! retried for create too.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex as SyncMutex};
 use std::time::Duration;
 
@@ -298,11 +299,26 @@ impl AzureDevOpsClient {
         body: Option<Vec<u8>>,
     ) -> Result<Vec<u8>, UpstreamError> {
         let url = self.url(org, query);
+        // The HTTP client span (OpenTelemetry conventions) of this request
+        // and its retries; its context goes out as `traceparent`. At DEBUG:
+        // the operation's own span already names the call in the log.
+        let span = tracing::debug_span!(
+            "upstream_http",
+            otel.name = %format_args!("upstream.{}", operation.as_str()),
+            otel.kind = "client",
+            operation = operation.as_str(),
+            organization = %org,
+            http.request.method = %operation.method(),
+            server.address = url.host_str(),
+            http.response.status_code = field::Empty,
+            http.request.resend_count = field::Empty,
+        );
         self.execute(&Call {
             operation,
             url,
             body,
         })
+        .instrument(span)
         .await
     }
 
@@ -314,7 +330,8 @@ impl AzureDevOpsClient {
             .with_max_delay(self.config.retry_max_delay)
             .with_max_times(self.config.max_retries as usize);
         let cap = self.config.max_retry_after;
-        (|| self.attempt_authenticated(call))
+        let retries = AtomicU32::new(0);
+        let answer = (|| self.attempt_authenticated(call))
             .retry(backoff)
             .sleep(tokio::time::sleep)
             .when(|failure| match failure {
@@ -332,6 +349,7 @@ impl AzureDevOpsClient {
                 })
             })
             .notify(|failure, wait| {
+                retries.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     operation = call.operation.as_str(),
                     failure = failure.kind(),
@@ -339,8 +357,12 @@ impl AzureDevOpsClient {
                     "retrying upstream call"
                 );
             })
-            .await
-            .map_err(Failure::into_error)
+            .await;
+        let retries = retries.into_inner();
+        if retries > 0 {
+            tracing::Span::current().record("http.request.resend_count", i64::from(retries));
+        }
+        answer.map_err(Failure::into_error)
     }
 
     /// One attempt; on 401 the bearer is dropped and the request sent once
@@ -467,6 +489,9 @@ impl AzureDevOpsClient {
                 .header(CONTENT_TYPE, "application/json")
                 .body(body.clone());
         }
+        let mut trace_context = HeaderMap::new();
+        crate::telemetry::inject_current(&mut trace_context);
+        request = request.headers(trace_context);
         let response = request.send().await.map_err(|e| {
             let what = format!(
                 "upstream {}: {}",
@@ -480,6 +505,7 @@ impl AzureDevOpsClient {
             }
         })?;
         let status = response.status();
+        tracing::Span::current().record("http.response.status_code", i64::from(status.as_u16()));
         let headers = response.headers().clone();
         let retry_after = self.note_rate_limit(call.operation, &headers);
         let body = read_body(response).await.map_err(|e| match e {

@@ -125,7 +125,17 @@ impl ServeProcess {
     /// variables, and does not wait: see [`ServeProcess::wait_ready`].
     /// Several spawned back to back start at (nearly) the same moment.
     pub fn spawn(spec: &BrokerSpec, settings: &[(&str, &str)]) -> ServeProcess {
-        Self::spawn_limited(spec, settings, None, &|toml| toml)
+        Self::spawn_limited(spec, settings, None, &|toml| toml, &[])
+    }
+
+    /// [`ServeProcess::spawn`] with other environment variables too
+    /// (`("OTEL_EXPORTER_OTLP_ENDPOINT", "http://…")`, …), set as given.
+    pub fn spawn_with_env(
+        spec: &BrokerSpec,
+        settings: &[(&str, &str)],
+        env: &[(&str, &str)],
+    ) -> ServeProcess {
+        Self::spawn_limited(spec, settings, None, &|toml| toml, env)
     }
 
     /// [`ServeProcess::spawn`] with the config file's text passed through
@@ -135,7 +145,7 @@ impl ServeProcess {
         settings: &[(&str, &str)],
         edit: &dyn Fn(String) -> String,
     ) -> ServeProcess {
-        Self::spawn_limited(spec, settings, None, edit)
+        Self::spawn_limited(spec, settings, None, edit, &[])
     }
 
     /// [`ServeProcess::spawn`] with its open-file limit (soft and hard
@@ -146,7 +156,7 @@ impl ServeProcess {
         settings: &[(&str, &str)],
         open_files: u64,
     ) -> ServeProcess {
-        Self::spawn_limited(spec, settings, Some(open_files), &|toml| toml)
+        Self::spawn_limited(spec, settings, Some(open_files), &|toml| toml, &[])
     }
 
     fn spawn_limited(
@@ -154,6 +164,7 @@ impl ServeProcess {
         settings: &[(&str, &str)],
         open_files: Option<u64>,
         edit: &dyn Fn(String) -> String,
+        env: &[(&str, &str)],
     ) -> ServeProcess {
         let dir = tempfile::tempdir().expect("temporary directory");
         let policy = dir.path().join("policy.yaml");
@@ -184,13 +195,17 @@ impl ServeProcess {
         cmd.current_dir(dir.path());
         // Nothing of the test's own environment configures the child.
         for (k, _) in std::env::vars() {
-            if k.starts_with(token_broker::config::ENV_PREFIX) || k == "RUST_LOG" {
+            if k.starts_with(token_broker::config::ENV_PREFIX)
+                || k.starts_with("OTEL_")
+                || k == "RUST_LOG"
+            {
                 cmd.env_remove(k);
             }
         }
         for (setting, value) in settings {
             cmd.env(env_name(setting), value);
         }
+        cmd.envs(env.iter().copied());
         let child = cmd
             .arg("serve")
             .arg("--config")
