@@ -451,6 +451,65 @@ mod tests {
     }
 
     #[test]
+    fn export_is_on_only_with_an_endpoint_variable_that_is_not_empty() {
+        let with = |pairs: &'static [(&'static str, &'static str)]| {
+            export_configured(move |name| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| (*v).to_owned())
+            })
+        };
+        assert!(!with(&[]));
+        assert!(!with(&[(OTEL_EXPORTER_OTLP_ENDPOINT, " ")]));
+        assert!(!with(&[("OTEL_SERVICE_NAME", "x")]));
+        assert!(with(&[(OTEL_EXPORTER_OTLP_ENDPOINT, "http://c:4317")]));
+        assert!(with(&[(
+            OTEL_EXPORTER_OTLP_TRACES_ENDPOINT,
+            "http://c:4317"
+        )]));
+    }
+
+    /// Names the spans a layer behind [`exported`] sees.
+    #[derive(Clone, Default)]
+    struct SeenSpans(Arc<Mutex<Vec<String>>>);
+
+    impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for SeenSpans {
+        fn on_new_span(
+            &self,
+            attrs: &tracing::span::Attributes<'_>,
+            _id: &tracing::span::Id,
+            _cx: Context<'_, S>,
+        ) {
+            self.0
+                .lock()
+                .unwrap()
+                .push(attrs.metadata().name().to_owned());
+        }
+    }
+
+    #[test]
+    fn only_our_spans_are_exported_and_store_spans_only_inside_another() {
+        let seen = SeenSpans::default();
+        let sub = tracing_subscriber::registry().with(
+            seen.clone()
+                .with_filter(tracing_subscriber::filter::dynamic_filter_fn(exported)),
+        );
+        tracing::subscriber::with_default(sub, || {
+            // A store call on its own (a health ping): not exported.
+            tracing::debug_span!(target: "token_broker::store::sql", "store").in_scope(|| {});
+            // A library's span: never.
+            tracing::info_span!(target: "sqlx::query", "query").in_scope(|| {});
+            // TRACE: below what is exported.
+            tracing::trace_span!(target: "token_broker::x", "fine").in_scope(|| {});
+            tracing::debug_span!(target: "token_broker::api::rpc_span", "rpc").in_scope(|| {
+                tracing::debug_span!(target: "token_broker::store::sql", "store").in_scope(|| {});
+            });
+        });
+        assert_eq!(*seen.0.lock().unwrap(), ["rpc", "store"]);
+    }
+
+    #[test]
     fn init_twice_is_harmless() {
         // A sink, so other tests in this binary stay quiet.
         assert!(init_with_writer("info", false, false, std::io::sink).is_ok());

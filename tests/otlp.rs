@@ -36,9 +36,12 @@ use token_broker::proto::v1 as pb;
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN_ID: &str = "00f067aa0ba902b7";
 
+/// A span with its resource's attributes.
+type ResourceSpan = (Vec<KeyValue>, Span);
+
 /// What the receiver got: every span, with its resource's attributes.
 #[derive(Clone, Default)]
-struct Received(Arc<Mutex<Vec<(Vec<KeyValue>, Span)>>>);
+struct Received(Arc<Mutex<Vec<ResourceSpan>>>);
 
 #[tonic::async_trait]
 impl TraceService for Received {
@@ -77,7 +80,7 @@ impl Received {
         (received, url)
     }
 
-    fn spans(&self) -> Vec<(Vec<KeyValue>, Span)> {
+    fn spans(&self) -> Vec<ResourceSpan> {
         self.0.lock().unwrap().clone()
     }
 }
@@ -105,7 +108,7 @@ fn int_attr(attributes: &[KeyValue], key: &str) -> Option<i64> {
 
 /// Every attribute value exported (resource, spans, their events and
 /// links) as text, with span names, for the secret check.
-fn everything_exported(spans: &[(Vec<KeyValue>, Span)]) -> String {
+fn everything_exported(spans: &[ResourceSpan]) -> String {
     let mut all = String::new();
     for (resource, span) in spans {
         all.push_str(&format!("{resource:?}\n{span:?}\n"));
