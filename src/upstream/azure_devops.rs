@@ -208,6 +208,8 @@ pub struct AzureDevOpsClient {
     throttled_until: SyncMutex<Option<Instant>>,
     /// Bounds the requests in flight (`max_concurrent_requests`).
     in_flight: Semaphore,
+    /// Requests, their durations and throttling waits.
+    metrics: super::metrics::UpstreamMetrics,
 }
 
 impl fmt::Debug for AzureDevOpsClient {
@@ -266,7 +268,14 @@ impl AzureDevOpsClient {
             http,
             tokens: token_source,
             throttled_until: SyncMutex::new(None),
+            metrics: Default::default(),
         })
+    }
+
+    /// This client, counting its requests into `metrics`.
+    pub fn with_metrics(mut self, metrics: super::metrics::UpstreamMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// `{base_url}/{org}/_apis/tokens/pats?api-version=..&extra..`; `$top`
@@ -332,6 +341,9 @@ impl AzureDevOpsClient {
                 })
             })
             .notify(|failure, wait| {
+                if matches!(failure, Failure::Throttled { .. }) {
+                    self.metrics.observe_throttle_wait(wait);
+                }
                 tracing::warn!(
                     operation = call.operation.as_str(),
                     failure = failure.kind(),
@@ -413,6 +425,7 @@ impl AzureDevOpsClient {
             });
         }
         tracing::debug!(wait_ms = wait.as_millis() as u64, "waiting out Retry-After");
+        self.metrics.observe_throttle_wait(wait);
         tokio::time::sleep_until(until).await;
         Ok(())
     }
@@ -467,7 +480,11 @@ impl AzureDevOpsClient {
                 .header(CONTENT_TYPE, "application/json")
                 .body(body.clone());
         }
+        let sent = Instant::now();
+        let operation = call.operation.as_str();
         let response = request.send().await.map_err(|e| {
+            self.metrics
+                .observe_request(operation, transport_status(&e), sent.elapsed());
             let what = format!(
                 "upstream {}: {}",
                 call.operation.as_str(),
@@ -482,7 +499,16 @@ impl AzureDevOpsClient {
         let status = response.status();
         let headers = response.headers().clone();
         let retry_after = self.note_rate_limit(call.operation, &headers);
-        let body = read_body(response).await.map_err(|e| match e {
+        let body = read_body(response).await;
+        self.metrics.observe_request(
+            operation,
+            match &body {
+                Err(BodyError::Transport(e)) => transport_status(e),
+                _ => status.as_str(),
+            },
+            sent.elapsed(),
+        );
+        let body = body.map_err(|e| match e {
             BodyError::Transport(e) => Failure::Transient(UpstreamError::Unavailable(format!(
                 "upstream {}: {}",
                 call.operation.as_str(),
@@ -518,6 +544,15 @@ impl AzureDevOpsClient {
             ))
         })?;
         convert(operation, wire)
+    }
+}
+
+/// The `status` label of a request that got no complete answer.
+fn transport_status(e: &reqwest::Error) -> &'static str {
+    if e.is_timeout() {
+        "timeout"
+    } else {
+        "error"
     }
 }
 
