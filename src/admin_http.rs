@@ -9,8 +9,16 @@
 //! `audit chain head` log line and `token-broker audit head`: a label per
 //! row would make a new series per row), and the counters count audited
 //! decisions without touching the lease rules.
-//! Gauges of stored state (REVOKE_FAILED leases) are read from the store
-//! at scrape time ([`Metrics::refresh_from_store`]).
+//! Gauges of stored state (leases by state, the revocation queue, the
+//! upstream credential) are read from the store at scrape time, at most
+//! once per [`STORE_GAUGE_MAX_AGE`] ([`Metrics::refresh_from_store`]); the
+//! connection pools' gauges are read from memory at every scrape. The
+//! gRPC server ([`crate::api::observe`]) and the upstream client
+//! ([`crate::upstream::metrics`]) register their own metrics on
+//! [`Metrics::registry`], and on Linux the process collector adds
+//! `process_cpu_seconds_total`, `process_resident_memory_bytes`,
+//! `process_open_fds`, `process_max_fds`, `process_virtual_memory_bytes`,
+//! `process_start_time_seconds` and `process_threads`.
 
 use std::sync::{Arc, Mutex};
 
@@ -19,12 +27,14 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use prometheus::{Encoder as _, IntCounter, IntGauge, Registry, TextEncoder};
+use prometheus::{
+    Encoder as _, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 use tokio::net::TcpListener;
 
 use crate::audit::{self, AppendedEvent, AuditEvent, Outcome};
 use crate::domain::LeaseState;
-use crate::store::Store;
+use crate::store::{LeaseGauges, Store};
 use crate::upstream::credential::CredentialStatus;
 
 /// The broker's metrics, one registry per broker (two brokers in one
@@ -43,6 +53,19 @@ pub struct Metrics {
     credential_ok: IntGauge,
     refresh_token_age: IntGauge,
     last_refresh: IntGauge,
+    leases: IntGaugeVec,
+    revocation_queue: IntGauge,
+    revocation_oldest_age: IntGauge,
+    reconciled: IntCounterVec,
+    sweep_revocations: IntCounterVec,
+    pool_in_use: IntGaugeVec,
+    pool_idle: IntGaugeVec,
+    pool_max: IntGaugeVec,
+    /// The connection pools reported, by `pool` label.
+    pools: Mutex<Vec<(&'static str, Arc<dyn Store>)>>,
+    /// When the store gauges were last read; held while reading, so
+    /// concurrent scrapes share one read.
+    refreshed: tokio::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -94,6 +117,28 @@ impl Metrics {
     ///
     /// The three upstream gauges are read from the store at each scrape,
     /// like `leases_revoke_failed`, so every replica reports the same.
+    ///
+    /// Also, read from the store like them (deployment-wide: aggregate with
+    /// `max`):
+    /// - `token_broker_leases{state}` (gauge): leases of every holder per
+    ///   state (`PENDING`, `ACTIVE`, `REVOKING`, `REVOKED`, `EXPIRED`,
+    ///   `FAILED`, `REVOKE_FAILED`);
+    /// - `token_broker_revocation_queue_depth` (gauge): REVOKING and
+    ///   REVOKE_FAILED leases whose next revocation attempt is due;
+    /// - `token_broker_revocation_queue_oldest_age_seconds` (gauge): how
+    ///   long the longest-waiting of them has been due; 0 when none is.
+    ///
+    /// Counted from the audit rows this process writes:
+    /// - `token_broker_reconcile_total{outcome}`: `lease.reconcile` rows
+    ///   (stale PENDING leases settled to FAILED), `outcome` the row's
+    ///   (`allowed`, `denied`, `error`);
+    /// - `token_broker_sweep_revocations_total{outcome}`:
+    ///   `pat.revoke_orphan` rows (`allowed`: an orphan PAT revoked;
+    ///   `error`: its revocation failed, the next sweep retries).
+    ///
+    /// Per connection pool ([`Metrics::watch_pools`]), label `pool`
+    /// (`requests`, `background`, `audit`): `token_broker_db_pool_connections_in_use`,
+    /// `token_broker_db_pool_connections_idle`, `token_broker_db_pool_max_connections`.
     pub fn new() -> Self {
         let registry = Registry::new();
         let head_id = IntGauge::new(
@@ -154,6 +199,76 @@ impl Metrics {
         ] {
             registry.register(m).expect("metric names are unique");
         }
+        let gauge_vec = |name: &str, help: &str, label: &str| {
+            let g = IntGaugeVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("metric names are unique");
+            g
+        };
+        let counter_vec = |name: &str, help: &str, label: &str| {
+            let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("metric names are unique");
+            c
+        };
+        let leases = gauge_vec(
+            "token_broker_leases",
+            "Leases of every holder in the database, by state (read at scrape, at most every few seconds).",
+            "state",
+        );
+        for state in LeaseState::ALL {
+            leases.with_label_values(&[state.as_str()]).set(0);
+        }
+        let revocation_queue = gauge(
+            "token_broker_revocation_queue_depth",
+            "REVOKING and REVOKE_FAILED leases whose next revocation attempt is due.",
+        );
+        let revocation_oldest_age = gauge(
+            "token_broker_revocation_queue_oldest_age_seconds",
+            "Seconds the longest-waiting lease in the revocation queue has been due; 0 when the queue is empty.",
+        );
+        for m in [&revocation_queue, &revocation_oldest_age] {
+            registry
+                .register(Box::new(m.clone()))
+                .expect("metric names are unique");
+        }
+        let reconciled = counter_vec(
+            "token_broker_reconcile_total",
+            "Stale PENDING leases the reconciler settled (lease.reconcile audit rows), by outcome.",
+            "outcome",
+        );
+        let sweep_revocations = counter_vec(
+            "token_broker_sweep_revocations_total",
+            "Orphan PATs the sweep revoked (allowed) or failed to revoke (error) (pat.revoke_orphan audit rows).",
+            "outcome",
+        );
+        for outcome in [Outcome::Allowed, Outcome::Error] {
+            reconciled.with_label_values(&[outcome.as_str()]);
+            sweep_revocations.with_label_values(&[outcome.as_str()]);
+        }
+        let pool_in_use = gauge_vec(
+            "token_broker_db_pool_connections_in_use",
+            "Database connections of the pool in use now.",
+            "pool",
+        );
+        let pool_idle = gauge_vec(
+            "token_broker_db_pool_connections_idle",
+            "Database connections of the pool open and idle now.",
+            "pool",
+        );
+        let pool_max = gauge_vec(
+            "token_broker_db_pool_max_connections",
+            "Most connections the pool opens (its share of database.max_connections).",
+            "pool",
+        );
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("process metric names are unique");
         Metrics {
             registry,
             head_id,
@@ -167,13 +282,98 @@ impl Metrics {
             credential_ok,
             refresh_token_age,
             last_refresh,
+            leases,
+            revocation_queue,
+            revocation_oldest_age,
+            reconciled,
+            sweep_revocations,
+            pool_in_use,
+            pool_idle,
+            pool_max,
+            pools: Mutex::new(Vec::new()),
+            refreshed: tokio::sync::Mutex::new(None),
         }
     }
 
-    /// Sets the gauges of stored state from `store` (one indexed COUNT),
-    /// within [`STORE_GAUGE_TIMEOUT`]; on failure or timeout the gauges
-    /// keep their last value and a warning is logged.
+    /// The registry every metric of this broker is on (for the gRPC
+    /// server's and the upstream client's own).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Reports the connection pools of `pools` (label value, store) at
+    /// every scrape.
+    pub fn watch_pools(&self, pools: Vec<(&'static str, Arc<dyn Store>)>) {
+        *self.pools.lock().unwrap_or_else(|p| p.into_inner()) = pools;
+    }
+
+    /// Sets the pool gauges from memory (no query).
+    fn refresh_pools(&self) {
+        let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, store) in pools.iter() {
+            if let Some(status) = store.pool_status() {
+                let in_use = status.size.saturating_sub(status.idle);
+                self.pool_in_use
+                    .with_label_values(&[name])
+                    .set(i64::from(in_use));
+                self.pool_idle
+                    .with_label_values(&[name])
+                    .set(i64::from(status.idle));
+                self.pool_max
+                    .with_label_values(&[name])
+                    .set(i64::from(status.max));
+            }
+        }
+    }
+
+    /// Sets the lease gauges from `gauges`, read at `now`.
+    fn observe_leases(&self, gauges: &LeaseGauges, now: chrono::DateTime<chrono::Utc>) {
+        for state in LeaseState::ALL {
+            let n = gauges
+                .by_state
+                .iter()
+                .find(|(s, _)| *s == state)
+                .map_or(0, |(_, n)| *n);
+            self.leases
+                .with_label_values(&[state.as_str()])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        self.revocation_queue
+            .set(i64::try_from(gauges.revocation_queue).unwrap_or(i64::MAX));
+        self.revocation_oldest_age.set(
+            gauges
+                .revocation_oldest_due
+                .map_or(0, |due| (now - due.as_datetime()).num_seconds().max(0)),
+        );
+    }
+
+    /// Sets the gauges of stored state from `store`, each read within
+    /// [`STORE_GAUGE_TIMEOUT`]; on failure or timeout a gauge keeps its
+    /// last value and a warning is logged. The REVOKE_FAILED count and the
+    /// credential (one indexed COUNT, one row) are read at every scrape;
+    /// the lease gauges (a GROUP BY over every lease and two queries over
+    /// the revocation queue) at most once per [`STORE_GAUGE_MAX_AGE`],
+    /// however often `/metrics` is scraped.
     pub async fn refresh_from_store(&self, store: &dyn Store) {
+        self.refresh_pools();
+        {
+            // Held while reading, so concurrent scrapes share one read.
+            let mut refreshed = self.refreshed.lock().await;
+            if refreshed.is_none_or(|at| at.elapsed() >= STORE_GAUGE_MAX_AGE) {
+                *refreshed = Some(std::time::Instant::now());
+                let now = chrono::Utc::now();
+                match tokio::time::timeout(
+                    STORE_GAUGE_TIMEOUT,
+                    store.lease_gauges(crate::domain::Timestamp::from(now)),
+                )
+                .await
+                {
+                    Ok(Ok(gauges)) => self.observe_leases(&gauges, now),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "metrics: could not count leases"),
+                    Err(_) => tracing::warn!("metrics: counting leases timed out"),
+                }
+            }
+        }
         let count = tokio::time::timeout(
             STORE_GAUGE_TIMEOUT,
             store.count_leases_in_state(LeaseState::RevokeFailed),
@@ -237,6 +437,13 @@ impl Metrics {
             (audit::LEASE_CREATE, Outcome::Allowed) => self.leases_created.inc(),
             (audit::LEASE_REVOKE, Outcome::Allowed) => self.revocations.inc(),
             (audit::LEASE_EXPIRE, Outcome::Allowed) => self.expirations.inc(),
+            (audit::LEASE_RECONCILE, outcome) => {
+                self.reconciled.with_label_values(&[outcome.as_str()]).inc()
+            }
+            (audit::PAT_REVOKE_ORPHAN, outcome) => self
+                .sweep_revocations
+                .with_label_values(&[outcome.as_str()])
+                .inc(),
             _ => {}
         }
     }
@@ -275,6 +482,10 @@ pub fn router(metrics: Arc<Metrics>, store: Arc<dyn Store>) -> Router {
 /// Longest a scrape waits for the store to count leases (Prometheus'
 /// default scrape timeout is 10 s).
 pub const STORE_GAUGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How long gauges read from the store are reused before a scrape reads
+/// them again.
+pub const STORE_GAUGE_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(5);
 
 async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {
     s.metrics.refresh_from_store(s.store.as_ref()).await;

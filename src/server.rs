@@ -183,13 +183,28 @@ impl Broker {
             store.clone(),
             keyring.clone(),
         ));
+        // One registry per broker: the gRPC server, the upstream client and
+        // the database pools report on it too.
+        let metrics = Arc::new(Metrics::new());
+        metrics.watch_pools(vec![
+            ("requests", stores.requests.clone()),
+            ("background", stores.background.clone()),
+            ("audit", stores.audit.clone()),
+        ]);
+        let rpc_metrics = Arc::new(
+            api::observe::RpcMetrics::register(metrics.registry(), &api::SERVED_DESCRIPTOR_SETS)
+                .expect("gRPC metric names are unique"),
+        );
         let upstream =
-            AzureDevOpsClient::new(config.upstream.azure_devops.clone(), credential.clone())?;
+            AzureDevOpsClient::new(config.upstream.azure_devops.clone(), credential.clone())?
+                .with_metrics(
+                    crate::upstream::metrics::UpstreamMetrics::register(metrics.registry())
+                        .expect("upstream metric names are unique"),
+                );
 
         // One chained audit trail for every audit row this process writes;
         // every append also moves the exported chain head (and counters),
         // and a detected truncation counts.
-        let metrics = Arc::new(Metrics::new());
         let audit = {
             let (metrics, tamper_metrics) = (metrics.clone(), metrics.clone());
             Arc::new(
@@ -348,6 +363,7 @@ impl Broker {
             tls,
             config.grpc.clone(),
             store,
+            rpc_metrics,
             stopped(rx),
         ));
         tracing::info!(

@@ -23,10 +23,17 @@ fn sample(text: &str, name: &str) -> Option<String> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ').map(str::to_owned))
 }
 
-/// The series of Prometheus text: each sample's name and labels.
+/// The series of Prometheus text: each sample's name and labels, except
+/// those of the per-call metrics (`grpc_server_*`, upstream requests),
+/// whose first call of a kind adds its series (their stability over calls
+/// of one kind is checked by
+/// `grpc_upstream_pool_process_and_lease_metrics_move_with_calls_in_bounded_series`).
 fn series(text: &str) -> std::collections::BTreeSet<String> {
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter(|l| {
+            !l.starts_with("grpc_server_") && !l.starts_with("token_broker_upstream_request")
+        })
         .filter_map(|l| l.rsplit_once(' ').map(|(series, _)| series.to_owned()))
         .collect()
 }
@@ -347,4 +354,316 @@ async fn deleting_the_newest_audit_row_is_detected_by_the_broker_that_wrote_it_o
 #[tokio::test]
 async fn deleting_the_newest_audit_row_is_detected_by_the_broker_that_wrote_it_on_postgres() {
     deleting_the_newest_audit_row_is_detected_by_the_broker_that_wrote_it(true).await;
+}
+
+/// `/metrics` parsed by a Prometheus text parser (not a regex).
+async fn scrape(broker: &TestBroker) -> prometheus_parse::Scrape {
+    let (status, text) = get(&broker.admin_url("/metrics")).await;
+    assert_eq!(status, 200, "{text}");
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .expect("/metrics parses as Prometheus text")
+}
+
+/// The value of the sample `name` whose labels include `labels` (0 when
+/// no such series exists yet); histograms: their `_count`.
+fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match &s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => *v,
+            other => panic!("{name}: unexpected {other:?}"),
+        })
+        .sum()
+}
+
+/// Every series of a scrape: metric name and its sorted labels.
+fn series_of(scrape: &prometheus_parse::Scrape) -> std::collections::BTreeSet<String> {
+    scrape
+        .samples
+        .iter()
+        .map(|s| {
+            let mut labels: Vec<String> =
+                s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            labels.sort();
+            format!("{}{{{}}}", s.metric, labels.join(","))
+        })
+        .collect()
+}
+
+const CREATE: [(&str, &str); 3] = [
+    ("grpc_type", "unary"),
+    ("grpc_service", "tokenbroker.v1.LeaseService"),
+    ("grpc_method", "CreateLease"),
+];
+const GET: [(&str, &str); 3] = [
+    ("grpc_type", "unary"),
+    ("grpc_service", "tokenbroker.v1.LeaseService"),
+    ("grpc_method", "GetLease"),
+];
+
+fn with<'a>(labels: &[(&'a str, &'a str)], more: (&'a str, &'a str)) -> Vec<(&'a str, &'a str)> {
+    let mut all = labels.to_vec();
+    all.push(more);
+    all
+}
+
+/// Sends `n` calls to methods no service has (each a different path), as
+/// an unauthenticated caller would: plain HTTP/2 POSTs with the gRPC
+/// content type.
+async fn call_unknown_methods(broker: &TestBroker, n: usize) {
+    let http = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    for i in 0..n {
+        let response = http
+            .post(format!("{}/probe.v{i}.Nope/Method{i}", broker.url))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(vec![0u8, 0, 0, 0, 0])
+            .send()
+            .await
+            .expect("the server answers");
+        let status = response
+            .headers()
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(status.as_deref(), Some("12"), "UNIMPLEMENTED");
+    }
+}
+
+async fn grpc_upstream_pool_process_and_lease_metrics_move_with_calls_in_bounded_series(
+    postgres: bool,
+) {
+    let captured = common::logs::CapturedLogs::start(tracing::Level::INFO);
+    let dir = tempfile::tempdir().unwrap();
+    let db = if postgres {
+        Some(TestDatabase::create().await)
+    } else {
+        None
+    };
+    let store_url = match &db {
+        Some(db) => db.url.clone(),
+        None => sqlite_url(&dir),
+    };
+    let emulator = emulator::spawn(EmulatorConfig::default()).await.unwrap();
+    let spec = BrokerSpec::new(store_url, emulator.url()).with_admin_port();
+    let broker = spawn_broker(&spec).await;
+    let before = scrape(&broker).await;
+    assert!(
+        before
+            .samples
+            .iter()
+            .any(|s| s.metric == "process_cpu_seconds_total"),
+        "process_cpu_seconds_total"
+    );
+    for name in [
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_start_time_seconds",
+    ] {
+        assert!(value(&before, name, &[]) > 0.0, "{name}");
+    }
+    for pool in ["requests", "background", "audit"] {
+        assert!(
+            value(
+                &before,
+                "token_broker_db_pool_max_connections",
+                &[("pool", pool)]
+            ) >= 1.0,
+            "{pool}"
+        );
+        for name in [
+            "token_broker_db_pool_connections_in_use",
+            "token_broker_db_pool_connections_idle",
+        ] {
+            assert!(
+                before
+                    .samples
+                    .iter()
+                    .any(|s| s.metric == name && s.labels.get("pool") == Some(pool)),
+                "{name}{{pool={pool}}}"
+            );
+        }
+    }
+    for state in [
+        "PENDING",
+        "ACTIVE",
+        "REVOKING",
+        "REVOKED",
+        "EXPIRED",
+        "FAILED",
+        "REVOKE_FAILED",
+    ] {
+        assert!(
+            before
+                .samples
+                .iter()
+                .any(|s| s.metric == "token_broker_leases" && s.labels.get("state") == Some(state)),
+            "{state}"
+        );
+    }
+    for name in [
+        "token_broker_revocation_queue_depth",
+        "token_broker_revocation_queue_oldest_age_seconds",
+        "token_broker_upstream_throttle_wait_seconds_total",
+    ] {
+        assert!(before.samples.iter().any(|s| s.metric == name), "{name}");
+    }
+
+    let mut client = broker.client(&spec.key("ci")).await;
+    let create = pb::CreateLeaseRequest {
+        organization: "fabrikam".into(),
+        scopes: vec!["vso.packaging".into()],
+        ..Default::default()
+    };
+    let missing = pb::GetLeaseRequest {
+        name: format!("leases/{}", uuid::Uuid::new_v4()),
+    };
+    client.create_lease(create.clone()).await.expect("granted");
+    let err = client.get_lease(missing.clone()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    let refused = broker
+        .anonymous_client()
+        .await
+        .create_lease(create.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    call_unknown_methods(&broker, 3).await;
+
+    let first = scrape(&broker).await;
+    assert_eq!(value(&first, "grpc_server_started_total", &CREATE), 2.0);
+    assert_eq!(
+        value(
+            &first,
+            "grpc_server_handled_total",
+            &with(&CREATE, ("grpc_code", "OK"))
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &first,
+            "grpc_server_handled_total",
+            &with(&CREATE, ("grpc_code", "Unauthenticated"))
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(&first, "grpc_server_handling_seconds_count", &CREATE),
+        2.0
+    );
+    assert_eq!(
+        value(
+            &first,
+            "grpc_server_handled_total",
+            &with(&GET, ("grpc_code", "NotFound"))
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(&first, "grpc_server_handling_seconds_count", &GET),
+        1.0
+    );
+    // Unknown paths: one fixed series, whatever the path.
+    let unknown = [("grpc_service", "unknown"), ("grpc_method", "unknown")];
+    assert_eq!(value(&first, "grpc_server_started_total", &unknown), 3.0);
+    assert_eq!(
+        value(
+            &first,
+            "grpc_server_handled_total",
+            &with(&unknown, ("grpc_code", "Unimplemented"))
+        ),
+        3.0
+    );
+    let create_ok = [("operation", "create"), ("status", "200")];
+    assert_eq!(
+        value(&first, "token_broker_upstream_requests_total", &create_ok),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &first,
+            "token_broker_upstream_request_duration_seconds_count",
+            &[("operation", "create")]
+        ),
+        1.0
+    );
+
+    // More calls of the same kinds, other unknown paths: the numbers move,
+    // the series stay (no series per lease, audit row or path).
+    for _ in 0..5 {
+        client.create_lease(create.clone()).await.expect("granted");
+        client.get_lease(missing.clone()).await.unwrap_err();
+    }
+    call_unknown_methods(&broker, 5).await;
+    let second = scrape(&broker).await;
+    assert_eq!(series_of(&second), series_of(&first));
+    assert_eq!(
+        value(
+            &second,
+            "grpc_server_handled_total",
+            &with(&CREATE, ("grpc_code", "OK"))
+        ),
+        6.0
+    );
+    assert_eq!(
+        value(&second, "token_broker_upstream_requests_total", &create_ok),
+        6.0
+    );
+    assert_eq!(value(&second, "grpc_server_started_total", &unknown), 8.0);
+    broker.stop().await;
+
+    // The access log: one INFO line per authenticated call, with its
+    // identity and never its key; refusals and unknown paths stay at DEBUG.
+    let logs = captured.text();
+    let access: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("token_broker::access"))
+        .collect();
+    let created = access
+        .iter()
+        .filter(|l| {
+            l.contains("INFO")
+                && l.contains("method=tokenbroker.v1.LeaseService/CreateLease")
+                && l.contains("code=\"OK\"")
+                && l.contains("identity=\"apikey:ci\"")
+                && l.contains("duration_ms=")
+        })
+        .count();
+    assert_eq!(created, 6, "{access:#?}");
+    assert_eq!(
+        access
+            .iter()
+            .filter(|l| l.contains("code=\"NotFound\""))
+            .count(),
+        6,
+        "{access:#?}"
+    );
+    assert!(
+        !access
+            .iter()
+            .any(|l| l.contains("Unauthenticated") || l.contains("Unimplemented")),
+        "{access:#?}"
+    );
+    let key = secrecy::ExposeSecret::expose_secret(&spec.key("ci")).to_owned();
+    assert!(!logs.contains(&key), "no API key in the logs");
+}
+
+#[tokio::test]
+async fn grpc_upstream_pool_process_and_lease_metrics_move_with_calls_in_bounded_series_on_sqlite()
+{
+    grpc_upstream_pool_process_and_lease_metrics_move_with_calls_in_bounded_series(false).await;
+}
+
+#[tokio::test]
+async fn grpc_upstream_pool_process_and_lease_metrics_move_with_calls_in_bounded_series_on_postgres(
+) {
+    grpc_upstream_pool_process_and_lease_metrics_move_with_calls_in_bounded_series(true).await;
 }

@@ -42,6 +42,7 @@ pub mod codec;
 pub mod convert;
 pub mod filter;
 pub mod rpc_span;
+pub mod observe;
 mod service;
 pub mod status;
 pub mod transport;
@@ -172,6 +173,10 @@ where
             match authenticate_presented(&auth, presented).await {
                 Ok(caller) => {
                     rpc_span::record_caller(&caller.identity);
+                    // For the access log (observe::Observed).
+                    if let Some(slot) = request.extensions().get::<observe::CallerSlot>() {
+                        slot.fill(&caller);
+                    }
                     request.extensions_mut().insert(caller);
                     inner.call(request).await
                 }
@@ -257,9 +262,14 @@ pub fn admin_service(
 /// only. `grpc`'s connection limits apply ([`transport`]), and its
 /// `max_request_size` to every service.
 ///
+/// Every call is counted in `rpc_metrics` and access-logged
+/// ([`observe`]).
+///
 /// Health (for `""` and `tokenbroker.v1.LeaseService`) is SERVING when the
 /// store answers a ping, checked once before the first call is accepted and
 /// then every 5 s; NOT_SERVING while the store is down.
+// Each argument is a separate part the composition root builds.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     listener: TcpListener,
     leases: Arc<Leases>,
@@ -267,6 +277,7 @@ pub async fn serve(
     tls: Option<TlsMaterial>,
     grpc: GrpcConfig,
     store: Arc<dyn Store>,
+    rpc_metrics: Arc<observe::RpcMetrics>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ApiError> {
     let tls = tls.as_ref().map(server_tls).transpose()?;
@@ -288,8 +299,8 @@ pub async fn serve(
         .prepare();
     transport::serve(
         listener,
-        // Outermost, so everything a call does runs in its span.
-        rpc_span::RpcSpans::new(routes),
+        // Outermost, so everything a call does (metrics, access log) runs in its span.
+        rpc_span::RpcSpans::new(observe::Observed::new(routes, rpc_metrics)),
         tls,
         transport::ConnectionLimits::from(&grpc),
         shutdown,
@@ -298,6 +309,15 @@ pub async fn serve(
     health_task.abort();
     Ok(())
 }
+
+/// The encoded file descriptor sets of every service [`serve`] serves
+/// (for the labels of [`observe::RpcMetrics`]).
+pub const SERVED_DESCRIPTOR_SETS: [&[u8]; 4] = [
+    crate::proto::v1::FILE_DESCRIPTOR_SET,
+    tonic_health::pb::FILE_DESCRIPTOR_SET,
+    tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+];
 
 fn reflection() -> tonic_reflection::server::Builder<'static> {
     tonic_reflection::server::Builder::configure()

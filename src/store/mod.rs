@@ -384,6 +384,31 @@ pub struct PageCursor {
     pub id: LeaseId,
 }
 
+/// A pool's connections now, for metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolStatus {
+    /// Connections open (in use and idle).
+    pub size: u32,
+    /// Open connections not in use.
+    pub idle: u32,
+    /// Most connections the pool opens.
+    pub max: u32,
+}
+
+/// Lease counts for metrics ([`Store::lease_gauges`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LeaseGauges {
+    /// Leases of every holder per state (states without leases absent).
+    pub by_state: Vec<(LeaseState, u64)>,
+    /// The revocation queue: REVOKING and REVOKE_FAILED leases whose next
+    /// attempt is due (what [`Work::Revocation`] claims).
+    pub revocation_queue: u64,
+    /// When the queue's longest-waiting lease became due (its
+    /// `next_attempt_time`, or its `update_time` when unset); None when the
+    /// queue is empty.
+    pub revocation_oldest_due: Option<Timestamp>,
+}
+
 /// Background work a replica can claim.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Work {
@@ -865,6 +890,16 @@ pub trait Store: Send + Sync + 'static {
     /// the state index; e.g. REVOKE_FAILED for the
     /// `token_broker_leases_revoke_failed` gauge).
     async fn count_leases_in_state(&self, state: LeaseState) -> Result<u64, StoreError>;
+
+    /// Lease counts per state and the revocation queue's depth and oldest
+    /// due time at `now` (three small queries).
+    async fn lease_gauges(&self, now: Timestamp) -> Result<LeaseGauges, StoreError>;
+
+    /// This handle's connection pool now (no query); None where no pool
+    /// can say.
+    fn pool_status(&self) -> Option<PoolStatus> {
+        None
+    }
 
     /// Every organization any lease (in any state) was issued in, sorted,
     /// each once.

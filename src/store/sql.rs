@@ -33,7 +33,7 @@ use super::{
 use super::{
     CredentialSource, CredentialState, CredentialWrite, NewUpstreamCredential, RefreshRecord,
 };
-use super::{KeyCheck, SecretOwner, SecretReplacement, StoredSecret};
+use super::{KeyCheck, LeaseGauges, PoolStatus, SecretOwner, SecretReplacement, StoredSecret};
 use crate::crypto::Sealed;
 use crate::domain::{AuditEvent, Outcome};
 use crate::domain::{
@@ -1033,6 +1033,44 @@ where
             .await
             .map_err(map_sqlx)?;
         Ok(count as u64)
+    }
+
+    async fn lease_gauges(&self, now: Timestamp) -> Result<LeaseGauges, StoreError> {
+        let by_state: Vec<(LeaseState, i64)> =
+            sqlx::query_as("SELECT state, count(*) FROM leases GROUP BY state")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(map_sqlx)?;
+        let (due, _, bound) = due_condition(Work::Revocation, now);
+        let (queue,): (i64,) = sqlx::query_as(&format!("SELECT count(*) FROM leases WHERE {due}"))
+            .bind(bound)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        let oldest: Option<(Option<Timestamp>, Timestamp)> = sqlx::query_as(&format!(
+            "SELECT next_attempt_time, update_time FROM leases WHERE {due} \
+             ORDER BY COALESCE(next_attempt_time, update_time) LIMIT 1"
+        ))
+        .bind(bound)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(LeaseGauges {
+            by_state: by_state
+                .into_iter()
+                .map(|(state, n)| (state, u64::try_from(n).unwrap_or(0)))
+                .collect(),
+            revocation_queue: u64::try_from(queue).unwrap_or(0),
+            revocation_oldest_due: oldest.map(|(next, updated)| next.unwrap_or(updated)),
+        })
+    }
+
+    fn pool_status(&self) -> Option<PoolStatus> {
+        Some(PoolStatus {
+            size: self.pool.size(),
+            idle: u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX),
+            max: self.pool.options().get_max_connections(),
+        })
     }
 
     #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.claim_lease", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "claim_lease"))]

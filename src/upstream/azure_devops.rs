@@ -209,6 +209,8 @@ pub struct AzureDevOpsClient {
     throttled_until: SyncMutex<Option<Instant>>,
     /// Bounds the requests in flight (`max_concurrent_requests`).
     in_flight: Semaphore,
+    /// Requests, their durations and throttling waits.
+    metrics: super::metrics::UpstreamMetrics,
 }
 
 impl fmt::Debug for AzureDevOpsClient {
@@ -267,7 +269,14 @@ impl AzureDevOpsClient {
             http,
             tokens: token_source,
             throttled_until: SyncMutex::new(None),
+            metrics: Default::default(),
         })
+    }
+
+    /// This client, counting its requests into `metrics`.
+    pub fn with_metrics(mut self, metrics: super::metrics::UpstreamMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// `{base_url}/{org}/_apis/tokens/pats?api-version=..&extra..`; `$top`
@@ -350,6 +359,9 @@ impl AzureDevOpsClient {
             })
             .notify(|failure, wait| {
                 retries.fetch_add(1, Ordering::Relaxed);
+                if matches!(failure, Failure::Throttled { .. }) {
+                    self.metrics.observe_throttle_wait(wait);
+                }
                 tracing::warn!(
                     operation = call.operation.as_str(),
                     failure = failure.kind(),
@@ -435,6 +447,7 @@ impl AzureDevOpsClient {
             });
         }
         tracing::debug!(wait_ms = wait.as_millis() as u64, "waiting out Retry-After");
+        self.metrics.observe_throttle_wait(wait);
         tokio::time::sleep_until(until).await;
         Ok(())
     }
@@ -492,7 +505,11 @@ impl AzureDevOpsClient {
         let mut trace_context = HeaderMap::new();
         crate::telemetry::inject_current(&mut trace_context);
         request = request.headers(trace_context);
+        let sent = Instant::now();
+        let operation = call.operation.as_str();
         let response = request.send().await.map_err(|e| {
+            self.metrics
+                .observe_request(operation, transport_status(&e), sent.elapsed());
             let what = format!(
                 "upstream {}: {}",
                 call.operation.as_str(),
@@ -508,7 +525,16 @@ impl AzureDevOpsClient {
         tracing::Span::current().record("http.response.status_code", i64::from(status.as_u16()));
         let headers = response.headers().clone();
         let retry_after = self.note_rate_limit(call.operation, &headers);
-        let body = read_body(response).await.map_err(|e| match e {
+        let body = read_body(response).await;
+        self.metrics.observe_request(
+            operation,
+            match &body {
+                Err(BodyError::Transport(e)) => transport_status(e),
+                _ => status.as_str(),
+            },
+            sent.elapsed(),
+        );
+        let body = body.map_err(|e| match e {
             BodyError::Transport(e) => Failure::Transient(UpstreamError::Unavailable(format!(
                 "upstream {}: {}",
                 call.operation.as_str(),
@@ -544,6 +570,15 @@ impl AzureDevOpsClient {
             ))
         })?;
         convert(operation, wire)
+    }
+}
+
+/// The `status` label of a request that got no complete answer.
+fn transport_status(e: &reqwest::Error) -> &'static str {
+    if e.is_timeout() {
+        "timeout"
+    } else {
+        "error"
     }
 }
 

@@ -20,6 +20,7 @@ pub mod azure_devops;
 pub mod credential;
 pub mod device_code;
 pub mod entra;
+pub mod metrics;
 pub mod pages;
 pub mod wire;
 
