@@ -7,8 +7,11 @@
 //! that name the setting (`database.url: ...`).
 //!
 //! Client-side variables (`TOKEN_BROKER_ADDR`, `TOKEN_BROKER_API_KEY`,
-//! `TOKEN_BROKER_DEV_API_KEY`, `TOKEN_BROKER_EMULATOR_*`,
-//! `TOKEN_BROKER_CONFIG`) are not server settings: the loader skips them.
+//! `TOKEN_BROKER_API_KEY_FILE`, `TOKEN_BROKER_TOKEN_FILE`,
+//! `TOKEN_BROKER_CA_FILE`, `TOKEN_BROKER_CLIENT_CERT_FILE`,
+//! `TOKEN_BROKER_CLIENT_KEY_FILE`, `TOKEN_BROKER_DEV_API_KEY`,
+//! `TOKEN_BROKER_EMULATOR_*`, `TOKEN_BROKER_CONFIG`) are not server
+//! settings: the loader skips them.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -92,7 +95,17 @@ pub const ENV_PREFIX: &str = "TOKEN_BROKER_";
 
 /// Variables under [`ENV_PREFIX`] that belong to the CLI client, `dev` or
 /// the emulator, lower case without the prefix. `emulator_*` is skipped too.
-const CLIENT_VARIABLES: &[&str] = &["addr", "api_key", "dev_api_key", "config"];
+const CLIENT_VARIABLES: &[&str] = &[
+    "addr",
+    "api_key",
+    "api_key_file",
+    "token_file",
+    "ca_file",
+    "client_cert_file",
+    "client_key_file",
+    "dev_api_key",
+    "config",
+];
 
 /// The whole server configuration.
 #[derive(Clone, Debug, Deserialize)]

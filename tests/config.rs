@@ -245,6 +245,11 @@ fn client_variables_are_neither_server_settings_nor_errors() {
             "tbk_dev_key_xxxxxxxxxxxxxxxxxxx",
         );
         jail.set_env("TOKEN_BROKER_CONFIG", "does-not-exist.toml");
+        jail.set_env("TOKEN_BROKER_API_KEY_FILE", "/run/secrets/api-key");
+        jail.set_env("TOKEN_BROKER_TOKEN_FILE", "/var/run/secrets/tokens/broker");
+        jail.set_env("TOKEN_BROKER_CA_FILE", "/etc/ssl/broker-ca.pem");
+        jail.set_env("TOKEN_BROKER_CLIENT_CERT_FILE", "/etc/ssl/client.crt");
+        jail.set_env("TOKEN_BROKER_CLIENT_KEY_FILE", "/etc/ssl/client.key");
         jail.set_env("TOKEN_BROKER_EMULATOR_LISTEN", "127.0.0.1:1");
         jail.set_env("TOKEN_BROKER_EMULATOR_REFRESH_TOKEN", "x");
         let c = load(None).unwrap();

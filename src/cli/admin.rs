@@ -66,7 +66,7 @@ pub enum AdminCommand {
     /// Find the lease a PAT belongs to ("whose token is this?") and print
     /// it (holder, organization, scopes, state, times). The token is read
     /// from stdin (typed at a terminal: not echoed) or from --token-file,
-    /// never from an argument. Not found: exit status 1.
+    /// never from an argument. Not found: exit status 4.
     LookupToken {
         /// Read the token from this file instead of stdin.
         #[arg(long, value_name = "FILE")]
@@ -86,20 +86,22 @@ pub enum AdminCommand {
     },
 }
 
-/// A connected `AdminService` client for `addr`.
-pub async fn connect(addr: &str) -> Result<AdminServiceClient<Channel>, ClientError> {
-    Ok(AdminServiceClient::new(channel(addr).await?))
+/// A connected `AdminService` client, as `args` say (see
+/// [`super::grpc::endpoint`]).
+pub async fn connect(args: &ClientArgs) -> Result<AdminServiceClient<Channel>, ClientError> {
+    Ok(AdminServiceClient::new(channel(args).await?))
 }
 
 /// Runs one `admin` subcommand and returns what to print on stdout.
 pub async fn run(args: &ClientArgs, command: AdminCommand) -> Result<String, ClientError> {
+    let output = args.output("admin")?;
     match command {
         AdminCommand::Revoke {
             token_file: Some(path),
             ..
         } => {
             let token = read_token(Some(&path))?;
-            let mut client = connect(&args.addr).await?;
+            let mut client = connect(args).await?;
             let lease = lookup(&mut client, args, token).await?;
             eprintln!(
                 "{} belongs to {} (holder {}, organization {}, {})",
@@ -114,13 +116,13 @@ pub async fn run(args: &ClientArgs, command: AdminCommand) -> Result<String, Cli
                 ..Default::default()
             };
             let done = answer(client.revoke_leases(request(req, args)?).await)?;
-            Ok(args.output.show(&done, revoke_json, revoke_text))
+            Ok(output.show(&done, revoke_json, revoke_text))
         }
         AdminCommand::LookupToken { token_file } => {
             let token = read_token(token_file.as_deref())?;
-            let mut client = connect(&args.addr).await?;
+            let mut client = connect(args).await?;
             let lease = lookup(&mut client, args, token).await?;
-            Ok(args.output.show(&lease, lease_json, lease_text))
+            Ok(output.show(&lease, lease_json, lease_text))
         }
         AdminCommand::Revoke {
             token_file: None,
@@ -145,22 +147,22 @@ pub async fn run(args: &ClientArgs, command: AdminCommand) -> Result<String, Cli
                         .into(),
                 ));
             }
-            let mut client = connect(&args.addr).await?;
+            let mut client = connect(args).await?;
             let done = answer(client.revoke_leases(request(req, args)?).await)?;
-            Ok(args.output.show(&done, revoke_json, revoke_text))
+            Ok(output.show(&done, revoke_json, revoke_text))
         }
         AdminCommand::List { filter, paging } => {
-            let mut client = connect(&args.addr).await?;
+            let mut client = connect(args).await?;
             let req = pb::AdminListLeasesRequest {
                 page_size: paging.page_size,
                 page_token: paging.page_token,
                 filter,
             };
             let page = answer(client.list_leases(request(req, args)?).await)?;
-            Ok(args.output.show(&page, list_json, list_text))
+            Ok(output.show(&page, list_json, list_text))
         }
         AdminCommand::ListFailed => {
-            let mut client = connect(&args.addr).await?;
+            let mut client = connect(args).await?;
             let mut all = pb::ListLeasesResponse::default();
             loop {
                 let req = pb::AdminListLeasesRequest {
@@ -176,12 +178,10 @@ pub async fn run(args: &ClientArgs, command: AdminCommand) -> Result<String, Cli
                     break;
                 }
             }
-            Ok(args
-                .output
-                .show(&all, list_json, |all| failed_text(&all.leases)))
+            Ok(output.show(&all, list_json, |all| failed_text(&all.leases)))
         }
         AdminCommand::ForceRevoke { name, reason } => {
-            let mut client = connect(&args.addr).await?;
+            let mut client = connect(args).await?;
             let req = pb::ForceRevokeLeaseRequest {
                 name: lease_name(&name),
                 reason: reason.unwrap_or_default(),
@@ -189,7 +189,7 @@ pub async fn run(args: &ClientArgs, command: AdminCommand) -> Result<String, Cli
             let lease = answer(client.force_revoke_lease(request(req, args)?).await)?;
             // On stderr, so `--output json` stays one parseable document.
             eprintln!("{}", left_live_warning(&lease));
-            Ok(args.output.show(&lease, lease_json, lease_text))
+            Ok(output.show(&lease, lease_json, lease_text))
         }
     }
 }
@@ -207,11 +207,11 @@ async fn lookup(
     let reply = client.lookup_token(request(req, args)?).await;
     answer(reply).map_err(|e| match e {
         ClientError::Rpc(status) if status.code() == tonic::Code::NotFound => {
-            ClientError::Usage(format!(
+            ClientError::Rpc(tonic::Status::not_found(format!(
                 "no lease of this broker has that token (NOT_FOUND: {}): it was not issued here, \
                  or its lease was deleted",
                 status.message()
-            ))
+            )))
         }
         other => other,
     })

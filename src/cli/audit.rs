@@ -12,7 +12,7 @@ use serde_json::{json, Map, Value};
 
 use super::admin::connect;
 use super::grpc::{
-    answer, page_json, page_text, request, rfc3339, ClientArgs, ClientError, Column,
+    answer, page_json, page_text, request, rfc3339, ClientArgs, ClientError, Column, TokenFileArg,
 };
 use crate::audit::{self, VerifyError};
 use crate::config::{Backend, Config};
@@ -25,6 +25,8 @@ pub enum AuditCommand {
     List {
         #[command(flatten)]
         client: ClientArgs,
+        #[command(flatten)]
+        token_file: TokenFileArg,
         /// e.g. `identity = "apikey:ci" AND action = lease.create AND
         /// time >= "2026-01-01T00:00:00Z"`; fields: identity, action, lease,
         /// time (`>=`, `<`).
@@ -82,14 +84,15 @@ pub async fn list(
     page_size: i32,
     page_token: String,
 ) -> Result<String, ClientError> {
-    let mut admin = connect(&client.addr).await?;
+    let output = client.output("audit list")?;
+    let mut admin = connect(client).await?;
     let req = pb::ListAuditEventsRequest {
         page_size,
         page_token,
         filter,
     };
     let page = answer(admin.list_audit_events(request(req, client)?).await)?;
-    Ok(client.output.show(&page, events_json, events_text))
+    Ok(output.show(&page, events_json, events_text))
 }
 
 /// Why `audit verify` did not prove the chain.

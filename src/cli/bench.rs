@@ -25,10 +25,10 @@ use tokio::time::Instant;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
-use super::grpc::{bearer, endpoint_url, ClientArgs, Output};
+use super::grpc::{authorization, connect_error, endpoint, ClientArgs, ClientError, Output};
 use crate::proto::v1 as pb;
 use crate::proto::v1::lease_service_client::LeaseServiceClient;
 
@@ -560,19 +560,20 @@ struct BrokerRun {
 /// every call through one connection task on each side, a limit of the
 /// bench's own making once the broker is fast.
 async fn connect(args: &ClientArgs, n: u32) -> Result<Vec<Client>, BenchError> {
-    let url = endpoint_url(&args.addr);
-    let err = |message: String| BenchError::Connect {
-        addr: url.clone(),
-        message,
-    };
-    let endpoint = Endpoint::from_shared(url.clone())
-        .map_err(|e| err(e.to_string()))?
-        .connect_timeout(Duration::from_secs(10))
-        .timeout(CALL_TIMEOUT);
-    let bearer = bearer(args).map_err(|e| BenchError::Usage(e.to_string()))?;
+    let usage = |e: ClientError| BenchError::Usage(e.to_string());
+    let endpoint = endpoint(args).map_err(usage)?.timeout(CALL_TIMEOUT);
+    let addr = endpoint.uri().to_string();
+    // Read once: a run is short next to a projected token's lifetime.
+    let bearer = authorization(args).map_err(usage)?;
     let mut clients = Vec::with_capacity(n as usize);
     for _ in 0..n {
-        let channel = endpoint.connect().await.map_err(|e| err(e.to_string()))?;
+        let channel = endpoint.connect().await.map_err(|e| BenchError::Connect {
+            addr: addr.clone(),
+            message: match connect_error(&addr, &e) {
+                ClientError::Connect { message, .. } => message,
+                other => other.to_string(),
+            },
+        })?;
         clients.push(LeaseServiceClient::with_interceptor(
             channel,
             Bearer(bearer.clone()),
@@ -997,6 +998,10 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     if args.scopes.iter().all(|s| s.trim().is_empty()) {
         return Err(BenchError::Usage("--scope: at least one scope".into()));
     }
+    let output = args
+        .client
+        .output("bench")
+        .map_err(|e| BenchError::Usage(e.to_string()))?;
     let duration = args.duration.unwrap_or(match args.requests {
         Some(_) => MAX_RUN,
         None => Duration::from_secs(10),
@@ -1037,7 +1042,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         baseline: baseline.as_ref(),
         upstream: upstream.as_ref(),
     };
-    let out = match args.client.output {
+    let out = match output {
         Output::Json => format!("{:#}", report.json()),
         Output::Text => report.text(),
     };

@@ -10,7 +10,8 @@ use tonic::transport::Channel;
 pub use super::grpc::ClientArgs;
 use super::grpc::{
     answer, channel, lease_json, lease_name, lease_text, list_json, page_text, request, rfc3339,
-    ClientError, Column, Paging, NAME_COLUMN, ORGANIZATION_COLUMN, SCOPES_COLUMN, STATE_COLUMN,
+    ClientError, ClientOutput, Column, Output, Paging, NAME_COLUMN, ORGANIZATION_COLUMN,
+    SCOPES_COLUMN, STATE_COLUMN,
 };
 use crate::proto::v1 as pb;
 use crate::proto::v1::lease_service_client::LeaseServiceClient;
@@ -18,7 +19,8 @@ use crate::proto::v1::lease_service_client::LeaseServiceClient;
 /// `token-broker lease ...`.
 #[derive(Subcommand, Debug)]
 pub enum LeaseCommand {
-    /// Lease a PAT; prints the lease and its token (the only time it is shown).
+    /// Lease a PAT; prints the lease and its token (the only time it is
+    /// shown); with `--output token`, the token alone.
     Create {
         /// Azure DevOps organization, e.g. `fabrikam`.
         #[arg(long = "organization", visible_alias = "org")]
@@ -76,14 +78,20 @@ fn proto_duration(d: Duration) -> prost_types::Duration {
     }
 }
 
-/// A connected client. `addr` as [`super::grpc::endpoint_url`] takes it.
-pub async fn connect(addr: &str) -> Result<LeaseServiceClient<Channel>, ClientError> {
-    Ok(LeaseServiceClient::new(channel(addr).await?))
+/// A connected client, as `args` say (see [`super::grpc::endpoint`]).
+pub async fn connect(args: &ClientArgs) -> Result<LeaseServiceClient<Channel>, ClientError> {
+    Ok(LeaseServiceClient::new(channel(args).await?))
 }
 
-/// Runs one `lease` subcommand and returns what to print on stdout.
+/// Runs one `lease` subcommand and returns what to print on stdout:
+/// `--output token` prints a created lease's token alone.
 pub async fn run(args: &ClientArgs, command: LeaseCommand) -> Result<String, ClientError> {
-    let mut client = connect(&args.addr).await?;
+    let token_only = args.output == ClientOutput::Token;
+    let output = match command {
+        LeaseCommand::Create { .. } if token_only => Output::Text,
+        _ => args.output(command.name())?,
+    };
+    let mut client = connect(args).await?;
     let lease = match command {
         LeaseCommand::Create {
             organization,
@@ -97,7 +105,11 @@ pub async fn run(args: &ClientArgs, command: LeaseCommand) -> Result<String, Cli
                 ttl: ttl.map(proto_duration),
                 request_id: request_id.unwrap_or_default(),
             };
-            answer(client.create_lease(request(req, args)?).await)?
+            let lease = answer(client.create_lease(request(req, args)?).await)?;
+            if token_only {
+                return Ok(lease.token);
+            }
+            lease
         }
         LeaseCommand::Get { name } => {
             let req = pb::GetLeaseRequest { name };
@@ -119,10 +131,23 @@ pub async fn run(args: &ClientArgs, command: LeaseCommand) -> Result<String, Cli
                 filter,
             };
             let page = answer(client.list_leases(request(req, args)?).await)?;
-            return Ok(args.output.show(&page, list_json, list_text));
+            return Ok(output.show(&page, list_json, list_text));
         }
     };
-    Ok(args.output.show(&lease, lease_json, lease_text))
+    Ok(output.show(&lease, lease_json, lease_text))
+}
+
+impl LeaseCommand {
+    /// `lease SUBCOMMAND`, for messages.
+    fn name(&self) -> &'static str {
+        match self {
+            LeaseCommand::Create { .. } => "lease create",
+            LeaseCommand::Get { .. } => "lease get",
+            LeaseCommand::List { .. } => "lease list",
+            LeaseCommand::Renew { .. } => "lease renew",
+            LeaseCommand::Revoke { .. } => "lease revoke",
+        }
+    }
 }
 
 /// Your leases, one a row.

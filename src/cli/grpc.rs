@@ -1,20 +1,32 @@
 //! What the gRPC client commands (`lease ...`, `admin ...`, `audit list`)
-//! share: where the server is and who we are ([`ClientArgs`]), the channel,
-//! the authorized request and its answer, and the printing of answers as
-//! text tables or the proto3 JSON mapping.
+//! share: where the server is and who we are ([`ClientArgs`]), the channel
+//! (plaintext, TLS or mTLS), the authorized request and its answer, the exit
+//! status of a failure ([`ClientError::exit_code`]), and the printing of
+//! answers as text tables or the proto3 JSON mapping.
 
+use std::error::Error as _;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat};
 use clap::{Args, ValueEnum};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use secrecy::zeroize::Zeroizing;
 use secrecy::{ExposeSecret as _, SecretString};
 use serde_json::{json, Map, Value};
 use tonic::metadata::{Ascii, MetadataValue};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Request, Response, Status};
 use tonic_types::StatusExt as _;
 
 use crate::proto::v1 as pb;
+
+/// Variable naming the file of a Kubernetes projected service-account token
+/// (`--token-file` of `lease` and `audit list`; `admin` reads only the
+/// variable, its `--token-file` names the PAT to look up).
+pub const TOKEN_FILE_VAR: &str = "TOKEN_BROKER_TOKEN_FILE";
 
 /// Where the server is and who we are.
 #[derive(Args, Debug, Clone)]
@@ -36,9 +48,53 @@ pub struct ClientArgs {
         global = true
     )]
     pub api_key: Option<SecretString>,
-    /// Output format: text, or the proto3 JSON mapping.
-    #[arg(long, value_enum, default_value_t = Output::Text, global = true)]
-    pub output: Output,
+    /// File holding the API key (surrounding whitespace ignored), read on
+    /// each call. Not with --api-key or a token file.
+    #[arg(
+        long,
+        env = "TOKEN_BROKER_API_KEY_FILE",
+        value_name = "FILE",
+        global = true
+    )]
+    pub api_key_file: Option<PathBuf>,
+    /// CA certificates (PEM) to verify an `https://` broker with, instead
+    /// of the system's roots (which honour `SSL_CERT_FILE`/`SSL_CERT_DIR`).
+    #[arg(long, env = "TOKEN_BROKER_CA_FILE", value_name = "FILE", global = true)]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate chain (PEM) for mTLS; needs --client-key-file.
+    #[arg(
+        long,
+        env = "TOKEN_BROKER_CLIENT_CERT_FILE",
+        value_name = "FILE",
+        global = true
+    )]
+    pub client_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of --client-cert-file.
+    #[arg(
+        long,
+        env = "TOKEN_BROKER_CLIENT_KEY_FILE",
+        value_name = "FILE",
+        global = true
+    )]
+    pub client_key_file: Option<PathBuf>,
+    /// Output format: text, the proto3 JSON mapping, or (`lease create`
+    /// only) the token alone.
+    #[arg(long, value_enum, default_value_t = ClientOutput::Text, global = true)]
+    pub output: ClientOutput,
+    /// A Kubernetes projected service-account token file, sent as
+    /// `authorization: Bearer` and re-read on each call (the kubelet
+    /// rotates it). Set from [`TokenFileArg`] or [`TOKEN_FILE_VAR`].
+    #[arg(skip)]
+    pub token_file: Option<PathBuf>,
+}
+
+/// `--token-file` of the commands that have no `--token-file` of their own.
+#[derive(Args, Debug, Clone)]
+pub struct TokenFileArg {
+    /// Kubernetes projected service-account token file, sent as
+    /// `authorization: Bearer` and re-read on each call. Not with an API key.
+    #[arg(long, env = TOKEN_FILE_VAR, value_name = "FILE", global = true)]
+    pub token_file: Option<PathBuf>,
 }
 
 /// Which page of a lease listing to fetch.
@@ -52,7 +108,19 @@ pub struct Paging {
     pub page_token: String,
 }
 
-/// Output format of client commands.
+/// `--output` of the gRPC client commands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ClientOutput {
+    /// One lease as aligned `field   value` lines; `list` as a table.
+    Text,
+    /// proto3 JSON mapping: lowerCamelCase names, RFC 3339 timestamps,
+    /// enum names; default values omitted.
+    Json,
+    /// The token alone and a newline, for `$(…)` (`lease create` only).
+    Token,
+}
+
+/// Output format of client commands that show a whole answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Output {
     /// One lease as aligned `field   value` lines; `list` as a table.
@@ -78,10 +146,26 @@ impl Output {
     }
 }
 
-/// A failed client command, printed as `error: …`.
+impl ClientArgs {
+    /// `--output` for a command that shows a whole answer; `token` is a
+    /// usage error naming `command`.
+    pub fn output(&self, command: &str) -> Result<Output, ClientError> {
+        match self.output {
+            ClientOutput::Text => Ok(Output::Text),
+            ClientOutput::Json => Ok(Output::Json),
+            ClientOutput::Token => Err(ClientError::Usage(format!(
+                "--output token is only for `lease create`, not `{command}` (use text or json)"
+            ))),
+        }
+    }
+}
+
+/// A failed client command, printed as `error: …`; its exit status is
+/// [`ClientError::exit_code`].
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// Bad `--addr`, or the server cannot be reached.
+    /// Bad `--addr`, or the server cannot be reached (connection refused,
+    /// no route, DNS, timeout).
     #[error("cannot reach the broker at {addr}: {message}")]
     Connect {
         /// The address tried.
@@ -89,12 +173,57 @@ pub enum ClientError {
         /// Why.
         message: String,
     },
-    /// Bad local input.
+    /// The TLS handshake failed on a certificate: the broker's is not
+    /// trusted, or the broker refused ours (or wanted one).
+    #[error(
+        "TLS handshake with the broker failed: {0} (check --ca-file, --client-cert-file, \
+         --client-key-file)"
+    )]
+    Tls(String),
+    /// The connection failed during a call, before any answer.
+    #[error(
+        "the connection to the broker failed during the call: {0} (a broker that requires \
+         a client certificate closes it: see --client-cert-file)"
+    )]
+    Lost(String),
+    /// Bad local input: arguments, files the flags name.
     #[error("{0}")]
     Usage(String),
     /// The server answered with an error.
     #[error("{}", describe(.0))]
     Rpc(Status),
+}
+
+impl ClientError {
+    /// The process exit status for this failure (README, "Exit codes"):
+    /// 2 the caller's own mistake, 3 refused, 4 not found, 5 retry later,
+    /// 1 anything else. A broker that cannot be reached is 5, as gRPC
+    /// itself reports a failed connection as UNAVAILABLE; a certificate
+    /// either side rejects is 3 (retrying cannot help).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ClientError::Usage(_) => 2,
+            ClientError::Tls(_) => 3,
+            ClientError::Connect { .. } | ClientError::Lost(_) => 5,
+            ClientError::Rpc(status) => status_exit_code(status),
+        }
+    }
+}
+
+/// The exit status for a server's answer `status` (see
+/// [`ClientError::exit_code`]). RESOURCE_EXHAUSTED is "retry later" only
+/// when the server says when (RetryInfo), else a refusal (e.g. a quota).
+pub fn status_exit_code(status: &Status) -> u8 {
+    match status.code() {
+        Code::Ok => 0,
+        Code::InvalidArgument | Code::AlreadyExists | Code::OutOfRange => 2,
+        Code::Unauthenticated | Code::PermissionDenied | Code::FailedPrecondition => 3,
+        Code::ResourceExhausted if status.get_error_details().retry_info().is_some() => 5,
+        Code::ResourceExhausted => 3,
+        Code::NotFound => 4,
+        Code::Unavailable | Code::DeadlineExceeded | Code::Aborted => 5,
+        _ => 1,
+    }
 }
 
 /// `CODE: message [reason REASON] [field F] [retry after Ns]`.
@@ -116,7 +245,7 @@ fn describe(status: &Status) -> String {
         ));
     }
     if status.code() == Code::Unauthenticated {
-        out.push_str(" (set --api-key or TOKEN_BROKER_API_KEY)");
+        out.push_str(" (set --api-key, --api-key-file or --token-file)");
     }
     out
 }
@@ -130,48 +259,261 @@ pub fn endpoint_url(addr: &str) -> String {
     }
 }
 
-/// A channel to the broker at `addr` (as [`endpoint_url`] takes it), shared
-/// by every client command.
-pub async fn channel(addr: &str) -> Result<Channel, ClientError> {
-    let url = endpoint_url(addr);
-    let err = |message: String| ClientError::Connect {
-        addr: url.clone(),
-        message,
+/// The endpoint `args` describe, not yet connected: `--addr` (as
+/// [`endpoint_url`] takes it), with TLS for `https://` (`--ca-file` or the
+/// system roots; `--client-cert-file`/`--client-key-file` for mTLS). Also
+/// checks the credential flags, so a usage mistake is reported before any
+/// connection. Errors name the flag and file, never their contents.
+pub fn endpoint(args: &ClientArgs) -> Result<Endpoint, ClientError> {
+    authorization(args)?;
+    let url = endpoint_url(&args.addr);
+    let endpoint = Endpoint::from_shared(url.clone())
+        .map_err(|e| ClientError::Usage(format!("--addr {url}: {e}")))?
+        .connect_timeout(Duration::from_secs(10));
+    let https = url.starts_with("https://");
+    let tls_flags = [
+        ("--ca-file", args.ca_file.is_some()),
+        ("--client-cert-file", args.client_cert_file.is_some()),
+        ("--client-key-file", args.client_key_file.is_some()),
+    ];
+    if !https {
+        if let Some((flag, _)) = tls_flags.iter().find(|(_, given)| *given) {
+            return Err(ClientError::Usage(format!(
+                "{flag} needs an https:// --addr (got {url}): plain http would ignore it"
+            )));
+        }
+        return Ok(endpoint);
+    }
+    let mut tls = ClientTlsConfig::new();
+    tls = match &args.ca_file {
+        Some(path) => {
+            let pem = read_pem("--ca-file", path)?;
+            let certs = CertificateDer::pem_slice_iter(&pem).count();
+            if certs == 0 || CertificateDer::pem_slice_iter(&pem).any(|c| c.is_err()) {
+                return Err(ClientError::Usage(format!(
+                    "--ca-file {}: no PEM certificate in it",
+                    path.display()
+                )));
+            }
+            tls.ca_certificate(Certificate::from_pem(pem))
+        }
+        None => tls.with_native_roots(),
     };
-    Endpoint::from_shared(url.clone())
-        .map_err(|e| err(e.to_string()))?
-        .connect_timeout(Duration::from_secs(10))
+    // Checked here, not with clap's `requires`: that misses a global flag
+    // given after the subcommand.
+    match (&args.client_cert_file, &args.client_key_file) {
+        (Some(_), None) => {
+            return Err(ClientError::Usage(
+                "--client-cert-file needs --client-key-file (TOKEN_BROKER_CLIENT_KEY_FILE)".into(),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(ClientError::Usage(
+                "--client-key-file needs --client-cert-file (TOKEN_BROKER_CLIENT_CERT_FILE)".into(),
+            ))
+        }
+        _ => {}
+    }
+    if let (Some(cert), Some(key)) = (&args.client_cert_file, &args.client_key_file) {
+        let cert_pem = read_pem("--client-cert-file", cert)?;
+        if CertificateDer::pem_slice_iter(&cert_pem).next().is_none() {
+            return Err(ClientError::Usage(format!(
+                "--client-cert-file {}: no PEM certificate in it",
+                cert.display()
+            )));
+        }
+        let key_pem = Zeroizing::new(read_pem("--client-key-file", key)?);
+        if PrivateKeyDer::from_pem_slice(&key_pem).is_err() {
+            return Err(ClientError::Usage(format!(
+                "--client-key-file {}: no PEM private key in it",
+                key.display()
+            )));
+        }
+        tls = tls.identity(Identity::from_pem(cert_pem, &*key_pem));
+    }
+    endpoint.tls_config(tls).map_err(|e| {
+        let message = chain(&e);
+        if message.contains("no native certs found") {
+            ClientError::Usage(format!(
+                "no system CA certificates found to verify {url}: give --ca-file \
+                 (TOKEN_BROKER_CA_FILE) or SSL_CERT_FILE"
+            ))
+        } else {
+            ClientError::Usage(format!("TLS settings for {url}: {message}"))
+        }
+    })
+}
+
+/// The contents of the PEM file `flag` names; errors name both.
+fn read_pem(flag: &str, path: &Path) -> Result<Vec<u8>, ClientError> {
+    std::fs::read(path)
+        .map_err(|e| ClientError::Usage(format!("cannot read {flag} {}: {e}", path.display())))
+}
+
+/// A channel to the broker as `args` say (see [`endpoint`]), shared by
+/// every client command.
+pub async fn channel(args: &ClientArgs) -> Result<Channel, ClientError> {
+    let endpoint = endpoint(args)?;
+    let addr = endpoint.uri().to_string();
+    endpoint
         .connect()
         .await
-        .map_err(|e| err(e.to_string()))
+        .map_err(|e| connect_error(&addr, &e))
 }
 
-/// The `authorization: Bearer <key>` value when `args` has a key; an empty
-/// key (an empty variable) means no key, not an empty credential.
-pub(super) fn bearer(args: &ClientArgs) -> Result<Option<MetadataValue<Ascii>>, ClientError> {
-    args.api_key
+/// A failed connection as [`ClientError::Tls`] when a certificate was
+/// rejected (by us or the broker), else [`ClientError::Connect`]; the
+/// message is the whole chain of causes, not tonic's bare "transport error".
+pub fn connect_error(addr: &str, e: &(dyn std::error::Error + 'static)) -> ClientError {
+    match tls_failure(e) {
+        Some(message) => ClientError::Tls(message),
+        None => ClientError::Connect {
+            addr: addr.to_owned(),
+            message: chain(e),
+        },
+    }
+}
+
+/// `e` and its causes, `: `-separated, repeats dropped.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let text = err.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = err.source();
+    }
+    parts.join(": ")
+}
+
+/// rustls' words when `e` or a cause is a TLS failure. `io::Error` hides
+/// its inner error from `source()`, so that is looked into too: on a TLS
+/// stream an `InvalidData` one is rustls' (a received alert comes as text).
+fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return Some(tls.to_string());
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if let Some(inner) = io.get_ref() {
+                if inner.downcast_ref::<rustls::Error>().is_some()
+                    || io.kind() == std::io::ErrorKind::InvalidData
+                {
+                    return Some(inner.to_string());
+                }
+            }
+        }
+        next = err.source();
+    }
+    None
+}
+
+/// Largest credential file read (a projected token is ~1 KiB).
+const MAX_CREDENTIAL_BYTES: u64 = 64 * 1024;
+
+/// The `authorization: Bearer …` value `args` ask for, read now (so a
+/// rotated token file is picked up on each call): `--api-key`,
+/// `--api-key-file` or the token file, at most one of them; none is no
+/// header. An empty `--api-key` (an empty variable) means no key. Errors
+/// name the flag and file, never the credential.
+pub fn authorization(args: &ClientArgs) -> Result<Option<MetadataValue<Ascii>>, ClientError> {
+    let key = args
+        .api_key
         .as_ref()
-        .filter(|k| !k.expose_secret().is_empty())
-        .map(|key| {
-            MetadataValue::try_from(format!("Bearer {}", key.expose_secret())).map_err(|_| {
-                ClientError::Usage("the API key has characters a header cannot carry".into())
-            })
+        .filter(|k| !k.expose_secret().is_empty());
+    let given: Vec<&str> = [
+        (key.is_some(), "--api-key (TOKEN_BROKER_API_KEY)"),
+        (
+            args.api_key_file.is_some(),
+            "--api-key-file (TOKEN_BROKER_API_KEY_FILE)",
+        ),
+        (
+            args.token_file.is_some(),
+            "--token-file (TOKEN_BROKER_TOKEN_FILE)",
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(set, name)| set.then_some(name))
+    .collect();
+    if given.len() > 1 {
+        return Err(ClientError::Usage(format!(
+            "give one credential, not {}",
+            given.join(" and ")
+        )));
+    }
+    let (flag, secret) = match (key, &args.api_key_file, &args.token_file) {
+        (Some(key), _, _) => ("--api-key", key.clone()),
+        (_, Some(path), _) => ("--api-key-file", read_credential("--api-key-file", path)?),
+        (_, _, Some(path)) => ("--token-file", read_credential("--token-file", path)?),
+        _ => return Ok(None),
+    };
+    let header = Zeroizing::new(format!("Bearer {}", secret.expose_secret()));
+    MetadataValue::try_from(header.as_str())
+        .map(|mut v| {
+            v.set_sensitive(true);
+            Some(v)
         })
-        .transpose()
+        .map_err(|_| {
+            ClientError::Usage(format!(
+                "the {flag} credential has characters a header cannot carry"
+            ))
+        })
 }
 
-/// `msg` with [`bearer`]'s header when `args` has a key.
+/// The credential in `path` without surrounding whitespace; `flag` names
+/// it in errors. Empty, unreadable, not UTF-8 or over
+/// [`MAX_CREDENTIAL_BYTES`]: a usage error.
+fn read_credential(flag: &str, path: &Path) -> Result<SecretString, ClientError> {
+    let shown = path.display();
+    let mut bytes = Zeroizing::new(Vec::new());
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_CREDENTIAL_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|e| ClientError::Usage(format!("cannot read {flag} {shown}: {e}")))?;
+    if bytes.len() as u64 > MAX_CREDENTIAL_BYTES {
+        return Err(ClientError::Usage(format!(
+            "{flag} {shown} is larger than {MAX_CREDENTIAL_BYTES} bytes"
+        )));
+    }
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| ClientError::Usage(format!("{flag} {shown} does not hold UTF-8 text")))?;
+    let value = text.trim();
+    if value.is_empty() {
+        return Err(ClientError::Usage(format!("{flag} {shown} is empty")));
+    }
+    Ok(SecretString::from(value.to_owned()))
+}
+
+/// `msg` with [`authorization`]'s header when `args` have a credential.
 pub(super) fn request<T>(msg: T, args: &ClientArgs) -> Result<Request<T>, ClientError> {
     let mut req = Request::new(msg);
-    if let Some(value) = bearer(args)? {
+    if let Some(value) = authorization(args)? {
         req.metadata_mut().insert("authorization", value);
     }
     Ok(req)
 }
 
 /// The message of a call's answer, or the server's error.
+/// A call that got no answer because its connection failed under it
+/// (tonic reports that as UNKNOWN or CANCELLED with a transport error as
+/// the source) is not the server's word: a TLS alert (TLS 1.3 reports a
+/// refused client certificate after the client's handshake ends) is
+/// [`ClientError::Tls`], anything else [`ClientError::Lost`].
 pub(super) fn answer<T>(reply: Result<Response<T>, Status>) -> Result<T, ClientError> {
-    reply.map(Response::into_inner).map_err(ClientError::Rpc)
+    reply.map(Response::into_inner).map_err(|status| {
+        let Some(source) = status
+            .source()
+            .filter(|s| s.downcast_ref::<tonic::transport::Error>().is_some())
+        else {
+            return ClientError::Rpc(status);
+        };
+        match tls_failure(source) {
+            Some(message) => ClientError::Tls(message),
+            None => ClientError::Lost(chain(source)),
+        }
+    })
 }
 
 /// A lease name as the API takes it: a bare uuid gets `leases/`.
@@ -412,6 +754,48 @@ mod tests {
             next_page_token: "abc".into(),
         };
         assert_eq!(list_json(&page)["nextPageToken"], "abc");
+    }
+
+    #[test]
+    fn each_status_code_has_its_documented_exit_code() {
+        let code = |c: Code| status_exit_code(&Status::new(c, "x"));
+        for c in [Code::InvalidArgument, Code::AlreadyExists, Code::OutOfRange] {
+            assert_eq!(code(c), 2, "{c:?}");
+        }
+        for c in [
+            Code::Unauthenticated,
+            Code::PermissionDenied,
+            Code::FailedPrecondition,
+            Code::ResourceExhausted,
+        ] {
+            assert_eq!(code(c), 3, "{c:?}");
+        }
+        assert_eq!(code(Code::NotFound), 4);
+        for c in [Code::Unavailable, Code::DeadlineExceeded, Code::Aborted] {
+            assert_eq!(code(c), 5, "{c:?}");
+        }
+        for c in [
+            Code::Unknown,
+            Code::Internal,
+            Code::Cancelled,
+            Code::DataLoss,
+        ] {
+            assert_eq!(code(c), 1, "{c:?}");
+        }
+        let with_retry = Status::with_error_details(
+            Code::ResourceExhausted,
+            "quota",
+            tonic_types::ErrorDetails::with_retry_info(Some(Duration::from_secs(3))),
+        );
+        assert_eq!(status_exit_code(&with_retry), 5);
+        assert_eq!(ClientError::Usage("x".into()).exit_code(), 2);
+        assert_eq!(ClientError::Tls("x".into()).exit_code(), 3);
+        assert_eq!(ClientError::Lost("x".into()).exit_code(), 5);
+        let down = ClientError::Connect {
+            addr: "a".into(),
+            message: "refused".into(),
+        };
+        assert_eq!(down.exit_code(), 5);
     }
 
     #[test]

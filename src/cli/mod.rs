@@ -57,6 +57,8 @@ enum Command {
     Lease {
         #[command(flatten)]
         client: client::ClientArgs,
+        #[command(flatten)]
+        token_file: grpc::TokenFileArg,
         #[command(subcommand)]
         command: client::LeaseCommand,
     },
@@ -103,22 +105,87 @@ pub fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("error: {message}");
-            ExitCode::FAILURE
+        Err(failure) => {
+            eprintln!("error: {}", failure.message);
+            ExitCode::from(failure.status)
         }
     }
 }
 
-async fn run(cli: Cli) -> Result<(), String> {
+/// A failed command: what to print after `error: ` and the exit status
+/// (1, or a client command's [`grpc::ClientError::exit_code`]).
+struct Failure {
+    message: String,
+    status: u8,
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Failure {
+        Failure { message, status: 1 }
+    }
+}
+
+impl From<grpc::ClientError> for Failure {
+    fn from(e: grpc::ClientError) -> Failure {
+        Failure {
+            message: e.to_string(),
+            status: e.exit_code(),
+        }
+    }
+}
+
+/// Prints a client command's answer as [`print_out`] does; a failure
+/// keeps its exit status.
+fn print_client(answer: Result<String, grpc::ClientError>) -> Result<(), Failure> {
+    print_out(Ok::<_, String>(answer?))?;
+    Ok(())
+}
+
+/// `client` with the token file of `TOKEN_BROKER_TOKEN_FILE` (commands
+/// whose `--token-file` means something else, or that have none).
+fn with_env_token_file(mut client: client::ClientArgs) -> client::ClientArgs {
+    client.token_file = std::env::var_os(grpc::TOKEN_FILE_VAR)
+        .filter(|v| !v.is_empty())
+        .map(Into::into);
+    client
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
-        Command::Serve(arg) => serve::serve(&arg).await,
-        Command::Migrate(arg) => serve::migrate(&arg).await,
-        Command::Config(command) => print_out(config::run(command)),
-        Command::Dev(args) => dev::run(args).await.map_err(|e| e.to_string()),
+        Command::Lease {
+            mut client,
+            token_file,
+            command,
+        } => {
+            client.token_file = token_file.token_file;
+            print_client(client::run(&client, command).await)
+        }
+        Command::Admin { client, command } => {
+            print_client(admin::run(&with_env_token_file(client), command).await)
+        }
+        Command::Audit(audit::AuditCommand::List {
+            mut client,
+            token_file,
+            filter,
+            page_size,
+            page_token,
+        }) => {
+            client.token_file = token_file.token_file;
+            print_client(audit::list(&client, filter, page_size, page_token).await)
+        }
+        Command::Bench(mut args) => {
+            args.client = with_env_token_file(args.client);
+            Ok(bench::run(args).await.map_err(|e| e.to_string())?)
+        }
+        Command::Serve(arg) => Ok(serve::serve(&arg).await?),
+        Command::Migrate(arg) => Ok(serve::migrate(&arg).await?),
+        Command::Config(command) => Ok(print_out(config::run(command))?),
+        Command::Dev(args) => Ok(dev::run(args).await.map_err(|e| e.to_string())?),
         Command::Emulator(args) => {
             crate::telemetry::init("info", false).map_err(|e| e.to_string())?;
-            crate::emulator::run(args).await.map_err(|e| e.to_string())
+            Ok(crate::emulator::run(args)
+                .await
+                .map_err(|e| e.to_string())?)
         }
         Command::Apikey(ApikeyCommand::Generate { name }) => {
             let key = GeneratedApiKey::generate(&name)?;
@@ -132,23 +199,14 @@ async fn run(cli: Cli) -> Result<(), String> {
             );
             Ok(())
         }
-        Command::Policy(command) => policy::run(command),
-        Command::Lease { client, command } => print_out(client::run(&client, command).await),
-        Command::Admin { client, command } => print_out(admin::run(&client, command).await),
-        Command::Audit(audit::AuditCommand::List {
-            client,
-            filter,
-            page_size,
-            page_token,
-        }) => print_out(audit::list(&client, filter, page_size, page_token).await),
-        Command::Bench(args) => bench::run(args).await.map_err(|e| e.to_string()),
-        Command::Upstream(command) => print_out(upstream::run(command).await),
-        Command::Keys(command) => print_out(keys::run(command).await),
+        Command::Policy(command) => Ok(policy::run(command)?),
+        Command::Upstream(command) => Ok(print_out(upstream::run(command).await)?),
+        Command::Keys(command) => Ok(print_out(keys::run(command).await)?),
         Command::Audit(audit::AuditCommand::Verify(args)) => {
             let settings = serve::load_settings(&ConfigArg {
                 config: args.config.clone(),
             })?;
-            print_out(
+            Ok(print_out(
                 audit::verify_heads(
                     &settings.config,
                     &args.expected_head,
@@ -156,11 +214,11 @@ async fn run(cli: Cli) -> Result<(), String> {
                     args.from_head.as_deref(),
                 )
                 .await,
-            )
+            )?)
         }
         Command::Audit(audit::AuditCommand::Head { config }) => {
             let settings = serve::load_settings(&ConfigArg { config })?;
-            print_out(audit::head(&settings.config).await)
+            Ok(print_out(audit::head(&settings.config).await)?)
         }
     }
 }
