@@ -41,6 +41,8 @@ use crate::upstream::credential::CredentialStatus;
 /// process never mix their numbers).
 pub struct Metrics {
     registry: Registry,
+    /// Mirrors [`crate::store::pool_acquire_timeouts`] at each scrape.
+    pool_acquire_timeouts: IntCounter,
     head_id: IntGauge,
     /// The id of the head last exported (it never goes back).
     head: Mutex<Option<i64>>,
@@ -263,6 +265,14 @@ impl Metrics {
             "Most connections the pool opens (its share of database.max_connections).",
             "pool",
         );
+        let pool_acquire_timeouts = IntCounter::new(
+            "token_broker_db_pool_acquire_timeouts_total",
+            "Calls that waited database.acquire_timeout for a pooled connection and gave up (every pool of the process).",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(pool_acquire_timeouts.clone()))
+            .expect("metric names are unique");
         #[cfg(target_os = "linux")]
         registry
             .register(Box::new(
@@ -270,6 +280,7 @@ impl Metrics {
             ))
             .expect("process metric names are unique");
         Metrics {
+            pool_acquire_timeouts,
             registry,
             head_id,
             head: Mutex::new(None),
@@ -309,6 +320,10 @@ impl Metrics {
 
     /// Sets the pool gauges from memory (no query).
     fn refresh_pools(&self) {
+        // A counter only moves up: add what the process counted since.
+        let timeouts = crate::store::pool_acquire_timeouts();
+        self.pool_acquire_timeouts
+            .inc_by(timeouts.saturating_sub(self.pool_acquire_timeouts.get()));
         let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         for (name, store) in pools.iter() {
             if let Some(status) = store.pool_status() {

@@ -491,6 +491,13 @@ async fn grpc_upstream_pool_process_and_lease_metrics_move_with_calls_in_bounded
             );
         }
     }
+    assert!(
+        before
+            .samples
+            .iter()
+            .any(|s| s.metric == "token_broker_db_pool_acquire_timeouts_total"),
+        "token_broker_db_pool_acquire_timeouts_total"
+    );
     for state in [
         "PENDING",
         "ACTIVE",

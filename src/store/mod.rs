@@ -204,7 +204,22 @@ impl Stores {
 /// the busy timeout) are `Unavailable`, so a retry can help; the rest are
 /// `Database`. Only the database's message is kept: sqlx never puts bound
 /// values in it, so no secret reaches the error.
+/// Calls that waited `database.acquire_timeout` for a pooled connection
+/// and gave up (sqlx's `PoolTimedOut`), in every pool of this process.
+/// Counted here because sqlx 0.8 exposes no count of acquire waits.
+static POOL_ACQUIRE_TIMEOUTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many calls gave up waiting for a pooled connection since this
+/// process started (all pools, all stores): the
+/// `token_broker_db_pool_acquire_timeouts_total` counter.
+pub fn pool_acquire_timeouts() -> u64 {
+    POOL_ACQUIRE_TIMEOUTS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 pub(crate) fn map_sqlx(err: sqlx::Error) -> StoreError {
+    if matches!(err, sqlx::Error::PoolTimedOut) {
+        POOL_ACQUIRE_TIMEOUTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     match &err {
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
