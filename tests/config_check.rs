@@ -114,6 +114,49 @@ fn a_valid_configuration_prints_its_settings_with_every_secret_redacted() {
     }
 }
 
+#[cfg(unix)]
+#[test]
+fn a_database_url_from_its_file_is_the_one_printed_redacted() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.yaml"), POLICY).unwrap();
+    let url_file = dir.path().join("url");
+    std::fs::write(
+        &url_file,
+        format!("postgres://broker:{DB_PASSWORD}@db.internal:5432/token_broker\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&url_file, std::fs::Permissions::from_mode(0o440)).unwrap();
+    let config = valid_config().replace(
+        &format!(
+            "url = \"postgres://broker:{DB_PASSWORD}@db.internal:5432/token_broker?sslmode=disable\""
+        ),
+        "url_file = \"url\"",
+    );
+    let out = config_check(dir.path(), &config);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    let printed: toml::Table = toml::from_str(&stdout).expect("stdout is TOML");
+    // The file's URL, not the built-in SQLite default.
+    assert_eq!(
+        printed["database"]["url"].as_str(),
+        Some("postgres://broker:[REDACTED]@db.internal:5432/token_broker")
+    );
+    assert_eq!(printed["database"]["url_file"].as_str(), Some("url"));
+    assert!(
+        !stdout.contains(DB_PASSWORD),
+        "password in stdout: {stdout}"
+    );
+    assert!(
+        !stderr.contains(DB_PASSWORD),
+        "password in stderr: {stderr}"
+    );
+}
+
 #[test]
 fn two_bad_settings_are_both_named_and_the_check_fails() {
     let dir = tempfile::tempdir().unwrap();

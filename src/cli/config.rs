@@ -60,6 +60,14 @@ pub fn check(file: Option<&Path>) -> Result<String, ConfigErrors> {
             format!("cannot read the settings back: {e}"),
         )])
     })?;
+    // With `database.url_file`, the figment still holds the default
+    // `database.url`: print the URL the broker will use (redacted below).
+    if let Some(toml::Value::Table(database)) = table.get_mut("database") {
+        if database.contains_key("url_file") {
+            let url = secrecy::ExposeSecret::expose_secret(&settings.config.database.url);
+            database.insert("url".into(), toml::Value::String(url.to_owned()));
+        }
+    }
     redact_table(&mut table, "");
     toml::to_string(&table).map_err(|e| {
         ConfigErrors(vec![ConfigError::new(
