@@ -2,7 +2,7 @@
 //! the configuration check (`config check`), the local run (`dev`, `emulator`), key generation (`apikey generate`),
 //! policy files (`policy check`), the upstream credential (`upstream
 //! login | status | set-refresh-token`), the gRPC clients (`lease ...`,
-//! `admin ...`, `audit list`), the audit chain check (`audit verify`) and
+//! `admin ...`, `audit list`, `git-credential`), the audit chain check (`audit verify`) and
 //! the keys against the database (`keys status | rewrap`).
 
 use std::fmt::Display;
@@ -20,6 +20,7 @@ pub mod bench;
 pub mod client;
 pub mod config;
 pub mod dev;
+pub mod git_credential;
 pub mod grpc;
 pub mod keys;
 pub mod policy;
@@ -72,6 +73,8 @@ enum Command {
     /// Read the audit trail (gRPC client) or verify its chain (server configuration).
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Git credential helper: answers Azure Repos' credential with a leased PAT (gRPC client).
+    GitCredential(git_credential::GitCredentialArgs),
     /// Measure a running broker (gRPC client), optionally against its database's own ceiling.
     Bench(bench::BenchArgs),
     /// The broker's own upstream credential: sign in, status, set a refresh token (server configuration).
@@ -172,6 +175,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }) => {
             client.token_file = token_file.token_file;
             print_client(audit::list(&client, filter, page_size, page_token).await)
+        }
+        Command::GitCredential(args) => {
+            let out = git_credential::run(args).await?;
+            if !out.is_empty() {
+                print_out(Ok::<_, String>(out))?;
+            }
+            Ok(())
         }
         Command::Bench(mut args) => {
             args.client = with_env_token_file(args.client);
