@@ -43,6 +43,9 @@ const MAX_INPUT_BYTES: u64 = 64 * 1024;
 /// max(5 min, 10 % of its lifetime), at most half its lifetime.
 const MIN_REMAINING: Duration = Duration::from_secs(300);
 
+/// Longest wait for a new lease (exit 5 past it).
+const CREATE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// What git asks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Action {
@@ -129,7 +132,16 @@ async fn get(
     let lease = match cached.filter(|l| l.servable_at(now)) {
         Some(lease) => lease,
         None => {
-            let lease = create(args, organization).await?;
+            // Bounded, so a hung broker cannot hold the entry's lock (and
+            // every git command waiting on it) for ever.
+            let lease = tokio::time::timeout(CREATE_TIMEOUT, create(args, organization))
+                .await
+                .map_err(|_| {
+                    ClientError::Rpc(tonic::Status::deadline_exceeded(format!(
+                        "no lease from the broker within {}s",
+                        CREATE_TIMEOUT.as_secs()
+                    )))
+                })??;
             if let Some(cache) = cache {
                 cache.write(&lease);
             }

@@ -316,6 +316,7 @@ mod tests {
         assert!(config.block_global_creation);
         assert_eq!(config.state_file, None);
         assert_eq!(config.device_code_interval, Duration::from_secs(5));
+        assert_eq!(config.git_root, None);
         let cli = Cli::try_parse_from([
             "emulator",
             "--state-file",
