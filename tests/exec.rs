@@ -328,6 +328,10 @@ async fn nuget_feeds_get_the_pat_in_the_credential_providers_variable() {
     for entry in &entries[1..] {
         let password = entry["password"].as_str().expect("a password");
         assert!(
+            !run.stderr.contains(password),
+            "exec never prints the token"
+        );
+        assert!(
             hex::encode(Sha256::digest(password.as_bytes())) == digest,
             "the feed's password is the PAT in AZURE_DEVOPS_EXT_PAT"
         );
@@ -479,4 +483,40 @@ async fn a_refused_lease_exits_with_the_client_codes_and_never_runs_the_command(
     assert!(!w.path("ran").exists(), "the command never ran");
     assert!(w.leases().await.is_empty());
     w.broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_that_fails_names_the_lease_and_exec_still_exits_with_the_commands_status() {
+    let w = world().await;
+    let command = sh(r#"
+        touch "$OUT/ready"
+        while [ ! -e "$OUT/go" ]; do sleep 0.1; done
+        exit 4"#);
+    let flags = code_flags(&w);
+    let child = w
+        .command(&args(&strs(&flags), &command), &[])
+        .spawn()
+        .expect("spawn exec");
+    wait_for_file(&w.path("ready")).await;
+    let leases = w.leases().await;
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0].state(), pb::lease::State::Active);
+    // The broker goes away while the command runs.
+    let World {
+        broker, dir, emu, ..
+    } = w;
+    broker.stop().await;
+    std::fs::write(dir.path().join("go"), "").unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+        .await
+        .expect("exec exits")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "the command's status: {stderr}");
+    assert!(
+        stderr.contains("could not revoke") && stderr.contains(&leases[0].name),
+        "{stderr}"
+    );
+    let pats = emu.pats().await;
+    assert_eq!(pats[0]["state"], "active", "{pats:?}");
 }
