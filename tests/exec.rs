@@ -10,7 +10,9 @@ mod common;
 
 use std::path::Path;
 use std::process::Stdio;
+
 use std::time::Duration;
+use tokio::io::AsyncWriteExt as _;
 
 use rustix::process::{kill_process, Pid, Signal};
 use secrecy::ExposeSecret as _;
@@ -97,7 +99,14 @@ impl World {
     /// `EMU` (the emulator's URL) and `OUT` (the test's directory), and runs
     /// there.
     fn command(&self, args: &[&str], env: &[(&str, &str)]) -> tokio::process::Command {
-        let mut command = tokio::process::Command::new(BIN);
+        let mut command = self.environment(BIN, env);
+        command.arg("exec").args(args);
+        command
+    }
+
+    /// `program` with the environment of [`World::command`].
+    fn environment(&self, program: &str, env: &[(&str, &str)]) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(program);
         for (name, _) in std::env::vars() {
             if name.starts_with("TOKEN_BROKER_")
                 || name.starts_with("GIT_CONFIG")
@@ -115,8 +124,6 @@ impl World {
             .env("OUT", self.dir.path())
             .envs(env.iter().copied())
             .current_dir(self.dir.path())
-            .arg("exec")
-            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -412,6 +419,50 @@ async fn sigint_to_exec_ends_a_child_that_does_not_catch_it_with_130_and_the_lea
         stdout: String::new(),
         stderr: String::new(),
     };
+    w.one_lease_revoked(&run).await;
+    w.broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminals_ctrl_c_reaches_the_command_once_and_exec_waits_for_it() {
+    let w = world().await;
+    // `script` (util-linux) gives exec and its command a terminal; a ^C
+    // typed into it makes the kernel send SIGINT to the terminal's
+    // foreground process group: exec and the command. exec must not send
+    // the command a second one.
+    let command = r#"trap 'echo got-INT; touch "$OUT/interrupted"' INT
+        touch "$OUT/ready"
+        while [ ! -e "$OUT/go" ]; do sleep 0.1; done
+        echo done"#;
+    std::fs::write(w.path("child.sh"), command).unwrap();
+    let line = format!("{BIN} exec --organization fabrikam --scope vso.code -- sh child.sh");
+    let mut script = w.environment("script", &[]);
+    script
+        .args(["-q", "-f", "-e", "-c", &line, "/dev/null"])
+        .stdin(Stdio::piped());
+    let mut running = script.spawn().expect("run script(1) (util-linux)");
+    wait_for_file(&w.path("ready")).await;
+    let mut terminal = running.stdin.take().unwrap();
+    terminal.write_all(b"\x03").await.unwrap();
+    terminal.flush().await.unwrap();
+    wait_for_file(&w.path("interrupted")).await;
+    std::fs::write(w.path("go"), "").unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(60), running.wait_with_output())
+        .await
+        .expect("exec exits once its command does")
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(shown.matches("got-INT").count(), 1, "{shown}");
+    assert!(
+        shown.contains("done"),
+        "exec kept waiting for the command: {shown}"
+    );
+    let run = Run {
+        code: out.status.code(),
+        stdout: String::new(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    assert_eq!(run.code, Some(0), "the command's status: {run:?}");
     w.one_lease_revoked(&run).await;
     w.broker.stop().await;
 }

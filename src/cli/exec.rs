@@ -157,11 +157,15 @@ impl Plan {
     /// must be the provider's JSON when exec adds to it. Errors name the
     /// variable, never its value (it may hold credentials).
     fn new(args: &ExecArgs, var: impl Fn(&str) -> Option<OsString>) -> Result<Plan, ClientError> {
-        let mut pat_variables = args.env.clone();
+        let mut pat_variables: Vec<String> = Vec::new();
+        for name in &args.env {
+            if !pat_variables.contains(name) {
+                pat_variables.push(name.clone());
+            }
+        }
         if pat_variables.is_empty() {
             pat_variables.push(DEFAULT_PAT_VAR.to_owned());
         }
-        pat_variables.dedup();
         let git_index = git_config_count(&var)?;
         let nuget_kept = if args.nuget_feeds.is_empty() {
             None

@@ -67,6 +67,13 @@ enum Command {
     },
     /// Run a command with a leased PAT in its environment (for git, az
     /// devops, NuGet); revoke the lease when it exits; exit with its status.
+    ///
+    /// The PAT goes in AZURE_DEVOPS_EXT_PAT (or each --env NAME), in git's
+    /// `http.<URL>/<ORG>/.extraHeader` (GIT_CONFIG_COUNT, after existing
+    /// entries) and, per --nuget-feed, in VSS_NUGET_EXTERNAL_FEED_ENDPOINTS;
+    /// never in a file. SIGINT, SIGTERM, SIGHUP and SIGQUIT are passed on.
+    /// Exit status: COMMAND's (128+N when signal N ended it, 127 not found,
+    /// 126 cannot run); the client exit codes when no lease was made.
     #[cfg(unix)]
     Exec {
         #[command(flatten)]
