@@ -78,6 +78,10 @@ pub struct DevArgs {
     /// default refresh token) instead of starting one.
     #[arg(long)]
     pub upstream: Option<url::Url>,
+    /// Let the embedded emulator serve the bare repositories
+    /// `DIR/{organization}/{project}/{repo}.git` over git's smart HTTP.
+    #[arg(long, value_name = "DIR", conflicts_with = "upstream")]
+    pub git_root: Option<std::path::PathBuf>,
 }
 
 /// Why `dev` could not start.
@@ -196,6 +200,7 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
                 dev_emulator_state_file(args.database_url.as_ref().map(|u| u.expose_secret()));
             let emu = emulator::Emulator::open(EmulatorConfig {
                 state_file: Some(state_file.clone()),
+                git_root: args.git_root.clone(),
                 ..EmulatorConfig::default()
             })
             .map_err(|e| DevError::Config(e.to_string()))?;

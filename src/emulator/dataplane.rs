@@ -1,4 +1,5 @@
-//! A small data plane that takes a PAT as HTTP Basic auth
+//! A small data plane that takes a PAT as HTTP Basic auth (its check,
+//! [`authorize`], also guards git over HTTP: `super::git`)
 //! (docs/upstream-api.md, "Data plane: using a PAT"): `GET /{org}/_apis/git/repositories`
 //! (needs a scope covering `vso.code`) and `GET /{org}/_apis/packaging/feeds`
 //! (covering `vso.packaging`).
@@ -45,39 +46,76 @@ fn basic_password(headers: &HeaderMap) -> Option<String> {
     Some(password.to_owned())
 }
 
-/// Serves one data-plane call.
-pub(crate) fn serve(
+/// Why the data plane refused a credential.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// No `Authorization` header.
+    NoCredential,
+    /// Not a readable Basic credential, or an unknown or revoked PAT.
+    Unknown,
+    /// The PAT's `validTo` has passed.
+    Expired,
+    /// A PAT of another organization.
+    WrongOrganization,
+    /// The PAT's scope does not cover the one needed.
+    OutOfScope,
+}
+
+impl Refusal {
+    /// The answer the REST data plane gives (see [`serve`]).
+    fn answer(self, headers: &HeaderMap) -> Response {
+        match self {
+            // No credential at all: the sign-in page, or 401 with Suppress
+            // ("Wrongly authenticated calls" [C]).
+            Refusal::NoCredential => wire::authentication_refused(headers),
+            // Unreadable, unknown or revoked: 401 TF400813 ([I]; the
+            // service's exact answer to a wrong PAT is not documented).
+            Refusal::Unknown | Refusal::WrongOrganization => wire::unauthorized(""),
+            // Expired: 401 AccessCheckException ("Error envelope" [C]).
+            Refusal::Expired => wire::pat_expired(),
+            // Out of scope: 401 TF400813 naming the user ([I]: no public capture).
+            Refusal::OutOfScope => wire::unauthorized(OUT_OF_SCOPE_USER),
+        }
+    }
+}
+
+/// The user id an out-of-scope refusal names ([I]).
+pub(crate) const OUT_OF_SCOPE_USER: &str = "6f1c1b8e-0000-4000-8000-00000000e0e0";
+
+/// What an accepted PAT is: its authorizationId (for logs and CGI's
+/// `REMOTE_USER`) and the GUID of the organization it was used in.
+pub(crate) struct Accepted {
+    /// The PAT's authorizationId.
+    pub authorization_id: uuid::Uuid,
+    /// The organization's GUID.
+    pub org_id: uuid::Uuid,
+}
+
+/// Checks the PAT in `headers` as the data plane does: a live PAT of
+/// `org` whose scope covers `needs` (with inclusion, docs/upstream-api.md
+/// "Scope catalogue and inclusion"). Touches only the emulator's memory.
+pub(crate) fn authorize(
     emu: &Emulator,
     org: &str,
-    resource: Resource,
+    needs: &str,
     headers: &HeaderMap,
-) -> Response {
+) -> Result<Accepted, Refusal> {
     if !headers.contains_key(header::AUTHORIZATION) {
-        // No credential at all: the sign-in page, or 401 with Suppress
-        // ("Wrongly authenticated calls" [C]).
-        return wire::authentication_refused(headers);
+        return Err(Refusal::NoCredential);
     }
-    let Some(pat) = basic_password(headers) else {
-        // A credential that is not a readable Basic PAT: 401 ("Data plane: using a PAT" [C]).
-        return wire::unauthorized("");
-    };
+    let pat = basic_password(headers).ok_or(Refusal::Unknown)?;
     let inner = emu.lock();
     let now = inner.now();
     let record = inner
         .by_token
         .get(&digest(&pat))
-        .and_then(|id| inner.pat(*id));
-    let Some(record) = record else {
-        // Unknown token: 401 TF400813 ([I]; the service's exact answer to a
-        // wrong PAT is not documented).
-        return wire::unauthorized("");
-    };
+        .and_then(|id| inner.pat(*id))
+        .ok_or(Refusal::Unknown)?;
     match record.state(now) {
         PatState::Active => {}
         // Revoked: treated as unknown ([I]).
-        PatState::Revoked => return wire::unauthorized(""),
-        // Expired: 401 AccessCheckException ("Error envelope" [C]).
-        PatState::Expired => return wire::pat_expired(),
+        PatState::Revoked => return Err(Refusal::Unknown),
+        PatState::Expired => return Err(Refusal::Expired),
     }
     let org_id = inner.organizations.get(org).copied();
     let in_org = match &record.target_accounts {
@@ -87,18 +125,32 @@ pub(crate) fn serve(
     };
     if !in_org {
         // A PAT of another organization is not recognised here ([I]).
-        return wire::unauthorized("");
+        return Err(Refusal::WrongOrganization);
     }
     let covered = ScopeSet::parse_upstream(&record.scope)
         .ok()
-        .zip(Scope::parse(resource.needs()).ok())
+        .zip(Scope::parse(needs).ok())
         .is_some_and(|(held, needed)| held.covers_scope(&needed));
     if !covered {
-        // Out of scope: 401 TF400813 naming the user ([I]: no public capture).
-        return wire::unauthorized("6f1c1b8e-0000-4000-8000-00000000e0e0");
+        return Err(Refusal::OutOfScope);
     }
-    let org_id = org_id.unwrap_or_default();
-    drop(inner);
+    Ok(Accepted {
+        authorization_id: record.authorization_id,
+        org_id: org_id.unwrap_or_default(),
+    })
+}
+
+/// Serves one data-plane call.
+pub(crate) fn serve(
+    emu: &Emulator,
+    org: &str,
+    resource: Resource,
+    headers: &HeaderMap,
+) -> Response {
+    let org_id = match authorize(emu, org, resource.needs(), headers) {
+        Ok(accepted) => accepted.org_id,
+        Err(refusal) => return refusal.answer(headers),
+    };
     let body = match resource {
         Resource::GitRepositories => json!({
             "value": [{

@@ -21,6 +21,7 @@ mod control;
 mod dataplane;
 mod entra;
 mod faults;
+mod git;
 mod pats;
 mod server;
 mod state;
@@ -86,6 +87,10 @@ pub struct EmulatorConfig {
     /// `interval` of a device code (seconds a client waits between polls
     /// of the device-code grant; RFC 8628 default 5 s).
     pub device_code_interval: Duration,
+    /// Where the bare repositories served over git's smart HTTP live:
+    /// `{git_root}/{organization}/{project}/{repo}.git` at
+    /// `/{organization}/{project}/_git/{repo}`. None: no git.
+    pub git_root: Option<std::path::PathBuf>,
 }
 
 impl Default for EmulatorConfig {
@@ -104,6 +109,7 @@ impl Default for EmulatorConfig {
             refresh_token_lifetime: Duration::from_secs(90 * 24 * 3600),
             state_file: None,
             device_code_interval: Duration::from_secs(5),
+            git_root: None,
         }
     }
 }
@@ -158,6 +164,11 @@ pub struct EmulatorArgs {
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     pub device_code_interval: u64,
+    /// Serve the bare repositories `DIR/{organization}/{project}/{repo}.git`
+    /// over git's smart HTTP at `/{organization}/{project}/_git/{repo}`
+    /// (runs `git http-backend`).
+    #[arg(long, value_name = "DIR")]
+    pub git_root: Option<std::path::PathBuf>,
 }
 
 impl From<EmulatorArgs> for EmulatorConfig {
@@ -173,6 +184,7 @@ impl From<EmulatorArgs> for EmulatorConfig {
             legacy_tokens: a.legacy_tokens,
             state_file: a.state_file,
             device_code_interval: Duration::from_secs(a.device_code_interval),
+            git_root: a.git_root,
             ..EmulatorConfig::default()
         }
     }
@@ -186,8 +198,22 @@ pub struct Emulator(state::Emulator);
 impl Emulator {
     /// Loads `config.state_file` when set and present.
     ///
-    /// Errors: the state file cannot be read or parsed.
-    pub fn open(config: EmulatorConfig) -> std::io::Result<Self> {
+    /// Errors: the state file cannot be read or parsed; the git root is
+    /// not a directory.
+    pub fn open(mut config: EmulatorConfig) -> std::io::Result<Self> {
+        if let Some(root) = &config.git_root {
+            // `git http-backend` wants an absolute GIT_PROJECT_ROOT.
+            let absolute = std::fs::canonicalize(root)
+                .ok()
+                .filter(|p| p.is_dir())
+                .ok_or_else(|| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("--git-root {}: not a directory", root.display()),
+                    )
+                })?;
+            config.git_root = Some(absolute);
+        }
         Ok(Emulator(state::Emulator::open(config)?))
     }
 

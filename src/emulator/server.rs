@@ -20,7 +20,7 @@ use super::entra::{self, Bearer};
 use super::faults::{LatencyWhen, Operation};
 use super::state::Emulator;
 use super::wire::{self, Query};
-use super::{control, pats};
+use super::{control, git, pats};
 use crate::domain::Organization;
 
 /// Largest request body read, in bytes.
@@ -82,7 +82,7 @@ fn route(path: &str) -> Option<Route> {
     }
 }
 
-fn percent_decode(s: &str) -> String {
+pub(crate) fn percent_decode(s: &str) -> String {
     url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
         .next()
         .map(|(_, v)| v.into_owned())
@@ -92,6 +92,15 @@ fn percent_decode(s: &str) -> String {
 async fn dispatch(State(emu): State<Emulator>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let kill = parts.extensions.get::<ConnectionKill>().cloned();
+    // Git's smart HTTP (with --git-root): its bodies stream through `git
+    // http-backend`, unbounded, so they are not read here. Counted as
+    // data-plane calls; fault rules do not apply to them.
+    if let Some(root) = emu.config.git_root.clone() {
+        if let Some(git_route) = git::route(parts.uri.path()) {
+            emu.lock().count_call(Operation::Dataplane.as_str());
+            return git::serve(&emu, &root, git_route, parts, body).await;
+        }
+    }
     let Some(route) = route(parts.uri.path()) else {
         return wire::not_found(parts.uri.path());
     };

@@ -95,6 +95,9 @@ pub(crate) fn envelope(
     resp
 }
 
+/// The Basic challenge every 401 carries ("Wrongly authenticated calls" [C]).
+pub(crate) const BASIC_CHALLENGE: &str = "Basic realm=\"https://emulator.vssps.dev.azure.com/\"";
+
 /// 401 `UnauthorizedRequestException` TF400813 ("Error envelope", "Wrongly
 /// authenticated calls" [C]).
 pub(crate) fn unauthorized(user: &str) -> Response {
@@ -116,7 +119,7 @@ pub(crate) fn unauthorized(user: &str) -> Response {
     );
     h.append(
         header::WWW_AUTHENTICATE,
-        HeaderValue::from_static("Basic realm=\"https://emulator.vssps.dev.azure.com/\""),
+        HeaderValue::from_static(BASIC_CHALLENGE),
     );
     resp
 }

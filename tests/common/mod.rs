@@ -33,6 +33,7 @@ pub mod audit;
 pub mod broker;
 pub mod db;
 pub mod emulator;
+pub mod git;
 pub mod k8s;
 pub mod leases;
 pub mod logs;
