@@ -22,7 +22,9 @@ use sha2::{Digest as _, Sha256};
 use common::broker::{spawn_broker, BrokerSpec, TestBroker};
 use common::db::sqlite_url;
 use common::emulator::Emu;
+use common::git::{path, repo_url, GitWorld};
 use common::wait::poll;
+use token_broker::emulator::EmulatorConfig;
 use token_broker::proto::v1 as pb;
 
 const BIN: &str = env!("CARGO_BIN_EXE_token-broker");
@@ -63,8 +65,13 @@ struct World {
 }
 
 async fn world() -> World {
+    world_with(EmulatorConfig::default()).await
+}
+
+/// A broker against an emulator started with `config`.
+async fn world_with(config: EmulatorConfig) -> World {
     let dir = tempfile::tempdir().unwrap();
-    let emu = Emu::start_default().await;
+    let emu = Emu::start(config).await;
     let spec = BrokerSpec::new(sqlite_url(&dir), emu.running.url()).with_policy(POLICY);
     let broker = spawn_broker(&spec).await;
     World {
@@ -349,6 +356,89 @@ async fn nuget_feeds_get_the_pat_in_the_credential_providers_variable() {
         );
     }
     w.one_lease_revoked(&run).await;
+    w.broker.stop().await;
+}
+
+// ---- git against the emulator ---------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn git_clones_and_pushes_through_exec_against_the_emulator_and_each_lease_is_revoked() {
+    let git = GitWorld::new();
+    let bare = git.seed();
+    let w = world_with(EmulatorConfig {
+        git_root: Some(git.root()),
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let base = w.emu.running.url();
+    let url = repo_url(&base);
+    let home = git.dir.path().join("home");
+    let git_env = [
+        ("HOME", path(&home)),
+        ("GIT_CONFIG_NOSYSTEM", "1"),
+        ("GIT_TERMINAL_PROMPT", "0"),
+        ("GIT_AUTHOR_NAME", "Test"),
+        ("GIT_AUTHOR_EMAIL", "test@example.com"),
+        ("GIT_COMMITTER_NAME", "Test"),
+        ("GIT_COMMITTER_EMAIL", "test@example.com"),
+    ];
+    let clone = git.work().join("clone");
+
+    // Without a credential the emulator refuses git.
+    let plain = git.git(&git.work(), &["clone", &url, "plain"]);
+    assert!(!plain.status.success(), "cloned without a PAT");
+
+    let flags = ["--organization", "fabrikam", "--scope", "vso.code"];
+    let mut fetch = flags.to_vec();
+    fetch.extend(["--azure-devops-url", &base, "--", "git", "clone", &url]);
+    fetch.push(path(&clone));
+    let run = w.exec(&fetch, &git_env).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(
+        std::fs::read_to_string(clone.join("README")).unwrap(),
+        "hello\n"
+    );
+    w.one_lease_revoked(&run).await;
+    let config = std::fs::read_to_string(clone.join(".git/config")).unwrap();
+    assert!(
+        !config.to_lowercase().contains("extraheader"),
+        "the credential stays out of the clone: {config}"
+    );
+
+    // A push needs vso.code_write.
+    std::fs::write(clone.join("NEW"), "pushed\n").unwrap();
+    git.ok(&git.git(&clone, &["add", "NEW"]));
+    git.ok(&git.git(&clone, &["commit", "-m", "second"]));
+    let push = [
+        "--organization",
+        "fabrikam",
+        "--scope",
+        "vso.code_write",
+        "--azure-devops-url",
+        &base,
+        "--",
+        "git",
+        "-C",
+        path(&clone),
+        "push",
+        "origin",
+        "main",
+    ];
+    let run = w.exec(&push, &git_env).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(git.rev(&bare, "main"), git.rev(&clone, "HEAD"));
+    let leases = w.leases().await;
+    assert_eq!(leases.len(), 2);
+    assert!(
+        leases
+            .iter()
+            .all(|l| l.state() == pb::lease::State::Revoked),
+        "{leases:?}"
+    );
+
+    // Afterwards git alone is refused again: nothing was left behind.
+    let out = git.git(&clone, &["fetch", "origin"]);
+    assert!(!out.status.success(), "fetched without exec");
     w.broker.stop().await;
 }
 
