@@ -424,7 +424,10 @@ pub async fn run(client: &ClientArgs, args: ExecArgs) -> Result<u8, ClientError>
     };
     match outcome {
         Ok(revoked) => match revoked.state() {
-            pb::lease::State::Revoked | pb::lease::State::Expired | pb::lease::State::Failed => {}
+            pb::lease::State::Revoked | pb::lease::State::Failed => {}
+            pb::lease::State::Expired => eprintln!(
+                "warning: {lease_name} expired before the command exited: give a longer --ttl"
+            ),
             state => eprintln!(
                 "warning: {lease_name} is {}: Azure DevOps did not confirm the revocation yet; \
                  the broker keeps retrying it",
