@@ -9,7 +9,8 @@
 //! Client-side variables (`TOKEN_BROKER_ADDR`, `TOKEN_BROKER_API_KEY`,
 //! `TOKEN_BROKER_API_KEY_FILE`, `TOKEN_BROKER_TOKEN_FILE`,
 //! `TOKEN_BROKER_CA_FILE`, `TOKEN_BROKER_CLIENT_CERT_FILE`,
-//! `TOKEN_BROKER_CLIENT_KEY_FILE`, `TOKEN_BROKER_DEV_API_KEY`,
+//! `TOKEN_BROKER_CLIENT_KEY_FILE`, `TOKEN_BROKER_AZURE_DEVOPS_URL`,
+//! `TOKEN_BROKER_DEV_API_KEY`,
 //! `TOKEN_BROKER_EMULATOR_*`, `TOKEN_BROKER_CONFIG`) are not server
 //! settings: the loader skips them.
 
@@ -103,6 +104,7 @@ const CLIENT_VARIABLES: &[&str] = &[
     "ca_file",
     "client_cert_file",
     "client_key_file",
+    "azure_devops_url",
     "dev_api_key",
     "config",
 ];

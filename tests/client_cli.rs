@@ -488,6 +488,7 @@ async fn serve_starts_with_the_client_variables_in_its_environment() {
             ("ca_file", "/etc/ssl/broker-ca.pem"),
             ("client_cert_file", "/etc/ssl/client.crt"),
             ("client_key_file", "/etc/ssl/client.key"),
+            ("azure_devops_url", "https://dev.azure.com"),
         ],
     )
     .await;

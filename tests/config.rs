@@ -250,6 +250,7 @@ fn client_variables_are_neither_server_settings_nor_errors() {
         jail.set_env("TOKEN_BROKER_CA_FILE", "/etc/ssl/broker-ca.pem");
         jail.set_env("TOKEN_BROKER_CLIENT_CERT_FILE", "/etc/ssl/client.crt");
         jail.set_env("TOKEN_BROKER_CLIENT_KEY_FILE", "/etc/ssl/client.key");
+        jail.set_env("TOKEN_BROKER_AZURE_DEVOPS_URL", "https://dev.azure.com");
         jail.set_env("TOKEN_BROKER_EMULATOR_LISTEN", "127.0.0.1:1");
         jail.set_env("TOKEN_BROKER_EMULATOR_REFRESH_TOKEN", "x");
         let c = load(None).unwrap();

@@ -2,8 +2,9 @@
 //! the configuration check (`config check`), the local run (`dev`, `emulator`), key generation (`apikey generate`),
 //! policy files (`policy check`), the upstream credential (`upstream
 //! login | status | set-refresh-token`), the gRPC clients (`lease ...`,
-//! `admin ...`, `audit list`, `git-credential`), the audit chain check (`audit verify`) and
-//! the keys against the database (`keys status | rewrap`).
+//! `admin ...`, `audit list`, `git-credential`), a command run with a leased
+//! PAT (`exec`), the audit chain check (`audit verify`) and the keys against
+//! the database (`keys status | rewrap`).
 
 use std::fmt::Display;
 use std::process::ExitCode;
@@ -20,6 +21,8 @@ pub mod bench;
 pub mod client;
 pub mod config;
 pub mod dev;
+#[cfg(unix)]
+pub mod exec;
 pub mod git_credential;
 pub mod grpc;
 pub mod keys;
@@ -62,6 +65,24 @@ enum Command {
         token_file: grpc::TokenFileArg,
         #[command(subcommand)]
         command: client::LeaseCommand,
+    },
+    /// Run a command with a leased PAT in its environment (for git, az
+    /// devops, NuGet); revoke the lease when it exits; exit with its status.
+    ///
+    /// The PAT goes in AZURE_DEVOPS_EXT_PAT (or each --env NAME), in git's
+    /// `http.<URL>/<ORG>/.extraHeader` (GIT_CONFIG_COUNT, after existing
+    /// entries) and, per --nuget-feed, in VSS_NUGET_EXTERNAL_FEED_ENDPOINTS;
+    /// never in a file. SIGINT, SIGTERM, SIGHUP and SIGQUIT are passed on.
+    /// Exit status: COMMAND's (128+N when signal N ended it, 127 not found,
+    /// 126 cannot run); the client exit codes when no lease was made.
+    #[cfg(unix)]
+    Exec {
+        #[command(flatten)]
+        client: client::ClientArgs,
+        #[command(flatten)]
+        token_file: grpc::TokenFileArg,
+        #[command(flatten)]
+        args: exec::ExecArgs,
     },
     /// Incident response across holders: bulk revoke, list (gRPC client; admin key).
     Admin {
@@ -107,7 +128,7 @@ pub fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(status) => ExitCode::from(status),
         Err(failure) => {
             eprintln!("error: {}", failure.message);
             ExitCode::from(failure.status)
@@ -153,8 +174,26 @@ fn with_env_token_file(mut client: client::ClientArgs) -> client::ClientArgs {
     client
 }
 
-async fn run(cli: Cli) -> Result<(), Failure> {
+/// Runs the command line; the exit status (0, or `exec`'s command's).
+async fn run(cli: Cli) -> Result<u8, Failure> {
     match cli.command {
+        #[cfg(unix)]
+        Command::Exec {
+            mut client,
+            token_file,
+            args,
+        } => {
+            client.token_file = token_file.token_file;
+            Ok(exec::run(&client, args).await?)
+        }
+        command => run_command(command).await.map(|()| 0),
+    }
+}
+
+async fn run_command(command: Command) -> Result<(), Failure> {
+    match command {
+        #[cfg(unix)]
+        Command::Exec { .. } => unreachable!("`run` runs exec"),
         Command::Lease {
             mut client,
             token_file,
