@@ -16,6 +16,7 @@ pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod credentials;
 pub mod crypto;
 pub mod domain;
 mod duration;

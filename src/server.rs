@@ -356,6 +356,10 @@ impl Broker {
             }
             None => None,
         };
+        // The managed-credential service the API layer reads through
+        // (`CredentialService`, `AdminService`'s credential calls).
+        let credentials = crate::credentials::Credentials::unavailable();
+        let _ = &credentials;
         let server = tokio::spawn(api::serve(
             listener,
             leases,
