@@ -19,23 +19,7 @@ use crate::error::{ErrorCode, ServiceError};
 use crate::store::StoreError;
 use crate::upstream::UpstreamError;
 
-/// The state of one version of a managed credential; the stored name is the
-/// upper-case form (`PENDING`, `CURRENT`, ...).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum VersionState {
-    /// Intent recorded; the upstream PAT may or may not exist yet.
-    Pending,
-    /// The version readers get.
-    Current,
-    /// Superseded, still valid during the overlap.
-    Previous,
-    /// Revocation upstream began (on the durable revocation queue).
-    Revoking,
-    /// Revoked upstream (terminal).
-    Revoked,
-    /// Never became usable; no token was handed out (terminal).
-    Failed,
-}
+pub use crate::domain::VersionState;
 
 /// When the previous version is revoked after a manual rotation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
