@@ -1255,12 +1255,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Writes every mutable column of `version` (state, authorization id,
     /// sealed token (NULL unless CURRENT or PREVIOUS), times, attempts,
-    /// error, claim) if its stored state is still `expected`
-    /// (compare-and-set); false if it moved or does not exist.
+    /// error, claim) if its stored state is still `expected` and, with
+    /// `claimer`, that claimer still holds it (compare-and-set); false if
+    /// it moved or does not exist.
     async fn update_credential_version(
         &self,
         version: &CredentialVersionRecord,
         expected: VersionState,
+        claimer: Option<&str>,
     ) -> Result<bool, StoreError>;
 
     /// Makes the PENDING `version` (now CURRENT, with its token) stored, and
@@ -1268,10 +1270,12 @@ pub trait Store: Send + Sync + 'static {
     /// credential PREVIOUS with `revoke_at = previous_revoke_at`; with
     /// `revoke_all_previous`, every older PREVIOUS version's `revoke_at`
     /// becomes at most `previous_revoke_at` too. False (nothing written)
-    /// if the row is no longer PENDING.
+    /// if the row is no longer PENDING or `claimer` (its minter) no longer
+    /// holds it (a reconciler took it over).
     async fn activate_credential_version(
         &self,
         version: &CredentialVersionRecord,
+        claimer: &str,
         previous_revoke_at: Timestamp,
         revoke_all_previous: bool,
     ) -> Result<bool, StoreError>;

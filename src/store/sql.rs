@@ -655,17 +655,19 @@ fn stored_version_token(version: &CredentialVersionRecord) -> Option<Sealed> {
 }
 
 /// `UPDATE credential_versions` of every mutable column ($1..$15), keyed by
-/// credential ($16), version ($17) and expected state ($18).
+/// credential ($16), version ($17), expected state ($18) and, unless NULL,
+/// the claimer expected to hold the row ($19).
 const UPDATE_CREDENTIAL_VERSION: &str = "UPDATE credential_versions SET state = $1, \
      authorization_id = $2, sealed_token = $3, update_time = $4, valid_from = $5, \
      rotate_time = $6, expire_time = $7, revoke_at = $8, revoke_time = $9, attempts = $10, \
      next_attempt_time = $11, last_error = $12, claimed_by = $13, claimed_until = $14, \
      display_name = $15 \
-     WHERE credential = $16 AND version = $17 AND state = $18";
+     WHERE credential = $16 AND version = $17 AND state = $18 \
+       AND ($19 IS NULL OR claimed_by = $19)";
 
 /// Binds [`UPDATE_CREDENTIAL_VERSION`] for `$v` expected in state `$expected`.
 macro_rules! bind_version_update {
-    ($v:expr, $expected:expr) => {{
+    ($v:expr, $expected:expr, $claimer:expr) => {{
         let v: &CredentialVersionRecord = $v;
         sqlx::query(UPDATE_CREDENTIAL_VERSION)
             .bind(v.state)
@@ -686,6 +688,7 @@ macro_rules! bind_version_update {
             .bind(v.credential.clone())
             .bind(v.version)
             .bind($expected)
+            .bind($claimer)
     }};
 }
 
@@ -1838,8 +1841,9 @@ where
         &self,
         v: &CredentialVersionRecord,
         expected: VersionState,
+        claimer: Option<&str>,
     ) -> Result<bool, StoreError> {
-        let done = bind_version_update!(v, expected)
+        let done = bind_version_update!(v, expected, claimer.map(str::to_owned))
             .execute(&self.pool)
             .await
             .map_err(map_sqlx)?;
@@ -1850,11 +1854,12 @@ where
     async fn activate_credential_version(
         &self,
         v: &CredentialVersionRecord,
+        claimer: &str,
         previous_revoke_at: Timestamp,
         revoke_all_previous: bool,
     ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
-        let done = bind_version_update!(v, VersionState::Pending)
+        let done = bind_version_update!(v, VersionState::Pending, Some(claimer.to_owned()))
             .execute(&mut *tx)
             .await
             .map_err(map_sqlx)?;
