@@ -138,6 +138,9 @@ pub struct Broker {
     /// Logs the `audit chain head` line every `audit.head_log_interval`
     /// while serving, and once more when everything else has stopped.
     audit: Arc<AuditLog>,
+    /// The managed-credential service (its engine runs with the lease
+    /// background work).
+    credentials: Credentials,
 }
 
 impl Broker {
@@ -421,7 +424,14 @@ impl Broker {
             refusals,
             refusal_flusher,
             audit,
+            credentials,
         })
+    }
+
+    /// The managed-credential service this broker runs (the handle the API
+    /// layer reads through).
+    pub fn credentials(&self) -> Credentials {
+        self.credentials.clone()
     }
 
     /// The address the gRPC server listens on.
