@@ -17,6 +17,7 @@ use crate::api::{self, ApiError};
 use crate::audit::{AuditEvent, AuditLog, Outcome, RefusalCounter};
 use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError};
+use crate::credential_access::CredentialAccess;
 use crate::credentials::{CredentialDeps, CredentialMetrics, CredentialSettings, Credentials};
 use crate::leases::{LeaseDeps, LeaseSettings, Leases};
 use crate::policy::{PolicyError, PolicyHandle, DEFAULT_POLL_INTERVAL};
@@ -396,11 +397,14 @@ impl Broker {
             None => None,
         };
         // The managed-credential service the API layer reads through
-        // (`CredentialService`, `AdminService`'s credential calls).
-        let _ = &credentials;
+        // (`CredentialService`, `AdminService`'s credential calls), with
+        // the reader and admin rules and their audit.
+        let credential_access =
+            CredentialAccess::new(credentials.clone(), policy.clone(), audit.clone());
         let server = tokio::spawn(api::serve(
             listener,
             leases,
+            credential_access,
             Arc::new(auth),
             tls,
             config.grpc.clone(),

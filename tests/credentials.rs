@@ -140,15 +140,19 @@ async fn versions_rotate_with_overlap_one_always_works_and_old_ones_are_revoked_
 
     // Versions 1 and 2 are past their overlap: revoked at the emulator, their
     // tokens refused; each version was minted once upstream.
-    poll("versions 1 and 2 REVOKED", Duration::from_secs(60), || async {
-        let list = credentials.list().await.map_err(|e| e.to_string())?;
-        let states: BTreeMap<i64, VersionState> =
-            list.iter().map(|v| (v.version, v.state)).collect();
-        match (states.get(&1), states.get(&2)) {
-            (Some(VersionState::Revoked), Some(VersionState::Revoked)) => Ok(()),
-            _ => Err(format!("{states:?}")),
-        }
-    })
+    poll(
+        "versions 1 and 2 REVOKED",
+        Duration::from_secs(60),
+        || async {
+            let list = credentials.list().await.map_err(|e| e.to_string())?;
+            let states: BTreeMap<i64, VersionState> =
+                list.iter().map(|v| (v.version, v.state)).collect();
+            match (states.get(&1), states.get(&2)) {
+                (Some(VersionState::Revoked), Some(VersionState::Revoked)) => Ok(()),
+                _ => Err(format!("{states:?}")),
+            }
+        },
+    )
     .await;
     let upstream = upstream_versions(&emu).await;
     for v in [1, 2] {
@@ -280,13 +284,17 @@ async fn a_credential_removed_from_the_policy_is_retired_after_retire_after() {
         .is_applied());
     assert!(!credentials.reader_allowed("mirror-feed", &"apikey:ci".parse().unwrap()));
 
-    poll("the retired version REVOKED", Duration::from_secs(60), || async {
-        let list = credentials.list().await.map_err(|e| e.to_string())?;
-        match list.first() {
-            Some(v) if v.version == 1 && v.state == VersionState::Revoked => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
+    poll(
+        "the retired version REVOKED",
+        Duration::from_secs(60),
+        || async {
+            let list = credentials.list().await.map_err(|e| e.to_string())?;
+            match list.first() {
+                Some(v) if v.version == 1 && v.state == VersionState::Revoked => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
     .await;
     assert!(matches!(
         credentials.current("mirror-feed").await,

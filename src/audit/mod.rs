@@ -83,6 +83,24 @@ pub const UPSTREAM_ADOPT_CONFIGURED: &str = "upstream.adopt_configured";
 /// else the newest row; `ID:-` a row without a MAC, `-` no row at all).
 /// Chained onto what was found, so the gap itself is on the record.
 pub const AUDIT_TAMPER_DETECTED: &str = "audit.tamper_detected";
+/// `action` of a managed credential's version handed to a reader
+/// (CredentialService.GetCredential): `reason` is `credential=NAME
+/// version=N`, with the version's organization and scopes; never the
+/// token. A caller who is not a reader: `denied`, reason
+/// `CREDENTIAL_READER_REQUIRED credential=NAME`.
+pub const CREDENTIAL_GET: &str = "credential.get";
+/// `action` of a version sent on a CredentialService.WatchCredential
+/// stream, one row per version sent, as [`CREDENTIAL_GET`]; a stream ended
+/// because its caller is no longer a reader: `denied`, as there.
+pub const CREDENTIAL_WATCH: &str = "credential.watch";
+/// `action` of an admin's AdminService.RotateCredential: `reason` is
+/// `credential=NAME version=N revoke_previous=AFTER_OVERLAP|NOW` (the new
+/// version), or on failure the error's reason and the credential
+/// (outcome `error`); a caller who is not an admin: `denied`,
+/// `ADMIN_REQUIRED`.
+pub const CREDENTIAL_ROTATE: &str = "credential.rotate";
+/// `action` of an admin's AdminService.ListCredentials.
+pub const ADMIN_LIST_CREDENTIALS: &str = "admin.list_credentials";
 /// Identity of the broker's own actions (the reaper, the sweep, adopting
 /// configuration).
 pub const SYSTEM_IDENTITY: &str = "system:token-broker";

@@ -2,7 +2,7 @@
 //! the configuration check (`config check`), the local run (`dev`, `emulator`), key generation (`apikey generate`),
 //! policy files (`policy check`), the upstream credential (`upstream
 //! login | status | set-refresh-token`), the gRPC clients (`lease ...`,
-//! `admin ...`, `audit list`), the audit chain check (`audit verify`) and
+//! `credential ...`, `admin ...`, `audit list`), the audit chain check (`audit verify`) and
 //! the keys against the database (`keys status | rewrap`).
 
 use std::fmt::Display;
@@ -19,6 +19,7 @@ pub mod audit;
 pub mod bench;
 pub mod client;
 pub mod config;
+pub mod credential;
 pub mod dev;
 pub mod grpc;
 pub mod keys;
@@ -62,7 +63,16 @@ enum Command {
         #[command(subcommand)]
         command: client::LeaseCommand,
     },
-    /// Incident response across holders: bulk revoke, list (gRPC client; admin key).
+    /// Read managed credentials: get the current token, watch new versions (gRPC client; a reader's key).
+    Credential {
+        #[command(flatten)]
+        client: client::ClientArgs,
+        #[command(flatten)]
+        token_file: grpc::TokenFileArg,
+        #[command(subcommand)]
+        command: credential::CredentialCommand,
+    },
+    /// Incident response across holders: bulk revoke, list; managed credentials: rotate, list (gRPC client; admin key).
     Admin {
         #[command(flatten)]
         client: client::ClientArgs,
@@ -159,6 +169,21 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         } => {
             client.token_file = token_file.token_file;
             print_client(client::run(&client, command).await)
+        }
+        Command::Credential {
+            mut client,
+            token_file,
+            command,
+        } => {
+            client.token_file = token_file.token_file;
+            match command {
+                credential::CredentialCommand::Get { name } => {
+                    print_client(credential::get(&client, name).await)
+                }
+                credential::CredentialCommand::Watch { name, output_file } => {
+                    Ok(credential::watch(&client, name, output_file).await?)
+                }
+            }
         }
         Command::Admin { client, command } => {
             print_client(admin::run(&with_env_token_file(client), command).await)

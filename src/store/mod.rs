@@ -1315,7 +1315,6 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<bool, StoreError>;
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

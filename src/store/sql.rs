@@ -38,8 +38,7 @@ use super::{KeyCheck, LeaseGauges, PoolStatus, SecretOwner, SecretReplacement, S
 use crate::crypto::Sealed;
 use crate::domain::{AuditEvent, Outcome};
 use crate::domain::{
-    AuthorizationId, Identity, LeaseId, LeaseState, Organization, ScopeSet, Timestamp,
-    VersionState,
+    AuthorizationId, Identity, LeaseId, LeaseState, Organization, ScopeSet, Timestamp, VersionState,
 };
 
 /// A statement's count of rows written (sqlx has it per backend only).
@@ -1961,9 +1960,9 @@ where
             args.add(name.clone()).map_err(bind_error)?;
         }
         sqlx::query_with(&sql, args)
-        .execute(&mut *tx)
-        .await
-        .map_err(map_sqlx)?;
+            .execute(&mut *tx)
+            .await
+            .map_err(map_sqlx)?;
         let rows = sqlx::query_as::<DB, ManagedCredentialRecord>(
             "SELECT name, first_seen, absent_since, retired_time FROM managed_credentials \
              ORDER BY name",
