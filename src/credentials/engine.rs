@@ -68,7 +68,11 @@ fn version_of_display_name(deps: &CredentialDeps, display_name: &str) -> Option<
 /// `credential:<name>:<version>`, so a sealed token copied to another row
 /// does not open.
 pub(super) fn token_aad(credential: &str, version: i64) -> Vec<u8> {
-    format!("credential:{credential}:{version}").into_bytes()
+    crate::store::SecretOwner::CredentialVersion {
+        credential: credential.to_owned(),
+        version,
+    }
+    .aad()
 }
 
 /// Why a mint did not produce a CURRENT version.

@@ -554,16 +554,28 @@ pub enum SecretOwner {
     UpstreamCredential,
     /// A lease's PAT (`leases.sealed_token`).
     Lease(LeaseId),
+    /// A managed credential version's PAT (`credential_versions.sealed_token`).
+    CredentialVersion {
+        /// The credential's name.
+        credential: String,
+        /// The version.
+        version: i64,
+    },
 }
 
 impl SecretOwner {
     /// The associated data its reader opens it with: the lease id in its
-    /// hyphenated text form for a lease's PAT, [`UpstreamCredential::AAD`]
+    /// hyphenated text form for a lease's PAT, `credential:<name>:<version>`
+    /// for a managed credential version's, [`UpstreamCredential::AAD`]
     /// for the upstream refresh token.
     pub fn aad(&self) -> Vec<u8> {
         match self {
             SecretOwner::UpstreamCredential => UpstreamCredential::AAD.to_vec(),
             SecretOwner::Lease(id) => id.to_string().into_bytes(),
+            SecretOwner::CredentialVersion {
+                credential,
+                version,
+            } => format!("credential:{credential}:{version}").into_bytes(),
         }
     }
 }
