@@ -190,7 +190,7 @@ pub(super) async fn mint(
     match activated {
         Ok(true) => {
             tracing::info!(credential = name, version, authorization_id = %pat.authorization_id, "credential version minted");
-            deps.notify();
+            changed(deps, name).await;
             Ok(current)
         }
         other => {
@@ -208,6 +208,16 @@ pub(super) async fn mint(
                 _ => CredentialError::Internal("credential version settled meanwhile".into()),
             }))
         }
+    }
+}
+
+/// Wakes this process's watchers of `credential` and tells the other
+/// replicas (PostgreSQL `NOTIFY`), best effort: they also read the
+/// database every tick.
+async fn changed(deps: &CredentialDeps, credential: &str) {
+    deps.notify();
+    if let Err(e) = deps.store.notify_credential_change(credential).await {
+        tracing::debug!(credential, error = %e, "could not notify other replicas of a credential change");
     }
 }
 
@@ -231,7 +241,7 @@ async fn mark_failed(
         .update_credential_version(&failed, VersionState::Pending, Some(claimer))
         .await
     {
-        Ok(_) => deps.notify(),
+        Ok(_) => changed(deps, &intent.credential).await,
         Err(e) => {
             tracing::error!(credential = %intent.credential, version = intent.version, error = %e, "could not mark a credential version FAILED")
         }
@@ -326,7 +336,7 @@ pub(super) async fn revoke_version(
         {
             return Ok(false);
         }
-        deps.notify();
+        changed(deps, &revoking.credential).await;
         revoking
     } else {
         claimed
@@ -367,7 +377,7 @@ pub(super) async fn revoke_version(
     match result {
         Ok(()) => {
             tracing::info!(credential = %revoking.credential, version = revoking.version, "credential version revoked upstream");
-            deps.notify();
+            changed(deps, &revoking.credential).await;
             Ok(true)
         }
         Err(e) => {
@@ -503,7 +513,7 @@ pub(super) async fn run_once(deps: &CredentialDeps) -> Result<Snapshot, Credenti
                     .update_credential_version(&previous, VersionState::Current, None)
                     .await?
                 {
-                    deps.notify();
+                    changed(deps, name).await;
                 }
             }
         }

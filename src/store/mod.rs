@@ -270,6 +270,10 @@ fn map_migrate(err: sqlx::migrate::MigrateError) -> StoreError {
     }
 }
 
+/// The PostgreSQL notification channel on which a replica announces a
+/// changed managed credential (payload: its name).
+pub const CREDENTIALS_CHANNEL: &str = "token_broker_credentials";
+
 /// One lease row (see `docs/architecture.md` for the lease state machine).
 #[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
 pub struct LeaseRecord {
@@ -1316,6 +1320,11 @@ pub trait Store: Send + Sync + 'static {
         present: &[String],
         now: Timestamp,
     ) -> Result<Vec<ManagedCredentialRecord>, StoreError>;
+
+    /// Tells other replicas that `credential`'s versions changed, best
+    /// effort: PostgreSQL `NOTIFY` on [`CREDENTIALS_CHANNEL`] with the name
+    /// as payload; nothing on SQLite.
+    async fn notify_credential_change(&self, credential: &str) -> Result<(), StoreError>;
 
     /// Retires `name` (`retired_time = now`) if it is absent since
     /// `absent_before` or earlier and not retired; true if it was.

@@ -98,6 +98,13 @@ pub(crate) trait Dialect: Database<QueryResult: RowsAffected> {
     /// lookups by it use that index.
     const SEALED_KEY_ID: &'static str;
 
+    /// A statement that tells other replicas' listeners a managed
+    /// credential changed (the credential's name bound as `$1`).
+    /// PostgreSQL: `pg_notify` on [`super::CREDENTIALS_CHANNEL`] (it works
+    /// through PgBouncer's transaction pooling too; only LISTEN does not);
+    /// SQLite: none (a single replica: the process wakes its own watchers).
+    const NOTIFY_CREDENTIALS: Option<&'static str>;
+
     /// Applies pending migrations.
     fn migrate(pool: &Pool<Self>) -> impl Future<Output = Result<(), StoreError>> + Send;
 
@@ -2051,6 +2058,18 @@ where
         .map_err(map_sqlx)?;
         tx.commit().await.map_err(map_sqlx)?;
         Ok(rows)
+    }
+
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.notify_credential_change", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "notify_credential_change"))]
+    async fn notify_credential_change(&self, credential: &str) -> Result<(), StoreError> {
+        if let Some(notify) = DB::NOTIFY_CREDENTIALS {
+            sqlx::query(notify)
+                .bind(credential.to_owned())
+                .execute(&self.pool)
+                .await
+                .map_err(map_sqlx)?;
+        }
+        Ok(())
     }
 
     #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.retire_managed_credential", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "retire_managed_credential"))]
