@@ -338,3 +338,53 @@ async fn two_serve_processes_on_one_postgres_mint_each_version_once() {
     let stats = emu.stats().await;
     eprintln!("emulator stats: {stats}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watcher_on_one_replica_gets_versions_minted_by_another() {
+    let emu = Emu::start_default().await;
+    let db = TestDatabase::create().await;
+    let mut spec = BrokerSpec::new(&db.url, emu.url(""));
+    spec.policy_yaml = policy("1h", "10m");
+    let a = common::broker::spawn_broker(&spec).await;
+    let b = common::broker::spawn_broker(&spec).await;
+    let first = current(&a.credentials()).await;
+    let mut stream = a.credentials().watch("mirror-feed", None);
+    let got = tokio::time::timeout(Duration::from_secs(30), stream.next())
+        .await
+        .expect("the current version at once")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.version.version, first.version.version);
+
+    for expected in 2..=3 {
+        let minted = b
+            .credentials()
+            .rotate("mirror-feed", RevokePrevious::AfterOverlap)
+            .await
+            .expect("rotate on the other replica");
+        assert_eq!(minted.version, expected);
+        let got = tokio::time::timeout(Duration::from_secs(30), stream.next())
+            .await
+            .expect("the version minted elsewhere")
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.version.version, expected);
+        assert_eq!(
+            emu.use_pat("fabrikam", FEEDS, got.token.expose_secret())
+                .await,
+            200
+        );
+    }
+    // Resuming after version 1 sends 2 (still valid) then 3, in order.
+    let mut resumed = a.credentials().watch("mirror-feed", Some(1));
+    for expected in [2, 3] {
+        let got = tokio::time::timeout(Duration::from_secs(30), resumed.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.version.version, expected);
+    }
+    a.stop().await;
+    b.stop().await;
+}
