@@ -1468,7 +1468,8 @@ rules:
 
     #[test]
     fn credentials_load_with_rules_empty_and_readers_match_as_a_rules_identities() {
-        let p = Policy::from_yaml(&with_credentials(&credential("mirror-feed", "7d", "1d"))).unwrap();
+        let p =
+            Policy::from_yaml(&with_credentials(&credential("mirror-feed", "7d", "1d"))).unwrap();
         assert!(p.rules().is_empty());
         let c = p.credential("mirror-feed").expect("declared");
         assert_eq!(c.rotation_period(), Duration::from_secs(7 * 24 * 3600));
@@ -1483,7 +1484,10 @@ rules:
         assert!(!c.is_reader(&id("k8s:system:serviceaccount:other:sync")));
         assert!(p.credential("other").is_none());
         // Credentials grant no lease.
-        assert!(matches!(code_for(&p, &id("apikey:mirror")), Decision::Deny { .. }));
+        assert!(matches!(
+            code_for(&p, &id("apikey:mirror")),
+            Decision::Deny { .. }
+        ));
     }
 
     #[test]
@@ -1513,7 +1517,11 @@ rules:
         };
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].path, "credentials[1].name");
-        assert!(problems[0].message.contains("another credential"), "{}", problems[0].message);
+        assert!(
+            problems[0].message.contains("another credential"),
+            "{}",
+            problems[0].message
+        );
     }
 
     #[test]

@@ -340,7 +340,10 @@ impl Broker {
         }
         // Detached: the watcher ends with the broker's shutdown signal.
         drop(policy.spawn_watcher(DEFAULT_POLL_INTERVAL, stopped(rx.clone())));
-        if matches!(config.database.backend(), Ok(crate::config::Backend::Postgres)) {
+        if matches!(
+            config.database.backend(),
+            Ok(crate::config::Backend::Postgres)
+        ) {
             // Other replicas' new versions reach this one's watchers at
             // once; a direct connection (`migrate_url` when set: past
             // PgBouncer, whose transaction pooling drops a LISTEN).

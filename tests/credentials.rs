@@ -140,15 +140,19 @@ async fn versions_rotate_with_overlap_one_always_works_and_old_ones_are_revoked_
 
     // Versions 1 and 2 are past their overlap: revoked at the emulator, their
     // tokens refused; each version was minted once upstream.
-    poll("versions 1 and 2 REVOKED", Duration::from_secs(60), || async {
-        let list = credentials.list().await.map_err(|e| e.to_string())?;
-        let states: BTreeMap<i64, VersionState> =
-            list.iter().map(|v| (v.version, v.state)).collect();
-        match (states.get(&1), states.get(&2)) {
-            (Some(VersionState::Revoked), Some(VersionState::Revoked)) => Ok(()),
-            _ => Err(format!("{states:?}")),
-        }
-    })
+    poll(
+        "versions 1 and 2 REVOKED",
+        Duration::from_secs(60),
+        || async {
+            let list = credentials.list().await.map_err(|e| e.to_string())?;
+            let states: BTreeMap<i64, VersionState> =
+                list.iter().map(|v| (v.version, v.state)).collect();
+            match (states.get(&1), states.get(&2)) {
+                (Some(VersionState::Revoked), Some(VersionState::Revoked)) => Ok(()),
+                _ => Err(format!("{states:?}")),
+            }
+        },
+    )
     .await;
     let upstream = upstream_versions(&emu).await;
     for v in [1, 2] {
@@ -280,13 +284,17 @@ async fn a_credential_removed_from_the_policy_is_retired_after_retire_after() {
         .is_applied());
     assert!(!credentials.reader_allowed("mirror-feed", &"apikey:ci".parse().unwrap()));
 
-    poll("the retired version REVOKED", Duration::from_secs(60), || async {
-        let list = credentials.list().await.map_err(|e| e.to_string())?;
-        match list.first() {
-            Some(v) if v.version == 1 && v.state == VersionState::Revoked => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
+    poll(
+        "the retired version REVOKED",
+        Duration::from_secs(60),
+        || async {
+            let list = credentials.list().await.map_err(|e| e.to_string())?;
+            match list.first() {
+                Some(v) if v.version == 1 && v.state == VersionState::Revoked => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
     .await;
     assert!(matches!(
         credentials.current("mirror-feed").await,
@@ -387,4 +395,72 @@ async fn a_watcher_on_one_replica_gets_versions_minted_by_another() {
     }
     a.stop().await;
     b.stop().await;
+}
+
+/// The value of `metric{credential="mirror-feed"}` on the broker's
+/// `/metrics`, if exported.
+async fn credential_metric(broker: &common::broker::TestBroker, metric: &str) -> Option<f64> {
+    let text = reqwest::get(broker.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = format!("{metric}{{credential=\"mirror-feed\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .map(|v| v.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_rotations_are_counted_cleaned_up_upstream_and_retried_and_valid_until_is_exported()
+{
+    let emu = Emu::start_default().await;
+    // The first two creates make their PAT but answer 500: ambiguous.
+    emu.set_faults(serde_json::json!([
+        {"operation": "create", "status": 500, "latencyWhen": "after", "times": 2}
+    ]))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = BrokerSpec::new(sqlite_url(&dir), emu.url("")).with_admin_port();
+    spec.policy_yaml = policy("1h", "10m");
+    let broker = common::broker::spawn_broker(&spec).await;
+    let credentials = broker.credentials();
+    let token = current(&credentials).await;
+    assert_eq!(token.version.version, 3, "versions 1 and 2 FAILED");
+    let list = credentials.list().await.unwrap();
+    let states: Vec<VersionState> = list.iter().map(|v| v.state).collect();
+    assert_eq!(
+        states,
+        [
+            VersionState::Current,
+            VersionState::Failed,
+            VersionState::Failed
+        ]
+    );
+    // The PATs the lost answers made are revoked; only version 3's is live.
+    let upstream = upstream_versions(&emu).await;
+    for v in [1, 2] {
+        assert!(
+            upstream[&v].iter().all(|p| p["state"] == "revoked"),
+            "version {v}: {:?}",
+            upstream[&v]
+        );
+    }
+    assert_eq!(upstream[&3][0]["state"], "active");
+
+    assert!(
+        credential_metric(&broker, "token_broker_credential_rotation_failures_total")
+            .await
+            .is_some_and(|n| n >= 2.0)
+    );
+    let until = poll("valid_until exported", Duration::from_secs(30), || async {
+        credential_metric(&broker, "token_broker_credential_valid_until_seconds")
+            .await
+            .ok_or_else(|| "absent".to_owned())
+    })
+    .await;
+    let expire = token.version.expire_time.as_micros() as f64 / 1e6;
+    assert!((until - expire).abs() < 1.0, "{until} vs {expire}");
+    broker.stop().await;
 }

@@ -12,16 +12,15 @@ use chrono::{TimeZone, Utc};
 use token_broker::audit::{AuditEvent, Outcome};
 use token_broker::crypto::Sealed;
 use token_broker::domain::{
-    AuthorizationId, Identity, LeaseId, LeaseState, Organization, ScopeSet, Timestamp,
-    VersionState,
+    AuthorizationId, Identity, LeaseId, LeaseState, Organization, ScopeSet, Timestamp, VersionState,
 };
+use token_broker::store::CredentialVersionRecord;
 use token_broker::store::{
     AuditAppend, AuditFilter, CreateOutcome, CredentialSource, CredentialState, CredentialWrite,
     IdempotencyRecord, KeyCheck, LeaseFilter, LeaseRecord, LeaseWrite, NewUpstreamCredential,
     PageCursor, RefreshRecord, ReplaceOutcome, SecretOwner, SecretReplacement, Store, StoreError,
     Work,
 };
-use token_broker::store::CredentialVersionRecord;
 use uuid::Uuid;
 
 /// Instantiates each named conformance test for both backends.
@@ -2660,9 +2659,7 @@ fn activated(pending: &CredentialVersionRecord, byte: u8) -> CredentialVersionRe
     }
 }
 
-async fn twenty_concurrent_minters_of_one_credential_version_insert_it_once(
-    store: Arc<dyn Store>,
-) {
+async fn twenty_concurrent_minters_of_one_credential_version_insert_it_once(store: Arc<dyn Store>) {
     let mut tasks = Vec::new();
     for i in 0..20 {
         let store = store.clone();
@@ -2683,9 +2680,7 @@ async fn twenty_concurrent_minters_of_one_credential_version_insert_it_once(
     assert_eq!(rows[0].state, VersionState::Pending);
 }
 
-async fn activating_a_version_makes_the_current_one_previous_in_one_write(
-    store: Arc<dyn Store>,
-) {
+async fn activating_a_version_makes_the_current_one_previous_in_one_write(store: Arc<dyn Store>) {
     let one = intent("feed", 1, "a");
     assert!(store.insert_credential_version(&one).await.unwrap());
     let one_current = activated(&one, 1);
@@ -2714,12 +2709,19 @@ async fn activating_a_version_makes_the_current_one_previous_in_one_write(
     let other = intent("other", 1, "a");
     store.insert_credential_version(&other).await.unwrap();
     let rows = store.list_credential_versions(None).await.unwrap();
-    let names: Vec<(&str, i64)> = rows.iter().map(|r| (r.credential.as_str(), r.version)).collect();
+    let names: Vec<(&str, i64)> = rows
+        .iter()
+        .map(|r| (r.credential.as_str(), r.version))
+        .collect();
     assert_eq!(names, [("feed", 2), ("feed", 1), ("other", 1)]);
     assert_eq!(rows[0], two_current);
     assert_eq!(rows[1].state, VersionState::Previous);
     assert_eq!(rows[1].revoke_at, Some(t0() + secs(30)));
-    assert_eq!(rows[1].sealed_token, Some(sealed(1)), "PREVIOUS keeps its token");
+    assert_eq!(
+        rows[1].sealed_token,
+        Some(sealed(1)),
+        "PREVIOUS keeps its token"
+    );
     assert_eq!(rows[2].state, VersionState::Pending);
     // NOW: every older PREVIOUS is due at once too.
     let three = intent("feed", 3, "c");
@@ -2732,7 +2734,11 @@ async fn activating_a_version_makes_the_current_one_previous_in_one_write(
     let revoke_at: Vec<Option<Timestamp>> = rows.iter().map(|r| r.revoke_at).collect();
     assert_eq!(
         revoke_at,
-        [Some(t0() + secs(28)), Some(t0() + secs(5)), Some(t0() + secs(5))]
+        [
+            Some(t0() + secs(28)),
+            Some(t0() + secs(5)),
+            Some(t0() + secs(5))
+        ]
     );
 }
 
@@ -2768,29 +2774,64 @@ async fn a_credential_version_is_claimed_only_without_a_live_claim(store: Arc<dy
     let claim = Duration::from_secs(30);
     // The minter's claim is live until t0 + 60 s.
     assert!(store
-        .claim_credential_version("feed", 1, VersionState::Pending, "r", t0() + secs(59), claim)
+        .claim_credential_version(
+            "feed",
+            1,
+            VersionState::Pending,
+            "r",
+            t0() + secs(59),
+            claim
+        )
         .await
         .unwrap()
         .is_none());
     assert!(store
-        .claim_credential_version("feed", 1, VersionState::Current, "r", t0() + secs(61), claim)
+        .claim_credential_version(
+            "feed",
+            1,
+            VersionState::Current,
+            "r",
+            t0() + secs(61),
+            claim
+        )
         .await
         .unwrap()
         .is_none());
     let claimed = store
-        .claim_credential_version("feed", 1, VersionState::Pending, "r", t0() + secs(61), claim)
+        .claim_credential_version(
+            "feed",
+            1,
+            VersionState::Pending,
+            "r",
+            t0() + secs(61),
+            claim,
+        )
         .await
         .unwrap()
         .expect("a lapsed claim is taken over");
     assert_eq!(claimed.claimed_by.as_deref(), Some("r"));
     assert_eq!(claimed.claimed_until, Some(t0() + secs(91)));
     assert!(store
-        .claim_credential_version("feed", 1, VersionState::Pending, "s", t0() + secs(62), claim)
+        .claim_credential_version(
+            "feed",
+            1,
+            VersionState::Pending,
+            "s",
+            t0() + secs(62),
+            claim
+        )
         .await
         .unwrap()
         .is_none());
     assert!(store
-        .claim_credential_version("feed", 2, VersionState::Pending, "s", t0() + secs(62), claim)
+        .claim_credential_version(
+            "feed",
+            2,
+            VersionState::Pending,
+            "s",
+            t0() + secs(62),
+            claim
+        )
         .await
         .unwrap()
         .is_none());
@@ -2803,7 +2844,9 @@ async fn managed_credentials_record_absence_retirement_and_return(store: Arc<dyn
         .await
         .unwrap();
     assert_eq!(rows.len(), 2);
-    assert!(rows.iter().all(|r| r.absent_since.is_none() && r.first_seen == t0()));
+    assert!(rows
+        .iter()
+        .all(|r| r.absent_since.is_none() && r.first_seen == t0()));
     // b leaves the policy; its clock starts once and keeps its start.
     store
         .sync_managed_credentials(&names(&["a"]), t0() + secs(10))
@@ -2848,9 +2891,7 @@ async fn managed_credentials_record_absence_retirement_and_return(store: Arc<dyn
         .all(|r| r.absent_since.is_none() && r.retired_time.is_none()));
 }
 
-async fn credential_version_tokens_are_sealed_secrets_kept_only_while_valid(
-    store: Arc<dyn Store>,
-) {
+async fn credential_version_tokens_are_sealed_secrets_kept_only_while_valid(store: Arc<dyn Store>) {
     let one = intent("feed", 1, "a");
     store.insert_credential_version(&one).await.unwrap();
     let current = CredentialVersionRecord {

@@ -146,7 +146,10 @@ pub(super) async fn mint(
         Ok(pat) => pat,
         Err(e) => {
             tracing::warn!(credential = name, version, error = %e, "minting a credential version failed");
-            let ambiguous = matches!(e, UpstreamError::Unavailable(_) | UpstreamError::Protocol(_));
+            let ambiguous = matches!(
+                e,
+                UpstreamError::Unavailable(_) | UpstreamError::Protocol(_)
+            );
             if !ambiguous || revoke_named(deps, &intent).await {
                 mark_failed(deps, &intent, &claimer, &e.to_string()).await;
             }
@@ -483,8 +486,19 @@ pub(super) async fn run_once(deps: &CredentialDeps) -> Result<Snapshot, Credenti
     for spec in policy.credentials() {
         let rows = by_name.get(spec.name()).map(Vec::as_slice).unwrap_or(&[]);
         if let Some(reason) = mint_due(rows, now) {
-            tracing::debug!(credential = spec.name(), reason, "minting a credential version");
-            match mint(deps, spec, rows.first().map(|v| v.version), RevokePrevious::AfterOverlap).await {
+            tracing::debug!(
+                credential = spec.name(),
+                reason,
+                "minting a credential version"
+            );
+            match mint(
+                deps,
+                spec,
+                rows.first().map(|v| v.version),
+                RevokePrevious::AfterOverlap,
+            )
+            .await
+            {
                 Ok(_) | Err(MintError::Busy) => {}
                 Err(MintError::Failed(e)) => {
                     tracing::warn!(credential = spec.name(), error = %e, "credential rotation failed; retrying later")

@@ -578,7 +578,12 @@ fn public(v: &CredentialVersionRecord) -> CredentialVersion {
         version: v.version,
         state: v.state,
         organization: v.organization.to_string(),
-        scopes: v.scopes.to_upstream().split(' ').map(str::to_owned).collect(),
+        scopes: v
+            .scopes
+            .to_upstream()
+            .split(' ')
+            .map(str::to_owned)
+            .collect(),
         authorization_id: v.authorization_id.map(|id| id.as_uuid()),
         valid_from: v.valid_from,
         rotate_time: v.rotate_time,

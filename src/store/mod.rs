@@ -1336,7 +1336,6 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<bool, StoreError>;
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -38,8 +38,7 @@ use super::{KeyCheck, LeaseGauges, PoolStatus, SecretOwner, SecretReplacement, S
 use crate::crypto::Sealed;
 use crate::domain::{AuditEvent, Outcome};
 use crate::domain::{
-    AuthorizationId, Identity, LeaseId, LeaseState, Organization, ScopeSet, Timestamp,
-    VersionState,
+    AuthorizationId, Identity, LeaseId, LeaseState, Organization, ScopeSet, Timestamp, VersionState,
 };
 
 /// A statement's count of rows written (sqlx has it per backend only).
@@ -1825,16 +1824,18 @@ where
                     SecretOwner::CredentialVersion {
                         credential,
                         version,
-                    } => sqlx::query(
-                        "UPDATE credential_versions SET sealed_token = $1 \
+                    } => {
+                        sqlx::query(
+                            "UPDATE credential_versions SET sealed_token = $1 \
                          WHERE credential = $2 AND version = $3 AND sealed_token = $4",
-                    )
-                    .bind(r.new.clone())
-                    .bind(credential.clone())
-                    .bind(*version)
-                    .bind(r.old.clone())
-                    .execute(&mut *tx)
-                    .await,
+                        )
+                        .bind(r.new.clone())
+                        .bind(credential.clone())
+                        .bind(*version)
+                        .bind(r.old.clone())
+                        .execute(&mut *tx)
+                        .await
+                    }
                 }
                 .map_err(map_sqlx)?;
             replaced += done.rows_affected();
@@ -2046,9 +2047,9 @@ where
             args.add(name.clone()).map_err(bind_error)?;
         }
         sqlx::query_with(&sql, args)
-        .execute(&mut *tx)
-        .await
-        .map_err(map_sqlx)?;
+            .execute(&mut *tx)
+            .await
+            .map_err(map_sqlx)?;
         let rows = sqlx::query_as::<DB, ManagedCredentialRecord>(
             "SELECT name, first_seen, absent_since, retired_time FROM managed_credentials \
              ORDER BY name",
