@@ -1446,4 +1446,103 @@ rules:
             "{err}"
         );
     }
+
+    /// A policy with `rules: []` and the credential entries `entries`
+    /// (YAML list items at two spaces).
+    fn with_credentials(entries: &str) -> String {
+        format!("rules: []\ncredentials:\n{entries}")
+    }
+
+    fn credential(name: &str, period: &str, overlap: &str) -> String {
+        format!(
+            "  - name: {name}\n    organization: fabrikam\n    scopes: [\"vso.packaging\"]\n    rotation_period: {period}\n    overlap: {overlap}\n    readers: [\"apikey:mirror\", \"k8s:system:serviceaccount:mirror:*\"]\n    reader_regexes: [\"^apikey:sync-[0-9]+$\"]\n"
+        )
+    }
+
+    fn problem_paths(yaml: &str) -> Vec<String> {
+        match Policy::from_yaml(yaml) {
+            Err(PolicyError::Invalid(problems)) => problems.into_iter().map(|p| p.path).collect(),
+            other => panic!("expected problems, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn credentials_load_with_rules_empty_and_readers_match_as_a_rules_identities() {
+        let p =
+            Policy::from_yaml(&with_credentials(&credential("mirror-feed", "7d", "1d"))).unwrap();
+        assert!(p.rules().is_empty());
+        let c = p.credential("mirror-feed").expect("declared");
+        assert_eq!(c.rotation_period(), Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(c.overlap(), Duration::from_secs(24 * 3600));
+        assert_eq!(c.organization().as_str(), "fabrikam");
+        assert!(c.is_reader(&id("apikey:mirror")));
+        assert!(c.is_reader(&id("k8s:system:serviceaccount:mirror:sync")));
+        assert!(c.is_reader(&id("apikey:sync-12")));
+        assert!(!c.is_reader(&id("apikey:sync-x")));
+        assert!(!c.is_reader(&id("apikey:other")));
+        // A glob never crosses kinds or namespaces.
+        assert!(!c.is_reader(&id("k8s:system:serviceaccount:other:sync")));
+        assert!(p.credential("other").is_none());
+        // Credentials grant no lease.
+        assert!(matches!(
+            code_for(&p, &id("apikey:mirror")),
+            Decision::Deny { .. }
+        ));
+    }
+
+    #[test]
+    fn an_overlap_not_shorter_than_the_period_is_refused_naming_overlap() {
+        for overlap in ["7d", "8d"] {
+            let yaml = with_credentials(&credential("mirror-feed", "7d", overlap));
+            assert_eq!(problem_paths(&yaml), ["credentials[0].overlap"]);
+        }
+        let yaml = with_credentials(&credential("mirror-feed", "20s", "8s"));
+        assert!(Policy::from_yaml(&yaml).is_ok());
+    }
+
+    #[test]
+    fn bad_and_duplicate_credential_names_are_refused() {
+        for bad in ["Mirror", "mirror_feed", "\"\"", "a.b"] {
+            let yaml = with_credentials(&credential(bad, "7d", "1d"));
+            assert_eq!(problem_paths(&yaml), ["credentials[0].name"], "{bad}");
+        }
+        let yaml = with_credentials(&format!(
+            "{}{}",
+            credential("mirror-feed", "7d", "1d"),
+            credential("mirror-feed", "2d", "1h")
+        ));
+        let problems = match Policy::from_yaml(&yaml) {
+            Err(PolicyError::Invalid(problems)) => problems,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].path, "credentials[1].name");
+        assert!(
+            problems[0].message.contains("another credential"),
+            "{}",
+            problems[0].message
+        );
+    }
+
+    #[test]
+    fn policy_check_names_credential_fields() {
+        let yaml = with_credentials(&credential("mirror-feed", "1d", "1d"));
+        let problems = check(&yaml);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].path, "credentials[0].overlap");
+        let yaml = with_credentials(&credential("Mirror", "7d", "1d"));
+        let problems = check(&yaml);
+        assert_eq!(problems[0].path, "credentials[0].name", "{problems:?}");
+        let yaml = with_credentials(&format!(
+            "{}{}",
+            credential("a", "7d", "1d"),
+            credential("a", "7d", "1d")
+        ));
+        let problems = check(&yaml);
+        assert_eq!(problems[0].path, "credentials[1].name", "{problems:?}");
+        assert!(check(&with_credentials(&credential("a", "20s", "8s"))).is_empty());
+        // A credential without readers is refused by the schema.
+        let yaml = "rules: []\ncredentials:\n  - name: a\n    organization: fabrikam\n    scopes: [\"vso.code\"]\n    rotation_period: 7d\n    overlap: 1d\n";
+        assert!(!check(yaml).is_empty());
+    }
 }

@@ -341,6 +341,22 @@ impl Broker {
         }
         // Detached: the watcher ends with the broker's shutdown signal.
         drop(policy.spawn_watcher(DEFAULT_POLL_INTERVAL, stopped(rx.clone())));
+        if matches!(
+            config.database.backend(),
+            Ok(crate::config::Backend::Postgres)
+        ) {
+            // Other replicas' new versions reach this one's watchers at
+            // once; a direct connection (`migrate_url` when set: past
+            // PgBouncer, whose transaction pooling drops a LISTEN).
+            let url = config
+                .database
+                .migrate_url
+                .clone()
+                .unwrap_or_else(|| config.database.url.clone());
+            let credentials = credentials.clone();
+            let stop = stopped(rx.clone());
+            tokio::spawn(async move { credentials.listen_postgres(url, stop).await });
+        }
         let background = {
             let leases = leases.clone();
             let credentials = credentials.clone();

@@ -346,3 +346,121 @@ async fn two_serve_processes_on_one_postgres_mint_each_version_once() {
     let stats = emu.stats().await;
     eprintln!("emulator stats: {stats}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watcher_on_one_replica_gets_versions_minted_by_another() {
+    let emu = Emu::start_default().await;
+    let db = TestDatabase::create().await;
+    let mut spec = BrokerSpec::new(&db.url, emu.url(""));
+    spec.policy_yaml = policy("1h", "10m");
+    let a = common::broker::spawn_broker(&spec).await;
+    let b = common::broker::spawn_broker(&spec).await;
+    let first = current(&a.credentials()).await;
+    let mut stream = a.credentials().watch("mirror-feed", None);
+    let got = tokio::time::timeout(Duration::from_secs(30), stream.next())
+        .await
+        .expect("the current version at once")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.version.version, first.version.version);
+
+    for expected in 2..=3 {
+        let minted = b
+            .credentials()
+            .rotate("mirror-feed", RevokePrevious::AfterOverlap)
+            .await
+            .expect("rotate on the other replica");
+        assert_eq!(minted.version, expected);
+        let got = tokio::time::timeout(Duration::from_secs(30), stream.next())
+            .await
+            .expect("the version minted elsewhere")
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.version.version, expected);
+        assert_eq!(
+            emu.use_pat("fabrikam", FEEDS, got.token.expose_secret())
+                .await,
+            200
+        );
+    }
+    // Resuming after version 1 sends 2 (still valid) then 3, in order.
+    let mut resumed = a.credentials().watch("mirror-feed", Some(1));
+    for expected in [2, 3] {
+        let got = tokio::time::timeout(Duration::from_secs(30), resumed.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.version.version, expected);
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The value of `metric{credential="mirror-feed"}` on the broker's
+/// `/metrics`, if exported.
+async fn credential_metric(broker: &common::broker::TestBroker, metric: &str) -> Option<f64> {
+    let text = reqwest::get(broker.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = format!("{metric}{{credential=\"mirror-feed\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .map(|v| v.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_rotations_are_counted_cleaned_up_upstream_and_retried_and_valid_until_is_exported()
+{
+    let emu = Emu::start_default().await;
+    // The first two creates make their PAT but answer 500: ambiguous.
+    emu.set_faults(serde_json::json!([
+        {"operation": "create", "status": 500, "latencyWhen": "after", "times": 2}
+    ]))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = BrokerSpec::new(sqlite_url(&dir), emu.url("")).with_admin_port();
+    spec.policy_yaml = policy("1h", "10m");
+    let broker = common::broker::spawn_broker(&spec).await;
+    let credentials = broker.credentials();
+    let token = current(&credentials).await;
+    assert_eq!(token.version.version, 3, "versions 1 and 2 FAILED");
+    let list = credentials.list().await.unwrap();
+    let states: Vec<VersionState> = list.iter().map(|v| v.state).collect();
+    assert_eq!(
+        states,
+        [
+            VersionState::Current,
+            VersionState::Failed,
+            VersionState::Failed
+        ]
+    );
+    // The PATs the lost answers made are revoked; only version 3's is live.
+    let upstream = upstream_versions(&emu).await;
+    for v in [1, 2] {
+        assert!(
+            upstream[&v].iter().all(|p| p["state"] == "revoked"),
+            "version {v}: {:?}",
+            upstream[&v]
+        );
+    }
+    assert_eq!(upstream[&3][0]["state"], "active");
+
+    assert!(
+        credential_metric(&broker, "token_broker_credential_rotation_failures_total")
+            .await
+            .is_some_and(|n| n >= 2.0)
+    );
+    let until = poll("valid_until exported", Duration::from_secs(30), || async {
+        credential_metric(&broker, "token_broker_credential_valid_until_seconds")
+            .await
+            .ok_or_else(|| "absent".to_owned())
+    })
+    .await;
+    let expire = token.version.expire_time.as_micros() as f64 / 1e6;
+    assert!((until - expire).abs() < 1.0, "{until} vs {expire}");
+    broker.stop().await;
+}

@@ -68,7 +68,11 @@ fn version_of_display_name(deps: &CredentialDeps, display_name: &str) -> Option<
 /// `credential:<name>:<version>`, so a sealed token copied to another row
 /// does not open.
 pub(super) fn token_aad(credential: &str, version: i64) -> Vec<u8> {
-    format!("credential:{credential}:{version}").into_bytes()
+    crate::store::SecretOwner::CredentialVersion {
+        credential: credential.to_owned(),
+        version,
+    }
+    .aad()
 }
 
 /// Why a mint did not produce a CURRENT version.
@@ -189,7 +193,7 @@ pub(super) async fn mint(
     match activated {
         Ok(true) => {
             tracing::info!(credential = name, version, authorization_id = %pat.authorization_id, "credential version minted");
-            deps.notify();
+            changed(deps, name).await;
             Ok(current)
         }
         other => {
@@ -207,6 +211,16 @@ pub(super) async fn mint(
                 _ => CredentialError::Internal("credential version settled meanwhile".into()),
             }))
         }
+    }
+}
+
+/// Wakes this process's watchers of `credential` and tells the other
+/// replicas (PostgreSQL `NOTIFY`), best effort: they also read the
+/// database every tick.
+async fn changed(deps: &CredentialDeps, credential: &str) {
+    deps.notify();
+    if let Err(e) = deps.store.notify_credential_change(credential).await {
+        tracing::debug!(credential, error = %e, "could not notify other replicas of a credential change");
     }
 }
 
@@ -230,7 +244,7 @@ async fn mark_failed(
         .update_credential_version(&failed, VersionState::Pending, Some(claimer))
         .await
     {
-        Ok(_) => deps.notify(),
+        Ok(_) => changed(deps, &intent.credential).await,
         Err(e) => {
             tracing::error!(credential = %intent.credential, version = intent.version, error = %e, "could not mark a credential version FAILED")
         }
@@ -325,7 +339,7 @@ pub(super) async fn revoke_version(
         {
             return Ok(false);
         }
-        deps.notify();
+        changed(deps, &revoking.credential).await;
         revoking
     } else {
         claimed
@@ -366,7 +380,7 @@ pub(super) async fn revoke_version(
     match result {
         Ok(()) => {
             tracing::info!(credential = %revoking.credential, version = revoking.version, "credential version revoked upstream");
-            deps.notify();
+            changed(deps, &revoking.credential).await;
             Ok(true)
         }
         Err(e) => {
@@ -513,7 +527,7 @@ pub(super) async fn run_once(deps: &CredentialDeps) -> Result<Snapshot, Credenti
                     .update_credential_version(&previous, VersionState::Current, None)
                     .await?
                 {
-                    deps.notify();
+                    changed(deps, name).await;
                 }
             }
         }

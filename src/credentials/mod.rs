@@ -305,6 +305,45 @@ impl Credentials {
         }
     }
 
+    /// Listens for other replicas' changes (PostgreSQL `LISTEN` on
+    /// [`crate::store::CREDENTIALS_CHANNEL`] over its own connection to
+    /// `url`, which must be a direct one: PgBouncer's transaction pooling
+    /// does not keep a LISTEN; `serve` uses `database.migrate_url` when set)
+    /// and wakes this process's watchers at each, until `shutdown`
+    /// resolves. A lost connection is reopened after a few seconds; the
+    /// engine's reads every tick cover the gap.
+    pub async fn listen_postgres(
+        &self,
+        url: secrecy::SecretString,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) {
+        use secrecy::ExposeSecret as _;
+        let deps = &self.inner.deps;
+        let work = async {
+            loop {
+                let listener = async {
+                    let mut listener: sqlx::postgres::PgListener =
+                        sqlx::postgres::PgListener::connect(url.expose_secret()).await?;
+                    listener.listen(crate::store::CREDENTIALS_CHANNEL).await?;
+                    tracing::debug!("listening for managed credential changes");
+                    loop {
+                        let _ = listener.recv().await?;
+                        deps.notify();
+                    }
+                };
+                let failed: Result<std::convert::Infallible, sqlx::Error> = listener.await;
+                let Err(e) = failed;
+                // sqlx never puts the URL's password in its errors.
+                tracing::warn!(error = %e, "credential change listener failed; polling until it reconnects");
+                tokio::time::sleep(LISTEN_RETRY).await;
+            }
+        };
+        tokio::select! {
+            () = work => {}
+            () = shutdown => {}
+        }
+    }
+
     /// One pass of background work (what `run_background` does each tick,
     /// without the sweep).
     pub async fn run_background_once(&self) -> Result<(), CredentialError> {
@@ -456,6 +495,9 @@ impl Credentials {
             .is_some_and(|c| c.is_reader(identity))
     }
 }
+
+/// Delay before reopening a lost LISTEN connection.
+const LISTEN_RETRY: Duration = Duration::from_secs(5);
 
 /// How often a watcher reads the database when nothing woke it.
 const WATCH_POLL: Duration = Duration::from_secs(5);

@@ -270,6 +270,10 @@ fn map_migrate(err: sqlx::migrate::MigrateError) -> StoreError {
     }
 }
 
+/// The PostgreSQL notification channel on which a replica announces a
+/// changed managed credential (payload: its name).
+pub const CREDENTIALS_CHANNEL: &str = "token_broker_credentials";
+
 /// One lease row (see `docs/architecture.md` for the lease state machine).
 #[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
 pub struct LeaseRecord {
@@ -554,16 +558,28 @@ pub enum SecretOwner {
     UpstreamCredential,
     /// A lease's PAT (`leases.sealed_token`).
     Lease(LeaseId),
+    /// A managed credential version's PAT (`credential_versions.sealed_token`).
+    CredentialVersion {
+        /// The credential's name.
+        credential: String,
+        /// The version.
+        version: i64,
+    },
 }
 
 impl SecretOwner {
     /// The associated data its reader opens it with: the lease id in its
-    /// hyphenated text form for a lease's PAT, [`UpstreamCredential::AAD`]
+    /// hyphenated text form for a lease's PAT, `credential:<name>:<version>`
+    /// for a managed credential version's, [`UpstreamCredential::AAD`]
     /// for the upstream refresh token.
     pub fn aad(&self) -> Vec<u8> {
         match self {
             SecretOwner::UpstreamCredential => UpstreamCredential::AAD.to_vec(),
             SecretOwner::Lease(id) => id.to_string().into_bytes(),
+            SecretOwner::CredentialVersion {
+                credential,
+                version,
+            } => format!("credential:{credential}:{version}").into_bytes(),
         }
     }
 }
@@ -1304,6 +1320,11 @@ pub trait Store: Send + Sync + 'static {
         present: &[String],
         now: Timestamp,
     ) -> Result<Vec<ManagedCredentialRecord>, StoreError>;
+
+    /// Tells other replicas that `credential`'s versions changed, best
+    /// effort: PostgreSQL `NOTIFY` on [`CREDENTIALS_CHANNEL`] with the name
+    /// as payload; nothing on SQLite.
+    async fn notify_credential_change(&self, credential: &str) -> Result<(), StoreError>;
 
     /// Retires `name` (`retired_time = now`) if it is absent since
     /// `absent_before` or earlier and not retired; true if it was.

@@ -97,6 +97,13 @@ pub(crate) trait Dialect: Database<QueryResult: RowsAffected> {
     /// lookups by it use that index.
     const SEALED_KEY_ID: &'static str;
 
+    /// A statement that tells other replicas' listeners a managed
+    /// credential changed (the credential's name bound as `$1`).
+    /// PostgreSQL: `pg_notify` on [`super::CREDENTIALS_CHANNEL`] (it works
+    /// through PgBouncer's transaction pooling too; only LISTEN does not);
+    /// SQLite: none (a single replica: the process wakes its own watchers).
+    const NOTIFY_CREDENTIALS: Option<&'static str>;
+
     /// Applies pending migrations.
     fn migrate(pool: &Pool<Self>) -> impl Future<Output = Result<(), StoreError>> + Send;
 
@@ -634,6 +641,37 @@ macro_rules! append_audit {
         }
         appended
     }};
+}
+
+/// Every sealed token of a managed credential version, as
+/// `((credential, version), sealed)` ordered by credential and version
+/// (`Result<Vec<_>, StoreError>`): at most two per credential, so read whole.
+macro_rules! credential_sealed {
+    ($store:expr) => {
+        sqlx::query_as::<_, (String, i64, Sealed)>(
+            "SELECT credential, version, sealed_token FROM credential_versions \
+             WHERE sealed_token IS NOT NULL ORDER BY credential, version",
+        )
+        .fetch_all(&$store.pool)
+        .await
+        .map_err(map_sqlx)
+        .map(|rows| {
+            rows.into_iter()
+                .map(|(c, v, s)| ((c, v), s))
+                .collect::<Vec<((String, i64), Sealed)>>()
+        })
+    };
+}
+
+/// A managed credential version's stored secret.
+fn credential_secret(((credential, version), sealed): ((String, i64), Sealed)) -> StoredSecret {
+    StoredSecret {
+        owner: SecretOwner::CredentialVersion {
+            credential,
+            version,
+        },
+        sealed,
+    }
 }
 
 /// Columns of `credential_versions`, in [`CredentialVersionRecord`] order.
@@ -1645,6 +1683,10 @@ where
         if let Some(sealed) = upstream_sealed!(self)? {
             ids.insert(sealed.key_id);
         }
+        // Managed credentials keep a token for at most two versions each.
+        for sealed in credential_sealed!(self)? {
+            ids.insert(sealed.1.key_id);
+        }
         Ok(ids)
     }
 
@@ -1658,6 +1700,7 @@ where
             DB::SEALED_KEY_ID
         );
         let credential_key = upstream_sealed!(self)?.map(|s| s.key_id);
+        let versions = credential_sealed!(self)?;
         let mut counts = BTreeMap::new();
         for id in key_ids {
             let leases: i64 = sqlx::query_scalar(&count)
@@ -1666,9 +1709,10 @@ where
                 .await
                 .map_err(map_sqlx)?;
             let credential = u64::from(credential_key.as_deref() == Some(id.as_str()));
+            let versions = versions.iter().filter(|(_, s)| &s.key_id == id).count() as u64;
             counts.insert(
                 id.clone(),
-                u64::try_from(leases).unwrap_or_default() + credential,
+                u64::try_from(leases).unwrap_or_default() + credential + versions,
             );
         }
         Ok(counts)
@@ -1692,12 +1736,29 @@ where
                 }
             }
         }
+        // Managed credential versions come last, by (credential, version).
+        if let Some(SecretOwner::CredentialVersion {
+            credential,
+            version,
+        }) = after
+        {
+            let after = (credential.clone(), *version);
+            page.extend(
+                credential_sealed!(self)?
+                    .into_iter()
+                    .filter(|(owner, sealed)| sealed.key_id != key_id && *owner > after)
+                    .take(usize::try_from(limit).unwrap_or(usize::MAX))
+                    .map(credential_secret),
+            );
+            return Ok(page);
+        }
         let left = i64::from(limit) - page.len() as i64;
         if left == 0 {
             return Ok(page);
         }
         let k = DB::SEALED_KEY_ID;
         let rows: Vec<(LeaseId, Sealed)> = match after {
+            Some(SecretOwner::CredentialVersion { .. }) => unreachable!("handled above"),
             Some(SecretOwner::Lease(after)) => {
                 sqlx::query_as(&format!(
                     "SELECT id, sealed_token FROM leases WHERE {k} <> $1 AND id > $2 \
@@ -1720,10 +1781,21 @@ where
             }
         }
         .map_err(map_sqlx)?;
+        let leases_done = (rows.len() as i64) < left;
         page.extend(rows.into_iter().map(|(id, sealed)| StoredSecret {
             owner: SecretOwner::Lease(id),
             sealed,
         }));
+        if leases_done {
+            let left = usize::try_from(limit).unwrap_or(usize::MAX) - page.len();
+            page.extend(
+                credential_sealed!(self)?
+                    .into_iter()
+                    .filter(|(_, sealed)| sealed.key_id != key_id)
+                    .take(left)
+                    .map(credential_secret),
+            );
+        }
         Ok(page)
     }
 
@@ -1749,6 +1821,21 @@ where
                     .bind(r.old.clone())
                     .execute(&mut *tx)
                     .await,
+                    SecretOwner::CredentialVersion {
+                        credential,
+                        version,
+                    } => {
+                        sqlx::query(
+                            "UPDATE credential_versions SET sealed_token = $1 \
+                         WHERE credential = $2 AND version = $3 AND sealed_token = $4",
+                        )
+                        .bind(r.new.clone())
+                        .bind(credential.clone())
+                        .bind(*version)
+                        .bind(r.old.clone())
+                        .execute(&mut *tx)
+                        .await
+                    }
                 }
                 .map_err(map_sqlx)?;
             replaced += done.rows_affected();
@@ -1972,6 +2059,18 @@ where
         .map_err(map_sqlx)?;
         tx.commit().await.map_err(map_sqlx)?;
         Ok(rows)
+    }
+
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.notify_credential_change", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "notify_credential_change"))]
+    async fn notify_credential_change(&self, credential: &str) -> Result<(), StoreError> {
+        if let Some(notify) = DB::NOTIFY_CREDENTIALS {
+            sqlx::query(notify)
+                .bind(credential.to_owned())
+                .execute(&self.pool)
+                .await
+                .map_err(map_sqlx)?;
+        }
+        Ok(())
     }
 
     #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.retire_managed_credential", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "retire_managed_credential"))]
