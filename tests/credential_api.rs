@@ -191,9 +191,9 @@ async fn a_reader_gets_the_current_token_and_anyone_else_is_refused() {
         ("fabrikam", vec!["vso.packaging".to_owned()])
     );
     let (from, rotate, expire) = (
-        v.valid_from.clone().unwrap().seconds,
-        v.rotate_time.clone().unwrap().seconds,
-        v.expire_time.clone().unwrap().seconds,
+        v.valid_from.unwrap().seconds,
+        v.rotate_time.unwrap().seconds,
+        v.expire_time.unwrap().seconds,
     );
     assert_eq!(
         rotate - from,

@@ -1,6 +1,7 @@
 //! `token-broker admin ...`: a gRPC client of `AdminService` (bulk revoke,
 //! leases across holders, revocations the broker gave up on and forcing
-//! them closed, the lease a PAT belongs to). Same `--addr`, `--api-key`,
+//! them closed, the lease a PAT belongs to; managed credentials: rotate
+//! one now, list their versions). Same `--addr`, `--api-key`,
 //! `--output` as `lease`; the API key must belong to an identity the
 //! policy names as an admin. A PAT to look up is read from stdin or a
 //! file, never from an argument (which `ps` and shell history would show).
