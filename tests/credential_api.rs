@@ -697,3 +697,63 @@ async fn the_cli_watches_into_a_0600_file_rotates_now_and_lists_without_tokens()
     }
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_watch_survives_a_broker_restart_and_resumes_after_its_last_version() {
+    let emu = Emu::start_default().await;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(&dir, &emu, &["apikey:mirror"]);
+    let broker = spawn_broker(&spec).await;
+    let mirror = spec.key("mirror");
+    let ops = spec.key("ops");
+    current(&broker, mirror.expose_secret()).await;
+    let mut watcher = command(&broker, &mirror, &["credential", "watch", "mirror-feed"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(watcher.stdout.take().unwrap()).lines();
+    let l1 = next_line(&mut lines).await;
+    assert!(l1.starts_with("credentials/mirror-feed version 1 "), "{l1}");
+    assert!(
+        !l1.contains("written to"),
+        "no file without --output-file: {l1}"
+    );
+
+    // The broker goes away (its open stream is ended, UNAVAILABLE) and
+    // comes back on the same address and database; two versions are
+    // minted meanwhile or after: the watch prints 2 then 3, nothing twice.
+    let (addr, url) = (broker.addr, broker.url.clone());
+    broker.stop().await;
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let policy = token_broker::policy::Policy::from_yaml(&spec.policy_yaml).unwrap();
+    let broker = token_broker::server::Broker::start(spec.settings(), policy, listener)
+        .await
+        .unwrap();
+    let mut admin = AdminServiceClient::connect(url).await.unwrap();
+    for _ in 0..2 {
+        let req = pb::RotateCredentialRequest {
+            name: NAME.into(),
+            revoke_previous: 0,
+        };
+        admin
+            .rotate_credential(authed(req, ops.expose_secret()))
+            .await
+            .unwrap();
+    }
+    let l2 = next_line(&mut lines).await;
+    let l3 = next_line(&mut lines).await;
+    assert!(l2.starts_with("credentials/mirror-feed version 2 "), "{l2}");
+    assert!(l3.starts_with("credentials/mirror-feed version 3 "), "{l3}");
+
+    watcher.kill().await.unwrap();
+    let mut err = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut watcher.stderr.take().unwrap(), &mut err)
+        .await
+        .unwrap();
+    assert!(
+        err.contains("reconnecting in") && err.contains("after version 1"),
+        "{err}"
+    );
+    broker.stop().await.unwrap();
+}

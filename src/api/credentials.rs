@@ -18,6 +18,7 @@ use std::pin::Pin;
 use futures::{Stream, StreamExt as _};
 use secrecy::ExposeSecret as _;
 use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
@@ -42,12 +43,34 @@ const NAME_PREFIX: &str = "credentials/";
 /// The tonic implementation of `CredentialService`.
 pub struct CredentialApi {
     access: CredentialAccess,
+    stopping: watch::Receiver<bool>,
 }
 
 impl CredentialApi {
-    /// Serves the reads of `access`.
-    pub fn new(access: CredentialAccess) -> Self {
-        CredentialApi { access }
+    /// Serves the reads of `access`; open watch streams end when
+    /// `stopping` turns true (the server is shutting down).
+    pub fn new(access: CredentialAccess, stopping: watch::Receiver<bool>) -> Self {
+        CredentialApi { access, stopping }
+    }
+}
+
+/// A watch stream ended because the server is shutting down: UNAVAILABLE
+/// (`SERVER_SHUTTING_DOWN`), reconnect (to another replica) with
+/// `after_version`. Ending the streams lets the shutdown finish at once
+/// instead of waiting out its grace period on calls that never end.
+#[derive(Debug, thiserror::Error)]
+#[error("the server is shutting down; reconnect with after_version")]
+pub struct ShuttingDown;
+
+impl crate::error::ServiceError for ShuttingDown {
+    fn code(&self) -> crate::error::ErrorCode {
+        crate::error::ErrorCode::Unavailable
+    }
+    fn reason(&self) -> &'static str {
+        "SERVER_SHUTTING_DOWN"
+    }
+    fn retry_after(&self) -> Option<std::time::Duration> {
+        Some(std::time::Duration::from_secs(1))
     }
 }
 
@@ -95,6 +118,7 @@ impl CredentialService for CredentialApi {
             name,
             versions,
             reloads: Some(reloads),
+            stopping: self.stopping.clone(),
             done: false,
         };
         // The stream keeps the call's span: its log lines name the call.
@@ -114,6 +138,8 @@ struct Watch {
     versions: VersionStream,
     /// None once the policy's reload channel has closed.
     reloads: Option<tokio::sync::broadcast::Receiver<crate::policy::ReloadOutcome>>,
+    /// True once the server is shutting down.
+    stopping: watch::Receiver<bool>,
     done: bool,
 }
 
@@ -130,7 +156,16 @@ impl Watch {
                     None => std::future::pending().await,
                 }
             };
+            let mut stopping = self.stopping.clone();
+            let stopped = async move {
+                // Err (the sender gone) also means the server is going away.
+                let _ = stopping.wait_for(|s| *s).await;
+            };
             tokio::select! {
+                () = stopped => {
+                    self.done = true;
+                    return Some((Err(to_status(&ShuttingDown)), self));
+                }
                 item = self.versions.next() => {
                     let item = match item {
                         // The credential service's streams end only after

@@ -314,9 +314,10 @@ pub fn credential_service(
     credentials: CredentialAccess,
     auth: Arc<Authenticator>,
     max_request_size: usize,
+    stopping: tokio::sync::watch::Receiver<bool>,
 ) -> Authenticated<CredentialServiceServer<CredentialApi>> {
     Authenticated::new(
-        CredentialServiceServer::new(CredentialApi::new(credentials))
+        CredentialServiceServer::new(CredentialApi::new(credentials, stopping))
             .max_decoding_message_size(max_request_size),
         auth,
     )
@@ -349,6 +350,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ApiError> {
     let tls = tls.as_ref().map(server_tls).transpose()?;
+    // Watch streams never end by themselves: at shutdown they are told to
+    // (UNAVAILABLE), so the transport's wait for open calls is short.
+    let (stop_streams, stopping) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_streams.send(true);
+    };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
@@ -368,7 +376,12 @@ pub async fn serve(
             auth.clone(),
             limit,
         ))
-        .add_service(credential_service(credentials, auth.clone(), limit))
+        .add_service(credential_service(
+            credentials,
+            auth.clone(),
+            limit,
+            stopping,
+        ))
         .add_service(lease_service(leases, auth, limit))
         .prepare();
     transport::serve(

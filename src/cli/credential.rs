@@ -267,13 +267,16 @@ fn classify(e: ClientError, started: bool) -> Ended {
     }
 }
 
+/// Longest wait between two reconnections.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
 /// Backoff between reconnections: jittered exponential from 1 s to 30 s,
 /// without end (a sidecar keeps trying); started afresh after each version
 /// received.
 fn backoff() -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_secs(1))
-        .with_max_delay(Duration::from_secs(30))
+        .with_max_delay(MAX_BACKOFF)
         .with_jitter()
         .without_max_times()
         .build()
@@ -322,7 +325,18 @@ async fn follow(
         }
         let (error, delay) = match ended {
             Ended::Fail(e) => return e,
-            Ended::Retry(e) => (e, delays.next().unwrap_or(Duration::from_secs(30))),
+            // The jitter comes on top of the schedule: keep within the cap,
+            // to the millisecond.
+            Ended::Retry(e) => (
+                e,
+                Duration::from_millis(
+                    delays
+                        .next()
+                        .unwrap_or(MAX_BACKOFF)
+                        .min(MAX_BACKOFF)
+                        .as_millis() as u64,
+                ),
+            ),
             Ended::Reauthenticate(e) => (e, Duration::ZERO),
         };
         let resume = last.map_or_else(
