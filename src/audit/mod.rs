@@ -83,6 +83,13 @@ pub const UPSTREAM_ADOPT_CONFIGURED: &str = "upstream.adopt_configured";
 /// else the newest row; `ID:-` a row without a MAC, `-` no row at all).
 /// Chained onto what was found, so the gap itself is on the record.
 pub const AUDIT_TAMPER_DETECTED: &str = "audit.tamper_detected";
+/// `action` of a managed credential version minted by the broker:
+/// `policy_rule` `credential:NAME`, `caller_detail` `version=N`; never a
+/// token.
+pub const CREDENTIAL_MINT: &str = "credential.mint";
+/// `action` of a managed credential version revoked upstream (overlap
+/// over, rotated with `NOW`, or retired): as [`CREDENTIAL_MINT`].
+pub const CREDENTIAL_REVOKE: &str = "credential.revoke";
 /// Identity of the broker's own actions (the reaper, the sweep, adopting
 /// configuration).
 pub const SYSTEM_IDENTITY: &str = "system:token-broker";
