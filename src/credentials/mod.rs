@@ -335,7 +335,8 @@ impl Credentials {
     /// `url`, which must be a direct one: PgBouncer's transaction pooling
     /// does not keep a LISTEN; `serve` uses `database.migrate_url` when set)
     /// and wakes this process's watchers at each, until `shutdown`
-    /// resolves. A lost connection is reopened after a few seconds; the
+    /// resolves. The connection is opened once the policy declares a
+    /// credential (it is one beyond `database.max_connections`). A lost connection is reopened after a few seconds; the
     /// engine's reads every tick cover the gap.
     pub async fn listen_postgres(
         &self,
@@ -346,6 +347,11 @@ impl Credentials {
         let deps = &self.inner.deps;
         let work = async {
             loop {
+                // The connection is one beyond `database.max_connections`:
+                // opened only once the policy declares a credential.
+                while deps.policy.current().credentials().is_empty() {
+                    tokio::time::sleep(LISTEN_RETRY).await;
+                }
                 let listener = async {
                     let mut listener: sqlx::postgres::PgListener =
                         sqlx::postgres::PgListener::connect(url.expose_secret()).await?;
