@@ -11,7 +11,8 @@
 //!   does not declare, so a non-reader learns no names.
 //! - Every version handed out is audited first and only then handed out
 //!   (fail closed, as a lease grant): `credential.get` / `credential.watch`
-//!   with the credential and version number in `reason`, never the token.
+//!   with the credential (`policy_rule` `credential:NAME`) and the version
+//!   number (`caller_detail` `version=N`), never the token.
 //! - RotateCredential and ListCredentials need an admin (the policy's
 //!   `admins`), as every AdminService call; audited (`credential.rotate`,
 //!   `admin.list_credentials`), refusals too.
@@ -189,10 +190,7 @@ impl CredentialAccess {
         match self.inner.credentials.rotate(name, revoke_previous).await {
             Ok(version) => {
                 let event = AuditEvent {
-                    reason: Some(format!(
-                        "credential={name} version={} revoke_previous={mode}",
-                        version.version
-                    )),
+                    reason: Some(format!("revoke_previous={mode}")),
                     ..version_event(caller, CREDENTIAL_ROTATE, Outcome::Allowed, &version)
                 };
                 append_best_effort(&self.inner.audit, event).await;
@@ -207,10 +205,8 @@ impl CredentialAccess {
             }
             Err(e) => {
                 let event = AuditEvent {
-                    reason: Some(format!(
-                        "{} credential={name} revoke_previous={mode}",
-                        e.reason()
-                    )),
+                    reason: Some(format!("{} revoke_previous={mode}", e.reason())),
+                    policy_rule: Some(format!("credential:{name}")),
                     ..caller_event(caller, CREDENTIAL_ROTATE, Outcome::Error)
                 };
                 append_best_effort(&self.inner.audit, event).await;
@@ -248,7 +244,8 @@ impl CredentialAccess {
             return Ok(());
         }
         let event = AuditEvent {
-            reason: Some(format!("CREDENTIAL_READER_REQUIRED credential={name}")),
+            reason: Some("CREDENTIAL_READER_REQUIRED".to_owned()),
+            policy_rule: Some(format!("credential:{name}")),
             ..caller_event(caller, action, Outcome::Denied)
         };
         append_best_effort(&self.inner.audit, event).await;
@@ -278,13 +275,7 @@ impl CredentialAccess {
         action: &str,
         version: &CredentialVersion,
     ) -> Result<(), AccessError> {
-        let event = AuditEvent {
-            reason: Some(format!(
-                "credential={} version={}",
-                version.credential, version.version
-            )),
-            ..version_event(caller, action, Outcome::Allowed, version)
-        };
+        let event = version_event(caller, action, Outcome::Allowed, version);
         self.inner.audit.append(&event).await?;
         Ok(())
     }
@@ -304,14 +295,27 @@ fn caller_event(caller: &Caller, action: &str, outcome: Outcome) -> AuditEvent {
     }
 }
 
-/// An event by `caller` about `version` (its organization and scopes).
+/// An event by `caller` about `version`, shaped as the engine's own rows
+/// (`credential.mint`, `credential.revoke`): `policy_rule`
+/// `credential:NAME`, `version=N` in `caller_detail` (after a service
+/// account's claims), its organization and scopes.
 fn version_event(
     caller: &Caller,
     action: &str,
     outcome: Outcome,
     version: &CredentialVersion,
 ) -> AuditEvent {
+    let detail = [
+        caller.audit_detail(),
+        Some(format!("version={}", version.version)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect::<Vec<_>>()
+    .join(" ");
     AuditEvent {
+        caller_detail: Some(detail),
+        policy_rule: Some(format!("credential:{}", version.credential)),
         organization: Some(version.organization.clone()),
         scopes: Some(version.scopes.join(" ")),
         ..caller_event(caller, action, outcome)

@@ -281,6 +281,7 @@ impl Broker {
             },
             CredentialMetrics::register(metrics.registry())
                 .expect("credential metric names are unique"),
+            audit.clone(),
         ))
         .with_background_store(stores.background.clone());
         let leases = Leases::new(LeaseDeps {

@@ -245,28 +245,30 @@ async fn a_reader_gets_the_current_token_and_anyone_else_is_refused() {
     assert!(!allowed.is_empty());
     for row in &allowed {
         assert_eq!(row.identity, "apikey:mirror");
-        assert_eq!(row.reason, "credential=mirror-feed version=1");
+        assert_eq!(row.policy_rule, "credential:mirror-feed");
+        assert_eq!(row.caller_detail, "version=1");
         assert_eq!(row.organization, "fabrikam");
     }
     let denied: Vec<_> = rows
         .iter()
         .filter(|r| r.outcome() == pb::audit_event::Outcome::Denied)
-        .map(|r| (r.identity.as_str(), r.reason.as_str()))
+        .map(|r| {
+            (
+                r.identity.as_str(),
+                r.policy_rule.as_str(),
+                r.reason.as_str(),
+            )
+        })
         .collect();
-    assert!(
-        denied.contains(&(
-            "apikey:ci",
-            "CREDENTIAL_READER_REQUIRED credential=mirror-feed"
-        )),
-        "{denied:?}"
-    );
-    assert!(
-        denied.contains(&(
-            "apikey:mirror",
-            "CREDENTIAL_READER_REQUIRED credential=nope"
-        )),
-        "{denied:?}"
-    );
+    for (who, what) in [
+        ("apikey:ci", "credential:mirror-feed"),
+        ("apikey:mirror", "credential:nope"),
+    ] {
+        assert!(
+            denied.contains(&(who, what, "CREDENTIAL_READER_REQUIRED")),
+            "{denied:?}"
+        );
+    }
     for row in rows {
         assert!(!format!("{row:?}").contains(&v.token));
     }
@@ -376,13 +378,13 @@ async fn a_watch_gets_every_version_in_order_and_resumes_after_the_last_one_rece
 
     // One audit row per version sent, with its number.
     let rows = audit_rows(&broker, ops.expose_secret(), "credential.watch").await;
-    let sent: Vec<&str> = rows.iter().map(|r| r.reason.as_str()).collect();
+    let sent: Vec<&str> = rows.iter().map(|r| r.caller_detail.as_str()).collect();
     for v in 1..=6 {
-        assert!(
-            sent.contains(&format!("credential=mirror-feed version={v}").as_str()),
-            "{sent:?}"
-        );
+        assert!(sent.contains(&format!("version={v}").as_str()), "{sent:?}");
     }
+    assert!(rows
+        .iter()
+        .all(|r| r.policy_rule == "credential:mirror-feed"));
     for row in &rows {
         for token in &tokens {
             assert!(!format!("{row:?}").contains(token.as_str()));
@@ -430,7 +432,8 @@ async fn a_reader_removed_from_the_policy_loses_its_stream_with_permission_denie
     let rows = audit_rows(&broker, ops.expose_secret(), "credential.watch").await;
     assert!(rows.iter().any(|r| r.identity == "apikey:mirror"
         && r.outcome() == pb::audit_event::Outcome::Denied
-        && r.reason == "CREDENTIAL_READER_REQUIRED credential=mirror-feed"));
+        && r.policy_rule == "credential:mirror-feed"
+        && r.reason == "CREDENTIAL_READER_REQUIRED"));
     broker.stop().await;
 }
 

@@ -464,3 +464,60 @@ async fn failed_rotations_are_counted_cleaned_up_upstream_and_retried_and_valid_
     assert!((until - expire).abs() < 1.0, "{until} vs {expire}");
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_sweep_revokes_credential_pats_no_live_version_owns_and_keeps_the_live_ones() {
+    let emu = Emu::start_default().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = BrokerSpec::new(sqlite_url(&dir), emu.url(""));
+    spec.policy_yaml = policy("1h", "10m");
+    let mut config = spec.config();
+    config.leases.sweep_interval = Duration::from_secs(1);
+    let settings = token_broker::settings::Settings::new(config).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let policy = token_broker::policy::Policy::from_yaml(&spec.policy_yaml).unwrap();
+    let broker = token_broker::server::Broker::start(settings, policy, listener)
+        .await
+        .unwrap();
+    let credentials = broker.credentials();
+    let live = current(&credentials).await;
+
+    // A PAT named like a version that has no row (a crash after an
+    // upstream create whose row is gone), and one of a version that FAILED.
+    let bearer = emu.user_bearer().await;
+    let orphan_name = format!(
+        "token-broker:{}:credential:mirror-feed:99",
+        broker.deployment_id()
+    );
+    let (_, orphan) = emu
+        .create_pat(&bearer, "fabrikam", &orphan_name, "vso.packaging", 1)
+        .await;
+    assert_eq!(emu.use_pat("fabrikam", FEEDS, &orphan).await, 200);
+    // Not ours: another deployment's credential, and a name that only
+    // looks alike.
+    let (_, foreign) = emu
+        .create_pat(
+            &bearer,
+            "fabrikam",
+            "token-broker:other-deployment:credential:mirror-feed:99",
+            "vso.packaging",
+            1,
+        )
+        .await;
+
+    poll("the orphan revoked", Duration::from_secs(60), || async {
+        match emu.use_pat("fabrikam", FEEDS, &orphan).await {
+            401 => Ok(()),
+            other => Err(format!("status {other}")),
+        }
+    })
+    .await;
+    assert_eq!(emu.use_pat("fabrikam", FEEDS, &foreign).await, 200);
+    assert_eq!(
+        emu.use_pat("fabrikam", FEEDS, live.token.expose_secret())
+            .await,
+        200,
+        "the live version's PAT was swept"
+    );
+    broker.stop().await.unwrap();
+}

@@ -2627,7 +2627,7 @@ fn intent(name: &str, version: i64, claimer: &str) -> CredentialVersionRecord {
         version,
         state: VersionState::Pending,
         organization: Organization::parse("fabrikam").unwrap(),
-        scopes: ScopeSet::parse(&["vso.packaging"]).unwrap(),
+        scopes: ScopeSet::parse(["vso.packaging"]).unwrap(),
         display_name: format!("tb:dep:credential:{name}:{version}"),
         authorization_id: None,
         sealed_token: None,

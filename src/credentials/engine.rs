@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use super::{CredentialDeps, CredentialError, RevokePrevious};
+use crate::audit::{AuditEvent, Outcome};
 use crate::domain::{AuthorizationId, Organization, Timestamp, VersionState};
 use crate::policy::CredentialSpec;
 use crate::store::CredentialVersionRecord;
@@ -193,6 +194,14 @@ pub(super) async fn mint(
     match activated {
         Ok(true) => {
             tracing::info!(credential = name, version, authorization_id = %pat.authorization_id, "credential version minted");
+            audit_system(
+                deps,
+                crate::audit::CREDENTIAL_MINT,
+                &current,
+                Outcome::Allowed,
+                None,
+            )
+            .await;
             changed(deps, name).await;
             Ok(current)
         }
@@ -211,6 +220,33 @@ pub(super) async fn mint(
                 _ => CredentialError::Internal("credential version settled meanwhile".into()),
             }))
         }
+    }
+}
+
+/// Appends a background audit row about `version` (best effort: logged
+/// when it cannot be written; the version's row is the record).
+async fn audit_system(
+    deps: &CredentialDeps,
+    action: &str,
+    version: &CredentialVersionRecord,
+    outcome: Outcome,
+    reason: Option<&str>,
+) {
+    let event = AuditEvent {
+        policy_rule: Some(format!("credential:{}", version.credential)),
+        caller_detail: Some(format!("version={}", version.version)),
+        organization: Some(version.organization.to_string()),
+        scopes: Some(version.scopes.to_upstream()),
+        reason: reason.map(str::to_owned),
+        ..AuditEvent::new(
+            Timestamp::now(),
+            crate::audit::SYSTEM_IDENTITY,
+            action,
+            outcome,
+        )
+    };
+    if let Err(e) = deps.audit.append(&event).await {
+        tracing::warn!(credential = %version.credential, version = version.version, error = %e, "could not audit a credential change");
     }
 }
 
@@ -380,6 +416,14 @@ pub(super) async fn revoke_version(
     match result {
         Ok(()) => {
             tracing::info!(credential = %revoking.credential, version = revoking.version, "credential version revoked upstream");
+            audit_system(
+                deps,
+                crate::audit::CREDENTIAL_REVOKE,
+                &next,
+                Outcome::Allowed,
+                None,
+            )
+            .await;
             changed(deps, &revoking.credential).await;
             Ok(true)
         }
@@ -460,21 +504,19 @@ pub(super) async fn run_once(deps: &CredentialDeps) -> Result<Snapshot, Credenti
     let absent_before = now.saturating_sub(deps.settings.retire_after);
     let mut retired: BTreeMap<String, Timestamp> = BTreeMap::new();
     for m in &managed {
-        match (m.absent_since, m.retired_time) {
-            (_, Some(at)) => {
-                retired.insert(m.name.clone(), at);
-            }
-            (Some(since), None) if since <= absent_before => {
-                if deps
-                    .store
-                    .retire_managed_credential(&m.name, absent_before, now)
-                    .await?
-                {
-                    tracing::warn!(credential = %m.name, "managed credential absent from the policy too long: retired");
-                    retired.insert(m.name.clone(), now);
-                }
-            }
-            _ => {}
+        if let Some(at) = m.retired_time {
+            retired.insert(m.name.clone(), at);
+            continue;
+        }
+        let overdue = m.absent_since.is_some_and(|since| since <= absent_before);
+        if overdue
+            && deps
+                .store
+                .retire_managed_credential(&m.name, absent_before, now)
+                .await?
+        {
+            tracing::warn!(credential = %m.name, "managed credential absent from the policy too long: retired");
+            retired.insert(m.name.clone(), now);
         }
     }
     let versions = deps.store.list_credential_versions(None).await?;

@@ -15,6 +15,8 @@ use futures::Stream;
 use secrecy::SecretString;
 use tokio::sync::watch;
 
+use crate::audit::{AuditError, AuditEvent, AuditLog, Outcome};
+use crate::auth::Caller;
 use crate::crypto::{CryptoError, Keyring};
 use crate::domain::{Identity, Timestamp};
 use crate::error::{ErrorCode, ServiceError};
@@ -112,6 +114,9 @@ pub enum CredentialError {
     /// A sealed token could not be opened.
     #[error(transparent)]
     Crypto(#[from] CryptoError),
+    /// An audit row could not be written (fail closed: nothing was read).
+    #[error(transparent)]
+    Audit(#[from] AuditError),
     /// A sealed token could not be opened, or a state the rules do not
     /// expect; the text is for logs and carries no secret.
     #[error("internal error: {0}")]
@@ -128,6 +133,7 @@ impl ServiceError for CredentialError {
             }
             CredentialError::Upstream(e) => e.code(),
             CredentialError::Store(e) => e.code(),
+            CredentialError::Audit(e) => e.code(),
             CredentialError::Crypto(_) | CredentialError::Internal(_) => ErrorCode::Internal,
         }
     }
@@ -139,6 +145,7 @@ impl ServiceError for CredentialError {
             CredentialError::Busy { .. } => "CREDENTIAL_BUSY",
             CredentialError::Upstream(e) => e.reason(),
             CredentialError::Store(e) => e.reason(),
+            CredentialError::Audit(e) => e.reason(),
             CredentialError::Crypto(_) | CredentialError::Internal(_) => "INTERNAL",
         }
     }
@@ -149,6 +156,7 @@ impl ServiceError for CredentialError {
             }
             CredentialError::Upstream(e) => e.retry_after(),
             CredentialError::Store(e) => e.retry_after(),
+            CredentialError::Audit(e) => e.retry_after(),
             _ => None,
         }
     }
@@ -200,6 +208,8 @@ pub struct CredentialDeps {
     pub settings: CredentialSettings,
     /// Prometheus handles.
     pub metrics: CredentialMetrics,
+    /// The chained audit trail.
+    pub audit: Arc<AuditLog>,
     /// Bumped whenever this process sees versions change; watchers wait on it.
     changes: Arc<watch::Sender<u64>>,
 }
@@ -213,6 +223,7 @@ impl CredentialDeps {
         policy: PolicyHandle,
         settings: CredentialSettings,
         metrics: CredentialMetrics,
+        audit: Arc<AuditLog>,
     ) -> Self {
         CredentialDeps {
             store,
@@ -221,6 +232,7 @@ impl CredentialDeps {
             policy,
             settings,
             metrics,
+            audit,
             changes: Arc::new(watch::channel(0).0),
         }
     }
@@ -283,8 +295,21 @@ impl Credentials {
         let work = async {
             let mut ticker = tokio::time::interval(deps.settings.tick);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut idle_ticks = 0u32;
             loop {
                 ticker.tick().await;
+                // Without credentials in the policy or the store, look
+                // only every IDLE_EVERY ticks (a credential absent from
+                // the policy but stored keeps the engine at every tick).
+                let idle = deps.policy.current().credentials().is_empty()
+                    && seen.as_ref().is_some_and(|s| s.is_empty());
+                if idle {
+                    idle_ticks += 1;
+                    if idle_ticks < IDLE_EVERY {
+                        continue;
+                    }
+                }
+                idle_ticks = 0;
                 match engine::run_once(deps).await {
                     Ok(snapshot) => {
                         if seen.as_ref() != Some(&snapshot) {
@@ -310,7 +335,8 @@ impl Credentials {
     /// `url`, which must be a direct one: PgBouncer's transaction pooling
     /// does not keep a LISTEN; `serve` uses `database.migrate_url` when set)
     /// and wakes this process's watchers at each, until `shutdown`
-    /// resolves. A lost connection is reopened after a few seconds; the
+    /// resolves. The connection is opened once the policy declares a
+    /// credential (it is one beyond `database.max_connections`). A lost connection is reopened after a few seconds; the
     /// engine's reads every tick cover the gap.
     pub async fn listen_postgres(
         &self,
@@ -321,6 +347,11 @@ impl Credentials {
         let deps = &self.inner.deps;
         let work = async {
             loop {
+                // The connection is one beyond `database.max_connections`:
+                // opened only once the policy declares a credential.
+                while deps.policy.current().credentials().is_empty() {
+                    tokio::time::sleep(LISTEN_RETRY).await;
+                }
                 let listener = async {
                     let mut listener: sqlx::postgres::PgListener =
                         sqlx::postgres::PgListener::connect(url.expose_secret()).await?;
@@ -482,6 +513,50 @@ impl Credentials {
         Ok(versions.iter().map(public).collect())
     }
 
+    /// Appends an audit row for `caller`'s `action` on credential `name`
+    /// (e.g. `credential.get`, `credential.watch`,
+    /// `admin.rotate_credential`): identity, peer and caller detail as for
+    /// leases, `policy_rule` `credential:NAME`, the version (if any) in
+    /// `caller_detail` as `version=N`, and `reason` for a refusal; never a
+    /// token. Fails closed: a read whose row cannot be written must not
+    /// hand out the token.
+    ///
+    /// Errors: `Audit`.
+    pub async fn audit(
+        &self,
+        caller: &Caller,
+        action: &str,
+        name: &str,
+        version: Option<&CredentialVersion>,
+        outcome: Outcome,
+        reason: Option<&str>,
+    ) -> Result<(), CredentialError> {
+        let detail = [
+            caller.audit_detail(),
+            version.map(|v| format!("version={}", v.version)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" ");
+        let event = AuditEvent {
+            peer: caller.peer.clone(),
+            caller_detail: (!detail.is_empty()).then_some(detail),
+            policy_rule: Some(format!("credential:{name}")),
+            reason: reason.map(str::to_owned),
+            organization: version.map(|v| v.organization.clone()),
+            scopes: version.map(|v| v.scopes.join(" ")),
+            ..AuditEvent::new(
+                Timestamp::now(),
+                caller.identity.to_string().as_str(),
+                action,
+                outcome,
+            )
+        };
+        self.inner.deps.audit.append(&event).await?;
+        Ok(())
+    }
+
     /// Whether `identity` is a reader of credential `name` in the policy in
     /// force (reloaded live): listed in `readers` (exact or glob) or matched
     /// by `reader_regexes`, as a rule's identities. False for a name the
@@ -495,6 +570,9 @@ impl Credentials {
             .is_some_and(|c| c.is_reader(identity))
     }
 }
+
+/// With no credential anywhere, the engine runs every this many ticks.
+const IDLE_EVERY: u32 = 30;
 
 /// Delay before reopening a lost LISTEN connection.
 const LISTEN_RETRY: Duration = Duration::from_secs(5);
