@@ -760,3 +760,95 @@ async fn the_cli_watch_survives_a_broker_restart_and_resumes_after_its_last_vers
     );
     broker.stop().await.unwrap();
 }
+
+/// A TCP relay to `to` (plaintext HTTP/2) that counts the PING frames the
+/// server initiates (type 6 without the ACK flag, RFC 9113 section 6.7).
+async fn counting_relay(
+    to: std::net::SocketAddr,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let back = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = back.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let server = tokio::net::TcpStream::connect(to).await.unwrap();
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let up = tokio::io::copy(&mut cr, &mut sw);
+                let down = async {
+                    let mut buf = [0u8; 4096];
+                    // Server-to-client frames: 9-byte headers, then payloads.
+                    let mut pending: Vec<u8> = Vec::new();
+                    loop {
+                        let n = tokio::io::AsyncReadExt::read(&mut sr, &mut buf).await?;
+                        if n == 0 {
+                            return Ok::<_, std::io::Error>(());
+                        }
+                        pending.extend_from_slice(&buf[..n]);
+                        while pending.len() >= 9 {
+                            let len = usize::from(pending[0]) << 16
+                                | usize::from(pending[1]) << 8
+                                | usize::from(pending[2]);
+                            if pending.len() < 9 + len {
+                                break;
+                            }
+                            if pending[3] == 6 && pending[4] & 1 == 0 {
+                                counted.fetch_add(1, Ordering::SeqCst);
+                            }
+                            pending.drain(..9 + len);
+                        }
+                        tokio::io::AsyncWriteExt::write_all(&mut cw, &buf[..n]).await?;
+                    }
+                };
+                let _ = tokio::join!(up, down);
+            });
+        }
+    });
+    (url, back)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_watch_stream_keeps_its_connection_busy_with_the_servers_pings() {
+    use std::sync::atomic::Ordering;
+    let emu = Emu::start_default().await;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(&dir, &emu, &["apikey:mirror"]);
+    let mut config = spec.config();
+    config.grpc.keepalive_interval = Duration::from_secs(1);
+    let broker = common::broker::spawn_broker_with_config(&spec, config).await;
+    let mirror = spec.key("mirror");
+    current(&broker, mirror.expose_secret()).await;
+
+    let (url, pings) = counting_relay(broker.addr).await;
+    let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
+    let req = pb::WatchCredentialRequest {
+        name: NAME.into(),
+        after_version: 0,
+    };
+    let mut stream = CredentialServiceClient::new(channel)
+        .watch_credential(authed(req, mirror.expose_secret()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next(&mut stream).await.unwrap().version, 1);
+    let after_first = pings.load(Ordering::SeqCst);
+    poll(
+        "PINGs on the idle stream",
+        Duration::from_secs(30),
+        || async {
+            let now = pings.load(Ordering::SeqCst);
+            (now >= after_first + 2)
+                .then_some(())
+                .ok_or_else(|| format!("{now} PINGs from the server"))
+        },
+    )
+    .await;
+    // The stream is still open and gets the next version.
+    rotate(&broker, spec.key("ops").expose_secret(), false).await;
+    assert_eq!(next(&mut stream).await.unwrap().version, 2);
+    broker.stop().await;
+}
