@@ -2,7 +2,11 @@
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["tokenbroker/v1/lease.proto", "tokenbroker/v1/admin.proto"];
+    let protos = [
+        "tokenbroker/v1/lease.proto",
+        "tokenbroker/v1/credential.proto",
+        "tokenbroker/v1/admin.proto",
+    ];
     println!("cargo:rerun-if-changed=proto");
     // sqlx::migrate! embeds migrations/ but cannot tell cargo to watch it.
     println!("cargo:rerun-if-changed=migrations");
@@ -16,9 +20,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        // The lease and a token lookup carry the PAT: their Debug is
-        // written by hand, redacted.
-        .skip_debug(["tokenbroker.v1.Lease", "tokenbroker.v1.LookupTokenRequest"])
+        // The lease, a credential version and a token lookup carry the
+        // PAT: their Debug is written by hand, redacted.
+        .skip_debug([
+            "tokenbroker.v1.Lease",
+            "tokenbroker.v1.CredentialVersion",
+            "tokenbroker.v1.LookupTokenRequest",
+        ])
         // tonic_prost's codec, but an undecodable request is
         // INVALID_ARGUMENT, not INTERNAL (src/api/codec.rs).
         .codec_path("crate::api::codec::ApiCodec")

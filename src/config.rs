@@ -64,6 +64,7 @@ migrate_on_start = true
 [upstream]
 
 [policy]
+credentials_retire_after = "24h"
 
 [leases]
 display_name_prefix = "token-broker"
@@ -523,12 +524,36 @@ impl UpstreamConfig {
 }
 
 /// `[policy]`.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     /// `policy.file`: the YAML policy. Unset: deny every request.
     #[serde(default)]
     pub file: Option<PathBuf>,
+    /// `policy.credentials_retire_after`: a managed credential absent from
+    /// the policy this long is retired (no new versions; its current one
+    /// revoked `overlap` later), so a ConfigMap rollout or a mistaken edit
+    /// does not retire it. Default `24h`; at least `1s`, at most `365d`.
+    #[serde(
+        default = "PolicyConfig::default_credentials_retire_after",
+        deserialize_with = "crate::duration::de_duration"
+    )]
+    pub credentials_retire_after: Duration,
+}
+
+impl PolicyConfig {
+    fn default_credentials_retire_after() -> Duration {
+        Duration::from_secs(24 * 3600)
+    }
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            file: None,
+            credentials_retire_after: PolicyConfig::default_credentials_retire_after(),
+        }
+    }
 }
 
 /// `[leases]`.

@@ -342,6 +342,10 @@ fn describe_owner(owner: &SecretOwner) -> String {
     match owner {
         SecretOwner::UpstreamCredential => "the upstream credential".into(),
         SecretOwner::Lease(id) => format!("lease {id}"),
+        SecretOwner::CredentialVersion {
+            credential,
+            version,
+        } => format!("credential {credential} version {version}"),
     }
 }
 

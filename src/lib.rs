@@ -16,6 +16,8 @@ pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod credential_access;
+pub mod credentials;
 pub mod crypto;
 pub mod domain;
 mod duration;
@@ -57,6 +59,33 @@ pub mod proto {
                     .field("revoke_time", &self.revoke_time)
                     .field("renewable", &self.renewable)
                     .field("display_name", &self.display_name)
+                    .field("authorization_id", &self.authorization_id)
+                    .field(
+                        "token",
+                        &if self.token.is_empty() {
+                            ""
+                        } else {
+                            "[REDACTED]"
+                        },
+                    )
+                    .finish()
+            }
+        }
+
+        // Written by hand so the token never reaches a log.
+        impl std::fmt::Debug for CredentialVersion {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct("CredentialVersion")
+                    .field("name", &self.name)
+                    .field("credential", &self.credential)
+                    .field("version", &self.version)
+                    .field("state", &self.state())
+                    .field("organization", &self.organization)
+                    .field("scopes", &self.scopes)
+                    .field("valid_from", &self.valid_from)
+                    .field("rotate_time", &self.rotate_time)
+                    .field("expire_time", &self.expire_time)
+                    .field("revoke_time", &self.revoke_time)
                     .field("authorization_id", &self.authorization_id)
                     .field(
                         "token",

@@ -190,6 +190,22 @@ struct PolicyFile {
     #[serde(default)]
     admins: Vec<String>,
     rules: Vec<RuleFile>,
+    #[serde(default)]
+    credentials: Vec<CredentialFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CredentialFile {
+    name: String,
+    organization: String,
+    scopes: Vec<String>,
+    rotation_period: String,
+    overlap: String,
+    #[serde(default)]
+    readers: Vec<String>,
+    #[serde(default)]
+    reader_regexes: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -505,6 +521,157 @@ impl Rule {
     }
 }
 
+/// Longest name of a managed credential (it goes into display names and
+/// resource names).
+pub const MAX_CREDENTIAL_NAME_LEN: usize = 63;
+
+/// One validated entry of `credentials:`: a managed credential, a
+/// long-lived PAT the broker rotates every `rotation_period`, the previous
+/// version staying valid for `overlap` after the next exists (issue 17;
+/// docs/policy.md, "Managed credentials").
+#[derive(Clone, Debug)]
+pub struct CredentialSpec {
+    name: String,
+    organization: Organization,
+    scopes: ScopeSet,
+    rotation_period: Duration,
+    overlap: Duration,
+    readers: Vec<IdentityPattern>,
+}
+
+impl CredentialSpec {
+    /// The credential's unique name (`[a-z0-9-]`, 1 to 63 characters).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The organization its PATs are minted in.
+    pub fn organization(&self) -> &Organization {
+        &self.organization
+    }
+
+    /// The scopes its PATs carry.
+    pub fn scopes(&self) -> &ScopeSet {
+        &self.scopes
+    }
+
+    /// How often a new version is minted (P).
+    pub fn rotation_period(&self) -> Duration {
+        self.rotation_period
+    }
+
+    /// How long the previous version stays valid after the next exists
+    /// (O, shorter than P).
+    pub fn overlap(&self) -> Duration {
+        self.overlap
+    }
+
+    /// True if `identity` may read the credential: listed in `readers`
+    /// (exact or glob) or matched by `reader_regexes`, exactly as a rule's
+    /// `identities` and `identity_regexes` match.
+    pub fn is_reader(&self, identity: &Identity) -> bool {
+        self.readers.iter().any(|p| p.matches(identity))
+    }
+
+    /// Validates credential `index`, adding every problem found to `problems`.
+    fn validate(index: usize, raw: CredentialFile, problems: &mut Vec<Problem>) -> Option<Self> {
+        let before = problems.len();
+        let mut fail = |field: &str, message: String| {
+            problems.push(Problem {
+                path: format!("credentials[{index}].{field}"),
+                message,
+            })
+        };
+        if raw.name.is_empty()
+            || raw.name.len() > MAX_CREDENTIAL_NAME_LEN
+            || !raw
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            fail(
+                "name",
+                format!(
+                    "{:?} must be 1 to {MAX_CREDENTIAL_NAME_LEN} characters of a-z, 0-9 and '-'",
+                    raw.name
+                ),
+            );
+        }
+        if raw.readers.is_empty() && raw.reader_regexes.is_empty() {
+            fail(
+                "readers",
+                "must list at least one identity (or reader_regexes one regex)".into(),
+            );
+        }
+        let mut readers = parse_each("readers", &raw.readers, IdentityPattern::parse, &mut fail);
+        readers.extend(parse_each(
+            "reader_regexes",
+            &raw.reader_regexes,
+            IdentityPattern::parse_regex,
+            &mut fail,
+        ));
+        let organization = match Organization::parse(&raw.organization) {
+            Ok(o) => Some(o),
+            Err(e) => {
+                fail("organization", e.to_string());
+                None
+            }
+        };
+        if raw.scopes.is_empty() {
+            fail("scopes", "must list at least one scope".into());
+        }
+        parse_each(
+            "scopes",
+            &raw.scopes,
+            |text| Scope::parse(text).map_err(|_| format!("unknown scope {text:?}")),
+            &mut fail,
+        );
+        let mut duration = |field: &str, text: &str| match humantime::parse_duration(text) {
+            Ok(d) if d.is_zero() => {
+                fail(field, "must be longer than zero".into());
+                None
+            }
+            Ok(d) => Some(d),
+            Err(e) => {
+                fail(field, format!("invalid duration {text:?}: {e}"));
+                None
+            }
+        };
+        let period = duration("rotation_period", &raw.rotation_period);
+        let overlap = duration("overlap", &raw.overlap);
+        if let (Some(p), Some(o)) = (period, overlap) {
+            if o >= p {
+                fail(
+                    "overlap",
+                    format!(
+                        "{} must be shorter than rotation_period {}",
+                        raw.overlap, raw.rotation_period
+                    ),
+                );
+            } else if p + o > MAX_TTL_LIMIT {
+                fail(
+                    "rotation_period",
+                    format!(
+                        "rotation_period + overlap ({} + {}) is over one year (365d), the upstream PAT lifetime limit",
+                        raw.rotation_period, raw.overlap
+                    ),
+                );
+            }
+        }
+        if problems.len() > before {
+            return None;
+        }
+        Some(CredentialSpec {
+            name: raw.name,
+            organization: organization?,
+            scopes: ScopeSet::parse(&raw.scopes).ok()?,
+            rotation_period: period?,
+            overlap: overlap?,
+            readers,
+        })
+    }
+}
+
 /// Parses each entry of the list `field`, reporting a bad one as
 /// `field[i]`; the good ones, in order.
 fn parse_each<T>(
@@ -529,6 +696,7 @@ fn parse_each<T>(
 pub struct Policy {
     rules: Vec<Rule>,
     admins: BTreeSet<Identity>,
+    credentials: Vec<CredentialSpec>,
 }
 
 impl Policy {
@@ -569,10 +737,27 @@ impl Policy {
                 rules.push(rule);
             }
         }
+        let mut credential_names = BTreeSet::new();
+        let mut credentials = Vec::with_capacity(file.credentials.len());
+        for (index, raw) in file.credentials.into_iter().enumerate() {
+            if !raw.name.is_empty() && !credential_names.insert(raw.name.clone()) {
+                problems.push(Problem {
+                    path: format!("credentials[{index}].name"),
+                    message: format!("another credential is named {:?}", raw.name),
+                });
+            }
+            if let Some(spec) = CredentialSpec::validate(index, raw, &mut problems) {
+                credentials.push(spec);
+            }
+        }
         if !problems.is_empty() {
             return Err(PolicyError::Invalid(problems));
         }
-        Ok(Policy { rules, admins })
+        Ok(Policy {
+            rules,
+            admins,
+            credentials,
+        })
     }
 
     /// Reads and validates the policy file at `path`.
@@ -592,6 +777,16 @@ impl Policy {
     /// The rule named `name`, if any (e.g. the one a [`Decision`] names).
     pub fn rule(&self, name: &str) -> Option<&Rule> {
         self.rules.iter().find(|r| r.name == name)
+    }
+
+    /// The managed credentials (`credentials:`), in file order.
+    pub fn credentials(&self) -> &[CredentialSpec] {
+        &self.credentials
+    }
+
+    /// The managed credential named `name`, if the policy declares one.
+    pub fn credential(&self, name: &str) -> Option<&CredentialSpec> {
+        self.credentials.iter().find(|c| c.name == name)
     }
 
     /// True if `identity` is listed in `admins` (exactly: admin rights are
@@ -1250,5 +1445,104 @@ rules:
                 .contains(r#"rules[0].scopes[1]: unknown scope "vso.kode""#),
             "{err}"
         );
+    }
+
+    /// A policy with `rules: []` and the credential entries `entries`
+    /// (YAML list items at two spaces).
+    fn with_credentials(entries: &str) -> String {
+        format!("rules: []\ncredentials:\n{entries}")
+    }
+
+    fn credential(name: &str, period: &str, overlap: &str) -> String {
+        format!(
+            "  - name: {name}\n    organization: fabrikam\n    scopes: [\"vso.packaging\"]\n    rotation_period: {period}\n    overlap: {overlap}\n    readers: [\"apikey:mirror\", \"k8s:system:serviceaccount:mirror:*\"]\n    reader_regexes: [\"^apikey:sync-[0-9]+$\"]\n"
+        )
+    }
+
+    fn problem_paths(yaml: &str) -> Vec<String> {
+        match Policy::from_yaml(yaml) {
+            Err(PolicyError::Invalid(problems)) => problems.into_iter().map(|p| p.path).collect(),
+            other => panic!("expected problems, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn credentials_load_with_rules_empty_and_readers_match_as_a_rules_identities() {
+        let p =
+            Policy::from_yaml(&with_credentials(&credential("mirror-feed", "7d", "1d"))).unwrap();
+        assert!(p.rules().is_empty());
+        let c = p.credential("mirror-feed").expect("declared");
+        assert_eq!(c.rotation_period(), Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(c.overlap(), Duration::from_secs(24 * 3600));
+        assert_eq!(c.organization().as_str(), "fabrikam");
+        assert!(c.is_reader(&id("apikey:mirror")));
+        assert!(c.is_reader(&id("k8s:system:serviceaccount:mirror:sync")));
+        assert!(c.is_reader(&id("apikey:sync-12")));
+        assert!(!c.is_reader(&id("apikey:sync-x")));
+        assert!(!c.is_reader(&id("apikey:other")));
+        // A glob never crosses kinds or namespaces.
+        assert!(!c.is_reader(&id("k8s:system:serviceaccount:other:sync")));
+        assert!(p.credential("other").is_none());
+        // Credentials grant no lease.
+        assert!(matches!(
+            code_for(&p, &id("apikey:mirror")),
+            Decision::Deny { .. }
+        ));
+    }
+
+    #[test]
+    fn an_overlap_not_shorter_than_the_period_is_refused_naming_overlap() {
+        for overlap in ["7d", "8d"] {
+            let yaml = with_credentials(&credential("mirror-feed", "7d", overlap));
+            assert_eq!(problem_paths(&yaml), ["credentials[0].overlap"]);
+        }
+        let yaml = with_credentials(&credential("mirror-feed", "20s", "8s"));
+        assert!(Policy::from_yaml(&yaml).is_ok());
+    }
+
+    #[test]
+    fn bad_and_duplicate_credential_names_are_refused() {
+        for bad in ["Mirror", "mirror_feed", "\"\"", "a.b"] {
+            let yaml = with_credentials(&credential(bad, "7d", "1d"));
+            assert_eq!(problem_paths(&yaml), ["credentials[0].name"], "{bad}");
+        }
+        let yaml = with_credentials(&format!(
+            "{}{}",
+            credential("mirror-feed", "7d", "1d"),
+            credential("mirror-feed", "2d", "1h")
+        ));
+        let problems = match Policy::from_yaml(&yaml) {
+            Err(PolicyError::Invalid(problems)) => problems,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].path, "credentials[1].name");
+        assert!(
+            problems[0].message.contains("another credential"),
+            "{}",
+            problems[0].message
+        );
+    }
+
+    #[test]
+    fn policy_check_names_credential_fields() {
+        let yaml = with_credentials(&credential("mirror-feed", "1d", "1d"));
+        let problems = check(&yaml);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].path, "credentials[0].overlap");
+        let yaml = with_credentials(&credential("Mirror", "7d", "1d"));
+        let problems = check(&yaml);
+        assert_eq!(problems[0].path, "credentials[0].name", "{problems:?}");
+        let yaml = with_credentials(&format!(
+            "{}{}",
+            credential("a", "7d", "1d"),
+            credential("a", "7d", "1d")
+        ));
+        let problems = check(&yaml);
+        assert_eq!(problems[0].path, "credentials[1].name", "{problems:?}");
+        assert!(check(&with_credentials(&credential("a", "20s", "8s"))).is_empty());
+        // A credential without readers is refused by the schema.
+        let yaml = "rules: []\ncredentials:\n  - name: a\n    organization: fabrikam\n    scopes: [\"vso.code\"]\n    rotation_period: 7d\n    overlap: 1d\n";
+        assert!(!check(yaml).is_empty());
     }
 }

@@ -17,6 +17,8 @@ use crate::api::{self, ApiError};
 use crate::audit::{AuditEvent, AuditLog, Outcome, RefusalCounter};
 use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError};
+use crate::credential_access::CredentialAccess;
+use crate::credentials::{CredentialDeps, CredentialMetrics, CredentialSettings, Credentials};
 use crate::leases::{LeaseDeps, LeaseSettings, Leases};
 use crate::policy::{PolicyError, PolicyHandle, DEFAULT_POLL_INTERVAL};
 use crate::settings::Settings;
@@ -33,6 +35,11 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 /// in-flight calls and background work used up [`SHUTDOWN_GRACE`]: one
 /// small transaction; still within Kubernetes' default 30 s grace period.
 pub const REFUSAL_FLUSH_GRACE: Duration = Duration::from_secs(5);
+
+/// How often the managed-credential engine runs: each replica reads the
+/// versions this often, so a version minted elsewhere reaches its watchers
+/// within about this long.
+pub const CREDENTIAL_TICK: Duration = Duration::from_secs(1);
 
 /// Meta key of the deployment id (second part of every display name).
 pub const DEPLOYMENT_ID_META: &str = "deployment_id";
@@ -132,6 +139,9 @@ pub struct Broker {
     /// Logs the `audit chain head` line every `audit.head_log_interval`
     /// while serving, and once more when everything else has stopped.
     audit: Arc<AuditLog>,
+    /// The managed-credential service (its engine runs with the lease
+    /// background work).
+    credentials: Credentials,
 }
 
 impl Broker {
@@ -249,9 +259,34 @@ impl Broker {
             );
         }
 
+        let upstream: Arc<dyn crate::upstream::PatClient> = Arc::new(upstream);
+        let replica_id = replica_id();
+        // Managed credentials (issue 17): the API layer reads through this
+        // handle; its engine runs beside the lease background work.
+        let credentials = Credentials::new(CredentialDeps::new(
+            store.clone(),
+            upstream.clone(),
+            keyring.clone(),
+            policy.clone(),
+            CredentialSettings {
+                display_name_prefix: config.leases.display_name_prefix.clone(),
+                deployment_id: deployment_id.clone(),
+                valid_to_skew: config.leases.valid_to_skew,
+                replica_id: replica_id.clone(),
+                mint_claim: config.leases.reconcile_after,
+                retire_after: config.policy.credentials_retire_after,
+                tick: CREDENTIAL_TICK,
+                sweep_interval: config.leases.sweep_interval,
+                revocation_retry: config.leases.revocation_retry.clone(),
+            },
+            CredentialMetrics::register(metrics.registry())
+                .expect("credential metric names are unique"),
+            audit.clone(),
+        ))
+        .with_background_store(stores.background.clone());
         let leases = Leases::new(LeaseDeps {
             store: store.clone(),
-            upstream: Arc::new(upstream),
+            upstream,
             keyring,
             policy: policy.clone(),
             fingerprinter: Arc::new(fingerprinter),
@@ -261,7 +296,7 @@ impl Broker {
                 deployment_id: deployment_id.clone(),
                 valid_to_skew: config.leases.valid_to_skew,
                 reaper_interval: config.leases.reaper_interval,
-                replica_id: replica_id(),
+                replica_id,
                 reconcile_after: config.leases.reconcile_after,
                 sweep_interval: config.leases.sweep_interval,
                 retention: config.leases.retention,
@@ -307,10 +342,32 @@ impl Broker {
         }
         // Detached: the watcher ends with the broker's shutdown signal.
         drop(policy.spawn_watcher(DEFAULT_POLL_INTERVAL, stopped(rx.clone())));
+        if matches!(
+            config.database.backend(),
+            Ok(crate::config::Backend::Postgres)
+        ) {
+            // Other replicas' new versions reach this one's watchers at
+            // once; a direct connection (`migrate_url` when set: past
+            // PgBouncer, whose transaction pooling drops a LISTEN).
+            let url = config
+                .database
+                .migrate_url
+                .clone()
+                .unwrap_or_else(|| config.database.url.clone());
+            let credentials = credentials.clone();
+            let stop = stopped(rx.clone());
+            tokio::spawn(async move { credentials.listen_postgres(url, stop).await });
+        }
         let background = {
             let leases = leases.clone();
+            let credentials = credentials.clone();
             let rx = rx.clone();
-            tokio::spawn(async move { leases.run_background(stopped(rx)).await })
+            tokio::spawn(async move {
+                tokio::join!(
+                    leases.run_background(stopped(rx.clone())),
+                    credentials.run_background(stopped(rx)),
+                );
+            })
         };
         {
             // Detached: ends with the broker's shutdown signal (the head at
@@ -356,9 +413,15 @@ impl Broker {
             }
             None => None,
         };
+        // The managed-credential service the API layer reads through
+        // (`CredentialService`, `AdminService`'s credential calls), with
+        // the reader and admin rules and their audit.
+        let credential_access =
+            CredentialAccess::new(credentials.clone(), policy.clone(), audit.clone());
         let server = tokio::spawn(api::serve(
             listener,
             leases,
+            credential_access,
             Arc::new(auth),
             tls,
             config.grpc.clone(),
@@ -382,7 +445,14 @@ impl Broker {
             refusals,
             refusal_flusher,
             audit,
+            credentials,
         })
+    }
+
+    /// The managed-credential service this broker runs (the handle the API
+    /// layer reads through).
+    pub fn credentials(&self) -> Credentials {
+        self.credentials.clone()
     }
 
     /// The address the gRPC server listens on.

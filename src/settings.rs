@@ -296,6 +296,12 @@ fn check_values(config: &Config, bad: &mut impl FnMut(&str, String)) {
     if config.leases.reaper_interval.is_zero() {
         bad("leases.reaper_interval", "must be greater than zero".into());
     }
+    if config.policy.credentials_retire_after < Duration::from_secs(1) {
+        bad(
+            "policy.credentials_retire_after",
+            "must be at least 1s".into(),
+        );
+    }
     // Entra ends a refresh token unused for 90 days: the keep-alive must
     // come well before that.
     let keepalive = config.upstream.keepalive_interval;
@@ -364,6 +370,12 @@ fn check_values(config: &Config, bad: &mut impl FnMut(&str, String)) {
             config.leases.reaper_interval,
             hour,
             "1h",
+        ),
+        (
+            "policy.credentials_retire_after",
+            config.policy.credentials_retire_after,
+            365 * 24 * hour,
+            "365d",
         ),
         (
             "leases.reconcile_after",

@@ -910,3 +910,50 @@ fn migrate_settings_default_to_migrating_over_database_url_and_name_themselves_i
         Ok(())
     });
 }
+
+#[test]
+fn credentials_retire_after_a_day_absent_unless_configured_and_bounds_are_named() {
+    Jail::expect_with(|jail| {
+        assert_eq!(
+            load(None)
+                .unwrap()
+                .policy
+                .credentials_retire_after
+                .as_secs(),
+            24 * 3600
+        );
+        jail.set_env("TOKEN_BROKER_POLICY__CREDENTIALS_RETIRE_AFTER", "2h");
+        assert_eq!(
+            load(None)
+                .unwrap()
+                .policy
+                .credentials_retire_after
+                .as_secs(),
+            7200
+        );
+        jail.clear_env();
+        jail.create_file(
+            "broker.toml",
+            "[policy]\ncredentials_retire_after = \"45m\"\n",
+        )?;
+        assert_eq!(
+            load(Some("broker.toml"))
+                .unwrap()
+                .policy
+                .credentials_retire_after
+                .as_secs(),
+            2700
+        );
+        fails_naming(
+            jail,
+            "[policy]\ncredentials_retire_after = \"0s\"",
+            "policy.credentials_retire_after",
+        );
+        fails_naming(
+            jail,
+            "[policy]\ncredentials_retire_after = \"400d\"",
+            "policy.credentials_retire_after",
+        );
+        Ok(())
+    });
+}

@@ -95,7 +95,12 @@ async fn run_lifecycle_over_grpc(backend: Backend) -> Vec<(&'static str, String)
     let url = emulator.url();
     let db = TestDb::new(backend).await;
     // `ci` is also an admin here, to look a PAT up (AdminService.LookupToken).
-    let policy = format!("admins: [\"apikey:ci\"]\n{POLICY_YAML}");
+    // `ci` also reads a managed credential (CredentialService).
+    let policy = format!(
+        "admins: [\"apikey:ci\"]\n{POLICY_YAML}\ncredentials:\n  - name: mirror-feed\n    \
+         organization: fabrikam\n    scopes: [\"vso.packaging\"]\n    rotation_period: 1h\n    \
+         overlap: 10m\n    readers: [\"apikey:ci\"]\n"
+    );
     let mut spec = BrokerSpec::new(db.url.clone(), url.clone()).with_policy(&policy);
     spec.reaper_interval = Duration::from_millis(200);
     let broker = spawn_broker(&spec).await;
@@ -162,6 +167,7 @@ async fn run_lifecycle_over_grpc(backend: Backend) -> Vec<(&'static str, String)
         .await
         .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
+    let managed = managed_credential_reads(&broker, &api_key).await;
     let revoked = ci
         .revoke_lease(RevokeLeaseRequest {
             name: lease.name.clone(),
@@ -213,7 +219,7 @@ async fn run_lifecycle_over_grpc(backend: Backend) -> Vec<(&'static str, String)
         .expect("sealed under the test key");
 
     let mut secrets = Vec::new();
-    for t in [&lease.token, &short.token] {
+    for t in [&lease.token, &short.token].into_iter().chain(&managed) {
         secrets.push(("PAT", t.clone()));
         secrets.push(("PAT in Basic-auth form", STANDARD.encode(format!(":{t}"))));
     }
@@ -231,4 +237,78 @@ async fn run_lifecycle_over_grpc(backend: Backend) -> Vec<(&'static str, String)
         spec.fingerprint_key.expose_secret().to_owned(),
     ));
     secrets
+}
+
+/// A managed credential read through CredentialService (get, watch) and
+/// rotated NOW through AdminService, its versions listed; returns the
+/// tokens handed out.
+async fn managed_credential_reads(
+    broker: &common::broker::TestBroker,
+    key: &SecretString,
+) -> Vec<String> {
+    use token_broker::proto::v1::credential_service_client::CredentialServiceClient;
+    use token_broker::proto::v1::{
+        GetCredentialRequest, ListCredentialsRequest, RotateCredentialRequest,
+        WatchCredentialRequest,
+    };
+    fn with_key<T>(msg: T, key: &SecretString) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", key.expose_secret()).parse().unwrap(),
+        );
+        req
+    }
+    let mut reader = CredentialServiceClient::new(broker.channel().await);
+    let mut admin = AdminServiceClient::new(broker.channel().await);
+    eventually("the first version is minted", || {
+        let mut reader = reader.clone();
+        let req = with_key(
+            GetCredentialRequest {
+                name: "credentials/mirror-feed".into(),
+            },
+            key,
+        );
+        async move { reader.get_credential(req).await.is_ok() }
+    })
+    .await;
+    let first = reader
+        .get_credential(with_key(
+            GetCredentialRequest {
+                name: "credentials/mirror-feed".into(),
+            },
+            key,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stream = reader
+        .watch_credential(with_key(
+            WatchCredentialRequest {
+                name: "credentials/mirror-feed".into(),
+                after_version: 0,
+            },
+            key,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stream.message().await.unwrap().unwrap().version, 1);
+    admin
+        .rotate_credential(with_key(
+            RotateCredentialRequest {
+                name: "credentials/mirror-feed".into(),
+                revoke_previous: 2,
+            },
+            key,
+        ))
+        .await
+        .unwrap();
+    let second = stream.message().await.unwrap().unwrap();
+    assert_eq!(second.version, 2);
+    admin
+        .list_credentials(with_key(ListCredentialsRequest::default(), key))
+        .await
+        .unwrap();
+    vec![first.token, second.token]
 }

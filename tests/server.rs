@@ -111,15 +111,27 @@ async fn stock_tools_see_a_serving_broker(store_url: String) {
     let channel = broker.channel().await;
 
     assert_eq!(health(channel.clone(), "").await, ServingStatus::Serving);
-    assert_eq!(
-        health(channel.clone(), "tokenbroker.v1.LeaseService").await,
-        ServingStatus::Serving
-    );
+    for service in [
+        "tokenbroker.v1.LeaseService",
+        "tokenbroker.v1.CredentialService",
+        "tokenbroker.v1.AdminService",
+    ] {
+        assert_eq!(
+            health(channel.clone(), service).await,
+            ServingStatus::Serving,
+            "{service}"
+        );
+    }
     for services in [
         services_v1(channel.clone()).await,
         services_v1alpha(channel.clone()).await,
     ] {
-        for wanted in ["tokenbroker.v1.LeaseService", "grpc.health.v1.Health"] {
+        for wanted in [
+            "tokenbroker.v1.LeaseService",
+            "tokenbroker.v1.CredentialService",
+            "tokenbroker.v1.AdminService",
+            "grpc.health.v1.Health",
+        ] {
             assert!(
                 services.iter().any(|s| s == wanted),
                 "{wanted} missing from {services:?}"

@@ -12,8 +12,9 @@ use chrono::{TimeZone, Utc};
 use token_broker::audit::{AuditEvent, Outcome};
 use token_broker::crypto::Sealed;
 use token_broker::domain::{
-    AuthorizationId, Identity, LeaseId, LeaseState, Organization, ScopeSet, Timestamp,
+    AuthorizationId, Identity, LeaseId, LeaseState, Organization, ScopeSet, Timestamp, VersionState,
 };
+use token_broker::store::CredentialVersionRecord;
 use token_broker::store::{
     AuditAppend, AuditFilter, CreateOutcome, CredentialSource, CredentialState, CredentialWrite,
     IdempotencyRecord, KeyCheck, LeaseFilter, LeaseRecord, LeaseWrite, NewUpstreamCredential,
@@ -86,6 +87,12 @@ conformance!(
     a_lease_is_found_by_the_token_fingerprint_of_its_grant_under_its_key_id,
     a_lease_keeps_its_sealed_token_only_while_active,
     retention_deletes_only_closed_leases_past_both_bounds_with_their_keys,
+    twenty_concurrent_minters_of_one_credential_version_insert_it_once,
+    activating_a_version_makes_the_current_one_previous_in_one_write,
+    credential_version_updates_compare_state_and_claimer,
+    a_credential_version_is_claimed_only_without_a_live_claim,
+    managed_credentials_record_absence_retirement_and_return,
+    credential_version_tokens_are_sealed_secrets_kept_only_while_valid,
 );
 
 // ---- fixtures ----------------------------------------------------------
@@ -2468,6 +2475,7 @@ async fn sealed_secrets_are_found_counted_paged_and_replaced_by_compare_and_set(
         .map(|s| match s.owner {
             SecretOwner::Lease(id) => id,
             SecretOwner::UpstreamCredential => panic!("the credential twice"),
+            SecretOwner::CredentialVersion { .. } => panic!("no credential versions here"),
         })
         .collect();
     assert_eq!(seen.len(), 4, "{seen:?}");
@@ -2607,4 +2615,335 @@ async fn a_lease_is_found_by_the_token_fingerprint_of_its_grant_under_its_key_id
         find(&[("default", fp("c")), ("f2", fp("b"))]).await,
         Some(new)
     );
+}
+
+// ---- managed credentials ------------------------------------------------
+
+/// A PENDING version `version` of credential `name`, claimed by `claimer`
+/// until t0 + 60 s.
+fn intent(name: &str, version: i64, claimer: &str) -> CredentialVersionRecord {
+    CredentialVersionRecord {
+        credential: name.into(),
+        version,
+        state: VersionState::Pending,
+        organization: Organization::parse("fabrikam").unwrap(),
+        scopes: ScopeSet::parse(["vso.packaging"]).unwrap(),
+        display_name: format!("tb:dep:credential:{name}:{version}"),
+        authorization_id: None,
+        sealed_token: None,
+        create_time: t0(),
+        update_time: t0(),
+        valid_from: t0(),
+        rotate_time: t0() + secs(20),
+        expire_time: t0() + secs(28),
+        revoke_at: Some(t0() + secs(28)),
+        revoke_time: None,
+        attempts: 0,
+        next_attempt_time: None,
+        last_error: None,
+        claimed_by: Some(claimer.into()),
+        claimed_until: Some(t0() + secs(60)),
+    }
+}
+
+/// `pending` made CURRENT with a token sealed as `byte`.
+fn activated(pending: &CredentialVersionRecord, byte: u8) -> CredentialVersionRecord {
+    CredentialVersionRecord {
+        state: VersionState::Current,
+        authorization_id: Some(AuthorizationId::from_uuid(Uuid::new_v4())),
+        sealed_token: Some(sealed(byte)),
+        update_time: pending.create_time + secs(1),
+        claimed_by: None,
+        claimed_until: None,
+        ..pending.clone()
+    }
+}
+
+async fn twenty_concurrent_minters_of_one_credential_version_insert_it_once(store: Arc<dyn Store>) {
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .insert_credential_version(&intent("feed", 1, &format!("replica-{i}")))
+                .await
+                .unwrap()
+        }));
+    }
+    let mut won = 0;
+    for t in tasks {
+        won += usize::from(t.await.unwrap());
+    }
+    assert_eq!(won, 1);
+    let rows = store.list_credential_versions(Some("feed")).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].state, VersionState::Pending);
+}
+
+async fn activating_a_version_makes_the_current_one_previous_in_one_write(store: Arc<dyn Store>) {
+    let one = intent("feed", 1, "a");
+    assert!(store.insert_credential_version(&one).await.unwrap());
+    let one_current = activated(&one, 1);
+    assert!(store
+        .activate_credential_version(&one_current, "a", t0(), false)
+        .await
+        .unwrap());
+    let two = intent("feed", 2, "b");
+    assert!(store.insert_credential_version(&two).await.unwrap());
+    // Only its minter can activate it.
+    let two_current = activated(&two, 2);
+    assert!(!store
+        .activate_credential_version(&two_current, "a", t0() + secs(30), false)
+        .await
+        .unwrap());
+    assert!(store
+        .activate_credential_version(&two_current, "b", t0() + secs(30), false)
+        .await
+        .unwrap());
+    // Not twice.
+    assert!(!store
+        .activate_credential_version(&two_current, "b", t0() + secs(30), false)
+        .await
+        .unwrap());
+    // Another credential is untouched.
+    let other = intent("other", 1, "a");
+    store.insert_credential_version(&other).await.unwrap();
+    let rows = store.list_credential_versions(None).await.unwrap();
+    let names: Vec<(&str, i64)> = rows
+        .iter()
+        .map(|r| (r.credential.as_str(), r.version))
+        .collect();
+    assert_eq!(names, [("feed", 2), ("feed", 1), ("other", 1)]);
+    assert_eq!(rows[0], two_current);
+    assert_eq!(rows[1].state, VersionState::Previous);
+    assert_eq!(rows[1].revoke_at, Some(t0() + secs(30)));
+    assert_eq!(
+        rows[1].sealed_token,
+        Some(sealed(1)),
+        "PREVIOUS keeps its token"
+    );
+    assert_eq!(rows[2].state, VersionState::Pending);
+    // NOW: every older PREVIOUS is due at once too.
+    let three = intent("feed", 3, "c");
+    store.insert_credential_version(&three).await.unwrap();
+    assert!(store
+        .activate_credential_version(&activated(&three, 3), "c", t0() + secs(5), true)
+        .await
+        .unwrap());
+    let rows = store.list_credential_versions(Some("feed")).await.unwrap();
+    let revoke_at: Vec<Option<Timestamp>> = rows.iter().map(|r| r.revoke_at).collect();
+    assert_eq!(
+        revoke_at,
+        [
+            Some(t0() + secs(28)),
+            Some(t0() + secs(5)),
+            Some(t0() + secs(5))
+        ]
+    );
+}
+
+async fn credential_version_updates_compare_state_and_claimer(store: Arc<dyn Store>) {
+    let one = intent("feed", 1, "a");
+    store.insert_credential_version(&one).await.unwrap();
+    let failed = CredentialVersionRecord {
+        state: VersionState::Failed,
+        last_error: Some("refused".into()),
+        claimed_by: None,
+        claimed_until: None,
+        ..one.clone()
+    };
+    assert!(!store
+        .update_credential_version(&failed, VersionState::Current, None)
+        .await
+        .unwrap());
+    assert!(!store
+        .update_credential_version(&failed, VersionState::Pending, Some("b"))
+        .await
+        .unwrap());
+    assert!(store
+        .update_credential_version(&failed, VersionState::Pending, Some("a"))
+        .await
+        .unwrap());
+    let rows = store.list_credential_versions(Some("feed")).await.unwrap();
+    assert_eq!(rows, [failed]);
+}
+
+async fn a_credential_version_is_claimed_only_without_a_live_claim(store: Arc<dyn Store>) {
+    let one = intent("feed", 1, "minter");
+    store.insert_credential_version(&one).await.unwrap();
+    let claim = Duration::from_secs(30);
+    // The minter's claim is live until t0 + 60 s.
+    assert!(store
+        .claim_credential_version(
+            "feed",
+            1,
+            VersionState::Pending,
+            "r",
+            t0() + secs(59),
+            claim
+        )
+        .await
+        .unwrap()
+        .is_none());
+    assert!(store
+        .claim_credential_version(
+            "feed",
+            1,
+            VersionState::Current,
+            "r",
+            t0() + secs(61),
+            claim
+        )
+        .await
+        .unwrap()
+        .is_none());
+    let claimed = store
+        .claim_credential_version(
+            "feed",
+            1,
+            VersionState::Pending,
+            "r",
+            t0() + secs(61),
+            claim,
+        )
+        .await
+        .unwrap()
+        .expect("a lapsed claim is taken over");
+    assert_eq!(claimed.claimed_by.as_deref(), Some("r"));
+    assert_eq!(claimed.claimed_until, Some(t0() + secs(91)));
+    assert!(store
+        .claim_credential_version(
+            "feed",
+            1,
+            VersionState::Pending,
+            "s",
+            t0() + secs(62),
+            claim
+        )
+        .await
+        .unwrap()
+        .is_none());
+    assert!(store
+        .claim_credential_version(
+            "feed",
+            2,
+            VersionState::Pending,
+            "s",
+            t0() + secs(62),
+            claim
+        )
+        .await
+        .unwrap()
+        .is_none());
+}
+
+async fn managed_credentials_record_absence_retirement_and_return(store: Arc<dyn Store>) {
+    let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let rows = store
+        .sync_managed_credentials(&names(&["a", "b"]), t0())
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    assert!(rows
+        .iter()
+        .all(|r| r.absent_since.is_none() && r.first_seen == t0()));
+    // b leaves the policy; its clock starts once and keeps its start.
+    store
+        .sync_managed_credentials(&names(&["a"]), t0() + secs(10))
+        .await
+        .unwrap();
+    let rows = store
+        .sync_managed_credentials(&names(&["a"]), t0() + secs(20))
+        .await
+        .unwrap();
+    assert_eq!(rows[1].name, "b");
+    assert_eq!(rows[1].absent_since, Some(t0() + secs(10)));
+    assert!(!store
+        .retire_managed_credential("b", t0() + secs(9), t0() + secs(20))
+        .await
+        .unwrap());
+    assert!(!store
+        .retire_managed_credential("a", t0() + secs(20), t0() + secs(20))
+        .await
+        .unwrap());
+    assert!(store
+        .retire_managed_credential("b", t0() + secs(10), t0() + secs(20))
+        .await
+        .unwrap());
+    assert!(!store
+        .retire_managed_credential("b", t0() + secs(10), t0() + secs(21))
+        .await
+        .unwrap());
+    // An empty policy: every credential absent.
+    let rows = store
+        .sync_managed_credentials(&[], t0() + secs(30))
+        .await
+        .unwrap();
+    assert_eq!(rows[0].absent_since, Some(t0() + secs(30)));
+    assert_eq!(rows[1].retired_time, Some(t0() + secs(20)));
+    // Put back: managed again.
+    let rows = store
+        .sync_managed_credentials(&names(&["a", "b"]), t0() + secs(40))
+        .await
+        .unwrap();
+    assert!(rows
+        .iter()
+        .all(|r| r.absent_since.is_none() && r.retired_time.is_none()));
+}
+
+async fn credential_version_tokens_are_sealed_secrets_kept_only_while_valid(store: Arc<dyn Store>) {
+    let one = intent("feed", 1, "a");
+    store.insert_credential_version(&one).await.unwrap();
+    let current = CredentialVersionRecord {
+        sealed_token: Some(sealed_under("k1", 1)),
+        ..activated(&one, 1)
+    };
+    store
+        .activate_credential_version(&current, "a", t0(), false)
+        .await
+        .unwrap();
+    let ids = store.sealed_key_ids().await.unwrap();
+    assert!(ids.contains("k1"), "{ids:?}");
+    let counts = store.count_sealed_by_key(&["k1".into()]).await.unwrap();
+    assert_eq!(counts["k1"], 1);
+    let page = store.list_secrets_not_under("k2", None, 10).await.unwrap();
+    let owner = SecretOwner::CredentialVersion {
+        credential: "feed".into(),
+        version: 1,
+    };
+    assert_eq!(page.len(), 1, "{page:?}");
+    assert_eq!(page[0].owner, owner);
+    assert!(store
+        .list_secrets_not_under("k2", Some(&owner), 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let replaced = store
+        .replace_secrets(&[SecretReplacement {
+            owner: owner.clone(),
+            old: sealed_under("k1", 1),
+            new: sealed_under("k2", 1),
+        }])
+        .await
+        .unwrap();
+    assert_eq!(replaced, 1);
+    assert!(store
+        .list_secrets_not_under("k2", None, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    // Revocation erases the token whatever the record holds.
+    let rows = store.list_credential_versions(Some("feed")).await.unwrap();
+    let revoking = CredentialVersionRecord {
+        state: VersionState::Revoking,
+        ..rows[0].clone()
+    };
+    assert!(revoking.sealed_token.is_some());
+    assert!(store
+        .update_credential_version(&revoking, VersionState::Current, None)
+        .await
+        .unwrap());
+    let rows = store.list_credential_versions(Some("feed")).await.unwrap();
+    assert_eq!(rows[0].sealed_token, None);
+    assert!(store.sealed_key_ids().await.unwrap().is_empty());
 }

@@ -10,11 +10,15 @@ use secrecy::zeroize::Zeroizing;
 use secrecy::SecretString;
 use tonic::{Request, Response};
 
+use tracing::Instrument as _;
+
 use super::convert;
+use super::credentials;
 use super::filter::{self, Field, Op};
-use super::service::{caller_and_message, run_to_completion, Reply};
-use super::status::InvalidField;
+use super::service::{caller_and_message, run_to_completion, Reply, TaskFailed};
+use super::status::{to_status, InvalidField};
 use crate::audit::{AuditEvent, Outcome};
+use crate::credential_access::CredentialAccess;
 use crate::domain::{Identity, LeaseId, Scope};
 use crate::leases::{AuditQuery, LeaseSelector, Leases, ListQuery, MAX_FORCE_REASON_CHARS};
 use crate::proto::v1 as pb;
@@ -26,12 +30,16 @@ pub const ADMIN_SERVICE_NAME: &str = "tokenbroker.v1.AdminService";
 /// The tonic implementation of `AdminService`.
 pub struct AdminApi {
     leases: Arc<Leases>,
+    credentials: CredentialAccess,
 }
 
 impl AdminApi {
-    /// Serves the admin operations of `leases`.
-    pub fn new(leases: Arc<Leases>) -> Self {
-        AdminApi { leases }
+    /// Serves the admin operations of `leases` and of `credentials`.
+    pub fn new(leases: Arc<Leases>, credentials: CredentialAccess) -> Self {
+        AdminApi {
+            leases,
+            credentials,
+        }
     }
 }
 
@@ -87,6 +95,39 @@ impl AdminService for AdminApi {
         let token = lookup_token(req)?;
         let lease = self.leases.admin_lookup_token(&caller, &token).await?;
         Ok(Response::new(convert::admin_lease(&lease)))
+    }
+
+    async fn rotate_credential(
+        &self,
+        request: Request<pb::RotateCredentialRequest>,
+    ) -> Reply<pb::CredentialVersion> {
+        let (caller, req) = caller_and_message(request)?;
+        let (name, revoke_previous) = credentials::rotate_request(req)?;
+        // A rotation mints upstream: it finishes even if the caller goes
+        // away, on a task of its own (as run_to_completion does for leases).
+        let access = self.credentials.clone();
+        let rotated = tokio::spawn(
+            async move { access.rotate(&caller, &name, revoke_previous).await }.in_current_span(),
+        )
+        .await
+        .map_err(|join| to_status(&TaskFailed(join.to_string())))??;
+        Ok(Response::new(credentials::version(&rotated, None)))
+    }
+
+    async fn list_credentials(
+        &self,
+        request: Request<pb::ListCredentialsRequest>,
+    ) -> Reply<pb::ListCredentialsResponse> {
+        let (caller, req) = caller_and_message(request)?;
+        // Checked before the admin check and the listing: a bad page size
+        // or token is the caller's mistake whoever they are.
+        credentials::list_page(Vec::new(), req.page_size, &req.page_token)?;
+        let versions = self.credentials.list(&caller).await?;
+        Ok(Response::new(credentials::list_page(
+            versions,
+            req.page_size,
+            &req.page_token,
+        )?))
     }
 
     async fn list_audit_events(

@@ -133,13 +133,19 @@ requests!(
     ListAuditEventsRequest,
     ForceRevokeLeaseRequest,
     LookupTokenRequest,
+    GetCredentialRequest,
+    WatchCredentialRequest,
+    RotateCredentialRequest,
+    ListCredentialsRequest,
 );
 
 responses!(
     Lease,
     ListLeasesResponse,
     RevokeLeasesResponse,
-    ListAuditEventsResponse
+    ListAuditEventsResponse,
+    CredentialVersion,
+    ListCredentialsResponse,
 );
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
-//! The gRPC edge: `tokenbroker.v1.LeaseService` and
-//! `tokenbroker.v1.AdminService` behind authentication ([`Authenticated`]),
+//! The gRPC edge: `tokenbroker.v1.LeaseService`,
+//! `tokenbroker.v1.CredentialService` and `tokenbroker.v1.AdminService`
+//! behind authentication ([`Authenticated`]),
 //! plus `grpc.health.v1.Health` and server reflection (v1 and v1alpha)
 //! served without authentication so stock tools work (grpcurl,
 //! grpc_health_probe, grpcio's v1alpha-only client); all of it optionally
@@ -31,15 +32,18 @@ use tower::Service;
 use crate::auth::tls::{ClientAuth, TlsMaterial};
 use crate::auth::{Authenticator, Caller, Credentials};
 use crate::config::GrpcConfig;
+use crate::credential_access::CredentialAccess;
 use crate::error::{ErrorCode, ServiceError as _};
 use crate::leases::Leases;
 use crate::proto::v1::admin_service_server::AdminServiceServer;
+use crate::proto::v1::credential_service_server::CredentialServiceServer;
 use crate::proto::v1::lease_service_server::LeaseServiceServer;
 use crate::store::Store;
 
 pub mod admin;
 pub mod codec;
 pub mod convert;
+pub mod credentials;
 pub mod filter;
 pub mod observe;
 pub mod rpc_span;
@@ -48,6 +52,7 @@ pub mod status;
 pub mod transport;
 
 pub use admin::{AdminApi, ADMIN_SERVICE_NAME};
+pub use credentials::{CredentialApi, CREDENTIAL_SERVICE_NAME};
 pub use service::LeaseApi;
 
 /// Full name of the lease service, as health checks and reflection list it.
@@ -99,18 +104,9 @@ impl Presented {
 /// decides). Refusals carry the error's stable reason, never the credential.
 async fn authenticate_presented(
     auth: &Authenticator,
-    presented: Presented,
+    presented: &Presented,
 ) -> Result<Caller, Status> {
-    let credentials = Credentials {
-        authorization: presented.authorization.as_ref().map(|v| v.as_bytes()),
-        verified_client_certificate: presented
-            .certificates
-            .as_ref()
-            .and_then(|c| c.first())
-            .map(|c| c.as_ref()),
-        peer: presented.peer,
-    };
-    auth.authenticate(credentials).await.map_err(|e| {
+    authenticate_again(auth, presented).await.map_err(|e| {
         // DEBUG, not INFO: a flood of refusals must not become a flood of
         // log lines; they are counted and audited aggregated.
         if e.code() == ErrorCode::Unauthenticated {
@@ -124,6 +120,55 @@ async fn authenticate_presented(
         }
         status::to_status(&e)
     })
+}
+
+/// [`Authenticator::authenticate`] of what `presented` holds.
+async fn authenticate_again(
+    auth: &Authenticator,
+    presented: &Presented,
+) -> Result<Caller, crate::auth::AuthError> {
+    let credentials = Credentials {
+        authorization: presented.authorization.as_ref().map(|v| v.as_bytes()),
+        verified_client_certificate: presented
+            .certificates
+            .as_ref()
+            .and_then(|c| c.first())
+            .map(|c| c.as_ref()),
+        peer: presented.peer,
+    };
+    auth.authenticate(credentials).await
+}
+
+/// What an authenticated call presented, kept so that a long call (a
+/// server stream) can prove its caller again later, by the same rules as
+/// at its start ([`Reauthenticate::caller`]): a service-account token
+/// that has expired since, or an API key removed from the keys file, is
+/// then refused. [`Authenticated`] leaves one in every call's extensions.
+/// Holds the call's bearer credential in memory for the call's life; it is
+/// never logged (`Debug` shows none of it).
+#[derive(Clone)]
+pub struct Reauthenticate {
+    auth: Arc<Authenticator>,
+    presented: Arc<Presented>,
+}
+
+impl std::fmt::Debug for Reauthenticate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reauthenticate")
+            .field("peer", &self.presented.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Reauthenticate {
+    /// The caller the call's credentials prove now.
+    ///
+    /// Errors: as [`Authenticator::authenticate`] (e.g. `TOKEN_EXPIRED`
+    /// for a service-account token past its `exp` and the leeway); a
+    /// refusal is counted with the other refused authentications.
+    pub async fn caller(&self) -> Result<Caller, crate::auth::AuthError> {
+        authenticate_again(&self.auth, &self.presented).await
+    }
 }
 
 /// A gRPC service behind authentication: each call is authenticated
@@ -168,9 +213,9 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let auth = self.auth.clone();
-        let presented = Presented::of(&request);
+        let presented = Arc::new(Presented::of(&request));
         Box::pin(async move {
-            match authenticate_presented(&auth, presented).await {
+            match authenticate_presented(&auth, &presented).await {
                 Ok(caller) => {
                     rpc_span::record_caller(&caller.identity);
                     // For the access log (observe::Observed).
@@ -178,6 +223,9 @@ where
                         slot.fill(&caller);
                     }
                     request.extensions_mut().insert(caller);
+                    request
+                        .extensions_mut()
+                        .insert(Reauthenticate { auth, presented });
                     inner.call(request).await
                 }
                 Err(status) => Ok(status.into_http()),
@@ -242,15 +290,35 @@ pub fn server_tls(material: &TlsMaterial) -> Result<Arc<rustls::ServerConfig>, A
 }
 
 /// `AdminService` behind the same authentication (admin rights are
-/// checked by the lease rules, per call); request messages larger than
-/// `max_request_size` bytes are refused OUT_OF_RANGE (tonic's answer).
+/// checked by the lease and credential rules, per call); request messages
+/// larger than `max_request_size` bytes are refused OUT_OF_RANGE (tonic's
+/// answer).
 pub fn admin_service(
     leases: Arc<Leases>,
+    credentials: CredentialAccess,
     auth: Arc<Authenticator>,
     max_request_size: usize,
 ) -> Authenticated<AdminServiceServer<AdminApi>> {
     Authenticated::new(
-        AdminServiceServer::new(AdminApi::new(leases)).max_decoding_message_size(max_request_size),
+        AdminServiceServer::new(AdminApi::new(leases, credentials))
+            .max_decoding_message_size(max_request_size),
+        auth,
+    )
+}
+
+/// `CredentialService` behind the same authentication (readers are
+/// checked by the credential rules, per call and per version streamed);
+/// request messages larger than `max_request_size` bytes are refused
+/// OUT_OF_RANGE (tonic's answer).
+pub fn credential_service(
+    credentials: CredentialAccess,
+    auth: Arc<Authenticator>,
+    max_request_size: usize,
+    stopping: tokio::sync::watch::Receiver<bool>,
+) -> Authenticated<CredentialServiceServer<CredentialApi>> {
+    Authenticated::new(
+        CredentialServiceServer::new(CredentialApi::new(credentials, stopping))
+            .max_decoding_message_size(max_request_size),
         auth,
     )
 }
@@ -265,7 +333,7 @@ pub fn admin_service(
 /// Every call is counted in `rpc_metrics` and access-logged
 /// ([`observe`]).
 ///
-/// Health (for `""` and `tokenbroker.v1.LeaseService`) is SERVING when the
+/// Health (for `""` and each tokenbroker service) is SERVING when the
 /// store answers a ping, checked once before the first call is accepted and
 /// then every 5 s; NOT_SERVING while the store is down.
 // Each argument is a separate part the composition root builds.
@@ -273,6 +341,7 @@ pub fn admin_service(
 pub async fn serve(
     listener: TcpListener,
     leases: Arc<Leases>,
+    credentials: CredentialAccess,
     auth: Arc<Authenticator>,
     tls: Option<TlsMaterial>,
     grpc: GrpcConfig,
@@ -281,6 +350,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ApiError> {
     let tls = tls.as_ref().map(server_tls).transpose()?;
+    // Watch streams never end by themselves: at shutdown they are told to
+    // (UNAVAILABLE), so the transport's wait for open calls is short.
+    let (stop_streams, stopping) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_streams.send(true);
+    };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
@@ -294,7 +370,18 @@ pub async fn serve(
     let routes = tonic::service::Routes::new(health.max_decoding_message_size(limit))
         .add_service(reflection_v1.max_decoding_message_size(limit))
         .add_service(reflection_v1alpha.max_decoding_message_size(limit))
-        .add_service(admin_service(leases.clone(), auth.clone(), limit))
+        .add_service(admin_service(
+            leases.clone(),
+            credentials.clone(),
+            auth.clone(),
+            limit,
+        ))
+        .add_service(credential_service(
+            credentials,
+            auth.clone(),
+            limit,
+            stopping,
+        ))
         .add_service(lease_service(leases, auth, limit))
         .prepare();
     transport::serve(
@@ -342,6 +429,9 @@ async fn set_health(reporter: &tonic_health::server::HealthReporter, status: Ser
         .await;
     reporter
         .set_service_status(ADMIN_SERVICE_NAME, status)
+        .await;
+    reporter
+        .set_service_status(CREDENTIAL_SERVICE_NAME, status)
         .await;
 }
 

@@ -409,6 +409,20 @@ mod tests {
             ["unary", "tokenbroker.v1.LeaseService", "CreateLease"]
         );
         assert_eq!(
+            m.labels("/tokenbroker.v1.CredentialService/WatchCredential")
+                .values(),
+            [
+                "server_stream",
+                "tokenbroker.v1.CredentialService",
+                "WatchCredential"
+            ]
+        );
+        assert_eq!(
+            m.labels("/tokenbroker.v1.AdminService/RotateCredential")
+                .values(),
+            ["unary", "tokenbroker.v1.AdminService", "RotateCredential"]
+        );
+        assert_eq!(
             m.labels("/grpc.health.v1.Health/Watch").values(),
             ["server_stream", "grpc.health.v1.Health", "Watch"]
         );

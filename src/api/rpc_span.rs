@@ -237,6 +237,10 @@ mod tests {
             Some(("tokenbroker.v1.LeaseService", "CreateLease"))
         );
         assert_eq!(
+            service_and_method("/tokenbroker.v1.CredentialService/WatchCredential"),
+            Some(("tokenbroker.v1.CredentialService", "WatchCredential"))
+        );
+        assert_eq!(
             service_and_method("/grpc.health.v1.Health/Check"),
             Some(("grpc.health.v1.Health", "Check"))
         );

@@ -33,7 +33,7 @@ impl LeaseApi {
 /// join). The lease it touched is left as the store last recorded it.
 #[derive(Debug, thiserror::Error)]
 #[error("lease operation task failed: {0}")]
-struct TaskFailed(String);
+pub(super) struct TaskFailed(pub(super) String);
 
 impl ServiceError for TaskFailed {
     fn code(&self) -> ErrorCode {

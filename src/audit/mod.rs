@@ -83,6 +83,31 @@ pub const UPSTREAM_ADOPT_CONFIGURED: &str = "upstream.adopt_configured";
 /// else the newest row; `ID:-` a row without a MAC, `-` no row at all).
 /// Chained onto what was found, so the gap itself is on the record.
 pub const AUDIT_TAMPER_DETECTED: &str = "audit.tamper_detected";
+/// `action` of a managed credential's version handed to a reader
+/// (CredentialService.GetCredential): `policy_rule` `credential:NAME` and
+/// `version=N` at the end of `caller_detail` (as [`CREDENTIAL_MINT`]), with
+/// the version's organization and scopes; never the token. A caller who is
+/// not a reader: `denied`, reason `CREDENTIAL_READER_REQUIRED`.
+pub const CREDENTIAL_GET: &str = "credential.get";
+/// `action` of a version sent on a CredentialService.WatchCredential
+/// stream, one row per version sent, as [`CREDENTIAL_GET`]; a stream ended
+/// because its caller is no longer a reader: `denied`, as there.
+pub const CREDENTIAL_WATCH: &str = "credential.watch";
+/// `action` of an admin's AdminService.RotateCredential: as
+/// [`CREDENTIAL_GET`] for the new version, `reason`
+/// `revoke_previous=AFTER_OVERLAP|NOW`; on failure (outcome `error`) the
+/// error's reason and the mode; a caller who is not an admin: `denied`,
+/// `ADMIN_REQUIRED`.
+pub const CREDENTIAL_ROTATE: &str = "credential.rotate";
+/// `action` of an admin's AdminService.ListCredentials.
+pub const ADMIN_LIST_CREDENTIALS: &str = "admin.list_credentials";
+/// `action` of a managed credential version minted by the broker:
+/// `policy_rule` `credential:NAME`, `caller_detail` `version=N`; never a
+/// token.
+pub const CREDENTIAL_MINT: &str = "credential.mint";
+/// `action` of a managed credential version revoked upstream (overlap
+/// over, rotated with `NOW`, or retired): as [`CREDENTIAL_MINT`].
+pub const CREDENTIAL_REVOKE: &str = "credential.revoke";
 /// Identity of the broker's own actions (the reaper, the sweep, adopting
 /// configuration).
 pub const SYSTEM_IDENTITY: &str = "system:token-broker";

@@ -1,6 +1,7 @@
 //! `token-broker admin ...`: a gRPC client of `AdminService` (bulk revoke,
 //! leases across holders, revocations the broker gave up on and forcing
-//! them closed, the lease a PAT belongs to). Same `--addr`, `--api-key`,
+//! them closed, the lease a PAT belongs to; managed credentials: rotate
+//! one now, list their versions). Same `--addr`, `--api-key`,
 //! `--output` as `lease`; the API key must belong to an identity the
 //! policy names as an admin. A PAT to look up is read from stdin or a
 //! file, never from an argument (which `ps` and shell history would show).
@@ -15,6 +16,7 @@ use secrecy::{ExposeSecret as _, SecretString};
 use serde_json::{json, Map, Value};
 use tonic::transport::Channel;
 
+use super::credential::{credential_name, version_json, version_text};
 use super::grpc::{
     answer, channel, lease_json, lease_name, lease_text, list_json, page_text, request, rfc3339,
     table, ClientArgs, ClientError, Column, Paging, NAME_COLUMN, ORGANIZATION_COLUMN,
@@ -84,6 +86,30 @@ pub enum AdminCommand {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Mint the next version of a managed credential now and print it (not
+    /// its token); watchers get it at once. `--revoke-previous now` (a
+    /// leaked token) revokes the older versions upstream at once; the
+    /// default `after-overlap` keeps the previous one valid for the
+    /// credential's overlap. Audited as `credential.rotate`.
+    RotateCredential {
+        /// The credential: `NAME` or `credentials/NAME`.
+        name: String,
+        /// What happens to the versions the new one supersedes.
+        #[arg(long, value_enum, default_value_t = RevokePrevious::AfterOverlap)]
+        revoke_previous: RevokePrevious,
+    },
+    /// List every managed credential's versions (all pages) with their
+    /// states and times; never a token.
+    ListCredentials,
+}
+
+/// `--revoke-previous` of `admin rotate-credential`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RevokePrevious {
+    /// The previous version stays valid for the overlap (routine).
+    AfterOverlap,
+    /// Every older version is revoked upstream now (a leak).
+    Now,
 }
 
 /// A connected `AdminService` client, as `args` say (see
@@ -179,6 +205,39 @@ pub async fn run(args: &ClientArgs, command: AdminCommand) -> Result<String, Cli
                 }
             }
             Ok(output.show(&all, list_json, |all| failed_text(&all.leases)))
+        }
+        AdminCommand::RotateCredential {
+            name,
+            revoke_previous,
+        } => {
+            use pb::rotate_credential_request::RevokePrevious as P;
+            let mut client = connect(args).await?;
+            let req = pb::RotateCredentialRequest {
+                name: credential_name(&name),
+                revoke_previous: match revoke_previous {
+                    RevokePrevious::AfterOverlap => P::AfterOverlap,
+                    RevokePrevious::Now => P::Now,
+                } as i32,
+            };
+            let version = answer(client.rotate_credential(request(req, args)?).await)?;
+            Ok(output.show(&version, version_json, version_text))
+        }
+        AdminCommand::ListCredentials => {
+            let mut client = connect(args).await?;
+            let mut all = pb::ListCredentialsResponse::default();
+            loop {
+                let req = pb::ListCredentialsRequest {
+                    page_size: crate::api::convert::MAX_PAGE_SIZE as i32,
+                    page_token: all.next_page_token,
+                };
+                let page = answer(client.list_credentials(request(req, args)?).await)?;
+                all.versions.extend(page.versions);
+                all.next_page_token = page.next_page_token;
+                if all.next_page_token.is_empty() {
+                    break;
+                }
+            }
+            Ok(output.show(&all, credentials_json, credentials_text))
         }
         AdminCommand::ForceRevoke { name, reason } => {
             let mut client = connect(args).await?;
@@ -358,6 +417,43 @@ fn revoke_text(r: &pb::RevokeLeasesResponse) -> String {
         out.push_str("\nsome leases were not revoked yet: run the same command again");
     }
     out
+}
+
+/// The proto3 JSON mapping of every version listed (never a token).
+fn credentials_json(all: &pb::ListCredentialsResponse) -> Value {
+    let versions = all
+        .versions
+        .iter()
+        .map(|v| {
+            version_json(&pb::CredentialVersion {
+                token: String::new(),
+                ..v.clone()
+            })
+        })
+        .collect();
+    super::grpc::page_json("versions", versions, "")
+}
+
+/// Every credential's versions, one a row (never a token).
+fn credentials_text(all: &pb::ListCredentialsResponse) -> String {
+    if all.versions.is_empty() {
+        return "no managed credential versions".to_owned();
+    }
+    let columns: [Column<pb::CredentialVersion>; 7] = [
+        Column::left("CREDENTIAL", 30, |v| {
+            v.credential
+                .strip_prefix("credentials/")
+                .unwrap_or(&v.credential)
+                .to_owned()
+        }),
+        Column::right("VERSION", 7, |v| v.version.to_string()),
+        Column::left("STATE", 8, |v| v.state().as_str_name().to_owned()),
+        Column::left("VALID_FROM", 20, |v| secs_or_dash(&v.valid_from)),
+        Column::left("ROTATE_TIME", 20, |v| secs_or_dash(&v.rotate_time)),
+        Column::left("EXPIRE_TIME", 20, |v| secs_or_dash(&v.expire_time)),
+        Column::last("REVOKE_TIME", |v| secs_or_dash(&v.revoke_time)),
+    ];
+    table(&columns, &all.versions)
 }
 
 /// Every holder's leases, one a row.

@@ -78,7 +78,7 @@ pub struct ClientArgs {
     )]
     pub client_key_file: Option<PathBuf>,
     /// Output format: text, the proto3 JSON mapping, or (`lease create`
-    /// only) the token alone.
+    /// and `credential get` only) the token alone.
     #[arg(long, value_enum, default_value_t = ClientOutput::Text, global = true)]
     pub output: ClientOutput,
     /// A Kubernetes projected service-account token file, sent as
@@ -116,7 +116,8 @@ pub enum ClientOutput {
     /// proto3 JSON mapping: lowerCamelCase names, RFC 3339 timestamps,
     /// enum names; default values omitted.
     Json,
-    /// The token alone and a newline, for `$(…)` (`lease create` only).
+    /// The token alone and a newline, for `$(…)` (`lease create` and
+    /// `credential get` only).
     Token,
 }
 
@@ -154,7 +155,7 @@ impl ClientArgs {
             ClientOutput::Text => Ok(Output::Text),
             ClientOutput::Json => Ok(Output::Json),
             ClientOutput::Token => Err(ClientError::Usage(format!(
-                "--output token is only for `lease create`, not `{command}` (use text or json)"
+                "--output token is only for `lease create` and `credential get`, not `{command}` (use text or json)"
             ))),
         }
     }

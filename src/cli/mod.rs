@@ -2,7 +2,7 @@
 //! the configuration check (`config check`), the local run (`dev`, `emulator`), key generation (`apikey generate`),
 //! policy files (`policy check`), the upstream credential (`upstream
 //! login | status | set-refresh-token`), the gRPC clients (`lease ...`,
-//! `admin ...`, `audit list`, `git-credential`), a command run with a leased
+//! `credential ...`, `admin ...`, `audit list`, `git-credential`), a command run with a leased
 //! PAT (`exec`), the audit chain check (`audit verify`) and the keys against
 //! the database (`keys status | rewrap`).
 
@@ -20,6 +20,7 @@ pub mod audit;
 pub mod bench;
 pub mod client;
 pub mod config;
+pub mod credential;
 pub mod dev;
 #[cfg(unix)]
 pub mod exec;
@@ -66,6 +67,15 @@ enum Command {
         #[command(subcommand)]
         command: client::LeaseCommand,
     },
+    /// Read managed credentials: get the current token, watch new versions (gRPC client; a reader's key).
+    Credential {
+        #[command(flatten)]
+        client: client::ClientArgs,
+        #[command(flatten)]
+        token_file: grpc::TokenFileArg,
+        #[command(subcommand)]
+        command: credential::CredentialCommand,
+    },
     /// Run a command with a leased PAT in its environment (for git, az
     /// devops, NuGet); revoke the lease when it exits; exit with its status.
     ///
@@ -84,7 +94,7 @@ enum Command {
         #[command(flatten)]
         args: exec::ExecArgs,
     },
-    /// Incident response across holders: bulk revoke, list (gRPC client; admin key).
+    /// Incident response across holders: bulk revoke, list; managed credentials: rotate, list (gRPC client; admin key).
     Admin {
         #[command(flatten)]
         client: client::ClientArgs,
@@ -201,6 +211,21 @@ async fn run_command(command: Command) -> Result<(), Failure> {
         } => {
             client.token_file = token_file.token_file;
             print_client(client::run(&client, command).await)
+        }
+        Command::Credential {
+            mut client,
+            token_file,
+            command,
+        } => {
+            client.token_file = token_file.token_file;
+            match command {
+                credential::CredentialCommand::Get { name } => {
+                    print_client(credential::get(&client, name).await)
+                }
+                credential::CredentialCommand::Watch { name, output_file } => {
+                    Ok(credential::watch(&client, name, output_file).await?)
+                }
+            }
         }
         Command::Admin { client, command } => {
             print_client(admin::run(&with_env_token_file(client), command).await)

@@ -8,6 +8,7 @@ mod lease_state;
 mod organization;
 mod scope;
 mod time;
+mod version_state;
 
 pub use audit_event::{AuditEvent, Outcome};
 pub use identity::Identity;
@@ -16,6 +17,7 @@ pub use lease_state::LeaseState;
 pub use organization::Organization;
 pub use scope::{Scope, ScopeSet};
 pub use time::Timestamp;
+pub use version_state::VersionState;
 
 /// A value that failed validation. The caller knows which request field it
 /// came from and attaches that name.
@@ -42,4 +44,7 @@ pub enum DomainError {
     /// Not a lease state name.
     #[error("unknown lease state {0:?}")]
     UnknownLeaseState(String),
+    /// Not a credential version state name.
+    #[error("unknown credential version state {0:?}")]
+    UnknownVersionState(String),
 }

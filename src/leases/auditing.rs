@@ -127,9 +127,15 @@ const AUDIT_RETRY_ATTEMPTS: usize = 70;
 /// its original time); if it never lands, the whole event (no secrets in
 /// it) is logged at ERROR.
 pub(super) async fn audit_best_effort(deps: &LeaseDeps, event: AuditEvent) {
-    if let Err(e) = deps.audit.append(&event).await {
+    append_best_effort(&deps.audit, event).await
+}
+
+/// [`audit_best_effort`] on `audit` itself, for the rules outside `leases`
+/// that audit the same way (the managed-credential surface).
+pub(crate) async fn append_best_effort(audit: &Arc<AuditLog>, event: AuditEvent) {
+    if let Err(e) = audit.append(&event).await {
         tracing::error!(action = %event.action, error = %e, "audit event not written; retrying in the background");
-        tokio::spawn(retry_audit(deps.audit.clone(), event));
+        tokio::spawn(retry_audit(audit.clone(), event));
     }
 }
 

@@ -138,6 +138,7 @@ mod time;
 mod transition;
 
 pub use admin::{AuditPage, AuditQuery, BulkRevoke, LeaseSelector, MAX_FORCE_REASON_CHARS};
+pub(crate) use auditing::append_best_effort;
 pub use retention::RetentionReport;
 pub use sweep::SweepReport;
 

@@ -20,14 +20,14 @@ use crate::upstream::{DisplayFilter, ListPats, PatPages, UpstreamError};
 
 impl RetrySchedule {
     /// True once `attempts` failures have spent the budget.
-    pub(super) fn budget_spent(&self, attempts: i32) -> bool {
+    pub(crate) fn budget_spent(&self, attempts: i32) -> bool {
         i64::from(attempts) >= i64::from(self.max_attempts)
     }
 
     /// Backoff before revocation attempt number `attempts + 1`: jittered
     /// exponential from `min_delay` up to `max_delay` (backon's schedule,
     /// kept in rows), then `failed_interval` once the budget is spent.
-    pub(super) fn backoff(&self, attempts: i32) -> Duration {
+    pub(crate) fn backoff(&self, attempts: i32) -> Duration {
         if self.budget_spent(attempts) {
             return self.failed_interval;
         }

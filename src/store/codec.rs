@@ -25,7 +25,7 @@ use super::{LeaseRecord, Work};
 use crate::crypto::Sealed;
 use crate::domain::{
     AuditEvent, AuthorizationId, DomainError, Identity, LeaseId, LeaseState, Organization, Outcome,
-    ScopeSet, Timestamp,
+    ScopeSet, Timestamp, VersionState,
 };
 
 /// Implements `Type`, `Encode` and `Decode` for a value kept as TEXT on
@@ -79,6 +79,8 @@ text_column!(ScopeSet, |v| v.to_upstream(), |s| ScopeSet::parse_upstream(
 ));
 text_column!(LeaseState, |v| v.as_str().to_owned(), |s| s
     .parse::<LeaseState>());
+text_column!(VersionState, |v| v.as_str().to_owned(), |s| s
+    .parse::<VersionState>());
 text_column!(Outcome, |v| v.as_str().to_owned(), |s| Outcome::parse(s)
     .ok_or_else(|| format!("unknown outcome {s:?}")));
 // The error says what is wrong with the text, never the text.

@@ -17,6 +17,7 @@ use uuid::Uuid;
 use crate::crypto::Sealed;
 use crate::domain::{
     AuditEvent, AuthorizationId, Identity, LeaseId, LeaseState, Organization, ScopeSet, Timestamp,
+    VersionState,
 };
 use crate::error::{ErrorCode, ServiceError};
 
@@ -269,6 +270,10 @@ fn map_migrate(err: sqlx::migrate::MigrateError) -> StoreError {
     }
 }
 
+/// The PostgreSQL notification channel on which a replica announces a
+/// changed managed credential (payload: its name).
+pub const CREDENTIALS_CHANNEL: &str = "token_broker_credentials";
+
 /// One lease row (see `docs/architecture.md` for the lease state machine).
 #[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
 pub struct LeaseRecord {
@@ -312,6 +317,68 @@ pub struct LeaseRecord {
     pub claimed_by: Option<String>,
     /// When that claim lapses (UTC).
     pub claimed_until: Option<Timestamp>,
+}
+
+/// One version of a managed credential (table `credential_versions`,
+/// migration 0013; the states: [`VersionState`]).
+#[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
+pub struct CredentialVersionRecord {
+    /// The credential's name in the policy.
+    pub credential: String,
+    /// 1, 2, ... per credential; with `credential`, the primary key.
+    pub version: i64,
+    /// Where it is in its life.
+    pub state: VersionState,
+    /// Azure DevOps organization.
+    pub organization: Organization,
+    /// Scopes the PAT carries.
+    pub scopes: ScopeSet,
+    /// Upstream `displayName`: `<prefix>:<deployment id>:credential:<name>:<version>`.
+    pub display_name: String,
+    /// Upstream `authorizationId`, once minted.
+    pub authorization_id: Option<AuthorizationId>,
+    /// The PAT, sealed with `credential:<name>:<version>` as associated
+    /// data. Stored only while CURRENT or PREVIOUS: every write in another
+    /// state stores NULL here, whatever the record holds.
+    pub sealed_token: Option<Sealed>,
+    /// When the row was written first (UTC).
+    pub create_time: Timestamp,
+    /// Last write (UTC).
+    pub update_time: Timestamp,
+    /// When it was minted (became CURRENT) (UTC).
+    pub valid_from: Timestamp,
+    /// When the next version is due (UTC).
+    pub rotate_time: Timestamp,
+    /// The PAT's validTo (UTC): asked for at minting, then as upstream stored it.
+    pub expire_time: Timestamp,
+    /// When its revocation is due (set when it turns PREVIOUS) (UTC).
+    pub revoke_at: Option<Timestamp>,
+    /// When revocation began (UTC).
+    pub revoke_time: Option<Timestamp>,
+    /// Failed upstream attempts of the current step (revocation retries).
+    pub attempts: i32,
+    /// Earliest time background work retries (UTC).
+    pub next_attempt_time: Option<Timestamp>,
+    /// Last upstream error, free text without secrets.
+    pub last_error: Option<String>,
+    /// Replica holding the claim (the minting replica while PENDING).
+    pub claimed_by: Option<String>,
+    /// When that claim lapses (UTC).
+    pub claimed_until: Option<Timestamp>,
+}
+
+/// A credential the policy has named (table `managed_credentials`): the
+/// clock of its retirement.
+#[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
+pub struct ManagedCredentialRecord {
+    /// The credential's name.
+    pub name: String,
+    /// When a policy first named it (UTC).
+    pub first_seen: Timestamp,
+    /// Since when the policy no longer names it (None: it does) (UTC).
+    pub absent_since: Option<Timestamp>,
+    /// When it was retired (None: it is not) (UTC).
+    pub retired_time: Option<Timestamp>,
 }
 
 /// An idempotency key: (holder, request_id) -> lease, with a fingerprint
@@ -491,16 +558,28 @@ pub enum SecretOwner {
     UpstreamCredential,
     /// A lease's PAT (`leases.sealed_token`).
     Lease(LeaseId),
+    /// A managed credential version's PAT (`credential_versions.sealed_token`).
+    CredentialVersion {
+        /// The credential's name.
+        credential: String,
+        /// The version.
+        version: i64,
+    },
 }
 
 impl SecretOwner {
     /// The associated data its reader opens it with: the lease id in its
-    /// hyphenated text form for a lease's PAT, [`UpstreamCredential::AAD`]
+    /// hyphenated text form for a lease's PAT, `credential:<name>:<version>`
+    /// for a managed credential version's, [`UpstreamCredential::AAD`]
     /// for the upstream refresh token.
     pub fn aad(&self) -> Vec<u8> {
         match self {
             SecretOwner::UpstreamCredential => UpstreamCredential::AAD.to_vec(),
             SecretOwner::Lease(id) => id.to_string().into_bytes(),
+            SecretOwner::CredentialVersion {
+                credential,
+                version,
+            } => format!("credential:{credential}:{version}").into_bytes(),
         }
     }
 }
@@ -1172,6 +1251,89 @@ pub trait Store: Send + Sync + 'static {
     /// replaced. A row changed meanwhile (a live broker's write) is left
     /// as it is.
     async fn replace_secrets(&self, replacements: &[SecretReplacement]) -> Result<u64, StoreError>;
+    // Managed credentials (issue 17; table `credential_versions`).
+
+    /// Inserts `version` (a PENDING intent claimed by its minter) unless a
+    /// row with its (credential, version) exists: true if inserted. The
+    /// primary key makes this the claim on minting that version, so
+    /// concurrent replicas mint each version once.
+    async fn insert_credential_version(
+        &self,
+        version: &CredentialVersionRecord,
+    ) -> Result<bool, StoreError>;
+
+    /// Every version of `credential` (None: of every credential), ordered
+    /// by credential name, then newest version first.
+    async fn list_credential_versions(
+        &self,
+        credential: Option<&str>,
+    ) -> Result<Vec<CredentialVersionRecord>, StoreError>;
+
+    /// Writes every mutable column of `version` (state, authorization id,
+    /// sealed token (NULL unless CURRENT or PREVIOUS), times, attempts,
+    /// error, claim) if its stored state is still `expected` and, with
+    /// `claimer`, that claimer still holds it (compare-and-set); false if
+    /// it moved or does not exist.
+    async fn update_credential_version(
+        &self,
+        version: &CredentialVersionRecord,
+        expected: VersionState,
+        claimer: Option<&str>,
+    ) -> Result<bool, StoreError>;
+
+    /// Makes the PENDING `version` (now CURRENT, with its token) stored, and
+    /// in the same transaction turns every older CURRENT version of its
+    /// credential PREVIOUS with `revoke_at = previous_revoke_at`; with
+    /// `revoke_all_previous`, every older PREVIOUS version's `revoke_at`
+    /// becomes at most `previous_revoke_at` too. False (nothing written)
+    /// if the row is no longer PENDING or `claimer` (its minter) no longer
+    /// holds it (a reconciler took it over).
+    async fn activate_credential_version(
+        &self,
+        version: &CredentialVersionRecord,
+        claimer: &str,
+        previous_revoke_at: Timestamp,
+        revoke_all_previous: bool,
+    ) -> Result<bool, StoreError>;
+
+    /// Claims version (`credential`, `version`) for `claimer` until `now +
+    /// claim_for` if its state is `expected` and no live claim is held
+    /// (`claimed_until` NULL or at most `now`), in one committed statement;
+    /// the row as claimed, or None.
+    async fn claim_credential_version(
+        &self,
+        credential: &str,
+        version: i64,
+        expected: VersionState,
+        claimer: &str,
+        now: Timestamp,
+        claim_for: Duration,
+    ) -> Result<Option<CredentialVersionRecord>, StoreError>;
+
+    /// Records that the policy in force names exactly `present`, in one
+    /// transaction: each is recorded (first seen `now`), a named one loses
+    /// its `absent_since` and `retired_time` (a credential put back is
+    /// managed again), and every other not yet absent or retired gets
+    /// `absent_since = now`. Returns every recorded credential by name.
+    async fn sync_managed_credentials(
+        &self,
+        present: &[String],
+        now: Timestamp,
+    ) -> Result<Vec<ManagedCredentialRecord>, StoreError>;
+
+    /// Tells other replicas that `credential`'s versions changed, best
+    /// effort: PostgreSQL `NOTIFY` on [`CREDENTIALS_CHANNEL`] with the name
+    /// as payload; nothing on SQLite.
+    async fn notify_credential_change(&self, credential: &str) -> Result<(), StoreError>;
+
+    /// Retires `name` (`retired_time = now`) if it is absent since
+    /// `absent_before` or earlier and not retired; true if it was.
+    async fn retire_managed_credential(
+        &self,
+        name: &str,
+        absent_before: Timestamp,
+        now: Timestamp,
+    ) -> Result<bool, StoreError>;
 }
 
 #[cfg(test)]

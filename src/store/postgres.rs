@@ -83,6 +83,8 @@ impl Dialect for Postgres {
         Some("SELECT pg_advisory_xact_lock(8386372612940985393)");
     const LATE_AUDIT_ROWS: &'static str = "";
     const SEALED_KEY_ID: &'static str = "split_part(sealed_token, ':', 2)";
+    const NOTIFY_CREDENTIALS: Option<&'static str> =
+        Some("SELECT pg_notify('token_broker_credentials', $1)");
 
     async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
         MIGRATOR.run(pool).await.map_err(map_migrate)

@@ -33,11 +33,12 @@ use super::{
 use super::{
     CredentialSource, CredentialState, CredentialWrite, NewUpstreamCredential, RefreshRecord,
 };
+use super::{CredentialVersionRecord, ManagedCredentialRecord};
 use super::{KeyCheck, LeaseGauges, PoolStatus, SecretOwner, SecretReplacement, StoredSecret};
 use crate::crypto::Sealed;
 use crate::domain::{AuditEvent, Outcome};
 use crate::domain::{
-    AuthorizationId, Identity, LeaseId, LeaseState, Organization, ScopeSet, Timestamp,
+    AuthorizationId, Identity, LeaseId, LeaseState, Organization, ScopeSet, Timestamp, VersionState,
 };
 
 /// A statement's count of rows written (sqlx has it per backend only).
@@ -95,6 +96,13 @@ pub(crate) trait Dialect: Database<QueryResult: RowsAffected> {
     /// expression migration 0009 indexes (`leases_sealed_key_id_idx`), so
     /// lookups by it use that index.
     const SEALED_KEY_ID: &'static str;
+
+    /// A statement that tells other replicas' listeners a managed
+    /// credential changed (the credential's name bound as `$1`).
+    /// PostgreSQL: `pg_notify` on [`super::CREDENTIALS_CHANNEL`] (it works
+    /// through PgBouncer's transaction pooling too; only LISTEN does not);
+    /// SQLite: none (a single replica: the process wakes its own watchers).
+    const NOTIFY_CREDENTIALS: Option<&'static str>;
 
     /// Applies pending migrations.
     fn migrate(pool: &Pool<Self>) -> impl Future<Output = Result<(), StoreError>> + Send;
@@ -635,6 +643,92 @@ macro_rules! append_audit {
     }};
 }
 
+/// Every sealed token of a managed credential version, as
+/// `((credential, version), sealed)` ordered by credential and version
+/// (`Result<Vec<_>, StoreError>`): at most two per credential, so read whole.
+macro_rules! credential_sealed {
+    ($store:expr) => {
+        sqlx::query_as::<_, (String, i64, Sealed)>(
+            "SELECT credential, version, sealed_token FROM credential_versions \
+             WHERE sealed_token IS NOT NULL ORDER BY credential, version",
+        )
+        .fetch_all(&$store.pool)
+        .await
+        .map_err(map_sqlx)
+        .map(|rows| {
+            rows.into_iter()
+                .map(|(c, v, s)| ((c, v), s))
+                .collect::<Vec<((String, i64), Sealed)>>()
+        })
+    };
+}
+
+/// A managed credential version's stored secret.
+fn credential_secret(((credential, version), sealed): ((String, i64), Sealed)) -> StoredSecret {
+    StoredSecret {
+        owner: SecretOwner::CredentialVersion {
+            credential,
+            version,
+        },
+        sealed,
+    }
+}
+
+/// Columns of `credential_versions`, in [`CredentialVersionRecord`] order.
+const CREDENTIAL_VERSION_COLUMNS: &str = "credential, version, state, organization, scopes, \
+     display_name, authorization_id, sealed_token, create_time, update_time, valid_from, \
+     rotate_time, expire_time, revoke_at, revoke_time, attempts, next_attempt_time, last_error, \
+     claimed_by, claimed_until";
+
+/// The `sealed_token` a write of `version` stores: its token while CURRENT
+/// or PREVIOUS, NULL in every other state, so leaving them erases it in
+/// the same statement.
+fn stored_version_token(version: &CredentialVersionRecord) -> Option<Sealed> {
+    if version.state.holds_token() {
+        version.sealed_token.clone()
+    } else {
+        None
+    }
+}
+
+/// `UPDATE credential_versions` of every mutable column ($1..$15), keyed by
+/// credential ($16), version ($17), expected state ($18) and, unless NULL,
+/// the claimer expected to hold the row ($19).
+const UPDATE_CREDENTIAL_VERSION: &str = "UPDATE credential_versions SET state = $1, \
+     authorization_id = $2, sealed_token = $3, update_time = $4, valid_from = $5, \
+     rotate_time = $6, expire_time = $7, revoke_at = $8, revoke_time = $9, attempts = $10, \
+     next_attempt_time = $11, last_error = $12, claimed_by = $13, claimed_until = $14, \
+     display_name = $15 \
+     WHERE credential = $16 AND version = $17 AND state = $18 \
+       AND ($19 IS NULL OR claimed_by = $19)";
+
+/// Binds [`UPDATE_CREDENTIAL_VERSION`] for `$v` expected in state `$expected`.
+macro_rules! bind_version_update {
+    ($v:expr, $expected:expr, $claimer:expr) => {{
+        let v: &CredentialVersionRecord = $v;
+        sqlx::query(UPDATE_CREDENTIAL_VERSION)
+            .bind(v.state)
+            .bind(v.authorization_id)
+            .bind(stored_version_token(v))
+            .bind(v.update_time)
+            .bind(v.valid_from)
+            .bind(v.rotate_time)
+            .bind(v.expire_time)
+            .bind(v.revoke_at)
+            .bind(v.revoke_time)
+            .bind(v.attempts)
+            .bind(v.next_attempt_time)
+            .bind(v.last_error.clone())
+            .bind(v.claimed_by.clone())
+            .bind(v.claimed_until)
+            .bind(v.display_name.clone())
+            .bind(v.credential.clone())
+            .bind(v.version)
+            .bind($expected)
+            .bind($claimer)
+    }};
+}
+
 /// The upstream credential's sealed refresh token, if one is stored
 /// (`Result<Option<Sealed>, StoreError>`).
 macro_rules! upstream_sealed {
@@ -662,6 +756,7 @@ where
     Organization: Column<DB>,
     ScopeSet: Column<DB>,
     LeaseState: Column<DB>,
+    VersionState: Column<DB>,
     Sealed: Column<DB>,
     Outcome: Column<DB>,
     String: Column<DB>,
@@ -1588,6 +1683,10 @@ where
         if let Some(sealed) = upstream_sealed!(self)? {
             ids.insert(sealed.key_id);
         }
+        // Managed credentials keep a token for at most two versions each.
+        for sealed in credential_sealed!(self)? {
+            ids.insert(sealed.1.key_id);
+        }
         Ok(ids)
     }
 
@@ -1601,6 +1700,7 @@ where
             DB::SEALED_KEY_ID
         );
         let credential_key = upstream_sealed!(self)?.map(|s| s.key_id);
+        let versions = credential_sealed!(self)?;
         let mut counts = BTreeMap::new();
         for id in key_ids {
             let leases: i64 = sqlx::query_scalar(&count)
@@ -1609,9 +1709,10 @@ where
                 .await
                 .map_err(map_sqlx)?;
             let credential = u64::from(credential_key.as_deref() == Some(id.as_str()));
+            let versions = versions.iter().filter(|(_, s)| &s.key_id == id).count() as u64;
             counts.insert(
                 id.clone(),
-                u64::try_from(leases).unwrap_or_default() + credential,
+                u64::try_from(leases).unwrap_or_default() + credential + versions,
             );
         }
         Ok(counts)
@@ -1635,12 +1736,29 @@ where
                 }
             }
         }
+        // Managed credential versions come last, by (credential, version).
+        if let Some(SecretOwner::CredentialVersion {
+            credential,
+            version,
+        }) = after
+        {
+            let after = (credential.clone(), *version);
+            page.extend(
+                credential_sealed!(self)?
+                    .into_iter()
+                    .filter(|(owner, sealed)| sealed.key_id != key_id && *owner > after)
+                    .take(usize::try_from(limit).unwrap_or(usize::MAX))
+                    .map(credential_secret),
+            );
+            return Ok(page);
+        }
         let left = i64::from(limit) - page.len() as i64;
         if left == 0 {
             return Ok(page);
         }
         let k = DB::SEALED_KEY_ID;
         let rows: Vec<(LeaseId, Sealed)> = match after {
+            Some(SecretOwner::CredentialVersion { .. }) => unreachable!("handled above"),
             Some(SecretOwner::Lease(after)) => {
                 sqlx::query_as(&format!(
                     "SELECT id, sealed_token FROM leases WHERE {k} <> $1 AND id > $2 \
@@ -1663,10 +1781,21 @@ where
             }
         }
         .map_err(map_sqlx)?;
+        let leases_done = (rows.len() as i64) < left;
         page.extend(rows.into_iter().map(|(id, sealed)| StoredSecret {
             owner: SecretOwner::Lease(id),
             sealed,
         }));
+        if leases_done {
+            let left = usize::try_from(limit).unwrap_or(usize::MAX) - page.len();
+            page.extend(
+                credential_sealed!(self)?
+                    .into_iter()
+                    .filter(|(_, sealed)| sealed.key_id != key_id)
+                    .take(left)
+                    .map(credential_secret),
+            );
+        }
         Ok(page)
     }
 
@@ -1692,6 +1821,21 @@ where
                     .bind(r.old.clone())
                     .execute(&mut *tx)
                     .await,
+                    SecretOwner::CredentialVersion {
+                        credential,
+                        version,
+                    } => {
+                        sqlx::query(
+                            "UPDATE credential_versions SET sealed_token = $1 \
+                         WHERE credential = $2 AND version = $3 AND sealed_token = $4",
+                        )
+                        .bind(r.new.clone())
+                        .bind(credential.clone())
+                        .bind(*version)
+                        .bind(r.old.clone())
+                        .execute(&mut *tx)
+                        .await
+                    }
                 }
                 .map_err(map_sqlx)?;
             replaced += done.rows_affected();
@@ -1723,6 +1867,231 @@ where
             }
         }
         Ok((chain, fingerprint))
+    }
+
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.insert_credential_version", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "insert_credential_version"))]
+    async fn insert_credential_version(
+        &self,
+        v: &CredentialVersionRecord,
+    ) -> Result<bool, StoreError> {
+        let sql = format!(
+            "INSERT INTO credential_versions ({CREDENTIAL_VERSION_COLUMNS}) VALUES ({}) \
+             ON CONFLICT (credential, version) DO NOTHING",
+            placeholders(1, 20)
+        );
+        let done = sqlx::query(&sql)
+            .bind(v.credential.clone())
+            .bind(v.version)
+            .bind(v.state)
+            .bind(v.organization.clone())
+            .bind(v.scopes.clone())
+            .bind(v.display_name.clone())
+            .bind(v.authorization_id)
+            .bind(stored_version_token(v))
+            .bind(v.create_time)
+            .bind(v.update_time)
+            .bind(v.valid_from)
+            .bind(v.rotate_time)
+            .bind(v.expire_time)
+            .bind(v.revoke_at)
+            .bind(v.revoke_time)
+            .bind(v.attempts)
+            .bind(v.next_attempt_time)
+            .bind(v.last_error.clone())
+            .bind(v.claimed_by.clone())
+            .bind(v.claimed_until)
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.list_credential_versions", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "list_credential_versions"))]
+    async fn list_credential_versions(
+        &self,
+        credential: Option<&str>,
+    ) -> Result<Vec<CredentialVersionRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {CREDENTIAL_VERSION_COLUMNS} FROM credential_versions \
+             WHERE ($1 IS NULL OR credential = $1) ORDER BY credential, version DESC"
+        );
+        sqlx::query_as::<DB, CredentialVersionRecord>(&sql)
+            .bind(credential.map(str::to_owned))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_sqlx)
+    }
+
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.update_credential_version", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "update_credential_version"))]
+    async fn update_credential_version(
+        &self,
+        v: &CredentialVersionRecord,
+        expected: VersionState,
+        claimer: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let done = bind_version_update!(v, expected, claimer.map(str::to_owned))
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.activate_credential_version", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "activate_credential_version"))]
+    async fn activate_credential_version(
+        &self,
+        v: &CredentialVersionRecord,
+        claimer: &str,
+        previous_revoke_at: Timestamp,
+        revoke_all_previous: bool,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
+        let done = bind_version_update!(v, VersionState::Pending, Some(claimer.to_owned()))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_sqlx)?;
+        if done.rows_affected() != 1 {
+            return Ok(false);
+        }
+        sqlx::query(
+            "UPDATE credential_versions SET state = $1, revoke_at = $2, update_time = $3 \
+             WHERE credential = $4 AND version < $5 AND state = $6",
+        )
+        .bind(VersionState::Previous)
+        .bind(previous_revoke_at)
+        .bind(v.update_time)
+        .bind(v.credential.clone())
+        .bind(v.version)
+        .bind(VersionState::Current)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_sqlx)?;
+        if revoke_all_previous {
+            sqlx::query(
+                "UPDATE credential_versions SET revoke_at = $1, update_time = $2 \
+                 WHERE credential = $3 AND version < $4 AND state = $5 \
+                   AND (revoke_at IS NULL OR revoke_at > $1)",
+            )
+            .bind(previous_revoke_at)
+            .bind(v.update_time)
+            .bind(v.credential.clone())
+            .bind(v.version)
+            .bind(VersionState::Previous)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_sqlx)?;
+        }
+        tx.commit().await.map_err(map_sqlx)?;
+        Ok(true)
+    }
+
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.claim_credential_version", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "claim_credential_version"))]
+    async fn claim_credential_version(
+        &self,
+        credential: &str,
+        version: i64,
+        expected: VersionState,
+        claimer: &str,
+        now: Timestamp,
+        claim_for: Duration,
+    ) -> Result<Option<CredentialVersionRecord>, StoreError> {
+        let sql = format!(
+            "UPDATE credential_versions SET claimed_by = $1, claimed_until = $2 \
+             WHERE credential = $3 AND version = $4 AND state = $5 \
+               AND (claimed_until IS NULL OR claimed_until <= $6) \
+             RETURNING {CREDENTIAL_VERSION_COLUMNS}"
+        );
+        sqlx::query_as::<DB, CredentialVersionRecord>(&sql)
+            .bind(claimer.to_owned())
+            .bind(claim_end(now, claim_for)?)
+            .bind(credential.to_owned())
+            .bind(version)
+            .bind(expected)
+            .bind(now)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_sqlx)
+    }
+
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.sync_managed_credentials", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "sync_managed_credentials"))]
+    async fn sync_managed_credentials(
+        &self,
+        present: &[String],
+        now: Timestamp,
+    ) -> Result<Vec<ManagedCredentialRecord>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
+        for name in present {
+            sqlx::query(
+                "INSERT INTO managed_credentials (name, first_seen) VALUES ($1, $2) \
+                 ON CONFLICT (name) DO UPDATE SET absent_since = NULL, retired_time = NULL \
+                 WHERE managed_credentials.absent_since IS NOT NULL \
+                    OR managed_credentials.retired_time IS NOT NULL",
+            )
+            .bind(name.clone())
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_sqlx)?;
+        }
+        let not_named = if present.is_empty() {
+            String::new()
+        } else {
+            format!(" AND name NOT IN ({})", placeholders(2, present.len()))
+        };
+        let sql = format!(
+            "UPDATE managed_credentials SET absent_since = $1 \
+             WHERE absent_since IS NULL AND retired_time IS NULL{not_named}"
+        );
+        let mut args = DB::Arguments::default();
+        args.add(now).map_err(bind_error)?;
+        for name in present {
+            args.add(name.clone()).map_err(bind_error)?;
+        }
+        sqlx::query_with(&sql, args)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_sqlx)?;
+        let rows = sqlx::query_as::<DB, ManagedCredentialRecord>(
+            "SELECT name, first_seen, absent_since, retired_time FROM managed_credentials \
+             ORDER BY name",
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_sqlx)?;
+        tx.commit().await.map_err(map_sqlx)?;
+        Ok(rows)
+    }
+
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.notify_credential_change", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "notify_credential_change"))]
+    async fn notify_credential_change(&self, credential: &str) -> Result<(), StoreError> {
+        if let Some(notify) = DB::NOTIFY_CREDENTIALS {
+            sqlx::query(notify)
+                .bind(credential.to_owned())
+                .execute(&self.pool)
+                .await
+                .map_err(map_sqlx)?;
+        }
+        Ok(())
+    }
+
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.retire_managed_credential", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "retire_managed_credential"))]
+    async fn retire_managed_credential(
+        &self,
+        name: &str,
+        absent_before: Timestamp,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE managed_credentials SET retired_time = $1 \
+             WHERE name = $2 AND retired_time IS NULL AND absent_since IS NOT NULL \
+               AND absent_since <= $3",
+        )
+        .bind(now)
+        .bind(name.to_owned())
+        .bind(absent_before)
+        .execute(&self.pool)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(done.rows_affected() == 1)
     }
 }
 

@@ -141,6 +141,7 @@ impl Dialect for Sqlite {
     const LAST_AUDIT_ID: &'static str =
         "COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'audit_events'), 0)";
     const LATE_AUDIT_ROWS: &'static str = "INDEXED BY audit_events_late_time_idx";
+    const NOTIFY_CREDENTIALS: Option<&'static str> = None;
     const SEALED_KEY_ID: &'static str =
         "substr(sealed_token, 4, instr(substr(sealed_token, 4), ':') - 1)";
 

@@ -293,6 +293,13 @@ impl Interceptor for Bearer {
 pub type Client = LeaseServiceClient<InterceptedService<Channel, Bearer>>;
 
 impl TestBroker {
+    /// The broker's managed-credential service (the Rust API the gRPC
+    /// layer calls).
+    #[allow(dead_code)]
+    pub fn credentials(&self) -> token_broker::credentials::Credentials {
+        self.broker.as_ref().expect("running").credentials()
+    }
+
     /// `http://127.0.0.1:PORT{path}` on the admin HTTP port; panics
     /// without [`BrokerSpec::with_admin_port`].
     pub fn admin_url(&self, path: &str) -> String {
