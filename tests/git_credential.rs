@@ -61,10 +61,12 @@ impl World {
         self.emu.running.addr().to_string()
     }
 
-    /// The helper command for git's configuration, with `extra` options.
+    /// The helper command for git's configuration, with `extra` options,
+    /// as the README writes it: `!token-broker git-credential …`, found on
+    /// git's PATH (see [`World::git`]).
     fn helper(&self, extra: &str) -> String {
         format!(
-            "{BIN} git-credential --host {} --addr {} --api-key-file {} {extra}",
+            "!token-broker git-credential --host {} --addr {} --api-key-file {} {extra}",
             self.host(),
             self.broker.url,
             path(&self.key_file)
@@ -86,8 +88,16 @@ impl World {
         }
     }
 
+    /// Runs git with the compiled binary's directory first on its PATH.
     fn git(&self, cwd: &Path, args: &[&str]) -> Output {
-        self.git.git(cwd, args)
+        let bin_dir = Path::new(BIN).parent().unwrap();
+        let mut dirs = vec![bin_dir.to_path_buf()];
+        dirs.extend(std::env::split_paths(
+            &std::env::var_os("PATH").unwrap_or_default(),
+        ));
+        let search = std::env::join_paths(dirs).unwrap();
+        self.git
+            .git_env(cwd, args, &[("PATH", search.to_str().unwrap())])
     }
 
     /// Clones the repository into `work/NAME` and returns its path.
@@ -163,6 +173,11 @@ fn state(lease: &pb::Lease) -> pb::lease::State {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn git_clones_and_fetches_twenty_times_on_one_lease() {
     let w = world().await;
+    // A helper for every host, configured before ours: the README's
+    // configuration drops it for this host, so it never stores the PAT.
+    let home = w.git.dir.path().join("home");
+    w.git
+        .ok(&w.git(&home, &["config", "--global", "credential.helper", "store"]));
     w.configure("");
     let clone = w.clone("clone");
     assert_eq!(
@@ -189,6 +204,10 @@ async fn git_clones_and_fetches_twenty_times_on_one_lease() {
         files += 1;
     }
     assert!(files >= 1);
+    assert!(
+        !home.join(".git-credentials").exists(),
+        "git's store helper kept the PAT"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
