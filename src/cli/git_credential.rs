@@ -224,11 +224,15 @@ async fn create(args: &GitCredentialArgs, organization: &str) -> Result<CachedLe
 }
 
 /// Git's description: `key=value` lines up to a blank line or the end;
-/// the last value of a key wins, `key[]` keys (lists) are skipped.
+/// the last value of a key wins, `key[]` keys (lists) are skipped. Bytes
+/// that are not UTF-8 (git percent-decodes the URL's path into `path`)
+/// become U+FFFD: such a value names no organization, so nothing is
+/// answered, rather than an error for every git command.
 fn read_input(reader: impl std::io::BufRead) -> std::io::Result<HashMap<String, String>> {
     let mut out = HashMap::new();
-    for line in reader.take(MAX_INPUT_BYTES).lines() {
+    for line in reader.take(MAX_INPUT_BYTES).split(b'\n') {
         let line = line?;
+        let line = String::from_utf8_lossy(&line);
         let line = line.trim_end_matches('\r');
         if line.is_empty() {
             break;
@@ -591,6 +595,17 @@ mod tests {
         assert_eq!(got["future"], "1");
         assert!(!got.contains_key("wwwauth[]"));
         assert!(!got.contains_key("password"));
+    }
+
+    #[test]
+    fn input_that_is_not_utf8_names_no_organization_and_is_no_error() {
+        let got = read_input(
+            &b"protocol=http\nhost=127.0.0.1:8081\npath=fabrikam\xff/p/_git/r\r\n\n"[..],
+        )
+        .unwrap();
+        assert_eq!(got["path"], "fabrikam\u{fffd}/p/_git/r");
+        let target = Target::of(&got, &["127.0.0.1:8081".to_owned()]).unwrap();
+        assert!(Organization::parse(&target.organization).is_err());
     }
 
     #[test]
