@@ -227,12 +227,25 @@ async fn create(args: &GitCredentialArgs, organization: &str) -> Result<CachedLe
 /// the last value of a key wins, `key[]` keys (lists) are skipped. Bytes
 /// that are not UTF-8 (git percent-decodes the URL's path into `path`)
 /// become U+FFFD: such a value names no organization, so nothing is
-/// answered, rather than an error for every git command.
+/// answered, rather than an error for every git command. Reading stops at
+/// [`MAX_INPUT_BYTES`]; a line cut there is dropped, never taken as a
+/// shorter value (`path=fabrikam-prod/…` is not `fabrikam`).
 fn read_input(reader: impl std::io::BufRead) -> std::io::Result<HashMap<String, String>> {
     let mut out = HashMap::new();
-    for line in reader.take(MAX_INPUT_BYTES).split(b'\n') {
-        let line = line?;
-        let line = String::from_utf8_lossy(&line);
+    let mut reader = reader.take(MAX_INPUT_BYTES);
+    let mut bytes = Vec::new();
+    loop {
+        bytes.clear();
+        if reader.read_until(b'\n', &mut bytes)? == 0 {
+            break;
+        }
+        match bytes.strip_suffix(b"\n") {
+            Some(whole) => bytes.truncate(whole.len()),
+            // The last line: whole at the end of the input, cut at the limit.
+            None if reader.limit() == 0 => break,
+            None => {}
+        }
+        let line = String::from_utf8_lossy(&bytes);
         let line = line.trim_end_matches('\r');
         if line.is_empty() {
             break;
@@ -595,6 +608,19 @@ mod tests {
         assert_eq!(got["future"], "1");
         assert!(!got.contains_key("wwwauth[]"));
         assert!(!got.contains_key("password"));
+    }
+
+    #[test]
+    fn a_line_cut_by_the_input_limit_is_dropped_not_shortened() {
+        let mut text = String::from("protocol=https\nhost=dev.azure.com\njunk=");
+        let pad = MAX_INPUT_BYTES as usize - text.len() - "\npath=fabrikam".len();
+        text.push_str(&"x".repeat(pad));
+        text.push_str("\npath=fabrikam-prod/Fiber/_git/app\n\n");
+        let got = input(&text);
+        assert_eq!(got["host"], "dev.azure.com");
+        assert!(!got.contains_key("path"), "{:?}", got.get("path"));
+        // Without a final newline at the end of a short input: kept.
+        assert_eq!(input("host=a\npath=o/p")["path"], "o/p");
     }
 
     #[test]
