@@ -46,6 +46,10 @@ const MIN_REMAINING: Duration = Duration::from_secs(300);
 /// Longest wait for a new lease (exit 5 past it).
 const CREATE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Longest wait for the broker to revoke on `erase` (exit 5 past it): the
+/// entry is forgotten by then, and an unrevoked lease ends at its TTL.
+const REVOKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What git asks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Action {
@@ -170,7 +174,7 @@ async fn erase(
     let (Some(cache), Some(password)) = (cache, input.get("password")) else {
         return Ok(());
     };
-    let _lock = cache.lock();
+    let lock = cache.lock();
     let Some(lease) = cache.read() else {
         return Ok(());
     };
@@ -184,9 +188,22 @@ async fn erase(
         return Ok(());
     }
     cache.forget();
-    let mut client = LeaseServiceClient::new(channel(&args.client).await?);
-    let req = pb::RevokeLeaseRequest { name: lease.name };
-    match answer(client.revoke_lease(request(req, &args.client)?).await) {
+    // Forgotten: the other git commands need not wait for the broker.
+    drop(lock);
+    let revoke = async {
+        let mut client = LeaseServiceClient::new(channel(&args.client).await?);
+        let req = pb::RevokeLeaseRequest { name: lease.name };
+        answer(client.revoke_lease(request(req, &args.client)?).await)
+    };
+    let revoked = tokio::time::timeout(REVOKE_TIMEOUT, revoke)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ClientError::Rpc(tonic::Status::deadline_exceeded(format!(
+                "the broker did not revoke the lease within {}s; it ends at its TTL",
+                REVOKE_TIMEOUT.as_secs()
+            ))))
+        });
+    match revoked {
         Ok(_) => Ok(()),
         // Already closed (revoked or expired) at the broker: done.
         Err(ClientError::Rpc(s))
