@@ -448,6 +448,30 @@ async fn each_documented_exit_code_comes_from_a_real_answer() {
     .await;
     assert_eq!(run.code, 3, "{run:?}");
     assert!(run.stderr.contains("PermissionDenied"), "{run:?}");
+    // 3: `--output token` replaying the request id of a revoked lease gets
+    // the lease without its token: an error, never an empty "token" line.
+    let replay = create(&[
+        "--request-id",
+        "6f1c2a3e-0b4d-4c5e-9f60-718293a4b5c6",
+        "--output",
+        "token",
+    ]);
+    let first = cli(&replay, &env).await;
+    assert_eq!(first.code, 0, "{first:?}");
+    let name = json_of(&cli(&["lease", "list", "--output", "json"], &env).await)["leases"][0]
+        ["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let revoked = cli(&["lease", "revoke", &name], &env).await;
+    assert_eq!(revoked.code, 0, "{revoked:?}");
+    let run = cli(&replay, &env).await;
+    assert_eq!(run.code, 3, "{run:?}");
+    assert!(run.stdout.is_empty(), "{run:?}");
+    assert!(
+        run.stderr.contains(&name) && run.stderr.contains("REVOKED"),
+        "{run:?}"
+    );
     // 4: NOT_FOUND.
     let unknown = "leases/00000000-0000-4000-8000-000000000000";
     let run = cli(&["lease", "get", unknown], &env).await;

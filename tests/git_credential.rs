@@ -61,10 +61,12 @@ impl World {
         self.emu.running.addr().to_string()
     }
 
-    /// The helper command for git's configuration, with `extra` options.
+    /// The helper command for git's configuration, with `extra` options,
+    /// as the README writes it: `!token-broker git-credential …`, found on
+    /// git's PATH (see [`World::git`]).
     fn helper(&self, extra: &str) -> String {
         format!(
-            "{BIN} git-credential --host {} --addr {} --api-key-file {} {extra}",
+            "!token-broker git-credential --host {} --addr {} --api-key-file {} {extra}",
             self.host(),
             self.broker.url,
             path(&self.key_file)
@@ -86,8 +88,16 @@ impl World {
         }
     }
 
+    /// Runs git with the compiled binary's directory first on its PATH.
     fn git(&self, cwd: &Path, args: &[&str]) -> Output {
-        self.git.git(cwd, args)
+        let bin_dir = Path::new(BIN).parent().unwrap();
+        let mut dirs = vec![bin_dir.to_path_buf()];
+        dirs.extend(std::env::split_paths(
+            &std::env::var_os("PATH").unwrap_or_default(),
+        ));
+        let search = std::env::join_paths(dirs).unwrap();
+        self.git
+            .git_env(cwd, args, &[("PATH", search.to_str().unwrap())])
     }
 
     /// Clones the repository into `work/NAME` and returns its path.
@@ -163,6 +173,11 @@ fn state(lease: &pb::Lease) -> pb::lease::State {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn git_clones_and_fetches_twenty_times_on_one_lease() {
     let w = world().await;
+    // A helper for every host, configured before ours: the README's
+    // configuration drops it for this host, so it never stores the PAT.
+    let home = w.git.dir.path().join("home");
+    w.git
+        .ok(&w.git(&home, &["config", "--global", "credential.helper", "store"]));
     w.configure("");
     let clone = w.clone("clone");
     assert_eq!(
@@ -189,6 +204,10 @@ async fn git_clones_and_fetches_twenty_times_on_one_lease() {
         files += 1;
     }
     assert!(files >= 1);
+    assert!(
+        !home.join(".git-credentials").exists(),
+        "git's store helper kept the PAT"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -391,4 +410,64 @@ async fn concurrent_gets_wait_for_one_lease() {
     assert!(answers[0].contains("password="));
     assert!(answers.iter().all(|a| *a == answers[0]));
     assert_eq!(w.leases().await.len(), 1);
+}
+
+/// A TCP relay to `target`; once `hang` is set, connections it accepts
+/// are held open and never answered: a broker that hangs.
+async fn relay(
+    target: String,
+    hang: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            if hang.load(std::sync::atomic::Ordering::SeqCst) {
+                held.push(inbound);
+                continue;
+            }
+            let target = target.clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erase_gives_up_on_a_hung_broker_and_the_lease_stays_forgotten() {
+    let w = world().await;
+    let hang = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let target = w.broker.url.trim_start_matches("http://").to_owned();
+    let via = format!("http://{}", relay(target, hang.clone()).await);
+    let ask = format!(
+        "protocol=http\nhost={}\npath=fabrikam/Fiber/_git/app\n\n",
+        w.host()
+    );
+    let password = |out: &Output| {
+        text(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("password="))
+            .map(str::to_owned)
+    };
+    let out = w.helper_run("get", &ask, &["--addr", &via]);
+    let first = password(&out).unwrap_or_else(|| panic!("{}", text(&out.stderr)));
+
+    // The broker hangs: erase gives up (retry later, 5), without the token.
+    hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    let erase = ask.replace("\n\n", &format!("\npassword={first}\n\n"));
+    let out = w.helper_run("erase", &erase, &["--addr", &via]);
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+    assert!(!text(&out.stderr).contains(&first));
+
+    // Forgotten all the same: the next get leases anew.
+    hang.store(false, std::sync::atomic::Ordering::SeqCst);
+    let out = w.helper_run("get", &ask, &["--addr", &via]);
+    let second = password(&out).unwrap_or_else(|| panic!("{}", text(&out.stderr)));
+    assert_ne!(first, second);
+    assert_eq!(w.leases().await.len(), 2);
 }

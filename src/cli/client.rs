@@ -107,6 +107,13 @@ pub async fn run(args: &ClientArgs, command: LeaseCommand) -> Result<String, Cli
             };
             let lease = answer(client.create_lease(request(req, args)?).await)?;
             if token_only {
+                // Never an empty line for `PAT=$(…)` to take as a token.
+                if lease.token.is_empty() {
+                    return Err(ClientError::NoToken {
+                        state: lease.state().as_str_name().to_owned(),
+                        name: lease.name,
+                    });
+                }
                 return Ok(lease.token);
             }
             lease

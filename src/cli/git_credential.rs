@@ -46,6 +46,10 @@ const MIN_REMAINING: Duration = Duration::from_secs(300);
 /// Longest wait for a new lease (exit 5 past it).
 const CREATE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Longest wait for the broker to revoke on `erase` (exit 5 past it): the
+/// entry is forgotten by then, and an unrevoked lease ends at its TTL.
+const REVOKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What git asks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Action {
@@ -170,7 +174,7 @@ async fn erase(
     let (Some(cache), Some(password)) = (cache, input.get("password")) else {
         return Ok(());
     };
-    let _lock = cache.lock();
+    let lock = cache.lock();
     let Some(lease) = cache.read() else {
         return Ok(());
     };
@@ -184,9 +188,22 @@ async fn erase(
         return Ok(());
     }
     cache.forget();
-    let mut client = LeaseServiceClient::new(channel(&args.client).await?);
-    let req = pb::RevokeLeaseRequest { name: lease.name };
-    match answer(client.revoke_lease(request(req, &args.client)?).await) {
+    // Forgotten: the other git commands need not wait for the broker.
+    drop(lock);
+    let revoke = async {
+        let mut client = LeaseServiceClient::new(channel(&args.client).await?);
+        let req = pb::RevokeLeaseRequest { name: lease.name };
+        answer(client.revoke_lease(request(req, &args.client)?).await)
+    };
+    let revoked = tokio::time::timeout(REVOKE_TIMEOUT, revoke)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ClientError::Rpc(tonic::Status::deadline_exceeded(format!(
+                "the broker did not revoke the lease within {}s; it ends at its TTL",
+                REVOKE_TIMEOUT.as_secs()
+            ))))
+        });
+    match revoked {
         Ok(_) => Ok(()),
         // Already closed (revoked or expired) at the broker: done.
         Err(ClientError::Rpc(s))
@@ -224,11 +241,28 @@ async fn create(args: &GitCredentialArgs, organization: &str) -> Result<CachedLe
 }
 
 /// Git's description: `key=value` lines up to a blank line or the end;
-/// the last value of a key wins, `key[]` keys (lists) are skipped.
+/// the last value of a key wins, `key[]` keys (lists) are skipped. Bytes
+/// that are not UTF-8 (git percent-decodes the URL's path into `path`)
+/// become U+FFFD: such a value names no organization, so nothing is
+/// answered, rather than an error for every git command. Reading stops at
+/// [`MAX_INPUT_BYTES`]; a line cut there is dropped, never taken as a
+/// shorter value (`path=fabrikam-prod/…` is not `fabrikam`).
 fn read_input(reader: impl std::io::BufRead) -> std::io::Result<HashMap<String, String>> {
     let mut out = HashMap::new();
-    for line in reader.take(MAX_INPUT_BYTES).lines() {
-        let line = line?;
+    let mut reader = reader.take(MAX_INPUT_BYTES);
+    let mut bytes = Vec::new();
+    loop {
+        bytes.clear();
+        if reader.read_until(b'\n', &mut bytes)? == 0 {
+            break;
+        }
+        match bytes.strip_suffix(b"\n") {
+            Some(whole) => bytes.truncate(whole.len()),
+            // The last line: whole at the end of the input, cut at the limit.
+            None if reader.limit() == 0 => break,
+            None => {}
+        }
+        let line = String::from_utf8_lossy(&bytes);
         let line = line.trim_end_matches('\r');
         if line.is_empty() {
             break;
@@ -591,6 +625,30 @@ mod tests {
         assert_eq!(got["future"], "1");
         assert!(!got.contains_key("wwwauth[]"));
         assert!(!got.contains_key("password"));
+    }
+
+    #[test]
+    fn a_line_cut_by_the_input_limit_is_dropped_not_shortened() {
+        let mut text = String::from("protocol=https\nhost=dev.azure.com\njunk=");
+        let pad = MAX_INPUT_BYTES as usize - text.len() - "\npath=fabrikam".len();
+        text.push_str(&"x".repeat(pad));
+        text.push_str("\npath=fabrikam-prod/Fiber/_git/app\n\n");
+        let got = input(&text);
+        assert_eq!(got["host"], "dev.azure.com");
+        assert!(!got.contains_key("path"), "{:?}", got.get("path"));
+        // Without a final newline at the end of a short input: kept.
+        assert_eq!(input("host=a\npath=o/p")["path"], "o/p");
+    }
+
+    #[test]
+    fn input_that_is_not_utf8_names_no_organization_and_is_no_error() {
+        let got = read_input(
+            &b"protocol=http\nhost=127.0.0.1:8081\npath=fabrikam\xff/p/_git/r\r\n\n"[..],
+        )
+        .unwrap();
+        assert_eq!(got["path"], "fabrikam\u{fffd}/p/_git/r");
+        let target = Target::of(&got, &["127.0.0.1:8081".to_owned()]).unwrap();
+        assert!(Organization::parse(&target.organization).is_err());
     }
 
     #[test]

@@ -190,6 +190,18 @@ pub enum ClientError {
     /// Bad local input: arguments, files the flags name.
     #[error("{0}")]
     Usage(String),
+    /// `lease create --output token` answered with a lease that no longer
+    /// has its token: a replayed `--request-id` of a lease no longer ACTIVE.
+    #[error(
+        "{name} is {state}: its token is gone (a --request-id of a lease no longer ACTIVE); \
+         give a new --request-id for a new lease"
+    )]
+    NoToken {
+        /// The lease answered.
+        name: String,
+        /// Its state's name, e.g. `REVOKED`.
+        state: String,
+    },
     /// The server answered with an error.
     #[error("{}", describe(.0))]
     Rpc(Status),
@@ -200,11 +212,12 @@ impl ClientError {
     /// 2 the caller's own mistake, 3 refused, 4 not found, 5 retry later,
     /// 1 anything else. A broker that cannot be reached is 5, as gRPC
     /// itself reports a failed connection as UNAVAILABLE; a certificate
-    /// either side rejects is 3 (retrying cannot help).
+    /// either side rejects is 3 (retrying cannot help), and so is a lease
+    /// answered without the token `--output token` wants.
     pub fn exit_code(&self) -> u8 {
         match self {
             ClientError::Usage(_) => 2,
-            ClientError::Tls(_) => 3,
+            ClientError::Tls(_) | ClientError::NoToken { .. } => 3,
             ClientError::Connect { .. } | ClientError::Lost(_) => 5,
             ClientError::Rpc(status) => status_exit_code(status),
         }
