@@ -93,6 +93,7 @@ pub(super) async fn mint(
     deps: &CredentialDeps,
     spec: &CredentialSpec,
     latest: Option<i64>,
+    scheduled: Option<Timestamp>,
     revoke_previous: RevokePrevious,
 ) -> Result<CredentialVersionRecord, MintError> {
     let name = spec.name();
@@ -100,7 +101,13 @@ pub(super) async fn mint(
     let now = Timestamp::now();
     let period = chrono(spec.rotation_period());
     let overlap = chrono(spec.overlap());
-    let wanted_valid_to = now + period + overlap + chrono(deps.settings.valid_to_skew);
+    // tₙ = t₀ + n·P: a version minted on schedule starts its period at the
+    // previous one's rotate_time, so a tick's delay does not accumulate. A
+    // schedule missed by a whole period (brokers down) starts anew at now.
+    let start = scheduled
+        .filter(|t| *t <= now && now.as_datetime() - t.as_datetime() < period)
+        .unwrap_or(now);
+    let wanted_valid_to = start + period + overlap + chrono(deps.settings.valid_to_skew);
     let claimer = deps.settings.replica_id.clone();
     let intent = CredentialVersionRecord {
         credential: name.to_owned(),
@@ -114,11 +121,11 @@ pub(super) async fn mint(
         create_time: now,
         update_time: now,
         valid_from: now,
-        rotate_time: now + period,
+        rotate_time: start + period,
         expire_time: wanted_valid_to,
         // While CURRENT: when it would be revoked if the next version came
         // on time; keeps the overlap with the row (retirement reads it).
-        revoke_at: Some(now + period + overlap),
+        revoke_at: Some(start + period + overlap),
         revoke_time: None,
         attempts: 0,
         next_attempt_time: None,
@@ -180,7 +187,8 @@ pub(super) async fn mint(
         ..intent.clone()
     };
     let previous_revoke_at = match revoke_previous {
-        RevokePrevious::AfterOverlap => now + overlap,
+        // tₙ₊₁ + O (the new version's period start plus the overlap).
+        RevokePrevious::AfterOverlap => start + overlap,
         RevokePrevious::Now => now,
     };
     let activated = store
@@ -533,10 +541,15 @@ pub(super) async fn run_once(deps: &CredentialDeps) -> Result<Snapshot, Credenti
                 reason,
                 "minting a credential version"
             );
+            let scheduled = rows
+                .first()
+                .filter(|v| v.state == VersionState::Current)
+                .map(|v| v.rotate_time);
             match mint(
                 deps,
                 spec,
                 rows.first().map(|v| v.version),
+                scheduled,
                 RevokePrevious::AfterOverlap,
             )
             .await

@@ -481,6 +481,8 @@ impl Credentials {
             deps,
             spec,
             versions.first().map(|v| v.version),
+            // A rotation asked for starts a new schedule now.
+            None,
             revoke_previous,
         )
         .await
