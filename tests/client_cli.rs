@@ -523,3 +523,34 @@ async fn serve_starts_with_the_client_variables_in_its_environment() {
         .expect("the broker serves");
     serve.sigterm().await;
 }
+
+/// A TCP listener that accepts connections and never answers: a broker
+/// that froze (SIGSTOP) or a proxy that black-holes.
+async fn hung_broker() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((inbound, _)) = listener.accept().await {
+            held.push(inbound);
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_stops_answering_is_retry_later_not_a_hang() {
+    let (addr, task) = hung_broker().await;
+    let addr = format!("http://{addr}");
+    let run = cli(
+        &["lease", "list", "--addr", &addr],
+        &[(
+            "TOKEN_BROKER_API_KEY",
+            Some("tbk_wrong_key_0123456789abcdef0123456789"),
+        )],
+    )
+    .await;
+    task.abort();
+    assert_eq!(run.code, 5, "{run:?}");
+    assert!(run.stdout.is_empty(), "{run:?}");
+}

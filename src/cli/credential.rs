@@ -252,7 +252,7 @@ enum Ended {
 fn classify(e: ClientError, started: bool) -> Ended {
     match &e {
         ClientError::Connect { .. } | ClientError::Lost(_) => Ended::Retry(e),
-        ClientError::Tls(_) | ClientError::Usage(_) => Ended::Fail(e),
+        ClientError::Tls(_) | ClientError::Usage(_) | ClientError::NoToken { .. } => Ended::Fail(e),
         ClientError::Rpc(status) => match status.code() {
             Code::Unauthenticated if started => Ended::Reauthenticate(e),
             Code::Unavailable

@@ -273,6 +273,14 @@ pub fn endpoint_url(addr: &str) -> String {
     }
 }
 
+/// Silence on a connection with a call in flight before the client sends an
+/// HTTP/2 PING.
+const CALL_KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// How long the client waits for that PING's answer before it closes the
+/// connection and fails the call with UNAVAILABLE.
+const CALL_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// The endpoint `args` describe, not yet connected: `--addr` (as
 /// [`endpoint_url`] takes it), with TLS for `https://` (`--ca-file` or the
 /// system roots; `--client-cert-file`/`--client-key-file` for mTLS). Also
@@ -283,7 +291,12 @@ pub fn endpoint(args: &ClientArgs) -> Result<Endpoint, ClientError> {
     let url = endpoint_url(&args.addr);
     let endpoint = Endpoint::from_shared(url.clone())
         .map_err(|e| ClientError::Usage(format!("--addr {url}: {e}")))?
-        .connect_timeout(Duration::from_secs(10));
+        .connect_timeout(Duration::from_secs(10))
+        // A broker that accepted the connection but stopped answering
+        // (frozen, a black-holing proxy) fails the call as UNAVAILABLE
+        // (exit 5) after about 30 s instead of hanging the command.
+        .http2_keep_alive_interval(CALL_KEEPALIVE)
+        .keep_alive_timeout(CALL_KEEPALIVE_TIMEOUT);
     let https = url.starts_with("https://");
     let tls_flags = [
         ("--ca-file", args.ca_file.is_some()),
