@@ -248,6 +248,7 @@ async fn env_names_replace_the_default_and_existing_git_config_entries_are_kept(
     let w = world().await;
     let command = sh(r#"
         [ -z "${AZURE_DEVOPS_EXT_PAT+set}" ] && echo "default unset"
+        [ -z "${TOKEN_BROKER_API_KEY+set}${TOKEN_BROKER_API_KEY_FILE+set}" ] && echo "no broker credential"
         [ "$MY_PAT" = "$ALSO_PAT" ] && echo "same token"
         echo "pat $(pat_status MY_PAT git/repositories)"
         echo "user $(git config --get user.name)"
@@ -262,7 +263,7 @@ async fn env_names_replace_the_default_and_existing_git_config_entries_are_kept(
     ];
     let run = w.exec(&args(&strs(&flags), &command), &existing).await;
     assert_eq!(
-        run.stdout, "default unset\nsame token\npat 200\nuser Exec Test\ngit 200\ncount 2\n",
+        run.stdout, "default unset\nno broker credential\nsame token\npat 200\nuser Exec Test\ngit 200\ncount 2\n",
         "{run:?}"
     );
     assert_eq!(run.code, Some(0), "{run:?}");

@@ -443,6 +443,16 @@ pub async fn run(client: &ClientArgs, args: ExecArgs) -> Result<u8, ClientError>
     Ok(status)
 }
 
+/// The client variables that carry or point at the caller's broker
+/// credential, removed from COMMAND's environment.
+const BROKER_CREDENTIAL_VARIABLES: [&str; 5] = [
+    "TOKEN_BROKER_API_KEY",
+    "TOKEN_BROKER_API_KEY_FILE",
+    "TOKEN_BROKER_TOKEN_FILE",
+    "TOKEN_BROKER_CLIENT_CERT_FILE",
+    "TOKEN_BROKER_CLIENT_KEY_FILE",
+];
+
 /// Runs `command` with `plan`'s environment for `pat`, forwarding
 /// signals, and returns its exit status (126/127 when it cannot start).
 async fn run_child(plan: &Plan, pat: &str, command: &[OsString], signals: &mut Signals) -> u8 {
@@ -451,6 +461,11 @@ async fn run_child(plan: &Plan, pat: &str, command: &[OsString], signals: &mut S
         let environment = plan.environment(pat);
         let mut cmd = tokio::process::Command::new(program);
         cmd.args(arguments);
+        // Least privilege: COMMAND gets the PAT it was leased, not the
+        // means to lease more (another organization, wider scopes).
+        for name in BROKER_CREDENTIAL_VARIABLES {
+            cmd.env_remove(name);
+        }
         for (name, value) in &environment {
             cmd.env(name, value.as_str());
         }
