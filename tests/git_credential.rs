@@ -129,6 +129,24 @@ impl World {
     /// Runs the helper itself with `action` and `input` on stdin (the
     /// broker's address unless `extra` has an `--addr`).
     fn helper_run(&self, action: &str, input: &str, extra: &[&str]) -> Output {
+        let runtime = self.git.runtime_dir();
+        self.helper_run_in(
+            action,
+            input,
+            extra,
+            &[("XDG_RUNTIME_DIR", runtime.as_path())],
+        )
+    }
+
+    /// As [`World::helper_run`], with `env` instead of the test's
+    /// `XDG_RUNTIME_DIR`.
+    fn helper_run_in(
+        &self,
+        action: &str,
+        input: &str,
+        extra: &[&str],
+        env: &[(&str, &Path)],
+    ) -> Output {
         use std::io::Write as _;
         let mut command = std::process::Command::new(BIN);
         for (name, _) in std::env::vars() {
@@ -146,7 +164,8 @@ impl World {
             .args(["--api-key-file", path(&self.key_file)])
             .args(extra)
             .arg(action)
-            .env("XDG_RUNTIME_DIR", self.git.runtime_dir())
+            .env_remove("XDG_RUNTIME_DIR")
+            .envs(env.iter().copied())
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -470,4 +489,37 @@ async fn erase_gives_up_on_a_hung_broker_and_the_lease_stays_forgotten() {
     let second = password(&out).unwrap_or_else(|| panic!("{}", text(&out.stderr)));
     assert_ne!(first, second);
     assert_eq!(w.leases().await.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unusable_xdg_runtime_dir_falls_back_to_a_private_tmpdir_and_still_reuses_the_lease() {
+    let w = world().await;
+    let ask = format!(
+        "protocol=http\nhost={}\npath=fabrikam/Fiber/_git/app\n\n",
+        w.host()
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("no-such-runtime-dir");
+    let env = [
+        ("XDG_RUNTIME_DIR", missing.as_path()),
+        ("TMPDIR", tmp.path()),
+    ];
+    let answers: Vec<String> = (0..3)
+        .map(|_| {
+            let out = w.helper_run_in("get", &ask, &[], &env);
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            text(&out.stdout)
+        })
+        .collect();
+    assert!(answers[0].contains("password="));
+    assert!(answers.iter().all(|a| *a == answers[0]));
+    assert_eq!(w.leases().await.len(), 1);
+    let entries: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        entries.iter().any(|n| n.starts_with("token-broker-")),
+        "{entries:?}"
+    );
 }

@@ -550,13 +550,21 @@ fn credential_material(client: &ClientArgs) -> Option<(Vec<u8>, Zeroizing<Vec<u8
 }
 
 /// The cache directory, created 0700: `$XDG_RUNTIME_DIR/token-broker`, or
-/// `$TMPDIR/token-broker-UID` when that is unset. Refused (with the
-/// reason) when it is not a directory of ours that only we can enter.
+/// `$TMPDIR/token-broker-UID` when that is unset or unusable (missing, or
+/// another user's after `sudo -u`). Refused (with the reasons) when
+/// neither is a directory of ours that only we can enter.
 fn cache_dir() -> Result<PathBuf, String> {
-    let dir = match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
-        Some(runtime) if runtime.is_absolute() => runtime.join("token-broker"),
-        _ => std::env::temp_dir().join(format!("token-broker-{}", uid())),
-    };
+    let fallback = std::env::temp_dir().join(format!("token-broker-{}", uid()));
+    match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
+        Some(runtime) if runtime.is_absolute() => private_dir(runtime.join("token-broker"))
+            .or_else(|first| private_dir(fallback).map_err(|second| format!("{first}; {second}"))),
+        _ => private_dir(fallback),
+    }
+}
+
+/// `dir`, created 0700 if missing; refused (with the reason) when it is not
+/// a directory of ours that only we can enter.
+fn private_dir(dir: PathBuf) -> Result<PathBuf, String> {
     let mut builder = std::fs::DirBuilder::new();
     #[cfg(unix)]
     {
