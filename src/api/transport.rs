@@ -34,7 +34,7 @@ use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -361,7 +361,7 @@ async fn connection<S>(
                 &mut stopping,
                 peer,
                 "TLS handshake",
-                acceptor.accept(stream),
+                tls_accept(acceptor, stream),
             )
             .await
             else {
@@ -376,6 +376,43 @@ async fn connection<S>(
                 return;
             };
             serve_http2(io, info, &shared, &mut stopping).await;
+        }
+    }
+}
+
+/// Most bytes read, and longest wait, while closing a connection whose TLS
+/// handshake was refused (see [`tls_accept`]).
+const REFUSED_LINGER_BYTES: usize = 64 * 1024;
+const REFUSED_LINGER_TIME: Duration = Duration::from_secs(1);
+
+/// The TLS handshake. When it is refused (no or a wrong client certificate)
+/// rustls has written its alert; the client, having sent its Finished, has
+/// its HTTP/2 preface and first request in flight. Closing with those unread
+/// would send a RST that can discard the alert before the client reads it,
+/// so the client would see "connection reset" (retry later) instead of the
+/// refusal. So: FIN, then read and drop what arrives until the client
+/// closes, bounded by [`REFUSED_LINGER_BYTES`] and [`REFUSED_LINGER_TIME`]
+/// (and the handshake deadline).
+async fn tls_accept(
+    acceptor: &TlsAcceptor,
+    stream: TcpStream,
+) -> io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
+    match acceptor.accept(stream).into_fallible().await {
+        Ok(tls) => Ok(tls),
+        Err((e, mut stream)) => {
+            let _ = stream.shutdown().await;
+            let mut buf = [0u8; 4096];
+            let mut left = REFUSED_LINGER_BYTES;
+            let _ = tokio::time::timeout(REFUSED_LINGER_TIME, async {
+                while left > 0 {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => left = left.saturating_sub(n),
+                    }
+                }
+            })
+            .await;
+            Err(e)
         }
     }
 }

@@ -372,7 +372,7 @@ pub fn endpoint(args: &ClientArgs) -> Result<Endpoint, ClientError> {
 }
 
 /// The contents of the PEM file `flag` names; errors name both.
-fn read_pem(flag: &str, path: &Path) -> Result<Vec<u8>, ClientError> {
+pub(super) fn read_pem(flag: &str, path: &Path) -> Result<Vec<u8>, ClientError> {
     std::fs::read(path)
         .map_err(|e| ClientError::Usage(format!("cannot read {flag} {}: {e}", path.display())))
 }
@@ -418,7 +418,7 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// rustls' words when `e` or a cause is a TLS failure. `io::Error` hides
 /// its inner error from `source()`, so that is looked into too: on a TLS
 /// stream an `InvalidData` one is rustls' (a received alert comes as text).
-fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+pub(super) fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
     let mut next = Some(e);
     while let Some(err) = next {
         if let Some(tls) = err.downcast_ref::<rustls::Error>() {

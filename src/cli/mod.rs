@@ -29,6 +29,7 @@ pub mod grpc;
 pub mod keys;
 pub mod policy;
 pub mod serve;
+pub mod tls_probe;
 pub mod upstream;
 
 /// Leases short-lived, least-scope Azure DevOps PATs over gRPC.
@@ -184,6 +185,19 @@ fn with_env_token_file(mut client: client::ClientArgs) -> client::ClientArgs {
     client
 }
 
+/// `answer`, with a connection lost under the call to an mTLS broker that
+/// refuses this client's certificate told as that refusal
+/// ([`tls_probe::diagnose`]).
+async fn diagnosed<T>(
+    client: &client::ClientArgs,
+    answer: Result<T, grpc::ClientError>,
+) -> Result<T, grpc::ClientError> {
+    match answer {
+        Err(e) => Err(tls_probe::diagnose(client, e).await),
+        ok => ok,
+    }
+}
+
 /// Runs the command line; the exit status (0, or `exec`'s command's).
 async fn run(cli: Cli) -> Result<u8, Failure> {
     match cli.command {
@@ -194,7 +208,8 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             args,
         } => {
             client.token_file = token_file.token_file;
-            Ok(exec::run(&client, args).await?)
+            let status = exec::run(&client, args).await;
+            Ok(diagnosed(&client, status).await?)
         }
         command => run_command(command).await.map(|()| 0),
     }
@@ -210,7 +225,7 @@ async fn run_command(command: Command) -> Result<(), Failure> {
             command,
         } => {
             client.token_file = token_file.token_file;
-            print_client(client::run(&client, command).await)
+            print_client(diagnosed(&client, client::run(&client, command).await).await)
         }
         Command::Credential {
             mut client,
@@ -220,7 +235,7 @@ async fn run_command(command: Command) -> Result<(), Failure> {
             client.token_file = token_file.token_file;
             match command {
                 credential::CredentialCommand::Get { name } => {
-                    print_client(credential::get(&client, name).await)
+                    print_client(diagnosed(&client, credential::get(&client, name).await).await)
                 }
                 credential::CredentialCommand::Watch { name, output_file } => {
                     Ok(credential::watch(&client, name, output_file).await?)
@@ -228,7 +243,8 @@ async fn run_command(command: Command) -> Result<(), Failure> {
             }
         }
         Command::Admin { client, command } => {
-            print_client(admin::run(&with_env_token_file(client), command).await)
+            let client = with_env_token_file(client);
+            print_client(diagnosed(&client, admin::run(&client, command).await).await)
         }
         Command::Audit(audit::AuditCommand::List {
             mut client,
@@ -238,7 +254,8 @@ async fn run_command(command: Command) -> Result<(), Failure> {
             page_token,
         }) => {
             client.token_file = token_file.token_file;
-            print_client(audit::list(&client, filter, page_size, page_token).await)
+            let listed = audit::list(&client, filter, page_size, page_token).await;
+            print_client(diagnosed(&client, listed).await)
         }
         Command::GitCredential(args) => {
             let out = git_credential::run(args).await?;
