@@ -390,6 +390,7 @@ async fn hosts_organizations_and_brokers_it_cannot_serve_get_nothing() {
     assert!(out.stdout.is_empty(), "{}", text(&out.stdout));
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     let stderr = text(&out.stderr);
+    assert!(stderr.contains("token-broker git-credential: "), "{stderr}");
     assert!(stderr.contains("PermissionDenied"), "{stderr}");
     assert!(!stderr.contains(&token));
 

@@ -258,7 +258,11 @@ async fn run_command(command: Command) -> Result<(), Failure> {
             print_client(diagnosed(&client, listed).await)
         }
         Command::GitCredential(args) => {
-            let out = git_credential::run(args).await?;
+            // git shows a helper's stderr among its own: say who speaks.
+            let out = git_credential::run(args).await.map_err(|e| Failure {
+                message: format!("token-broker git-credential: {e}"),
+                status: e.exit_code(),
+            })?;
             if !out.is_empty() {
                 print_out(Ok::<_, String>(out))?;
             }
