@@ -766,13 +766,88 @@ async fn dev_runs_the_quickstart_a_leased_token_works_until_revoked() {
     assert!(exit.success(), "dev stops cleanly: {exit:?}");
 }
 
+#[tokio::test]
+async fn dev_takes_a_policy_file_so_a_managed_credential_can_be_tried_locally() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = "tbk_dev-policy-file-key-0123456789abcdef";
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "admins: [\"apikey:dev\"]\nrules: []\ncredentials:\n  - name: mirror-feed\n    organization: fabrikam\n    scopes: [\"vso.packaging\"]\n    rotation_period: 1h\n    overlap: 10m\n    readers: [\"apikey:dev\"]\n",
+    )
+    .unwrap();
+    let (running, grpc) = start_dev_with(
+        dir.path(),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--emulator-listen",
+            "127.0.0.1:0",
+        ],
+        key,
+        &[("TOKEN_BROKER_POLICY__FILE", policy.to_str().unwrap())],
+    )
+    .await;
+    let cli = |args: &[&str]| {
+        broker_command(dir.path())
+            .args(args)
+            .env("TOKEN_BROKER_ADDR", &grpc)
+            .env("TOKEN_BROKER_API_KEY", key)
+            .output()
+            .expect("run token-broker")
+    };
+    // The first version is minted in the background: wait for it.
+    let mut got = None;
+    common::leases::eventually("the first version of mirror-feed", || {
+        let out = cli(&["credential", "get", "mirror-feed", "--output", "json"]);
+        if out.status.success() {
+            got = Some(String::from_utf8_lossy(&out.stdout).into_owned());
+        }
+        std::future::ready(out.status.success())
+    })
+    .await;
+    let got: serde_json::Value = serde_json::from_str(&got.unwrap()).unwrap();
+    assert_eq!(got["credential"], "credentials/mirror-feed");
+    assert_eq!(got["state"], "CURRENT");
+    assert!(got["token"].as_str().is_some_and(|t| !t.is_empty()));
+
+    // The file's policy replaced the sample one: no lease rule any more.
+    let out = cli(&[
+        "lease",
+        "create",
+        "--organization",
+        "fabrikam",
+        "--scope",
+        "vso.code",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("NO_MATCHING_RULE"), "{err}");
+
+    let exit = tokio::task::spawn_blocking(move || running.terminate())
+        .await
+        .unwrap();
+    assert!(exit.success(), "dev stops cleanly: {exit:?}");
+}
+
 /// Starts `token-broker dev` with `args` in `dir`; returns it with its
 /// printed gRPC address.
 async fn start_dev(dir: &Path, args: &[&str], key: &str) -> (Running, String) {
+    start_dev_with(dir, args, key, &[]).await
+}
+
+/// [`start_dev`] with more environment variables.
+async fn start_dev_with(
+    dir: &Path,
+    args: &[&str],
+    key: &str,
+    env: &[(&str, &str)],
+) -> (Running, String) {
     let mut child = broker_command(dir)
         .arg("dev")
         .args(args)
         .env("TOKEN_BROKER_DEV_API_KEY", key)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

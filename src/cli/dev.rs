@@ -216,7 +216,15 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
     let log = &settings.config.log;
     let traces = crate::telemetry::init_with_traces(&log.filter, log.json)
         .map_err(|e| DevError::Config(e.to_string()))?;
-    let policy = Policy::from_yaml(DEV_POLICY).expect("the built-in dev policy is valid");
+    // `policy.file` (`TOKEN_BROKER_POLICY__FILE`), when set, replaces the
+    // sample policy (and is reloaded as under `serve`), so rules and managed
+    // credentials can be tried locally.
+    let policy = match &settings.config.policy.file {
+        Some(_) => server::load_policy(&settings.config)?,
+        None => Policy::from_yaml(DEV_POLICY)
+            .expect("the built-in dev policy is valid")
+            .into(),
+    };
     let listener = server::bind(&settings.config).await?;
     let broker = Broker::start(settings, policy, listener).await?;
 

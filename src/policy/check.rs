@@ -90,11 +90,11 @@ fn describe(e: &ValidationError<'_>) -> String {
             Some("admins") => format!(
                 "{value} is not an exact identity; admin rights go to exact identities only"
             ),
-            Some("identities") => format!(
+            Some("identities" | "readers") => format!(
                 "{value} must be an identity or glob starting with {}",
                 super::KIND_LIST
             ),
-            Some("identity_regexes") => format!(
+            Some("identity_regexes" | "reader_regexes") => format!(
                 "{value} must be '^', a literal kind prefix ({}), a regex, '$'",
                 super::KIND_LIST
             ),
@@ -103,11 +103,23 @@ fn describe(e: &ValidationError<'_>) -> String {
             }
             _ => e.to_string(),
         },
+        // A rule's identities, or a credential's readers.
+        ValidationErrorKind::AnyOf { .. } if in_credentials(e.instance_path()) => {
+            "must list at least one reader in readers or reader_regexes".into()
+        }
         ValidationErrorKind::AnyOf { .. } => {
             "must list at least one identity in identities or identity_regexes".into()
         }
         _ => e.to_string(),
     }
+}
+
+/// Whether `location` is inside `credentials:`.
+fn in_credentials(location: &Location) -> bool {
+    matches!(
+        location.segments().next(),
+        Some(LocationSegment::Property(p)) if &*p == "credentials"
+    )
 }
 
 fn is_scope(location: &Location) -> bool {
@@ -186,6 +198,33 @@ rules:
         let bad = "rules:\n  - name: r\n    organizations: [a]\n    scopes: [vso.code]\n    default_ttl: 1h\n    max_ttl: 1h\n";
         assert_eq!(paths(bad), ["rules[0]"]);
         assert!(check(bad)[0].message.contains("identities"));
+    }
+
+    #[test]
+    fn a_credential_without_readers_or_with_bad_ones_names_its_reader_fields() {
+        let bad = "rules: []\ncredentials:\n  - {name: a, organization: fabrikam, scopes: [vso.packaging], rotation_period: 20s, overlap: 8s, readers: []}\n  - {name: b, organization: fabrikam, scopes: [vso.packaging], rotation_period: 20s, overlap: 8s, readers: [mirror], reader_regexes: [\"apikey:.*\"]}\n";
+        let problems = check(bad);
+        assert_eq!(
+            paths(bad),
+            [
+                "credentials[0]",
+                "credentials[1].reader_regexes[0]",
+                "credentials[1].readers[0]"
+            ],
+            "{problems:?}"
+        );
+        assert!(
+            problems[0].message.contains("readers or reader_regexes"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].message.contains("a literal kind prefix"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[2].message.contains("must be an identity or glob"),
+            "{problems:?}"
+        );
     }
 
     #[test]
