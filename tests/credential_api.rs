@@ -852,3 +852,69 @@ async fn an_idle_watch_stream_keeps_its_connection_busy_with_the_servers_pings()
     assert_eq!(next(&mut stream).await.unwrap().version, 2);
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotate_now_warns_of_unconfirmed_revocations_and_revokes_a_removed_credential_at_once() {
+    let emu = Emu::start_default().await;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(&dir, &emu, &["apikey:mirror"]);
+    let file = dir.path().join("policy.yaml");
+    std::fs::write(&file, &spec.policy_yaml).unwrap();
+    let handle = PolicyHandle::from_file(&file).unwrap();
+    let broker = spawn_broker_with_policy(&spec, handle.clone()).await;
+    let mirror = spec.key("mirror");
+    let ops = spec.key("ops");
+    let first = current(&broker, mirror.expose_secret()).await;
+    let rotate_now = [
+        "admin",
+        "rotate-credential",
+        "mirror-feed",
+        "--revoke-previous",
+        "now",
+    ];
+
+    // Azure DevOps does not confirm the revocation: the rotation succeeds
+    // and says the previous token may still work.
+    emu.set_faults(serde_json::json!([{"operation": "revoke", "status": 503}]))
+        .await;
+    let run = cli(&broker, &ops, &rotate_now).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stderr.contains("version 1 is "), "{run:?}");
+    assert!(run.stderr.contains("did not confirm"), "{run:?}");
+    assert!(!run.stderr.contains(&first.token));
+    assert_eq!(emu.use_pat("fabrikam", FEEDS, &first.token).await, 200);
+    emu.clear_faults().await;
+    let second = current(&broker, mirror.expose_secret()).await;
+    assert_eq!(second.version, 2);
+
+    // The entry is removed from the policy (not retired for a day): NOW
+    // still cuts its tokens off, minting nothing.
+    let without = policy(&["apikey:mirror"]);
+    let without = without.split("credentials:").next().unwrap().to_owned();
+    std::fs::write(&file, without).unwrap();
+    assert!(handle
+        .reload(ReloadTrigger::Signal)
+        .await
+        .unwrap()
+        .is_applied());
+    let run = cli(&broker, &ops, &rotate_now).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(!run.stdout.contains("versions/3"), "{run:?}");
+    assert_eq!(emu.use_pat("fabrikam", FEEDS, &second.token).await, 401);
+    poll(
+        "version 1 revoked by its retries",
+        Duration::from_secs(60),
+        || {
+            let emu = &emu;
+            let token = first.token.clone();
+            async move {
+                match emu.use_pat("fabrikam", FEEDS, &token).await {
+                    401 => Ok(()),
+                    other => Err(format!("data plane answers {other}")),
+                }
+            }
+        },
+    )
+    .await;
+    broker.stop().await;
+}

@@ -220,6 +220,35 @@ pub async fn run(args: &ClientArgs, command: AdminCommand) -> Result<String, Cli
                 } as i32,
             };
             let version = answer(client.rotate_credential(request(req, args)?).await)?;
+            if revoke_previous == RevokePrevious::Now {
+                // A leak is cut off only once Azure DevOps confirmed each
+                // revocation: say which versions are still valid (stderr,
+                // so `--output json` stays one document).
+                let mut page_token = String::new();
+                loop {
+                    let req = pb::ListCredentialsRequest {
+                        page_size: crate::api::convert::MAX_PAGE_SIZE as i32,
+                        page_token,
+                    };
+                    let page = answer(client.list_credentials(request(req, args)?).await)?;
+                    for v in &page.versions {
+                        if v.credential == version.credential && still_valid_after_now(v) {
+                            eprintln!(
+                                "warning: {} version {} is {}: Azure DevOps did not confirm its \
+                                 revocation yet, so its token may still work; the broker keeps \
+                                 retrying (admin list-credentials shows when it is REVOKED)",
+                                v.credential,
+                                v.version,
+                                v.state().as_str_name()
+                            );
+                        }
+                    }
+                    page_token = page.next_page_token;
+                    if page_token.is_empty() {
+                        break;
+                    }
+                }
+            }
             Ok(output.show(&version, version_json, version_text))
         }
         AdminCommand::ListCredentials => {
@@ -420,6 +449,13 @@ fn revoke_text(r: &pb::RevokeLeasesResponse) -> String {
 }
 
 /// The proto3 JSON mapping of every version listed (never a token).
+/// Whether `v` may still hold a working token after a rotation with
+/// `--revoke-previous now` (its revocation not confirmed).
+fn still_valid_after_now(v: &pb::CredentialVersion) -> bool {
+    use pb::credential_version::State;
+    matches!(v.state(), State::Previous | State::Revoking)
+}
+
 fn credentials_json(all: &pb::ListCredentialsResponse) -> Value {
     let versions = all
         .versions

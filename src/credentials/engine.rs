@@ -261,7 +261,7 @@ async fn audit_system(
 /// Wakes this process's watchers of `credential` and tells the other
 /// replicas (PostgreSQL `NOTIFY`), best effort: they also read the
 /// database every tick.
-async fn changed(deps: &CredentialDeps, credential: &str) {
+pub(super) async fn changed(deps: &CredentialDeps, credential: &str) {
     deps.notify();
     if let Err(e) = deps.store.notify_credential_change(credential).await {
         tracing::debug!(credential, error = %e, "could not notify other replicas of a credential change");

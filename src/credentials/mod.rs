@@ -466,6 +466,9 @@ impl Credentials {
         let policy = deps.policy.current();
         let Some(spec) = policy.credential(name) else {
             let versions = deps.store.list_credential_versions(Some(name)).await?;
+            if revoke_previous == RevokePrevious::Now && !versions.is_empty() {
+                return revoke_all_now(deps, name, versions).await;
+            }
             return Err(missing(deps, name, versions.is_empty()));
         };
         let versions = deps.store.list_credential_versions(Some(name)).await?;
@@ -617,6 +620,44 @@ async fn next_for_watcher(
             with_token(deps, next).map(Some)
         }
     }
+}
+
+/// A credential removed from the policy (retired or not yet): nothing to
+/// mint, so NOW revokes every version still valid at once, letting an
+/// operator cut off a leak after the entry is gone. Answers the newest
+/// version as it is afterwards.
+async fn revoke_all_now(
+    deps: &CredentialDeps,
+    name: &str,
+    versions: Vec<CredentialVersionRecord>,
+) -> Result<CredentialVersion, CredentialError> {
+    let now = Timestamp::now();
+    for v in &versions {
+        if matches!(v.state, VersionState::Current | VersionState::Previous) {
+            let previous = CredentialVersionRecord {
+                state: VersionState::Previous,
+                revoke_at: Some(now),
+                update_time: now,
+                ..v.clone()
+            };
+            deps.store
+                .update_credential_version(&previous, v.state, None)
+                .await?;
+        }
+    }
+    for v in deps.store.list_credential_versions(Some(name)).await? {
+        if matches!(v.state, VersionState::Previous | VersionState::Revoking) {
+            if let Err(e) = engine::revoke_version(deps, &v, now).await {
+                tracing::warn!(credential = name, version = v.version, error = %e, "immediate revocation failed; left to background retries");
+            }
+        }
+    }
+    engine::changed(deps, name).await;
+    let after = deps.store.list_credential_versions(Some(name)).await?;
+    let newest = after.first().ok_or_else(|| CredentialError::NotFound {
+        name: name.to_owned(),
+    })?;
+    Ok(public(newest))
 }
 
 /// Why `name` has no CURRENT version.
