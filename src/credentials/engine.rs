@@ -611,9 +611,18 @@ pub(super) async fn run_once(deps: &CredentialDeps) -> Result<Snapshot, Credenti
             *entry = Some(entry.map_or(v.expire_time, |t| t.max(v.expire_time)));
         }
     }
+    for spec in policy.credentials() {
+        deps.metrics.declare(spec.name());
+        valid_until.entry(spec.name()).or_default();
+    }
     for (name, until) in valid_until {
-        deps.metrics
-            .set_valid_until(name, until.map(|t| t.as_micros() as f64 / 1e6));
+        // In the policy without a valid version: 0, so "validTo is near"
+        // alerts fire rather than the series vanishing.
+        let until = match until {
+            Some(t) => Some(t.as_micros() as f64 / 1e6),
+            None => policy.credential(name).map(|_| 0.0),
+        };
+        deps.metrics.set_valid_until(name, until);
     }
     Ok(snapshot)
 }

@@ -13,7 +13,9 @@ use prometheus::{GaugeVec, IntCounterVec, Opts, Registry};
 /// - `token_broker_credential_valid_until_seconds{credential}`: the validTo
 ///   (Unix seconds) of the credential's newest valid (CURRENT or PREVIOUS)
 ///   version; alert when it comes within the overlap of now, before readers
-///   are left without a valid version. Absent for a credential without one.
+///   are left without a valid version. 0 for a credential in the policy
+///   without one (so the same alert fires); absent for one no longer in
+///   the policy.
 #[derive(Clone, Debug)]
 pub struct CredentialMetrics {
     rotation_failures: IntCounterVec,
@@ -55,6 +57,14 @@ impl CredentialMetrics {
         registry.register(Box::new(metrics.rotation_failures.clone()))?;
         registry.register(Box::new(metrics.valid_until.clone()))?;
         Ok(metrics)
+    }
+
+    /// Starts `credential`'s failure series at 0, so a rate or increase
+    /// over it works before the first failure.
+    pub(super) fn declare(&self, credential: &str) {
+        self.rotation_failures
+            .with_label_values(&[credential])
+            .inc_by(0);
     }
 
     /// Counts one failed minting attempt of `credential`.
