@@ -438,6 +438,9 @@ async fn failed_rotations_are_counted_cleaned_up_upstream_and_retried_and_valid_
             VersionState::Failed
         ]
     );
+    // ListCredentials says why they failed.
+    assert!(list[0].last_error.is_none(), "{:?}", list[0].last_error);
+    assert!(list[1..].iter().all(|v| v.last_error.is_some()), "{list:?}");
     // The PATs the lost answers made are revoked; only version 3's is live.
     let upstream = upstream_versions(&emu).await;
     for v in [1, 2] {
@@ -455,9 +458,11 @@ async fn failed_rotations_are_counted_cleaned_up_upstream_and_retried_and_valid_
             .is_some_and(|n| n >= 2.0)
     );
     let until = poll("valid_until exported", Duration::from_secs(30), || async {
+        // 0 until a tick has seen version 3.
         credential_metric(&broker, "token_broker_credential_valid_until_seconds")
             .await
-            .ok_or_else(|| "absent".to_owned())
+            .filter(|v| *v > 0.0)
+            .ok_or_else(|| "absent or 0".to_owned())
     })
     .await;
     let expire = token.version.expire_time.as_micros() as f64 / 1e6;

@@ -376,6 +376,11 @@ pub fn version(v: &CredentialVersion, token: Option<&str>) -> pb::CredentialVers
             .authorization_id
             .map(|a| a.to_string())
             .unwrap_or_default(),
+        // AdminService answers (no token) only: readers need not see it.
+        last_error: match token {
+            None => v.last_error.clone().unwrap_or_default(),
+            Some(_) => String::new(),
+        },
         token: token.unwrap_or_default().to_owned(),
     }
 }
@@ -455,6 +460,7 @@ mod tests {
             rotate_time: t,
             expire_time: t,
             revoke_time: None,
+            last_error: Some("upstream refused".into()),
         }
     }
 
@@ -497,5 +503,8 @@ mod tests {
         assert_eq!(shown.token, "pat");
         assert!(!format!("{shown:?}").contains("\"pat\""));
         assert!(version(&v("x", 1), None).token.is_empty());
+        // The last error is an admin's: never in a reader's answer.
+        assert_eq!(version(&v("x", 1), None).last_error, "upstream refused");
+        assert!(version(&v("x", 1), Some("pat")).last_error.is_empty());
     }
 }

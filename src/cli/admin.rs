@@ -475,7 +475,7 @@ fn credentials_text(all: &pb::ListCredentialsResponse) -> String {
     if all.versions.is_empty() {
         return "no managed credential versions".to_owned();
     }
-    let columns: [Column<pb::CredentialVersion>; 7] = [
+    let columns: [Column<pb::CredentialVersion>; 9] = [
         Column::left("CREDENTIAL", 30, |v| {
             v.credential
                 .strip_prefix("credentials/")
@@ -487,9 +487,22 @@ fn credentials_text(all: &pb::ListCredentialsResponse) -> String {
         Column::left("VALID_FROM", 20, |v| secs_or_dash(&v.valid_from)),
         Column::left("ROTATE_TIME", 20, |v| secs_or_dash(&v.rotate_time)),
         Column::left("EXPIRE_TIME", 20, |v| secs_or_dash(&v.expire_time)),
-        Column::last("REVOKE_TIME", |v| secs_or_dash(&v.revoke_time)),
+        Column::left("REVOKE_TIME", 20, |v| secs_or_dash(&v.revoke_time)),
+        Column::left("AUTHORIZATION_ID", 36, |v| {
+            dash_if_empty(&v.authorization_id)
+        }),
+        Column::last("LAST_ERROR", |v| dash_if_empty(&v.last_error)),
     ];
     table(&columns, &all.versions)
+}
+
+/// `s`, or `-` when empty (a table cell).
+fn dash_if_empty(s: &str) -> String {
+    if s.is_empty() {
+        "-".to_owned()
+    } else {
+        s.to_owned()
+    }
 }
 
 /// Every holder's leases, one a row.

@@ -26,6 +26,10 @@ const MIN_MINT_RETRY: Duration = Duration::from_secs(5);
 /// Longest delay between minting attempts while they keep failing.
 const MAX_MINT_RETRY: Duration = Duration::from_secs(600);
 
+/// Audit reason of a `credential.mint` row whose version turned FAILED (the
+/// upstream's words are in the version's `last_error`, not the trail).
+const MINT_FAILED_REASON: &str = "CREDENTIAL_MINT_FAILED";
+
 /// The name of the credential sweep's row in `background_jobs`.
 const SWEEP_JOB: &str = "credential_sweep";
 
@@ -288,7 +292,18 @@ async fn mark_failed(
         .update_credential_version(&failed, VersionState::Pending, Some(claimer))
         .await
     {
-        Ok(_) => changed(deps, &intent.credential).await,
+        Ok(true) => {
+            audit_system(
+                deps,
+                crate::audit::CREDENTIAL_MINT,
+                &failed,
+                Outcome::Error,
+                Some(MINT_FAILED_REASON),
+            )
+            .await;
+            changed(deps, &intent.credential).await
+        }
+        Ok(false) => changed(deps, &intent.credential).await,
         Err(e) => {
             tracing::error!(credential = %intent.credential, version = intent.version, error = %e, "could not mark a credential version FAILED")
         }

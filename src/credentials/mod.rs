@@ -65,6 +65,9 @@ pub struct CredentialVersion {
     pub expire_time: Timestamp,
     /// When revocation began, if it did.
     pub revoke_time: Option<Timestamp>,
+    /// Why the last attempt on it failed (a FAILED mint, a REVOKING
+    /// retry); never a token.
+    pub last_error: Option<String>,
 }
 
 /// A version with its token. Debug redacts the token.
@@ -710,5 +713,6 @@ fn public(v: &CredentialVersionRecord) -> CredentialVersion {
         rotate_time: v.rotate_time,
         expire_time: v.expire_time,
         revoke_time: v.revoke_time,
+        last_error: v.last_error.clone(),
     }
 }
