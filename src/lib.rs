@@ -44,6 +44,15 @@ pub mod proto {
         pub const FILE_DESCRIPTOR_SET: &[u8] =
             include_bytes!(concat!(env!("OUT_DIR"), "/tokenbroker_descriptor.bin"));
 
+        /// What Debug shows for a token: empty, or `[REDACTED]`.
+        fn redacted(token: &str) -> &'static str {
+            if token.is_empty() {
+                ""
+            } else {
+                "[REDACTED]"
+            }
+        }
+
         // Written by hand so the token never reaches a log.
         impl std::fmt::Debug for Lease {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -60,14 +69,7 @@ pub mod proto {
                     .field("renewable", &self.renewable)
                     .field("display_name", &self.display_name)
                     .field("authorization_id", &self.authorization_id)
-                    .field(
-                        "token",
-                        &if self.token.is_empty() {
-                            ""
-                        } else {
-                            "[REDACTED]"
-                        },
-                    )
+                    .field("token", &redacted(&self.token))
                     .finish()
             }
         }
@@ -87,14 +89,8 @@ pub mod proto {
                     .field("expire_time", &self.expire_time)
                     .field("revoke_time", &self.revoke_time)
                     .field("authorization_id", &self.authorization_id)
-                    .field(
-                        "token",
-                        &if self.token.is_empty() {
-                            ""
-                        } else {
-                            "[REDACTED]"
-                        },
-                    )
+                    .field("last_error", &self.last_error)
+                    .field("token", &redacted(&self.token))
                     .finish()
             }
         }
