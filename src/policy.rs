@@ -468,19 +468,8 @@ impl Rule {
             |text| Scope::parse(text).map_err(|_| format!("unknown scope {text:?}")),
             &mut fail,
         );
-        let mut duration = |field: &str, text: &str| match humantime::parse_duration(text) {
-            Ok(d) if d.is_zero() => {
-                fail(field, "must be longer than zero".into());
-                None
-            }
-            Ok(d) => Some(d),
-            Err(e) => {
-                fail(field, format!("invalid duration {text:?}: {e}"));
-                None
-            }
-        };
-        let default_ttl = duration("default_ttl", &raw.default_ttl);
-        let max_ttl = duration("max_ttl", &raw.max_ttl);
+        let default_ttl = positive_duration("default_ttl", &raw.default_ttl, &mut fail);
+        let max_ttl = positive_duration("max_ttl", &raw.max_ttl, &mut fail);
         if let Some(max) = max_ttl {
             if max > MAX_TTL_LIMIT {
                 fail(
@@ -626,19 +615,8 @@ impl CredentialSpec {
             |text| Scope::parse(text).map_err(|_| format!("unknown scope {text:?}")),
             &mut fail,
         );
-        let mut duration = |field: &str, text: &str| match humantime::parse_duration(text) {
-            Ok(d) if d.is_zero() => {
-                fail(field, "must be longer than zero".into());
-                None
-            }
-            Ok(d) => Some(d),
-            Err(e) => {
-                fail(field, format!("invalid duration {text:?}: {e}"));
-                None
-            }
-        };
-        let period = duration("rotation_period", &raw.rotation_period);
-        let overlap = duration("overlap", &raw.overlap);
+        let period = positive_duration("rotation_period", &raw.rotation_period, &mut fail);
+        let overlap = positive_duration("overlap", &raw.overlap, &mut fail);
         if let (Some(p), Some(o)) = (period, overlap) {
             if o >= p {
                 fail(
@@ -669,6 +647,26 @@ impl CredentialSpec {
             overlap: overlap?,
             readers,
         })
+    }
+}
+
+/// `text` as a duration longer than zero (humantime: `90s`, `1h 30m`);
+/// None, with a problem on `field`, otherwise.
+fn positive_duration(
+    field: &str,
+    text: &str,
+    fail: &mut impl FnMut(&str, String),
+) -> Option<Duration> {
+    match humantime::parse_duration(text) {
+        Ok(d) if d.is_zero() => {
+            fail(field, "must be longer than zero".into());
+            None
+        }
+        Ok(d) => Some(d),
+        Err(e) => {
+            fail(field, format!("invalid duration {text:?}: {e}"));
+            None
+        }
     }
 }
 

@@ -15,8 +15,7 @@ use futures::Stream;
 use secrecy::SecretString;
 use tokio::sync::watch;
 
-use crate::audit::{AuditError, AuditEvent, AuditLog, Outcome};
-use crate::auth::Caller;
+use crate::audit::{AuditError, AuditLog};
 use crate::crypto::{CryptoError, Keyring};
 use crate::domain::{Identity, Timestamp};
 use crate::error::{ErrorCode, ServiceError};
@@ -519,50 +518,6 @@ impl Credentials {
     pub async fn list(&self) -> Result<Vec<CredentialVersion>, CredentialError> {
         let versions = self.inner.deps.store.list_credential_versions(None).await?;
         Ok(versions.iter().map(public).collect())
-    }
-
-    /// Appends an audit row for `caller`'s `action` on credential `name`
-    /// (e.g. `credential.get`, `credential.watch`,
-    /// `admin.rotate_credential`): identity, peer and caller detail as for
-    /// leases, `policy_rule` `credential:NAME`, the version (if any) in
-    /// `caller_detail` as `version=N`, and `reason` for a refusal; never a
-    /// token. Fails closed: a read whose row cannot be written must not
-    /// hand out the token.
-    ///
-    /// Errors: `Audit`.
-    pub async fn audit(
-        &self,
-        caller: &Caller,
-        action: &str,
-        name: &str,
-        version: Option<&CredentialVersion>,
-        outcome: Outcome,
-        reason: Option<&str>,
-    ) -> Result<(), CredentialError> {
-        let detail = [
-            caller.audit_detail(),
-            version.map(|v| format!("version={}", v.version)),
-        ]
-        .into_iter()
-        .flatten()
-        .collect::<Vec<_>>()
-        .join(" ");
-        let event = AuditEvent {
-            peer: caller.peer.clone(),
-            caller_detail: (!detail.is_empty()).then_some(detail),
-            policy_rule: Some(format!("credential:{name}")),
-            reason: reason.map(str::to_owned),
-            organization: version.map(|v| v.organization.clone()),
-            scopes: version.map(|v| v.scopes.join(" ")),
-            ..AuditEvent::new(
-                Timestamp::now(),
-                caller.identity.to_string().as_str(),
-                action,
-                outcome,
-            )
-        };
-        self.inner.deps.audit.append(&event).await?;
-        Ok(())
     }
 
     /// Whether `identity` is a reader of credential `name` in the policy in
