@@ -2018,16 +2018,26 @@ where
         present: &[String],
         now: Timestamp,
     ) -> Result<Vec<ManagedCredentialRecord>, StoreError> {
+        // Runs every engine pass: in the steady state every statement
+        // matches nothing, so the transaction writes nothing and its commit
+        // costs no WAL flush (an ON CONFLICT DO UPDATE would lock, and so
+        // write, each row on every pass).
         let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
         for name in present {
             sqlx::query(
                 "INSERT INTO managed_credentials (name, first_seen) VALUES ($1, $2) \
-                 ON CONFLICT (name) DO UPDATE SET absent_since = NULL, retired_time = NULL \
-                 WHERE managed_credentials.absent_since IS NOT NULL \
-                    OR managed_credentials.retired_time IS NOT NULL",
+                 ON CONFLICT (name) DO NOTHING",
             )
             .bind(name.clone())
             .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_sqlx)?;
+            sqlx::query(
+                "UPDATE managed_credentials SET absent_since = NULL, retired_time = NULL \
+                 WHERE name = $1 AND (absent_since IS NOT NULL OR retired_time IS NOT NULL)",
+            )
+            .bind(name.clone())
             .execute(&mut *tx)
             .await
             .map_err(map_sqlx)?;
