@@ -181,11 +181,10 @@ pub enum ClientError {
          --client-key-file)"
     )]
     Tls(String),
-    /// The connection failed during a call, before any answer.
-    #[error(
-        "the connection to the broker failed during the call: {0} (a broker that requires \
-         a client certificate closes it: see --client-cert-file)"
-    )]
+    /// The connection failed during a call, before any answer. (A broker
+    /// refusing our client certificate closes it too: the commands turn
+    /// that case into [`ClientError::Tls`] with `tls_probe::diagnose`.)
+    #[error("the connection to the broker failed during the call: {0}")]
     Lost(String),
     /// Bad local input: arguments, files the flags name.
     #[error("{0}")]

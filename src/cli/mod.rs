@@ -258,8 +258,10 @@ async fn run_command(command: Command) -> Result<(), Failure> {
             print_client(diagnosed(&client, listed).await)
         }
         Command::GitCredential(args) => {
+            let client = args.client.clone();
+            let answer = git_credential::run(args).await;
             // git shows a helper's stderr among its own: say who speaks.
-            let out = git_credential::run(args).await.map_err(|e| Failure {
+            let out = diagnosed(&client, answer).await.map_err(|e| Failure {
                 message: format!("token-broker git-credential: {e}"),
                 status: e.exit_code(),
             })?;
