@@ -526,8 +526,12 @@ async fn a_terminals_ctrl_c_reaches_the_command_once_and_exec_waits_for_it() {
         while [ ! -e "$OUT/go" ]; do sleep 0.1; done
         echo done"#;
     std::fs::write(w.path("child.sh"), command).unwrap();
-    let line = format!("{BIN} exec --organization fabrikam --scope vso.code -- sh child.sh");
-    let mut script = w.environment("script", &[]);
+    // script(1) runs the line with `$SHELL -c`; a shell that waits instead
+    // of replacing itself (dash) would be killed by the same ^C, so `exec`
+    // and a fixed SHELL keep the terminal's foreground group to exec and
+    // its command, whatever shell the machine's user has.
+    let line = format!("exec {BIN} exec --organization fabrikam --scope vso.code -- sh child.sh");
+    let mut script = w.environment("script", &[("SHELL", "/bin/sh")]);
     script
         .args(["-q", "-f", "-e", "-c", &line, "/dev/null"])
         .stdin(Stdio::piped());
