@@ -62,11 +62,17 @@ impl World {
     }
 
     /// The helper command for git's configuration, with `extra` options,
-    /// as the README writes it: `!token-broker git-credential …`, found on
-    /// git's PATH (see [`World::git`]).
+    /// as the README writes it: `token-broker git-credential …` (git runs
+    /// `git-credential-token-broker git-credential …`), found on git's PATH
+    /// (see [`World::git`]).
     fn helper(&self, extra: &str) -> String {
+        self.helper_named("token-broker git-credential", extra)
+    }
+
+    /// As [`World::helper`], with `name` for `token-broker git-credential`.
+    fn helper_named(&self, name: &str, extra: &str) -> String {
         format!(
-            "!token-broker git-credential --host {} --addr {} --api-key-file {} {extra}",
+            "{name} --host {} --addr {} --api-key-file {} {extra}",
             self.host(),
             self.broker.url,
             path(&self.key_file)
@@ -76,28 +82,39 @@ impl World {
     /// Configures (globally, in the world's HOME) the helper for the
     /// emulator's URL, with `credential.useHttpPath`.
     fn configure(&self, extra: &str) {
+        self.configure_helper(&self.helper(extra));
+    }
+
+    /// As [`World::configure`], with `helper` as git's helper value.
+    fn configure_helper(&self, helper: &str) {
         let base = self.emu.running.url();
         let home = self.git.dir.path().join("home");
         let key = format!("credential.{base}.helper");
         for args in [
             vec!["config", "--global", "--replace-all", &key, ""],
-            vec!["config", "--global", "--add", &key, &self.helper(extra)],
+            vec!["config", "--global", "--add", &key, helper],
             vec!["config", "--global", "credential.useHttpPath", "true"],
         ] {
             self.git.ok(&self.git.git(&home, &args));
         }
     }
 
-    /// Runs git with the compiled binary's directory first on its PATH.
+    /// Runs git with the compiled binaries' directory first on its PATH.
     fn git(&self, cwd: &Path, args: &[&str]) -> Output {
+        let env = self.git_path();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.git.git_env(cwd, args, &env)
+    }
+
+    /// `PATH` with the compiled binaries' directory first.
+    fn git_path(&self) -> Vec<(String, String)> {
         let bin_dir = Path::new(BIN).parent().unwrap();
         let mut dirs = vec![bin_dir.to_path_buf()];
         dirs.extend(std::env::split_paths(
             &std::env::var_os("PATH").unwrap_or_default(),
         ));
         let search = std::env::join_paths(dirs).unwrap();
-        self.git
-            .git_env(cwd, args, &[("PATH", search.to_str().unwrap())])
+        vec![("PATH".into(), search.to_str().unwrap().into())]
     }
 
     /// Clones the repository into `work/NAME` and returns its path.
@@ -227,6 +244,39 @@ async fn git_clones_and_fetches_twenty_times_on_one_lease() {
         !home.join(".git-credentials").exists(),
         "git's store helper kept the PAT"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_way_of_naming_the_helper_works() {
+    let w = world().await;
+    // Without `!` git runs `git-credential-token-broker` with the rest of
+    // the value; with it, the command as written.
+    for (n, name) in [
+        "token-broker git-credential",
+        "token-broker",
+        "!token-broker git-credential",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        w.configure_helper(&w.helper_named(name, ""));
+        // A cache of its own, so this helper leases rather than reusing.
+        let runtime = w.git.dir.path().join(format!("runtime-{n}"));
+        std::fs::create_dir(&runtime).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let mut env = w.git_path();
+        env.push(("XDG_RUNTIME_DIR".into(), path(&runtime).into()));
+        let dest = w.git.work().join(format!("clone-{n}"));
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let out = w.git.git_env(
+            &w.git.work(),
+            &["clone", &repo_url(&w.emu.running.url()), path(&dest)],
+            &env,
+        );
+        w.git.ok(&out);
+        assert_eq!(w.leases().await.len(), n + 1, "{name}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

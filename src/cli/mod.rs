@@ -126,11 +126,30 @@ enum ApikeyCommand {
     },
 }
 
-/// Entry point of the binary.
+/// Entry point of the `token-broker` binary.
 pub fn main() -> ExitCode {
+    main_from(std::env::args_os())
+}
+
+/// Entry point of the `git-credential-token-broker` binary, which git runs
+/// for a helper configured without `!` (`credential.helper "token-broker
+/// git-credential …"` runs `git credential-token-broker git-credential …
+/// get`; see `git help credential`). Its arguments are those of
+/// `token-broker`, with `git-credential` put first when absent, so
+/// `credential.helper "token-broker --scope vso.code_write"` works too.
+pub fn git_credential_main() -> ExitCode {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if args.first().is_none_or(|first| first != "git-credential") {
+        args.insert(0, "git-credential".into());
+    }
+    main_from(std::iter::once("token-broker".into()).chain(args))
+}
+
+/// Parses `args` (the program name first) and runs the command.
+fn main_from(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
     // reqwest and sqlx use rustls: pin its process-wide crypto provider.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(args);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
