@@ -225,6 +225,18 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
             .expect("the built-in dev policy is valid")
             .into(),
     };
+    // What to try first: a lease while the policy has rules, else a managed
+    // credential's value (a policy with `rules: []` refuses every lease).
+    let current = policy.current();
+    let first_step = match (current.rules().is_empty(), current.credentials().first()) {
+        (false, _) => {
+            "token-broker lease create --organization fabrikam --scope vso.code --ttl 15m"
+                .to_owned()
+        }
+        (true, Some(credential)) => format!("token-broker credential get {}", credential.name()),
+        (true, None) => "# the policy has `rules: []`: every lease is refused".to_owned(),
+    };
+    drop(current);
     let listener = server::bind(&settings.config).await?;
     let broker = Broker::start(settings, policy, listener).await?;
 
@@ -239,7 +251,7 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
          In another shell:\n\n  \
          export TOKEN_BROKER_ADDR={addr}\n  \
          export TOKEN_BROKER_API_KEY={}\n  \
-         token-broker lease create --organization fabrikam --scope vso.code --ttl 15m\n",
+         {first_step}\n",
         if emulator.is_some() {
             ""
         } else {

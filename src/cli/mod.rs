@@ -87,6 +87,7 @@ enum Command {
     /// Exit status: COMMAND's (128+N when signal N ended it, 127 not found,
     /// 126 cannot run); the client exit codes when no lease was made.
     #[cfg(unix)]
+    #[command(mut_arg("output", |a| a.hide(true)))]
     Exec {
         #[command(flatten)]
         client: client::ClientArgs,
@@ -106,6 +107,7 @@ enum Command {
     #[command(subcommand)]
     Audit(audit::AuditCommand),
     /// Git credential helper: answers Azure Repos' credential with a leased PAT (gRPC client).
+    #[command(mut_arg("output", |a| a.hide(true)))]
     GitCredential(git_credential::GitCredentialArgs),
     /// Measure a running broker (gRPC client), optionally against its database's own ceiling.
     Bench(bench::BenchArgs),
