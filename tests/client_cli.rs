@@ -348,6 +348,22 @@ async fn a_projected_service_account_token_file_and_an_api_key_file_authenticate
         assert!(!run.stderr.contains(part), "token echoed: {run:?}");
     }
 
+    // `admin` subcommands without a PAT file of their own take it too: the
+    // caller is known (not an admin here), so refused as such, not as
+    // unauthenticated.
+    std::fs::write(&token_file, &rotated).unwrap();
+    for admin in [
+        vec!["admin", "list-credentials"],
+        vec!["admin", "rotate-credential", "mirror"],
+        vec!["admin", "list"],
+    ] {
+        let mut line = admin.clone();
+        line.extend(["--addr", &addr, "--token-file", path(&token_file)]);
+        let run = cli(&line, &[]).await;
+        assert_eq!(run.code, 3, "{run:?}");
+        assert!(run.stderr.contains("PermissionDenied"), "{run:?}");
+    }
+
     // An API key file works the same way (trimmed) ...
     let key_file = w.ci_key_file();
     let run = cli(

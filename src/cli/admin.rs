@@ -19,7 +19,7 @@ use tonic::transport::Channel;
 use super::credential::{credential_name, version_json, version_text};
 use super::grpc::{
     answer, channel, lease_json, lease_name, lease_text, list_json, page_text, request, rfc3339,
-    table, ClientArgs, ClientError, Column, Paging, NAME_COLUMN, ORGANIZATION_COLUMN,
+    table, ClientArgs, ClientError, Column, Paging, TokenFileArg, NAME_COLUMN, ORGANIZATION_COLUMN,
     SCOPES_COLUMN, STATE_COLUMN,
 };
 use crate::proto::v1 as pb;
@@ -60,11 +60,16 @@ pub enum AdminCommand {
         filter: String,
         #[command(flatten)]
         paging: Paging,
+        #[command(flatten)]
+        caller: TokenFileArg,
     },
     /// List every REVOKE_FAILED lease (all pages): revocations the broker
     /// gave up on after its retry budget, whose PAT may still be live
     /// upstream; with attempts, last error and next retry.
-    ListFailed,
+    ListFailed {
+        #[command(flatten)]
+        caller: TokenFileArg,
+    },
     /// Find the lease a PAT belongs to ("whose token is this?") and print
     /// it (holder, organization, scopes, state, times). The token is read
     /// from stdin (typed at a terminal: not echoed) or from --token-file,
@@ -85,6 +90,8 @@ pub enum AdminCommand {
         /// characters, one line.
         #[arg(long)]
         reason: Option<String>,
+        #[command(flatten)]
+        caller: TokenFileArg,
     },
     /// Mint the next version of a managed credential now and print it (not
     /// its token); watchers get it at once. `--revoke-previous now` (a
@@ -97,10 +104,36 @@ pub enum AdminCommand {
         /// What happens to the versions the new one supersedes.
         #[arg(long, value_enum, default_value_t = RevokePrevious::AfterOverlap)]
         revoke_previous: RevokePrevious,
+        #[command(flatten)]
+        caller: TokenFileArg,
     },
     /// List every managed credential's versions (all pages) with their
     /// states and times; never a token.
-    ListCredentials,
+    ListCredentials {
+        #[command(flatten)]
+        caller: TokenFileArg,
+    },
+}
+
+impl AdminCommand {
+    /// The caller's service-account token file: `--token-file` (or
+    /// `TOKEN_BROKER_TOKEN_FILE`) where the subcommand has no `--token-file`
+    /// of its own; only the variable for `revoke` and `lookup-token`, whose
+    /// `--token-file` names the PAT to look up.
+    pub fn caller_token_file(&self) -> Option<PathBuf> {
+        match self {
+            AdminCommand::List { caller, .. }
+            | AdminCommand::ListFailed { caller }
+            | AdminCommand::ForceRevoke { caller, .. }
+            | AdminCommand::RotateCredential { caller, .. }
+            | AdminCommand::ListCredentials { caller } => caller.token_file.clone(),
+            AdminCommand::Revoke { .. } | AdminCommand::LookupToken { .. } => {
+                std::env::var_os(super::grpc::TOKEN_FILE_VAR)
+                    .filter(|v| !v.is_empty())
+                    .map(Into::into)
+            }
+        }
+    }
 }
 
 /// `--revoke-previous` of `admin rotate-credential`.
@@ -177,7 +210,7 @@ pub async fn run(args: &ClientArgs, command: AdminCommand) -> Result<String, Cli
             let done = answer(client.revoke_leases(request(req, args)?).await)?;
             Ok(output.show(&done, revoke_json, revoke_text))
         }
-        AdminCommand::List { filter, paging } => {
+        AdminCommand::List { filter, paging, .. } => {
             let mut client = connect(args).await?;
             let req = pb::AdminListLeasesRequest {
                 page_size: paging.page_size,
@@ -187,7 +220,7 @@ pub async fn run(args: &ClientArgs, command: AdminCommand) -> Result<String, Cli
             let page = answer(client.list_leases(request(req, args)?).await)?;
             Ok(output.show(&page, list_json, list_text))
         }
-        AdminCommand::ListFailed => {
+        AdminCommand::ListFailed { .. } => {
             let mut client = connect(args).await?;
             let mut all = pb::ListLeasesResponse::default();
             loop {
@@ -209,6 +242,7 @@ pub async fn run(args: &ClientArgs, command: AdminCommand) -> Result<String, Cli
         AdminCommand::RotateCredential {
             name,
             revoke_previous,
+            ..
         } => {
             use pb::rotate_credential_request::RevokePrevious as P;
             let mut client = connect(args).await?;
@@ -251,7 +285,7 @@ pub async fn run(args: &ClientArgs, command: AdminCommand) -> Result<String, Cli
             }
             Ok(output.show(&version, version_json, version_text))
         }
-        AdminCommand::ListCredentials => {
+        AdminCommand::ListCredentials { .. } => {
             let mut client = connect(args).await?;
             let mut all = pb::ListCredentialsResponse::default();
             loop {
@@ -268,7 +302,7 @@ pub async fn run(args: &ClientArgs, command: AdminCommand) -> Result<String, Cli
             }
             Ok(output.show(&all, credentials_json, credentials_text))
         }
-        AdminCommand::ForceRevoke { name, reason } => {
+        AdminCommand::ForceRevoke { name, reason, .. } => {
             let mut client = connect(args).await?;
             let req = pb::ForceRevokeLeaseRequest {
                 name: lease_name(&name),

@@ -263,8 +263,11 @@ async fn run_command(command: Command) -> Result<(), Failure> {
                 }
             }
         }
-        Command::Admin { client, command } => {
-            let client = with_env_token_file(client);
+        Command::Admin {
+            mut client,
+            command,
+        } => {
+            client.token_file = command.caller_token_file();
             print_client(diagnosed(&client, admin::run(&client, command).await).await)
         }
         Command::Audit(audit::AuditCommand::List {
