@@ -574,3 +574,41 @@ async fn an_unusable_xdg_runtime_dir_falls_back_to_a_private_tmpdir_and_still_re
         "{entries:?}"
     );
 }
+
+#[test]
+fn a_host_git_never_sends_is_a_usage_error_not_a_silent_helper() {
+    use std::io::Write as _;
+    // A URL or a path in --host never matches git's `host=`: the helper
+    // would answer nothing on every call, and git would just prompt.
+    for bad in ["https://dev.azure.com", "dev.azure.com/fabrikam", "", "*."] {
+        let mut child = std::process::Command::new(BIN)
+            .args([
+                "git-credential",
+                "--host",
+                bad,
+                "--addr",
+                "127.0.0.1:1",
+                "get",
+            ])
+            .env("TOKEN_BROKER_API_KEY", "tbk_unused")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The helper may exit before reading: a closed pipe is fine.
+        let _ = child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"protocol=https\nhost=dev.azure.com\npath=fabrikam/x\n\n");
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", text(&out.stderr));
+        assert!(out.stdout.is_empty(), "{bad:?}");
+        assert!(
+            text(&out.stderr).contains("--host"),
+            "{bad:?}: {}",
+            text(&out.stderr)
+        );
+    }
+}

@@ -78,12 +78,39 @@ pub struct GitCredentialArgs {
     /// Host served (repeatable): `HOST[:PORT]`, or `*.DOMAIN` whose first
     /// label is the organization. Default: dev.azure.com and
     /// *.visualstudio.com. Plain http is served only for hosts given here.
-    #[arg(long = "host", value_name = "HOST")]
+    #[arg(long = "host", value_name = "HOST", value_parser = parse_host)]
     pub hosts: Vec<String>,
     #[command(flatten)]
     pub client: ClientArgs,
     #[command(flatten)]
     pub token_file: super::grpc::TokenFileArg,
+}
+
+/// Checks one `--host` value: `HOST[:PORT]` or `*.DOMAIN`, as git sends
+/// `host=`. A value git can never send (a URL, a path, a blank) would make
+/// the helper silently answer nothing forever, so it is a usage error.
+fn parse_host(value: &str) -> Result<String, String> {
+    if value.contains("://") {
+        return Err(
+            "a host as git sends it, without the scheme: `dev.azure.com`, \
+                    `127.0.0.1:8081` (plain http is served for every --host)"
+                .into(),
+        );
+    }
+    let name = value.strip_prefix("*.").unwrap_or(value);
+    let valid = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']' | '_'));
+    if valid {
+        Ok(value.to_owned())
+    } else {
+        Err(
+            "expected `HOST[:PORT]` or `*.DOMAIN`, e.g. `dev.azure.com`, `*.visualstudio.com`, \
+             `127.0.0.1:8081`"
+                .into(),
+        )
+    }
 }
 
 /// Runs the helper: reads git's description from stdin and returns what
