@@ -88,8 +88,9 @@ pub enum CredentialError {
         /// The name asked for.
         name: String,
     },
-    /// The credential was removed from the policy and retired.
-    #[error("credential {name:?} is retired")]
+    /// The credential was removed from the policy (retired, or to be at
+    /// `policy.credentials_retire_after`): no new versions.
+    #[error("credential {name:?} is not in the policy (removed or retired): no new versions")]
     Retired {
         /// The name asked for.
         name: String,
