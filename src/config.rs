@@ -588,10 +588,12 @@ pub struct LeasesConfig {
     #[serde(deserialize_with = "crate::duration::de_duration")]
     pub sweep_interval: Duration,
     /// `leases.retention`: how long a closed lease (REVOKED, EXPIRED,
-    /// FAILED) and its idempotency key are kept after it closed; each is
-    /// deleted once this has passed and its PAT's validTo has too (never a
-    /// REVOKE_FAILED or live lease; never an audit row). Default `90d`, at
-    /// least `1h`, at most `3650d`.
+    /// FAILED) and its idempotency key, and a closed managed credential
+    /// version (REVOKED, FAILED), are kept after it closed; each is deleted
+    /// once this has passed and its PAT's validTo has too (never a
+    /// REVOKE_FAILED or live lease, never a live version or a credential's
+    /// newest one; never an audit row). Default `90d`, at least `1h`, at
+    /// most `3650d`.
     #[serde(deserialize_with = "crate::duration::de_duration")]
     pub retention: Duration,
     /// `[leases.revocation_retry]`: the schedule of upstream revoke

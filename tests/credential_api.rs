@@ -15,7 +15,10 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Status, Streaming};
 use tonic_types::StatusExt as _;
 
-use common::broker::{spawn_broker, spawn_broker_with_policy, BrokerSpec, TestBroker};
+use common::broker::{
+    spawn_broker, spawn_broker_with_config_and_policy, spawn_broker_with_policy, BrokerSpec,
+    TestBroker,
+};
 use common::db::sqlite_url;
 use common::emulator::Emu;
 use common::k8s::{claims, FakeIssuer, SigningKey};
@@ -916,5 +919,185 @@ async fn rotate_now_warns_of_unconfirmed_revocations_and_revokes_a_removed_crede
         },
     )
     .await;
+    broker.stop().await;
+}
+
+/// The versions ListCredentials shows (as an admin), newest first.
+async fn listed_versions(
+    broker: &TestBroker,
+    ops: &str,
+) -> Vec<(i64, pb::credential_version::State)> {
+    let req = pb::ListCredentialsRequest::default();
+    admin(broker)
+        .await
+        .list_credentials(authed(req, ops))
+        .await
+        .unwrap()
+        .into_inner()
+        .versions
+        .iter()
+        .map(|v| (v.version, v.state()))
+        .collect()
+}
+
+/// Retention (`leases.retention`, here its shortest, 1h) deletes closed
+/// versions, REVOKED and FAILED, once they closed longer ago than that and
+/// their PAT is past its validTo, in the same run as closed leases; the
+/// credential's newest version stays even when closed, so when the entry
+/// comes back the next version gets the next number (never a reused one),
+/// a watcher resumes after it, and the audit trail keeps every mint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_old_closed_versions_but_the_newest_and_numbering_goes_on() {
+    use pb::credential_version::State;
+    let emu = Emu::start_default().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = spec(&dir, &emu, &["apikey:mirror"]);
+    spec.reaper_interval = Duration::from_secs(1);
+    let file = dir.path().join("policy.yaml");
+    std::fs::write(&file, &spec.policy_yaml).unwrap();
+    let handle = PolicyHandle::from_file(&file).unwrap();
+    let mut config = spec.config();
+    config.leases.retention = Duration::from_secs(3600);
+    let broker = spawn_broker_with_config_and_policy(&spec, config, handle.clone()).await;
+    let mirror = spec.key("mirror");
+    let ops = spec.key("ops");
+    let (mirror, ops) = (mirror.expose_secret(), ops.expose_secret());
+
+    // History: 1 and 2 REVOKED, 3 FAILED (upstream refused it), 4 the newest.
+    assert_eq!(current(&broker, mirror).await.version, 1);
+    assert_eq!(rotate(&broker, ops, true).await.version, 2);
+    emu.set_faults(serde_json::json!([{ "operation": "create", "status": 400, "times": 1 }]))
+        .await;
+    let req = pb::RotateCredentialRequest {
+        name: NAME.into(),
+        revoke_previous: pb::rotate_credential_request::RevokePrevious::Now as i32,
+    };
+    assert!(admin(&broker)
+        .await
+        .rotate_credential(authed(req, ops))
+        .await
+        .is_err());
+    assert_eq!(rotate(&broker, ops, true).await.version, 4);
+    // The entry leaves the policy and is cut off at once: 4 is REVOKED too.
+    std::fs::write(&file, "admins: [\"apikey:ops\"]\nrules: []\n").unwrap();
+    assert!(handle
+        .reload(ReloadTrigger::Signal)
+        .await
+        .unwrap()
+        .is_applied());
+    assert_eq!(rotate(&broker, ops, true).await.version, 4);
+    assert_eq!(
+        listed_versions(&broker, ops).await,
+        [
+            (4, State::Revoked),
+            (3, State::Failed),
+            (2, State::Revoked),
+            (1, State::Revoked)
+        ]
+    );
+    let mints = audit_rows(&broker, ops, "credential.mint").await.len();
+    assert_eq!(mints, 4, "three mints and one failed mint");
+
+    // As if every version had closed two hours ago and its PAT's validTo
+    // (or, for the FAILED one, the validTo asked for) had passed two days
+    // ago; and as if retention last ran two hours ago.
+    let store = token_broker::store::open(&sqlite_url(&dir)).await.unwrap();
+    let now = token_broker::domain::Timestamp::now();
+    for v in store
+        .list_credential_versions(Some("mirror-feed"))
+        .await
+        .unwrap()
+    {
+        let aged = token_broker::store::CredentialVersionRecord {
+            update_time: now - chrono::Duration::hours(2),
+            expire_time: now - chrono::Duration::days(2),
+            ..v.clone()
+        };
+        assert!(store
+            .update_credential_version(&aged, v.state, None)
+            .await
+            .unwrap());
+    }
+    poll("the retention job claimed", Duration::from_secs(30), || {
+        let store = store.clone();
+        async move {
+            let claimed = store
+                .claim_job(
+                    "lease_retention",
+                    now,
+                    "test",
+                    Duration::from_secs(60),
+                    Duration::ZERO,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            claimed.then_some(()).ok_or_else(|| "held".to_owned())
+        }
+    })
+    .await;
+    store
+        .finish_job("lease_retention", "test", now - chrono::Duration::hours(2))
+        .await
+        .unwrap();
+
+    // The broker's own retention run (every reaper_interval it checks its
+    // turn) deletes 1, 2 and 3; 4, the newest, stays.
+    poll("old versions deleted", Duration::from_secs(60), || async {
+        match listed_versions(&broker, ops).await.as_slice() {
+            [(4, State::Revoked)] => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let run = cli(&broker, &spec.key("ops"), &["admin", "list-credentials"]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let rows: Vec<&str> = run.stdout.lines().skip(1).collect();
+    assert_eq!(rows.len(), 1, "{}", run.stdout);
+    assert!(
+        rows[0].starts_with("mirror-feed") && rows[0].contains(" 4 REVOKED "),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(
+        audit_rows(&broker, ops, "credential.mint").await.len(),
+        mints,
+        "audit rows are never deleted"
+    );
+
+    // The entry comes back: the next version is 5, a new PAT upstream;
+    // a watcher that last got 4 resumes with 5.
+    std::fs::write(&file, &spec.policy_yaml).unwrap();
+    assert!(handle
+        .reload(ReloadTrigger::Signal)
+        .await
+        .unwrap()
+        .is_applied());
+    let fifth = current(&broker, mirror).await;
+    assert_eq!(fifth.version, 5);
+    assert_eq!(emu.use_pat("fabrikam", FEEDS, &fifth.token).await, 200);
+    let mut stream = watch(&broker, mirror, 4).await.unwrap();
+    assert_eq!(next(&mut stream).await.unwrap().version, 5);
+    assert_eq!(rotate(&broker, ops, false).await.version, 6);
+    assert_eq!(next(&mut stream).await.unwrap().version, 6);
+    assert_eq!(
+        listed_versions(&broker, ops).await,
+        [
+            (6, State::Current),
+            (5, State::Previous),
+            (4, State::Revoked)
+        ]
+    );
+    // Each display name was used once upstream.
+    let mut names: Vec<String> = emu
+        .pats()
+        .await
+        .iter()
+        .filter_map(|p| p["displayName"].as_str().map(str::to_owned))
+        .filter(|n| n.contains(":credential:mirror-feed:"))
+        .collect();
+    let all = names.len();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), all, "a display name reused: {names:?}");
     broker.stop().await;
 }

@@ -93,6 +93,9 @@ conformance!(
     a_credential_version_is_claimed_only_without_a_live_claim,
     managed_credentials_record_absence_retirement_and_return,
     credential_version_tokens_are_sealed_secrets_kept_only_while_valid,
+    credential_version_retention_deletes_only_closed_versions_past_both_bounds_never_the_newest,
+    a_version_number_at_or_below_the_newest_stored_is_never_inserted,
+    the_versions_in_use_are_the_live_ones_and_each_named_credentials_newest,
 );
 
 // ---- fixtures ----------------------------------------------------------
@@ -2946,4 +2949,289 @@ async fn credential_version_tokens_are_sealed_secrets_kept_only_while_valid(stor
     let rows = store.list_credential_versions(Some("feed")).await.unwrap();
     assert_eq!(rows[0].sealed_token, None);
     assert!(store.sealed_key_ids().await.unwrap().is_empty());
+}
+
+/// Version `version` of `name` in `state`, last written (closed) at
+/// `closed_at`, its PAT valid until `valid_to`; minted upstream (an
+/// authorization id) unless `minted` is false (a FAILED mint upstream
+/// never answered for).
+fn stored_version(
+    name: &str,
+    version: i64,
+    state: VersionState,
+    closed_at: Timestamp,
+    valid_to: Timestamp,
+    minted: bool,
+) -> CredentialVersionRecord {
+    let minted_pat = activated(&intent(name, version, "a"), version as u8);
+    CredentialVersionRecord {
+        state,
+        authorization_id: minted_pat.authorization_id.filter(|_| minted),
+        sealed_token: minted_pat.sealed_token.filter(|_| state.holds_token()),
+        update_time: closed_at,
+        expire_time: valid_to,
+        revoke_time: matches!(state, VersionState::Revoking | VersionState::Revoked)
+            .then_some(closed_at),
+        claimed_by: None,
+        claimed_until: None,
+        ..intent(name, version, "a")
+    }
+}
+
+/// The (credential, version) keys of `rows`, in their order.
+fn version_keys(rows: &[CredentialVersionRecord]) -> Vec<(String, i64)> {
+    rows.iter()
+        .map(|r| (r.credential.clone(), r.version))
+        .collect()
+}
+
+fn key(name: &str, version: i64) -> (String, i64) {
+    (name.to_owned(), version)
+}
+
+/// Retention of credential versions, as of leases: REVOKED and FAILED
+/// versions that closed before the retention bound and whose PAT is past
+/// its validTo (for a FAILED mint upstream never answered for, its
+/// asked-for validTo a day before now) go, oldest closed first and at
+/// most `limit` per call; a version closed recently, one whose validTo is
+/// ahead, every live one however old, each credential's newest version
+/// whatever its state, and every audit row stay.
+async fn credential_version_retention_deletes_only_closed_versions_past_both_bounds_never_the_newest(
+    store: Arc<dyn Store>,
+) {
+    use VersionState::*;
+    let day = secs(24 * 3600);
+    let now = t0() + day * 200;
+    let closed_before = now - day * 90;
+    let unrecorded_before = now - day;
+    let long_ago = t0() + secs(7200);
+    let past = t0() + secs(3600);
+    let rows = [
+        // feed: a credential in use with history.
+        stored_version("feed", 1, Revoked, long_ago, past, true), // gone
+        stored_version("feed", 2, Failed, long_ago + secs(1), past, false), // gone
+        // A FAILED mint whose asked-for validTo is within a day of now.
+        stored_version("feed", 3, Failed, long_ago, now - secs(3600), false),
+        // validTo ahead.
+        stored_version("feed", 4, Revoked, long_ago, now + day, true),
+        // Closed within the retention.
+        stored_version("feed", 5, Revoked, now - day * 10, past, true),
+        stored_version("feed", 6, Revoked, long_ago + secs(2), past, true), // gone
+        // Live, however old.
+        stored_version("feed", 7, Revoking, long_ago, past, true),
+        stored_version("feed", 8, Previous, long_ago, past, true),
+        stored_version("feed", 9, Current, long_ago, past, true),
+        // A later PENDING (its minter at work): still feed's newest.
+        stored_version("feed", 10, Pending, long_ago, past, false),
+        // retired: every version revoked long ago; the newest stays.
+        stored_version("retired", 1, Revoked, long_ago + secs(3), past, true), // gone
+        stored_version("retired", 2, Revoked, long_ago, past, true),
+        // broken: only FAILED versions; the newest stays.
+        stored_version("broken", 1, Failed, long_ago + secs(4), past, false), // gone
+        stored_version("broken", 2, Failed, long_ago, past, false),
+    ];
+    for r in &rows {
+        assert!(
+            store.insert_credential_version(r).await.unwrap(),
+            "{} {}",
+            r.credential,
+            r.version
+        );
+    }
+    let mut event = audit("credential.mint", Outcome::Allowed);
+    event.id = store.append_audit(&event).await.unwrap();
+
+    // Nothing is due yet at t0 + 1 day.
+    let early = t0() + day;
+    assert_eq!(
+        store
+            .delete_closed_credential_versions(early - day * 90, early, early - day, 100)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        store
+            .delete_closed_credential_versions(closed_before, now, unrecorded_before, 2)
+            .await
+            .unwrap(),
+        2,
+        "a batch is at most its limit"
+    );
+    let left = version_keys(&store.list_credential_versions(None).await.unwrap());
+    assert!(
+        !left.contains(&key("feed", 1)),
+        "oldest closed first: {left:?}"
+    );
+    assert!(
+        !left.contains(&key("feed", 2)),
+        "oldest closed first: {left:?}"
+    );
+    assert_eq!(
+        store
+            .delete_closed_credential_versions(closed_before, now, unrecorded_before, 2)
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        store
+            .delete_closed_credential_versions(closed_before, now, unrecorded_before, 2)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        store
+            .delete_closed_credential_versions(closed_before, now, unrecorded_before, 2)
+            .await
+            .unwrap(),
+        0
+    );
+    let left = version_keys(&store.list_credential_versions(None).await.unwrap());
+    assert_eq!(
+        left,
+        [
+            key("broken", 2),
+            key("feed", 10),
+            key("feed", 9),
+            key("feed", 8),
+            key("feed", 7),
+            key("feed", 5),
+            key("feed", 4),
+            key("feed", 3),
+            key("retired", 2),
+        ]
+    );
+    // What stays is unchanged.
+    for r in store.list_credential_versions(None).await.unwrap() {
+        let original = rows
+            .iter()
+            .find(|o| o.credential == r.credential && o.version == r.version)
+            .unwrap();
+        assert_eq!(&r, original);
+    }
+    // Audit rows are never deleted.
+    assert_eq!(store.list_audit(0, 10).await.unwrap(), [event]);
+}
+
+/// Retention deletes older numbers but keeps the newest, so a minter with
+/// a stale view can never mint a number again: an insert at or below the
+/// newest stored number is refused, the next one goes in.
+async fn a_version_number_at_or_below_the_newest_stored_is_never_inserted(store: Arc<dyn Store>) {
+    let day = secs(24 * 3600);
+    let now = t0() + day * 200;
+    let long_ago = t0() + secs(7200);
+    for v in 1..=3 {
+        let r = stored_version("feed", v, VersionState::Revoked, long_ago, long_ago, true);
+        assert!(store.insert_credential_version(&r).await.unwrap());
+    }
+    assert_eq!(
+        store
+            .delete_closed_credential_versions(now - day * 90, now, now - day, 100)
+            .await
+            .unwrap(),
+        2
+    );
+    for v in [1, 2, 3] {
+        assert!(
+            !store
+                .insert_credential_version(&intent("feed", v, "stale"))
+                .await
+                .unwrap(),
+            "version {v} minted again"
+        );
+    }
+    assert!(store
+        .insert_credential_version(&intent("feed", 4, "b"))
+        .await
+        .unwrap());
+    // Other credentials number on their own.
+    assert!(store
+        .insert_credential_version(&intent("other", 1, "b"))
+        .await
+        .unwrap());
+    let left = version_keys(&store.list_credential_versions(None).await.unwrap());
+    assert_eq!(left, [key("feed", 4), key("feed", 3), key("other", 1)]);
+}
+
+/// An engine pass reads every live version (PENDING, CURRENT, PREVIOUS,
+/// REVOKING) of any credential, and the `recent` newest versions of each
+/// credential it names, each once, in the listing's order: nothing of the
+/// closed history beyond that.
+async fn the_versions_in_use_are_the_live_ones_and_each_named_credentials_newest(
+    store: Arc<dyn Store>,
+) {
+    use VersionState::*;
+    let t = t0();
+    let mut rows = vec![
+        stored_version("feed", 1, Revoked, t, t, true),
+        // The CURRENT version, behind ten failed mints.
+        stored_version("feed", 2, Current, t, t, true),
+    ];
+    for v in 3..=12 {
+        rows.push(stored_version("feed", v, Failed, t, t, false));
+    }
+    rows.extend([
+        // Not in the policy: only its live versions.
+        stored_version("gone", 1, Revoked, t, t, true),
+        stored_version("gone", 2, Previous, t, t, true),
+        stored_version("gone", 3, Revoking, t, t, true),
+        stored_version("gone", 4, Revoked, t, t, true),
+        // Live and among the newest: listed once.
+        stored_version("new", 1, Pending, t, t, false),
+    ]);
+    for r in &rows {
+        assert!(store.insert_credential_version(r).await.unwrap());
+    }
+    let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let in_use = store
+        .list_credential_versions_in_use(&names(&["feed", "new", "unknown"]), 3)
+        .await
+        .unwrap();
+    assert_eq!(
+        version_keys(&in_use),
+        [
+            key("feed", 12),
+            key("feed", 11),
+            key("feed", 10),
+            key("feed", 2),
+            key("gone", 3),
+            key("gone", 2),
+            key("new", 1),
+        ]
+    );
+    for r in &in_use {
+        let original = rows
+            .iter()
+            .find(|o| o.credential == r.credential && o.version == r.version)
+            .unwrap();
+        assert_eq!(r, original, "read back field for field");
+    }
+    // No names: the live versions alone.
+    let live = store.list_credential_versions_in_use(&[], 3).await.unwrap();
+    assert_eq!(
+        version_keys(&live),
+        [
+            key("feed", 2),
+            key("gone", 3),
+            key("gone", 2),
+            key("new", 1)
+        ]
+    );
+    // A credential whose versions are all closed: its newest.
+    let gone = store
+        .list_credential_versions_in_use(&names(&["gone"]), 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        version_keys(&gone),
+        [
+            key("feed", 2),
+            key("gone", 4),
+            key("gone", 3),
+            key("gone", 2),
+            key("new", 1)
+        ]
+    );
 }

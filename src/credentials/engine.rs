@@ -26,6 +26,13 @@ const MIN_MINT_RETRY: Duration = Duration::from_secs(5);
 /// Longest delay between minting attempts while they keep failing.
 const MAX_MINT_RETRY: Duration = Duration::from_secs(600);
 
+/// The newest versions of each credential in the policy an engine pass
+/// reads besides the live ones: the newest gives the next number and the
+/// schedule, and the run of FAILED ones at the top sets the mint backoff,
+/// which [`mint_retry_delay`] caps at this many (a unit test holds it).
+/// Older closed versions are history the pass never needs.
+const RECENT_VERSIONS: u32 = 8;
+
 /// Audit reason of a `credential.mint` row whose version turned FAILED (the
 /// upstream's words are in the version's `last_error`, not the trail).
 const MINT_FAILED_REASON: &str = "CREDENTIAL_MINT_FAILED";
@@ -514,7 +521,9 @@ pub(super) type Snapshot = BTreeMap<(String, i64), VersionState>;
 
 /// One pass of background work over every credential: retirement, minting
 /// what is due, revoking what is due, reconciling stale PENDING rows, and
-/// the valid-until metric. Returns what it saw.
+/// the valid-until metric. Reads the live versions and the
+/// [`RECENT_VERSIONS`] newest of each policy credential, never the whole
+/// history. Returns what it saw (those rows' states).
 pub(super) async fn run_once(deps: &CredentialDeps) -> Result<Snapshot, CredentialError> {
     let policy = deps.policy.current();
     let now = Timestamp::now();
@@ -542,7 +551,13 @@ pub(super) async fn run_once(deps: &CredentialDeps) -> Result<Snapshot, Credenti
             retired.insert(m.name.clone(), now);
         }
     }
-    let versions = deps.store.list_credential_versions(None).await?;
+    // Not the whole history: the live versions and each policy
+    // credential's newest few (what minting, revocation, reconciliation,
+    // retirement and the metric read).
+    let versions = deps
+        .store
+        .list_credential_versions_in_use(&present, RECENT_VERSIONS)
+        .await?;
     let mut by_name: BTreeMap<&str, Vec<&CredentialVersionRecord>> = BTreeMap::new();
     for v in &versions {
         by_name.entry(v.credential.as_str()).or_default().push(v);
@@ -616,7 +631,10 @@ pub(super) async fn run_once(deps: &CredentialDeps) -> Result<Snapshot, Credenti
         }
     }
     // What the pass leaves, for watchers and the metric.
-    let versions = deps.store.list_credential_versions(None).await?;
+    let versions = deps
+        .store
+        .list_credential_versions_in_use(&present, RECENT_VERSIONS)
+        .await?;
     let mut valid_until: BTreeMap<&str, Option<Timestamp>> = BTreeMap::new();
     let mut snapshot = Snapshot::new();
     for v in &versions {
@@ -665,8 +683,10 @@ fn mint_due(rows: &[&CredentialVersionRecord], now: Timestamp) -> Option<&'stati
 }
 
 /// Sweeps upstream once per `sweep_interval` (one replica, by the
-/// `credential_sweep` job claim): in every organization a credential
-/// version was minted in, revokes each active PAT named like a credential
+/// `credential_sweep` job claim): in every organization a stored credential
+/// version was minted in (retention deletes a version only once its PAT is
+/// past its validTo, so every organization that may hold a live one is
+/// still listed), revokes each active PAT named like a credential
 /// version of this deployment whose row is missing or no longer live
 /// (REVOKED, FAILED). Returns how many it revoked.
 pub(super) async fn sweep_if_due(deps: &CredentialDeps) -> Result<usize, CredentialError> {
@@ -734,5 +754,12 @@ mod tests {
         assert_eq!(mint_retry_delay(1), Duration::from_secs(5));
         assert_eq!(mint_retry_delay(2), Duration::from_secs(10));
         assert_eq!(mint_retry_delay(30), Duration::from_secs(600));
+    }
+
+    #[test]
+    fn the_versions_a_pass_reads_cover_the_whole_mint_backoff() {
+        let recent = RECENT_VERSIONS;
+        assert_eq!(mint_retry_delay(recent), MAX_MINT_RETRY);
+        assert!(mint_retry_delay(recent - 1) < MAX_MINT_RETRY);
     }
 }

@@ -316,7 +316,9 @@ pub struct LeaseSettings {
     pub sweep_interval: Duration,
     /// How long a closed lease (REVOKED, EXPIRED, FAILED) is kept after it
     /// closed; it is deleted, with its idempotency key, once this has
-    /// passed and its PAT's validTo has too (`leases.retention`).
+    /// passed and its PAT's validTo has too (`leases.retention`). Closed
+    /// managed credential versions (REVOKED, FAILED; never a credential's
+    /// newest) go by the same rule in the same run.
     pub retention: Duration,
     /// When failed upstream revocations are retried.
     pub revocation_retry: RetrySchedule,
@@ -585,7 +587,8 @@ impl Leases {
     /// an hour old and no replica holds its claim), as `run_background`
     /// does beside its passes: deletes the closed leases past
     /// `settings.retention` whose PAT is past its validTo, with their
-    /// idempotency keys. Returns what it did (`ran: false` when it was not
+    /// idempotency keys, and the closed managed credential versions the
+    /// same bounds allow (never a credential's newest). Returns what it did (`ran: false` when it was not
     /// due). Errors: `Store`.
     pub async fn run_retention_once(&self) -> Result<RetentionReport, LeaseError> {
         retention::retain_if_due(&self.background, &std::sync::atomic::AtomicBool::new(false)).await

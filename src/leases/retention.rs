@@ -18,6 +18,17 @@
 //! - A CreateLease retried with the `request_id` of a deleted lease is a
 //!   new request: its key went with the lease.
 //! - Audit rows are never deleted (see docs/durability.md, "Retention").
+//!
+//! The same run, under the same claim and setting, deletes closed managed
+//! credential versions the same way
+//! ([`crate::store::Store::delete_closed_credential_versions`]): REVOKED and
+//! FAILED ones closed more than `leases.retention` ago whose PAT is past
+//! its validTo (a FAILED mint upstream never answered for: its asked-for
+//! validTo plus [`UNRECORDED_VALID_TO_SLACK`]), never a live one and never
+//! a credential's newest version (the next version number is derived from
+//! it, and watchers resume after it). One job rather than two: the rules,
+//! the interval and the setting are the leases', and a second claim would
+//! only add a row to `background_jobs`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -31,11 +42,12 @@ const RETENTION_JOB: &str = "lease_retention";
 /// How often the deployment runs retention (one replica per interval).
 const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
 
-/// Leases deleted per transaction.
+/// Leases (or credential versions) deleted per transaction.
 const BATCH: u32 = 500;
 
 /// Added to `max_expire_time` for the validTo of a lease that recorded
-/// none: 1 day.
+/// none, and to the asked-for validTo of a credential version upstream
+/// never answered for: 1 day.
 const UNRECORDED_VALID_TO_SLACK: Duration = Duration::from_secs(24 * 3600);
 
 /// What one call of [`retain_if_due`] did.
@@ -46,6 +58,8 @@ pub struct RetentionReport {
     pub ran: bool,
     /// Closed leases deleted (with their idempotency keys).
     pub deleted: u64,
+    /// Closed managed credential versions deleted.
+    pub credential_versions_deleted: u64,
 }
 
 /// The replica's name as the job's claimer.
@@ -82,28 +96,37 @@ pub(super) async fn retain_if_due(
     let unrecorded_before = t0.saturating_sub(UNRECORDED_VALID_TO_SLACK);
     let mut report = RetentionReport {
         ran: true,
-        deleted: 0,
+        ..RetentionReport::default()
     };
+    let out_of_time = || stop.load(Ordering::Relaxed) || tokio::time::Instant::now() >= deadline;
     loop {
         let deleted = deps
             .store
             .delete_closed_leases(closed_before, t0, unrecorded_before, BATCH)
             .await?;
         report.deleted += deleted;
-        if deleted < u64::from(BATCH)
-            || stop.load(Ordering::Relaxed)
-            || tokio::time::Instant::now() >= deadline
-        {
+        if deleted < u64::from(BATCH) || out_of_time() {
+            break;
+        }
+    }
+    while !out_of_time() {
+        let deleted = deps
+            .store
+            .delete_closed_credential_versions(closed_before, t0, unrecorded_before, BATCH)
+            .await?;
+        report.credential_versions_deleted += deleted;
+        if deleted < u64::from(BATCH) {
             break;
         }
     }
     deps.store
         .finish_job(RETENTION_JOB, &claimer(deps), t0)
         .await?;
-    if report.deleted > 0 {
+    if report.deleted > 0 || report.credential_versions_deleted > 0 {
         tracing::info!(
             deleted = report.deleted,
-            "closed leases past retention deleted"
+            credential_versions_deleted = report.credential_versions_deleted,
+            "closed leases and credential versions past retention deleted"
         );
     }
     Ok(report)

@@ -1254,9 +1254,13 @@ pub trait Store: Send + Sync + 'static {
     // Managed credentials (issue 17; table `credential_versions`).
 
     /// Inserts `version` (a PENDING intent claimed by its minter) unless a
-    /// row with its (credential, version) exists: true if inserted. The
-    /// primary key makes this the claim on minting that version, so
-    /// concurrent replicas mint each version once.
+    /// row of its credential with that version number or a higher one
+    /// exists: true if inserted. The primary key makes this the claim on
+    /// minting that version, so concurrent replicas mint each version once;
+    /// the "or higher" keeps a minter with a stale view from reusing a
+    /// number retention deleted
+    /// ([`Store::delete_closed_credential_versions`] keeps each
+    /// credential's newest row, so numbers only grow).
     async fn insert_credential_version(
         &self,
         version: &CredentialVersionRecord,
@@ -1268,6 +1272,38 @@ pub trait Store: Send + Sync + 'static {
         &self,
         credential: Option<&str>,
     ) -> Result<Vec<CredentialVersionRecord>, StoreError>;
+
+    /// What one engine pass needs: every live version (PENDING, CURRENT,
+    /// PREVIOUS, REVOKING) of any credential, and the `recent` newest
+    /// versions, in any state, of each credential in `names`; ordered as
+    /// [`Store::list_credential_versions`], each once. Its cost follows the
+    /// live versions and `names.len() * recent`, not the history: the live
+    /// rows come from a partial index (migration 0014), the newest from the
+    /// primary key.
+    async fn list_credential_versions_in_use(
+        &self,
+        names: &[String],
+        recent: u32,
+    ) -> Result<Vec<CredentialVersionRecord>, StoreError>;
+
+    /// Deletes up to `limit` closed credential versions (REVOKED, FAILED;
+    /// never a live one) that closed before `closed_before` (their last
+    /// write, `update_time`: a closed version is never written again),
+    /// whose PAT is past its validTo (`expire_time` before
+    /// `valid_to_before`; for a version upstream never answered for, with
+    /// no `authorization_id` (a FAILED mint), `expire_time` is only what
+    /// was asked for, so before `unrecorded_valid_to_before`), and that are
+    /// not their credential's newest version (the highest number stays:
+    /// the next number is derived from it and watchers resume after it).
+    /// Oldest closed first; returns how many were deleted (fewer than
+    /// `limit`: none of the rest is due). Audit rows are never deleted.
+    async fn delete_closed_credential_versions(
+        &self,
+        closed_before: Timestamp,
+        valid_to_before: Timestamp,
+        unrecorded_valid_to_before: Timestamp,
+        limit: u32,
+    ) -> Result<u64, StoreError>;
 
     /// Writes every mutable column of `version` (state, authorization id,
     /// sealed token (NULL unless CURRENT or PREVIOUS), times, attempts,

@@ -680,6 +680,12 @@ const CREDENTIAL_VERSION_COLUMNS: &str = "credential, version, state, organizati
      rotate_time, expire_time, revoke_at, revoke_time, attempts, next_attempt_time, last_error, \
      claimed_by, claimed_until";
 
+/// The live states of a credential version, spelt exactly as the partial
+/// index `credential_versions_in_use_idx` (migration 0014) spells them:
+/// both backends use a partial index only for a query whose predicate
+/// matches its own, and a bound parameter never does.
+const LIVE_VERSION_STATES: &str = "state IN ('PENDING', 'CURRENT', 'PREVIOUS', 'REVOKING')";
+
 /// The `sealed_token` a write of `version` stores: its token while CURRENT
 /// or PREVIOUS, NULL in every other state, so leaving them erases it in
 /// the same statement.
@@ -1874,8 +1880,13 @@ where
         &self,
         v: &CredentialVersionRecord,
     ) -> Result<bool, StoreError> {
+        // Never a number at or below the newest stored one (retention may
+        // have deleted older rows; the newest always stays). The WHERE also
+        // keeps SQLite from parsing ON CONFLICT as a join's ON.
         let sql = format!(
-            "INSERT INTO credential_versions ({CREDENTIAL_VERSION_COLUMNS}) VALUES ({}) \
+            "INSERT INTO credential_versions ({CREDENTIAL_VERSION_COLUMNS}) SELECT {} \
+             WHERE NOT EXISTS (SELECT 1 FROM credential_versions \
+                               WHERE credential = $1 AND version >= $2) \
              ON CONFLICT (credential, version) DO NOTHING",
             placeholders(1, 20)
         );
@@ -1920,6 +1931,97 @@ where
             .fetch_all(&self.pool)
             .await
             .map_err(map_sqlx)
+    }
+
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.list_credential_versions_in_use", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "list_credential_versions_in_use"))]
+    async fn list_credential_versions_in_use(
+        &self,
+        names: &[String],
+        recent: u32,
+    ) -> Result<Vec<CredentialVersionRecord>, StoreError> {
+        // The live rows over the partial index, then each name's newest
+        // over the primary key (a backward range scan stopped at `recent`);
+        // UNION drops a row both parts read (one statement, one snapshot).
+        let mut sql = format!(
+            "SELECT {CREDENTIAL_VERSION_COLUMNS} FROM credential_versions \
+             WHERE {LIVE_VERSION_STATES}"
+        );
+        for i in 0..names.len() {
+            sql.push_str(&format!(
+                " UNION SELECT {CREDENTIAL_VERSION_COLUMNS} FROM \
+                 (SELECT {CREDENTIAL_VERSION_COLUMNS} FROM credential_versions \
+                  WHERE credential = ${} ORDER BY version DESC LIMIT $1) AS recent_{i}",
+                i + 2
+            ));
+        }
+        sql.push_str(" ORDER BY credential, version DESC");
+        let mut args = DB::Arguments::default();
+        args.add(i64::from(recent)).map_err(bind_error)?;
+        for name in names {
+            args.add(name.clone()).map_err(bind_error)?;
+        }
+        sqlx::query_as_with::<DB, CredentialVersionRecord, _>(&sql, args)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_sqlx)
+    }
+
+    #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.delete_closed_credential_versions", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "delete_closed_credential_versions"))]
+    async fn delete_closed_credential_versions(
+        &self,
+        closed_before: Timestamp,
+        valid_to_before: Timestamp,
+        unrecorded_valid_to_before: Timestamp,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        // As `delete_closed_leases`: SQLite takes the write lock first;
+        // PostgreSQL locks the picked rows. A closed version never changes
+        // again, and a newer version only raises the MAX, so a row picked
+        // as "not the newest" is still not the newest when deleted.
+        let mut tx = DB::begin_quota_create(&self.pool).await?;
+        let sql = format!(
+            "SELECT credential, version FROM credential_versions v \
+             WHERE state IN ($1, $2) AND update_time < $3 \
+               AND ((authorization_id IS NOT NULL AND expire_time < $4) \
+                 OR (authorization_id IS NULL AND expire_time < $5)) \
+               AND version < (SELECT MAX(n.version) FROM credential_versions n \
+                              WHERE n.credential = v.credential) \
+             ORDER BY update_time, credential, version LIMIT $6 {}",
+            DB::CLAIM_LOCK
+        );
+        let keys: Vec<(String, i64)> = sqlx::query_as(&sql)
+            .bind(VersionState::Revoked)
+            .bind(VersionState::Failed)
+            .bind(closed_before)
+            .bind(valid_to_before)
+            .bind(unrecorded_valid_to_before)
+            .bind(i64::from(limit))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(map_sqlx)?;
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let mut deleted = 0;
+        for chunk in keys.chunks(MAX_IDS_PER_QUERY / 2) {
+            let pairs = (0..chunk.len())
+                .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql =
+                format!("DELETE FROM credential_versions WHERE (credential, version) IN ({pairs})");
+            let mut query = sqlx::query::<DB>(&sql);
+            for (credential, version) in chunk {
+                query = query.bind(credential.clone()).bind(*version);
+            }
+            deleted += query
+                .execute(&mut *tx)
+                .await
+                .map_err(map_sqlx)?
+                .rows_affected();
+        }
+        tx.commit().await.map_err(map_sqlx)?;
+        Ok(deleted)
     }
 
     #[tracing::instrument(name = "store", level = "debug", skip_all, fields(otel.name = "store.update_credential_version", otel.kind = "client", db.system = DB::DB_SYSTEM, db.operation.name = "update_credential_version"))]

@@ -256,6 +256,17 @@ pub async fn spawn_broker_with_config(spec: &BrokerSpec, config: Config) -> Test
     start(spec, config, policy.into()).await
 }
 
+/// Starts the real server with `config` and `policy` (e.g. a file-backed
+/// handle that reloads).
+#[allow(dead_code)]
+pub async fn spawn_broker_with_config_and_policy(
+    spec: &BrokerSpec,
+    config: Config,
+    policy: PolicyHandle,
+) -> TestBroker {
+    start(spec, config, policy).await
+}
+
 async fn start(spec: &BrokerSpec, config: Config, policy: PolicyHandle) -> TestBroker {
     let settings = Settings::new(config).expect("test configuration is valid");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
