@@ -330,8 +330,8 @@ pub fn credential_service(
 /// only. `grpc`'s connection limits apply ([`transport`]), and its
 /// `max_request_size` to every service.
 ///
-/// Every call is counted in `rpc_metrics` and access-logged
-/// ([`observe`]).
+/// Every call runs in its span, is counted in `rpc_metrics` and is
+/// access-logged ([`observe`]).
 ///
 /// Health (for `""` and each tokenbroker service) is SERVING when the
 /// store answers a ping, checked once before the first call is accepted and
@@ -386,8 +386,8 @@ pub async fn serve(
         .prepare();
     transport::serve(
         listener,
-        // Outermost, so everything a call does (metrics, access log) runs in its span.
-        rpc_span::RpcSpans::new(observe::Observed::new(routes, rpc_metrics)),
+        // Every call: its span, metrics and access log (one layer, outermost).
+        observe::Observed::new(routes, rpc_metrics),
         tls,
         transport::ConnectionLimits::from(&grpc),
         shutdown,

@@ -1,5 +1,8 @@
-//! Per-RPC metrics and the access log, as a tower service around every
-//! gRPC route ([`Observed`]).
+//! Every gRPC call observed once, by one tower service around every route
+//! ([`Observed`]): its span ([`super::rpc_span`]), its metrics and its
+//! access log line. The method is looked up once per call and its final
+//! status is read once (one response-body wrapper) and reported to all
+//! three.
 //!
 //! Metrics carry the names and labels of go-grpc-middleware's Prometheus
 //! interceptor (`providers/prometheus`, and go-grpc-prometheus before it),
@@ -13,13 +16,16 @@
 //! Only methods the server serves get their own labels (read from the
 //! services' file descriptors); any other path is counted under
 //! `grpc_service="unknown", grpc_method="unknown", grpc_type="unknown"`,
-//! so no caller can add series.
+//! so no caller can add series. (Its span is still named after the path
+//! when the path has the shape of one, [`super::rpc_span`].)
 //!
 //! A call is handled when its `grpc-status` is known: in the response
 //! headers (trailers-only answers, e.g. refusals) or in the trailers at
-//! the body's end. A body that ends without one counts as `Unknown`; a
+//! the body's end. A status that is missing or not a number (trailers
+//! without one, a body that ends without trailers) counts as `Unknown`; a
 //! call dropped before its status (the client went away, `grpc-timeout`
-//! expired) counts as `Canceled`.
+//! expired), whether before its response or during its body, counts as
+//! `Canceled`.
 //!
 //! The access log: one line per call, target [`ACCESS_LOG_TARGET`], with
 //! `method`, `code`, `duration_ms` and `identity`. At INFO when the caller
@@ -43,7 +49,9 @@ use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::{Code, Status};
 use tower::Service;
+use tracing::{Instrument as _, Span};
 
+use super::rpc_span;
 use crate::auth::Caller;
 
 /// `tracing` target of the access log lines.
@@ -51,6 +59,13 @@ pub const ACCESS_LOG_TARGET: &str = "token_broker::access";
 
 /// The label value of paths that name no served method.
 const UNKNOWN: &str = "unknown";
+
+/// `grpc-status` UNKNOWN: a status that is missing or not a number.
+const STATUS_UNKNOWN: i32 = 2;
+
+/// `grpc-status` CANCELLED: the call was dropped before its status (the
+/// client went away or the deadline passed).
+const STATUS_CANCELLED: i32 = 1;
 
 /// Labels of one served method (or of every unknown path).
 #[derive(Clone, Debug)]
@@ -84,6 +99,9 @@ pub struct RpcMetrics {
     handling: HistogramVec,
     /// By request path (`/package.Service/Method`).
     methods: HashMap<String, MethodLabels>,
+    /// Length of the longest key of `methods`: a longer path is not hashed
+    /// (it is the caller's to choose, before authentication).
+    longest: usize,
     unknown: MethodLabels,
 }
 
@@ -164,13 +182,18 @@ impl RpcMetrics {
             started,
             handled,
             handling,
+            longest: methods.keys().map(String::len).max().unwrap_or(0),
             methods,
             unknown: MethodLabels::unknown(),
         })
     }
 
-    fn labels(&self, path: &str) -> MethodLabels {
-        self.methods.get(path).unwrap_or(&self.unknown).clone()
+    /// The labels of the method `path` names, if the server serves it.
+    fn served(&self, path: &str) -> Option<&MethodLabels> {
+        if path.len() > self.longest {
+            return None;
+        }
+        self.methods.get(path)
     }
 }
 
@@ -215,24 +238,29 @@ impl CallerSlot {
     }
 }
 
-/// One call in progress: counted handled once, when its status is known
-/// or, failing that, when it is dropped.
+/// One call in progress: reported once, when its status is known or,
+/// failing that, when it is dropped.
 struct CallRecord {
     metrics: Arc<RpcMetrics>,
     labels: MethodLabels,
     start: Instant,
     caller: CallerSlot,
+    /// The call's span; it ends when the record is dropped.
+    span: Span,
     done: bool,
 }
 
 impl CallRecord {
-    fn finish(&mut self, code: Code) {
+    /// Reports the call's `grpc-status` `code`: counted handled, logged,
+    /// recorded into its span (in that order, so a log of the span's
+    /// fields reads as before).
+    fn finish(&mut self, code: i32) {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
         let elapsed = self.start.elapsed();
         let [kind, service, method] = self.labels.values();
-        let code_name = go_code_name(code);
+        let code_name = go_code_name(Code::from_i32(code));
         self.metrics
             .handled
             .with_label_values(&[kind, service, method, code_name])
@@ -242,7 +270,7 @@ impl CallRecord {
             .with_label_values(&[kind, service, method])
             .observe(elapsed.as_secs_f64());
         let duration_ms = elapsed.as_secs_f64() * 1000.0;
-        let rpc = format!("{service}/{method}");
+        let rpc = format_args!("{service}/{method}");
         match self.caller.identity() {
             Some(identity) => tracing::info!(
                 target: ACCESS_LOG_TARGET,
@@ -261,6 +289,7 @@ impl CallRecord {
                 "rpc"
             ),
         }
+        rpc_span::record_status(&self.span, code);
     }
 }
 
@@ -268,24 +297,25 @@ impl Drop for CallRecord {
     fn drop(&mut self) {
         // Dropped before a status: the client reset the stream, or the
         // call's grpc-timeout expired.
-        self.finish(Code::Cancelled);
+        self.finish(STATUS_CANCELLED);
     }
 }
 
-/// The `grpc-status` in `headers`, if any (an unparsable one is Unknown).
-fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
+/// The `grpc-status` in `headers`, if there is one (UNKNOWN if it is not a
+/// number).
+fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {
     let value = headers.get("grpc-status")?;
     Some(
         value
             .to_str()
             .ok()
-            .and_then(|v| v.parse::<i32>().ok())
-            .map_or(Code::Unknown, Code::from_i32),
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(STATUS_UNKNOWN),
     )
 }
 
-/// `S` observed: every call counted in [`RpcMetrics`] and logged (see the
-/// module doc).
+/// `S` observed: every call in its span, counted in [`RpcMetrics`] and
+/// logged (see the module doc).
 #[derive(Clone)]
 pub struct Observed<S> {
     inner: S,
@@ -316,7 +346,22 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
-        let labels = self.metrics.labels(request.uri().path());
+        // The one lookup: a served method's labels name its span too; any
+        // other path is counted `unknown`, its span named after the path.
+        let path = request.uri().path();
+        let (labels, span) = match self.metrics.served(path) {
+            Some(labels) => {
+                let span = rpc_span::call_span(&labels.service, &labels.method, request.headers());
+                (labels.clone(), span)
+            }
+            None => {
+                let (service, method) =
+                    rpc_span::service_and_method(path).unwrap_or((UNKNOWN, UNKNOWN));
+                let span = rpc_span::call_span(service, method, request.headers());
+                (self.metrics.unknown.clone(), span)
+            }
+        };
+        let entered = span.enter();
         self.metrics
             .started
             .with_label_values(&labels.values())
@@ -328,26 +373,36 @@ where
             labels,
             start: Instant::now(),
             caller,
+            span: span.clone(),
             done: false,
         };
         let response = self.inner.call(request);
-        Box::pin(async move {
-            let Ok(response) = response.await;
-            if let Some(code) = grpc_status(response.headers()) {
-                record.finish(code);
-                return Ok(response);
+        drop(entered);
+        Box::pin(
+            async move {
+                let Ok(response) = response.await;
+                // Trailers-only answers (every error tonic sends) carry the
+                // status in the headers; others in the trailers.
+                if let Some(code) = grpc_status(response.headers()) {
+                    record.finish(code);
+                    return Ok(response);
+                }
+                Ok(response.map(|body| {
+                    Body::new(ObservedBody {
+                        body,
+                        record: Some(record),
+                    })
+                }))
             }
-            Ok(response.map(|body| {
-                Body::new(ObservedBody {
-                    body,
-                    record: Some(record),
-                })
-            }))
-        })
+            // Everything the call does runs in its span.
+            .instrument(span),
+        )
     }
 }
 
-/// A response body that reports its call's status from its trailers.
+/// A response body that reports its call's status from its trailers, and
+/// keeps the call's span open until then (a streamed answer is part of the
+/// call). Dropped before them: CANCELLED.
 struct ObservedBody {
     body: Body,
     record: Option<CallRecord>,
@@ -365,10 +420,10 @@ impl http_body::Body for ObservedBody {
         let code = match &polled {
             Poll::Ready(Some(Ok(frame))) => frame
                 .trailers_ref()
-                .map(|t| grpc_status(t).unwrap_or(Code::Unknown)),
-            Poll::Ready(Some(Err(status))) => Some(status.code()),
+                .map(|t| grpc_status(t).unwrap_or(STATUS_UNKNOWN)),
+            Poll::Ready(Some(Err(status))) => Some(status.code() as i32),
             // Ended without trailers: no status was sent.
-            Poll::Ready(None) => Some(Code::Unknown),
+            Poll::Ready(None) => Some(STATUS_UNKNOWN),
             Poll::Pending => None,
         };
         if let Some(code) = code {
@@ -403,14 +458,14 @@ mod tests {
             ],
         )
         .unwrap();
-        let create = m.labels("/tokenbroker.v1.LeaseService/CreateLease");
+        let labels = |path| m.served(path).unwrap_or(&m.unknown);
+        let create = labels("/tokenbroker.v1.LeaseService/CreateLease");
         assert_eq!(
             create.values(),
             ["unary", "tokenbroker.v1.LeaseService", "CreateLease"]
         );
         assert_eq!(
-            m.labels("/tokenbroker.v1.CredentialService/WatchCredential")
-                .values(),
+            labels("/tokenbroker.v1.CredentialService/WatchCredential").values(),
             [
                 "server_stream",
                 "tokenbroker.v1.CredentialService",
@@ -418,16 +473,19 @@ mod tests {
             ]
         );
         assert_eq!(
-            m.labels("/tokenbroker.v1.AdminService/RotateCredential")
-                .values(),
+            labels("/tokenbroker.v1.AdminService/RotateCredential").values(),
             ["unary", "tokenbroker.v1.AdminService", "RotateCredential"]
         );
         assert_eq!(
-            m.labels("/grpc.health.v1.Health/Watch").values(),
+            labels("/grpc.health.v1.Health/Watch").values(),
             ["server_stream", "grpc.health.v1.Health", "Watch"]
         );
-        for path in ["/x.Y/Z", "/tokenbroker.v1.LeaseService/Nope", "/"] {
-            assert_eq!(m.labels(path).values(), ["unknown"; 3]);
+        let long = format!(
+            "/tokenbroker.v1.LeaseService/CreateLease{}",
+            "x".repeat(10_000)
+        );
+        for path in ["/x.Y/Z", "/tokenbroker.v1.LeaseService/Nope", "/", &long] {
+            assert_eq!(labels(path).values(), ["unknown"; 3]);
         }
     }
 
@@ -436,5 +494,15 @@ mod tests {
         assert_eq!(go_code_name(Code::Cancelled), "Canceled");
         assert_eq!(go_code_name(Code::PermissionDenied), "PermissionDenied");
         assert_eq!(go_code_name(Code::from_i32(16)), "Unauthenticated");
+    }
+
+    #[test]
+    fn grpc_status_is_read_as_a_number_and_anything_else_is_unknown() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(grpc_status(&h), None);
+        h.insert("grpc-status", http::HeaderValue::from_static("5"));
+        assert_eq!(grpc_status(&h), Some(5));
+        h.insert("grpc-status", http::HeaderValue::from_static("x"));
+        assert_eq!(grpc_status(&h), Some(STATUS_UNKNOWN));
     }
 }
