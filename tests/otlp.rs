@@ -4,7 +4,9 @@
 //! `traceparent`, with its store and upstream calls as descendants, the
 //! upstream request carrying the trace on to the emulator, and no secret in
 //! anything exported. Without the `OTEL_*` variables it exports nothing and
-//! propagates nothing.
+//! propagates nothing. Calls that end without an answer (dropped by the
+//! client) or reach no service get the same status in their span, in the
+//! metrics and in the access log.
 
 mod common;
 
@@ -20,15 +22,19 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use opentelemetry_proto::tonic::trace::v1::status::StatusCode as SpanStatus;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use secrecy::ExposeSecret as _;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 
 use common::broker::BrokerSpec;
 use common::db::sqlite_url;
 use common::emulator::Emu;
 use common::process::ServeProcess;
+use common::wait::poll;
 use token_broker::emulator::DEFAULT_REFRESH_TOKEN;
 use token_broker::proto::v1 as pb;
 
@@ -316,4 +322,235 @@ async fn without_otel_variables_the_broker_serves_and_propagates_nothing() {
         .expect("the emulator saw the create");
     assert!(create["traceparent"].is_null(), "{create}");
     assert!(broker.sigterm().await.success(), "{}", broker.log_tail());
+}
+
+/// The `grpc_server_handled_total` sample of `service`/`method` with
+/// `grpc_code` `code` in the Prometheus text `metrics` (0 when absent).
+fn handled(metrics: &str, service: &str, method: &str, code: &str) -> f64 {
+    let scrape = prometheus_parse::Scrape::parse(metrics.lines().map(|l| Ok(l.to_owned())))
+        .expect("/metrics parses as Prometheus text");
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "grpc_server_handled_total")
+        .filter(|s| {
+            s.labels.get("grpc_service") == Some(service)
+                && s.labels.get("grpc_method") == Some(method)
+                && s.labels.get("grpc_code") == Some(code)
+        })
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+            ref other => panic!("grpc_server_handled_total: {other:?}"),
+        })
+        .sum()
+}
+
+/// An HTTP/2 gRPC POST to `path` (no service has it), as an
+/// unauthenticated caller would send it; its `grpc-status`.
+async fn call_path(broker: &ServeProcess, path: &str) -> Option<String> {
+    let http = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let response = http
+        .post(format!("http://{}{path}", broker.grpc_addr()))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(vec![0u8, 0, 0, 0, 0])
+        .send()
+        .await
+        .expect("the server answers");
+    response
+        .headers()
+        .get("grpc-status")
+        .map(|v| v.to_str().unwrap().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_and_unserved_calls_end_with_one_status_in_their_span_metrics_and_access_log() {
+    let (received, endpoint) = Received::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emu::start_default().await;
+    let spec = spec(&dir, &emu);
+    let mut broker = ServeProcess::spawn_with_env(
+        &spec,
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_TRACES_SAMPLER", "always_on"),
+            // Exported as they end, so the test can wait for them.
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    );
+    broker.wait_ready().await;
+
+    // A Health/Watch stream the client drops after its first message: the
+    // call's response body is dropped before its trailers.
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", broker.grpc_addr()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut watch = HealthClient::new(channel)
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("Watch answers")
+        .into_inner();
+    watch
+        .message()
+        .await
+        .expect("a first status")
+        .expect("the stream is open");
+    drop(watch);
+
+    // A CreateLease the client gives up on while the upstream is slow: the
+    // call is dropped before its response.
+    emu.set_faults(serde_json::json!([{"operation": "create", "latencyMs": 2000, "times": 1}]))
+        .await;
+    let mut client = broker.client(&spec.key("ci")).await;
+    let given_up = tokio::time::timeout(
+        std::time::Duration::from_millis(500),
+        client.create_lease(pb::CreateLeaseRequest {
+            organization: "fabrikam".into(),
+            scopes: vec!["vso.code_write".into()],
+            ttl: None,
+            request_id: String::new(),
+        }),
+    )
+    .await;
+    assert!(
+        given_up.is_err(),
+        "answered despite the slow upstream: {given_up:?}"
+    );
+
+    // Paths no service serves: one shaped like a method, one not.
+    assert_eq!(
+        call_path(&broker, "/probe.v1.Nope/Method").await.as_deref(),
+        Some("12")
+    );
+    assert_eq!(
+        call_path(&broker, "/probe/a/b").await.as_deref(),
+        Some("12")
+    );
+
+    // Metrics: both dropped calls Canceled, the unserved paths `unknown`.
+    let metrics = poll(
+        "both dropped calls counted",
+        std::time::Duration::from_secs(30),
+        || async {
+            let metrics = broker.metrics().await;
+            let watch = handled(&metrics, "grpc.health.v1.Health", "Watch", "Canceled");
+            let create = handled(
+                &metrics,
+                "tokenbroker.v1.LeaseService",
+                "CreateLease",
+                "Canceled",
+            );
+            if watch == 1.0 && create == 1.0 {
+                Ok(metrics)
+            } else {
+                Err(format!("Watch {watch}, CreateLease {create}"))
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        handled(&metrics, "unknown", "unknown", "Unimplemented"),
+        2.0
+    );
+    assert_eq!(
+        handled(&metrics, "tokenbroker.v1.LeaseService", "CreateLease", "OK"),
+        0.0
+    );
+
+    // The access log: the authenticated caller's dropped call at INFO, Canceled.
+    let log = broker.log();
+    let access: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("token_broker::access"))
+        .collect();
+    assert_eq!(
+        access
+            .iter()
+            .filter(|l| l.contains("INFO")
+                && l.contains("tokenbroker.v1.LeaseService/CreateLease")
+                && l.contains("Canceled")
+                && l.contains("apikey:ci"))
+            .count(),
+        1,
+        "{access:#?}"
+    );
+
+    // The given-up CreateLease still runs to its commit on its own task,
+    // in the call's span: that span ends (and is exported) after it.
+    let rpcs = [
+        "grpc.health.v1.Health/Watch",
+        "tokenbroker.v1.LeaseService/CreateLease",
+        "probe.v1.Nope/Method",
+        "unknown/unknown",
+    ];
+    let spans = poll(
+        "every call's span exported",
+        std::time::Duration::from_secs(30),
+        || async {
+            let spans = received.spans();
+            let names: Vec<&str> = spans.iter().map(|(_, s)| s.name.as_str()).collect();
+            if rpcs.iter().all(|rpc| names.contains(rpc)) {
+                Ok(spans)
+            } else {
+                Err(format!("{names:?}"))
+            }
+        },
+    )
+    .await;
+    assert!(broker.sigterm().await.success(), "{}", broker.log_tail());
+    let names: Vec<&str> = spans.iter().map(|(_, s)| s.name.as_str()).collect();
+    let span = |name: &str| {
+        spans
+            .iter()
+            .map(|(_, s)| s)
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no {name} span among {names:?}"))
+    };
+    let status = |s: &Span| s.status.as_ref().map_or(0, |st| st.code);
+
+    // Dropped calls: CANCELLED, which is the caller's doing (no error).
+    for name in [
+        "grpc.health.v1.Health/Watch",
+        "tokenbroker.v1.LeaseService/CreateLease",
+    ] {
+        let s = span(name);
+        assert_eq!(
+            int_attr(&s.attributes, "rpc.grpc.status_code"),
+            Some(1),
+            "{name}"
+        );
+        assert_ne!(status(s), SpanStatus::Error as i32, "{name}");
+    }
+    assert_eq!(
+        attr(
+            &span("tokenbroker.v1.LeaseService/CreateLease").attributes,
+            "identity.kind"
+        )
+        .as_deref(),
+        Some("apikey")
+    );
+
+    // Unserved paths: named after the path when it has a method's shape,
+    // `unknown/unknown` otherwise; UNIMPLEMENTED, a server error.
+    for (name, service) in [
+        ("probe.v1.Nope/Method", "probe.v1.Nope"),
+        ("unknown/unknown", "unknown"),
+    ] {
+        let s = span(name);
+        assert_eq!(attr(&s.attributes, "rpc.service").as_deref(), Some(service));
+        assert_eq!(
+            int_attr(&s.attributes, "rpc.grpc.status_code"),
+            Some(12),
+            "{name}"
+        );
+        assert_eq!(status(s), SpanStatus::Error as i32, "{name}");
+    }
 }
