@@ -258,7 +258,7 @@ fn describe(status: &Status) -> String {
         ));
     }
     if status.code() == Code::Unauthenticated {
-        out.push_str(" (set --api-key, --api-key-file or --token-file)");
+        out.push_str(" (the caller's credential: --api-key, --api-key-file or --token-file)");
     }
     out
 }
