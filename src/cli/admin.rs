@@ -128,9 +128,7 @@ impl AdminCommand {
             | AdminCommand::RotateCredential { caller, .. }
             | AdminCommand::ListCredentials { caller } => caller.token_file.clone(),
             AdminCommand::Revoke { .. } | AdminCommand::LookupToken { .. } => {
-                std::env::var_os(super::grpc::TOKEN_FILE_VAR)
-                    .filter(|v| !v.is_empty())
-                    .map(Into::into)
+                super::grpc::token_file_from_env()
             }
         }
     }

@@ -28,6 +28,14 @@ use crate::proto::v1 as pb;
 /// variable, its `--token-file` names the PAT to look up).
 pub const TOKEN_FILE_VAR: &str = "TOKEN_BROKER_TOKEN_FILE";
 
+/// The token file [`TOKEN_FILE_VAR`] names, if set and not empty (for
+/// commands whose `--token-file` means something else, or that have none).
+pub fn token_file_from_env() -> Option<PathBuf> {
+    std::env::var_os(TOKEN_FILE_VAR)
+        .filter(|v| !v.is_empty())
+        .map(Into::into)
+}
+
 /// Where the server is and who we are.
 #[derive(Args, Debug, Clone)]
 pub struct ClientArgs {

@@ -200,9 +200,7 @@ fn print_client(answer: Result<String, grpc::ClientError>) -> Result<(), Failure
 /// `client` with the token file of `TOKEN_BROKER_TOKEN_FILE` (commands
 /// whose `--token-file` means something else, or that have none).
 fn with_env_token_file(mut client: client::ClientArgs) -> client::ClientArgs {
-    client.token_file = std::env::var_os(grpc::TOKEN_FILE_VAR)
-        .filter(|v| !v.is_empty())
-        .map(Into::into);
+    client.token_file = grpc::token_file_from_env();
     client
 }
 
