@@ -101,20 +101,7 @@ impl World {
 
     /// Runs git with the compiled binaries' directory first on its PATH.
     fn git(&self, cwd: &Path, args: &[&str]) -> Output {
-        let env = self.git_path();
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        self.git.git_env(cwd, args, &env)
-    }
-
-    /// `PATH` with the compiled binaries' directory first.
-    fn git_path(&self) -> Vec<(String, String)> {
-        let bin_dir = Path::new(BIN).parent().unwrap();
-        let mut dirs = vec![bin_dir.to_path_buf()];
-        dirs.extend(std::env::split_paths(
-            &std::env::var_os("PATH").unwrap_or_default(),
-        ));
-        let search = std::env::join_paths(dirs).unwrap();
-        vec![("PATH".into(), search.to_str().unwrap().into())]
+        self.git.git_env(cwd, args, &[("PATH", &git_path())])
     }
 
     /// Clones the repository into `work/NAME` and returns its path.
@@ -198,6 +185,17 @@ impl World {
     }
 }
 
+/// `PATH` with the compiled binaries' directory first.
+fn git_path() -> String {
+    let bin_dir = Path::new(BIN).parent().unwrap();
+    let mut dirs = vec![bin_dir.to_path_buf()];
+    dirs.extend(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    ));
+    let search = std::env::join_paths(dirs).unwrap();
+    search.to_str().unwrap().to_owned()
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -265,14 +263,11 @@ async fn every_way_of_naming_the_helper_works() {
         std::fs::create_dir(&runtime).unwrap();
         use std::os::unix::fs::PermissionsExt as _;
         std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o700)).unwrap();
-        let mut env = w.git_path();
-        env.push(("XDG_RUNTIME_DIR".into(), path(&runtime).into()));
         let dest = w.git.work().join(format!("clone-{n}"));
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let out = w.git.git_env(
             &w.git.work(),
             &["clone", &repo_url(&w.emu.running.url()), path(&dest)],
-            &env,
+            &[("PATH", &git_path()), ("XDG_RUNTIME_DIR", path(&runtime))],
         );
         w.git.ok(&out);
         assert_eq!(w.leases().await.len(), n + 1, "{name}");
