@@ -296,8 +296,9 @@ fn audit_filter(text: &str, mut query: AuditQuery) -> Result<AuditQuery, String>
                 } else {
                     format!("leases/{value}")
                 };
-                let id = convert::lease_name(&name)
-                    .map_err(|_| format!("{name:?} is not a lease name"))?;
+                // Not the value: it may be a pasted PAT.
+                let id =
+                    convert::lease_name(&name).map_err(|e| format!("the lease {}", e.message))?;
                 query.lease_id = Some(id);
             }
             AuditField::StartTime => query.start_time = Some(rfc3339(&value)?),
@@ -355,6 +356,16 @@ mod tests {
             filter: filter.into(),
             ..Default::default()
         })
+    }
+
+    #[test]
+    fn a_pat_pasted_as_a_lease_name_is_not_repeated_in_the_error() {
+        // A 52-character PAT (the older format) fits under the name limit.
+        let pat = "abcdefghijklmnopqrstuvwxyz234567abcdefghijklmnopqrst";
+        let e = audit(&format!("lease = \"{pat}\"")).unwrap_err();
+        assert!(!e.message.contains(pat), "{}", e.message);
+        let e = crate::api::convert::lease_name(&format!("leases/{pat}")).unwrap_err();
+        assert!(!e.message.contains(pat), "{}", e.message);
     }
 
     #[test]

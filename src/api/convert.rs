@@ -121,14 +121,16 @@ pub fn organization(name: &str) -> Result<Organization, InvalidField> {
         .map_err(|e| InvalidField::new("organization", "ORGANIZATION_INVALID", e.to_string()))
 }
 
-/// Validates a resource name `leases/{uuid}` (field `name`).
+/// Validates a resource name `leases/{uuid}` (field `name`). The error does
+/// not repeat the value: a caller who pasted a PAT where the name goes
+/// would get it back in an error, and into logs.
 pub fn lease_name(name: &str) -> Result<LeaseId, InvalidField> {
     at_most("name", "NAME_INVALID", name, MAX_NAME_CHARS)?;
     LeaseId::from_name(name).map_err(|_| {
         InvalidField::new(
             "name",
             "NAME_INVALID",
-            format!("{name:?} is not a lease name; expected leases/{{uuid}}"),
+            "is not a lease name; expected leases/{uuid}",
         )
     })
 }
